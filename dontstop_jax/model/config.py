@@ -1,0 +1,92 @@
+"""RoBERTa hyper-parameters: the fields of a Hugging Face `config.json`, plus our compute options."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from dontstop_jax.errors import UserError
+
+# Options that change how the model computes, never what it computes (fp32, no dropout).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    classifier_dropout: float | None = None
+    initializer_range: float = 0.02
+    # Compute options (not part of the Hugging Face config).
+    dtype: str = "float32"  # activations / matmul dtype; parameters stay float32
+    remat: str = "none"  # jax.checkpoint policy per encoder layer, one of REMAT_POLICIES
+    attention_impl: str | None = None  # None (XLA decides), "xla" or "cudnn" for jax.nn.dot_product_attention
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}; pick a head count that divides it")
+        if self.remat not in REMAT_POLICIES:
+            raise UserError(f"model.remat={self.remat!r} is unknown; use one of {REMAT_POLICIES}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"model.dtype={self.dtype!r} is unknown; use float32, bfloat16 or float16")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def max_seq_length(self) -> int:
+        """Longest input: RoBERTa's positions start at pad_token_id + 1."""
+        return self.max_position_embeddings - self.pad_token_id - 1
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def replace(self, **kwargs: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **kwargs)
+
+    # -- Hugging Face config.json ------------------------------------------------------------
+    HF_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
+                 "pad_token_id", "bos_token_id", "eos_token_id", "hidden_dropout_prob",
+                 "attention_probs_dropout_prob", "classifier_dropout", "initializer_range")
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, **overrides: Any) -> "ModelConfig":
+        if d.get("model_type", "roberta") not in ("roberta", "xlm-roberta"):
+            raise UserError(f"config.json has model_type={d.get('model_type')!r}; only RoBERTa checkpoints are supported")
+        act = d.get("hidden_act", "gelu")
+        if act != "gelu":
+            raise UserError(f"config.json has hidden_act={act!r}; only RoBERTa's exact 'gelu' is supported")
+        kwargs = {k: d[k] for k in cls.HF_FIELDS if k in d and d[k] is not None or k == "classifier_dropout" and k in d}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.HF_FIELDS}
+        d.update(model_type="roberta", hidden_act="gelu", position_embedding_type="absolute")
+        return d
+
+
+def tiny_config(**overrides: Any) -> ModelConfig:
+    """A model small enough for unit tests and the offline default on 2 CPU cores."""
+    base = dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=128, max_position_embeddings=130)
+    base.update(overrides)
+    return ModelConfig(**base)

@@ -1,0 +1,222 @@
+"""Flax (linen) RoBERTa, numerically the Hugging Face one (see tests/test_hf_parity.py).
+
+Layout choices that later features rely on:
+- Encoder layers are stacked with `nn.scan`: every layer parameter has a leading `layers` axis, so
+  per-layer quantities (DAS unit importances and gradient masks, LoRA) are plain arrays of shape [L, ...].
+- Attention projections are `DenseGeneral` with an explicit heads axis ([embed, heads, kv]), so a head is a
+  slice of the parameter, not a range of columns.
+- Every parameter is annotated with logical axis names; `dontstop_jax.engine.sharding` maps them to mesh
+  axes from the config's rules. Nothing here mentions a mesh axis.
+- `gates` (optional) multiply each head's output, each FFN intermediate unit and each FFN output unit: the
+  virtual gates DAS differentiates to measure unit importance. Gates of ones are the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dontstop_jax.model.config import ModelConfig
+
+Array = jax.Array
+Gates = Mapping[str, Array]  # {"head": [L, heads], "intermediate": [L, mlp], "output": [L, embed]}
+
+_REMAT_POLICY = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _init(cfg: ModelConfig, *axes: str):
+    return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), axes)
+
+
+def _zeros(*axes: str):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=_zeros("norm"))
+
+
+def _dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=cfg.compute_dtype, kernel_init=_init(cfg, *axes),
+                    bias_init=_zeros(axes[1]), name=name)
+
+
+def position_ids(input_ids: Array, pad_token_id: int) -> Array:
+    """RoBERTa's positions: count real tokens from pad_token_id + 1; padding keeps pad_token_id."""
+    not_pad = (input_ids != pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(not_pad, axis=1) * not_pad + pad_token_id
+
+
+class Embeddings(nn.Module):
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
+                                        embedding_init=_init(cfg, "vocab", "embed"))
+        self.position_embeddings = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size,
+                                            dtype=cfg.compute_dtype, embedding_init=_init(cfg, "position", "embed"))
+        self.token_type_embeddings = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
+                                              embedding_init=_init(cfg, "type", "embed"))
+        self.layer_norm = _layer_norm(cfg, "LayerNorm")
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def __call__(self, input_ids: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        h = (self.word_embeddings(input_ids)
+             + self.position_embeddings(position_ids(input_ids, cfg.pad_token_id))
+             + self.token_type_embeddings(jnp.zeros_like(input_ids)))
+        return self.dropout(self.layer_norm(h), deterministic=deterministic)
+
+
+class Layer(nn.Module):
+    """One post-LayerNorm transformer layer, written as an `nn.scan` body: (h, mask, gates) -> (h, None)."""
+
+    config: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, h: Array, mask: Array, gates: Gates | None):
+        cfg, det = self.config, self.deterministic
+        gates = gates or {}
+
+        def heads_proj(name):
+            return nn.DenseGeneral((cfg.num_attention_heads, cfg.head_dim), dtype=cfg.compute_dtype,
+                                   kernel_init=_init(cfg, "embed", "heads", "kv"),
+                                   bias_init=_zeros("heads", "kv"), name=name)
+
+        q, k, v = heads_proj("query")(h), heads_proj("key")(h), heads_proj("value")(h)
+        ctx = self._attention(q, k, v, mask)  # [batch, length, heads, kv]
+        if "head" in gates:
+            ctx = ctx * gates["head"][:, None].astype(ctx.dtype)
+        attn_out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=cfg.compute_dtype,
+                                   kernel_init=_init(cfg, "heads", "kv", "embed"),
+                                   bias_init=_zeros("embed"), name="attention_output")(ctx)
+        attn_out = nn.Dropout(cfg.hidden_dropout_prob)(attn_out, deterministic=det)
+        h = _layer_norm(cfg, "attention_LayerNorm")(attn_out + h)
+
+        inter = nn.gelu(_dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "intermediate")(h), approximate=False)
+        if "intermediate" in gates:
+            inter = inter * gates["intermediate"].astype(inter.dtype)
+        out = _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(inter)
+        out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=det)
+        if "output" in gates:
+            out = out * gates["output"].astype(out.dtype)
+        h = _layer_norm(cfg, "output_LayerNorm")(out + h)
+        return nn.with_logical_constraint(h, ("batch", "length", "act_embed")), None
+
+    def _attention(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
+        cfg = self.config
+        rate = cfg.attention_probs_dropout_prob
+        if self.deterministic or rate == 0.0:
+            # The fused path (cuDNN flash attention on GPUs when attention_impl="cudnn").
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
+        # Dropout on attention probabilities needs the probabilities, so training with it takes this path.
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim).astype(jnp.float32)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = nn.Dropout(rate)(jax.nn.softmax(scores, axis=-1), deterministic=False)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+class RobertaModel(nn.Module):
+    """Embeddings + encoder; returns the last hidden states [batch, length, embed]."""
+
+    config: ModelConfig
+
+    def setup(self):
+        self.embeddings = Embeddings(self.config)
+
+    @nn.compact
+    def __call__(self, input_ids: Array, attention_mask: Array, *, deterministic: bool = True,
+                 gates: Gates | None = None) -> Array:
+        cfg = self.config
+        h = self.embeddings(input_ids, deterministic)
+        h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
+        mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1 (heads), 1 (queries), keys]
+        layer = Layer
+        if cfg.remat != "none":
+            layer = nn.remat(Layer, policy=_REMAT_POLICY[cfg.remat], prevent_cse=False)
+        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast, 0), length=cfg.num_hidden_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        h, _ = stack(cfg, deterministic, name="layers")(h, mask, gates)
+        return h
+
+
+class LMHead(nn.Module):
+    """dense -> gelu -> LayerNorm -> decoder tied to the word embeddings (+ its own bias)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, h: Array, word_embeddings: Array) -> Array:
+        cfg = self.config
+        x = nn.gelu(_dense(cfg, cfg.hidden_size, ("embed", "mlp"), "dense")(h), approximate=False)
+        x = _layer_norm(cfg, "layer_norm")(x)
+        bias = self.param("bias", _zeros("vocab"), (cfg.vocab_size,))
+        logits = jnp.einsum("...d,vd->...v", x, word_embeddings.astype(x.dtype))
+        return logits.astype(jnp.float32) + bias  # losses are computed in float32
+
+
+class RobertaForMaskedLM(nn.Module):
+    config: ModelConfig
+
+    def setup(self):
+        self.roberta = RobertaModel(self.config)
+        self.lm_head = LMHead(self.config)
+
+    def __call__(self, input_ids: Array, attention_mask: Array, mlm_positions: Array | None = None, *,
+                 deterministic: bool = True, gates: Gates | None = None) -> Array:
+        """Vocabulary logits at `mlm_positions` [batch, slots] only (all positions when None).
+
+        Projecting only the masked slots onto the vocabulary is what makes the MLM step cheap: at seq 512
+        that is ~80 rows per sequence instead of 512.
+        """
+        h = self.roberta(input_ids, attention_mask, deterministic=deterministic, gates=gates)
+        if mlm_positions is not None:
+            h = jnp.take_along_axis(h, mlm_positions[..., None], axis=1)
+        return self.lm_head(h, self.roberta.embeddings.word_embeddings.embedding)
+
+
+class ClassificationHead(nn.Module):
+    """Hugging Face's RobertaClassificationHead: dropout, dense+tanh, dropout, out_proj on `<s>`."""
+
+    config: ModelConfig
+    num_labels: int
+
+    @nn.compact
+    def __call__(self, h: Array, deterministic: bool) -> Array:
+        cfg = self.config
+        rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+        x = nn.Dropout(rate)(h[:, 0], deterministic=deterministic)
+        x = jnp.tanh(_dense(cfg, cfg.hidden_size, ("embed", "mlp"), "dense")(x))
+        x = nn.Dropout(rate)(x, deterministic=deterministic)
+        return _dense(cfg, self.num_labels, ("mlp", "labels"), "out_proj")(x).astype(jnp.float32)
+
+
+class RobertaForSequenceClassification(nn.Module):
+    config: ModelConfig
+    num_labels: int
+
+    @nn.compact
+    def __call__(self, input_ids: Array, attention_mask: Array, *, deterministic: bool = True,
+                 gates: Gates | None = None) -> Array:
+        h = RobertaModel(self.config, name="roberta")(input_ids, attention_mask, deterministic=deterministic,
+                                                       gates=gates)
+        return ClassificationHead(self.config, self.num_labels, name="classifier")(h, deterministic)
+
+
+def init_params(module: nn.Module, rng: Array, seq_len: int = 8) -> Any:
+    """Boxed (logically partitioned) parameters of `module` for a dummy batch."""
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    return module.init({"params": rng, "dropout": rng}, ids, jnp.ones_like(ids))["params"]

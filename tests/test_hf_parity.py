@@ -1,0 +1,158 @@
+"""Our Flax RoBERTa is numerically transformers' PyTorch RoBERTa; import/export round-trips exactly."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dontstop_jax.errors import UserError
+from dontstop_jax.model import (RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel, load_pretrained,
+                                save_pretrained)
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+HF_CONFIG = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                 max_position_embeddings=42, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1)
+
+
+def _random_hf_model(cls, tmp_path, name, **extra):
+    torch.manual_seed(0)
+    model = cls(transformers.RobertaConfig(**HF_CONFIG, **extra)).eval()
+    with torch.no_grad():  # randomise everything, biases and LayerNorms included, so no term can hide
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(tmp_path / name)
+    return model, tmp_path / name
+
+
+def _padded_batch():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, HF_CONFIG["vocab_size"], size=(3, 17))
+    ids[:, 0] = 0
+    lengths = [17, 11, 4]
+    for row, n in enumerate(lengths):
+        ids[row, n - 1] = 2
+        ids[row, n:] = 1
+    return ids, (ids != 1).astype(np.int64)
+
+
+def _torch_out(model, ids, mask):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
+
+
+def _ours(module, params, ids, mask):
+    return np.asarray(module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
+
+
+def test_mlm_logits_match_transformers(tmp_path):
+    hf, path = _random_hf_model(transformers.RobertaForMaskedLM, tmp_path, "mlm")
+    cfg, params, head = load_pretrained(path)
+    assert head == "mlm"
+    ids, mask = _padded_batch()
+    ours, theirs = _ours(RobertaForMaskedLM(cfg), params, ids, mask), _torch_out(hf, ids, mask)
+    real = mask.astype(bool)
+    assert np.abs(ours - theirs)[real].max() <= 1e-4
+
+
+def test_classification_logits_match_transformers(tmp_path):
+    hf, path = _random_hf_model(transformers.RobertaForSequenceClassification, tmp_path, "cls", num_labels=3)
+    cfg, params, head = load_pretrained(path)
+    assert head == "classification"
+    ids, mask = _padded_batch()
+    ours = _ours(RobertaForSequenceClassification(cfg, 3), params, ids, mask)
+    assert np.abs(ours - _torch_out(hf, ids, mask)).max() <= 1e-4
+
+
+def test_encoder_checkpoint_imports(tmp_path):
+    hf, path = _random_hf_model(transformers.RobertaModel, tmp_path, "enc")
+    cfg, params, head = load_pretrained(path)
+    assert head == "encoder" and set(params) == {"roberta"}
+    ids, mask = _padded_batch()
+    ours = np.asarray(RobertaModel(cfg).apply({"params": params["roberta"]}, jnp.asarray(ids), jnp.asarray(mask)))
+    real = mask.astype(bool)
+    assert np.abs(ours - _torch_out(hf, ids, mask))[real].max() <= 1e-4
+
+
+def test_masked_positions_equal_full_logits_there(tmp_path):
+    _, path = _random_hf_model(transformers.RobertaForMaskedLM, tmp_path, "mlm")
+    cfg, params, _ = load_pretrained(path)
+    ids, mask = _padded_batch()
+    positions = np.array([[1, 5, 9], [2, 3, 0], [1, 2, 0]])
+    model = RobertaForMaskedLM(cfg)
+    full = _ours(model, params, ids, mask)
+    gathered = np.asarray(model.apply({"params": params}, ids, mask, jnp.asarray(positions)))
+    np.testing.assert_allclose(gathered, np.take_along_axis(full, positions[..., None], axis=1), atol=1e-5)
+
+
+@pytest.mark.parametrize("head,cls,extra", [
+    ("mlm", "AutoModelForMaskedLM", {}),
+    ("classification", "AutoModelForSequenceClassification", {"num_labels": 3}),
+])
+def test_export_reloads_in_transformers_and_round_trips(tmp_path, head, cls, extra):
+    hf_cls = transformers.RobertaForMaskedLM if head == "mlm" else transformers.RobertaForSequenceClassification
+    hf, path = _random_hf_model(hf_cls, tmp_path, "src", **extra)
+    cfg, params, _ = load_pretrained(path)
+    labels = ["neg", "neu", "pos"] if head == "classification" else None
+    out = save_pretrained(tmp_path / "export", cfg, params, head, label_names=labels)
+    reloaded = getattr(transformers, cls).from_pretrained(out).eval()
+    ids, mask = _padded_batch()
+    np.testing.assert_allclose(_torch_out(reloaded, ids, mask), _torch_out(hf, ids, mask), atol=1e-5)
+    if labels:
+        assert json.loads((out / "config.json").read_text())["id2label"]["2"] == "pos"
+    _, again, _ = load_pretrained(out)  # import -> export -> import is bit-identical
+    flat_a, flat_b = _flatten(params), _flatten(again)
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + k: np.asarray(v)})
+    return out
+
+
+def test_pytorch_bin_checkpoint_loads(tmp_path):
+    hf, path = _random_hf_model(transformers.RobertaForMaskedLM, tmp_path, "bin")
+    torch.save(hf.state_dict(), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    cfg, params, _ = load_pretrained(path)
+    ids, mask = _padded_batch()
+    real = mask.astype(bool)
+    assert np.abs(_ours(RobertaForMaskedLM(cfg), params, ids, mask) - _torch_out(hf, ids, mask))[real].max() <= 1e-4
+
+
+def test_partial_checkpoint_names_the_missing_tensor(tmp_path):
+    _, path = _random_hf_model(transformers.RobertaForMaskedLM, tmp_path, "partial")
+    config = json.loads((path / "config.json").read_text())
+    config["num_hidden_layers"] = 3  # config promises a layer the weights do not have
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"roberta\.encoder\.layer\.2\.attention\.self\.query\.weight"):
+        load_pretrained(path)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    _, path = _random_hf_model(transformers.RobertaForMaskedLM, tmp_path, "shape")
+    config = json.loads((path / "config.json").read_text())
+    config["intermediate_size"] = 48
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"intermediate\.dense\.weight.*shape"):
+        load_pretrained(path)
+
+
+def test_missing_directory_is_one_clear_line(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        load_pretrained(tmp_path / "nowhere")
+
+
+def test_export_refuses_to_clobber(tmp_path):
+    _, path = _random_hf_model(transformers.RobertaForMaskedLM, tmp_path, "src")
+    cfg, params, _ = load_pretrained(path)
+    with pytest.raises(UserError, match="already exists"):
+        save_pretrained(path, cfg, params, "mlm")
+    assert (path / "model.safetensors").exists()  # nothing already written is lost
