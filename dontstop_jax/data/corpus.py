@@ -1,0 +1,214 @@
+"""Stream raw documents from text files, JSON lines, Hugging Face `datasets` or TFDS.
+
+A source is a small spec (`CorpusSource`) rather than an open file so it can be hashed for the
+prepared-corpus cache and written to configs. Files are read as bytes and decoded per line so a
+bad byte is reported with its file offset instead of a bare UnicodeDecodeError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import hashlib
+import importlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from dontstop_jax.errors import UserError
+
+FORMATS = ("auto", "lines", "paragraphs", "jsonl", "hf", "tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusSource:
+    """Where documents come from. `path` is a file, a glob, `hf:<dir-or-name>` or `tfds:<name>`.
+
+    format: "lines" (one document per line), "paragraphs" (blank-line separated), "jsonl"
+    (`.jsonl`/`.jsonl.gz`, document in `text_field`), or "auto" (from the prefix / file extension).
+    `split` and `streaming` apply to hf/tfds sources only.
+    """
+
+    path: str
+    format: str = "auto"
+    text_field: str = "text"
+    split: str = "train"
+    streaming: bool = True
+
+    @property
+    def kind(self) -> str:
+        """The resolved format: an "auto" source becomes hf, tfds, jsonl or lines."""
+        if self.format != "auto":
+            return self.format
+        for prefix in ("hf", "tfds"):
+            if self.path.startswith(prefix + ":"):
+                return prefix
+        return "jsonl" if self.path.endswith((".jsonl", ".jsonl.gz")) else "lines"
+
+
+SourceSpec = str | Mapping[str, Any] | CorpusSource
+
+
+def parse_source(spec: SourceSpec) -> CorpusSource:
+    """Turn a path string, a config dict or a CorpusSource into a validated CorpusSource."""
+    if isinstance(spec, CorpusSource):
+        source = spec
+    elif isinstance(spec, str):
+        source = CorpusSource(path=spec)
+    elif isinstance(spec, Mapping):
+        known = {f.name for f in dataclasses.fields(CorpusSource)}
+        unknown = sorted(set(spec) - known)
+        if unknown or "path" not in spec:
+            problem = f"unknown key(s) {unknown}" if unknown else "no 'path'"
+            raise UserError(f"corpus source {dict(spec)} has {problem}; allowed keys: {sorted(known)}")
+        source = CorpusSource(**spec)
+    else:
+        raise UserError(f"corpus source {spec!r} is not a path or a dict; give e.g. 'data/*.txt' or {{'path': ..., 'format': ...}}")
+    if source.format not in FORMATS:
+        raise UserError(f"corpus source {source.path}: unknown format {source.format!r}; use one of {', '.join(FORMATS)}")
+    if source.kind in ("hf", "tfds") and not source.path.startswith(source.kind + ":"):
+        raise UserError(f"corpus source {source.path}: format {source.kind} needs a '{source.kind}:' path prefix")
+    return source
+
+
+def resolve_files(source: CorpusSource) -> list[str]:
+    """The sorted files a path or glob names; an error if there are none."""
+    files = sorted(glob.glob(source.path)) if glob.has_magic(source.path) else [source.path]
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        raise UserError(f"corpus path {source.path} matches no files; check the path or glob")
+    return files
+
+
+def iter_documents(source: SourceSpec) -> Iterator[str]:
+    """Yield the documents of one source in a deterministic order, stripped, empty ones dropped."""
+    source = parse_source(source)
+    readers = {"hf": _iter_hf, "tfds": _iter_tfds}
+    if source.kind in readers:
+        docs = readers[source.kind](source)
+    else:
+        docs = (doc for path in resolve_files(source) for doc in _iter_file(path, source))
+    count = 0
+    for doc in map(str.strip, docs):
+        if doc:
+            count += 1
+            yield doc
+    if count == 0:
+        raise UserError(f"corpus source {source.path} has no documents (all empty); check the path and format")
+
+
+def corpus_fingerprint(sources: Iterable[SourceSpec]) -> str:
+    """Hash of the sources' options and files (path, size, mtime), so edited inputs are re-prepared."""
+    entries = []
+    for source in map(parse_source, sources):
+        entry: dict[str, Any] = {"source": dataclasses.asdict(source), "kind": source.kind}
+        if source.kind not in ("hf", "tfds"):
+            stats = [(os.path.abspath(f), os.stat(f)) for f in resolve_files(source)]
+            entry["files"] = [(path, st.st_size, st.st_mtime_ns) for path, st in stats]
+        entries.append(entry)
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+def iter_lines(path: str) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, decoded line without newline) of a text file, `.gz` included."""
+    if os.path.getsize(path) == 0:
+        raise UserError(f"corpus file {path} is empty; remove it from the sources or fill it")
+    opener = gzip.open if path.endswith(".gz") else open
+    offset = 0
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                where = "decompressed byte offset" if path.endswith(".gz") else "byte offset"
+                raise UserError(f"{path}: invalid UTF-8 at {where} {offset + e.start} (line {lineno}); re-encode the file as UTF-8") from None
+            offset += len(raw)
+            yield lineno, line.rstrip("\r\n")
+
+
+def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) for each non-blank line of a JSON-lines file."""
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path} line {lineno} is not a JSON object; each line must be {{\"field\": value, ...}}")
+        yield lineno, record
+
+
+def record_field(record: Mapping[str, Any], field: str, where: str, expected: type | tuple[type, ...] = object) -> Any:
+    """record[field], or a one-line error naming where the record came from and what is wrong."""
+    if field not in record:
+        raise UserError(f"{where} has no field {field!r} (fields: {', '.join(map(str, record))}); set the field name option")
+    value = record[field]
+    if not isinstance(value, expected):
+        raise UserError(f"{where}: field {field!r} holds {type(value).__name__}, not {getattr(expected, '__name__', expected)}; point the option at the right field")
+    return value
+
+
+def _iter_file(path: str, source: CorpusSource) -> Iterator[str]:
+    if source.kind == "jsonl":
+        for lineno, record in iter_jsonl(path):
+            yield record_field(record, source.text_field, f"{path} line {lineno}", str)
+    elif source.kind == "paragraphs":
+        paragraph: list[str] = []
+        for _, line in iter_lines(path):
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield "\n".join(paragraph)
+                paragraph = []
+        if paragraph:
+            yield "\n".join(paragraph)
+    else:
+        yield from (line for _, line in iter_lines(path))
+
+
+def load_hf_dataset(name: str, split: str | None = None, streaming: bool = False) -> Any:
+    """A Hugging Face dataset from a local path (load_dataset layout or save_to_disk) or the local cache.
+
+    The Hub is never contacted. With split=None all splits are returned (a DatasetDict).
+    """
+    datasets = _lazy_import("datasets", "pip install datasets")
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        if any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
+            ds = datasets.load_from_disk(name)
+            return ds[split] if split is not None and isinstance(ds, datasets.DatasetDict) else ds
+        return datasets.load_dataset(name, split=split, streaming=streaming)
+    except (OSError, ValueError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load Hugging Face dataset {name} (split {split}): {reason}; use a local path or a cached name") from None
+
+
+def _iter_hf(source: CorpusSource) -> Iterator[str]:
+    name = source.path.removeprefix("hf:")
+    ds = load_hf_dataset(name, source.split, source.streaming)
+    for i, row in enumerate(ds):
+        yield record_field(row, source.text_field, f"dataset {name} split {source.split} row {i}", str)
+
+
+def _iter_tfds(source: CorpusSource) -> Iterator[str]:
+    tfds = _lazy_import("tensorflow_datasets", "pip install tensorflow-datasets")
+    name = source.path.removeprefix("tfds:")
+    try:
+        ds = tfds.data_source(name, split=source.split, download=False)
+    except Exception as e:  # tfds raises assorted types for missing/unprepared datasets
+        raise UserError(f"cannot open TFDS dataset {name} split {source.split} ({type(e).__name__}); prepare it locally first") from None
+    for i in range(len(ds)):
+        text = record_field(ds[i], source.text_field, f"TFDS {name} record {i}")
+        yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+def _lazy_import(module: str, install: str) -> Any:
+    """Optional dependencies are imported only when a source needs them."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"reading this corpus source needs the '{module}' package; {install}") from None

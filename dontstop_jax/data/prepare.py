@@ -1,0 +1,215 @@
+"""Tokenize and pack a corpus once into fixed-length blocks on disk, cached by content fingerprint.
+
+Packing follows RoBERTa's FULL-SENTENCES (as in the paper's `TextDataset`): documents are
+concatenated into one token stream with `</s>` after each document, the stream is cut into
+chunks of `max_seq_length - 2` tokens, and every block is `<s> chunk </s>`. Blocks may span
+document boundaries. The final partial chunk is kept as `<s> rest </s>` padded with `<pad>`
+(its pad count is recorded in the manifest) so no text is lost.
+
+Layout of `out_root/<fingerprint>/`: `shard-00000.npy`, ... (each [n, max_seq_length], uint16
+when the vocabulary fits, else int32) and `manifest.json`. Shards are written under a `.tmp`
+name and renamed; the manifest is written last, so its presence means the directory is complete.
+Memory stays bounded by one document batch plus one shard, whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dontstop_jax.data.corpus import SourceSpec, corpus_fingerprint, iter_documents, parse_source
+from dontstop_jax.data.tokenizer import encode_plain, load_tokenizer, special_ids, tokenizer_fingerprint
+from dontstop_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# Documents per tokenizer call: the Rust backend spreads a batch over all cores. On a 2-core box a
+# multiprocessing pool was no faster (within noise) than one process, so there is no worker pool.
+DOC_BATCH = 1000
+
+
+@dataclasses.dataclass
+class PreparedCorpus:
+    """Read-only view of a prepared directory; shards are memory-mapped, nothing is loaded eagerly."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    shards: list[np.ndarray]
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> PreparedCorpus:
+        directory = Path(directory)
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise UserError(f"{directory} is not a prepared corpus (no {MANIFEST}); run prepare first") from None
+        shards = [np.load(directory / s["file"], mmap_mode="r") for s in manifest["shards"]]
+        return cls(directory, manifest, shards)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.manifest["total_blocks"]
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.manifest["max_seq_length"]
+
+    def block(self, i: int) -> np.ndarray:
+        """Block `i` as int32 [max_seq_length]."""
+        return self.blocks(np.array([i]))[0]
+
+    def blocks(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Blocks at `indices` (any order, repeats allowed) as int32 [len(indices), max_seq_length]."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.num_blocks):
+            raise IndexError(f"block index out of range [0, {self.num_blocks})")
+        starts = self._starts
+        shard_of = np.searchsorted(starts, indices, side="right") - 1
+        out = np.empty((len(indices), self.max_seq_length), np.int32)
+        for s in np.unique(shard_of):
+            rows = shard_of == s
+            out[rows] = self.shards[s][indices[rows] - starts[s]]
+        return out
+
+    @functools.cached_property
+    def _starts(self) -> np.ndarray:
+        """First global block index of each shard."""
+        return np.cumsum([0] + [s["blocks"] for s in self.manifest["shards"][:-1]])
+
+
+def prepare_corpus(
+    sources: Iterable[SourceSpec],
+    tokenizer_dir: str | os.PathLike,
+    out_root: str | os.PathLike,
+    max_seq_length: int = 512,
+    shard_blocks: int = 8192,
+    model_max_positions: int | None = None,
+    model_vocab_size: int | None = None,
+) -> PreparedCorpus:
+    """Tokenize + pack `sources` into `out_root/<fingerprint>/`, or reuse that directory if complete.
+
+    model_max_positions: the model's usable positions (RoBERTa: max_position_embeddings - 2).
+    model_vocab_size: the model's embedding rows; the tokenizer must not produce ids beyond it.
+    """
+    sources = [parse_source(s) for s in sources]
+    if not sources:
+        raise UserError("no corpus sources given; pass at least one path, glob, hf: or tfds: source")
+    if max_seq_length < 3:
+        raise UserError(f"max_seq_length {max_seq_length} is too small; a block needs <s>, a token and </s> (use >= 3)")
+    if model_max_positions is not None and max_seq_length > model_max_positions:
+        raise UserError(f"max_seq_length {max_seq_length} exceeds the model's {model_max_positions} positions; lower max_seq_length")
+    if shard_blocks < 1:
+        raise UserError(f"shard_blocks must be >= 1, got {shard_blocks}")
+    tok = load_tokenizer(tokenizer_dir)
+    if model_vocab_size is not None and len(tok) > model_vocab_size:
+        raise UserError(f"tokenizer has {len(tok)} tokens but the model only {model_vocab_size} embeddings; use the model's tokenizer")
+    tok_fp = tokenizer_fingerprint(tok)
+    corpus_fp = corpus_fingerprint(sources)
+    key = json.dumps([corpus_fp, tok_fp, max_seq_length, FORMAT_VERSION])
+    directory = Path(out_root) / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (directory / MANIFEST).is_file():
+        log.info("reusing prepared corpus at %s", directory)
+        return PreparedCorpus.load(directory)
+    if directory.exists():
+        log.warning("removing incomplete prepared corpus at %s (no manifest)", directory)
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    log.info("preparing corpus into %s", directory)
+
+    ids = special_ids(tok)
+    dtype = np.dtype(np.uint16 if len(tok) <= 2**16 else np.int32)
+    docs = itertools.chain.from_iterable(iter_documents(s) for s in sources)
+    stats = {"documents": 0, "stream_tokens": 0}
+    blocks = _pack(_token_stream(docs, tok, ids["eos"], stats), max_seq_length, ids)
+    shards = _write_shards(blocks, directory, shard_blocks, dtype)
+    total_blocks = sum(s["blocks"] for s in shards)
+    total_tokens = stats["stream_tokens"] + 2 * total_blocks  # each block adds <s> and </s>
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "input_fingerprint": corpus_fp,
+        "tokenizer_fingerprint": tok_fp,
+        "sources": [dataclasses.asdict(s) for s in sources],
+        "max_seq_length": max_seq_length,
+        "vocab_size": len(tok),
+        "dtype": dtype.name,
+        "shards": shards,
+        "total_blocks": total_blocks,
+        "total_tokens": total_tokens,
+        "pad_tokens": total_blocks * max_seq_length - total_tokens,
+        "documents": stats["documents"],
+    }
+    _atomic_write(directory / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    log.info("prepared %d documents into %d blocks at %s", stats["documents"], total_blocks, directory)
+    return PreparedCorpus.load(directory)
+
+
+def _token_stream(docs: Iterator[str], tok: Any, eos: int, stats: dict[str, int]) -> Iterator[np.ndarray]:
+    """Yield 1-D arrays of the concatenated stream `doc </s> doc </s> ...`, one per document batch."""
+    while batch := list(itertools.islice(docs, DOC_BATCH)):
+        piece = np.fromiter(itertools.chain.from_iterable(ids + [eos] for ids in encode_plain(tok, batch)), np.int64)
+        stats["documents"] += len(batch)
+        stats["stream_tokens"] += len(piece)
+        yield piece
+
+
+def _pack(stream: Iterator[np.ndarray], max_seq_length: int, ids: dict[str, int]) -> Iterator[np.ndarray]:
+    """Cut the stream into `<s> chunk </s>` rows ([n, max_seq_length] per yield); last chunk padded."""
+    chunk = max_seq_length - 2
+    carry = np.zeros(0, np.int64)
+    for piece in stream:
+        carry = np.concatenate([carry, piece])
+        n = len(carry) // chunk
+        if n:
+            rows = carry[: n * chunk].reshape(n, chunk)
+            yield np.concatenate([np.full((n, 1), ids["bos"]), rows, np.full((n, 1), ids["eos"])], axis=1)
+            carry = carry[n * chunk :]
+    if len(carry):
+        last = np.full((1, max_seq_length), ids["pad"], np.int64)
+        last[0, : len(carry) + 2] = np.concatenate([[ids["bos"]], carry, [ids["eos"]]])
+        yield last
+
+
+def _write_shards(blocks: Iterator[np.ndarray], directory: Path, shard_blocks: int, dtype: np.dtype) -> list[dict]:
+    """Regroup incoming rows into `shard-NNNNN.npy` files of `shard_blocks` rows; returns their entries."""
+    shards: list[dict] = []
+
+    def flush(rows: np.ndarray) -> None:
+        name = f"shard-{len(shards):05d}.npy"
+        _atomic_write(directory / name, lambda f: np.save(f, rows))
+        shards.append({"file": name, "blocks": len(rows)})
+
+    pending: list[np.ndarray] = []
+    count = 0
+    for rows in blocks:
+        pending.append(rows.astype(dtype))
+        count += len(rows)
+        while count >= shard_blocks:
+            merged = np.concatenate(pending)
+            flush(merged[:shard_blocks])
+            pending, count = [merged[shard_blocks:]], len(merged) - shard_blocks
+    if count:
+        flush(np.concatenate(pending))
+    return shards
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write via `<path>.tmp` + fsync + rename so a crash never leaves a truncated file under `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

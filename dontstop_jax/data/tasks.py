@@ -1,0 +1,204 @@
+"""Labeled classification tasks and their length-bucketed batches.
+
+Tasks come in the paper's layout (a directory with `train.jsonl`, `dev.jsonl`, `test.jsonl` and
+optionally `unlabeled.jsonl` for TAPT), as explicit split -> jsonl paths, or from a Hugging Face
+dataset ("validation" is renamed "dev"). Labels are indexed in sorted order of the train labels.
+
+Batches group examples of similar length: each example goes to the smallest bucket length that
+holds it, so short examples are not padded to 512. Batch shapes come from a small fixed set
+(one per bucket) to bound recompilation; partial batches are filled with weight-0 copies of a
+real row (not empty rows, whose fully masked attention could produce NaN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedTokenizerFast
+
+from dontstop_jax.data.corpus import CorpusSource, iter_documents, iter_jsonl, load_hf_dataset, record_field
+from dontstop_jax.data.tokenizer import encode_plain, special_ids
+from dontstop_jax.errors import UserError
+
+SPLIT_FILES = ("train", "dev", "test")
+TOKENIZE_BATCH = 1000
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Task:
+    """splits: name -> (texts, label indices into label_names). tapt_sources: text for TAPT."""
+
+    name: str
+    label_names: list[str]
+    splits: dict[str, tuple[list[str], np.ndarray]]
+    tapt_sources: list[CorpusSource]
+
+
+def load_task(
+    source: str | os.PathLike | Mapping[str, str] | None = None,
+    text_field: str = "text",
+    label_field: str = "label",
+    hf_dataset: str | None = None,
+    name: str | None = None,
+) -> Task:
+    """Load a task from a directory, a {split: jsonl path} dict, or `hf_dataset` (local path or cached name)."""
+    if (source is None) == (hf_dataset is None):
+        raise UserError("give a task directory / split files or hf_dataset, exactly one of them")
+    if hf_dataset is not None:
+        raw, tapt = _read_hf(hf_dataset, text_field, label_field)
+        name = name or os.path.basename(hf_dataset.rstrip("/"))
+    else:
+        paths = _split_paths(source)
+        raw = {split: _read_jsonl(path, text_field, label_field) for split, path in paths.items() if split != "unlabeled"}
+        tapt = [CorpusSource(paths[s], format="jsonl", text_field=text_field) for s in ("train", "unlabeled") if s in paths]
+        name = name or (os.path.basename(os.fspath(source).rstrip("/")) if not isinstance(source, Mapping) else "task")
+    if "train" not in raw:
+        raise UserError(f"task {name} has no train split; provide train.jsonl (or a 'train' split)")
+    label_names, index = _label_vocabulary(raw["train"][1])
+    splits = {}
+    for split, (texts, labels) in raw.items():
+        unknown = next((label for label in labels if label not in index), None)
+        if unknown is not None:
+            raise UserError(f"task {name}: label {unknown!r} in split {split} does not occur in train; fix the label or add it to train")
+        splits[split] = (texts, np.array([index[label] for label in labels], np.int32))
+    return Task(name, [str(v) for v in label_names], splits, tapt)
+
+
+def task_unlabeled_texts(task: Task) -> list[str]:
+    """Texts for task-adaptive pretraining: the train texts, plus unlabeled.jsonl when the task has one."""
+    return [doc for source in task.tapt_sources for doc in iter_documents(source)]
+
+
+def tokenize_split(texts: Sequence[str], tokenizer: PreTrainedTokenizerFast, max_seq_length: int) -> list[np.ndarray]:
+    """int32 `<s> tokens </s>` per text, truncated to max_seq_length."""
+    ids = special_ids(tokenizer)
+    out = []
+    for start in range(0, len(texts), TOKENIZE_BATCH):
+        for tokens in encode_plain(tokenizer, texts[start : start + TOKENIZE_BATCH]):
+            out.append(np.array([ids["bos"], *tokens[: max_seq_length - 2], ids["eos"]], np.int32))
+    return out
+
+
+class ClassificationBatches:
+    """Length-bucketed classification batches; `batch_size` is global, each host gets its row slice.
+
+    Training (shuffle=True): examples are shuffled within buckets and batch order is shuffled, both
+    from rng([seed, epoch]). Eval (shuffle=False): fixed order. Either way every example appears
+    exactly once per epoch; filler rows have example_weights 0.
+    """
+
+    def __init__(
+        self,
+        token_lists: Sequence[np.ndarray],
+        labels: np.ndarray,
+        batch_size: int,
+        seed: int,
+        *,
+        pad_id: int,
+        max_seq_length: int = 512,
+        bucket_lengths: Sequence[int] = (32, 64, 128, 256, 512),
+        shuffle: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> None:
+        self.lengths = np.array([len(t) for t in token_lists], np.int64)
+        if len(token_lists) == 0 or len(token_lists) != len(labels):
+            raise UserError(f"got {len(token_lists)} examples and {len(labels)} labels; need as many labels as (>0) examples")
+        if self.lengths.max() > max_seq_length:
+            raise UserError(f"an example has {self.lengths.max()} tokens > max_seq_length {max_seq_length}; tokenize with truncation")
+        if batch_size < 1 or batch_size % process_count:
+            raise UserError(f"batch size {batch_size} must be a positive multiple of the process count {process_count}")
+        self.tokens = token_lists
+        self.labels = np.asarray(labels, np.int32)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.shuffle = shuffle
+        local = batch_size // process_count
+        self.local_rows = slice(process_index * local, (process_index + 1) * local)
+        self.bucket_lengths = sorted({min(b, max_seq_length) for b in bucket_lengths} | {max_seq_length})
+        bucket_of = np.searchsorted(self.bucket_lengths, self.lengths)  # smallest bucket >= length
+        self.members = [np.flatnonzero(bucket_of == k) for k in range(len(self.bucket_lengths))]
+        self.num_batches = sum(math.ceil(len(m) / batch_size) for m in self.members)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """This host's batches of `epoch` (the same plan on every host)."""
+        for length, indices in self._plan(epoch):
+            yield self._batch(length, indices)
+
+    def padding_stats(self) -> dict[str, float]:
+        """Fraction of batch cells holding real tokens, bucketed vs. padding everything to max length."""
+        useful = float(self.lengths.sum())
+        bucketed = sum(math.ceil(len(m) / self.batch_size) * self.batch_size * b for m, b in zip(self.members, self.bucket_lengths))
+        fixed = math.ceil(len(self.lengths) / self.batch_size) * self.batch_size * self.bucket_lengths[-1]
+        return {"useful_fraction": useful / bucketed, "useful_fraction_fixed_length": useful / fixed}
+
+    def _plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        plan = []
+        for length, members in zip(self.bucket_lengths, self.members):
+            order = rng.permutation(members) if self.shuffle else members
+            plan += [(length, order[i : i + self.batch_size]) for i in range(0, len(order), self.batch_size)]
+        if self.shuffle:
+            plan = [plan[i] for i in rng.permutation(len(plan))]
+        return plan
+
+    def _batch(self, length: int, indices: np.ndarray) -> Batch:
+        fill = self.batch_size - len(indices)
+        weights = np.concatenate([np.ones(len(indices)), np.zeros(fill)]).astype(np.float32)[self.local_rows]
+        rows = np.concatenate([indices, np.full(fill, indices[0])])[self.local_rows]
+        input_ids = np.full((len(rows), length), self.pad_id, np.int32)
+        for r, i in enumerate(rows):
+            input_ids[r, : self.lengths[i]] = self.tokens[i]
+        mask = (np.arange(length) < self.lengths[rows][:, None]).astype(np.int32)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": self.labels[rows], "example_weights": weights}
+
+
+def _split_paths(source: str | os.PathLike | Mapping[str, str]) -> dict[str, str]:
+    if isinstance(source, Mapping):
+        return {split: os.fspath(path) for split, path in source.items()}
+    if not os.path.isdir(source):
+        raise UserError(f"task directory {source} not found; pass a directory with train.jsonl, dev.jsonl, test.jsonl")
+    names = SPLIT_FILES + ("unlabeled",)
+    return {s: os.path.join(source, f"{s}.jsonl") for s in names if os.path.isfile(os.path.join(source, f"{s}.jsonl"))}
+
+
+def _read_jsonl(path: str, text_field: str, label_field: str) -> tuple[list[str], list[Any]]:
+    if not os.path.isfile(path):
+        raise UserError(f"task file {path} not found; check the split paths")
+    texts, labels = [], []
+    for lineno, record in iter_jsonl(path):
+        where = f"{path} line {lineno}"
+        texts.append(record_field(record, text_field, where, str))
+        labels.append(record_field(record, label_field, where, (str, int)))
+    return texts, labels
+
+
+def _read_hf(name: str, text_field: str, label_field: str) -> tuple[dict[str, tuple[list[str], list[Any]]], list[CorpusSource]]:
+    dataset = load_hf_dataset(name)
+    if not isinstance(dataset, Mapping):
+        raise UserError(f"dataset {name} has no named splits; save a DatasetDict with train/validation/test")
+    splits = {}
+    for split, ds in dataset.items():
+        for column in (text_field, label_field):
+            if column not in ds.column_names:
+                raise UserError(f"dataset {name} split {split} has no column {column!r} (columns: {', '.join(ds.column_names)}); set the field name")
+        labels = ds[label_field]
+        names = getattr(ds.features[label_field], "names", None)  # ClassLabel: ints -> label names
+        splits["dev" if split == "validation" else split] = (ds[text_field], [names[v] for v in labels] if names else labels)
+    return splits, [CorpusSource(f"hf:{name}", format="hf", text_field=text_field, split="train")]
+
+
+def _label_vocabulary(train_labels: list[Any]) -> tuple[list[Any], dict[Any, int]]:
+    try:
+        values = sorted(set(train_labels))
+    except TypeError:
+        raise UserError("train labels mix numbers and strings; make all labels the same type") from None
+    return values, {v: i for i, v in enumerate(values)}

@@ -1,0 +1,58 @@
+"""Load a local Hugging Face fast tokenizer and describe it for caching, packing and masking.
+
+Only local directories are accepted: this project never downloads at run time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from dontstop_jax.errors import UserError
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """Load the fast tokenizer saved in directory `path` (tokenizer.json, or vocab.json + merges.txt)."""
+    if not os.path.isdir(path):
+        raise UserError(f"tokenizer directory {path} not found; pass a local directory written by save_pretrained")
+    try:
+        tok = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(f"cannot load a tokenizer from {path} ({reason}); the directory needs tokenizer.json") from e
+    if not isinstance(tok, PreTrainedTokenizerFast):
+        raise UserError(f"tokenizer in {path} is not a fast (Rust) tokenizer; save one with tokenizer.json")
+    # A tokenizer.json may carry truncation/padding settings; raw encoding of long documents must not be cut.
+    tok.backend_tokenizer.no_truncation()
+    tok.backend_tokenizer.no_padding()
+    return tok
+
+
+def special_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
+    """Ids of the special tokens packing and masking need: bos (or cls), eos (or sep), pad, mask, unk."""
+    ids = {
+        "bos": tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id,
+        "eos": tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id,
+        "pad": tok.pad_token_id,
+        "mask": tok.mask_token_id,
+        "unk": tok.unk_token_id,
+    }
+    missing = [name for name, i in ids.items() if i is None]
+    if missing:
+        raise UserError(f"tokenizer has no {'/'.join(missing)} token; use a RoBERTa-style tokenizer with <s> </s> <pad> <mask> <unk>")
+    return ids
+
+
+def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> str:
+    """Hash of everything that decides token ids, so prepared corpora are never reused with another tokenizer."""
+    payload = tok.backend_tokenizer.to_str() + json.dumps(special_ids(tok), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def encode_plain(tok: PreTrainedTokenizerFast, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids without special tokens; callers add <s>/</s> themselves so the layout never depends on the post-processor."""
+    return [e.ids for e in tok.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)]

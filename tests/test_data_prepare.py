@@ -1,0 +1,169 @@
+"""Corpus reading, tokenizer loading and block packing/caching."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from dontstop_jax.data import corpus_fingerprint, iter_documents, load_tokenizer, parse_source, prepare_corpus, special_ids
+from dontstop_jax.data import prepare as prepare_module
+from dontstop_jax.data import tokenizer_fingerprint
+from dontstop_jax.data.tokenizer import encode_plain
+from dontstop_jax.errors import UserError
+
+DOCS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world",
+    "domain adaptive pretraining helps on biomedical papers and reviews of movies",
+    "tiny",
+    "task adaptive pretraining uses the unlabeled task data, hello world",
+]
+
+
+def write(path, text: str | bytes):
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(path)
+
+
+def expected_blocks(tok_dir: str, docs: list[str], length: int) -> np.ndarray:
+    """Reference FULL-SENTENCES packing, written the obvious (whole-corpus-in-memory) way."""
+    tok = load_tokenizer(tok_dir)
+    ids = special_ids(tok)
+    stream = [t for doc in encode_plain(tok, docs) for t in doc + [ids["eos"]]]
+    chunk = length - 2
+    rows = []
+    for start in range(0, len(stream), chunk):
+        row = [ids["bos"], *stream[start : start + chunk], ids["eos"]]
+        rows.append(row + [ids["pad"]] * (length - len(row)))
+    return np.array(rows)
+
+
+def test_tokenizer_helpers(tiny_tokenizer_dir, tmp_path):
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    assert special_ids(tok) == {"bos": 0, "eos": 2, "pad": 1, "mask": 4, "unk": 3}
+    assert tok("hello world")["input_ids"][0] == 0 and tok("hello world")["input_ids"][-1] == 2
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(load_tokenizer(tiny_tokenizer_dir))
+    with pytest.raises(UserError, match="not found"):
+        load_tokenizer(tmp_path / "missing")
+    with pytest.raises(UserError, match="cannot load a tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("doc_batch", [1000, 2])  # 2: the carry between tokenizer batches is exercised
+def test_packing_is_exact(tiny_tokenizer_dir, tmp_path, monkeypatch, doc_batch):
+    monkeypatch.setattr(prepare_module, "DOC_BATCH", doc_batch)
+    docs = DOCS * 7
+    source = write(tmp_path / "a.txt", "\n".join(docs[:20]) + "\n\n")
+    other = write(tmp_path / "b.txt", "\n".join(docs[20:]))
+    corpus = prepare_corpus([source, other], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=16, shard_blocks=3)
+
+    want = expected_blocks(tiny_tokenizer_dir, docs, 16)
+    assert len(want) % 3 != 0, "the test should cover a short final shard"
+    np.testing.assert_array_equal(corpus.blocks(np.arange(corpus.num_blocks)), want)
+    np.testing.assert_array_equal(corpus.blocks([5, 0, 5]), want[[5, 0, 5]])
+    np.testing.assert_array_equal(corpus.block(len(want) - 1), want[-1])
+    m = corpus.manifest
+    assert m["dtype"] == "uint16" and corpus.shards[0].dtype == np.uint16
+    assert [s["blocks"] for s in m["shards"]] == [3] * (len(want) // 3) + [len(want) % 3]
+    assert m["documents"] == len(docs)
+    assert m["total_tokens"] == int((want != 1).sum()) and m["pad_tokens"] == int((want == 1).sum())
+
+
+def test_second_prepare_reuses_cache(tiny_tokenizer_dir, tmp_path, monkeypatch, caplog):
+    source = write(tmp_path / "a.txt", "\n".join(DOCS))
+    first = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8)
+
+    def fail(*_):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(prepare_module, "encode_plain", fail)
+    with caplog.at_level(logging.INFO, logger=prepare_module.__name__):
+        again = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8)
+    assert again.directory == first.directory
+    assert "reusing prepared corpus at" in caplog.text
+    monkeypatch.undo()
+    other_length = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=12)
+    assert other_length.directory != first.directory
+
+
+def test_interrupted_prepare_is_redone(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    source = write(tmp_path / "a.txt", "\n".join(DOCS))
+    corpus = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8, shard_blocks=2)
+    want = corpus.blocks(np.arange(corpus.num_blocks))
+    (corpus.directory / "manifest.json").unlink()
+    (corpus.directory / "shard-00003.npy.tmp").write_bytes(b"half written")
+    calls = []
+    monkeypatch.setattr(prepare_module, "encode_plain", lambda *a: calls.append(1) or encode_plain(*a))
+    redone = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8, shard_blocks=2)
+    assert calls and redone.directory == corpus.directory
+    assert not list(redone.directory.glob("*.tmp"))
+    np.testing.assert_array_equal(redone.blocks(np.arange(redone.num_blocks)), want)
+
+
+def test_document_formats(tmp_path):
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.write('{"body": "first doc", "id": 1}\n\n{"body": "second doc"}\n{"body": "  "}\n')
+    assert list(iter_documents({"path": str(tmp_path / "a.jsonl.gz"), "text_field": "body"})) == ["first doc", "second doc"]
+    para = write(tmp_path / "p.txt", "line one\nline two\n\n\nnext paragraph\n")
+    assert list(iter_documents({"path": para, "format": "paragraphs"})) == ["line one\nline two", "next paragraph"]
+    assert list(iter_documents(para)) == ["line one", "line two", "next paragraph"]
+    write(tmp_path / "q.txt", "from the glob\n")
+    assert list(iter_documents(str(tmp_path / "[pq].txt")))[-1] == "from the glob"
+
+
+def test_hf_dataset_source(tmp_path):
+    pytest.importorskip("datasets")
+    (tmp_path / "ds").mkdir()
+    write(tmp_path / "ds" / "train.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    for streaming in (True, False):
+        assert list(iter_documents({"path": f"hf:{tmp_path / 'ds'}", "streaming": streaming})) == DOCS
+    with pytest.raises(UserError, match="no field 'body'"):
+        list(iter_documents({"path": f"hf:{tmp_path / 'ds'}", "text_field": "body"}))
+
+
+def test_corpus_fingerprint_tracks_content_and_options(tmp_path):
+    path = write(tmp_path / "a.txt", "one\n")
+    base = corpus_fingerprint([path])
+    assert corpus_fingerprint([path]) == base
+    assert corpus_fingerprint([{"path": path, "format": "paragraphs"}]) != base
+    write(tmp_path / "a.txt", "one two\n")
+    assert corpus_fingerprint([path]) != base
+    assert corpus_fingerprint(["hf:x"]) != corpus_fingerprint([{"path": "hf:x", "split": "test"}])
+
+
+@pytest.mark.parametrize(
+    ("content", "source", "message"),
+    [
+        (b"good line\nbad \xff line\n", {}, r"a\.txt: invalid UTF-8 at byte offset 14 \(line 2\)"),
+        (b'{"text": "ok"}\n{"title": "no text"}\n', {"format": "jsonl"}, r"a\.txt line 2 has no field 'text'"),
+        (b'{"text": "ok"}\n{"text": [1]}\n', {"format": "jsonl"}, r"line 2: field 'text' holds list"),
+        (b'{"text": "ok"}\n{oops\n', {"format": "jsonl"}, r"a\.txt line 2 is not valid JSON"),
+        (b"", {}, r"a\.txt is empty"),
+        (b"\n  \n\n", {}, "has no documents"),
+        (b"x\n", {"format": "xml"}, "unknown format 'xml'"),
+        (b"x\n", {"path": "nothing-*.txt"}, r"nothing-\*\.txt matches no files"),
+        (b"x\n", {"colour": "red"}, r"unknown key\(s\) \['colour'\]"),
+    ],
+)
+def test_bad_corpus_input(tmp_path, content, source, message):
+    path = write(tmp_path / "a.txt", content)
+    spec = {"path": path, **source}
+    spec["path"] = str(tmp_path / spec["path"])
+    with pytest.raises(UserError, match=message) as info:
+        list(iter_documents(spec))
+    assert "\n" not in str(info.value)
+
+
+def test_bad_prepare_arguments(tiny_tokenizer_dir, tmp_path):
+    source = write(tmp_path / "a.txt", "hello\n")
+    with pytest.raises(UserError, match="max_seq_length 16 exceeds the model's 8 positions"):
+        prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=16, model_max_positions=8)
+    with pytest.raises(UserError, match="tokenizer has .* tokens but the model only 10"):
+        prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=16, model_vocab_size=10)
+    with pytest.raises(UserError, match="not a prepared corpus"):
+        prepare_module.PreparedCorpus.load(tmp_path)
+    assert parse_source(source).kind == "lines"
