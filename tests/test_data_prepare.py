@@ -9,9 +9,16 @@ import logging
 import numpy as np
 import pytest
 
-from dontstop_jax.data import corpus_fingerprint, iter_documents, load_tokenizer, parse_source, prepare_corpus, special_ids
+from dontstop_jax.data import (
+    corpus_fingerprint,
+    iter_documents,
+    load_tokenizer,
+    parse_source,
+    prepare_corpus,
+    special_ids,
+    tokenizer_fingerprint,
+)
 from dontstop_jax.data import prepare as prepare_module
-from dontstop_jax.data import tokenizer_fingerprint
 from dontstop_jax.data.tokenizer import encode_plain
 from dontstop_jax.errors import UserError
 
@@ -33,7 +40,7 @@ def expected_blocks(tok_dir: str, docs: list[str], length: int) -> np.ndarray:
     """Reference FULL-SENTENCES packing, written the obvious (whole-corpus-in-memory) way."""
     tok = load_tokenizer(tok_dir)
     ids = special_ids(tok)
-    stream = [t for doc in encode_plain(tok, docs) for t in doc + [ids["eos"]]]
+    stream = [t for doc in encode_plain(tok, docs) for t in [*doc, ids["eos"]]]
     chunk = length - 2
     rows = []
     for start in range(0, len(stream), chunk):
@@ -107,7 +114,10 @@ def test_interrupted_prepare_is_redone(tiny_tokenizer_dir, tmp_path, monkeypatch
 def test_document_formats(tmp_path):
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
         f.write('{"body": "first doc", "id": 1}\n\n{"body": "second doc"}\n{"body": "  "}\n')
-    assert list(iter_documents({"path": str(tmp_path / "a.jsonl.gz"), "text_field": "body"})) == ["first doc", "second doc"]
+    assert list(iter_documents({"path": str(tmp_path / "a.jsonl.gz"), "text_field": "body"})) == [
+        "first doc",
+        "second doc",
+    ]
     para = write(tmp_path / "p.txt", "line one\nline two\n\n\nnext paragraph\n")
     assert list(iter_documents({"path": para, "format": "paragraphs"})) == ["line one\nline two", "next paragraph"]
     assert list(iter_documents(para)) == ["line one", "line two", "next paragraph"]
@@ -162,7 +172,7 @@ def test_bad_prepare_arguments(tiny_tokenizer_dir, tmp_path):
     source = write(tmp_path / "a.txt", "hello\n")
     with pytest.raises(UserError, match="max_seq_length 16 exceeds the model's 8 positions"):
         prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=16, model_max_positions=8)
-    with pytest.raises(UserError, match="tokenizer has .* tokens but the model only 10"):
+    with pytest.raises(UserError, match=r"tokenizer has .* tokens but the model only 10"):
         prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=16, model_vocab_size=10)
     with pytest.raises(UserError, match="not a prepared corpus"):
         prepare_module.PreparedCorpus.load(tmp_path)

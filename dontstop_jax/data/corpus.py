@@ -65,9 +65,13 @@ def parse_source(spec: SourceSpec) -> CorpusSource:
             raise UserError(f"corpus source {dict(spec)} has {problem}; allowed keys: {sorted(known)}")
         source = CorpusSource(**spec)
     else:
-        raise UserError(f"corpus source {spec!r} is not a path or a dict; give e.g. 'data/*.txt' or {{'path': ..., 'format': ...}}")
+        raise UserError(
+            f"corpus source {spec!r} is not a path or a dict; give e.g. 'data/*.txt' or {{'path': ..., 'format': ...}}"
+        )
     if source.format not in FORMATS:
-        raise UserError(f"corpus source {source.path}: unknown format {source.format!r}; use one of {', '.join(FORMATS)}")
+        raise UserError(
+            f"corpus source {source.path}: unknown format {source.format!r}; use one of {', '.join(FORMATS)}"
+        )
     if source.kind in ("hf", "tfds") and not source.path.startswith(source.kind + ":"):
         raise UserError(f"corpus source {source.path}: format {source.kind} needs a '{source.kind}:' path prefix")
     return source
@@ -123,7 +127,9 @@ def iter_lines(path: str) -> Iterator[tuple[int, str]]:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 where = "decompressed byte offset" if path.endswith(".gz") else "byte offset"
-                raise UserError(f"{path}: invalid UTF-8 at {where} {offset + e.start} (line {lineno}); re-encode the file as UTF-8") from None
+                raise UserError(
+                    f"{path}: invalid UTF-8 at {where} {offset + e.start} (line {lineno}); re-encode the file as UTF-8"
+                ) from None
             offset += len(raw)
             yield lineno, line.rstrip("\r\n")
 
@@ -138,17 +144,22 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
         if not isinstance(record, dict):
-            raise UserError(f"{path} line {lineno} is not a JSON object; each line must be {{\"field\": value, ...}}")
+            raise UserError(f'{path} line {lineno} is not a JSON object; each line must be {{"field": value, ...}}')
         yield lineno, record
 
 
 def record_field(record: Mapping[str, Any], field: str, where: str, expected: type | tuple[type, ...] = object) -> Any:
     """record[field], or a one-line error naming where the record came from and what is wrong."""
     if field not in record:
-        raise UserError(f"{where} has no field {field!r} (fields: {', '.join(map(str, record))}); set the field name option")
+        raise UserError(
+            f"{where} has no field {field!r} (fields: {', '.join(map(str, record))}); set the field name option"
+        )
     value = record[field]
     if not isinstance(value, expected):
-        raise UserError(f"{where}: field {field!r} holds {type(value).__name__}, not {getattr(expected, '__name__', expected)}; point the option at the right field")
+        raise UserError(
+            f"{where}: field {field!r} holds {type(value).__name__}, not {getattr(expected, '__name__', expected)}; "
+            "point the option at the right field"
+        )
     return value
 
 
@@ -184,7 +195,9 @@ def load_hf_dataset(name: str, split: str | None = None, streaming: bool = False
         return datasets.load_dataset(name, split=split, streaming=streaming)
     except (OSError, ValueError, KeyError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load Hugging Face dataset {name} (split {split}): {reason}; use a local path or a cached name") from None
+        raise UserError(
+            f"cannot load Hugging Face dataset {name} (split {split}): {reason}; use a local path or a cached name"
+        ) from None
 
 
 def _iter_hf(source: CorpusSource) -> Iterator[str]:
@@ -200,7 +213,9 @@ def _iter_tfds(source: CorpusSource) -> Iterator[str]:
     try:
         ds = tfds.data_source(name, split=source.split, download=False)
     except Exception as e:  # tfds raises assorted types for missing/unprepared datasets
-        raise UserError(f"cannot open TFDS dataset {name} split {source.split} ({type(e).__name__}); prepare it locally first") from None
+        raise UserError(
+            f"cannot open TFDS dataset {name} split {source.split} ({type(e).__name__}); prepare it locally first"
+        ) from None
     for i in range(len(ds)):
         text = record_field(ds[i], source.text_field, f"TFDS {name} record {i}")
         yield text.decode("utf-8") if isinstance(text, bytes) else str(text)

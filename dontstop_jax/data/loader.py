@@ -53,7 +53,10 @@ class MLMLoader:
         prefetch: int = 2,
     ) -> None:
         if global_batch_size < 1 or global_batch_size % process_count:
-            raise UserError(f"global batch size {global_batch_size} must be a positive multiple of the process count {process_count}")
+            raise UserError(
+                f"global batch size {global_batch_size} must be a positive multiple of the process count "
+                f"{process_count}"
+            )
         if not 0 <= process_index < process_count:
             raise UserError(f"process_index {process_index} not in [0, {process_count})")
         if not isinstance(seed, int) or seed < 0:
@@ -65,17 +68,22 @@ class MLMLoader:
         self.seed = seed
         self.local_batch_size = global_batch_size // process_count
         self.local_rows = slice(process_index * self.local_batch_size, (process_index + 1) * self.local_batch_size)
-        self.drop_remainder = drop_remainder
         self.prefetch = prefetch
         self._mask = functools.partial(
-            mask_tokens, special_ids=special_ids, vocab_size=vocab_size, mask_prob=mask_prob, max_predictions=max_predictions
+            mask_tokens,
+            special_ids=special_ids,
+            vocab_size=vocab_size,
+            mask_prob=mask_prob,
+            max_predictions=max_predictions,
         )
         self._special_ids = dict(special_ids)
         self._word_starts = word_starts_table if whole_word else None
         n, g = corpus.num_blocks, global_batch_size
         self.steps_per_epoch = n // g if drop_remainder else -(-n // g)
         if self.steps_per_epoch == 0:
-            raise UserError(f"corpus has {n} blocks, fewer than the global batch size {g}; lower the batch size or add data")
+            raise UserError(
+                f"corpus has {n} blocks, fewer than the global batch size {g}; lower the batch size or add data"
+            )
         self._position = (0, 0)  # (epoch, batch_in_epoch) of the next batch to yield
         self._pending: _Prefetcher | None = None
         self._order: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))  # (epoch, its block order)
@@ -115,16 +123,28 @@ class MLMLoader:
     def get_state(self) -> dict[str, Any]:
         """JSON-serialisable position after the last yielded batch."""
         epoch, index = self._position
-        return {"epoch": epoch, "batch_in_epoch": index, "seed": self.seed, "global_batch_size": self.global_batch_size, "num_blocks": self.corpus.num_blocks}
+        return {
+            "epoch": epoch,
+            "batch_in_epoch": index,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "num_blocks": self.corpus.num_blocks,
+        }
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Continue exactly after the batch at which `state` was taken (any process count)."""
         mine = self.get_state()
         for key in ("seed", "global_batch_size", "num_blocks"):
             if state.get(key) != mine[key]:
-                raise UserError(f"loader state has {key}={state.get(key)} but this run has {mine[key]}; resume with the same data settings")
+                raise UserError(
+                    f"loader state has {key}={state.get(key)} but this run has {mine[key]}; "
+                    "resume with the same data settings"
+                )
         if not 0 <= state["batch_in_epoch"] < self.steps_per_epoch:
-            raise UserError(f"loader state batch_in_epoch {state['batch_in_epoch']} not in [0, {self.steps_per_epoch}); the state is from another setup")
+            raise UserError(
+                f"loader state batch_in_epoch {state['batch_in_epoch']} not in [0, {self.steps_per_epoch}); "
+                "the state is from another setup"
+            )
         self.close()
         self._position = (int(state["epoch"]), int(state["batch_in_epoch"]))
 

@@ -42,7 +42,10 @@ def mask_tokens(
     batch, length = input_ids.shape
     slots = max_predictions or math.ceil(mask_prob * length)
     if not 0 < mask_prob < 1 or not 0 < slots <= length:
-        raise UserError(f"mask_prob {mask_prob} / max_predictions {slots} invalid for length {length}; need 0 < mask_prob < 1 and 1 <= max_predictions <= length")
+        raise UserError(
+            f"mask_prob {mask_prob} / max_predictions {slots} invalid for length {length}; "
+            "need 0 < mask_prob < 1 and 1 <= max_predictions <= length"
+        )
     specials = np.unique(list(special_ids.values()))
     candidate = ~np.isin(input_ids, specials)
     n_candidates = candidate.sum(axis=1)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformers import PreTrainedTokenizerFast
 
 from dontstop_jax.data.corpus import SourceSpec, corpus_fingerprint, iter_documents, parse_source
 from dontstop_jax.data.tokenizer import encode_plain, load_tokenizer, special_ids, tokenizer_fingerprint
@@ -103,6 +104,8 @@ def prepare_corpus(
 
     model_max_positions: the model's usable positions (RoBERTa: max_position_embeddings - 2).
     model_vocab_size: the model's embedding rows; the tokenizer must not produce ids beyond it.
+    Call it on one process and `PreparedCorpus.load` the result on the others: two processes
+    preparing the same directory at once would remove each other's unfinished work.
     """
     sources = [parse_source(s) for s in sources]
     if not sources:
@@ -110,12 +113,17 @@ def prepare_corpus(
     if max_seq_length < 3:
         raise UserError(f"max_seq_length {max_seq_length} is too small; a block needs <s>, a token and </s> (use >= 3)")
     if model_max_positions is not None and max_seq_length > model_max_positions:
-        raise UserError(f"max_seq_length {max_seq_length} exceeds the model's {model_max_positions} positions; lower max_seq_length")
+        raise UserError(
+            f"max_seq_length {max_seq_length} exceeds the model's {model_max_positions} positions; lower max_seq_length"
+        )
     if shard_blocks < 1:
         raise UserError(f"shard_blocks must be >= 1, got {shard_blocks}")
     tok = load_tokenizer(tokenizer_dir)
     if model_vocab_size is not None and len(tok) > model_vocab_size:
-        raise UserError(f"tokenizer has {len(tok)} tokens but the model only {model_vocab_size} embeddings; use the model's tokenizer")
+        raise UserError(
+            f"tokenizer has {len(tok)} tokens but the model only {model_vocab_size} embeddings; "
+            "use the model's tokenizer"
+        )
     tok_fp = tokenizer_fingerprint(tok)
     corpus_fp = corpus_fingerprint(sources)
     key = json.dumps([corpus_fp, tok_fp, max_seq_length, FORMAT_VERSION])
@@ -156,10 +164,12 @@ def prepare_corpus(
     return PreparedCorpus.load(directory)
 
 
-def _token_stream(docs: Iterator[str], tok: Any, eos: int, stats: dict[str, int]) -> Iterator[np.ndarray]:
+def _token_stream(
+    docs: Iterator[str], tok: PreTrainedTokenizerFast, eos: int, stats: dict[str, int]
+) -> Iterator[np.ndarray]:
     """Yield 1-D arrays of the concatenated stream `doc </s> doc </s> ...`, one per document batch."""
     while batch := list(itertools.islice(docs, DOC_BATCH)):
-        piece = np.fromiter(itertools.chain.from_iterable(ids + [eos] for ids in encode_plain(tok, batch)), np.int64)
+        piece = np.fromiter(itertools.chain.from_iterable([*ids, eos] for ids in encode_plain(tok, batch)), np.int64)
         stats["documents"] += len(batch)
         stats["stream_tokens"] += len(piece)
         yield piece

@@ -2,7 +2,8 @@
 
 Tasks come in the paper's layout (a directory with `train.jsonl`, `dev.jsonl`, `test.jsonl` and
 optionally `unlabeled.jsonl` for TAPT), as explicit split -> jsonl paths, or from a Hugging Face
-dataset ("validation" is renamed "dev"). Labels are indexed in sorted order of the train labels.
+dataset ("validation" is renamed "dev"; an "unsupervised"/"unlabeled" split feeds TAPT only).
+Labels are indexed in sorted order of the train labels.
 
 Batches group examples of similar length: each example goes to the smallest bucket length that
 holds it, so short examples are not padded to 512. Batch shapes come from a small fixed set
@@ -26,6 +27,7 @@ from dontstop_jax.data.tokenizer import encode_plain, special_ids
 from dontstop_jax.errors import UserError
 
 SPLIT_FILES = ("train", "dev", "test")
+UNLABELED_SPLITS = ("unsupervised", "unlabeled")  # Hugging Face split names used only for TAPT
 TOKENIZE_BATCH = 1000
 
 Batch = dict[str, np.ndarray]
@@ -56,8 +58,12 @@ def load_task(
         name = name or os.path.basename(hf_dataset.rstrip("/"))
     else:
         paths = _split_paths(source)
-        raw = {split: _read_jsonl(path, text_field, label_field) for split, path in paths.items() if split != "unlabeled"}
-        tapt = [CorpusSource(paths[s], format="jsonl", text_field=text_field) for s in ("train", "unlabeled") if s in paths]
+        raw = {
+            split: _read_jsonl(path, text_field, label_field) for split, path in paths.items() if split != "unlabeled"
+        }
+        tapt = [
+            CorpusSource(paths[s], format="jsonl", text_field=text_field) for s in ("train", "unlabeled") if s in paths
+        ]
         name = name or (os.path.basename(os.fspath(source).rstrip("/")) if not isinstance(source, Mapping) else "task")
     if "train" not in raw:
         raise UserError(f"task {name} has no train split; provide train.jsonl (or a 'train' split)")
@@ -66,7 +72,10 @@ def load_task(
     for split, (texts, labels) in raw.items():
         unknown = next((label for label in labels if label not in index), None)
         if unknown is not None:
-            raise UserError(f"task {name}: label {unknown!r} in split {split} does not occur in train; fix the label or add it to train")
+            raise UserError(
+                f"task {name}: label {unknown!r} in split {split} does not occur in train; "
+                "fix the label or add it to train"
+            )
         splits[split] = (texts, np.array([index[label] for label in labels], np.int32))
     return Task(name, [str(v) for v in label_names], splits, tapt)
 
@@ -110,9 +119,14 @@ class ClassificationBatches:
     ) -> None:
         self.lengths = np.array([len(t) for t in token_lists], np.int64)
         if len(token_lists) == 0 or len(token_lists) != len(labels):
-            raise UserError(f"got {len(token_lists)} examples and {len(labels)} labels; need as many labels as (>0) examples")
+            raise UserError(
+                f"got {len(token_lists)} examples and {len(labels)} labels; need as many labels as (>0) examples"
+            )
         if self.lengths.max() > max_seq_length:
-            raise UserError(f"an example has {self.lengths.max()} tokens > max_seq_length {max_seq_length}; tokenize with truncation")
+            raise UserError(
+                f"an example has {self.lengths.max()} tokens > max_seq_length {max_seq_length}; "
+                "tokenize with truncation"
+            )
         if batch_size < 1 or batch_size % process_count:
             raise UserError(f"batch size {batch_size} must be a positive multiple of the process count {process_count}")
         self.tokens = token_lists
@@ -136,14 +150,17 @@ class ClassificationBatches:
     def padding_stats(self) -> dict[str, float]:
         """Fraction of batch cells holding real tokens, bucketed vs. padding everything to max length."""
         useful = float(self.lengths.sum())
-        bucketed = sum(math.ceil(len(m) / self.batch_size) * self.batch_size * b for m, b in zip(self.members, self.bucket_lengths))
+        bucketed = sum(
+            math.ceil(len(m) / self.batch_size) * self.batch_size * b
+            for m, b in zip(self.members, self.bucket_lengths, strict=True)
+        )
         fixed = math.ceil(len(self.lengths) / self.batch_size) * self.batch_size * self.bucket_lengths[-1]
         return {"useful_fraction": useful / bucketed, "useful_fraction_fixed_length": useful / fixed}
 
     def _plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         rng = np.random.default_rng([self.seed, epoch])
         plan = []
-        for length, members in zip(self.bucket_lengths, self.members):
+        for length, members in zip(self.bucket_lengths, self.members, strict=True):
             order = rng.permutation(members) if self.shuffle else members
             plan += [(length, order[i : i + self.batch_size]) for i in range(0, len(order), self.batch_size)]
         if self.shuffle:
@@ -166,7 +183,7 @@ def _split_paths(source: str | os.PathLike | Mapping[str, str]) -> dict[str, str
         return {split: os.fspath(path) for split, path in source.items()}
     if not os.path.isdir(source):
         raise UserError(f"task directory {source} not found; pass a directory with train.jsonl, dev.jsonl, test.jsonl")
-    names = SPLIT_FILES + ("unlabeled",)
+    names = (*SPLIT_FILES, "unlabeled")
     return {s: os.path.join(source, f"{s}.jsonl") for s in names if os.path.isfile(os.path.join(source, f"{s}.jsonl"))}
 
 
@@ -181,19 +198,30 @@ def _read_jsonl(path: str, text_field: str, label_field: str) -> tuple[list[str]
     return texts, labels
 
 
-def _read_hf(name: str, text_field: str, label_field: str) -> tuple[dict[str, tuple[list[str], list[Any]]], list[CorpusSource]]:
+def _read_hf(
+    name: str, text_field: str, label_field: str
+) -> tuple[dict[str, tuple[list[str], list[Any]]], list[CorpusSource]]:
+    """Labeled splits, plus TAPT sources: train and any "unsupervised"/"unlabeled" split (e.g. IMDB's)."""
     dataset = load_hf_dataset(name)
     if not isinstance(dataset, Mapping):
         raise UserError(f"dataset {name} has no named splits; save a DatasetDict with train/validation/test")
-    splits = {}
+    splits, tapt = {}, []
     for split, ds in dataset.items():
-        for column in (text_field, label_field):
+        unlabeled = split in UNLABELED_SPLITS
+        if split == "train" or unlabeled:
+            tapt.append(CorpusSource(f"hf:{name}", format="hf", text_field=text_field, split=split))
+        for column in (text_field,) if unlabeled else (text_field, label_field):
             if column not in ds.column_names:
-                raise UserError(f"dataset {name} split {split} has no column {column!r} (columns: {', '.join(ds.column_names)}); set the field name")
-        labels = ds[label_field]
-        names = getattr(ds.features[label_field], "names", None)  # ClassLabel: ints -> label names
-        splits["dev" if split == "validation" else split] = (ds[text_field], [names[v] for v in labels] if names else labels)
-    return splits, [CorpusSource(f"hf:{name}", format="hf", text_field=text_field, split="train")]
+                raise UserError(
+                    f"dataset {name} split {split} has no column {column!r} (columns: {', '.join(ds.column_names)}); "
+                    "set the field name"
+                )
+        if not unlabeled:
+            labels = list(ds[label_field])
+            names = getattr(ds.features[label_field], "names", None)  # ClassLabel: ints -> names; -1 stays
+            labels = [names[v] if v >= 0 else v for v in labels] if names else labels
+            splits["dev" if split == "validation" else split] = (list(ds[text_field]), labels)
+    return splits, tapt
 
 
 def _label_vocabulary(train_labels: list[Any]) -> tuple[list[Any], dict[Any, int]]:

@@ -43,7 +43,10 @@ def special_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:
     }
     missing = [name for name, i in ids.items() if i is None]
     if missing:
-        raise UserError(f"tokenizer has no {'/'.join(missing)} token; use a RoBERTa-style tokenizer with <s> </s> <pad> <mask> <unk>")
+        raise UserError(
+            f"tokenizer has no {'/'.join(missing)} token; "
+            "use a RoBERTa-style tokenizer with <s> </s> <pad> <mask> <unk>"
+        )
     return ids
 
 
@@ -54,5 +57,5 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> str:
 
 
 def encode_plain(tok: PreTrainedTokenizerFast, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids without special tokens; callers add <s>/</s> themselves so the layout never depends on the post-processor."""
+    """Token ids without special tokens: callers add <s>/</s> so the layout never depends on the post-processor."""
     return [e.ids for e in tok.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)]
