@@ -46,7 +46,7 @@ def general_corpus(lex: Lexicon, spec: BenchmarkSpec, rng: np.random.Generator) 
     cat = rng.choice(3, size=doc_topic.size, p=spec.general_mix)
     function = np.array(lex.function)
     topics = np.array(lex.general_topics)
-    general = np.array(lex.general_content)[rng.permutation(topics.size)]
+    general = np.array(lex.general_ranked)
     out = np.empty(doc_topic.size, dtype=object)
     m = cat == 0
     out[m] = function[rng.choice(function.size, m.sum(), p=zipf(function.size))]
@@ -75,7 +75,7 @@ def domain_corpus(
     p_cluster = zipf(clusters.shape[1], spec.cluster_zipf)
     background = np.array(dom.background)
     function = np.array(lex.function)
-    general = np.array(lex.general_content)[rng.permutation(len(lex.general_content))]
+    general = np.array(lex.general_ranked)
     out = np.empty(k.size, dtype=object)
     for c, kk in ((0, None), (1, "other")):
         m = cat == c

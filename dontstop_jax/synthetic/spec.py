@@ -14,7 +14,7 @@ from typing import Any
 from dontstop_jax.errors import UserError
 
 # Bump when the generator's output changes for the same spec, so stale benchmarks regenerate.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # Fraction of a domain's background words borrowed from the general vocabulary. Mirrors the
 # paper's finding that news/reviews overlap RoBERTa's corpus more than biomed/cs papers do.
@@ -35,8 +35,8 @@ class BenchmarkSpec:
 
     # Vocabulary: identical across scales, so only the seed decides the words.
     n_function_words: int = 40  # shared "grammar" words: the same language everywhere
-    n_general_topics: int = 24
-    general_topic_size: int = 50
+    n_general_topics: int = 20
+    general_topic_size: int = 40
     n_background_words: int = 20  # per-domain frequent words (domain jargon without label signal)
     n_clusters: int = 4  # = number of labels of each domain's task
     cluster_size: int = 24
@@ -68,6 +68,8 @@ class BenchmarkSpec:
 
     def validate(self) -> None:
         """Reject specs that would silently produce a broken benchmark."""
+        if self.seed < 0:
+            raise UserError(f"synthetic: seed must be a non-negative integer, got {self.seed}")
         if not self.domains or len(set(self.domains)) != len(self.domains):
             raise UserError(f"synthetic: domains must be distinct and non-empty, got {self.domains}")
         for name in self.domains:

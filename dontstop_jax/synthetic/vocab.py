@@ -45,6 +45,7 @@ class DomainLexicon:
 class Lexicon:
     function: tuple[str, ...]  # shared grammar words, ordered by frequency rank
     general_topics: tuple[tuple[str, ...], ...]
+    general_ranked: tuple[str, ...]  # general content words in Zipf rank order (most frequent first)
     domains: dict[str, DomainLexicon]
 
     @property
@@ -108,12 +109,14 @@ def build_lexicon(spec: BenchmarkSpec) -> Lexicon:
         tuple(_fresh(rng, spec.general_topic_size, taken, content)) for _ in range(spec.n_general_topics)
     )
     general_content = [w for t in general_topics for w in t]
+    general_ranked = tuple(general_content[i] for i in rng.permutation(len(general_content)))
+    head = general_ranked[: 2 * spec.n_background_words]  # borrow frequent words, as news shares "said", "year"
     domains: dict[str, DomainLexicon] = {}
     for name in spec.domains:
         n_borrow = round(GENERAL_OVERLAP.get(name, 0.0) * spec.n_background_words)
-        borrowed = [general_content[i] for i in rng.choice(len(general_content), n_borrow, replace=False)]
+        borrowed = [head[i] for i in rng.choice(len(head), n_borrow, replace=False)]
+        # Borrowed words take the most frequent background ranks, so they show in top-K overlaps.
         background = tuple(borrowed + _fresh(rng, spec.n_background_words - n_borrow, taken, jargon))
-        background = tuple(background[i] for i in rng.permutation(len(background)))
         clusters = [_fresh(rng, spec.cluster_size, taken, jargon) for _ in range(spec.n_clusters)]
         domains[name] = DomainLexicon(
             name=name,
@@ -122,4 +125,4 @@ def build_lexicon(spec: BenchmarkSpec) -> Lexicon:
             seen=tuple(tuple(c[: spec.n_seen]) for c in clusters),
             unseen=tuple(tuple(c[spec.n_seen :]) for c in clusters),
         )
-    return Lexicon(function=function, general_topics=general_topics, domains=domains)
+    return Lexicon(function=function, general_topics=general_topics, general_ranked=general_ranked, domains=domains)
