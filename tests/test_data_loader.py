@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -200,3 +201,21 @@ def test_whole_word_loader(tiny_tokenizer_dir, corpus):
     assert batch["mlm_weights"].sum() > 0
     with pytest.raises(UserError, match="word_starts_table"):
         make_loader(corpus, whole_word=True)
+
+
+def test_prefetch_thread_reports_errors_and_ends_with_its_loader(corpus, monkeypatch):
+    loader = make_loader(corpus)
+    next(loader)
+    thread = loader._pending._thread
+    monkeypatch.setattr(MLMLoader, "batch", lambda *_: 1 / 0)
+    loader.set_state(loader.get_state())  # restarts the thread, which now fails
+    with pytest.raises(ZeroDivisionError):
+        next(loader)
+    assert not thread.is_alive()
+    monkeypatch.undo()
+    next(loader)
+    thread = loader._pending._thread
+    del loader
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()

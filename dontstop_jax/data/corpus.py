@@ -104,7 +104,10 @@ def iter_documents(source: SourceSpec) -> Iterator[str]:
 
 
 def corpus_fingerprint(sources: Iterable[SourceSpec]) -> str:
-    """Hash of the sources' options and files (path, size, mtime), so edited inputs are re-prepared."""
+    """Hash of the sources' options and files (path, size, mtime), so edited inputs are re-prepared.
+
+    hf:/tfds: sources are identified by their spec only; after changing such a dataset, use a new out_root.
+    """
     entries = []
     for source in map(parse_source, sources):
         entry: dict[str, Any] = {"source": dataclasses.asdict(source), "kind": source.kind}
@@ -118,7 +121,7 @@ def corpus_fingerprint(sources: Iterable[SourceSpec]) -> str:
 def iter_lines(path: str) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, decoded line without newline) of a text file, `.gz` included."""
     if os.path.getsize(path) == 0:
-        raise UserError(f"corpus file {path} is empty; remove it from the sources or fill it")
+        raise UserError(f"file {path} is empty; remove it from the sources or fill it")
     opener = gzip.open if path.endswith(".gz") else open
     offset = 0
     with opener(path, "rb") as f:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -111,7 +112,7 @@ class MLMLoader:
             position, batch = self._position, self.batch(*self._position)
         else:
             if self._pending is None:
-                self._pending = _Prefetcher(self._batches_from(self._position), self.prefetch)
+                self._pending = _Prefetcher(self, self._position, self.prefetch)
             try:
                 position, batch = self._pending.get()
             except BaseException:
@@ -165,31 +166,32 @@ class MLMLoader:
         epoch, index = position
         return (epoch + 1, 0) if index + 1 == self.steps_per_epoch else (epoch, index + 1)
 
-    def _batches_from(self, position: tuple[int, int]) -> Iterator[tuple[tuple[int, int], Batch]]:
-        while True:
-            yield position, self.batch(*position)
-            position = self._advance(position)
-
 
 class _Prefetcher:
-    """Runs an iterator in a daemon thread, `size` items ahead; re-raises its errors in the consumer."""
+    """Builds a loader's batches `size` ahead in a daemon thread; re-raises its errors in the consumer.
 
-    def __init__(self, items: Iterator[Any], size: int) -> None:
+    The thread holds the loader only weakly, so an abandoned loader is collected and its thread ends.
+    """
+
+    def __init__(self, loader: MLMLoader, position: tuple[int, int], size: int) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=size)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(weakref.ref(loader), position), daemon=True)
         self._thread.start()
 
-    def _run(self, items: Iterator[Any]) -> None:
-        try:
-            for item in items:
-                if not self._put((True, item)):
-                    return
-        except BaseException as e:  # handed to the consumer, which raises it
-            self._put((False, e))
+    def _run(self, loader_ref: weakref.ref, position: tuple[int, int]) -> None:
+        while (loader := loader_ref()) is not None:
+            try:
+                entry: Any = position, loader.batch(*position)
+                position = loader._advance(position)
+            except BaseException as e:  # handed to the consumer, which raises it
+                entry = e
+            del loader
+            if not self._put(entry, loader_ref) or isinstance(entry, BaseException):
+                return
 
-    def _put(self, entry: tuple[bool, Any]) -> bool:
-        while not self._stop.is_set():
+    def _put(self, entry: Any, loader_ref: weakref.ref) -> bool:
+        while not self._stop.is_set() and loader_ref() is not None:
             try:
                 self._queue.put(entry, timeout=0.1)
                 return True
@@ -198,10 +200,10 @@ class _Prefetcher:
         return False
 
     def get(self) -> Any:
-        ok, item = self._queue.get()
-        if not ok:
-            raise item
-        return item
+        entry = self._queue.get()
+        if isinstance(entry, BaseException):
+            raise entry
+        return entry
 
     def close(self) -> None:
         self._stop.set()
