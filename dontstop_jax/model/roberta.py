@@ -3,7 +3,7 @@
 Layout choices that later features rely on:
 - Encoder layers are stacked with `nn.scan`: every layer parameter has a leading `layers` axis, so
   per-layer quantities (DAS unit importances and gradient masks, LoRA) are plain arrays of shape [L, ...].
-- Attention projections are `DenseGeneral` with an explicit heads axis ([embed, heads, kv]), so a head is a
+- Attention projections have an explicit heads axis ([embed, heads, kv]), so a head is a
   slice of the parameter, not a range of columns.
 - Every parameter is annotated with logical axis names; `dontstop_jax.engine.sharding` maps them to mesh
   axes from the config's rules. Nothing here mentions a mesh axis.
@@ -79,6 +79,37 @@ class Embeddings(nn.Module):
         return self.dropout(self.layer_norm(h), deterministic=deterministic)
 
 
+class HeadsProjection(nn.Module):
+    """[batch, length, embed] -> [batch, length, heads, kv]; kernel [embed, heads, kv] (a head is a slice).
+
+    Written out rather than nn.DenseGeneral, whose flat-kernel initialiser breaks under logical constraints.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        shape = (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim)
+        kernel = self.param("kernel", _init(cfg, "embed", "heads", "kv"), shape).astype(cfg.compute_dtype)
+        bias = self.param("bias", _zeros("heads", "kv"), shape[1:]).astype(cfg.compute_dtype)
+        return jnp.einsum("btd,dhk->bthk", x.astype(cfg.compute_dtype), kernel) + bias
+
+
+class HeadsOutput(nn.Module):
+    """[batch, length, heads, kv] -> [batch, length, embed]; kernel [heads, kv, embed]."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        shape = (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size)
+        kernel = self.param("kernel", _init(cfg, "heads", "kv", "embed"), shape).astype(cfg.compute_dtype)
+        bias = self.param("bias", _zeros("embed"), shape[-1:]).astype(cfg.compute_dtype)
+        return jnp.einsum("bthk,hkd->btd", x, kernel) + bias
+
+
 class Layer(nn.Module):
     """One post-LayerNorm transformer layer, written as an `nn.scan` body: (h, mask, gates) -> (h, None)."""
 
@@ -90,18 +121,11 @@ class Layer(nn.Module):
         cfg, det = self.config, self.deterministic
         gates = gates or {}
 
-        def heads_proj(name):
-            return nn.DenseGeneral((cfg.num_attention_heads, cfg.head_dim), dtype=cfg.compute_dtype,
-                                   kernel_init=_init(cfg, "embed", "heads", "kv"),
-                                   bias_init=_zeros("heads", "kv"), name=name)
-
-        q, k, v = heads_proj("query")(h), heads_proj("key")(h), heads_proj("value")(h)
+        q, k, v = (HeadsProjection(cfg, name=n)(h) for n in ("query", "key", "value"))
         ctx = self._attention(q, k, v, mask)  # [batch, length, heads, kv]
         if "head" in gates:
             ctx = ctx * gates["head"][:, None].astype(ctx.dtype)
-        attn_out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=cfg.compute_dtype,
-                                   kernel_init=_init(cfg, "heads", "kv", "embed"),
-                                   bias_init=_zeros("embed"), name="attention_output")(ctx)
+        attn_out = HeadsOutput(cfg, name="attention_output")(ctx)
         attn_out = nn.Dropout(cfg.hidden_dropout_prob)(attn_out, deterministic=det)
         h = _layer_norm(cfg, "attention_LayerNorm")(attn_out + h)
 

@@ -1,0 +1,131 @@
+"""The one place where shardings are decided: a (data, fsdp, tensor) mesh and logical-axis rules.
+
+Model code names parameter and activation axes logically ("embed", "heads", "batch", ...); the config's
+rule list maps each logical name to a mesh axis (or None = replicated). A dimension whose size the mesh
+axis does not divide is replicated instead of failing (e.g. a 4-head model on tensor=8), so any mesh runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dontstop_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # FSDP is data parallelism with sharded parameters: both split the batch
+
+# (logical axis, mesh axis or axes or None). Data, not code: override in the config to change layouts.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("position", None),
+    ("type", None),
+    ("norm", None),
+    ("labels", None),
+    ("length", None),
+    ("act_embed", None),
+)
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Fill the single -1 in `shape` from the device count; fail with the fix if it cannot fit."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise UserError(f"mesh shape {shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise UserError(f"mesh shape {shape} may hold at most one -1 and otherwise positive sizes")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise UserError(f"mesh shape {shape} cannot fit {num_devices} devices: {known} does not divide it; "
+                            f"choose sizes whose product divides {num_devices}")
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise UserError(f"mesh shape {shape} needs {math.prod(shape)} devices but {num_devices} are available; "
+                        "use -1 for one axis to fill it from the device count")
+    return shape
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axes: shardings are set by jit and logical constraints."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = resolve_mesh_shape(shape, len(devices))
+    device_grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "global batch size") -> None:
+    dp = data_parallel_size(mesh)
+    if global_batch_size % dp:
+        raise UserError(f"{what} {global_batch_size} is not divisible by the data-parallel size {dp} "
+                        f"(mesh data x fsdp); use a multiple of {dp}")
+
+
+def logical_to_sharding(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> NamedSharding:
+    """Map one array's logical axis names to a NamedSharding, replicating dimensions that do not divide."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape):
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+            used.update(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            spec.append(None)
+    return NamedSharding(mesh, P(*spec))
+
+
+def tree_shardings(boxed_abstract: Any, mesh: Mesh, rules: Rules) -> Any:
+    """Shardings for a pytree whose leaves may be flax LogicallyPartitioned boxes (unboxed structure out)."""
+    def one(leaf):
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            return logical_to_sharding(leaf.names, leaf.value.shape, mesh, rules)
+        return NamedSharding(mesh, P())  # scalars, step counters, RNG keys: replicated
+    return jax.tree_util.tree_map(one, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (example) dimension split over data x fsdp; everything else replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of a global batch -> global arrays on the mesh (works for 1 or many hosts)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def put_tree(tree: Any, shardings: Any) -> Any:
+    """Place host numpy arrays (identical on every host, e.g. imported weights) onto their shardings."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Context for tracing model code: logical activation constraints resolve against this mesh."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield

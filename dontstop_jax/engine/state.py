@@ -1,0 +1,79 @@
+"""The train state: an explicit pytree (params, optimizer state, step, RNG), created directly sharded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from dontstop_jax.engine.sharding import Rules, put_tree, tree_shardings
+from dontstop_jax.model.roberta import init_params
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32[2] raw key: checkpointable as a plain array
+
+
+def _merge(fresh: Any, loaded: Any) -> Any:
+    """`loaded` overrides `fresh` wherever it has a value (e.g. a pretrained encoder over a new head)."""
+    if isinstance(loaded, dict):
+        return {k: _merge(v, loaded[k]) if k in loaded else v for k, v in fresh.items()}
+    return loaded
+
+
+def _subtree(tree: Any, like: Any) -> Any:
+    """The part of `tree` whose keys also occur in `like`."""
+    if isinstance(like, dict):
+        return {k: _subtree(tree[k], v) for k, v in like.items() if k in tree}
+    return tree
+
+
+def _skeleton(module: nn.Module, tx: optax.GradientTransformation, boxed: bool) -> TrainState:
+    """A state of the right structure; traced under eval_shape only, so it allocates nothing."""
+    params = init_params(module, jax.random.key(0))
+    params = params if boxed else nn.unbox(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jnp.zeros((2,), jnp.uint32))
+
+
+def state_shardings(module: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules) -> Any:
+    """Shardings of every leaf of the TrainState, derived from the parameters' logical axes."""
+    return tree_shardings(jax.eval_shape(lambda: _skeleton(module, tx, boxed=True)), mesh, rules)
+
+
+def create_train_state(module: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules,
+                       seed: int, pretrained: Any = None) -> tuple[TrainState, Any]:
+    """A fresh, sharded TrainState; parameters found in `pretrained` (numpy or jax tree) replace random ones.
+
+    Returns (state, shardings). The state is built inside `jax.jit(out_shardings=...)`, so no device ever
+    holds the whole unsharded model or optimizer state.
+    """
+    shardings = state_shardings(module, tx, mesh, rules)
+    loaded = None
+    if pretrained is not None:
+        loaded = put_tree(_subtree(pretrained, shardings.params), _subtree(shardings.params, pretrained))
+
+    def init(key, loaded):
+        params = nn.unbox(init_params(module, key))
+        if loaded is not None:
+            params = _merge(params, loaded)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed), loaded)
+    return state, shardings
+
+
+def abstract_state(shardings: Any, module: nn.Module, tx: optax.GradientTransformation) -> TrainState:
+    """ShapeDtypeStructs carrying target shardings: what a checkpoint restore needs to place arrays."""
+    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                  jax.eval_shape(lambda: _skeleton(module, tx, boxed=False)), shardings)

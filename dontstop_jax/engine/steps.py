@@ -1,0 +1,134 @@
+"""Pure, jittable train and eval steps for MLM and classification.
+
+Losses are returned as *sums* with their weights, so gradient accumulation over k micro-batches is exactly
+one batch of k times the size: grads and weights are summed over micro-batches and divided once.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dontstop_jax.engine.sharding import BATCH_AXES, Rules, activation_rules, batch_sharding
+from dontstop_jax.engine.state import TrainState
+
+Batch = dict[str, jax.Array]
+# loss_sums(params, batch, dropout_rng, deterministic) -> (weighted loss sum, {"weight": ..., "correct": ...})
+LossSums = Callable[[Any, Batch, jax.Array, bool], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # float32: bf16 cross-entropy is unstable
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def mlm_loss_sums(model: nn.Module, gates: Any = None) -> LossSums:
+    """Cross-entropy at the masked slots only (`mlm_positions`); unused slots have weight 0."""
+    def loss(params, batch, rng, deterministic):
+        logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch["mlm_positions"],
+                             deterministic=deterministic, gates=gates, rngs={"dropout": rng})
+        w = batch["mlm_weights"].astype(jnp.float32)
+        correct = (jnp.argmax(logits, -1) == batch["mlm_ids"]) * w
+        return jnp.sum(_nll(logits, batch["mlm_ids"]) * w), {"weight": jnp.sum(w), "correct": jnp.sum(correct)}
+    return loss
+
+
+def classification_loss_sums(model: nn.Module) -> LossSums:
+    """Cross-entropy over examples; padding rows of an eval batch have `example_weights` 0."""
+    def loss(params, batch, rng, deterministic):
+        logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                             deterministic=deterministic, rngs={"dropout": rng})
+        w = batch["example_weights"].astype(jnp.float32)
+        correct = (jnp.argmax(logits, -1) == batch["labels"]) * w
+        return jnp.sum(_nll(logits, batch["labels"]) * w), {"weight": jnp.sum(w), "correct": jnp.sum(correct)}
+    return loss
+
+
+def _micro_batches(batch: Batch, k: int) -> Batch:
+    """[k*b, ...] -> [k, b, ...] keeping each device's rows on that device (row r -> micro-batch r % k)."""
+    def split(x):
+        b = x.shape[0] // k
+        x = x.reshape((b, k) + x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, P(None, BATCH_AXES))  # resolved against the compile mesh
+    return jax.tree_util.tree_map(split, batch)
+
+
+def make_train_step(loss_sums: LossSums, tx: optax.GradientTransformation, *, accum_steps: int = 1, schedule: optax.Schedule | None = None,
+                    grad_transform: Callable[[Any], Any] | None = None) -> Callable[[TrainState, Batch], tuple]:
+    """(state, global batch) -> (new state, metrics). `grad_transform` hooks in e.g. DAS gradient soft-masks."""
+    grad_fn = jax.value_and_grad(lambda p, b, r: loss_sums(p, b, r, False), has_aux=True)
+
+    def step(state: TrainState, batch: Batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if accum_steps == 1:
+            (loss_sum, aux), grads = grad_fn(state.params, batch, rng)
+        else:
+            def body(carry, xs):
+                i, micro = xs
+                (l, a), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+                return jax.tree_util.tree_map(jnp.add, carry, (l, a, g)), None
+            zeros = (jnp.zeros(()), {"weight": jnp.zeros(()), "correct": jnp.zeros(())},
+                     jax.tree_util.tree_map(jnp.zeros_like, state.params))
+            (loss_sum, aux, grads), _ = jax.lax.scan(
+                body, zeros, (jnp.arange(accum_steps), _micro_batches(batch, accum_steps)))
+        weight = jnp.maximum(aux["weight"], 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / weight, grads)
+        if grad_transform is not None:
+            grads = grad_transform(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                  opt_state=opt_state)
+        metrics = {"loss": loss_sum / weight, "accuracy": aux["correct"] / weight, "weight": aux["weight"],
+                   "grad_norm": optax.tree.norm(grads)}
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(state.step)
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(loss_sums: LossSums) -> Callable[[Any, Batch], dict]:
+    """(params, batch) -> summed loss, weight and correct count (divide after summing over batches)."""
+    def step(params, batch):
+        loss_sum, aux = loss_sums(params, batch, jax.random.key(0), True)
+        return {"loss_sum": loss_sum, **aux}
+    return step
+
+
+def make_predict_step(model: nn.Module) -> Callable[[Any, Batch], jax.Array]:
+    """(params, batch) -> classification logits, for metrics computed on the host (F1)."""
+    def step(params, batch):
+        return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], deterministic=True)
+    return step
+
+
+def _under_mesh(jitted: Callable, mesh: Mesh, rules: Rules) -> Callable:
+    """Trace and run `jitted` with the mesh and logical rules active (model activation constraints need both).
+
+    The jitted function stays reachable as `.__wrapped__` (e.g. for `.lower(...).compile().memory_analysis()`).
+    """
+    @functools.wraps(jitted)
+    def call(*args):
+        with activation_rules(mesh, rules):
+            return jitted(*args)
+    return call
+
+
+def compile_train_step(step: Callable, state_shardings: Any, mesh: Mesh, rules: Rules) -> Callable:
+    """jit with explicit shardings; the old state's buffers are donated to the new one."""
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
+                     out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+    return _under_mesh(jitted, mesh, rules)
+
+
+def compile_eval_step(step: Callable, param_shardings: Any, mesh: Mesh, rules: Rules) -> Callable:
+    jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)),
+                     out_shardings=NamedSharding(mesh, P()))
+    return _under_mesh(jitted, mesh, rules)

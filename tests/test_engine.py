@@ -1,0 +1,139 @@
+"""Sharded, jitted train steps: identical results on every mesh; accumulation equals a big batch."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from ml_collections import ConfigDict
+
+from dontstop_jax.engine import (DEFAULT_RULES, classification_loss_sums, compile_eval_step, compile_train_step,
+                                 create_train_state, default_optim_config, make_eval_step, make_mesh,
+                                 make_optimizer, make_train_step, mlm_loss_sums, to_global)
+from dontstop_jax.engine.optim import weight_decay_mask
+from dontstop_jax.engine.sharding import check_batch_size, resolve_mesh_shape
+from dontstop_jax.errors import UserError
+from dontstop_jax.model import RobertaForMaskedLM, RobertaForSequenceClassification, tiny_config
+
+CFG = tiny_config(vocab_size=128, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=34)
+SEQ, SLOTS = 16, 4
+
+
+def mlm_batch(seed, batch=8):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, CFG.vocab_size, (batch, SEQ)).astype(np.int32)
+    ids[:, 0], ids[:, -1] = 0, 2
+    ids[1, 10:] = CFG.pad_token_id
+    positions = np.stack([rng.choice(np.arange(1, 9), SLOTS, replace=False) for _ in range(batch)]).astype(np.int32)
+    weights = np.ones((batch, SLOTS), np.float32)
+    weights[:, -1] = 0.0  # an unused slot
+    targets = np.take_along_axis(ids, positions, 1)
+    masked = ids.copy()
+    np.put_along_axis(masked, positions, 4, 1)
+    return {"input_ids": masked, "attention_mask": (ids != 1).astype(np.int32), "mlm_positions": positions,
+            "mlm_ids": targets, "mlm_weights": weights}
+
+
+def run_mlm(mesh_shape, devices, steps=3, accum=1, cfg=CFG, seed=0):
+    mesh = make_mesh(mesh_shape, devices)
+    model = RobertaForMaskedLM(cfg)
+    tx, schedule = make_optimizer(default_optim_config(), total_steps=10)
+    state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=seed)
+    step = compile_train_step(make_train_step(mlm_loss_sums(model), tx, accum_steps=accum, schedule=schedule),
+                              shardings, mesh, DEFAULT_RULES)
+    losses = []
+    for i in range(steps):
+        state, metrics = step(state, to_global(mlm_batch(i), mesh))
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params), state
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)])
+def test_every_mesh_matches_one_device(mesh_shape):
+    ref_losses, ref_params, _ = run_mlm((1, 1, 1), jax.devices()[:1])
+    losses, params, state = run_mlm(mesh_shape, jax.devices())
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params)
+    assert ref_losses[-1] != ref_losses[0]  # the model really trained (dropout is active, lr > 0)
+
+
+def test_parameters_are_really_sharded():
+    _, _, state = run_mlm((2, 2, 2), jax.devices(), steps=1)
+    kernel = state.params["roberta"]["layers"]["intermediate"]["kernel"]  # [layers, embed, mlp]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert kernel.addressable_shards[0].data.shape == (2, 16, 32)
+    mu = state.opt_state[1][0].mu["roberta"]["layers"]["intermediate"]["kernel"]  # Adam moments follow params
+    assert mu.sharding.spec == kernel.sharding.spec
+
+
+def test_accumulation_equals_one_big_batch():
+    cfg = CFG.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    big, big_params, _ = run_mlm((2, 2, 1), jax.devices()[:4], cfg=cfg, accum=1)
+    acc, acc_params, _ = run_mlm((2, 2, 1), jax.devices()[:4], cfg=cfg, accum=2)
+    np.testing.assert_allclose(acc, big, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), acc_params, big_params)
+
+
+def test_classification_step_learns_and_evaluates():
+    mesh = make_mesh((4, 2, 1), jax.devices())
+    model = RobertaForSequenceClassification(CFG, num_labels=2)
+    tx, _ = make_optimizer(ConfigDict(dict(default_optim_config(), learning_rate=3e-3, warmup_fraction=0.0)), 40)
+    state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=0)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, CFG.vocab_size, (16, SEQ)).astype(np.int32)
+    labels = (rng.random(16) < 0.5).astype(np.int32)
+    ids[:, 1] = np.where(labels == 1, 7, 8)  # the label is written in token 1
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels,
+             "example_weights": np.ones(16, np.float32)}
+    step = compile_train_step(make_train_step(classification_loss_sums(model), tx), shardings, mesh, DEFAULT_RULES)
+    evaluate = compile_eval_step(make_eval_step(classification_loss_sums(model)), shardings.params, mesh,
+                                 DEFAULT_RULES)
+    before = evaluate(state.params, to_global(batch, mesh))
+    for _ in range(40):
+        state, _ = step(state, to_global(batch, mesh))
+    after = evaluate(state.params, to_global(batch, mesh))
+    assert float(after["loss_sum"]) < 0.2 * float(before["loss_sum"])
+    assert float(after["correct"]) == 16.0
+
+
+def test_pretrained_params_replace_random_ones_and_new_head_is_fresh():
+    mesh = make_mesh((-1, 1, 1), jax.devices()[:2])
+    mlm = RobertaForMaskedLM(CFG)
+    tx, _ = make_optimizer(default_optim_config(), 10)
+    src, _ = create_train_state(mlm, tx, mesh, DEFAULT_RULES, seed=1)
+    cls = RobertaForSequenceClassification(CFG, num_labels=3)
+    dst, _ = create_train_state(cls, tx, mesh, DEFAULT_RULES, seed=2, pretrained=jax.device_get(src.params))
+    np.testing.assert_array_equal(dst.params["roberta"]["layers"]["query"]["kernel"],
+                                  src.params["roberta"]["layers"]["query"]["kernel"])
+    assert dst.params["classifier"]["out_proj"]["kernel"].shape == (CFG.hidden_size, 3)
+
+
+def test_weight_decay_skips_biases_and_layer_norms():
+    mask = weight_decay_mask({"dense": {"kernel": 1, "bias": 1}, "LayerNorm": {"scale": 1, "bias": 1},
+                              "word_embeddings": {"embedding": 1}})
+    assert mask == {"dense": {"kernel": True, "bias": False}, "LayerNorm": {"scale": False, "bias": False},
+                    "word_embeddings": {"embedding": True}}
+
+
+def test_frozen_parameters_get_no_optimizer_state_and_do_not_move():
+    params = {"a": {"kernel": np.ones((3, 3), np.float32)}, "b": {"kernel": np.ones((3, 3), np.float32)}}
+    tx, _ = make_optimizer(default_optim_config(), 10, trainable=lambda p: {"a": {"kernel": True},
+                                                                            "b": {"kernel": False}})
+    opt_state = tx.init(params)
+    sizes = sum(x.size for x in jax.tree_util.tree_leaves(opt_state) if hasattr(x, "size"))
+    assert sizes < 2 * 9 + 5  # Adam moments for `a` only (plus counters)
+    grads = jax.tree_util.tree_map(np.ones_like, params)
+    for _ in range(3):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    assert np.all(np.asarray(params["b"]["kernel"]) == 1.0) and np.all(np.asarray(params["a"]["kernel"]) != 1.0)
+
+
+def test_mesh_errors_are_clear():
+    assert resolve_mesh_shape((-1, 2, 1), 8) == (4, 2, 1)
+    with pytest.raises(UserError, match="cannot fit 8 devices"):
+        resolve_mesh_shape((-1, 3, 1), 8)
+    with pytest.raises(UserError, match="needs 16 devices"):
+        resolve_mesh_shape((4, 4, 1), 8)
+    with pytest.raises(UserError, match="not divisible by the data-parallel size 4"):
+        check_batch_size(10, make_mesh((2, 2, 2), jax.devices()))
