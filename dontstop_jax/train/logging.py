@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Self, TextIO
 
 import jax
 import numpy as np
@@ -80,7 +80,7 @@ class _EventFile:
 
     def __init__(self, logdir: Path) -> None:
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        self._file = open(logdir / name, "ab")
+        self._file = open(logdir / name, "ab")  # noqa: SIM115 (lives until close())
         self._record(_event(time.time(), 0, file_version="brain.Event:2"))
 
     def _record(self, data: bytes) -> None:
@@ -116,7 +116,7 @@ class MetricsWriter:
             return
         tb_dir = Path(workdir) / "tensorboard"
         tb_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")
+        self._jsonl = open(Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._events = _EventFile(tb_dir)
 
     def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
@@ -137,7 +137,7 @@ class MetricsWriter:
             self._jsonl.close()
             self._events.close()
 
-    def __enter__(self) -> MetricsWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
