@@ -1,0 +1,227 @@
+"""The experiment grid's result table: variants x tasks, mean ± std over seeds, and the acceptance test.
+
+Inputs are records `{"task", "variant", "seed", "metrics": {...}}` holding test-set scores (fractions in
+[0, 1]) of the dev-selected checkpoint. The Markdown shows percentages with one decimal, as in the paper;
+CSV and JSON keep the raw fractions. Std is the sample std over seeds (ddof=1); with one seed it is
+undefined: "n/a" in Markdown, empty in CSV, null in JSON, never a misleading 0.0.
+
+Significance, the project's acceptance criterion ("DAPT+TAPT beats the baseline by more than two standard
+deviations of the seeds"), is one-sided: mean_a - mean_b > 2 * max(std_a, std_b), and needs >= 2 seeds
+on both sides.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dontstop_jax.errors import UserError
+
+Record = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One variant's scores on one task, one per seed (sorted by seed)."""
+
+    variant: str
+    task: str
+    metric: str
+    seeds: tuple[int, ...]
+    values: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values))
+
+    @property
+    def std(self) -> float | None:
+        return float(np.std(self.values, ddof=1)) if self.n > 1 else None
+
+
+@dataclass(frozen=True)
+class Significance:
+    """a vs b on one task: `significant` iff diff = mean_a - mean_b > threshold = 2 * max(std_a, std_b)."""
+
+    a: Cell
+    b: Cell
+    diff: float
+    threshold: float
+    significant: bool
+
+
+def _compare(a: Cell, b: Cell) -> Significance:
+    if a.std is None or b.std is None:
+        raise UserError(f"significance of {a.variant!r} vs {b.variant!r} on {a.task!r} needs >= 2 seeds each, "
+                        f"got {a.n} and {b.n}; run more seeds")
+    diff, threshold = a.mean - b.mean, 2 * max(a.std, b.std)
+    return Significance(a, b, diff, threshold, diff > threshold)
+
+
+def _collect(records: Sequence[Record], metric_by_task: Mapping[str, str]) -> dict[tuple[str, str], Cell]:
+    """Group records into cells, checking every record names a known task, its metric and a fresh seed."""
+    runs: dict[tuple[str, str], dict[int, float]] = {}
+    for i, record in enumerate(records):
+        missing = {"task", "variant", "seed", "metrics"} - set(record)
+        if missing:
+            raise UserError(f"result record {i} lacks {sorted(missing)}; records need task, variant, seed, metrics")
+        task, variant, seed = record["task"], record["variant"], record["seed"]
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+            raise UserError(f"result record {i} has seed {seed!r}; seeds must be integers")
+        seed = int(seed)
+        if task not in metric_by_task:
+            raise UserError(f"result record {i} is for task {task!r}, which metric_by_task lacks; add it")
+        metric = metric_by_task[task]
+        if metric not in record["metrics"]:
+            raise UserError(f"result record {i} ({variant} on {task}, seed {seed}) has no {metric!r}; "
+                            f"it has {sorted(record['metrics'])}")
+        value = float(record["metrics"][metric])
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{metric} of {variant} on {task}, seed {seed}, is {value}, outside [0, 1]; "
+                            "record fractions, not percentages")
+        seeds = runs.setdefault((variant, task), {})
+        if seed in seeds:
+            raise UserError(f"{variant} on {task} has seed {seed} twice; drop the duplicate record")
+        seeds[seed] = value
+    return {
+        (variant, task): Cell(variant, task, metric_by_task[task], tuple(sorted(seeds)),
+                              tuple(seeds[s] for s in sorted(seeds)))
+        for (variant, task), seeds in runs.items()
+    }
+
+
+def _atomic_write(path: str | os.PathLike[str], text: str) -> None:
+    """Write via a temporary sibling and os.replace, so readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class ResultsTable:
+    """Rows = variants, columns = tasks (in metric_by_task order); `cells` holds only combinations with runs."""
+
+    variants: tuple[str, ...]
+    tasks: tuple[str, ...]
+    metric_by_task: Mapping[str, str]
+    cells: Mapping[tuple[str, str], Cell]
+    baseline: str | None
+
+    def delta(self, variant: str, task: str) -> float | None:
+        """Mean minus the baseline's mean on `task`, when both have runs."""
+        cell, base = self.cells.get((variant, task)), self.cells.get((self.baseline, task))
+        return None if cell is None or base is None else cell.mean - base.mean
+
+    def beats_baseline(self, variant: str, task: str) -> bool | None:
+        """The significance criterion vs the baseline; None when it cannot be judged (no runs, < 2 seeds)."""
+        cell, base = self.cells.get((variant, task)), self.cells.get((self.baseline, task))
+        if cell is None or base is None or variant == self.baseline or cell.n < 2 or base.n < 2:
+            return None
+        return _compare(cell, base).significant
+
+    def _rows(self) -> list[dict[str, Any]]:
+        return [
+            {"variant": cell.variant, "task": cell.task, "metric": cell.metric, "n": cell.n, "mean": cell.mean,
+             "std": cell.std, "delta_vs_baseline": self.delta(cell.variant, cell.task),
+             "beats_baseline": self.beats_baseline(cell.variant, cell.task),
+             "seeds": list(cell.seeds), "values": list(cell.values)}
+            for variant in self.variants for task in self.tasks
+            if (cell := self.cells.get((variant, task))) is not None
+        ]
+
+    def _markdown_cell(self, variant: str, task: str) -> str:
+        cell = self.cells.get((variant, task))
+        if cell is None:
+            return "–"
+        text = f"{100 * cell.mean:.1f} ± " + ("n/a" if cell.std is None else f"{100 * cell.std:.1f}")
+        delta = self.delta(variant, task) if variant != self.baseline else None
+        if delta is not None:
+            text += f" ({100 * delta:+.1f}{'†' if self.beats_baseline(variant, task) else ''})"
+        return f"{text}, n={cell.n}"
+
+    def to_markdown(self) -> str:
+        header = ["variant", *(f"{task} ({self.metric_by_task[task]})" for task in self.tasks)]
+        lines = ["| " + " | ".join(header) + " |", "|:--" + "|--:" * len(self.tasks) + "|"]
+        for variant in self.variants:
+            lines.append("| " + " | ".join([variant, *(self._markdown_cell(variant, t) for t in self.tasks)]) + " |")
+        legend = "Test scores in %: mean ± sample std over seeds (n/a for one seed), n = seeds; – = no runs."
+        if self.baseline is not None:
+            legend += (f" (+x) = mean minus {self.baseline}'s; † = ahead by more than 2 × the larger std of the two"
+                       " (needs n ≥ 2 on both).")
+        return "\n".join(lines) + "\n\n" + legend + "\n"
+
+    def _csv_text(self) -> str:
+        out = io.StringIO()
+        fields = ["variant", "task", "metric", "n", "mean", "std", "delta_vs_baseline", "beats_baseline",
+                  "seeds", "values"]
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        for row in self._rows():
+            writer.writerow({key: "" if value is None else ";".join(map(str, value)) if isinstance(value, list)
+                             else value for key, value in row.items()})
+        return out.getvalue()
+
+    def _json_text(self) -> str:
+        table = {"baseline": self.baseline, "metric_by_task": dict(self.metric_by_task),
+                 "variants": list(self.variants), "tasks": list(self.tasks), "cells": self._rows()}
+        return json.dumps(table, indent=2) + "\n"
+
+    def to_csv(self, path: str | os.PathLike[str], *, enabled: bool = True) -> None:
+        """One row per variant/task with runs; raw fractions, seeds and values joined by ';'."""
+        if enabled:
+            _atomic_write(path, self._csv_text())
+
+    def to_json(self, path: str | os.PathLike[str], *, enabled: bool = True) -> None:
+        if enabled:
+            _atomic_write(path, self._json_text())
+
+    def write_all(self, out_dir: str | os.PathLike[str], *, enabled: bool = True) -> None:
+        """results.md, results.csv and results.json, each atomically. In a multi-host job pass
+        enabled=jax.process_index() == 0 (not checked here: that would claim the accelerator from a
+        report script)."""
+        if not enabled:
+            return
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / "results.md", self.to_markdown())
+        _atomic_write(out / "results.csv", self._csv_text())
+        _atomic_write(out / "results.json", self._json_text())
+
+
+def results_table(records: Sequence[Record], metric_by_task: Mapping[str, str],
+                  variant_order: Sequence[str] | None = None, *, baseline: str = "baseline") -> ResultsTable:
+    """Summarize records over seeds. Rows follow `variant_order` (every recorded variant must be listed;
+    listed ones without runs show "–"), else `baseline` first, then order of first appearance."""
+    cells = _collect(records, metric_by_task)
+    seen = list(dict.fromkeys(record["variant"] for record in records))
+    if variant_order is None:
+        variants = sorted(seen, key=lambda v: v != baseline)
+    else:
+        unlisted = [v for v in seen if v not in variant_order]
+        if unlisted:
+            raise UserError(f"variants {unlisted} have results but are not in variant_order; list them")
+        variants = list(dict.fromkeys(variant_order))
+    return ResultsTable(tuple(variants), tuple(metric_by_task), dict(metric_by_task), cells,
+                        baseline if baseline in seen else None)
+
+
+def significance(records: Sequence[Record], task: str, a: str, b: str, *, metric: str) -> Significance:
+    """Whether variant `a` beats `b` on `task` by more than two seed standard deviations (see module doc)."""
+    cells = _collect([r for r in records if r.get("task") == task], {task: metric})
+    for variant in (a, b):
+        if (variant, task) not in cells:
+            raise UserError(f"no results for variant {variant!r} on task {task!r}; check the names or run it")
+    return _compare(cells[(a, task)], cells[(b, task)])
