@@ -1,0 +1,76 @@
+"""Orbax checkpoints: restore onto any mesh, keep-last + keep-best, provenance, params-only reads."""
+
+import jax
+import numpy as np
+import pytest
+
+from dontstop_jax.engine import DEFAULT_RULES, abstract_state, create_train_state, default_optim_config, make_mesh
+from dontstop_jax.engine import make_optimizer
+from dontstop_jax.engine.checkpoint import Checkpointer
+from dontstop_jax.errors import UserError
+from dontstop_jax.model import RobertaForMaskedLM, tiny_config
+
+CFG = tiny_config(vocab_size=128, hidden_size=32, intermediate_size=64, max_position_embeddings=34)
+MODEL = RobertaForMaskedLM(CFG)
+TX, _ = make_optimizer(default_optim_config(), 10)
+
+
+def _state(mesh_shape, devices, seed=0):
+    mesh = make_mesh(mesh_shape, devices)
+    return create_train_state(MODEL, TX, mesh, DEFAULT_RULES, seed=seed)
+
+
+def _assert_trees_equal(a, b):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+                           jax.device_get(a), jax.device_get(b))
+
+
+def test_written_on_2x2x2_restores_on_8x1x1_and_one_device(tmp_path):
+    state, _ = _state((2, 2, 2), jax.devices(), seed=3)
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(state, data_state={"epoch": 1, "batch_in_epoch": 7}, meta={"phase": "dapt", "parent": None})
+    ckpt.close()
+    for shape, devices in [((8, 1, 1), jax.devices()), ((1, 1, 1), jax.devices()[:1])]:
+        _, shardings = _state(shape, devices)
+        restored, data, meta = Checkpointer(tmp_path / "ckpt", read_only=True).restore(
+            abstract_state(shardings, MODEL, TX))
+        _assert_trees_equal(restored, state)
+        assert restored.params["roberta"]["layers"]["query"]["kernel"].sharding == \
+            shardings.params["roberta"]["layers"]["query"]["kernel"]
+        assert data == {"epoch": 1, "batch_in_epoch": 7}
+        assert meta["phase"] == "dapt" and meta["step"] == 0
+
+
+def test_keeps_last_n_plus_best(tmp_path):
+    state, _ = _state((-1, 1, 1), jax.devices()[:2])
+    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=2, best_metric="dev_f1", best_mode="max")
+    for step, f1 in zip(range(1, 6), [0.5, 0.9, 0.6, 0.7, 0.4]):
+        ckpt.save(state.replace(step=np.int32(step)), data_state=None, meta={}, metrics={"dev_f1": f1})
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 4, 5] and ckpt.best_step() == 2 and ckpt.latest_step() == 5
+    ckpt.close()
+
+
+def test_params_only_restore_as_numpy_for_the_next_phase(tmp_path):
+    state, _ = _state((-1, 1, 1), jax.devices()[:2], seed=5)
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(state, data_state=None, meta={"phase": "tapt"})
+    ckpt.close()
+    params = Checkpointer(tmp_path / "ckpt", read_only=True).restore_params()
+    assert isinstance(params["roberta"]["layers"]["key"]["kernel"], np.ndarray)
+    _assert_trees_equal(params, state.params)
+
+
+def test_half_written_step_is_not_taken_as_latest(tmp_path):
+    state, _ = _state((-1, 1, 1), jax.devices()[:2])
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(state.replace(step=np.int32(4)), data_state=None, meta={})
+    ckpt.close()
+    # What an interrupted save leaves behind: a step directory that was never committed (renamed into place).
+    (tmp_path / "ckpt" / "9.orbax-checkpoint-tmp-1234" / "params").mkdir(parents=True)
+    assert Checkpointer(tmp_path / "ckpt", read_only=True).latest_step() == 4
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint"):
+        Checkpointer(tmp_path / "empty").meta()
