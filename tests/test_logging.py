@@ -114,6 +114,15 @@ def test_writer_appends_on_resume_and_lines_survive_without_close(tmp_path):
     killed.close()
 
 
+def test_writer_keeps_diverged_values(tmp_path):
+    with MetricsWriter(tmp_path) as writer:
+        writer.write(1, {"loss": float("nan"), "grad_norm": 1e40})
+    line = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert np.isnan(line["loss"]) and line["grad_norm"] == 1e40
+    scalars = read_events(next((tmp_path / "tensorboard").iterdir()))[1]["scalars"]
+    assert np.isnan(scalars["loss"]) and scalars["grad_norm"] == float("inf")  # float32 saturates
+
+
 def test_writer_disabled_and_bad_metrics(tmp_path):
     with MetricsWriter(tmp_path / "off", enabled=False) as writer:
         writer.write(1, {"loss": 1.0})

@@ -21,7 +21,7 @@ from typing import Any, Self, TextIO
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 _RESERVED_KEYS = ("step", "phase")
 
@@ -63,13 +63,20 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _event(wall_time: float, step: int, *, file_version: str = "", scalars: Mapping[str, float] = {}) -> bytes:
+def _f32(value: float) -> bytes:
+    """Little-endian float32; values beyond its range (a diverged loss) become ±inf instead of raising."""
+    with np.errstate(over="ignore"):
+        return np.asarray(value, dtype="<f4").tobytes()
+
+
+def _event(wall_time: float, step: int, *, file_version: str = "",
+           scalars: Mapping[str, float] | None = None) -> bytes:
     """tensorflow.Event{wall_time=1, step=2, file_version=3, summary=5{value=1{tag=1, simple_value=2}}}."""
     out = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
     if file_version:
         out += _field(3, file_version.encode())
     if scalars:
-        values = b"".join(_field(1, _field(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
+        values = b"".join(_field(1, _field(1, tag.encode()) + b"\x15" + _f32(value))
                           for tag, value in scalars.items())
         out += _field(5, values)
     return out
