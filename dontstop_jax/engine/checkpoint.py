@@ -23,9 +23,6 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from dontstop_jax.engine.state import TrainState
 from dontstop_jax.errors import UserError
 
-ITEMS = ("params", "train", "data", "meta")
-
-
 class Checkpointer:
     """Keeps the last `keep_last` steps plus the `keep_best` best by `best_metric` (when given)."""
 
@@ -44,7 +41,9 @@ class Checkpointer:
             read_only=read_only, create=not read_only,
             best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode)
         self.directory = Path(directory).absolute()
-        self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+                    "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
 
     # -- writing --------------------------------------------------------------------------------
     def save(self, state: TrainState, *, data_state: dict | None, meta: dict, metrics: dict | None = None) -> None:

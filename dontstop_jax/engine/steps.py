@@ -102,13 +102,6 @@ def make_eval_step(loss_sums: LossSums) -> Callable[[Any, Batch], dict]:
     return step
 
 
-def make_predict_step(model: nn.Module) -> Callable[[Any, Batch], jax.Array]:
-    """(params, batch) -> classification logits, for metrics computed on the host (F1)."""
-    def step(params, batch):
-        return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], deterministic=True)
-    return step
-
-
 def _under_mesh(jitted: Callable, mesh: Mesh, rules: Rules) -> Callable:
     """Trace and run `jitted` with the mesh and logical rules active (model activation constraints need both).
 
@@ -129,6 +122,16 @@ def compile_train_step(step: Callable, state_shardings: Any, mesh: Mesh, rules: 
 
 
 def compile_eval_step(step: Callable, param_shardings: Any, mesh: Mesh, rules: Rules) -> Callable:
+    jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)),
+                     out_shardings=NamedSharding(mesh, P()))
+    return _under_mesh(jitted, mesh, rules)
+
+
+def compile_predict_step(model: nn.Module, param_shardings: Any, mesh: Mesh, rules: Rules) -> Callable:
+    """(params, batch) -> (logits, labels, example weights), replicated so every host sees every prediction."""
+    def step(params, batch):
+        logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], deterministic=True)
+        return logits, batch["labels"], batch["example_weights"]
     jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)),
                      out_shardings=NamedSharding(mesh, P()))
     return _under_mesh(jitted, mesh, rules)

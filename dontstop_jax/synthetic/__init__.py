@@ -2,7 +2,10 @@
 
 Labels depend on which cluster a text's content words belong to; labeled train text uses only
 "seen" words, dev/test only "unseen" ones, and only the unlabeled domain (or task) text reveals
-which unseen word goes with which label. See `generate.py` for the on-disk layout.
+which unseen word goes with which label. In domain text each cluster also travels with words of
+one general topic (its "anchor"), so DAPT finds the clusters in a few hundred MLM steps; task text
+never contains anchors, so a model without DAPT/TAPT stays at chance. See `generate.py` for the
+on-disk layout and `spec.py` for the knobs.
 """
 
 from dontstop_jax.synthetic.generate import (

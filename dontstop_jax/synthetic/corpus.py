@@ -68,7 +68,7 @@ def domain_corpus(
     lengths = _lengths(rng, n, spec.doc_len)
     doc_cluster = rng.integers(n_clusters, size=n)
     k = np.repeat(doc_cluster, lengths)
-    cat = rng.choice(5, size=k.size, p=spec.domain_mix)
+    cat = rng.choice(6, size=k.size, p=spec.domain_mix)
     clusters = np.array([dom.cluster(c) for c in range(n_clusters)])
     # Frequency ranks inside a cluster are shuffled, so seen and unseen words share head and tail.
     rank_to_word = np.stack([rng.permutation(clusters.shape[1]) for _ in range(n_clusters)])
@@ -83,10 +83,13 @@ def domain_corpus(
         ranks = rng.choice(clusters.shape[1], m.sum(), p=p_cluster)
         out[m] = clusters[owner, rank_to_word[owner, ranks]]
     m = cat == 2
-    out[m] = background[rng.choice(background.size, m.sum(), p=zipf(background.size))]
+    topics = np.array(lex.general_topics)[list(dom.anchors)]
+    out[m] = topics[k[m], rng.choice(topics.shape[1], m.sum(), p=zipf(topics.shape[1], 0.7))]
     m = cat == 3
-    out[m] = function[rng.choice(function.size, m.sum(), p=zipf(function.size))]
+    out[m] = background[rng.choice(background.size, m.sum(), p=zipf(background.size))]
     m = cat == 4
+    out[m] = function[rng.choice(function.size, m.sum(), p=zipf(function.size))]
+    m = cat == 5
     out[m] = general[rng.choice(general.size, m.sum(), p=zipf(general.size))]
     return _join(out, lengths), doc_cluster
 

@@ -27,6 +27,7 @@ class DomainLexicon:
     labels: tuple[str, ...]
     seen: tuple[tuple[str, ...], ...]  # [cluster][word]: words the labeled train split may use
     unseen: tuple[tuple[str, ...], ...]  # [cluster][word]: words only dev/test use
+    anchors: tuple[int, ...]  # [cluster]: the general topic whose words accompany it in domain text
 
     def cluster(self, k: int) -> tuple[str, ...]:
         return self.seen[k] + self.unseen[k]
@@ -35,7 +36,7 @@ class DomainLexicon:
         return {
             "background_words": list(self.background),
             "clusters": {
-                label: {"seen": list(self.seen[k]), "unseen": list(self.unseen[k])}
+                label: {"seen": list(self.seen[k]), "unseen": list(self.unseen[k]), "anchor_topic": self.anchors[k]}
                 for k, label in enumerate(self.labels)
             },
         }
@@ -112,6 +113,7 @@ def build_lexicon(spec: BenchmarkSpec) -> Lexicon:
     general_ranked = tuple(general_content[i] for i in rng.permutation(len(general_content)))
     head = general_ranked[: 2 * spec.n_background_words]  # borrow frequent words, as news shares "said", "year"
     domains: dict[str, DomainLexicon] = {}
+    anchor_pool = iter(rng.permutation(spec.n_general_topics).tolist())  # distinct across domains
     for name in spec.domains:
         n_borrow = round(GENERAL_OVERLAP.get(name, 0.0) * spec.n_background_words)
         borrowed = [head[i] for i in rng.choice(len(head), n_borrow, replace=False)]
@@ -124,5 +126,6 @@ def build_lexicon(spec: BenchmarkSpec) -> Lexicon:
             labels=LABEL_NAMES[: spec.n_clusters],
             seen=tuple(tuple(c[: spec.n_seen]) for c in clusters),
             unseen=tuple(tuple(c[spec.n_seen :]) for c in clusters),
+            anchors=tuple(next(anchor_pool) for _ in clusters),
         )
     return Lexicon(function=function, general_topics=general_topics, general_ranked=general_ranked, domains=domains)

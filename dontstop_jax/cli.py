@@ -1,0 +1,87 @@
+"""The `dontstop` command: prepare, pretrain (DAPT/TAPT), finetune, grid, export, and the offline demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dontstop_jax.errors import UserError
+
+EPILOG = """examples:
+  dontstop demo                                   # the offline synthetic benchmark: grid + table (~15 min)
+  dontstop pretrain --config configs/dapt.py:biomed --config.init=/models/roberta-base \\
+      --config.data.sources='["/data/s2orc/*.txt"]'
+  dontstop finetune --config configs/finetune.py:chemprot --config.init=runs/dapt-biomed \\
+      --config.task.path=/data/chemprot
+  dontstop grid --config configs/grid.py:paper --config.base=/models/roberta-base
+  dontstop export --from runs/finetune-chemprot --to exported/chemprot
+Every --config.a.b=value must name an existing field; see configs/*.py for the fields and the paper's values."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dontstop", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser("demo", help="run the paper's grid on the built-in synthetic benchmark, offline")
+    demo.add_argument("--scale", default="default", choices=["default", "tiny"],
+                      help="default: the real demo (~15 min on 2 cores); tiny: a 1-minute smoke run")
+    for name, text in [("prepare", "tokenize and pack a pretraining corpus into cached shards"),
+                       ("pretrain", "run a DAPT or TAPT masked-LM phase"),
+                       ("finetune", "fine-tune on a labeled task with early stopping on dev"),
+                       ("grid", "run a grid of variants x tasks x seeds and write the results table")]:
+        sp = sub.add_parser(name, help=text)
+        sp.add_argument("--config", required=True, help="configs/FILE.py or configs/FILE.py:ARG")
+    export = sub.add_parser("export", help="write a phase's model as a Hugging Face directory")
+    export.add_argument("--from", dest="source", required=True, help="a finished phase's workdir")
+    export.add_argument("--to", required=True, help="output directory (must not exist)")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
+    for sp in sub.choices.values():
+        sp.add_argument("--compilation-cache", default=None, help="persistent XLA cache directory")
+    return p
+
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> None:
+    from dontstop_jax import config_loader, runtime
+    runtime.setup(args.compilation_cache)
+    if args.command == "export":
+        if overrides:
+            raise UserError(f"export takes no --config overrides, got {overrides}")
+        from dontstop_jax.phases.export import export
+        print(export(args.source, args.to, step=args.step))
+        return
+    if args.command == "demo":
+        from dontstop_jax.phases import synthetic
+        cfg = config_loader.apply_overrides(synthetic.get_config(args.scale), overrides)
+    else:
+        cfg = config_loader.apply_overrides(config_loader.load(args.config), overrides)
+    if args.command in ("demo", "grid"):
+        from dontstop_jax.phases.grid import Grid
+        from dontstop_jax.phases.synthetic import materialize
+        table = Grid(materialize(cfg) if "synthetic" in cfg else cfg).run()
+        print(table.to_markdown())
+        print(f"\nwritten: {cfg.workdir}/results.md, results.csv, results.json")
+    elif args.command == "prepare":
+        from dontstop_jax.phases.pretrain import prepare
+        from dontstop_jax.phases.source import resolve
+        corpus = prepare(cfg, resolve(cfg.init, tokenizer=cfg.get("tokenizer"), model=cfg.get("model")))
+        print(f"{corpus.directory}: {corpus.num_blocks} blocks of {corpus.max_seq_length} tokens")
+    elif args.command == "pretrain":
+        from dontstop_jax.phases.pretrain import pretrain
+        print(pretrain(cfg))
+    elif args.command == "finetune":
+        from dontstop_jax.phases.finetune import finetune
+        print(finetune(cfg))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = _parser().parse_known_args(argv)
+    try:
+        _run(args, overrides)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

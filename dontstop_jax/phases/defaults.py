@@ -1,0 +1,58 @@
+"""Every field a phase reads, with the paper's defaults. Configs in configs/ start from these, so a typo in
+a command-line override (`--config.train.stpes=5`) is an error, not a silently ignored setting."""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+from dontstop_jax.engine.optim import default_optim_config
+from dontstop_jax.engine.sharding import DEFAULT_RULES
+
+
+def _model() -> ConfigDict:
+    """Runtime options for a loaded model, or the architecture when init='scratch' (None = keep/default)."""
+    return ConfigDict(dict(
+        dtype="float32", remat="none", attention_impl=None, hidden_dropout_prob=None,
+        attention_probs_dropout_prob=None, classifier_dropout=None,
+        vocab_size=None, hidden_size=None, num_hidden_layers=None, num_attention_heads=None,
+        intermediate_size=None, max_position_embeddings=None), type_safe=False)
+
+
+def _common(name: str) -> ConfigDict:
+    return ConfigDict(dict(
+        name=name, workdir=f"runs/{name}", seed=0,
+        init="",  # a Hugging Face directory, a finished phase's workdir, or "scratch"
+        tokenizer=None,  # default: the init's tokenizer
+        model=_model(),
+        mesh=dict(shape=(-1, 1, 1), rules=DEFAULT_RULES),
+        optim=default_optim_config()), type_safe=False)
+
+
+def pretrain_config(kind: str = "dapt") -> ConfigDict:
+    """DAPT per the paper: one pass, 12.5K steps of 2048 sequences (via accumulation), lr 5e-4, warm-up 6%.
+    TAPT: 100 epochs over the task's unlabeled text, batch 256, lr 1e-4, fresh masks every epoch."""
+    cfg = _common(kind)
+    cfg.data = dict(sources=[], cache_dir="runs/cache/prepared", max_seq_length=512, mask_prob=0.15,
+                    whole_word=False)
+    cfg.checkpoint = dict(every=1000, keep_last=2)
+    if kind == "dapt":
+        cfg.train = dict(batch_size=2048, accum_steps=32, steps=12500, epochs=1, log_every=10)
+        cfg.optim.learning_rate = 5e-4
+    elif kind == "tapt":
+        cfg.train = dict(batch_size=256, accum_steps=4, steps=0, epochs=100, log_every=10)  # steps=0: use epochs
+        cfg.optim.learning_rate = 1e-4
+    else:
+        raise ValueError(f"unknown pretraining kind {kind!r}")
+    return cfg
+
+
+def finetune_config() -> ConfigDict:
+    """Paper protocol: lr 2e-5, batch 16, up to 10 epochs, patience 3 on dev, dropout 0.1, warm-up 6%."""
+    cfg = _common("finetune")
+    cfg.task = dict(path="", hf_dataset="", text_field="text", label_field="label")
+    cfg.data = dict(max_seq_length=512)
+    cfg.train = dict(batch_size=16, epochs=10, patience=3, metric="macro_f1", log_every=50)
+    cfg.optim.learning_rate = 2e-5
+    cfg.optim.weight_decay = 0.1
+    cfg.model.hidden_dropout_prob = 0.1
+    return cfg

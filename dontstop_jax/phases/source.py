@@ -1,0 +1,61 @@
+"""Where a phase's starting weights come from: a Hugging Face directory, a previous phase, or scratch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from dontstop_jax.engine.checkpoint import Checkpointer
+from dontstop_jax.errors import UserError
+from dontstop_jax.model import ModelConfig, load_pretrained
+
+# Fields a phase may change on a loaded model: how it computes and how much dropout it uses.
+RUNTIME_FIELDS = ("dtype", "remat", "attention_impl", "hidden_dropout_prob", "attention_probs_dropout_prob",
+                  "classifier_dropout")
+
+
+@dataclasses.dataclass
+class ModelSource:
+    config: ModelConfig
+    params: Any  # numpy tree ({"roberta": ..., maybe "lm_head"/"classifier"}) or None for scratch
+    tokenizer_dir: str
+    parent: str  # provenance: what these weights are
+
+
+def phase_checkpoints(path: Path) -> Path:
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def resolve(init: str, *, tokenizer: str | None = None, model: ConfigDict | None = None) -> ModelSource:
+    """`init`: "scratch" (architecture from `model`), a Hugging Face directory, or a phase's workdir."""
+    overrides = {k: v for k, v in (model or {}).items() if k in RUNTIME_FIELDS and v is not None}
+    if init == "scratch":
+        if tokenizer is None:
+            raise UserError("init=scratch needs a tokenizer directory (config field `tokenizer`)")
+        arch = {k: v for k, v in (model or {}).items() if v is not None}
+        return ModelSource(ModelConfig(**arch), None, tokenizer, "scratch")
+    path = Path(init)
+    if (path / "config.json").exists():
+        cfg, params, _ = load_pretrained(path, **overrides)
+        return ModelSource(cfg, params, tokenizer or str(path), f"hf:{path.absolute()}")
+    ckpt_dir = phase_checkpoints(path)
+    if not ckpt_dir.is_dir():
+        raise UserError(f"init={init!r} is neither a Hugging Face directory (config.json) nor a phase workdir "
+                        "with checkpoints; pass a model directory, a finished phase's workdir, or 'scratch'")
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
+    step = ckpt.best_step() or ckpt.latest_step()
+    meta = ckpt.meta(step)
+    cfg = ModelConfig(**{**meta["model_config"], **overrides})
+    return ModelSource(cfg, ckpt.restore_params(step), tokenizer or meta["tokenizer_dir"],
+                       f"checkpoint:{ckpt_dir.absolute()}@{step}")
+
+
+def provenance(phase: str, source: ModelSource, cfg: ConfigDict, **extra: Any) -> dict:
+    """The `meta` item of every checkpoint: enough to rebuild the model and trace where it came from."""
+    return {"phase": phase, "parent": source.parent, "tokenizer_dir": str(Path(source.tokenizer_dir).absolute()),
+            "model_config": dataclasses.asdict(source.config), "config": json.loads(cfg.to_json_best_effort()),
+            **extra}

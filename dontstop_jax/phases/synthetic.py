@@ -1,0 +1,76 @@
+"""The built-in offline default: the paper's grid on the synthetic domain-shift benchmark, on 2 CPU cores.
+
+A tiny RoBERTa is pretrained from scratch on the general corpus (the "base model"), then the grid runs
+baseline / DAPT / TAPT / DAPT+TAPT / not-DAPT fine-tuning over several seeds on each domain's task.
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+from dontstop_jax.phases.defaults import finetune_config, pretrain_config
+from dontstop_jax.phases.grid import VARIANTS
+from dontstop_jax.synthetic import generate_benchmark
+
+SEQ = 64
+# Per scale: (base steps, DAPT steps, TAPT epochs, fine-tune epochs, seeds).
+SCHEDULES = {"default": (600, 300, 20, 10, (0, 1, 2)), "tiny": (60, 30, 2, 3, (0, 1))}
+
+
+def tiny_model() -> dict:
+    return dict(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                max_position_embeddings=SEQ + 2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0)
+
+
+def get_config(scale: str = "default") -> ConfigDict:
+    base_steps, dapt_steps, tapt_epochs, ft_epochs, seeds = SCHEDULES[scale]
+    cfg = ConfigDict(dict(
+        workdir=f"runs/synthetic-{scale}", base="", seeds=list(seeds), variants=list(VARIANTS),
+        synthetic=dict(scale=scale, seed=0, domains=("bio", "cs"), directory=f"runs/synthetic-{scale}/benchmark"),
+        domains={}, tasks={}))
+
+    base = pretrain_config("dapt")
+    base.init = "scratch"
+    base.model.update(tiny_model())
+    base.data.max_seq_length = SEQ
+    base.train.update(batch_size=64, accum_steps=1, steps=base_steps)
+    base.optim.update(learning_rate=2e-3, warmup_fraction=0.06)
+    base.checkpoint.every = 0
+    cfg.base_pretrain = base
+
+    dapt = pretrain_config("dapt")
+    dapt.data.max_seq_length = SEQ
+    dapt.train.update(batch_size=64, accum_steps=1, steps=dapt_steps)
+    dapt.optim.update(learning_rate=1e-3)
+    dapt.checkpoint.every = 0
+    cfg.dapt = dapt
+
+    tapt = pretrain_config("tapt")
+    tapt.data.max_seq_length = SEQ
+    tapt.train.update(batch_size=64, accum_steps=1, epochs=tapt_epochs)
+    tapt.optim.update(learning_rate=1e-3)
+    tapt.checkpoint.every = 0
+    cfg.tapt = tapt
+
+    ft = finetune_config()
+    ft.data.max_seq_length = SEQ
+    ft.train.update(batch_size=16, epochs=ft_epochs, patience=3, log_every=20)
+    ft.optim.update(learning_rate=1e-3)
+    cfg.finetune = ft
+    return cfg
+
+
+def materialize(cfg: ConfigDict) -> ConfigDict:
+    """Generate (or reuse) the benchmark and point the grid's domains, tasks and tokenizer at it."""
+    bench = generate_benchmark(cfg.synthetic.directory, seed=cfg.synthetic.seed, scale=cfg.synthetic.scale,
+                               domains=tuple(cfg.synthetic.domains))
+    cfg = ConfigDict(cfg.to_dict())
+    cfg.base_pretrain.tokenizer = str(bench.tokenizer)
+    cfg.base_pretrain.data.sources = [str(bench.general_corpus)]
+    cfg.domains = {name: [str(path)] for name, path in bench.domain_corpora.items()}
+    names = list(bench.domain_corpora)
+    cfg.tasks = {task.name: dict(path=str(task.train.parent), domain=task.domain, metric="macro_f1",
+                                 text_field="text", label_field="label",
+                                 irrelevant_domain=names[(names.index(task.domain) + 1) % len(names)])
+                 for task in bench.tasks.values()}
+    return cfg

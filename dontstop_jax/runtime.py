@@ -1,0 +1,19 @@
+"""Process-wide JAX settings every entry point applies first."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+
+def setup(compilation_cache: str | None = None) -> None:
+    """Persistent compilation cache (identical steps across seeds, phases and restarts compile once) and
+    quieter third-party logs."""
+    cache = compilation_cache or os.environ.get("DONTSTOP_COMPILATION_CACHE",
+                                                os.path.expanduser("~/.cache/dontstop_jax/xla"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax reports every save at INFO/WARNING
