@@ -139,7 +139,7 @@ def test_tokenizer_roberta_layout_and_round_trip(bench, manifest):
 
 def _cluster_words(manifest, domain: str) -> dict[str, dict[str, set[str]]]:
     clusters = manifest["ground_truth"]["domains"][domain]["clusters"]
-    return {lab: {k: set(v) for k, v in c.items()} for lab, c in clusters.items()}
+    return {lab: {"seen": set(c["seen"]), "unseen": set(c["unseen"])} for lab, c in clusters.items()}
 
 
 def test_train_uses_seen_words_and_dev_test_only_unseen(bench, manifest):
@@ -152,6 +152,13 @@ def test_train_uses_seen_words_and_dev_test_only_unseen(bench, manifest):
         assert used["train"] and used["train"] <= seen
         assert used["dev"] <= unseen and used["test"] <= unseen
         assert not used["train"] & (used["dev"] | used["test"])
+        # No general content word (in particular no anchor-topic word) in task text: only unlabeled
+        # domain text may link label words to anything the base model already knows.
+        general = {w for t in manifest["ground_truth"]["general"]["topics"] for w in t}
+        background = set(manifest["ground_truth"]["domains"][task.domain]["background_words"])
+        for split in ("train", "dev", "test", "unlabeled"):
+            words = {w for r in _rows(getattr(task, split)) for w in r["text"].split()}
+            assert not (words & general) - background
         # TAPT text mixes both kinds of label word inside single texts.
         mixed = [r for r in _rows(task.unlabeled) if set(r["text"].split()) & seen and set(r["text"].split()) & unseen]
         assert len(mixed) > 0.5 * manifest["params"]["n_unlabeled"]
