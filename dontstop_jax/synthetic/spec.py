@@ -106,14 +106,14 @@ class BenchmarkSpec:
 # Sizes per scale; vocabulary knobs are left alone so tiny and default share the same words.
 SCALES: dict[str, dict[str, Any]] = {
     "default": {},
-    "tiny": dict(
-        n_general_docs=3_000,
-        n_domain_docs=1_500,
-        n_train=80,
-        n_dev=80,
-        n_test=80,
-        n_unlabeled=300,
-    ),
+    "tiny": {
+        "n_general_docs": 3_000,
+        "n_domain_docs": 1_500,
+        "n_train": 80,
+        "n_dev": 80,
+        "n_test": 80,
+        "n_unlabeled": 300,
+    },
 }
 
 

@@ -6,6 +6,7 @@ way to learn which unseen word belongs to which label is co-occurrence in unlabe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,7 +82,7 @@ def _pseudo_word(rng: np.random.Generator, n_syllables: int) -> str:
     return "".join(_syllable(rng, _ONSETS, coda=i == n_syllables - 1) for i in range(n_syllables))
 
 
-def _fresh(rng: np.random.Generator, n: int, taken: set[str], make) -> list[str]:
+def _fresh(rng: np.random.Generator, n: int, taken: set[str], make: Callable[[np.random.Generator], str]) -> list[str]:
     out: list[str] = []
     while len(out) < n:
         w = make(rng)
