@@ -1,0 +1,37 @@
+"""The paper's grid (Table 5): baseline, DAPT, TAPT, DAPT+TAPT and not-DAPT on eight tasks, five seeds.
+
+Point it at your data: each task directory holds train/dev/test.jsonl ({"text", "label"}) and optionally
+unlabeled.jsonl; each domain lists its corpus files.
+
+dontstop grid --config configs/grid.py:paper --config.base=/models/roberta-base \
+    --config.data_root=/data/dontstop
+"""
+
+import importlib.util
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from dontstop_jax.phases.defaults import finetune_config, pretrain_config
+from dontstop_jax.phases.grid import VARIANTS
+
+_spec = importlib.util.spec_from_file_location("finetune_cfg", Path(__file__).with_name("finetune.py"))
+_finetune = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_finetune)
+
+# The paper's not-DAPT pairs each domain with an irrelevant one.
+IRRELEVANT = {"biomed": "cs", "cs": "biomed", "news": "reviews", "reviews": "news"}
+
+
+def get_config(arg: str = "paper"):
+    root = "/data/dontstop"  # the layout below; override data paths per task/domain if yours differ
+    cfg = ConfigDict(dict(
+        workdir="runs/grid-paper", base="", seeds=[0, 1, 2, 3, 4], variants=list(VARIANTS),
+        base_pretrain=dict(init="none"),
+        domains={d: [f"{root}/corpora/{d}/*.txt"] for d in IRRELEVANT},
+        tasks={t: dict(path=f"{root}/tasks/{t}", domain=d, metric=m, text_field="text", label_field="label",
+                       irrelevant_domain=IRRELEVANT[d]) for t, (d, m, _) in _finetune.TASKS.items()}))
+    cfg.dapt = pretrain_config("dapt")
+    cfg.tapt = pretrain_config("tapt")
+    cfg.finetune = finetune_config()
+    return cfg
