@@ -1,0 +1,54 @@
+"""Config files and command-line overrides: typos are errors, values keep their types."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dontstop_jax import config_loader
+from dontstop_jax.errors import UserError
+from dontstop_jax.phases.grid import fingerprint
+
+
+def test_every_shipped_config_loads():
+    for spec in ["configs/dapt.py:biomed", "configs/dapt.py:cs", "configs/tapt.py:imdb", "configs/finetune.py:rct",
+                 "configs/grid.py:paper", "configs/synthetic.py:tiny"]:
+        assert config_loader.load(spec) is not None
+    assert config_loader.load("configs/finetune.py:chemprot").train.metric == "micro_f1"
+    assert config_loader.load("configs/finetune.py:imdb").train.metric == "macro_f1"
+
+
+def test_overrides_parse_to_the_fields_types():
+    cfg = config_loader.load("configs/dapt.py:biomed")
+    config_loader.apply_overrides(cfg, ["--config.train.steps=100", "--config.optim.learning_rate=1",
+                                        "--config.init", "/models/roberta-base", "--config.mesh.shape=[2, -1, 1]",
+                                        '--config.data.sources=["a.txt", "b/*.jsonl"]'])
+    assert cfg.train.steps == 100 and cfg.optim.learning_rate == 1.0 and isinstance(cfg.optim.learning_rate, float)
+    assert cfg.init == "/models/roberta-base" and cfg.mesh.shape == (2, -1, 1)
+    assert list(cfg.data.sources) == ["a.txt", "b/*.jsonl"]
+
+
+def test_a_typo_is_an_error_naming_the_known_fields():
+    cfg = config_loader.load("configs/dapt.py:biomed")
+    with pytest.raises(UserError, match="train has no field 'stpes'; known fields: .*steps"):
+        config_loader.apply_overrides(cfg, ["--config.train.stpes=5"])
+    with pytest.raises(UserError, match="no field 'nope'"):
+        config_loader.apply_overrides(cfg, ["--config.nope=1"])
+    with pytest.raises(UserError, match="does not exist"):
+        config_loader.load("configs/missing.py:x")
+
+
+def test_fingerprint_ignores_names_and_places_but_not_settings():
+    a = config_loader.load("configs/dapt.py:biomed")
+    b = config_loader.load("configs/dapt.py:cs")
+    assert fingerprint(a) == fingerprint(b)  # only name/workdir differ
+    b.train.steps = 7
+    assert fingerprint(a) != fingerprint(b)
+
+
+def test_cli_reports_bad_input_in_one_line_and_exit_code_2():
+    out = subprocess.run([sys.executable, "-m", "dontstop_jax", "pretrain", "--config", "configs/dapt.py:biomed",
+                          "--config.init=/nonexistent/model"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: init='/nonexistent/model' is neither")
+    assert len(out.stderr.strip().splitlines()) == 1
