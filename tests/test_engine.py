@@ -146,3 +146,20 @@ def test_mesh_errors_are_clear():
         resolve_mesh_shape((4, 4, 1), 8)
     with pytest.raises(UserError, match="not divisible by the data-parallel size 4"):
         check_batch_size(10, make_mesh((2, 2, 2), jax.devices()))
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_rematerialisation_changes_memory_not_results(remat):
+    cfg = CFG.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    base, base_params, _ = run_mlm((1, 1, 1), jax.devices()[:1], steps=2, cfg=cfg)
+    rem, rem_params, _ = run_mlm((1, 1, 1), jax.devices()[:1], steps=2, cfg=cfg.replace(remat=remat))
+    np.testing.assert_allclose(rem, base, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), rem_params, base_params)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_close_loss():
+    cfg = CFG.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    f32, _, _ = run_mlm((1, 1, 1), jax.devices()[:1], steps=1, cfg=cfg)
+    bf16, params, _ = run_mlm((1, 1, 1), jax.devices()[:1], steps=1, cfg=cfg.replace(dtype="bfloat16"))
+    assert params["roberta"]["layers"]["query"]["kernel"].dtype == np.float32
+    assert abs(bf16[0] - f32[0]) < 0.05 * f32[0]

@@ -156,3 +156,12 @@ def test_export_refuses_to_clobber(tmp_path):
     with pytest.raises(UserError, match="already exists"):
         save_pretrained(path, cfg, params, "mlm")
     assert (path / "model.safetensors").exists()  # nothing already written is lost
+
+
+def test_tokenizer_larger_than_the_embedding_table_is_refused(tmp_path, tiny_tokenizer_dir):
+    from dontstop_jax.model import check_tokenizer, read_config
+    _, path = _random_hf_model(transformers.RobertaForMaskedLM, tmp_path, "small-vocab")  # 97 rows
+    with pytest.raises(UserError, match=r"tokens but the model's vocab_size is 97"):
+        check_tokenizer(read_config(path), tiny_tokenizer_dir)
+    with pytest.raises(UserError, match="no tokenizer files"):
+        check_tokenizer(read_config(path), path)

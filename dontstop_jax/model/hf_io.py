@@ -189,6 +189,9 @@ def load_pretrained(path: str | os.PathLike, **config_overrides: Any) -> tuple[M
 def check_tokenizer(cfg: ModelConfig, tokenizer_dir: str | os.PathLike) -> None:
     """The tokenizer must not produce ids past the model's embedding table."""
     from transformers import AutoTokenizer
+    if not (Path(tokenizer_dir) / "tokenizer.json").exists() and not (Path(tokenizer_dir) / "vocab.json").exists():
+        raise UserError(f"{tokenizer_dir} has no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
+                        "copy the model's tokenizer there or pass the tokenizer directory explicitly")
     n = len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
     if n > cfg.vocab_size:
         raise UserError(f"tokenizer at {tokenizer_dir} has {n} tokens but the model's vocab_size is "

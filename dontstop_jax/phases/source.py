@@ -11,7 +11,7 @@ from ml_collections import ConfigDict
 
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.errors import UserError
-from dontstop_jax.model import ModelConfig, load_pretrained
+from dontstop_jax.model import ModelConfig, check_tokenizer, load_pretrained
 
 # Fields a phase may change on a loaded model: how it computes and how much dropout it uses.
 RUNTIME_FIELDS = ("dtype", "remat", "attention_impl", "hidden_dropout_prob", "attention_probs_dropout_prob",
@@ -41,6 +41,7 @@ def resolve(init: str, *, tokenizer: str | None = None, model: ConfigDict | None
     path = Path(init)
     if (path / "config.json").exists():
         cfg, params, _ = load_pretrained(path, **overrides)
+        check_tokenizer(cfg, tokenizer or path)
         return ModelSource(cfg, params, tokenizer or str(path), f"hf:{path.absolute()}")
     ckpt_dir = phase_checkpoints(path)
     if not ckpt_dir.is_dir():
