@@ -17,7 +17,7 @@ TINY_TEXTS = [
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A RoBERTa-like byte-level BPE tokenizer (<s> <pad> </s> <unk> <mask> at ids 0..4), saved to disk."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from dontstop_jax.synthetic.tokenizer import wrap
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -31,16 +31,7 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     )
     backend.train_from_iterator(TINY_TEXTS * 5, trainer)
     backend.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        sep_token="</s>",
-        cls_token="<s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        mask_token="<mask>",
-    )
+    tok = wrap(backend)
     path = tmp_path_factory.mktemp("tiny_tokenizer")
     tok.save_pretrained(path)
     return str(path)

@@ -22,7 +22,7 @@ from dontstop_jax.analysis import results_table
 from dontstop_jax.data import load_task
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases.finetune import finetune
-from dontstop_jax.phases.pretrain import pretrain
+from dontstop_jax.phases.pretrain import pretrain, write_json_atomic
 
 VARIANTS = ("baseline", "dapt", "tapt", "dapt_tapt", "not_dapt")
 
@@ -103,8 +103,9 @@ class Grid:
         return self.dapt(base, other)
 
     def run(self) -> Any:
+        """Run what is missing; returns the results table (raw per-seed records in `self.records`)."""
         base = self.base()
-        records = []
+        self.records = records = []
         for task, spec in self.cfg.tasks.items():
             for variant in self.cfg.variants:
                 init = self.start_point(variant, task, base)
@@ -117,5 +118,7 @@ class Grid:
                     records.append({"task": task, "variant": variant, "seed": seed, "metrics": result["test"]})
         table = results_table(records, {t: s.metric for t, s in self.cfg.tasks.items()},
                               variant_order=list(self.cfg.variants))
-        table.write_all(self.root, enabled=jax.process_index() == 0)
+        if jax.process_index() == 0:
+            table.write_all(self.root)
+            write_json_atomic(self.root / "records.json", {"records": records})
         return table

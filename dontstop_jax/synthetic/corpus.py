@@ -135,6 +135,10 @@ def task_texts(
     out[m] = background[rng.choice(background.size, m.sum(), p=zipf(background.size))]
     m = cat == 3
     out[m] = function[rng.choice(function.size, m.sum(), p=zipf(function.size))]
+    if pool == "all":  # unlabeled text: some filler words become the cluster's anchor-topic words
+        m = (cat >= 2) & (rng.random(k.size) < spec.unlabeled_anchor_share)
+        topics = np.array(lex.general_topics)[list(dom.anchors)]
+        out[m] = topics[k[m], rng.choice(topics.shape[1], m.sum(), p=zipf(topics.shape[1], 0.7))]
     return _join(out, lengths), truth
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from dontstop_jax.errors import UserError
 
 # Bump when the generator's output changes for the same spec, so stale benchmarks regenerate.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 # Fraction of a domain's background words borrowed from the general vocabulary. Mirrors the
 # paper's finding that news/reviews overlap RoBERTa's corpus more than biomed/cs papers do.
@@ -64,6 +64,9 @@ class BenchmarkSpec:
     # Task text: its cluster / other clusters (distractors) / background / function.
     task_mix: tuple[float, float, float, float] = (0.40, 0.05, 0.20, 0.35)
     min_content_words: int = 2  # every task text carries at least this many label words
+    # Share of non-label words in the unlabeled (TAPT) texts drawn from the cluster's anchor topic: in-domain
+    # unlabeled text shares the domain's context words. Labeled splits never contain anchors (no label leak).
+    unlabeled_anchor_share: float = 0.3
     cluster_zipf: float = 0.5  # skew of word frequencies inside a cluster in the domain corpus
     label_noise: float = 0.05  # probability a labeled example gets a wrong (uniform other) label
 
