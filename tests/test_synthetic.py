@@ -152,13 +152,18 @@ def test_train_uses_seen_words_and_dev_test_only_unseen(bench, manifest):
         assert used["train"] and used["train"] <= seen
         assert used["dev"] <= unseen and used["test"] <= unseen
         assert not used["train"] & (used["dev"] | used["test"])
-        # No general content word (in particular no anchor-topic word) in task text: only unlabeled
-        # domain text may link label words to anything the base model already knows.
-        general = {w for t in manifest["ground_truth"]["general"]["topics"] for w in t}
+        # No general content word (in particular no anchor-topic word) in labeled text: only unlabeled
+        # text (domain corpus, TAPT text) may link label words to anything the base model already knows.
+        topics = manifest["ground_truth"]["general"]["topics"]
+        general = {w for t in topics for w in t}
         background = set(manifest["ground_truth"]["domains"][task.domain]["background_words"])
-        for split in ("train", "dev", "test", "unlabeled"):
+        for split in ("train", "dev", "test"):
             words = {w for r in _rows(getattr(task, split)) for w in r["text"].split()}
             assert not (words & general) - background
+        raw = manifest["ground_truth"]["domains"][task.domain]["clusters"].values()
+        anchors = {w for c in raw for w in topics[c["anchor_topic"]]}
+        unlabeled = {w for r in _rows(task.unlabeled) for w in r["text"].split()}
+        assert (unlabeled & general) - background and not (unlabeled & general) - background - anchors
         # TAPT text mixes both kinds of label word inside single texts.
         mixed = [r for r in _rows(task.unlabeled) if set(r["text"].split()) & seen and set(r["text"].split()) & unseen]
         assert len(mixed) > 0.5 * manifest["params"]["n_unlabeled"]
