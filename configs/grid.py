@@ -29,8 +29,9 @@ def get_config(arg: str = "paper"):
         workdir="runs/grid-paper", base="", seeds=[0, 1, 2, 3, 4], variants=list(VARIANTS),
         base_pretrain=dict(init="none"),
         domains={d: [f"{root}/corpora/{d}/*.txt"] for d in IRRELEVANT},
-        tasks={t: dict(path=f"{root}/tasks/{t}", domain=d, metric=m, text_field="text", label_field="label",
-                       irrelevant_domain=IRRELEVANT[d]) for t, (d, m, _) in _finetune.TASKS.items()}))
+        tasks={t: dict(path=f"{root}/tasks/{t}", domain=d, metric=m, epochs=e, text_field="text",
+                       label_field="label", irrelevant_domain=IRRELEVANT[d])
+               for t, (d, m, e) in _finetune.TASKS.items()}))
     cfg.dapt = pretrain_config("dapt")
     cfg.tapt = pretrain_config("tapt")
     cfg.finetune = finetune_config()

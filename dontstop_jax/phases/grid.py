@@ -109,11 +109,13 @@ class Grid:
         for task, spec in self.cfg.tasks.items():
             for variant in self.cfg.variants:
                 init = self.start_point(variant, task, base)
+                per_task = {"task.path": spec.path, "train.metric": spec.metric, "task.text_field": spec.text_field,
+                            "task.label_field": spec.label_field}
+                if spec.get("epochs"):
+                    per_task["train.epochs"] = spec.epochs
                 for seed in self.cfg.seeds:
                     phase = _phase(self.cfg.finetune, self.root / "finetune", f"{task}-{variant}-s{seed}",
-                                   init=init, seed=seed, **{"task.path": spec.path, "train.metric": spec.metric,
-                                                            "task.text_field": spec.text_field,
-                                                            "task.label_field": spec.label_field})
+                                   init=init, seed=seed, **per_task)
                     result = finetune(phase)
                     records.append({"task": task, "variant": variant, "seed": seed, "metrics": result["test"]})
         table = results_table(records, {t: s.metric for t, s in self.cfg.tasks.items()},
