@@ -1,0 +1,74 @@
+"""End to end through the CLI on the tiny synthetic scale: grid -> table -> export -> transformers reload."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dontstop_jax.data import load_tokenizer
+from dontstop_jax.engine.checkpoint import Checkpointer
+from dontstop_jax.model import ModelConfig, RobertaForSequenceClassification
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[1]
+
+
+def _cli(*args):
+    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    stdout = _cli("demo", "--scale", "tiny", f"--config.workdir={root / 'grid'}",
+                  f"--config.synthetic.directory={root / 'bench'}", "--compilation-cache", str(root / "xla"))
+    return root, stdout
+
+
+def test_demo_prints_and_writes_the_table(tiny_grid):
+    root, stdout = tiny_grid
+    assert "| baseline |" in stdout and "| dapt_tapt |" in stdout
+    for name in ("results.md", "results.csv", "results.json", "records.json"):
+        assert (root / "grid" / name).exists()
+    records = json.loads((root / "grid" / "records.json").read_text())["records"]
+    assert {r["variant"] for r in records} == {"baseline", "dapt", "tapt", "dapt_tapt", "not_dapt"}
+    assert {r["seed"] for r in records} == {0, 1}
+    # Each phase ran once: a domain's DAPT is shared by dapt, dapt_tapt and (the other domain's) not_dapt.
+    phases = sorted(p.name.rsplit("-", 1)[0] for p in (root / "grid" / "pretrain").iterdir())
+    assert phases == ["base", "dapt-bio", "dapt-cs", "tapt-bio_topic", "tapt-bio_topic"]
+
+
+def test_rerun_reuses_every_finished_phase(tiny_grid):
+    root, _ = tiny_grid
+    before = {p: p.stat().st_mtime for p in (root / "grid").glob("*/*/DONE.json")}
+    _cli("demo", "--scale", "tiny", f"--config.workdir={root / 'grid'}",
+         f"--config.synthetic.directory={root / 'bench'}", "--compilation-cache", str(root / "xla"))
+    after = {p: p.stat().st_mtime for p in (root / "grid").glob("*/*/DONE.json")}
+    assert before == after
+
+
+def test_exported_classifier_reloads_in_transformers_with_the_same_logits(tiny_grid):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    root, _ = tiny_grid
+    phase = next((root / "grid" / "finetune").glob("bio_topic-dapt_tapt-s0-*"))
+    _cli("export", "--from", str(phase), "--to", str(root / "exported"))
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(root / "exported").eval()
+    tok = load_tokenizer(root / "exported")
+    batch = tok(["voul ve kai tohe", "ba zus za de bou mu ki"], padding=True, return_tensors="np")
+    ckpt = Checkpointer(phase / "checkpoints", read_only=True)
+    meta = ckpt.meta(ckpt.best_step())
+    ours = RobertaForSequenceClassification(ModelConfig(**meta["model_config"]), len(meta["label_names"])).apply(
+        {"params": ckpt.restore_params(ckpt.best_step())}, jnp.asarray(batch["input_ids"]),
+        jnp.asarray(batch["attention_mask"]))
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]))
+    np.testing.assert_allclose(theirs.logits.numpy(), np.asarray(ours), atol=1e-4)
+    assert hf.config.id2label[0] == meta["label_names"][0]
