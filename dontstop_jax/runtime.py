@@ -7,10 +7,13 @@ import os
 
 import jax
 
+from dontstop_jax import distributed
+
 
 def setup(compilation_cache: str | None = None) -> None:
-    """Persistent compilation cache (identical steps across seeds, phases and restarts compile once) and
-    quieter third-party logs."""
+    """Join a multi-process run when launched as one (see `distributed`), a persistent compilation cache
+    (identical steps across seeds, phases and restarts compile once) and quieter third-party logs."""
+    distributed.initialize()
     cache = compilation_cache or os.environ.get("DONTSTOP_COMPILATION_CACHE",
                                                 os.path.expanduser("~/.cache/dontstop_jax/xla"))
     jax.config.update("jax_compilation_cache_dir", cache)

@@ -74,3 +74,25 @@ def test_half_written_step_is_not_taken_as_latest(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no checkpoint"):
         Checkpointer(tmp_path / "empty").meta()
+
+
+def test_truncated_latest_step_falls_back_to_the_previous_one(tmp_path, caplog):
+    state, shardings = _state((-1, 1, 1), jax.devices()[:2], seed=1)
+    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=3)
+    for step in (10, 20):
+        ckpt.save(state.replace(step=np.int32(step)), data_state={"batch": step}, meta={})
+    ckpt.close()
+    newest = max((p for p in (tmp_path / "ckpt" / "20" / "train").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)  # the optimizer state's data file
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+
+    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=3)
+    restored, data, _ = ckpt.restore(abstract_state(shardings, MODEL, TX))
+    assert int(restored.step) == 10 and data == {"batch": 10}
+    warning, = [r.getMessage() for r in caplog.records if r.name == "dontstop_jax.engine.checkpoint"]
+    assert "step 20" in warning and "restoring step 10 instead" in warning
+    ckpt.save(state.replace(step=np.int32(20)), data_state={"batch": 20}, meta={})  # replaces the bad step
+    ckpt.close()
+    restored, data, _ = Checkpointer(tmp_path / "ckpt", read_only=True).restore(abstract_state(shardings, MODEL, TX))
+    assert int(restored.step) == 20 and data == {"batch": 20}
+    _assert_trees_equal(restored.params, state.params)

@@ -11,6 +11,8 @@ half-way is never taken as the latest. Restores take target shardings, so any me
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,9 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from dontstop_jax.engine.state import TrainState
 from dontstop_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
 
 class Checkpointer:
     """Keeps the last `keep_last` steps plus the `keep_best` best by `best_metric` (when given)."""
@@ -44,10 +49,14 @@ class Checkpointer:
         handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
                     "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+        self._unreadable: set[int] = set()
 
     # -- writing --------------------------------------------------------------------------------
     def save(self, state: TrainState, *, data_state: dict | None, meta: dict, metrics: dict | None = None) -> None:
         step = int(jax.device_get(state.step))
+        if step in self._unreadable:  # the corrupt step a fallback restore skipped: replace it
+            self._manager.delete(step)
+            self._unreadable.discard(step)
         train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
         self._manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
@@ -83,15 +92,33 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(self, abstract: TrainState, step: int | None = None) -> tuple[TrainState, dict, dict]:
-        """Full state onto the shardings carried by `abstract` (ShapeDtypeStructs), plus data state and meta."""
-        step = self._step(step)
+        """Full state onto the shardings carried by `abstract` (ShapeDtypeStructs), plus data state and meta.
+
+        With step=None an unreadable latest step (e.g. a file truncated by a full disk) falls back to the
+        newest older step that reads, with a warning; the next save of the bad step replaces it.
+        """
         train_abstract = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
-        out = self._manager.restore(step, args=ocp.args.Composite(
+        args = ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract.params), train=ocp.args.StandardRestore(train_abstract),
-            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+        if step is not None:
+            out = self._manager.restore(self._step(step), args=args)
+        else:
+            out = self._restore_newest_readable(args)
         train = out["train"]
         state = TrainState(step=train["step"], params=out["params"], opt_state=train["opt_state"], rng=train["rng"])
         return state, dict(out["data"] or {}), dict(out["meta"])
+
+    def _restore_newest_readable(self, args: ocp.args.Composite) -> Any:
+        steps = sorted(self.all_steps(), reverse=True) or [self._step(None)]  # none: _step raises the error
+        for newer, older in itertools.pairwise(steps):
+            try:
+                return self._manager.restore(newer, args=args)
+            except Exception as err:  # noqa: BLE001 (orbax/tensorstore raise many types for a damaged step)
+                log.warning("checkpoint step %d in %s is unreadable (%s: %s); restoring step %d instead", newer,
+                            self.directory, type(err).__name__, str(err).replace("\n", " ")[:200], older)
+                self._unreadable.add(newer)
+        return self._manager.restore(steps[-1], args=args)
 
     def restore_params(self, step: int | None = None, abstract_params: Any = None) -> Any:
         """Parameters only: onto `abstract_params` shardings, or as host numpy arrays when None.

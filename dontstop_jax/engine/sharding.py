@@ -62,12 +62,61 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     return shape
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axes: shardings are set by jit and logical constraints."""
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None,
+              dcn_shape: Sequence[int] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axes: shardings are set by jit and logical constraints.
+
+    With several processes each must hold a contiguous block of batch rows, the block its loader reads
+    (`data` across processes, `fsdp`/`tensor` within one): mesh_utils' physical layout is kept when it
+    does, else devices go in process-major order. `dcn_shape` builds a hybrid multi-slice mesh: `shape`
+    within a slice (or process, where devices name no slice), `dcn_shape` across them; the mesh is their
+    elementwise product.
+    """
     devices = list(devices if devices is not None else jax.devices())
-    shape = resolve_mesh_shape(shape, len(devices))
-    device_grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    if dcn_shape is None:
+        shape = resolve_mesh_shape(shape, len(devices))
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        if not rows_follow_processes(grid, jax.process_count()):
+            grid = process_major(devices, shape)
+    else:
+        grid = _hybrid_grid(shape, dcn_shape, devices)
+    if not rows_follow_processes(grid, jax.process_count()):
+        raise UserError(f"mesh {dict(zip(MESH_AXES, grid.shape))} does not give each of the {jax.process_count()} "
+                        "processes a contiguous block of batch rows; make data x fsdp a multiple of the process "
+                        "count and tensor no larger than the devices of one process")
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _hybrid_grid(shape: Sequence[int], dcn_shape: Sequence[int], devices: list[jax.Device]) -> np.ndarray:
+    by_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1  # CPU/GPU: processes are the granules
+    granules = len({d.process_index if by_process else d.slice_index for d in devices})
+    try:
+        dcn = resolve_mesh_shape(dcn_shape, granules)
+    except UserError as err:
+        raise UserError(f"mesh.dcn_shape spans {'processes' if by_process else 'slices'} ({granules} here), "
+                        f"not devices: {err}") from None
+    ici = resolve_mesh_shape(shape, len(devices) // granules)
+    try:
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
+                                                    allow_split_physical_axes=True)
+    except ValueError as err:
+        raise UserError(f"mesh shape {ici} x dcn_shape {dcn}: {err}") from None
+
+
+def process_major(devices: Sequence[Any], shape: Sequence[int]) -> np.ndarray:
+    """Devices reshaped in (process, id) order: process p gets the p-th contiguous block of the grid."""
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    grid = np.empty(len(ordered), dtype=object)
+    grid[:] = ordered
+    return grid.reshape(tuple(shape))
+
+
+def rows_follow_processes(grid: np.ndarray, process_count: int) -> bool:
+    """Whether process p's devices hold exactly batch rows [p*R/n, (p+1)*R/n) of the R = data x fsdp rows,
+    i.e. the rows `MLMLoader(process_index=p, process_count=n)` reads (what `to_global` assumes)."""
+    procs = np.vectorize(lambda d: d.process_index, otypes=[int])(grid.reshape(-1, grid.shape[-1]))
+    rows = procs.shape[0]
+    return rows % process_count == 0 and bool((procs == (np.arange(rows) // (rows // process_count))[:, None]).all())
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -61,8 +61,13 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
 
 
 def make_train_step(loss_sums: LossSums, tx: optax.GradientTransformation, *, accum_steps: int = 1, schedule: optax.Schedule | None = None,
-                    grad_transform: Callable[[Any], Any] | None = None) -> Callable[[TrainState, Batch], tuple]:
-    """(state, global batch) -> (new state, metrics). `grad_transform` hooks in e.g. DAS gradient soft-masks."""
+                    grad_transform: Callable[[Any], Any] | None = None,
+                    skip_nonfinite: bool = False) -> Callable[[TrainState, Batch], tuple]:
+    """(state, global batch) -> (new state, metrics). `grad_transform` hooks in e.g. DAS gradient soft-masks.
+
+    `skip_nonfinite`: a step whose loss or gradient norm is not finite keeps the old parameters and optimizer
+    state (one bad batch need not end a long run) and reports `skipped` = 1; the step counter still advances.
+    """
     grad_fn = jax.value_and_grad(lambda p, b, r: loss_sums(p, b, r, False), has_aux=True)
 
     def step(state: TrainState, batch: Batch):
@@ -87,6 +92,12 @@ def make_train_step(loss_sums: LossSums, tx: optax.GradientTransformation, *, ac
                                   opt_state=opt_state)
         metrics = {"loss": loss_sum / weight, "accuracy": aux["correct"] / weight, "weight": aux["weight"],
                    "grad_norm": optax.tree.norm(grads)}
+        if skip_nonfinite:
+            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            keep = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old))
+            new_state = new_state.replace(params=keep(new_state.params, state.params),
+                                          opt_state=keep(new_state.opt_state, state.opt_state))
+            metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
         return new_state, metrics

@@ -24,7 +24,8 @@ def _common(name: str) -> ConfigDict:
         init="",  # a Hugging Face directory, a finished phase's workdir, or "scratch"
         tokenizer=None,  # default: the init's tokenizer
         model=_model(),
-        mesh=dict(shape=(-1, 1, 1), rules=DEFAULT_RULES),
+        # shape: (data, fsdp, tensor); dcn_shape (multi-slice): shape is then per slice, dcn_shape across slices
+        mesh=dict(shape=(-1, 1, 1), dcn_shape=None, rules=DEFAULT_RULES),
         optim=default_optim_config()), type_safe=False)
 
 
@@ -36,10 +37,11 @@ def pretrain_config(kind: str = "dapt") -> ConfigDict:
                     whole_word=False)
     cfg.checkpoint = dict(every=1000, keep_last=2)
     if kind == "dapt":
-        cfg.train = dict(batch_size=2048, accum_steps=32, steps=12500, epochs=1, log_every=10)
+        cfg.train = dict(batch_size=2048, accum_steps=32, steps=12500, epochs=1, log_every=10, skip_nonfinite=False)
         cfg.optim.learning_rate = 5e-4
     elif kind == "tapt":
-        cfg.train = dict(batch_size=256, accum_steps=4, steps=0, epochs=100, log_every=10)  # steps=0: use epochs
+        # steps=0: use epochs
+        cfg.train = dict(batch_size=256, accum_steps=4, steps=0, epochs=100, log_every=10, skip_nonfinite=False)
         cfg.optim.learning_rate = 1e-4
     else:
         raise ValueError(f"unknown pretraining kind {kind!r}")
@@ -51,7 +53,7 @@ def finetune_config() -> ConfigDict:
     cfg = _common("finetune")
     cfg.task = dict(path="", hf_dataset="", text_field="text", label_field="label")
     cfg.data = dict(max_seq_length=512)
-    cfg.train = dict(batch_size=16, epochs=10, patience=3, metric="macro_f1", log_every=50)
+    cfg.train = dict(batch_size=16, epochs=10, patience=3, metric="macro_f1", log_every=50, skip_nonfinite=False)
     cfg.optim.learning_rate = 2e-5
     cfg.optim.weight_decay = 0.1
     cfg.model.hidden_dropout_prob = 0.1

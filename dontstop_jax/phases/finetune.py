@@ -52,7 +52,7 @@ def finetune(cfg: ConfigDict) -> dict:
     max_len = min(cfg.data.max_seq_length, source.config.max_seq_length)
     tokenizer = load_tokenizer(source.tokenizer_dir)
     tokens = {s: tokenize_split(task.splits[s][0], tokenizer, max_len) for s in ("train", "dev", "test")}
-    mesh = make_mesh(cfg.mesh.shape)
+    mesh = make_mesh(cfg.mesh.shape, dcn_shape=cfg.mesh.dcn_shape)
     rules = tuple(tuple(r) for r in cfg.mesh.rules)
     check_batch_size(cfg.train.batch_size, mesh)
     batches = {s: ClassificationBatches(tokens[s], task.splits[s][1], cfg.train.batch_size, cfg.seed,
@@ -71,8 +71,8 @@ def finetune(cfg: ConfigDict) -> dict:
         state, progress_state, _ = ckpt.restore(abstract_state(shardings, model, tx))
     meta = sources.provenance(cfg.name, source, cfg, head="classification", label_names=task.label_names)
 
-    step_fn = compile_train_step(make_train_step(classification_loss_sums(model), tx, schedule=schedule),
-                                 shardings, mesh, rules)
+    step_fn = compile_train_step(make_train_step(classification_loss_sums(model), tx, schedule=schedule,
+                                                 skip_nonfinite=cfg.train.skip_nonfinite), shardings, mesh, rules)
     predict = compile_predict_step(model, shardings.params, mesh, rules)
 
     with MetricsWriter(workdir, enabled=lead) as writer, StopSignal() as stop:

@@ -60,7 +60,7 @@ def pretrain(cfg: ConfigDict) -> dict:
         return done
     lead = jax.process_index() == 0
     source = sources.resolve(cfg.init, tokenizer=cfg.get("tokenizer"), model=cfg.get("model"))
-    mesh = make_mesh(cfg.mesh.shape)
+    mesh = make_mesh(cfg.mesh.shape, dcn_shape=cfg.mesh.dcn_shape)
     rules = tuple(tuple(r) for r in cfg.mesh.rules)
     check_batch_size(cfg.train.batch_size, mesh)
     corpus = prepare(cfg, source)
@@ -79,7 +79,8 @@ def pretrain(cfg: ConfigDict) -> dict:
         state, data_state, _ = ckpt.restore(abstract_state(shardings, model, tx))
         loader.set_state(data_state)
     step_fn = compile_train_step(make_train_step(mlm_loss_sums(model), tx, accum_steps=cfg.train.accum_steps,
-                                                 schedule=schedule), shardings, mesh, rules)
+                                                 schedule=schedule, skip_nonfinite=cfg.train.skip_nonfinite),
+                                 shardings, mesh, rules)
     start = int(jax.device_get(state.step))
     batches = (to_global(b, mesh) for b in loader)
     save = lambda s: ckpt.save(s, data_state=loader.get_state(), meta=meta)

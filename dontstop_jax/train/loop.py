@@ -7,16 +7,24 @@ import signal
 import threading
 from typing import Any, Callable, Iterator
 
+import jax
+
+from dontstop_jax.distributed import any_process
 from dontstop_jax.errors import UserError
 from dontstop_jax.train.logging import MetricsBuffer, MetricsWriter, ProgressBar
 
 
 class StopSignal:
-    """Set by SIGTERM/SIGINT (a TPU maintenance event, `scancel`, Ctrl-C): finish the step, save, exit 0."""
+    """Set by SIGTERM/SIGINT (a TPU maintenance event, `scancel`, Ctrl-C): finish the step, save, exit 0.
+
+    With several processes the signal reaches each at a slightly different step, but saving is collective, so
+    they must stop at the same one: `poll` combines every process's flag, read one step late like the metrics.
+    """
 
     def __init__(self):
         self.event = threading.Event()
         self._previous: dict[int, Any] = {}
+        self._pending: jax.Array | None = None
 
     def __enter__(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():
@@ -28,27 +36,37 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def __bool__(self) -> bool:
-        return self.event.is_set()
+    def poll(self) -> bool:
+        """Whether to stop after this step; every process calls it once per step."""
+        if jax.process_count() == 1:
+            return self.event.is_set()
+        agreed, self._pending = self._pending, any_process(self.event.is_set())
+        return agreed is not None and bool(agreed)
 
 
 def _check_finite(step: int, metrics: dict[str, float]) -> None:
     loss = metrics.get("loss")
-    if loss is not None and not math.isfinite(loss):
+    if loss is not None and not math.isfinite(loss) and not metrics.get("skipped"):
         raise UserError(f"loss became {loss} at step {step}; the last good checkpoint is kept: lower the learning "
-                        "rate, use float32, or check the data")
+                        "rate, use float32, check the data, or set train.skip_nonfinite=True to skip such steps")
 
 
 def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: int, stop: int,
               writer: MetricsWriter, progress: ProgressBar, tokens_per_step: int, stop_signal: StopSignal,
               log_every: int = 10, save: Callable[[Any], None] | None = None, save_every: int = 0,
               prefix: str = "train/") -> tuple[Any, bool]:
-    """Run steps [start, stop). Returns (state, interrupted). Metrics are fetched one step late."""
+    """Run steps [start, stop). Returns (state, interrupted). Metrics are fetched one step late.
+    A `skipped` metric (see make_train_step's skip_nonfinite) is logged as the count since `start`."""
     buffer = MetricsBuffer()
+    skipped = 0.0
 
     def drain(items):
+        nonlocal skipped
         for s, m in items:
             _check_finite(s, m)
+            if "skipped" in m:
+                skipped += m["skipped"]
+                m = {**m, "skipped": skipped}
             if s % log_every == 0 or s == stop:
                 writer.write(s, m, prefix=prefix)
             progress.update(s, m, tokens=0)
@@ -59,10 +77,11 @@ def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: 
         buffer.push(step, metrics)
         progress.update(step, None, tokens=tokens_per_step)
         drain(buffer.pop_ready())
-        if save is not None and ((save_every and step % save_every == 0) or stop_signal):
+        stop = stop_signal.poll()
+        if save is not None and ((save_every and step % save_every == 0) or stop):
             drain(buffer.flush())  # never checkpoint a state whose loss was not finite
             save(state)
-        if stop_signal:
+        if stop:
             return state, True
     drain(buffer.flush())
     return state, False

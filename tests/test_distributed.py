@@ -1,0 +1,86 @@
+"""How a process decides to join a multi-process run, and the host-aware device layout of the mesh."""
+
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+
+from dontstop_jax.distributed import any_process, plan
+from dontstop_jax.engine.sharding import make_mesh, process_major, rows_follow_processes
+from dontstop_jax.errors import UserError
+
+EXPLICIT = {"DONTSTOP_COORDINATOR": "10.0.0.1:1234", "DONTSTOP_NUM_PROCESSES": "4", "DONTSTOP_PROCESS_ID": "3"}
+
+
+def test_single_process_joins_nothing():
+    assert plan({}) is None
+    assert plan({**EXPLICIT, "DONTSTOP_NUM_PROCESSES": "1", "DONTSTOP_PROCESS_ID": "0"}) is None
+    assert plan({"SLURM_NTASKS": "1", "SLURM_NNODES": "1"}) is None
+    assert plan({"TPU_WORKER_HOSTNAMES": "localhost"}) is None  # a single-host TPU VM
+
+
+def test_explicit_environment():
+    joined = plan(EXPLICIT)
+    assert joined.source == "env"
+    assert joined.kwargs == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"DONTSTOP_COORDINATOR": "h:1"}, "DONTSTOP_NUM_PROCESSES, DONTSTOP_PROCESS_ID"),
+    ({**EXPLICIT, "DONTSTOP_PROCESS_ID": "4"}, "must be in [0, DONTSTOP_NUM_PROCESSES=4)"),
+    ({**EXPLICIT, "DONTSTOP_NUM_PROCESSES": "two"}, "DONTSTOP_NUM_PROCESSES='two' is not an integer"),
+])
+def test_explicit_environment_errors(env, needle):
+    with pytest.raises(UserError, match=None) as err:
+        plan(env)
+    assert needle in str(err.value)
+
+
+def test_slurm_one_task_per_node_keeps_every_gpu():
+    per_node = plan({"SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8"})
+    assert per_node.source == "slurm" and per_node.kwargs == {"local_device_ids": list(range(8))}
+    from_cuda = plan({"SLURM_NTASKS": "2", "SLURM_NNODES": "2", "CUDA_VISIBLE_DEVICES": "4,5,6,7"})
+    assert from_cuda.kwargs == {"local_device_ids": [0, 1, 2, 3]}  # ordinals after CUDA_VISIBLE_DEVICES
+    per_gpu = plan({"SLURM_NTASKS": "16", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8"})
+    assert per_gpu.kwargs == {"local_device_ids": None}  # jax's own one-GPU-per-task choice
+
+
+@pytest.mark.parametrize("env", [{"TPU_WORKER_HOSTNAMES": "t-0,t-1"}, {"MEGASCALE_COORDINATOR_ADDRESS": "a:1"},
+                                 {"DONTSTOP_TPU": "1"}])
+def test_tpu_pods_let_jax_discover_workers(env):
+    assert plan(env).source == "tpu" and plan(env).kwargs == {}
+
+
+def _fake_devices(processes: int, per_process: int) -> list[SimpleNamespace]:
+    return [SimpleNamespace(process_index=i // per_process, id=i) for i in range(processes * per_process)]
+
+
+@pytest.mark.parametrize("shape, ok", [((4, 1, 1), True), ((2, 2, 1), True), ((1, 4, 1), True),
+                                       ((2, 1, 2), True), ((1, 2, 2), True), ((1, 1, 4), False)])
+def test_process_major_layout_gives_each_host_its_loader_rows(shape, ok):
+    devices = _fake_devices(2, 2)[::-1]  # any input order
+    grid = process_major(devices, shape)
+    assert [d.process_index for d in grid.flat] == [0, 0, 1, 1]
+    assert rows_follow_processes(grid, 2) == ok  # tensor across hosts would need the same rows on both
+
+
+def test_interleaved_hosts_are_detected():
+    devices = _fake_devices(2, 2)
+    grid = np.empty(4, dtype=object)
+    grid[:] = [devices[0], devices[2], devices[1], devices[3]]
+    assert not rows_follow_processes(grid.reshape(4, 1, 1), 2)
+
+
+def test_single_process_mesh_unchanged_and_hybrid_option():
+    devices = jax.devices()[:4]
+    plain = make_mesh((2, 2, 1), devices)
+    assert [d.id for d in plain.devices.flat] == [d.id for d in devices]
+    hybrid = make_mesh((-1, 2, 1), devices, dcn_shape=(1, 1, 1))  # one process = one granule
+    assert hybrid.shape == {"data": 2, "fsdp": 2, "tensor": 1}
+    with pytest.raises(UserError, match="dcn_shape"):
+        make_mesh((2, 2, 1), devices, dcn_shape=(2, 1, 1))
+
+
+def test_any_process_in_one_process():
+    assert bool(any_process(True)) and not bool(any_process(False))
