@@ -77,11 +77,11 @@ def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: 
         buffer.push(step, metrics)
         progress.update(step, None, tokens=tokens_per_step)
         drain(buffer.pop_ready())
-        stop = stop_signal.poll()
-        if save is not None and ((save_every and step % save_every == 0) or stop):
+        stopping = stop_signal.poll()
+        if save is not None and ((save_every and step % save_every == 0) or stopping):
             drain(buffer.flush())  # never checkpoint a state whose loss was not finite
             save(state)
-        if stop:
+        if stopping:
             return state, True
     drain(buffer.flush())
     return state, False
