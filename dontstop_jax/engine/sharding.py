@@ -38,6 +38,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("labels", None),
     ("length", None),
     ("act_embed", None),
+    ("embed_out", None),
 )
 
 Rules = Sequence[tuple[str, Any]]

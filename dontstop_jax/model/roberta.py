@@ -185,10 +185,10 @@ class LMHead(nn.Module):
     @nn.compact
     def __call__(self, h: Array, word_embeddings: Array) -> Array:
         cfg = self.config
-        # The output of `dense` is contracted with the embedding table, so it is named "embed" as well (the
-        # rule mapper shards only the first of two equal names). Naming it "mlp" put it on `tensor` against
-        # the table's `fsdp`, a layout on which XLA computed wrong gradients (jax 0.10, (2,2,2) mesh).
-        x = nn.gelu(_dense(cfg, cfg.hidden_size, ("embed", "embed"), "dense")(h), approximate=False)
+        # The output of `dense` is contracted with the embedding table, so it stays unsharded ("embed_out" ->
+        # replicated). Naming it "mlp" put it on `tensor` against the table's `fsdp`, a layout on which XLA
+        # computed wrong gradients (jax 0.10, (2,2,2) mesh; see tests/test_engine.py).
+        x = nn.gelu(_dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "dense")(h), approximate=False)
         x = _layer_norm(cfg, "layer_norm")(x)
         bias = self.param("bias", _zeros("vocab"), (cfg.vocab_size,))
         logits = jnp.einsum("...d,vd->...v", x, word_embeddings.astype(x.dtype))
