@@ -74,7 +74,7 @@ class ModelConfig:
         act = d.get("hidden_act", "gelu")
         if act != "gelu":
             raise UserError(f"config.json has hidden_act={act!r}; only RoBERTa's exact 'gelu' is supported")
-        kwargs = {k: d[k] for k in cls.HF_FIELDS if k in d and d[k] is not None or k == "classifier_dropout" and k in d}
+        kwargs = {k: d[k] for k in cls.HF_FIELDS if d.get(k) is not None}  # None = keep our default
         kwargs.update(overrides)
         return cls(**kwargs)
 

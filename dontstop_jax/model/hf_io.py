@@ -44,9 +44,10 @@ def _to_ours(kind: str, a: np.ndarray, cfg: ModelConfig) -> np.ndarray:
 
 
 def _to_hf(kind: str, a: np.ndarray) -> np.ndarray:
-    if kind in ("linear", "qkv", "attn_out"):
-        return np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T if kind == "attn_out" else
-                                    a.reshape(a.shape[0], -1).T)
+    if kind == "attn_out":  # (heads, kv, embed) -> (embed, heads*kv)
+        return np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
+    if kind in ("linear", "qkv"):  # (in, out...) -> (out, in)
+        return np.ascontiguousarray(a.reshape(a.shape[0], -1).T)
     if kind == "qkv_bias":
         return a.reshape(-1)
     return a
