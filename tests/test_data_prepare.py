@@ -104,7 +104,8 @@ def test_interrupted_prepare_is_redone(tiny_tokenizer_dir, tmp_path, monkeypatch
     (corpus.directory / "manifest.json").unlink()
     (corpus.directory / "shard-00003.npy.tmp").write_bytes(b"half written")
     calls = []
-    monkeypatch.setattr(prepare_module, "encode_plain", lambda *a: calls.append(1) or encode_plain(*a))
+    stream = prepare_module._token_stream
+    monkeypatch.setattr(prepare_module, "_token_stream", lambda *a: calls.append(1) or stream(*a))
     redone = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8, shard_blocks=2)
     assert calls and redone.directory == corpus.directory
     assert not list(redone.directory.glob("*.tmp"))
@@ -177,3 +178,44 @@ def test_bad_prepare_arguments(tiny_tokenizer_dir, tmp_path):
     with pytest.raises(UserError, match="not a prepared corpus"):
         prepare_module.PreparedCorpus.load(tmp_path)
     assert parse_source(source).kind == "lines"
+
+
+HARD_TEXTS = [
+    "plain ascii words, numbers 12345 and punctuation!? (yes) -- ok",
+    "contractions: it's we'll they're I'd you've I'm don't 'quoted' ''",
+    "whitespace   runs\tand\ttabs \n newlines\r\n  trailing   ",
+    "unicode: naïve café Ω≈ç √ 中文字符 ١٢٣ ⅷ ² emoji 🙂🚀 e\u0301",
+    "odd spaces:\u00a0nbsp\u2028line\u3000ideographic\x1cfile-sep\x85nel\x0bvt",
+    "added tokens inline: a <mask> b </s> c<s>d <pad>",
+    "",
+    "   ",
+    "x" * 3000,
+]
+
+
+def test_piece_cache_matches_the_tokenizer_exactly(tiny_tokenizer_dir):
+    """The cached pre-token path is only an optimisation: ids must equal the Rust tokenizer's, cold and warm."""
+    from dontstop_jax.data import piece_cache
+
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    assert piece_cache.applicable(tok)
+    cache = piece_cache.PieceCache(tok)
+    texts = HARD_TEXTS + [t.upper() for t in HARD_TEXTS] + DOCS
+    reference = encode_plain(tok, texts)
+    assert cache.encode(texts) == reference  # cold: every piece is a miss
+    assert cache.encode(texts) == reference  # warm: every piece is a hit
+    tiny = piece_cache.PieceCache(tok, max_entries=3)  # the bound clears the cache; results stay exact
+    assert [tiny.encode([t])[0] for t in texts] == reference
+
+
+def test_piece_cache_refuses_tokenizers_it_cannot_reproduce(tiny_tokenizer_dir):
+    from tokenizers import normalizers, pre_tokenizers
+
+    from dontstop_jax.data import piece_cache
+
+    for change in (lambda b: setattr(b, "normalizer", normalizers.Lowercase()),
+                   lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.ByteLevel(add_prefix_space=True)),
+                   lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.Whitespace())):
+        tok = load_tokenizer(tiny_tokenizer_dir)
+        change(tok.backend_tokenizer)
+        assert not piece_cache.applicable(tok)

@@ -22,14 +22,16 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
+from dontstop_jax.data import piece_cache
 from dontstop_jax.data.corpus import SourceSpec, corpus_fingerprint, iter_documents, parse_source
+from dontstop_jax.data.piece_cache import PieceCache
 from dontstop_jax.data.tokenizer import encode_plain, load_tokenizer, special_ids, tokenizer_fingerprint
 from dontstop_jax.errors import UserError
 
@@ -37,8 +39,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-# Documents per tokenizer call: the Rust backend spreads a batch over all cores. On a 2-core box a
-# multiprocessing pool was no faster (within noise) than one process, so there is no worker pool.
+# Documents per encode call (byte-level BPE tokenizers go through `piece_cache`, others through the Rust
+# backend's batch encoder). Memory stays bounded by one batch plus one shard.
 DOC_BATCH = 1000
 
 
@@ -141,7 +143,8 @@ def prepare_corpus(
     dtype = np.dtype(np.uint16 if len(tok) <= 2**16 else np.int32)
     docs = itertools.chain.from_iterable(iter_documents(s) for s in sources)
     stats = {"documents": 0, "stream_tokens": 0}
-    blocks = _pack(_token_stream(docs, tok, ids["eos"], stats), max_seq_length, ids)
+    encode = PieceCache(tok).encode if piece_cache.applicable(tok) else functools.partial(encode_plain, tok)
+    blocks = _pack(_token_stream(docs, encode, ids["eos"], stats), max_seq_length, ids)
     shards = _write_shards(blocks, directory, shard_blocks, dtype)
     total_blocks = sum(s["blocks"] for s in shards)
     total_tokens = stats["stream_tokens"] + 2 * total_blocks  # each block adds <s> and </s>
@@ -165,11 +168,11 @@ def prepare_corpus(
 
 
 def _token_stream(
-    docs: Iterator[str], tok: PreTrainedTokenizerFast, eos: int, stats: dict[str, int]
+    docs: Iterator[str], encode: Callable[[list[str]], list[list[int]]], eos: int, stats: dict[str, int]
 ) -> Iterator[np.ndarray]:
     """Yield 1-D arrays of the concatenated stream `doc </s> doc </s> ...`, one per document batch."""
     while batch := list(itertools.islice(docs, DOC_BATCH)):
-        piece = np.fromiter(itertools.chain.from_iterable([*ids, eos] for ids in encode_plain(tok, batch)), np.int64)
+        piece = np.fromiter(itertools.chain.from_iterable([*ids, eos] for ids in encode(batch)), np.int64)
         stats["documents"] += len(batch)
         stats["stream_tokens"] += len(piece)
         yield piece

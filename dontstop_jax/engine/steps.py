@@ -125,10 +125,13 @@ def _under_mesh(jitted: Callable, mesh: Mesh, rules: Rules) -> Callable:
     return call
 
 
-def compile_train_step(step: Callable, state_shardings: Any, mesh: Mesh, rules: Rules) -> Callable:
-    """jit with explicit shardings; the old state's buffers are donated to the new one."""
+def compile_train_step(step: Callable, state_shardings: Any, mesh: Mesh, rules: Rules, *,
+                       donate: bool = True) -> Callable:
+    """jit with explicit shardings; the old state's buffers are donated to the new one (one copy of the
+    parameters and optimizer state in device memory instead of two; `donate=False` only for comparisons)."""
     jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
-                     out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+                     out_shardings=(state_shardings, NamedSharding(mesh, P())),
+                     donate_argnums=(0,) if donate else ())
     return _under_mesh(jitted, mesh, rules)
 
 

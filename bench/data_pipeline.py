@@ -1,0 +1,206 @@
+"""Data pipeline: prepare speed vs the `run_mlm.py` recipe, loader vs step throughput, prepare's peak memory.
+
+1. prepare (tokenize + pack into 512-token blocks) vs transformers' examples/pytorch/language-modeling/run_mlm.py
+   recipe (`datasets.load_dataset("text")` -> `map(tokenize, batched, num_proc=cores)` -> `map(group_texts)`),
+   same generated corpus, same byte-level BPE tokenizer, alternating, median of repeats.
+2. MLMLoader batches/s (dynamic masking, whole-word too) vs the tokens/s our small-config train step consumes,
+   and the end-to-end loop (loader -> device -> step) with and without the loader's background prefetch.
+3. Peak RSS of a `prepare_corpus` subprocess on a >= 2 GB generated corpus (streamed; must stay bounded).
+
+    python -m bench.data_pipeline                  # ~64 MB ratio corpus, 2 GB RSS corpus
+    python -m bench.data_pipeline --rss-gb 0       # skip the 2 GB part
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import markdown_table, time_alternating, write_json
+
+SEQ = 512
+
+
+def write_corpus(path: Path, megabytes: float, seed: int = 0, vocab: int = 30_000) -> int:
+    """One document per line: Zipf-distributed pseudo-words, 20-400 words per document. Returns bytes written."""
+    rng = np.random.default_rng(seed)
+    syllables = np.array(["ka", "to", "ri", "mu", "sen", "lo", "pa", "dri", "vo", "qui", "ne", "sta", "bel", "or"])
+    lengths = rng.integers(1, 5, vocab)
+    words = np.array(["".join(rng.choice(syllables, n)) for n in lengths])
+    target, written = int(megabytes * 2**20), 0
+    with open(path, "w") as f:
+        while written < target:
+            ids = np.minimum(rng.zipf(1.2, 200_000), vocab) - 1
+            cuts = np.cumsum(rng.integers(20, 400, 2000))
+            docs = [" ".join(words[d]) for d in np.split(ids, cuts[cuts < len(ids)]) if len(d)]
+            text = "\n".join(docs) + "\n"
+            f.write(text)
+            written += len(text)
+    return written
+
+
+def make_tokenizer(corpus: Path, out: Path) -> Path:
+    from dontstop_jax.synthetic.tokenizer import save_tokenizer, train_bpe
+    sample = out.with_suffix(".sample.txt")
+    with open(corpus) as src, open(sample, "w") as dst:
+        dst.writelines(itertools.islice(src, 5000))
+    save_tokenizer(train_bpe([sample], vocab_size=8000), out, probe_texts=["kato rimu"])
+    return out
+
+
+def ours_prepare(corpus: Path, tokenizer: Path, work: Path):
+    from dontstop_jax.data import prepare_corpus
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            shutil.rmtree(work / "ours", ignore_errors=True)
+            prepared = prepare_corpus([str(corpus)], tokenizer, work / "ours", max_seq_length=SEQ)
+        run.blocks = prepared.num_blocks
+    return run
+
+
+def run_mlm_recipe(corpus: Path, tokenizer: Path, work: Path, num_proc: int):
+    """What run_mlm.py does without --line_by_line: tokenize every line, concatenate, cut into SEQ blocks."""
+    import datasets
+    from transformers import PreTrainedTokenizerFast
+    datasets.disable_progress_bars()
+    tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer))
+
+    def tokenize(examples):
+        return tok(examples["text"], return_special_tokens_mask=True)
+
+    def group_texts(examples):
+        joined = {k: list(itertools.chain(*examples[k])) for k in examples}
+        total = len(joined["input_ids"]) // SEQ * SEQ
+        return {k: [t[i: i + SEQ] for i in range(0, total, SEQ)] for k, t in joined.items()}
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            cache = work / "hf_cache"
+            shutil.rmtree(cache, ignore_errors=True)
+            raw = datasets.load_dataset("text", data_files={"train": str(corpus)}, cache_dir=str(cache))["train"]
+            tokenized = raw.map(tokenize, batched=True, num_proc=num_proc, remove_columns=["text"])
+            grouped = tokenized.map(group_texts, batched=True, num_proc=num_proc)
+        run.blocks = len(grouped)
+    return run
+
+
+def prepare_ratio(corpus: Path, tokenizer: Path, work: Path, repeats: int) -> dict:
+    cores = len(os.sched_getaffinity(0))
+    fns = {"ours: prepare_corpus": ours_prepare(corpus, tokenizer, work),
+           f"run_mlm.py recipe (datasets.map, num_proc={cores})": run_mlm_recipe(corpus, tokenizer, work, cores)}
+    times = time_alternating(fns, steps=1, repeats=repeats, warmup=1)
+    mb = corpus.stat().st_size / 2**20
+    return {name: {"seconds": t["median_s"], "mb_per_s": mb / t["median_s"], "blocks": fns[name].blocks,
+                   "all_s": t["all_s"]} for name, t in times.items()}
+
+
+def loader_vs_step(corpus: Path, tokenizer: Path, work: Path, batch: int, seq: int, repeats: int) -> dict:
+    """Loader tokens/s (alone, plain and whole-word) vs the small-config step's consumption, and the real loop."""
+    from bench.mlm_step import MODELS, OurStep, make_batch
+    from dontstop_jax.data import MLMLoader, load_tokenizer, prepare_corpus, special_ids, word_start_table
+    from dontstop_jax.engine import to_global
+    prepared = prepare_corpus([str(corpus)], tokenizer, work / "loader", max_seq_length=seq)
+    tok = load_tokenizer(tokenizer)
+    cfg = MODELS["small"].replace(vocab_size=len(tok))
+
+    def loader(prefetch: int, whole_word: bool = False) -> MLMLoader:
+        return MLMLoader(prepared, batch, 0, special_ids(tok), len(tok), whole_word=whole_word, prefetch=prefetch,
+                         word_starts_table=word_start_table(tok) if whole_word else None)
+
+    def consume(it):
+        def run(n):
+            for _ in range(n):
+                next(it)
+        return run
+
+    step = OurStep(cfg, make_batch(cfg, batch, seq))
+
+    def loop(prefetch: int):
+        """The pretrain loop's data path: loader -> to_global -> step (step state kept by `ours`)."""
+        it, run_state = loader(prefetch), OurStep(cfg, make_batch(cfg, batch, seq))
+
+        def run(n):
+            for _ in range(n):
+                run_state.step_with(to_global(next(it), run_state.mesh))
+            run_state.sync()
+        return run
+
+    fns = {"loader (dynamic masking, no prefetch)": consume(loader(0)),
+           "loader (whole-word masking, no prefetch)": consume(loader(0, whole_word=True)),
+           "train step (small config)": step,
+           "loop: loader + step, prefetch=0": loop(0),
+           "loop: loader + step, prefetch=2 (default)": loop(2)}
+    times = time_alternating(fns, steps=5, repeats=repeats)
+    return {name: {"ms_per_batch": 1e3 * t["median_s"], "tokens_per_s": batch * seq / t["median_s"]}
+            for name, t in times.items()}
+
+
+def prepare_peak_rss(work: Path, gigabytes: float, tokenizer: Path) -> dict:
+    big = work / "big.txt"
+    t = time.time()
+    size = write_corpus(big, gigabytes * 1024, seed=1)
+    generated_s = time.time() - t
+    code = ("import json, resource, sys, time; from dontstop_jax.data import prepare_corpus; t = time.time(); "
+            f"c = prepare_corpus([{str(big)!r}], {str(tokenizer)!r}, {str(work / 'big_prepared')!r}, "
+            f"max_seq_length={SEQ}); print(json.dumps({{'seconds': time.time() - t, 'blocks': c.num_blocks, "
+            "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    big.unlink()
+    return {"corpus_gb": size / 2**30, "generate_s": generated_s, **result,
+            "mb_per_s": size / 2**20 / result["seconds"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mb", type=float, default=64, help="corpus size for the prepare ratio")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rss-gb", type=float, default=2.0, help="corpus size for the peak-RSS run (0 skips it)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    args = p.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="dontstop-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        corpus = work / "corpus.txt"
+        write_corpus(corpus, args.mb)
+        tokenizer = make_tokenizer(corpus, work / "tokenizer")
+        prep = prepare_ratio(corpus, tokenizer, work, args.repeats)
+        load = loader_vs_step(corpus, tokenizer, work, args.batch, args.seq, args.repeats)
+        rss = prepare_peak_rss(work, args.rss_gb, tokenizer) if args.rss_gb > 0 else None
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    ours_s = prep["ours: prepare_corpus"]["seconds"]
+    print(f"\nprepare, {args.mb:.0f} MB corpus, seq {SEQ}")
+    print(markdown_table(["pipeline", "seconds", "MB/s", "blocks", "time / ours"],
+                         [[n, f"{r['seconds']:.1f}", f"{r['mb_per_s']:.2f}", r["blocks"], f"{r['seconds'] / ours_s:.2f}x"]
+                          for n, r in prep.items()]))
+    step_tps = load["train step (small config)"]["tokens_per_s"]
+    print(f"\nloader vs train step, batch {args.batch}, seq {args.seq}")
+    print(markdown_table(["what", "ms/batch", "tokens/s", "vs step consumption"],
+                         [[n, f"{r['ms_per_batch']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / step_tps:.1f}x"]
+                          for n, r in load.items()]))
+    if rss:
+        print(f"\nprepare on {rss['corpus_gb']:.2f} GB: {rss['seconds']:.0f} s ({rss['mb_per_s']:.1f} MB/s), "
+              f"peak RSS {rss['peak_rss_mb']:.0f} MB, {rss['blocks']} blocks")
+    payload = {"bench": "data_pipeline", "args": vars(args), "prepare": prep, "loader": load, "prepare_rss": rss}
+    print(f"written: {write_json('data_pipeline', payload)}", file=sys.stderr)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
