@@ -50,7 +50,8 @@ def time_alternating(fns: dict[str, Callable[[int], None]], steps: int, repeats:
     Returns {name: {"median_s": ..., "min_s": ..., "all_s": [...]}} with per-step times.
     """
     for fn in fns.values():
-        fn(warmup)
+        if warmup:
+            fn(warmup)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():

@@ -154,13 +154,17 @@ def prepare_peak_rss(work: Path, gigabytes: float, tokenizer: Path) -> dict:
     code = ("import json, resource, sys, time; from dontstop_jax.data import prepare_corpus; t = time.time(); "
             f"c = prepare_corpus([{str(big)!r}], {str(tokenizer)!r}, {str(work / 'big_prepared')!r}, "
             f"max_seq_length={SEQ}); print(json.dumps({{'seconds': time.time() - t, 'blocks': c.num_blocks, "
-            "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+            "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+            "'worker_peak_rss_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     result = json.loads(out.stdout.strip().splitlines()[-1])
     big.unlink()
-    return {"corpus_gb": size / 2**30, "generate_s": generated_s, **result,
-            "mb_per_s": size / 2**20 / result["seconds"]}
+    from dontstop_jax.data.prepare import PARALLEL_MIN_BYTES
+    workers = min(len(os.sched_getaffinity(0)), 8) if size >= PARALLEL_MIN_BYTES else 1
+    total = result["peak_rss_mb"] + (workers * result["worker_peak_rss_mb"] if workers > 1 else 0)
+    return {"corpus_gb": size / 2**30, "generate_s": generated_s, **result, "workers": workers,
+            "total_peak_rss_mb_bound": total, "mb_per_s": size / 2**20 / result["seconds"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -196,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
                           for n, r in load.items()]))
     if rss:
         print(f"\nprepare on {rss['corpus_gb']:.2f} GB: {rss['seconds']:.0f} s ({rss['mb_per_s']:.1f} MB/s), "
-              f"peak RSS {rss['peak_rss_mb']:.0f} MB, {rss['blocks']} blocks")
+              f"peak RSS {rss['peak_rss_mb']:.0f} MB (+ {rss['workers']} encoding workers of at most "
+              f"{rss['worker_peak_rss_mb']:.0f} MB each: <= {rss['total_peak_rss_mb_bound']:.0f} MB), {rss['blocks']} blocks")
     payload = {"bench": "data_pipeline", "args": vars(args), "prepare": prep, "loader": load, "prepare_rss": rss}
     print(f"written: {write_json('data_pipeline', payload)}", file=sys.stderr)
     return payload

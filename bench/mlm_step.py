@@ -85,6 +85,19 @@ class OurStep:
         self.sync()
 
 
+def hf_optimizer(model):
+    """torch AdamW + linear warm-up/decay with our settings (no decay on biases and LayerNorms)."""
+    import torch
+    import transformers
+    opt = default_optim_config()
+    decay = [p for n, p in model.named_parameters() if not n.endswith("bias") and "LayerNorm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opt.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=opt.learning_rate, betas=(opt.b1, opt.b2), eps=opt.eps)
+    return optimizer, transformers.get_linear_schedule_with_warmup(optimizer, int(0.06 * TOTAL_STEPS), TOTAL_STEPS)
+
+
 def huggingface(cfg: ModelConfig, batch: dict[str, np.ndarray], device: str):
     """The same step in PyTorch eager: transformers' RobertaForMaskedLM (SDPA attention), AdamW, clipping,
     linear warm-up schedule; bf16 via autocast, the usual mixed-precision recipe."""
@@ -93,13 +106,8 @@ def huggingface(cfg: ModelConfig, batch: dict[str, np.ndarray], device: str):
 
     torch.manual_seed(0)
     model = transformers.RobertaForMaskedLM(transformers.RobertaConfig(**cfg.to_hf_dict())).to(device).train()
-    decay = [p for n, p in model.named_parameters() if not n.endswith("bias") and "LayerNorm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    optimizer, scheduler = hf_optimizer(model)
     opt = default_optim_config()
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opt.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=opt.learning_rate, betas=(opt.b1, opt.b2), eps=opt.eps)
-    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, int(0.06 * TOTAL_STEPS), TOTAL_STEPS)
     labels = np.full(batch["input_ids"].shape, -100, np.int64)
     np.put_along_axis(labels, batch["mlm_positions"], batch["mlm_ids"], 1)
     inputs = {"input_ids": torch.from_numpy(batch["input_ids"].astype(np.int64)).to(device),

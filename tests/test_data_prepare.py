@@ -198,13 +198,13 @@ def test_piece_cache_matches_the_tokenizer_exactly(tiny_tokenizer_dir):
     from dontstop_jax.data import piece_cache
 
     tok = load_tokenizer(tiny_tokenizer_dir)
-    assert piece_cache.applicable(tok)
-    cache = piece_cache.PieceCache(tok)
+    assert piece_cache.applicable(tok.backend_tokenizer)
+    cache = piece_cache.PieceCache(tok.backend_tokenizer)
     texts = HARD_TEXTS + [t.upper() for t in HARD_TEXTS] + DOCS
     reference = encode_plain(tok, texts)
     assert cache.encode(texts) == reference  # cold: every piece is a miss
     assert cache.encode(texts) == reference  # warm: every piece is a hit
-    tiny = piece_cache.PieceCache(tok, max_entries=3)  # the bound clears the cache; results stay exact
+    tiny = piece_cache.PieceCache(tok.backend_tokenizer, max_entries=3)  # the bound clears the cache; results stay exact
     assert [tiny.encode([t])[0] for t in texts] == reference
 
 
@@ -218,4 +218,15 @@ def test_piece_cache_refuses_tokenizers_it_cannot_reproduce(tiny_tokenizer_dir):
                    lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.Whitespace())):
         tok = load_tokenizer(tiny_tokenizer_dir)
         change(tok.backend_tokenizer)
-        assert not piece_cache.applicable(tok)
+        assert not piece_cache.applicable(tok.backend_tokenizer)
+
+
+def test_worker_processes_give_the_same_blocks(tiny_tokenizer_dir, tmp_path):
+    """Encoding in spawned worker processes (used for big corpora) is an implementation detail of speed."""
+    docs = [f"{d} number {i}" for i in range(2500) for d in DOCS[:2]] + HARD_TEXTS
+    source = write(tmp_path / "a.txt", "\n".join(d.replace("\n", " ").replace("\r", " ") for d in docs))
+    one = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "one", max_seq_length=16, workers=1)
+    two = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "two", max_seq_length=16, workers=2)
+    assert one.num_blocks == two.num_blocks > 1000
+    np.testing.assert_array_equal(one.blocks(np.arange(one.num_blocks)), two.blocks(np.arange(two.num_blocks)))
+    assert one.manifest["documents"] == two.manifest["documents"]

@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 
 import regex
-from transformers import PreTrainedTokenizerFast
+from tokenizers import Tokenizer
 
 # The GPT-2 split that `tokenizers`' ByteLevel pre-tokenizer applies (use_regex=True).
 BYTE_LEVEL_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
@@ -30,9 +30,10 @@ _WS = r"\t\n\x0b\x0c\r "
 ASCII_SPLIT = re.compile(rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+""")
 
 
-def applicable(tok: PreTrainedTokenizerFast) -> bool:
-    """Whether encoding piece by piece gives exactly the tokenizer's ids."""
-    spec = json.loads(tok.backend_tokenizer.to_str())
+def applicable(backend: Tokenizer) -> bool:
+    """Whether encoding piece by piece gives exactly the tokenizer's ids (`backend`: the Rust tokenizer,
+    `PreTrainedTokenizerFast.backend_tokenizer`)."""
+    spec = json.loads(backend.to_str())
     pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
     return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
             and not pre.get("add_prefix_space", False) and model.get("type") == "BPE" and not model.get("dropout"))
@@ -45,11 +46,11 @@ def _split(text: str) -> list[str]:
 class PieceCache:
     """`encode(texts)` = the tokenizer's ids without special tokens, from cached per-piece ids."""
 
-    def __init__(self, tok: PreTrainedTokenizerFast, max_entries: int = 1 << 20):
-        if not applicable(tok):
+    def __init__(self, backend: Tokenizer, max_entries: int = 1 << 20):
+        if not applicable(backend):
             raise ValueError("PieceCache needs a byte-level BPE tokenizer without normalizer or prefix space")
-        self._backend = tok.backend_tokenizer
-        added = sorted((t.content for t in tok.added_tokens_decoder.values()), key=len, reverse=True)
+        self._backend = backend
+        added = sorted((t.content for t in backend.get_added_tokens_decoder().values()), key=len, reverse=True)
         self._added = regex.compile("|".join(map(regex.escape, added))) if added else None
         self._ids: dict[str, list[int]] = {}
         self._max_entries = max_entries  # bounds memory on corpora with an open vocabulary

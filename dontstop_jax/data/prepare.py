@@ -14,23 +14,29 @@ Memory stays bounded by one document batch plus one shard, whatever the corpus s
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from dontstop_jax.data import piece_cache
-from dontstop_jax.data.corpus import SourceSpec, corpus_fingerprint, iter_documents, parse_source
+from dontstop_jax.data.corpus import (CorpusSource, SourceSpec, corpus_fingerprint, iter_documents, parse_source,
+                                      resolve_files)
 from dontstop_jax.data.piece_cache import PieceCache
 from dontstop_jax.data.tokenizer import encode_plain, load_tokenizer, special_ids, tokenizer_fingerprint
 from dontstop_jax.errors import UserError
@@ -42,6 +48,8 @@ MANIFEST = "manifest.json"
 # Documents per encode call (byte-level BPE tokenizers go through `piece_cache`, others through the Rust
 # backend's batch encoder). Memory stays bounded by one batch plus one shard.
 DOC_BATCH = 1000
+# Below this much input text, starting encoding processes costs more than they save.
+PARALLEL_MIN_BYTES = 64 << 20
 
 
 @dataclasses.dataclass
@@ -101,9 +109,12 @@ def prepare_corpus(
     shard_blocks: int = 8192,
     model_max_positions: int | None = None,
     model_vocab_size: int | None = None,
+    workers: int | None = None,
 ) -> PreparedCorpus:
     """Tokenize + pack `sources` into `out_root/<fingerprint>/`, or reuse that directory if complete.
 
+    workers: encoding processes (default: one per core for corpora over 64 MB, else none); the output does
+    not depend on it.
     model_max_positions: the model's usable positions (RoBERTa: max_position_embeddings - 2).
     model_vocab_size: the model's embedding rows; the tokenizer must not produce ids beyond it.
     Call it on one process and `PreparedCorpus.load` the result on the others: two processes
@@ -143,8 +154,8 @@ def prepare_corpus(
     dtype = np.dtype(np.uint16 if len(tok) <= 2**16 else np.int32)
     docs = itertools.chain.from_iterable(iter_documents(s) for s in sources)
     stats = {"documents": 0, "stream_tokens": 0}
-    encode = PieceCache(tok).encode if piece_cache.applicable(tok) else functools.partial(encode_plain, tok)
-    blocks = _pack(_token_stream(docs, encode, ids["eos"], stats), max_seq_length, ids)
+    workers = _default_workers(sources) if workers is None else workers
+    blocks = _pack(_token_stream(docs, tok, ids["eos"], workers, stats), max_seq_length, ids)
     shards = _write_shards(blocks, directory, shard_blocks, dtype)
     total_blocks = sum(s["blocks"] for s in shards)
     total_tokens = stats["stream_tokens"] + 2 * total_blocks  # each block adds <s> and </s>
@@ -168,14 +179,68 @@ def prepare_corpus(
 
 
 def _token_stream(
-    docs: Iterator[str], encode: Callable[[list[str]], list[list[int]]], eos: int, stats: dict[str, int]
+    docs: Iterator[str], tok: PreTrainedTokenizerFast, eos: int, workers: int, stats: dict[str, int]
 ) -> Iterator[np.ndarray]:
-    """Yield 1-D arrays of the concatenated stream `doc </s> doc </s> ...`, one per document batch."""
-    while batch := list(itertools.islice(docs, DOC_BATCH)):
-        piece = np.fromiter(itertools.chain.from_iterable([*ids, eos] for ids in encode(batch)), np.int64)
-        stats["documents"] += len(batch)
+    """Yield 1-D arrays of the concatenated stream `doc </s> doc </s> ...`, one per document batch, in order."""
+    batches = iter(lambda: list(itertools.islice(docs, DOC_BATCH)), [])
+    backend = tok.backend_tokenizer
+    if workers > 1 and piece_cache.applicable(backend):
+        pieces = _encode_in_pool(batches, backend.to_str(), eos, workers)
+    else:
+        encode = PieceCache(backend).encode if piece_cache.applicable(backend) else functools.partial(encode_plain, tok)
+        pieces = ((len(batch), _stream_piece(encode, eos, batch)) for batch in batches)
+    for documents, piece in pieces:
+        stats["documents"] += documents
         stats["stream_tokens"] += len(piece)
         yield piece
+
+
+def _stream_piece(encode: Callable[[list[str]], list[list[int]]], eos: int, texts: list[str]) -> np.ndarray:
+    return np.fromiter(itertools.chain.from_iterable([*ids, eos] for ids in encode(texts)), np.int64)
+
+
+def _default_workers(sources: Sequence[CorpusSource]) -> int:
+    """One encoding process per core (at most 8) when the corpus is big enough to repay their start-up."""
+    cores = min(len(os.sched_getaffinity(0)), 8)
+    if cores < 2:
+        return 1
+    if any(s.kind in ("hf", "tfds") for s in sources):
+        return cores
+    size = sum(os.path.getsize(f) for s in sources for f in resolve_files(s))
+    return cores if size >= PARALLEL_MIN_BYTES else 1
+
+
+_worker_encode: Callable[[list[str]], np.ndarray] | None = None
+
+
+def _init_worker(tokenizer_json: str, eos: int) -> None:
+    global _worker_encode
+    _worker_encode = functools.partial(_stream_piece, PieceCache(Tokenizer.from_str(tokenizer_json)).encode, eos)
+
+
+def _encode_batch_in_worker(texts: list[str]) -> np.ndarray:
+    return _worker_encode(texts)
+
+
+def _encode_in_pool(batches: Iterator[list[str]], tokenizer_json: str, eos: int,
+                    workers: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Encode batches in `workers` spawned processes (each with its own piece cache), results in input order.
+    At most 2 batches per worker are in flight, so memory stays bounded on any corpus size."""
+    if getattr(sys.modules["__main__"], "__name__", "") == "__mp_main__":
+        raise UserError("prepare_corpus ran while a worker process re-imported your script; put the script's "
+                        "top-level code under `if __name__ == '__main__':` (or pass workers=1)")
+    context = multiprocessing.get_context("spawn")  # the parent may run JAX threads: never fork it
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                                initargs=(tokenizer_json, eos)) as pool:
+        window: collections.deque = collections.deque()
+        for batch in batches:
+            window.append((len(batch), pool.submit(_encode_batch_in_worker, batch)))
+            if len(window) > 2 * workers:
+                documents, future = window.popleft()
+                yield documents, future.result()
+        while window:
+            documents, future = window.popleft()
+            yield documents, future.result()
 
 
 def _pack(stream: Iterator[np.ndarray], max_seq_length: int, ids: dict[str, int]) -> Iterator[np.ndarray]:
