@@ -38,18 +38,22 @@ def _save(fig: Any, path: str | Path, dpi: int) -> Path:
 
 
 def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | Path, *, title: str,
-            label: str, fmt: str = "{:.1f}", cmap: str = "viridis", dpi: int = 80) -> Path:
+            label: str, xlabel: str = "", ylabel: str = "", fmt: str = "{:.1f}", cmap: str = "viridis",
+            dpi: int = 80) -> Path:
     """Matrix as colored cells, each annotated with its value (row i = rows[i])."""
     plt = _pyplot()
     matrix = np.asarray(matrix, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.6 * len(rows)))
+    margin = 0.08 * max(map(len, rows))  # inches for the row labels
+    fig, ax = plt.subplots(figsize=(2.2 + margin + 0.9 * len(cols), 1.4 + 0.5 * len(rows)))
     image = ax.imshow(matrix, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(cols)), labels=cols, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), labels=rows)
-    middle = (np.nanmin(matrix) + np.nanmax(matrix)) / 2
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     for (i, j), value in np.ndenumerate(matrix):
+        r, g, b, _ = image.cmap(image.norm(value))
         ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=9,
-                color="black" if value > middle else "white")
+                color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")  # legible on any cell
     fig.colorbar(image, ax=ax, label=label)
     ax.set_title(title, fontsize=10)
     return _save(fig, path, dpi)
@@ -90,7 +94,7 @@ def results_bars(results_json: str | Path, path: str | Path, *, dpi: int = 80) -
     cells = {(c["variant"], c["task"]): c for c in table["cells"]}
     variants, tasks = table["variants"], table["tasks"]
     width = 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(tasks) * len(variants) / 3, 3.4))
+    fig, ax = plt.subplots(figsize=(2.5 + 0.5 * len(tasks) * len(variants), 3.4))
     for k, variant in enumerate(variants):
         found = [(i, cells[variant, t]) for i, t in enumerate(tasks) if (variant, t) in cells]
         if not found:
@@ -101,6 +105,6 @@ def results_bars(results_json: str | Path, path: str | Path, *, dpi: int = 80) -
         ax.bar(xs, means, width, yerr=errors, capsize=3, label=variant)
     ax.set_xticks(range(len(tasks)), labels=[f"{t} ({table['metric_by_task'][t]})" for t in tasks])
     ax.set_ylabel("test score (%)")
-    ax.legend(fontsize=7, ncol=min(len(variants), 5), loc="lower center")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("mean ± std over seeds", fontsize=10)
     return _save(fig, path, dpi)

@@ -66,7 +66,8 @@ def _write(out: Path, cfg: ConfigDict) -> list[str]:
         overlap = vocab_overlap(corpora, cfg.vocab.top_k, cfg.vocab.max_docs or None)
         overlap.write_csv(out / "vocab_overlap.csv")
         plots.heatmap(overlap.overlap, overlap.names, overlap.names, out / "vocab_overlap.png", dpi=cfg.dpi,
-                      title=f"vocabulary overlap (%), top {overlap.top_k} words", label="overlap (%)")
+                      title=f"vocabulary overlap (%), top {overlap.top_k} words", label="overlap (%)",
+                      ylabel="held-out half 0", xlabel="held-out half 1")
         summary += [f"## Vocabulary overlap (%, top {overlap.top_k} words, held-out halves)", "",
                     overlap.to_markdown(), "![vocabulary overlap](vocab_overlap.png)", ""]
     if corpora and checkpoints:
@@ -75,7 +76,8 @@ def _write(out: Path, cfg: ConfigDict) -> list[str]:
         table = mlm_loss_table(checkpoints, corpora, spec, mesh_shape=cfg.mlm.mesh_shape)
         table.write_csv(out / "mlm_loss.csv")
         plots.heatmap(table.loss, table.checkpoints, table.corpora, out / "mlm_loss.png", dpi=cfg.dpi, fmt="{:.2f}",
-                      title="masked-LM loss on held-out text", label="MLM loss", cmap="viridis_r")
+                      title="masked-LM loss on held-out text", label="MLM loss", cmap="viridis_r",
+                      ylabel="checkpoint", xlabel="held-out text")
         summary += ["## Masked-LM loss on held-out text (fixed masks)", "", table.to_markdown(),
                     "![MLM loss](mlm_loss.png)", ""]
     if curves:

@@ -79,7 +79,8 @@ class VocabOverlap:
 
     def to_markdown(self) -> str:
         lines = ["| half 0 \\ half 1 | " + " | ".join(self.names) + " |", "|:--" + "|--:" * len(self.names) + "|"]
-        lines += [f"| {name} | " + " | ".join(f"{v:.1f}" for v in row) + " |" for name, row in zip(self.names, self.overlap)]
+        lines += [f"| {name} | " + " | ".join(f"{v:.1f}" for v in row) + " |"
+                  for name, row in zip(self.names, self.overlap)]
         return "\n".join(lines) + "\n"
 
 
