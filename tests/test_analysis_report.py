@@ -119,10 +119,15 @@ def test_fixed_masks_give_every_checkpoint_the_same_batches_and_loss(trained, ti
     assert losses[0][0] < before - 1.0, (before, losses[0][0])  # 40 MLM steps on this kind of text
 
 
-def test_an_encoder_without_mlm_head_is_a_user_error():
+def test_unusable_checkpoints_and_batch_sizes_are_user_errors():
     encoder = ModelSource(tiny_config(), {"roberta": {}}, "unused", "a bare encoder")
     with pytest.raises(UserError, match="no masked-LM head"):
         mlm_losses(encoder, {"x": []})
+    mlm = ModelSource(tiny_config(max_position_embeddings=18), {"roberta": {}, "lm_head": {}}, "unused", "tiny")
+    with pytest.raises(UserError, match="lower mlm.max_seq_length"):
+        mlm_losses(mlm, {"x": [{"input_ids": np.zeros((8, 32), np.int32)}]})
+    with pytest.raises(UserError, match="mlm.batch_size 4 is not divisible"):  # 8 test devices
+        mlm_losses(mlm, {"x": [{"input_ids": np.zeros((4, 16), np.int32)}]})
 
 
 def _write_results(grid: Path) -> None:

@@ -17,7 +17,8 @@ import numpy as np
 
 from dontstop_jax.data import MLMLoader, load_tokenizer, prepare_corpus, special_ids, tokenizer_fingerprint
 from dontstop_jax.data.corpus import SourceSpec
-from dontstop_jax.engine import compile_eval_step, make_eval_step, make_mesh, mlm_loss_sums, to_global
+from dontstop_jax.engine import (check_batch_size, compile_eval_step, make_eval_step, make_mesh, mlm_loss_sums,
+                                 to_global)
 from dontstop_jax.engine.sharding import DEFAULT_RULES, Rules, put_tree, tree_shardings
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForMaskedLM, init_params
@@ -54,11 +55,12 @@ def mlm_losses(source: ModelSource, batches: Mapping[str, Sequence[Batch]], *,
     if source.params is None or "lm_head" not in source.params:
         raise UserError(f"{source.parent} has no masked-LM head (a fine-tuned classifier or a bare encoder?); "
                         "evaluate a pretraining phase's workdir or a Hugging Face MLM directory")
-    length = max(b["input_ids"].shape[1] for corpus in batches.values() for b in corpus)
+    rows, length = next(b for corpus in batches.values() for b in corpus)["input_ids"].shape  # one MaskingSpec
     if length > source.config.max_seq_length:
         raise UserError(f"{source.parent} handles {source.config.max_seq_length} positions, fewer than the "
                         f"held-out blocks' {length}; lower mlm.max_seq_length")
     mesh = make_mesh(mesh_shape)
+    check_batch_size(rows * jax.process_count(), mesh, "mlm.batch_size")
     model = RobertaForMaskedLM(source.config)
     shardings = tree_shardings(jax.eval_shape(lambda: init_params(model, jax.random.key(0))), mesh, rules)
     params = put_tree({k: source.params[k] for k in shardings}, shardings)
