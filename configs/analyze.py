@@ -3,9 +3,11 @@
 dontstop analyze --config configs/analyze.py:synthetic        # after `dontstop demo`
 dontstop analyze --config configs/analyze.py:synthetic-tiny   # after `dontstop demo --scale tiny`
 dontstop analyze --config configs/analyze.py:paper --config.mlm.checkpoints="{'roberta': '/models/roberta-base'}"
+dontstop analyze --config configs/analyze.py:custom --config.corpora=... --config.mlm.checkpoints=...
 
 Presets: synthetic[-tiny] analyses the demo's run directory on fresh held-out samples of its corpora; paper
-reads the layout of configs/grid.py:paper (held-out text in /data/dontstop/heldout/<domain>/*.txt).
+reads the layout of configs/grid.py:paper (held-out text in /data/dontstop/heldout/<domain>/*.txt); custom
+is the empty form to fill in.
 """
 
 from ml_collections import ConfigDict
@@ -15,12 +17,12 @@ from dontstop_jax.errors import UserError
 PAPER_DOMAINS = ("general", "biomed", "cs", "news", "reviews")
 
 
-def get_config(arg: str = "synthetic") -> ConfigDict:
+def get_config(arg: str = "custom") -> ConfigDict:
     cfg = ConfigDict(dict(
         out_dir="runs/analysis",
         corpora={},  # {name: [sources]}: held-out text of each domain (path, glob, hf:, tfds:, or a source dict)
         # top_k: words per corpus (the paper: 10K); max_docs: documents read per corpus (0 = all)
-        vocab=dict(top_k=10_000, max_docs=100_000),
+        vocab=dict(top_k=10_000, max_docs=100_000),  # top_k=0: no overlap section
         # checkpoints: {name: HF directory or phase workdir}; every one sees the same masked blocks of each corpus
         mlm=dict(checkpoints={}, cache_dir="runs/cache/prepared", max_seq_length=128, batch_size=16,
                  max_batches=20, seed=0, mask_prob=0.15, mesh_shape=(-1, 1, 1)),
@@ -35,10 +37,12 @@ def get_config(arg: str = "synthetic") -> ConfigDict:
         cfg.vocab.top_k = 200
         cfg.mlm.update(max_seq_length=64, batch_size=32, max_batches=8)
         cfg.synthetic = dict(directory=f"{run}/benchmark", heldout_docs=1000)
+    elif arg == "custom":
+        pass
     elif arg == "paper":
         cfg.out_dir = "runs/grid-paper/analysis"
         cfg.grid_dir = "runs/grid-paper"
         cfg.corpora = {d: [f"/data/dontstop/heldout/{d}/*.txt"] for d in PAPER_DOMAINS}
     else:
-        raise UserError(f"unknown analysis preset {arg!r}; use synthetic, synthetic-tiny or paper")
+        raise UserError(f"unknown analysis preset {arg!r}; use synthetic, synthetic-tiny, paper or custom")
     return cfg

@@ -145,7 +145,7 @@ def test_analyze_writes_every_table_and_figure_and_replaces_an_old_report(traine
     spec.loader.exec_module(module)
     root, _, corpora = trained
     _write_results(root / "grid")
-    cfg = module.get_config("paper")
+    cfg = module.get_config("custom")
     cfg.update(out_dir=str(tmp_path / "report"), grid_dir=str(root / "grid"))
     other = _lines(tmp_path / "other.txt", ["zebra lion tiger " * 5, "lion zebra mouse " * 5] * 20)
     cfg.corpora = {**corpora, "other": [other]}
