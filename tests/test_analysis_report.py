@@ -68,6 +68,10 @@ def test_overlap_matrix_on_hand_made_corpora(tmp_path):
 def test_synthetic_domains_share_less_vocabulary_with_general_text_than_with_themselves(tmp_path):
     bench = generate_benchmark(tmp_path / "bench", scale="tiny")
     heldout = write_heldout(bench, 600)
+    lines = heldout["bio"].read_text().splitlines()
+    assert len(lines) == 600 and not set(lines) & set(bench.domain_corpora["bio"].read_text().splitlines())
+    stamp = heldout["bio"].stat().st_mtime_ns
+    assert write_heldout(bench, 600) == heldout and heldout["bio"].stat().st_mtime_ns == stamp  # reused as is
     result = vocab_overlap({name: [str(p)] for name, p in heldout.items()}, top_k=200)
     m = dict(zip(result.names, result.overlap))
     general = result.names.index("general")
