@@ -1,6 +1,7 @@
 """`dontstop analyze` on small known inputs: vocabulary overlap, fixed-mask MLM loss, figures, the report."""
 
 import csv
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -143,13 +144,9 @@ def _write_results(grid: Path) -> None:
 
 @pytest.mark.slow
 def test_analyze_writes_every_table_and_figure_and_replaces_an_old_report(trained, tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("analyze_cfg", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     root, _, corpora = trained
     _write_results(root / "grid")
-    cfg = module.get_config("custom")
+    cfg = _config("custom")
     cfg.update(out_dir=str(tmp_path / "report"), grid_dir=str(root / "grid"))
     other = _lines(tmp_path / "other.txt", ["zebra lion tiger " * 5, "lion zebra mouse " * 5] * 20)
     cfg.corpora = {**corpora, "other": [other]}
@@ -188,10 +185,32 @@ def test_figures_are_valid_pngs(tmp_path):
         plots.results_bars(tmp_path / "missing.json", tmp_path / "x.png")
 
 
-def test_missing_matplotlib_is_a_user_error(monkeypatch, tmp_path):
+def _config(arg: str):
+    spec = importlib.util.spec_from_file_location("analyze_cfg", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_missing_matplotlib_is_a_user_error_before_any_work(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(UserError, match="pip install"):
         plots.heatmap(np.eye(2), ["a", "b"], ["a", "b"], tmp_path / "x.png", title="t", label="l")
+    with pytest.raises(UserError, match="pip install"):
+        analyze(_config("custom"))
+
+
+def test_a_failed_analysis_leaves_the_previous_report_alone(tmp_path):
+    cfg = _config("custom")
+    cfg.out_dir = str(tmp_path / "report")
+    good = _lines(tmp_path / "good.txt", ["alpha beta", "beta gamma"])
+    cfg.corpora = {"good": [good], "gone": [str(tmp_path / "missing.txt")]}
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "summary.md").write_text("the previous analysis")
+    with pytest.raises(UserError, match="matches no files"):
+        analyze(cfg)
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["report"]  # no staging directory left
+    assert (tmp_path / "report" / "summary.md").read_text() == "the previous analysis"
 
 
 def test_cli_rejects_an_unknown_preset():

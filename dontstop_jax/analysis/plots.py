@@ -19,7 +19,8 @@ from dontstop_jax.errors import UserError
 CURVES = (("loss", "MLM loss"), ("learning_rate", "learning rate"), ("tokens_per_s", "tokens / s"))
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or a UserError that names the install."""
     try:
         import matplotlib
     except ImportError:
@@ -33,7 +34,7 @@ def _pyplot() -> Any:
 def _save(fig: Any, path: str | Path, dpi: int) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return Path(path)
 
 
@@ -41,7 +42,7 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: 
             label: str, xlabel: str = "", ylabel: str = "", fmt: str = "{:.1f}", cmap: str = "viridis",
             dpi: int = 80) -> Path:
     """Matrix as colored cells, each annotated with its value (row i = rows[i])."""
-    plt = _pyplot()
+    plt = pyplot()
     matrix = np.asarray(matrix, dtype=float)
     margin = 0.08 * max(map(len, rows))  # inches for the row labels
     fig, ax = plt.subplots(figsize=(2.2 + margin + 0.9 * len(cols), 1.4 + 0.5 * len(rows)))
@@ -70,7 +71,7 @@ def read_metrics(path: str | Path, phase: str = "train/") -> list[dict[str, floa
 
 def training_curves(runs: Mapping[str, str | Path], path: str | Path, *, dpi: int = 80) -> Path:
     """Loss, learning rate and throughput over steps, one line per run ({name: metrics.jsonl path})."""
-    plt = _pyplot()
+    plt = pyplot()
     logs = {name: read_metrics(p) for name, p in runs.items()}
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.0 * len(CURVES), 3.2))
     for ax, (key, title) in zip(axes, CURVES):
@@ -86,7 +87,7 @@ def training_curves(runs: Mapping[str, str | Path], path: str | Path, *, dpi: in
 
 def results_bars(results_json: str | Path, path: str | Path, *, dpi: int = 80) -> Path:
     """The grid's results (results.json of analysis/table.py): one bar group per task, mean ± std over seeds."""
-    plt = _pyplot()
+    plt = pyplot()
     results_json = Path(results_json)
     if not results_json.is_file():
         raise UserError(f"{results_json} does not exist; run the grid first (dontstop grid / dontstop demo)")

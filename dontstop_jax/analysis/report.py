@@ -95,6 +95,7 @@ def _write(out: Path, cfg: ConfigDict) -> list[str]:
 
 def analyze(cfg: ConfigDict) -> Path:
     """Write the analysis of `cfg` (see configs/analyze.py) into cfg.out_dir, replacing an older one whole."""
+    plots.pyplot()  # fail on a missing matplotlib before minutes of evaluation, not after
     out = Path(cfg.out_dir)
     stage = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
