@@ -15,6 +15,7 @@ EPILOG = """examples:
       --config.task.path=/data/chemprot
   dontstop grid --config configs/grid.py:paper --config.base=/models/roberta-base
   dontstop export --from runs/finetune-chemprot --to exported/chemprot
+  dontstop analyze --config configs/analyze.py:synthetic   # after the demo: overlap, MLM loss, curves, plots
 Every --config.a.b=value must name an existing field; see configs/*.py for the fields and the paper's values."""
 
 
@@ -28,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in [("prepare", "tokenize and pack a pretraining corpus into cached shards"),
                        ("pretrain", "run a DAPT or TAPT masked-LM phase"),
                        ("finetune", "fine-tune on a labeled task with early stopping on dev"),
-                       ("grid", "run a grid of variants x tasks x seeds and write the results table")]:
+                       ("grid", "run a grid of variants x tasks x seeds and write the results table"),
+                       ("analyze", "vocabulary overlap, per-domain MLM loss, training curves and result plots")]:
         sp = sub.add_parser(name, help=text)
         sp.add_argument("--config", required=True, help="configs/FILE.py or configs/FILE.py:ARG")
     export = sub.add_parser("export", help="write a phase's model as a Hugging Face directory")
@@ -71,6 +73,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> None:
     elif args.command == "finetune":
         from dontstop_jax.phases.finetune import finetune
         print(finetune(cfg))
+    elif args.command == "analyze":
+        from dontstop_jax.analysis.report import analyze
+        print(f"written: {analyze(cfg)}/summary.md (+ CSV and PNG files)")
 
 
 def main(argv: list[str] | None = None) -> int:

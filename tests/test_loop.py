@@ -33,3 +33,12 @@ def test_a_stop_request_saves_and_returns_after_the_current_step(tmp_path):
                                        progress=ProgressBar(10, enabled=False), tokens_per_step=0,
                                        stop_signal=stop, save=saved.append)
     assert (state, interrupted, saved) == (4, True, [4])
+
+
+def test_logged_lines_carry_throughput_when_tokens_are_counted(tmp_path):
+    with MetricsWriter(tmp_path) as writer, StopSignal() as stop:
+        run_steps(0, _step, iter(range(100)), start=0, stop=7, writer=writer, progress=ProgressBar(7, enabled=False),
+                  tokens_per_step=64, stop_signal=stop, log_every=5)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [5, 7]
+    assert all(m["tokens_per_s"] > 0 for m in lines)

@@ -1,5 +1,7 @@
-"""End to end through the CLI on the tiny synthetic scale: grid -> table -> export -> transformers reload."""
+"""End to end through the CLI on the tiny synthetic scale: grid -> table -> export -> transformers reload,
+and the analysis of the grid's run directory."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -72,3 +74,24 @@ def test_exported_classifier_reloads_in_transformers_with_the_same_logits(tiny_g
         theirs = hf(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]))
     np.testing.assert_allclose(theirs.logits.numpy(), np.asarray(ours), atol=1e-4)
     assert hf.config.id2label[0] == meta["label_names"][0]
+
+
+def test_analyze_after_the_demo_shows_why_the_domains_need_adaptation(tiny_grid):
+    root, _ = tiny_grid
+    out = root / "analysis"
+    _cli("analyze", "--config", "configs/analyze.py:synthetic-tiny", f"--config.grid_dir={root / 'grid'}",
+         f"--config.synthetic.directory={root / 'bench'}", f"--config.out_dir={out}",
+         f"--config.mlm.cache_dir={root / 'cache'}", "--compilation-cache", str(root / "xla"))
+    with (out / "vocab_overlap.csv").open() as f:
+        overlap = {row["corpus"]: {k: float(v) for k, v in row.items() if k != "corpus"} for row in csv.DictReader(f)}
+    with (out / "mlm_loss.csv").open() as f:
+        loss = {(row["checkpoint"], row["corpus"]): float(row["mlm_loss"]) for row in csv.DictReader(f)}
+    assert {c for c, _ in loss} == {"base", "dapt-bio", "dapt-cs", "tapt-bio_topic", "dapt-bio+tapt-bio_topic"}
+    for domain in ("bio", "cs"):
+        # Each domain's words are its own: it shares less with general text than with another sample of itself.
+        assert max(overlap[domain]["general"], overlap["general"][domain]) < overlap[domain][domain], overlap
+        # DAPT lowers the domain's held-out MLM loss, and by more than it changes the general text's.
+        gain = {c: loss["base", c] - loss[f"dapt-{domain}", c] for c in ("general", domain)}
+        assert gain[domain] > 0 and gain[domain] > gain["general"], gain
+    for name in ("vocab_overlap.png", "mlm_loss.png", "training_curves.png", "results.png", "summary.md"):
+        assert (out / name).stat().st_size > 0

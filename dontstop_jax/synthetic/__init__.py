@@ -14,6 +14,7 @@ from dontstop_jax.synthetic.generate import (
     generate_benchmark,
     load_benchmark,
     task_name,
+    write_heldout,
 )
 from dontstop_jax.synthetic.spec import SCALES, BenchmarkSpec, make_spec
 
@@ -26,4 +27,5 @@ __all__ = [
     "load_benchmark",
     "make_spec",
     "task_name",
+    "write_heldout",
 ]

@@ -18,7 +18,7 @@ import os
 import time
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +242,22 @@ def generate_benchmark(
 
 def _count(texts: list[str]) -> dict[str, int]:
     return {"n": len(texts), "words": sum(t.count(" ") + 1 for t in texts)}
+
+
+def write_heldout(bench: BenchmarkPaths, n_docs: int) -> dict[str, Path]:
+    """{"general" and each domain: a file of `n_docs` fresh documents}, drawn like the training corpora but from
+    their own random streams: held-out text for the analysis (vocabulary overlap, MLM loss) that no phase saw.
+    Files are named by `n_docs` and reused, so their prepared (tokenized) caches stay valid."""
+    if n_docs < 2:
+        raise UserError(f"synthetic: held-out samples need >= 2 documents, got {n_docs}")
+    spec = replace(make_spec(**bench.params), n_general_docs=n_docs, n_domain_docs=n_docs)
+    lex = build_lexicon(spec)
+    paths = {name: bench.root / "heldout" / f"{name}-{n_docs}.txt" for name in ("general", *spec.domains)}
+    for name, path in paths.items():
+        if path.is_file():
+            continue
+        rng = _rng(spec, f"heldout/{name}")
+        docs = (corpus.general_corpus(lex, spec, rng) if name == "general"
+                else corpus.domain_corpus(lex, lex.domains[name], spec, rng)[0])
+        _write_atomic(path, docs)
+    return paths

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -56,18 +57,26 @@ def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: 
               log_every: int = 10, save: Callable[[Any], None] | None = None, save_every: int = 0,
               prefix: str = "train/") -> tuple[Any, bool]:
     """Run steps [start, stop). Returns (state, interrupted). Metrics are fetched one step late.
-    A `skipped` metric (see make_train_step's skip_nonfinite) is logged as the count since `start`."""
+    A `skipped` metric (see make_train_step's skip_nonfinite) is logged as the count since `start`; with
+    tokens_per_step > 0 each logged line also gets `tokens_per_s` since the previous line (host wall clock at
+    fetch time, so the first line includes compilation)."""
     buffer = MetricsBuffer()
     skipped = 0.0
+    last_logged = (start, time.perf_counter())
 
     def drain(items):
-        nonlocal skipped
+        nonlocal skipped, last_logged
         for s, m in items:
             _check_finite(s, m)
             if "skipped" in m:
                 skipped += m["skipped"]
                 m = {**m, "skipped": skipped}
             if s % log_every == 0 or s == stop:
+                now = time.perf_counter()
+                if tokens_per_step:
+                    rate = tokens_per_step * (s - last_logged[0]) / max(now - last_logged[1], 1e-9)
+                    m = {**m, "tokens_per_s": rate}
+                last_logged = (s, now)
                 writer.write(s, m, prefix=prefix)
             progress.update(s, m, tokens=0)
 

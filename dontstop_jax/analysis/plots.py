@@ -1,0 +1,111 @@
+"""PNG figures of the analysis: annotated heatmaps, training curves and the results bar chart.
+
+matplotlib is an optional dependency (`pip install dontstop-jax[analysis]`): it is imported when a figure
+is drawn, with the non-interactive Agg backend so it works on headless machines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dontstop_jax.errors import UserError
+
+CURVES = (("loss", "MLM loss"), ("learning_rate", "learning rate"), ("tokens_per_s", "tokens / s"))
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or a UserError that names the install."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("plots need matplotlib; pip install 'dontstop-jax[analysis]' (or pip install matplotlib)") \
+            from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig: Any, path: str | Path, dpi: int) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return Path(path)
+
+
+def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | Path, *, title: str,
+            label: str, xlabel: str = "", ylabel: str = "", fmt: str = "{:.1f}", cmap: str = "viridis",
+            dpi: int = 80) -> Path:
+    """Matrix as colored cells, each annotated with its value (row i = rows[i])."""
+    plt = pyplot()
+    matrix = np.asarray(matrix, dtype=float)
+    margin = 0.08 * max(map(len, rows))  # inches for the row labels
+    fig, ax = plt.subplots(figsize=(2.2 + margin + 0.9 * len(cols), 1.4 + 0.5 * len(rows)))
+    image = ax.imshow(matrix, cmap=cmap, aspect="auto")
+    ax.set_xticks(range(len(cols)), labels=cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), labels=rows)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    for (i, j), value in np.ndenumerate(matrix):
+        r, g, b, _ = image.cmap(image.norm(value))
+        ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=9,
+                color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")  # legible on any cell
+    fig.colorbar(image, ax=ax, label=label)
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path, dpi)
+
+
+def read_metrics(path: str | Path, phase: str = "train/") -> list[dict[str, float]]:
+    """The lines of a MetricsWriter's metrics.jsonl logged under `phase` (see train/logging.py)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; point the analysis at a phase workdir that has trained")
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line for line in lines if line.get("phase", phase) == phase]
+
+
+def training_curves(runs: Mapping[str, str | Path], path: str | Path, *, dpi: int = 80) -> Path:
+    """Loss, learning rate and throughput over steps, one line per run ({name: metrics.jsonl path})."""
+    plt = pyplot()
+    logs = {name: read_metrics(p) for name, p in runs.items()}
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.0 * len(CURVES), 3.2))
+    for ax, (key, title) in zip(axes, CURVES):
+        for name, lines in logs.items():
+            points = [(m["step"], m[key]) for m in lines if key in m]
+            if points:
+                ax.plot(*zip(*points), label=name, marker="." if len(points) < 20 else None)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    return _save(fig, path, dpi)
+
+
+def results_bars(results_json: str | Path, path: str | Path, *, dpi: int = 80) -> Path:
+    """The grid's results (results.json of analysis/table.py): one bar group per task, mean ± std over seeds."""
+    plt = pyplot()
+    results_json = Path(results_json)
+    if not results_json.is_file():
+        raise UserError(f"{results_json} does not exist; run the grid first (dontstop grid / dontstop demo)")
+    table = json.loads(results_json.read_text(encoding="utf-8"))
+    cells = {(c["variant"], c["task"]): c for c in table["cells"]}
+    variants, tasks = table["variants"], table["tasks"]
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.5 * len(tasks) * len(variants), 3.4))
+    for k, variant in enumerate(variants):
+        found = [(i, cells[variant, t]) for i, t in enumerate(tasks) if (variant, t) in cells]
+        if not found:
+            continue
+        xs = [i - 0.4 + (k + 0.5) * width for i, _ in found]
+        means = [100 * c["mean"] for _, c in found]
+        errors = [100 * c["std"] if c["std"] is not None else math.nan for _, c in found]
+        ax.bar(xs, means, width, yerr=errors, capsize=3, label=variant)
+    ax.set_xticks(range(len(tasks)), labels=[f"{t} ({table['metric_by_task'][t]})" for t in tasks])
+    ax.set_ylabel("test score (%)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("mean ± std over seeds", fontsize=10)
+    return _save(fig, path, dpi)

@@ -1,0 +1,114 @@
+"""`dontstop analyze`: why a domain needs adaptation, as CSV tables, PNG figures and a Markdown summary.
+
+Sections (each drawn when its inputs are configured): vocabulary overlap of the corpora, MLM loss of each
+checkpoint on each corpus' held-out text, training curves of the pretraining phases, and the grid's results
+as a bar chart. A grid workdir contributes its finished pretraining phases (as checkpoints and curves) and
+its results.json. Everything is written into a staging directory that replaces `out_dir` only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from dontstop_jax.analysis import plots
+from dontstop_jax.analysis.vocab import vocab_overlap
+from dontstop_jax.errors import UserError
+
+_PHASE_DIR = re.compile(r"^(?P<label>.+)-[0-9a-f]{10}$")  # phases/grid.py: <label>-<fingerprint>
+
+
+def grid_phases(grid_dir: str | Path) -> dict[str, Path]:
+    """{name: workdir} of a grid's finished pretraining phases; a phase that continued another non-base
+    phase is named parent+label (so DAPT+TAPT's TAPT is told apart from TAPT on the base model)."""
+    root = Path(grid_dir) / "pretrain"
+    labels, parents = {}, {}
+    for workdir in sorted(root.glob("*")):
+        match, done = _PHASE_DIR.match(workdir.name), workdir / "DONE.json"
+        if match and done.is_file():
+            labels[workdir.name] = match["label"]
+            parent = json.loads(done.read_text())["parent"]
+            parents[workdir.name] = Path(parent.removeprefix("checkpoint:").rpartition("@")[0]).parent.name
+    if not labels:
+        raise UserError(f"{root} holds no finished pretraining phase; run the grid first (dontstop grid / demo)")
+
+    def name(phase: str) -> str:
+        parent = parents[phase]
+        return labels[phase] if labels.get(parent, "base") == "base" else f"{name(parent)}+{labels[phase]}"
+
+    order = sorted(labels, key=lambda p: (name(p) != "base", name(p).count("+"), name(p)))
+    return {name(p): root / p for p in order}
+
+
+def _synthetic_corpora(cfg: ConfigDict) -> dict[str, list[str]]:
+    """Held-out samples of the synthetic benchmark's general corpus and domains (written next to it)."""
+    from dontstop_jax.synthetic import load_benchmark, write_heldout
+    bench = load_benchmark(cfg.synthetic.directory)
+    return {name: [str(path)] for name, path in write_heldout(bench, cfg.synthetic.heldout_docs).items()}
+
+
+def _write(out: Path, cfg: ConfigDict) -> list[str]:
+    """Every configured section into `out`; returns the Markdown summary's lines."""
+    corpora = _synthetic_corpora(cfg) if cfg.get("synthetic") else {k: list(v) for k, v in cfg.corpora.items()}
+    checkpoints = dict(cfg.mlm.checkpoints)
+    curves = {name: Path(path) / "metrics.jsonl" for name, path in cfg.curves.items()}
+    if cfg.grid_dir:
+        phases = grid_phases(cfg.grid_dir)
+        checkpoints = {**{k: str(v) for k, v in phases.items()}, **checkpoints}
+        curves = {**{k: v / "metrics.jsonl" for k, v in phases.items()}, **curves}
+    summary = ["# Domain analysis", ""]
+    if corpora and cfg.vocab.top_k:
+        overlap = vocab_overlap(corpora, cfg.vocab.top_k, cfg.vocab.max_docs or None)
+        overlap.write_csv(out / "vocab_overlap.csv")
+        plots.heatmap(overlap.overlap, overlap.names, overlap.names, out / "vocab_overlap.png", dpi=cfg.dpi,
+                      title=f"vocabulary overlap (%), top {overlap.top_k} words", label="overlap (%)",
+                      ylabel="held-out half 0", xlabel="held-out half 1")
+        summary += [f"## Vocabulary overlap (%, top {overlap.top_k} words, held-out halves)", "",
+                    overlap.to_markdown(), "![vocabulary overlap](vocab_overlap.png)", ""]
+    if corpora and checkpoints:
+        from dontstop_jax.analysis.mlm_eval import MaskingSpec, mlm_loss_table  # imports jax: only when needed
+        spec = MaskingSpec(**{k: v for k, v in cfg.mlm.items() if k not in ("checkpoints", "mesh_shape")})
+        table = mlm_loss_table(checkpoints, corpora, spec, mesh_shape=cfg.mlm.mesh_shape)
+        table.write_csv(out / "mlm_loss.csv")
+        plots.heatmap(table.loss, table.checkpoints, table.corpora, out / "mlm_loss.png", dpi=cfg.dpi, fmt="{:.2f}",
+                      title="masked-LM loss on held-out text", label="MLM loss", cmap="viridis_r",
+                      ylabel="checkpoint", xlabel="held-out text")
+        summary += ["## Masked-LM loss on held-out text (fixed masks)", "", table.to_markdown(),
+                    "![MLM loss](mlm_loss.png)", ""]
+    if curves:
+        plots.training_curves(curves, out / "training_curves.png", dpi=cfg.dpi)
+        summary += ["## Training curves", "", "![training curves](training_curves.png)", ""]
+    results = Path(cfg.grid_dir) / "results.json" if cfg.grid_dir else None
+    if results is not None and results.is_file():
+        plots.results_bars(results, out / "results.png", dpi=cfg.dpi)
+        summary += ["## Results", "", (Path(cfg.grid_dir) / "results.md").read_text(encoding="utf-8"),
+                    "![results](results.png)", ""]
+    if len(summary) == 2:
+        raise UserError("nothing to analyze: configure corpora, mlm.checkpoints, curves or grid_dir")
+    return summary
+
+
+def analyze(cfg: ConfigDict) -> Path:
+    """Write the analysis of `cfg` (see configs/analyze.py) into cfg.out_dir, replacing an older one whole."""
+    plots.pyplot()  # fail on a missing matplotlib before minutes of evaluation, not after
+    out = Path(cfg.out_dir)
+    stage = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        summary = _write(stage, cfg)
+        (stage / "summary.md").write_text("\n".join(summary), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
