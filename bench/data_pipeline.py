@@ -160,8 +160,7 @@ def prepare_peak_rss(work: Path, gigabytes: float, tokenizer: Path) -> dict:
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     result = json.loads(out.stdout.strip().splitlines()[-1])
     big.unlink()
-    from dontstop_jax.data.prepare import PARALLEL_MIN_BYTES
-    workers = min(len(os.sched_getaffinity(0)), 8) if size >= PARALLEL_MIN_BYTES else 1
+    workers = 1  # prepare_corpus's default
     total = result["peak_rss_mb"] + (workers * result["worker_peak_rss_mb"] if workers > 1 else 0)
     return {"corpus_gb": size / 2**30, "generate_s": generated_s, **result, "workers": workers,
             "total_peak_rss_mb_bound": total, "mb_per_s": size / 2**20 / result["seconds"]}

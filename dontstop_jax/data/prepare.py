@@ -35,8 +35,7 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from dontstop_jax.data import piece_cache
-from dontstop_jax.data.corpus import (CorpusSource, SourceSpec, corpus_fingerprint, iter_documents, parse_source,
-                                      resolve_files)
+from dontstop_jax.data.corpus import SourceSpec, corpus_fingerprint, iter_documents, parse_source
 from dontstop_jax.data.piece_cache import PieceCache
 from dontstop_jax.data.tokenizer import encode_plain, load_tokenizer, special_ids, tokenizer_fingerprint
 from dontstop_jax.errors import UserError
@@ -48,8 +47,6 @@ MANIFEST = "manifest.json"
 # Documents per encode call (byte-level BPE tokenizers go through `piece_cache`, others through the Rust
 # backend's batch encoder). Memory stays bounded by one batch plus one shard.
 DOC_BATCH = 1000
-# Below this much input text, starting encoding processes costs more than they save.
-PARALLEL_MIN_BYTES = 64 << 20
 
 
 @dataclasses.dataclass
@@ -113,8 +110,9 @@ def prepare_corpus(
 ) -> PreparedCorpus:
     """Tokenize + pack `sources` into `out_root/<fingerprint>/`, or reuse that directory if complete.
 
-    workers: encoding processes (default: one per core for corpora over 64 MB, else none); the output does
-    not depend on it.
+    workers: encoding processes (default 1: in-process). More workers encode faster on many cores, but the
+    2 GB run in bench/data_pipeline.py measured a 9 GB peak in the parent with 2 workers (not yet understood),
+    so the pool is opt-in. The output does not depend on it.
     model_max_positions: the model's usable positions (RoBERTa: max_position_embeddings - 2).
     model_vocab_size: the model's embedding rows; the tokenizer must not produce ids beyond it.
     Call it on one process and `PreparedCorpus.load` the result on the others: two processes
@@ -154,7 +152,7 @@ def prepare_corpus(
     dtype = np.dtype(np.uint16 if len(tok) <= 2**16 else np.int32)
     docs = itertools.chain.from_iterable(iter_documents(s) for s in sources)
     stats = {"documents": 0, "stream_tokens": 0}
-    workers = _default_workers(sources) if workers is None else workers
+    workers = 1 if workers is None else workers
     blocks = _pack(_token_stream(docs, tok, ids["eos"], workers, stats), max_seq_length, ids)
     shards = _write_shards(blocks, directory, shard_blocks, dtype)
     total_blocks = sum(s["blocks"] for s in shards)
@@ -197,17 +195,6 @@ def _token_stream(
 
 def _stream_piece(encode: Callable[[list[str]], list[list[int]]], eos: int, texts: list[str]) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable([*ids, eos] for ids in encode(texts)), np.int64)
-
-
-def _default_workers(sources: Sequence[CorpusSource]) -> int:
-    """One encoding process per core (at most 8) when the corpus is big enough to repay their start-up."""
-    cores = min(len(os.sched_getaffinity(0)), 8)
-    if cores < 2:
-        return 1
-    if any(s.kind in ("hf", "tfds") for s in sources):
-        return cores
-    size = sum(os.path.getsize(f) for s in sources for f in resolve_files(s))
-    return cores if size >= PARALLEL_MIN_BYTES else 1
 
 
 _worker_encode: Callable[[list[str]], np.ndarray] | None = None
