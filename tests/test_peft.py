@@ -6,11 +6,9 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from ml_collections import ConfigDict
 
 from dontstop_jax.engine import (DEFAULT_RULES, classification_loss_sums, compile_train_step, create_train_state,
                                  default_optim_config, make_mesh, make_train_step, to_global)
@@ -211,8 +209,8 @@ def test_layerwise_lr_decay_scales_updates_per_layer():
     get = lambda tree, path: functools.reduce(lambda t, k: t[k], path, tree)
     assert np.abs(get(plain, bias)).min() > 0
     np.testing.assert_allclose(get(decayed, bias), get(plain, bias) * np.array([[0.5], [1.0]]), rtol=1e-4)
-    word = "roberta", "embeddings", "word_embeddings", "embedding"
-    np.testing.assert_allclose(get(decayed, word), get(plain, word) * 0.25, rtol=1e-4, atol=1e-9)
+    word = "roberta", "embeddings", "word_embeddings", "embedding"  # atol: float32 rounding of p1 - p0
+    np.testing.assert_allclose(get(decayed, word), get(plain, word) * 0.25, rtol=1e-4, atol=1e-8)
     with pytest.raises(UserError, match="decay"):
         Adaptation.from_config(peft("full"), CFG, lr_decay=1.5)
 

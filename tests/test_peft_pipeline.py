@@ -7,13 +7,11 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from export_check import assert_transformers_logits_match
 
-from dontstop_jax.data import load_tokenizer
 from dontstop_jax.engine.checkpoint import Checkpointer
-from dontstop_jax.model import ModelConfig, RobertaForSequenceClassification
 from dontstop_jax.model.peft import load_delta
 
 pytestmark = pytest.mark.slow
@@ -76,21 +74,10 @@ def test_tapt_with_adapters_leaves_a_small_adapter_file(grid):
 
 
 def test_lora_model_exports_merged_with_the_same_logits(grid):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     root, _ = grid
     phase = next((root / "grid" / "finetune").glob("bio_topic-baseline-lora-s0-*"))
     assert (phase / "peft.safetensors").exists()
     _cli("export", "--from", str(phase), "--to", str(root / "exported"))
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(root / "exported").eval()
-    tok = load_tokenizer(root / "exported")
-    batch = tok(["voul ve kai tohe", "ba zus za de bou mu ki"], padding=True, return_tensors="np")
-    ckpt = Checkpointer(phase / "checkpoints", read_only=True)
-    meta = ckpt.meta(ckpt.best_step())
-    assert meta["model_config"]["lora_rank"] > 0
-    ours = RobertaForSequenceClassification(ModelConfig(**meta["model_config"]), len(meta["label_names"])).apply(
-        {"params": ckpt.restore_params(ckpt.best_step())}, jnp.asarray(batch["input_ids"]),
-        jnp.asarray(batch["attention_mask"]))
-    with torch.no_grad():
-        theirs = hf(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]))
-    np.testing.assert_allclose(theirs.logits.numpy(), np.asarray(ours), atol=1e-4)
+    assert assert_transformers_logits_match(phase, root / "exported")["model_config"]["lora_rank"] > 0
