@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import optax
 import pytest
+from ml_collections import ConfigDict
 
+from dontstop_jax.analysis import results_table
 from dontstop_jax.engine import (DEFAULT_RULES, classification_loss_sums, compile_train_step, create_train_state,
                                  default_optim_config, make_mesh, make_train_step, to_global)
 from dontstop_jax.engine.peft import Adaptation, configure_model, default_peft_config
@@ -18,6 +20,7 @@ from dontstop_jax.model import RobertaForSequenceClassification, init_params, lo
 from dontstop_jax.model import tiny_config
 from dontstop_jax.model.peft import load_delta, merge_lora, save_delta
 from dontstop_jax.phases.finetune import reinit_top_layers
+from dontstop_jax.phases.grid import Grid
 
 E, L, LABELS, RANK, ADAPTER = 32, 2, 3, 4, 8
 CFG = tiny_config(vocab_size=128, hidden_size=E, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64,
@@ -253,3 +256,30 @@ def test_mean_pooling_reads_real_tokens_only():
                                rtol=1e-5)
     assert not np.allclose(logits(cfg, base_params(), b), logits(CFG, base_params(), b))
     assert math.isfinite(float(logits(cfg, base_params(), b).sum()))
+
+
+def test_seed_discard_bar_is_the_keep_th_best_early_score_of_earlier_seeds():
+    cfg = ConfigDict(dict(workdir="unused", variants=[], tasks={}, domains={}, methods=["full", "lora"],
+                          seed_discard=dict(fraction=0.3, keep=2), finetune=dict(peft=default_peft_config())))
+    grid = Grid(cfg)
+    assert grid.methods() == ["full", "lora"]
+    assert grid.discard([0.7]) == {"train.discard_fraction": 0.3, "train.discard_below": None}  # first `keep` run
+    assert grid.discard([0.7, 0.9, 0.8])["train.discard_below"] == 0.8
+    cfg.seed_discard.fraction = 0.0
+    assert grid.discard([0.7, 0.9]) == {}
+    cfg.methods = ["full", "prefix"]
+    with pytest.raises(UserError, match="peft.method"):
+        grid.methods()
+
+
+def test_table_shows_parameter_counts_epoch_times_and_discarded_seeds():
+    records = [{"task": "t", "variant": v, "seed": s, "metrics": {"f1": m}, "discarded": d,
+                "extras": {"trainable_params": n, "seconds_per_epoch": 2.0 + s}}
+               for v, n in (("baseline", 125_000_000), ("baseline/lora", 300_000))
+               for s, m, d in ((0, 0.8, False), (1, 0.7, False), (2, 0.1, v == "baseline/lora"))]
+    table = results_table(records, {"t": "f1"}, variant_order=["baseline", "baseline/lora"])
+    markdown = table.to_markdown()
+    assert "125M params, 3 s/epoch" in markdown and "n=2 (+1 discarded), 0.3M params" in markdown
+    lora = table.cells[("baseline/lora", "t")]
+    assert lora.values == (0.8, 0.7) and lora.discarded == 1  # the discarded seed is not averaged in
+    assert "discarded" in table._csv_text().splitlines()[0]

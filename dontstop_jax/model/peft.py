@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -142,13 +141,12 @@ def save_delta(path: str | os.PathLike, params: dict, trainable: dict, cfg: Mode
             for (k, v), t in zip(_flatten(params).items(), _flatten(trainable).values()) if t}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(keep, tmp, metadata={"model_config": json.dumps(dataclasses.asdict(cfg))})
+        save_file(keep, str(tmp), metadata={"model_config": json.dumps(dataclasses.asdict(cfg))})
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -20,6 +20,7 @@ from ml_collections import ConfigDict
 
 from dontstop_jax.analysis import results_table
 from dontstop_jax.data import load_task
+from dontstop_jax.engine.peft import check_method
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.phases.pretrain import pretrain, write_json_atomic
@@ -104,7 +105,7 @@ class Grid:
 
     def methods(self) -> list[str]:
         """The grid's `methods` dimension (full and parameter-efficient fine-tuning); default: finetune.peft's."""
-        return list(self.cfg.get("methods") or [self.cfg.finetune.peft.method])
+        return [check_method(m) for m in self.cfg.get("methods") or [self.cfg.finetune.peft.method]]
 
     def discard(self, early: list[float]) -> dict[str, Any]:
         """Dodge et al. 2020, run seed by seed: after `seed_discard.fraction` of training, stop a seed whose dev
