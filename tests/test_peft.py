@@ -1,26 +1,31 @@
 """Parameter-efficient adaptation: trainable splits, identity at init, LoRA merge, adapter files, sharding,
-and the fine-tuning stability helpers (re-initialisation, layer-wise learning-rate decay)."""
+the fine-tuning stability helpers (re-initialisation, layer-wise learning-rate decay, seed discarding) and
+the grid table's extra columns."""
 
+import dataclasses
 import functools
 import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from ml_collections import ConfigDict
 
 from dontstop_jax.analysis import results_table
-from dontstop_jax.engine import (DEFAULT_RULES, classification_loss_sums, compile_train_step, create_train_state,
-                                 default_optim_config, make_mesh, make_train_step, to_global)
+from dontstop_jax.engine import (DEFAULT_RULES, TrainState, classification_loss_sums, compile_train_step,
+                                 create_train_state, default_optim_config, make_mesh, make_train_step, to_global)
+from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, configure_model, default_peft_config
 from dontstop_jax.errors import UserError
-from dontstop_jax.model import RobertaForSequenceClassification, init_params, load_pretrained, save_pretrained
-from dontstop_jax.model import tiny_config
+from dontstop_jax.model import (RobertaForSequenceClassification, init_params, load_pretrained, save_pretrained,
+                                tiny_config)
 from dontstop_jax.model.peft import load_delta, merge_lora, save_delta
 from dontstop_jax.phases.finetune import reinit_top_layers
 from dontstop_jax.phases.grid import Grid
+from dontstop_jax.phases.source import resolve
 
 E, L, LABELS, RANK, ADAPTER = 32, 2, 3, 4, 8
 CFG = tiny_config(vocab_size=128, hidden_size=E, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64,
@@ -283,3 +288,16 @@ def test_table_shows_parameter_counts_epoch_times_and_discarded_seeds():
     lora = table.cells[("baseline/lora", "t")]
     assert lora.values == (0.8, 0.7) and lora.discarded == 1  # the discarded seed is not averaged in
     assert "discarded" in table._csv_text().splitlines()[0]
+
+
+def test_a_phase_started_from_a_lora_phase_starts_from_the_merged_weights(tmp_path):
+    cfg = configure_model(CFG, peft("lora"))
+    params = _perturbed_lora(cfg)
+    state = TrainState(step=jnp.array(1, jnp.int32), params=params, opt_state=np.zeros(1, np.float32),
+                       rng=np.zeros(2, np.uint32))
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    ckpt.save(state, data_state={}, meta={"model_config": dataclasses.asdict(cfg), "tokenizer_dir": "tok"})
+    ckpt.close()
+    source = resolve(str(tmp_path))
+    assert source.config.lora_rank == 0 and "query_lora" not in source.params["roberta"]["layers"]
+    np.testing.assert_allclose(logits(source.config, source.params), logits(cfg, params), rtol=1e-5, atol=1e-5)
