@@ -27,6 +27,9 @@ def get_config(arg: str = "paper"):
     root = "/data/dontstop"  # the layout below; override data paths per task/domain if yours differ
     cfg = ConfigDict(dict(
         workdir="runs/grid-paper", base="", seeds=[0, 1, 2, 3, 4], variants=list(VARIANTS),
+        # methods: e.g. ["full", "frozen", "bitfit", "houlsby", "pfeiffer", "lora"] (empty: finetune.peft.method);
+        # seed_discard: Dodge et al. early discarding (fraction 0 = off), see phases/grid.py.
+        methods=[], seed_discard=dict(fraction=0.0, keep=3),
         base_pretrain=dict(init="none"),
         domains={d: [f"{root}/corpora/{d}/*.txt"] for d in IRRELEVANT},
         tasks={t: dict(path=f"{root}/tasks/{t}", domain=d, metric=m, epochs=e, text_field="text",

@@ -16,6 +16,7 @@ EPILOG = """examples:
   dontstop grid --config configs/grid.py:paper --config.base=/models/roberta-base
   dontstop export --from runs/finetune-chemprot --to exported/chemprot
   dontstop analyze --config configs/analyze.py:synthetic   # after the demo: overlap, MLM loss, curves, plots
+  dontstop finetune --config configs/finetune.py:chemprot --config.peft.method=lora --config.peft.lora_rank=8
 Every --config.a.b=value must name an existing field; see configs/*.py for the fields and the paper's values."""
 
 
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--from", dest="source", required=True, help="a finished phase's workdir")
     export.add_argument("--to", required=True, help="output directory (must not exist)")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
+    export.add_argument("--peft-only", action="store_true",
+                        help="write only what a parameter-efficient phase trained, as one small .safetensors file")
     for sp in sub.choices.values():
         sp.add_argument("--compilation-cache", default=None, help="persistent XLA cache directory")
     return p
@@ -48,8 +51,8 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.command == "export":
         if overrides:
             raise UserError(f"export takes no --config overrides, got {overrides}")
-        from dontstop_jax.phases.export import export
-        print(export(args.source, args.to, step=args.step))
+        from dontstop_jax.phases.export import export, export_delta
+        print((export_delta if args.peft_only else export)(args.source, args.to, step=args.step))
         return
     if args.command == "demo":
         from dontstop_jax.phases import synthetic

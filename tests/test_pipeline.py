@@ -7,13 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
-import numpy as np
 import pytest
-
-from dontstop_jax.data import load_tokenizer
-from dontstop_jax.engine.checkpoint import Checkpointer
-from dontstop_jax.model import ModelConfig, RobertaForSequenceClassification
+from export_check import assert_transformers_logits_match
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
@@ -57,23 +52,12 @@ def test_rerun_reuses_every_finished_phase(tiny_grid):
 
 
 def test_exported_classifier_reloads_in_transformers_with_the_same_logits(tiny_grid):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     root, _ = tiny_grid
     phase = next((root / "grid" / "finetune").glob("bio_topic-dapt_tapt-s0-*"))
     _cli("export", "--from", str(phase), "--to", str(root / "exported"))
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(root / "exported").eval()
-    tok = load_tokenizer(root / "exported")
-    batch = tok(["voul ve kai tohe", "ba zus za de bou mu ki"], padding=True, return_tensors="np")
-    ckpt = Checkpointer(phase / "checkpoints", read_only=True)
-    meta = ckpt.meta(ckpt.best_step())
-    ours = RobertaForSequenceClassification(ModelConfig(**meta["model_config"]), len(meta["label_names"])).apply(
-        {"params": ckpt.restore_params(ckpt.best_step())}, jnp.asarray(batch["input_ids"]),
-        jnp.asarray(batch["attention_mask"]))
-    with torch.no_grad():
-        theirs = hf(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]))
-    np.testing.assert_allclose(theirs.logits.numpy(), np.asarray(ours), atol=1e-4)
-    assert hf.config.id2label[0] == meta["label_names"][0]
+    assert_transformers_logits_match(phase, root / "exported")
 
 
 def test_analyze_after_the_demo_shows_why_the_domains_need_adaptation(tiny_grid):

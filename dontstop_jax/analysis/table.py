@@ -5,6 +5,10 @@ Inputs are records `{"task", "variant", "seed", "metrics": {...}}` holding test-
 CSV and JSON keep the raw fractions. Std is the sample std over seeds (ddof=1); with one seed it is
 undefined: "n/a" in Markdown, empty in CSV, null in JSON, never a misleading 0.0.
 
+A record may also carry `extras` (numbers such as trainable_params, seconds_per_epoch: their mean over
+seeds is shown beside the score) and `discarded: true` (a seed stopped early by Dodge et al.'s early
+discarding: counted, but not part of the mean).
+
 Significance, the project's acceptance criterion ("DAPT+TAPT beats the baseline by more than two standard
 deviations of the seeds"), is one-sided: mean_a - mean_b > 2 * max(std_a, std_b), and needs >= 2 seeds
 on both sides.
@@ -17,6 +21,7 @@ import io
 import json
 import os
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,8 @@ class Cell:
     metric: str
     seeds: tuple[int, ...]
     values: tuple[float, ...]
+    extras: Mapping[str, float] = dataclasses.field(default_factory=dict)  # means over seeds
+    discarded: int = 0  # seeds stopped early, left out of `values`
 
     @property
     def n(self) -> int:
@@ -73,6 +80,8 @@ def _compare(a: Cell, b: Cell) -> Significance:
 def _collect(records: Sequence[Record], metric_by_task: Mapping[str, str]) -> dict[tuple[str, str], Cell]:
     """Group records into cells, checking every record names a known task, its metric and a fresh seed."""
     runs: dict[tuple[str, str], dict[int, float]] = {}
+    extras: dict[tuple[str, str], dict[str, list[float]]] = {}
+    discarded: dict[tuple[str, str], int] = {}
     for i, record in enumerate(records):
         missing = {"task", "variant", "seed", "metrics"} - set(record)
         if missing:
@@ -91,13 +100,20 @@ def _collect(records: Sequence[Record], metric_by_task: Mapping[str, str]) -> di
         if not 0.0 <= value <= 1.0:
             raise UserError(f"{metric} of {variant} on {task}, seed {seed}, is {value}, outside [0, 1]; "
                             "record fractions, not percentages")
+        for key, extra in record.get("extras", {}).items():
+            extras.setdefault((variant, task), {}).setdefault(key, []).append(float(extra))
+        if record.get("discarded"):
+            discarded[(variant, task)] = discarded.get((variant, task), 0) + 1
+            continue
         seeds = runs.setdefault((variant, task), {})
         if seed in seeds:
             raise UserError(f"{variant} on {task} has seed {seed} twice; drop the duplicate record")
         seeds[seed] = value
     return {
         (variant, task): Cell(variant, task, metric_by_task[task], tuple(sorted(seeds)),
-                              tuple(seeds[s] for s in sorted(seeds)))
+                              tuple(seeds[s] for s in sorted(seeds)),
+                              {k: float(np.mean(v)) for k, v in extras.get((variant, task), {}).items()},
+                              discarded.get((variant, task), 0))
         for (variant, task), seeds in runs.items()
     }
 
@@ -137,7 +153,8 @@ class ResultsTable:
             {"variant": cell.variant, "task": cell.task, "metric": cell.metric, "n": cell.n, "mean": cell.mean,
              "std": cell.std, "delta_vs_baseline": self.delta(cell.variant, cell.task),
              "beats_baseline": self.beats_baseline(cell.variant, cell.task),
-             "seeds": list(cell.seeds), "values": list(cell.values)}
+             "seeds": list(cell.seeds), "values": list(cell.values),
+             **({"discarded": cell.discarded} if cell.discarded else {}), **cell.extras}
             for variant in self.variants for task in self.tasks
             if (cell := self.cells.get((variant, task))) is not None
         ]
@@ -150,7 +167,12 @@ class ResultsTable:
         delta = self.delta(variant, task) if variant != self.baseline else None
         if delta is not None:
             text += f" ({100 * delta:+.1f}{'†' if self.beats_baseline(variant, task) else ''})"
-        return f"{text}, n={cell.n}"
+        text += f", n={cell.n}" + (f" (+{cell.discarded} discarded)" if cell.discarded else "")
+        if "trainable_params" in cell.extras:
+            text += f", {cell.extras['trainable_params'] / 1e6:.3g}M params"
+        if "seconds_per_epoch" in cell.extras:
+            text += f", {cell.extras['seconds_per_epoch']:.3g} s/epoch"
+        return text
 
     def to_markdown(self) -> str:
         header = ["variant", *(f"{task} ({self.metric_by_task[task]})" for task in self.tasks)]
@@ -167,9 +189,11 @@ class ResultsTable:
         out = io.StringIO()
         fields = ["variant", "task", "metric", "n", "mean", "std", "delta_vs_baseline", "beats_baseline",
                   "seeds", "values"]
-        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+        rows = self._rows()
+        fields += sorted(set().union(*rows) - set(fields))  # discarded, extras: only when some row has them
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n", restval="")
         writer.writeheader()
-        for row in self._rows():
+        for row in rows:
             writer.writerow({key: "" if value is None else ";".join(map(str, value)) if isinstance(value, list)
                              else value for key, value in row.items()})
         return out.getvalue()

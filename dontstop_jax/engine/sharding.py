@@ -39,6 +39,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
     ("act_embed", None),
     ("embed_out", None),
+    ("adapter", None),  # adapter bottleneck and LoRA rank: small, replicated
+    ("lora", None),
 )
 
 Rules = Sequence[tuple[str, Any]]
@@ -152,6 +154,8 @@ def tree_shardings(boxed_abstract: Any, mesh: Mesh, rules: Rules) -> Any:
     """Shardings for a pytree whose leaves may be flax LogicallyPartitioned boxes (unboxed structure out)."""
     def one(leaf):
         if isinstance(leaf, nn.LogicallyPartitioned):
+            if not hasattr(leaf.value, "shape"):  # optax.MaskedNode: a frozen leaf's absent optimizer state
+                return leaf.value
             return logical_to_sharding(leaf.names, leaf.value.shape, mesh, rules)
         return NamedSharding(mesh, P())  # scalars, step counters, RNG keys: replicated
     return jax.tree_util.tree_map(one, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

@@ -11,6 +11,10 @@ from dontstop_jax.errors import UserError
 
 # Options that change how the model computes, never what it computes (fp32, no dropout).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# Parameter-efficient additions (model/peft.py); all off by default, so the model is exactly RoBERTa.
+ADAPTERS = ("none", "houlsby", "pfeiffer")
+LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
+POOLINGS = ("cls", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +38,13 @@ class ModelConfig:
     dtype: str = "float32"  # activations / matmul dtype; parameters stay float32
     remat: str = "none"  # jax.checkpoint policy per encoder layer, one of REMAT_POLICIES
     attention_impl: str | None = None  # None (XLA decides), "xla" or "cudnn" for jax.nn.dot_product_attention
+    # Parameter-efficient additions (not part of the Hugging Face config either).
+    adapter: str = "none"  # bottleneck adapters: houlsby (after attention and FFN) or pfeiffer (after FFN)
+    adapter_size: int = 64  # adapter bottleneck width
+    lora_rank: int = 0  # 0 = no LoRA
+    lora_alpha: float = 16.0  # LoRA update scale is lora_alpha / lora_rank
+    lora_targets: tuple[str, ...] = ("query", "value")
+    pooling: str = "cls"  # classifier input: the <s> state (RoBERTa's head) or the mean over real tokens
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -44,6 +55,16 @@ class ModelConfig:
             raise UserError(f"model.remat={self.remat!r} is unknown; use one of {REMAT_POLICIES}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"model.dtype={self.dtype!r} is unknown; use float32, bfloat16 or float16")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON metadata gives lists
+        if self.adapter not in ADAPTERS:
+            raise UserError(f"adapter={self.adapter!r} is unknown; use one of {ADAPTERS}")
+        if self.adapter != "none" and self.adapter_size < 1:
+            raise UserError(f"adapter_size={self.adapter_size} must be >= 1")
+        if self.lora_rank < 0 or set(self.lora_targets) - set(LORA_TARGETS):
+            raise UserError(f"lora_rank={self.lora_rank} / lora_targets={self.lora_targets} are invalid; use a "
+                            f"rank >= 0 and targets among {LORA_TARGETS}")
+        if self.pooling not in POOLINGS:
+            raise UserError(f"pooling={self.pooling!r} is unknown; use one of {POOLINGS}")
 
     @property
     def head_dim(self) -> int:

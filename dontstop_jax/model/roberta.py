@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dontstop_jax.model.config import ModelConfig
+from dontstop_jax.model.peft import adapt, add_lora
 
 Array = jax.Array
 Gates = Mapping[str, Array]  # {"head": [L, heads], "intermediate": [L, mlp], "output": [L, embed]}
@@ -121,21 +122,28 @@ class Layer(nn.Module):
         cfg, det = self.config, self.deterministic
         gates = gates or {}
 
-        q, k, v = (HeadsProjection(cfg, name=n)(h) for n in ("query", "key", "value"))
+        q, k, v = (add_lora(cfg, n, HeadsProjection(cfg, name=n)(h), h, ("embed",), ("heads", "kv"))
+                   for n in ("query", "key", "value"))
         ctx = self._attention(q, k, v, mask)  # [batch, length, heads, kv]
         if "head" in gates:
             ctx = ctx * gates["head"][:, None].astype(ctx.dtype)
-        attn_out = HeadsOutput(cfg, name="attention_output")(ctx)
+        attn_out = add_lora(cfg, "attention_output", HeadsOutput(cfg, name="attention_output")(ctx), ctx,
+                            ("heads", "kv"), ("embed",))
         attn_out = nn.Dropout(cfg.hidden_dropout_prob)(attn_out, deterministic=det)
+        attn_out = adapt(cfg, "attention", attn_out)
         h = _layer_norm(cfg, "attention_LayerNorm")(attn_out + h)
 
-        inter = nn.gelu(_dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "intermediate")(h), approximate=False)
+        inter = add_lora(cfg, "intermediate", _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "intermediate")(h),
+                         h, ("embed",), ("mlp",))
+        inter = nn.gelu(inter, approximate=False)
         if "intermediate" in gates:
             inter = inter * gates["intermediate"].astype(inter.dtype)
-        out = _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(inter)
+        out = add_lora(cfg, "output", _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(inter), inter,
+                       ("mlp",), ("embed",))
         out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=det)
         if "output" in gates:
             out = out * gates["output"].astype(out.dtype)
+        out = adapt(cfg, "output", out)
         h = _layer_norm(cfg, "output_LayerNorm")(out + h)
         return nn.with_logical_constraint(h, ("batch", "length", "act_embed")), None
 
@@ -216,16 +224,25 @@ class RobertaForMaskedLM(nn.Module):
 
 
 class ClassificationHead(nn.Module):
-    """Hugging Face's RobertaClassificationHead: dropout, dense+tanh, dropout, out_proj on `<s>`."""
+    """Hugging Face's RobertaClassificationHead: dropout, dense+tanh, dropout, out_proj on `<s>`.
+
+    With config.pooling="mean" it reads the mean over real tokens instead (feature extraction's other
+    common choice; no Hugging Face equivalent).
+    """
 
     config: ModelConfig
     num_labels: int
 
     @nn.compact
-    def __call__(self, h: Array, deterministic: bool) -> Array:
+    def __call__(self, h: Array, deterministic: bool, attention_mask: Array) -> Array:
         cfg = self.config
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-        x = nn.Dropout(rate)(h[:, 0], deterministic=deterministic)
+        if cfg.pooling == "mean":
+            w = attention_mask.astype(h.dtype)[..., None]
+            pooled = jnp.sum(h * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1)
+        else:
+            pooled = h[:, 0]
+        x = nn.Dropout(rate)(pooled, deterministic=deterministic)
         x = jnp.tanh(_dense(cfg, cfg.hidden_size, ("embed", "mlp"), "dense")(x))
         x = nn.Dropout(rate)(x, deterministic=deterministic)
         return _dense(cfg, self.num_labels, ("mlp", "labels"), "out_proj")(x).astype(jnp.float32)
@@ -240,7 +257,7 @@ class RobertaForSequenceClassification(nn.Module):
                  gates: Gates | None = None) -> Array:
         h = RobertaModel(self.config, name="roberta")(input_ids, attention_mask, deterministic=deterministic,
                                                        gates=gates)
-        return ClassificationHead(self.config, self.num_labels, name="classifier")(h, deterministic)
+        return ClassificationHead(self.config, self.num_labels, name="classifier")(h, deterministic, attention_mask)
 
 
 def init_params(module: nn.Module, rng: Array, seq_len: int = 8) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 
 from dontstop_jax.engine.optim import default_optim_config
+from dontstop_jax.engine.peft import default_peft_config
 from dontstop_jax.engine.sharding import DEFAULT_RULES
 
 
@@ -26,7 +27,8 @@ def _common(name: str) -> ConfigDict:
         model=_model(),
         # shape: (data, fsdp, tensor); dcn_shape (multi-slice): shape is then per slice, dcn_shape across slices
         mesh=dict(shape=(-1, 1, 1), dcn_shape=None, rules=DEFAULT_RULES),
-        optim=default_optim_config()), type_safe=False)
+        optim=default_optim_config(),
+        peft=default_peft_config()), type_safe=False)  # which parameters train: full or parameter-efficient
 
 
 def pretrain_config(kind: str = "dapt") -> ConfigDict:
@@ -53,7 +55,11 @@ def finetune_config() -> ConfigDict:
     cfg = _common("finetune")
     cfg.task = dict(path="", hf_dataset="", text_field="text", label_field="label")
     cfg.data = dict(max_seq_length=512)
-    cfg.train = dict(batch_size=16, epochs=10, patience=3, metric="macro_f1", log_every=50, skip_nonfinite=False)
+    cfg.train = dict(batch_size=16, epochs=10, patience=3, metric="macro_f1", log_every=50, skip_nonfinite=False,
+                     # Stability helpers: re-initialise the top k encoder layers (Zhang et al. 2021); layer-wise
+                     # learning-rate decay (1 = off); Dodge et al. 2020: after `discard_fraction` of the epochs,
+                     # stop a seed whose dev score is below `discard_below` (the grid sets it from other seeds).
+                     reinit_top_layers=0, layerwise_lr_decay=1.0, discard_fraction=0.0, discard_below=None)
     cfg.optim.learning_rate = 2e-5
     cfg.optim.weight_decay = 0.1
     cfg.model.hidden_dropout_prob = 0.1

@@ -1,18 +1,51 @@
-"""Export a phase's checkpoint as a Hugging Face directory (parameters only: no optimizer state is read)."""
+"""Export a phase's checkpoint as a Hugging Face directory (parameters only: no optimizer state is read),
+or only what a parameter-efficient phase trained, as a small file."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ml_collections import ConfigDict
+
 from dontstop_jax.engine.checkpoint import Checkpointer
+from dontstop_jax.engine.peft import Adaptation, default_peft_config
+from dontstop_jax.errors import UserError
 from dontstop_jax.model import ModelConfig, save_pretrained
+from dontstop_jax.model.peft import merge_lora, save_delta
 from dontstop_jax.phases.source import phase_checkpoints
 
 
-def export(workdir: str, out_dir: str, step: int | None = None) -> Path:
+def _load(workdir: str, step: int | None) -> tuple[dict, ModelConfig, dict]:
     ckpt = Checkpointer(phase_checkpoints(Path(workdir)), read_only=True)
     step = step if step is not None else (ckpt.best_step() or ckpt.latest_step())
     meta = ckpt.meta(step)
-    cfg = ModelConfig(**meta["model_config"])
-    return save_pretrained(out_dir, cfg, ckpt.restore_params(step), meta.get("head", "mlm"),
+    return meta, ModelConfig(**meta["model_config"]), ckpt.restore_params(step)
+
+
+def export(workdir: str, out_dir: str, step: int | None = None) -> Path:
+    """LoRA is merged into the base kernels (same logits); adapters and mean pooling have no Hugging Face
+    RoBERTa equivalent, so those models are refused rather than exported without them."""
+    meta, cfg, params = _load(workdir, step)
+    cfg, params = merge_lora(cfg, params)
+    if cfg.adapter != "none" or (cfg.pooling != "cls" and meta.get("head") == "classification"):
+        raise UserError(f"{workdir} has {cfg.adapter} adapters or {cfg.pooling} pooling, which a Hugging Face "
+                        "RoBERTa cannot hold; export the adapter file instead (`dontstop export --peft-only`)")
+    return save_pretrained(out_dir, cfg, params, meta.get("head", "mlm"),
                            tokenizer_dir=meta["tokenizer_dir"], label_names=meta.get("label_names"))
+
+
+def export_delta(workdir: str, out_file: str, step: int | None = None, *, enabled: bool = True) -> Path:
+    """The leaves the phase's `peft.method` trained (adapters/LoRA, biases, norms, head) as safetensors;
+    `dontstop_jax.model.peft.load_delta(file, base_params)` puts them back onto the base model.
+    Every process reads (restores are collective); only those with `enabled` write."""
+    meta, cfg, params = _load(workdir, step)
+    peft = meta["config"].get("peft", default_peft_config().to_dict())
+    adaptation = Adaptation.from_config(ConfigDict(peft), cfg)
+    if adaptation.method in ("full", "top_k"):
+        raise UserError(f"{workdir} trained with peft.method={adaptation.method}, which changes whole encoder "
+                        "weights; export the full model instead (without --peft-only)")
+    if Path(out_file).is_dir():
+        raise UserError(f"{out_file} is a directory; --peft-only writes one file, e.g. out/peft.safetensors")
+    if enabled:
+        save_delta(out_file, params, adaptation.trainable(params), cfg)
+    return Path(out_file)

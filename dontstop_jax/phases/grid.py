@@ -20,6 +20,7 @@ from ml_collections import ConfigDict
 
 from dontstop_jax.analysis import results_table
 from dontstop_jax.data import load_task
+from dontstop_jax.engine.peft import check_method
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.phases.pretrain import pretrain, write_json_atomic
@@ -102,6 +103,20 @@ class Grid:
                             f"domain of {sorted(self.cfg.domains)}")
         return self.dapt(base, other)
 
+    def methods(self) -> list[str]:
+        """The grid's `methods` dimension (full and parameter-efficient fine-tuning); default: finetune.peft's."""
+        return [check_method(m) for m in self.cfg.get("methods") or [self.cfg.finetune.peft.method]]
+
+    def discard(self, early: list[float]) -> dict[str, Any]:
+        """Dodge et al. 2020, run seed by seed: after `seed_discard.fraction` of training, stop a seed whose dev
+        score is below the `keep`-th best early score of the seeds run before it (the first `keep` always run)."""
+        rule = self.cfg.get("seed_discard")
+        if not rule or not rule.fraction:
+            return {}
+        best = sorted(early, reverse=True)
+        return {"train.discard_fraction": rule.fraction,
+                "train.discard_below": best[rule.keep - 1] if len(best) >= rule.keep else None}
+
     def run(self) -> Any:
         """Run what is missing; returns the results table (raw per-seed records in `self.records`)."""
         base = self.base()
@@ -113,13 +128,21 @@ class Grid:
                             "task.label_field": spec.label_field}
                 if spec.get("epochs"):
                     per_task["train.epochs"] = spec.epochs
-                for seed in self.cfg.seeds:
-                    phase = _phase(self.cfg.finetune, self.root / "finetune", f"{task}-{variant}-s{seed}",
-                                   init=init, seed=seed, **per_task)
-                    result = finetune(phase)
-                    records.append({"task": task, "variant": variant, "seed": seed, "metrics": result["test"]})
-        table = results_table(records, {t: s.metric for t, s in self.cfg.tasks.items()},
-                              variant_order=list(self.cfg.variants))
+                for method in self.methods():
+                    label, early = variant if method == "full" else f"{variant}/{method}", []
+                    for seed in self.cfg.seeds:
+                        phase = _phase(self.cfg.finetune, self.root / "finetune",
+                                       f"{task}-{label.replace('/', '-')}-s{seed}", init=init, seed=seed,
+                                       **per_task, **{"peft.method": method}, **self.discard(early))
+                        result = finetune(phase)
+                        if result.get("early_dev") is not None:
+                            early.append(result["early_dev"])
+                        records.append({"task": task, "variant": label, "seed": seed, "metrics": result["test"],
+                                        "discarded": result.get("discarded", False), "extras": {
+                                            k: result[k] for k in ("trainable_params", "seconds_per_epoch")
+                                            if result.get(k) is not None}})
+        order = [v if m == "full" else f"{v}/{m}" for v in self.cfg.variants for m in self.methods()]
+        table = results_table(records, {t: s.metric for t, s in self.cfg.tasks.items()}, variant_order=order)
         if jax.process_index() == 0:
             table.write_all(self.root)
             write_json_atomic(self.root / "records.json", {"records": records})

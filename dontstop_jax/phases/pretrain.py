@@ -15,14 +15,17 @@ from ml_collections import ConfigDict
 
 from dontstop_jax.data import MLMLoader, PreparedCorpus, load_tokenizer, prepare_corpus, special_ids, word_start_table
 from dontstop_jax.engine import (abstract_state, check_batch_size, compile_train_step, create_train_state, make_mesh,
-                                 make_optimizer, make_train_step, mlm_loss_sums, to_global)
+                                 make_train_step, mlm_loss_sums, to_global)
 from dontstop_jax.engine.checkpoint import Checkpointer
+from dontstop_jax.engine.peft import Adaptation
 from dontstop_jax.model import RobertaForMaskedLM
+from dontstop_jax.phases.export import export_delta
 from dontstop_jax.phases import source as sources
 from dontstop_jax.train import MetricsWriter, ProgressBar
 from dontstop_jax.train.loop import StopSignal, run_steps
 
 DONE = "DONE.json"
+PEFT_FILE = "peft.safetensors"
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -53,13 +56,20 @@ def prepare(cfg: ConfigDict, source: sources.ModelSource) -> PreparedCorpus:
     return run()
 
 
+def write_delta(workdir: Path, adaptation: Adaptation) -> None:
+    """A parameter-efficient phase also leaves what it trained as a small file (`PEFT_FILE`)."""
+    if adaptation.method not in ("full", "top_k"):
+        export_delta(str(workdir), str(workdir / PEFT_FILE), enabled=jax.process_index() == 0)
+
+
 def pretrain(cfg: ConfigDict) -> dict:
     """Run (or resume, or reuse) one MLM phase in cfg.workdir; returns its summary."""
     workdir = Path(cfg.workdir)
     if (done := finished(workdir)) is not None:
         return done
     lead = jax.process_index() == 0
-    source = sources.resolve(cfg.init, tokenizer=cfg.get("tokenizer"), model=cfg.get("model"))
+    source, adaptation = sources.adapted(
+        sources.resolve(cfg.init, tokenizer=cfg.get("tokenizer"), model=cfg.get("model")), cfg)
     mesh = make_mesh(cfg.mesh.shape, dcn_shape=cfg.mesh.dcn_shape)
     rules = tuple(tuple(r) for r in cfg.mesh.rules)
     check_batch_size(cfg.train.batch_size, mesh)
@@ -70,7 +80,7 @@ def pretrain(cfg: ConfigDict) -> dict:
                        word_starts_table=word_start_table(tokenizer) if cfg.data.whole_word else None,
                        process_index=jax.process_index(), process_count=jax.process_count())
     total = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
-    tx, schedule = make_optimizer(cfg.optim, total)
+    tx, schedule = adaptation.optimizer(cfg.optim, total)
     model = RobertaForMaskedLM(source.config)
     ckpt = Checkpointer(workdir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
     state, shardings = create_train_state(model, tx, mesh, rules, cfg.seed, pretrained=source.params)
@@ -79,7 +89,8 @@ def pretrain(cfg: ConfigDict) -> dict:
         state, data_state, _ = ckpt.restore(abstract_state(shardings, model, tx))
         loader.set_state(data_state)
     step_fn = compile_train_step(make_train_step(mlm_loss_sums(model), tx, accum_steps=cfg.train.accum_steps,
-                                                 schedule=schedule, skip_nonfinite=cfg.train.skip_nonfinite),
+                                                 schedule=schedule, skip_nonfinite=cfg.train.skip_nonfinite,
+                                                 grad_transform=adaptation.grad_transform()),
                                  shardings, mesh, rules)
     start = int(jax.device_get(state.step))
     batches = (to_global(b, mesh) for b in loader)
@@ -98,7 +109,9 @@ def pretrain(cfg: ConfigDict) -> dict:
     if interrupted:
         return {"interrupted": True, "step": int(jax.device_get(state.step))}
     summary = {"phase": cfg.name, "workdir": str(workdir.absolute()), "steps": total, "parent": source.parent,
-               "corpus_blocks": corpus.num_blocks, "epochs": total / loader.steps_per_epoch}
+               "corpus_blocks": corpus.num_blocks, "epochs": total / loader.steps_per_epoch,
+               "trainable_params": adaptation.count(state.params)[0]}
+    write_delta(workdir, adaptation)
     if lead:
         write_json_atomic(workdir / DONE, summary)
     return summary

@@ -10,8 +10,10 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from dontstop_jax.engine.checkpoint import Checkpointer
+from dontstop_jax.engine.peft import Adaptation, plan
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import ModelConfig, check_tokenizer, load_pretrained
+from dontstop_jax.model.peft import merge_lora
 
 # Fields a phase may change on a loaded model: how it computes and how much dropout it uses.
 RUNTIME_FIELDS = ("dtype", "remat", "attention_impl", "hidden_dropout_prob", "attention_probs_dropout_prob",
@@ -50,9 +52,15 @@ def resolve(init: str, *, tokenizer: str | None = None, model: ConfigDict | None
     ckpt = Checkpointer(ckpt_dir, read_only=True)
     step = ckpt.best_step() or ckpt.latest_step()
     meta = ckpt.meta(step)
-    cfg = ModelConfig(**{**meta["model_config"], **overrides})
-    return ModelSource(cfg, ckpt.restore_params(step), tokenizer or meta["tokenizer_dir"],
-                       f"checkpoint:{ckpt_dir.absolute()}@{step}")
+    # A parent's LoRA is folded into its weights: the next phase starts from a plain (or adapter) model.
+    cfg, params = merge_lora(ModelConfig(**{**meta["model_config"], **overrides}), ckpt.restore_params(step))
+    return ModelSource(cfg, params, tokenizer or meta["tokenizer_dir"], f"checkpoint:{ckpt_dir.absolute()}@{step}")
+
+
+def adapted(source: ModelSource, cfg: ConfigDict) -> tuple[ModelSource, Adaptation]:
+    """The source with the model its `cfg.peft` method needs (adapters/LoRA added), and the trainable split."""
+    model, adaptation = plan(cfg, source.config)
+    return dataclasses.replace(source, config=model), adaptation
 
 
 def provenance(phase: str, source: ModelSource, cfg: ConfigDict, **extra: Any) -> dict:

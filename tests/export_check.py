@@ -1,0 +1,31 @@
+"""Shared check: a phase exported to Hugging Face format gives our model's logits in transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from dontstop_jax.data import load_tokenizer
+from dontstop_jax.engine.checkpoint import Checkpointer
+from dontstop_jax.model import ModelConfig, RobertaForSequenceClassification
+
+
+def assert_transformers_logits_match(phase: Path, exported: Path) -> dict:
+    """Compare transformers' logits of `exported` with ours from `phase`'s best checkpoint; returns its meta."""
+    import torch
+    import transformers
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(exported).eval()
+    tok = load_tokenizer(exported)
+    batch = tok(["voul ve kai tohe", "ba zus za de bou mu ki"], padding=True, return_tensors="np")
+    ckpt = Checkpointer(phase / "checkpoints", read_only=True)
+    meta = ckpt.meta(ckpt.best_step())
+    ours = RobertaForSequenceClassification(ModelConfig(**meta["model_config"]), len(meta["label_names"])).apply(
+        {"params": ckpt.restore_params(ckpt.best_step())}, jnp.asarray(batch["input_ids"]),
+        jnp.asarray(batch["attention_mask"]))
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]))
+    np.testing.assert_allclose(theirs.logits.numpy(), np.asarray(ours), atol=1e-4)
+    assert hf.config.id2label[0] == meta["label_names"][0]
+    return meta
