@@ -13,6 +13,8 @@ EPILOG = """examples:
       --config.data.sources='["/data/s2orc/*.txt"]'
   dontstop finetune --config configs/finetune.py:chemprot --config.init=runs/dapt-biomed \\
       --config.task.path=/data/chemprot
+  dontstop select --config configs/select.py:knn --config.k=500 --config.task.path=/data/chemprot \\
+      --config.sources='["/data/s2orc/*.txt"]'
   dontstop grid --config configs/grid.py:paper --config.base=/models/roberta-base
   dontstop export --from runs/finetune-chemprot --to exported/chemprot
 Every --config.a.b=value must name an existing field; see configs/*.py for the fields and the paper's values."""
@@ -28,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in [("prepare", "tokenize and pack a pretraining corpus into cached shards"),
                        ("pretrain", "run a DAPT or TAPT masked-LM phase"),
                        ("finetune", "fine-tune on a labeled task with early stopping on dev"),
+                       ("select", "select domain documents for TAPT (kNN-TAPT, RAND-TAPT, DSIR, curated)"),
                        ("grid", "run a grid of variants x tasks x seeds and write the results table")]:
         sp = sub.add_parser(name, help=text)
         sp.add_argument("--config", required=True, help="configs/FILE.py or configs/FILE.py:ARG")
@@ -71,6 +74,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> None:
     elif args.command == "finetune":
         from dontstop_jax.phases.finetune import finetune
         print(finetune(cfg))
+    elif args.command == "select":
+        from dontstop_jax.phases.select import select
+        print(select(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,18 @@ def reference(queries, corpus, k):
     return np.take_along_axis(sims, order, 1), order
 
 
+def assert_same_neighbours(queries, corpus, scores, ids, k):
+    """Equal to the reference, except that two documents whose similarities differ only by float32 rounding of
+    the matmul (not exactly equal: exact ties must go to the lower index) may come in either order."""
+    want_scores, want_ids = reference(queries, corpus, k)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    sims = normalize(queries) @ normalize(corpus).T
+    rows, cols = np.nonzero(ids != want_ids)
+    gaps = np.abs(sims[rows, ids[rows, cols]] - sims[rows, want_ids[rows, cols]])
+    assert ((gaps > 0) & (gaps < 1e-6)).all(), (rows, cols, gaps)
+    assert len(rows) <= 0.01 * ids.size
+
+
 def chunks(x, size):
     return [x[i : i + size] for i in range(0, len(x), size)]
 
@@ -25,9 +37,7 @@ def test_exact_topk_equals_numpy_on_the_mesh(chunk, k):
     rng = np.random.default_rng(chunk * 100 + k)
     queries, corpus = rng.normal(size=(13, 16)), rng.normal(size=(301, 16))  # 13 queries: padded to 8 devices
     scores, ids = topk_cosine(queries, chunks(corpus, chunk), k, make_mesh((-1, 1, 1)))
-    want_scores, want_ids = reference(queries, corpus, k)
-    np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    assert_same_neighbours(queries, corpus, scores, ids, k)
 
 
 def test_ties_go_to_the_lower_index_whatever_the_chunking():
@@ -60,9 +70,7 @@ def test_faiss_backend_agrees_with_numpy():
     rng = np.random.default_rng(3)
     queries, corpus = rng.normal(size=(9, 16)), rng.normal(size=(250, 16))
     scores, ids = topk_cosine(queries, chunks(corpus, 64), 12, backend="faiss")
-    want_scores, want_ids = reference(queries, corpus, 12)
-    np.testing.assert_array_equal(ids, want_ids)
-    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    assert_same_neighbours(queries, corpus, scores, ids, 12)
 
 
 def test_bad_k_or_backend_is_a_user_error():
@@ -70,3 +78,12 @@ def test_bad_k_or_backend_is_a_user_error():
         topk_cosine(np.ones((2, 2)), [], 0)
     with pytest.raises(UserError, match="unknown kNN backend"):
         topk_cosine(np.ones((2, 2)), [], 3, backend="annoy")
+
+
+@pytest.mark.parametrize("k", [20, 100])
+def test_late_chunks_taken_shallower_stay_exact(k):
+    """Many chunks: later ones beat the running threshold rarely and take the cheaper, shallower top-k path."""
+    rng = np.random.default_rng(k)
+    queries, corpus = rng.normal(size=(16, 8)), rng.normal(size=(4000, 8))
+    scores, ids = topk_cosine(queries, chunks(corpus, 128), k, make_mesh((-1, 1, 1)))
+    assert_same_neighbours(queries, corpus, scores, ids, k)

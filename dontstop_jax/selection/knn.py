@@ -1,7 +1,7 @@
 """Exact cosine top-k of task examples over a domain corpus too large to hold: a stream of document chunks.
 
-Each chunk is scored against all queries by one jitted matmul, its own top-k is taken and merged with the
-running top-k, so memory is bounded by queries x (k + chunk) whatever the corpus size. Queries (and the
+Each chunk is scored against all queries by one jitted matmul, its own top-k is taken (only as deep as the
+running top-k's threshold requires) and merged with the running top-k, so memory is bounded by queries x (k + chunk) whatever the corpus size. Queries (and the
 running top-k) are split over the mesh's batch axes and the chunk is replicated: every device ranks its own
 queries against the whole chunk, so the top-k needs no cross-device communication.
 
@@ -46,16 +46,30 @@ def empty_topk(rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((rows, k), -np.inf, np.float32), np.full((rows, k), -1, np.int64)
 
 
+def _top(x: jax.Array, k: int, approximate: bool) -> tuple[jax.Array, jax.Array]:
+    return jax.lax.approx_max_k(x, k) if approximate else jax.lax.top_k(x, k)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "approximate"), donate_argnums=(0, 1))
 def _update(best_s, best_i, queries, chunk, offset, count, *, k: int, approximate: bool):
     docs = chunk / jnp.maximum(jnp.linalg.norm(chunk, axis=1, keepdims=True), EPS)
     sims = queries @ docs.T
     sims = jnp.where(jnp.arange(chunk.shape[0])[None, :] < count, sims, -jnp.inf)
-    kk = min(k, chunk.shape[0])
-    s, i = jax.lax.approx_max_k(sims, kk) if approximate else jax.lax.top_k(sims, kk)
-    i = jnp.where(jnp.isfinite(s), i.astype(best_i.dtype) + offset, -1)
-    s, pos = jax.lax.top_k(jnp.concatenate([best_s, s], 1), k)
-    return s, jnp.take_along_axis(jnp.concatenate([best_i, i], 1), pos, 1)
+    # CPU top-k costs grow with k, and once the running k-th best is high few documents of a new chunk beat
+    # it: take only as many per row as the worst row needs (a later document never wins a tie, hence >).
+    need = jnp.max(jnp.sum(sims > best_s[:, -1:], axis=1))
+    sizes = sorted({min(size, k, chunk.shape[0]) for size in (8, 64, 256, k)})
+
+    def merge(size):
+        def run(sims, best_s, best_i):
+            s, i = _top(sims, size, approximate)
+            i = jnp.where(jnp.isfinite(s), i.astype(best_i.dtype) + offset, -1)
+            s, pos = jax.lax.top_k(jnp.concatenate([best_s, s], 1), k)
+            return s, jnp.take_along_axis(jnp.concatenate([best_i, i], 1), pos, 1)
+        return run
+
+    branch = jnp.searchsorted(jnp.asarray(sizes), need)
+    return jax.lax.switch(jnp.minimum(branch, len(sizes) - 1), [merge(size) for size in sizes], sims, best_s, best_i)
 
 
 class StreamingTopK:

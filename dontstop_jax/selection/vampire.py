@@ -67,7 +67,8 @@ def train(texts: Sequence[str], *, vocab: int, hidden: int, latent: int, steps: 
     for i in range(steps):
         rows = order.integers(0, len(counts), min(batch_size, len(counts)))
         rng, key = jax.random.split(rng)
-        params, opt_state, value = step(params, opt_state, counts[rows], key, jnp.float32(min(1.0, (i + 1) / (steps / 2))))
+        kl_weight = jnp.float32(min(1.0, 2 * (i + 1) / steps))  # annealed in over the first half
+        params, opt_state, value = step(params, opt_state, counts[rows], key, kl_weight)
         if i % 10 == 0 or i == steps - 1:
             curve.append(float(value))
     return jax.device_get(params), curve
