@@ -72,9 +72,12 @@ def main() -> None:
     p.add_argument("--k", type=int, default=500)
     p.add_argument("--chunk", type=int, default=16_384, help="documents per streamed chunk (ours)")
     p.add_argument("--approximate", action="store_true", help="lax.approx_max_k instead of lax.top_k")
+    p.add_argument("--devices", type=int, default=2, help="CPU devices to split the queries over (the cores)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     import jax
+
+    jax.config.update("jax_num_cpu_devices", args.devices)
 
     queries = np.random.default_rng([args.seed, 1 << 30]).standard_normal((args.queries, args.dim), np.float32)
     ours_s, ours_ids = run_ours(queries, args)

@@ -6,6 +6,7 @@ corpus is streamed in chunks of `chunk_size` documents and the running ranking i
 `checkpoint_every` chunks, so an interrupted run resumes where it stopped and, because chunk boundaries
 and the per-chunk random draws depend only on the config and seed, selects exactly what an uninterrupted
 run would. Candidates that duplicate a task example or (nearly) equal a dev/test example are dropped.
+With several processes, process 0 selects on its own devices while the others wait (like corpus preparation).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from dontstop_jax.data import iter_documents, load_task, parse_source
@@ -37,6 +40,25 @@ def selected_corpus(workdir: str | os.PathLike) -> str:
 
 def select(cfg: ConfigDict) -> dict:
     """Run (or resume, or reuse) one selection in cfg.workdir; returns its statistics."""
+    if jax.process_count() == 1:
+        return _select(cfg)
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+        _select(cfg)
+    multihost_utils.sync_global_devices("select")
+    return finished(cfg.workdir)
+
+
+def _mesh(cfg: ConfigDict) -> Mesh:
+    """The configured mesh, or with several processes (only process 0 selects) one over its own devices."""
+    from dontstop_jax.engine import make_mesh
+    from dontstop_jax.engine.sharding import MESH_AXES
+    if jax.process_count() == 1:
+        return make_mesh(cfg.mesh.shape)
+    return Mesh(np.asarray(jax.local_devices()).reshape(-1, 1, 1), MESH_AXES)
+
+
+def _select(cfg: ConfigDict) -> dict:
     workdir = Path(cfg.workdir)
     if (done := finished(workdir)) is not None:
         return done
@@ -116,8 +138,7 @@ class _Sample:
 
 class _Knn:
     def __init__(self, cfg: ConfigDict, embed_fn: embed.Embed, examples: Sequence[str]):
-        from dontstop_jax.engine import make_mesh
-        mesh = make_mesh(cfg.mesh.shape) if cfg.knn.backend == "jax" else None
+        mesh = _mesh(cfg) if cfg.knn.backend == "jax" else None
         self.embed, self.pad_to = embed_fn, cfg.chunk_size
         self.search = StreamingTopK(embed_fn(list(examples)), cfg.k, mesh, backend=cfg.knn.backend,
                                     approximate=cfg.knn.approximate)
