@@ -64,6 +64,9 @@ def _select(cfg: ConfigDict) -> dict:
         return done
     if cfg.method not in METHODS:
         raise UserError(f"unknown selection method {cfg.method!r}; choose one of {METHODS}")
+    if min(cfg.chunk_size, cfg.checkpoint_every, cfg.fit_docs) < 1:
+        raise UserError(f"select.chunk_size, checkpoint_every and fit_docs must be positive, got {cfg.chunk_size}, "
+                        f"{cfg.checkpoint_every}, {cfg.fit_docs}")
     workdir.mkdir(parents=True, exist_ok=True)
     _claim(workdir, cfg)
     task = load_task(cfg.task.path or None, cfg.task.text_field, cfg.task.label_field,

@@ -63,10 +63,10 @@ def _lm_embedder(cfg: ConfigDict) -> Embed:
     tokenizer = load_tokenizer(source.tokenizer_dir)
     pad = special_ids(tokenizer)["pad"]
     length = min(cfg.max_seq_length, source.config.max_seq_length)
-    model, params = RobertaModel(source.config), source.params["roberta"]
+    model, params = RobertaModel(source.config), jax.device_put(source.params["roberta"])
 
     @jax.jit
-    def pooled(ids, mask):
+    def pooled(params, ids, mask):  # params as an argument, not a closure: no weights baked into the program
         h = model.apply({"params": params}, ids, mask, deterministic=True)
         m = mask[..., None].astype(h.dtype)
         return (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
@@ -80,7 +80,7 @@ def _lm_embedder(cfg: ConfigDict) -> Embed:
                 ids[r, : len(t)] = t
             mask = (ids != pad).astype(np.int32)
             mask[len(tokens):, 0] = 1  # filler rows: one visible token, no all-masked attention
-            out.append(np.asarray(pooled(ids, mask))[: len(tokens)])
+            out.append(np.asarray(pooled(params, ids, mask))[: len(tokens)])
         return np.concatenate(out).astype(np.float32)
 
     return embed
