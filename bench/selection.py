@@ -6,7 +6,7 @@ the running top-k, whatever the corpus size); faiss `IndexFlatIP` holds every co
 same vectors and return the same neighbours (checked: the id agreement is printed).
 
     python bench/selection.py                                  # 1M documents x 10K queries, d=256, k=500
-    python bench/selection.py --docs 100000 --queries 2000     # smaller; writes bench/selection.json either way
+    python bench/selection.py --docs 100000 --queries 2000     # smaller; each size is recorded in bench/selection.json
 """
 
 from __future__ import annotations
@@ -89,7 +89,10 @@ def main() -> None:
               "neighbour_agreement": agreement, "peak_rss_after_ours_gib": ours_rss,
               "peak_rss_after_faiss_gib": peak_rss_gib(),
               "faiss_index_gib": args.docs * args.dim * 4 / 2**30}
-    Path(__file__).with_name("selection.json").write_text(json.dumps(result, indent=2))
+    out = Path(__file__).with_name("selection.json")  # one entry per problem size, the latest run of each
+    runs = json.loads(out.read_text()) if out.exists() else {}
+    runs[f"{args.docs}x{args.queries}x{args.dim}k{args.k}"] = result
+    out.write_text(json.dumps(runs, indent=2, sort_keys=True))
     pairs = args.docs * args.queries
     print(f"| {args.docs:,} docs x {args.queries:,} queries, d={args.dim}, k={args.k} | seconds | pairs/s |")
     print("|:--|--:|--:|")

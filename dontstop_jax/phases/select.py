@@ -22,6 +22,8 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from dontstop_jax.data import iter_documents, load_task, parse_source
+from dontstop_jax.engine import make_mesh
+from dontstop_jax.engine.sharding import MESH_AXES
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases.pretrain import finished, write_json_atomic
 from dontstop_jax.selection import dsir, embed
@@ -51,8 +53,6 @@ def select(cfg: ConfigDict) -> dict:
 
 def _mesh(cfg: ConfigDict) -> Mesh:
     """The configured mesh, or with several processes (only process 0 selects) one over its own devices."""
-    from dontstop_jax.engine import make_mesh
-    from dontstop_jax.engine.sharding import MESH_AXES
     if jax.process_count() == 1:
         return make_mesh(cfg.mesh.shape)
     return Mesh(np.asarray(jax.local_devices()).reshape(-1, 1, 1), MESH_AXES)
