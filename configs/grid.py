@@ -5,6 +5,8 @@ unlabeled.jsonl; each domain lists its corpus files.
 
 dontstop grid --config configs/grid.py:paper --config.base=/models/roberta-base \
     --config.data_root=/data/dontstop
+Add the data-selection rows (Table 8) with e.g. --config.variants='["baseline","tapt","knn_tapt_50",
+"knn_tapt_150","knn_tapt_500","rand_tapt","dsir_tapt"]'.
 """
 
 import importlib.util
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from dontstop_jax.phases.defaults import finetune_config, pretrain_config
+from dontstop_jax.phases.defaults import finetune_config, pretrain_config, select_config
 from dontstop_jax.phases.grid import VARIANTS
 
 _spec = importlib.util.spec_from_file_location("finetune_cfg", Path(__file__).with_name("finetune.py"))
@@ -38,4 +40,5 @@ def get_config(arg: str = "paper"):
     cfg.dapt = pretrain_config("dapt")
     cfg.tapt = pretrain_config("tapt")
     cfg.finetune = finetune_config()
+    cfg.select = select_config()  # for the selection variants (grid.SELECTION_VARIANTS); method/k/sources set per row
     return cfg

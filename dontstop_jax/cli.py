@@ -13,6 +13,8 @@ EPILOG = """examples:
       --config.data.sources='["/data/s2orc/*.txt"]'
   dontstop finetune --config configs/finetune.py:chemprot --config.init=runs/dapt-biomed \\
       --config.task.path=/data/chemprot
+  dontstop select --config configs/select.py:knn --config.k=500 --config.task.path=/data/chemprot \\
+      --config.sources='["/data/s2orc/*.txt"]'
   dontstop grid --config configs/grid.py:paper --config.base=/models/roberta-base
   dontstop export --from runs/finetune-chemprot --to exported/chemprot
   dontstop analyze --config configs/analyze.py:synthetic   # after the demo: overlap, MLM loss, curves, plots
@@ -30,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in [("prepare", "tokenize and pack a pretraining corpus into cached shards"),
                        ("pretrain", "run a DAPT or TAPT masked-LM phase"),
                        ("finetune", "fine-tune on a labeled task with early stopping on dev"),
+                       ("select", "select domain documents for TAPT (kNN-TAPT, RAND-TAPT, DSIR, curated)"),
                        ("grid", "run a grid of variants x tasks x seeds and write the results table"),
                        ("analyze", "vocabulary overlap, per-domain MLM loss, training curves and result plots")]:
         sp = sub.add_parser(name, help=text)
@@ -79,6 +82,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> None:
     elif args.command == "analyze":
         from dontstop_jax.analysis.report import analyze
         print(f"written: {analyze(cfg)}/summary.md (+ CSV and PNG files)")
+    elif args.command == "select":
+        from dontstop_jax.phases.select import select
+        print(select(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:

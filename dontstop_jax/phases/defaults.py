@@ -64,3 +64,24 @@ def finetune_config() -> ConfigDict:
     cfg.optim.weight_decay = 0.1
     cfg.model.hidden_dropout_prob = 0.1
     return cfg
+
+
+def select_config() -> ConfigDict:
+    """kNN-TAPT per the paper: k neighbours per task example by VAMPIRE embedding (k=50/150/500 in Table 8)."""
+    return ConfigDict(dict(
+        name="select", workdir="runs/select", seed=0,
+        method="knn",  # knn | rand | dsir | curated
+        task=dict(path="", hf_dataset="", text_field="text", label_field="label"),
+        sources=[],  # the domain corpus to select from
+        curated_sources=[],  # method=curated: your extra in-distribution unlabeled text
+        k=50,  # knn: neighbours per task (train) example
+        n=0, n_from="",  # rand/dsir: n documents, or as many as the finished selection in workdir n_from kept
+        fit_docs=100_000,  # the embedder and DSIR's raw distribution are fitted on the corpus' first documents
+        embedding=dict(kind="vampire", dim=8192, ngrams=(1,),  # dim: hashed vocabulary (vampire, tfidf)
+                       vampire=dict(hidden=64, latent=64, steps=2000, batch_size=256, learning_rate=1e-3),
+                       lm=dict(init="", max_seq_length=128, batch_size=64)),
+        knn=dict(backend="jax", approximate=False),  # backend: jax | faiss
+        dsir=dict(dim=1 << 16, ngrams=(1, 2)),
+        leakage=dict(splits=("dev", "test"), ngram=3, threshold=0.8),
+        chunk_size=4096, checkpoint_every=8,
+        mesh=dict(shape=(-1, 1, 1))), type_safe=False)

@@ -5,6 +5,11 @@ task-text MLM -> fine-tune), dapt_tapt (dapt -> tapt -> fine-tune) and not_dapt 
 domain, the paper's control). Every phase lives in a directory named by a fingerprint of its config and
 of its parent's, so a phase that finished is reused (a domain's DAPT serves all tasks of that domain) and
 rerunning the grid only runs what is missing.
+
+Data-selection variants (the paper's Table 8), all from the base model: knn_tapt_{50,150,500} (TAPT on the
+task text plus the k domain documents nearest each task example, see phases/select.py), rand_tapt and
+dsir_tapt (as many documents as knn_tapt_50 kept, drawn at random / by DSIR: the paper's RAND-TAPT
+control samples 50 per task example).
 """
 
 from __future__ import annotations
@@ -24,8 +29,14 @@ from dontstop_jax.engine.peft import check_method
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.phases.pretrain import pretrain, write_json_atomic
+from dontstop_jax.phases.select import select, selected_corpus
 
 VARIANTS = ("baseline", "dapt", "tapt", "dapt_tapt", "not_dapt")
+# Selection variants: the `select` phase's method and k, or (rand/dsir) the variant whose size they match.
+SELECTION_VARIANTS = {"knn_tapt_50": dict(method="knn", k=50), "knn_tapt_150": dict(method="knn", k=150),
+                      "knn_tapt_500": dict(method="knn", k=500),
+                      "rand_tapt": dict(method="rand", size_of="knn_tapt_50"),
+                      "dsir_tapt": dict(method="dsir", size_of="knn_tapt_50")}
 
 
 def fingerprint(cfg: ConfigDict) -> str:
@@ -56,9 +67,12 @@ class Grid:
     def __init__(self, cfg: ConfigDict):
         self.cfg = cfg
         self.root = Path(cfg.workdir)
-        unknown = set(cfg.variants) - set(VARIANTS)
+        unknown = set(cfg.variants) - set(VARIANTS) - set(SELECTION_VARIANTS)
         if unknown:
-            raise UserError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+            raise UserError(f"unknown variants {sorted(unknown)}; "
+                            f"choose from {list(VARIANTS) + list(SELECTION_VARIANTS)}")
+        if set(cfg.variants) & set(SELECTION_VARIANTS) and "select" not in cfg:
+            raise UserError("selection variants need a `select` section in the grid config (see configs/grid.py)")
         for name, task in cfg.tasks.items():
             if task.domain not in cfg.domains:
                 raise UserError(f"task {name} names domain {task.domain!r}, which is not in grid.domains "
@@ -78,13 +92,27 @@ class Grid:
         pretrain(phase)
         return phase.workdir
 
-    def tapt(self, parent: str, task: str) -> str:
+    def tapt(self, parent: str, task: str, selection: str | None = None) -> str:
+        """TAPT on the task's unlabeled text, plus the documents of a selection variant if one is named."""
         spec = self.cfg.tasks[task]
         sources = [s.path for s in load_task(spec.path, text_field=spec.text_field,
                                              label_field=spec.label_field).tapt_sources]
-        phase = _phase(self.cfg.tapt, self.root / "pretrain", f"tapt-{task}", init=parent,
-                       **{"data.sources": sources})
+        if selection:
+            sources.append(selected_corpus(self.selection(task, selection)))
+        phase = _phase(self.cfg.tapt, self.root / "pretrain", "-".join(filter(None, ["tapt", task, selection])),
+                       init=parent, **{"data.sources": sources})
         pretrain(phase)
+        return phase.workdir
+
+    def selection(self, task: str, variant: str) -> str:
+        """The workdir of the task's `select` phase for a selection variant (run if missing)."""
+        spec, plan = self.cfg.tasks[task], SELECTION_VARIANTS[variant]
+        size = {"k": plan["k"]} if "k" in plan else {"n_from": self.selection(task, plan["size_of"])}
+        phase = _phase(self.cfg.select, self.root / "select", f"select-{task}-{variant}", method=plan["method"],
+                       sources=list(self.cfg.domains[spec.domain]), **size,
+                       **{"task.path": spec.path, "task.text_field": spec.text_field,
+                          "task.label_field": spec.label_field})
+        select(phase)
         return phase.workdir
 
     def start_point(self, variant: str, task: str, base: str) -> str:
@@ -97,6 +125,8 @@ class Grid:
             return self.tapt(base, task)
         if variant == "dapt_tapt":
             return self.tapt(self.dapt(base, domain), task)
+        if variant in SELECTION_VARIANTS:
+            return self.tapt(base, task, variant)
         other = self.cfg.tasks[task].irrelevant_domain
         if other not in self.cfg.domains or other == domain:
             raise UserError(f"not_dapt for task {task} needs tasks.{task}.irrelevant_domain to name another "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from dontstop_jax.phases.defaults import finetune_config, pretrain_config
+from dontstop_jax.phases.defaults import finetune_config, pretrain_config, select_config
 from dontstop_jax.phases.grid import VARIANTS
 from dontstop_jax.synthetic import generate_benchmark
 
@@ -62,6 +62,11 @@ def get_config(scale: str = "default") -> ConfigDict:
     ft.train.update(batch_size=16, epochs=ft_epochs, patience=3, log_every=20)
     ft.optim.update(learning_rate=1e-3)
     cfg.finetune = ft
+
+    cfg.select = select_config()  # only used when variants name a selection row (grid.SELECTION_VARIANTS)
+    cfg.select.embedding.update(dim=4096)
+    cfg.select.embedding.vampire.update(steps=300, learning_rate=1e-2)
+    cfg.select.chunk_size = 1024
     return cfg
 
 

@@ -1,0 +1,1 @@
+"""Task-adaptive data selection: embeddings, nearest neighbours, DSIR, leakage filtering (kNN/RAND/DSIR-TAPT)."""
