@@ -14,6 +14,7 @@ EPILOG = """examples:
   dontstop finetune --config configs/finetune.py:chemprot --config.init=runs/dapt-biomed \\
       --config.task.path=/data/chemprot
   dontstop grid --config configs/grid.py:paper --config.base=/models/roberta-base
+  dontstop continual --config configs/continual.py:synthetic  # DAS vs sequential DAPT on 3 synthetic domains
   dontstop export --from runs/finetune-chemprot --to exported/chemprot
 Every --config.a.b=value must name an existing field; see configs/*.py for the fields and the paper's values."""
 
@@ -28,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in [("prepare", "tokenize and pack a pretraining corpus into cached shards"),
                        ("pretrain", "run a DAPT or TAPT masked-LM phase"),
                        ("finetune", "fine-tune on a labeled task with early stopping on dev"),
-                       ("grid", "run a grid of variants x tasks x seeds and write the results table")]:
+                       ("grid", "run a grid of variants x tasks x seeds and write the results table"),
+                       ("continual", "continual DAP-training over a domain sequence (DAS and baselines)")]:
         sp = sub.add_parser(name, help=text)
         sp.add_argument("--config", required=True, help="configs/FILE.py or configs/FILE.py:ARG")
     export = sub.add_parser("export", help="write a phase's model as a Hugging Face directory")
@@ -60,6 +62,12 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> None:
         table = Grid(materialize(cfg) if "synthetic" in cfg else cfg).run()
         print(table.to_markdown())
         print(f"\nwritten: {cfg.workdir}/results.md, results.csv, results.json")
+    elif args.command == "continual":
+        from dontstop_jax.phases.continual import Continual
+        from dontstop_jax.phases.synthetic import materialize
+        table = Continual(materialize(cfg) if "synthetic" in cfg else cfg).run()
+        print(table.to_markdown())
+        print(f"\nwritten: {cfg.workdir}/continual.md, continual.json")
     elif args.command == "prepare":
         from dontstop_jax.phases.pretrain import prepare
         from dontstop_jax.phases.source import resolve

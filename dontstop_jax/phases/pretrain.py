@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 from ml_collections import ConfigDict
 
@@ -23,6 +25,8 @@ from dontstop_jax.train import MetricsWriter, ProgressBar
 from dontstop_jax.train.loop import StopSignal, run_steps
 
 DONE = "DONE.json"
+# (model, sharded params) -> (loss_sums, extra make_train_step hooks): what a phase trains, e.g. DAS's objective.
+Objective = Callable[[nn.Module, Any], tuple[Callable, dict[str, Callable]]]
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -53,8 +57,11 @@ def prepare(cfg: ConfigDict, source: sources.ModelSource) -> PreparedCorpus:
     return run()
 
 
-def pretrain(cfg: ConfigDict) -> dict:
-    """Run (or resume, or reuse) one MLM phase in cfg.workdir; returns its summary."""
+def pretrain(cfg: ConfigDict, objective: Objective | None = None) -> dict:
+    """Run (or resume, or reuse) one MLM phase in cfg.workdir; returns its summary.
+
+    `objective` replaces plain MLM (the default) with another loss and step hooks (dontstop_jax.das).
+    """
     workdir = Path(cfg.workdir)
     if (done := finished(workdir)) is not None:
         return done
@@ -78,8 +85,9 @@ def pretrain(cfg: ConfigDict) -> dict:
     if ckpt.latest_step() is not None:  # resume exactly where the last checkpoint left off
         state, data_state, _ = ckpt.restore(abstract_state(shardings, model, tx))
         loader.set_state(data_state)
-    step_fn = compile_train_step(make_train_step(mlm_loss_sums(model), tx, accum_steps=cfg.train.accum_steps,
-                                                 schedule=schedule, skip_nonfinite=cfg.train.skip_nonfinite),
+    loss_sums, hooks = objective(model, state.params) if objective else (mlm_loss_sums(model), {})
+    step_fn = compile_train_step(make_train_step(loss_sums, tx, accum_steps=cfg.train.accum_steps, schedule=schedule,
+                                                 skip_nonfinite=cfg.train.skip_nonfinite, **hooks),
                                  shardings, mesh, rules)
     start = int(jax.device_get(state.step))
     batches = (to_global(b, mesh) for b in loader)

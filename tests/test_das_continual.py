@@ -1,0 +1,39 @@
+"""DAS on the synthetic benchmark (3 domains): it forgets measurably less than plain sequential DAPT (NCL),
+while still learning each new domain; the continual recipe writes its per-stage table."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dontstop_jax.phases.continual import Continual, synthetic_config
+from dontstop_jax.phases.synthetic import materialize
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("continual")
+    cfg = synthetic_config("tiny")
+    cfg.workdir = str(root)
+    cfg.synthetic.directory = str(root / "benchmark")
+    cfg.finetune.train.epochs = 1
+    # At this scale forgetting lives almost entirely in the word embeddings and LM head (swapping in the
+    # stage-1 encoder barely changes the final loss), which DAS by design does not mask: hold them fixed in
+    # every stage of both methods so the comparison is about the encoder units that DAS protects.
+    cfg.frozen = ["lm_head", "roberta/embeddings"]
+    return Continual(materialize(cfg))
+
+
+@pytest.mark.slow
+def test_das_forgets_less_than_ncl(recipe):
+    base = recipe.base()
+    seq = list(recipe.cfg.sequence)
+    losses = {m: recipe.domain_losses([base] + recipe.stages(m, base), seq) for m in ("das", "ncl")}
+    # losses[m][k, d]: MLM loss on domain d after stage k (0 = base). Forgetting of domain d: its loss at the
+    # end minus right after learning it; learning of the last domain: its loss drop in the last stage.
+    forget = {m: np.mean([L[-1, d] - L[d + 1, d] for d in range(len(seq) - 1)]) for m, L in losses.items()}
+    learned = {m: L[-2, -1] - L[-1, -1] for m, L in losses.items()}
+    print({m: np.round(L, 3).tolist() for m, L in losses.items()}, forget, learned)
+    assert forget["ncl"] > 0.3  # the benchmark really makes a sequential learner forget
+    assert forget["das"] < 0.6 * forget["ncl"]
+    assert learned["das"] > 0.3 * learned["ncl"] > 0  # protection is soft: DAS still learns the new domain
