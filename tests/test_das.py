@@ -10,24 +10,10 @@ from dontstop_jax.das import contrastive, importance, softmask
 from dontstop_jax.engine import (DEFAULT_RULES, compile_train_step, create_train_state, default_optim_config,
                                  make_mesh, make_optimizer, make_train_step, to_global)
 from dontstop_jax.engine.sharding import activation_rules
-from dontstop_jax.model import RobertaForMaskedLM, tiny_config
+from dontstop_jax.model import RobertaForMaskedLM
+from test_engine import CFG as ENGINE_CFG, mlm_batch  # the same tiny model and MLM batches
 
-CFG = tiny_config(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=34, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-SEQ, SLOTS = 16, 4
-
-
-def mlm_batch(seed, batch=8):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(5, CFG.vocab_size, (batch, SEQ)).astype(np.int32)
-    ids[:, 0], ids[:, -1] = 0, 2
-    ids[1, 10:] = CFG.pad_token_id
-    positions = np.stack([rng.choice(np.arange(1, 9), SLOTS, replace=False) for _ in range(batch)]).astype(np.int32)
-    targets = np.take_along_axis(ids, positions, 1)
-    masked = ids.copy()
-    np.put_along_axis(masked, positions, 4, 1)
-    return {"input_ids": masked, "attention_mask": (ids != CFG.pad_token_id).astype(np.int32),
-            "mlm_positions": positions, "mlm_ids": targets, "mlm_weights": np.ones((batch, SLOTS), np.float32)}
+CFG = ENGINE_CFG.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def model_and_params(cfg, mesh):
@@ -139,6 +125,7 @@ def run_das(mesh, past, steps=2):
     return losses, initial, jax.device_get(state.params), state.params
 
 
+@pytest.mark.slow
 def test_masked_das_step_on_8_devices_matches_one_device():
     past = {k: np.random.default_rng(1).uniform(0, 0.9, v.shape).astype(np.float32)
             for k, v in zero_importance(CFG).items()}

@@ -2,10 +2,14 @@
 while still learning each new domain; the continual recipe writes its per-stage table."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from dontstop_jax.analysis.continual import forgetting
 from dontstop_jax.phases.continual import Continual, synthetic_config
 from dontstop_jax.phases.synthetic import materialize
 
@@ -37,3 +41,31 @@ def test_das_forgets_less_than_ncl(recipe):
     assert forget["ncl"] > 0.3  # the benchmark really makes a sequential learner forget
     assert forget["das"] < 0.6 * forget["ncl"]
     assert learned["das"] > 0.3 * learned["ncl"] > 0  # protection is soft: DAS still learns the new domain
+
+
+@pytest.mark.slow
+def test_cli_writes_the_continual_table(recipe):
+    """The whole recipe through the CLI on the module's workdir (its DAPT stages are reused by fingerprint)."""
+    cfg = recipe.cfg
+    overrides = {"workdir": cfg.workdir, "synthetic.directory": cfg.synthetic.directory, "finetune.train.epochs": 1,
+                 "frozen": json.dumps(list(cfg.frozen))}
+    out = subprocess.run([sys.executable, "-m", "dontstop_jax", "continual", "--config", "configs/continual.py:tiny",
+                          "--compilation-cache", str(Path(cfg.workdir) / "xla")]
+                         + [f"--config.{k}={v}" for k, v in overrides.items()],
+                         cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((Path(cfg.workdir) / "continual.json").read_text())
+    tasks, stages = result["tasks"], result["stages"]
+    assert stages == ["bio", "cs", "news"] and len(tasks) == 3
+    for method, per_task in result["scores"].items():
+        for task, curve in per_task.items():
+            first = stages.index(task.split("_")[0])  # a task is scored from the stage of its domain on
+            assert all((s is None) == (i < first) for i, s in enumerate(curve)), (method, task, curve)
+        assert result["forgetting"][method] == pytest.approx(forgetting(per_task))
+        assert result["average"][method][-1] == pytest.approx(np.mean([c[-1] for c in per_task.values()]))
+    scores = result["scores"]
+    assert all(len(set(c[i] for i in range(stages.index(t.split("_")[0]), 3))) == 1
+               for t, c in scores["base"].items())  # the base model does not change between stages
+    assert scores["one"]["bio_topic"][0] == scores["ncl"]["bio_topic"][0]  # the same first-stage model
+    assert result["forgetting"]["one"] == 0.0  # each domain keeps its own model
+    assert "| das | 3: news |" in out.stdout

@@ -35,7 +35,7 @@ from dontstop_jax.errors import UserError
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM
 from dontstop_jax.phases import source as sources
 from dontstop_jax.phases.finetune import finetune
-from dontstop_jax.phases.grid import _phase
+from dontstop_jax.phases.grid import _phase, base_model
 from dontstop_jax.phases.pretrain import Objective, prepare, pretrain, write_json_atomic
 
 METHODS = ("das", "ncl", "one", "base")
@@ -79,11 +79,7 @@ class Continual:
                                 "never visits; add the domain or drop the task")
 
     def base(self) -> str:
-        if self.cfg.base_pretrain.init != "scratch":
-            return self.cfg.base
-        phase = _phase(self.cfg.base_pretrain, self.root / "pretrain", "base")
-        pretrain(phase)
-        return phase.workdir
+        return base_model(self.cfg, self.root)
 
     def _adapt_phase(self, label: str, parent: str, domain: str, **fields) -> ConfigDict:
         if self.cfg.frozen:
