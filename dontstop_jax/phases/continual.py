@@ -82,7 +82,7 @@ class Continual:
         return base_model(self.cfg, self.root)
 
     def _adapt_phase(self, label: str, parent: str, domain: str, **fields) -> ConfigDict:
-        if self.cfg.frozen:
+        if self.cfg.frozen:  # held fixed by `_objective`; recorded here so that the fingerprint tells it
             fields["frozen"] = list(self.cfg.frozen)
         return _phase(self.cfg.dapt, self.root / "pretrain", f"{label}-{domain}", init=parent,
                       **{"data.sources": list(self.cfg.domains[domain])}, **fields)
@@ -104,23 +104,25 @@ class Continual:
         """Train on `domain` under the importance accumulated so far; then add this domain's importance."""
         phase = self._adapt_phase("das", parent, domain, das=self.cfg.das)
         workdir = Path(phase.workdir)
-        lead = jax.process_index() == 0
         if first:
-            if not (workdir / GENERAL).exists():
-                general = self.importance(parent, phase, "kl")
-                if lead:
-                    workdir.mkdir(parents=True, exist_ok=True)
-                    importance.save(workdir / GENERAL, general)
-            past_path = workdir / GENERAL
+            past = self._importance_file(workdir / GENERAL, lambda: self.importance(parent, phase, "kl"))
         else:
-            past_path = Path(parent) / ACCUMULATED
-        past = importance.load(past_path)
+            past = importance.load(Path(parent) / ACCUMULATED)
         pretrain(phase, objective=self._objective(past))
-        if not (workdir / ACCUMULATED).exists():
-            accumulated = importance.accumulate(past, self.importance(phase.workdir, phase, "mlm"))
-            if lead:
-                importance.save(workdir / ACCUMULATED, accumulated)
+        self._importance_file(workdir / ACCUMULATED, lambda: importance.accumulate(
+            past, self.importance(phase.workdir, phase, "mlm")))
         return phase.workdir
+
+    @staticmethod
+    def _importance_file(path: Path, compute) -> importance.Importance:
+        """The importance saved at `path`, or `compute()`d now (every process) and saved (by the first)."""
+        if path.exists():
+            return importance.load(path)
+        value = compute()
+        if jax.process_index() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            importance.save(path, value)
+        return value
 
     def stages(self, method: str, base: str) -> list[str]:
         """The model (a workdir) after each stage of the sequence."""
