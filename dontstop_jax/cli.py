@@ -16,6 +16,7 @@ EPILOG = """examples:
   dontstop select --config configs/select.py:knn --config.k=500 --config.task.path=/data/chemprot \\
       --config.sources='["/data/s2orc/*.txt"]'
   dontstop grid --config configs/grid.py:paper --config.base=/models/roberta-base
+  dontstop continual --config configs/continual.py:synthetic  # DAS vs sequential DAPT on 3 synthetic domains
   dontstop export --from runs/finetune-chemprot --to exported/chemprot
   dontstop analyze --config configs/analyze.py:synthetic   # after the demo: overlap, MLM loss, curves, plots
   dontstop finetune --config configs/finetune.py:chemprot --config.peft.method=lora --config.peft.lora_rank=8
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
                        ("finetune", "fine-tune on a labeled task with early stopping on dev"),
                        ("select", "select domain documents for TAPT (kNN-TAPT, RAND-TAPT, DSIR, curated)"),
                        ("grid", "run a grid of variants x tasks x seeds and write the results table"),
+                       ("continual", "continual DAP-training over a domain sequence (DAS and baselines)"),
                        ("analyze", "vocabulary overlap, per-domain MLM loss, training curves and result plots")]:
         sp = sub.add_parser(name, help=text)
         sp.add_argument("--config", required=True, help="configs/FILE.py or configs/FILE.py:ARG")
@@ -68,6 +70,12 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> None:
         table = Grid(materialize(cfg) if "synthetic" in cfg else cfg).run()
         print(table.to_markdown())
         print(f"\nwritten: {cfg.workdir}/results.md, results.csv, results.json")
+    elif args.command == "continual":
+        from dontstop_jax.phases.continual import Continual
+        from dontstop_jax.phases.synthetic import materialize
+        table = Continual(materialize(cfg) if "synthetic" in cfg else cfg).run()
+        print(table.to_markdown())
+        print(f"\nwritten: {cfg.workdir}/continual.md, continual.json")
     elif args.command == "prepare":
         from dontstop_jax.phases.pretrain import prepare
         from dontstop_jax.phases.source import resolve

@@ -62,8 +62,10 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
 
 def make_train_step(loss_sums: LossSums, tx: optax.GradientTransformation, *, accum_steps: int = 1, schedule: optax.Schedule | None = None,
                     grad_transform: Callable[[Any], Any] | None = None,
+                    update_transform: Callable[[Any], Any] | None = None,
                     skip_nonfinite: bool = False) -> Callable[[TrainState, Batch], tuple]:
-    """(state, global batch) -> (new state, metrics). `grad_transform` hooks in e.g. DAS gradient soft-masks.
+    """(state, global batch) -> (new state, metrics). `grad_transform` hooks in e.g. DAS gradient soft-masks;
+    `update_transform` scales the optimizer's output (Adam normalises away a constant gradient scale).
 
     `skip_nonfinite`: a step whose loss or gradient norm is not finite keeps the old parameters and optimizer
     state (one bad batch need not end a long run) and reports `skipped` = 1; the step counter still advances.
@@ -88,6 +90,8 @@ def make_train_step(loss_sums: LossSums, tx: optax.GradientTransformation, *, ac
         if grad_transform is not None:
             grads = grad_transform(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        if update_transform is not None:
+            updates = update_transform(updates)
         new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                   opt_state=opt_state)
         metrics = {"loss": loss_sum / weight, "accuracy": aux["correct"] / weight, "weight": aux["weight"],

@@ -61,6 +61,15 @@ def _phase(template: ConfigDict, root: Path, label: str, **fields: Any) -> Confi
     return cfg
 
 
+def base_model(cfg: ConfigDict, root: Path) -> str:
+    """The base model: a Hugging Face directory, or (synthetic default) a model pretrained from scratch."""
+    if cfg.base_pretrain.init != "scratch":
+        return cfg.base
+    phase = _phase(cfg.base_pretrain, root / "pretrain", "base")
+    pretrain(phase)
+    return phase.workdir
+
+
 class Grid:
     """Plans and runs the phases of a grid config (see configs/grid.py and configs/synthetic.py)."""
 
@@ -79,12 +88,7 @@ class Grid:
                                 f"{sorted(cfg.domains)}; add its corpus or fix the name")
 
     def base(self) -> str:
-        """The base model: a Hugging Face directory, or (synthetic default) a model pretrained from scratch."""
-        if self.cfg.base_pretrain.init != "scratch":
-            return self.cfg.base
-        phase = _phase(self.cfg.base_pretrain, self.root / "pretrain", "base")
-        pretrain(phase)
-        return phase.workdir
+        return base_model(self.cfg, self.root)
 
     def dapt(self, parent: str, domain: str) -> str:
         phase = _phase(self.cfg.dapt, self.root / "pretrain", f"dapt-{domain}", init=parent,

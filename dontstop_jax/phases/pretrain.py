@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 from ml_collections import ConfigDict
 
@@ -18,6 +20,7 @@ from dontstop_jax.engine import (abstract_state, check_batch_size, compile_train
                                  make_train_step, mlm_loss_sums, to_global)
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation
+from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForMaskedLM
 from dontstop_jax.phases.export import export_delta
 from dontstop_jax.phases import source as sources
@@ -26,6 +29,8 @@ from dontstop_jax.train.loop import StopSignal, run_steps
 
 DONE = "DONE.json"
 PEFT_FILE = "peft.safetensors"
+# (model, sharded params) -> (loss_sums, extra make_train_step hooks): what a phase trains, e.g. DAS's objective.
+Objective = Callable[[nn.Module, Any], tuple[Callable, dict[str, Callable]]]
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -62,8 +67,11 @@ def write_delta(workdir: Path, adaptation: Adaptation) -> None:
         export_delta(str(workdir), str(workdir / PEFT_FILE), enabled=jax.process_index() == 0)
 
 
-def pretrain(cfg: ConfigDict) -> dict:
-    """Run (or resume, or reuse) one MLM phase in cfg.workdir; returns its summary."""
+def pretrain(cfg: ConfigDict, objective: Objective | None = None) -> dict:
+    """Run (or resume, or reuse) one MLM phase in cfg.workdir; returns its summary.
+
+    `objective` replaces plain MLM (the default) with another loss and step hooks (dontstop_jax.das).
+    """
     workdir = Path(cfg.workdir)
     if (done := finished(workdir)) is not None:
         return done
@@ -88,9 +96,14 @@ def pretrain(cfg: ConfigDict) -> dict:
     if ckpt.latest_step() is not None:  # resume exactly where the last checkpoint left off
         state, data_state, _ = ckpt.restore(abstract_state(shardings, model, tx))
         loader.set_state(data_state)
-    step_fn = compile_train_step(make_train_step(mlm_loss_sums(model), tx, accum_steps=cfg.train.accum_steps,
-                                                 schedule=schedule, skip_nonfinite=cfg.train.skip_nonfinite,
-                                                 grad_transform=adaptation.grad_transform()),
+    loss_sums, hooks = objective(model, state.params) if objective else (mlm_loss_sums(model), {})
+    if adaptation.grad_transform() is not None:
+        if "grad_transform" in hooks:
+            raise UserError(f"peft.method={adaptation.method} masks gradients, and so does this phase's objective "
+                            "(DAS soft-masking); use peft.method=full for DAS phases")
+        hooks = {**hooks, "grad_transform": adaptation.grad_transform()}
+    step_fn = compile_train_step(make_train_step(loss_sums, tx, accum_steps=cfg.train.accum_steps, schedule=schedule,
+                                                 skip_nonfinite=cfg.train.skip_nonfinite, **hooks),
                                  shardings, mesh, rules)
     start = int(jax.device_get(state.step))
     batches = (to_global(b, mesh) for b in loader)

@@ -1,0 +1,236 @@
+"""Continual DAP-training: one model adapted to a sequence of domains, every seen end task scored after each.
+
+Methods, in one table: `das` (Ke et al. 2023: soft-masked gradients + contrastive integration), `ncl`
+(plain sequential DAPT, the naive continual learner), `one` (an independent DAPT per domain from the base:
+no forgetting by construction, but one model per domain) and `base` (no adaptation).
+
+DAS stage t: the accumulated importance of the earlier stages (stage 1: general knowledge, measured on the
+base model with the KL proxy on domain 1's text) soft-masks training on domain t; afterwards the domain's
+own importance (MLM loss) is max-accumulated and saved as `importance.npz` in the stage's workdir, which the
+next stage reads. Phases are fingerprinted and reused as in the grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from dontstop_jax.analysis.continual import ContinualTable
+from dontstop_jax.analysis.table import _atomic_write
+from dontstop_jax.das import importance
+from dontstop_jax.das.contrastive import das_objective
+from dontstop_jax.data import MLMLoader, load_tokenizer, special_ids
+from dontstop_jax.engine import (check_batch_size, compile_eval_step, create_train_state, make_eval_step, make_mesh,
+                                 mlm_loss_sums, to_global)
+from dontstop_jax.errors import UserError
+from dontstop_jax.model import ModelConfig, RobertaForMaskedLM
+from dontstop_jax.phases import source as sources
+from dontstop_jax.phases.finetune import finetune
+from dontstop_jax.phases.grid import _phase, base_model
+from dontstop_jax.phases.pretrain import Objective, prepare, pretrain, write_json_atomic
+
+METHODS = ("das", "ncl", "one", "base")
+GENERAL = "general_importance.npz"  # in the first DAS stage's workdir: what the base model knows
+ACCUMULATED = "importance.npz"  # in every DAS stage's workdir: max over general and domains so far
+
+
+@dataclasses.dataclass
+class _Loaded:
+    """A masked-LM model of a phase, placed on a mesh for measuring (importance, probe losses)."""
+    source: sources.ModelSource
+    config: ModelConfig
+    model: RobertaForMaskedLM
+    params: Any
+    param_shardings: Any
+    mesh: Mesh
+    rules: tuple
+
+
+def _zero_under(tree: Any, prefixes: tuple[str, ...]) -> Any:
+    """`tree` with the leaves under any of the parameter paths `prefixes` ("lm_head", "roberta/embeddings") zeroed."""
+    def one(path, x):
+        name = "/".join(str(k.key) for k in path)
+        return x * 0 if any(name == p or name.startswith(p + "/") for p in prefixes) else x
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+class Continual:
+    """Plans and runs a continual recipe (see configs/continual.py)."""
+
+    def __init__(self, cfg: ConfigDict):
+        self.cfg = cfg
+        self.root = Path(cfg.workdir)
+        if unknown := set(cfg.methods) - set(METHODS):
+            raise UserError(f"unknown continual methods {sorted(unknown)}; choose from {list(METHODS)}")
+        if missing := [d for d in cfg.sequence if d not in cfg.domains]:
+            raise UserError(f"sequence names domains {missing} that are not in domains {sorted(cfg.domains)}")
+        for name, task in cfg.tasks.items():
+            if task.domain not in cfg.sequence:
+                raise UserError(f"task {name} is in domain {task.domain!r}, which the sequence {list(cfg.sequence)} "
+                                "never visits; add the domain or drop the task")
+
+    def base(self) -> str:
+        return base_model(self.cfg, self.root)
+
+    def _adapt_phase(self, label: str, parent: str, domain: str, **fields) -> ConfigDict:
+        if self.cfg.frozen:  # held fixed by `_objective`; recorded here so that the fingerprint tells it
+            fields["frozen"] = list(self.cfg.frozen)
+        return _phase(self.cfg.dapt, self.root / "pretrain", f"{label}-{domain}", init=parent,
+                      **{"data.sources": list(self.cfg.domains[domain])}, **fields)
+
+    def _objective(self, past: importance.Importance | None) -> Objective | None:
+        """DAS's objective when `past` is given, else plain MLM; either with `frozen` parameters held fixed."""
+        das = None if past is None else das_objective(past, self.cfg.das.contrastive_weight, self.cfg.das.temperature)
+        if not self.cfg.frozen:
+            return das
+
+        def build(model, params):
+            loss_sums, hooks = das(model, params) if das else (mlm_loss_sums(model), {})
+            hold = functools.partial(_zero_under, prefixes=tuple(self.cfg.frozen))
+            compose = lambda f: hold if f is None else (lambda tree: hold(f(tree)))
+            return loss_sums, {k: compose(hooks.get(k)) for k in ("grad_transform", "update_transform")}
+        return build
+
+    def das_stage(self, parent: str, domain: str, first: bool) -> str:
+        """Train on `domain` under the importance accumulated so far; then add this domain's importance."""
+        phase = self._adapt_phase("das", parent, domain, das=self.cfg.das)
+        workdir = Path(phase.workdir)
+        if first:
+            past = self._importance_file(workdir / GENERAL, lambda: self.importance(parent, phase, "kl"))
+        else:
+            past = importance.load(Path(parent) / ACCUMULATED)
+        pretrain(phase, objective=self._objective(past))
+        self._importance_file(workdir / ACCUMULATED, lambda: importance.accumulate(
+            past, self.importance(phase.workdir, phase, "mlm")))
+        return phase.workdir
+
+    @staticmethod
+    def _importance_file(path: Path, compute) -> importance.Importance:
+        """The importance saved at `path`, or `compute()`d now (every process) and saved (by the first)."""
+        if path.exists():
+            return importance.load(path)
+        value = compute()
+        if jax.process_index() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            importance.save(path, value)
+        return value
+
+    def stages(self, method: str, base: str) -> list[str]:
+        """The model (a workdir) after each stage of the sequence."""
+        if method == "base":
+            return [base] * len(self.cfg.sequence)
+        if method == "one":
+            return [self._dapt(base, d) for d in self.cfg.sequence]
+        models, parent = [], base
+        for i, domain in enumerate(self.cfg.sequence):
+            if method == "ncl":
+                parent = self._dapt(parent, domain)
+            else:
+                parent = self.das_stage(parent, domain, first=i == 0)
+            models.append(parent)
+        return models
+
+    def _dapt(self, parent: str, domain: str) -> str:
+        phase = self._adapt_phase("dapt", parent, domain)
+        pretrain(phase, objective=self._objective(None))
+        return phase.workdir
+
+    def _load(self, init: str, phase: ConfigDict, dropout: float | None = None) -> _Loaded:
+        source = sources.resolve(init, model=phase.model)
+        cfg = source.config
+        if dropout is not None:  # the KL proxy needs dropout even where training runs without it
+            cfg = cfg.replace(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+        model = RobertaForMaskedLM(cfg)
+        mesh = make_mesh(phase.mesh.shape, dcn_shape=phase.mesh.dcn_shape)
+        rules = tuple(tuple(r) for r in phase.mesh.rules)
+        check_batch_size(self.cfg.das.importance_batch_size, mesh, "das.importance_batch_size")
+        state, shardings = create_train_state(model, optax.identity(), mesh, rules, phase.seed,
+                                              pretrained=source.params)
+        return _Loaded(source, cfg, model, state.params, shardings.params, mesh, rules)
+
+    def _sample(self, loaded: _Loaded, phase: ConfigDict, seed: int):
+        """das.importance_batches MLM batches of `phase`'s corpus."""
+        tokenizer = load_tokenizer(loaded.source.tokenizer_dir)
+        loader = MLMLoader(prepare(phase, loaded.source), self.cfg.das.importance_batch_size, seed,
+                           special_ids(tokenizer), vocab_size=len(tokenizer), mask_prob=phase.data.mask_prob,
+                           process_index=jax.process_index(), process_count=jax.process_count(), prefetch=0)
+        return itertools.islice(loader, self.cfg.das.importance_batches)
+
+    def importance(self, init: str, phase: ConfigDict, kind: str) -> importance.Importance:
+        """Normalised importance of `init`'s units on `phase`'s corpus: kind "kl" (general) or "mlm" (domain)."""
+        loaded = self._load(init, phase, self.cfg.das.importance_dropout if kind == "kl" else None)
+        loss = (importance.kl_loss if kind == "kl" else importance.mlm_loss)(loaded.model)
+        raw = importance.measure(loss, loaded.config, loaded.params, self._sample(loaded, phase, phase.seed),
+                                 loaded.mesh, loaded.rules, seed=phase.seed)
+        return importance.normalize(raw)
+
+    def domain_losses(self, inits: list[str], domains: list[str]) -> np.ndarray:
+        """[init, domain] MLM loss on das.importance_batches batches of each domain's corpus (a forgetting probe;
+        every init must share one architecture)."""
+        step, losses = None, np.zeros((len(inits), len(domains)))
+        for i, init in enumerate(inits):
+            loaded = self._load(init, self.cfg.dapt)
+            if step is None:
+                step = compile_eval_step(make_eval_step(mlm_loss_sums(loaded.model)), loaded.param_shardings,
+                                         loaded.mesh, loaded.rules)
+            for j, domain in enumerate(domains):
+                batches = self._sample(loaded, self._adapt_phase("probe", init, domain), seed=12345)
+                sums = [jax.device_get(step(loaded.params, to_global(b, loaded.mesh))) for b in batches]
+                losses[i, j] = sum(s["loss_sum"] for s in sums) / max(sum(s["weight"] for s in sums), 1.0)
+        return losses
+
+    def run(self) -> ContinualTable:
+        """Run what is missing; after every stage, fine-tune and score every task seen so far."""
+        base, seq = self.base(), list(self.cfg.sequence)
+        records = []
+        for method in self.cfg.methods:
+            models = self.stages(method, base)
+            for stage in range(len(seq)):
+                for task, spec in self.cfg.tasks.items():
+                    if spec.domain not in seq[:stage + 1]:
+                        continue
+                    init = models[seq.index(spec.domain)] if method == "one" else models[stage]
+                    for seed in self.cfg.seeds:
+                        result = finetune(_phase(self.cfg.finetune, self.root / "finetune", f"{task}-s{seed}",
+                                                 init=init, seed=seed, **{
+                                                     "task.path": spec.path, "train.metric": spec.metric,
+                                                     "task.text_field": spec.text_field,
+                                                     "task.label_field": spec.label_field}))
+                        records.append({"method": method, "stage": stage, "task": task, "seed": seed,
+                                        "score": result["test"][spec.metric]})
+        table = ContinualTable.from_records(records, self.cfg.methods, seq, list(self.cfg.tasks))
+        if jax.process_index() == 0:
+            _atomic_write(self.root / "continual.md", table.to_markdown())
+            write_json_atomic(self.root / "continual.json", {**table.to_json(), "records": records})
+        return table
+
+
+def synthetic_config(scale: str = "default") -> ConfigDict:
+    """The synthetic demo's models and schedules (phases/synthetic.py) over three domains, one task each."""
+    from dontstop_jax.phases.synthetic import get_config
+    cfg = get_config(scale).to_dict()
+    for key in ("variants", "tapt"):
+        cfg.pop(key)
+    cfg = ConfigDict(cfg)
+    cfg.workdir = f"runs/continual-{scale}"
+    cfg.synthetic.update(domains=("bio", "cs", "news"), task_domains=("bio", "cs", "news"),
+                         directory=f"runs/continual-{scale}/benchmark")
+    cfg.sequence = list(cfg.synthetic.domains)
+    cfg.methods = list(METHODS)
+    # Parameter paths held fixed in every adaptation stage (e.g. ["lm_head", "roberta/embeddings"], which DAS
+    # does not mask), so that forgetting happens where DAS acts.
+    cfg.frozen = []
+    cfg.seeds = cfg.seeds[:1] if scale == "tiny" else cfg.seeds
+    # The paper's temperature; importance from a few batches (the paper uses a sample of the domain's data).
+    cfg.das = dict(contrastive_weight=1.0, temperature=0.05, importance_batches=4 if scale == "tiny" else 16,
+                   importance_batch_size=16, importance_dropout=0.1)
+    return cfg
