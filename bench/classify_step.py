@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from bench.common import markdown_table, time_alternating, write_json
-from bench.mlm_step import MODELS, TOTAL_STEPS, hf_optimizer
+from bench.mlm_step import MODELS, TOTAL_STEPS, hf_optimizer, hf_update
 from dontstop_jax.data import ClassificationBatches
 from dontstop_jax.engine import (DEFAULT_RULES, classification_loss_sums, compile_train_step, create_train_state,
                                  default_optim_config, make_mesh, make_optimizer, make_train_step, to_global)
@@ -72,11 +72,7 @@ class HFClassifierStep:
             loss = self.model(input_ids=torch.from_numpy(batch["input_ids"].astype(np.int64)).to(self.device),
                               attention_mask=torch.from_numpy(batch["attention_mask"].astype(np.int64)).to(self.device),
                               labels=torch.from_numpy(batch["labels"].astype(np.int64)).to(self.device)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), default_optim_config().max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            hf_update(self.model, self.optimizer, self.scheduler, loss)
         loss.item()
 
 

@@ -98,6 +98,16 @@ def hf_optimizer(model):
     return optimizer, transformers.get_linear_schedule_with_warmup(optimizer, int(0.06 * TOTAL_STEPS), TOTAL_STEPS)
 
 
+def hf_update(model, optimizer, scheduler, loss) -> None:
+    """Backward, clip, AdamW step, schedule step: the PyTorch side of every comparison."""
+    import torch
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), default_optim_config().max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def huggingface(cfg: ModelConfig, batch: dict[str, np.ndarray], device: str):
     """The same step in PyTorch eager: transformers' RobertaForMaskedLM (SDPA attention), AdamW, clipping,
     linear warm-up schedule; bf16 via autocast, the usual mixed-precision recipe."""
@@ -107,7 +117,6 @@ def huggingface(cfg: ModelConfig, batch: dict[str, np.ndarray], device: str):
     torch.manual_seed(0)
     model = transformers.RobertaForMaskedLM(transformers.RobertaConfig(**cfg.to_hf_dict())).to(device).train()
     optimizer, scheduler = hf_optimizer(model)
-    opt = default_optim_config()
     labels = np.full(batch["input_ids"].shape, -100, np.int64)
     np.put_along_axis(labels, batch["mlm_positions"], batch["mlm_ids"], 1)
     inputs = {"input_ids": torch.from_numpy(batch["input_ids"].astype(np.int64)).to(device),
@@ -119,11 +128,7 @@ def huggingface(cfg: ModelConfig, batch: dict[str, np.ndarray], device: str):
         for _ in range(n):
             with autocast:
                 loss = model(**inputs).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            hf_update(model, optimizer, scheduler, loss)
         if device == "cuda":
             torch.cuda.synchronize()
         else:
