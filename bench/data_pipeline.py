@@ -151,6 +151,9 @@ def prepare_peak_rss(work: Path, gigabytes: float, tokenizer: Path) -> dict:
     t = time.time()
     size = write_corpus(big, gigabytes * 1024, seed=1)
     generated_s = time.time() - t
+    from dontstop_jax.data import parse_source
+    from dontstop_jax.data.prepare import default_workers
+    workers = default_workers([parse_source(str(big))])  # what prepare_corpus uses
     code = ("import json, resource, sys, time; from dontstop_jax.data import prepare_corpus; t = time.time(); "
             f"c = prepare_corpus([{str(big)!r}], {str(tokenizer)!r}, {str(work / 'big_prepared')!r}, "
             f"max_seq_length={SEQ}); print(json.dumps({{'seconds': time.time() - t, 'blocks': c.num_blocks, "
@@ -160,7 +163,6 @@ def prepare_peak_rss(work: Path, gigabytes: float, tokenizer: Path) -> dict:
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     result = json.loads(out.stdout.strip().splitlines()[-1])
     big.unlink()
-    workers = 1  # prepare_corpus's default
     total = result["peak_rss_mb"] + (workers * result["worker_peak_rss_mb"] if workers > 1 else 0)
     return {"corpus_gb": size / 2**30, "generate_s": generated_s, **result, "workers": workers,
             "total_peak_rss_mb_bound": total, "mb_per_s": size / 2**20 / result["seconds"]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -201,11 +202,11 @@ def test_piece_cache_matches_the_tokenizer_exactly(tiny_tokenizer_dir):
     assert piece_cache.applicable(tok.backend_tokenizer)
     cache = piece_cache.PieceCache(tok.backend_tokenizer)
     texts = HARD_TEXTS + [t.upper() for t in HARD_TEXTS] + DOCS
-    reference = encode_plain(tok, texts)
-    assert cache.encode(texts) == reference  # cold: every piece is a miss
-    assert cache.encode(texts) == reference  # warm: every piece is a hit
-    tiny = piece_cache.PieceCache(tok.backend_tokenizer, max_entries=3)  # the bound clears the cache; results stay exact
-    assert [tiny.encode([t])[0] for t in texts] == reference
+    reference = np.array([t for ids in encode_plain(tok, texts) for t in [*ids, 2]], np.int32)
+    np.testing.assert_array_equal(cache.stream(texts, 2), reference)  # cold: every piece is a miss
+    np.testing.assert_array_equal(cache.stream(texts, 2), reference)  # warm: every piece is a hit
+    tiny = piece_cache.PieceCache(tok.backend_tokenizer, max_entries=3, max_ids=20)  # bounds clear it
+    np.testing.assert_array_equal(np.concatenate([tiny.stream([t], 2) for t in texts]), reference)
 
 
 def test_piece_cache_refuses_tokenizers_it_cannot_reproduce(tiny_tokenizer_dir):
@@ -221,12 +222,58 @@ def test_piece_cache_refuses_tokenizers_it_cannot_reproduce(tiny_tokenizer_dir):
         assert not piece_cache.applicable(tok.backend_tokenizer)
 
 
-def test_worker_processes_give_the_same_blocks(tiny_tokenizer_dir, tmp_path):
-    """Encoding in spawned worker processes (used for big corpora) is an implementation detail of speed."""
-    docs = [f"{d} number {i}" for i in range(2500) for d in DOCS[:2]] + HARD_TEXTS
-    source = write(tmp_path / "a.txt", "\n".join(d.replace("\n", " ").replace("\r", " ") for d in docs))
-    one = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "one", max_seq_length=16, workers=1)
-    two = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "two", max_seq_length=16, workers=2)
+def test_worker_processes_give_the_same_blocks(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    """Workers reading byte ranges (the default on big line files) are an implementation detail of speed:
+    same blocks and counts as in-process, across range cuts, CRLF, blank lines, Unicode and mixed sources."""
+    from dontstop_jax.data import encode_pool
+
+    monkeypatch.setattr(encode_pool, "RANGE_BYTES", 4096)  # many ranges: cuts fall inside lines everywhere
+    lines = [f"{d} number {i}" for i in range(2500) for d in DOCS[:2]] + [t.replace("\n", " ") for t in HARD_TEXTS]
+    text = "\r\n".join(lines) + "\n\n   \n" + "\n".join(reversed(lines))
+    sources = [write(tmp_path / "a.txt", text), write(tmp_path / "b.jsonl", '{"text": "between files"}\n'),
+               write(tmp_path / "c.txt", "last file, no final newline")]
+    real_ranges, ranges = encode_pool.line_ranges, []
+
+    def counted_ranges(path):
+        ranges.extend(real_ranges(path))
+        return real_ranges(path)
+
+    monkeypatch.setattr(encode_pool, "line_ranges", counted_ranges)
+    one = prepare_corpus(sources, tiny_tokenizer_dir, tmp_path / "one", max_seq_length=16, workers=1)
+    assert not ranges
+    two = prepare_corpus(sources, tiny_tokenizer_dir, tmp_path / "two", max_seq_length=16, workers=2)
+    assert len(ranges) > 20  # the pool read a.txt and c.txt in ranges
     assert one.num_blocks == two.num_blocks > 1000
     np.testing.assert_array_equal(one.blocks(np.arange(one.num_blocks)), two.blocks(np.arange(two.num_blocks)))
-    assert one.manifest["documents"] == two.manifest["documents"]
+    assert one.manifest["documents"] == two.manifest["documents"] == len(list(iter_documents(sources[0]))) + 2
+
+
+def test_line_ranges_cover_the_file_at_line_starts(tmp_path):
+    from dontstop_jax.data.encode_pool import line_ranges
+
+    path = write(tmp_path / "a.txt", "".join(f"line {i} {'x' * (i % 37)}\n" for i in range(500)) + "tail")
+    data = open(path, "rb").read()
+    ranges = line_ranges(path, target=100)
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(data) and len(ranges) > 50
+    assert all(a[1] == b[0] and data[a[1] - 1: a[1]] == b"\n" for a, b in zip(ranges, ranges[1:]))
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"good line\nbad \xff line\n", r"a\.txt: invalid UTF-8 at byte offset 14 \(line 2\)"),
+    (b"", r"a\.txt is empty"),
+    (b"\n  \n\n", "has no documents"),
+])
+def test_worker_processes_report_bad_files_like_the_reader(tiny_tokenizer_dir, tmp_path, content, message):
+    source = write(tmp_path / "a.txt", content)
+    with pytest.raises(UserError, match=message):
+        prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=16, workers=2)
+    assert not any((tmp_path / "out").glob("*/manifest.json"))
+
+
+def test_workers_default_to_the_cores_on_big_line_files_only(tmp_path, monkeypatch):
+    small = parse_source(write(tmp_path / "a.txt", "hello\n"))
+    assert prepare_module.default_workers([small]) == 1
+    monkeypatch.setattr(prepare_module, "POOL_MIN_BYTES", 1)
+    assert prepare_module.default_workers([small]) == min(len(os.sched_getaffinity(0)), 8)
+    jsonl = parse_source(write(tmp_path / "b.jsonl", '{"text": "hello"}\n'))
+    assert prepare_module.default_workers([jsonl]) == 1

@@ -1,28 +1,28 @@
-"""Data layer: corpora -> packed token blocks -> masked-LM batches, and labeled task batches."""
+"""Data layer: corpora -> packed token blocks -> masked-LM batches, and labeled task batches.
 
-from dontstop_jax.data.corpus import CorpusSource, corpus_fingerprint, iter_documents, parse_source
-from dontstop_jax.data.loader import MLMLoader
-from dontstop_jax.data.masking import mask_tokens, word_start_table
-from dontstop_jax.data.prepare import PreparedCorpus, prepare_corpus
-from dontstop_jax.data.tasks import ClassificationBatches, Task, load_task, task_unlabeled_texts, tokenize_split
-from dontstop_jax.data.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
+Names are imported on first use (PEP 562), so a process that needs one light module (prepare's encoding
+workers import only `piece_cache` and `encode_pool`) does not pay for transformers and JAX.
+"""
 
-__all__ = [
-    "ClassificationBatches",
-    "CorpusSource",
-    "MLMLoader",
-    "PreparedCorpus",
-    "Task",
-    "corpus_fingerprint",
-    "iter_documents",
-    "load_task",
-    "load_tokenizer",
-    "mask_tokens",
-    "parse_source",
-    "prepare_corpus",
-    "special_ids",
-    "task_unlabeled_texts",
-    "tokenize_split",
-    "tokenizer_fingerprint",
-    "word_start_table",
-]
+import importlib
+
+_MODULE_OF = {
+    "CorpusSource": "corpus", "corpus_fingerprint": "corpus", "iter_documents": "corpus", "parse_source": "corpus",
+    "MLMLoader": "loader",
+    "mask_tokens": "masking", "word_start_table": "masking",
+    "PreparedCorpus": "prepare", "prepare_corpus": "prepare",
+    "ClassificationBatches": "tasks", "Task": "tasks", "load_task": "tasks", "task_unlabeled_texts": "tasks",
+    "tokenize_split": "tasks",
+    "load_tokenizer": "tokenizer", "special_ids": "tokenizer", "tokenizer_fingerprint": "tokenizer",
+}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -19,6 +19,7 @@ import json
 import re
 from collections.abc import Sequence
 
+import numpy as np
 import regex
 from tokenizers import Tokenizer
 
@@ -44,31 +45,61 @@ def _split(text: str) -> list[str]:
 
 
 class PieceCache:
-    """`encode(texts)` = the tokenizer's ids without special tokens, from cached per-piece ids."""
+    """`stream(texts, eos)` = the tokenizer's ids of each text (no special tokens) followed by `eos`, from
+    cached per-piece ids.
 
-    def __init__(self, backend: Tokenizer, max_entries: int = 1 << 20):
+    The cache is a table: `_index` maps a key to a row, row r's ids are `_flat[_starts[r]: _starts[r] + _lens[r]]`.
+    Keys are pieces (str), whole texts that contain an added token (`(text,)`, encoded by the tokenizer
+    itself) and `("eos", id)`; tuples never equal a str, so the kinds cannot collide. A batch is assembled
+    with NumPy gathers instead of per-piece Python lists.
+    """
+
+    def __init__(self, backend: Tokenizer, max_entries: int = 1 << 20, max_ids: int = 1 << 26):
         if not applicable(backend):
             raise ValueError("PieceCache needs a byte-level BPE tokenizer without normalizer or prefix space")
         self._backend = backend
         added = sorted((t.content for t in backend.get_added_tokens_decoder().values()), key=len, reverse=True)
         self._added = regex.compile("|".join(map(regex.escape, added))) if added else None
-        self._ids: dict[str, list[int]] = {}
-        self._max_entries = max_entries  # bounds memory on corpora with an open vocabulary
+        self._limits = max_entries, max_ids  # bound memory on corpora with an open vocabulary
+        self._reset()
 
-    def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        pieces = [None if self._added and self._added.search(t) else _split(t) for t in texts]
-        cache = self._ids
-        if len(cache) > self._max_entries:
-            cache.clear()
-        missing = list(set().union(*(ps for ps in pieces if ps is not None)) - cache.keys())
-        if missing:
-            for piece, enc in zip(missing, self._backend.encode_batch(missing, add_special_tokens=False)):
-                cache[piece] = enc.ids
-        lookup = cache.__getitem__
-        out = []
-        for text, ps in zip(texts, pieces):
-            if ps is None:
-                out.append(self._backend.encode(text, add_special_tokens=False).ids)
+    def _reset(self) -> None:
+        self._index: dict[str | tuple, int] = {}
+        self._lens = np.zeros(0, np.int64)
+        self._starts = np.zeros(0, np.int64)
+        self._flat = np.zeros(0, np.int32)
+
+    def stream(self, texts: Sequence[str], eos: int) -> np.ndarray:
+        """int32 [ids of texts[0], eos, ids of texts[1], eos, ...]."""
+        if len(self._index) > self._limits[0] or len(self._flat) > self._limits[1]:
+            self._reset()
+        eos_key = ("eos", eos)
+        keys: list[str | tuple] = []
+        for text in texts:
+            if self._added and self._added.search(text):
+                keys.append((text,))
             else:
-                out.append(list(itertools.chain.from_iterable(map(lookup, ps))))
-        return out
+                keys.extend(_split(text))
+            keys.append(eos_key)
+        if not keys:
+            return np.zeros(0, np.int32)
+        new = list(set(keys).difference(self._index))
+        if new:
+            self._add(new)
+        rows = np.fromiter(map(self._index.__getitem__, keys), np.int64, len(keys))
+        lens = self._lens[rows]
+        ends = np.cumsum(lens)
+        return self._flat[np.repeat(self._starts[rows] - (ends - lens), lens) + np.arange(ends[-1])]
+
+    def _add(self, keys: list[str | tuple]) -> None:
+        pieces = [k for k in keys if isinstance(k, str)]
+        ids = dict(zip(pieces, (e.ids for e in self._backend.encode_batch(pieces, add_special_tokens=False))))
+        for key in keys:
+            if isinstance(key, tuple):
+                ids[key] = [key[1]] if len(key) == 2 else self._backend.encode(key[0], add_special_tokens=False).ids
+        lens = np.array([len(ids[k]) for k in keys], np.int64)
+        self._index.update(zip(keys, range(len(self._lens), len(self._lens) + len(keys))))
+        self._starts = np.concatenate([self._starts, len(self._flat) + np.cumsum(lens) - lens])
+        self._lens = np.concatenate([self._lens, lens])
+        self._flat = np.concatenate([self._flat, np.fromiter(itertools.chain.from_iterable(ids[k] for k in keys),
+                                                             np.int32, int(lens.sum()))])

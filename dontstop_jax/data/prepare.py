@@ -14,28 +14,25 @@ Memory stays bounded by one document batch plus one shard, whatever the corpus s
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import itertools
 import json
 import logging
-import multiprocessing
 import os
 import shutil
-import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from dontstop_jax.data import piece_cache
-from dontstop_jax.data.corpus import SourceSpec, corpus_fingerprint, iter_documents, parse_source
+from dontstop_jax.data.corpus import (CorpusSource, SourceSpec, corpus_fingerprint, iter_documents, parse_source,
+                                      resolve_files)
+from dontstop_jax.data.encode_pool import EncodePool
 from dontstop_jax.data.piece_cache import PieceCache
 from dontstop_jax.data.tokenizer import encode_plain, load_tokenizer, special_ids, tokenizer_fingerprint
 from dontstop_jax.errors import UserError
@@ -47,6 +44,8 @@ MANIFEST = "manifest.json"
 # Documents per encode call (byte-level BPE tokenizers go through `piece_cache`, others through the Rust
 # backend's batch encoder). Memory stays bounded by one batch plus one shard.
 DOC_BATCH = 1000
+# From this many bytes of plain-text line files on, prepare encodes them in worker processes by default.
+POOL_MIN_BYTES = 32 << 20
 
 
 @dataclasses.dataclass
@@ -110,9 +109,8 @@ def prepare_corpus(
 ) -> PreparedCorpus:
     """Tokenize + pack `sources` into `out_root/<fingerprint>/`, or reuse that directory if complete.
 
-    workers: encoding processes (default 1: in-process). More workers encode faster on many cores, but the
-    2 GB run in bench/data_pipeline.py measured a 9 GB peak in the parent with 2 workers (not yet understood),
-    so the pool is opt-in. The output does not depend on it.
+    workers: encoding processes for plain-text line files (default: `default_workers`, i.e. all cores up to
+    8 from POOL_MIN_BYTES of such files on, else 1 = in-process). The output does not depend on it.
     model_max_positions: the model's usable positions (RoBERTa: max_position_embeddings - 2).
     model_vocab_size: the model's embedding rows; the tokenizer must not produce ids beyond it.
     Call it on one process and `PreparedCorpus.load` the result on the others: two processes
@@ -150,10 +148,9 @@ def prepare_corpus(
 
     ids = special_ids(tok)
     dtype = np.dtype(np.uint16 if len(tok) <= 2**16 else np.int32)
-    docs = itertools.chain.from_iterable(iter_documents(s) for s in sources)
     stats = {"documents": 0, "stream_tokens": 0}
-    workers = 1 if workers is None else workers
-    blocks = _pack(_token_stream(docs, tok, ids["eos"], workers, stats), max_seq_length, ids)
+    workers = default_workers(sources) if workers is None else workers
+    blocks = _pack(_token_stream(sources, tok, ids["eos"], workers, stats), max_seq_length, ids)
     shards = _write_shards(blocks, directory, shard_blocks, dtype)
     total_blocks = sum(s["blocks"] for s in shards)
     total_tokens = stats["stream_tokens"] + 2 * total_blocks  # each block adds <s> and </s>
@@ -176,58 +173,63 @@ def prepare_corpus(
     return PreparedCorpus.load(directory)
 
 
-def _token_stream(
-    docs: Iterator[str], tok: PreTrainedTokenizerFast, eos: int, workers: int, stats: dict[str, int]
-) -> Iterator[np.ndarray]:
-    """Yield 1-D arrays of the concatenated stream `doc </s> doc </s> ...`, one per document batch, in order."""
-    batches = iter(lambda: list(itertools.islice(docs, DOC_BATCH)), [])
+def _token_stream(sources: list[CorpusSource], tok: PreTrainedTokenizerFast, eos: int, workers: int,
+                  stats: dict[str, int]) -> Iterator[np.ndarray]:
+    """Yield 1-D arrays of the concatenated stream `doc </s> doc </s> ...` of all sources, in order.
+
+    Plain-text line files go to the worker pool when there is one; everything else is encoded here, in
+    batches of DOC_BATCH documents. The stream does not depend on which path a source took.
+    """
     backend = tok.backend_tokenizer
-    if workers > 1 and piece_cache.applicable(backend):
-        pieces = _encode_in_pool(batches, backend.to_str(), eos, workers)
-    else:
-        encode = PieceCache(backend).encode if piece_cache.applicable(backend) else functools.partial(encode_plain, tok)
-        pieces = ((len(batch), _stream_piece(encode, eos, batch)) for batch in batches)
-    for documents, piece in pieces:
-        stats["documents"] += documents
-        stats["stream_tokens"] += len(piece)
-        yield piece
+    cached = piece_cache.applicable(backend)
+    stream = PieceCache(backend).stream if cached else functools.partial(_plain_stream, tok)
+    use_pool = workers > 1 and cached and any(map(_splittable, sources))
+    pool = EncodePool(backend.to_str(), eos, workers) if use_pool else None
+    try:
+        for source in sources:
+            if pool and _splittable(source):
+                pieces = _pooled(pool, source)
+            else:
+                docs = iter_documents(source)
+                batches = iter(lambda: list(itertools.islice(docs, DOC_BATCH)), [])
+                pieces = ((len(batch), stream(batch, eos)) for batch in batches)
+            for documents, piece in pieces:
+                stats["documents"] += documents
+                stats["stream_tokens"] += len(piece)
+                yield piece
+    finally:
+        if pool:
+            pool.close()
 
 
-def _stream_piece(encode: Callable[[list[str]], list[list[int]]], eos: int, texts: list[str]) -> np.ndarray:
-    return np.fromiter(itertools.chain.from_iterable([*ids, eos] for ids in encode(texts)), np.int64)
+def _splittable(source: CorpusSource) -> bool:
+    """Whether workers can read the source by byte ranges: uncompressed one-document-per-line files."""
+    return source.kind == "lines" and not any(f.endswith(".gz") for f in resolve_files(source))
 
 
-_worker_encode: Callable[[list[str]], np.ndarray] | None = None
+def _pooled(pool: EncodePool, source: CorpusSource) -> Iterator[tuple[int, np.ndarray]]:
+    """`iter_documents`' checks (no empty file, at least one document) around the pool's ranges."""
+    documents = 0
+    for path in resolve_files(source):
+        if os.path.getsize(path) == 0:
+            raise UserError(f"file {path} is empty; remove it from the sources or fill it")
+        for count, piece in pool.encode_file(path):
+            documents += count
+            yield count, piece
+    if documents == 0:
+        raise UserError(f"corpus source {source.path} has no documents (all empty); check the path and format")
 
 
-def _init_worker(tokenizer_json: str, eos: int) -> None:
-    global _worker_encode
-    _worker_encode = functools.partial(_stream_piece, PieceCache(Tokenizer.from_str(tokenizer_json)).encode, eos)
+def default_workers(sources: list[CorpusSource]) -> int:
+    """All cores (up to 8) for >= POOL_MIN_BYTES of plain-text line files; in-process below that, where
+    starting workers costs more than it saves."""
+    size = sum(os.path.getsize(f) for s in sources if _splittable(s) for f in resolve_files(s))
+    return min(len(os.sched_getaffinity(0)), 8) if size >= POOL_MIN_BYTES else 1
 
 
-def _encode_batch_in_worker(texts: list[str]) -> np.ndarray:
-    return _worker_encode(texts)
-
-
-def _encode_in_pool(batches: Iterator[list[str]], tokenizer_json: str, eos: int,
-                    workers: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Encode batches in `workers` spawned processes (each with its own piece cache), results in input order.
-    At most 2 batches per worker are in flight, so memory stays bounded on any corpus size."""
-    if getattr(sys.modules["__main__"], "__name__", "") == "__mp_main__":
-        raise UserError("prepare_corpus ran while a worker process re-imported your script; put the script's "
-                        "top-level code under `if __name__ == '__main__':` (or pass workers=1)")
-    context = multiprocessing.get_context("spawn")  # the parent may run JAX threads: never fork it
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                                initargs=(tokenizer_json, eos)) as pool:
-        window: collections.deque = collections.deque()
-        for batch in batches:
-            window.append((len(batch), pool.submit(_encode_batch_in_worker, batch)))
-            if len(window) > 2 * workers:
-                documents, future = window.popleft()
-                yield documents, future.result()
-        while window:
-            documents, future = window.popleft()
-            yield documents, future.result()
+def _plain_stream(tok: PreTrainedTokenizerFast, texts: list[str], eos: int) -> np.ndarray:
+    """What `PieceCache.stream` gives, for tokenizers it cannot reproduce: the Rust batch encoder's ids."""
+    return np.fromiter(itertools.chain.from_iterable([*ids, eos] for ids in encode_plain(tok, texts)), np.int32)
 
 
 def _pack(stream: Iterator[np.ndarray], max_seq_length: int, ids: dict[str, int]) -> Iterator[np.ndarray]:
