@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from dontstop_jax.errors import UserError
 
+T = TypeVar("T")
 EXPLICIT = ("DONTSTOP_COORDINATOR", "DONTSTOP_NUM_PROCESSES", "DONTSTOP_PROCESS_ID")
 
 
@@ -99,3 +100,15 @@ def any_process(flag: bool) -> jax.Array:
     a jax.Array, so reading it can wait (e.g. a step) instead of stalling the host now."""
     sharding, reduce = _any_across()
     return reduce(jax.make_array_from_process_local_data(sharding, np.full(jax.local_device_count(), flag)))
+
+
+def on_first_process(name: str, write: Callable[[], T]) -> T | None:
+    """Run `write` (something that writes to shared storage: a prepared corpus, a selection, an export) on
+    process 0 only, then hold every process at barrier `name` until it is done, so none reads a file that is
+    not there yet. Returns `write`'s result on process 0 and None on the others."""
+    if jax.process_count() == 1:
+        return write()
+    from jax.experimental import multihost_utils
+    result = write() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices(name)
+    return result

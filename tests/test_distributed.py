@@ -84,3 +84,42 @@ def test_single_process_mesh_unchanged_and_hybrid_option():
 
 def test_any_process_in_one_process():
     assert bool(any_process(True)) and not bool(any_process(False))
+
+
+_FIRST_PROCESS_WRITES = """
+import os, sys, time
+from pathlib import Path
+from dontstop_jax import distributed
+distributed.initialize()
+import jax
+target = Path(sys.argv[1])
+
+def write():
+    time.sleep(2)  # the other process reaches the barrier long before this file exists
+    target.write_text(str(jax.process_index()))
+    return "written"
+
+result = distributed.on_first_process("test", write)
+print(jax.process_index(), result, target.read_text())
+"""
+
+
+def test_on_first_process_writes_once_and_others_wait(tmp_path):
+    """Two real processes: only process 0 runs the write, and process 1 reads the file only after it exists."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    target = tmp_path / "written.txt"
+    procs = [subprocess.Popen([sys.executable, "-c", _FIRST_PROCESS_WRITES, str(target)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**__import__("os").environ, "DONTSTOP_COORDINATOR": f"127.0.0.1:{port}",
+                                   "DONTSTOP_NUM_PROCESSES": "2", "DONTSTOP_PROCESS_ID": str(i),
+                                   "DONTSTOP_LOCAL_DEVICES": "1", "XLA_FLAGS": ""})
+             for i in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert outputs[0].splitlines()[-1] == "0 written 0"
+    assert outputs[1].splitlines()[-1] == "1 None 0"  # did not write, yet saw process 0's file

@@ -42,3 +42,16 @@ def test_logged_lines_carry_throughput_when_tokens_are_counted(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [5, 7]
     assert all(m["tokens_per_s"] > 0 for m in lines)
+
+
+def test_tokens_counted_per_batch_when_batches_vary(tmp_path, monkeypatch):
+    """Fine-tuning's bucketed batches differ in length: the rate comes from each batch's own token count."""
+    clock = iter(range(0, 1000, 2))  # every perf_counter call advances 2 s
+    monkeypatch.setattr("dontstop_jax.train.loop.time.perf_counter", lambda: next(clock))
+    with MetricsWriter(tmp_path) as writer, StopSignal() as stop:
+        run_steps(0, _step, iter(range(1, 100)), start=0, stop=4, writer=writer,
+                  progress=ProgressBar(4, enabled=False), tokens_per_step=lambda batch: 10 * batch,
+                  stop_signal=stop, log_every=2)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # steps 1-2 read batches 1 and 2 (30 tokens), steps 3-4 batches 3 and 4 (70 tokens); one clock tick per log
+    assert [(m["step"], m["tokens_per_s"]) for m in lines] == [(2, 30 / 2), (4, 70 / 2)]

@@ -115,13 +115,16 @@ class Continual:
 
     @staticmethod
     def _importance_file(path: Path, compute) -> importance.Importance:
-        """The importance saved at `path`, or `compute()`d now (every process) and saved (by the first)."""
+        """The importance saved at `path`, or `compute()`d now (every process) and saved (by the first; the
+        others wait for the file, which the next stage reads)."""
         if path.exists():
             return importance.load(path)
         value = compute()
-        if jax.process_index() == 0:
+
+        def save():
             path.parent.mkdir(parents=True, exist_ok=True)
             importance.save(path, value)
+        on_first_process(f"importance {path}", save)
         return value
 
     def stages(self, method: str, base: str) -> list[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
+from dontstop_jax.distributed import on_first_process
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, default_peft_config
 from dontstop_jax.errors import UserError
@@ -24,20 +25,23 @@ def _load(workdir: str, step: int | None) -> tuple[dict, ModelConfig, dict]:
 
 def export(workdir: str, out_dir: str, step: int | None = None) -> Path:
     """LoRA is merged into the base kernels (same logits); adapters and mean pooling have no Hugging Face
-    RoBERTa equivalent, so those models are refused rather than exported without them."""
+    RoBERTa equivalent, so those models are refused rather than exported without them. Every process reads
+    (restores are collective); the first one writes."""
     meta, cfg, params = _load(workdir, step)
     cfg, params = merge_lora(cfg, params)
     if cfg.adapter != "none" or (cfg.pooling != "cls" and meta.get("head") == "classification"):
         raise UserError(f"{workdir} has {cfg.adapter} adapters or {cfg.pooling} pooling, which a Hugging Face "
                         "RoBERTa cannot hold; export the adapter file instead (`dontstop export --peft-only`)")
-    return save_pretrained(out_dir, cfg, params, meta.get("head", "mlm"),
-                           tokenizer_dir=meta["tokenizer_dir"], label_names=meta.get("label_names"))
+    on_first_process("export", lambda: save_pretrained(out_dir, cfg, params, meta.get("head", "mlm"),
+                                                       tokenizer_dir=meta["tokenizer_dir"],
+                                                       label_names=meta.get("label_names")))
+    return Path(out_dir)
 
 
-def export_delta(workdir: str, out_file: str, step: int | None = None, *, enabled: bool = True) -> Path:
+def export_delta(workdir: str, out_file: str, step: int | None = None) -> Path:
     """The leaves the phase's `peft.method` trained (adapters/LoRA, biases, norms, head) as safetensors;
     `dontstop_jax.model.peft.load_delta(file, base_params)` puts them back onto the base model.
-    Every process reads (restores are collective); only those with `enabled` write."""
+    Every process reads (restores are collective); the first one writes."""
     meta, cfg, params = _load(workdir, step)
     peft = meta["config"].get("peft", default_peft_config().to_dict())
     adaptation = Adaptation.from_config(ConfigDict(peft), cfg)
@@ -46,6 +50,5 @@ def export_delta(workdir: str, out_file: str, step: int | None = None, *, enable
                         "weights; export the full model instead (without --peft-only)")
     if Path(out_file).is_dir():
         raise UserError(f"{out_file} is a directory; --peft-only writes one file, e.g. out/peft.safetensors")
-    if enabled:
-        save_delta(out_file, params, adaptation.trainable(params), cfg)
+    on_first_process("export_delta", lambda: save_delta(out_file, params, adaptation.trainable(params), cfg))
     return Path(out_file)

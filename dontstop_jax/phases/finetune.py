@@ -112,7 +112,7 @@ def finetune(cfg: ConfigDict) -> dict:
             start, began = int(jax.device_get(state.step)), time.perf_counter()
             state, interrupted = run_steps(
                 state, step_fn, iter(batches["train"].epoch(epoch)), start=start, stop=start + per_epoch,
-                writer=writer, progress=progress, tokens_per_step=0, stop_signal=stop,
+                writer=writer, progress=progress, tokens_per_step=lambda b: b["input_ids"].size, stop_signal=stop,
                 log_every=cfg.train.log_every)
             if interrupted:  # mid-epoch: the next run redoes this epoch from its last checkpoint
                 ckpt.close()

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 from ml_collections import ConfigDict
 
+from dontstop_jax.distributed import on_first_process
 from dontstop_jax.data import MLMLoader, PreparedCorpus, load_tokenizer, prepare_corpus, special_ids, word_start_table
 from dontstop_jax.engine import (abstract_state, check_batch_size, compile_train_step, create_train_state, make_mesh,
                                  make_train_step, mlm_loss_sums, to_global)
@@ -52,19 +53,14 @@ def prepare(cfg: ConfigDict, source: sources.ModelSource) -> PreparedCorpus:
                               max_seq_length=cfg.data.max_seq_length,
                               model_max_positions=source.config.max_seq_length,
                               model_vocab_size=source.config.vocab_size)
-    if jax.process_count() == 1:
-        return run()
-    from jax.experimental import multihost_utils
-    if jax.process_index() == 0:
-        run()
-    multihost_utils.sync_global_devices("prepare_corpus")
-    return run()
+    prepared = on_first_process("prepare_corpus", run)
+    return prepared if prepared is not None else run()
 
 
 def write_delta(workdir: Path, adaptation: Adaptation) -> None:
     """A parameter-efficient phase also leaves what it trained as a small file (`PEFT_FILE`)."""
     if adaptation.method not in ("full", "top_k"):
-        export_delta(str(workdir), str(workdir / PEFT_FILE), enabled=jax.process_index() == 0)
+        export_delta(str(workdir), str(workdir / PEFT_FILE))
 
 
 def pretrain(cfg: ConfigDict, objective: Objective | None = None) -> dict:

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from dontstop_jax.distributed import on_first_process
 from dontstop_jax.data import iter_documents, load_task, parse_source
 from dontstop_jax.engine import make_mesh
 from dontstop_jax.engine.sharding import MESH_AXES
@@ -44,10 +45,7 @@ def select(cfg: ConfigDict) -> dict:
     """Run (or resume, or reuse) one selection in cfg.workdir; returns its statistics."""
     if jax.process_count() == 1:
         return _select(cfg)
-    from jax.experimental import multihost_utils
-    if jax.process_index() == 0:
-        _select(cfg)
-    multihost_utils.sync_global_devices("select")
+    on_first_process("select", lambda: _select(cfg))
     return finished(cfg.workdir)
 
 

@@ -53,15 +53,18 @@ def _check_finite(step: int, metrics: dict[str, float]) -> None:
 
 
 def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: int, stop: int,
-              writer: MetricsWriter, progress: ProgressBar, tokens_per_step: int, stop_signal: StopSignal,
-              log_every: int = 10, save: Callable[[Any], None] | None = None, save_every: int = 0,
+              writer: MetricsWriter, progress: ProgressBar, tokens_per_step: int | Callable[[Any], int],
+              stop_signal: StopSignal, log_every: int = 10, save: Callable[[Any], None] | None = None, save_every: int = 0,
               prefix: str = "train/") -> tuple[Any, bool]:
     """Run steps [start, stop). Returns (state, interrupted). Metrics are fetched one step late.
-    A `skipped` metric (see make_train_step's skip_nonfinite) is logged as the count since `start`; with
-    tokens_per_step > 0 each logged line also gets `tokens_per_s` since the previous line (host wall clock at
+    A `skipped` metric (see make_train_step's skip_nonfinite) is logged as the count since `start`.
+    `tokens_per_step`: a count, or a function of the batch (fine-tuning's length-bucketed batches vary); when
+    it gives tokens, each logged line also gets `tokens_per_s` since the previous line (host wall clock at
     fetch time, so the first line includes compilation)."""
+    count_tokens = tokens_per_step if callable(tokens_per_step) else (lambda _: tokens_per_step)
     buffer = MetricsBuffer()
     skipped = 0.0
+    tokens_done = {start: 0}  # cumulative tokens at each step not yet logged
     last_logged = (start, time.perf_counter())
 
     def drain(items):
@@ -73,18 +76,23 @@ def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: 
                 m = {**m, "skipped": skipped}
             if s % log_every == 0 or s == stop:
                 now = time.perf_counter()
-                if tokens_per_step:
-                    rate = tokens_per_step * (s - last_logged[0]) / max(now - last_logged[1], 1e-9)
-                    m = {**m, "tokens_per_s": rate}
+                tokens = tokens_done[s] - tokens_done[last_logged[0]]
+                if tokens:
+                    m = {**m, "tokens_per_s": tokens / max(now - last_logged[1], 1e-9)}
+                for old in [k for k in tokens_done if k < s]:
+                    del tokens_done[old]
                 last_logged = (s, now)
                 writer.write(s, m, prefix=prefix)
             progress.update(s, m, tokens=0)
 
     step = start
     for step in range(start + 1, stop + 1):
-        state, metrics = step_fn(state, next(batches))
+        batch = next(batches)
+        tokens = count_tokens(batch)
+        tokens_done[step] = tokens_done[step - 1] + tokens
+        state, metrics = step_fn(state, batch)
         buffer.push(step, metrics)
-        progress.update(step, None, tokens=tokens_per_step)
+        progress.update(step, None, tokens=tokens)
         drain(buffer.pop_ready())
         stopping = stop_signal.poll()
         if save is not None and ((save_every and step % save_every == 0) or stopping):
