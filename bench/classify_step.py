@@ -6,14 +6,18 @@
    our length-bucketed batches vs ours padded to the maximum length vs transformers with the Trainer's
    default dynamic padding (each random batch padded to its longest example). Reported as useful
    (non-padding) tokens per second.
+3. `--breakdown`: where the fixed-shape difference comes from, both sides without dropout, alternating:
+   forward only, forward + backward, and the optimizer update alone.
 
     python -m bench.classify_step
+    python -m bench.classify_step --breakdown
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
 import jax
 import numpy as np
@@ -43,10 +47,10 @@ def examples(cfg: ModelConfig, lengths: np.ndarray, seed: int = 0) -> tuple[list
 class OurClassifierStep:
     def __init__(self, cfg: ModelConfig):
         self.mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
-        model = RobertaForSequenceClassification(cfg, NUM_LABELS)
-        tx, schedule = make_optimizer(default_optim_config(), TOTAL_STEPS)
-        self.state, shardings = create_train_state(model, tx, self.mesh, DEFAULT_RULES, seed=0)
-        self.step = compile_train_step(make_train_step(classification_loss_sums(model), tx, schedule=schedule),
+        self.model = model = RobertaForSequenceClassification(cfg, NUM_LABELS)
+        self.tx, schedule = make_optimizer(default_optim_config(), TOTAL_STEPS)
+        self.state, shardings = create_train_state(model, self.tx, self.mesh, DEFAULT_RULES, seed=0)
+        self.step = compile_train_step(make_train_step(classification_loss_sums(model), self.tx, schedule=schedule),
                                        shardings, self.mesh, DEFAULT_RULES)
 
     def run(self, batches: list[dict[str, np.ndarray]]) -> None:
@@ -54,6 +58,20 @@ class OurClassifierStep:
         for batch in batches:
             self.state, metrics = self.step(self.state, to_global(batch, self.mesh))
         jax.block_until_ready((self.state, metrics))
+
+    def parts(self, batch: dict[str, np.ndarray]) -> dict[str, Callable[[int], None]]:
+        """forward, forward + backward (no dropout) and the optimizer update alone, each run n times."""
+        model, params = self.model, self.state.params
+        loss = classification_loss_sums(model)
+        device_batch = to_global(batch, self.mesh)
+        key = jax.random.key(0)
+        forward = jax.jit(lambda p, b: loss(p, b, key, True)[0])
+        grads = jax.jit(jax.grad(lambda p, b: loss(p, b, key, True)[0]))
+        update = jax.jit(lambda g, o, p: self.tx.update(g, o, p))
+        g = grads(params, device_batch)
+        run = lambda f, *a: (lambda n: jax.block_until_ready([f(*a) for _ in range(n)]))
+        return {"forward": run(forward, params, device_batch), "forward + backward": run(grads, params, device_batch),
+                "optimizer update": run(update, g, self.state.opt_state, params)}
 
 
 class HFClassifierStep:
@@ -75,6 +93,31 @@ class HFClassifierStep:
             hf_update(self.model, self.optimizer, self.scheduler, loss)
         loss.item()
 
+    def parts(self, batch: dict[str, np.ndarray]) -> dict[str, Callable[[int], None]]:
+        torch, model = self.torch, self.model
+        inputs = {k: torch.from_numpy(batch[k].astype(np.int64)).to(self.device)
+                  for k in ("input_ids", "attention_mask", "labels")}
+
+        def forward(n):
+            model.eval()
+            with torch.no_grad():
+                losses = [model(**inputs).loss for _ in range(n)]
+            losses[-1].item()
+
+        def backward(n):
+            model.eval()  # no dropout, as on our side
+            for _ in range(n):
+                model.zero_grad(set_to_none=True)
+                model(**inputs).loss.backward()
+            model.train()
+
+        def update(n):
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            for _ in range(n):
+                self.optimizer.step()
+        return {"forward": forward, "forward + backward": backward, "optimizer update": update}
+
 
 def padded_to_longest(tokens: list[np.ndarray], labels: np.ndarray, batch_size: int, seed: int) -> list[dict]:
     """transformers' Trainer default: random batches, each padded to its longest example."""
@@ -91,6 +134,20 @@ def padded_to_longest(tokens: list[np.ndarray], labels: np.ndarray, batch_size: 
     return out
 
 
+def breakdown(ours: OurClassifierStep, theirs: HFClassifierStep, batch: dict, args) -> dict:
+    sides = {"ours": ours.parts(batch), "transformers": theirs.parts(batch)}
+    parts = list(sides["ours"])
+    times = time_alternating({f"{side} {part}": fns[part] for part in parts for side, fns in sides.items()},
+                             args.steps, args.repeats)
+    rows = [[part, *(f"{1e3 * times[f'{side} {part}']['median_s']:.1f}" for side in sides),
+             f"{times['transformers ' + part]['median_s'] / times['ours ' + part]['median_s']:.2f}x"] for part in parts]
+    print(f"\nclassification step parts, {args.model}, seq {args.seq}, batch {args.batch}, no dropout")
+    print(markdown_table(["part", "ours ms", "transformers ms", "transformers time / ours"], rows))
+    payload = {"bench": "classify_breakdown", "args": vars(args), "parts": {n: t["median_s"] for n, t in times.items()}}
+    print(f"written: {write_json(f'classify_breakdown_{args.model}', payload)}", file=sys.stderr)
+    return payload
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="small")
@@ -100,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--breakdown", action="store_true", help="time forward, backward and update separately")
     args = p.parse_args(argv)
     device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     if device == "cpu":
@@ -116,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
                               lambda n: theirs.run(fixed * n)}, args.steps, args.repeats)
     step_rows = [[name, f"{1e3 * t['median_s']:.1f}", f"{args.batch * args.seq / t['median_s']:,.0f}",
                   f"{t['median_s'] / times['ours']['median_s']:.2f}x"] for name, t in times.items()]
+    if args.breakdown:
+        return breakdown(ours, theirs, fixed[0], args)
 
     lengths = lengths_like_a_task(args.examples, args.max_len)
     tokens, labels = examples(cfg, lengths)

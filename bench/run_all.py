@@ -25,6 +25,7 @@ CPU_RUNS = [
     ("mlm base seq128", mlm_step, "--model base --seq 128 --batch 8 --steps 2 --repeats 3", "--model base --seq 64 --batch 2 --steps 1 --repeats 2"),
     ("mlm base seq512", mlm_step, "--model base --seq 512 --batch 2 --steps 2 --repeats 3", "--model base --seq 128 --batch 1 --steps 1 --repeats 2"),
     ("classification", classify_step, "", "--seq 32 --batch 8 --examples 64 --max-len 128 --repeats 1 --steps 1"),
+    ("classification parts", classify_step, "--breakdown --repeats 5", "--breakdown --seq 32 --batch 8 --repeats 1 --steps 1"),
     ("data pipeline", data_pipeline, "", "--mb 4 --repeats 1 --rss-gb 0.05 --batch 8 --seq 64"),
 ]
 GPU_RUNS = [
@@ -93,11 +94,18 @@ def data_section(p: dict) -> str:
              "prefetch hides it completely:\n\n"
            + markdown_table(["what", "ms/batch", "tokens/s", "vs step consumption"], lrows))
     if rss := p.get("prepare_rss"):
-        out += (f"\n\nprepare on {rss['corpus_gb']:.2f} GB of generated text: {rss['seconds']:.0f} s "
-                f"({rss['mb_per_s']:.1f} MB/s), peak RSS {rss['peak_rss_mb']:.0f} MB in the main process, "
-                f"{rss['workers']} encoding worker(s) of at most {rss['worker_peak_rss_mb']:.0f} MB each "
-                f"(total <= {rss['total_peak_rss_mb_bound']:.0f} MB), {rss['blocks']:,} blocks.")
+        out += f"\n\n{data_pipeline.rss_line(rss)}."
     return out
+
+
+def classify_parts_section(p: dict) -> str:
+    a, t = p["args"], p["parts"]
+    parts = [n.removeprefix("ours ") for n in t if n.startswith("ours ")]
+    rows = [[part, f"{1e3 * t['ours ' + part]:.1f}", f"{1e3 * t['transformers ' + part]:.1f}",
+             f"{t['transformers ' + part] / t['ours ' + part]:.2f}x"] for part in parts]
+    return (f"Where the fixed-shape difference comes from ({a['model']}, seq {a['seq']}, batch {a['batch']}, both "
+            "sides without dropout, alternating):\n\n"
+            + markdown_table(["part", "ours ms", "transformers ms", "transformers time / ours"], rows))
 
 
 def memory_section() -> str:
@@ -118,13 +126,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", default=None, help="comma-separated run names to (re)run; others are read from JSON")
+    p.add_argument("--report-only", action="store_true", help="run nothing: rewrite RESULTS.md from the JSON")
     args = p.parse_args(argv)
     runs = GPU_RUNS if jax.default_backend() == "gpu" else CPU_RUNS
     state_path = BENCH_DIR / "results" / "run_all.json"
     previous = json.loads(state_path.read_text()) if state_path.exists() else {}
     payloads, commands = previous.get("payloads", {}), previous.get("commands", {})
     for name, script, full, quick in runs:
-        if args.only and name not in args.only.split(","):
+        if args.report_only or (args.only and name not in args.only.split(",")):
             continue
         argv_run = (quick if args.quick else full).split()
         print(f"== {name}: python -m bench.{script.__name__.split('.')[-1]} {' '.join(argv_run)}", file=sys.stderr, flush=True)
@@ -143,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
             sections.append(mlm_section(name, payload))
         elif payload["bench"] == "classify_step":
             sections.append(classify_section(payload))
+        elif payload["bench"] == "classify_breakdown":
+            sections.append(classify_parts_section(payload))
         elif payload["bench"] == "data_pipeline":
             sections.append(data_section(payload))
     sections.append(memory_section())
