@@ -30,8 +30,9 @@ def get_config(arg: str = "paper"):
     cfg = ConfigDict(dict(
         workdir="runs/grid-paper", base="", seeds=[0, 1, 2, 3, 4], variants=list(VARIANTS),
         # methods: e.g. ["full", "frozen", "bitfit", "houlsby", "pfeiffer", "lora"] (empty: finetune.peft.method);
+        # method_overrides: fine-tuning fields per method, e.g. {"lora": {"optim": {"learning_rate": 1e-3}}};
         # seed_discard: Dodge et al. early discarding (fraction 0 = off), see phases/grid.py.
-        methods=[], seed_discard=dict(fraction=0.0, keep=3),
+        methods=[], method_overrides={}, seed_discard=dict(fraction=0.0, keep=3),
         base_pretrain=dict(init="none"),
         domains={d: [f"{root}/corpora/{d}/*.txt"] for d in IRRELEVANT},
         tasks={t: dict(path=f"{root}/tasks/{t}", domain=d, metric=m, epochs=e, text_field="text",

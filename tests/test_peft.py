@@ -277,6 +277,23 @@ def test_seed_discard_bar_is_the_keep_th_best_early_score_of_earlier_seeds():
         grid.methods()
 
 
+def test_method_overrides_set_fine_tuning_fields_per_method_and_reject_typos():
+    from dontstop_jax.config_loader import override
+    from dontstop_jax.phases.defaults import finetune_config
+    cfg = ConfigDict(dict(workdir="unused", variants=[], tasks={}, domains={}, methods=["full", "lora"],
+                          method_overrides={}, finetune=finetune_config()))
+    override(cfg, "method_overrides", "{'lora': {'optim': {'learning_rate': 1e-2}, 'train': {'epochs': 20}}}")
+    grid = Grid(cfg)
+    assert grid.method_overrides("lora") == {"optim.learning_rate": 1e-2, "train.epochs": 20}
+    assert grid.method_overrides("full") == {}
+    cfg.method_overrides = {"lora": {"optim": {"learning_rat": 1e-2}}}
+    with pytest.raises(UserError, match="'optim.learning_rat', which is not a fine-tuning config field"):
+        grid.method_overrides("lora")
+    cfg.method_overrides = {"bitfit": {"train": {"epochs": 5}}}
+    with pytest.raises(UserError, match=r"names \['bitfit'\], which are not in methods"):
+        grid.method_overrides("full")
+
+
 def test_table_shows_parameter_counts_epoch_times_and_discarded_seeds():
     records = [{"task": "t", "variant": v, "seed": s, "metrics": {"f1": m}, "discarded": d,
                 "extras": {"trainable_params": n, "seconds_per_epoch": 2.0 + s}}
@@ -284,7 +301,7 @@ def test_table_shows_parameter_counts_epoch_times_and_discarded_seeds():
                for s, m, d in ((0, 0.8, False), (1, 0.7, False), (2, 0.1, v == "baseline/lora"))]
     table = results_table(records, {"t": "f1"}, variant_order=["baseline", "baseline/lora"])
     markdown = table.to_markdown()
-    assert "125M params, 3 s/epoch" in markdown and "n=2 (+1 discarded), 0.3M params" in markdown
+    assert "125M params, 3 s/epoch" in markdown and "n=2 (+1 discarded), 300K params" in markdown
     lora = table.cells[("baseline/lora", "t")]
     assert lora.values == (0.8, 0.7) and lora.discarded == 1  # the discarded seed is not averaged in
     assert "discarded" in table._csv_text().splitlines()[0]

@@ -31,6 +31,7 @@ def grid(tmp_path_factory):
     out = _cli("demo", "--scale", "tiny", f"--config.workdir={root / 'grid'}",
                f"--config.synthetic.directory={root / 'bench'}", "--compilation-cache", str(root / "xla"),
                "--config.variants=['baseline','tapt']", "--config.methods=['full','lora']",
+               "--config.method_overrides={'lora': {'optim': {'learning_rate': 2e-3}}}",
                "--config.tapt.peft.method=houlsby", "--config.seed_discard.fraction=0.34",
                "--config.seed_discard.keep=1")
     return root, out.stdout
@@ -46,6 +47,10 @@ def test_grid_rows_per_method_with_parameter_counts_and_epoch_times(grid):
     assert set(by_label) == {"baseline", "baseline/lora", "tapt", "tapt/lora"}
     full, lora = by_label["baseline"][0]["extras"], by_label["baseline/lora"][0]["extras"]
     assert 0 < lora["trainable_params"] < full["trainable_params"] / 5 and lora["seconds_per_epoch"] > 0
+    for label, lr in (("baseline", 1e-3), ("baseline-lora", 2e-3)):  # method_overrides reach only LoRA's runs
+        ckpt = Checkpointer(next((root / "grid" / "finetune").glob(f"bio_topic-{label}-s0-*")) / "checkpoints",
+                            read_only=True)
+        assert ckpt.meta(ckpt.latest_step())["config"]["optim"]["learning_rate"] == lr
     for label, runs in by_label.items():  # Dodge et al.: seed 1 stops early iff it is behind seed 0 there
         summaries = {r["seed"]: json.loads(next((root / "grid" / "finetune").glob(
             f"bio_topic-{label.replace('/', '-')}-s{r['seed']}-*/DONE.json")).read_text()) for r in runs}

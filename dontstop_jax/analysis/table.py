@@ -69,6 +69,14 @@ class Significance:
     significant: bool
 
 
+def _count(n: float) -> str:
+    """125M, 0.37M -> 371K, 4.4K: parameter counts as people write them."""
+    for unit, scale in (("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
+
+
 def _compare(a: Cell, b: Cell) -> Significance:
     if a.std is None or b.std is None:
         raise UserError(f"significance of {a.variant!r} vs {b.variant!r} on {a.task!r} needs >= 2 seeds each, "
@@ -169,7 +177,7 @@ class ResultsTable:
             text += f" ({100 * delta:+.1f}{'†' if self.beats_baseline(variant, task) else ''})"
         text += f", n={cell.n}" + (f" (+{cell.discarded} discarded)" if cell.discarded else "")
         if "trainable_params" in cell.extras:
-            text += f", {cell.extras['trainable_params'] / 1e6:.3g}M params"
+            text += f", {_count(cell.extras['trainable_params'])} params"
         if "seconds_per_epoch" in cell.extras:
             text += f", {cell.extras['seconds_per_epoch']:.3g} s/epoch"
         return text

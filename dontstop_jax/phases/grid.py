@@ -141,6 +141,28 @@ class Grid:
         """The grid's `methods` dimension (full and parameter-efficient fine-tuning); default: finetune.peft's."""
         return [check_method(m) for m in self.cfg.get("methods") or [self.cfg.finetune.peft.method]]
 
+    def method_overrides(self, method: str) -> dict[str, Any]:
+        """Fine-tuning fields set for one method only, as dotted keys: `method_overrides` maps a method to a
+        part of the fine-tuning config, e.g. {"lora": {"optim": {"learning_rate": 1e-3}, "train": {"epochs": 20}}}
+        (parameter-efficient methods usually want a larger learning rate and more epochs than full
+        fine-tuning). Unknown methods or fields are errors, not silently new config fields."""
+        overrides = self.cfg.get("method_overrides") or {}
+        if unknown := set(overrides) - set(self.methods()):
+            raise UserError(f"method_overrides names {sorted(unknown)}, which are not in methods {self.methods()}")
+
+        def flatten(part: Any, template: Any, prefix: str) -> dict[str, Any]:
+            fields = {}
+            for key, value in part.items():
+                if not isinstance(template, ConfigDict) or key not in template:
+                    raise UserError(f"method_overrides.{method} sets {prefix + key!r}, which is not a fine-tuning "
+                                    "config field (see configs/finetune.py)")
+                if isinstance(value, (dict, ConfigDict)) and isinstance(template[key], ConfigDict):
+                    fields.update(flatten(value, template[key], f"{prefix}{key}."))
+                else:
+                    fields[prefix + key] = value
+            return fields
+        return flatten(overrides.get(method) or {}, self.cfg.finetune, "")
+
     def discard(self, early: list[float]) -> dict[str, Any]:
         """Dodge et al. 2020, run seed by seed: after `seed_discard.fraction` of training, stop a seed whose dev
         score is below the `keep`-th best early score of the seeds run before it (the first `keep` always run)."""
@@ -167,7 +189,8 @@ class Grid:
                     for seed in self.cfg.seeds:
                         phase = _phase(self.cfg.finetune, self.root / "finetune",
                                        f"{task}-{label.replace('/', '-')}-s{seed}", init=init, seed=seed,
-                                       **per_task, **{"peft.method": method}, **self.discard(early))
+                                       **{**per_task, "peft.method": method, **self.method_overrides(method),
+                                          **self.discard(early)})
                         result = finetune(phase)
                         if result.get("early_dev") is not None:
                             early.append(result["early_dev"])

@@ -38,8 +38,9 @@ def get_config(scale: str = "default") -> ConfigDict:
     cfg = ConfigDict(dict(
         workdir=f"runs/synthetic-{scale}", base="", seeds=list(seeds), variants=list(VARIANTS),
         # methods: e.g. ["full", "frozen", "bitfit", "houlsby", "pfeiffer", "lora"] (empty: finetune.peft.method);
+        # method_overrides: fine-tuning fields per method, e.g. {"lora": {"optim": {"learning_rate": 1e-3}}};
         # seed_discard: Dodge et al. early discarding (fraction 0 = off), see phases/grid.py.
-        methods=[], seed_discard=dict(fraction=0.0, keep=3),
+        methods=[], method_overrides={}, seed_discard=dict(fraction=0.0, keep=3),
         # Tasks of `task_domains` are fine-tuned; every domain's corpus is there for the not-DAPT control.
         synthetic=dict(scale=scale, seed=0, domains=("bio", "cs"), task_domains=("bio",),
                        directory=f"runs/synthetic-{scale}/benchmark"),
