@@ -144,8 +144,14 @@ def test_mesh_errors_are_clear():
         resolve_mesh_shape((-1, 3, 1), 8)
     with pytest.raises(UserError, match="needs 16 devices"):
         resolve_mesh_shape((4, 4, 1), 8)
+    mesh = make_mesh((2, 2, 2), jax.devices())
     with pytest.raises(UserError, match="not divisible by the data-parallel size 4"):
-        check_batch_size(10, make_mesh((2, 2, 2), jax.devices()))
+        check_batch_size(10, mesh)
+    with pytest.raises(UserError, match="16 is not divisible by train.accum_steps 32"):
+        check_batch_size(16, mesh, "train.batch_size", accum_steps=32)
+    with pytest.raises(UserError, match="= 2 rows per micro-batch .* use a batch size that is a multiple of 32"):
+        check_batch_size(16, mesh, "train.batch_size", accum_steps=8)
+    check_batch_size(32, mesh, "train.batch_size", accum_steps=8)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])

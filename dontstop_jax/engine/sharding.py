@@ -126,10 +126,23 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "global batch size") -> None:
+def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "global batch size",
+                     accum_steps: int = 1) -> None:
+    """The batch must split into `accum_steps` micro-batches that each spread evenly over the data-parallel
+    devices."""
     dp = data_parallel_size(mesh)
-    if global_batch_size % dp:
-        raise UserError(f"{what} {global_batch_size} is not divisible by the data-parallel size {dp} "
+    if accum_steps < 1:
+        raise UserError(f"train.accum_steps must be >= 1, got {accum_steps}")
+    if global_batch_size % accum_steps:
+        raise UserError(f"{what} {global_batch_size} is not divisible by train.accum_steps {accum_steps} (the "
+                        f"batch is split into that many micro-batches); use a multiple of {accum_steps} or lower "
+                        "train.accum_steps")
+    micro = global_batch_size // accum_steps
+    if micro % dp:
+        raise UserError(f"{what} {global_batch_size} / train.accum_steps {accum_steps} = {micro} rows per "
+                        f"micro-batch is not divisible by the data-parallel size {dp} (mesh data x fsdp); use a "
+                        f"batch size that is a multiple of {accum_steps * dp}" if accum_steps > 1 else
+                        f"{what} {global_batch_size} is not divisible by the data-parallel size {dp} "
                         f"(mesh data x fsdp); use a multiple of {dp}")
 
 

@@ -76,7 +76,7 @@ def pretrain(cfg: ConfigDict, objective: Objective | None = None) -> dict:
         sources.resolve(cfg.init, tokenizer=cfg.get("tokenizer"), model=cfg.get("model")), cfg)
     mesh = make_mesh(cfg.mesh.shape, dcn_shape=cfg.mesh.dcn_shape)
     rules = tuple(tuple(r) for r in cfg.mesh.rules)
-    check_batch_size(cfg.train.batch_size, mesh)
+    check_batch_size(cfg.train.batch_size, mesh, "train.batch_size", accum_steps=cfg.train.accum_steps)
     corpus = prepare(cfg, source)
     tokenizer = load_tokenizer(source.tokenizer_dir)
     loader = MLMLoader(corpus, cfg.train.batch_size, cfg.seed, special_ids(tokenizer), vocab_size=len(tokenizer),
