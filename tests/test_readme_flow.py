@@ -1,0 +1,86 @@
+"""The README's "Using it on real data" commands, run through the CLI with the shipped paper configs on a tiny
+RoBERTa that `transformers` wrote: HF directory -> DAPT (.jsonl.gz corpus) -> TAPT (the task's text) ->
+fine-tuning (micro-F1, dev-selected checkpoint) -> export -> transformers gives our logits."""
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from export_check import assert_transformers_logits_match
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).parents[1]
+WORDS = "protein binds receptor cell kinase inhibitor gene expression tumor patient dose trial enzyme".split()
+SMALL = ["--config.train.batch_size=16", "--config.data.max_seq_length=64"]
+
+
+def _cli(*args: str, cwd: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *args, "--compilation-cache", str(cwd / "xla")],
+                         cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory, tiny_tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from dontstop_jax.data import load_tokenizer
+    root = tmp_path_factory.mktemp("readme")
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    tok.save_pretrained(root / "roberta-tiny")
+    torch.manual_seed(0)
+    transformers.RobertaForMaskedLM(transformers.RobertaConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2)).save_pretrained(
+        root / "roberta-tiny")
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(WORDS, rng.integers(8, 40))) for _ in range(900)]
+    (root / "s2orc").mkdir()
+    with gzip.open(root / "s2orc" / "part-0.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs[:600])
+    (root / "chemprot").mkdir()
+    for split, rows in (("train", docs[600:800]), ("dev", docs[800:850]), ("test", docs[850:])):
+        (root / "chemprot" / f"{split}.jsonl").write_text("".join(
+            json.dumps({"text": d, "label": "ACTIVATOR" if "kinase" in d else "INHIBITOR"}) + "\n" for d in rows))
+    cfg = str(ROOT / "configs")
+    _cli("pretrain", "--config", f"{cfg}/dapt.py:biomed", "--config.init=roberta-tiny",
+         "--config.data.sources=['s2orc/*.jsonl.gz']", "--config.workdir=runs/dapt-biomed",
+         "--config.train.steps=30", "--config.train.accum_steps=2", "--config.optim.learning_rate=3e-3", *SMALL,
+         cwd=root)
+    _cli("pretrain", "--config", f"{cfg}/tapt.py:chemprot", "--config.init=runs/dapt-biomed",
+         "--config.data.sources=['chemprot/train.jsonl']", "--config.workdir=runs/dapt-tapt-chemprot",
+         "--config.train.epochs=3", *SMALL, cwd=root)
+    _cli("finetune", "--config", f"{cfg}/finetune.py:chemprot", "--config.init=runs/dapt-tapt-chemprot",
+         "--config.task.path=chemprot", "--config.seed=1", "--config.workdir=runs/finetune-chemprot",
+         "--config.train.epochs=3", *SMALL, cwd=root)
+    _cli("export", "--from", "runs/finetune-chemprot", "--to", "exported/chemprot", cwd=root)
+    return root
+
+
+def _done(root: Path, phase: str) -> dict:
+    return json.loads((root / "runs" / phase / "DONE.json").read_text())
+
+
+def test_each_phase_starts_from_the_previous_one(flow):
+    assert _done(flow, "dapt-biomed")["parent"] == f"hf:{flow / 'roberta-tiny'}"
+    assert _done(flow, "dapt-tapt-chemprot")["parent"].startswith(f"checkpoint:{flow / 'runs' / 'dapt-biomed'}")
+    finetuned = _done(flow, "finetune-chemprot")
+    assert finetuned["parent"].startswith(f"checkpoint:{flow / 'runs' / 'dapt-tapt-chemprot'}")
+    assert finetuned["metric"] == "micro_f1" and set(finetuned["test"]) >= {"micro_f1", "macro_f1"}
+    assert finetuned["label_names"] == ["ACTIVATOR", "INHIBITOR"]
+
+
+def test_dapt_lowers_the_masked_lm_loss_of_the_imported_model(flow):
+    losses = [json.loads(line)["loss"] for line in
+              (flow / "runs" / "dapt-biomed" / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_export_reloads_in_transformers_with_our_logits(flow):
+    meta = assert_transformers_logits_match(flow / "runs" / "finetune-chemprot", flow / "exported" / "chemprot")
+    assert meta["phase"] == "finetune-chemprot"
