@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from dontstop_jax.errors import UserError
@@ -83,16 +84,21 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"{corpus.directory}: {corpus.num_blocks} blocks of {corpus.max_seq_length} tokens")
     elif args.command == "pretrain":
         from dontstop_jax.phases.pretrain import pretrain
-        print(pretrain(cfg))
+        _print_summary(pretrain(cfg))
     elif args.command == "finetune":
         from dontstop_jax.phases.finetune import finetune
-        print(finetune(cfg))
+        _print_summary(finetune(cfg))
     elif args.command == "analyze":
         from dontstop_jax.analysis.report import analyze
         print(f"written: {analyze(cfg)}/summary.md (+ CSV and PNG files)")
     elif args.command == "select":
         from dontstop_jax.phases.select import select
-        print(select(cfg))
+        _print_summary(select(cfg))
+
+
+def _print_summary(summary: dict) -> None:
+    """A phase's summary as JSON on stdout (progress goes to stderr), e.g. `dontstop finetune ... | jq .test`."""
+    print(json.dumps(summary, indent=1, sort_keys=True))
 
 
 def main(argv: list[str] | None = None) -> int:

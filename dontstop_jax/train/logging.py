@@ -167,7 +167,8 @@ def _duration(seconds: float) -> str:
 class ProgressBar:
     """Step, loss, learning rate, tokens/s and ETA, with rates over a moving window of wall-clock time so
     compilation and old stalls fade out. On a TTY it is a tqdm bar; elsewhere (CI, log files) it prints a
-    plain line every `print_every_s` seconds instead of filling the log with redraws.
+    plain line every `print_every_s` seconds instead of filling the log with redraws, and the final state once
+    at close().
 
     It only formats host floats (see MetricsBuffer), so it never waits for the device.
     """
@@ -187,6 +188,7 @@ class ProgressBar:
         self._loss: float | None = None
         self._lr: float | None = None
         self._bar = None
+        self._unprinted: int | None = None  # the newest step not printed yet (plain-line mode)
         if enabled and self._file.isatty():
             self._bar = tqdm(total=total_steps, desc=desc, file=self._file, dynamic_ncols=True,
                              bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
@@ -209,10 +211,16 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.n = step
             self._bar.set_postfix_str(self._stats())  # also refreshes (tqdm rate-limits redraws itself)
-        elif now - self._last_print >= self._print_every_s or step >= self.total_steps:
+        elif now - self._last_print >= self._print_every_s:
             self._last_print = now
-            prefix = f"{self.desc}: " if self.desc else ""
-            print(f"{prefix}step {step}/{self.total_steps} {self._stats()}".rstrip(), file=self._file, flush=True)
+            self._print(step)
+        else:
+            self._unprinted = step  # close() prints the final state once, with the last metrics
+
+    def _print(self, step: int) -> None:
+        self._unprinted = None
+        prefix = f"{self.desc}: " if self.desc else ""
+        print(f"{prefix}step {step}/{self.total_steps} {self._stats()}".rstrip(), file=self._file, flush=True)
 
     def _stats(self) -> str:
         parts = []
@@ -232,6 +240,8 @@ class ProgressBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        elif self._unprinted is not None:
+            self._print(self._unprinted)
 
 
 class MetricsBuffer:
