@@ -28,6 +28,7 @@ from dontstop_jax.analysis.continual import ContinualTable
 from dontstop_jax.analysis.table import _atomic_write
 from dontstop_jax.das import importance
 from dontstop_jax.das.contrastive import das_objective
+from dontstop_jax.distributed import on_first_process
 from dontstop_jax.data import MLMLoader, load_tokenizer, special_ids
 from dontstop_jax.engine import (check_batch_size, compile_eval_step, create_train_state, make_eval_step, make_mesh,
                                  mlm_loss_sums, to_global)
