@@ -169,3 +169,12 @@ def test_bfloat16_compute_keeps_float32_parameters_and_close_loss():
     bf16, params, _ = run_mlm((1, 1, 1), jax.devices()[:1], steps=1, cfg=cfg.replace(dtype="bfloat16"))
     assert params["roberta"]["layers"]["query"]["kernel"].dtype == np.float32
     assert abs(bf16[0] - f32[0]) < 0.05 * f32[0]
+
+
+def test_chain_hooks_applies_each_source_in_turn():
+    from dontstop_jax.engine import chain_hooks
+    double, add_one, halve = (lambda t: t * 2), (lambda t: t + 1), (lambda t: t / 2)
+    hooks = chain_hooks({"grad_transform": double}, {}, {"grad_transform": add_one, "update_transform": halve})
+    assert hooks["grad_transform"](3.0) == 7.0  # add_one(double(3))
+    assert hooks["update_transform"](3.0) == 1.5
+    assert chain_hooks({}, {"grad_transform": None}) == {}

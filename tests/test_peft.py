@@ -134,9 +134,8 @@ def train(method, mesh_shape=(1, 1, 1), devices=None, steps=3, lr_decay=1.0):
     model = RobertaForSequenceClassification(cfg, LABELS)
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=0, pretrained=base_params())
     start = jax.device_get(state.params)
-    step = compile_train_step(make_train_step(classification_loss_sums(model), tx,
-                                              grad_transform=adaptation.grad_transform()), shardings, mesh,
-                              DEFAULT_RULES)
+    step = compile_train_step(make_train_step(classification_loss_sums(model), tx, **adaptation.hooks()),
+                              shardings, mesh, DEFAULT_RULES)
     for i in range(steps):
         state, _ = step(state, to_global(batch(i), mesh))
     return adaptation, start, state
@@ -202,7 +201,7 @@ def test_adapter_file_holds_only_what_was_trained_and_loads_onto_the_base(tmp_pa
 def test_layerwise_lr_decay_scales_updates_per_layer():
     adaptation = Adaptation.from_config(peft("full"), CFG, lr_decay=0.5)
     ones = jax.tree_util.tree_map(np.ones_like, base_params())
-    scaled, _ = adaptation.update_scale().update(ones, optax.EmptyState())
+    scaled = adaptation.update_transform()(ones)
     np.testing.assert_allclose(scaled["roberta"]["layers"]["query"]["kernel"][:, 0, 0, 0], [0.5, 1.0])  # top = 1
     assert float(scaled["roberta"]["embeddings"]["LayerNorm"]["scale"][0]) == 0.25
     assert float(scaled["classifier"]["dense"]["kernel"][0, 0]) == 1.0

@@ -35,20 +35,19 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(cfg: ConfigDict, total_steps: int, trainable: Callable[[Any], Any] | None = None,
-                   update_scale: optax.GradientTransformation | None = None,
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Returns (transformation, learning-rate schedule).
 
     `trainable(params) -> tree of bools` freezes the False leaves: they get zero updates and no optimizer
-    state (optax.multi_transform with set_to_zero), and clipping sees only trainable gradients.
-    `update_scale` runs after AdamW on the trainable leaves (per-layer factors, see engine/peft.py).
+    state (optax.multi_transform with set_to_zero), and clipping sees only trainable gradients. Scales of
+    slices of a leaf (frozen layers, layer-wise learning rates, DAS soft-masks) are train-step hooks instead
+    (`make_train_step(grad_transform=..., update_transform=...)`).
     """
     schedule = warmup_linear_decay(cfg.learning_rate, total_steps, cfg.warmup_fraction)
     adamw = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm else optax.identity(),
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                    mask=weight_decay_mask),
-        *([update_scale] if update_scale is not None else []))  # absent when unused: older states still load
+                    mask=weight_decay_mask))
     if trainable is None:
         return adamw, schedule
     labels = lambda params: jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable(params))

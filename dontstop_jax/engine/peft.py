@@ -4,7 +4,8 @@ Whole frozen leaves are masked out of the optimizer (`make_optimizer(trainable=.
 Encoder layers are stacked on a leading [L] axis, so freezing the lower layers ("top_k") and scaling the
 learning rate per layer (layer-wise decay) act on slices of one array: gradients of frozen slices are
 zeroed before clipping and Adam (so they neither count in the norm nor fill the moments), and updates are
-multiplied per slice after AdamW, which also keeps weight decay off frozen slices (bit-identical).
+multiplied per slice after AdamW, which also keeps weight decay off frozen slices (bit-identical); both are
+train-step hooks (`Adaptation.hooks`), which compose with other sources of hooks such as DAS (`chain_hooks`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import optax
 from ml_collections import ConfigDict
 
 from dontstop_jax.engine.optim import make_optimizer
+from dontstop_jax.engine.steps import Hooks
 from dontstop_jax.errors import UserError
 from dontstop_jax.model.config import ModelConfig
 from dontstop_jax.model.peft import ADAPTER_SUFFIX, LORA_SUFFIX
@@ -112,8 +114,12 @@ class Adaptation:
     # -- the parts make_optimizer / make_train_step take ----------------------------------------
     def optimizer(self, optim: ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
         """make_optimizer with this split (full fine-tuning keeps the plain AdamW state layout)."""
-        return make_optimizer(optim, total_steps, trainable=None if self.method == "full" else self.trainable,
-                              update_scale=self.update_scale())
+        return make_optimizer(optim, total_steps, trainable=None if self.method == "full" else self.trainable)
+
+    def hooks(self) -> Hooks:
+        """make_train_step hooks: frozen leaves and slices get zero gradients, updates are scaled per layer."""
+        return {name: fn for name, fn in (("grad_transform", self.grad_transform()),
+                                          ("update_transform", self.update_transform())) if fn is not None}
 
     def trainable(self, params: Any) -> Any:
         """Bool tree: False leaves get no optimizer state and no updates."""
@@ -136,17 +142,18 @@ class Adaptation:
     def _scales_layers(self) -> bool:
         return self.method == "top_k" or self.lr_decay != 1.0
 
-    def update_scale(self) -> optax.GradientTransformation | None:
-        """Multiplies updates per layer slice (zero where frozen); None when every factor is 1."""
+    def update_transform(self) -> Callable[[Any], Any] | None:
+        """Multiplies updates per layer slice (zero where frozen); None when every factor is 1. After AdamW,
+        so weight decay stays off frozen slices too (bit-identical)."""
         if not self._scales_layers:
             return None
 
-        def update(updates, state, params=None):
+        def transform(updates):
             def one(path, u):
                 f = self._factor(_keys(path), u.ndim)
                 return u if isinstance(f, float) and f == 1.0 else jnp.where(f == 0, jnp.zeros_like(u), u * f)
-            return jax.tree_util.tree_map_with_path(one, updates), state
-        return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+            return jax.tree_util.tree_map_with_path(one, updates)
+        return transform
 
     def grad_transform(self) -> Callable[[Any], Any] | None:
         """Zeroes gradients of frozen leaves and slices, so clipping and Adam see only trained ones (and XLA

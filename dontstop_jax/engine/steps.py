@@ -20,6 +20,9 @@ from dontstop_jax.engine.sharding import BATCH_AXES, Rules, activation_rules, ba
 from dontstop_jax.engine.state import TrainState
 
 Batch = dict[str, jax.Array]
+# make_train_step's per-parameter hooks: {"grad_transform": f, "update_transform": g}, each tree -> tree.
+Hooks = dict[str, Callable[[Any], Any]]
+HOOK_NAMES = ("grad_transform", "update_transform")
 # loss_sums(params, batch, dropout_rng, deterministic) -> (weighted loss sum, {"weight": ..., "correct": ...})
 LossSums = Callable[[Any, Batch, jax.Array, bool], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -51,6 +54,17 @@ def classification_loss_sums(model: nn.Module) -> LossSums:
     return loss
 
 
+def chain_hooks(*hooks: Hooks) -> Hooks:
+    """One set of step hooks that applies each given set's in turn (PEFT's frozen slices and layer-wise
+    learning rates, DAS soft-masks, parameters a recipe holds fixed): they all scale slices, so they compose."""
+    chained: Hooks = {}
+    for name in HOOK_NAMES:
+        fns = [h[name] for h in hooks if h.get(name) is not None]
+        if fns:
+            chained[name] = functools.reduce(lambda f, g: lambda tree: g(f(tree)), fns)
+    return chained
+
+
 def _micro_batches(batch: Batch, k: int) -> Batch:
     """[k*b, ...] -> [k, b, ...] keeping each device's rows on that device (row r -> micro-batch r % k)."""
     def split(x):
@@ -64,8 +78,10 @@ def make_train_step(loss_sums: LossSums, tx: optax.GradientTransformation, *, ac
                     grad_transform: Callable[[Any], Any] | None = None,
                     update_transform: Callable[[Any], Any] | None = None,
                     skip_nonfinite: bool = False) -> Callable[[TrainState, Batch], tuple]:
-    """(state, global batch) -> (new state, metrics). `grad_transform` hooks in e.g. DAS gradient soft-masks;
-    `update_transform` scales the optimizer's output (Adam normalises away a constant gradient scale).
+    """(state, global batch) -> (new state, metrics). `grad_transform` maps the gradients before clipping and
+    the optimizer (zero frozen slices, DAS soft-masks); `update_transform` scales the optimizer's output
+    (layer-wise learning rates; DAS again, since Adam normalises away a constant gradient scale). Several
+    sources of hooks combine with `chain_hooks`.
 
     `skip_nonfinite`: a step whose loss or gradient norm is not finite keeps the old parameters and optimizer
     state (one bad batch need not end a long run) and reports `skipped` = 1; the step counter still advances.

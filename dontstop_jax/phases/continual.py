@@ -30,8 +30,8 @@ from dontstop_jax.das import importance
 from dontstop_jax.das.contrastive import das_objective
 from dontstop_jax.distributed import on_first_process
 from dontstop_jax.data import MLMLoader, load_tokenizer, special_ids
-from dontstop_jax.engine import (check_batch_size, compile_eval_step, create_train_state, make_eval_step, make_mesh,
-                                 mlm_loss_sums, to_global)
+from dontstop_jax.engine import (chain_hooks, check_batch_size, compile_eval_step, create_train_state,
+                                 make_eval_step, make_mesh, mlm_loss_sums, to_global)
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM
 from dontstop_jax.phases import source as sources
@@ -97,8 +97,7 @@ class Continual:
         def build(model, params):
             loss_sums, hooks = das(model, params) if das else (mlm_loss_sums(model), {})
             hold = functools.partial(_zero_under, prefixes=tuple(self.cfg.frozen))
-            compose = lambda f: hold if f is None else (lambda tree: hold(f(tree)))
-            return loss_sums, {k: compose(hooks.get(k)) for k in ("grad_transform", "update_transform")}
+            return loss_sums, chain_hooks(hooks, {"grad_transform": hold, "update_transform": hold})
         return build
 
     def das_stage(self, parent: str, domain: str, first: bool) -> str:

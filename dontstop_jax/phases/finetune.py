@@ -101,7 +101,7 @@ def finetune(cfg: ConfigDict) -> dict:
 
     step_fn = compile_train_step(make_train_step(classification_loss_sums(model), tx, schedule=schedule,
                                                  skip_nonfinite=cfg.train.skip_nonfinite,
-                                                 grad_transform=adaptation.grad_transform()), shardings, mesh, rules)
+                                                 **adaptation.hooks()), shardings, mesh, rules)
     predict = compile_predict_step(model, shardings.params, mesh, rules)
 
     with MetricsWriter(workdir, enabled=lead) as writer, StopSignal() as stop:

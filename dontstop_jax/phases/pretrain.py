@@ -17,11 +17,10 @@ from ml_collections import ConfigDict
 
 from dontstop_jax.distributed import on_first_process
 from dontstop_jax.data import MLMLoader, PreparedCorpus, load_tokenizer, prepare_corpus, special_ids, word_start_table
-from dontstop_jax.engine import (abstract_state, check_batch_size, compile_train_step, create_train_state, make_mesh,
-                                 make_train_step, mlm_loss_sums, to_global)
+from dontstop_jax.engine import (abstract_state, chain_hooks, check_batch_size, compile_train_step,
+                                 create_train_state, make_mesh, make_train_step, mlm_loss_sums, to_global)
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation
-from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForMaskedLM
 from dontstop_jax.phases.export import export_delta
 from dontstop_jax.phases import source as sources
@@ -93,11 +92,7 @@ def pretrain(cfg: ConfigDict, objective: Objective | None = None) -> dict:
         state, data_state, _ = ckpt.restore(abstract_state(shardings, model, tx))
         loader.set_state(data_state)
     loss_sums, hooks = objective(model, state.params) if objective else (mlm_loss_sums(model), {})
-    if adaptation.grad_transform() is not None:
-        if "grad_transform" in hooks:
-            raise UserError(f"peft.method={adaptation.method} masks gradients, and so does this phase's objective "
-                            "(DAS soft-masking); use peft.method=full for DAS phases")
-        hooks = {**hooks, "grad_transform": adaptation.grad_transform()}
+    hooks = chain_hooks(adaptation.hooks(), hooks)
     step_fn = compile_train_step(make_train_step(loss_sums, tx, accum_steps=cfg.train.accum_steps, schedule=schedule,
                                                  skip_nonfinite=cfg.train.skip_nonfinite, **hooks),
                                  shardings, mesh, rules)
