@@ -79,8 +79,8 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"\nwritten: {cfg.workdir}/continual.md, continual.json")
     elif args.command == "prepare":
         from dontstop_jax.phases.pretrain import prepare
-        from dontstop_jax.phases.source import resolve
-        corpus = prepare(cfg, resolve(cfg.init, tokenizer=cfg.get("tokenizer"), model=cfg.get("model")))
+        from dontstop_jax.phases.source import resolve_phase
+        corpus = prepare(cfg, resolve_phase(cfg))
         print(f"{corpus.directory}: {corpus.num_blocks} blocks of {corpus.max_seq_length} tokens")
     elif args.command == "pretrain":
         from dontstop_jax.phases.pretrain import pretrain

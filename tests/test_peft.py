@@ -309,11 +309,38 @@ def test_table_shows_parameter_counts_epoch_times_and_discarded_seeds():
 def test_a_phase_started_from_a_lora_phase_starts_from_the_merged_weights(tmp_path):
     cfg = configure_model(CFG, peft("lora"))
     params = _perturbed_lora(cfg)
-    state = TrainState(step=jnp.array(1, jnp.int32), params=params, opt_state=np.zeros(1, np.float32),
-                       rng=np.zeros(2, np.uint32))
-    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
-    ckpt.save(state, data_state={}, meta={"model_config": dataclasses.asdict(cfg), "tokenizer_dir": "tok"})
-    ckpt.close()
-    source = resolve(str(tmp_path))
+    source = resolve(_phase_dir(tmp_path, cfg, params))
     assert source.config.lora_rank == 0 and "query_lora" not in source.params["roberta"]["layers"]
     np.testing.assert_allclose(logits(source.config, source.params), logits(cfg, params), rtol=1e-5, atol=1e-5)
+
+
+def _phase_dir(root, cfg, params):
+    """A finished phase's workdir holding `params` (what `init` reads), without running one."""
+    state = TrainState(step=jnp.array(1, jnp.int32), params=params, opt_state=np.zeros(1, np.float32),
+                       rng=np.zeros(2, np.uint32))
+    ckpt = Checkpointer(root / "checkpoints", async_save=False)
+    ckpt.save(state, data_state={}, meta={"model_config": dataclasses.asdict(cfg), "tokenizer_dir": "tok"})
+    ckpt.close()
+    return str(root)
+
+
+@pytest.mark.parametrize("method", ["houlsby", "lora"])
+def test_init_delta_puts_an_adapter_file_onto_its_base_model(tmp_path, method):
+    """`init=<base> init_delta=<peft.safetensors>`: the phase starts from the trained parameter-efficient model
+    (LoRA folded in, as from a parent phase), from the base model and the small file alone."""
+    base = _phase_dir(tmp_path / "base", CFG, base_params())
+    adaptation, _, state = train(method)
+    trained = jax.device_get(state.params)
+    cfg = configure_model(CFG, peft(method))
+    delta = str(save_delta(tmp_path / "peft.safetensors", trained, adaptation.trainable(trained), cfg))
+    source = resolve(base, delta=delta)
+    assert source.parent.endswith(f"+delta:{delta}")
+    assert source.config.adapter == ("houlsby" if method == "houlsby" else "none") and source.config.lora_rank == 0
+    np.testing.assert_allclose(logits(source.config, source.params), logits(cfg, trained), rtol=1e-5, atol=1e-5)
+    assert np.abs(logits(cfg, trained) - logits(CFG, base_params())).max() > 1e-4  # the file changed the model
+
+    other = CFG.replace(max_position_embeddings=CFG.max_position_embeddings + 8)
+    with pytest.raises(UserError, match="another architecture .max_position_embeddings"):
+        resolve(_phase_dir(tmp_path / "other", other, init(other, 0)), delta=delta)
+    with pytest.raises(UserError, match="init=scratch has none"):
+        resolve("scratch", tokenizer="tok", model=ConfigDict(dataclasses.asdict(CFG)), delta=delta)

@@ -23,6 +23,7 @@ def _common(name: str) -> ConfigDict:
     return ConfigDict(dict(
         name=name, workdir=f"runs/{name}", seed=0,
         init="",  # a Hugging Face directory, a finished phase's workdir, or "scratch"
+        init_delta="",  # optional: an adapter file (peft.safetensors) put onto init's weights
         tokenizer=None,  # default: the init's tokenizer
         model=_model(),
         # shape: (data, fsdp, tensor); dcn_shape (multi-slice): shape is then per slice, dcn_shape across slices

@@ -65,8 +65,7 @@ def finetune(cfg: ConfigDict) -> dict:
     if (done := finished(workdir)) is not None:
         return done
     lead = jax.process_index() == 0
-    source, adaptation = sources.adapted(
-        sources.resolve(cfg.init, tokenizer=cfg.get("tokenizer"), model=cfg.get("model")), cfg)
+    source, adaptation = sources.adapted(sources.resolve_phase(cfg), cfg)
     task = load_task(cfg.task.path or None, text_field=cfg.task.text_field, label_field=cfg.task.label_field,
                      hf_dataset=cfg.task.hf_dataset or None)
     for split in ("train", "dev", "test"):

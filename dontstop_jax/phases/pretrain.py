@@ -71,8 +71,7 @@ def pretrain(cfg: ConfigDict, objective: Objective | None = None) -> dict:
     if (done := finished(workdir)) is not None:
         return done
     lead = jax.process_index() == 0
-    source, adaptation = sources.adapted(
-        sources.resolve(cfg.init, tokenizer=cfg.get("tokenizer"), model=cfg.get("model")), cfg)
+    source, adaptation = sources.adapted(sources.resolve_phase(cfg), cfg)
     mesh = make_mesh(cfg.mesh.shape, dcn_shape=cfg.mesh.dcn_shape)
     rules = tuple(tuple(r) for r in cfg.mesh.rules)
     check_batch_size(cfg.train.batch_size, mesh, "train.batch_size", accum_steps=cfg.train.accum_steps)

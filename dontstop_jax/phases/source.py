@@ -13,11 +13,16 @@ from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, plan
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import ModelConfig, check_tokenizer, load_pretrained
-from dontstop_jax.model.peft import merge_lora
+from dontstop_jax.model.peft import load_delta, merge_lora
 
 # Fields a phase may change on a loaded model: how it computes and how much dropout it uses.
 RUNTIME_FIELDS = ("dtype", "remat", "attention_impl", "hidden_dropout_prob", "attention_probs_dropout_prob",
                   "classifier_dropout")
+
+
+# Fields an adapter file and the model it goes onto must share.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                       "max_position_embeddings")
 
 
 @dataclasses.dataclass
@@ -32,9 +37,21 @@ def phase_checkpoints(path: Path) -> Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def resolve(init: str, *, tokenizer: str | None = None, model: ConfigDict | None = None) -> ModelSource:
-    """`init`: "scratch" (architecture from `model`), a Hugging Face directory, or a phase's workdir."""
+def resolve(init: str, *, tokenizer: str | None = None, model: ConfigDict | None = None,
+            delta: str | None = None) -> ModelSource:
+    """`init`: "scratch" (architecture from `model`), a Hugging Face directory, or a phase's workdir.
+    `delta`: an adapter file a parameter-efficient phase wrote (`peft.safetensors`), put onto init's weights."""
     overrides = {k: v for k, v in (model or {}).items() if k in RUNTIME_FIELDS and v is not None}
+    source = _weights(init, tokenizer, model, overrides)
+    return _with_delta(source, delta, overrides) if delta else source
+
+
+def resolve_phase(cfg: ConfigDict) -> ModelSource:
+    """The starting weights a phase config names (`init`, `init_delta`, `tokenizer`, `model`)."""
+    return resolve(cfg.init, tokenizer=cfg.get("tokenizer"), model=cfg.get("model"), delta=cfg.get("init_delta"))
+
+
+def _weights(init: str, tokenizer: str | None, model: ConfigDict | None, overrides: dict) -> ModelSource:
     if init == "scratch":
         if tokenizer is None:
             raise UserError("init=scratch needs a tokenizer directory (config field `tokenizer`)")
@@ -55,6 +72,21 @@ def resolve(init: str, *, tokenizer: str | None = None, model: ConfigDict | None
     # A parent's LoRA is folded into its weights: the next phase starts from a plain (or adapter) model.
     cfg, params = merge_lora(ModelConfig(**{**meta["model_config"], **overrides}), ckpt.restore_params(step))
     return ModelSource(cfg, params, tokenizer or meta["tokenizer_dir"], f"checkpoint:{ckpt_dir.absolute()}@{step}")
+
+
+def _with_delta(source: ModelSource, delta: str, overrides: dict) -> ModelSource:
+    """The adapter file's leaves (adapters or LoRA, biases, norms, head) over the source's weights; its LoRA is
+    folded in, as a parent phase's would be."""
+    if source.params is None:
+        raise UserError("init_delta needs pretrained weights to go onto, and init=scratch has none; set init to "
+                        "the model the adapter file was trained from")
+    cfg, params = load_delta(delta, source.params)
+    base = dataclasses.asdict(source.config)
+    if mismatch := [k for k in ARCHITECTURE_FIELDS if getattr(cfg, k) != base[k]]:
+        raise UserError(f"init_delta {delta} was trained on another architecture ({', '.join(mismatch)} differ from "
+                        f"init's); set init to the model it was trained from")
+    cfg, params = merge_lora(cfg.replace(**overrides), params)
+    return ModelSource(cfg, params, source.tokenizer_dir, f"{source.parent}+delta:{Path(delta).absolute()}")
 
 
 def adapted(source: ModelSource, cfg: ConfigDict) -> tuple[ModelSource, Adaptation]:
