@@ -46,9 +46,15 @@ def test_fingerprint_ignores_names_and_places_but_not_settings():
     assert fingerprint(a) != fingerprint(b)
 
 
-def test_cli_reports_bad_input_in_one_line_and_exit_code_2():
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", "pretrain", "--config", "configs/dapt.py:biomed",
-                          "--config.init=/nonexistent/model"], capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("command, expected", [
+    (["pretrain", "--config", "configs/dapt.py:biomed", "--config.init=/nonexistent/model"],
+     "error: init='/nonexistent/model' is neither"),
+    (["finetune", "--config", "configs/finetune.py:chemprot", "--config.train.metric=f1"],  # before any training
+     "error: train.metric='f1' is not a metric we compute; use one of accuracy, macro_f1, micro_f1"),
+])
+def test_cli_reports_bad_input_in_one_line_and_exit_code_2(command, expected):
+    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *command], capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 2
-    assert out.stderr.strip().startswith("error: init='/nonexistent/model' is neither")
+    assert out.stderr.strip().startswith(expected)
     assert len(out.stderr.strip().splitlines()) == 1

@@ -34,6 +34,15 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int,
     return np.bincount(cells, weights=w, minlength=num_labels**2).reshape(num_labels, num_labels)
 
 
+METRICS = ("accuracy", "macro_f1", "micro_f1")  # what classification_metrics returns
+
+
+def check_metric(metric: str, where: str = "train.metric") -> str:
+    if metric not in METRICS:
+        raise UserError(f"{where}={metric!r} is not a metric we compute; use one of {', '.join(METRICS)}")
+    return metric
+
+
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int,
                            weights: np.ndarray | None = None) -> dict[str, float]:
     """accuracy, macro_f1 and micro_f1 (fractions in [0, 1]) of integer predictions.
@@ -50,7 +59,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_labels: i
     fp, fn = cm.sum(axis=0) - tp, cm.sum(axis=1) - tp
     present = (tp + fp + fn) > 0
     f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=present)
-    return {
+    return {  # keys: METRICS
         "accuracy": float(tp.sum() / total),
         "macro_f1": float(f1[present].mean()),
         "micro_f1": float(2 * tp.sum() / (2 * tp.sum() + fp.sum() + fn.sum())),

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from dontstop_jax.analysis.continual import ContinualTable
+from dontstop_jax.analysis.metrics import check_metric
 from dontstop_jax.analysis.table import _atomic_write
 from dontstop_jax.das import importance
 from dontstop_jax.das.contrastive import das_objective
@@ -75,6 +76,7 @@ class Continual:
         if missing := [d for d in cfg.sequence if d not in cfg.domains]:
             raise UserError(f"sequence names domains {missing} that are not in domains {sorted(cfg.domains)}")
         for name, task in cfg.tasks.items():
+            check_metric(task.metric, f"tasks.{name}.metric")
             if task.domain not in cfg.sequence:
                 raise UserError(f"task {name} is in domain {task.domain!r}, which the sequence {list(cfg.sequence)} "
                                 "never visits; add the domain or drop the task")

@@ -16,6 +16,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from dontstop_jax.analysis import classification_metrics
+from dontstop_jax.analysis.metrics import check_metric
 from dontstop_jax.data import ClassificationBatches, load_task, load_tokenizer, tokenize_split
 from dontstop_jax.data.tokenizer import special_ids
 from dontstop_jax.engine import (abstract_state, check_batch_size, classification_loss_sums, compile_predict_step,
@@ -65,6 +66,7 @@ def finetune(cfg: ConfigDict) -> dict:
     if (done := finished(workdir)) is not None:
         return done
     lead = jax.process_index() == 0
+    metric = check_metric(cfg.train.metric)
     source, adaptation = sources.adapted(sources.resolve_phase(cfg), cfg)
     task = load_task(cfg.task.path or None, text_field=cfg.task.text_field, label_field=cfg.task.label_field,
                      hf_dataset=cfg.task.hf_dataset or None)
@@ -86,7 +88,6 @@ def finetune(cfg: ConfigDict) -> dict:
     tx, schedule = adaptation.optimizer(cfg.optim, epochs * per_epoch)
     model = RobertaForSequenceClassification(source.config, num_labels)
     state, shardings = create_train_state(model, tx, mesh, rules, cfg.seed, pretrained=source.params)
-    metric = cfg.train.metric
     ckpt = Checkpointer(workdir / "checkpoints", keep_last=1, best_metric=f"dev_{metric}", best_mode="max")
     progress_state = {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": [], "epoch_seconds": []}
     if ckpt.latest_step() is not None:

@@ -24,6 +24,7 @@ import jax
 from ml_collections import ConfigDict
 
 from dontstop_jax.analysis import results_table
+from dontstop_jax.analysis.metrics import check_metric
 from dontstop_jax.data import load_task
 from dontstop_jax.engine.peft import check_method
 from dontstop_jax.errors import UserError
@@ -83,6 +84,7 @@ class Grid:
         if set(cfg.variants) & set(SELECTION_VARIANTS) and "select" not in cfg:
             raise UserError("selection variants need a `select` section in the grid config (see configs/grid.py)")
         for name, task in cfg.tasks.items():
+            check_metric(task.metric, f"tasks.{name}.metric")
             if task.domain not in cfg.domains:
                 raise UserError(f"task {name} names domain {task.domain!r}, which is not in grid.domains "
                                 f"{sorted(cfg.domains)}; add its corpus or fix the name")
