@@ -106,20 +106,7 @@ print(jax.process_index(), result, target.read_text())
 
 def test_on_first_process_writes_once_and_others_wait(tmp_path):
     """Two real processes: only process 0 runs the write, and process 1 reads the file only after it exists."""
-    import socket
-    import subprocess
-    import sys
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    target = tmp_path / "written.txt"
-    procs = [subprocess.Popen([sys.executable, "-c", _FIRST_PROCESS_WRITES, str(target)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True,
-                              env={**__import__("os").environ, "DONTSTOP_COORDINATOR": f"127.0.0.1:{port}",
-                                   "DONTSTOP_NUM_PROCESSES": "2", "DONTSTOP_PROCESS_ID": str(i),
-                                   "DONTSTOP_LOCAL_DEVICES": "1", "XLA_FLAGS": ""})
-             for i in range(2)]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    from local_processes import run_local_processes
+    outputs = run_local_processes(_FIRST_PROCESS_WRITES, str(tmp_path / "written.txt"), timeout=120)
     assert outputs[0].splitlines()[-1] == "0 written 0"
     assert outputs[1].splitlines()[-1] == "1 None 0"  # did not write, yet saw process 0's file

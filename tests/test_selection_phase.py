@@ -177,23 +177,9 @@ print(json.dumps(select(ConfigDict(json.loads(sys.argv[1])))["size"]))
 def test_two_processes_select_what_one_does(data, tmp_path):
     """Launched on 2 processes, process 0 selects on its own devices, the other waits for the files; both
     return the statistics and the selection is byte-identical to a one-process run."""
-    import os
-    import socket
-    import subprocess
-    import sys
+    from local_processes import run_local_processes
     one = select(_cfg(data, tmp_path / "one"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = _cfg(data, tmp_path / "two").to_json()
-    procs = [subprocess.Popen([sys.executable, "-c", _SELECT_IN_A_PROCESS, cfg], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "DONTSTOP_COORDINATOR": f"127.0.0.1:{port}",
-                                   "DONTSTOP_NUM_PROCESSES": "2", "DONTSTOP_PROCESS_ID": str(i),
-                                   "DONTSTOP_LOCAL_DEVICES": "1", "XLA_FLAGS": ""})
-             for i in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
-    assert [int(out.splitlines()[-1]) for out, _ in outputs] == [one["size"]] * 2
+    outputs = run_local_processes(_SELECT_IN_A_PROCESS, _cfg(data, tmp_path / "two").to_json())
+    assert [int(out.splitlines()[-1]) for out in outputs] == [one["size"]] * 2
     assert (Path(selected_corpus(tmp_path / "two")).read_bytes()
             == Path(selected_corpus(tmp_path / "one")).read_bytes())
