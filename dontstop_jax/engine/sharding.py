@@ -139,11 +139,9 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "global bat
                         "train.accum_steps")
     micro = global_batch_size // accum_steps
     if micro % dp:
-        raise UserError(f"{what} {global_batch_size} / train.accum_steps {accum_steps} = {micro} rows per "
-                        f"micro-batch is not divisible by the data-parallel size {dp} (mesh data x fsdp); use a "
-                        f"batch size that is a multiple of {accum_steps * dp}" if accum_steps > 1 else
-                        f"{what} {global_batch_size} is not divisible by the data-parallel size {dp} "
-                        f"(mesh data x fsdp); use a multiple of {dp}")
+        rows = f" / train.accum_steps {accum_steps} = {micro} rows per micro-batch" if accum_steps > 1 else ""
+        raise UserError(f"{what} {global_batch_size}{rows} is not divisible by the data-parallel size {dp} "
+                        f"(mesh data x fsdp); use a batch size that is a multiple of {accum_steps * dp}")
 
 
 def logical_to_sharding(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> NamedSharding:

@@ -43,10 +43,8 @@ def selected_corpus(workdir: str | os.PathLike) -> str:
 
 def select(cfg: ConfigDict) -> dict:
     """Run (or resume, or reuse) one selection in cfg.workdir; returns its statistics."""
-    if jax.process_count() == 1:
-        return _select(cfg)
-    on_first_process("select", lambda: _select(cfg))
-    return finished(cfg.workdir)
+    stats = on_first_process("select", lambda: _select(cfg))
+    return stats if stats is not None else finished(cfg.workdir)
 
 
 def _mesh(cfg: ConfigDict) -> Mesh:

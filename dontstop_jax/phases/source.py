@@ -18,8 +18,6 @@ from dontstop_jax.model.peft import load_delta, merge_lora
 # Fields a phase may change on a loaded model: how it computes and how much dropout it uses.
 RUNTIME_FIELDS = ("dtype", "remat", "attention_impl", "hidden_dropout_prob", "attention_probs_dropout_prob",
                   "classifier_dropout")
-
-
 # Fields an adapter file and the model it goes onto must share.
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                        "max_position_embeddings")
@@ -81,8 +79,7 @@ def _with_delta(source: ModelSource, delta: str, overrides: dict) -> ModelSource
         raise UserError("init_delta needs pretrained weights to go onto, and init=scratch has none; set init to "
                         "the model the adapter file was trained from")
     cfg, params = load_delta(delta, source.params)
-    base = dataclasses.asdict(source.config)
-    if mismatch := [k for k in ARCHITECTURE_FIELDS if getattr(cfg, k) != base[k]]:
+    if mismatch := [k for k in ARCHITECTURE_FIELDS if getattr(cfg, k) != getattr(source.config, k)]:
         raise UserError(f"init_delta {delta} was trained on another architecture ({', '.join(mismatch)} differ from "
                         f"init's); set init to the model it was trained from")
     cfg, params = merge_lora(cfg.replace(**overrides), params)

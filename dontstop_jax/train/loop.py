@@ -54,8 +54,8 @@ def _check_finite(step: int, metrics: dict[str, float]) -> None:
 
 def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: int, stop: int,
               writer: MetricsWriter, progress: ProgressBar, tokens_per_step: int | Callable[[Any], int],
-              stop_signal: StopSignal, log_every: int = 10, save: Callable[[Any], None] | None = None, save_every: int = 0,
-              prefix: str = "train/") -> tuple[Any, bool]:
+              stop_signal: StopSignal, log_every: int = 10, save: Callable[[Any], None] | None = None,
+              save_every: int = 0, prefix: str = "train/") -> tuple[Any, bool]:
     """Run steps [start, stop). Returns (state, interrupted). Metrics are fetched one step late.
     A `skipped` metric (see make_train_step's skip_nonfinite) is logged as the count since `start`.
     `tokens_per_step`: a count, or a function of the batch (fine-tuning's length-bucketed batches vary); when
@@ -64,8 +64,9 @@ def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: 
     count_tokens = tokens_per_step if callable(tokens_per_step) else (lambda _: tokens_per_step)
     buffer = MetricsBuffer()
     skipped = 0.0
-    tokens_done = {start: 0}  # cumulative tokens at each step not yet logged
-    last_logged = (start, time.perf_counter())
+    tokens_through: dict[int, int] = {}  # step -> tokens since `start`, until its metrics are drained
+    total_tokens = 0
+    last_logged = (start, time.perf_counter(), 0)  # (step, wall clock, tokens through that step)
 
     def drain(items):
         nonlocal skipped, last_logged
@@ -74,14 +75,12 @@ def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: 
             if "skipped" in m:
                 skipped += m["skipped"]
                 m = {**m, "skipped": skipped}
+            through = tokens_through.pop(s)
             if s % log_every == 0 or s == stop:
                 now = time.perf_counter()
-                tokens = tokens_done[s] - tokens_done[last_logged[0]]
-                if tokens:
-                    m = {**m, "tokens_per_s": tokens / max(now - last_logged[1], 1e-9)}
-                for old in [k for k in tokens_done if k < s]:
-                    del tokens_done[old]
-                last_logged = (s, now)
+                if through > last_logged[2]:
+                    m = {**m, "tokens_per_s": (through - last_logged[2]) / max(now - last_logged[1], 1e-9)}
+                last_logged = (s, now, through)
                 writer.write(s, m, prefix=prefix)
             progress.update(s, m, tokens=0)
 
@@ -89,7 +88,8 @@ def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: 
     for step in range(start + 1, stop + 1):
         batch = next(batches)
         tokens = count_tokens(batch)
-        tokens_done[step] = tokens_done[step - 1] + tokens
+        total_tokens += tokens
+        tokens_through[step] = total_tokens
         state, metrics = step_fn(state, batch)
         buffer.push(step, metrics)
         progress.update(step, None, tokens=tokens)
