@@ -62,9 +62,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> None:
         return
     if args.command == "demo":
         from dontstop_jax.phases import synthetic
-        cfg = config_loader.apply_overrides(synthetic.get_config(args.scale), overrides)
+        cfg = config_loader.finalize(synthetic.get_config(args.scale), overrides)
     else:
-        cfg = config_loader.apply_overrides(config_loader.load(args.config), overrides)
+        cfg = config_loader.load(args.config, overrides)
     if args.command in ("demo", "grid"):
         from dontstop_jax.phases.grid import Grid
         from dontstop_jax.phases.synthetic import materialize

@@ -1,59 +1,212 @@
-"""`configs/file.py:arg` loading and `--config.a.b=value` overrides, where a typo is an error."""
+"""Where configs enter: `configs/file.py:arg` loading, `--config.a.b=value` overrides and one check of every
+value, so that a typo, a wrong type or a value out of range is a one-line error before any work starts."""
 
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.util
+import re
+import traceback
 from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, FieldReference
 
+from dontstop_jax.analysis.metrics import METRICS
+from dontstop_jax.engine.peft import METHODS as PEFT_METHODS
 from dontstop_jax.errors import UserError
+from dontstop_jax.model.config import REMAT_POLICIES
+from dontstop_jax.phases.select import METHODS as SELECT_METHODS
+
+Rule = tuple[Callable[[Any], bool], str]
 
 
-def load(spec: str) -> ConfigDict:
-    """`path/to/config.py` or `path/to/config.py:arg` -> that file's get_config(arg)."""
+def _one_of(choices: Sequence[str]) -> Rule:
+    return (lambda v: v in choices), f"must be one of {', '.join(choices)}"
+
+
+_POSITIVE: Rule = (lambda v: v > 0), "must be > 0"
+_AT_LEAST_1: Rule = (lambda v: v >= 1), "must be >= 1"
+
+# Value rules by field path suffix. The longest suffix of a field's dotted path that is a key here applies, so
+# "train.steps" also checks a grid's dapt.train.steps, and "peft.method" wins over select's "method".
+RULES: dict[str, Rule] = {
+    "train.steps": ((lambda v: v is None or v > 0), "must be > 0 (or None to train for train.epochs)"),
+    "train.epochs": _POSITIVE,
+    "train.accum_steps": _POSITIVE,
+    "train.patience": _AT_LEAST_1,
+    "batch_size": _POSITIVE,
+    "max_seq_length": _POSITIVE,
+    "mask_prob": ((lambda v: 0 < v < 1), "must be in (0, 1)"),
+    "metric": _one_of(METRICS),
+    "checkpoint.every": ((lambda v: v >= 0), "must be >= 0"),
+    "checkpoint.keep_last": _AT_LEAST_1,
+    "optim.learning_rate": _POSITIVE,
+    "optim.warmup_fraction": ((lambda v: 0 <= v < 1), "must be in [0, 1)"),
+    "peft.method": _one_of(PEFT_METHODS),
+    "model.dtype": _one_of(("float32", "bfloat16", "float16")),
+    "model.remat": _one_of(REMAT_POLICIES),
+    "objective": _one_of(("mlm", "das")),
+    "method": _one_of(SELECT_METHODS),  # a select config's, or a grid's select.method
+    "k": _POSITIVE,
+    "chunk_size": _POSITIVE,
+    "checkpoint_every": _POSITIVE,
+    "fit_docs": _POSITIVE,
+    "seed_discard.keep": _AT_LEAST_1,
+}
+# Sections keyed by your own names (domains, tasks, ...): a dict value replaces them instead of setting fields.
+MAPS = ("domains", "tasks", "corpora", "curves", "checkpoints", "method_overrides")
+_TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "True or False", list: "a list",
+               tuple: "a list", ConfigDict: "a dict"}
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
+    """`path/to/config.py` or `path/to/config.py:arg` -> that file's get_config(arg), overridden and checked."""
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
         raise UserError(f"config file {path!r} does not exist; pass e.g. configs/dapt.py:biomed")
-    module_spec = importlib.util.spec_from_file_location(f"_dontstop_config_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise UserError(f"{path} has no get_config(); every config file defines get_config(arg)")
-    return module.get_config(arg) if arg else module.get_config()
+    return finalize(_get_config(path, arg), overrides)
 
 
-def _parse(raw: str, current):
-    if isinstance(current, str) and not raw.startswith(("[", "(", "{")):
-        return raw
+def finalize(cfg: ConfigDict, overrides: Sequence[str] = ()) -> ConfigDict:
+    """Apply command-line `overrides`, check every value, and lock (no field can be added afterwards)."""
+    return lock(validate(apply_overrides(cfg, list(overrides))))
+
+
+def lock(cfg: ConfigDict) -> ConfigDict:
+    """Lock cfg and every section in it. (ConfigDict.lock() stops at a locked dict, so a section assigned
+    to it since, such as a replaced `domains`, would stay open.)"""
+    cfg.lock()
+    for value in cfg.values():
+        if isinstance(value, ConfigDict):
+            lock(value)
+    return cfg
+
+
+def _get_config(path: str, arg: str) -> ConfigDict:
+    """Run the config file; its exceptions (e.g. an unknown arg, a syntax error) become `path:line: message`."""
     try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw  # a bare word: a string
-    if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    return value
+        module_spec = importlib.util.spec_from_file_location(f"_dontstop_config_{Path(path).stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        get_config = getattr(module, "get_config", None)
+        cfg = get_config and (get_config(arg) if arg else get_config())
+    except SyntaxError as err:
+        raise UserError(f"{err.filename}:{err.lineno}: {err.msg}") from None
+    except Exception as err:  # whatever the file raises: one line naming where
+        file = Path(path).resolve()
+        lines = [f.lineno for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).resolve() == file]
+        where = f"{path}:{lines[-1]}" if lines else path
+        text = str(err) if isinstance(err, (ValueError, UserError)) else f"{type(err).__name__}: {err}"
+        raise UserError(f"{where}: {' '.join(_not_a_field(text).split())}") from None
+    if get_config is None:
+        raise UserError(f"{path} has no get_config(); every config file defines get_config(arg)")
+    if not isinstance(cfg, ConfigDict):
+        raise UserError(f"{path}: get_config() returned {cfg!r:.60}, not a ConfigDict")
+    return cfg
 
 
-def override(cfg: ConfigDict, key: str, raw: str) -> None:
-    """Set cfg[a][b] = parse(raw) for key 'a.b'; unknown keys and wrong types are one-line errors."""
+def _not_a_field(text: str) -> str:
+    """ml_collections' error for a new field on a locked config lists the repr of every field (pages, not a
+    line): keep its gist."""
+    if not (key := re.search(r'Key "([^"]+)" does not exist and cannot be added', text)):
+        return text
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    return f"{key[1]!r} is not a field (configs are locked: no field can be added)" + (
+        f"; did you mean {hint[1]!r}?" if hint else "")
+
+
+def validate(cfg: ConfigDict, prefix: str = "") -> ConfigDict:
+    """Check every field, in every nested section, against RULES; None only where a field is declared a
+    placeholder. A grid's method_overrides must be valid fine-tuning fields too."""
+    if "method_overrides" in cfg and "finetune" in cfg:
+        for method, part in cfg.method_overrides.items():
+            where = f"{prefix}method_overrides.{method}."
+            validate(set_fields(copy.deepcopy(cfg.finetune), part, where), where)
+    for key, value in cfg.items(preserve_field_references=True):
+        path = f"{prefix}{key}"
+        if isinstance(value, FieldReference):
+            value = value.get()
+        elif value is None:
+            raise UserError(f"{path}=None: this field needs a value")
+        if isinstance(value, ConfigDict):
+            validate(value, f"{path}.")
+        elif (rule := _rule(path)) and not _holds(rule[0], value):
+            raise UserError(f"{path}={value!r} {rule[1]}")
+    return cfg
+
+
+def _rule(path: str) -> Rule | None:
+    """The rule of the longest suffix of `path` in RULES."""
+    parts = path.split(".")
+    for i in range(len(parts)):
+        if (suffix := ".".join(parts[i:])) in RULES:
+            return RULES[suffix]
+    return None
+
+
+def _holds(test: Callable[[Any], bool], value: Any) -> bool:
+    try:
+        return bool(test(value))
+    except TypeError:  # e.g. a comparison with a value of a config file's own (untyped) field
+        return False
+
+
+def set_fields(cfg: ConfigDict, fields: Mapping[str, Any], where: str = "", context: str = "") -> ConfigDict:
+    """Set `fields` ({"train.steps": 5, "optim": {"learning_rate": 1e-3}}) on cfg in place and return it. Keys
+    must exist (also on an unlocked config), a section takes a dict of its fields, a value the field's type."""
+    for key, value in fields.items():
+        node, leaf = _find(cfg, key, where, context)
+        _assign(node, leaf, value, f"{where}{key}", context)
+    return cfg
+
+
+def _find(cfg: ConfigDict, key: str, where: str, context: str) -> tuple[ConfigDict, str]:
+    """The section holding dotted `key` and the field's name in it."""
     node, parts = cfg, key.split(".")
     for i, part in enumerate(parts):
         if not isinstance(node, ConfigDict) or part not in node:
-            where = ".".join(parts[:i]) or "config"
-            known = sorted(node.keys()) if isinstance(node, ConfigDict) else []
-            raise UserError(f"--config.{key}: {where} has no field {part!r}; known fields: {', '.join(known)}")
+            parent = (where + ".".join(parts[:i])).strip(".") or "config"
+            known = f"; known fields: {', '.join(sorted(node.keys()))}" if isinstance(node, ConfigDict) else ""
+            raise UserError(f"{context}{parent} has no field {part!r}{known}")
         if i < len(parts) - 1:
             node = node[part]
-    leaf = parts[-1]
-    value = _parse(raw, node[leaf])
+    return node, parts[-1]
+
+
+def _assign(node: ConfigDict, leaf: str, value: Any, path: str, context: str) -> None:
+    declared = node.get_type(leaf)
+    if declared is ConfigDict and leaf not in MAPS:
+        if not isinstance(value, (dict, ConfigDict)):
+            fields = sorted(node[leaf].keys())
+            raise UserError(f"{context}{path} is a section; set its fields, e.g. --config.{path}.{fields[0]}=VALUE "
+                            f"(fields: {', '.join(fields)})")
+        set_fields(node[leaf], value, f"{path}.", context)
+        return
     try:
+        if isinstance(value, bool) and declared in (int, float):
+            raise TypeError
         node[leaf] = value
-    except TypeError as err:
-        raise UserError(f"--config.{key}={raw!r}: {err}") from None
+    except TypeError:
+        raise UserError(f"{context}{path} must be {_TYPE_NAMES.get(declared, 'a ' + declared.__name__)}, "
+                        f"got {value!r}") from None
+
+
+def _parse(raw: str, declared: type) -> Any:
+    """A string field takes the text as it is; other fields a Python literal (a bare word stays a string)."""
+    if declared is str:
+        return raw
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def override(cfg: ConfigDict, key: str, raw: str) -> None:
+    """Set cfg[a][b] = parse(raw) for key 'a.b'; unknown keys, sections and wrong types are one-line errors."""
+    node, leaf = _find(cfg, key, "", f"--config.{key}: ")
+    _assign(node, leaf, _parse(raw, node.get_type(leaf)), key, f"--config.{key}={raw}: ")
 
 
 def apply_overrides(cfg: ConfigDict, args: list[str]) -> ConfigDict:
