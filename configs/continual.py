@@ -6,5 +6,10 @@ dontstop continual --config configs/continual.py:synthetic     # or :tiny for a 
 from dontstop_jax.phases.continual import synthetic_config
 
 
+SCALES = {"synthetic": "default", "tiny": "tiny"}
+
+
 def get_config(arg: str = "synthetic"):
-    return synthetic_config({"synthetic": "default", "tiny": "tiny"}[arg])
+    if arg not in SCALES:
+        raise ValueError(f"unknown preset {arg!r}; choose from {sorted(SCALES)}")
+    return synthetic_config(SCALES[arg])

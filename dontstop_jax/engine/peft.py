@@ -32,7 +32,7 @@ METHODS = ("full", "frozen", "top_k", "bitfit", "houlsby", "pfeiffer", "lora")
 def default_peft_config() -> ConfigDict:
     """method: full | frozen (feature extraction: train the head only) | top_k | bitfit | houlsby | pfeiffer | lora."""
     return ConfigDict(dict(method="full", top_k=2, adapter_size=64, lora_rank=8, lora_alpha=16.0,
-                           lora_targets=("query", "value"), pooling="cls"))
+                           lora_targets=("query", "value"), pooling="cls")).lock()
 
 
 def configure_model(model: ModelConfig, peft: ConfigDict) -> ModelConfig:

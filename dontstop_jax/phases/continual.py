@@ -36,6 +36,7 @@ from dontstop_jax.engine import (chain_hooks, check_batch_size, compile_eval_ste
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM
 from dontstop_jax.phases import source as sources
+from dontstop_jax.phases.defaults import das_config
 from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.phases.grid import _phase, base_model
 from dontstop_jax.phases.pretrain import Objective, prepare, pretrain, write_json_atomic
@@ -85,10 +86,12 @@ class Continual:
         return base_model(self.cfg, self.root)
 
     def _adapt_phase(self, label: str, parent: str, domain: str, **fields) -> ConfigDict:
-        if self.cfg.frozen:  # held fixed by `_objective`; recorded here so that the fingerprint tells it
-            fields["frozen"] = list(self.cfg.frozen)
+        """The dapt phase on `domain` from `parent`. `frozen` (held fixed by `_objective`) and, for a DAS stage,
+        which passes `das=`, the objective are set on it so that the fingerprint tells them."""
+        if "das" in fields:
+            fields["objective"] = "das"
         return _phase(self.cfg.dapt, self.root / "pretrain", f"{label}-{domain}", init=parent,
-                      **{"data.sources": list(self.cfg.domains[domain])}, **fields)
+                      frozen=list(self.cfg.frozen), **{"data.sources": list(self.cfg.domains[domain])}, **fields)
 
     def _objective(self, past: importance.Importance | None) -> Objective | None:
         """DAS's objective when `past` is given, else plain MLM; either with `frozen` parameters held fixed."""
@@ -222,20 +225,16 @@ class Continual:
 def synthetic_config(scale: str = "default") -> ConfigDict:
     """The synthetic demo's models and schedules (phases/synthetic.py) over three domains, one task each."""
     from dontstop_jax.phases.synthetic import get_config
-    cfg = get_config(scale).to_dict()
-    for key in ("variants", "tapt"):
-        cfg.pop(key)
-    cfg = ConfigDict(cfg)
-    cfg.workdir = f"runs/continual-{scale}"
-    cfg.synthetic.update(domains=("bio", "cs", "news"), task_domains=("bio", "cs", "news"),
-                         directory=f"runs/continual-{scale}/benchmark")
-    cfg.sequence = list(cfg.synthetic.domains)
-    cfg.methods = list(METHODS)
-    # Parameter paths held fixed in every adaptation stage (e.g. ["lm_head", "roberta/embeddings"], which DAS
-    # does not mask), so that forgetting happens where DAS acts.
-    cfg.frozen = []
-    cfg.seeds = cfg.seeds[:1] if scale == "tiny" else cfg.seeds
-    # The paper's temperature; importance from a few batches (the paper uses a sample of the domain's data).
-    cfg.das = dict(contrastive_weight=1.0, temperature=0.05, importance_batches=4 if scale == "tiny" else 16,
-                   importance_batch_size=16, importance_dropout=0.1)
-    return cfg
+    demo, run, domains = get_config(scale), f"runs/continual-{scale}", ("bio", "cs", "news")
+    cfg = ConfigDict(dict(
+        workdir=run, base="", seeds=demo.seeds[:1] if scale == "tiny" else list(demo.seeds),
+        synthetic=demo.synthetic, domains={}, tasks={}, sequence=list(domains), methods=list(METHODS),
+        base_pretrain=demo.base_pretrain, dapt=demo.dapt, finetune=demo.finetune,
+        # Parameter paths held fixed in every adaptation stage (e.g. ["lm_head", "roberta/embeddings"], which DAS
+        # does not mask), so that forgetting happens where DAS acts.
+        frozen=[],
+        das=das_config()))
+    cfg.synthetic.update(domains=domains, task_domains=domains, directory=f"{run}/benchmark")
+    if scale == "tiny":
+        cfg.das.importance_batches = 4
+    return cfg.lock()

@@ -1,68 +1,88 @@
-"""Every field a phase reads, with the paper's defaults. Configs in configs/ start from these, so a typo in
-a command-line override (`--config.train.stpes=5`) is an error, not a silently ignored setting."""
+"""Every field a phase reads, declared once with its type and the paper's default. The configs are type-safe
+and locked, so a typo or a wrong type (`--config.train.stpes=5`, `--config.train.steps=abc`) is an error, not
+a silently new or mistyped setting; fields that default to None are typed placeholders."""
 
 from __future__ import annotations
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 from dontstop_jax.engine.optim import default_optim_config
 from dontstop_jax.engine.peft import default_peft_config
 from dontstop_jax.engine.sharding import DEFAULT_RULES
 
+PRETRAIN_KINDS = ("dapt", "tapt")
+
 
 def _model() -> ConfigDict:
     """Runtime options for a loaded model, or the architecture when init='scratch' (None = keep/default)."""
     return ConfigDict(dict(
-        dtype="float32", remat="none", attention_impl=None, hidden_dropout_prob=None,
-        attention_probs_dropout_prob=None, classifier_dropout=None,
-        vocab_size=None, hidden_size=None, num_hidden_layers=None, num_attention_heads=None,
-        intermediate_size=None, max_position_embeddings=None), type_safe=False)
+        dtype="float32", remat="none", attention_impl=placeholder(str), hidden_dropout_prob=placeholder(float),
+        attention_probs_dropout_prob=placeholder(float), classifier_dropout=placeholder(float),
+        vocab_size=placeholder(int), hidden_size=placeholder(int), num_hidden_layers=placeholder(int),
+        num_attention_heads=placeholder(int), intermediate_size=placeholder(int),
+        max_position_embeddings=placeholder(int)))
 
 
-def _common(name: str) -> ConfigDict:
+def _common(name: str, **sections) -> ConfigDict:
+    """The fields of every training phase plus its own `sections`, locked."""
     return ConfigDict(dict(
         name=name, workdir=f"runs/{name}", seed=0,
         init="",  # a Hugging Face directory, a finished phase's workdir, or "scratch"
         init_delta="",  # optional: an adapter file (peft.safetensors) put onto init's weights
-        tokenizer=None,  # default: the init's tokenizer
+        tokenizer=placeholder(str),  # default: the init's tokenizer
         model=_model(),
         # shape: (data, fsdp, tensor); dcn_shape (multi-slice): shape is then per slice, dcn_shape across slices
-        mesh=dict(shape=(-1, 1, 1), dcn_shape=None, rules=DEFAULT_RULES),
+        mesh=dict(shape=(-1, 1, 1), dcn_shape=placeholder(tuple), rules=DEFAULT_RULES),
         optim=default_optim_config(),
-        peft=default_peft_config()), type_safe=False)  # which parameters train: full or parameter-efficient
+        peft=default_peft_config(),  # which parameters train: full or parameter-efficient
+        **sections)).lock()
+
+
+def das_config() -> ConfigDict:
+    """DAS (Ke et al. 2023): the paper's contrastive temperature; importance measured on a few batches of the
+    domain's text (the paper uses a sample of it)."""
+    return ConfigDict(dict(contrastive_weight=1.0, temperature=0.05, importance_batches=16,
+                           importance_batch_size=16, importance_dropout=0.1))
 
 
 def pretrain_config(kind: str = "dapt") -> ConfigDict:
     """DAPT per the paper: one pass, 12.5K steps of 2048 sequences (via accumulation), lr 5e-4, warm-up 6%.
     TAPT: 100 epochs over the task's unlabeled text, batch 256, lr 1e-4, fresh masks every epoch."""
-    cfg = _common(kind)
-    cfg.data = dict(sources=[], cache_dir="runs/cache/prepared", max_seq_length=512, mask_prob=0.15,
-                    whole_word=False)
-    cfg.checkpoint = dict(every=1000, keep_last=2)
+    if kind not in PRETRAIN_KINDS:
+        raise ValueError(f"unknown pretraining kind {kind!r}; choose from {list(PRETRAIN_KINDS)}")
+    cfg = _common(
+        kind,
+        data=dict(sources=[], cache_dir="runs/cache/prepared", max_seq_length=512, mask_prob=0.15, whole_word=False),
+        checkpoint=dict(every=1000, keep_last=2),
+        # steps: None = `epochs` passes over the corpus
+        train=dict(batch_size=256, accum_steps=4, steps=placeholder(int), epochs=100, log_every=10,
+                   skip_nonfinite=False),
+        # Continual DAP-training (phases/continual.py) sets these on its stages; a plain phase is MLM on all weights.
+        objective="mlm",  # mlm | das
+        frozen=[],  # parameter paths held fixed, e.g. ["lm_head", "roberta/embeddings"]
+        das=das_config())
     if kind == "dapt":
-        cfg.train = dict(batch_size=2048, accum_steps=32, steps=12500, epochs=1, log_every=10, skip_nonfinite=False)
+        cfg.train.update(batch_size=2048, accum_steps=32, steps=12500, epochs=1)
         cfg.optim.learning_rate = 5e-4
-    elif kind == "tapt":
-        # steps=0: use epochs
-        cfg.train = dict(batch_size=256, accum_steps=4, steps=0, epochs=100, log_every=10, skip_nonfinite=False)
-        cfg.optim.learning_rate = 1e-4
     else:
-        raise ValueError(f"unknown pretraining kind {kind!r}")
+        cfg.optim.learning_rate = 1e-4
     return cfg
 
 
 def finetune_config() -> ConfigDict:
     """Paper protocol: lr 2e-5, batch 16, up to 10 epochs, patience 3 on dev, dropout 0.1, warm-up 6%."""
-    cfg = _common("finetune")
-    cfg.task = dict(path="", hf_dataset="", text_field="text", label_field="label")
-    cfg.data = dict(max_seq_length=512)
-    cfg.train = dict(batch_size=16, epochs=10, patience=3, metric="macro_f1", log_every=50, skip_nonfinite=False,
-                     # Stability helpers: re-initialise the top k encoder layers (Zhang et al. 2021); layer-wise
-                     # learning-rate decay (1 = off); Dodge et al. 2020: after `discard_fraction` of the epochs,
-                     # stop a seed whose dev score is below `discard_below` (the grid sets it from other seeds).
-                     reinit_top_layers=0, layerwise_lr_decay=1.0, discard_fraction=0.0, discard_below=None)
-    cfg.optim.learning_rate = 2e-5
-    cfg.optim.weight_decay = 0.1
+    cfg = _common(
+        "finetune",
+        task=dict(path="", hf_dataset="", text_field="text", label_field="label"),
+        data=dict(max_seq_length=512),
+        train=dict(batch_size=16, epochs=10, patience=3, metric="macro_f1", log_every=50, skip_nonfinite=False,
+                   # Stability helpers: re-initialise the top k encoder layers (Zhang et al. 2021); layer-wise
+                   # learning-rate decay (1 = off); Dodge et al. 2020: after `discard_fraction` of the epochs,
+                   # stop a seed whose dev score is below `discard_below` (the grid sets it from other seeds).
+                   reinit_top_layers=0, layerwise_lr_decay=1.0, discard_fraction=0.0,
+                   discard_below=placeholder(float)))
+    cfg.optim.update(learning_rate=2e-5, weight_decay=0.1)
     cfg.model.hidden_dropout_prob = 0.1
     return cfg
 
@@ -85,4 +105,4 @@ def select_config() -> ConfigDict:
         dsir=dict(dim=1 << 16, ngrams=(1, 2)),
         leakage=dict(splits=("dev", "test"), ngram=3, threshold=0.8),
         chunk_size=4096, checkpoint_every=8,
-        mesh=dict(shape=(-1, 1, 1))), type_safe=False)
+        mesh=dict(shape=(-1, 1, 1)))).lock()

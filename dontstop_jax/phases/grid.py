@@ -23,6 +23,7 @@ from typing import Any
 import jax
 from ml_collections import ConfigDict
 
+from dontstop_jax import config_loader
 from dontstop_jax.analysis import results_table
 from dontstop_jax.analysis.metrics import check_metric
 from dontstop_jax.data import load_task
@@ -49,15 +50,9 @@ def fingerprint(cfg: ConfigDict) -> str:
 
 
 def _phase(template: ConfigDict, root: Path, label: str, **fields: Any) -> ConfigDict:
-    cfg = copy.deepcopy(template)
-    with cfg.unlocked():
-        for key, value in fields.items():
-            node = cfg
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = value
-    cfg.name = label
+    """A copy of `template` named `label` with the dotted `fields` set (a misspelled one is an error, never a new
+    field), in a directory named by its fingerprint."""
+    cfg = config_loader.set_fields(copy.deepcopy(template), {**fields, "name": label})
     cfg.workdir = str(root / f"{label}-{fingerprint(cfg)}")
     return cfg
 

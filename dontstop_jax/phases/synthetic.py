@@ -6,8 +6,11 @@ baseline / DAPT / TAPT / DAPT+TAPT / not-DAPT fine-tuning over several seeds on 
 
 from __future__ import annotations
 
+import copy
+
 from ml_collections import ConfigDict
 
+from dontstop_jax import config_loader
 from dontstop_jax.phases.defaults import finetune_config, pretrain_config, select_config
 from dontstop_jax.phases.grid import VARIANTS
 from dontstop_jax.synthetic import generate_benchmark
@@ -34,6 +37,8 @@ def _adaptive_phase(kind: str, **schedule: int) -> ConfigDict:
 
 
 def get_config(scale: str = "default") -> ConfigDict:
+    if scale not in SCHEDULES:
+        raise ValueError(f"unknown scale {scale!r}; choose from {list(SCHEDULES)}")
     base_steps, dapt_steps, tapt_epochs, ft_epochs, seeds = SCHEDULES[scale]
     cfg = ConfigDict(dict(
         workdir=f"runs/synthetic-{scale}", base="", seeds=list(seeds), variants=list(VARIANTS),
@@ -68,14 +73,15 @@ def get_config(scale: str = "default") -> ConfigDict:
     cfg.select.embedding.update(dim=4096)
     cfg.select.embedding.vampire.update(steps=300, learning_rate=1e-2)
     cfg.select.chunk_size = 1024
-    return cfg
+    return cfg.lock()
 
 
 def materialize(cfg: ConfigDict) -> ConfigDict:
-    """Generate (or reuse) the benchmark and point the grid's domains, tasks and tokenizer at it."""
+    """A copy of `cfg` (typed and locked like it) with the grid's domains, tasks and tokenizer pointed at the
+    benchmark, which is generated here (or reused)."""
     bench = generate_benchmark(cfg.synthetic.directory, seed=cfg.synthetic.seed, scale=cfg.synthetic.scale,
                                domains=tuple(cfg.synthetic.domains))
-    cfg = ConfigDict(cfg.to_dict())
+    cfg = copy.deepcopy(cfg)
     cfg.base_pretrain.tokenizer = str(bench.tokenizer)
     cfg.base_pretrain.data.sources = [str(bench.general_corpus)]
     cfg.domains = {name: [str(path)] for name, path in bench.domain_corpora.items()}
@@ -84,4 +90,4 @@ def materialize(cfg: ConfigDict) -> ConfigDict:
                                  text_field="text", label_field="label",
                                  irrelevant_domain=names[(names.index(task.domain) + 1) % len(names)])
                  for task in bench.tasks.values() if task.domain in cfg.synthetic.task_domains}
-    return cfg
+    return config_loader.lock(cfg)
