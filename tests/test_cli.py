@@ -1,4 +1,4 @@
-"""Config files and command-line overrides: typos are errors, values keep their types."""
+"""Config files and command-line overrides: typos are errors, values keep their types (more: test_config.py)."""
 
 import subprocess
 import sys
@@ -10,10 +10,7 @@ from dontstop_jax.errors import UserError
 from dontstop_jax.phases.grid import fingerprint
 
 
-def test_every_shipped_config_loads():
-    for spec in ["configs/dapt.py:biomed", "configs/dapt.py:cs", "configs/tapt.py:imdb", "configs/finetune.py:rct",
-                 "configs/grid.py:paper", "configs/synthetic.py:tiny"]:
-        assert config_loader.load(spec) is not None
+def test_config_args_pick_the_paper_settings():
     assert config_loader.load("configs/finetune.py:chemprot").train.metric == "micro_f1"
     assert config_loader.load("configs/finetune.py:imdb").train.metric == "macro_f1"
 
@@ -50,7 +47,7 @@ def test_fingerprint_ignores_names_and_places_but_not_settings():
     (["pretrain", "--config", "configs/dapt.py:biomed", "--config.init=/nonexistent/model"],
      "error: init='/nonexistent/model' is neither"),
     (["finetune", "--config", "configs/finetune.py:chemprot", "--config.train.metric=f1"],  # before any training
-     "error: train.metric='f1' is not a metric we compute; use one of accuracy, macro_f1, micro_f1"),
+     "error: train.metric='f1' must be one of accuracy, macro_f1, micro_f1"),
 ])
 def test_cli_reports_bad_input_in_one_line_and_exit_code_2(command, expected):
     out = subprocess.run([sys.executable, "-m", "dontstop_jax", *command], capture_output=True, text=True,
