@@ -321,6 +321,7 @@ def _phase_dir(root, cfg, params):
     ckpt = Checkpointer(root / "checkpoints", async_save=False)
     ckpt.save(state, data_state={}, meta={"model_config": dataclasses.asdict(cfg), "tokenizer_dir": "tok"})
     ckpt.close()
+    (root / "DONE.json").write_text("{}")  # the completion marker: only a finished phase can be an init
     return str(root)
 
 
