@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from dontstop_jax.errors import UserError
+from dontstop_jax.errors import Interrupted, UserError
 
 EPILOG = """examples:
   dontstop demo                                   # the offline synthetic benchmark: grid + table (~15 min)
@@ -79,7 +79,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"\nwritten: {cfg.workdir}/continual.md, continual.json")
     elif args.command == "prepare":
         from dontstop_jax.phases.pretrain import prepare
-        from dontstop_jax.phases.source import resolve_phase
+        from dontstop_jax.train.source import resolve_phase
         corpus = prepare(cfg, resolve_phase(cfg))
         print(f"{corpus.directory}: {corpus.num_blocks} blocks of {corpus.max_seq_length} tokens")
     elif args.command == "pretrain":
@@ -102,12 +102,23 @@ def _print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 when done or interrupted (SIGTERM/SIGINT: the running phase checkpointed; rerunning the command
+    continues), 2 on bad input; both end with one line on stderr, never a traceback."""
     args, overrides = _parser().parse_known_args(argv)
+    from dontstop_jax.train.loop import StopSignal
     try:
-        _run(args, overrides)
+        with StopSignal():  # for the whole command: a signal between phases stops the next one at its start
+            _run(args, overrides)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stopped:
+        print(stopped, file=sys.stderr)
+        return 0
+    except KeyboardInterrupt:
+        print("stopped at once by a second signal; rerun the same command to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
     return 0
 
 

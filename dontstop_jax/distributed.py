@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dontstop_jax.errors import UserError
+from dontstop_jax.errors import Interrupted, UserError
 
 T = TypeVar("T")
 EXPLICIT = ("DONTSTOP_COORDINATOR", "DONTSTOP_NUM_PROCESSES", "DONTSTOP_PROCESS_ID")
@@ -105,10 +105,25 @@ def any_process(flag: bool) -> jax.Array:
 def on_first_process(name: str, write: Callable[[], T]) -> T | None:
     """Run `write` (something that writes to shared storage: a prepared corpus, a selection, an export) on
     process 0 only, then hold every process at barrier `name` until it is done, so none reads a file that is
-    not there yet. Returns `write`'s result on process 0 and None on the others."""
+    not there yet. Returns `write`'s result on process 0 and None on the others. When `write` fails or is
+    interrupted on process 0, the others raise too instead of going on without its files."""
     if jax.process_count() == 1:
         return write()
     from jax.experimental import multihost_utils
-    result = write() if jax.process_index() == 0 else None
+    result, failure, outcome = None, None, np.zeros(2, np.int64)  # (0 done | 1 interrupted | 2 failed, step)
+    if jax.process_index() == 0:
+        try:
+            result = write()
+        except Interrupted as err:
+            failure, outcome[:] = err, (1, err.step)
+        except BaseException as err:
+            failure, outcome[0] = err, 2
     multihost_utils.sync_global_devices(name)
+    code, step = (int(v) for v in multihost_utils.broadcast_one_to_all(outcome))
+    if failure is not None:
+        raise failure
+    if code == 1:
+        raise Interrupted(name, step)
+    if code == 2:
+        raise UserError(f"process 0 failed in {name}; its log has the error")
     return result

@@ -19,7 +19,7 @@ from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForMaskedLM, init_params, tiny_config
 from dontstop_jax.phases.defaults import pretrain_config
 from dontstop_jax.phases.pretrain import pretrain
-from dontstop_jax.phases.source import ModelSource, resolve
+from dontstop_jax.train.source import ModelSource, resolve
 from dontstop_jax.synthetic import generate_benchmark, write_heldout
 
 ROOT = Path(__file__).parents[1]
@@ -126,8 +126,8 @@ def test_fixed_masks_give_every_checkpoint_the_same_batches_and_loss(trained, ti
 
 def test_unusable_checkpoints_and_batch_sizes_are_user_errors():
     encoder = ModelSource(tiny_config(), {"roberta": {}}, "unused", "a bare encoder")
-    with pytest.raises(UserError, match="no masked-LM head"):
-        mlm_losses(encoder, {"x": []})
+    with pytest.raises(UserError, match="has no lm_head weights"):
+        mlm_losses(encoder, {"x": [{"input_ids": np.zeros((8, 16), np.int32)}]})
     mlm = ModelSource(tiny_config(max_position_embeddings=18), {"roberta": {}, "lm_head": {}}, "unused", "tiny")
     with pytest.raises(UserError, match="lower mlm.max_seq_length"):
         mlm_losses(mlm, {"x": [{"input_ids": np.zeros((8, 32), np.int32)}]})

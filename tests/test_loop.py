@@ -1,9 +1,13 @@
 """The shared step loop: logging cadence (the last step is always logged) and a stop request."""
 
 import json
+import os
+import signal
 
 import jax.numpy as jnp
+import pytest
 
+from dontstop_jax.errors import Interrupted
 from dontstop_jax.train import MetricsWriter, ProgressBar
 from dontstop_jax.train.loop import StopSignal, run_steps
 
@@ -18,21 +22,30 @@ def _logged_steps(workdir):
 
 def test_logs_every_n_steps_and_always_the_last(tmp_path):
     with MetricsWriter(tmp_path) as writer, StopSignal() as stop:
-        state, interrupted = run_steps(0, _step, iter(range(100)), start=0, stop=7, writer=writer,
-                                       progress=ProgressBar(7, enabled=False), tokens_per_step=0,
-                                       stop_signal=stop, log_every=5)
-    assert (state, interrupted) == (7, False)
+        state = run_steps(0, _step, iter(range(100)), start=0, stop=7, writer=writer,
+                          progress=ProgressBar(7, enabled=False), tokens_per_step=0, stop_signal=stop, log_every=5)
+    assert state == 7
     assert _logged_steps(tmp_path) == [5, 7]
 
 
-def test_a_stop_request_saves_and_returns_after_the_current_step(tmp_path):
+def test_a_stop_request_saves_after_the_current_step_and_raises(tmp_path):
     saved = []
     with MetricsWriter(tmp_path) as writer, StopSignal() as stop:
-        stop.event.set()
-        state, interrupted = run_steps(3, _step, iter(range(100)), start=3, stop=10, writer=writer,
-                                       progress=ProgressBar(10, enabled=False), tokens_per_step=0,
-                                       stop_signal=stop, save=saved.append)
-    assert (state, interrupted, saved) == (4, True, [4])
+        StopSignal.request()
+        with pytest.raises(Interrupted, match="interrupted at step 4 of dapt; rerun the same command to continue"):
+            run_steps(3, _step, iter(range(100)), start=3, stop=10, writer=writer,
+                      progress=ProgressBar(10, enabled=False), tokens_per_step=0, stop_signal=stop,
+                      save=saved.append, phase="dapt")
+    assert saved == [4]
+    assert not StopSignal.requested()  # leaving the outermost StopSignal forgets the request
+
+
+def test_a_second_signal_stops_at_once():
+    with StopSignal():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert StopSignal.requested()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def test_logged_lines_carry_throughput_when_tokens_are_counted(tmp_path):

@@ -25,7 +25,7 @@ from dontstop_jax.model import (RobertaForSequenceClassification, init_params, l
 from dontstop_jax.model.peft import load_delta, merge_lora, save_delta
 from dontstop_jax.phases.finetune import reinit_top_layers
 from dontstop_jax.phases.grid import Grid
-from dontstop_jax.phases.source import resolve
+from dontstop_jax.train.source import resolve
 
 E, L, LABELS, RANK, ADAPTER = 32, 2, 3, 4, 8
 CFG = tiny_config(vocab_size=128, hidden_size=E, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64,
@@ -321,6 +321,7 @@ def _phase_dir(root, cfg, params):
     ckpt = Checkpointer(root / "checkpoints", async_save=False)
     ckpt.save(state, data_state={}, meta={"model_config": dataclasses.asdict(cfg), "tokenizer_dir": "tok"})
     ckpt.close()
+    (root / "DONE.json").write_text("{}")  # the completion marker: only a finished phase can be an init
     return str(root)
 
 

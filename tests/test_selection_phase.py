@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dontstop_jax.errors import UserError
+from dontstop_jax.train.workdir import Workdir
 from dontstop_jax.phases import select as select_phase
 from dontstop_jax.phases.defaults import select_config
 from dontstop_jax.phases.select import select, selected_corpus
@@ -133,9 +134,8 @@ def _counting(ranker, calls):
 
 
 def test_resuming_with_another_config_is_refused(data, tmp_path):
-    (tmp_path / "w").mkdir()
-    (tmp_path / "w" / "select_config.json").write_text("{}")
-    with pytest.raises(UserError, match="different config"):
+    Workdir(_cfg(data, tmp_path / "w", method="rand")).claim()  # what a started, unfinished rand run leaves
+    with pytest.raises(UserError, match=r"w was started with another config \(method: \"rand\" -> \"knn\"\)"):
         select(_cfg(data, tmp_path / "w"))
 
 

@@ -38,3 +38,20 @@ def test_no_undefined_names_or_unused_imports():
         pyflakes_api.checkRecursive([str(ROOT / folder)], reporter)
     problems = [str(m) for m in reporter.found if isinstance(m, str) or not allowed(m)]
     assert not problems, "\n".join(problems)
+
+
+def test_layers_below_phases_never_import_phases():
+    """phases/ are recipes over the layers below; analysis and selection use the Trainer layer (train/), never a
+    phase, so a research fork can replace a recipe without touching them."""
+    import ast
+
+    below = [p for folder in ("analysis", "selection", "engine", "model", "data", "train", "das", "synthetic")
+             for p in (ROOT / "dontstop_jax" / folder).rglob("*.py")]
+    offenders = []
+    for path in below:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
+                          if n == "dontstop_jax.phases" or n.startswith("dontstop_jax.phases.")]
+    assert len(below) > 30 and not offenders, "\n".join(offenders)

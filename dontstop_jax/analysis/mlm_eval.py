@@ -19,10 +19,10 @@ from dontstop_jax.data import MLMLoader, load_tokenizer, prepare_corpus, special
 from dontstop_jax.data.corpus import SourceSpec
 from dontstop_jax.engine import (check_batch_size, compile_eval_step, make_eval_step, make_mesh, mlm_loss_sums,
                                  to_global)
-from dontstop_jax.engine.sharding import DEFAULT_RULES, Rules, put_tree, tree_shardings
+from dontstop_jax.engine.sharding import DEFAULT_RULES, Rules
 from dontstop_jax.errors import UserError
-from dontstop_jax.model import RobertaForMaskedLM, init_params
-from dontstop_jax.phases.source import ModelSource, resolve
+from dontstop_jax.model import RobertaForMaskedLM
+from dontstop_jax.train.source import ModelSource, place, resolve
 
 Batch = dict[str, np.ndarray]
 
@@ -52,9 +52,6 @@ def fixed_batches(sources: Sequence[SourceSpec], tokenizer_dir: str, spec: Maski
 def mlm_losses(source: ModelSource, batches: Mapping[str, Sequence[Batch]], *,
                mesh_shape: Sequence[int] = (-1, 1, 1), rules: Rules = DEFAULT_RULES) -> dict[str, np.ndarray]:
     """{corpus: [mean loss, accuracy, masked tokens]} of `source`'s MLM head (compiled once for all corpora)."""
-    if source.params is None or "lm_head" not in source.params:
-        raise UserError(f"{source.parent} has no masked-LM head (a fine-tuned classifier or a bare encoder?); "
-                        "evaluate a pretraining phase's workdir or a Hugging Face MLM directory")
     rows, length = next(b for corpus in batches.values() for b in corpus)["input_ids"].shape  # one MaskingSpec
     if length > source.config.max_seq_length:
         raise UserError(f"{source.parent} handles {source.config.max_seq_length} positions, fewer than the "
@@ -62,8 +59,7 @@ def mlm_losses(source: ModelSource, batches: Mapping[str, Sequence[Batch]], *,
     mesh = make_mesh(mesh_shape)
     check_batch_size(rows * jax.process_count(), mesh, "mlm.batch_size")
     model = RobertaForMaskedLM(source.config)
-    shardings = tree_shardings(jax.eval_shape(lambda: init_params(model, jax.random.key(0))), mesh, rules)
-    params = put_tree({k: source.params[k] for k in shardings}, shardings)
+    params, shardings = place(source, model, mesh, rules)
     step = compile_eval_step(make_eval_step(mlm_loss_sums(model)), shardings, mesh, rules)
     results = {}
     for name, corpus in batches.items():

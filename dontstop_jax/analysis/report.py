@@ -9,9 +9,7 @@ its results.json. Everything is written into a staging directory that replaces `
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 from ml_collections import ConfigDict
@@ -19,6 +17,7 @@ from ml_collections import ConfigDict
 from dontstop_jax.analysis import plots
 from dontstop_jax.analysis.vocab import vocab_overlap
 from dontstop_jax.errors import UserError
+from dontstop_jax.files import publishing
 
 _PHASE_DIR = re.compile(r"^(?P<label>.+)-[0-9a-f]{10}$")  # phases/grid.py: <label>-<fingerprint>
 
@@ -97,18 +96,8 @@ def analyze(cfg: ConfigDict) -> Path:
     """Write the analysis of `cfg` (see configs/analyze.py) into cfg.out_dir, replacing an older one whole."""
     plots.pyplot()  # fail on a missing matplotlib before minutes of evaluation, not after
     out = Path(cfg.out_dir)
-    stage = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
-    try:
+    with publishing(out) as stage:
+        stage.mkdir()
         summary = _write(stage, cfg)
         (stage / "summary.md").write_text("\n".join(summary), encoding="utf-8")
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(stage, out)
-    shutil.rmtree(old, ignore_errors=True)
     return out

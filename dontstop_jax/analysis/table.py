@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from dontstop_jax.errors import UserError
+from dontstop_jax.files import write_text
 
 Record = Mapping[str, Any]
 
@@ -126,12 +127,6 @@ def _collect(records: Sequence[Record], metric_by_task: Mapping[str, str]) -> di
     }
 
 
-def _atomic_write(path: str | os.PathLike[str], text: str) -> None:
-    """Write via a temporary sibling and os.replace, so readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -214,11 +209,11 @@ class ResultsTable:
     def to_csv(self, path: str | os.PathLike[str], *, enabled: bool = True) -> None:
         """One row per variant/task with runs; raw fractions, seeds and values joined by ';'."""
         if enabled:
-            _atomic_write(path, self._csv_text())
+            write_text(path, self._csv_text())
 
     def to_json(self, path: str | os.PathLike[str], *, enabled: bool = True) -> None:
         if enabled:
-            _atomic_write(path, self._json_text())
+            write_text(path, self._json_text())
 
     def write_all(self, out_dir: str | os.PathLike[str], *, enabled: bool = True) -> None:
         """results.md, results.csv and results.json, each atomically. In a multi-host job pass
@@ -228,9 +223,9 @@ class ResultsTable:
             return
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "results.md", self.to_markdown())
-        _atomic_write(out / "results.csv", self._csv_text())
-        _atomic_write(out / "results.json", self._json_text())
+        write_text(out / "results.md", self.to_markdown())
+        write_text(out / "results.csv", self._csv_text())
+        write_text(out / "results.json", self._json_text())
 
 
 def results_table(records: Sequence[Record], metric_by_task: Mapping[str, str],

@@ -9,7 +9,6 @@ to it must have dropout > 0. `mlm_loss` measures a domain's knowledge after trai
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import flax.linen as nn
@@ -21,6 +20,7 @@ from jax.sharding import Mesh
 from dontstop_jax.engine.sharding import Rules, activation_rules, to_global
 from dontstop_jax.engine.steps import mlm_loss_sums
 from dontstop_jax.errors import UserError
+from dontstop_jax.files import publishing
 from dontstop_jax.model.config import ModelConfig
 
 UNITS = ("head", "intermediate", "output")
@@ -93,11 +93,8 @@ def accumulate(past: Importance | None, new: Importance) -> Importance:
 
 
 def save(path: str | os.PathLike, importance: Importance) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with publishing(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **importance)
-    os.replace(tmp, path)
 
 
 def load(path: str | os.PathLike) -> Importance:

@@ -36,6 +36,7 @@ from dontstop_jax.data.encode_pool import EncodePool
 from dontstop_jax.data.piece_cache import PieceCache
 from dontstop_jax.data.tokenizer import encode_plain, load_tokenizer, special_ids, tokenizer_fingerprint
 from dontstop_jax.errors import UserError
+from dontstop_jax.files import publishing
 
 log = logging.getLogger(__name__)
 
@@ -273,10 +274,5 @@ def _write_shards(blocks: Iterator[np.ndarray], directory: Path, shard_blocks: i
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    """Write via `<path>.tmp` + fsync + rename so a crash never leaves a truncated file under `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with publishing(path) as tmp, open(tmp, "wb") as f:
         write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

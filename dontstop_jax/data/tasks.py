@@ -142,9 +142,10 @@ class ClassificationBatches:
         self.members = [np.flatnonzero(bucket_of == k) for k in range(len(self.bucket_lengths))]
         self.num_batches = sum(math.ceil(len(m) / batch_size) for m in self.members)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """This host's batches of `epoch` (the same plan on every host)."""
-        for length, indices in self._plan(epoch):
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """This host's batches of `epoch` from batch `start` on (the same plan on every host; a run resumed
+        mid-epoch continues with exactly the batches an uninterrupted run would see)."""
+        for length, indices in self._plan(epoch)[start:]:
             yield self._batch(length, indices)
 
     def padding_stats(self) -> dict[str, float]:

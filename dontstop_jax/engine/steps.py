@@ -54,6 +54,20 @@ def classification_loss_sums(model: nn.Module) -> LossSums:
     return loss
 
 
+def hold_fixed(paths: tuple[str, ...]) -> Hooks:
+    """Hooks that keep the parameters under any of `paths` ("lm_head", "roberta/embeddings") exactly where they
+    are: their gradients (so they take no share of clipping) and their updates (so no weight decay) are zeroed."""
+    if not paths:
+        return {}
+
+    def zero(tree: Any) -> Any:
+        def one(path, x):
+            name = "/".join(str(k.key) for k in path)
+            return x * 0 if any(name == p or name.startswith(p + "/") for p in paths) else x
+        return jax.tree_util.tree_map_with_path(one, tree)
+    return {"grad_transform": zero, "update_transform": zero}
+
+
 def chain_hooks(*hooks: Hooks) -> Hooks:
     """One set of step hooks that applies each given set's in turn (PEFT's frozen slices and layer-wise
     learning rates, DAS soft-masks, parameters a recipe holds fixed): they all scale slices, so they compose."""

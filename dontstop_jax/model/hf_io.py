@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,6 +17,7 @@ import jax
 import numpy as np
 
 from dontstop_jax.errors import UserError
+from dontstop_jax.files import publishing
 from dontstop_jax.model.config import ModelConfig
 from dontstop_jax.model.roberta import (RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel,
                                         init_params)
@@ -229,19 +229,12 @@ def save_pretrained(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params
         names = label_names or [f"LABEL_{i}" for i in range(state["classifier.out_proj.bias"].shape[0])]
         hf_config.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with publishing(out_dir) as tmp:
+        tmp.mkdir()
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         RobertaConfig(**hf_config).save_pretrained(str(tmp))
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).exists():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dontstop_jax.errors import UserError
+from dontstop_jax.files import publishing
 from dontstop_jax.model.config import ModelConfig
 
 ADAPTER_SUFFIX, LORA_SUFFIX = "_adapter", "_lora"
@@ -139,15 +140,8 @@ def save_delta(path: str | os.PathLike, params: dict, trainable: dict, cfg: Mode
     from safetensors.numpy import save_file
     keep = {k: np.ascontiguousarray(np.asarray(v, np.float32))
             for (k, v), t in zip(_flatten(params).items(), _flatten(trainable).values()) if t}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with publishing(path) as tmp:
         save_file(keep, str(tmp), metadata={"model_config": json.dumps(dataclasses.asdict(cfg))})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

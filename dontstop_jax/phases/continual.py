@@ -13,33 +13,32 @@ next stage reads. Phases are fingerprinted and reused as in the grid.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-import optax
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from dontstop_jax.analysis.continual import ContinualTable
 from dontstop_jax.analysis.metrics import check_metric
-from dontstop_jax.analysis.table import _atomic_write
 from dontstop_jax.das import importance
 from dontstop_jax.das.contrastive import das_objective
 from dontstop_jax.distributed import on_first_process
 from dontstop_jax.data import MLMLoader, load_tokenizer, special_ids
-from dontstop_jax.engine import (chain_hooks, check_batch_size, compile_eval_step, create_train_state,
-                                 make_eval_step, make_mesh, mlm_loss_sums, to_global)
+from dontstop_jax.engine import (check_batch_size, compile_eval_step, make_eval_step, make_mesh, mlm_loss_sums,
+                                 to_global)
 from dontstop_jax.errors import UserError
+from dontstop_jax.files import write_json, write_text
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM
-from dontstop_jax.phases import source as sources
 from dontstop_jax.phases.defaults import das_config
 from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.phases.grid import _phase, base_model
-from dontstop_jax.phases.pretrain import Objective, prepare, pretrain, write_json_atomic
+from dontstop_jax.phases.pretrain import mlm, prepare, pretrain
+from dontstop_jax.train import source as sources
+from dontstop_jax.train.trainer import Objective
 
 METHODS = ("das", "ncl", "one", "base")
 GENERAL = "general_importance.npz"  # in the first DAS stage's workdir: what the base model knows
@@ -56,14 +55,6 @@ class _Loaded:
     param_shardings: Any
     mesh: Mesh
     rules: tuple
-
-
-def _zero_under(tree: Any, prefixes: tuple[str, ...]) -> Any:
-    """`tree` with the leaves under any of the parameter paths `prefixes` ("lm_head", "roberta/embeddings") zeroed."""
-    def one(path, x):
-        name = "/".join(str(k.key) for k in path)
-        return x * 0 if any(name == p or name.startswith(p + "/") for p in prefixes) else x
-    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 class Continual:
@@ -86,24 +77,16 @@ class Continual:
         return base_model(self.cfg, self.root)
 
     def _adapt_phase(self, label: str, parent: str, domain: str, **fields) -> ConfigDict:
-        """The dapt phase on `domain` from `parent`. `frozen` (held fixed by `_objective`) and, for a DAS stage,
+        """The dapt phase on `domain` from `parent`. `frozen` (held fixed by the Trainer) and, for a DAS stage,
         which passes `das=`, the objective are set on it so that the fingerprint tells them."""
         if "das" in fields:
             fields["objective"] = "das"
         return _phase(self.cfg.dapt, self.root / "pretrain", f"{label}-{domain}", init=parent,
                       frozen=list(self.cfg.frozen), **{"data.sources": list(self.cfg.domains[domain])}, **fields)
 
-    def _objective(self, past: importance.Importance | None) -> Objective | None:
-        """DAS's objective when `past` is given, else plain MLM; either with `frozen` parameters held fixed."""
-        das = None if past is None else das_objective(past, self.cfg.das.contrastive_weight, self.cfg.das.temperature)
-        if not self.cfg.frozen:
-            return das
-
-        def build(model, params):
-            loss_sums, hooks = das(model, params) if das else (mlm_loss_sums(model), {})
-            hold = functools.partial(_zero_under, prefixes=tuple(self.cfg.frozen))
-            return loss_sums, chain_hooks(hooks, {"grad_transform": hold, "update_transform": hold})
-        return build
+    def _objective(self, past: importance.Importance | None) -> Objective:
+        """DAS's objective when `past` is given, else plain MLM (`frozen` is held fixed by the Trainer)."""
+        return mlm if past is None else das_objective(past, self.cfg.das.contrastive_weight, self.cfg.das.temperature)
 
     def das_stage(self, parent: str, domain: str, first: bool) -> str:
         """Train on `domain` under the importance accumulated so far; then add this domain's importance."""
@@ -161,9 +144,8 @@ class Continual:
         mesh = make_mesh(phase.mesh.shape, dcn_shape=phase.mesh.dcn_shape)
         rules = tuple(tuple(r) for r in phase.mesh.rules)
         check_batch_size(self.cfg.das.importance_batch_size, mesh, "das.importance_batch_size")
-        state, shardings = create_train_state(model, optax.identity(), mesh, rules, phase.seed,
-                                              pretrained=source.params)
-        return _Loaded(source, cfg, model, state.params, shardings.params, mesh, rules)
+        params, shardings = sources.place(source, model, mesh, rules)
+        return _Loaded(source, cfg, model, params, shardings, mesh, rules)
 
     def _sample(self, loaded: _Loaded, phase: ConfigDict, seed: int):
         """das.importance_batches MLM batches of `phase`'s corpus."""
@@ -217,8 +199,8 @@ class Continual:
                                         "score": result["test"][spec.metric]})
         table = ContinualTable.from_records(records, self.cfg.methods, seq, list(self.cfg.tasks))
         if jax.process_index() == 0:
-            _atomic_write(self.root / "continual.md", table.to_markdown())
-            write_json_atomic(self.root / "continual.json", {**table.to_json(), "records": records})
+            write_text(self.root / "continual.md", table.to_markdown())
+            write_json(self.root / "continual.json", {**table.to_json(), "records": records})
         return table
 
 

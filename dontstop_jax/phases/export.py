@@ -13,11 +13,16 @@ from dontstop_jax.engine.peft import Adaptation, default_peft_config
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import ModelConfig, save_pretrained
 from dontstop_jax.model.peft import merge_lora, save_delta
-from dontstop_jax.phases.source import phase_checkpoints
+from dontstop_jax.train.source import phase_checkpoints
+from dontstop_jax.train.workdir import require_finished
 
 
 def _load(workdir: str, step: int | None) -> tuple[dict, ModelConfig, dict]:
-    ckpt = Checkpointer(phase_checkpoints(Path(workdir)), read_only=True)
+    """A finished phase's chosen step (best, else latest), or any phase's explicitly named `step`."""
+    directory = phase_checkpoints(Path(workdir))
+    if step is None:
+        require_finished(directory.parent, "--from")
+    ckpt = Checkpointer(directory, read_only=True)
     step = step if step is not None else (ckpt.best_step() or ckpt.latest_step())
     meta = ckpt.meta(step)
     return meta, ModelConfig(**meta["model_config"]), ckpt.restore_params(step)

@@ -15,8 +15,6 @@ control samples 50 per task example).
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +28,10 @@ from dontstop_jax.data import load_task
 from dontstop_jax.engine.peft import check_method
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases.finetune import finetune
-from dontstop_jax.phases.pretrain import pretrain, write_json_atomic
+from dontstop_jax.files import write_json
+from dontstop_jax.phases.pretrain import pretrain
 from dontstop_jax.phases.select import select, selected_corpus
+from dontstop_jax.train.workdir import fingerprint
 
 VARIANTS = ("baseline", "dapt", "tapt", "dapt_tapt", "not_dapt")
 # Selection variants: the `select` phase's method and k, or (rand/dsir) the variant whose size they match.
@@ -39,14 +39,6 @@ SELECTION_VARIANTS = {"knn_tapt_50": dict(method="knn", k=50), "knn_tapt_150": d
                       "knn_tapt_500": dict(method="knn", k=500),
                       "rand_tapt": dict(method="rand", size_of="knn_tapt_50"),
                       "dsir_tapt": dict(method="dsir", size_of="knn_tapt_50")}
-
-
-def fingerprint(cfg: ConfigDict) -> str:
-    """Hash of what determines a phase's result (not where it is written or what it is called)."""
-    d = json.loads(cfg.to_json_best_effort())
-    for key in ("workdir", "name"):
-        d.pop(key, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _phase(template: ConfigDict, root: Path, label: str, **fields: Any) -> ConfigDict:
@@ -199,5 +191,5 @@ class Grid:
         table = results_table(records, {t: s.metric for t, s in self.cfg.tasks.items()}, variant_order=order)
         if jax.process_index() == 0:
             table.write_all(self.root)
-            write_json_atomic(self.root / "records.json", {"records": records})
+            write_json(self.root / "records.json", {"records": records})
         return table

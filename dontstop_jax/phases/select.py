@@ -25,15 +25,16 @@ from dontstop_jax.distributed import on_first_process
 from dontstop_jax.data import iter_documents, load_task, parse_source
 from dontstop_jax.engine import make_mesh
 from dontstop_jax.engine.sharding import MESH_AXES
-from dontstop_jax.errors import UserError
-from dontstop_jax.phases.pretrain import finished, write_json_atomic
+from dontstop_jax.errors import Interrupted, UserError
+from dontstop_jax.files import publishing, write_json
 from dontstop_jax.selection import dsir, embed
 from dontstop_jax.selection.knn import StreamingTopK, empty_topk, merge_topk
 from dontstop_jax.selection.leakage import LeakageFilter, text_key
+from dontstop_jax.train.loop import StopSignal
+from dontstop_jax.train.workdir import Workdir, finished
 
 METHODS = ("knn", "rand", "dsir", "curated")
-SELECTED, STATS, PROGRESS, EMBEDDER, CONFIG = (
-    "selected.jsonl", "selection_stats.json", "progress.npz", "embedder.npz", "select_config.json")
+SELECTED, STATS, PROGRESS, EMBEDDER = "selected.jsonl", "selection_stats.json", "progress.npz", "embedder.npz"
 
 
 def selected_corpus(workdir: str | os.PathLike) -> str:
@@ -42,8 +43,10 @@ def selected_corpus(workdir: str | os.PathLike) -> str:
 
 
 def select(cfg: ConfigDict) -> dict:
-    """Run (or resume, or reuse) one selection in cfg.workdir; returns its statistics."""
-    stats = on_first_process("select", lambda: _select(cfg))
+    """Run (or resume, or return the finished) selection in cfg.workdir; returns its statistics. Raises
+    `Interrupted` after saving the ranking when asked to stop."""
+    with StopSignal():
+        stats = on_first_process("select", lambda: _select(cfg))
     return stats if stats is not None else finished(cfg.workdir)
 
 
@@ -56,15 +59,13 @@ def _mesh(cfg: ConfigDict) -> Mesh:
 
 def _select(cfg: ConfigDict) -> dict:
     workdir = Path(cfg.workdir)
-    if (done := finished(workdir)) is not None:
+    if (done := Workdir(cfg).claim()) is not None:
         return done
     if cfg.method not in METHODS:
         raise UserError(f"unknown selection method {cfg.method!r}; choose one of {METHODS}")
     if min(cfg.chunk_size, cfg.checkpoint_every, cfg.fit_docs) < 1:
         raise UserError(f"select.chunk_size, checkpoint_every and fit_docs must be positive, got {cfg.chunk_size}, "
                         f"{cfg.checkpoint_every}, {cfg.fit_docs}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    _claim(workdir, cfg)
     task = load_task(cfg.task.path or None, cfg.task.text_field, cfg.task.label_field,
                      hf_dataset=cfg.task.hf_dataset or None)
     examples = task.splits["train"][0]
@@ -80,20 +81,9 @@ def _select(cfg: ConfigDict) -> dict:
         scores, ids = _rank(cfg, workdir, examples, sources)
     stats = _write(cfg, workdir, sources, scores, ids, examples, LeakageFilter(held_out, cfg.leakage.ngram,
                                                                                cfg.leakage.threshold))
-    write_json_atomic(workdir / STATS, stats)
-    write_json_atomic(workdir / "DONE.json", stats)
+    write_json(workdir / STATS, stats)
     (workdir / PROGRESS).unlink(missing_ok=True)
-    return stats
-
-
-def _claim(workdir: Path, cfg: ConfigDict) -> None:
-    """Refuse to resume a half-done selection made with another config (it would mix two rankings)."""
-    config = {k: v for k, v in json.loads(cfg.to_json_best_effort()).items() if k not in ("name", "workdir")}
-    path = workdir / CONFIG
-    if path.exists() and json.loads(path.read_text()) != config:
-        raise UserError(f"{workdir} holds an unfinished selection made with a different config; "
-                        "use another workdir or delete that one")
-    write_json_atomic(path, config)
+    return Workdir(cfg).complete(stats)
 
 
 def _documents(sources: Sequence) -> Iterator[tuple[int, str]]:
@@ -163,9 +153,8 @@ def _ranker(cfg: ConfigDict, workdir: Path, examples: Sequence[str], sources: Se
         if not path.exists():
             arrays = embed.fit(cfg.embedding, _fit_sample(cfg, sources) if cfg.embedding.kind != "lm" else [],
                                cfg.seed)
-            tmp = workdir / ("tmp-" + EMBEDDER)
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
+            with publishing(path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **arrays)
         with np.load(path) as saved:
             arrays = dict(saved)
         return _Knn(cfg, embed.embedder(cfg.embedding, arrays), examples)
@@ -198,16 +187,18 @@ def _rank(cfg: ConfigDict, workdir: Path, examples: Sequence[str], sources: Sequ
     for chunk_index, texts in enumerate(_chunks(sources, cfg.chunk_size)):
         if chunk_index >= start:
             ranker.update(texts, chunk_index * cfg.chunk_size, chunk_index)
-            if (chunk_index + 1) % cfg.checkpoint_every == 0:
+            stopping = StopSignal.requested()
+            if (chunk_index + 1) % cfg.checkpoint_every == 0 or stopping:
                 save_progress(progress, *ranker.result(), chunk_index + 1)
+            if stopping:
+                raise Interrupted(cfg.name, chunk_index + 1)
     return ranker.result()
 
 
 def save_progress(path: Path, scores: np.ndarray, ids: np.ndarray, chunks: int) -> None:
     """Atomically record the ranking after `chunks` chunks."""
-    tmp = path.with_name("tmp-" + path.name)
-    np.savez(tmp, scores=scores, ids=ids, chunks=chunks)
-    os.replace(tmp, path)
+    with publishing(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, scores=scores, ids=ids, chunks=chunks)
 
 
 def _write(cfg: ConfigDict, workdir: Path, sources: Sequence, scores: np.ndarray | None, ids: np.ndarray | None,
@@ -220,8 +211,7 @@ def _write(cfg: ConfigDict, workdir: Path, sources: Sequence, scores: np.ndarray
     seen = {text_key(t) for t in examples}
     names = [parse_source(s).path for s in sources]
     kept, per_source, removed = [], [0] * len(sources), {"duplicate": 0, "leakage": 0}
-    tmp = workdir / ("tmp-" + SELECTED)
-    with open(tmp, "w", encoding="utf-8") as out:
+    with publishing(workdir / SELECTED) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for index, (s, doc) in enumerate(_documents(sources)):
             if ids is not None and index not in best:
                 continue
@@ -236,11 +226,9 @@ def _write(cfg: ConfigDict, workdir: Path, sources: Sequence, scores: np.ndarray
             kept.append(index)
             per_source[s] += 1
             out.write(json.dumps({"text": doc, "index": index, "source": names[s], "score": best.get(index)}) + "\n")
-    if not kept:
-        os.unlink(tmp)
-        raise UserError(f"selection {cfg.name} kept no documents (removed: {removed}); check select.sources, "
-                        "k/n and the leakage threshold")
-    os.replace(tmp, workdir / SELECTED)
+        if not kept:  # nothing is published
+            raise UserError(f"selection {cfg.name} kept no documents (removed: {removed}); check select.sources, "
+                            "k/n and the leakage threshold")
     stats = {"method": cfg.method, "size": len(kept), "candidates": len(best) if ids is not None else None,
              "removed": removed, "per_source": dict(zip(names, per_source)), "seed": cfg.seed,
              "corpus": selected_corpus(workdir)}

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 from ml_collections import ConfigDict
 
@@ -55,7 +56,8 @@ def embedder(cfg: ConfigDict, arrays: dict[str, np.ndarray]) -> Embed:
 def _lm_embedder(cfg: ConfigDict) -> Embed:
     from dontstop_jax.data import load_tokenizer, special_ids, tokenize_split
     from dontstop_jax.model import RobertaModel
-    from dontstop_jax.phases.source import resolve
+    from dontstop_jax.engine.sharding import DEFAULT_RULES, MESH_AXES
+    from dontstop_jax.train.source import place, resolve
 
     if not cfg.init:
         raise UserError("embedding.kind=lm needs embedding.lm.init: a Hugging Face directory or a phase workdir")
@@ -63,7 +65,9 @@ def _lm_embedder(cfg: ConfigDict) -> Embed:
     tokenizer = load_tokenizer(source.tokenizer_dir)
     pad = special_ids(tokenizer)["pad"]
     length = min(cfg.max_seq_length, source.config.max_seq_length)
-    model, params = RobertaModel(source.config), jax.device_put(source.params["roberta"])
+    model = RobertaModel(source.config)
+    one_device = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES)
+    params, _ = place(source, model, one_device, DEFAULT_RULES)
 
     @jax.jit
     def pooled(params, ids, mask):  # params as an argument, not a closure: no weights baked into the program

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from dontstop_jax.errors import UserError
+from dontstop_jax.files import write_text
 from dontstop_jax.synthetic import corpus
 from dontstop_jax.synthetic.spec import GENERATOR_VERSION, BenchmarkSpec, make_spec
 from dontstop_jax.synthetic.tokenizer import save_tokenizer, train_bpe, word_pieces
@@ -70,10 +71,7 @@ def _rng(spec: BenchmarkSpec, stream: str) -> np.random.Generator:
 
 
 def _write_atomic(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _jsonl(texts: list[str], labels: list[str] | None) -> list[str]:

@@ -11,38 +11,72 @@ from typing import Any, Callable, Iterator
 import jax
 
 from dontstop_jax.distributed import any_process
-from dontstop_jax.errors import UserError
+from dontstop_jax.errors import Interrupted, UserError
 from dontstop_jax.train.logging import MetricsBuffer, MetricsWriter, ProgressBar
 
 
+_REQUESTED = threading.Event()  # process-wide: a signal between two phases still stops the next one
+_ENTERED: list["StopSignal"] = []
+
+
+def _on_signal(*_: Any) -> None:
+    """The first signal asks for a graceful stop; a second one (Ctrl-C twice) stops at once."""
+    if _REQUESTED.is_set():
+        raise KeyboardInterrupt
+    _REQUESTED.set()
+
+
 class StopSignal:
-    """Set by SIGTERM/SIGINT (a TPU maintenance event, `scancel`, Ctrl-C): finish the step, save, exit 0.
+    """SIGTERM/SIGINT (a TPU maintenance event, `scancel`, Ctrl-C) ask the run to stop: the step loop finishes
+    its step, checkpoints and raises `Interrupted`. Handlers stay installed while any StopSignal is entered;
+    the CLI holds one for the whole command, so a signal that arrives between phases (during data preparation,
+    evaluation or compilation) stops the next phase before its first step. A second signal stops at once.
 
     With several processes the signal reaches each at a slightly different step, but saving is collective, so
     they must stop at the same one: `poll` combines every process's flag, read one step late like the metrics.
     """
 
     def __init__(self):
-        self.event = threading.Event()
         self._previous: dict[int, Any] = {}
         self._pending: jax.Array | None = None
 
     def __enter__(self) -> "StopSignal":
-        if threading.current_thread() is threading.main_thread():
+        if not _ENTERED and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, lambda *_: self.event.set())
+                self._previous[sig] = signal.signal(sig, _on_signal)
+        _ENTERED.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        _ENTERED.remove(self)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if not _ENTERED:
+            _REQUESTED.clear()
+
+    @staticmethod
+    def request() -> None:
+        """Ask to stop, as a signal would (tests, or an embedding program's own preemption notice)."""
+        _REQUESTED.set()
 
     def poll(self) -> bool:
         """Whether to stop after this step; every process calls it once per step."""
         if jax.process_count() == 1:
-            return self.event.is_set()
-        agreed, self._pending = self._pending, any_process(self.event.is_set())
+            return _REQUESTED.is_set()
+        agreed, self._pending = self._pending, any_process(_REQUESTED.is_set())
         return agreed is not None and bool(agreed)
+
+    @staticmethod
+    def requested() -> bool:
+        """Whether this process was asked to stop (no collective: for work that runs on one process)."""
+        return _REQUESTED.is_set()
+
+    @staticmethod
+    def agreed_now() -> bool:
+        """Whether any process was asked to stop (a collective: every process calls it at the same point)."""
+        if jax.process_count() == 1:
+            return _REQUESTED.is_set()
+        return bool(jax.device_get(any_process(_REQUESTED.is_set())))
 
 
 def _check_finite(step: int, metrics: dict[str, float]) -> None:
@@ -55,8 +89,9 @@ def _check_finite(step: int, metrics: dict[str, float]) -> None:
 def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: int, stop: int,
               writer: MetricsWriter, progress: ProgressBar, tokens_per_step: int | Callable[[Any], int],
               stop_signal: StopSignal, log_every: int = 10, save: Callable[[Any], None] | None = None,
-              save_every: int = 0, prefix: str = "train/") -> tuple[Any, bool]:
-    """Run steps [start, stop). Returns (state, interrupted). Metrics are fetched one step late.
+              save_every: int = 0, prefix: str = "train/", phase: str = "training") -> Any:
+    """Run steps [start, stop) and return the state. Metrics are fetched one step late. When asked to stop
+    (`stop_signal`), the state is saved and `Interrupted(phase, step)` raised.
     A `skipped` metric (see make_train_step's skip_nonfinite) is logged as the count since `start`.
     `tokens_per_step`: a count, or a function of the batch (fine-tuning's length-bucketed batches vary); when
     it gives tokens, each logged line also gets `tokens_per_s` since the previous line (host wall clock at
@@ -99,6 +134,6 @@ def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: 
             drain(buffer.flush())  # never checkpoint a state whose loss was not finite
             save(state)
         if stopping:
-            return state, True
+            raise Interrupted(phase, step)
     drain(buffer.flush())
-    return state, False
+    return state

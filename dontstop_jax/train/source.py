@@ -1,4 +1,5 @@
-"""Where a phase's starting weights come from: a Hugging Face directory, a previous phase, or scratch."""
+"""Where a model's weights come from (a Hugging Face directory, a finished phase, or scratch), and placing them
+on a mesh: what every phase starts from and what analysis and selection evaluate."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, plan
+from dontstop_jax.engine.sharding import Rules, put_tree, tree_shardings
 from dontstop_jax.errors import UserError
-from dontstop_jax.model import ModelConfig, check_tokenizer, load_pretrained
+from dontstop_jax.model import ModelConfig, check_tokenizer, init_params, load_pretrained
 from dontstop_jax.model.peft import load_delta, merge_lora
+from dontstop_jax.train.workdir import require_finished
 
 # Fields a phase may change on a loaded model: how it computes and how much dropout it uses.
 RUNTIME_FIELDS = ("dtype", "remat", "attention_impl", "hidden_dropout_prob", "attention_probs_dropout_prob",
@@ -32,6 +38,7 @@ class ModelSource:
 
 
 def phase_checkpoints(path: Path) -> Path:
+    """A phase's checkpoint directory, given its workdir or the checkpoint directory itself."""
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
@@ -64,6 +71,7 @@ def _weights(init: str, tokenizer: str | None, model: ConfigDict | None, overrid
     if not ckpt_dir.is_dir():
         raise UserError(f"init={init!r} is neither a Hugging Face directory (config.json) nor a phase workdir "
                         "with checkpoints; pass a model directory, a finished phase's workdir, or 'scratch'")
+    require_finished(ckpt_dir.parent, "init")
     ckpt = Checkpointer(ckpt_dir, read_only=True)
     step = ckpt.best_step() or ckpt.latest_step()
     meta = ckpt.meta(step)
@@ -97,3 +105,17 @@ def provenance(phase: str, source: ModelSource, cfg: ConfigDict, **extra: Any) -
     return {"phase": phase, "parent": source.parent, "tokenizer_dir": str(Path(source.tokenizer_dir).absolute()),
             "model_config": dataclasses.asdict(source.config), "config": json.loads(cfg.to_json_best_effort()),
             **extra}
+
+
+def place(source: ModelSource, model: nn.Module, mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
+    """(params, shardings) of `model` on `mesh` from `source`'s weights, for evaluation (analysis, selection,
+    DAS importance): placed shard by shard. A bare encoder (RobertaModel) takes the source's encoder."""
+    if source.params is None:
+        raise UserError(f"{source.parent} has no trained weights to evaluate; point to a Hugging Face directory "
+                        "or a finished phase's workdir")
+    shardings = tree_shardings(jax.eval_shape(lambda: init_params(model, jax.random.key(0))), mesh, rules)
+    params = source.params["roberta"] if "roberta" not in shardings else source.params
+    if missing := [k for k in shardings if k not in params]:
+        raise UserError(f"{source.parent} has no {', '.join(missing)} weights (a fine-tuned classifier evaluated "
+                        "as a masked LM?); point to a pretraining phase or a Hugging Face MLM directory")
+    return put_tree({k: params[k] for k in shardings}, shardings), shardings

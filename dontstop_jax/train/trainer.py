@@ -1,0 +1,120 @@
+"""The Trainer: everything a training phase needs besides its data and its loss, built in one place.
+
+A phase (phases/pretrain.py, phases/finetune.py) is a recipe: it resolves its starting weights, builds its
+batches and its model, and hands both to a Trainer, which owns the mesh and sharding rules, the sharded
+train state (resumed from the workdir's newest checkpoint), the checkpointer, the compiled train step, the
+step loop with metrics, progress and preemption, and the workdir contract (recorded config, completion
+marker). An interrupted phase raises `Interrupted` after its checkpoint and never writes its marker, so
+nothing downstream can take a partial phase for a finished one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+from ml_collections import ConfigDict
+
+from dontstop_jax.engine import (abstract_state, chain_hooks, check_batch_size, compile_train_step, create_train_state, make_mesh,
+                                 make_train_step, to_global)
+from dontstop_jax.engine.checkpoint import Checkpointer
+from dontstop_jax.engine.peft import Adaptation
+from dontstop_jax.engine.steps import Hooks, LossSums, hold_fixed
+from dontstop_jax.distributed import on_first_process
+from dontstop_jax.errors import Interrupted
+from dontstop_jax.model.peft import save_delta
+from dontstop_jax.train import source as sources
+from dontstop_jax.train.logging import MetricsWriter, ProgressBar
+from dontstop_jax.train.loop import StopSignal, run_steps
+from dontstop_jax.train.workdir import Workdir
+
+PEFT_FILE = "peft.safetensors"
+# (model, sharded params) -> (loss_sums, step hooks): what a phase trains, e.g. DAS's objective (das/).
+Objective = Callable[[nn.Module, Any], tuple[LossSums, Hooks]]
+
+
+def check_batch(cfg: ConfigDict) -> None:
+    """`train.batch_size` must split into `train.accum_steps` micro-batches that spread evenly over the
+    configured mesh's data-parallel devices: checked before a phase reads any data."""
+    check_batch_size(cfg.train.batch_size, make_mesh(cfg.mesh.shape, dcn_shape=cfg.mesh.dcn_shape),
+                     "train.batch_size", accum_steps=cfg.train.get("accum_steps", 1))
+
+
+class Trainer:
+    """Train `model` from `source` under `cfg` (its mesh, optim, train, checkpoint, seed, workdir, name).
+    Use it as a context manager: leaving it waits for pending checkpoint writes, whatever happened."""
+
+    def __init__(self, cfg: ConfigDict, source: sources.ModelSource, adaptation: Adaptation, model: nn.Module,
+                 objective: Objective, *, total_steps: int, best_metric: str | None = None, keep_last: int = 2,
+                 **provenance: Any):
+        self.cfg, self.name, self.workdir = cfg, cfg.name, Path(cfg.workdir)
+        self.adaptation, self.model, self.total_steps = adaptation, model, total_steps
+        self.lead = jax.process_index() == 0
+        self.mesh = make_mesh(cfg.mesh.shape, dcn_shape=cfg.mesh.dcn_shape)
+        self.rules = tuple(tuple(r) for r in cfg.mesh.rules)
+        self.tx, schedule = adaptation.optimizer(cfg.optim, total_steps)
+        self.state, self.shardings = create_train_state(model, self.tx, self.mesh, self.rules, cfg.seed,
+                                                        pretrained=source.params)
+        self.checkpoints = Checkpointer(self.workdir / "checkpoints", keep_last=keep_last, best_metric=best_metric)
+        self.meta = sources.provenance(self.name, source, cfg, **provenance)
+        self.data_state: dict | None = None  # the loader position of the restored checkpoint
+        if self.checkpoints.latest_step() is not None:  # resume exactly where the last checkpoint left off
+            self.state, self.data_state, _ = self.checkpoints.restore(self.abstract())
+        loss_sums, hooks = objective(model, self.state.params)
+        self.train_step = compile_train_step(make_train_step(
+            loss_sums, self.tx, accum_steps=cfg.train.get("accum_steps", 1), schedule=schedule,
+            skip_nonfinite=cfg.train.skip_nonfinite,
+            **chain_hooks(adaptation.hooks(), hooks, hold_fixed(tuple(cfg.get("frozen", ()))))),
+            self.shardings, self.mesh, self.rules)
+        self.stop = StopSignal()
+        self.writer = MetricsWriter(self.workdir, enabled=self.lead)
+        self.progress = ProgressBar(total_steps, enabled=self.lead, desc=self.name)
+
+    def __enter__(self) -> "Trainer":
+        self.stop.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.close()
+        self.writer.close()
+        self.checkpoints.close()
+        self.stop.__exit__(*exc)
+
+    @property
+    def step(self) -> int:
+        return int(jax.device_get(self.state.step))
+
+    def abstract(self) -> Any:
+        """The state's shapes and target shardings: what a restore places arrays onto."""
+        return abstract_state(self.shardings, self.model, self.tx)
+
+    def fit(self, batches: Iterator[dict], stop: int, *, data_state: Callable[[int], dict],
+            tokens_per_step: int | Callable[[Any], int], save_every: int = 0) -> None:
+        """Train to step `stop` on this host's `batches`. When asked to stop (also before the first step),
+        checkpoint with `data_state(step)` (the data position after that step) and raise `Interrupted`."""
+        def save(state):
+            step = int(jax.device_get(state.step))
+            self.checkpoints.save(state, data_state=data_state(step), meta=self.meta)
+        if StopSignal.agreed_now():
+            raise Interrupted(self.name, self.step)
+        self.state = run_steps(
+            self.state, self.train_step, (to_global(b, self.mesh) for b in batches), start=self.step, stop=stop,
+            writer=self.writer, progress=self.progress, tokens_per_step=tokens_per_step, stop_signal=self.stop,
+            log_every=self.cfg.train.log_every, save=save, save_every=save_every, phase=self.name)
+
+    def save(self, data_state: dict, metrics: dict | None = None) -> None:
+        self.checkpoints.save(self.state, data_state=data_state, meta=self.meta, metrics=metrics)
+
+    def finish(self, summary: dict, data_state: dict | None = None) -> dict:
+        """Checkpoint the final state, leave a parameter-efficient phase's small file (`PEFT_FILE`), and mark
+        the phase finished: the last thing a phase does."""
+        if self.checkpoints.latest_step() != self.step:
+            self.save(data_state if data_state is not None else self.data_state or {})
+        self.checkpoints.wait()
+        if self.adaptation.method not in ("full", "top_k"):
+            params = self.checkpoints.restore_params(self.checkpoints.best_step() or self.checkpoints.latest_step())
+            on_first_process("peft_file", lambda: save_delta(self.workdir / PEFT_FILE, params,
+                                                             self.adaptation.trainable(params), self.model.config))
+        return Workdir(self.cfg).complete(summary)

@@ -1,0 +1,225 @@
+"""Interrupting, resuming and changing a run.
+
+- SIGTERM and SIGKILL at random moments of the tiny grid (base, DAPT, TAPT, fine-tunes) and of a continual run:
+  SIGTERM exits 0 promptly with one line, and the rerun's results equal an uninterrupted run's; no fine-tune
+  ever starts from an unfinished parent.
+- A fine-tune stopped mid-epoch resumes mid-epoch to the same parameters and scores.
+- A rerun with a config that changes the result is refused, naming the fields; an unfinished parent is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from tiny_pretrain import command, final_params, run, write_corpus
+
+from dontstop_jax.errors import Interrupted, UserError
+from dontstop_jax.phases.finetune import finetune
+from dontstop_jax.phases.synthetic import get_config, tiny_model
+from dontstop_jax.synthetic import generate_benchmark
+from dontstop_jax.train.loop import StopSignal
+
+INTERRUPTED = "interrupted at step {} of {}; rerun the same command to continue"
+
+
+def _without_timings(tree):
+    if isinstance(tree, dict):
+        return {k: _without_timings(v) for k, v in tree.items() if "seconds" not in k}
+    if isinstance(tree, list):
+        return [_without_timings(v) for v in tree]
+    return tree
+
+
+def _interrupt(cmd: list[str], cwd: Path, pattern: str, sig: signal.Signals, rng: random.Random) -> tuple[int, str,
+                                                                                                              float]:
+    """Run `cmd`, send `sig` a random 0-0.8 s after `pattern` first appears on stderr; (exit code, stderr, seconds
+    from the signal to the exit)."""
+    log = cwd / f"stderr-{time.monotonic_ns()}.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        deadline = time.time() + 600
+        while pattern not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"finished before {pattern!r} appeared:\n{log.read_text()[-2000:]}"
+        time.sleep(rng.uniform(0, 0.8))
+        proc.send_signal(sig)
+        sent = time.time()
+        proc.wait(timeout=600)
+    return proc.returncode, log.read_text(), time.time() - sent
+
+
+def _check_sigterm_exit(code: int, stderr: str, seconds: float) -> None:
+    last = stderr.strip().splitlines()[-1]
+    assert code == 0, stderr[-3000:]
+    assert last.startswith("interrupted at step ") and last.endswith("; rerun the same command to continue"), last
+    assert "Traceback" not in stderr
+    assert seconds < 60, f"took {seconds:.1f} s to stop"
+
+
+def _parents_were_finished(root: Path) -> None:
+    """Every fine-tune started from its parent's final step, and that parent had finished."""
+    for done in root.glob("finetune/*/DONE.json"):
+        parent = json.loads(done.read_text())["parent"]
+        if not parent.startswith("checkpoint:"):
+            continue
+        directory, step = parent[len("checkpoint:"):].rsplit("@", 1)
+        summary = json.loads((Path(directory).parent / "DONE.json").read_text())
+        assert int(step) == summary["steps"], (done, parent, summary["steps"])
+
+
+@pytest.mark.slow
+def test_tiny_grid_interrupted_everywhere_gives_the_uninterrupted_table(tmp_path):
+    rng = random.Random(int(time.time()))
+    print("random seed for the kill moments:", rng.getstate()[1][0])
+    cache = tmp_path / "xla"
+
+    def demo(name: str) -> list[str]:
+        return [sys.executable, "-m", "dontstop_jax", "demo", "--scale", "tiny", f"--config.workdir={tmp_path / name}",
+                f"--config.synthetic.directory={tmp_path / 'bench'}", "--compilation-cache", str(cache)]
+
+    reference = subprocess.run(demo("reference"), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    stops = [("base: step", signal.SIGTERM), ("dapt-bio: step", signal.SIGTERM),
+             ("tapt-bio_topic: step", signal.SIGKILL), ("bio_topic-tapt-s0: step", signal.SIGTERM),
+             ("bio_topic-dapt_tapt-s1: step", signal.SIGKILL), ("dapt-cs: step", signal.SIGTERM)]
+    for pattern, sig in stops:
+        code, stderr, seconds = _interrupt(demo("interrupted"), tmp_path, pattern, sig, rng)
+        if sig == signal.SIGTERM:
+            _check_sigterm_exit(code, stderr, seconds)
+        else:
+            assert code == -signal.SIGKILL
+    again = subprocess.run(demo("interrupted"), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "interrupted" not in again.stderr
+    results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("reference", "interrupted")]
+    assert _without_timings(results[0]) == _without_timings(results[1])
+    _parents_were_finished(tmp_path / "interrupted")
+
+
+@pytest.mark.slow
+def test_continual_interrupted_gives_the_uninterrupted_table(tmp_path):
+    rng = random.Random(int(time.time()) + 1)
+    print("random seed for the kill moments:", rng.getstate()[1][0])
+
+    def continual(name: str) -> list[str]:
+        return [sys.executable, "-m", "dontstop_jax", "continual", "--config",
+                str(Path(__file__).parents[1] / "configs/continual.py:tiny"), f"--config.workdir={tmp_path / name}",
+                f"--config.synthetic.directory={tmp_path / 'bench'}", "--config.methods=['das','ncl']",
+                "--config.synthetic.domains=('bio','cs')", "--config.synthetic.task_domains=('bio','cs')",
+                "--config.sequence=['bio','cs']", "--compilation-cache", str(tmp_path / "xla")]
+
+    reference = subprocess.run(continual("reference"), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    for pattern, sig in [("das-bio: step", signal.SIGTERM), ("das-cs: step", signal.SIGKILL),
+                         ("dapt-cs: step", signal.SIGTERM)]:
+        code, stderr, seconds = _interrupt(continual("interrupted"), tmp_path, pattern, sig, rng)
+        if sig == signal.SIGTERM:
+            _check_sigterm_exit(code, stderr, seconds)
+        else:
+            assert code == -signal.SIGKILL
+    again = subprocess.run(continual("interrupted"), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    tables = [json.loads((tmp_path / name / "continual.json").read_text()) for name in ("reference", "interrupted")]
+    assert _without_timings(tables[0]) == _without_timings(tables[1])
+    _parents_were_finished(tmp_path / "interrupted")
+
+
+@pytest.fixture(scope="module")
+def finetune_config(tmp_path_factory):
+    """A 3-epoch fine-tune of a tiny RoBERTa from scratch on the synthetic bio task (5 batches per epoch)."""
+    root = tmp_path_factory.mktemp("finetune")
+    bench = generate_benchmark(root / "bench", seed=0, scale="tiny", domains=("bio",))
+    cfg = get_config("tiny").finetune
+    cfg.init, cfg.tokenizer = "scratch", str(bench.tokenizer)
+    cfg.model.update({k: v for k, v in tiny_model().items() if k in cfg.model})
+    cfg.task.path = str(bench.tasks["bio_topic"].train.parent)
+    cfg.train.log_every = 1
+    return root, cfg
+
+
+def _finetune_in(cfg, workdir: Path):
+    cfg = cfg.copy_and_resolve_references()
+    cfg.workdir, cfg.name = str(workdir), workdir.name
+    return cfg
+
+
+def test_finetune_stopped_mid_epoch_resumes_mid_epoch(finetune_config, monkeypatch):
+    root, cfg = finetune_config
+    reference = finetune(_finetune_in(cfg, root / "reference"))
+
+    from dontstop_jax.data.tasks import ClassificationBatches
+    epoch = ClassificationBatches.epoch
+
+    def stop_during_epoch_1(self, e, start=0):
+        for i, batch in enumerate(epoch(self, e, start)):
+            if self.shuffle and e == 1 and start + i == 2:
+                StopSignal.request()  # as SIGTERM would, while the step reading the third batch runs
+            yield batch
+    monkeypatch.setattr(ClassificationBatches, "epoch", stop_during_epoch_1)
+    with StopSignal(), pytest.raises(Interrupted) as stopped:
+        finetune(_finetune_in(cfg, root / "interrupted"))
+    assert str(stopped.value) == INTERRUPTED.format(8, "interrupted")  # epoch 1 (steps 6-10), its third step
+    assert not (root / "interrupted" / "DONE.json").exists()
+    monkeypatch.undo()
+
+    resumed = finetune(_finetune_in(cfg, root / "interrupted"))
+    assert (resumed["test"], resumed["dev"], resumed["best_step"]) == (reference["test"], reference["dev"],
+                                                                       reference["best_step"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(root / "interrupted"),
+                           final_params(root / "reference"))
+
+
+@pytest.fixture(scope="module")
+def finished_phase(tmp_path_factory, tiny_tokenizer_dir):
+    root = tmp_path_factory.mktemp("drift")
+    corpus, cache = write_corpus(root), root / "cache"
+    out = run(command(root / "phase", corpus, tiny_tokenizer_dir, cache, 4))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return root, corpus, tiny_tokenizer_dir, cache
+
+
+def test_a_changed_config_is_refused_naming_the_fields(finished_phase):
+    root, corpus, tokenizer, cache = finished_phase
+    changed = run(command(root / "phase", corpus, tokenizer, cache, 5, {"optim.learning_rate": 2e-3}))
+    assert changed.returncode == 2
+    line = changed.stderr.strip()
+    assert line.count("\n") == 0 and line.startswith("error: "), line
+    assert "optim.learning_rate: 0.001 -> 0.002" in line and "train.steps: 4 -> 5" in line
+    assert "use a new workdir" in line and "phase_config.json" in line
+
+
+def test_run_time_only_fields_may_change(finished_phase):
+    root, corpus, tokenizer, cache = finished_phase
+    same = run(command(root / "phase", corpus, tokenizer, cache, 4, {"train.log_every": 1, "checkpoint.every": 2,
+                                                                     "mesh.shape": "(2, -1, 1)"}))
+    assert same.returncode == 0, same.stderr[-2000:]
+    assert json.loads(same.stdout)["steps"] == 4  # the finished phase's summary, nothing retrained
+
+
+def test_an_unfinished_parent_is_refused(finished_phase, tmp_path):
+    root, corpus, tokenizer, cache = finished_phase
+    unfinished = tmp_path / "unfinished"
+    subprocess.run(["cp", "-r", str(root / "phase"), str(unfinished)], check=True)
+    (unfinished / "DONE.json").unlink()
+    child = run(command(tmp_path / "child", corpus, tokenizer, cache, 2, {"init": str(unfinished)}))
+    assert child.returncode == 2
+    assert child.stderr.strip() == (f"error: init={str(unfinished)!r} is a phase that has not finished (no DONE.json); "
+                                    "rerun the command that trains it until it completes, then start from it")
+
+
+def test_python_callers_get_the_same_errors(finished_phase):
+    from dontstop_jax.train.workdir import require_finished
+    root, *_ = finished_phase
+    assert require_finished(root / "phase", "init")["steps"] == 4
+    with pytest.raises(UserError, match="has not finished"):
+        require_finished(root, "init")
