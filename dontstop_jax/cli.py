@@ -7,6 +7,7 @@ import json
 import sys
 
 from dontstop_jax.errors import Interrupted, UserError
+from dontstop_jax.files import describe_fault
 
 EPILOG = """examples:
   dontstop demo                                   # the offline synthetic benchmark: grid + table (~15 min)
@@ -115,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stopped:
         print(stopped, file=sys.stderr)
         return 0
+    except Exception as err:  # noqa: BLE001 (filesystem faults become one line; anything else is a bug: re-raise)
+        if (fault := describe_fault(err)) is None:
+            raise
+        print(f"error: {fault}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("stopped at once by a second signal; rerun the same command to continue from the last checkpoint",
               file=sys.stderr)

@@ -60,8 +60,11 @@ def reinit_top_layers(model: nn.Module, params, k: int, seed: int, shardings):
 def finetune(cfg: ConfigDict) -> dict:
     """Run (or resume, or return the finished) fine-tuning run in cfg.workdir; returns dev and test metrics.
     Raises `Interrupted` after checkpointing (mid-epoch too) when asked to stop."""
-    if (done := Workdir(cfg).claim()) is not None:
-        return done
+    with Workdir(cfg) as done:  # refuses a changed config and a workdir another run holds
+        return done if done is not None else _finetune(cfg)
+
+
+def _finetune(cfg: ConfigDict) -> dict:
     metric = check_metric(cfg.train.metric)
     check_batch(cfg)
     source, adaptation = sources.adapted(sources.resolve_phase(cfg), cfg)

@@ -42,8 +42,11 @@ def mlm(model: nn.Module, params: Any) -> tuple[Callable, dict]:
 def pretrain(cfg: ConfigDict, objective: Objective = mlm) -> dict:
     """Run (or resume, or return the finished) MLM phase in cfg.workdir; returns its summary. Raises
     `Interrupted` after checkpointing when asked to stop. `objective` replaces plain MLM (e.g. DAS's)."""
-    if (done := Workdir(cfg).claim()) is not None:
-        return done
+    with Workdir(cfg) as done:  # refuses a changed config and a workdir another run holds
+        return done if done is not None else _pretrain(cfg, objective)
+
+
+def _pretrain(cfg: ConfigDict, objective: Objective) -> dict:
     if cfg.objective != "mlm" and objective is mlm:
         raise UserError(f"objective={cfg.objective!r} needs the importance that `dontstop continual` measures "
                         "between its stages; run it through `dontstop continual` (configs/continual.py)")

@@ -58,9 +58,12 @@ def _mesh(cfg: ConfigDict) -> Mesh:
 
 
 def _select(cfg: ConfigDict) -> dict:
+    with Workdir(cfg) as done:  # refuses a changed config and a workdir another run holds
+        return done if done is not None else _run(cfg)
+
+
+def _run(cfg: ConfigDict) -> dict:
     workdir = Path(cfg.workdir)
-    if (done := Workdir(cfg).claim()) is not None:
-        return done
     if cfg.method not in METHODS:
         raise UserError(f"unknown selection method {cfg.method!r}; choose one of {METHODS}")
     if min(cfg.chunk_size, cfg.checkpoint_every, cfg.fit_docs) < 1:

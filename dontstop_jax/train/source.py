@@ -10,6 +10,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
@@ -17,7 +18,8 @@ from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, plan
 from dontstop_jax.engine.sharding import Rules, put_tree, tree_shardings
 from dontstop_jax.errors import UserError
-from dontstop_jax.model import ModelConfig, check_tokenizer, init_params, load_pretrained
+from dontstop_jax.model import ModelConfig, RobertaModel, check_tokenizer, init_params, load_pretrained
+from dontstop_jax.model.hf_io import param_shapes
 from dontstop_jax.model.peft import load_delta, merge_lora
 from dontstop_jax.train.workdir import require_finished
 
@@ -48,7 +50,27 @@ def resolve(init: str, *, tokenizer: str | None = None, model: ConfigDict | None
     `delta`: an adapter file a parameter-efficient phase wrote (`peft.safetensors`), put onto init's weights."""
     overrides = {k: v for k, v in (model or {}).items() if k in RUNTIME_FIELDS and v is not None}
     source = _weights(init, tokenizer, model, overrides)
-    return _with_delta(source, delta, overrides) if delta else source
+    source = _with_delta(source, delta, overrides) if delta else source
+    _check(source)
+    return source
+
+
+def _check(source: ModelSource) -> None:
+    """Whatever the init kind: the tokenizer's ids fit the embedding table (else the first step is NaN) and
+    every encoder weight has the shape the model config says."""
+    check_tokenizer(source.config, source.tokenizer_dir)
+    if source.params is None:
+        return
+    expected = jax.tree_util.tree_flatten_with_path(param_shapes(RobertaModel(source.config)))[0]
+    actual = dict(jax.tree_util.tree_flatten_with_path(source.params.get("roberta", {}))[0])
+    for path, shape in expected:
+        got = np.shape(actual[path]) if path in actual else None
+        if got != tuple(shape.shape):
+            name = "/".join(str(k.key) for k in path)
+            raise UserError(f"{source.parent}: weight roberta/{name} has shape {got} but its model config "
+                            f"(hidden {source.config.hidden_size}, layers {source.config.num_hidden_layers}, vocab "
+                            f"{source.config.vocab_size}) needs {tuple(shape.shape)}; the checkpoint and its config "
+                            "do not belong together")
 
 
 def resolve_phase(cfg: ConfigDict) -> ModelSource:
@@ -65,7 +87,6 @@ def _weights(init: str, tokenizer: str | None, model: ConfigDict | None, overrid
     path = Path(init)
     if (path / "config.json").exists():
         cfg, params, _ = load_pretrained(path, **overrides)
-        check_tokenizer(cfg, tokenizer or path)
         return ModelSource(cfg, params, tokenizer or str(path), f"hf:{path.absolute()}")
     ckpt_dir = phase_checkpoints(path)
     if not ckpt_dir.is_dir():

@@ -2,16 +2,23 @@
 
     WORKDIR/phase_config.json  the full config of the run and its fingerprint, recorded when the phase starts
     WORKDIR/DONE.json          the phase's summary, written last: only a workdir holding it is a finished phase
+    WORKDIR/.lock              host, pid and start time of the run working in it (absent when none is)
 
 A rerun with the same config resumes an interrupted phase or returns a finished one's summary. A rerun whose
 config differs in anything that shapes the result is refused, naming the fields: resuming under new settings
-would mix two runs, and returning the old summary would report settings that never ran.
+would mix two runs, and returning the old summary would report settings that never ran. Two runs in one
+workdir at once are refused too: the second would resume from the first's checkpoints and lose them when the
+first prunes its old steps.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +28,8 @@ from ml_collections import ConfigDict
 from dontstop_jax.errors import UserError
 from dontstop_jax.files import read_json, write_json
 
-DONE, CONFIG = "DONE.json", "phase_config.json"
+log = logging.getLogger(__name__)
+DONE, CONFIG, LOCK = "DONE.json", "phase_config.json", ".lock"
 # Fields (dotted paths, a section stands for all its fields) that never change what a phase produces: its
 # name and place, logging, checkpoint cadence, the mesh (any mesh resumes any checkpoint), rematerialisation
 # (same math) and where caches live.
@@ -65,21 +73,37 @@ def require_finished(workdir: str | Path, what: str) -> dict:
 
 
 class Workdir:
-    """The workdir of one phase run with `config` (its `workdir` and `name` fields)."""
+    """The workdir of one phase run with `config` (its `workdir` and `name` fields). As a context manager it
+    claims the workdir for this run (see `claim`) and releases it on the way out, however the run ends."""
 
     def __init__(self, config: ConfigDict):
         self.path, self.phase, self.config = Path(config.workdir), config.name, config
+        self._locked = False
+
+    def __enter__(self) -> dict | None:
+        return self.claim()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._locked:
+            _release(self.path / LOCK)
+            self._locked = False
 
     def claim(self) -> dict | None:
-        """Check the config against the one recorded here (a difference in a result field is an error) and
-        record it; returns the summary when the phase already finished with this config, else None."""
+        """The summary when the phase already finished with this config (nothing to run); otherwise lock the
+        workdir and record the config, then None. A config that differs from the recorded one in a result field
+        is an error, and so is a workdir another live run holds."""
         recorded = self.path / CONFIG
         if recorded.exists():
             self._check_drift(read_json(recorded)["config"])
-        elif jax.process_index() == 0:
-            write_json(recorded, {"phase": self.phase, "fingerprint": fingerprint(self.config),
-                                  "config": json.loads(self.config.to_json_best_effort())})
-        return finished(self.path)
+        if (summary := finished(self.path)) is not None:
+            return summary
+        if jax.process_index() == 0:
+            _acquire(self.path / LOCK)
+            self._locked = True
+            if not recorded.exists():
+                write_json(recorded, {"phase": self.phase, "fingerprint": fingerprint(self.config),
+                                      "config": json.loads(self.config.to_json_best_effort())})
+        return None
 
     def _check_drift(self, recorded: dict) -> None:
         old, new = result_fields(recorded), result_fields(self.config)
@@ -96,6 +120,68 @@ class Workdir:
         if jax.process_index() == 0:
             write_json(self.path / DONE, summary)
         return summary
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of process `pid` (Linux), so a recycled pid is not taken for the lock's owner."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the lock's owner still runs; an owner on another host is assumed to (we cannot look)."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return holder.get("host") != socket.gethostname()
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    started = _start_time(pid)
+    return holder.get("start") is None or started is None or started == holder["start"]
+
+
+def _acquire(path: Path) -> None:
+    """Create `path` holding this process's identity, atomically and complete (hard link of a written file);
+    a lock whose owner is dead (same host) is broken, a live one is a one-line error naming it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(me))
+    try:
+        for _ in range(3):
+            try:
+                os.link(tmp, path)
+                return
+            except FileExistsError:
+                try:
+                    holder = read_json(path)
+                except (OSError, ValueError):
+                    continue  # released meanwhile
+                if _alive(holder):
+                    raise UserError(f"{path.parent} is in use by another run (pid {holder.get('pid')} on "
+                                    f"{holder.get('host')}, since {holder.get('since')}); wait for it to end, or if "
+                                    f"that run is gone, delete {path}") from None
+                log.warning("breaking the stale lock of a dead run in %s (pid %s on %s)", path.parent,
+                            holder.get("pid"), holder.get("host"))
+                path.unlink(missing_ok=True)
+        raise UserError(f"could not lock {path.parent}: other runs keep taking it; run one at a time")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _release(path: Path) -> None:
+    """Remove the lock if it is still this process's."""
+    try:
+        if read_json(path).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 def _short(value: Any) -> str:
