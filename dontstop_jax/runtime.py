@@ -19,4 +19,6 @@ def setup(compilation_cache: str | None = None) -> None:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax reports every save at INFO/WARNING
+    # Orbax reports every save at INFO/WARNING, and a failed background save as an ERROR with a traceback before
+    # raising the same error in the main thread, where the CLI reports it in one line.
+    logging.getLogger("absl").setLevel(logging.CRITICAL)

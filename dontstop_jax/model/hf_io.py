@@ -102,7 +102,11 @@ def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
             files = [path / f for f in sorted(set(index["weight_map"].values()))]
         state: dict[str, np.ndarray] = {}
         for f in files:
-            state.update(load_file(str(f)))
+            try:
+                state.update(load_file(str(f)))
+            except Exception as err:  # noqa: BLE001 (safetensors raises its own error types for damaged files)
+                raise UserError(f"{f} is not a readable safetensors file ({err}); download or export it again"
+                                ) from None
         return state
     if (path / "pytorch_model.bin").exists():
         try:
@@ -120,7 +124,12 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
     if not (path / "config.json").exists():
         raise UserError(f"{path} has no config.json; point to a Hugging Face model directory "
                         "(the folder save_pretrained wrote)")
-    return ModelConfig.from_hf_dict(json.loads((path / "config.json").read_text()), **overrides)
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except ValueError as err:
+        raise UserError(f"{path / 'config.json'} is not valid JSON ({err}); download or export the model again"
+                        ) from None
+    return ModelConfig.from_hf_dict(hf, **overrides)
 
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:

@@ -20,6 +20,9 @@ from dontstop_jax.train.workdir import require_finished
 def _load(workdir: str, step: int | None) -> tuple[dict, ModelConfig, dict]:
     """A finished phase's chosen step (best, else latest), or any phase's explicitly named `step`."""
     directory = phase_checkpoints(Path(workdir))
+    if directory is None:
+        raise UserError(f"--from={workdir!r} is not a phase workdir (it has no checkpoints/); pass the workdir of "
+                        "a finished pretrain or finetune run")
     if step is None:
         require_finished(directory.parent, "--from")
     ckpt = Checkpointer(directory, read_only=True)

@@ -39,9 +39,11 @@ class ModelSource:
     parent: str  # provenance: what these weights are
 
 
-def phase_checkpoints(path: Path) -> Path:
-    """A phase's checkpoint directory, given its workdir or the checkpoint directory itself."""
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+def phase_checkpoints(path: Path) -> Path | None:
+    """A phase's checkpoint directory, given its workdir or the checkpoint directory itself; None if neither."""
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints"
+    return path if path.name == "checkpoints" and path.is_dir() else None
 
 
 def resolve(init: str, *, tokenizer: str | None = None, model: ConfigDict | None = None,
@@ -89,7 +91,7 @@ def _weights(init: str, tokenizer: str | None, model: ConfigDict | None, overrid
         cfg, params, _ = load_pretrained(path, **overrides)
         return ModelSource(cfg, params, tokenizer or str(path), f"hf:{path.absolute()}")
     ckpt_dir = phase_checkpoints(path)
-    if not ckpt_dir.is_dir():
+    if ckpt_dir is None:
         raise UserError(f"init={init!r} is neither a Hugging Face directory (config.json) nor a phase workdir "
                         "with checkpoints; pass a model directory, a finished phase's workdir, or 'scratch'")
     require_finished(ckpt_dir.parent, "init")
