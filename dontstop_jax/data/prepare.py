@@ -81,28 +81,29 @@ class PreparedCorpus:
     @classmethod
     def open_checked(cls, directory: Path) -> PreparedCorpus:
         """Open `directory`, raising `Damaged` unless each shard the manifest lists has its full size (header +
-        blocks x max_seq_length x dtype). Cheap (a header read per shard), and it catches what a lost write,
-        a full disk or a hand deletion leaves, or older versions' concurrent builds left: shards gone or short."""
+        blocks x max_seq_length x dtype). Cheap (a header read per shard); it catches what a crash after a lost
+        write, a full disk, a hand deletion or older versions' concurrent builds leave: shards gone or short."""
         try:
             manifest = json.loads((directory / MANIFEST).read_text())
-            entries, width, dtype = manifest["shards"], manifest["max_seq_length"], np.dtype(manifest["dtype"])
+            width, dtype = manifest["max_seq_length"], np.dtype(manifest["dtype"])
+            entries = [(s["file"], (s["blocks"], width)) for s in manifest["shards"]]
         except FileNotFoundError:
             raise Damaged(f"no {MANIFEST}") from None
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise Damaged(f"unreadable {MANIFEST}: {e!r}") from None
         shards = []
-        for entry in entries:
-            path = directory / entry["file"]
+        for name, shape in entries:
             try:
-                shard = np.load(path, mmap_mode="r")
-                size = path.stat().st_size
+                shard = np.load(directory / name, mmap_mode="r")
+                size = (directory / name).stat().st_size
             except FileNotFoundError:
-                raise Damaged(f"{entry['file']} is missing") from None
+                raise Damaged(f"{name} is missing") from None
             except (OSError, ValueError, EOFError) as e:
-                raise Damaged(f"{entry['file']} is unreadable: {e}") from None
-            if shard.shape != (entry["blocks"], width) or shard.dtype != dtype or shard.offset + shard.nbytes != size:
-                raise Damaged(f"{entry['file']} is {size} bytes of {shard.shape} {shard.dtype}, "
-                              f"not [{entry['blocks']}, {width}] {dtype}")
+                raise Damaged(f"{name} is unreadable: {e}") from None
+            if shard.shape != shape or shard.dtype != dtype:
+                raise Damaged(f"{name} holds {shard.shape} {shard.dtype}, not {shape} {dtype}")
+            if shard.offset + shard.nbytes != size:
+                raise Damaged(f"{name} is {size} bytes, not {shard.offset + shard.nbytes}")
             shards.append(shard)
         return cls(directory, manifest, shards)
 
@@ -232,7 +233,7 @@ def _private(directory: Path) -> Path:
 
 def _reuse(directory: Path) -> PreparedCorpus | None:
     """The published corpus at `directory` if it checks out, else None. A damaged one is renamed aside before it
-    is deleted, so that its name is free for a rebuild at once and no rename ever lands in a half-deleted tree."""
+    is deleted, so its name is free for a rebuild at once and no process ever sees it half-deleted."""
     if not directory.exists():
         return None
     try:
