@@ -6,6 +6,11 @@ import gzip
 import json
 import logging
 import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,19 +103,134 @@ def test_second_prepare_reuses_cache(tiny_tokenizer_dir, tmp_path, monkeypatch, 
     assert other_length.directory != first.directory
 
 
-def test_interrupted_prepare_is_redone(tiny_tokenizer_dir, tmp_path, monkeypatch):
+def _truncate(path, by=3):
+    os.truncate(path, os.path.getsize(path) - by)
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    # what older versions left when interrupted
+    (lambda d: [(d / "manifest.json").unlink(), (d / "shard-00003.npy.tmp").write_bytes(b"half")], "no manifest.json"),
+    (lambda d: (d / "manifest.json").write_text('{"shards": [tru'), "unreadable manifest.json"),
+    (lambda d: (d / "shard-00001.npy").unlink(), "shard-00001.npy is missing"),
+    (lambda d: _truncate(d / "shard-00002.npy"), "shard-00002.npy is unreadable"),
+    (lambda d: _truncate(d / "shard-00002.npy", by=100), "shard-00002.npy is unreadable"),  # inside the header
+    (lambda d: (d / "shard-00000.npy").open("ab").write(b"\0\0"), "shard-00000.npy is 162 bytes, not 160"),
+    (lambda d: np.save(d / "shard-00000.npy", np.zeros((2, 8), np.int32)),
+     "shard-00000.npy holds (2, 8) int32, not (2, 8) uint16"),
+])
+def test_damaged_cache_is_rebuilt(tiny_tokenizer_dir, tmp_path, monkeypatch, caplog, damage, problem):
     source = write(tmp_path / "a.txt", "\n".join(DOCS))
-    corpus = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8, shard_blocks=2)
-    want = corpus.blocks(np.arange(corpus.num_blocks))
-    (corpus.directory / "manifest.json").unlink()
-    (corpus.directory / "shard-00003.npy.tmp").write_bytes(b"half written")
+    directory = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8,
+                               shard_blocks=2).directory
+    want = expected_blocks(tiny_tokenizer_dir, DOCS, 8)
+    damage(directory)
+    with pytest.raises(UserError, match=rf"{directory} is not a prepared corpus \({re.escape(problem)}"):
+        prepare_module.PreparedCorpus.load(directory)
     calls = []
     stream = prepare_module._token_stream
     monkeypatch.setattr(prepare_module, "_token_stream", lambda *a: calls.append(1) or stream(*a))
-    redone = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8, shard_blocks=2)
-    assert calls and redone.directory == corpus.directory
-    assert not list(redone.directory.glob("*.tmp"))
+    with caplog.at_level(logging.WARNING, logger=prepare_module.__name__):
+        redone = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8, shard_blocks=2)
+    assert f"prepared corpus at {directory} is damaged ({problem}" in caplog.text
+    assert calls and redone.directory == directory and os.listdir(tmp_path / "out") == [directory.name]
+    assert not list(directory.glob("*.tmp"))
     np.testing.assert_array_equal(redone.blocks(np.arange(redone.num_blocks)), want)
+
+
+def test_unwritable_cache_is_one_error_line(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    source = write(tmp_path / "a.txt", "\n".join(DOCS))
+    write(tmp_path / "file", "not a directory")
+    with pytest.raises(UserError, match=rf"cannot write the prepared-corpus cache {tmp_path / 'file'} \(.*\); make it"):
+        prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "file", max_seq_length=8)
+    directory = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8).directory
+    (directory / "shard-00000.npy").unlink()
+
+    def read_only(*_):  # as root, chmod would not stop the rename
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "rename", read_only)
+    with pytest.raises(UserError) as info:
+        prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8)
+    assert str(info.value) == (f"prepared corpus at {directory} is damaged (shard-00000.npy is missing) and cannot be "
+                               "removed (Permission denied); delete it, or make its cache directory writable")
+
+
+def test_crashed_build_leaves_nothing_reused(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    source = write(tmp_path / "a.txt", "\n".join(DOCS))
+    name = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "ref", max_seq_length=8).directory.name
+    out = tmp_path / "out"
+    real_write, written = prepare_module._atomic_write, []
+
+    def crash_after_first_shard(path, write_to):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        real_write(path, write_to)
+
+    monkeypatch.setattr(prepare_module, "_atomic_write", crash_after_first_shard)
+    with pytest.raises(OSError, match="No space left"):
+        prepare_corpus([source], tiny_tokenizer_dir, out, max_seq_length=8, shard_blocks=2)
+    assert written and os.listdir(out) == []
+    monkeypatch.undo()
+    # A SIGKILLed builder cannot clean up: its private directory, complete or not, is never read as the cache,
+    # and it is removed once stale; a young one may belong to a live builder and stays.
+    (tmp_path / "ref" / name).rename(out / f".{name}.tmp-1-dead")
+    (out / f".{name}.tmp-2-live").mkdir()
+    old = time.time() - prepare_module.STALE_SECONDS - 60
+    os.utime(out / f".{name}.tmp-1-dead", (old, old))
+    calls = []
+    stream = prepare_module._token_stream
+    monkeypatch.setattr(prepare_module, "_token_stream", lambda *a: calls.append(1) or stream(*a))
+    corpus = prepare_corpus([source], tiny_tokenizer_dir, out, max_seq_length=8, shard_blocks=2)
+    assert calls and corpus.directory == out / name
+    assert sorted(os.listdir(out)) == [f".{name}.tmp-2-live", name]
+    want = expected_blocks(tiny_tokenizer_dir, DOCS, 8)
+    np.testing.assert_array_equal(corpus.blocks(np.arange(corpus.num_blocks)), want)
+
+
+CONCURRENT_PREPARE = """
+import json, logging, sys, time
+from pathlib import Path
+import numpy as np
+from dontstop_jax.data import prepare
+logging.basicConfig(level=logging.INFO)
+source, tokenizer, out, me, other = sys.argv[1:]
+write_shards = prepare._write_shards
+
+def meet(*args):  # both builders have written all their shards before either publishes
+    shards = write_shards(*args)
+    Path(me).touch()
+    deadline = time.time() + 120
+    while not Path(other).exists():
+        assert time.time() < deadline, "the other builder never got this far"
+        time.sleep(0.02)
+    return shards
+
+prepare._write_shards = meet
+corpus = prepare.prepare_corpus([source], tokenizer, out, max_seq_length=16, shard_blocks=4)
+print(json.dumps({"directory": str(corpus.directory), "blocks": corpus.blocks(np.arange(corpus.num_blocks)).tolist()}))
+"""
+
+
+def test_concurrent_prepares_publish_once(tiny_tokenizer_dir, tmp_path):
+    """Two processes building the same key at once: one publishes, the other uses it; both get the blocks."""
+    docs = DOCS * 20
+    source = write(tmp_path / "a.txt", "\n".join(docs))
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_PREPARE, source, tiny_tokenizer_dir,
+                               str(tmp_path / "out"), str(tmp_path / f"ready-{i}"), str(tmp_path / f"ready-{1 - i}")],
+                              cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    results = [json.loads(out) for out, _ in outputs]
+    assert sum("another process published" in err for _, err in outputs) == 1
+    directory = Path(results[0]["directory"])
+    assert results[1]["directory"] == str(directory) and os.listdir(tmp_path / "out") == [directory.name]
+    want = expected_blocks(tiny_tokenizer_dir, docs, 16)
+    for result in results:
+        np.testing.assert_array_equal(np.array(result["blocks"]), want)
 
 
 def test_document_formats(tmp_path):

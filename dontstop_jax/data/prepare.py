@@ -7,21 +7,28 @@ document boundaries. The final partial chunk is kept as `<s> rest </s>` padded w
 (its pad count is recorded in the manifest) so no text is lost.
 
 Layout of `out_root/<fingerprint>/`: `shard-00000.npy`, ... (each [n, max_seq_length], uint16
-when the vocabulary fits, else int32) and `manifest.json`. Shards are written under a `.tmp`
-name and renamed; the manifest is written last, so its presence means the directory is complete.
+when the vocabulary fits, else int32) and `manifest.json`. The directory is built under a private
+hidden name (`.<fingerprint>.tmp-<pid>-<random>`, never read as a cache) and published by one
+rename, which fails onto an existing directory: of concurrent builders of one key the first to
+finish publishes, the others drop their copy and use it. Opening checks that every shard the
+manifest lists is there whole; a damaged directory is moved aside and rebuilt. Private directories
+of dead builders are removed once untouched for STALE_SECONDS.
 Memory stays bounded by one document batch plus one shard, whatever the corpus size.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import itertools
 import json
 import logging
 import os
+import secrets
 import shutil
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +54,13 @@ MANIFEST = "manifest.json"
 DOC_BATCH = 1000
 # From this many bytes of plain-text line files on, prepare encodes them in worker processes by default.
 POOL_MIN_BYTES = 32 << 20
+# A private build directory untouched this long belongs to a dead builder (a live one adds a shard every few
+# seconds to minutes).
+STALE_SECONDS = 24 * 3600
+
+
+class Damaged(Exception):
+    """Why a directory is not a usable prepared corpus (no or unreadable manifest, missing or truncated shard)."""
 
 
 @dataclasses.dataclass
@@ -59,12 +73,38 @@ class PreparedCorpus:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> PreparedCorpus:
-        directory = Path(directory)
+        try:
+            return cls.open_checked(Path(directory))
+        except Damaged as e:
+            raise UserError(f"{directory} is not a prepared corpus ({e}); run prepare to build it") from None
+
+    @classmethod
+    def open_checked(cls, directory: Path) -> PreparedCorpus:
+        """Open `directory`, raising `Damaged` unless each shard the manifest lists has its full size (header +
+        blocks x max_seq_length x dtype). Cheap (a header read per shard); it catches what a crash after a lost
+        write, a full disk, a hand deletion or older versions' concurrent builds leave: shards gone or short."""
         try:
             manifest = json.loads((directory / MANIFEST).read_text())
+            width, dtype = manifest["max_seq_length"], np.dtype(manifest["dtype"])
+            entries = [(s["file"], (s["blocks"], width)) for s in manifest["shards"]]
         except FileNotFoundError:
-            raise UserError(f"{directory} is not a prepared corpus (no {MANIFEST}); run prepare first") from None
-        shards = [np.load(directory / s["file"], mmap_mode="r") for s in manifest["shards"]]
+            raise Damaged(f"no {MANIFEST}") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise Damaged(f"unreadable {MANIFEST}: {e!r}") from None
+        shards = []
+        for name, shape in entries:
+            try:
+                shard = np.load(directory / name, mmap_mode="r")
+                size = (directory / name).stat().st_size
+            except FileNotFoundError:
+                raise Damaged(f"{name} is missing") from None
+            except (OSError, ValueError, EOFError) as e:
+                raise Damaged(f"{name} is unreadable: {e}") from None
+            if shard.shape != shape or shard.dtype != dtype:
+                raise Damaged(f"{name} holds {shard.shape} {shard.dtype}, not {shape} {dtype}")
+            if shard.offset + shard.nbytes != size:
+                raise Damaged(f"{name} is {size} bytes, not {shard.offset + shard.nbytes}")
+            shards.append(shard)
         return cls(directory, manifest, shards)
 
     @property
@@ -114,8 +154,8 @@ def prepare_corpus(
     8 from POOL_MIN_BYTES of such files on, else 1 = in-process). The output does not depend on it.
     model_max_positions: the model's usable positions (RoBERTa: max_position_embeddings - 2).
     model_vocab_size: the model's embedding rows; the tokenizer must not produce ids beyond it.
-    Call it on one process and `PreparedCorpus.load` the result on the others: two processes
-    preparing the same directory at once would remove each other's unfinished work.
+    Concurrent calls for one key are safe (each builds privately; the first to finish publishes, the
+    others use its directory), but all but one tokenize in vain: call it on one process where you can.
     """
     sources = [parse_source(s) for s in sources]
     if not sources:
@@ -138,15 +178,28 @@ def prepare_corpus(
     corpus_fp = corpus_fingerprint(sources)
     key = json.dumps([corpus_fp, tok_fp, max_seq_length, FORMAT_VERSION])
     directory = Path(out_root) / hashlib.sha256(key.encode()).hexdigest()[:16]
-    if (directory / MANIFEST).is_file():
+    corpus = _reuse(directory)
+    if corpus is not None:
         log.info("reusing prepared corpus at %s", directory)
-        return PreparedCorpus.load(directory)
-    if directory.exists():
-        log.warning("removing incomplete prepared corpus at %s (no manifest)", directory)
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+        return corpus
+    _remove_stale(directory.parent)
+    build = _private(directory)
+    try:
+        build.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"cannot write the prepared-corpus cache {directory.parent} ({e.strerror}); "
+                        "make it writable or choose another cache directory") from None
     log.info("preparing corpus into %s", directory)
+    try:
+        _build(sources, tok, tok_fp, corpus_fp, build, max_seq_length, shard_blocks, workers)
+        return _publish(build, directory)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)  # already gone unless the build failed or lost the race
 
+
+def _build(sources: list[CorpusSource], tok: PreTrainedTokenizerFast, tok_fp: str, corpus_fp: str, directory: Path,
+           max_seq_length: int, shard_blocks: int, workers: int | None) -> None:
+    """Write the shards, then the manifest, into the private `directory`."""
     ids = special_ids(tok)
     dtype = np.dtype(np.uint16 if len(tok) <= 2**16 else np.int32)
     stats = {"documents": 0, "stream_tokens": 0}
@@ -170,8 +223,61 @@ def prepare_corpus(
         "documents": stats["documents"],
     }
     _atomic_write(directory / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-    log.info("prepared %d documents into %d blocks at %s", stats["documents"], total_blocks, directory)
+    log.info("prepared %d documents into %d blocks", stats["documents"], total_blocks)
+
+
+def _private(directory: Path) -> Path:
+    """A fresh hidden sibling name for this process's build (or for a damaged directory moved aside)."""
+    return directory.with_name(f".{directory.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _reuse(directory: Path) -> PreparedCorpus | None:
+    """The published corpus at `directory` if it checks out, else None. A damaged one is renamed aside before it
+    is deleted, so its name is free for a rebuild at once and no process ever sees it half-deleted."""
+    if not directory.exists():
+        return None
+    try:
+        return PreparedCorpus.open_checked(directory)
+    except Damaged as e:
+        problem = str(e)
+    log.warning("prepared corpus at %s is damaged (%s); rebuilding it", directory, problem)
+    aside = _private(directory)
+    try:
+        os.rename(directory, aside)
+    except FileNotFoundError:
+        return None  # another builder moved it aside first
+    except OSError as e:
+        raise UserError(f"prepared corpus at {directory} is damaged ({problem}) and cannot be removed ({e.strerror}); "
+                        "delete it, or make its cache directory writable") from None
+    shutil.rmtree(aside, ignore_errors=True)
+    return None
+
+
+def _publish(build: Path, directory: Path) -> PreparedCorpus:
+    """Rename the finished `build` to `directory` in one step. rename() fails onto a non-empty directory, so a
+    corpus another builder published first, which others may be reading, is used rather than replaced."""
+    try:
+        os.rename(build, directory)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        corpus = _reuse(directory)
+        if corpus is not None:
+            log.info("another process published %s first; using it", directory)
+            return corpus
+        os.rename(build, directory)
+    log.info("published prepared corpus at %s", directory)
     return PreparedCorpus.load(directory)
+
+
+def _remove_stale(out_root: Path) -> None:
+    """Delete private directories left by builders that died (SIGKILL, power loss) once untouched for long."""
+    for path in out_root.glob(".*.tmp-*"):
+        try:
+            if time.time() - path.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(path, ignore_errors=True)
+        except FileNotFoundError:
+            pass
 
 
 def _token_stream(sources: list[CorpusSource], tok: PreTrainedTokenizerFast, eos: int, workers: int,
