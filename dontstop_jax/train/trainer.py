@@ -114,7 +114,7 @@ class Trainer:
             self.save(data_state if data_state is not None else self.data_state or {})
         self.checkpoints.wait()
         if self.adaptation.method not in ("full", "top_k"):
-            params = self.checkpoints.restore_params(self.checkpoints.best_step() or self.checkpoints.latest_step())
+            params = self.checkpoints.restore_params()  # the best step (fine-tuning), else the latest
             on_first_process("peft_file", lambda: save_delta(self.workdir / PEFT_FILE, params,
                                                              self.adaptation.trainable(params), self.model.config))
         return Workdir(self.cfg).complete(summary)

@@ -1,0 +1,87 @@
+"""Hardening of checkpoints and reports (issue #14), on tiny phases run in this process:
+
+- a finished phase whose newest step is damaged still exports and starts the next phase, from the older step,
+  with a warning; an explicitly requested damaged step is a one-line error naming the readable ones;
+- fine-tuning's best epoch is the first of tied dev scores, for the summary, the kept checkpoint and test;
+- skipped (non-finite) steps are counted across resumes in the summary, with a warning above 1%;
+- a resumed run drops what a killed run logged past the restored step (metrics.jsonl and TensorBoard).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from tiny_pretrain import REPO, write_corpus
+
+from dontstop_jax.engine.checkpoint import Checkpointer
+from dontstop_jax.errors import UserError
+from dontstop_jax.phases.defaults import pretrain_config
+from dontstop_jax.phases.export import export
+from dontstop_jax.phases.pretrain import pretrain
+from dontstop_jax.train.source import resolve
+
+
+def _pretrain_config(root: Path, workdir: Path, tokenizer: str, steps: int, **train) -> object:
+    """A 2-layer, 32-wide MLM phase from scratch on a 400-line corpus, batch 8 of 32 tokens."""
+    cfg = pretrain_config("dapt")
+    cfg.name, cfg.workdir, cfg.init, cfg.tokenizer = workdir.name, str(workdir), "scratch", tokenizer
+    cfg.data.update(sources=[str(write_corpus(root))], max_seq_length=32, cache_dir=str(root / "cache"))
+    cfg.train.update(batch_size=8, accum_steps=1, steps=steps, log_every=1, **train)
+    cfg.checkpoint.update(every=2, keep_last=2)
+    cfg.model.update(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=34)
+    cfg.optim.learning_rate = 1e-3
+    return cfg
+
+
+def _damage_params(workdir: Path, step: int) -> None:
+    """What a full disk or a lost file leaves: the step's parameter files truncated to nothing."""
+    for path in (workdir / "checkpoints" / str(step) / "params").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")
+
+
+@pytest.fixture(scope="module")
+def damaged_phase(tmp_path_factory, tiny_tokenizer_dir):
+    """A finished 4-step phase (checkpoints at steps 2 and 4) whose final step's parameters are damaged."""
+    root = tmp_path_factory.mktemp("damaged")
+    workdir = root / "phase"
+    pretrain(_pretrain_config(root, workdir, tiny_tokenizer_dir, 4))
+    assert Checkpointer(workdir / "checkpoints", read_only=True).all_steps() == [2, 4]
+    _damage_params(workdir, 4)
+    return root, workdir
+
+
+def _fallback_warning(caplog) -> str:
+    warning, = [r.getMessage() for r in caplog.records if r.name == "dontstop_jax.engine.checkpoint"]
+    return warning
+
+
+def test_export_and_init_fall_back_past_a_damaged_final_step(damaged_phase, tmp_path, caplog):
+    _, workdir = damaged_phase
+    export(str(workdir), str(tmp_path / "exported"))
+    assert "step 4" in _fallback_warning(caplog) and "restoring step 2 instead" in _fallback_warning(caplog)
+    exported = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert exported["num_hidden_layers"] == 2
+    caplog.clear()
+
+    source = resolve(str(workdir))  # what a phase with init=<workdir> starts from
+    assert source.parent.endswith("@2") and "restoring step 2 instead" in _fallback_warning(caplog)
+    older = Checkpointer(workdir / "checkpoints", read_only=True).restore_params(2)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, source.params, older)
+
+
+def test_an_explicitly_requested_damaged_step_is_one_line_naming_the_readable_ones(damaged_phase, tmp_path):
+    _, workdir = damaged_phase
+    with pytest.raises(UserError, match=r"checkpoint step 4 in .* is unreadable \(.*\); readable steps: 2$"):
+        export(str(workdir), str(tmp_path / "exported"), step=4)
+    out = subprocess.run([sys.executable, "-m", "dontstop_jax", "export", "--from", str(workdir), "--to",
+                          str(tmp_path / "cli"), "--step", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-2000:]
+    assert out.stderr.startswith("error: checkpoint step 4 in ") and out.stderr.endswith("readable steps: 2\n")
