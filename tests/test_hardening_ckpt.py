@@ -21,9 +21,12 @@ from tiny_pretrain import REPO, write_corpus
 
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.errors import UserError
+from dontstop_jax.phases import finetune as finetune_module
 from dontstop_jax.phases.defaults import pretrain_config
 from dontstop_jax.phases.export import export
 from dontstop_jax.phases.pretrain import pretrain
+from dontstop_jax.phases.synthetic import get_config, tiny_model
+from dontstop_jax.synthetic import generate_benchmark
 from dontstop_jax.train.source import resolve
 
 
@@ -85,3 +88,33 @@ def test_an_explicitly_requested_damaged_step_is_one_line_naming_the_readable_on
                           str(tmp_path / "cli"), "--step", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-2000:]
     assert out.stderr.startswith("error: checkpoint step 4 in ") and out.stderr.endswith("readable steps: 2\n")
+
+
+# -- fine-tuning: one rule for the best epoch --------------------------------------------------------------------
+
+def _fingerprint(params) -> float:
+    return float(sum(np.asarray(x, np.float64).sum() for x in jax.tree_util.tree_leaves(jax.device_get(params))))
+
+
+def test_tied_dev_scores_pick_the_first_best_epoch_everywhere(tmp_path, monkeypatch):
+    bench = generate_benchmark(tmp_path / "bench", seed=0, scale="tiny", domains=("bio",))
+    cfg = get_config("tiny").finetune.copy_and_resolve_references()
+    cfg.init, cfg.tokenizer, cfg.workdir, cfg.name = "scratch", str(bench.tokenizer), str(tmp_path / "ft"), "ft"
+    cfg.model.update({k: v for k, v in tiny_model().items() if k in cfg.model})
+    cfg.task.path = str(bench.tasks["bio_topic"].train.parent)
+    cfg.train.update(epochs=4, patience=10)
+    dev = iter([0.5, 0.5, 0.4, 0.5])  # epochs 1, 2 and 4 tie
+
+    def evaluate(predict, params, batches, mesh, num_labels):  # dev scores as above; test: which model it was
+        score = next(dev, None)
+        return {"macro_f1": _fingerprint(params) if score is None else score}
+    monkeypatch.setattr(finetune_module, "evaluate", evaluate)
+    summary = finetune_module.finetune(cfg)
+
+    ckpt = Checkpointer(tmp_path / "ft" / "checkpoints", read_only=True, best_metric="dev_macro_f1")
+    per_epoch = ckpt.latest_step() // 4
+    assert (summary["best_epoch"], summary["dev"]["macro_f1"], summary["best_step"]) == (1, 0.5, per_epoch)
+    assert ckpt.all_steps() == [per_epoch, 4 * per_epoch] and ckpt.best_step() == per_epoch
+    assert summary["test"]["macro_f1"] == _fingerprint(ckpt.restore_params(per_epoch))
+    assert summary["test"]["macro_f1"] != _fingerprint(ckpt.restore_params(4 * per_epoch))
+    assert resolve(str(tmp_path / "ft")).parent.endswith(f"@{per_epoch}")  # init / export read the same step
