@@ -9,24 +9,29 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_logging import read_events
 from tiny_pretrain import REPO, write_corpus
 
 from dontstop_jax.engine.checkpoint import Checkpointer
-from dontstop_jax.errors import UserError
+from dontstop_jax.errors import Interrupted, UserError
 from dontstop_jax.phases import finetune as finetune_module
 from dontstop_jax.phases.defaults import pretrain_config
 from dontstop_jax.phases.export import export
-from dontstop_jax.phases.pretrain import pretrain
+from dontstop_jax.phases.pretrain import mlm, pretrain
 from dontstop_jax.phases.synthetic import get_config, tiny_model
 from dontstop_jax.synthetic import generate_benchmark
+from dontstop_jax.train import MetricsWriter
+from dontstop_jax.train.loop import StopSignal
 from dontstop_jax.train.source import resolve
 
 
@@ -118,3 +123,47 @@ def test_tied_dev_scores_pick_the_first_best_epoch_everywhere(tmp_path, monkeypa
     assert summary["test"]["macro_f1"] == _fingerprint(ckpt.restore_params(per_epoch))
     assert summary["test"]["macro_f1"] != _fingerprint(ckpt.restore_params(4 * per_epoch))
     assert resolve(str(tmp_path / "ft")).parent.endswith(f"@{per_epoch}")  # init / export read the same step
+
+
+# -- skipped steps and metrics after a resume --------------------------------------------------------------------
+
+def mostly_nonfinite(model, params):
+    """MLM whose loss is NaN at about 90% of the steps (drawn from the step's RNG, so a resumed run agrees)."""
+    loss_sums, hooks = mlm(model, params)
+
+    def loss(params, batch, rng, deterministic):
+        total, aux = loss_sums(params, batch, rng, deterministic)
+        return jnp.where(jax.random.uniform(rng) < 0.9, jnp.nan, total), aux
+    return loss, hooks
+
+
+def _train_lines(workdir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if m.get("phase") == "train/"]
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory, tiny_tokenizer_dir):
+    """A 20-step phase that skips most steps, stopped after step 9 (its checkpoint), then left as a run killed
+    after logging steps 10-12 would leave it (torn last line included), then resumed to the end."""
+    root = tmp_path_factory.mktemp("skipping")
+    workdir = root / "resumed"
+    cfg = _pretrain_config(root, workdir, tiny_tokenizer_dir, 20, skip_nonfinite=True)
+    polls = itertools.count(1)
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Interrupted, match="at step 9 "):
+        patch.setattr(StopSignal, "poll", lambda self: next(polls) == 9)
+        pretrain(cfg, mostly_nonfinite)
+    with MetricsWriter(workdir) as killed:
+        for step in (10, 11, 12):
+            killed.write(step, {"loss": 1.0, "skipped": 99.0}, prefix="train/")
+    with (workdir / "metrics.jsonl").open("a") as jsonl:
+        jsonl.write('{"step": 13, "pha')
+    return root, tiny_tokenizer_dir, workdir, pretrain(cfg, mostly_nonfinite)
+
+
+def test_a_resumed_run_logs_each_step_once(resumed_run):
+    *_, workdir, _ = resumed_run
+    assert [m["step"] for m in _train_lines(workdir)] == list(range(1, 21))
+    events = [e for f in sorted((workdir / "tensorboard").iterdir()) for e in read_events(f)
+              if "train//loss" in e["scalars"]]
+    assert [e["step"] for e in events] == list(range(1, 21))

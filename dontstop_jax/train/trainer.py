@@ -69,7 +69,7 @@ class Trainer:
             **chain_hooks(adaptation.hooks(), hooks, hold_fixed(tuple(cfg.get("frozen", ()))))),
             self.shardings, self.mesh, self.rules)
         self.stop = StopSignal()
-        self.writer = MetricsWriter(self.workdir, enabled=self.lead)
+        self.writer = MetricsWriter(self.workdir, enabled=self.lead, resume_step=self.step)
         self.progress = ProgressBar(total_steps, enabled=self.lead, desc=self.name)
 
     def __enter__(self) -> "Trainer":
