@@ -161,6 +161,17 @@ def resumed_run(tmp_path_factory, tiny_tokenizer_dir):
     return root, tiny_tokenizer_dir, workdir, pretrain(cfg, mostly_nonfinite)
 
 
+def test_skipped_steps_are_counted_across_a_resume_and_reported(resumed_run, caplog):
+    root, tokenizer, workdir, resumed = resumed_run
+    reference = pretrain(_pretrain_config(root, root / "reference", tokenizer, 20, skip_nonfinite=True),
+                         mostly_nonfinite)
+    assert reference["skipped_steps"] > 0.01 * 20
+    warning, = [r.getMessage() for r in caplog.records if r.name == "dontstop_jax.train.trainer"]
+    assert f"skipped {reference['skipped_steps']} of its 20 steps" in warning
+    assert resumed["skipped_steps"] == reference["skipped_steps"]
+    assert [m["skipped"] for m in _train_lines(workdir)] == [m["skipped"] for m in _train_lines(root / "reference")]
+
+
 def test_a_resumed_run_logs_each_step_once(resumed_run):
     *_, workdir, _ = resumed_run
     assert [m["step"] for m in _train_lines(workdir)] == list(range(1, 21))
