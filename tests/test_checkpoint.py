@@ -96,3 +96,44 @@ def test_truncated_latest_step_falls_back_to_the_previous_one(tmp_path, caplog):
     restored, data, _ = Checkpointer(tmp_path / "ckpt", read_only=True).restore(abstract_state(shardings, MODEL, TX))
     assert int(restored.step) == 20 and data == {"batch": 20}
     _assert_trees_equal(restored.params, state.params)
+
+
+def test_keep_last_below_one_is_refused(tmp_path):
+    with pytest.raises(UserError, match="keep_last=0 must be >= 1"):
+        Checkpointer(tmp_path / "ckpt", keep_last=0)
+
+
+def test_tied_best_keeps_the_first_step(tmp_path):
+    state, _ = _state((-1, 1, 1), jax.devices()[:2])
+    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=1, best_metric="dev_f1")
+    for step, f1 in zip(range(1, 6), [0.5, 0.9, 0.9, 0.4, 0.9]):
+        ckpt.save(state.replace(step=np.int32(step)), data_state=None, meta={}, metrics={"dev_f1": f1})
+    ckpt.close()
+    assert ckpt.all_steps() == [2, 5] and ckpt.best_step() == 2
+    assert Checkpointer(tmp_path / "ckpt", read_only=True, best_metric="dev_f1").best_step() == 2
+
+
+def test_damaged_step_reads_fall_back_unless_the_step_is_named(tmp_path, caplog):
+    state, _ = _state((-1, 1, 1), jax.devices()[:2], seed=2)
+    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=3)
+    for step in (10, 20, 30):
+        ckpt.save(state.replace(step=np.int32(step)), data_state=None, meta={"phase": "dapt"})
+    ckpt.close()
+    for step in (20, 30):
+        for path in (tmp_path / "ckpt" / str(step) / "params").rglob("*"):
+            if path.is_file():
+                path.unlink()
+    ckpt = Checkpointer(tmp_path / "ckpt", read_only=True)
+    step, meta, params = ckpt.read()
+    assert step == meta["step"] == 10
+    _assert_trees_equal(params, state.params)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dontstop_jax.engine.checkpoint"]
+    assert [w.split(" in ")[0] for w in warnings] == ["checkpoint step 30", "checkpoint step 20"]
+    assert "restoring step 20 instead" in warnings[0] and "restoring step 10 instead" in warnings[1]
+    with pytest.raises(UserError, match=r"^checkpoint step 30 in .* is unreadable \(.*\); readable steps: 10$"):
+        ckpt.restore_params(30)
+    for path in (tmp_path / "ckpt" / "10" / "params").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    with pytest.raises(UserError, match=r"^no readable checkpoint in .*: steps 30, 20, 10 are all unreadable"):
+        ckpt.restore_params()

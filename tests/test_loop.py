@@ -22,9 +22,10 @@ def _logged_steps(workdir):
 
 def test_logs_every_n_steps_and_always_the_last(tmp_path):
     with MetricsWriter(tmp_path) as writer, StopSignal() as stop:
-        state = run_steps(0, _step, iter(range(100)), start=0, stop=7, writer=writer,
-                          progress=ProgressBar(7, enabled=False), tokens_per_step=0, stop_signal=stop, log_every=5)
-    assert state == 7
+        state, skipped = run_steps(0, _step, iter(range(100)), start=0, stop=7, writer=writer,
+                                   progress=ProgressBar(7, enabled=False), tokens_per_step=0, stop_signal=stop,
+                                   log_every=5)
+    assert (state, skipped) == (7, 0)
     assert _logged_steps(tmp_path) == [5, 7]
 
 
@@ -35,7 +36,7 @@ def test_a_stop_request_saves_after_the_current_step_and_raises(tmp_path):
         with pytest.raises(Interrupted, match="interrupted at step 4 of dapt; rerun the same command to continue"):
             run_steps(3, _step, iter(range(100)), start=3, stop=10, writer=writer,
                       progress=ProgressBar(10, enabled=False), tokens_per_step=0, stop_signal=stop,
-                      save=saved.append, phase="dapt")
+                      save=lambda state, skipped: saved.append(state), phase="dapt")
     assert saved == [4]
     assert not StopSignal.requested()  # leaving the outermost StopSignal forgets the request
 

@@ -34,9 +34,9 @@ def _run(tmp_path, skip: bool):
                        rng=jax.random.key_data(jax.random.key(0)))
     step = jax.jit(make_train_step(_linear_loss, tx, skip_nonfinite=skip))
     with MetricsWriter(tmp_path) as writer:
-        state = run_steps(state, step, iter({"x": jnp.asarray(x)} for x in _batches()), start=0, stop=STEPS,
-                          writer=writer, progress=ProgressBar(STEPS, enabled=False), tokens_per_step=0,
-                          stop_signal=StopSignal(), log_every=1)
+        state, _ = run_steps(state, step, iter({"x": jnp.asarray(x)} for x in _batches()), start=0, stop=STEPS,
+                             writer=writer, progress=ProgressBar(STEPS, enabled=False), tokens_per_step=0,
+                             stop_signal=StopSignal(), log_every=1)
     return state
 
 

@@ -11,11 +11,12 @@ half-way is never taken as the latest. Restores take target shardings, so any me
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import logging
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -26,26 +27,60 @@ from dontstop_jax.engine.state import TrainState
 from dontstop_jax.errors import UserError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def first_best(scores: Iterable[tuple[int, float | None]], mode: str = "max") -> int | None:
+    """The key of the best of the (key, score) pairs, in order; ties go to the earliest (a later score must be
+    strictly better). The one rule for "best" that fine-tuning's early stopping and summary and the checkpoint
+    it keeps share. None scores are skipped; None when there is no score."""
+    best_key, best = None, None
+    for key, score in scores:
+        if score is not None and (best is None or (score > best if mode == "max" else score < best)):
+            best_key, best = key, score
+    return best_key
+
+
+@dataclasses.dataclass
+class _FirstBest(pp.PreservationPolicy):
+    """Keeps the step `first_best` picks by `metric` (orbax's BestN keeps the *last* of tied steps)."""
+
+    metric: str
+    mode: str
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        best = first_best(((c.step, (c.metrics or {}).get(self.metric)) for c in checkpoints), self.mode)
+        return [c.step == best for c in checkpoints]
+
+
+def _reason(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}".replace("\n", " ")[:200]
 
 
 class Checkpointer:
-    """Keeps the last `keep_last` steps plus the `keep_best` best by `best_metric` (when given)."""
+    """Keeps the last `keep_last` steps (so always the latest: a phase's final model) plus the best by
+    `best_metric` (when given; `first_best`).
+
+    Reads without an explicit step survive a damaged step (a file truncated by a full disk, a lost file): they
+    fall back to the newest readable other step with a warning, and the next save of the bad step replaces it.
+    An explicitly requested step that is unreadable is a one-line error naming the readable ones.
+    """
 
     def __init__(self, directory: str | os.PathLike, *, keep_last: int = 2, best_metric: str | None = None,
-                 best_mode: str = "max", keep_best: int = 1, async_save: bool = True, read_only: bool = False):
+                 best_mode: str = "max", async_save: bool = True, read_only: bool = False):
         if best_mode not in ("max", "min"):
             raise UserError(f"best_mode={best_mode!r} must be 'max' or 'min'")
+        if keep_last < 1:
+            raise UserError(f"keep_last={keep_last} must be >= 1: the latest step holds the phase's final model")
         policies: list[pp.PreservationPolicy] = [pp.LatestN(keep_last)]
         if best_metric is not None:
-            # BestN keeps the n *last* of the metrics sorted ascending (reverse=True flips that order),
-            # as tests/test_checkpoint.py::test_keeps_last_n_plus_best pins down.
-            policies.append(pp.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min",
-                                     n=keep_best, keep_checkpoints_without_metrics=False))
-        options = ocp.CheckpointManagerOptions(
+            policies.append(_FirstBest(best_metric, best_mode))
+        options = ocp.CheckpointManagerOptions(  # best_fn: orbax writes the metrics only when it is set
             preservation_policy=pp.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
             read_only=read_only, create=not read_only,
             best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode)
         self.directory = Path(directory).absolute()
+        self.best_metric, self.best_mode = best_metric, best_mode
         handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
                     "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
@@ -75,10 +110,15 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def best_step(self) -> int | None:
-        return self._manager.best_step()
+        """The first best step by `best_metric`; without one (or before any step has a metric), the latest."""
+        if self.best_metric is None:
+            return self.latest_step()
+        best = first_best(((s, (self._manager.metrics(s) or {}).get(self.best_metric)) for s in self.all_steps()),
+                          self.best_mode)
+        return self.latest_step() if best is None else best
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        return sorted(self._manager.all_steps())
 
     def _step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
@@ -87,46 +127,45 @@ class Checkpointer:
                             "run the phase first or point to a directory that holds one")
         return step
 
-    def meta(self, step: int | None = None) -> dict:
-        step = self._step(step)
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-    def restore(self, abstract: TrainState, step: int | None = None) -> tuple[TrainState, dict, dict]:
-        """Full state onto the shardings carried by `abstract` (ShapeDtypeStructs), plus data state and meta.
-
-        With step=None an unreadable latest step (e.g. a file truncated by a full disk) falls back to the
-        newest older step that reads, with a warning; the next save of the bad step replaces it.
-        """
-        train_abstract = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
-        args = ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract.params), train=ocp.args.StandardRestore(train_abstract),
-            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+    def _read(self, read: Callable[[int], T], step: int | None, *, first: int | None = None) -> T:
+        """read(`step`); without one, read(`first`, default the latest) or, past each unreadable step with a
+        warning, of the newest readable other step."""
         if step is not None:
-            out = self._manager.restore(self._step(step), args=args)
-        else:
-            out = self._restore_newest_readable(args)
-        train = out["train"]
-        state = TrainState(step=train["step"], params=out["params"], opt_state=train["opt_state"], rng=train["rng"])
-        return state, dict(out["data"] or {}), dict(out["meta"])
-
-    def _restore_newest_readable(self, args: ocp.args.Composite) -> Any:
-        steps = sorted(self.all_steps(), reverse=True) or [self._step(None)]  # none: _step raises the error
-        for newer, older in itertools.pairwise(steps):
+            step = self._step(step)
             try:
-                return self._manager.restore(newer, args=args)
+                return read(step)
             except Exception as err:  # noqa: BLE001 (orbax/tensorstore raise many types for a damaged step)
-                log.warning("checkpoint step %d in %s is unreadable (%s: %s); restoring step %d instead", newer,
-                            self.directory, type(err).__name__, str(err).replace("\n", " ")[:200], older)
-                self._unreadable.add(newer)
-        return self._manager.restore(steps[-1], args=args)
+                readable = [s for s in self.all_steps() if s != step and self._reads(read, s)]
+                raise UserError(f"checkpoint step {step} in {self.directory} is unreadable ({_reason(err)}); "
+                                f"readable steps: {', '.join(map(str, readable)) or 'none'}") from err
+        first = self._step(first)
+        steps = [first] + [s for s in reversed(self.all_steps()) if s != first]
+        failed: Exception | None = None
+        for i, tried in enumerate(steps):
+            if failed is not None:
+                log.warning("checkpoint step %d in %s is unreadable (%s); restoring step %d instead", steps[i - 1],
+                            self.directory, _reason(failed), tried)
+            try:
+                return read(tried)
+            except Exception as err:  # noqa: BLE001
+                failed = err
+                self._unreadable.add(tried)
+        raise UserError(f"no readable checkpoint in {self.directory}: steps {', '.join(map(str, steps))} are all "
+                        f"unreadable ({_reason(failed)})") from failed
 
-    def restore_params(self, step: int | None = None, abstract_params: Any = None) -> Any:
-        """Parameters only: onto `abstract_params` shardings, or as host numpy arrays when None.
+    @staticmethod
+    def _reads(read: Callable[[int], Any], step: int) -> bool:
+        """Whether read(step) succeeds (only to name the readable steps in an error)."""
+        try:
+            read(step)
+        except Exception:  # noqa: BLE001
+            return False
+        return True
 
-        Host numpy is what a *different* phase needs: its model may differ in heads (MLM -> classifier),
-        and `create_train_state(pretrained=...)` places the arrays onto that phase's own mesh.
-        """
-        step = self._step(step)
+    def _meta(self, step: int) -> dict:
+        return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+    def _params(self, step: int, abstract_params: Any) -> Any:
         to_host = abstract_params is None
         if to_host:  # every process reads the whole tree onto its first local device, then to numpy
             local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -136,3 +175,34 @@ class Checkpointer:
         params = self._manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params)))["params"]
         return jax.tree_util.tree_map(np.asarray, params) if to_host else params
+
+    def meta(self, step: int | None = None) -> dict:
+        """The provenance of `step`, else of the best step (`best_step`; falls back past unreadable steps)."""
+        return self._read(self._meta, step, first=self.best_step())
+
+    def restore(self, abstract: TrainState, step: int | None = None) -> tuple[TrainState, dict, dict]:
+        """Full state onto the shardings carried by `abstract` (ShapeDtypeStructs), plus data state and meta:
+        of `step`, else of the latest step (falls back past unreadable steps, as a resumed run needs)."""
+        train_abstract = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
+        args = ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract.params), train=ocp.args.StandardRestore(train_abstract),
+            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+        out = self._read(lambda s: self._manager.restore(s, args=args), step)
+        train = out["train"]
+        state = TrainState(step=train["step"], params=out["params"], opt_state=train["opt_state"], rng=train["rng"])
+        return state, dict(out["data"] or {}), dict(out["meta"])
+
+    def restore_params(self, step: int | None = None, abstract_params: Any = None) -> Any:
+        """Parameters of `step`, else of the best step (`best_step`; falls back past unreadable steps): onto
+        `abstract_params` shardings, or as host numpy arrays when None.
+
+        Host numpy is what a *different* phase needs: its model may differ in heads (MLM -> classifier),
+        and `create_train_state(pretrained=...)` places the arrays onto that phase's own mesh.
+        """
+        return self._read(lambda s: self._params(s, abstract_params), step, first=self.best_step())
+
+    def read(self, step: int | None = None, *, first: int | None = None) -> tuple[int, dict, Any]:
+        """(step, meta, host numpy params) of one step: `step`, else `first` (default `best_step`) falling back
+        past unreadable steps. What an export or the next phase reads."""
+        return self._read(lambda s: (s, self._meta(s), self._params(s, None)), step,
+                          first=self.best_step() if first is None else first)

@@ -18,17 +18,15 @@ from dontstop_jax.train.workdir import require_finished
 
 
 def _load(workdir: str, step: int | None) -> tuple[dict, ModelConfig, dict]:
-    """A finished phase's chosen step (best, else latest), or any phase's explicitly named `step`."""
+    """Any phase's explicitly named `step`, else a finished phase's reported step (a fine-tune's best, else the
+    latest) or, if that one is damaged, the newest readable step."""
     directory = phase_checkpoints(Path(workdir))
     if directory is None:
         raise UserError(f"--from={workdir!r} is not a phase workdir (it has no checkpoints/); pass the workdir of "
                         "a finished pretrain or finetune run")
-    if step is None:
-        require_finished(directory.parent, "--from")
-    ckpt = Checkpointer(directory, read_only=True)
-    step = step if step is not None else (ckpt.best_step() or ckpt.latest_step())
-    meta = ckpt.meta(step)
-    return meta, ModelConfig(**meta["model_config"]), ckpt.restore_params(step)
+    first = require_finished(directory.parent, "--from").get("best_step") if step is None else None
+    _, meta, params = Checkpointer(directory, read_only=True).read(step, first=first)
+    return meta, ModelConfig(**meta["model_config"]), params
 
 
 def export(workdir: str, out_dir: str, step: int | None = None) -> Path:

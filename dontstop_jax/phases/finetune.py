@@ -2,6 +2,8 @@
 
 Resumable anywhere: each epoch ends with a checkpoint whose data state records the epoch, the early-stopping
 counters and the dev curve so far; an interruption checkpoints mid-epoch with the batch to continue from.
+The best epoch is the first with the best dev score (`first_best`): early stopping, the checkpoint kept as
+best, the model scored on test and the summary all follow that one rule.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dontstop_jax.analysis.metrics import check_metric
 from dontstop_jax.data import ClassificationBatches, load_task, load_tokenizer, tokenize_split
 from dontstop_jax.data.tokenizer import special_ids
 from dontstop_jax.engine import classification_loss_sums, compile_predict_step, to_global
+from dontstop_jax.engine.checkpoint import first_best
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForSequenceClassification, init_params
 from dontstop_jax.train import source as sources
@@ -35,6 +38,11 @@ def evaluate(predict, params, batches: ClassificationBatches, mesh, num_labels: 
         preds.append(np.argmax(logits, -1)), labels.append(y), weights.append(w)
     return classification_metrics(np.concatenate(labels), np.concatenate(preds), num_labels,
                                   weights=np.concatenate(weights))
+
+
+def best_epoch(history: list[dict], metric: str) -> int:
+    """The first epoch (from 1) with the best dev `metric` (`first_best`: a later epoch must be strictly better)."""
+    return first_best(enumerate((dev[metric] for dev in history), 1))
 
 
 def _typical(epoch_seconds: list[float]) -> float:
@@ -88,8 +96,7 @@ def _finetune(cfg: ConfigDict) -> dict:
                  best_metric=f"dev_{metric}", keep_last=1, head="classification",
                  label_names=task.label_names) as trainer:
         # The data state: the epoch to continue (the step says where in it), early stopping, the dev curve so far.
-        progress = trainer.data_state or {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": [],
-                                          "epoch_seconds": []}
+        progress = trainer.data_state or {"epoch": 0, "bad_epochs": 0, "history": [], "epoch_seconds": []}
         if trainer.data_state is None and cfg.train.reinit_top_layers:
             trainer.state = trainer.state.replace(params=reinit_top_layers(
                 model, trainer.state.params, cfg.train.reinit_top_layers, cfg.seed, trainer.shardings.params))
@@ -107,24 +114,24 @@ def _finetune(cfg: ConfigDict) -> dict:
             seconds = time.perf_counter() - began
             dev = evaluate(predict, trainer.state.params, batches["dev"], trainer.mesh, num_labels)
             trainer.writer.write(trainer.step, {**dev, "epoch": epoch + 1}, prefix="dev/")
-            improved = dev[metric] > progress["best"]
-            progress = {"epoch": epoch + 1, "best": max(dev[metric], progress["best"]),
-                        "bad_epochs": 0 if improved else progress["bad_epochs"] + 1,
-                        "history": progress["history"] + [dev], "epoch_seconds": progress["epoch_seconds"] + [seconds],
+            history = progress["history"] + [dev]
+            improved = best_epoch(history, metric) == epoch + 1
+            progress = {"epoch": epoch + 1, "bad_epochs": 0 if improved else progress["bad_epochs"] + 1,
+                        "history": history, "epoch_seconds": progress["epoch_seconds"] + [seconds],
                         "early_dev": dev[metric] if epoch + 1 == check_at else progress.get("early_dev")}
             below = cfg.train.discard_below
             progress["discarded"] = epoch + 1 == check_at and below is not None and dev[metric] < below
             trainer.save(progress, metrics={f"dev_{metric}": dev[metric]})
         trainer.checkpoints.wait()
-        best_step = trainer.checkpoints.best_step()
-        best = trainer.checkpoints.restore_params(best_step, abstract_params=trainer.abstract().params)
-        test = evaluate(predict, best, batches["test"], trainer.mesh, num_labels)
-        trainer.writer.write(trainer.step, test, prefix="test/")
         history = progress["history"]
-        best_epoch = int(np.argmax([h[metric] for h in history])) + 1
+        best = best_epoch(history, metric)
+        best_step = best * per_epoch  # where that epoch ended: the step the checkpointer keeps as best (first_best)
+        params = trainer.checkpoints.restore_params(best_step, abstract_params=trainer.abstract().params)
+        test = evaluate(predict, params, batches["test"], trainer.mesh, num_labels)
+        trainer.writer.write(trainer.step, test, prefix="test/")
         return trainer.finish({
             "phase": cfg.name, "workdir": str(Path(cfg.workdir).absolute()), "parent": source.parent,
-            "metric": metric, "dev": history[best_epoch - 1], "test": test, "best_epoch": best_epoch,
+            "metric": metric, "dev": history[best - 1], "test": test, "best_epoch": best,
             "epochs_run": len(history), "best_step": best_step, "label_names": task.label_names,
-            "trainable_params": adaptation.count(best)[0], "seconds_per_epoch": _typical(progress["epoch_seconds"]),
+            "trainable_params": adaptation.count(params)[0], "seconds_per_epoch": _typical(progress["epoch_seconds"]),
             "early_dev": progress.get("early_dev"), "discarded": bool(progress.get("discarded"))}, progress)

@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from dontstop_jax.files import publishing, write_text
+
 _RESERVED_KEYS = ("step", "phase")
 
 
@@ -82,6 +84,53 @@ def _event(wall_time: float, step: int, *, file_version: str = "",
     return out
 
 
+def _event_step(event: bytes) -> int:
+    """The step of an Event that `_event` wrote: wall_time (tag 0x09, 8 bytes), then step (tag 0x10, varint)."""
+    step = 0
+    for shift, byte in enumerate(event[10:20]):
+        step |= (byte & 0x7F) << 7 * shift
+        if byte < 0x80:
+            break
+    return step
+
+
+def _events_through(data: bytes, step: int) -> bytes:
+    """The TFRecord frames (length 8, its CRC 4, payload, payload CRC 4) of `data` whose events are at `step`
+    or earlier; a torn last frame is dropped."""
+    kept, pos = [], 0
+    while pos + 12 <= len(data):
+        end = pos + 16 + struct.unpack_from("<Q", data, pos)[0]
+        if end > len(data):
+            break
+        if _event_step(data[pos + 12:end - 4]) <= step:
+            kept.append(data[pos:end])
+        pos = end
+    return b"".join(kept)
+
+
+def _line_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line torn by a kill
+
+
+def _truncate(workdir: Path, step: int) -> None:
+    """Drop what was logged after `step` (by a run killed after logging, before its next checkpoint, whose steps
+    the resumed run replays) from metrics.jsonl and the TensorBoard event files; rewritten atomically."""
+    jsonl = workdir / "metrics.jsonl"
+    if jsonl.exists():
+        lines = jsonl.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if _line_step(line) <= step and line.endswith("\n")]
+        if len(kept) < len(lines):
+            write_text(jsonl, "".join(kept))
+    for events in (workdir / "tensorboard").glob("events.out.tfevents.*"):
+        data = events.read_bytes()
+        if len(kept := _events_through(data, step)) < len(data):
+            with publishing(events) as tmp:
+                tmp.write_bytes(kept)
+
+
 class _EventFile:
     """An append-only TensorBoard event file (TFRecord frames of Event protos), flushed after each record."""
 
@@ -115,14 +164,18 @@ class MetricsWriter:
 
     Pass `enabled=jax.process_index() == 0` in multi-host runs; a disabled writer touches no files.
     NaN and inf are written as JSON's NaN/Infinity extensions, which Python's json reads back.
+    `resume_step`: the step a run restarts from; what was logged after it is dropped first, so a resumed run's
+    replayed steps are not logged twice.
     """
 
-    def __init__(self, workdir: str | os.PathLike[str], enabled: bool = True) -> None:
+    def __init__(self, workdir: str | os.PathLike[str], enabled: bool = True, resume_step: int | None = None) -> None:
         self.enabled = enabled
         if not enabled:
             return
         tb_dir = Path(workdir) / "tensorboard"
         tb_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            _truncate(Path(workdir), resume_step)
         self._jsonl = open(Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._events = _EventFile(tb_dir)
 

@@ -88,17 +88,18 @@ def _check_finite(step: int, metrics: dict[str, float]) -> None:
 
 def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: int, stop: int,
               writer: MetricsWriter, progress: ProgressBar, tokens_per_step: int | Callable[[Any], int],
-              stop_signal: StopSignal, log_every: int = 10, save: Callable[[Any], None] | None = None,
-              save_every: int = 0, prefix: str = "train/", phase: str = "training") -> Any:
-    """Run steps [start, stop) and return the state. Metrics are fetched one step late. When asked to stop
-    (`stop_signal`), the state is saved and `Interrupted(phase, step)` raised.
-    A `skipped` metric (see make_train_step's skip_nonfinite) is logged as the count since `start`.
+              stop_signal: StopSignal, log_every: int = 10, save: Callable[[Any, int], None] | None = None,
+              save_every: int = 0, prefix: str = "train/", phase: str = "training",
+              skipped: int = 0) -> tuple[Any, int]:
+    """Run steps (start, stop] and return the state and the count of skipped steps. Metrics are fetched one step
+    late. When asked to stop (`stop_signal`), the state is saved and `Interrupted(phase, step)` raised.
+    Steps a `skipped` metric marks (see make_train_step's skip_nonfinite) are counted on from `skipped` (those of
+    earlier runs of the phase), so the logged `skipped` and what `save(state, skipped)` gets are phase totals.
     `tokens_per_step`: a count, or a function of the batch (fine-tuning's length-bucketed batches vary); when
     it gives tokens, each logged line also gets `tokens_per_s` since the previous line (host wall clock at
     fetch time, so the first line includes compilation)."""
     count_tokens = tokens_per_step if callable(tokens_per_step) else (lambda _: tokens_per_step)
     buffer = MetricsBuffer()
-    skipped = 0.0
     tokens_through: dict[int, int] = {}  # step -> tokens since `start`, until its metrics are drained
     total_tokens = 0
     last_logged = (start, time.perf_counter(), 0)  # (step, wall clock, tokens through that step)
@@ -108,7 +109,7 @@ def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: 
         for s, m in items:
             _check_finite(s, m)
             if "skipped" in m:
-                skipped += m["skipped"]
+                skipped += int(m["skipped"])
                 m = {**m, "skipped": skipped}
             through = tokens_through.pop(s)
             if s % log_every == 0 or s == stop:
@@ -132,8 +133,8 @@ def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: 
         stopping = stop_signal.poll()
         if save is not None and ((save_every and step % save_every == 0) or stopping):
             drain(buffer.flush())  # never checkpoint a state whose loss was not finite
-            save(state)
+            save(state, skipped)
         if stopping:
             raise Interrupted(phase, step)
     drain(buffer.flush())
-    return state
+    return state, skipped

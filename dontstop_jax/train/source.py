@@ -94,12 +94,11 @@ def _weights(init: str, tokenizer: str | None, model: ConfigDict | None, overrid
     if ckpt_dir is None:
         raise UserError(f"init={init!r} is neither a Hugging Face directory (config.json) nor a phase workdir "
                         "with checkpoints; pass a model directory, a finished phase's workdir, or 'scratch'")
-    require_finished(ckpt_dir.parent, "init")
-    ckpt = Checkpointer(ckpt_dir, read_only=True)
-    step = ckpt.best_step() or ckpt.latest_step()
-    meta = ckpt.meta(step)
+    summary = require_finished(ckpt_dir.parent, "init")
+    # The step the phase reported (a fine-tune's best, else the latest), or the newest readable one if damaged.
+    step, meta, params = Checkpointer(ckpt_dir, read_only=True).read(first=summary.get("best_step"))
     # A parent's LoRA is folded into its weights: the next phase starts from a plain (or adapter) model.
-    cfg, params = merge_lora(ModelConfig(**{**meta["model_config"], **overrides}), ckpt.restore_params(step))
+    cfg, params = merge_lora(ModelConfig(**{**meta["model_config"], **overrides}), params)
     return ModelSource(cfg, params, tokenizer or meta["tokenizer_dir"], f"checkpoint:{ckpt_dir.absolute()}@{step}")
 
 

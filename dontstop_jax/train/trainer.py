@@ -10,6 +10,7 @@ nothing downstream can take a partial phase for a finished one.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -30,6 +31,7 @@ from dontstop_jax.train.logging import MetricsWriter, ProgressBar
 from dontstop_jax.train.loop import StopSignal, run_steps
 from dontstop_jax.train.workdir import Workdir
 
+log = logging.getLogger(__name__)
 PEFT_FILE = "peft.safetensors"
 # (model, sharded params) -> (loss_sums, step hooks): what a phase trains, e.g. DAS's objective (das/).
 Objective = Callable[[nn.Module, Any], tuple[LossSums, Hooks]]
@@ -60,8 +62,10 @@ class Trainer:
         self.checkpoints = Checkpointer(self.workdir / "checkpoints", keep_last=keep_last, best_metric=best_metric)
         self.meta = sources.provenance(self.name, source, cfg, **provenance)
         self.data_state: dict | None = None  # the loader position of the restored checkpoint
+        self.skipped = 0  # steps skipped for a non-finite loss (train.skip_nonfinite), across resumes
         if self.checkpoints.latest_step() is not None:  # resume exactly where the last checkpoint left off
             self.state, self.data_state, _ = self.checkpoints.restore(self.abstract())
+            self.skipped = int(self.data_state.pop("skipped_steps", 0))
         loss_sums, hooks = objective(model, self.state.params)
         self.train_step = compile_train_step(make_train_step(
             loss_sums, self.tx, accum_steps=cfg.train.get("accum_steps", 1), schedule=schedule,
@@ -69,7 +73,7 @@ class Trainer:
             **chain_hooks(adaptation.hooks(), hooks, hold_fixed(tuple(cfg.get("frozen", ()))))),
             self.shardings, self.mesh, self.rules)
         self.stop = StopSignal()
-        self.writer = MetricsWriter(self.workdir, enabled=self.lead)
+        self.writer = MetricsWriter(self.workdir, enabled=self.lead, resume_step=self.step)
         self.progress = ProgressBar(total_steps, enabled=self.lead, desc=self.name)
 
     def __enter__(self) -> "Trainer":
@@ -94,27 +98,37 @@ class Trainer:
             tokens_per_step: int | Callable[[Any], int], save_every: int = 0) -> None:
         """Train to step `stop` on this host's `batches`. When asked to stop (also before the first step),
         checkpoint with `data_state(step)` (the data position after that step) and raise `Interrupted`."""
-        def save(state):
-            step = int(jax.device_get(state.step))
-            self.checkpoints.save(state, data_state=data_state(step), meta=self.meta)
+        def save(state, skipped):
+            self.skipped = skipped
+            self._save(state, data_state(int(jax.device_get(state.step))))
         if StopSignal.agreed_now():
             raise Interrupted(self.name, self.step)
-        self.state = run_steps(
+        self.state, self.skipped = run_steps(
             self.state, self.train_step, (to_global(b, self.mesh) for b in batches), start=self.step, stop=stop,
             writer=self.writer, progress=self.progress, tokens_per_step=tokens_per_step, stop_signal=self.stop,
-            log_every=self.cfg.train.log_every, save=save, save_every=save_every, phase=self.name)
+            log_every=self.cfg.train.log_every, save=save, save_every=save_every, phase=self.name,
+            skipped=self.skipped)
 
     def save(self, data_state: dict, metrics: dict | None = None) -> None:
-        self.checkpoints.save(self.state, data_state=data_state, meta=self.meta, metrics=metrics)
+        self._save(self.state, data_state, metrics)
+
+    def _save(self, state: Any, data_state: dict, metrics: dict | None = None) -> None:
+        """The data state carries the skipped-step count, so a resumed run's summary counts the whole phase."""
+        self.checkpoints.save(state, data_state={**data_state, "skipped_steps": self.skipped}, meta=self.meta,
+                              metrics=metrics)
 
     def finish(self, summary: dict, data_state: dict | None = None) -> dict:
         """Checkpoint the final state, leave a parameter-efficient phase's small file (`PEFT_FILE`), and mark
-        the phase finished: the last thing a phase does."""
+        the phase finished with `summary` plus `skipped_steps`: the last thing a phase does."""
         if self.checkpoints.latest_step() != self.step:
             self.save(data_state if data_state is not None else self.data_state or {})
         self.checkpoints.wait()
         if self.adaptation.method not in ("full", "top_k"):
-            params = self.checkpoints.restore_params(self.checkpoints.best_step() or self.checkpoints.latest_step())
+            params = self.checkpoints.restore_params()  # the best step (fine-tuning), else the latest
             on_first_process("peft_file", lambda: save_delta(self.workdir / PEFT_FILE, params,
                                                              self.adaptation.trainable(params), self.model.config))
-        return Workdir(self.cfg).complete(summary)
+        if self.skipped > 0.01 * self.step:
+            log.warning("%s skipped %d of its %d steps for a non-finite loss or gradients (train.skip_nonfinite); "
+                        "its model may be poor: lower the learning rate, use float32 or check the data",
+                        self.name, self.skipped, self.step)
+        return Workdir(self.cfg).complete({**summary, "skipped_steps": self.skipped})
