@@ -13,9 +13,8 @@ TINY_TEXTS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A RoBERTa-like byte-level BPE tokenizer (<s> <pad> </s> <unk> <mask> at ids 0..4), saved to disk."""
+def _bpe_tokenizer(path, vocab_size: int, byte_alphabet: bool) -> str:
+    """A RoBERTa-like BPE tokenizer (<s> <pad> </s> <unk> <mask> at ids 0..4) trained on TINY_TEXTS, saved."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from dontstop_jax.synthetic.tokenizer import wrap
 
@@ -24,14 +23,24 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=vocab_size,
         special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if byte_alphabet else [],
         show_progress=False,
     )
     backend.train_from_iterator(TINY_TEXTS * 5, trainer)
     backend.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    tok = wrap(backend)
-    path = tmp_path_factory.mktemp("tiny_tokenizer")
-    tok.save_pretrained(path)
+    wrap(backend).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Byte-level BPE with 400 tokens (every byte encodes)."""
+    return _bpe_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer"), 400, byte_alphabet=True)
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """At most 100 tokens (only the characters of TINY_TEXTS): fits the 128-row test models."""
+    return _bpe_tokenizer(tmp_path_factory.mktemp("small_tokenizer"), 100, byte_alphabet=False)

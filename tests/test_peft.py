@@ -306,30 +306,30 @@ def test_table_shows_parameter_counts_epoch_times_and_discarded_seeds():
     assert "discarded" in table._csv_text().splitlines()[0]
 
 
-def test_a_phase_started_from_a_lora_phase_starts_from_the_merged_weights(tmp_path):
+def test_a_phase_started_from_a_lora_phase_starts_from_the_merged_weights(tmp_path, small_tokenizer_dir):
     cfg = configure_model(CFG, peft("lora"))
     params = _perturbed_lora(cfg)
-    source = resolve(_phase_dir(tmp_path, cfg, params))
+    source = resolve(_phase_dir(tmp_path, cfg, params, small_tokenizer_dir))
     assert source.config.lora_rank == 0 and "query_lora" not in source.params["roberta"]["layers"]
     np.testing.assert_allclose(logits(source.config, source.params), logits(cfg, params), rtol=1e-5, atol=1e-5)
 
 
-def _phase_dir(root, cfg, params):
+def _phase_dir(root, cfg, params, tokenizer):
     """A finished phase's workdir holding `params` (what `init` reads), without running one."""
     state = TrainState(step=jnp.array(1, jnp.int32), params=params, opt_state=np.zeros(1, np.float32),
                        rng=np.zeros(2, np.uint32))
     ckpt = Checkpointer(root / "checkpoints", async_save=False)
-    ckpt.save(state, data_state={}, meta={"model_config": dataclasses.asdict(cfg), "tokenizer_dir": "tok"})
+    ckpt.save(state, data_state={}, meta={"model_config": dataclasses.asdict(cfg), "tokenizer_dir": tokenizer})
     ckpt.close()
     (root / "DONE.json").write_text("{}")  # the completion marker: only a finished phase can be an init
     return str(root)
 
 
 @pytest.mark.parametrize("method", ["houlsby", "lora"])
-def test_init_delta_puts_an_adapter_file_onto_its_base_model(tmp_path, method):
+def test_init_delta_puts_an_adapter_file_onto_its_base_model(tmp_path, method, small_tokenizer_dir):
     """`init=<base> init_delta=<peft.safetensors>`: the phase starts from the trained parameter-efficient model
     (LoRA folded in, as from a parent phase), from the base model and the small file alone."""
-    base = _phase_dir(tmp_path / "base", CFG, base_params())
+    base = _phase_dir(tmp_path / "base", CFG, base_params(), small_tokenizer_dir)
     adaptation, _, state = train(method)
     trained = jax.device_get(state.params)
     cfg = configure_model(CFG, peft(method))
@@ -342,6 +342,6 @@ def test_init_delta_puts_an_adapter_file_onto_its_base_model(tmp_path, method):
 
     other = CFG.replace(max_position_embeddings=CFG.max_position_embeddings + 8)
     with pytest.raises(UserError, match="another architecture .max_position_embeddings"):
-        resolve(_phase_dir(tmp_path / "other", other, init(other, 0)), delta=delta)
+        resolve(_phase_dir(tmp_path / "other", other, init(other, 0), small_tokenizer_dir), delta=delta)
     with pytest.raises(UserError, match="init=scratch has none"):
         resolve("scratch", tokenizer="tok", model=ConfigDict(dataclasses.asdict(CFG)), delta=delta)
