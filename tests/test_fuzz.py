@@ -156,6 +156,8 @@ def _cases():
         "config.json is not valid JSON")
     add("hf-weights-garbage", lambda w: w.pretrain(init=_hf_dir(w, weights=b"garbage")), 2,
         "model.safetensors is not a readable safetensors file")
+    add("weights-vs-config", lambda w: w.finetune(init=_mismatched_phase(w)), 2,
+        "needs (2, 96); the checkpoint and its config do not belong together")
     add("delta-missing", lambda w: w.finetune(init_delta="/nonexistent/peft.safetensors"), 2,
         "/nonexistent/peft.safetensors")
     add("delta-on-scratch", lambda w: w.pretrain(init_delta=str(w.root / "x.safetensors")), 2, "init_delta needs")
@@ -198,6 +200,17 @@ def _unfinished(w: World) -> str:
     path = w.case_dir() / "unfinished"
     shutil.copytree(w.phase, path)
     (path / "DONE.json").unlink()
+    return str(path)
+
+
+def _mismatched_phase(w: World) -> str:
+    """A copy of the finished phase whose recorded model config says a wider FFN than its weights have."""
+    path = Path(_unfinished(w))
+    (path / "DONE.json").write_text("{}")
+    for meta in path.glob("checkpoints/*/meta/metadata"):
+        record = json.loads(meta.read_text())
+        record["model_config"]["intermediate_size"] = 96
+        meta.write_text(json.dumps(record))
     return str(path)
 
 
