@@ -221,3 +221,10 @@ def test_python_callers_get_the_same_errors(finished_phase):
     assert require_finished(root / "phase", "init")["steps"] == 4
     with pytest.raises(UserError, match="has not finished"):
         require_finished(root, "init")
+
+
+def test_a_run_that_failed_before_writing_anything_does_not_pin_its_config(finished_phase, tmp_path):
+    root, corpus, tokenizer, cache = finished_phase
+    failed = run(command(tmp_path / "w", corpus, tokenizer, cache, 2, {"init": "/nonexistent/model"}))
+    assert failed.returncode == 2 and "is neither" in failed.stderr
+    assert run(command(tmp_path / "w", corpus, tokenizer, cache, 3)).returncode == 0  # another config, same place

@@ -134,7 +134,8 @@ def _counting(ranker, calls):
 
 
 def test_resuming_with_another_config_is_refused(data, tmp_path):
-    Workdir(_cfg(data, tmp_path / "w", method="rand")).claim()  # what a started, unfinished rand run leaves
+    with Workdir(_cfg(data, tmp_path / "w", method="rand")):  # a started, unfinished rand run: its record
+        (tmp_path / "w" / select_phase.PROGRESS).write_bytes(b"")  # and its ranking so far
     with pytest.raises(UserError, match=r"w was started with another config \(method: \"rand\" -> \"knn\"\)"):
         select(_cfg(data, tmp_path / "w"))
 

@@ -93,14 +93,15 @@ class Workdir:
         workdir and record the config, then None. A config that differs from the recorded one in a result field
         is an error, and so is a workdir another live run holds."""
         recorded = self.path / CONFIG
-        if recorded.exists():
+        started = self.path.is_dir() and any(p.name not in (CONFIG, LOCK) for p in self.path.iterdir())
+        if recorded.exists() and started:  # a run that failed before writing anything left nothing to mix
             self._check_drift(read_json(recorded)["config"])
         if (summary := finished(self.path)) is not None:
             return summary
         if jax.process_index() == 0:
             _acquire(self.path / LOCK)
             self._locked = True
-            if not recorded.exists():
+            if not (recorded.exists() and started):
                 write_json(recorded, {"phase": self.phase, "fingerprint": fingerprint(self.config),
                                       "config": json.loads(self.config.to_json_best_effort())})
         return None
