@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 
 from dontstop_jax.errors import Interrupted, UserError
 from dontstop_jax.files import describe_fault
@@ -53,8 +54,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> None:
-    from dontstop_jax import config_loader, runtime
+    from dontstop_jax import runtime
+    from dontstop_jax.train.loop import StopSignal
     runtime.setup(args.compilation_cache)
+    # For the whole command, so a signal between phases stops the next one at its start. Installed after
+    # joining a multi-process run: jax.distributed's preemption notifier would replace an earlier handler.
+    with StopSignal():
+        _command(args, overrides)
+
+
+def _command(args: argparse.Namespace, overrides: list[str]) -> None:
+    from dontstop_jax import config_loader
     if args.command == "export":
         if overrides:
             raise UserError(f"export takes no --config overrides, got {overrides}")
@@ -106,10 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     """Exit 0 when done or interrupted (SIGTERM/SIGINT: the running phase checkpointed; rerunning the command
     continues), 2 on bad input; both end with one line on stderr, never a traceback."""
     args, overrides = _parser().parse_known_args(argv)
-    from dontstop_jax.train.loop import StopSignal
     try:
-        with StopSignal():  # for the whole command: a signal between phases stops the next one at its start
-            _run(args, overrides)
+        _run(args, overrides)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -119,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 (filesystem faults become one line; anything else is a bug: re-raise)
         if (fault := describe_fault(err)) is None:
             raise
+        # Background checkpoint writers that fail while the process shuts down have nothing to add.
+        threading.excepthook = sys.unraisablehook = lambda *_: None
         print(f"error: {fault}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
