@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
+import jax
 from ml_collections import ConfigDict
 
 from dontstop_jax.analysis import roofline as rl
@@ -21,6 +22,7 @@ from dontstop_jax.engine.peft import plan as peft_plan
 def plan(cfg: ConfigDict, name: str, slices: int = 1, tokens: int | None = None) -> tuple[bool, str]:
     """(fits, report). When the configured step does not fit, the report ends with the first lever (cumulative)
     that makes it fit, and that lever's plan."""
+    jax.config.update("jax_enable_compilation_cache", False)  # compile-only executables cannot be cached
     chip, devices = topology.devices(name, slices)
     fits, text = _one(cfg, chip, devices, name, tokens)
     if fits:
