@@ -2,7 +2,7 @@
 
 An estimate, not a measurement: it assumes each resource runs at its published peak and nothing overlaps
 badly. XLA's cost analysis counts a while loop's body once (the layer scan, accumulation), so compute uses
-the model's analytic FLOPs and XLA's bytes accessed are scaled by the same undercount.
+the model's analytic FLOPs, and the HBM time (XLA's bytes accessed) is a lower bound.
 """
 
 from __future__ import annotations
@@ -43,10 +43,9 @@ class Roofline:
 def roofline(cost: StepCost, chip: Chip, chips: int, flops: float, remat: bool) -> Roofline:
     """`flops`: the model's FLOPs for the whole step; full remat adds one more forward pass (4/3)."""
     per_chip = flops * (4 / 3 if remat else 1) / chips
-    scale = max(1.0, per_chip / cost.flops) if cost.flops else 1.0
     # A ring all-reduce moves its bytes twice (reduce-scatter, then all-gather); the others once.
     ici = sum(b * (2 if kind == "all-reduce" else 1) for kind, (_, b) in cost.collectives.items())
-    return Roofline(per_chip / chip.peak_flops, cost.bytes_accessed * scale / chip.hbm_bandwidth,
+    return Roofline(per_chip / chip.peak_flops, cost.bytes_accessed / chip.hbm_bandwidth,
                     ici / chip.ici_bandwidth)
 
 

@@ -77,7 +77,7 @@ def _one(cfg: ConfigDict, chip: topology.Chip, devices: list, name: str, tokens:
         "per chip, loop bodies once)",
         f"  collectives per chip per step: {rl.collectives_line(train)}",
         f"  roofline step:  {est.step_s * 1e3:.1f} ms, {est.bound}-bound (compute {est.compute_s * 1e3:.1f} ms, "
-        f"HBM {est.hbm_s * 1e3:.1f} ms, ICI {est.ici_s * 1e3:.1f} ms)",
+        f"HBM >= {est.hbm_s * 1e3:.1f} ms, ICI {est.ici_s * 1e3:.1f} ms)",
         f"  throughput:     {batch * seq / est.step_s:,.0f} tokens/s, MFU {flops / (est.step_s * chip.peak_flops * len(devices)):.0%} "
         "at this estimate",
         f"  wall clock:     {_hours(cfg, est.step_s, batch * seq, tokens)}"]
