@@ -1,4 +1,4 @@
-"""The `dontstop` command: prepare, pretrain (DAPT/TAPT), finetune, grid, export, and the offline demo."""
+"""The `dontstop` command: prepare, pretrain (DAPT/TAPT), finetune, grid, export, plan, and the offline demo."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ EPILOG = """examples:
   dontstop export --from runs/finetune-chemprot --to exported/chemprot
   dontstop analyze --config configs/analyze.py:synthetic   # after the demo: overlap, MLM loss, curves, plots
   dontstop finetune --config configs/finetune.py:chemprot --config.peft.method=lora --config.peft.lora_rank=8
+  dontstop plan --config configs/dapt.py:biomed --topology v5litepod-64 --config.model.dtype=bfloat16
 Every --config.a.b=value must name an existing field; see configs/*.py for the fields and the paper's values."""
 
 
@@ -48,29 +49,35 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
     export.add_argument("--peft-only", action="store_true",
                         help="write only what a parameter-efficient phase trained, as one small .safetensors file")
+    plan = sub.add_parser("plan", help="compile a phase's step for a TPU slice here: memory, FLOPs, step time")
+    plan.add_argument("--config", required=True, help="configs/FILE.py or configs/FILE.py:ARG")
+    plan.add_argument("--topology", required=True, help="Cloud TPU accelerator type, e.g. v4-32, v5litepod-16")
+    plan.add_argument("--slices", type=int, default=1, help="number of slices (mesh.dcn_shape spans them)")
+    plan.add_argument("--tokens", type=int, default=None, help="corpus tokens, for the hours of an epochs-based run")
     for sp in sub.choices.values():
         sp.add_argument("--compilation-cache", default=None, help="persistent XLA cache directory")
     return p
 
 
-def _run(args: argparse.Namespace, overrides: list[str]) -> None:
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     from dontstop_jax import runtime
     from dontstop_jax.train.loop import StopSignal
     runtime.setup(args.compilation_cache)
     # For the whole command, so a signal between phases stops the next one at its start. Installed after
     # joining a multi-process run: jax.distributed's preemption notifier would replace an earlier handler.
     with StopSignal():
-        _command(args, overrides)
+        return _command(args, overrides)
 
 
-def _command(args: argparse.Namespace, overrides: list[str]) -> None:
+def _command(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Run one command; its exit code (plan: 1 when the step does not fit)."""
     from dontstop_jax import config_loader
     if args.command == "export":
         if overrides:
             raise UserError(f"export takes no --config overrides, got {overrides}")
         from dontstop_jax.phases.export import export, export_delta
         print((export_delta if args.peft_only else export)(args.source, args.to, step=args.step))
-        return
+        return 0
     if args.command == "demo":
         from dontstop_jax.phases import synthetic
         cfg = config_loader.finalize(synthetic.get_config(args.scale), overrides)
@@ -102,9 +109,15 @@ def _command(args: argparse.Namespace, overrides: list[str]) -> None:
     elif args.command == "analyze":
         from dontstop_jax.analysis.report import analyze
         print(f"written: {analyze(cfg)}/summary.md (+ CSV and PNG files)")
+    elif args.command == "plan":
+        from dontstop_jax.phases.plan import plan
+        fits, report = plan(cfg, args.topology, args.slices, args.tokens)
+        print(report)
+        return 0 if fits else 1
     elif args.command == "select":
         from dontstop_jax.phases.select import select
         _print_summary(select(cfg))
+    return 0
 
 
 def _print_summary(summary: dict) -> None:
@@ -114,10 +127,11 @@ def _print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 when done or interrupted (SIGTERM/SIGINT: the running phase checkpointed; rerunning the command
-    continues), 2 on bad input; both end with one line on stderr, never a traceback."""
+    continues), 1 on a filesystem fault or when `plan` finds the step does not fit, 2 on bad input. Errors end
+    with one line on stderr, never a traceback."""
     args, overrides = _parser().parse_known_args(argv)
     try:
-        _run(args, overrides)
+        code = _run(args, overrides)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -135,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print("stopped at once by a second signal; rerun the same command to continue from the last checkpoint",
               file=sys.stderr)
         return 130
-    return 0
+    return code
 
 
 if __name__ == "__main__":

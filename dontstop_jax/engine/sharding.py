@@ -71,20 +71,22 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
 
     With several processes each must hold a contiguous block of batch rows, the block its loader reads
     (`data` across processes, `fsdp`/`tensor` within one): mesh_utils' physical layout is kept when it
-    does, else devices go in process-major order. `dcn_shape` builds a hybrid multi-slice mesh: `shape`
+    does, else devices go in process-major order. The hosts are those the devices name (`process_index`), not
+    the running processes: a TPU topology compiled for on one CPU machine spans many. `dcn_shape` builds a hybrid multi-slice mesh: `shape`
     within a slice (or process, where devices name no slice), `dcn_shape` across them; the mesh is their
     elementwise product.
     """
     devices = list(devices if devices is not None else jax.devices())
+    hosts = len({d.process_index for d in devices})
     if dcn_shape is None:
         shape = resolve_mesh_shape(shape, len(devices))
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-        if not rows_follow_processes(grid, jax.process_count()):
+        if not rows_follow_processes(grid, hosts):
             grid = process_major(devices, shape)
     else:
         grid = _hybrid_grid(shape, dcn_shape, devices)
-    if not rows_follow_processes(grid, jax.process_count()):
-        raise UserError(f"mesh {dict(zip(MESH_AXES, grid.shape))} does not give each of the {jax.process_count()} "
+    if not rows_follow_processes(grid, hosts):
+        raise UserError(f"mesh {dict(zip(MESH_AXES, grid.shape))} does not give each of the {hosts} "
                         "processes a contiguous block of batch rows; make data x fsdp a multiple of the process "
                         "count and tensor no larger than the devices of one process")
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -1,0 +1,46 @@
+"""`dontstop plan` compiles a tiny model's real step for a TPU slice on this CPU machine (needs libtpu: the
+[tpu] extra, kept out of the test extra because libtpu's start-up warnings reach every JAX process's stderr)."""
+
+import dataclasses
+
+import pytest
+
+from dontstop_jax import cli
+from dontstop_jax.engine import topology
+
+TINY = ["--config", "configs/tapt.py", "--config.model.hidden_size=64", "--config.model.num_hidden_layers=2",
+        "--config.model.num_attention_heads=2", "--config.model.intermediate_size=128",
+        "--config.data.max_seq_length=64", "--config.model.dtype=bfloat16"]
+
+
+def test_unknown_topology_is_one_error_line(capsys):
+    assert cli.main(["plan", "--topology", "v9-8", *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown TPU topology 'v9-8'; supported: v4-8,") and len(err.splitlines()) == 1
+
+
+def test_accelerator_names_map_to_topologies():
+    assert topology.parse("v4-32")[1:] == ("v4:2x2x4", (2, 2, 1))  # 32 TensorCores = 16 chips
+    assert topology.parse("v5litepod-16")[1:] == ("v5e:4x4", (2, 2, 1))
+    assert topology.parse("v5p-128")[1] == "v5p:4x4x4"
+    assert topology.parse("v6e-64")[1] == "v6e:8x8"
+
+
+def test_tiny_step_fits_and_prints_its_plan(capsys):
+    pytest.importorskip("libtpu")
+    assert cli.main(["plan", "--topology", "v5litepod-8", *TINY, "--config.train.batch_size=64"]) == 0
+    out = capsys.readouterr().out
+    for row in ("8 v5e chips", "HBM per chip", "FLOPs per step", "collectives", "roofline step", "MFU", "wall clock"):
+        assert row in out
+
+
+def test_step_that_does_not_fit_names_the_lever_and_its_plan(capsys, monkeypatch):
+    pytest.importorskip("libtpu")
+    # About 393 MiB per chip at accumulation 1, 260 MiB at 2 (fsdp and full remat already applied).
+    small = dataclasses.replace(topology.CHIPS["v5litepod"], hbm_bytes=320 << 20)
+    monkeypatch.setitem(topology.CHIPS, "v5litepod", small)
+    assert cli.main(["plan", "--topology", "v5litepod-8", *TINY, "--config.train.batch_size=1024",
+                     "--config.train.accum_steps=1", "--config.mesh.shape=(1,-1,1)", "--config.model.remat=full"]) == 1
+    out = capsys.readouterr().out
+    assert "does not fit; it fits with --config.train.accum_steps=2:" in out
+    assert out.count("HBM per chip") == 2 and "accum 2," in out
