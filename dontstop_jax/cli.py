@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import threading
 
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         if (fault := describe_fault(err)) is None:
             raise
         # Background checkpoint writers that fail while the process shuts down have nothing to add.
-        threading.excepthook = sys.unraisablehook = lambda *_: None
+        threading.excepthook = sys.unraisablehook = sys.excepthook = lambda *_: None
+        logging.getLogger("asyncio").disabled = True  # "Task exception was never retrieved" of the same write
         print(f"error: {fault}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -263,7 +263,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
-@pytest.mark.parametrize("limit, where", [(30_000, "cache"), (150_000, "checkpoints")])
+@pytest.mark.parametrize("limit, where", [(30_000, "cache"), (20_000, "checkpoints")])
 def test_disk_full(world, limit, where):
     """Writes fail part-way (file size limit): one line naming the file; rerun with room gives the same phase."""
     case = world.case_dir()
