@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
-import threading
 
 from dontstop_jax.errors import Interrupted, UserError
 from dontstop_jax.files import describe_fault
@@ -142,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 (filesystem faults become one line; anything else is a bug: re-raise)
         if (fault := describe_fault(err)) is None:
             raise
-        # Background checkpoint writers that fail while the process shuts down have nothing to add.
-        threading.excepthook = sys.unraisablehook = sys.excepthook = lambda *_: None
-        logging.getLogger("asyncio").disabled = True  # "Task exception was never retrieved" of the same write
         print(f"error: {fault}", file=sys.stderr)
-        return 1
+        # Exit now: Orbax's background writers, failing on the same fault, would print tracebacks from native
+        # threads while the interpreter shuts down. Committed checkpoints are complete; a half-written one is
+        # a temporary directory that restores ignore.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     except KeyboardInterrupt:
         print("stopped at once by a second signal; rerun the same command to continue from the last checkpoint",
               file=sys.stderr)
