@@ -1,74 +1,228 @@
-"""Atomic publication: a file or directory appears under its name complete or not at all.
+"""Every file the tool reads or writes, on a local disk or in a bucket (`gs://bucket/...`), and atomic publication.
 
-Every writer of something a later run reads (summaries, tables, adapter files, caches, exports) goes
-through `publishing`, so a crash, a full disk or a SIGKILL never leaves a half-written file under a
-name that readers trust.
+Paths are `etils.epath.Path`s (what Orbax uses too): local paths behave as before, `gs://` URLs go through
+gcsfs (`pip install -e ".[gcs]"`). Three rules make a bucket safe to share between hosts that share nothing else:
+- What a later run reads is published whole: locally by a rename, in a bucket by one object upload per file,
+  a directory's marker file last (`publishing`).
+- What a process reads many times (a model directory, a tokenizer, prepared shards) is copied once per host into
+  its local cache (`localize`, `local_cache`), verified by size.
+- Nothing is renamed in a bucket (object stores copy and delete; a crash between them leaves both).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path as LocalPath
 from typing import Any
 
+from etils import epath
 
-def _remove(path: Path) -> None:
+from dontstop_jax.errors import UserError
+
+Path = epath.Path
+PathLike = str | os.PathLike
+CACHE_ENV = "DONTSTOP_CACHE"  # this host's cache root (default ~/.cache/dontstop_jax)
+
+
+def is_remote(path: PathLike) -> bool:
+    """Whether `path` is a URL (gs://...) rather than a local path."""
+    return "://" in os.fspath(path)
+
+
+def path(where: PathLike) -> epath.Path:
+    """`where` as a Path: local, or in a bucket (a missing cloud filesystem package is a one-line error)."""
+    if is_remote(where):
+        scheme = os.fspath(where).split("://", 1)[0]
+        package = {"gs": "gcsfs", "s3": "s3fs"}.get(scheme)
+        if package is None:
+            raise UserError(f"{os.fspath(where)}: unsupported URL scheme {scheme}://; use a local path or gs://")
+        try:
+            __import__(package)
+        except ImportError:
+            raise UserError(f"{os.fspath(where)} needs the {package} package; pip install -e \".[gcs]\"") from None
+        _fresh_listings(scheme)
+    return epath.Path(where)
+
+
+def _fresh_listings(scheme: str) -> None:
+    """Make fsspec ask the bucket every time instead of caching listings for the life of the process: other
+    hosts write files this one waits for (a prepared corpus, a finished phase's marker)."""
+    import fsspec.config
+    fsspec.config.conf.setdefault(scheme, {}).setdefault("use_listings_cache", False)
+
+
+def absolute(where: PathLike) -> str:
+    """`where` as an absolute path string (a URL as it is): what provenance and summaries record."""
+    return os.fspath(where) if is_remote(where) else os.path.abspath(where)
+
+
+def local_cache(*parts: str) -> LocalPath:
+    """A directory of this host's cache (`$DONTSTOP_CACHE`, default ~/.cache/dontstop_jax): where bucket data is
+    copied to be read locally. Each host has its own; nothing in it is shared."""
+    root = os.environ.get(CACHE_ENV) or os.path.expanduser("~/.cache/dontstop_jax")
+    directory = LocalPath(root, *parts)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def _remove(path: LocalPath) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
 
 
-def _fsync(path: Path) -> None:
+def _fsync(path: LocalPath) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
-def publishing(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a private temporary sibling of `path` to write (a file, or a directory the caller creates).
-    On success it is fsynced and renamed onto `path`, replacing what was there (a directory whole);
-    on any failure it is removed and `path` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+def publishing(where: PathLike, *, last: str | None = None) -> Iterator[LocalPath]:
+    """Yield a private local temporary path to write (a file, or a directory the caller creates) that becomes
+    `where` on success, replacing what was there (a directory whole); on any failure it is removed and `where`
+    is left as it was. Locally: fsync and rename. In a bucket: upload each file, `last` (a directory's marker,
+    e.g. its config.json) after all others, then delete stale objects."""
+    if is_remote(where):
+        with _publishing_remote(path(where), last) as tmp:
+            yield tmp
+        return
+    target = LocalPath(where)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     _remove(tmp)
     try:
         yield tmp
         if tmp.is_dir():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}-{threading.get_ident()}")
-            if path.exists():
-                os.replace(path, old)
-            os.replace(tmp, path)
+            old = target.with_name(f".{target.name}.old-{os.getpid()}-{threading.get_ident()}")
+            if target.exists():
+                os.replace(target, old)
+            os.replace(tmp, target)
             _remove(old)
         else:
             _fsync(tmp)
-            os.replace(tmp, path)
+            os.replace(tmp, target)
     except BaseException as err:
         _remove(tmp)
         if isinstance(err, OSError) and err.filename is None:  # numpy's short writes name no file
-            err.filename = str(path)
+            err.filename = str(target)
         raise
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    with publishing(path) as tmp:
+@contextlib.contextmanager
+def _publishing_remote(target: epath.Path, last: str | None) -> Iterator[LocalPath]:
+    with tempfile.TemporaryDirectory(prefix="dontstop-publish-") as scratch:
+        tmp = LocalPath(scratch, target.name)
+        yield tmp
+        if not tmp.is_dir():
+            upload(tmp, target)
+            return
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.relative_to(tmp).as_posix() == last)  # the marker goes up last
+        keep = {p.relative_to(tmp).as_posix() for p in files}
+        for name, stale in walk(target).items():
+            if name not in keep:
+                stale.unlink()
+        for file in files:
+            upload(file, target / file.relative_to(tmp).as_posix())
+
+
+def walk(directory: PathLike) -> dict[str, epath.Path]:
+    """{name relative to `directory` (posix): path} of every file under it, at any depth."""
+    if not is_remote(directory):
+        return {p.relative_to(directory).as_posix(): Path(p) for p in LocalPath(directory).rglob("*") if p.is_file()}
+    import fsspec
+    scheme, rest = os.fspath(directory).split("://", 1)
+    rest = rest.rstrip("/")
+    return {found[len(rest) + 1:]: Path(f"{scheme}://{found}") for found in fsspec.filesystem(scheme).find(rest)}
+
+
+def upload(local: LocalPath, target: epath.Path) -> None:
+    """Copy one local file to `target` (a single object write: readers see all of it or none)."""
+    with open(local, "rb") as src, target.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+
+
+def write_text(where: PathLike, text: str) -> None:
+    with publishing(where) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json(path: str | os.PathLike, payload: Any) -> None:
-    write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+def write_json(where: PathLike, payload: Any) -> None:
+    write_text(where, json.dumps(payload, indent=2, sort_keys=True))
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+def read_json(where: PathLike) -> Any:
+    return json.loads(path(where).read_text(encoding="utf-8"))
+
+
+def glob(pattern: str) -> list[str]:
+    """The sorted files (not directories) a local or gs:// glob matches."""
+    if not is_remote(pattern):
+        import glob as globlib
+        return sorted(f for f in globlib.glob(pattern) if os.path.isfile(f))
+    scheme, rest = pattern.split("://", 1)
+    root, _, tail = rest.partition("/")
+    found = path(f"{scheme}://{root}").glob(tail)
+    return sorted(os.fspath(p) for p in found if p.is_file())
+
+
+def localize(where: PathLike) -> LocalPath:
+    """A local path with `where`'s content: `where` itself when local; a file or directory in a bucket is copied
+    once per host into the local cache, keyed by its URL and its files' sizes and times, so an updated
+    original is fetched again and an unchanged one never."""
+    if not is_remote(where):
+        return LocalPath(where)
+    source = path(where)
+    if not source.exists():
+        raise UserError(f"{os.fspath(where)} does not exist; check the bucket path")
+    entries = walk(source) if source.is_dir() else {"": source}
+    stats = {name: source_stat(p) for name, p in entries.items()}
+    key = hashlib.sha256(json.dumps([os.fspath(where), stats], sort_keys=True).encode()).hexdigest()[:16]
+    copy = local_cache("remote", key) / (source.name or "root")
+    if copy.exists():
+        return copy
+    with publishing(copy) as tmp:
+        for name, remote in entries.items():
+            local = tmp / name if name else tmp
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with remote.open("rb") as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
+            if local.stat().st_size != stats[name][0]:
+                raise OSError(errno.EIO, f"short copy of {remote}", os.fspath(local))
+    return copy
+
+
+def source_stat(where: epath.Path) -> tuple[int, int]:
+    """(size, mtime: ns locally, s in a bucket) of a file: what says it changed."""
+    if not is_remote(where):
+        st = os.stat(where)
+        return st.st_size, st.st_mtime_ns
+    st = where.stat()
+    return int(st.length), int(st.mtime)
+
+
+@contextlib.contextmanager
+def staged(where: PathLike) -> Iterator[LocalPath]:
+    """A local path with the content of file `where` for the duration of the block (a bucket file is copied to
+    a temporary file and deleted after): for readers that need a real file, e.g. byte-range workers."""
+    if not is_remote(where):
+        yield LocalPath(where)
+        return
+    with tempfile.TemporaryDirectory(prefix="dontstop-stage-") as scratch:
+        local = LocalPath(scratch, path(where).name)
+        with path(where).open("rb") as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
+        yield local
 
 
 # What a filesystem fault means for the user: (cause, fix). Short writes without an errno are disk-full too.

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dontstop_jax import files
 from dontstop_jax.errors import UserError
 
 CURVES = (("loss", "MLM loss"), ("learning_rate", "learning rate"), ("tokens_per_s", "tokens / s"))
@@ -31,16 +31,16 @@ def pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: str | Path, dpi: int) -> Path:
+def _save(fig: Any, path: str | files.Path, dpi: int) -> files.Path:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
-    return Path(path)
+    return files.path(path)
 
 
-def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | Path, *, title: str,
+def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | files.Path, *, title: str,
             label: str, xlabel: str = "", ylabel: str = "", fmt: str = "{:.1f}", cmap: str = "viridis",
-            dpi: int = 80) -> Path:
+            dpi: int = 80) -> files.Path:
     """Matrix as colored cells, each annotated with its value (row i = rows[i])."""
     plt = pyplot()
     matrix = np.asarray(matrix, dtype=float)
@@ -60,16 +60,16 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: 
     return _save(fig, path, dpi)
 
 
-def read_metrics(path: str | Path, phase: str = "train/") -> list[dict[str, float]]:
+def read_metrics(path: str | files.Path, phase: str = "train/") -> list[dict[str, float]]:
     """The lines of a MetricsWriter's metrics.jsonl logged under `phase` (see train/logging.py)."""
-    path = Path(path)
+    path = files.path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist; point the analysis at a phase workdir that has trained")
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [line for line in lines if line.get("phase", phase) == phase]
 
 
-def training_curves(runs: Mapping[str, str | Path], path: str | Path, *, dpi: int = 80) -> Path:
+def training_curves(runs: Mapping[str, str | files.Path], path: str | files.Path, *, dpi: int = 80) -> files.Path:
     """Loss, learning rate and throughput over steps, one line per run ({name: metrics.jsonl path})."""
     plt = pyplot()
     logs = {name: read_metrics(p) for name, p in runs.items()}
@@ -85,10 +85,10 @@ def training_curves(runs: Mapping[str, str | Path], path: str | Path, *, dpi: in
     return _save(fig, path, dpi)
 
 
-def results_bars(results_json: str | Path, path: str | Path, *, dpi: int = 80) -> Path:
+def results_bars(results_json: str | files.Path, path: str | files.Path, *, dpi: int = 80) -> files.Path:
     """The grid's results (results.json of analysis/table.py): one bar group per task, mean ± std over seeds."""
     plt = pyplot()
-    results_json = Path(results_json)
+    results_json = files.path(results_json)
     if not results_json.is_file():
         raise UserError(f"{results_json} does not exist; run the grid first (dontstop grid / dontstop demo)")
     table = json.loads(results_json.read_text(encoding="utf-8"))

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 from ml_collections import ConfigDict
 
+from dontstop_jax import files
 from dontstop_jax.analysis import plots
 from dontstop_jax.analysis.vocab import vocab_overlap
 from dontstop_jax.errors import UserError
@@ -22,17 +22,17 @@ from dontstop_jax.files import publishing
 _PHASE_DIR = re.compile(r"^(?P<label>.+)-[0-9a-f]{10}$")  # phases/grid.py: <label>-<fingerprint>
 
 
-def grid_phases(grid_dir: str | Path) -> dict[str, Path]:
+def grid_phases(grid_dir: str | files.Path) -> dict[str, files.Path]:
     """{name: workdir} of a grid's finished pretraining phases; a phase that continued another non-base
     phase is named parent+label (so DAPT+TAPT's TAPT is told apart from TAPT on the base model)."""
-    root = Path(grid_dir) / "pretrain"
+    root = files.path(grid_dir) / "pretrain"
     labels, parents = {}, {}
     for workdir in sorted(root.glob("*")):
         match, done = _PHASE_DIR.match(workdir.name), workdir / "DONE.json"
         if match and done.is_file():
             labels[workdir.name] = match["label"]
             parent = json.loads(done.read_text())["parent"]
-            parents[workdir.name] = Path(parent.removeprefix("checkpoint:").rpartition("@")[0]).parent.name
+            parents[workdir.name] = files.path(parent.removeprefix("checkpoint:").rpartition("@")[0]).parent.name
     if not labels:
         raise UserError(f"{root} holds no finished pretraining phase; run the grid first (dontstop grid / demo)")
 
@@ -51,11 +51,11 @@ def _synthetic_corpora(cfg: ConfigDict) -> dict[str, list[str]]:
     return {name: [str(path)] for name, path in write_heldout(bench, cfg.synthetic.heldout_docs).items()}
 
 
-def _write(out: Path, cfg: ConfigDict) -> list[str]:
+def _write(out: files.Path, cfg: ConfigDict) -> list[str]:
     """Every configured section into `out`; returns the Markdown summary's lines."""
     corpora = _synthetic_corpora(cfg) if cfg.get("synthetic") else {k: list(v) for k, v in cfg.corpora.items()}
     checkpoints = dict(cfg.mlm.checkpoints)
-    curves = {name: Path(path) / "metrics.jsonl" for name, path in cfg.curves.items()}
+    curves = {name: files.path(path) / "metrics.jsonl" for name, path in cfg.curves.items()}
     if cfg.grid_dir:
         phases = grid_phases(cfg.grid_dir)
         checkpoints = {**{k: str(v) for k, v in phases.items()}, **checkpoints}
@@ -82,20 +82,20 @@ def _write(out: Path, cfg: ConfigDict) -> list[str]:
     if curves:
         plots.training_curves(curves, out / "training_curves.png", dpi=cfg.dpi)
         summary += ["## Training curves", "", "![training curves](training_curves.png)", ""]
-    results = Path(cfg.grid_dir) / "results.json" if cfg.grid_dir else None
+    results = files.path(cfg.grid_dir) / "results.json" if cfg.grid_dir else None
     if results is not None and results.is_file():
         plots.results_bars(results, out / "results.png", dpi=cfg.dpi)
-        summary += ["## Results", "", (Path(cfg.grid_dir) / "results.md").read_text(encoding="utf-8"),
+        summary += ["## Results", "", (files.path(cfg.grid_dir) / "results.md").read_text(encoding="utf-8"),
                     "![results](results.png)", ""]
     if len(summary) == 2:
         raise UserError("nothing to analyze: configure corpora, mlm.checkpoints, curves or grid_dir")
     return summary
 
 
-def analyze(cfg: ConfigDict) -> Path:
+def analyze(cfg: ConfigDict) -> files.Path:
     """Write the analysis of `cfg` (see configs/analyze.py) into cfg.out_dir, replacing an older one whole."""
     plots.pyplot()  # fail on a missing matplotlib before minutes of evaluation, not after
-    out = Path(cfg.out_dir)
+    out = files.path(cfg.out_dir)
     with publishing(out) as stage:
         stage.mkdir()
         summary = _write(stage, cfg)

@@ -23,11 +23,11 @@ import os
 from collections.abc import Mapping, Sequence
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dontstop_jax import files
 from dontstop_jax.errors import UserError
 from dontstop_jax.files import write_text
 
@@ -221,7 +221,7 @@ class ResultsTable:
         report script)."""
         if not enabled:
             return
-        out = Path(out_dir)
+        out = files.path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "results.md", self.to_markdown())
         write_text(out / "results.csv", self._csv_text())

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from dontstop_jax import files
 from dontstop_jax.engine.sharding import Rules, activation_rules, to_global
 from dontstop_jax.engine.steps import mlm_loss_sums
 from dontstop_jax.errors import UserError
@@ -98,7 +99,7 @@ def save(path: str | os.PathLike, importance: Importance) -> None:
 
 
 def load(path: str | os.PathLike) -> Importance:
-    with np.load(path) as f:
+    with files.path(path).open("rb") as raw, np.load(raw) as f:
         if missing := set(UNITS) - set(f.files):
             raise UserError(f"{path} lacks importances {sorted(missing)}; delete it to measure again")
         return {k: f[k] for k in UNITS}

@@ -8,7 +8,6 @@ bad byte is reported with its file offset instead of a bare UnicodeDecodeError.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import gzip
 import hashlib
 import importlib
@@ -17,6 +16,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from dontstop_jax import files
 from dontstop_jax.errors import UserError
 
 FORMATS = ("auto", "lines", "paragraphs", "jsonl", "hf", "tfds")
@@ -78,12 +78,12 @@ def parse_source(spec: SourceSpec) -> CorpusSource:
 
 
 def resolve_files(source: CorpusSource) -> list[str]:
-    """The sorted files a path or glob names; an error if there are none."""
-    files = sorted(glob.glob(source.path)) if glob.has_magic(source.path) else [source.path]
-    files = [f for f in files if os.path.isfile(f)]
-    if not files:
+    """The sorted files a path or glob (local or gs://) names; an error if there are none."""
+    found = files.glob(source.path) if any(c in source.path for c in "*?[") else (
+        [source.path] if files.path(source.path).is_file() else [])
+    if not found:
         raise UserError(f"corpus path {source.path} matches no files; check the path or glob")
-    return files
+    return found
 
 
 def iter_documents(source: SourceSpec) -> Iterator[str]:
@@ -112,19 +112,17 @@ def corpus_fingerprint(sources: Iterable[SourceSpec]) -> str:
     for source in map(parse_source, sources):
         entry: dict[str, Any] = {"source": dataclasses.asdict(source), "kind": source.kind}
         if source.kind not in ("hf", "tfds"):
-            stats = [(os.path.abspath(f), os.stat(f)) for f in resolve_files(source)]
-            entry["files"] = [(path, st.st_size, st.st_mtime_ns) for path, st in stats]
+            entry["files"] = [(files.absolute(f), *files.source_stat(files.path(f))) for f in resolve_files(source)]
         entries.append(entry)
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
 def iter_lines(path: str) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, decoded line without newline) of a text file, `.gz` included."""
-    if os.path.getsize(path) == 0:
+    if files.source_stat(files.path(path))[0] == 0:
         raise UserError(f"file {path} is empty; remove it from the sources or fill it")
-    opener = gzip.open if path.endswith(".gz") else open
     offset = 0
-    with opener(path, "rb") as f:
+    with files.path(path).open("rb") as raw_file, (gzip.open(raw_file) if path.endswith(".gz") else raw_file) as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")

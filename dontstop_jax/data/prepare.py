@@ -43,6 +43,7 @@ from dontstop_jax.data.encode_pool import EncodePool
 from dontstop_jax.data.piece_cache import PieceCache
 from dontstop_jax.data.tokenizer import encode_plain, load_tokenizer, special_ids, tokenizer_fingerprint
 from dontstop_jax.errors import UserError
+from dontstop_jax import files
 from dontstop_jax.files import publishing
 
 log = logging.getLogger(__name__)
@@ -177,10 +178,15 @@ def prepare_corpus(
     tok_fp = tokenizer_fingerprint(tok)
     corpus_fp = corpus_fingerprint(sources)
     key = json.dumps([corpus_fp, tok_fp, max_seq_length, FORMAT_VERSION])
-    directory = Path(out_root) / hashlib.sha256(key.encode()).hexdigest()[:16]
-    corpus = _reuse(directory)
+    name = hashlib.sha256(key.encode()).hexdigest()[:16]
+    # A bucket cache is read through this host's verified local copy (memory-mapped like a local cache).
+    remote = files.path(out_root) / name if files.is_remote(out_root) else None
+    directory = (files.local_cache("prepared") if remote else Path(out_root)) / name
+    corpus = _reuse(directory) or (_download(remote, directory) if remote else None)
     if corpus is not None:
-        log.info("reusing prepared corpus at %s", directory)
+        log.info("reusing prepared corpus at %s", remote or directory)
+        if remote and not (remote / MANIFEST).exists():
+            _upload(corpus, remote)
         return corpus
     _remove_stale(directory.parent)
     build = _private(directory)
@@ -192,7 +198,10 @@ def prepare_corpus(
     log.info("preparing corpus into %s", directory)
     try:
         _build(sources, tok, tok_fp, corpus_fp, build, max_seq_length, shard_blocks, workers)
-        return _publish(build, directory)
+        corpus = _publish(build, directory)
+        if remote:
+            _upload(corpus, remote)
+        return corpus
     finally:
         shutil.rmtree(build, ignore_errors=True)  # already gone unless the build failed or lost the race
 
@@ -270,6 +279,40 @@ def _publish(build: Path, directory: Path) -> PreparedCorpus:
     return PreparedCorpus.load(directory)
 
 
+def _upload(corpus: PreparedCorpus, remote: files.Path) -> None:
+    """Copy a prepared corpus into the bucket: shards first, the manifest last, so a reader that finds the
+    manifest finds every shard."""
+    for shard in corpus.manifest["shards"]:
+        files.upload(corpus.directory / shard["file"], remote / shard["file"])
+    files.upload(corpus.directory / MANIFEST, remote / MANIFEST)
+    log.info("uploaded prepared corpus to %s", remote)
+
+
+def _download(remote: files.Path, directory: Path) -> PreparedCorpus | None:
+    """This host's copy of the corpus prepared in the bucket at `remote`, verified against its manifest;
+    None when the bucket holds no complete one (then it is built here and uploaded again)."""
+    try:
+        manifest = json.loads((remote / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    build = _private(directory)
+    build.mkdir(parents=True)
+    try:
+        for shard in [entry["file"] for entry in manifest["shards"]] + [MANIFEST]:
+            with (remote / shard).open("rb") as src, open(build / shard, "wb") as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
+        PreparedCorpus.open_checked(build)
+    except (FileNotFoundError, Damaged) as e:
+        log.warning("prepared corpus in %s is damaged (%s); rebuilding it", remote, e)
+        shutil.rmtree(build, ignore_errors=True)
+        return None
+    log.info("copied prepared corpus from %s", remote)
+    try:
+        return _publish(build, directory)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
 def _remove_stale(out_root: Path) -> None:
     """Delete private directories left by builders that died (SIGKILL, power loss) once untouched for long."""
     for path in out_root.glob(".*.tmp-*"):
@@ -318,11 +361,12 @@ def _pooled(pool: EncodePool, source: CorpusSource) -> Iterator[tuple[int, np.nd
     """`iter_documents`' checks (no empty file, at least one document) around the pool's ranges."""
     documents = 0
     for path in resolve_files(source):
-        if os.path.getsize(path) == 0:
+        if files.source_stat(files.path(path))[0] == 0:
             raise UserError(f"file {path} is empty; remove it from the sources or fill it")
-        for count, piece in pool.encode_file(path):
-            documents += count
-            yield count, piece
+        with files.staged(path) as local:  # a bucket file is copied here one at a time for the workers
+            for count, piece in pool.encode_file(str(local)):
+                documents += count
+                yield count, piece
     if documents == 0:
         raise UserError(f"corpus source {source.path} has no documents (all empty); check the path and format")
 
@@ -330,7 +374,7 @@ def _pooled(pool: EncodePool, source: CorpusSource) -> Iterator[tuple[int, np.nd
 def default_workers(sources: list[CorpusSource]) -> int:
     """All cores (up to 8) for >= POOL_MIN_BYTES of plain-text line files; in-process below that, where
     starting workers costs more than it saves."""
-    size = sum(os.path.getsize(f) for s in sources if _splittable(s) for f in resolve_files(s))
+    size = sum(files.source_stat(files.path(f))[0] for s in sources if _splittable(s) for f in resolve_files(s))
     return min(len(os.sched_getaffinity(0)), 8) if size >= POOL_MIN_BYTES else 1
 
 

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerFast
 
 from dontstop_jax.data.corpus import CorpusSource, iter_documents, iter_jsonl, load_hf_dataset, record_field
 from dontstop_jax.data.tokenizer import encode_plain, special_ids
+from dontstop_jax import files
 from dontstop_jax.errors import UserError
 
 SPLIT_FILES = ("train", "dev", "test")
@@ -182,14 +183,15 @@ class ClassificationBatches:
 def _split_paths(source: str | os.PathLike | Mapping[str, str]) -> dict[str, str]:
     if isinstance(source, Mapping):
         return {split: os.fspath(path) for split, path in source.items()}
-    if not os.path.isdir(source):
+    directory = files.path(source)
+    if not directory.is_dir():
         raise UserError(f"task directory {source} not found; pass a directory with train.jsonl, dev.jsonl, test.jsonl")
     names = (*SPLIT_FILES, "unlabeled")
-    return {s: os.path.join(source, f"{s}.jsonl") for s in names if os.path.isfile(os.path.join(source, f"{s}.jsonl"))}
+    return {s: os.fspath(directory / f"{s}.jsonl") for s in names if (directory / f"{s}.jsonl").is_file()}
 
 
 def _read_jsonl(path: str, text_field: str, label_field: str) -> tuple[list[str], list[Any]]:
-    if not os.path.isfile(path):
+    if not files.path(path).is_file():
         raise UserError(f"task file {path} not found; check the split paths")
     texts, labels = [], []
     for lineno, record in iter_jsonl(path):

@@ -1,7 +1,5 @@
-"""Load a local Hugging Face fast tokenizer and describe it for caching, packing and masking.
-
-Only local directories are accepted: this project never downloads at run time.
-"""
+"""Load a Hugging Face fast tokenizer (a directory, local or in a bucket) and describe it for caching, packing
+and masking."""
 
 from __future__ import annotations
 
@@ -12,13 +10,16 @@ from collections.abc import Sequence
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from dontstop_jax import files
 from dontstop_jax.errors import UserError
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """Load the fast tokenizer saved in directory `path` (tokenizer.json, or vocab.json + merges.txt)."""
-    if not os.path.isdir(path):
-        raise UserError(f"tokenizer directory {path} not found; pass a local directory written by save_pretrained")
+    """Load the fast tokenizer saved in directory `path` (tokenizer.json, or vocab.json + merges.txt); a bucket
+    directory is read through this host's copy."""
+    if not files.path(path).is_dir():
+        raise UserError(f"tokenizer directory {path} not found; pass a directory written by save_pretrained")
+    path = files.localize(path)
     try:
         tok = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
     except (OSError, ValueError) as e:

@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
@@ -24,6 +23,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from dontstop_jax.engine.state import TrainState
+from dontstop_jax import files
 from dontstop_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class Checkpointer:
             preservation_policy=pp.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
             read_only=read_only, create=not read_only,
             best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode)
-        self.directory = Path(directory).absolute()
+        self.directory = files.path(files.absolute(directory))
         self.best_metric, self.best_mode = best_metric, best_mode
         handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
                     "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}

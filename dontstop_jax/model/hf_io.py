@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from dontstop_jax import files
 from dontstop_jax.errors import UserError
 from dontstop_jax.files import publishing
 from dontstop_jax.model.config import ModelConfig
@@ -199,10 +200,11 @@ def load_pretrained(path: str | os.PathLike, **config_overrides: Any) -> tuple[M
 def check_tokenizer(cfg: ModelConfig, tokenizer_dir: str | os.PathLike) -> None:
     """The tokenizer must not produce ids past the model's embedding table."""
     from transformers import AutoTokenizer
-    if not (Path(tokenizer_dir) / "tokenizer.json").exists() and not (Path(tokenizer_dir) / "vocab.json").exists():
+    where = files.path(tokenizer_dir)
+    if not (where / "tokenizer.json").exists() and not (where / "vocab.json").exists():
         raise UserError(f"{tokenizer_dir} has no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
                         "copy the model's tokenizer there or pass the tokenizer directory explicitly")
-    n = len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    n = len(AutoTokenizer.from_pretrained(str(files.localize(tokenizer_dir))))
     if n > cfg.vocab_size:
         raise UserError(f"tokenizer at {tokenizer_dir} has {n} tokens but the model's vocab_size is "
                         f"{cfg.vocab_size}; use the tokenizer the model was trained with")
@@ -211,7 +213,7 @@ def check_tokenizer(cfg: ModelConfig, tokenizer_dir: str | os.PathLike) -> None:
 # -- writing ------------------------------------------------------------------------------------
 def save_pretrained(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params, head: str, *,
                     tokenizer_dir: str | os.PathLike | None = None, label_names: list[str] | None = None,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False) -> files.Path:
     """Write a directory that `transformers.AutoModelFor...from_pretrained` loads with the same outputs.
 
     The directory is assembled beside its final place and renamed into it, so a crash never leaves a
@@ -222,7 +224,7 @@ def save_pretrained(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params
 
     if head not in HEADS:
         raise UserError(f"unknown head {head!r}; use one of {sorted(HEADS)}")
-    out_dir = Path(out_dir)
+    out_dir = files.path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"{out_dir} already exists and is not empty; choose another directory or pass overwrite")
     params = {k: v for k, v in params.items()}
@@ -238,12 +240,13 @@ def save_pretrained(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params
         names = label_names or [f"LABEL_{i}" for i in range(state["classifier.out_proj.bias"].shape[0])]
         hf_config.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
 
-    with publishing(out_dir) as tmp:
+    with publishing(out_dir, last="config.json") as tmp:  # in a bucket, config.json marks it complete
         tmp.mkdir()
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         RobertaConfig(**hf_config).save_pretrained(str(tmp))
         if tokenizer_dir is not None:
+            tokenizer_dir = files.localize(tokenizer_dir)
             for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).exists():
-                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+                if (tokenizer_dir / name).exists():
+                    shutil.copy2(tokenizer_dir / name, tmp / name)
     return out_dir

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dontstop_jax import files
 from dontstop_jax.errors import UserError
 from dontstop_jax.files import publishing
 from dontstop_jax.model.config import ModelConfig
@@ -131,7 +131,7 @@ def _unflatten(flat: dict[str, Any]) -> dict:
     return tree
 
 
-def save_delta(path: str | os.PathLike, params: dict, trainable: dict, cfg: ModelConfig) -> Path:
+def save_delta(path: str | os.PathLike, params: dict, trainable: dict, cfg: ModelConfig) -> files.Path:
     """Write the leaves marked True in `trainable` (adapters/LoRA, biases, norms, the head) to safetensors.
 
     The model config rides along as metadata, so `load_delta` can rebuild the model on any base.
@@ -148,11 +148,10 @@ def save_delta(path: str | os.PathLike, params: dict, trainable: dict, cfg: Mode
 def load_delta(path: str | os.PathLike, base: dict) -> tuple[ModelConfig, dict]:
     """(config, params): the base parameters with the file's leaves put in (adapters/LoRA added)."""
     from safetensors import safe_open
-    path = Path(path)
-    if not path.is_file():
+    if not files.path(path).is_file():
         raise UserError(f"{path} is not a file; pass the adapter file a parameter-efficient run wrote "
                         "(its workdir's peft.safetensors)")
-    with safe_open(str(path), "numpy") as f:
+    with safe_open(str(files.localize(path)), "numpy") as f:
         cfg = ModelConfig(**json.loads(f.metadata()["model_config"]))
         flat = {k: f.get_tensor(k) for k in f.keys()}
     merged = _flatten(base)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -22,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from dontstop_jax import files
 from dontstop_jax.analysis.continual import ContinualTable
 from dontstop_jax.analysis.metrics import check_metric
 from dontstop_jax.das import importance
@@ -62,7 +62,7 @@ class Continual:
 
     def __init__(self, cfg: ConfigDict):
         self.cfg = cfg
-        self.root = Path(cfg.workdir)
+        self.root = files.path(cfg.workdir)
         if unknown := set(cfg.methods) - set(METHODS):
             raise UserError(f"unknown continual methods {sorted(unknown)}; choose from {list(METHODS)}")
         if missing := [d for d in cfg.sequence if d not in cfg.domains]:
@@ -91,18 +91,18 @@ class Continual:
     def das_stage(self, parent: str, domain: str, first: bool) -> str:
         """Train on `domain` under the importance accumulated so far; then add this domain's importance."""
         phase = self._adapt_phase("das", parent, domain, das=self.cfg.das)
-        workdir = Path(phase.workdir)
+        workdir = files.path(phase.workdir)
         if first:
             past = self._importance_file(workdir / GENERAL, lambda: self.importance(parent, phase, "kl"))
         else:
-            past = importance.load(Path(parent) / ACCUMULATED)
+            past = importance.load(files.path(parent) / ACCUMULATED)
         pretrain(phase, objective=self._objective(past))
         self._importance_file(workdir / ACCUMULATED, lambda: importance.accumulate(
             past, self.importance(phase.workdir, phase, "mlm")))
         return phase.workdir
 
     @staticmethod
-    def _importance_file(path: Path, compute) -> importance.Importance:
+    def _importance_file(path: files.Path, compute) -> importance.Importance:
         """The importance saved at `path`, or `compute()`d now (every process) and saved (by the first; the
         others wait for the file, which the next stage reads)."""
         if path.exists():

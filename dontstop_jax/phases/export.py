@@ -3,10 +3,9 @@ or only what a parameter-efficient phase trained, as a small file."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ml_collections import ConfigDict
 
+from dontstop_jax import files
 from dontstop_jax.distributed import on_first_process
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, default_peft_config
@@ -20,7 +19,7 @@ from dontstop_jax.train.workdir import require_finished
 def _load(workdir: str, step: int | None) -> tuple[dict, ModelConfig, dict]:
     """Any phase's explicitly named `step`, else a finished phase's reported step (a fine-tune's best, else the
     latest) or, if that one is damaged, the newest readable step."""
-    directory = phase_checkpoints(Path(workdir))
+    directory = phase_checkpoints(files.path(workdir))
     if directory is None:
         raise UserError(f"--from={workdir!r} is not a phase workdir (it has no checkpoints/); pass the workdir of "
                         "a finished pretrain or finetune run")
@@ -29,7 +28,7 @@ def _load(workdir: str, step: int | None) -> tuple[dict, ModelConfig, dict]:
     return meta, ModelConfig(**meta["model_config"]), params
 
 
-def export(workdir: str, out_dir: str, step: int | None = None) -> Path:
+def export(workdir: str, out_dir: str, step: int | None = None) -> files.Path:
     """LoRA is merged into the base kernels (same logits); adapters and mean pooling have no Hugging Face
     RoBERTa equivalent, so those models are refused rather than exported without them. Every process reads
     (restores are collective); the first one writes."""
@@ -41,10 +40,10 @@ def export(workdir: str, out_dir: str, step: int | None = None) -> Path:
     on_first_process("export", lambda: save_pretrained(out_dir, cfg, params, meta.get("head", "mlm"),
                                                        tokenizer_dir=meta["tokenizer_dir"],
                                                        label_names=meta.get("label_names")))
-    return Path(out_dir)
+    return files.path(out_dir)
 
 
-def export_delta(workdir: str, out_file: str, step: int | None = None) -> Path:
+def export_delta(workdir: str, out_file: str, step: int | None = None) -> files.Path:
     """The leaves the phase's `peft.method` trained (adapters/LoRA, biases, norms, head) as safetensors;
     `dontstop_jax.model.peft.load_delta(file, base_params)` puts them back onto the base model.
     Every process reads (restores are collective); the first one writes."""
@@ -54,7 +53,7 @@ def export_delta(workdir: str, out_file: str, step: int | None = None) -> Path:
     if adaptation.method in ("full", "top_k"):
         raise UserError(f"{workdir} trained with peft.method={adaptation.method}, which changes whole encoder "
                         "weights; export the full model instead (without --peft-only)")
-    if Path(out_file).is_dir():
+    if files.path(out_file).is_dir():
         raise UserError(f"{out_file} is a directory; --peft-only writes one file, e.g. out/peft.safetensors")
     on_first_process("export_delta", lambda: save_delta(out_file, params, adaptation.trainable(params), cfg))
-    return Path(out_file)
+    return files.path(out_file)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from dontstop_jax import files
 from dontstop_jax.analysis import classification_metrics
 from dontstop_jax.analysis.metrics import check_metric
 from dontstop_jax.data import ClassificationBatches, load_task, load_tokenizer, tokenize_split
@@ -130,7 +130,7 @@ def _finetune(cfg: ConfigDict) -> dict:
         test = evaluate(predict, params, batches["test"], trainer.mesh, num_labels)
         trainer.writer.write(trainer.step, test, prefix="test/")
         return trainer.finish({
-            "phase": cfg.name, "workdir": str(Path(cfg.workdir).absolute()), "parent": source.parent,
+            "phase": cfg.name, "workdir": files.absolute(cfg.workdir), "parent": source.parent,
             "metric": metric, "dev": history[best - 1], "test": test, "best_epoch": best,
             "epochs_run": len(history), "best_step": best_step, "label_names": task.label_names,
             "trainable_params": adaptation.count(params)[0], "seconds_per_epoch": _typical(progress["epoch_seconds"]),

@@ -15,12 +15,12 @@ control samples 50 per task example).
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import jax
 from ml_collections import ConfigDict
 
+from dontstop_jax import files
 from dontstop_jax import config_loader
 from dontstop_jax.analysis import results_table
 from dontstop_jax.analysis.metrics import check_metric
@@ -41,7 +41,7 @@ SELECTION_VARIANTS = {"knn_tapt_50": dict(method="knn", k=50), "knn_tapt_150": d
                       "dsir_tapt": dict(method="dsir", size_of="knn_tapt_50")}
 
 
-def _phase(template: ConfigDict, root: Path, label: str, **fields: Any) -> ConfigDict:
+def _phase(template: ConfigDict, root: files.Path, label: str, **fields: Any) -> ConfigDict:
     """A copy of `template` named `label` with the dotted `fields` set (a misspelled one is an error, never a new
     field), in a directory named by its fingerprint."""
     cfg = config_loader.set_fields(copy.deepcopy(template), {**fields, "name": label})
@@ -49,7 +49,7 @@ def _phase(template: ConfigDict, root: Path, label: str, **fields: Any) -> Confi
     return cfg
 
 
-def base_model(cfg: ConfigDict, root: Path) -> str:
+def base_model(cfg: ConfigDict, root: files.Path) -> str:
     """The base model: a Hugging Face directory, or (synthetic default) a model pretrained from scratch."""
     if cfg.base_pretrain.init != "scratch":
         return cfg.base
@@ -63,7 +63,7 @@ class Grid:
 
     def __init__(self, cfg: ConfigDict):
         self.cfg = cfg
-        self.root = Path(cfg.workdir)
+        self.root = files.path(cfg.workdir)
         unknown = set(cfg.variants) - set(VARIANTS) - set(SELECTION_VARIANTS)
         if unknown:
             raise UserError(f"unknown variants {sorted(unknown)}; "

@@ -6,13 +6,13 @@ latest checkpoint, so it produces the same parameters as an uninterrupted run.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 from ml_collections import ConfigDict
 
+from dontstop_jax import files
 from dontstop_jax.distributed import on_first_process
 from dontstop_jax.data import MLMLoader, PreparedCorpus, load_tokenizer, prepare_corpus, special_ids, word_start_table
 from dontstop_jax.engine import mlm_loss_sums
@@ -69,6 +69,6 @@ def _pretrain(cfg: ConfigDict, objective: Objective) -> dict:
         finally:
             loader.close()
         return trainer.finish({
-            "phase": cfg.name, "workdir": str(Path(cfg.workdir).absolute()), "steps": total,
+            "phase": cfg.name, "workdir": files.absolute(cfg.workdir), "steps": total,
             "parent": source.parent, "corpus_blocks": corpus.num_blocks, "epochs": total / loader.steps_per_epoch,
             "trainable_params": adaptation.count(trainer.state.params)[0]}, data_state=loader.get_state())

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from dontstop_jax import files
 from dontstop_jax.distributed import on_first_process
 from dontstop_jax.data import iter_documents, load_task, parse_source
 from dontstop_jax.engine import make_mesh
@@ -39,7 +39,7 @@ SELECTED, STATS, PROGRESS, EMBEDDER = "selected.jsonl", "selection_stats.json", 
 
 def selected_corpus(workdir: str | os.PathLike) -> str:
     """The corpus file a finished selection wrote (a jsonl source with field "text")."""
-    return str(Path(workdir) / SELECTED)
+    return str(files.path(workdir) / SELECTED)
 
 
 def select(cfg: ConfigDict) -> dict:
@@ -63,7 +63,7 @@ def _select(cfg: ConfigDict) -> dict:
 
 
 def _run(cfg: ConfigDict) -> dict:
-    workdir = Path(cfg.workdir)
+    workdir = files.path(cfg.workdir)
     if cfg.method not in METHODS:
         raise UserError(f"unknown selection method {cfg.method!r}; choose one of {METHODS}")
     if min(cfg.chunk_size, cfg.checkpoint_every, cfg.fit_docs) < 1:
@@ -150,7 +150,7 @@ def _fit_sample(cfg: ConfigDict, sources: Sequence) -> list[str]:
     return sample
 
 
-def _ranker(cfg: ConfigDict, workdir: Path, examples: Sequence[str], sources: Sequence):
+def _ranker(cfg: ConfigDict, workdir: files.Path, examples: Sequence[str], sources: Sequence):
     if cfg.method == "knn":
         path = workdir / EMBEDDER
         if not path.exists():
@@ -158,7 +158,7 @@ def _ranker(cfg: ConfigDict, workdir: Path, examples: Sequence[str], sources: Se
                                cfg.seed)
             with publishing(path) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **arrays)
-        with np.load(path) as saved:
+        with path.open("rb") as raw, np.load(raw) as saved:
             arrays = dict(saved)
         return _Knn(cfg, embed.embedder(cfg.embedding, arrays), examples)
     n = _sample_size(cfg)
@@ -179,11 +179,11 @@ def _sample_size(cfg: ConfigDict) -> int:
                     f"(got n={cfg.n}, n_from={cfg.n_from!r})")
 
 
-def _rank(cfg: ConfigDict, workdir: Path, examples: Sequence[str], sources: Sequence) -> tuple[np.ndarray, ...]:
+def _rank(cfg: ConfigDict, workdir: files.Path, examples: Sequence[str], sources: Sequence) -> tuple[np.ndarray, ...]:
     ranker = _ranker(cfg, workdir, examples, sources)
     progress, start = workdir / PROGRESS, 0
     if progress.exists():
-        with np.load(progress) as saved:
+        with progress.open("rb") as raw, np.load(raw) as saved:
             ranker.set_result(saved["scores"], saved["ids"])
             start = int(saved["chunks"])
     chunk_index = -1
@@ -198,13 +198,13 @@ def _rank(cfg: ConfigDict, workdir: Path, examples: Sequence[str], sources: Sequ
     return ranker.result()
 
 
-def save_progress(path: Path, scores: np.ndarray, ids: np.ndarray, chunks: int) -> None:
+def save_progress(path: files.Path, scores: np.ndarray, ids: np.ndarray, chunks: int) -> None:
     """Atomically record the ranking after `chunks` chunks."""
     with publishing(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, scores=scores, ids=ids, chunks=chunks)
 
 
-def _write(cfg: ConfigDict, workdir: Path, sources: Sequence, scores: np.ndarray | None, ids: np.ndarray | None,
+def _write(cfg: ConfigDict, workdir: files.Path, sources: Sequence, scores: np.ndarray | None, ids: np.ndarray | None,
            examples: Sequence[str], leakage: LeakageFilter) -> dict:
     """Second pass: keep the ranked documents that are neither duplicates nor leaks, write them, count."""
     best: dict[int, float] = {}

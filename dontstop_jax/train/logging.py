@@ -7,6 +7,7 @@ dependency whose generated protobuf code has to track the protobuf version that 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from dontstop_jax import files
 from dontstop_jax.files import publishing, write_text
 
 _RESERVED_KEYS = ("step", "phase")
@@ -131,6 +133,22 @@ def _truncate(workdir: Path, step: int) -> None:
                 tmp.write_bytes(kept)
 
 
+def _log_files(workdir: Path) -> list[Path]:
+    return [workdir / "metrics.jsonl", *sorted((workdir / "tensorboard").glob("events.out.tfevents.*"))]
+
+
+def _mirror(remote: files.Path) -> Path:
+    """A fresh local copy of the logs of the bucket workdir `remote`, in this host's cache."""
+    local = files.local_cache("logs", hashlib.sha256(str(remote).encode()).hexdigest()[:16])
+    for stale in _log_files(local):
+        stale.unlink(missing_ok=True)
+    (local / "tensorboard").mkdir(exist_ok=True)
+    for name in ["metrics.jsonl", *(f"tensorboard/{p.name}" for p in (remote / "tensorboard").glob("events.*"))]:
+        if (remote / name).exists():
+            (local / name).write_bytes((remote / name).read_bytes())
+    return local
+
+
 class _EventFile:
     """An append-only TensorBoard event file (TFRecord frames of Event protos), flushed after each record."""
 
@@ -168,16 +186,31 @@ class MetricsWriter:
     replayed steps are not logged twice.
     """
 
-    def __init__(self, workdir: str | os.PathLike[str], enabled: bool = True, resume_step: int | None = None) -> None:
+    def __init__(self, workdir: str | os.PathLike[str], enabled: bool = True, resume_step: int | None = None,
+                 sync_every_s: float = 30.0) -> None:
         self.enabled = enabled
         if not enabled:
             return
-        tb_dir = Path(workdir) / "tensorboard"
+        # A workdir in a bucket is logged to a local mirror that is uploaded every `sync_every_s` and at close
+        # (objects cannot be appended to); a run killed meanwhile loses only lines its resume replays anyway.
+        self._remote = files.path(workdir) if files.is_remote(workdir) else None
+        self._sync_every_s, self._synced = sync_every_s, time.monotonic()
+        local = _mirror(self._remote) if self._remote else Path(workdir)
+        tb_dir = local / "tensorboard"
         tb_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
-            _truncate(Path(workdir), resume_step)
-        self._jsonl = open(Path(workdir) / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            _truncate(local, resume_step)
+        self._local = local
+        self._jsonl = open(local / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._events = _EventFile(tb_dir)
+
+    def _sync(self, force: bool = False) -> None:
+        """Upload the local mirror's logs to the bucket workdir (nothing to do for a local workdir)."""
+        if self._remote is None or not (force or time.monotonic() - self._synced >= self._sync_every_s):
+            return
+        for local in _log_files(self._local):
+            files.upload(local, self._remote / local.relative_to(self._local).as_posix())
+        self._synced = time.monotonic()
 
     def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
         """Log scalar metrics (Python, numpy or already-fetched jax scalars) for `step` under phase `prefix`."""
@@ -191,11 +224,13 @@ class MetricsWriter:
         self._jsonl.write(json.dumps(line) + "\n")
         self._jsonl.flush()
         self._events.scalars(int(step), {f"{prefix}/{k}" if prefix else k: v for k, v in scalars.items()})
+        self._sync()
 
     def close(self) -> None:
         if self.enabled and not self._jsonl.closed:
             self._jsonl.close()
             self._events.close()
+            self._sync(force=True)
 
     def __enter__(self) -> Self:
         return self

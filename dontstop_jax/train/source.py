@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -14,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+from dontstop_jax import files
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, plan
 from dontstop_jax.engine.sharding import Rules, put_tree, tree_shardings
@@ -35,11 +35,11 @@ ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_at
 class ModelSource:
     config: ModelConfig
     params: Any  # numpy tree ({"roberta": ..., maybe "lm_head"/"classifier"}) or None for scratch
-    tokenizer_dir: str
+    tokenizer_dir: str  # where the tokenizer lives (local or gs://; every host reads it from there)
     parent: str  # provenance: what these weights are
 
 
-def phase_checkpoints(path: Path) -> Path | None:
+def phase_checkpoints(path: files.Path) -> files.Path | None:
     """A phase's checkpoint directory, given its workdir or the checkpoint directory itself; None if neither."""
     if (path / "checkpoints").is_dir():
         return path / "checkpoints"
@@ -86,10 +86,10 @@ def _weights(init: str, tokenizer: str | None, model: ConfigDict | None, overrid
             raise UserError("init=scratch needs a tokenizer directory (config field `tokenizer`)")
         arch = {k: v for k, v in (model or {}).items() if v is not None}
         return ModelSource(ModelConfig(**arch), None, tokenizer, "scratch")
-    path = Path(init)
-    if (path / "config.json").exists():
-        cfg, params, _ = load_pretrained(path, **overrides)
-        return ModelSource(cfg, params, tokenizer or str(path), f"hf:{path.absolute()}")
+    path = files.path(init)
+    if (path / "config.json").exists():  # a bucket directory is read through this host's copy
+        cfg, params, _ = load_pretrained(files.localize(path), **overrides)
+        return ModelSource(cfg, params, tokenizer or files.absolute(init), f"hf:{files.absolute(init)}")
     ckpt_dir = phase_checkpoints(path)
     if ckpt_dir is None:
         raise UserError(f"init={init!r} is neither a Hugging Face directory (config.json) nor a phase workdir "
@@ -99,7 +99,7 @@ def _weights(init: str, tokenizer: str | None, model: ConfigDict | None, overrid
     step, meta, params = Checkpointer(ckpt_dir, read_only=True).read(first=summary.get("best_step"))
     # A parent's LoRA is folded into its weights: the next phase starts from a plain (or adapter) model.
     cfg, params = merge_lora(ModelConfig(**{**meta["model_config"], **overrides}), params)
-    return ModelSource(cfg, params, tokenizer or meta["tokenizer_dir"], f"checkpoint:{ckpt_dir.absolute()}@{step}")
+    return ModelSource(cfg, params, tokenizer or meta["tokenizer_dir"], f"checkpoint:{files.absolute(ckpt_dir)}@{step}")
 
 
 def _with_delta(source: ModelSource, delta: str, overrides: dict) -> ModelSource:
@@ -113,7 +113,7 @@ def _with_delta(source: ModelSource, delta: str, overrides: dict) -> ModelSource
         raise UserError(f"init_delta {delta} was trained on another architecture ({', '.join(mismatch)} differ from "
                         f"init's); set init to the model it was trained from")
     cfg, params = merge_lora(cfg.replace(**overrides), params)
-    return ModelSource(cfg, params, source.tokenizer_dir, f"{source.parent}+delta:{Path(delta).absolute()}")
+    return ModelSource(cfg, params, source.tokenizer_dir, f"{source.parent}+delta:{files.absolute(delta)}")
 
 
 def adapted(source: ModelSource, cfg: ConfigDict) -> tuple[ModelSource, Adaptation]:
@@ -124,7 +124,7 @@ def adapted(source: ModelSource, cfg: ConfigDict) -> tuple[ModelSource, Adaptati
 
 def provenance(phase: str, source: ModelSource, cfg: ConfigDict, **extra: Any) -> dict:
     """The `meta` item of every checkpoint: enough to rebuild the model and trace where it came from."""
-    return {"phase": phase, "parent": source.parent, "tokenizer_dir": str(Path(source.tokenizer_dir).absolute()),
+    return {"phase": phase, "parent": source.parent, "tokenizer_dir": files.absolute(source.tokenizer_dir),
             "model_config": dataclasses.asdict(source.config), "config": json.loads(cfg.to_json_best_effort()),
             **extra}
 

@@ -11,7 +11,6 @@ nothing downstream can take a partial phase for a finished one.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import flax.linen as nn
@@ -20,6 +19,7 @@ from ml_collections import ConfigDict
 
 from dontstop_jax.engine import (abstract_state, chain_hooks, check_batch_size, compile_train_step, create_train_state, make_mesh,
                                  make_train_step, to_global)
+from dontstop_jax import files
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation
 from dontstop_jax.engine.steps import Hooks, LossSums, hold_fixed
@@ -51,7 +51,7 @@ class Trainer:
     def __init__(self, cfg: ConfigDict, source: sources.ModelSource, adaptation: Adaptation, model: nn.Module,
                  objective: Objective, *, total_steps: int, best_metric: str | None = None, keep_last: int = 2,
                  **provenance: Any):
-        self.cfg, self.name, self.workdir = cfg, cfg.name, Path(cfg.workdir)
+        self.cfg, self.name, self.workdir = cfg, cfg.name, files.path(cfg.workdir)
         self.adaptation, self.model, self.total_steps = adaptation, model, total_steps
         self.lead = jax.process_index() == 0
         self.mesh = make_mesh(cfg.mesh.shape, dcn_shape=cfg.mesh.dcn_shape)

@@ -19,14 +19,15 @@ import logging
 import os
 import socket
 import time
-from pathlib import Path
+from pathlib import Path as LocalPath
 from typing import Any
 
 import jax
 from ml_collections import ConfigDict
 
 from dontstop_jax.errors import UserError
-from dontstop_jax.files import read_json, write_json
+from dontstop_jax import files
+from dontstop_jax.files import PathLike, read_json, write_json
 
 log = logging.getLogger(__name__)
 DONE, CONFIG, LOCK = "DONE.json", "phase_config.json", ".lock"
@@ -58,13 +59,13 @@ def fingerprint(config: ConfigDict | dict) -> str:
     return hashlib.sha256(json.dumps(result_fields(config), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def finished(workdir: str | Path) -> dict | None:
-    """The summary of a phase that completed in `workdir`, or None."""
-    path = Path(workdir) / DONE
+def finished(workdir: PathLike) -> dict | None:
+    """The summary of a phase that completed in `workdir` (local or in a bucket), or None."""
+    path = files.path(workdir) / DONE
     return read_json(path) if path.exists() else None
 
 
-def require_finished(workdir: str | Path, what: str) -> dict:
+def require_finished(workdir: PathLike, what: str) -> dict:
     """The summary of the finished phase in `workdir`; a one-line error if it never finished."""
     if (summary := finished(workdir)) is None:
         raise UserError(f"{what}={str(workdir)!r} is a phase that has not finished (no {DONE}); rerun the command "
@@ -77,7 +78,7 @@ class Workdir:
     claims the workdir for this run (see `claim`) and releases it on the way out, however the run ends."""
 
     def __init__(self, config: ConfigDict):
-        self.path, self.phase, self.config = Path(config.workdir), config.name, config
+        self.path, self.phase, self.config = files.path(config.workdir), config.name, config
         self._locked = False
 
     def __enter__(self) -> dict | None:
@@ -126,7 +127,7 @@ class Workdir:
 def _start_time(pid: int) -> str | None:
     """The kernel's start time of process `pid` (Linux), so a recycled pid is not taken for the lock's owner."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return LocalPath(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
 
@@ -146,37 +147,60 @@ def _alive(holder: dict) -> bool:
     return holder.get("start") is None or started is None or started == holder["start"]
 
 
-def _acquire(path: Path) -> None:
-    """Create `path` holding this process's identity, atomically and complete (hard link of a written file);
-    a lock whose owner is dead (same host) is broken, a live one is a one-line error naming it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _acquire(path: files.Path) -> None:
+    """Create `path` holding this process's identity, atomically and complete (locally a hard link of a written
+    file; in a bucket an object created only if absent); a lock whose owner is dead (same host) is broken, a live
+    one is a one-line error naming it."""
     me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
           "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(me))
+    create = _create_remote if files.is_remote(path) else _create_local
+    for _ in range(3):
+        if create(path, json.dumps(me)):
+            return
+        try:
+            holder = read_json(path)
+        except (OSError, ValueError):
+            continue  # released meanwhile
+        if holder == me:
+            return
+        if _alive(holder):
+            raise UserError(f"{path.parent} is in use by another run (pid {holder.get('pid')} on "
+                            f"{holder.get('host')}, since {holder.get('since')}); wait for it to end, or if "
+                            f"that run is gone, delete {path}") from None
+        log.warning("breaking the stale lock of a dead run in %s (pid %s on %s)", path.parent,
+                    holder.get("pid"), holder.get("host"))
+        path.unlink(missing_ok=True)
+    raise UserError(f"could not lock {path.parent}: other runs keep taking it; run one at a time")
+
+
+def _create_local(path: files.Path, text: str) -> bool:
+    """Whether this call created `path` with `text` (False: it exists)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = LocalPath(f"{path}.{os.getpid()}")
+    tmp.write_text(text)
     try:
-        for _ in range(3):
-            try:
-                os.link(tmp, path)
-                return
-            except FileExistsError:
-                try:
-                    holder = read_json(path)
-                except (OSError, ValueError):
-                    continue  # released meanwhile
-                if _alive(holder):
-                    raise UserError(f"{path.parent} is in use by another run (pid {holder.get('pid')} on "
-                                    f"{holder.get('host')}, since {holder.get('since')}); wait for it to end, or if "
-                                    f"that run is gone, delete {path}") from None
-                log.warning("breaking the stale lock of a dead run in %s (pid %s on %s)", path.parent,
-                            holder.get("pid"), holder.get("host"))
-                path.unlink(missing_ok=True)
-        raise UserError(f"could not lock {path.parent}: other runs keep taking it; run one at a time")
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _release(path: Path) -> None:
+def _create_remote(path: files.Path, text: str) -> bool:
+    """Whether this call created the object `path` with `text`: a write that GCS refuses when the object
+    exists (generation precondition 0), read back in case a store ignores the precondition."""
+    import fsspec
+    if path.exists():
+        return False
+    try:
+        fsspec.filesystem(str(path).split("://")[0]).pipe_file(str(path), text.encode(), mode="create")
+    except (FileExistsError, OSError):
+        return False
+    return path.read_text() == text
+
+
+def _release(path: files.Path) -> None:
     """Remove the lock if it is still this process's."""
     try:
         if read_json(path).get("pid") == os.getpid():
