@@ -1,6 +1,6 @@
-"""Load a local Hugging Face fast tokenizer and describe it for caching, packing and masking.
+"""Load a Hugging Face fast tokenizer and describe it for caching, packing and masking.
 
-Only local directories are accepted: this project never downloads at run time.
+A directory, or a Hub id that huggingface_hub fetches into its cache (HF_HUB_OFFLINE=1: the cache only).
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ from dontstop_jax.errors import UserError
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """Load the fast tokenizer saved in directory `path` (tokenizer.json, or vocab.json + merges.txt)."""
+    """Load the fast tokenizer saved in directory `path` (tokenizer.json, or vocab.json + merges.txt), or in the
+    snapshot of Hub model `path` (`roberta-base`, `org/name@revision`)."""
+    from dontstop_jax.model import hub  # a Hub id is rare here: phases pass the directory their init resolved to
+    path = hub.local(os.fspath(path), "tokenizer")
     if not os.path.isdir(path):
-        raise UserError(f"tokenizer directory {path} not found; pass a local directory written by save_pretrained")
+        raise UserError(f"tokenizer directory {path} not found; pass a directory save_pretrained wrote, or a Hub id")
     try:
         tok = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
     except (OSError, ValueError) as e:

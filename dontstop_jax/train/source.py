@@ -18,7 +18,7 @@ from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, plan
 from dontstop_jax.engine.sharding import Rules, put_tree, tree_shardings
 from dontstop_jax.errors import UserError
-from dontstop_jax.model import ModelConfig, RobertaModel, check_tokenizer, init_params, load_pretrained
+from dontstop_jax.model import ModelConfig, RobertaModel, check_tokenizer, hub, init_params, load_pretrained
 from dontstop_jax.model.hf_io import param_shapes
 from dontstop_jax.model.peft import load_delta, merge_lora
 from dontstop_jax.train.workdir import require_finished
@@ -48,7 +48,8 @@ def phase_checkpoints(path: Path) -> Path | None:
 
 def resolve(init: str, *, tokenizer: str | None = None, model: ConfigDict | None = None,
             delta: str | None = None) -> ModelSource:
-    """`init`: "scratch" (architecture from `model`), a Hugging Face directory, or a phase's workdir.
+    """`init`: "scratch" (architecture from `model`), a Hugging Face directory or Hub id (`roberta-base`,
+    `org/name@revision`), or a phase's workdir. `tokenizer` (default: init's) is a directory or a Hub id.
     `delta`: an adapter file a parameter-efficient phase wrote (`peft.safetensors`), put onto init's weights."""
     overrides = {k: v for k, v in (model or {}).items() if k in RUNTIME_FIELDS and v is not None}
     source = _weights(init, tokenizer, model, overrides)
@@ -81,6 +82,7 @@ def resolve_phase(cfg: ConfigDict) -> ModelSource:
 
 
 def _weights(init: str, tokenizer: str | None, model: ConfigDict | None, overrides: dict) -> ModelSource:
+    tokenizer = hub.local(tokenizer, "tokenizer") if tokenizer else tokenizer
     if init == "scratch":
         if tokenizer is None:
             raise UserError("init=scratch needs a tokenizer directory (config field `tokenizer`)")
@@ -90,10 +92,14 @@ def _weights(init: str, tokenizer: str | None, model: ConfigDict | None, overrid
     if (path / "config.json").exists():
         cfg, params, _ = load_pretrained(path, **overrides)
         return ModelSource(cfg, params, tokenizer or str(path), f"hf:{path.absolute()}")
+    if hub.looks_like_hub_id(init):
+        path = hub.snapshot(init)
+        cfg, params, _ = load_pretrained(path, **overrides)
+        return ModelSource(cfg, params, tokenizer or str(path), hub.provenance(init, path))
     ckpt_dir = phase_checkpoints(path)
     if ckpt_dir is None:
         raise UserError(f"init={init!r} is neither a Hugging Face directory (config.json) nor a phase workdir "
-                        "with checkpoints; pass a model directory, a finished phase's workdir, or 'scratch'")
+                        "with checkpoints; pass a model directory, a Hub id, a finished phase's workdir, or 'scratch'")
     summary = require_finished(ckpt_dir.parent, "init")
     # The step the phase reported (a fine-tune's best, else the latest), or the newest readable one if damaged.
     step, meta, params = Checkpointer(ckpt_dir, read_only=True).read(first=summary.get("best_step"))
