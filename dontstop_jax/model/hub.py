@@ -54,7 +54,7 @@ def _download(spec: str, field: str) -> Path:
 
 def _fetch(spec: str, patterns: list[str], field: str) -> Path:
     """snapshot_download of `patterns`, its errors as one line naming the id and what to do."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants, errors, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
@@ -63,9 +63,11 @@ def _fetch(spec: str, patterns: list[str], field: str) -> Path:
     command = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
     try:
         return Path(snapshot_download(repo, revision=revision or None, allow_patterns=patterns))
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as err:
         why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-        raise UserError(f"{where} Hugging Face Hub model {repo} is not in the cache {constants.HF_HUB_CACHE} "
+        partial = isinstance(err, getattr(errors, "IncompleteSnapshotError", ()))  # huggingface_hub >= 1.x
+        state = "only partly in" if partial else "not in"
+        raise UserError(f"{where} Hugging Face Hub model {repo} is {state} the cache {constants.HF_HUB_CACHE} "
                         f"({why}); run `{command}` on a machine with network and copy its cache (HF_HOME) "
                         f"here, or point {field} at a local model directory") from None
     except GatedRepoError:
