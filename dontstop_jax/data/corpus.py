@@ -28,7 +28,7 @@ class CorpusSource:
 
     format: "lines" (one document per line), "paragraphs" (blank-line separated), "jsonl"
     (`.jsonl`/`.jsonl.gz`, document in `text_field`), or "auto" (from the prefix / file extension).
-    `split` and `streaming` apply to hf/tfds sources only.
+    `split` and `streaming` apply to hf/tfds sources only, `data_dir` to tfds sources.
     """
 
     path: str
@@ -36,6 +36,7 @@ class CorpusSource:
     text_field: str = "text"
     split: str = "train"
     streaming: bool = True
+    data_dir: str | None = None  # tfds only: where it was prepared (default: TFDS_DATA_DIR, ~/tensorflow_datasets)
 
     @property
     def kind(self) -> str:
@@ -74,6 +75,8 @@ def parse_source(spec: SourceSpec) -> CorpusSource:
         )
     if source.kind in ("hf", "tfds") and not source.path.startswith(source.kind + ":"):
         raise UserError(f"corpus source {source.path}: format {source.kind} needs a '{source.kind}:' path prefix")
+    if source.data_dir is not None and source.kind != "tfds":
+        raise UserError(f"corpus source {source.path}: data_dir applies to tfds: sources only; remove it")
     return source
 
 
@@ -110,7 +113,9 @@ def corpus_fingerprint(sources: Iterable[SourceSpec]) -> str:
     """
     entries = []
     for source in map(parse_source, sources):
-        entry: dict[str, Any] = {"source": dataclasses.asdict(source), "kind": source.kind}
+        # Unset options are left out, so adding one (data_dir) keeps the fingerprints of existing caches.
+        spec = {k: v for k, v in dataclasses.asdict(source).items() if v is not None}
+        entry: dict[str, Any] = {"source": spec, "kind": source.kind}
         if source.kind not in ("hf", "tfds"):
             entry["files"] = [(files.absolute(f), *files.source_stat(files.path(f))) for f in resolve_files(source)]
         entries.append(entry)
@@ -208,18 +213,37 @@ def _iter_hf(source: CorpusSource) -> Iterator[str]:
         yield record_field(row, source.text_field, f"dataset {name} split {source.split} row {i}", str)
 
 
-def _iter_tfds(source: CorpusSource) -> Iterator[str]:
+def load_tfds(name: str, split: str | None = None, data_dir: str | None = None) -> Any:
+    """Random access to a prepared TFDS dataset (one split, or split=None: {split: source}); never downloaded or
+    built here. tfds reads array_record (or parquet) files without TensorFlow; tfrecord needs TensorFlow."""
     tfds = _lazy_import("tensorflow_datasets", "pip install tensorflow-datasets")
-    name = source.path.removeprefix("tfds:")
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")  # read now: tfds reads it once, at its import
     try:
-        ds = tfds.data_source(name, split=source.split, download=False)
-    except Exception as e:  # tfds raises assorted types for missing/unprepared datasets
-        raise UserError(
-            f"cannot open TFDS dataset {name} split {source.split} ({type(e).__name__}); prepare it locally first"
-        ) from None
-    for i in range(len(ds)):
-        text = record_field(ds[i], source.text_field, f"TFDS {name} record {i}")
-        yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # noqa: BLE001 (tfds raises assorted types for missing/unprepared datasets and splits)
+        reason = str(e).strip().splitlines()[0].removesuffix(" Possible root causes:") or type(e).__name__
+        where = data_dir or "~/tensorflow_datasets"
+        raise UserError(f"cannot open TFDS dataset {name} (split {split or 'all'}) in {where}: {reason}; prepare it "
+                        f"there as array_record (`tfds build {name} --file_format=array_record --data_dir {where}`) "
+                        "or point data_dir / TFDS_DATA_DIR at it") from None
+
+
+def iter_tfds_rows(ds: Any, chunk: int = 1024) -> Iterator[dict[str, Any]]:
+    """The records of a TFDS data source in order, read `chunk` at a time (one lookup per record is slow)."""
+    for start in range(0, len(ds), chunk):
+        yield from ds.__getitems__(range(start, min(start + chunk, len(ds))))
+
+
+def tfds_text(row: Mapping[str, Any], field: str, where: str) -> str:
+    """A Text feature's value (tfds gives UTF-8 bytes) as str."""
+    value = record_field(row, field, where, (bytes, str))
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _iter_tfds(source: CorpusSource) -> Iterator[str]:
+    name = source.path.removeprefix("tfds:")
+    for i, row in enumerate(iter_tfds_rows(load_tfds(name, source.split, source.data_dir))):
+        yield tfds_text(row, source.text_field, f"TFDS {name} split {source.split} record {i}")
 
 
 def _lazy_import(module: str, install: str) -> Any:

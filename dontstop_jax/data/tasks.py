@@ -2,7 +2,8 @@
 
 Tasks come in the paper's layout (a directory with `train.jsonl`, `dev.jsonl`, `test.jsonl` and
 optionally `unlabeled.jsonl` for TAPT), as explicit split -> jsonl paths, or from a Hugging Face
-dataset ("validation" is renamed "dev"; an "unsupervised"/"unlabeled" split feeds TAPT only).
+dataset or a prepared TFDS dataset (`tfds:<name>`, found in TFDS_DATA_DIR) ("validation" is renamed
+"dev"; an "unsupervised"/"unlabeled" split feeds TAPT only).
 Labels are indexed in sorted order of the train labels.
 
 Batches group examples of similar length: each example goes to the smallest bucket length that
@@ -22,7 +23,8 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
-from dontstop_jax.data.corpus import CorpusSource, iter_documents, iter_jsonl, load_hf_dataset, record_field
+from dontstop_jax.data.corpus import (CorpusSource, iter_documents, iter_jsonl, iter_tfds_rows, load_hf_dataset,
+                                      load_tfds, record_field, tfds_text)
 from dontstop_jax.data.tokenizer import encode_plain, special_ids
 from dontstop_jax import files
 from dontstop_jax.errors import UserError
@@ -51,12 +53,16 @@ def load_task(
     hf_dataset: str | None = None,
     name: str | None = None,
 ) -> Task:
-    """Load a task from a directory, a {split: jsonl path} dict, or `hf_dataset` (local path or cached name)."""
+    """Load a task from a directory, a {split: jsonl path} dict, `tfds:<name>` (a prepared TFDS dataset), or
+    `hf_dataset` (local path or cached name)."""
     if (source is None) == (hf_dataset is None):
         raise UserError("give a task directory / split files or hf_dataset, exactly one of them")
     if hf_dataset is not None:
         raw, tapt = _read_hf(hf_dataset, text_field, label_field)
         name = name or os.path.basename(hf_dataset.rstrip("/"))
+    elif isinstance(source, str) and source.startswith("tfds:"):
+        raw, tapt = _read_tfds(source.removeprefix("tfds:"), text_field, label_field)
+        name = name or source.removeprefix("tfds:").split("/")[0].split(":")[0]
     else:
         paths = _split_paths(source)
         raw = {
@@ -225,6 +231,39 @@ def _read_hf(
             labels = [names[v] if v >= 0 else v for v in labels] if names else labels
             splits["dev" if split == "validation" else split] = (list(ds[text_field]), labels)
     return splits, tapt
+
+
+def _read_tfds(
+    name: str, text_field: str, label_field: str
+) -> tuple[dict[str, tuple[list[str], list[Any]]], list[CorpusSource]]:
+    """As `_read_hf`, for a prepared TFDS dataset: ClassLabel ints become their names, IMDB's "unsupervised"
+    split (label -1) feeds TAPT only."""
+    splits, tapt = {}, []
+    for split, ds in load_tfds(name).items():
+        unlabeled = split in UNLABELED_SPLITS
+        if split == "train" or unlabeled:
+            tapt.append(CorpusSource(f"tfds:{name}", format="tfds", text_field=text_field, split=split))
+        if unlabeled:
+            continue
+        features = ds.dataset_info.features
+        if missing := [c for c in (text_field, label_field) if c not in features]:
+            raise UserError(f"TFDS dataset {name} split {split} has no feature {missing[0]!r} (features: "
+                            f"{', '.join(features)}); set the field name")
+        names = getattr(features[label_field], "names", None)  # ClassLabel: ints -> names
+        texts, labels = [], []
+        for i, row in enumerate(iter_tfds_rows(ds)):
+            texts.append(tfds_text(row, text_field, f"TFDS {name} split {split} record {i}"))
+            labels.append(_tfds_label(row[label_field], names))
+        splits["dev" if split == "validation" else split] = (texts, labels)
+    return splits, tapt
+
+
+def _tfds_label(value: Any, names: list[str] | None) -> Any:
+    """A label as the other task formats give it: a ClassLabel's name, text as str, a number as int."""
+    value = value.item() if isinstance(value, np.generic | np.ndarray) else value
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return names[value] if names and 0 <= value < len(names) else value
 
 
 def _label_vocabulary(train_labels: list[Any]) -> tuple[list[Any], dict[Any, int]]:

@@ -1,5 +1,8 @@
-"""Load a Hugging Face fast tokenizer (a directory, local or in a bucket) and describe it for caching, packing
-and masking."""
+"""Load a Hugging Face fast tokenizer and describe it for caching, packing and masking.
+
+A directory (local or in a bucket), or a Hub id that huggingface_hub fetches into its cache (HF_HUB_OFFLINE=1:
+the cache only).
+"""
 
 from __future__ import annotations
 
@@ -15,10 +18,13 @@ from dontstop_jax.errors import UserError
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """Load the fast tokenizer saved in directory `path` (tokenizer.json, or vocab.json + merges.txt); a bucket
-    directory is read through this host's copy."""
+    """Load the fast tokenizer saved in directory `path` (tokenizer.json, or vocab.json + merges.txt; a bucket
+    directory is read through this host's copy), or in the snapshot of Hub model `path` (`roberta-base`,
+    `org/name@revision`)."""
+    from dontstop_jax.model import hub
+    path = hub.local(os.fspath(path), "tokenizer")
     if not files.path(path).is_dir():
-        raise UserError(f"tokenizer directory {path} not found; pass a directory written by save_pretrained")
+        raise UserError(f"tokenizer directory {path} not found; pass a directory save_pretrained wrote, or a Hub id")
     path = files.localize(path)
     try:
         tok = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)

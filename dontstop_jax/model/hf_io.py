@@ -200,6 +200,9 @@ def load_pretrained(path: str | os.PathLike, **config_overrides: Any) -> tuple[M
 def check_tokenizer(cfg: ModelConfig, tokenizer_dir: str | os.PathLike) -> None:
     """The tokenizer must not produce ids past the model's embedding table."""
     from transformers import AutoTokenizer
+
+    from dontstop_jax.model import hub
+    tokenizer_dir = hub.local(os.fspath(tokenizer_dir), "tokenizer")
     where = files.path(tokenizer_dir)
     if not (where / "tokenizer.json").exists() and not (where / "vocab.json").exists():
         raise UserError(f"{tokenizer_dir} has no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
@@ -245,7 +248,8 @@ def save_pretrained(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         RobertaConfig(**hf_config).save_pretrained(str(tmp))
         if tokenizer_dir is not None:
-            tokenizer_dir = files.localize(tokenizer_dir)
+            from dontstop_jax.model import hub
+            tokenizer_dir = files.localize(hub.local(os.fspath(tokenizer_dir), "tokenizer"))
             for name in TOKENIZER_FILES:
                 if (tokenizer_dir / name).exists():
                     shutil.copy2(tokenizer_dir / name, tmp / name)

@@ -18,7 +18,7 @@ from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, plan
 from dontstop_jax.engine.sharding import Rules, put_tree, tree_shardings
 from dontstop_jax.errors import UserError
-from dontstop_jax.model import ModelConfig, RobertaModel, check_tokenizer, init_params, load_pretrained
+from dontstop_jax.model import ModelConfig, RobertaModel, check_tokenizer, hub, init_params, load_pretrained
 from dontstop_jax.model.hf_io import param_shapes
 from dontstop_jax.model.peft import load_delta, merge_lora
 from dontstop_jax.train.workdir import require_finished
@@ -48,7 +48,8 @@ def phase_checkpoints(path: files.Path) -> files.Path | None:
 
 def resolve(init: str, *, tokenizer: str | None = None, model: ConfigDict | None = None,
             delta: str | None = None) -> ModelSource:
-    """`init`: "scratch" (architecture from `model`), a Hugging Face directory, or a phase's workdir.
+    """`init`: "scratch" (architecture from `model`), a Hugging Face directory or Hub id (`roberta-base`,
+    `org/name@revision`), or a phase's workdir. `tokenizer` (default: init's) is a directory or a Hub id.
     `delta`: an adapter file a parameter-efficient phase wrote (`peft.safetensors`), put onto init's weights."""
     overrides = {k: v for k, v in (model or {}).items() if k in RUNTIME_FIELDS and v is not None}
     source = _weights(init, tokenizer, model, overrides)
@@ -90,10 +91,14 @@ def _weights(init: str, tokenizer: str | None, model: ConfigDict | None, overrid
     if (path / "config.json").exists():  # a bucket directory is read through this host's copy
         cfg, params, _ = load_pretrained(files.localize(path), **overrides)
         return ModelSource(cfg, params, tokenizer or files.absolute(init), f"hf:{files.absolute(init)}")
+    if hub.looks_like_hub_id(init):  # the tokenizer stays the id: each host resolves it in its own cache
+        snapshot = hub.snapshot(init)
+        cfg, params, _ = load_pretrained(snapshot, **overrides)
+        return ModelSource(cfg, params, tokenizer or init, hub.provenance(init, snapshot))
     ckpt_dir = phase_checkpoints(path)
     if ckpt_dir is None:
         raise UserError(f"init={init!r} is neither a Hugging Face directory (config.json) nor a phase workdir "
-                        "with checkpoints; pass a model directory, a finished phase's workdir, or 'scratch'")
+                        "with checkpoints; pass a model directory, a Hub id, a finished phase's workdir, or 'scratch'")
     summary = require_finished(ckpt_dir.parent, "init")
     # The step the phase reported (a fine-tune's best, else the latest), or the newest readable one if damaged.
     step, meta, params = Checkpointer(ckpt_dir, read_only=True).read(first=summary.get("best_step"))
@@ -124,7 +129,8 @@ def adapted(source: ModelSource, cfg: ConfigDict) -> tuple[ModelSource, Adaptati
 
 def provenance(phase: str, source: ModelSource, cfg: ConfigDict, **extra: Any) -> dict:
     """The `meta` item of every checkpoint: enough to rebuild the model and trace where it came from."""
-    return {"phase": phase, "parent": source.parent, "tokenizer_dir": files.absolute(source.tokenizer_dir),
+    return {"phase": phase, "parent": source.parent, "tokenizer_dir": (source.tokenizer_dir if hub.looks_like_hub_id(source.tokenizer_dir)
+                                                   else files.absolute(source.tokenizer_dir)),
             "model_config": dataclasses.asdict(source.config), "config": json.loads(cfg.to_json_best_effort()),
             **extra}
 

@@ -1,0 +1,104 @@
+"""Everything in a bucket: the README's real-data flow (HF directory -> DAPT -> TAPT -> fine-tune -> export) with
+every path on gs://, against a local GCS emulator; and the storage layer's contracts one by one."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gcs_emulator import gcs_emulator, upload_tree
+
+# Not imported here: gcsfs reads its settings from the environment the emulator fixture sets.
+pytestmark = pytest.mark.skipif(not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec(
+    "gcp_storage_emulator")), reason="needs gcsfs and gcp-storage-emulator (the test extra)")
+ROOT = Path(__file__).parents[1]
+WORDS = "protein binds receptor cell kinase inhibitor gene expression tumor patient dose trial enzyme".split()
+SMALL = ["--config.train.batch_size=16", "--config.data.max_seq_length=64"]
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    with gcs_emulator(tmp_path_factory.mktemp("gcs") / "data") as env:
+        yield env
+
+
+def _cli(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *args, "--compilation-cache", str(cwd / "xla")],
+                         cwd=cwd, capture_output=True, text=True, timeout=900, env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _local_inputs(root: Path, tokenizer_dir: str) -> None:
+    """A tiny transformers RoBERTa with its tokenizer, a gzipped JSON-lines corpus and a labeled task."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from dontstop_jax.data import load_tokenizer
+    tok = load_tokenizer(tokenizer_dir)
+    tok.save_pretrained(root / "roberta-tiny")
+    torch.manual_seed(0)
+    transformers.RobertaForMaskedLM(transformers.RobertaConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2)).save_pretrained(
+        root / "roberta-tiny")
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(WORDS, rng.integers(8, 40))) for _ in range(700)]
+    (root / "corpus").mkdir()
+    with gzip.open(root / "corpus" / "part-0.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs[:400])
+    (root / "task").mkdir()
+    for split, rows in (("train", docs[400:600]), ("dev", docs[600:650]), ("test", docs[650:])):
+        (root / "task" / f"{split}.jsonl").write_text("".join(
+            json.dumps({"text": d, "label": "ACTIVATOR" if "kinase" in d else "INHIBITOR"}) + "\n" for d in rows))
+
+
+@pytest.mark.slow
+def test_dapt_tapt_finetune_export_with_every_path_in_the_bucket(bucket, tmp_path, tiny_tokenizer_dir):
+    """Inputs, prepared-data cache, workdirs (checkpoints, logs, markers) and the export all live in gs://bkt;
+    the local disk holds only this host's cache (DONTSTOP_CACHE) and the compilation cache."""
+    from export_check import assert_transformers_logits_match
+
+    from dontstop_jax import files
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    _local_inputs(inputs, tiny_tokenizer_dir)
+    upload_tree(inputs, "gs://bkt/in")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**bucket, files.CACHE_ENV: str(tmp_path / "host-cache")}
+    cfg, gs = str(ROOT / "configs"), "gs://bkt"
+    cache = f"--config.data.cache_dir={gs}/cache"
+    _cli("pretrain", "--config", f"{cfg}/dapt.py:biomed", f"--config.init={gs}/in/roberta-tiny",
+         f"--config.data.sources=['{gs}/in/corpus/*.jsonl.gz']", f"--config.workdir={gs}/runs/dapt",
+         "--config.train.steps=12", "--config.train.accum_steps=2", "--config.checkpoint.every=6", cache, *SMALL, cwd=work, env=env)
+    _cli("pretrain", "--config", f"{cfg}/tapt.py:chemprot", f"--config.init={gs}/runs/dapt",
+         f"--config.data.sources=['{gs}/in/task/train.jsonl']", f"--config.workdir={gs}/runs/tapt",
+         "--config.train.epochs=2", cache, *SMALL, cwd=work, env=env)
+    _cli("finetune", "--config", f"{cfg}/finetune.py:chemprot", f"--config.init={gs}/runs/tapt",
+         f"--config.task.path={gs}/in/task", f"--config.workdir={gs}/runs/ft", "--config.train.epochs=2", cache,
+         *SMALL, cwd=work, env=env)
+    _cli("export", "--from", f"{gs}/runs/ft", "--to", f"{gs}/exported", cwd=work, env=env)
+
+    bkt = files.path(gs)
+    for phase in ("dapt", "tapt", "ft"):
+        for name in ("DONE.json", "phase_config.json", "metrics.jsonl"):
+            assert (bkt / "runs" / phase / name).exists(), (phase, name)
+        assert list((bkt / "runs" / phase / "tensorboard").glob("events.out.tfevents.*"))
+        assert not (bkt / "runs" / phase / ".lock").exists()
+    dapt = files.read_json(f"{gs}/runs/dapt/DONE.json")
+    assert dapt["parent"] == f"hf:{gs}/in/roberta-tiny" and dapt["workdir"] == f"{gs}/runs/dapt"
+    assert files.read_json(f"{gs}/runs/tapt/DONE.json")["parent"].startswith(f"checkpoint:{gs}/runs/dapt/checkpoints@")
+    lines = [json.loads(x) for x in (bkt / "runs" / "dapt" / "metrics.jsonl").read_text().splitlines()]
+    assert max(x["step"] for x in lines) == 12
+    manifests = list(files.walk(f"{gs}/cache"))
+    assert sum(m.endswith("manifest.json") for m in manifests) == 2  # DAPT's corpus and TAPT's task text
+    assert_transformers_logits_match(files.path(f"{gs}/runs/ft"), files.localize(f"{gs}/exported"))
+    # Nothing but caches on the local disk: the working directory holds only the compilation cache.
+    assert sorted(p.name for p in work.iterdir()) == ["xla"]
