@@ -3,6 +3,11 @@
 The standard variables point every client at it: STORAGE_EMULATOR_HOST for gcsfs and the Python clients,
 TENSORSTORE_GCS_HTTP_URL for tensorstore (Orbax checkpoints). gcsfs's probe for zonal/hierarchical buckets
 (a gRPC call the emulator does not answer, about a minute of retries) is switched off.
+
+Two things real GCS does that the emulator does not are added when it is served (`serve`): a download carries
+the object's generation (`x-goog-generation`; tensorstore's OCDBT checkpoints fail with "Malformed
+StorageGeneration" without it), and an upload with `ifGenerationMatch=0` onto an existing object is refused
+(412), which the workdir lock relies on.
 """
 
 from __future__ import annotations
@@ -31,9 +36,8 @@ def gcs_emulator(data_dir: Path, bucket: str = "bkt") -> Iterator[dict[str, str]
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(data_dir.parent / f"{data_dir.name}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "-d", str(data_dir), "start", "--host",
-                             "127.0.0.1", "--port", str(port), "--default-bucket", bucket, "-q"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, __file__, "-d", str(data_dir), "start", "--host", "127.0.0.1", "--port",
+                             str(port), "--default-bucket", bucket, "-q"], stdout=log, stderr=subprocess.STDOUT)
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
     saved = {k: os.environ.get(k) for k in env}
     try:
@@ -69,3 +73,43 @@ def upload_tree(local: Path, url: str) -> None:
             fs.put_file(str(path), f"{url}/{path.relative_to(local).as_posix()}")
     else:
         fs.put_file(str(local), url)
+
+
+def serve(argv: list[str]) -> None:
+    """gcp-storage-emulator's command line, with the two GCS behaviours above patched into its handlers."""
+    from http import HTTPStatus
+
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    download, insert = objects.download, objects.insert
+
+    def download_with_generation(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj.get("metageneration", 1))
+        except NotFound:
+            pass
+        return download(request, response, storage, *args, **kwargs)
+
+    def insert_if_absent(request, response, storage, *args, **kwargs):
+        if request.query.get("ifGenerationMatch", [None])[0] == "0":
+            name = request.query["name"][0] if "name" in request.query else (
+                request.data["meta"].get("name") if isinstance(request.data, dict) else None)
+            try:
+                storage.get_file_obj(request.params["bucket_name"], name)
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+                return None
+            except NotFound:
+                pass
+        return insert(request, response, storage, *args, **kwargs)
+
+    objects.download, objects.insert = download_with_generation, insert_if_absent
+    from gcp_storage_emulator.__main__ import main
+    main(argv)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1:])

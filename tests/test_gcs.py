@@ -82,7 +82,7 @@ def test_dapt_tapt_finetune_export_with_every_path_in_the_bucket(bucket, tmp_pat
          f"--config.data.sources=['{gs}/in/task/train.jsonl']", f"--config.workdir={gs}/runs/tapt",
          "--config.train.epochs=2", cache, *SMALL, cwd=work, env=env)
     _cli("finetune", "--config", f"{cfg}/finetune.py:chemprot", f"--config.init={gs}/runs/tapt",
-         f"--config.task.path={gs}/in/task", f"--config.workdir={gs}/runs/ft", "--config.train.epochs=2", cache,
+         f"--config.task.path={gs}/in/task", f"--config.workdir={gs}/runs/ft", "--config.train.epochs=2",
          *SMALL, cwd=work, env=env)
     _cli("export", "--from", f"{gs}/runs/ft", "--to", f"{gs}/exported", cwd=work, env=env)
 

@@ -86,8 +86,9 @@ def test_a_cached_hub_id_loads_the_same_weights_as_the_directory(offline, hf_hom
     assert cached.parent == f"hf:org/name@{COMMIT}"
     assert cached.config == local.config
     jax.tree_util.tree_map(np.testing.assert_array_equal, cached.params, local.params)
-    snap = Path(cached.tokenizer_dir)
-    assert snap == offline / "hub" / "models--org--name" / "snapshots" / COMMIT
+    # The tokenizer stays the id (each host resolves it in its own cache), and the id resolves to the snapshot.
+    assert cached.tokenizer_dir == "org/name"
+    assert Path(hub.local("org/name")) == offline / "hub" / "models--org--name" / "snapshots" / COMMIT
     pinned = sources.resolve(f"org/name@{COMMIT}", tokenizer="org/name")
     assert pinned.parent == cached.parent and pinned.tokenizer_dir == cached.tokenizer_dir
 
