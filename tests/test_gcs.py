@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(not (importlib.util.find_spec("gcsfs") and impor
 ROOT = Path(__file__).parents[1]
 WORDS = "protein binds receptor cell kinase inhibitor gene expression tumor patient dose trial enzyme".split()
 SMALL = ["--config.train.batch_size=16", "--config.data.max_seq_length=64"]
+STEPS = 100  # of the two-host run
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +103,85 @@ def test_dapt_tapt_finetune_export_with_every_path_in_the_bucket(bucket, tmp_pat
     assert_transformers_logits_match(files.path(f"{gs}/runs/ft"), files.localize(f"{gs}/exported"))
     # Nothing but caches on the local disk: the working directory holds only the compilation cache.
     assert sorted(p.name for p in work.iterdir()) == ["xla"]
+
+
+def _host_env(scratch: Path, bucket: dict) -> dict:
+    """A host that shares nothing with the others: its own home, temporary and cache directories."""
+    for name in ("home", "tmp", "cache"):
+        (scratch / name).mkdir(parents=True, exist_ok=True)
+    from dontstop_jax.files import CACHE_ENV
+    return {**os.environ, **bucket, "HOME": str(scratch / "home"), "TMPDIR": str(scratch / "tmp"),
+            CACHE_ENV: str(scratch / "cache"), "XLA_FLAGS": "", "DONTSTOP_LOCAL_DEVICES": "1"}
+
+
+def _files_outside_cache(scratch: Path) -> list[str]:
+    return sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*")
+                  if p.is_file() and p.relative_to(scratch).parts[0] != "cache")
+
+
+@pytest.mark.slow
+def test_two_hosts_share_only_the_bucket(bucket, tmp_path, tiny_tokenizer_dir):
+    """Two processes with separate disks prepare (process 0 builds and uploads, process 1 copies), pretrain
+    with checkpoints in the bucket, are stopped by SIGTERM, and one process resumes them to the end and exports:
+    the same model as an uninterrupted run, and each process wrote nothing outside its own cache."""
+    import signal
+    import socket
+    import time
+
+    import jax
+    import tiny_pretrain
+
+    from dontstop_jax import files
+    from dontstop_jax.engine.checkpoint import Checkpointer
+    upload_tree(tiny_pretrain.write_corpus(tmp_path), "gs://bkt/two/corpus.txt")
+    upload_tree(Path(tiny_tokenizer_dir), "gs://bkt/two/tokenizer")
+
+    def command(workdir: str, scratch: Path) -> list[str]:
+        argv = tiny_pretrain.command(workdir, "gs://bkt/two/corpus.txt", "gs://bkt/two/tokenizer", scratch / "cache",
+                                     STEPS, {"data.cache_dir": "gs://bkt/two/prepared", "checkpoint.every": 10})
+        return [str(ROOT / a) if a.startswith("configs/") else a for a in argv]  # run from the host's home
+
+    hosts = [tmp_path / f"host{i}" for i in range(2)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(command("gs://bkt/two/run", host), cwd=host / "home", stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**_host_env(host, bucket), "DONTSTOP_COORDINATOR": f"127.0.0.1:{port}",
+                                   "DONTSTOP_NUM_PROCESSES": "2", "DONTSTOP_PROCESS_ID": str(i)})
+             for i, host in enumerate(hosts)]
+    checkpoints = files.path("gs://bkt/two/run/checkpoints")
+    deadline = time.monotonic() + 600
+    while not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
+        time.sleep(0.5)
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    errs = [proc.communicate(timeout=300)[1] for proc in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errs]
+    assert "rerun the same command to continue" in errs[0]
+    stopped = Checkpointer("gs://bkt/two/run/checkpoints", read_only=True).latest_step()
+    assert 0 < stopped < STEPS and not files.path("gs://bkt/two/run/DONE.json").exists()
+    # Process 1's shards came from the bucket into its own cache, verified against the manifest.
+    assert list((hosts[1] / "cache" / "prepared").glob("*/manifest.json"))
+
+    def one_host(*args: str, host: Path) -> None:
+        out = subprocess.run(list(args), cwd=host / "home", capture_output=True, text=True, timeout=600,
+                             env=_host_env(host, bucket))
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    one_host(*command("gs://bkt/two/run", hosts[0]), host=hosts[0])  # resumed on one process
+    assert files.read_json("gs://bkt/two/run/DONE.json")["steps"] == STEPS
+    reference = tmp_path / "reference-host"
+    one_host(*command("gs://bkt/two/reference", reference), host=reference)
+    resumed = Checkpointer("gs://bkt/two/run/checkpoints", read_only=True).restore_params()
+    uninterrupted = Checkpointer("gs://bkt/two/reference/checkpoints", read_only=True).restore_params()
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), resumed,
+                           uninterrupted)
+    one_host(sys.executable, "-m", "dontstop_jax", "export", "--from", "gs://bkt/two/run", "--to",
+             "gs://bkt/two/exported", host=hosts[1])
+    assert files.path("gs://bkt/two/exported/config.json").exists()
+    assert files.path("gs://bkt/two/exported/model.safetensors").exists()
+    for host in hosts:
+        assert _files_outside_cache(host) == [], host
