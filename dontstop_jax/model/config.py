@@ -45,6 +45,10 @@ class ModelConfig:
     lora_alpha: float = 16.0  # LoRA update scale is lora_alpha / lora_rank
     lora_targets: tuple[str, ...] = ("query", "value")
     pooling: str = "cls"  # classifier input: the <s> state (RoBERTa's head) or the mean over real tokens
+    # Layout (not part of the Hugging Face config): the word-embedding table and the MLM head's bias get
+    # `padded_vocab_size` rows, a multiple of this, so `vocab -> tensor` divides them (50265 -> 50304); the
+    # extra ids are never predicted. Import pads with zero rows, export slices them off.
+    vocab_pad_multiple: int = 128
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -65,10 +69,19 @@ class ModelConfig:
                             f"rank >= 0 and targets among {LORA_TARGETS}")
         if self.pooling not in POOLINGS:
             raise UserError(f"pooling={self.pooling!r} is unknown; use one of {POOLINGS}")
+        if self.vocab_pad_multiple < 1:
+            raise UserError(f"model.vocab_pad_multiple={self.vocab_pad_multiple} must be >= 1 (1 = no padding)")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding table and the MLM head: vocab_size rounded up to vocab_pad_multiple. Ids from
+        vocab_size on exist only so the table shards evenly; tokenizer checks use vocab_size."""
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
 
     @property
     def max_seq_length(self) -> int:
