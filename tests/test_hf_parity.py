@@ -192,3 +192,36 @@ def test_tokenizer_larger_than_the_embedding_table_is_refused(tmp_path, tiny_tok
         check_tokenizer(read_config(path), tiny_tokenizer_dir)
     with pytest.raises(UserError, match="no tokenizer files"):
         check_tokenizer(read_config(path), path)
+
+
+def test_cudnn_attention_path_gives_the_same_logits(tmp_path, monkeypatch):
+    """attention_impl=cudnn hands padding to cuDNN as key lengths (it refuses a broadcast mask). Without a GPU the
+    call is routed to XLA's implementation of the same arguments: the model must still be transformers'."""
+    real = jax.nn.dot_product_attention
+    calls = []
+
+    def on_cpu(*args, implementation=None, **kwargs):
+        calls.append((implementation, kwargs.get("mask"), kwargs.get("key_value_seq_lengths")))
+        return real(*args, implementation="xla" if implementation == "cudnn" else implementation, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", on_cpu)
+    hf, path = _random_hf_model(transformers.RobertaForSequenceClassification, tmp_path, "cls", num_labels=3)
+    cfg, params, _ = load_pretrained(path, attention_impl="cudnn", dtype="bfloat16")
+    ids, mask = _padded_batch()
+    ours = _ours(RobertaForSequenceClassification(cfg.replace(dtype="float32", attention_impl=None), 3), params, ids,
+                 mask)
+    calls.clear()
+    object.__setattr__(cfg, "dtype", "float32")  # bypass the cudnn/float32 check: XLA runs float32 on CPU
+    fused = _ours(RobertaForSequenceClassification(cfg, 3), params, ids, mask)
+    assert calls and all(impl == "cudnn" and m is None for impl, m, _ in calls)
+    np.testing.assert_array_equal(np.asarray(calls[0][2]), [17, 11, 4])
+    np.testing.assert_allclose(fused, ours, atol=1e-5)
+    assert np.abs(fused - _torch_out(hf, ids, mask)).max() <= 1e-4
+
+
+def test_cudnn_attention_needs_half_precision():
+    from dontstop_jax.model import ModelConfig
+    with pytest.raises(UserError, match="cudnn has no float32 kernel"):
+        ModelConfig(attention_impl="cudnn")
+    with pytest.raises(UserError, match="attention_impl='flash' is unknown"):
+        ModelConfig(attention_impl="flash", dtype="bfloat16")

@@ -37,7 +37,10 @@ class ModelConfig:
     # Compute options (not part of the Hugging Face config).
     dtype: str = "float32"  # activations / matmul dtype; parameters stay float32
     remat: str = "none"  # jax.checkpoint policy per encoder layer, one of REMAT_POLICIES
-    attention_impl: str | None = None  # None (XLA decides), "xla" or "cudnn" for jax.nn.dot_product_attention
+    # None (XLA decides), "xla" or "cudnn" for jax.nn.dot_product_attention; cudnn (GPUs: flash attention) needs
+    # bfloat16/float16 compute and right-padded batches (padding given to it as key lengths; every loader here pads
+    # on the right), and is used where attention dropout is off (eval, or attention_probs_dropout_prob=0)
+    attention_impl: str | None = None
     # Parameter-efficient additions (not part of the Hugging Face config either).
     adapter: str = "none"  # bottleneck adapters: houlsby (after attention and FFN) or pfeiffer (after FFN)
     adapter_size: int = 64  # adapter bottleneck width
@@ -59,6 +62,12 @@ class ModelConfig:
             raise UserError(f"model.remat={self.remat!r} is unknown; use one of {REMAT_POLICIES}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"model.dtype={self.dtype!r} is unknown; use float32, bfloat16 or float16")
+        if self.attention_impl not in (None, "xla", "cudnn"):
+            raise UserError(f"model.attention_impl={self.attention_impl!r} is unknown; use xla or cudnn (or leave it "
+                            "unset)")
+        if self.attention_impl == "cudnn" and self.dtype == "float32":
+            raise UserError("model.attention_impl=cudnn has no float32 kernel; set model.dtype=bfloat16 (or float16) "
+                            "or leave attention_impl unset")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON metadata gives lists
         if self.adapter not in ADAPTERS:
             raise UserError(f"adapter={self.adapter!r} is unknown; use one of {ADAPTERS}")

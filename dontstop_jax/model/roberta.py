@@ -165,6 +165,11 @@ class Layer(nn.Module):
         rate = cfg.attention_probs_dropout_prob
         if self.deterministic or rate == 0.0:
             # The fused path (cuDNN flash attention on GPUs when attention_impl="cudnn").
+            if cfg.attention_impl == "cudnn":
+                # cuDNN reads a mask as a [batch, heads, queries, keys] bias and refuses our broadcast one; padding
+                # goes in as key lengths instead (batches are right-padded). >= 1 keeps an all-padding row finite.
+                lengths = jnp.maximum(jnp.sum(mask[:, 0, 0, :], axis=-1, dtype=jnp.int32), 1)
+                return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
             return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
         # Dropout on attention probabilities needs the probabilities, so training with it takes this path.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim).astype(jnp.float32)
