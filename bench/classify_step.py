@@ -83,13 +83,17 @@ class HFClassifierStep:
         hf_cfg = transformers.RobertaConfig(**cfg.to_hf_dict(), num_labels=NUM_LABELS)
         self.model = transformers.RobertaForSequenceClassification(hf_cfg).to(device).train()
         self.optimizer, self.scheduler = hf_optimizer(self.model)
+        self.autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
     def run(self, batches: list[dict[str, np.ndarray]]) -> None:
+        """bf16 configs run under autocast (the usual PyTorch mixed-precision recipe), as in bench/mlm_step.py."""
         torch = self.torch
         for batch in batches:
-            loss = self.model(input_ids=torch.from_numpy(batch["input_ids"].astype(np.int64)).to(self.device),
-                              attention_mask=torch.from_numpy(batch["attention_mask"].astype(np.int64)).to(self.device),
-                              labels=torch.from_numpy(batch["labels"].astype(np.int64)).to(self.device)).loss
+            with self.autocast:
+                loss = self.model(
+                    input_ids=torch.from_numpy(batch["input_ids"].astype(np.int64)).to(self.device),
+                    attention_mask=torch.from_numpy(batch["attention_mask"].astype(np.int64)).to(self.device),
+                    labels=torch.from_numpy(batch["labels"].astype(np.int64)).to(self.device)).loss
             hf_update(self.model, self.optimizer, self.scheduler, loss)
         loss.item()
 

@@ -108,3 +108,22 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|:--|" + "--:|" * (len(header) - 1)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# The GPU rows (bench/gpu.py) live between these markers in RESULTS.md; run_all.py keeps them when it rewrites.
+GPU_BEGIN = "<!-- gpu rows: written by bench/gpu.sh (python -m bench.gpu); replaced up to the end marker -->"
+GPU_END = "<!-- end of gpu rows -->"
+
+
+def gpu_section(text: str) -> str:
+    """The marked GPU section of a RESULTS.md text (markers included), or ""."""
+    start, end = text.find(GPU_BEGIN), text.find(GPU_END)
+    return text[start: end + len(GPU_END)] if 0 <= start < end else ""
+
+
+def with_gpu_section(text: str, section: str) -> str:
+    """`text` with its marked GPU section replaced by `section` (markers included), or `section` appended."""
+    old = gpu_section(text)
+    if old:
+        return text.replace(old, section)
+    return text.rstrip("\n") + "\n\n" + section + "\n"

@@ -17,7 +17,7 @@ import time
 import jax
 
 from bench import classify_step, data_pipeline, mlm_step
-from bench.common import BENCH_DIR, machine, markdown_table
+from bench.common import BENCH_DIR, gpu_section, machine, markdown_table, with_gpu_section
 
 # (name, script, arguments, quick arguments). MLM rows: the CPU shapes and roberta-base.
 CPU_RUNS = [
@@ -166,7 +166,10 @@ def main(argv: list[str] | None = None) -> None:
               + "\n".join(f"- {n}: `{c}`" for n, c in commands.items()) + "\n\n")
     notes = (BENCH_DIR / "NOTES.md").read_text() if (BENCH_DIR / "NOTES.md").exists() else ""
     out = BENCH_DIR / "RESULTS.md"
-    out.write_text(header + notes + "\n\n".join(s for s in sections if s) + "\n")
+    text = header + notes + "\n\n".join(s for s in sections if s) + "\n"
+    if gpu := gpu_section(out.read_text() if out.exists() else ""):  # bench/gpu.sh's rows survive a CPU rerun
+        text = with_gpu_section(text, gpu)
+    out.write_text(text)
     print(f"written: {out}", file=sys.stderr)
 
 

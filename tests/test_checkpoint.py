@@ -137,3 +137,30 @@ def test_damaged_step_reads_fall_back_unless_the_step_is_named(tmp_path, caplog)
             path.unlink()
     with pytest.raises(UserError, match=r"^no readable checkpoint in .*: steps 30, 20, 10 are all unreadable"):
         ckpt.restore_params()
+
+
+def test_padded_vocabulary_checkpoint_restores_into_the_padded_model_and_exports_the_real_one(tmp_path):
+    """The meta's model_config carries vocab_pad_multiple, so a checkpoint of a 100-id model (a 128-row table,
+    sharded over `tensor`) rebuilds the same 128-row model; export writes the 100 real rows."""
+    import dataclasses
+
+    from dontstop_jax.model import ModelConfig, save_pretrained
+    from dontstop_jax.model.hf_io import param_shapes
+    cfg = CFG.replace(vocab_size=100)
+    mesh = make_mesh((2, 1, 2), jax.devices()[:4])
+    state, _ = create_train_state(RobertaForMaskedLM(cfg), TX, mesh, DEFAULT_RULES, seed=0)
+    table = state.params["roberta"]["embeddings"]["word_embeddings"]["embedding"]
+    assert table.shape == (128, 32) and table.sharding.spec[0] == "tensor"
+    ckpt = Checkpointer(tmp_path / "ckpt")
+    ckpt.save(state, data_state=None, meta={"phase": "dapt", "model_config": dataclasses.asdict(cfg)})
+    ckpt.close()
+    _, meta, params = Checkpointer(tmp_path / "ckpt", read_only=True).read()
+    restored_cfg = ModelConfig(**meta["model_config"])
+    assert restored_cfg == cfg
+    shapes = param_shapes(RobertaForMaskedLM(restored_cfg))
+    jax.tree_util.tree_map(lambda s, p: np.testing.assert_equal(s.shape, np.shape(p)), shapes, params)
+    again, _ = create_train_state(RobertaForMaskedLM(restored_cfg), TX, mesh, DEFAULT_RULES, seed=1, pretrained=params)
+    _assert_trees_equal(again.params, state.params)
+    out = save_pretrained(tmp_path / "hf", restored_cfg, params, "mlm")
+    from safetensors.numpy import load_file
+    assert load_file(str(out / "model.safetensors"))["lm_head.bias"].shape == (100,)

@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -14,7 +15,7 @@ from dontstop_jax.engine import (DEFAULT_RULES, classification_loss_sums, compil
 from dontstop_jax.engine.optim import weight_decay_mask
 from dontstop_jax.engine.sharding import check_batch_size, resolve_mesh_shape
 from dontstop_jax.errors import UserError
-from dontstop_jax.model import RobertaForMaskedLM, RobertaForSequenceClassification, tiny_config
+from dontstop_jax.model import RobertaForMaskedLM, RobertaForSequenceClassification, init_params, tiny_config
 
 CFG = tiny_config(vocab_size=128, hidden_size=32, num_attention_heads=4, intermediate_size=64,
                   max_position_embeddings=34)
@@ -178,3 +179,30 @@ def test_chain_hooks_applies_each_source_in_turn():
     assert hooks["grad_transform"](3.0) == 7.0  # add_one(double(3))
     assert hooks["update_transform"](3.0) == 1.5
     assert chain_hooks({}, {"grad_transform": None}) == {}
+
+
+def test_vocabulary_padding_changes_neither_loss_nor_gradients():
+    """100 real ids in a 128-row table vs the same weights in a 100-row table: the same loss, accuracy and
+    gradients on the real rows; the padding rows get no gradient, so they stay zero through training."""
+    padded_cfg = CFG.replace(vocab_size=100, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    plain_cfg = padded_cfg.replace(vocab_pad_multiple=1)
+    assert (padded_cfg.padded_vocab_size, plain_cfg.padded_vocab_size) == (128, 100)
+    padded = nn.unbox(init_params(RobertaForMaskedLM(padded_cfg), jax.random.key(0)))
+    word = padded["roberta"]["embeddings"]["word_embeddings"]["embedding"]
+    assert word.shape == (128, 32) and not np.asarray(word[100:]).any()  # padding rows start at zero
+    cut = lambda t: jax.tree_util.tree_map_with_path(
+        lambda p, x: x[:100] if p[-1].key in ("embedding", "bias") and x.shape[:1] == (128,) else x, t)
+    batch = mlm_batch(0)
+    batch["mlm_ids"] = np.minimum(batch["mlm_ids"], 99)
+    batch["input_ids"] = np.minimum(batch["input_ids"], 99)
+    rng = jax.random.key(1)
+    grad = lambda cfg, p: jax.value_and_grad(mlm_loss_sums(RobertaForMaskedLM(cfg)), has_aux=True)(p, batch, rng, True)
+    (loss_p, aux_p), grads_p = grad(padded_cfg, padded)
+    (loss_u, aux_u), grads_u = grad(plain_cfg, cut(padded))
+    np.testing.assert_allclose(float(loss_p), float(loss_u), rtol=1e-6)
+    assert float(aux_p["correct"]) == float(aux_u["correct"])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), cut(grads_p), grads_u)
+    assert not np.asarray(grads_p["roberta"]["embeddings"]["word_embeddings"]["embedding"][100:]).any()
+    assert not np.asarray(grads_p["lm_head"]["bias"][100:]).any()
+    logits = RobertaForMaskedLM(padded_cfg).apply({"params": padded}, batch["input_ids"], batch["attention_mask"])
+    assert np.all(np.asarray(jax.nn.softmax(logits, -1))[..., 100:] == 0.0)  # padding ids are never predicted

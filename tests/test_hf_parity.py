@@ -2,11 +2,13 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dontstop_jax.errors import UserError
+from dontstop_jax.model.roberta import PAD_LOGIT
 from dontstop_jax.model import (RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel, load_pretrained,
                                 save_pretrained)
 
@@ -45,17 +47,38 @@ def _torch_out(model, ids, mask):
 
 
 def _ours(module, params, ids, mask):
-    return np.asarray(module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
+    """Our outputs; MLM logits cut to the real vocabulary (our table has padded_vocab_size rows)."""
+    out = np.asarray(module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
+    return out[..., :HF_CONFIG["vocab_size"]] if isinstance(module, RobertaForMaskedLM) else out
 
 
 def test_mlm_logits_match_transformers(tmp_path):
+    """97 real ids in a 128-row table: the real vocabulary's logits are transformers', the padding ids' are
+    PAD_LOGIT (probability exactly 0), and the imported padding rows are zeros."""
     hf, path = _random_hf_model(transformers.RobertaForMaskedLM, tmp_path, "mlm")
     cfg, params, head = load_pretrained(path)
-    assert head == "mlm"
+    assert head == "mlm" and (cfg.vocab_size, cfg.padded_vocab_size) == (97, 128)
+    assert params["roberta"]["embeddings"]["word_embeddings"]["embedding"].shape == (128, 32)
+    assert not params["roberta"]["embeddings"]["word_embeddings"]["embedding"][97:].any()
+    assert not params["lm_head"]["bias"][97:].any()
     ids, mask = _padded_batch()
-    ours, theirs = _ours(RobertaForMaskedLM(cfg), params, ids, mask), _torch_out(hf, ids, mask)
+    full = np.asarray(RobertaForMaskedLM(cfg).apply({"params": params}, ids, mask))
+    assert full.shape[-1] == 128 and np.all(full[..., 97:] == PAD_LOGIT)
+    assert np.all(np.asarray(jax.nn.softmax(full, axis=-1))[..., 97:] == 0.0)
+    ours, theirs = full[..., :97], _torch_out(hf, ids, mask)
     real = mask.astype(bool)
     assert np.abs(ours - theirs)[real].max() <= 1e-4
+
+
+def test_unpadded_model_gives_the_same_logits(tmp_path):
+    """vocab_pad_multiple=1 keeps the table at the real size; both layouts compute the same model."""
+    _, path = _random_hf_model(transformers.RobertaForMaskedLM, tmp_path, "mlm")
+    ids, mask = _padded_batch()
+    padded_cfg, padded, _ = load_pretrained(path)
+    plain_cfg, plain, _ = load_pretrained(path, vocab_pad_multiple=1)
+    assert plain["lm_head"]["bias"].shape == (97,)
+    np.testing.assert_allclose(_ours(RobertaForMaskedLM(padded_cfg), padded, ids, mask),
+                               _ours(RobertaForMaskedLM(plain_cfg), plain, ids, mask), atol=1e-6)
 
 
 def test_classification_logits_match_transformers(tmp_path):
@@ -84,7 +107,7 @@ def test_masked_positions_equal_full_logits_there(tmp_path):
     positions = np.array([[1, 5, 9], [2, 3, 0], [1, 2, 0]])
     model = RobertaForMaskedLM(cfg)
     full = _ours(model, params, ids, mask)
-    gathered = np.asarray(model.apply({"params": params}, ids, mask, jnp.asarray(positions)))
+    gathered = np.asarray(model.apply({"params": params}, ids, mask, jnp.asarray(positions)))[..., :97]
     np.testing.assert_allclose(gathered, np.take_along_axis(full, positions[..., None], axis=1), atol=1e-5)
 
 
@@ -98,6 +121,10 @@ def test_export_reloads_in_transformers_and_round_trips(tmp_path, head, cls, ext
     cfg, params, _ = load_pretrained(path)
     labels = ["neg", "neu", "pos"] if head == "classification" else None
     out = save_pretrained(tmp_path / "export", cfg, params, head, label_names=labels)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 97  # the padding rows stay ours
+    from safetensors.numpy import load_file
+    exported = load_file(str(out / "model.safetensors"))
+    assert exported["roberta.embeddings.word_embeddings.weight"].shape == (97, 32)
     reloaded = getattr(transformers, cls).from_pretrained(out).eval()
     ids, mask = _padded_batch()
     np.testing.assert_allclose(_torch_out(reloaded, ids, mask), _torch_out(hf, ids, mask), atol=1e-5)
@@ -165,3 +192,36 @@ def test_tokenizer_larger_than_the_embedding_table_is_refused(tmp_path, tiny_tok
         check_tokenizer(read_config(path), tiny_tokenizer_dir)
     with pytest.raises(UserError, match="no tokenizer files"):
         check_tokenizer(read_config(path), path)
+
+
+def test_cudnn_attention_path_gives_the_same_logits(tmp_path, monkeypatch):
+    """attention_impl=cudnn hands padding to cuDNN as key lengths (it refuses a broadcast mask). Without a GPU the
+    call is routed to XLA's implementation of the same arguments: the model must still be transformers'."""
+    real = jax.nn.dot_product_attention
+    calls = []
+
+    def on_cpu(*args, implementation=None, **kwargs):
+        calls.append((implementation, kwargs.get("mask"), kwargs.get("key_value_seq_lengths")))
+        return real(*args, implementation="xla" if implementation == "cudnn" else implementation, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", on_cpu)
+    hf, path = _random_hf_model(transformers.RobertaForSequenceClassification, tmp_path, "cls", num_labels=3)
+    cfg, params, _ = load_pretrained(path, attention_impl="cudnn", dtype="bfloat16")
+    ids, mask = _padded_batch()
+    ours = _ours(RobertaForSequenceClassification(cfg.replace(dtype="float32", attention_impl=None), 3), params, ids,
+                 mask)
+    calls.clear()
+    object.__setattr__(cfg, "dtype", "float32")  # bypass the cudnn/float32 check: XLA runs float32 on CPU
+    fused = _ours(RobertaForSequenceClassification(cfg, 3), params, ids, mask)
+    assert calls and all(impl == "cudnn" and m is None for impl, m, _ in calls)
+    np.testing.assert_array_equal(np.asarray(calls[0][2]), [17, 11, 4])
+    np.testing.assert_allclose(fused, ours, atol=1e-5)
+    assert np.abs(fused - _torch_out(hf, ids, mask)).max() <= 1e-4
+
+
+def test_cudnn_attention_needs_half_precision():
+    from dontstop_jax.model import ModelConfig
+    with pytest.raises(UserError, match="cudnn has no float32 kernel"):
+        ModelConfig(attention_impl="cudnn")
+    with pytest.raises(UserError, match="attention_impl='flash' is unknown"):
+        ModelConfig(attention_impl="flash", dtype="bfloat16")

@@ -2,7 +2,9 @@
 
 Model code names parameter and activation axes logically ("embed", "heads", "batch", ...); the config's
 rule list maps each logical name to a mesh axis (or None = replicated). A dimension whose size the mesh
-axis does not divide is replicated instead of failing (e.g. a 4-head model on tensor=8), so any mesh runs.
+axis does not divide is replicated instead of failing (e.g. a 4-head model on tensor=8), so any mesh runs;
+but a large parameter that this leaves whole on every device is refused (`check_replicated`) unless the
+config opts out (`mesh.allow_replicated`): it would silently cost memory the mesh was chosen to save.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 Rules = Sequence[tuple[str, Any]]
+# Parameters at least this large (bytes) must not end up replicated because a mesh axis could not divide them.
+REPLICATED_LIMIT_BYTES = 1 << 20
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -146,11 +150,13 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "global bat
                         f"(mesh data x fsdp); use a batch size that is a multiple of {accum_steps * dp}")
 
 
-def logical_to_sharding(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> NamedSharding:
-    """Map one array's logical axis names to a NamedSharding, replicating dimensions that do not divide."""
+def _partition(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+               rules: Rules) -> tuple[P, list[tuple[str, int, tuple[str, ...]]]]:
+    """(spec, undivided): the PartitionSpec, and each (logical name, size, mesh axes) whose rule named mesh axes
+    larger than 1 that the dimension's size could not be split over (that dimension is replicated instead)."""
     table = dict(rules)
     used: set[str] = set()
-    spec = []
+    spec, undivided = [], []
     for name, size in zip(names, shape):
         axes = table.get(name) if name is not None else None
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
@@ -160,7 +166,44 @@ def logical_to_sharding(names: Sequence[str | None], shape: Sequence[int], mesh:
             spec.append(axes[0] if len(axes) == 1 else axes)
         else:
             spec.append(None)
-    return NamedSharding(mesh, P(*spec))
+            if axes:
+                undivided.append((name, size, axes))
+    return P(*spec), undivided
+
+
+def logical_to_sharding(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules) -> NamedSharding:
+    """Map one array's logical axis names to a NamedSharding, replicating dimensions that do not divide."""
+    return NamedSharding(mesh, _partition(names, shape, mesh, rules)[0])
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def check_replicated(boxed_abstract: Any, mesh: Mesh, rules: Rules, *,
+                     limit_bytes: int = REPLICATED_LIMIT_BYTES) -> None:
+    """Refuse parameters of at least `limit_bytes` that would sit whole on every device because their rules'
+    mesh axes could not divide them (e.g. an unpadded 50265-row vocabulary on tensor=2): the layout silently
+    costs the memory the mesh was chosen to save. Parameters the rules replicate on purpose are left alone."""
+    found = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(boxed_abstract, is_leaf=_is_box)[0]:
+        if not _is_box(leaf) or not hasattr(leaf.value, "shape"):
+            continue
+        shape = tuple(leaf.value.shape)
+        size = math.prod(shape) * np.dtype(leaf.value.dtype).itemsize
+        spec, undivided = _partition(leaf.names, shape, mesh, rules)
+        if size >= limit_bytes and undivided and all(s is None for s in spec):
+            found.append((size, "/".join(str(getattr(k, "key", k)) for k in path), shape, undivided[0]))
+    if not found:
+        return
+    size, name, shape, (logical, dim, axes) = max(found)
+    mesh_text = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
+    divisor = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+    others = f" ({len(found) - 1} more parameter(s) alike)" if len(found) > 1 else ""
+    raise UserError(f"parameter {name} {list(shape)} ({size / 2**20:.1f} MiB) would be replicated on every device "
+                    f"of mesh {mesh_text}: its {logical!r} dimension {dim} is not divisible by {divisor}{others}; "
+                    "choose mesh sizes (or mesh.rules) that divide it, or set mesh.allow_replicated=True to accept "
+                    "the copies")
 
 
 def tree_shardings(boxed_abstract: Any, mesh: Mesh, rules: Rules) -> Any:
@@ -171,7 +214,7 @@ def tree_shardings(boxed_abstract: Any, mesh: Mesh, rules: Rules) -> Any:
                 return leaf.value
             return logical_to_sharding(leaf.names, leaf.value.shape, mesh, rules)
         return NamedSharding(mesh, P())  # scalars, step counters, RNG keys: replicated
-    return jax.tree_util.tree_map(one, boxed_abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return jax.tree_util.tree_map(one, boxed_abstract, is_leaf=_is_box)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

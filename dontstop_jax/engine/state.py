@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from dontstop_jax.engine.sharding import Rules, put_tree, tree_shardings
+from dontstop_jax.engine.sharding import Rules, check_replicated, put_tree, tree_shardings
 from dontstop_jax.model.roberta import init_params
 
 
@@ -51,13 +51,17 @@ def state_shardings(module: nn.Module, tx: optax.GradientTransformation, mesh: M
 
 
 def create_train_state(module: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules,
-                       seed: int, pretrained: Any = None) -> tuple[TrainState, Any]:
+                       seed: int, pretrained: Any = None, *, allow_replicated: bool = False) -> tuple[TrainState, Any]:
     """A fresh, sharded TrainState; parameters found in `pretrained` (numpy or jax tree) replace random ones.
 
     Returns (state, shardings). The state is built inside `jax.jit(out_shardings=...)`, so no device ever
-    holds the whole unsharded model or optimizer state.
+    holds the whole unsharded model or optimizer state. A large parameter that the mesh cannot divide is a
+    UserError (`sharding.check_replicated`) unless `allow_replicated` (the config's mesh.allow_replicated).
     """
-    shardings = state_shardings(module, tx, mesh, rules)
+    skeleton = jax.eval_shape(lambda: _skeleton(module, tx, boxed=True))
+    if not allow_replicated:
+        check_replicated(skeleton.params, mesh, rules)
+    shardings = tree_shardings(skeleton, mesh, rules)
     loaded = None
     if pretrained is not None:
         loaded = put_tree(_subtree(pretrained, shardings.params), _subtree(shardings.params, pretrained))

@@ -37,7 +37,10 @@ class ModelConfig:
     # Compute options (not part of the Hugging Face config).
     dtype: str = "float32"  # activations / matmul dtype; parameters stay float32
     remat: str = "none"  # jax.checkpoint policy per encoder layer, one of REMAT_POLICIES
-    attention_impl: str | None = None  # None (XLA decides), "xla" or "cudnn" for jax.nn.dot_product_attention
+    # None (XLA decides), "xla" or "cudnn" for jax.nn.dot_product_attention; cudnn (GPUs: flash attention) needs
+    # bfloat16/float16 compute and right-padded batches (padding given to it as key lengths; every loader here pads
+    # on the right), and is used where attention dropout is off (eval, or attention_probs_dropout_prob=0)
+    attention_impl: str | None = None
     # Parameter-efficient additions (not part of the Hugging Face config either).
     adapter: str = "none"  # bottleneck adapters: houlsby (after attention and FFN) or pfeiffer (after FFN)
     adapter_size: int = 64  # adapter bottleneck width
@@ -45,6 +48,10 @@ class ModelConfig:
     lora_alpha: float = 16.0  # LoRA update scale is lora_alpha / lora_rank
     lora_targets: tuple[str, ...] = ("query", "value")
     pooling: str = "cls"  # classifier input: the <s> state (RoBERTa's head) or the mean over real tokens
+    # Layout (not part of the Hugging Face config): the word-embedding table and the MLM head's bias get
+    # `padded_vocab_size` rows, a multiple of this, so `vocab -> tensor` divides them (50265 -> 50304); the
+    # extra ids are never predicted. Import pads with zero rows, export slices them off.
+    vocab_pad_multiple: int = 128
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -55,6 +62,12 @@ class ModelConfig:
             raise UserError(f"model.remat={self.remat!r} is unknown; use one of {REMAT_POLICIES}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"model.dtype={self.dtype!r} is unknown; use float32, bfloat16 or float16")
+        if self.attention_impl not in (None, "xla", "cudnn"):
+            raise UserError(f"model.attention_impl={self.attention_impl!r} is unknown; use xla or cudnn (or leave it "
+                            "unset)")
+        if self.attention_impl == "cudnn" and self.dtype == "float32":
+            raise UserError("model.attention_impl=cudnn has no float32 kernel; set model.dtype=bfloat16 (or float16) "
+                            "or leave attention_impl unset")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON metadata gives lists
         if self.adapter not in ADAPTERS:
             raise UserError(f"adapter={self.adapter!r} is unknown; use one of {ADAPTERS}")
@@ -65,10 +78,19 @@ class ModelConfig:
                             f"rank >= 0 and targets among {LORA_TARGETS}")
         if self.pooling not in POOLINGS:
             raise UserError(f"pooling={self.pooling!r} is unknown; use one of {POOLINGS}")
+        if self.vocab_pad_multiple < 1:
+            raise UserError(f"model.vocab_pad_multiple={self.vocab_pad_multiple} must be >= 1 (1 = no padding)")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding table and the MLM head: vocab_size rounded up to vocab_pad_multiple. Ids from
+        vocab_size on exist only so the table shards evenly; tokenizer checks use vocab_size."""
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
 
     @property
     def max_seq_length(self) -> int:

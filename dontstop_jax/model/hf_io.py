@@ -2,6 +2,8 @@
 
 One name table (`_name_table`) is used in both directions, so import and export cannot drift apart.
 Hugging Face stores Linear weights as (out, in) and does not store the tied `lm_head.decoder.weight`.
+Our vocabulary tensors have `padded_vocab_size` rows (see ModelConfig.vocab_pad_multiple): import appends zero
+rows, export drops them, so a Hugging Face directory always holds exactly `vocab_size` rows.
 """
 
 from __future__ import annotations
@@ -41,23 +43,27 @@ def _to_ours(kind: str, a: np.ndarray, cfg: ModelConfig) -> np.ndarray:
         return a.reshape(h, d)
     if kind == "attn_out":  # (embed, heads*kv) -> (heads, kv, embed)
         return a.T.reshape(h, d, cfg.hidden_size)
+    if kind == "vocab":  # (vocab, ...) -> (padded vocab, ...), zero rows appended
+        return np.pad(a, [(0, cfg.padded_vocab_size - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
     return a
 
 
-def _to_hf(kind: str, a: np.ndarray) -> np.ndarray:
+def _to_hf(kind: str, a: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     if kind == "attn_out":  # (heads, kv, embed) -> (embed, heads*kv)
         return np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
     if kind in ("linear", "qkv"):  # (in, out...) -> (out, in)
         return np.ascontiguousarray(a.reshape(a.shape[0], -1).T)
     if kind == "qkv_bias":
         return a.reshape(-1)
+    if kind == "vocab":
+        return a[: cfg.vocab_size]
     return a
 
 
 def _name_table(cfg: ModelConfig, prefix: str, head: str) -> Iterator[tuple[str, tuple[str, ...], str, int | None]]:
     """(hf name, our path, layout kind, layer index or None) for every tensor of the chosen head."""
     emb = ("roberta", "embeddings")
-    yield prefix + "embeddings.word_embeddings.weight", emb + ("word_embeddings", "embedding"), "copy", None
+    yield prefix + "embeddings.word_embeddings.weight", emb + ("word_embeddings", "embedding"), "vocab", None
     yield prefix + "embeddings.position_embeddings.weight", emb + ("position_embeddings", "embedding"), "copy", None
     yield prefix + "embeddings.token_type_embeddings.weight", emb + ("token_type_embeddings", "embedding"), "copy", None
     yield prefix + "embeddings.LayerNorm.weight", emb + ("LayerNorm", "scale"), "copy", None
@@ -86,7 +92,7 @@ def _name_table(cfg: ModelConfig, prefix: str, head: str) -> Iterator[tuple[str,
         yield "lm_head.dense.bias", ("lm_head", "dense", "bias"), "copy", None
         yield "lm_head.layer_norm.weight", ("lm_head", "layer_norm", "scale"), "copy", None
         yield "lm_head.layer_norm.bias", ("lm_head", "layer_norm", "bias"), "copy", None
-        yield "lm_head.bias", ("lm_head", "bias"), "copy", None
+        yield "lm_head.bias", ("lm_head", "bias"), "vocab", None
     elif head == "classification":
         for name in ("dense", "out_proj"):
             yield f"classifier.{name}.weight", ("classifier", name, "kernel"), "linear", None
@@ -145,8 +151,8 @@ def _get(tree: dict, path: tuple[str, ...]) -> Any:
     return tree
 
 
-def _hf_shape(kind: str, our_shape: tuple[int, ...]) -> tuple[int, ...]:
-    return _to_hf(kind, np.empty(our_shape, np.float32)).shape
+def _hf_shape(kind: str, our_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...]:
+    return _to_hf(kind, np.empty(our_shape, np.float32), cfg).shape
 
 
 def param_shapes(module: nn.Module) -> Params:
@@ -183,7 +189,7 @@ def load_pretrained(path: str | os.PathLike, **config_overrides: Any) -> tuple[M
                             f"(num_hidden_layers={cfg.num_hidden_layers}); the checkpoint is partial or "
                             "config.json belongs to another model: re-export it with save_pretrained")
         full_shape = _get(shapes, our_path).shape
-        expected = _hf_shape(kind, full_shape[1:] if layer is not None else full_shape)
+        expected = _hf_shape(kind, full_shape[1:] if layer is not None else full_shape, cfg)
         if state[hf_name].shape != expected:
             raise UserError(f"{path}: tensor {hf_name!r} has shape {tuple(state[hf_name].shape)} but config.json "
                             f"implies {expected}; fix config.json or use the checkpoint it was saved with")
@@ -235,7 +241,7 @@ def save_pretrained(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params
     state: dict[str, np.ndarray] = {}
     for hf_name, our_path, kind, layer in _name_table(cfg, prefix, head):
         value = np.asarray(_get(params, our_path), np.float32)
-        state[hf_name] = np.ascontiguousarray(_to_hf(kind, value[layer] if layer is not None else value))
+        state[hf_name] = np.ascontiguousarray(_to_hf(kind, value[layer] if layer is not None else value, cfg))
 
     hf_config = cfg.to_hf_dict()
     hf_config.update(architectures=[HEADS[head]], tie_word_embeddings=True)

@@ -36,6 +36,19 @@ def _init(cfg: ModelConfig, *axes: str):
     return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), axes)
 
 
+def _vocab_rows(cfg: ModelConfig):
+    """The word-embedding initialiser: normal rows for real ids, zero rows for the padding ids (never used)."""
+    normal = nn.initializers.normal(cfg.initializer_range)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jnp.where(jnp.arange(shape[0])[:, None] < cfg.vocab_size, normal(key, shape, dtype), 0).astype(dtype)
+    return nn.with_logical_partitioning(init, ("vocab", "embed"))
+
+
+# Logit of a padding id: exp() of it is exactly 0 in float32, and it stays finite (sums of logits, KL terms).
+PAD_LOGIT = -1e9
+
+
 def _zeros(*axes: str):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
@@ -63,8 +76,8 @@ class Embeddings(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
-                                        embedding_init=_init(cfg, "vocab", "embed"))
+        self.word_embeddings = nn.Embed(cfg.padded_vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
+                                        embedding_init=_vocab_rows(cfg))
         self.position_embeddings = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size,
                                             dtype=cfg.compute_dtype, embedding_init=_init(cfg, "position", "embed"))
         self.token_type_embeddings = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
@@ -152,6 +165,11 @@ class Layer(nn.Module):
         rate = cfg.attention_probs_dropout_prob
         if self.deterministic or rate == 0.0:
             # The fused path (cuDNN flash attention on GPUs when attention_impl="cudnn").
+            if cfg.attention_impl == "cudnn":
+                # cuDNN reads a mask as a [batch, heads, queries, keys] bias and refuses our broadcast one; padding
+                # goes in as key lengths instead (batches are right-padded). >= 1 keeps an all-padding row finite.
+                lengths = jnp.maximum(jnp.sum(mask[:, 0, 0, :], axis=-1, dtype=jnp.int32), 1)
+                return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
             return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
         # Dropout on attention probabilities needs the probabilities, so training with it takes this path.
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim).astype(jnp.float32)
@@ -186,7 +204,11 @@ class RobertaModel(nn.Module):
 
 
 class LMHead(nn.Module):
-    """dense -> gelu -> LayerNorm -> decoder tied to the word embeddings (+ its own bias)."""
+    """dense -> gelu -> LayerNorm -> decoder tied to the word embeddings (+ its own bias).
+
+    Logits span `padded_vocab_size` (so they stay sharded over `vocab`); the padding ids' logits are PAD_LOGIT,
+    so they get probability 0 and are never the argmax: losses and accuracies see only the real vocabulary.
+    """
 
     config: ModelConfig
 
@@ -198,9 +220,12 @@ class LMHead(nn.Module):
         # computed wrong gradients (jax 0.10, (2,2,2) mesh; see tests/test_engine.py).
         x = nn.gelu(_dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "dense")(h), approximate=False)
         x = _layer_norm(cfg, "layer_norm")(x)
-        bias = self.param("bias", _zeros("vocab"), (cfg.vocab_size,))
+        bias = self.param("bias", _zeros("vocab"), (cfg.padded_vocab_size,))
         logits = jnp.einsum("...d,vd->...v", x, word_embeddings.astype(x.dtype))
-        return logits.astype(jnp.float32) + bias  # losses are computed in float32
+        logits = logits.astype(jnp.float32) + bias  # losses are computed in float32
+        if cfg.padded_vocab_size == cfg.vocab_size:
+            return logits
+        return jnp.where(jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size, logits, PAD_LOGIT)
 
 
 class RobertaForMaskedLM(nn.Module):
@@ -212,7 +237,8 @@ class RobertaForMaskedLM(nn.Module):
 
     def __call__(self, input_ids: Array, attention_mask: Array, mlm_positions: Array | None = None, *,
                  deterministic: bool = True, gates: Gates | None = None) -> Array:
-        """Vocabulary logits at `mlm_positions` [batch, slots] only (all positions when None).
+        """Vocabulary logits [..., padded_vocab_size] at `mlm_positions` [batch, slots] only (all positions when
+        None); the columns from vocab_size on are padding (see LMHead).
 
         Projecting only the masked slots onto the vocabulary is what makes the MLM step cheap: at seq 512
         that is ~80 rows per sequence instead of 512.

@@ -58,7 +58,8 @@ class Trainer:
         self.rules = tuple(tuple(r) for r in cfg.mesh.rules)
         self.tx, schedule = adaptation.optimizer(cfg.optim, total_steps)
         self.state, self.shardings = create_train_state(model, self.tx, self.mesh, self.rules, cfg.seed,
-                                                        pretrained=source.params)
+                                                        pretrained=source.params,
+                                                        allow_replicated=cfg.mesh.get("allow_replicated", False))
         self.checkpoints = Checkpointer(self.workdir / "checkpoints", keep_last=keep_last, best_metric=best_metric)
         self.meta = sources.provenance(self.name, source, cfg, **provenance)
         self.data_state: dict | None = None  # the loader position of the restored checkpoint
