@@ -24,7 +24,7 @@ def assert_transformers_logits_match(phase: Path, exported: Path) -> dict:
     ckpt = Checkpointer(phase / "checkpoints", read_only=True)
     best = require_finished(phase, "phase")["best_step"]
     meta = ckpt.meta(best)
-    ours = RobertaForSequenceClassification(ModelConfig(**meta["model_config"]), len(meta["label_names"])).apply(
+    ours = RobertaForSequenceClassification(ModelConfig.recorded(meta["model_config"]), len(meta["label_names"])).apply(
         {"params": ckpt.restore_params(best)}, jnp.asarray(batch["input_ids"]),
         jnp.asarray(batch["attention_mask"]))
     with torch.no_grad():

@@ -185,3 +185,44 @@ def test_two_hosts_share_only_the_bucket(bucket, tmp_path, tiny_tokenizer_dir):
     assert files.path("gs://bkt/two/exported/model.safetensors").exists()
     for host in hosts:
         assert _files_outside_cache(host) == [], host
+
+
+def test_small_contracts_in_the_bucket(bucket, tmp_path):
+    """What the flows above rely on, one by one: a published directory replaces the old one whole with its marker
+    last; a file copied for local reading is fetched again only when it changed; the workdir lock is refused
+    while held; `plan` reads a bucket model's config.json without its weights."""
+    from dontstop_jax import files
+    from dontstop_jax.analysis.plan import model_config
+    from dontstop_jax.config_loader import load
+    from dontstop_jax.errors import UserError
+    from dontstop_jax.train.workdir import LOCK, _acquire, _release
+
+    for version, names in ((1, ["a", "b", "config.json"]), (2, ["b", "config.json"])):
+        with files.publishing("gs://bkt/small/dir", last="config.json") as tmp:
+            tmp.mkdir()
+            for name in names:
+                (tmp / name).write_text(f"{name}{version}")
+    assert {k: v.read_text() for k, v in files.walk("gs://bkt/small/dir").items()} == {
+        "b": "b2", "config.json": "config.json2"}
+
+    files.write_text("gs://bkt/small/file.txt", "one")
+    first = files.localize("gs://bkt/small/file.txt")
+    assert first.read_text() == "one" and files.localize("gs://bkt/small/file.txt") == first
+    files.write_text("gs://bkt/small/file.txt", "two, longer")
+    assert files.localize("gs://bkt/small/file.txt").read_text() == "two, longer"
+
+    lock = files.path("gs://bkt/small/workdir") / LOCK
+    _acquire(lock)
+    files.write_json(lock, {**files.read_json(lock), "host": "another-host"})  # held by a run elsewhere
+    with pytest.raises(UserError, match="is in use by another run"):
+        _acquire(lock)
+    lock.unlink()
+    _acquire(lock)
+    _release(lock)
+    assert not lock.exists()
+
+    files.write_json("gs://bkt/small/model/config.json", {"model_type": "roberta", "vocab_size": 97, "hidden_size": 48,
+                                                           "num_hidden_layers": 3, "num_attention_heads": 4,
+                                                           "intermediate_size": 96, "max_position_embeddings": 66})
+    cfg = load("configs/tapt.py", ["--config.init=gs://bkt/small/model"])
+    assert (model_config(cfg).hidden_size, model_config(cfg).num_hidden_layers) == (48, 3)

@@ -44,3 +44,25 @@ def test_step_that_does_not_fit_names_the_lever_and_its_plan(capsys, monkeypatch
     out = capsys.readouterr().out
     assert "does not fit; it fits with --config.train.accum_steps=2:" in out
     assert out.count("HBM per chip") == 2 and "accum 2," in out
+
+
+def test_the_model_comes_from_a_phase_workdir_without_its_weights(tmp_path):
+    """A plan from a phase (e.g. TAPT after a roberta-large DAPT) takes the architecture its checkpoint recorded,
+    also from a checkpoint written before the vocabulary was padded (no `vocab_pad_multiple`: 1)."""
+    import optax
+
+    from dontstop_jax.analysis.plan import model_config
+    from dontstop_jax.config_loader import load
+    from dontstop_jax.engine import DEFAULT_RULES, create_train_state, make_mesh
+    from dontstop_jax.engine.checkpoint import Checkpointer
+    from dontstop_jax.model import RobertaForMaskedLM, tiny_config
+    arch = tiny_config(vocab_size=97, vocab_pad_multiple=1, num_hidden_layers=3)
+    state, _ = create_train_state(RobertaForMaskedLM(arch), optax.sgd(0.1), make_mesh((-1, 1, 1)), DEFAULT_RULES, 0)
+    recorded = {k: v for k, v in dataclasses.asdict(arch).items() if k != "vocab_pad_multiple"}
+    ckpt = Checkpointer(tmp_path / "dapt" / "checkpoints")
+    ckpt.save(state, data_state={}, meta={"model_config": recorded})
+    ckpt.close()
+    cfg = load("configs/tapt.py", [f"--config.init={tmp_path / 'dapt'}", "--config.model.dtype=bfloat16"])
+    planned = model_config(cfg)
+    assert (planned.num_hidden_layers, planned.vocab_size, planned.padded_vocab_size) == (3, 97, 97)
+    assert planned.dtype == "bfloat16"

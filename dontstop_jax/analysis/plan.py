@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -17,9 +16,11 @@ from ml_collections import ConfigDict
 from dontstop_jax.engine import (abstract_state, batch_sharding, chain_hooks, classification_loss_sums,
                                  compile_predict_step, compile_train_step, hold_fixed, make_mesh, make_train_step,
                                  mlm_loss_sums, state_shardings)
+from dontstop_jax import files
+from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import plan as peft_plan
 from dontstop_jax.engine.sharding import activation_rules
-from dontstop_jax.model import ModelConfig, RobertaForMaskedLM, RobertaForSequenceClassification
+from dontstop_jax.model import ModelConfig, RobertaForMaskedLM, RobertaForSequenceClassification, hub
 from dontstop_jax.model.hf_io import read_config
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -40,10 +41,21 @@ class StepCost:
 
 
 def model_config(cfg: ConfigDict) -> ModelConfig:
-    """init's config.json when init is a Hugging Face directory, else `model.*` over roberta-base's shape."""
+    """The architecture `init` names without reading its weights: a Hugging Face directory's config.json (local,
+    gs:// or a Hub id), or the model a phase workdir's checkpoint recorded; else (scratch, or an init not
+    reachable from here) `model.*` over roberta-base's shape."""
     fields = {k: v for k, v in cfg.model.items() if v is not None}
-    if (Path(cfg.init) / "config.json").exists():
-        return read_config(cfg.init, **{k: v for k, v in fields.items() if k in _RUNTIME})
+    runtime = {k: v for k, v in fields.items() if k in _RUNTIME}
+    if cfg.init in ("", "scratch"):
+        return ModelConfig(**fields)
+    if hub.looks_like_hub_id(cfg.init):
+        return read_config(hub.config_only(cfg.init), **runtime)
+    init = files.path(cfg.init)
+    if (init / "config.json").exists():
+        return read_config(files.localize(init / "config.json").parent, **runtime)
+    if (init / "checkpoints").is_dir():
+        return ModelConfig.recorded(Checkpointer(init / "checkpoints", read_only=True).meta()["model_config"],
+                                    **runtime)
     return ModelConfig(**fields)
 
 
@@ -71,7 +83,7 @@ def compile_phase(cfg: ConfigDict, devices: list, num_labels: int = 2) -> tuple[
     finetune = "task" in cfg
     model = RobertaForSequenceClassification(arch, num_labels) if finetune else RobertaForMaskedLM(arch)
     tx, schedule = adaptation.optimizer(cfg.optim, cfg.train.steps or 1000)
-    shardings = state_shardings(model, tx, mesh, rules)
+    shardings = state_shardings(model, tx, mesh, rules, allow_replicated=cfg.mesh.get("allow_replicated", False))
     loss = classification_loss_sums(model) if finetune else mlm_loss_sums(model)
     step = compile_train_step(make_train_step(
         loss, tx, accum_steps=cfg.train.get("accum_steps", 1), schedule=schedule,

@@ -45,9 +45,14 @@ def _skeleton(module: nn.Module, tx: optax.GradientTransformation, boxed: bool) 
                       rng=jnp.zeros((2,), jnp.uint32))
 
 
-def state_shardings(module: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules) -> Any:
-    """Shardings of every leaf of the TrainState, derived from the parameters' logical axes."""
-    return tree_shardings(jax.eval_shape(lambda: _skeleton(module, tx, boxed=True)), mesh, rules)
+def state_shardings(module: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules, *,
+                    allow_replicated: bool = False) -> Any:
+    """Shardings of every leaf of the TrainState, derived from the parameters' logical axes; a large parameter
+    the mesh cannot divide is a UserError (`sharding.check_replicated`) unless `allow_replicated`."""
+    skeleton = jax.eval_shape(lambda: _skeleton(module, tx, boxed=True))
+    if not allow_replicated:
+        check_replicated(skeleton.params, mesh, rules)
+    return tree_shardings(skeleton, mesh, rules)
 
 
 def create_train_state(module: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules,
@@ -58,10 +63,7 @@ def create_train_state(module: nn.Module, tx: optax.GradientTransformation, mesh
     holds the whole unsharded model or optimizer state. A large parameter that the mesh cannot divide is a
     UserError (`sharding.check_replicated`) unless `allow_replicated` (the config's mesh.allow_replicated).
     """
-    skeleton = jax.eval_shape(lambda: _skeleton(module, tx, boxed=True))
-    if not allow_replicated:
-        check_replicated(skeleton.params, mesh, rules)
-    shardings = tree_shardings(skeleton, mesh, rules)
+    shardings = state_shardings(module, tx, mesh, rules, allow_replicated=allow_replicated)
     loaded = None
     if pretrained is not None:
         loaded = put_tree(_subtree(pretrained, shardings.params), _subtree(shardings.params, pretrained))

@@ -104,6 +104,12 @@ class ModelConfig:
     def replace(self, **kwargs: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kwargs)
 
+    @classmethod
+    def recorded(cls, fields: dict, **overrides: Any) -> "ModelConfig":
+        """The config a checkpoint's meta or an adapter file recorded. Those written before the vocabulary was
+        padded name no `vocab_pad_multiple`: their tables have exactly vocab_size rows (multiple 1)."""
+        return cls(**{"vocab_pad_multiple": 1, **fields, **overrides})
+
     # -- Hugging Face config.json ------------------------------------------------------------
     HF_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                  "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",

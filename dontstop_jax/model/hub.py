@@ -40,6 +40,11 @@ def snapshot(repo_id: str, field: str = "init") -> Path:
     return path if path is not None else _download(repo_id, field)
 
 
+def config_only(repo_id: str, field: str = "init") -> Path:
+    """A snapshot directory holding at least the model's config.json (what `dontstop plan` reads; no weights)."""
+    return _fetch(repo_id, ["config.json"], field)
+
+
 def provenance(repo_id: str, path: Path) -> str:
     """`hf:<repo>@<commit>`: the snapshot directory is named by its commit, so a moving branch is pinned."""
     return f"hf:{repo_id.partition('@')[0]}@{path.name}"

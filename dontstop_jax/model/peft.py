@@ -152,7 +152,7 @@ def load_delta(path: str | os.PathLike, base: dict) -> tuple[ModelConfig, dict]:
         raise UserError(f"{path} is not a file; pass the adapter file a parameter-efficient run wrote "
                         "(its workdir's peft.safetensors)")
     with safe_open(str(files.localize(path)), "numpy") as f:
-        cfg = ModelConfig(**json.loads(f.metadata()["model_config"]))
+        cfg = ModelConfig.recorded(json.loads(f.metadata()["model_config"]))
         flat = {k: f.get_tensor(k) for k in f.keys()}
     merged = _flatten(base)
     for key, value in flat.items():

@@ -25,7 +25,7 @@ def _load(workdir: str, step: int | None) -> tuple[dict, ModelConfig, dict]:
                         "a finished pretrain or finetune run")
     first = require_finished(directory.parent, "--from").get("best_step") if step is None else None
     _, meta, params = Checkpointer(directory, read_only=True).read(step, first=first)
-    return meta, ModelConfig(**meta["model_config"]), params
+    return meta, ModelConfig.recorded(meta["model_config"]), params
 
 
 def export(workdir: str, out_dir: str, step: int | None = None) -> files.Path:

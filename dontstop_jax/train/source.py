@@ -103,7 +103,7 @@ def _weights(init: str, tokenizer: str | None, model: ConfigDict | None, overrid
     # The step the phase reported (a fine-tune's best, else the latest), or the newest readable one if damaged.
     step, meta, params = Checkpointer(ckpt_dir, read_only=True).read(first=summary.get("best_step"))
     # A parent's LoRA is folded into its weights: the next phase starts from a plain (or adapter) model.
-    cfg, params = merge_lora(ModelConfig(**{**meta["model_config"], **overrides}), params)
+    cfg, params = merge_lora(ModelConfig.recorded(meta["model_config"], **overrides), params)
     return ModelSource(cfg, params, tokenizer or meta["tokenizer_dir"], f"checkpoint:{files.absolute(ckpt_dir)}@{step}")
 
 
