@@ -226,3 +226,34 @@ def test_small_contracts_in_the_bucket(bucket, tmp_path):
                                                            "intermediate_size": 96, "max_position_embeddings": 66})
     cfg = load("configs/tapt.py", ["--config.init=gs://bkt/small/model"])
     assert (model_config(cfg).hidden_size, model_config(cfg).num_hidden_layers) == (48, 3)
+
+
+def test_select_reads_and_writes_the_bucket_like_a_local_disk(bucket, tmp_path):
+    """kNN selection with its task, corpus and workdir in the bucket picks what it picks from local files."""
+    from dontstop_jax import files
+    from dontstop_jax.phases.defaults import select_config
+    from dontstop_jax.phases.select import select, selected_corpus
+    rng = np.random.default_rng(0)
+    topics = [WORDS[:6], ["graph", "node", "edge", "compiler", "kernel", "cache"]]
+    local = tmp_path / "local"
+    (local / "task").mkdir(parents=True)
+    for split, n in (("train", 12), ("dev", 6), ("test", 6)):
+        (local / "task" / f"{split}.jsonl").write_text("".join(
+            json.dumps({"text": " ".join(rng.choice(topics[0], 10)), "label": i % 2}) + "\n" for i in range(n)))
+    (local / "corpus.txt").write_text("\n".join(" ".join(rng.choice(topics[i % 2], 20)) for i in range(120)) + "\n")
+    upload_tree(local, "gs://bkt/select/in")
+
+    def run(root: str, workdir: str) -> list[str]:
+        cfg = select_config()
+        cfg.update(dict(method="knn", workdir=workdir, chunk_size=32, checkpoint_every=2, k=3, fit_docs=100))
+        cfg.task.path = f"{root}/task"
+        cfg.sources = [f"{root}/corpus.txt"]
+        cfg.embedding.update(kind="tfidf", dim=256)
+        select(cfg)
+        rows = [json.loads(line) for line in files.path(selected_corpus(workdir)).read_text().splitlines()]
+        assert {r.pop("source") for r in rows} == {f"{root}/corpus.txt"}
+        return rows
+
+    in_bucket = run("gs://bkt/select/in", "gs://bkt/select/run")
+    assert in_bucket and in_bucket == run(str(local), str(tmp_path / "run"))
+    assert files.path("gs://bkt/select/run/DONE.json").exists()

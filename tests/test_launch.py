@@ -19,7 +19,8 @@ from dontstop_jax.engine.checkpoint import Checkpointer
 
 LAUNCH = str(REPO / "launch" / "run.sh")
 ARGS = ["pretrain", "--config", "configs/dapt.py:biomed", "--config.mesh.shape=(4, 1, 1)",
-        '--config.data.sources=["/data/my corpus/*.txt"]', "--config.optim.learning_rate=1e-3"]
+        '--config.data.sources=["/data/my corpus/*.txt", "gs://bkt/data/*.jsonl.gz"]',
+        "--config.workdir=gs://bkt/runs/dapt", "--config.optim.learning_rate=1e-3"]
 STEPS = 20
 
 
