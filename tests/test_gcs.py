@@ -195,7 +195,7 @@ def test_small_contracts_in_the_bucket(bucket, tmp_path):
     from dontstop_jax.analysis.plan import model_config
     from dontstop_jax.config_loader import load
     from dontstop_jax.errors import UserError
-    from dontstop_jax.train.workdir import LOCK, _acquire, _release
+    from dontstop_jax.train.workdir import LEASE_SECONDS, LOCK, _acquire, _release
 
     for version, names in ((1, ["a", "b", "config.json"]), (2, ["b", "config.json"])):
         with files.publishing("gs://bkt/small/dir", last="config.json") as tmp:
@@ -213,11 +213,13 @@ def test_small_contracts_in_the_bucket(bucket, tmp_path):
 
     lock = files.path("gs://bkt/small/workdir") / LOCK
     _acquire(lock)
-    files.write_json(lock, {**files.read_json(lock), "host": "another-host"})  # held by a run elsewhere
+    held = {**files.read_json(lock), "host": "another-host"}
+    files.write_json(lock, held)  # held by a run on another host that renewed it just now
     with pytest.raises(UserError, match="is in use by another run"):
         _acquire(lock)
-    lock.unlink()
+    files.write_json(lock, {**held, "beat": held["beat"] - LEASE_SECONDS - 1})  # that host died (preempted VM)
     _acquire(lock)
+    assert files.read_json(lock)["host"] != "another-host"
     _release(lock)
     assert not lock.exists()
 
@@ -257,3 +259,22 @@ def test_select_reads_and_writes_the_bucket_like_a_local_disk(bucket, tmp_path):
     in_bucket = run("gs://bkt/select/in", "gs://bkt/select/run")
     assert in_bucket and in_bucket == run(str(local), str(tmp_path / "run"))
     assert files.path("gs://bkt/select/run/DONE.json").exists()
+
+
+def test_a_held_lock_is_renewed_so_other_hosts_see_the_run_alive(tmp_path, monkeypatch):
+    """The lease thread rewrites the lock's `beat` while the run holds it and stops on release."""
+    import time
+
+    from dontstop_jax import files
+    from dontstop_jax.train import workdir as wd
+    monkeypatch.setattr(wd, "RENEW_SECONDS", 0.05)
+    lock = tmp_path / wd.LOCK
+    lease = wd._Lease(files.path(lock), wd._acquire(files.path(lock)))
+    first = files.read_json(lock)["beat"]
+    deadline = time.monotonic() + 10
+    while files.read_json(lock)["beat"] == first:
+        assert time.monotonic() < deadline, "the lock was never renewed"
+        time.sleep(0.05)
+    lease.stop()
+    wd._release(files.path(lock))
+    assert not lock.exists()

@@ -2,7 +2,9 @@
 
     WORKDIR/phase_config.json  the full config of the run and its fingerprint, recorded when the phase starts
     WORKDIR/DONE.json          the phase's summary, written last: only a workdir holding it is a finished phase
-    WORKDIR/.lock              host, pid and start time of the run working in it (absent when none is)
+    WORKDIR/.lock              host, pid and start time of the run working in it (absent when none is), and
+                               when it last renewed it (every RENEW_SECONDS; another host's run that stopped
+                               renewing for LEASE_SECONDS, e.g. on a preempted VM, is dead)
 
 A rerun with the same config resumes an interrupted phase or returns a finished one's summary. A rerun whose
 config differs in anything that shapes the result is refused, naming the fields: resuming under new settings
@@ -18,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path as LocalPath
 from typing import Any
@@ -36,6 +39,7 @@ DONE, CONFIG, LOCK = "DONE.json", "phase_config.json", ".lock"
 # (same math) and where caches live.
 RUNTIME_ONLY = ("name", "workdir", "train.log_every", "checkpoint", "mesh", "model.remat", "data.cache_dir",
                 "checkpoint_every")
+RENEW_SECONDS, LEASE_SECONDS = 60, 600
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -79,15 +83,16 @@ class Workdir:
 
     def __init__(self, config: ConfigDict):
         self.path, self.phase, self.config = files.path(config.workdir), config.name, config
-        self._locked = False
+        self._lease: _Lease | None = None
 
     def __enter__(self) -> dict | None:
         return self.claim()
 
     def __exit__(self, *exc: object) -> None:
-        if self._locked:
+        if self._lease is not None:
+            self._lease.stop()
             _release(self.path / LOCK)
-            self._locked = False
+            self._lease = None
 
     def claim(self) -> dict | None:
         """The summary when the phase already finished with this config (nothing to run); otherwise lock the
@@ -100,8 +105,7 @@ class Workdir:
         if (summary := finished(self.path)) is not None:
             return summary
         if jax.process_index() == 0:
-            _acquire(self.path / LOCK)
-            self._locked = True
+            self._lease = _Lease(self.path / LOCK, _acquire(self.path / LOCK))
             if not (recorded.exists() and started):
                 write_json(recorded, {"phase": self.phase, "fingerprint": fingerprint(self.config),
                                       "config": json.loads(self.config.to_json_best_effort())})
@@ -133,10 +137,14 @@ def _start_time(pid: int) -> str | None:
 
 
 def _alive(holder: dict) -> bool:
-    """Whether the lock's owner still runs; an owner on another host is assumed to (we cannot look)."""
+    """Whether the lock's owner still runs: on this host, whether its process does; on another host (which we
+    cannot look at), whether it renewed the lock within LEASE_SECONDS."""
     pid = holder.get("pid")
-    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
-        return holder.get("host") != socket.gethostname()
+    if holder.get("host") != socket.gethostname():
+        beat = holder.get("beat")
+        return isinstance(beat, (int, float)) and time.time() - beat < LEASE_SECONDS
+    if not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -147,26 +155,48 @@ def _alive(holder: dict) -> bool:
     return holder.get("start") is None or started is None or started == holder["start"]
 
 
-def _acquire(path: files.Path) -> None:
+class _Lease:
+    """Renews the lock at `path` every RENEW_SECONDS in a background thread while this run holds it."""
+
+    def __init__(self, path: files.Path, me: dict):
+        self._path, self._me, self._stopped = path, me, threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="workdir-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stopped.wait(RENEW_SECONDS):
+            try:
+                if read_json(self._path).get("pid") == self._me["pid"]:
+                    write_json(self._path, {**self._me, "beat": time.time()})
+            except (OSError, ValueError) as err:  # a slow or failing store: the next renewal tries again
+                log.warning("could not renew the lock %s (%s)", self._path, err)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+
+def _acquire(path: files.Path) -> dict:
     """Create `path` holding this process's identity, atomically and complete (locally a hard link of a written
     file; in a bucket an object created only if absent); a lock whose owner is dead (same host) is broken, a live
     one is a one-line error naming it."""
     me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
-          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+          "since": time.strftime("%Y-%m-%d %H:%M:%S"), "beat": time.time()}
     create = _create_remote if files.is_remote(path) else _create_local
     for _ in range(3):
         if create(path, json.dumps(me)):
-            return
+            return me
         try:
             holder = read_json(path)
         except (OSError, ValueError):
             continue  # released meanwhile
         if holder == me:
-            return
+            return me
         if _alive(holder):
             raise UserError(f"{path.parent} is in use by another run (pid {holder.get('pid')} on "
                             f"{holder.get('host')}, since {holder.get('since')}); wait for it to end, or if "
-                            f"that run is gone, delete {path}") from None
+                            f"that run is gone, delete {path} (another host's lock lapses {LEASE_SECONDS} s after "
+                            "its run stops renewing it)") from None
         log.warning("breaking the stale lock of a dead run in %s (pid %s on %s)", path.parent,
                     holder.get("pid"), holder.get("host"))
         path.unlink(missing_ok=True)
