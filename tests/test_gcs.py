@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gcs_emulator import gcs_emulator, upload_tree
+from tiny_hf import save_tiny_roberta
 
 # Not imported here: gcsfs reads its settings from the environment the emulator fixture sets.
 pytestmark = pytest.mark.skipif(not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec(
@@ -39,16 +40,9 @@ def _cli(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 def _local_inputs(root: Path, tokenizer_dir: str) -> None:
     """A tiny transformers RoBERTa with its tokenizer, a gzipped JSON-lines corpus and a labeled task."""
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
-    from dontstop_jax.data import load_tokenizer
-    tok = load_tokenizer(tokenizer_dir)
-    tok.save_pretrained(root / "roberta-tiny")
-    torch.manual_seed(0)
-    transformers.RobertaForMaskedLM(transformers.RobertaConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2)).save_pretrained(
-        root / "roberta-tiny")
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    save_tiny_roberta(root / "roberta-tiny", tokenizer_dir)
     rng = np.random.default_rng(0)
     docs = [" ".join(rng.choice(WORDS, rng.integers(8, 40))) for _ in range(700)]
     (root / "corpus").mkdir()

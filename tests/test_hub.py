@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from tiny_hf import save_tiny_roberta
 from tiny_pretrain import command, run, write_corpus
 
 from dontstop_jax.errors import UserError
@@ -40,13 +41,7 @@ def _cache_repo(cache: Path, repo: str, files: Path) -> Path:
 def hf_home(tmp_path_factory, small_tokenizer_dir) -> tuple[Path, Path]:
     """(HF_HOME whose cache holds org/name, the same model as a plain directory)."""
     root = tmp_path_factory.mktemp("hub")
-    model_dir = root / "tiny-roberta"
-    torch.manual_seed(0)
-    transformers.RobertaForMaskedLM(transformers.RobertaConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2)).save_pretrained(model_dir)
-    for f in Path(small_tokenizer_dir).iterdir():
-        shutil.copyfile(f, model_dir / f.name)
+    model_dir = save_tiny_roberta(root / "tiny-roberta", small_tokenizer_dir, vocab_size=128)
     _cache_repo(root / "hf" / "hub", "org/name", model_dir)
     return root / "hf", model_dir
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from export_check import assert_transformers_logits_match
+from tiny_hf import save_tiny_roberta
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
@@ -27,17 +28,10 @@ def _cli(*args: str, cwd: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory, tiny_tokenizer_dir):
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
-    from dontstop_jax.data import load_tokenizer
+    pytest.importorskip("transformers")
+    pytest.importorskip("torch")
     root = tmp_path_factory.mktemp("readme")
-    tok = load_tokenizer(tiny_tokenizer_dir)
-    tok.save_pretrained(root / "roberta-tiny")
-    torch.manual_seed(0)
-    transformers.RobertaForMaskedLM(transformers.RobertaConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2)).save_pretrained(
-        root / "roberta-tiny")
+    save_tiny_roberta(root / "roberta-tiny", tiny_tokenizer_dir)
     rng = np.random.default_rng(0)
     docs = [" ".join(rng.choice(WORDS, rng.integers(8, 40))) for _ in range(900)]
     (root / "s2orc").mkdir()

@@ -3,13 +3,13 @@ reads with no TensorFlow), read as a corpus source (`tfds:name`, `data_dir` or T
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_hf import save_tiny_roberta
 
 from dontstop_jax.data import iter_documents, load_task, prepare_corpus, task_unlabeled_texts
 from dontstop_jax.errors import UserError
@@ -108,15 +108,9 @@ def test_a_tfds_task_reads_like_a_hugging_face_one(data_dir, monkeypatch):
 
 
 def test_a_finetune_phase_on_a_tfds_task(data_dir, tiny_tokenizer_dir, tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    model = tmp_path / "roberta-tiny"
-    torch.manual_seed(0)
-    transformers.RobertaForMaskedLM(transformers.RobertaConfig(
-        vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=66, pad_token_id=1, bos_token_id=0, eos_token_id=2)).save_pretrained(model)
-    for f in Path(tiny_tokenizer_dir).iterdir():
-        shutil.copyfile(f, model / f.name)
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    model = save_tiny_roberta(tmp_path / "roberta-tiny", tiny_tokenizer_dir, vocab_size=400)
     fields = {"init": str(model), "task.path": "tfds:tiny_reviews", "workdir": str(tmp_path / "ft"),
               "data.max_seq_length": 32, "train.batch_size": 8, "train.epochs": 1, "mesh.shape": "(-1, 1, 1)"}
     out = subprocess.run([sys.executable, "-m", "dontstop_jax", "finetune", "--config", "configs/finetune.py:imdb",
