@@ -1,5 +1,5 @@
-"""`dontstop plan` compiles a tiny model's real step for a TPU slice on this CPU machine (needs libtpu: the
-[tpu] extra, kept out of the test extra because libtpu's start-up warnings reach every JAX process's stderr)."""
+"""`dontstop plan` compiles a tiny model's real step for a TPU slice on this CPU machine (needs libtpu: in the
+test extra; the test session's JAX_PLATFORMS=cpu keeps every other process from looking for a TPU)."""
 
 import dataclasses
 
