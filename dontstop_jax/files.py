@@ -42,13 +42,12 @@ def path(where: PathLike) -> epath.Path:
     """`where` as a Path: local, or in a bucket (a missing cloud filesystem package is a one-line error)."""
     if is_remote(where):
         scheme = os.fspath(where).split("://", 1)[0]
-        package = {"gs": "gcsfs", "s3": "s3fs"}.get(scheme)
-        if package is None:
+        if scheme != "gs":
             raise UserError(f"{os.fspath(where)}: unsupported URL scheme {scheme}://; use a local path or gs://")
         try:
-            __import__(package)
+            import gcsfs  # noqa: F401
         except ImportError:
-            raise UserError(f"{os.fspath(where)} needs the {package} package; pip install -e \".[gcs]\"") from None
+            raise UserError(f"{os.fspath(where)} needs the gcsfs package; pip install -e \".[gcs]\"") from None
         _fresh_listings(scheme)
     return epath.Path(where)
 

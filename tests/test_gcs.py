@@ -272,3 +272,14 @@ def test_a_held_lock_is_renewed_so_other_hosts_see_the_run_alive(tmp_path, monke
     lease.stop()
     wd._release(files.path(lock))
     assert not lock.exists()
+
+
+def test_an_unsupported_url_is_one_line(tmp_path, tiny_tokenizer_dir, capsys):
+    import tiny_pretrain
+
+    from dontstop_jax import cli
+    argv = tiny_pretrain.command("s3://bkt/run", tiny_pretrain.write_corpus(tmp_path), tiny_tokenizer_dir,
+                                 tmp_path / "cache", 4)
+    assert cli.main(argv[3:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: s3://bkt/run: unsupported URL scheme s3://; use a local path or gs://"
