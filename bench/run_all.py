@@ -1,6 +1,6 @@
 """Run every benchmark with its recorded settings and rewrite bench/RESULTS.md from the fresh numbers.
 
-    python -m bench.run_all              # CPU suite (~25 min on 2 cores); on a GPU host it runs the GPU rows
+    python -m bench.run_all              # CPU suite (~27 min on 2 cores); on a GPU host it runs the GPU rows
     python -m bench.run_all --quick      # smaller shapes, a smoke run of the whole chain (~8 min)
 
 Each script also runs alone (see its docstring) and writes bench/results/<name>.json.
@@ -16,7 +16,7 @@ import time
 
 import jax
 
-from bench import classify_step, data_pipeline, mlm_step
+from bench import classify_step, data_pipeline, mlm_step, storage
 from bench.common import BENCH_DIR, gpu_section, machine, markdown_table, with_gpu_section
 
 # (name, script, arguments, quick arguments). MLM rows: the issue's CPU shapes and roberta-base.
@@ -27,6 +27,7 @@ CPU_RUNS = [
     ("classification", classify_step, "", "--seq 32 --batch 8 --examples 64 --max-len 128 --repeats 1 --steps 1"),
     ("classification parts", classify_step, "--breakdown --repeats 5", "--breakdown --seq 32 --batch 8 --repeats 1 --steps 1"),
     ("data pipeline", data_pipeline, "", "--mb 4 --repeats 1 --rss-gb 0.05 --batch 8 --seq 64"),
+    ("storage", storage, "", "--mb 4 --repeats 1 --step-repeats 1 --stream-docs 100 --batch 8 --seq 64"),
 ]
 GPU_RUNS = [
     ("mlm base seq512 bf16", mlm_step, "--model base --seq 512 --batch 64 --dtype bfloat16 --levers --steps 5",
@@ -108,6 +109,16 @@ def classify_parts_section(p: dict) -> str:
             + markdown_table(["part", "ours ms", "transformers ms", "transformers time / ours"], rows))
 
 
+def storage_section(p: dict) -> str:
+    r = p["ratios"]
+    return ("### Storage: gs:// (local GCS emulator) vs local disk\n\n"
+            f"{p['note']} Bucket time / local time: prepare {r['prepare']:.2f}x (documents streamed in-process "
+            f"{r['stream']:,.0f}x), a fresh host's first read "
+            f"{r['first_read']:.1f}x, checkpoint save {r['save']:.2f}x, restore {r['restore']:.2f}x. The loader on "
+            f"the copy taken from the bucket runs at {r['loader_copy_vs_local']:.2f}x the local one's tokens/s, "
+            f"{r['loader_vs_step']:,.0f}x what the train step consumes.\n\n" + "\n\n".join(storage.tables(p)))
+
+
 def memory_section() -> str:
     path = BENCH_DIR / "memory.json"
     if not path.exists():
@@ -122,6 +133,11 @@ def memory_section() -> str:
             + markdown_table(["lever (cumulative)"] + [f"{mo} GiB" for mo in models], rows))
 
 
+def describe_machine(info: dict) -> str:
+    return (f"{info['cpu']}, {info['cores']} cores, backend {info['backend']} ({info['device']}); jax {info['jax']}, "
+            f"torch {info.get('torch', '-')}, transformers {info.get('transformers', '-')}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -132,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     state_path = BENCH_DIR / "results" / "run_all.json"
     previous = json.loads(state_path.read_text()) if state_path.exists() else {}
     payloads, commands = previous.get("payloads", {}), previous.get("commands", {})
+    machines = previous.get("machines", {})  # each run's machine: an --only run may be on another box
     for name, script, full, quick in runs:
         if args.report_only or (args.only and name not in args.only.split(",")):
             continue
@@ -140,10 +157,11 @@ def main(argv: list[str] | None = None) -> None:
         t = time.time()
         payloads[name] = script.main(argv_run)
         commands[name] = f"python -m bench.{script.__name__.split('.')[-1]} {' '.join(argv_run)}"
+        machines[name] = machine()
         print(f"   ({time.time() - t:.0f} s)", file=sys.stderr, flush=True)
     state_path.parent.mkdir(exist_ok=True)
     tmp = state_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"payloads": payloads, "commands": commands}, indent=1))
+    tmp.write_text(json.dumps({"payloads": payloads, "commands": commands, "machines": machines}, indent=1))
     os.replace(tmp, state_path)
 
     sections = []
@@ -156,12 +174,16 @@ def main(argv: list[str] | None = None) -> None:
             sections.append(classify_parts_section(payload))
         elif payload["bench"] == "data_pipeline":
             sections.append(data_section(payload))
+        elif payload["bench"] == "storage":
+            sections.append(storage_section(payload))
     sections.append(memory_section())
-    info = machine()
+    by_machine: dict[str, list[str]] = {}
+    for name in payloads:
+        by_machine.setdefault(describe_machine(machines.get(name) or machine()), []).append(name)
+    where = (f"Machine: {next(iter(by_machine))}" if len(by_machine) == 1 else "Machines: " + "; ".join(
+        f"{m} ({', '.join(names)})" for m, names in by_machine.items()))
     header = (f"# Benchmark results\n\nRegenerated by `python -m bench.run_all` on {time.strftime('%Y-%m-%d')}"
-              f"{' (--quick shapes)' if args.quick else ''}. Machine: {info['cpu']}, {info['cores']} cores, "
-              f"backend {info['backend']} ({info['device']}); jax {info['jax']}, torch {info.get('torch', '-')}, "
-              f"transformers {info.get('transformers', '-')}. Every ratio is measured in one process, alternating "
+              f"{' (--quick shapes)' if args.quick else ''}. {where}. Every ratio is measured in one process, alternating "
               "the two sides repeat by repeat after warm-up (medians).\n\nCommands:\n\n"
               + "\n".join(f"- {n}: `{c}`" for n, c in commands.items()) + "\n\n")
     notes = (BENCH_DIR / "NOTES.md").read_text() if (BENCH_DIR / "NOTES.md").exists() else ""

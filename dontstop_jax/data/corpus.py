@@ -127,7 +127,7 @@ def iter_lines(path: str) -> Iterator[tuple[int, str]]:
     if files.source_stat(files.path(path))[0] == 0:
         raise UserError(f"file {path} is empty; remove it from the sources or fill it")
     offset = 0
-    with files.path(path).open("rb") as raw_file, (gzip.open(raw_file) if path.endswith(".gz") else raw_file) as f:
+    with files.open_read(path) as raw_file, (gzip.open(raw_file) if path.endswith(".gz") else raw_file) as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
