@@ -283,3 +283,23 @@ def test_an_unsupported_url_is_one_line(tmp_path, tiny_tokenizer_dir, capsys):
     assert cli.main(argv[3:]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: s3://bkt/run: unsupported URL scheme s3://; use a local path or gs://"
+
+
+def test_analyze_reads_corpora_from_and_writes_its_report_to_the_bucket(bucket, tmp_path):
+    pytest.importorskip("matplotlib")
+    import importlib.util as iu
+
+    from dontstop_jax import files
+    from dontstop_jax.analysis.report import analyze
+    for name, words in (("bio", WORDS[:7]), ("cs", ["graph", "node", "edge", "compiler", "kernel", "cache"])):
+        files.write_text(f"gs://bkt/analyze/{name}.txt", "\n".join(" ".join(words) for _ in range(20)) + "\n")
+    spec = iu.spec_from_file_location("analyze_cfg", ROOT / "configs" / "analyze.py")
+    module = iu.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config("custom")
+    cfg.out_dir = "gs://bkt/analyze/report"
+    cfg.corpora = {"bio": ["gs://bkt/analyze/bio.txt"], "cs": ["gs://bkt/analyze/*cs.txt"]}
+    analyze(cfg)
+    report = files.walk("gs://bkt/analyze/report")
+    assert sorted(report) == ["summary.md", "vocab_overlap.csv", "vocab_overlap.png"]
+    assert "vocab_overlap.png" in report["summary.md"].read_text()
