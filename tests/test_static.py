@@ -55,3 +55,17 @@ def test_layers_below_phases_never_import_phases():
             offenders += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
                           if n == "dontstop_jax.phases" or n.startswith("dontstop_jax.phases.")]
     assert len(below) > 30 and not offenders, "\n".join(offenders)
+
+
+def test_no_transformers_banner_without_pytorch():
+    """A plain install has no PyTorch: loading a tokenizer (and everything a phase imports) prints nothing."""
+    import os
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import dontstop_jax.cli, dontstop_jax.phases.grid, dontstop_jax.data.tokenizer\n"
+            "import transformers; assert not transformers.is_torch_available()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "PyTorch was not found" not in out.stderr and out.stderr.strip() == "", out.stderr
