@@ -46,6 +46,38 @@ def test_step_that_does_not_fit_names_the_lever_and_its_plan(capsys, monkeypatch
     assert out.count("HBM per chip") == 2 and "accum 2," in out
 
 
+def test_a_step_the_compiler_refuses_does_not_fit_and_gets_a_lever(capsys, monkeypatch):
+    """The TPU compiler rejects a program whose temporaries exceed HBM (RESOURCE_EXHAUSTED) instead of compiling
+    it: plan reads that as "does not fit" and tries the levers. No libtpu: the CPU devices stand in for the slice."""
+    import jax
+
+    from dontstop_jax.phases import plan as plan_phase
+    real = plan_phase.compile_phase
+
+    def compile_phase(cfg, devices):
+        if cfg.mesh.shape[0] != 1:  # data parallel: "too big"; the FSDP lever compiles for real
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                                             "required for HLO temporaries (20.13G) exceeds available HBM (15.75G).")
+        return real(cfg, devices)
+    monkeypatch.setattr(plan_phase, "compile_phase", compile_phase)
+    monkeypatch.setattr(topology, "devices", lambda name, slices=1: (topology.CHIPS["v5litepod"], jax.devices()[:8]))
+    assert cli.main(["plan", "--topology", "v5litepod-8", *TINY, "--config.train.batch_size=64"]) == 1
+    out = capsys.readouterr().out
+    assert "does not compile: RESOURCE_EXHAUSTED: Ran out of memory on HBM" in out
+    assert "does not fit; it fits with --config.mesh.shape='(1, 8, 1)':" in out and "mesh data=1 fsdp=8" in out
+
+
+def test_fine_tuning_plans_without_train_steps():
+    """A fine-tune config has epochs, no train.steps: its train and predict steps still compile (CPU here)."""
+    import jax
+
+    from dontstop_jax.analysis.plan import compile_phase
+    from dontstop_jax.config_loader import load
+    cfg = load("configs/finetune.py", TINY[2:] + ["--config.train.batch_size=8"])
+    train, predict, params = compile_phase(cfg, jax.devices()[:8])
+    assert predict is not None and train.total_bytes > 0 and params > 0
+
+
 def test_the_model_comes_from_a_phase_workdir_without_its_weights(tmp_path):
     """A plan from a phase (e.g. TAPT after a roberta-large DAPT) takes the architecture its checkpoint recorded,
     also from a checkpoint written before the vocabulary was padded (no `vocab_pad_multiple`: 1)."""

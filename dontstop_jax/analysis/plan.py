@@ -82,7 +82,7 @@ def compile_phase(cfg: ConfigDict, devices: list, num_labels: int = 2) -> tuple[
     arch, adaptation = peft_plan(cfg, model_config(cfg))
     finetune = "task" in cfg
     model = RobertaForSequenceClassification(arch, num_labels) if finetune else RobertaForMaskedLM(arch)
-    tx, schedule = adaptation.optimizer(cfg.optim, cfg.train.steps or 1000)
+    tx, schedule = adaptation.optimizer(cfg.optim, cfg.train.get("steps") or 1000)  # fine-tuning has no steps
     shardings = state_shardings(model, tx, mesh, rules, allow_replicated=cfg.mesh.get("allow_replicated", False))
     loss = classification_loss_sums(model) if finetune else mlm_loss_sums(model)
     step = compile_train_step(make_train_step(

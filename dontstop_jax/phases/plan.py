@@ -59,19 +59,26 @@ def _levers(cfg: ConfigDict, devices: list) -> Iterator[tuple[str, ConfigDict]]:
 
 
 def _one(cfg: ConfigDict, chip: topology.Chip, devices: list, name: str, tokens: int | None) -> tuple[bool, str]:
-    train, predict, params = compile_phase(cfg, devices)
     arch, _ = peft_plan(cfg, model_config(cfg))
     seq = min(cfg.data.max_seq_length, arch.max_seq_length)
     batch, accum = cfg.train.batch_size, cfg.train.get("accum_steps", 1)
+    mesh = make_mesh(cfg.mesh.shape, devices, dcn_shape=cfg.mesh.dcn_shape)
+    hosts = len({d.process_index for d in devices})
+    head = (f"{cfg.name} on {name}: {len(devices)} {chip.kind} chips, {hosts} hosts; mesh "
+            f"{' '.join(f'{k}={v}' for k, v in mesh.shape.items())}; batch {batch} x {seq} tokens, accum {accum}, "
+            f"{arch.dtype}, remat {arch.remat}")
+    try:
+        train, predict, params = compile_phase(cfg, devices)
+    except jax.errors.JaxRuntimeError as e:
+        # The TPU compiler itself refuses a program whose temporaries exceed HBM: that step does not fit either.
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return False, f"{head}\n  HBM per chip:   does not compile: {str(e).strip().splitlines()[0]}"
     predicted = 0 if "task" in cfg else math.ceil(cfg.data.mask_prob * seq)
     flops = rl.model_flops(arch, params, batch, seq, predicted)
     est = rl.roofline(train, chip, len(devices), flops, arch.remat == "full")
-    mesh = make_mesh(cfg.mesh.shape, devices, dcn_shape=cfg.mesh.dcn_shape)
-    hosts = len({d.process_index for d in devices})
     lines = [
-        f"{cfg.name} on {name}: {len(devices)} {chip.kind} chips, {hosts} hosts; mesh "
-        f"{' '.join(f'{k}={v}' for k, v in mesh.shape.items())}; batch {batch} x {seq} tokens, accum {accum}, "
-        f"{arch.dtype}, remat {arch.remat}, {params / 1e6:.1f}M parameters",
+        f"{head}, {params / 1e6:.1f}M parameters",
         f"  HBM per chip:   {rl.memory_line(train, chip)}",
         f"  FLOPs per step: {flops:.3g} model ({flops / len(devices):.3g} per chip; XLA counts {train.flops:.3g} "
         "per chip, loop bodies once)",

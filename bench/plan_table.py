@@ -1,0 +1,136 @@
+"""The README's "Planning a TPU run" table: `dontstop plan` for the paper's recipes on three Cloud TPU slices.
+
+Runs the real CLI once per (recipe, slice), each in its own process, reads its report, and prints one Markdown
+row per plan: mesh, HBM per chip, roofline step time and what binds it, hours for the recipe's steps, and the
+lever `plan` needed when the configured step does not fit (the numbers are then the fitting plan's). Roofline
+estimates from the compiled HLO, not measurements. Needs libtpu but no TPU (a roberta-base compile takes one to
+two minutes on a 2-core CPU box, roberta-large about twice that):
+
+    JAX_PLATFORMS=cpu PYTHONPATH=/path/to/libtpu-site:. nice -n 10 python bench/plan_table.py [--only TEXT ...]
+
+Writes bench/plan_table.json (rows merged by recipe and slice, so `--only "TAPT"` redoes those rows alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = Path(__file__).with_name("plan_table.json")
+TOPOLOGIES = ("v4-32", "v5litepod-64", "v5p-64")  # 16 v4 chips, 64 v5e chips, 32 v5p chips
+BF16 = ["--config.model.dtype=bfloat16"]
+LARGE = ["--config.model.hidden_size=1024", "--config.model.num_hidden_layers=24",
+         "--config.model.num_attention_heads=16", "--config.model.intermediate_size=4096"]
+# ChemProt's train split: 4,169 examples. TAPT packs its text into 512-token blocks; its size in tokens is an
+# assumption (about 72 RoBERTa tokens a sentence), not a count. Fine-tuning's steps are 10 epochs of
+# ceil(4169 / 16) batches: --tokens 4169 x 512 makes plan count exactly those (every batch at full length).
+CHEMPROT_EXAMPLES, CHEMPROT_TAPT_TOKENS = 4169, 300_000
+# Fine-tuning's batch of 16 cannot spread over more than 16 data shards: the rest of the slice goes to tensor.
+FINETUNE_MESH = {"v4-32": "(-1,1,1)", "v5litepod-64": "(16,1,4)", "v5p-64": "(16,1,2)"}
+
+# (recipe, config, overrides, corpus tokens for --tokens, slices, levers cell when plan names none)
+RECIPES = [
+    ("DAPT roberta-base", "configs/dapt.py:biomed", BF16, None, TOPOLOGIES, "none (recipe: accum 32)"),
+    ("DAPT roberta-large", "configs/dapt.py:biomed", BF16 + LARGE, None, TOPOLOGIES, "none (recipe: accum 32)"),
+    ("TAPT ChemProt (base)", "configs/tapt.py:chemprot", BF16, CHEMPROT_TAPT_TOKENS, TOPOLOGIES,
+     "none (recipe: accum 4)"),
+    ("fine-tune ChemProt (base)", "configs/finetune.py:chemprot", BF16, CHEMPROT_EXAMPLES * 512, TOPOLOGIES,
+     "none; batch 16 = 16 data shards at most"),
+    # What if, where the recipe's 32 gradient all-reduces per step bind: fewer micro-batches (same batch 2048).
+    ("DAPT roberta-base, accum 4", "configs/dapt.py:biomed", BF16 + ["--config.train.accum_steps=4"], None,
+     ("v5litepod-64",), "train.accum_steps=4 (2 fits too, 13.09 GiB, same time; 1 does not)"),
+    ("DAPT roberta-large, accum 16", "configs/dapt.py:biomed", BF16 + LARGE + ["--config.train.accum_steps=16"],
+     None, ("v5litepod-64",), "train.accum_steps=16 (8: 16.29 GiB, does not fit)"),
+]
+
+
+def command(config: str, topology: str, overrides: list[str], tokens: int | None) -> list[str]:
+    args = ["plan", "--config", config, "--topology", topology, *overrides]
+    return args + (["--tokens", str(tokens)] if tokens else [])
+
+
+def parse(report: str) -> dict:
+    """The numbers of the plan a report ends with (the fitting lever's plan when the configured one does not fit)."""
+    lever = re.search(r"does not fit; it fits with (.+):\n", report)
+    plans = re.split(r"\ndoes not fit.*\n", report)
+    text = plans[-1]
+    head = re.search(r"on \S+: (\d+) (\S+) chips.*; mesh data=(\d+) fsdp=(\d+) tensor=(\d+); batch (\d+) x (\d+) "
+                     r"tokens, accum (\d+), (\w+), remat (\w+)", text)
+    hbm = re.search(r"HBM per chip: +([\d.]+) GiB state\+batch, ([\d.]+) GiB temporaries, ([\d.]+) GiB total of "
+                    r"(\d+) GiB", text)
+    step = re.search(r"roofline step: +([\d.]+) ms, (\w+)-bound \(compute ([\d.]+) ms, HBM >= ([\d.]+) ms, "
+                     r"ICI ([\d.]+) ms\)", text)
+    hours = re.search(r"wall clock: +([\d.]+) h for (\d+) steps", text)
+    collectives = re.search(r"collectives per chip per step: (.+)", text).group(1)
+    predict = re.search(r"predict step: .* ([\d.]+) GiB total", text)
+    return {
+        "fits_as_configured": lever is None and "does not fit" not in report,
+        "lever": lever.group(1) if lever else ("none fits" if "does not fit" in report else ""),
+        "chips": int(head.group(1)), "chip": head.group(2),
+        "mesh": {"data": int(head.group(3)), "fsdp": int(head.group(4)), "tensor": int(head.group(5))},
+        "batch": int(head.group(6)), "seq": int(head.group(7)), "accum": int(head.group(8)),
+        "dtype": head.group(9), "remat": head.group(10),
+        "state_gib": float(hbm.group(1)), "temp_gib": float(hbm.group(2)), "total_gib": float(hbm.group(3)),
+        "hbm_gib": int(hbm.group(4)), "predict_gib": float(predict.group(1)) if predict else None,
+        "step_ms": float(step.group(1)), "bound": step.group(2), "compute_ms": float(step.group(3)),
+        "hbm_ms": float(step.group(4)), "ici_ms": float(step.group(5)),
+        "hours": float(hours.group(1)), "steps": int(hours.group(2)), "collectives": collectives}
+
+
+def run(recipe: str, config: str, topology: str, overrides: list[str], tokens: int | None, note: str) -> dict:
+    args = command(config, topology, overrides, tokens)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
+    t = time.time()
+    done = subprocess.run([sys.executable, "-m", "dontstop_jax", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True)
+    if done.returncode not in (0, 1) or "HBM per chip" not in done.stdout:
+        raise SystemExit(f"{recipe} on {topology}: exit {done.returncode}\n{done.stdout}\n{done.stderr[-3000:]}")
+    return {"recipe": recipe, "topology": topology, "command": "dontstop " + " ".join(args),
+            "compile_s": round(time.time() - t), "note": note, **parse(done.stdout),
+            "report": done.stdout}
+
+
+def row(r: dict) -> str:
+    mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1 or k == "data")
+    steps = f"{r['steps'] / 1000:g}K" if r["steps"] >= 1000 else str(r["steps"])
+    seconds = r["step_ms"] * r["steps"] / 1000
+    took = f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds / 60:.1f} min" if seconds >= 60 else \
+        f"{seconds:.0f} s"
+    levers = r["lever"].replace("--config.", "") if r["lever"] else r["note"]
+    return (f"| {r['recipe']} | {r['topology']} | {mesh} | {r['total_gib']:.2f} of {r['hbm_gib']} | "
+            f"{r['step_ms']:.1f} ms, {r['bound']} | {took} ({steps} steps) | {levers} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", default=[], help="plan only rows whose recipe or slice contains TEXT")
+    parser.add_argument("--topologies", nargs="*", default=list(TOPOLOGIES))
+    opts = parser.parse_args()
+    rows = {(r["recipe"], r["topology"]): r for r in json.loads(OUT.read_text())["rows"]} if OUT.exists() else {}
+    for recipe, config, overrides, tokens, topologies, note in RECIPES:
+        for topology in (t for t in topologies if t in opts.topologies):
+            if opts.only and not any(t in f"{recipe} {topology}" for t in opts.only):
+                continue
+            mesh = FINETUNE_MESH[topology] if config.startswith("configs/finetune.py") else "(-1,1,1)"
+            r = run(recipe, config, topology, overrides + [f"--config.mesh.shape={mesh}"], tokens, note)
+            rows[recipe, topology] = r
+            print(f"{row(r)}  ({r['compile_s']} s)", file=sys.stderr, flush=True)
+            OUT.write_text(json.dumps({"rows": list(rows.values())}, indent=1) + "\n")
+    order = {(recipe, t): i for i, (recipe, t) in enumerate((x[0], t) for x in RECIPES for t in x[4])}
+    print("| recipe | slice | mesh | GiB per chip | step (roofline), bound | run (roofline) | levers |")
+    print("|:--|:--|:--|--:|--:|--:|:--|")
+    for r in sorted(rows.values(), key=lambda r: order.get((r["recipe"], r["topology"]), len(order))):
+        print(row(r))
+    print(f"\n{len(rows)} plans, {sum(r['compile_s'] for r in rows.values())} s of compiling", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
