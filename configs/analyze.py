@@ -35,7 +35,7 @@ def get_config(arg: str = "custom") -> ConfigDict:
         cfg.grid_dir = run
         # The synthetic vocabulary has ~1K words, so its top 200 play the role of the paper's top 10K of ~1M.
         cfg.vocab.top_k = 200
-        cfg.mlm.update(max_seq_length=64, batch_size=32, max_batches=8)
+        cfg.mlm.update(max_seq_length=64, batch_size=32, max_batches=8, cache_dir=f"{run}/cache")
         cfg.synthetic = dict(directory=f"{run}/benchmark", heldout_docs=1000)
     elif arg == "custom":
         pass

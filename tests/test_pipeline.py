@@ -14,8 +14,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
 
 
-def _cli(*args):
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *args], cwd=ROOT, capture_output=True, text=True,
+def _cli(*args, cwd=ROOT):
+    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *args], cwd=cwd, capture_output=True, text=True,
                          timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
@@ -23,10 +23,18 @@ def _cli(*args):
 
 @pytest.fixture(scope="module")
 def tiny_grid(tmp_path_factory):
+    """The tiny demo, run from an empty directory with only --config.workdir (and the compilation cache) named."""
     root = tmp_path_factory.mktemp("pipeline")
-    stdout = _cli("demo", "--scale", "tiny", f"--config.workdir={root / 'grid'}",
-                  f"--config.synthetic.directory={root / 'bench'}", "--compilation-cache", str(root / "xla"))
+    (root / "cwd").mkdir()
+    stdout = _cli("demo", "--scale", "tiny", f"--config.workdir={root / 'grid'}", "--compilation-cache",
+                  str(root / "xla"), cwd=root / "cwd")
     return root, stdout
+
+
+def test_the_demo_writes_nothing_outside_its_workdir(tiny_grid):
+    root, _ = tiny_grid
+    assert list((root / "cwd").iterdir()) == []  # the benchmark and the prepared data used to land in ./runs
+    assert (root / "grid" / "benchmark").is_dir() and list((root / "grid" / "cache").glob("*/manifest.json"))
 
 
 def test_demo_prints_and_writes_the_table(tiny_grid):
@@ -45,8 +53,7 @@ def test_demo_prints_and_writes_the_table(tiny_grid):
 def test_rerun_reuses_every_finished_phase(tiny_grid):
     root, _ = tiny_grid
     before = {p: p.stat().st_mtime for p in (root / "grid").glob("*/*/DONE.json")}
-    _cli("demo", "--scale", "tiny", f"--config.workdir={root / 'grid'}",
-         f"--config.synthetic.directory={root / 'bench'}", "--compilation-cache", str(root / "xla"))
+    _cli("demo", "--scale", "tiny", f"--config.workdir={root / 'grid'}", "--compilation-cache", str(root / "xla"))
     after = {p: p.stat().st_mtime for p in (root / "grid").glob("*/*/DONE.json")}
     assert before == after
 
@@ -64,7 +71,7 @@ def test_analyze_after_the_demo_shows_why_the_domains_need_adaptation(tiny_grid)
     root, _ = tiny_grid
     out = root / "analysis"
     _cli("analyze", "--config", "configs/analyze.py:synthetic-tiny", f"--config.grid_dir={root / 'grid'}",
-         f"--config.synthetic.directory={root / 'bench'}", f"--config.out_dir={out}",
+         f"--config.synthetic.directory={root / 'grid' / 'benchmark'}", f"--config.out_dir={out}",
          f"--config.mlm.cache_dir={root / 'cache'}", "--compilation-cache", str(root / "xla"))
     with (out / "vocab_overlap.csv").open() as f:
         overlap = {row["corpus"]: {k: float(v) for k, v in row.items() if k != "corpus"} for row in csv.DictReader(f)}

@@ -216,7 +216,7 @@ def synthetic_config(scale: str = "default") -> ConfigDict:
         # does not mask), so that forgetting happens where DAS acts.
         frozen=[],
         das=das_config()))
-    cfg.synthetic.update(domains=domains, task_domains=domains, directory=f"{run}/benchmark")
+    cfg.synthetic.update(domains=domains, task_domains=domains)  # the benchmark goes to WORKDIR/benchmark
     if scale == "tiny":
         cfg.das.importance_batches = 4
     return cfg.lock()

@@ -54,7 +54,8 @@ def pretrain_config(kind: str = "dapt") -> ConfigDict:
         raise ValueError(f"unknown pretraining kind {kind!r}; choose from {list(PRETRAIN_KINDS)}")
     cfg = _common(
         kind,
-        data=dict(sources=[], cache_dir="runs/cache/prepared", max_seq_length=512, mask_prob=0.15, whole_word=False),
+        # cache_dir: the prepared-data cache (default WORKDIR/prepared; a grid's phases share GRID/cache)
+        data=dict(sources=[], cache_dir=placeholder(str), max_seq_length=512, mask_prob=0.15, whole_word=False),
         checkpoint=dict(every=1000, keep_last=2),
         # steps: None = `epochs` passes over the corpus
         train=dict(batch_size=256, accum_steps=4, steps=placeholder(int), epochs=100, log_every=10,

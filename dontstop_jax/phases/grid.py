@@ -43,9 +43,12 @@ SELECTION_VARIANTS = {"knn_tapt_50": dict(method="knn", k=50), "knn_tapt_150": d
 
 def _phase(template: ConfigDict, root: files.Path, label: str, **fields: Any) -> ConfigDict:
     """A copy of `template` named `label` with the dotted `fields` set (a misspelled one is an error, never a new
-    field), in a directory named by its fingerprint."""
+    field), in a directory named by its fingerprint under `root` (GRID/pretrain, GRID/finetune, ...). Pretraining
+    phases without a data.cache_dir share GRID/cache, so the run writes nothing outside GRID."""
     cfg = config_loader.set_fields(copy.deepcopy(template), {**fields, "name": label})
     cfg.workdir = str(root / f"{label}-{fingerprint(cfg)}")
+    if "data" in cfg and "cache_dir" in cfg.data and cfg.data.cache_dir is None:
+        cfg.data.cache_dir = str(root.parent / "cache")
     return cfg
 
 

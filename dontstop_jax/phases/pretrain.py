@@ -20,13 +20,15 @@ from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForMaskedLM
 from dontstop_jax.train import source as sources
 from dontstop_jax.train.trainer import Objective, Trainer, check_batch
-from dontstop_jax.train.workdir import Workdir
+from dontstop_jax.train.workdir import PREPARED, Workdir
 
 
 def prepare(cfg: ConfigDict, source: sources.ModelSource) -> PreparedCorpus:
     """Tokenize + pack the corpus on process 0; the others then find it complete in the shared cache."""
+    cache = cfg.data.cache_dir or str(files.path(cfg.workdir) / PREPARED)
+
     def run():
-        return prepare_corpus(list(cfg.data.sources), source.tokenizer_dir, cfg.data.cache_dir,
+        return prepare_corpus(list(cfg.data.sources), source.tokenizer_dir, cache,
                               max_seq_length=cfg.data.max_seq_length,
                               model_max_positions=source.config.max_seq_length,
                               model_vocab_size=source.config.vocab_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 from dontstop_jax import config_loader
 from dontstop_jax.phases.defaults import finetune_config, pretrain_config, select_config
@@ -48,7 +49,7 @@ def get_config(scale: str = "default") -> ConfigDict:
         methods=[], method_overrides={}, seed_discard=dict(fraction=0.0, keep=3),
         # Tasks of `task_domains` are fine-tuned; every domain's corpus is there for the not-DAPT control.
         synthetic=dict(scale=scale, seed=0, domains=("bio", "cs"), task_domains=("bio",),
-                       directory=f"runs/synthetic-{scale}/benchmark"),
+                       directory=placeholder(str)),  # default: WORKDIR/benchmark
         domains={}, tasks={}))
 
     base = pretrain_config("dapt")
@@ -79,7 +80,8 @@ def get_config(scale: str = "default") -> ConfigDict:
 def materialize(cfg: ConfigDict) -> ConfigDict:
     """A copy of `cfg` (typed and locked like it) with the grid's domains, tasks and tokenizer pointed at the
     benchmark, which is generated here (or reused)."""
-    bench = generate_benchmark(cfg.synthetic.directory, seed=cfg.synthetic.seed, scale=cfg.synthetic.scale,
+    bench = generate_benchmark(cfg.synthetic.directory or f"{cfg.workdir}/benchmark", seed=cfg.synthetic.seed,
+                               scale=cfg.synthetic.scale,
                                domains=tuple(cfg.synthetic.domains))
     cfg = copy.deepcopy(cfg)
     cfg.base_pretrain.tokenizer = str(bench.tokenizer)

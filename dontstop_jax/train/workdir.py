@@ -34,6 +34,7 @@ from dontstop_jax.files import PathLike, read_json, write_json
 
 log = logging.getLogger(__name__)
 DONE, CONFIG, LOCK = "DONE.json", "phase_config.json", ".lock"
+PREPARED = "prepared"  # the default prepared-data cache of a phase (data.cache_dir unset): not a result
 # Fields (dotted paths, a section stands for all its fields) that never change what a phase produces: its
 # name and place, logging, checkpoint cadence, the mesh (any mesh resumes any checkpoint), rematerialisation
 # (same math) and where caches live.
@@ -99,7 +100,7 @@ class Workdir:
         workdir and record the config, then None. A config that differs from the recorded one in a result field
         is an error, and so is a workdir another live run holds."""
         recorded = self.path / CONFIG
-        started = self.path.is_dir() and any(p.name not in (CONFIG, LOCK) for p in self.path.iterdir())
+        started = self.path.is_dir() and any(p.name not in (CONFIG, LOCK, PREPARED) for p in self.path.iterdir())
         if recorded.exists() and started:  # a run that failed before writing anything left nothing to mix
             self._check_drift(read_json(recorded)["config"])
         if (summary := finished(self.path)) is not None:
