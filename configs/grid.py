@@ -35,8 +35,10 @@ def get_config(arg: str = "paper"):
         methods=[], method_overrides={}, seed_discard=dict(fraction=0.0, keep=3),
         base_pretrain=dict(init="none"),
         domains={d: [f"{root}/corpora/{d}/*.txt"] for d in IRRELEVANT},
+        # tasks.<t>.overrides: per-task fields of its TAPT and fine-tuning phases, e.g.
+        # --config.tasks.rct.overrides="{'finetune': {'train': {'steps_per_epoch': 2000}}}"
         tasks={t: dict(path=f"{root}/tasks/{t}", domain=d, metric=m, epochs=e, text_field="text",
-                       label_field="label", irrelevant_domain=IRRELEVANT[d])
+                       label_field="label", irrelevant_domain=IRRELEVANT[d], overrides={})
                for t, (d, m, e) in _finetune.TASKS.items()}))
     cfg.dapt = pretrain_config("dapt")
     cfg.tapt = pretrain_config("tapt")

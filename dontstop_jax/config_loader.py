@@ -36,6 +36,7 @@ RULES: dict[str, Rule] = {
     "train.epochs": _POSITIVE,
     "train.accum_steps": _POSITIVE,
     "train.patience": _AT_LEAST_1,
+    "train.steps_per_epoch": ((lambda v: v is None or v > 0), "must be > 0 (or None for a full pass over train)"),
     "batch_size": _POSITIVE,
     "max_seq_length": _POSITIVE,
     "mask_prob": ((lambda v: 0 < v < 1), "must be in (0, 1)"),
@@ -56,7 +57,10 @@ RULES: dict[str, Rule] = {
     "seed_discard.keep": _AT_LEAST_1,
 }
 # Sections keyed by your own names (domains, tasks, ...): a dict value replaces them instead of setting fields.
-MAPS = ("domains", "tasks", "corpora", "curves", "checkpoints", "method_overrides")
+MAPS = ("domains", "tasks", "corpora", "curves", "checkpoints", "method_overrides", "overrides")
+# A grid task's fields; `overrides` holds per-task fields of its TAPT and fine-tuning phases.
+TASK_FIELDS = ("path", "domain", "metric", "epochs", "text_field", "label_field", "irrelevant_domain", "overrides")
+TASK_PHASES = ("tapt", "finetune")
 _TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "True or False", list: "a list",
                tuple: "a list", ConfigDict: "a dict"}
 
@@ -119,11 +123,13 @@ def _not_a_field(text: str) -> str:
 
 def validate(cfg: ConfigDict, prefix: str = "") -> ConfigDict:
     """Check every field, in every nested section, against RULES; None only where a field is declared a
-    placeholder. A grid's method_overrides must be valid fine-tuning fields too."""
+    placeholder. A grid's method_overrides and its tasks' overrides must be valid fields of their phases too."""
     if "method_overrides" in cfg and "finetune" in cfg:
         for method, part in cfg.method_overrides.items():
             where = f"{prefix}method_overrides.{method}."
             validate(set_fields(copy.deepcopy(cfg.finetune), part, where), where)
+    for name, task in (cfg.get("tasks") or {}).items():
+        _validate_task(cfg, name, task, prefix)
     for key, value in cfg.items(preserve_field_references=True):
         path = f"{prefix}{key}"
         if isinstance(value, FieldReference):
@@ -135,6 +141,20 @@ def validate(cfg: ConfigDict, prefix: str = "") -> ConfigDict:
         elif (rule := _rule(path)) and not _holds(rule[0], value):
             raise UserError(f"{path}={value!r} {rule[1]}")
     return cfg
+
+
+def _validate_task(cfg: ConfigDict, name: str, task: ConfigDict, prefix: str) -> None:
+    """A grid task has known fields only, and its `overrides` set real fields of the grid's TAPT and fine-tuning
+    phases, e.g. {"tapt": {"train": {"epochs": 20}}, "finetune": {"train": {"steps_per_epoch": 2000}}}."""
+    where = f"{prefix}tasks.{name}"
+    if unknown := sorted(set(task) - set(TASK_FIELDS)):
+        raise UserError(f"{where} has unknown field(s) {', '.join(unknown)}; task fields: {', '.join(TASK_FIELDS)}")
+    for phase, part in (task.get("overrides") or {}).items():
+        if phase not in TASK_PHASES or phase not in cfg:
+            raise UserError(f"{where}.overrides.{phase}: a task overrides only its {' and '.join(TASK_PHASES)} "
+                            "phases")
+        validate(set_fields(copy.deepcopy(cfg[phase]), part, f"{where}.overrides.{phase}."),
+                 f"{where}.overrides.{phase}.")
 
 
 def _rule(path: str) -> Rule | None:

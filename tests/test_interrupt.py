@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from tiny_pretrain import command, final_params, run, write_corpus
 
+from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.errors import Interrupted, UserError
 from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.phases.synthetic import get_config, tiny_model
@@ -228,3 +229,13 @@ def test_a_run_that_failed_before_writing_anything_does_not_pin_its_config(finis
     failed = run(command(tmp_path / "w", corpus, tokenizer, cache, 2, {"init": "/nonexistent/model"}))
     assert failed.returncode == 2 and "is neither" in failed.stderr
     assert run(command(tmp_path / "w", corpus, tokenizer, cache, 3)).returncode == 0  # another config, same place
+
+
+def test_steps_per_epoch_caps_each_epoch(finetune_config):
+    """A large task's "epoch" can be capped: dev evaluation and early stopping every `steps_per_epoch` batches."""
+    root, cfg = finetune_config
+    cfg = _finetune_in(cfg, root / "capped")
+    cfg.train.update(epochs=2, steps_per_epoch=2)
+    summary = finetune(cfg)
+    assert summary["epochs_run"] == 2 and summary["best_step"] in (2, 4)
+    assert Checkpointer(root / "capped" / "checkpoints", read_only=True).latest_step() == 4

@@ -345,3 +345,25 @@ def test_init_delta_puts_an_adapter_file_onto_its_base_model(tmp_path, method, s
         resolve(_phase_dir(tmp_path / "other", other, init(other, 0), small_tokenizer_dir), delta=delta)
     with pytest.raises(UserError, match="init=scratch has none"):
         resolve("scratch", tokenizer="tok", model=ConfigDict(dataclasses.asdict(CFG)), delta=delta)
+
+
+def test_task_overrides_set_tapt_and_fine_tuning_fields_per_task_and_reject_typos():
+    from dontstop_jax.config_loader import load
+    cfg = load("configs/grid.py:paper", [
+        "--config.tasks.rct.overrides={'tapt': {'train': {'epochs': 20}}, "
+        "'finetune': {'train': {'steps_per_epoch': 2000, 'epochs': 3}}}"])
+    grid = Grid(cfg)
+    assert grid.task_overrides("rct", "tapt") == {"train": {"epochs": 20}}
+    assert grid.task_overrides("rct", "finetune") == {"train": {"steps_per_epoch": 2000, "epochs": 3}}
+    assert grid.task_overrides("chemprot", "finetune") == {}
+    for override, message in [
+            ("{'tapt': {'train': {'epoch': 20}}}", "tasks.rct.overrides.tapt.train has no field 'epoch'"),
+            ("{'dapt': {'train': {'steps': 5}}}", "tasks.rct.overrides.dapt: a task overrides only its tapt and "
+                                                  "finetune phases"),
+            ("{'finetune': {'train': {'steps_per_epoch': 0}}}", "tasks.rct.overrides.finetune.train.steps_per_epoch"
+                                                               "=0 must be > 0")]:
+        with pytest.raises(UserError, match=message.replace(".", r"\.")):
+            load("configs/grid.py:paper", [f"--config.tasks.rct.overrides={override}"])
+    with pytest.raises(UserError, match=r"tasks\.t has unknown field\(s\) epoch"):
+        load("configs/grid.py:paper", ["--config.tasks={'t': {'path': 'x', 'domain': 'cs', 'metric': 'macro_f1', "
+                                       "'epoch': 3, 'text_field': 'text', 'label_field': 'label'}}"])

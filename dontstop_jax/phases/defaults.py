@@ -83,7 +83,10 @@ def finetune_config() -> ConfigDict:
                    # learning-rate decay (1 = off); Dodge et al. 2020: after `discard_fraction` of the epochs,
                    # stop a seed whose dev score is below `discard_below` (the grid sets it from other seeds).
                    reinit_top_layers=0, layerwise_lr_decay=1.0, discard_fraction=0.0,
-                   discard_below=placeholder(float)))
+                   discard_below=placeholder(float),
+                   # steps_per_epoch: cap an "epoch" (dev evaluation, early stopping) at this many batches of
+                   # the epoch's shuffled order, for large tasks (None: a full pass over train)
+                   steps_per_epoch=placeholder(int)))
     cfg.optim.update(learning_rate=2e-5, weight_decay=0.1)
     cfg.model.hidden_dropout_prob = 0.1
     return cfg

@@ -89,7 +89,8 @@ def _finetune(cfg: ConfigDict) -> dict:
                                         process_index=jax.process_index(), process_count=jax.process_count())
                for s in ("train", "dev", "test")}
     num_labels = len(task.label_names)
-    epochs, per_epoch = cfg.train.epochs, batches["train"].num_batches
+    epochs, per_epoch = cfg.train.epochs, min(batches["train"].num_batches,
+                                              cfg.train.get("steps_per_epoch") or batches["train"].num_batches)
     model = RobertaForSequenceClassification(source.config, num_labels)
     objective = lambda model, _: (classification_loss_sums(model), {})
     with Trainer(cfg, source, adaptation, model, objective, total_steps=epochs * per_epoch,

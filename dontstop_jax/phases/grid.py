@@ -96,7 +96,7 @@ class Grid:
         if selection:
             sources.append(selected_corpus(self.selection(task, selection)))
         phase = _phase(self.cfg.tapt, self.root / "pretrain", "-".join(filter(None, ["tapt", task, selection])),
-                       init=parent, **{"data.sources": sources})
+                       init=parent, **{"data.sources": sources}, **self.task_overrides(task, "tapt"))
         pretrain(phase)
         return phase.workdir
 
@@ -155,6 +155,12 @@ class Grid:
             return fields
         return flatten(overrides.get(method) or {}, self.cfg.finetune, "")
 
+    def task_overrides(self, task: str, phase: str) -> dict[str, Any]:
+        """The fields `tasks.<task>.overrides.<phase>` sets on that task's TAPT or fine-tuning phases (checked
+        when the config loads), e.g. more TAPT epochs for a small task, a step cap per epoch for a large one."""
+        part = (self.cfg.tasks[task].get("overrides") or {}).get(phase) or {}
+        return part.to_dict() if isinstance(part, ConfigDict) else dict(part)
+
     def discard(self, early: list[float]) -> dict[str, Any]:
         """Dodge et al. 2020, run seed by seed: after `seed_discard.fraction` of training, stop a seed whose dev
         score is below the `keep`-th best early score of the seeds run before it (the first `keep` always run)."""
@@ -181,7 +187,8 @@ class Grid:
                     for seed in self.cfg.seeds:
                         phase = _phase(self.cfg.finetune, self.root / "finetune",
                                        f"{task}-{label.replace('/', '-')}-s{seed}", init=init, seed=seed,
-                                       **{**per_task, "peft.method": method, **self.method_overrides(method),
+                                       **{**per_task, **self.task_overrides(task, "finetune"),
+                                          "peft.method": method, **self.method_overrides(method),
                                           **self.discard(early)})
                         result = finetune(phase)
                         if result.get("early_dev") is not None:

@@ -89,7 +89,7 @@ def materialize(cfg: ConfigDict) -> ConfigDict:
     cfg.domains = {name: [str(path)] for name, path in bench.domain_corpora.items()}
     names = list(bench.domain_corpora)
     cfg.tasks = {task.name: dict(path=str(task.train.parent), domain=task.domain, metric="macro_f1",
-                                 text_field="text", label_field="label",
+                                 text_field="text", label_field="label", overrides={},
                                  irrelevant_domain=names[(names.index(task.domain) + 1) % len(names)])
                  for task in bench.tasks.values() if task.domain in cfg.synthetic.task_domains}
     return config_loader.lock(cfg)
