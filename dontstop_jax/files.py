@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -45,10 +46,8 @@ def path(where: PathLike) -> epath.Path:
         scheme = os.fspath(where).split("://", 1)[0]
         if scheme != "gs":
             raise UserError(f"{os.fspath(where)}: unsupported URL scheme {scheme}://; use a local path or gs://")
-        try:
-            import gcsfs  # noqa: F401
-        except ImportError:
-            raise UserError(f"{os.fspath(where)} needs the gcsfs package; pip install -e \".[gcs]\"") from None
+        if importlib.util.find_spec("gcsfs") is None:
+            raise UserError(f"{os.fspath(where)} needs the gcsfs package; pip install -e \".[gcs]\"")
         _fresh_listings(scheme)
     return epath.Path(where)
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dontstop_jax.data import ClassificationBatches, load_task, load_tokenizer, task_unlabeled_texts, tokenize_split
+from dontstop_jax.data.tasks import require_splits
 from dontstop_jax.errors import UserError
 
 
@@ -24,6 +25,13 @@ def task_dir(tmp_path):
     write_jsonl(tmp_path / "dev.jsonl", [{"text": "dev a", "label": "neg"}, {"text": "dev b", "label": "pos"}])
     write_jsonl(tmp_path / "test.jsonl", [{"text": "test a", "label": "pos"}])
     return tmp_path
+
+
+def test_fine_tuning_and_references_need_every_split(task_dir):
+    require_splits(load_task(str(task_dir)), "fine-tuning")
+    (task_dir / "dev.jsonl").unlink()
+    with pytest.raises(UserError, match="has no dev split; scoring the references needs train, dev and test"):
+        require_splits(load_task(str(task_dir)), "scoring the references")
 
 
 def test_load_task_directory(task_dir):

@@ -101,13 +101,19 @@ def _fingerprint(params) -> float:
     return float(sum(np.asarray(x, np.float64).sum() for x in jax.tree_util.tree_leaves(jax.device_get(params))))
 
 
-def test_tied_dev_scores_pick_the_first_best_epoch_everywhere(tmp_path, monkeypatch):
-    bench = generate_benchmark(tmp_path / "bench", seed=0, scale="tiny", domains=("bio",))
+def _finetune_config(root: Path, epochs: int):
+    """A from-scratch fine-tune of the tiny synthetic bio task, `epochs` epochs without early stopping."""
+    bench = generate_benchmark(root / "bench", seed=0, scale="tiny", domains=("bio",))
     cfg = get_config("tiny").finetune.copy_and_resolve_references()
-    cfg.init, cfg.tokenizer, cfg.workdir, cfg.name = "scratch", str(bench.tokenizer), str(tmp_path / "ft"), "ft"
+    cfg.init, cfg.tokenizer, cfg.workdir, cfg.name = "scratch", str(bench.tokenizer), str(root / "ft"), "ft"
     cfg.model.update({k: v for k, v in tiny_model().items() if k in cfg.model})
     cfg.task.path = str(bench.tasks["bio_topic"].train.parent)
-    cfg.train.update(epochs=4, patience=10)
+    cfg.train.update(epochs=epochs, patience=10)
+    return cfg
+
+
+def test_tied_dev_scores_pick_the_first_best_epoch_everywhere(tmp_path, monkeypatch):
+    cfg = _finetune_config(tmp_path, epochs=4)
     dev = iter([0.5, 0.5, 0.4, 0.5])  # epochs 1, 2 and 4 tie
 
     def evaluate(predict, params, batches, mesh, num_labels):  # dev scores as above; test: which model it was
@@ -123,6 +129,19 @@ def test_tied_dev_scores_pick_the_first_best_epoch_everywhere(tmp_path, monkeypa
     assert summary["test"]["macro_f1"] == _fingerprint(ckpt.restore_params(per_epoch))
     assert summary["test"]["macro_f1"] != _fingerprint(ckpt.restore_params(4 * per_epoch))
     assert resolve(str(tmp_path / "ft")).parent.endswith(f"@{per_epoch}")  # init / export read the same step
+    assert summary["dev_at_majority"] is False and summary["majority_dev"]["macro_f1"] < 0.5
+
+
+def test_a_fine_tune_whose_dev_score_never_beats_the_majority_class_is_flagged_by_name(tmp_path, monkeypatch, caplog):
+    cfg = _finetune_config(tmp_path, epochs=1)
+    # Every dev score 5% macro-F1: below always predicting the tiny bio task's majority class (9.6% on dev).
+    monkeypatch.setattr(finetune_module, "evaluate", lambda *_: {"macro_f1": 0.05})
+    summary = finetune_module.finetune(cfg)
+    assert summary["dev_at_majority"] is True and summary["majority_dev"]["macro_f1"] > 0.05
+    again = finetune_module.finetune(cfg)  # the finished phase's summary warns again
+    warnings = [r.getMessage() for r in caplog.records if r.name == "dontstop_jax.phases.finetune"]
+    assert again == summary and len(warnings) == 2 and warnings[0] == warnings[1]
+    assert warnings[0].startswith(f"fine-tune ft ({cfg.workdir}) may have learned nothing: its best dev macro_f1, 5.0%")
 
 
 # -- skipped steps and metrics after a resume --------------------------------------------------------------------

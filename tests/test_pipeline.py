@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from export_check import assert_transformers_logits_match
 
+from dontstop_jax.analysis import results_table
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
 
@@ -42,9 +44,20 @@ def test_demo_prints_and_writes_the_table(tiny_grid):
     assert "| baseline |" in stdout and "| dapt_tapt |" in stdout
     for name in ("results.md", "results.csv", "results.json", "records.json"):
         assert (root / "grid" / name).exists()
-    records = json.loads((root / "grid" / "records.json").read_text())["records"]
+    saved = json.loads((root / "grid" / "records.json").read_text())
+    records = saved["records"]
     assert {r["variant"] for r in records} == {"baseline", "dapt", "tapt", "dapt_tapt", "not_dapt"}
     assert {r["seed"] for r in records} == {0, 1}
+    # The task's reference scores are kept with the records, which rebuild the table; each record's
+    # majority-class flag is the one its fine-tune's summary carries.
+    assert [(r["task"], r["reference"]) for r in saved["references"]] == [("bio_topic", "majority class"),
+                                                                         ("bio_topic", "bag-of-words LR")]
+    rebuilt = results_table(records, {"bio_topic": "macro_f1"}, references=saved["references"])
+    assert rebuilt.to_markdown() == (root / "grid" / "results.md").read_text()
+    assert "| majority class (reference) |" in stdout and "| bag-of-words LR (reference) |" in stdout
+    for r in records:
+        done, = (root / "grid" / "finetune").glob(f"bio_topic-{r['variant']}-s{r['seed']}-*/DONE.json")
+        assert r["dev_at_majority"] is json.loads(done.read_text())["dev_at_majority"]
     # Each phase ran once: a domain's DAPT is shared by dapt, dapt_tapt and (the other domain's) not_dapt.
     phases = sorted(p.name.rsplit("-", 1)[0] for p in (root / "grid" / "pretrain").iterdir())
     assert phases == ["base", "dapt-bio", "dapt-cs", "tapt-bio_topic", "tapt-bio_topic"]
@@ -52,10 +65,13 @@ def test_demo_prints_and_writes_the_table(tiny_grid):
 
 def test_rerun_reuses_every_finished_phase(tiny_grid):
     root, _ = tiny_grid
-    before = {p: p.stat().st_mtime for p in (root / "grid").glob("*/*/DONE.json")}
+
+    def finished() -> dict[Path, float]:
+        return {p: p.stat().st_mtime for p in [*(root / "grid").glob("*/*/DONE.json"),
+                                               *(root / "grid" / "references").iterdir()]}
+    before = finished()
     _cli("demo", "--scale", "tiny", f"--config.workdir={root / 'grid'}", "--compilation-cache", str(root / "xla"))
-    after = {p: p.stat().st_mtime for p in (root / "grid").glob("*/*/DONE.json")}
-    assert before == after
+    assert finished() == before and len([p for p in before if p.parent.name == "references"]) == 1
 
 
 def test_exported_classifier_reloads_in_transformers_with_the_same_logits(tiny_grid):

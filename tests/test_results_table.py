@@ -88,6 +88,66 @@ def test_write_all_csv_json(tmp_path):
     assert not (tmp_path / "off").exists()
 
 
+REFERENCES = [
+    {"task": "chemprot", "reference": "majority class", "dev": {"micro_f1": 0.35}, "test": {"micro_f1": 0.362}},
+    {"task": "chemprot", "reference": "bag-of-words LR", "dev": {"micro_f1": 0.5}, "test": {"micro_f1": 0.55}},
+    {"task": "citation_intent", "reference": "majority class", "dev": {"macro_f1": 0.1}, "test": {"macro_f1": 0.1}},
+]
+
+
+def test_reference_rows_below_the_variants_without_std_delta_or_dagger(tmp_path):
+    table = results_table(RECORDS, METRICS, references=REFERENCES)
+    markdown = table.to_markdown()
+    lines = markdown.splitlines()
+    assert lines[5:7] == ["| majority class (reference) | 36.2 | 10.0 |",
+                          "| bag-of-words LR (reference) | 55.0 | – |"]
+    assert "(reference) = no pretrained model" in lines[-1] and "most frequent train label" in lines[-1]
+    assert "‡" not in markdown  # no seed was flagged
+    table.write_all(tmp_path)
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["reference"]]
+    assert [(r["variant"], r["task"], float(r["mean"])) for r in rows] == [
+        ("majority class", "chemprot", 0.362), ("majority class", "citation_intent", 0.1),
+        ("bag-of-words LR", "chemprot", 0.55)]
+    assert all(r["reference"] == "True" and r["n"] == r["std"] == r["delta_vs_baseline"] == r["beats_baseline"] == ""
+               for r in rows)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["references"][0] == {"reference": "majority class", "task": "chemprot", "metric": "micro_f1",
+                                     "score": 0.362}
+    assert len(data["references"]) == 3 and "majority class" not in data["variants"]
+    assert "(reference)" not in results_table(RECORDS, METRICS).to_markdown()
+
+
+def test_seeds_whose_dev_never_left_the_majority_class_are_marked(tmp_path):
+    flagged = [{**r, "dev_at_majority": r["variant"] == "baseline" and r["seed"] < 2} for r in RECORDS]
+    flagged.append({**rec("chemprot", "tapt", 3, 0.1), "discarded": True, "dev_at_majority": True})  # not counted
+    table = results_table(flagged, METRICS, references=REFERENCES)
+    lines = table.to_markdown().splitlines()
+    assert lines[2:5] == ["| baseline | 81.0 ± 1.0, n=3 (2‡) | 65.0 ± 7.1, n=2 (2‡) |",
+                          "| dapt+tapt | 85.0 ± 1.0 (+4.0†), n=3 | 72.0 ± n/a (+7.0), n=1 |",
+                          "| tapt | 82.0 ± 2.0 (+1.0), n=3 (+1 discarded) | – |"]
+    assert "(k‡) = k seeds whose best dev score was no higher than the majority class's" in lines[-1]
+    table.write_all(tmp_path)
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = {(r["variant"], r["task"]): r for r in csv.DictReader(f)}
+    assert rows["baseline", "chemprot"]["dev_at_majority"] == "2" and rows["tapt", "chemprot"]["dev_at_majority"] == ""
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert [c.get("dev_at_majority") for c in cells] == [2, 2, None, None, None]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"task": "chemprot", "test": {"micro_f1": 0.3}}, "lacks"),
+    ({**REFERENCES[0], "reference": "always 1"}, "not one of"),
+    ({**REFERENCES[0], "task": "rct"}, "metric_by_task lacks"),
+    ({**REFERENCES[0], "test": {"accuracy": 0.3}}, "has no test 'micro_f1'"),
+    ({**REFERENCES[0], "test": {"micro_f1": 36.2}}, "not percentages"),
+    (REFERENCES[0], "two reference records"),
+])
+def test_bad_references(bad, match):
+    with pytest.raises(UserError, match=match):
+        results_table(RECORDS, METRICS, references=[*REFERENCES, bad])
+
+
 def test_significance_definition():
     result = significance(RECORDS, "chemprot", "dapt+tapt", "baseline", metric="micro_f1")
     assert result.diff == pytest.approx(0.04) and result.threshold == pytest.approx(0.02) and result.significant

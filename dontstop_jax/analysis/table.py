@@ -6,8 +6,14 @@ CSV and JSON keep the raw fractions. Std is the sample std over seeds (ddof=1); 
 undefined: "n/a" in Markdown, empty in CSV, null in JSON, never a misleading 0.0.
 
 A record may also carry `extras` (numbers such as trainable_params, seconds_per_epoch: their mean over
-seeds is shown beside the score) and `discarded: true` (a seed stopped early by Dodge et al.'s early
-discarding: counted, but not part of the mean).
+seeds is shown beside the score), `discarded: true` (a seed stopped early by Dodge et al.'s early
+discarding: counted, but not part of the mean) and `dev_at_majority: true` (its best dev score was no higher
+than the majority class's: it may have learned nothing; the cell counts such seeds and shows ‡).
+
+Reference rows (analysis/reference.py: majority class, bag-of-words LR) come from reference records
+`{"task", "reference", "test": {...}}`: one deterministic test score per task, no std, no delta, never †.
+They sit below the variants so a reader sees at once whether a variant learned more than the labels' counts
+or the words alone give.
 
 Significance, the project's acceptance criterion ("DAPT+TAPT beats the baseline by more than two standard
 deviations of the seeds"), is one-sided: mean_a - mean_b > 2 * max(std_a, std_b), and needs >= 2 seeds
@@ -28,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from dontstop_jax import files
+from dontstop_jax.analysis.reference import DESCRIPTIONS
 from dontstop_jax.errors import UserError
 from dontstop_jax.files import write_text
 
@@ -45,6 +52,7 @@ class Cell:
     values: tuple[float, ...]
     extras: Mapping[str, float] = dataclasses.field(default_factory=dict)  # means over seeds
     discarded: int = 0  # seeds stopped early, left out of `values`
+    at_majority: int = 0  # seeds in `values` whose best dev score was no higher than the majority class's
 
     @property
     def n(self) -> int:
@@ -91,6 +99,7 @@ def _collect(records: Sequence[Record], metric_by_task: Mapping[str, str]) -> di
     runs: dict[tuple[str, str], dict[int, float]] = {}
     extras: dict[tuple[str, str], dict[str, list[float]]] = {}
     discarded: dict[tuple[str, str], int] = {}
+    at_majority: dict[tuple[str, str], int] = {}
     for i, record in enumerate(records):
         missing = {"task", "variant", "seed", "metrics"} - set(record)
         if missing:
@@ -118,26 +127,59 @@ def _collect(records: Sequence[Record], metric_by_task: Mapping[str, str]) -> di
         if seed in seeds:
             raise UserError(f"{variant} on {task} has seed {seed} twice; drop the duplicate record")
         seeds[seed] = value
+        at_majority[(variant, task)] = at_majority.get((variant, task), 0) + bool(record.get("dev_at_majority"))
     return {
         (variant, task): Cell(variant, task, metric_by_task[task], tuple(sorted(seeds)),
                               tuple(seeds[s] for s in sorted(seeds)),
                               {k: float(np.mean(v)) for k, v in extras.get((variant, task), {}).items()},
-                              discarded.get((variant, task), 0))
+                              discarded.get((variant, task), 0), at_majority[(variant, task)])
         for (variant, task), seeds in runs.items()
     }
 
 
+def _reference_scores(references: Sequence[Record], metric_by_task: Mapping[str, str]
+                      ) -> dict[tuple[str, str], float]:
+    """(reference, task) -> test score in the task's metric, checking each names a known reference and task."""
+    scores: dict[tuple[str, str], float] = {}
+    for i, ref in enumerate(references):
+        missing = {"task", "reference", "test"} - set(ref)
+        if missing:
+            raise UserError(f"reference record {i} lacks {sorted(missing)}; records need task, reference, test")
+        name, task = ref["reference"], ref["task"]
+        if name not in DESCRIPTIONS:
+            raise UserError(f"reference record {i} is {name!r}, not one of {sorted(DESCRIPTIONS)}; "
+                            "compute references with analysis/reference.py")
+        if task not in metric_by_task:
+            raise UserError(f"reference record {i} is for task {task!r}, which metric_by_task lacks; add it")
+        metric = metric_by_task[task]
+        if metric not in ref["test"]:
+            raise UserError(f"reference record {i} ({name} on {task}) has no test {metric!r}; "
+                            f"it has {sorted(ref['test'])}")
+        value = float(ref["test"][metric])
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{metric} of {name} on {task} is {value}, outside [0, 1]; "
+                            "record fractions, not percentages")
+        if (name, task) in scores:
+            raise UserError(f"{name} on {task} has two reference records; drop the duplicate")
+        scores[(name, task)] = value
+    return scores
 
 
 @dataclass(frozen=True)
 class ResultsTable:
-    """Rows = variants, columns = tasks (in metric_by_task order); `cells` holds only combinations with runs."""
+    """Rows = variants, then references; columns = tasks (in metric_by_task order); `cells` and `references`
+    hold only combinations with scores."""
 
     variants: tuple[str, ...]
     tasks: tuple[str, ...]
     metric_by_task: Mapping[str, str]
     cells: Mapping[tuple[str, str], Cell]
     baseline: str | None
+    references: Mapping[tuple[str, str], float] = dataclasses.field(default_factory=dict)  # (name, task) -> test
+
+    @property
+    def reference_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(name for name, _ in self.references))
 
     def delta(self, variant: str, task: str) -> float | None:
         """Mean minus the baseline's mean on `task`, when both have runs."""
@@ -157,10 +199,16 @@ class ResultsTable:
              "std": cell.std, "delta_vs_baseline": self.delta(cell.variant, cell.task),
              "beats_baseline": self.beats_baseline(cell.variant, cell.task),
              "seeds": list(cell.seeds), "values": list(cell.values),
-             **({"discarded": cell.discarded} if cell.discarded else {}), **cell.extras}
+             **({"discarded": cell.discarded} if cell.discarded else {}),
+             **({"dev_at_majority": cell.at_majority} if cell.at_majority else {}), **cell.extras}
             for variant in self.variants for task in self.tasks
             if (cell := self.cells.get((variant, task))) is not None
         ]
+
+    def _reference_rows(self) -> list[dict[str, Any]]:
+        return [{"reference": name, "task": task, "metric": self.metric_by_task[task],
+                 "score": self.references[(name, task)]}
+                for name in self.reference_names for task in self.tasks if (name, task) in self.references]
 
     def _markdown_cell(self, variant: str, task: str) -> str:
         cell = self.cells.get((variant, task))
@@ -171,6 +219,7 @@ class ResultsTable:
         if delta is not None:
             text += f" ({100 * delta:+.1f}{'†' if self.beats_baseline(variant, task) else ''})"
         text += f", n={cell.n}" + (f" (+{cell.discarded} discarded)" if cell.discarded else "")
+        text += f" ({cell.at_majority}‡)" if cell.at_majority else ""
         if "trainable_params" in cell.extras:
             text += f", {_count(cell.extras['trainable_params'])} params"
         if "seconds_per_epoch" in cell.extras:
@@ -182,18 +231,29 @@ class ResultsTable:
         lines = ["| " + " | ".join(header) + " |", "|:--" + "|--:" * len(self.tasks) + "|"]
         for variant in self.variants:
             lines.append("| " + " | ".join([variant, *(self._markdown_cell(variant, t) for t in self.tasks)]) + " |")
+        for name in self.reference_names:
+            scores = (self.references.get((name, task)) for task in self.tasks)
+            lines.append("| " + " | ".join([f"{name} (reference)",
+                                            *("–" if s is None else f"{100 * s:.1f}" for s in scores)]) + " |")
         legend = "Test scores in %: mean ± sample std over seeds (n/a for one seed), n = seeds; – = no runs."
         if self.baseline is not None:
             legend += (f" (+x) = mean minus {self.baseline}'s; † = ahead by more than 2 × the larger std of the two"
                        " (needs n ≥ 2 on both).")
+        if any(cell.at_majority for cell in self.cells.values()):
+            legend += (" (k‡) = k seeds whose best dev score was no higher than the majority class's: they may have"
+                       " learned nothing.")
+        if self.reference_names:
+            legend += (" (reference) = no pretrained model, one deterministic score ("
+                       + "; ".join(f"{name} = {DESCRIPTIONS[name]}" for name in self.reference_names) + ").")
         return "\n".join(lines) + "\n\n" + legend + "\n"
 
     def _csv_text(self) -> str:
         out = io.StringIO()
         fields = ["variant", "task", "metric", "n", "mean", "std", "delta_vs_baseline", "beats_baseline",
                   "seeds", "values"]
-        rows = self._rows()
-        fields += sorted(set().union(*rows) - set(fields))  # discarded, extras: only when some row has them
+        rows = self._rows() + [{"variant": row["reference"], "task": row["task"], "metric": row["metric"],
+                                "mean": row["score"], "reference": True} for row in self._reference_rows()]
+        fields += sorted(set().union(*rows) - set(fields))  # discarded, reference, ...: only when some row has them
         writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n", restval="")
         writer.writeheader()
         for row in rows:
@@ -203,11 +263,13 @@ class ResultsTable:
 
     def _json_text(self) -> str:
         table = {"baseline": self.baseline, "metric_by_task": dict(self.metric_by_task),
-                 "variants": list(self.variants), "tasks": list(self.tasks), "cells": self._rows()}
+                 "variants": list(self.variants), "tasks": list(self.tasks), "cells": self._rows(),
+                 "references": self._reference_rows()}
         return json.dumps(table, indent=2) + "\n"
 
     def to_csv(self, path: str | os.PathLike[str], *, enabled: bool = True) -> None:
-        """One row per variant/task with runs; raw fractions, seeds and values joined by ';'."""
+        """One row per variant/task with runs, then one per reference/task (`reference` True, the score in
+        `mean`); raw fractions, seeds and values joined by ';'."""
         if enabled:
             write_text(path, self._csv_text())
 
@@ -229,9 +291,11 @@ class ResultsTable:
 
 
 def results_table(records: Sequence[Record], metric_by_task: Mapping[str, str],
-                  variant_order: Sequence[str] | None = None, *, baseline: str = "baseline") -> ResultsTable:
+                  variant_order: Sequence[str] | None = None, *, baseline: str = "baseline",
+                  references: Sequence[Record] = ()) -> ResultsTable:
     """Summarize records over seeds. Rows follow `variant_order` (every recorded variant must be listed;
-    listed ones without runs show "–"), else `baseline` first, then order of first appearance."""
+    listed ones without runs show "–"), else `baseline` first, then order of first appearance; then the
+    `references` (records.json's "references", see the module doc), in order of first appearance."""
     cells = _collect(records, metric_by_task)
     seen = list(dict.fromkeys(record["variant"] for record in records))
     if variant_order is None:
@@ -242,7 +306,7 @@ def results_table(records: Sequence[Record], metric_by_task: Mapping[str, str],
             raise UserError(f"variants {unlisted} have results but are not in variant_order; list them")
         variants = list(dict.fromkeys(variant_order))
     return ResultsTable(tuple(variants), tuple(metric_by_task), dict(metric_by_task), cells,
-                        baseline if baseline in seen else None)
+                        baseline if baseline in seen else None, _reference_scores(references, metric_by_task))
 
 
 def significance(records: Sequence[Record], task: str, a: str, b: str, *, metric: str) -> Significance:

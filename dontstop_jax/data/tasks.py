@@ -87,6 +87,13 @@ def load_task(
     return Task(name, [str(v) for v in label_names], splits, tapt)
 
 
+def require_splits(task: Task, purpose: str) -> None:
+    """Fine-tuning and the reference scores learn on train, select on dev and report test: all three must exist."""
+    for split in SPLIT_FILES:
+        if split not in task.splits:
+            raise UserError(f"task {task.name} has no {split} split; {purpose} needs train, dev and test")
+
+
 def task_unlabeled_texts(task: Task) -> list[str]:
     """Texts for task-adaptive pretraining: the train texts, plus unlabeled.jsonl when the task has one."""
     return [doc for source in task.tapt_sources for doc in iter_documents(source)]

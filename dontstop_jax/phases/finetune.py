@@ -4,10 +4,15 @@ Resumable anywhere: each epoch ends with a checkpoint whose data state records t
 counters and the dev curve so far; an interruption checkpoints mid-epoch with the batch to continue from.
 The best epoch is the first with the best dev score (`first_best`): early stopping, the checkpoint kept as
 best, the model scored on test and the summary all follow that one rule.
+
+The summary flags a run whose best dev score is no higher than always predicting the train majority class
+(`dev_at_majority`, the rule of analysis/reference.py): such a model may have learned nothing, and its
+test score says little about its starting point. A warning names the phase.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -19,7 +24,9 @@ from ml_collections import ConfigDict
 from dontstop_jax import files
 from dontstop_jax.analysis import classification_metrics
 from dontstop_jax.analysis.metrics import check_metric
+from dontstop_jax.analysis.reference import at_majority_level, majority_scores
 from dontstop_jax.data import ClassificationBatches, load_task, load_tokenizer, tokenize_split
+from dontstop_jax.data.tasks import require_splits
 from dontstop_jax.data.tokenizer import special_ids
 from dontstop_jax.engine import classification_loss_sums, compile_predict_step, to_global
 from dontstop_jax.engine.checkpoint import first_best
@@ -28,6 +35,8 @@ from dontstop_jax.model import RobertaForSequenceClassification, init_params
 from dontstop_jax.train import source as sources
 from dontstop_jax.train.trainer import Trainer, check_batch
 from dontstop_jax.train.workdir import Workdir
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(predict, params, batches: ClassificationBatches, mesh, num_labels: int) -> dict[str, float]:
@@ -69,7 +78,14 @@ def finetune(cfg: ConfigDict) -> dict:
     """Run (or resume, or return the finished) fine-tuning run in cfg.workdir; returns dev and test metrics.
     Raises `Interrupted` after checkpointing (mid-epoch too) when asked to stop."""
     with Workdir(cfg) as done:  # refuses a changed config and a workdir another run holds
-        return done if done is not None else _finetune(cfg)
+        summary = done if done is not None else _finetune(cfg)
+    if summary.get("dev_at_majority"):  # absent from summaries written before the flag existed
+        metric = summary["metric"]
+        log.warning("fine-tune %s (%s) may have learned nothing: its best dev %s, %.1f%%, is no higher than always "
+                    "predicting the majority class (%.1f%%); try another learning rate or more epochs",
+                    summary["phase"], summary["workdir"], metric, 100 * summary["dev"][metric],
+                    100 * summary["majority_dev"][metric])
+    return summary
 
 
 def _finetune(cfg: ConfigDict) -> dict:
@@ -78,9 +94,7 @@ def _finetune(cfg: ConfigDict) -> dict:
     source, adaptation = sources.adapted(sources.resolve_phase(cfg), cfg)
     task = load_task(cfg.task.path or None, text_field=cfg.task.text_field, label_field=cfg.task.label_field,
                      hf_dataset=cfg.task.hf_dataset or None)
-    for split in ("train", "dev", "test"):
-        if split not in task.splits:
-            raise UserError(f"task {task.name} has no {split} split; fine-tuning needs train, dev and test")
+    require_splits(task, "fine-tuning")
     max_len = min(cfg.data.max_seq_length, source.config.max_seq_length)
     tokenizer = load_tokenizer(source.tokenizer_dir)
     batches = {s: ClassificationBatches(tokenize_split(task.splits[s][0], tokenizer, max_len), task.splits[s][1],
@@ -130,9 +144,12 @@ def _finetune(cfg: ConfigDict) -> dict:
         params = trainer.checkpoints.restore_params(best_step, abstract_params=trainer.abstract().params)
         test = evaluate(predict, params, batches["test"], trainer.mesh, num_labels)
         trainer.writer.write(trainer.step, test, prefix="test/")
+        majority_dev = majority_scores(task.splits["train"][1], task.splits["dev"][1], num_labels)
         return trainer.finish({
             "phase": cfg.name, "workdir": files.absolute(cfg.workdir), "parent": source.parent,
             "metric": metric, "dev": history[best - 1], "test": test, "best_epoch": best,
             "epochs_run": len(history), "best_step": best_step, "label_names": task.label_names,
             "trainable_params": adaptation.count(params)[0], "seconds_per_epoch": _typical(progress["epoch_seconds"]),
-            "early_dev": progress.get("early_dev"), "discarded": bool(progress.get("discarded"))}, progress)
+            "early_dev": progress.get("early_dev"), "discarded": bool(progress.get("discarded")),
+            "majority_dev": majority_dev,
+            "dev_at_majority": at_majority_level(history[best - 1][metric], majority_dev[metric])}, progress)

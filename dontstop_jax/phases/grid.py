@@ -10,6 +10,13 @@ Data-selection variants (the paper's Table 8), all from the base model: knn_tapt
 task text plus the k domain documents nearest each task example, see phases/select.py), rand_tapt and
 dsir_tapt (as many documents as knn_tapt_50 kept, drawn at random / by DSIR: the paper's RAND-TAPT
 control samples 50 per task example).
+
+Each task also gets its reference scores (analysis/reference.py: majority class, bag-of-words LR; no model),
+kept in records.json beside the per-seed records, so the table can be rebuilt from that file alone. They are
+computed once per task and reused, like a phase, from GRID/references/ (fitting the bag-of-words model on
+180K sentences, RCT's size, takes about 1.5 minutes on 2 CPU cores). A record is flagged `dev_at_majority` by the rule
+fine-tuning uses, from its best dev score and the task's majority-class dev score (so phases finished before
+the flag existed get it too).
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ from ml_collections import ConfigDict
 
 from dontstop_jax import files
 from dontstop_jax import config_loader
-from dontstop_jax.analysis import results_table
+from dontstop_jax.analysis import reference, results_table
 from dontstop_jax.analysis.metrics import check_metric
 from dontstop_jax.data import load_task
+from dontstop_jax.data.tasks import require_splits
 from dontstop_jax.engine.peft import check_method
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases.finetune import finetune
-from dontstop_jax.files import write_json
+from dontstop_jax.files import read_json, write_json
 from dontstop_jax.phases.pretrain import pretrain
 from dontstop_jax.phases.select import select, selected_corpus
 from dontstop_jax.train.workdir import fingerprint
@@ -171,11 +179,31 @@ class Grid:
         return {"train.discard_fraction": rule.fraction,
                 "train.discard_below": best[rule.keep - 1] if len(best) >= rule.keep else None}
 
+    def references(self, task: str) -> list[dict[str, Any]]:
+        """The task's reference records, {"task", "reference", "dev": metrics, "test": metrics} each: computed
+        once, then read from a file named by a fingerprint of the task's files and the references' settings."""
+        spec = self.cfg.tasks[task]
+        key = {"path": spec.path, "text_field": spec.text_field, "label_field": spec.label_field,
+               "max_words": reference.MAX_WORDS, "steps": reference.STEPS}
+        path = self.root / "references" / f"{task}-{fingerprint(key)}.json"
+        if path.exists():
+            return read_json(path)["references"]
+        data = load_task(spec.path, text_field=spec.text_field, label_field=spec.label_field)
+        require_splits(data, "scoring the references")
+        references = [{"task": task, **ref} for ref in reference.task_references(data.splits, len(data.label_names))]
+        if jax.process_index() == 0:
+            write_json(path, {"references": references})
+        return references
+
     def run(self) -> Any:
         """Run what is missing; returns the results table (raw per-seed records in `self.records`)."""
         base = self.base()
         self.records = records = []
+        references = []
         for task, spec in self.cfg.tasks.items():
+            task_refs = self.references(task)
+            references += task_refs
+            majority_dev = next(r for r in task_refs if r["reference"] == reference.MAJORITY)["dev"][spec.metric]
             for variant in self.cfg.variants:
                 init = self.start_point(variant, task, base)
                 per_task = {"task.path": spec.path, "train.metric": spec.metric, "task.text_field": spec.text_field,
@@ -194,12 +222,16 @@ class Grid:
                         if result.get("early_dev") is not None:
                             early.append(result["early_dev"])
                         records.append({"task": task, "variant": label, "seed": seed, "metrics": result["test"],
-                                        "discarded": result.get("discarded", False), "extras": {
+                                        "discarded": result.get("discarded", False),
+                                        "dev_at_majority": reference.at_majority_level(
+                                            result["dev"][spec.metric], majority_dev),
+                                        "extras": {
                                             k: result[k] for k in ("trainable_params", "seconds_per_epoch")
                                             if result.get(k) is not None}})
         order = [v if m == "full" else f"{v}/{m}" for v in self.cfg.variants for m in self.methods()]
-        table = results_table(records, {t: s.metric for t, s in self.cfg.tasks.items()}, variant_order=order)
+        table = results_table(records, {t: s.metric for t, s in self.cfg.tasks.items()}, variant_order=order,
+                              references=references)
         if jax.process_index() == 0:
             table.write_all(self.root)
-            write_json(self.root / "records.json", {"records": records})
+            write_json(self.root / "records.json", {"records": records, "references": references})
         return table
