@@ -139,7 +139,7 @@ def test_seeds_whose_dev_never_left_the_majority_class_are_marked(tmp_path):
     ({"task": "chemprot", "test": {"micro_f1": 0.3}}, "lacks"),
     ({**REFERENCES[0], "reference": "always 1"}, "not one of"),
     ({**REFERENCES[0], "task": "rct"}, "metric_by_task lacks"),
-    ({**REFERENCES[0], "test": {"accuracy": 0.3}}, "has no test 'micro_f1'"),
+    ({**REFERENCES[0], "test": {"accuracy": 0.3}}, "has no 'micro_f1'"),
     ({**REFERENCES[0], "test": {"micro_f1": 36.2}}, "not percentages"),
     (REFERENCES[0], "two reference records"),
 ])

@@ -108,16 +108,8 @@ def _collect(records: Sequence[Record], metric_by_task: Mapping[str, str]) -> di
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
             raise UserError(f"result record {i} has seed {seed!r}; seeds must be integers")
         seed = int(seed)
-        if task not in metric_by_task:
-            raise UserError(f"result record {i} is for task {task!r}, which metric_by_task lacks; add it")
-        metric = metric_by_task[task]
-        if metric not in record["metrics"]:
-            raise UserError(f"result record {i} ({variant} on {task}, seed {seed}) has no {metric!r}; "
-                            f"it has {sorted(record['metrics'])}")
-        value = float(record["metrics"][metric])
-        if not 0.0 <= value <= 1.0:
-            raise UserError(f"{metric} of {variant} on {task}, seed {seed}, is {value}, outside [0, 1]; "
-                            "record fractions, not percentages")
+        value = _fraction(f"result record {i}", f"{variant} on {task}, seed {seed}", task, record["metrics"],
+                          metric_by_task)
         for key, extra in record.get("extras", {}).items():
             extras.setdefault((variant, task), {}).setdefault(key, []).append(float(extra))
         if record.get("discarded"):
@@ -137,6 +129,20 @@ def _collect(records: Sequence[Record], metric_by_task: Mapping[str, str]) -> di
     }
 
 
+def _fraction(record: str, label: str, task: str, metrics: Mapping[str, Any], metric_by_task: Mapping[str, str]
+              ) -> float:
+    """The task's metric from `metrics`, a fraction; a one-line error naming `record` and `label` otherwise."""
+    if task not in metric_by_task:
+        raise UserError(f"{record} is for task {task!r}, which metric_by_task lacks; add it")
+    metric = metric_by_task[task]
+    if metric not in metrics:
+        raise UserError(f"{record} ({label}) has no {metric!r}; it has {sorted(metrics)}")
+    value = float(metrics[metric])
+    if not 0.0 <= value <= 1.0:
+        raise UserError(f"{metric} of {label} is {value}, outside [0, 1]; record fractions, not percentages")
+    return value
+
+
 def _reference_scores(references: Sequence[Record], metric_by_task: Mapping[str, str]
                       ) -> dict[tuple[str, str], float]:
     """(reference, task) -> test score in the task's metric, checking each names a known reference and task."""
@@ -149,16 +155,7 @@ def _reference_scores(references: Sequence[Record], metric_by_task: Mapping[str,
         if name not in DESCRIPTIONS:
             raise UserError(f"reference record {i} is {name!r}, not one of {sorted(DESCRIPTIONS)}; "
                             "compute references with analysis/reference.py")
-        if task not in metric_by_task:
-            raise UserError(f"reference record {i} is for task {task!r}, which metric_by_task lacks; add it")
-        metric = metric_by_task[task]
-        if metric not in ref["test"]:
-            raise UserError(f"reference record {i} ({name} on {task}) has no test {metric!r}; "
-                            f"it has {sorted(ref['test'])}")
-        value = float(ref["test"][metric])
-        if not 0.0 <= value <= 1.0:
-            raise UserError(f"{metric} of {name} on {task} is {value}, outside [0, 1]; "
-                            "record fractions, not percentages")
+        value = _fraction(f"reference record {i}", f"{name} on {task}", task, ref["test"], metric_by_task)
         if (name, task) in scores:
             raise UserError(f"{name} on {task} has two reference records; drop the duplicate")
         scores[(name, task)] = value
