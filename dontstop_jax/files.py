@@ -151,6 +151,12 @@ def upload(local: LocalPath, target: epath.Path) -> None:
         shutil.copyfileobj(src, dst, 16 << 20)
 
 
+def download(source: epath.Path, local: LocalPath) -> None:
+    """Copy the file `source` (in a bucket) to the local file `local`, streamed."""
+    with source.open("rb") as src, open(local, "wb") as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+
+
 def write_text(where: PathLike, text: str) -> None:
     with publishing(where) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -194,8 +200,7 @@ def localize(where: PathLike) -> LocalPath:
         for name, remote in entries.items():
             local = tmp / name if name else tmp
             local.parent.mkdir(parents=True, exist_ok=True)
-            with remote.open("rb") as src, open(local, "wb") as dst:
-                shutil.copyfileobj(src, dst, 16 << 20)
+            download(remote, local)
             if local.stat().st_size != stats[name][0]:
                 raise OSError(errno.EIO, f"short copy of {remote}", os.fspath(local))
     return copy
@@ -231,8 +236,7 @@ def staged(where: PathLike) -> Iterator[LocalPath]:
         return
     with tempfile.TemporaryDirectory(prefix="dontstop-stage-") as scratch:
         local = LocalPath(scratch, path(where).name)
-        with path(where).open("rb") as src, open(local, "wb") as dst:
-            shutil.copyfileobj(src, dst, 16 << 20)
+        download(path(where), local)
         yield local
 
 

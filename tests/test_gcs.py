@@ -3,7 +3,6 @@ every path on gs://, against a local GCS emulator; and the storage layer's contr
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 import os
@@ -14,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gcs_emulator import gcs_emulator, upload_tree
-from tiny_hf import save_tiny_roberta
+from tiny_hf import WORDS, save_tiny_roberta, write_biomed_data
 
 # Not imported here: gcsfs reads its settings from the environment the emulator fixture sets.
 pytestmark = pytest.mark.skipif(not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec(
     "gcp_storage_emulator")), reason="needs gcsfs and gcp-storage-emulator (the test extra)")
 ROOT = Path(__file__).parents[1]
-WORDS = "protein binds receptor cell kinase inhibitor gene expression tumor patient dose trial enzyme".split()
 SMALL = ["--config.train.batch_size=16", "--config.data.max_seq_length=64"]
 STEPS = 100  # of the two-host run
 
@@ -43,15 +41,7 @@ def _local_inputs(root: Path, tokenizer_dir: str) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("torch")
     save_tiny_roberta(root / "roberta-tiny", tokenizer_dir)
-    rng = np.random.default_rng(0)
-    docs = [" ".join(rng.choice(WORDS, rng.integers(8, 40))) for _ in range(700)]
-    (root / "corpus").mkdir()
-    with gzip.open(root / "corpus" / "part-0.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps({"text": d}) + "\n" for d in docs[:400])
-    (root / "task").mkdir()
-    for split, rows in (("train", docs[400:600]), ("dev", docs[600:650]), ("test", docs[650:])):
-        (root / "task" / f"{split}.jsonl").write_text("".join(
-            json.dumps({"text": d, "label": "ACTIVATOR" if "kinase" in d else "INHIBITOR"}) + "\n" for d in rows))
+    write_biomed_data(root / "corpus", root / "task", corpus_docs=400)
 
 
 @pytest.mark.slow

@@ -2,20 +2,17 @@
 RoBERTa that `transformers` wrote: HF directory -> DAPT (.jsonl.gz corpus) -> TAPT (the task's text) ->
 fine-tuning (micro-F1, dev-selected checkpoint) -> export -> transformers gives our logits."""
 
-import gzip
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from export_check import assert_transformers_logits_match
-from tiny_hf import save_tiny_roberta
+from tiny_hf import save_tiny_roberta, write_biomed_data
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
-WORDS = "protein binds receptor cell kinase inhibitor gene expression tumor patient dose trial enzyme".split()
 SMALL = ["--config.train.batch_size=16", "--config.data.max_seq_length=64"]
 
 
@@ -32,15 +29,7 @@ def flow(tmp_path_factory, tiny_tokenizer_dir):
     pytest.importorskip("torch")
     root = tmp_path_factory.mktemp("readme")
     save_tiny_roberta(root / "roberta-tiny", tiny_tokenizer_dir)
-    rng = np.random.default_rng(0)
-    docs = [" ".join(rng.choice(WORDS, rng.integers(8, 40))) for _ in range(900)]
-    (root / "s2orc").mkdir()
-    with gzip.open(root / "s2orc" / "part-0.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps({"text": d}) + "\n" for d in docs[:600])
-    (root / "chemprot").mkdir()
-    for split, rows in (("train", docs[600:800]), ("dev", docs[800:850]), ("test", docs[850:])):
-        (root / "chemprot" / f"{split}.jsonl").write_text("".join(
-            json.dumps({"text": d, "label": "ACTIVATOR" if "kinase" in d else "INHIBITOR"}) + "\n" for d in rows))
+    write_biomed_data(root / "s2orc", root / "chemprot", corpus_docs=600)
     cfg = str(ROOT / "configs")
     _cli("pretrain", "--config", f"{cfg}/dapt.py:biomed", "--config.init=roberta-tiny",
          "--config.data.sources=['s2orc/*.jsonl.gz']", "--config.workdir=runs/dapt-biomed",

@@ -299,8 +299,7 @@ def _download(remote: files.Path, directory: Path) -> PreparedCorpus | None:
     build.mkdir(parents=True)
     try:
         for shard in [entry["file"] for entry in manifest["shards"]] + [MANIFEST]:
-            with (remote / shard).open("rb") as src, open(build / shard, "wb") as dst:
-                shutil.copyfileobj(src, dst, 16 << 20)
+            files.download(remote / shard, build / shard)
         PreparedCorpus.open_checked(build)
     except (FileNotFoundError, Damaged) as e:
         log.warning("prepared corpus in %s is damaged (%s); rebuilding it", remote, e)

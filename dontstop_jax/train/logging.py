@@ -145,7 +145,7 @@ def _mirror(remote: files.Path) -> Path:
     (local / "tensorboard").mkdir(exist_ok=True)
     for name in ["metrics.jsonl", *(f"tensorboard/{p.name}" for p in (remote / "tensorboard").glob("events.*"))]:
         if (remote / name).exists():
-            (local / name).write_bytes((remote / name).read_bytes())
+            files.download(remote / name, local / name)
     return local
 
 
