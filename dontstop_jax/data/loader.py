@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dontstop_jax.data.masking import mask_tokens
+from dontstop_jax.data.masking import document_segments, mask_tokens
 from dontstop_jax.data.prepare import PreparedCorpus
 from dontstop_jax.errors import UserError
 
@@ -34,7 +34,8 @@ class MLMLoader:
 
     With drop_remainder=False the last batch of an epoch is filled with `<s> </s>` rows, which get
     no predictions (mlm_weights 0), so shapes stay static. `prefetch` batches are built ahead in a
-    background thread; `get_state` always describes what has been yielded.
+    background thread; `get_state` always describes what has been yielded. attend_across_documents=False
+    gives `document_segments` as the attention mask, so the documents packed into a row do not see each other.
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class MLMLoader:
         max_predictions: int | None = None,
         whole_word: bool = False,
         word_starts_table: np.ndarray | None = None,
+        attend_across_documents: bool = True,
         process_index: int = 0,
         process_count: int = 1,
         drop_remainder: bool = True,
@@ -79,6 +81,7 @@ class MLMLoader:
         )
         self._special_ids = dict(special_ids)
         self._word_starts = word_starts_table if whole_word else None
+        self._documents_apart = not attend_across_documents
         n, g = corpus.num_blocks, global_batch_size
         self.steps_per_epoch = n // g if drop_remainder else -(-n // g)
         if self.steps_per_epoch == 0:
@@ -102,7 +105,10 @@ class MLMLoader:
         block_ids = np.concatenate([ids, self.corpus.num_blocks + np.arange(self.local_batch_size - len(ids))])
         rngs = [np.random.default_rng([self.seed, epoch, int(b)]) for b in block_ids]
         starts = None if self._word_starts is None else self._word_starts[tokens]
-        return self._mask(tokens, rngs, whole_word_starts=starts)
+        batch = self._mask(tokens, rngs, whole_word_starts=starts)
+        if self._documents_apart:
+            batch["attention_mask"] = document_segments(tokens, special["eos"], special["pad"])
+        return batch
 
     def __iter__(self) -> MLMLoader:
         return self

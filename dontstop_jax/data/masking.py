@@ -76,6 +76,14 @@ def mask_tokens(
     }
 
 
+def document_segments(input_ids: np.ndarray, eos_id: int, pad_id: int) -> np.ndarray:
+    """int32 [B, T]: 1, 2, ... for the documents packed into each row (a document ends with `</s>`), 0 on
+    padding. Given to the model as the attention mask, it keeps packed documents from attending to each other
+    and restarts their positions (model/roberta.py): what one short document per row gives, without the padding."""
+    after_eos = np.pad(input_ids[:, :-1] == eos_id, ((0, 0), (1, 0)))
+    return np.where(input_ids == pad_id, 0, 1 + np.cumsum(after_eos, axis=1)).astype(np.int32)
+
+
 def word_start_table(tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
     """bool over the vocabulary: True where a byte-level BPE token starts a word ("Ġ" prefix) or is special.
 

@@ -65,10 +65,28 @@ def _dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str) ->
                     bias_init=_zeros(axes[1]), name=name)
 
 
-def position_ids(input_ids: Array, pad_token_id: int) -> Array:
-    """RoBERTa's positions: count real tokens from pad_token_id + 1; padding keeps pad_token_id."""
+def position_ids(input_ids: Array, pad_token_id: int, attention_mask: Array | None = None) -> Array:
+    """RoBERTa's positions: count real tokens from pad_token_id + 1; padding keeps pad_token_id. The count
+    restarts where the mask's segment id changes from one non-zero value to another (a packed document starts,
+    see `attention_pairs`); a 0/1 mask has one segment, which is exactly Hugging Face's numbering."""
     not_pad = (input_ids != pad_token_id).astype(jnp.int32)
-    return jnp.cumsum(not_pad, axis=1) * not_pad + pad_token_id
+    count = jnp.cumsum(not_pad, axis=1)
+    if attention_mask is not None:
+        seg = attention_mask.astype(jnp.int32)
+        prev = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
+        starts = (seg != prev) & (seg > 0) & (prev > 0)
+        count = count - jax.lax.cummax(jnp.where(starts, count - not_pad, 0), axis=1)
+    return count * not_pad + pad_token_id
+
+
+def attention_pairs(attention_mask: Array) -> Array:
+    """bool [batch, 1 (heads), queries, keys] from a [batch, length] mask whose 0s are padding and whose other
+    values name segments (packed documents, data/masking.py `document_segments`): a token sees the real tokens
+    of its own segment. A 0/1 mask is the usual padding mask; padding queries see every real token (their
+    outputs are never used, and no row is empty)."""
+    seg = attention_mask.astype(jnp.int32)
+    q, k = seg[:, None, :, None], seg[:, None, None, :]
+    return ((q == k) | (q == 0)) & (k > 0)
 
 
 class Embeddings(nn.Module):
@@ -85,10 +103,10 @@ class Embeddings(nn.Module):
         self.layer_norm = _layer_norm(cfg, "LayerNorm")
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def __call__(self, input_ids: Array, deterministic: bool) -> Array:
+    def __call__(self, input_ids: Array, attention_mask: Array, deterministic: bool) -> Array:
         cfg = self.config
         h = (self.word_embeddings(input_ids)
-             + self.position_embeddings(position_ids(input_ids, cfg.pad_token_id))
+             + self.position_embeddings(position_ids(input_ids, cfg.pad_token_id, attention_mask))
              + self.token_type_embeddings(jnp.zeros_like(input_ids)))
         return self.dropout(self.layer_norm(h), deterministic=deterministic)
 
@@ -168,6 +186,7 @@ class Layer(nn.Module):
             if cfg.attention_impl == "cudnn":
                 # cuDNN reads a mask as a [batch, heads, queries, keys] bias and refuses our broadcast one; padding
                 # goes in as key lengths instead (batches are right-padded). >= 1 keeps an all-padding row finite.
+                # (A packed row's document segments cannot be key lengths: phases/pretrain.py refuses them.)
                 lengths = jnp.maximum(jnp.sum(mask[:, 0, 0, :], axis=-1, dtype=jnp.int32), 1)
                 return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
             return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
@@ -190,9 +209,9 @@ class RobertaModel(nn.Module):
     def __call__(self, input_ids: Array, attention_mask: Array, *, deterministic: bool = True,
                  gates: Gates | None = None) -> Array:
         cfg = self.config
-        h = self.embeddings(input_ids, deterministic)
+        h = self.embeddings(input_ids, attention_mask, deterministic)
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
-        mask = attention_mask.astype(bool)[:, None, None, :]  # [batch, 1 (heads), 1 (queries), keys]
+        mask = attention_pairs(attention_mask)
         layer = Layer
         if cfg.remat != "none":
             layer = nn.remat(Layer, policy=_REMAT_POLICY[cfg.remat], prevent_cse=False)

@@ -54,8 +54,12 @@ def pretrain_config(kind: str = "dapt") -> ConfigDict:
         raise ValueError(f"unknown pretraining kind {kind!r}; choose from {list(PRETRAIN_KINDS)}")
     cfg = _common(
         kind,
-        # cache_dir: the prepared-data cache (default WORKDIR/prepared; a grid's phases share GRID/cache)
-        data=dict(sources=[], cache_dir=placeholder(str), max_seq_length=512, mask_prob=0.15, whole_word=False),
+        # cache_dir: the prepared-data cache (default WORKDIR/prepared; a grid's phases share GRID/cache).
+        # attend_across_documents: documents are packed into max_seq_length rows; True lets them see each other
+        # (RoBERTa's FULL-SENTENCES), False keeps each to itself with its own positions (one document per row,
+        # as the paper's TAPT ran, line by line, but without the padding)
+        data=dict(sources=[], cache_dir=placeholder(str), max_seq_length=512, mask_prob=0.15, whole_word=False,
+                  attend_across_documents=True),
         checkpoint=dict(every=1000, keep_last=2),
         # steps: None = `epochs` passes over the corpus
         train=dict(batch_size=256, accum_steps=4, steps=placeholder(int), epochs=100, log_every=10,
@@ -69,6 +73,7 @@ def pretrain_config(kind: str = "dapt") -> ConfigDict:
         cfg.optim.learning_rate = 5e-4
     else:
         cfg.optim.learning_rate = 1e-4
+        cfg.data.attend_across_documents = False  # a task's short examples are unrelated to their neighbours
     return cfg
 
 

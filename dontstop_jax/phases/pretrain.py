@@ -54,11 +54,15 @@ def _pretrain(cfg: ConfigDict, objective: Objective) -> dict:
                         "between its stages; run it through `dontstop continual` (configs/continual.py)")
     check_batch(cfg)
     source, adaptation = sources.adapted(sources.resolve_phase(cfg), cfg)
+    if not cfg.data.attend_across_documents and source.config.attention_impl == "cudnn":
+        raise UserError("data.attend_across_documents=False needs a per-document attention mask, which the cuDNN "
+                        "kernel (model.attention_impl=cudnn) cannot take; leave attention_impl unset or use xla")
     corpus = prepare(cfg, source)
     tokenizer = load_tokenizer(source.tokenizer_dir)
     loader = MLMLoader(corpus, cfg.train.batch_size, cfg.seed, special_ids(tokenizer), vocab_size=len(tokenizer),
                        mask_prob=cfg.data.mask_prob, whole_word=cfg.data.whole_word,
                        word_starts_table=word_start_table(tokenizer) if cfg.data.whole_word else None,
+                       attend_across_documents=cfg.data.attend_across_documents,
                        process_index=jax.process_index(), process_count=jax.process_count())
     total = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
     with Trainer(cfg, source, adaptation, RobertaForMaskedLM(source.config), objective, total_steps=total,
