@@ -40,6 +40,9 @@ PREPARED = "prepared"  # the default prepared-data cache of a phase (data.cache_
 # (same math) and where caches live.
 RUNTIME_ONLY = ("name", "workdir", "train.log_every", "checkpoint", "mesh", "model.remat", "data.cache_dir",
                 "checkpoint_every")
+# Fields added after phases were recorded, at the value that does what phases did before them: left out of the
+# fingerprint and the drift check at that value, so a phase finished before the field existed is still reused.
+NEUTRAL = {"task.train_size": 0}
 RENEW_SECONDS, LEASE_SECONDS = 60, 600
 
 
@@ -56,7 +59,8 @@ def _runtime_only(field: str) -> bool:
 def result_fields(config: ConfigDict | dict) -> dict[str, Any]:
     """{dotted field: value} of everything in `config` that shapes a phase's result (JSON-normalised)."""
     tree = json.loads(config.to_json_best_effort()) if isinstance(config, ConfigDict) else config
-    return {k: v for k, v in _flatten(tree).items() if not _runtime_only(k)}
+    return {k: v for k, v in _flatten(tree).items()
+            if not _runtime_only(k) and not (k in NEUTRAL and NEUTRAL[k] == v)}
 
 
 def fingerprint(config: ConfigDict | dict) -> str:
