@@ -103,7 +103,7 @@ def to_markdown(curves: Mapping[str, Any]) -> str:
         out += rows + [""]
     legend = ("Test scores in % by number of labeled train examples: mean ± sample std over seeds, each seed "
               "fine-tuned on its own stratified draw; references: over the same draws.")
-    return "\n".join(out) + legend + "\n"
+    return "\n".join(out) + "\n" + legend + "\n"
 
 
 def write_learning_curves(out_dir: str | files.Path, curves: Mapping[str, Any]) -> None:
