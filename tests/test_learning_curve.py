@@ -5,7 +5,6 @@ and the provenance of a transfer_tapt fine-tune (it starts from the TAPT phase o
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
