@@ -6,7 +6,9 @@ unlabeled.jsonl; each domain lists its corpus files.
 dontstop grid --config configs/grid.py:paper --config.base=/models/roberta-base \
     --config.data_root=/data/dontstop
 Add the data-selection rows (Table 8) with e.g. --config.variants='["baseline","tapt","knn_tapt_50",
-"knn_tapt_150","knn_tapt_500","rand_tapt","dsir_tapt"]'.
+"knn_tapt_150","knn_tapt_500","rand_tapt","dsir_tapt"]'; Transfer-TAPT (Table 10) with
+--config.variants='["tapt","transfer_tapt"]' (each task's transfer_from is its domain's other task); learning
+curves with --config.train_sizes='[100, 500, 1000, "all"]'.
 """
 
 import importlib.util
@@ -23,12 +25,17 @@ _spec.loader.exec_module(_finetune)
 
 # The paper's not-DAPT pairs each domain with an irrelevant one.
 IRRELEVANT = {"biomed": "cs", "cs": "biomed", "news": "reviews", "reviews": "news"}
+# Transfer-TAPT (Table 10) pairs the two tasks of each domain.
+TRANSFER = {"chemprot": "rct", "rct": "chemprot", "acl_arc": "sciie", "sciie": "acl_arc",
+            "hyperpartisan": "agnews", "agnews": "hyperpartisan", "helpfulness": "imdb", "imdb": "helpfulness"}
 
 
 def get_config(arg: str = "paper"):
     root = "/data/dontstop"  # the layout below; override data paths per task/domain if yours differ
     cfg = ConfigDict(dict(
         workdir="runs/grid-paper", base="", seeds=[0, 1, 2, 3, 4], variants=list(VARIANTS),
+        # train_sizes: learning curves, e.g. [100, 500, 1000, "all"] (each seed fine-tunes on its own stratified draw)
+        train_sizes=["all"],
         # methods: e.g. ["full", "frozen", "bitfit", "houlsby", "pfeiffer", "lora"] (empty: finetune.peft.method);
         # method_overrides: fine-tuning fields per method, e.g. {"lora": {"optim": {"learning_rate": 1e-3}}};
         # seed_discard: Dodge et al. early discarding (fraction 0 = off), see phases/grid.py.
@@ -38,7 +45,8 @@ def get_config(arg: str = "paper"):
         # tasks.<t>.overrides: per-task fields of its TAPT and fine-tuning phases, e.g.
         # --config.tasks.rct.overrides="{'finetune': {'train': {'steps_per_epoch': 2000}}}"
         tasks={t: dict(path=f"{root}/tasks/{t}", domain=d, metric=m, epochs=e, text_field="text",
-                       label_field="label", irrelevant_domain=IRRELEVANT[d], overrides={})
+                       label_field="label", irrelevant_domain=IRRELEVANT[d], overrides={},
+                       transfer_from=TRANSFER[t])
                for t, (d, m, e) in _finetune.TASKS.items()}))
     cfg.dapt = pretrain_config("dapt")
     cfg.tapt = pretrain_config("tapt")

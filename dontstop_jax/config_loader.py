@@ -55,11 +55,17 @@ RULES: dict[str, Rule] = {
     "checkpoint_every": _POSITIVE,
     "fit_docs": _POSITIVE,
     "seed_discard.keep": _AT_LEAST_1,
+    "task.train_size": ((lambda v: v >= 0), "must be >= 0 (0 = the whole train split)"),
+    "train_sizes": ((lambda v: len(v) == len(set(v)) > 0 and all(
+        s == "all" or (type(s) is int and s >= 1) for s in v)),
+        "must list distinct train sizes, each an int >= 1 or 'all' (the whole train split), e.g. [100, 500, 'all']"),
 }
 # Sections keyed by your own names (domains, tasks, ...): a dict value replaces them instead of setting fields.
 MAPS = ("domains", "tasks", "corpora", "curves", "checkpoints", "method_overrides", "overrides")
-# A grid task's fields; `overrides` holds per-task fields of its TAPT and fine-tuning phases.
-TASK_FIELDS = ("path", "domain", "metric", "epochs", "text_field", "label_field", "irrelevant_domain", "overrides")
+# A grid task's fields; `overrides` holds per-task fields of its TAPT and fine-tuning phases; `transfer_from`
+# names the task whose TAPT phase the transfer_tapt row fine-tunes from (checked by phases/grid.py).
+TASK_FIELDS = ("path", "domain", "metric", "epochs", "text_field", "label_field", "irrelevant_domain", "overrides",
+               "transfer_from")
 TASK_PHASES = ("tapt", "finetune")
 _TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "True or False", list: "a list",
                tuple: "a list", ConfigDict: "a dict"}

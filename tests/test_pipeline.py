@@ -50,8 +50,8 @@ def test_demo_prints_and_writes_the_table(tiny_grid):
     assert {r["seed"] for r in records} == {0, 1}
     # The task's reference scores are kept with the records, which rebuild the table; each record's
     # majority-class flag is the one its fine-tune's summary carries.
-    assert [(r["task"], r["reference"]) for r in saved["references"]] == [("bio_topic", "majority class"),
-                                                                         ("bio_topic", "bag-of-words LR")]
+    assert [(r["task"], r["reference"]) for r in saved["references"]] == [
+        ("bio_topic", "majority class"), ("bio_topic", "bag-of-words LR"), ("bio_topic", "static word vectors LR")]
     rebuilt = results_table(records, {"bio_topic": "macro_f1"}, references=saved["references"])
     assert rebuilt.to_markdown() == (root / "grid" / "results.md").read_text()
     assert "| majority class (reference) |" in stdout and "| bag-of-words LR (reference) |" in stdout

@@ -101,7 +101,7 @@ def test_reference_rows_below_the_variants_without_std_delta_or_dagger(tmp_path)
     lines = markdown.splitlines()
     assert lines[5:7] == ["| majority class (reference) | 36.2 | 10.0 |",
                           "| bag-of-words LR (reference) | 55.0 | – |"]
-    assert "(reference) = no pretrained model" in lines[-1] and "most frequent train label" in lines[-1]
+    assert "(reference) = no contextual model" in lines[-1] and "most frequent train label" in lines[-1]
     assert "‡" not in markdown  # no seed was flagged
     table.write_all(tmp_path)
     with open(tmp_path / "results.csv", newline="") as f:

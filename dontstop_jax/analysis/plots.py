@@ -1,4 +1,4 @@
-"""PNG figures of the analysis: annotated heatmaps, training curves and the results bar chart.
+"""PNG figures of the analysis: annotated heatmaps, training curves, the results bar chart and learning curves.
 
 matplotlib is an optional dependency (`pip install dontstop-jax[analysis]`): it is imported when a figure
 is drawn, with the non-interactive Agg backend so it works on headless machines.
@@ -108,4 +108,28 @@ def results_bars(results_json: str | files.Path, path: str | files.Path, *, dpi:
     ax.set_ylabel("test score (%)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("mean ± std over seeds", fontsize=10)
+    return _save(fig, path, dpi)
+
+
+def learning_curves(curve_json: str | files.Path, path: str | files.Path, *, dpi: int = 80) -> files.Path:
+    """A grid's learning curves (learning_curve.json of analysis/curve.py): test score against labeled train
+    examples (log scale), one panel per task, one line per variant with its seed spread (mean ± std) shaded;
+    references dashed, their spread over draws shaded too."""
+    plt = pyplot()
+    curves = json.loads(files.path(curve_json).read_text(encoding="utf-8"))
+    tasks = list(curves["metric_by_task"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks) + 2.0, 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for line in (line for line in curves["lines"] if line["task"] == task):
+            x = [p["examples"] for p in line["points"]]
+            mean = np.array([100 * p["mean"] for p in line["points"]])
+            std = np.array([100 * (p["std"] or 0.0) for p in line["points"]])
+            (drawn,) = ax.plot(x, mean, "--" if line["reference"] else "-", marker="o", markersize=3,
+                               label=line["name"] + (" (reference)" if line["reference"] else ""))
+            ax.fill_between(x, mean - std, mean + std, color=drawn.get_color(), alpha=0.15, linewidth=0)
+        ax.set_xscale("log")
+        ax.set_xlabel("labeled train examples")
+        ax.set_ylabel(f"test {curves['metric_by_task'][task]} (%)")
+        ax.set_title(task, fontsize=10)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path, dpi)

@@ -1,12 +1,15 @@
 """Reference scores of a task that need no model: what a fine-tune must beat to have learned anything.
 
 On real ChemProt a small model's variants all scored 36.2-40.1 micro-F1 while always predicting the majority
-class scores 36.2, and nothing in the table said so. So the grid puts two references beside the variants:
+class scores 36.2, and nothing in the table said so. So the grid puts references beside the variants:
 
 - majority class: the most frequent train label predicted for every example;
 - bag-of-words LR: multinomial logistic regression on tf-idf word counts of the train texts (the words of
   `WORD`, lowercased; the `MAX_WORDS` most frequent train words), fitted by Nesterov-accelerated gradient
   descent from zero, so the same data always gives the same score. It shows what the words alone give.
+- static word vectors LR: the same regression on each text's average input embedding (the base model's
+  token embedding table, frozen; centred on the train mean, rows scaled to unit length): word meanings
+  without context. With the bag of words, a learning curve shows where the contextual model earns its cost.
 
 Both are scored by `classification_metrics`, the function that scores the fine-tunes. numpy only:
 scikit-learn is a test dependency, not a run-time one.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,14 +27,16 @@ import numpy as np
 
 from dontstop_jax.analysis.metrics import classification_metrics
 
-MAJORITY, BAG_OF_WORDS = "majority class", "bag-of-words LR"
-DESCRIPTIONS = {MAJORITY: "the most frequent train label for every example",
-                BAG_OF_WORDS: "logistic regression on tf-idf word counts of the train texts"}  # the table's legend
+MAJORITY, BAG_OF_WORDS, STATIC_VECTORS = "majority class", "bag-of-words LR", "static word vectors LR"
+DESCRIPTIONS = {MAJORITY: "the most frequent train label for every example",  # the table's legend
+                BAG_OF_WORDS: "logistic regression on tf-idf word counts of the train texts",
+                STATIC_VECTORS: "logistic regression on the base model's input embeddings averaged over a text"}
 WORD = re.compile(r"\w+")
 MAX_WORDS = 20_000
 STEPS = 300  # matched scikit-learn's converged fit on a synthetic check; 180K sentences: 1.5 min on 2 cores
 
 Splits = Mapping[str, tuple[Sequence[str], np.ndarray]]  # split -> (texts, label ids), as Task.splits
+Embed = Callable[[Sequence[str]], np.ndarray]  # texts -> [len(texts), d] features
 
 
 def majority_label(train_labels: np.ndarray) -> int:
@@ -73,6 +78,23 @@ class _Sparse:
                          for gj in g])
 
 
+@dataclass(frozen=True)
+class _Dense:
+    """A [rows, cols] array with `_Sparse`'s two products, so one regression fits either."""
+
+    matrix: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.matrix.shape
+
+    def dot(self, w: np.ndarray) -> np.ndarray:
+        return w @ self.matrix.T
+
+    def tdot(self, g: np.ndarray) -> np.ndarray:
+        return g @ self.matrix
+
+
 def vocabulary(texts: Sequence[str], max_words: int = MAX_WORDS) -> dict[str, int]:
     """The `max_words` most frequent words of `texts` (ties by spelling, so the cut is deterministic) -> column."""
     counts = Counter(word for text in texts for word in WORD.findall(text.lower()))
@@ -104,24 +126,20 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=0)
 
 
-def bag_of_words_predict(train_texts: Sequence[str], train_labels: np.ndarray, texts: Sequence[Sequence[str]],
-                         num_labels: int, *, steps: int = STEPS) -> list[np.ndarray]:
-    """Fit the bag-of-words logistic regression on train; its predicted label ids for each list of `texts`.
+def _logistic_regression(x: _Sparse | _Dense, labels: np.ndarray, num_labels: int, steps: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Weights [k, cols] and bias [k, 1] of multinomial logistic regression on rows of norm <= 1.
 
     Mean cross-entropy plus (l2 / 2) * |W|^2 with l2 = 1 / len(train) (scikit-learn's default strength, C=1;
     the bias is not penalised). With unit-norm rows and a bias feature of 1, the loss's gradient is
     (1 + l2)-Lipschitz (the softmax's Hessian is at most 1/2), so step 1 / (1 + l2) is safe without a search.
+    Nesterov-accelerated from zero: the same data always gives the same fit.
     """
-    vocab = vocabulary(train_texts)
-    train = _counts(train_texts, vocab)
-    n = len(train_texts)
-    df = np.bincount(train.cols, minlength=len(vocab))
-    idf = np.log((1 + n) / (1 + df)) + 1  # smoothed, as scikit-learn's TfidfVectorizer
-    x = _tfidf(train, idf)
-    y = np.eye(num_labels)[:, np.asarray(train_labels)]  # [class, example], like the logits
+    n = len(labels)
+    y = np.eye(num_labels)[:, np.asarray(labels)]  # [class, example], like the logits
     l2 = 1.0 / n
     step = 1.0 / (1.0 + l2)
-    w, b = np.zeros((num_labels, len(vocab))), np.zeros((num_labels, 1))
+    w, b = np.zeros((num_labels, x.shape[1])), np.zeros((num_labels, 1))
     w_prev, b_prev = w, b
     for t in range(1, steps + 1):
         momentum = (t - 1) / (t + 2)
@@ -130,15 +148,60 @@ def bag_of_words_predict(train_texts: Sequence[str], train_labels: np.ndarray, t
         w_prev, b_prev = w, b
         w = w_look - step * (x.tdot(error) + l2 * w_look)
         b = b_look - step * error.sum(axis=1, keepdims=True)
+    return w, b
+
+
+def bag_of_words_predict(train_texts: Sequence[str], train_labels: np.ndarray, texts: Sequence[Sequence[str]],
+                         num_labels: int, *, steps: int = STEPS) -> list[np.ndarray]:
+    """Fit the bag-of-words logistic regression on train; its predicted label ids for each list of `texts`."""
+    vocab = vocabulary(train_texts)
+    train = _counts(train_texts, vocab)
+    df = np.bincount(train.cols, minlength=len(vocab))
+    idf = np.log((1 + len(train_texts)) / (1 + df)) + 1  # smoothed, as scikit-learn's TfidfVectorizer
+    w, b = _logistic_regression(_tfidf(train, idf), train_labels, num_labels, steps)
     return [np.argmax(_tfidf(_counts(split, vocab), idf).dot(w) + b, axis=0) for split in texts]
 
 
-def task_references(splits: Splits, num_labels: int) -> list[dict[str, Any]]:
-    """The references' dev and test metrics: [{"reference": name, "dev": {...}, "test": {...}}, ...].
-    `splits` needs train, dev and test (see data.tasks.require_splits)."""
+def mean_embeddings(embeddings: np.ndarray, encode: Callable[[Sequence[str]], list[list[int]]]) -> Embed:
+    """texts -> the average row of `embeddings` ([vocab, d], a model's input embeddings) over each text's token
+    ids from `encode` (zeros for a text without tokens)."""
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), embeddings.shape[1]))
+        for i, ids in enumerate(encode(texts)):
+            if ids:
+                out[i] = embeddings[ids].mean(axis=0)
+        return out
+    return embed
+
+
+def static_vectors_predict(train_vectors: np.ndarray, train_labels: np.ndarray, vectors: Sequence[np.ndarray],
+                           num_labels: int, *, steps: int = STEPS) -> list[np.ndarray]:
+    """Fit logistic regression on averaged word vectors; its predicted label ids for each array of `vectors`.
+    Centred on the train mean (embedding tables share a large common direction) and scaled to unit rows."""
+    centre = train_vectors.mean(axis=0)
+
+    def rows(v: np.ndarray) -> _Dense:
+        v = v - centre
+        return _Dense(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12))
+    w, b = _logistic_regression(rows(train_vectors), train_labels, num_labels, steps)
+    return [np.argmax(rows(v).dot(w) + b, axis=0) for v in vectors]
+
+
+def task_references(splits: Splits, num_labels: int, embed: Embed | None = None) -> list[dict[str, Any]]:
+    """The references' dev and test metrics: [{"reference": name, "dev": {...}, "test": {...}}, ...], the static
+    word vectors' only with an `embed` (see `mean_embeddings`). `splits` needs train, dev and test (see
+    data.tasks.require_splits)."""
     (train_texts, train_labels), scored = splits["train"], ("dev", "test")
-    predicted = bag_of_words_predict(train_texts, train_labels, [splits[s][0] for s in scored], num_labels)
-    bag = {s: classification_metrics(np.asarray(splits[s][1]), p, num_labels)
-           for s, p in zip(scored, predicted, strict=True)}
-    return [{"reference": MAJORITY, **{s: majority_scores(train_labels, splits[s][1], num_labels) for s in scored}},
-            {"reference": BAG_OF_WORDS, **bag}]
+
+    def scores(predicted: list[np.ndarray]) -> dict[str, dict[str, float]]:
+        return {s: classification_metrics(np.asarray(splits[s][1]), p, num_labels)
+                for s, p in zip(scored, predicted, strict=True)}
+    references = [
+        {"reference": MAJORITY, **{s: majority_scores(train_labels, splits[s][1], num_labels) for s in scored}},
+        {"reference": BAG_OF_WORDS, **scores(bag_of_words_predict(train_texts, train_labels,
+                                                                  [splits[s][0] for s in scored], num_labels))}]
+    if embed is not None:
+        predicted = static_vectors_predict(embed(train_texts), train_labels, [embed(splits[s][0]) for s in scored],
+                                           num_labels)
+        references.append({"reference": STATIC_VECTORS, **scores(predicted)})
+    return references

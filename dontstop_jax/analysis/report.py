@@ -1,8 +1,8 @@
 """`dontstop analyze`: why a domain needs adaptation, as CSV tables, PNG figures and a Markdown summary.
 
 Sections (each drawn when its inputs are configured): vocabulary overlap of the corpora, MLM loss of each
-checkpoint on each corpus' held-out text, training curves of the pretraining phases, and the grid's results
-as a bar chart. A grid workdir contributes its finished pretraining phases (as checkpoints and curves) and
+checkpoint on each corpus' held-out text, training curves of the pretraining phases, the grid's results
+as a bar chart and, when it ran several train sizes, its learning curves. A grid workdir contributes its finished pretraining phases (as checkpoints and curves) and
 its results.json. Everything is written into a staging directory that replaces `out_dir` only when complete.
 """
 
@@ -87,6 +87,11 @@ def _write(out: files.Path, cfg: ConfigDict) -> list[str]:
         plots.results_bars(results, out / "results.png", dpi=cfg.dpi)
         summary += ["## Results", "", (files.path(cfg.grid_dir) / "results.md").read_text(encoding="utf-8"),
                     "![results](results.png)", ""]
+    curve = files.path(cfg.grid_dir) / "learning_curve.json" if cfg.grid_dir else None
+    if curve is not None and curve.is_file():
+        plots.learning_curves(curve, out / "learning_curve.png", dpi=cfg.dpi)
+        summary += ["## Learning curves", "", (curve.parent / "learning_curve.md").read_text(encoding="utf-8"),
+                    "![learning curves](learning_curve.png)", ""]
     if len(summary) == 2:
         raise UserError("nothing to analyze: configure corpora, mlm.checkpoints, curves or grid_dir")
     return summary

@@ -10,8 +10,10 @@ seeds is shown beside the score), `discarded: true` (a seed stopped early by Dod
 discarding: counted, but not part of the mean) and `dev_at_majority: true` (its best dev score was no higher
 than the majority class's: it may have learned nothing; the cell counts such seeds and shows ‡).
 
-Reference rows (analysis/reference.py: majority class, bag-of-words LR) come from reference records
-`{"task", "reference", "test": {...}}`: one deterministic test score per task, no std, no delta, never †.
+Reference rows (analysis/reference.py: majority class, bag-of-words LR, static word vectors LR) come from
+reference records `{"task", "reference", "test": {...}}`: one deterministic test score per task, no std, no
+delta, never †. On a learning curve's subsampled train sets a reference is fitted on each draw (records
+carrying `draw`): the row shows their mean.
 They sit below the variants so a reader sees at once whether a variant learned more than the labels' counts
 or the words alone give.
 
@@ -145,8 +147,10 @@ def _fraction(record: str, label: str, task: str, metrics: Mapping[str, Any], me
 
 def _reference_scores(references: Sequence[Record], metric_by_task: Mapping[str, str]
                       ) -> dict[tuple[str, str], float]:
-    """(reference, task) -> test score in the task's metric, checking each names a known reference and task."""
-    scores: dict[tuple[str, str], float] = {}
+    """(reference, task) -> test score in the task's metric, checking each names a known reference and task.
+    References fitted on several draws of a subsampled train set (records with distinct `draw`s) give their
+    mean."""
+    draws: dict[tuple[str, str], dict[Any, float]] = {}
     for i, ref in enumerate(references):
         missing = {"task", "reference", "test"} - set(ref)
         if missing:
@@ -156,10 +160,10 @@ def _reference_scores(references: Sequence[Record], metric_by_task: Mapping[str,
             raise UserError(f"reference record {i} is {name!r}, not one of {sorted(DESCRIPTIONS)}; "
                             "compute references with analysis/reference.py")
         value = _fraction(f"reference record {i}", f"{name} on {task}", task, ref["test"], metric_by_task)
-        if (name, task) in scores:
+        if ref.get("draw") in draws.setdefault((name, task), {}):
             raise UserError(f"{name} on {task} has two reference records; drop the duplicate")
-        scores[(name, task)] = value
-    return scores
+        draws[(name, task)][ref.get("draw")] = value
+    return {key: float(np.mean(list(values.values()))) for key, values in draws.items()}
 
 
 @dataclass(frozen=True)
@@ -240,7 +244,8 @@ class ResultsTable:
             legend += (" (k‡) = k seeds whose best dev score was no higher than the majority class's: they may have"
                        " learned nothing.")
         if self.reference_names:
-            legend += (" (reference) = no pretrained model, one deterministic score ("
+            legend += (" (reference) = no contextual model, one deterministic score per train set, averaged over the"
+                       " draws of a subsampled one ("
                        + "; ".join(f"{name} = {DESCRIPTIONS[name]}" for name in self.reference_names) + ").")
         return "\n".join(lines) + "\n\n" + legend + "\n"
 
@@ -274,17 +279,17 @@ class ResultsTable:
         if enabled:
             write_text(path, self._json_text())
 
-    def write_all(self, out_dir: str | os.PathLike[str], *, enabled: bool = True) -> None:
-        """results.md, results.csv and results.json, each atomically. In a multi-host job pass
+    def write_all(self, out_dir: str | os.PathLike[str], *, enabled: bool = True, stem: str = "results") -> None:
+        """STEM.md, STEM.csv and STEM.json (results.*), each atomically. In a multi-host job pass
         enabled=jax.process_index() == 0 (not checked here: that would claim the accelerator from a
         report script)."""
         if not enabled:
             return
         out = files.path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "results.md", self.to_markdown())
-        write_text(out / "results.csv", self._csv_text())
-        write_text(out / "results.json", self._json_text())
+        write_text(out / f"{stem}.md", self.to_markdown())
+        write_text(out / f"{stem}.csv", self._csv_text())
+        write_text(out / f"{stem}.json", self._json_text())
 
 
 def results_table(records: Sequence[Record], metric_by_task: Mapping[str, str],

@@ -94,6 +94,33 @@ def require_splits(task: Task, purpose: str) -> None:
             raise UserError(f"task {task.name} has no {split} split; {purpose} needs train, dev and test")
 
 
+def stratified_draw(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of `size` of `labels`, each class keeping its share (largest remainders, at least one
+    example each): a learning curve's small train sets stay comparable to the full one. Each class's examples
+    are taken in the order of one permutation drawn from rng(seed), so the same draw always comes back."""
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    if not len(classes) <= size <= len(labels):
+        raise UserError(f"a train size of {size} cannot keep all {len(classes)} classes of {len(labels)} train "
+                        f"examples; use a size between {len(classes)} and {len(labels)} (or 'all')")
+    share = size * counts / len(labels)
+    take = np.maximum(1, np.floor(share)).astype(int)
+    while take.sum() > size:  # the at-least-one rule overshot: take back from the most over-served class
+        take[np.argmax(np.where(take > 1, take - share, -np.inf))] -= 1
+    while take.sum() < size:  # hand out the rest by largest remainder
+        take[np.argmax(np.where(take < counts, share - take, -np.inf))] += 1
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:n]
+                                   for c, n in zip(classes, take, strict=True)]))
+
+
+def with_train_size(task: Task, size: int, seed: int) -> Task:
+    """The task with its train split cut to a stratified draw of `size` examples (see `stratified_draw`)."""
+    texts, labels = task.splits["train"]
+    keep = stratified_draw(labels, size, seed)
+    return dataclasses.replace(task, splits={**task.splits, "train": ([texts[i] for i in keep], labels[keep])})
+
+
 def task_unlabeled_texts(task: Task) -> list[str]:
     """Texts for task-adaptive pretraining: the train texts, plus unlabeled.jsonl when the task has one."""
     return [doc for source in task.tapt_sources for doc in iter_documents(source)]

@@ -81,7 +81,8 @@ def finetune_config() -> ConfigDict:
     """Paper protocol: lr 2e-5, batch 16, up to 10 epochs, patience 3 on dev, dropout 0.1, warm-up 6%."""
     cfg = _common(
         "finetune",
-        task=dict(path="", hf_dataset="", text_field="text", label_field="label"),
+        # train_size: fine-tune on a stratified draw of this many train examples (draw `seed`; 0 = all of train)
+        task=dict(path="", hf_dataset="", text_field="text", label_field="label", train_size=0),
         data=dict(max_seq_length=512),
         train=dict(batch_size=16, epochs=10, patience=3, metric="macro_f1", log_every=50, skip_nonfinite=False,
                    # Stability helpers: re-initialise the top k encoder layers (Zhang et al. 2021); layer-wise

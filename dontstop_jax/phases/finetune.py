@@ -26,7 +26,7 @@ from dontstop_jax.analysis import classification_metrics
 from dontstop_jax.analysis.metrics import check_metric
 from dontstop_jax.analysis.reference import at_majority_level, majority_scores
 from dontstop_jax.data import ClassificationBatches, load_task, load_tokenizer, tokenize_split
-from dontstop_jax.data.tasks import require_splits
+from dontstop_jax.data.tasks import require_splits, with_train_size
 from dontstop_jax.data.tokenizer import special_ids
 from dontstop_jax.engine import classification_loss_sums, compile_predict_step, to_global
 from dontstop_jax.engine.checkpoint import first_best
@@ -95,6 +95,8 @@ def _finetune(cfg: ConfigDict) -> dict:
     task = load_task(cfg.task.path or None, text_field=cfg.task.text_field, label_field=cfg.task.label_field,
                      hf_dataset=cfg.task.hf_dataset or None)
     require_splits(task, "fine-tuning")
+    if cfg.task.train_size:
+        task = with_train_size(task, cfg.task.train_size, cfg.seed)
     max_len = min(cfg.data.max_seq_length, source.config.max_seq_length)
     tokenizer = load_tokenizer(source.tokenizer_dir)
     batches = {s: ClassificationBatches(tokenize_split(task.splits[s][0], tokenizer, max_len), task.splits[s][1],
@@ -149,6 +151,7 @@ def _finetune(cfg: ConfigDict) -> dict:
             "phase": cfg.name, "workdir": files.absolute(cfg.workdir), "parent": source.parent,
             "metric": metric, "dev": history[best - 1], "test": test, "best_epoch": best,
             "epochs_run": len(history), "best_step": best_step, "label_names": task.label_names,
+            "train_examples": len(task.splits["train"][0]),
             "trainable_params": adaptation.count(params)[0], "seconds_per_epoch": _typical(progress["epoch_seconds"]),
             "early_dev": progress.get("early_dev"), "discarded": bool(progress.get("discarded")),
             "majority_dev": majority_dev,

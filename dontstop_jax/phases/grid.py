@@ -2,7 +2,9 @@
 
 Variants: baseline (fine-tune the base model), dapt (base -> domain MLM -> fine-tune), tapt (base ->
 task-text MLM -> fine-tune), dapt_tapt (dapt -> tapt -> fine-tune) and not_dapt (DAPT on an irrelevant
-domain, the paper's control). Every phase lives in a directory named by a fingerprint of its config and
+domain, the paper's control); on request transfer_tapt (the paper's Transfer-TAPT, Table 10: fine-tune task B
+from the TAPT phase of task A = `tasks.<B>.transfer_from`, another task of B's domain: that very phase,
+shared with A's own tapt row). Every phase lives in a directory named by a fingerprint of its config and
 of its parent's, so a phase that finished is reused (a domain's DAPT serves all tasks of that domain) and
 rerunning the grid only runs what is missing.
 
@@ -11,7 +13,14 @@ task text plus the k domain documents nearest each task example, see phases/sele
 dsir_tapt (as many documents as knn_tapt_50 kept, drawn at random / by DSIR: the paper's RAND-TAPT
 control samples 50 per task example).
 
-Each task also gets its reference scores (analysis/reference.py: majority class, bag-of-words LR; no model),
+Low-resource learning curves: `train_sizes` (default ["all"]) lists train-set sizes; each fine-tune of a
+numbered size trains on the stratified draw of its seed (finetune's task.train_size; TAPT still reads all of
+the task's text, which is unlabeled). Records of a numbered size carry `train_size`; every size gets its table
+(results-n<size>.md/.csv/.json; results.* is the largest size's) and learning_curve.json/.md the curves
+(analysis/curve.py; the plot: `dontstop analyze`).
+
+Each task also gets its reference scores (analysis/reference.py: majority class, bag-of-words LR, LR on the
+base model's averaged input embeddings; no contextual model), per train size and draw,
 kept in records.json beside the per-seed records, so the table can be rebuilt from that file alone. They are
 computed once per task and reused, like a phase, from GRID/references/ (fitting the bag-of-words model on
 180K sentences, RCT's size, takes about 1.5 minutes on 2 CPU cores). A record is flagged `dev_at_majority` by the rule
@@ -29,19 +38,23 @@ from ml_collections import ConfigDict
 
 from dontstop_jax import files
 from dontstop_jax import config_loader
-from dontstop_jax.analysis import reference, results_table
+from dontstop_jax.analysis import reference
+from dontstop_jax.analysis.curve import ALL, Size, by_size, learning_curves, size_order, write_learning_curves
 from dontstop_jax.analysis.metrics import check_metric
-from dontstop_jax.data import load_task
-from dontstop_jax.data.tasks import require_splits
+from dontstop_jax.data import load_task, load_tokenizer
+from dontstop_jax.data.tasks import require_splits, with_train_size
+from dontstop_jax.data.tokenizer import encode_plain
 from dontstop_jax.engine.peft import check_method
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.files import read_json, write_json
 from dontstop_jax.phases.pretrain import pretrain
 from dontstop_jax.phases.select import select, selected_corpus
+from dontstop_jax.train.source import resolve
 from dontstop_jax.train.workdir import fingerprint
 
-VARIANTS = ("baseline", "dapt", "tapt", "dapt_tapt", "not_dapt")
+VARIANTS = ("baseline", "dapt", "tapt", "dapt_tapt", "not_dapt")  # the paper's Table 5: a grid's default rows
+TRANSFER_TAPT = "transfer_tapt"  # needs tasks.<t>.transfer_from, so only on request
 # Selection variants: the `select` phase's method and k, or (rand/dsir) the variant whose size they match.
 SELECTION_VARIANTS = {"knn_tapt_50": dict(method="knn", k=50), "knn_tapt_150": dict(method="knn", k=150),
                       "knn_tapt_500": dict(method="knn", k=500),
@@ -75,10 +88,10 @@ class Grid:
     def __init__(self, cfg: ConfigDict):
         self.cfg = cfg
         self.root = files.path(cfg.workdir)
-        unknown = set(cfg.variants) - set(VARIANTS) - set(SELECTION_VARIANTS)
+        unknown = set(cfg.variants) - {*VARIANTS, TRANSFER_TAPT, *SELECTION_VARIANTS}
         if unknown:
             raise UserError(f"unknown variants {sorted(unknown)}; "
-                            f"choose from {list(VARIANTS) + list(SELECTION_VARIANTS)}")
+                            f"choose from {[*VARIANTS, TRANSFER_TAPT, *SELECTION_VARIANTS]}")
         if set(cfg.variants) & set(SELECTION_VARIANTS) and "select" not in cfg:
             raise UserError("selection variants need a `select` section in the grid config (see configs/grid.py)")
         for name, task in cfg.tasks.items():
@@ -86,6 +99,25 @@ class Grid:
             if task.domain not in cfg.domains:
                 raise UserError(f"task {name} names domain {task.domain!r}, which is not in grid.domains "
                                 f"{sorted(cfg.domains)}; add its corpus or fix the name")
+        for name, task in cfg.tasks.items():
+            if TRANSFER_TAPT in cfg.variants or task.get("transfer_from"):
+                self.transfer_source(name)
+        self._embeds: dict[str, reference.Embed] = {}
+
+    def transfer_source(self, task: str) -> str:
+        """Transfer-TAPT's task A for task B=`task`: tasks.<B>.transfer_from, another task of B's domain."""
+        spec, source = self.cfg.tasks[task], self.cfg.tasks[task].get("transfer_from") or ""
+        if source == task or source not in self.cfg.tasks or self.cfg.tasks[source].domain != spec.domain:
+            others = sorted(t for t, s in self.cfg.tasks.items() if s.domain == spec.domain and t != task)
+            raise UserError(f"tasks.{task}.transfer_from={source!r}: transfer_tapt needs another task of {task}'s "
+                            f"domain {spec.domain!r}; set it to one of {others}" if others else
+                            f"tasks.{task}.transfer_from={source!r}: transfer_tapt needs another task of {task}'s "
+                            f"domain {spec.domain!r}, and the grid has none; add one or drop transfer_tapt")
+        return source
+
+    def train_sizes(self) -> list[Size]:
+        """The grid's train sizes, smallest first ("all", the whole train split, is the only one by default)."""
+        return sorted(self.cfg.get("train_sizes") or [ALL], key=size_order)
 
     def base(self) -> str:
         return base_model(self.cfg, self.root)
@@ -131,6 +163,8 @@ class Grid:
             return self.tapt(self.dapt(base, domain), task)
         if variant in SELECTION_VARIANTS:
             return self.tapt(base, task, variant)
+        if variant == TRANSFER_TAPT:
+            return self.tapt(base, self.transfer_source(task))
         other = self.cfg.tasks[task].irrelevant_domain
         if other not in self.cfg.domains or other == domain:
             raise UserError(f"not_dapt for task {task} needs tasks.{task}.irrelevant_domain to name another "
@@ -179,59 +213,86 @@ class Grid:
         return {"train.discard_fraction": rule.fraction,
                 "train.discard_below": best[rule.keep - 1] if len(best) >= rule.keep else None}
 
-    def references(self, task: str) -> list[dict[str, Any]]:
-        """The task's reference records, {"task", "reference", "dev": metrics, "test": metrics} each: computed
-        once, then read from a file named by a fingerprint of the task's files and the references' settings."""
+    def static_vectors(self, base: str) -> reference.Embed:
+        """The base model's input embeddings averaged over a text's tokens (the static word vectors reference)."""
+        if base not in self._embeds:
+            source = resolve(base)
+            table = source.params["roberta"]["embeddings"]["word_embeddings"]["embedding"]
+            tokenizer = load_tokenizer(source.tokenizer_dir)
+            self._embeds[base] = reference.mean_embeddings(table, lambda texts: encode_plain(tokenizer, texts))
+        return self._embeds[base]
+
+    def references(self, task: str, base: str, size: Size = ALL, draw: int | None = None) -> list[dict[str, Any]]:
+        """The task's reference records, {"task", "reference", "train_examples", "dev": metrics, "test": metrics}
+        each (plus "train_size" and "draw" on the stratified draw `draw` of a numbered `size`): computed once,
+        then read from a file named by a fingerprint of the task's files, the base model, the train set and the
+        references' settings."""
         spec = self.cfg.tasks[task]
+        sized = {} if size == ALL else {"train_size": size, "draw": draw}
         key = {"path": spec.path, "text_field": spec.text_field, "label_field": spec.label_field,
-               "max_words": reference.MAX_WORDS, "steps": reference.STEPS}
+               "max_words": reference.MAX_WORDS, "steps": reference.STEPS, "base": base, **sized}
         path = self.root / "references" / f"{task}-{fingerprint(key)}.json"
         if path.exists():
             return read_json(path)["references"]
         data = load_task(spec.path, text_field=spec.text_field, label_field=spec.label_field)
         require_splits(data, "scoring the references")
-        references = [{"task": task, **ref} for ref in reference.task_references(data.splits, len(data.label_names))]
+        data = data if size == ALL else with_train_size(data, size, draw)
+        references = [{"task": task, **sized, "train_examples": len(data.splits["train"][0]), **ref}
+                      for ref in reference.task_references(data.splits, len(data.label_names),
+                                                           self.static_vectors(base))]
         if jax.process_index() == 0:
             write_json(path, {"references": references})
         return references
 
     def run(self) -> Any:
-        """Run what is missing; returns the results table (raw per-seed records in `self.records`)."""
+        """Run what is missing; returns the results table of the largest train size (raw per-seed records in
+        `self.records`)."""
         base = self.base()
         self.records = records = []
-        references = []
+        references, sizes = [], self.train_sizes()
         for task, spec in self.cfg.tasks.items():
-            task_refs = self.references(task)
-            references += task_refs
-            majority_dev = next(r for r in task_refs if r["reference"] == reference.MAJORITY)["dev"][spec.metric]
+            # (size, draw) -> the task's references; the majority class's dev score flags a fine-tune of that draw
+            task_refs = {(size, draw): self.references(task, base, size, draw)
+                         for size in sizes for draw in ([None] if size == ALL else self.cfg.seeds)}
+            references += [ref for refs in task_refs.values() for ref in refs]
+            majority_dev = {k: next(r for r in refs if r["reference"] == reference.MAJORITY)["dev"][spec.metric]
+                            for k, refs in task_refs.items()}
             for variant in self.cfg.variants:
                 init = self.start_point(variant, task, base)
                 per_task = {"task.path": spec.path, "train.metric": spec.metric, "task.text_field": spec.text_field,
                             "task.label_field": spec.label_field}
                 if spec.get("epochs"):
                     per_task["train.epochs"] = spec.epochs
-                for method in self.methods():
+                for size, method in ((size, method) for size in sizes for method in self.methods()):
                     label, early = variant if method == "full" else f"{variant}/{method}", []
+                    sized = {} if size == ALL else {"train_size": size}
                     for seed in self.cfg.seeds:
-                        phase = _phase(self.cfg.finetune, self.root / "finetune",
-                                       f"{task}-{label.replace('/', '-')}-s{seed}", init=init, seed=seed,
-                                       **{**per_task, **self.task_overrides(task, "finetune"),
+                        name = "-".join([task, label.replace("/", "-"), *([f"n{size}"] if sized else []), f"s{seed}"])
+                        phase = _phase(self.cfg.finetune, self.root / "finetune", name, init=init, seed=seed,
+                                       **{**per_task, "task.train_size": sized.get("train_size", 0),
+                                          **self.task_overrides(task, "finetune"),
                                           "peft.method": method, **self.method_overrides(method),
                                           **self.discard(early)})
                         result = finetune(phase)
                         if result.get("early_dev") is not None:
                             early.append(result["early_dev"])
-                        records.append({"task": task, "variant": label, "seed": seed, "metrics": result["test"],
-                                        "discarded": result.get("discarded", False),
+                        records.append({"task": task, "variant": label, **sized, "seed": seed,
+                                        "metrics": result["test"], "discarded": result.get("discarded", False),
                                         "dev_at_majority": reference.at_majority_level(
-                                            result["dev"][spec.metric], majority_dev),
+                                            result["dev"][spec.metric],
+                                            majority_dev[(size, None if size == ALL else seed)]),
                                         "extras": {
                                             k: result[k] for k in ("trainable_params", "seconds_per_epoch")
                                             if result.get(k) is not None}})
         order = [v if m == "full" else f"{v}/{m}" for v in self.cfg.variants for m in self.methods()]
-        table = results_table(records, {t: s.metric for t, s in self.cfg.tasks.items()}, variant_order=order,
-                              references=references)
+        metric_by_task = {t: s.metric for t, s in self.cfg.tasks.items()}
+        tables = by_size(records, references, metric_by_task, order, sizes)
         if jax.process_index() == 0:
-            table.write_all(self.root)
+            for size, table in tables.items():
+                if size != ALL:
+                    table.write_all(self.root, stem=f"results-n{size}")
+            tables[sizes[-1]].write_all(self.root)
+            if sizes != [ALL]:
+                write_learning_curves(self.root, learning_curves(records, references, metric_by_task, order))
             write_json(self.root / "records.json", {"records": records, "references": references})
-        return table
+        return tables[sizes[-1]]

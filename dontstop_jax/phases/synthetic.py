@@ -43,6 +43,7 @@ def get_config(scale: str = "default") -> ConfigDict:
     base_steps, dapt_steps, tapt_epochs, ft_epochs, seeds = SCHEDULES[scale]
     cfg = ConfigDict(dict(
         workdir=f"runs/synthetic-{scale}", base="", seeds=list(seeds), variants=list(VARIANTS),
+        train_sizes=["all"],  # learning curves: e.g. [16, 64, "all"] (see phases/grid.py)
         # methods: e.g. ["full", "frozen", "bitfit", "houlsby", "pfeiffer", "lora"] (empty: finetune.peft.method);
         # method_overrides: fine-tuning fields per method, e.g. {"lora": {"optim": {"learning_rate": 1e-3}}};
         # seed_discard: Dodge et al. early discarding (fraction 0 = off), see phases/grid.py.

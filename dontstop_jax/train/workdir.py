@@ -40,9 +40,9 @@ PREPARED = "prepared"  # the default prepared-data cache of a phase (data.cache_
 # (same math) and where caches live.
 RUNTIME_ONLY = ("name", "workdir", "train.log_every", "checkpoint", "mesh", "model.remat", "data.cache_dir",
                 "checkpoint_every")
-# Fields added after phases were recorded, with the value that does what older versions did: at that value they
-# are left out of a phase's result fields, so older workdirs still resume and a grid's fingerprints still match.
-ADDED_FIELDS = {"data.attend_across_documents": True}
+# Fields added after phases were recorded, at the value that does what phases did before them: left out of the
+# fingerprint and the drift check at that value, so a phase finished before the field existed is still reused.
+NEUTRAL = {"task.train_size": 0, "data.attend_across_documents": True}
 RENEW_SECONDS, LEASE_SECONDS = 60, 600
 
 
@@ -60,7 +60,7 @@ def result_fields(config: ConfigDict | dict) -> dict[str, Any]:
     """{dotted field: value} of everything in `config` that shapes a phase's result (JSON-normalised)."""
     tree = json.loads(config.to_json_best_effort()) if isinstance(config, ConfigDict) else config
     return {k: v for k, v in _flatten(tree).items()
-            if not _runtime_only(k) and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
+            if not _runtime_only(k) and not (k in NEUTRAL and NEUTRAL[k] == v)}
 
 
 def fingerprint(config: ConfigDict | dict) -> str:
