@@ -181,7 +181,8 @@ def compile_train_step(step: Callable, state_shardings: Any, mesh: Mesh, rules: 
                      out_shardings=(state_shardings, NamedSharding(mesh, P())),
                      donate_argnums=(0,) if donate else ())
     call = _under_mesh(jitted, mesh, rules)
-    return call if fixed is None else functools.wraps(call)(lambda state, batch: call(state, batch, fixed))
+    # (`.__wrapped__` stays the jitted function: it takes the arrays as its third argument)
+    return call if fixed is None else functools.wraps(jitted)(lambda state, batch: call(state, batch, fixed))
 
 
 def compile_eval_step(step: Callable, param_shardings: Any, mesh: Mesh, rules: Rules) -> Callable:
