@@ -17,6 +17,7 @@ from dontstop_jax.analysis.metrics import METRICS
 from dontstop_jax.engine.peft import METHODS as PEFT_METHODS
 from dontstop_jax.errors import UserError
 from dontstop_jax.model.config import REMAT_POLICIES
+from dontstop_jax.phases.defaults import OBJECTIVES
 from dontstop_jax.phases.select import METHODS as SELECT_METHODS
 
 Rule = tuple[Callable[[Any], bool], str]
@@ -48,7 +49,13 @@ RULES: dict[str, Rule] = {
     "peft.method": _one_of(PEFT_METHODS),
     "model.dtype": _one_of(("float32", "bfloat16", "float16")),
     "model.remat": _one_of(REMAT_POLICIES),
-    "objective": _one_of(("mlm", "das")),
+    "objective": _one_of(OBJECTIVES),
+    "das.contrast": _one_of(("all", "past")),
+    "ewc.lam": ((lambda v: v >= 0), "must be >= 0"),
+    "derpp.buffer_size": _AT_LEAST_1,
+    "derpp.alpha": ((lambda v: v >= 0), "must be >= 0"),
+    "derpp.beta": ((lambda v: v >= 0), "must be >= 0"),
+    "derpp.batch_size": ((lambda v: v is None or v > 0), "must be > 0 (or None: as many rows as the micro-batch)"),
     "method": _one_of(SELECT_METHODS),  # a select config's, or a grid's select.method
     "k": _POSITIVE,
     "chunk_size": _POSITIVE,

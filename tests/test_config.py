@@ -70,7 +70,8 @@ def test_continual_stages_set_the_declared_das_fields():
     cfg.domains = {d: [f"{d}.txt"] for d in cfg.sequence}
     cfg.frozen = ["lm_head"]
     continual = Continual(config_loader.lock(cfg))
-    das, ncl = continual._adapt_phase("das", "base", "bio", das=cfg.das), continual._adapt_phase("dapt", "base", "bio")
+    das = continual._adapt_phase("das", "base", "bio", objective="das", das=cfg.das)
+    ncl = continual._adapt_phase("dapt", "base", "bio")
     assert (das.objective, ncl.objective) == ("das", "mlm")
     assert list(das.frozen) == list(ncl.frozen) == ["lm_head"] and list(das.data.sources) == ["bio.txt"]
     assert das.das.importance_batches == cfg.das.importance_batches == 4  # the continual config's, not the default
@@ -117,7 +118,7 @@ def test_a_dict_replaces_a_map_but_not_a_section():
     ("dapt.py:biomed", "optim.warmup_fraction=1", "optim.warmup_fraction=1.0 must be in [0, 1)"),
     ("dapt.py:biomed", "data.mask_prob=0", "data.mask_prob=0.0 must be in (0, 1)"),
     ("dapt.py:biomed", "data.max_seq_length=0", "data.max_seq_length=0 must be > 0"),
-    ("dapt.py:biomed", "objective=elmo", "objective='elmo' must be one of mlm, das"),
+    ("dapt.py:biomed", "objective=elmo", "objective='elmo' must be one of mlm, das, ewc, derpp"),
     ("finetune.py:rct", "train.patience=0", "train.patience=0 must be >= 1"),
     ("finetune.py:rct", "train.metric=f1", "train.metric='f1' must be one of accuracy, macro_f1, micro_f1"),
     ("finetune.py:rct", "peft.method=prefix",

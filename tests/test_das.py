@@ -116,7 +116,7 @@ def run_das(mesh, past, steps=2):
     tx, _ = make_optimizer(default_optim_config(), total_steps=10)
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=0)
     initial = jax.device_get(state.params)
-    loss_sums, hooks = contrastive.das_objective(past, weight=0.5, temperature=0.05)(model, state.params)
+    loss_sums, hooks = contrastive.das_objective(past, past, weight=0.5, temperature=0.05)(model, state.params)
     step = compile_train_step(make_train_step(loss_sums, tx, **hooks), shardings, mesh, DEFAULT_RULES)
     losses = []
     for i in range(steps):

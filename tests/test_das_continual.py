@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dontstop_jax.analysis.continual import forgetting
+from dontstop_jax.analysis.continual import backward_transfer, forgetting
 from dontstop_jax.phases.continual import Continual, synthetic_config
 from dontstop_jax.phases.synthetic import materialize
 
@@ -62,10 +62,14 @@ def test_cli_writes_the_continual_table(recipe):
             first = stages.index(task.split("_")[0])  # a task is scored from the stage of its domain on
             assert all((s is None) == (i < first) for i, s in enumerate(curve)), (method, task, curve)
         assert result["forgetting"][method] == pytest.approx(forgetting(per_task))
+        assert result["bwt"][method] == pytest.approx(backward_transfer(per_task))
         assert result["average"][method][-1] == pytest.approx(np.mean([c[-1] for c in per_task.values()]))
     scores = result["scores"]
     assert all(len(set(c[i] for i in range(stages.index(t.split("_")[0]), 3))) == 1
                for t, c in scores["base"].items())  # the base model does not change between stages
     assert scores["one"]["bio_topic"][0] == scores["ncl"]["bio_topic"][0]  # the same first-stage model
     assert result["forgetting"]["one"] == 0.0  # each domain keeps its own model
+    # Forward transfer: a task's domain's stage starts from the base for `one` and `base` (the same fine-tunes).
+    assert result["fwt"]["one"] == result["fwt"]["base"] == 0.0
+    assert set(result["before"]["ncl"]) == set(tasks) and result["before"]["ncl"]["bio_topic"] is None
     assert "| das | 3: news |" in out.stdout

@@ -1,18 +1,23 @@
-"""The continual-learning table: per-task scores after each stage, their average, and forgetting.
+"""The continual-learning table: per-task scores after each stage, their average, forgetting and transfer.
 
 Forgetting (as in the continual-learning literature, e.g. Chaudhry et al. 2018 and DAS's tables): for every
 task learned before the last stage, the best score it had at an earlier stage minus its final score,
 averaged over those tasks. Higher = more forgotten; the last stage's task cannot be forgotten yet.
+Backward transfer (BWT, Lopez-Paz & Ranzato 2017): for the same tasks, final score minus the score right
+after its domain's stage (negative = forgetting). Forward transfer (FWT): for every task whose domain is not
+the first, its score from the model before its domain's stage (after the previous domains) minus its score
+from the base model: what the earlier domains gave it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 
-# {"method", "stage" (index), "task", "seed", "score"}
+# {"method", "stage" (index), "task", "seed", "score", "when"}; when: "after" (the stage learned the task's
+# domain or an earlier one: the table), "before" (the task's domain is the next stage's) or "base" (the base model)
 Record = Mapping[str, object]
 
 
@@ -23,21 +28,48 @@ def forgetting(curve: Mapping[str, Sequence[float | None]]) -> float | None:
     return float(np.mean(drops)) if drops else None
 
 
+def backward_transfer(curve: Mapping[str, Sequence[float | None]]) -> float | None:
+    """Mean over tasks learned before the last stage of final score - score at the stage that learned it."""
+    changes = [scores[-1] - next(s for s in scores if s is not None)
+               for scores in curve.values() if any(s is not None for s in scores[:-1])]
+    return float(np.mean(changes)) if changes else None
+
+
+def forward_transfer(before: Mapping[str, float | None], base: Mapping[str, float | None]) -> float | None:
+    """Mean over tasks with a score before their domain's stage of that score - the base model's."""
+    gains = [score - base[t] for t, score in before.items() if score is not None and base.get(t) is not None]
+    return float(np.mean(gains)) if gains else None
+
+
+def _mean_scores(records: Sequence[Record], when: str) -> dict[tuple, float]:
+    """(method, task, stage) -> the seeds' mean score of the records taken `when`."""
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+        if r.get("when", "after") == when:
+            groups.setdefault((r["method"], r["task"], r["stage"]), []).append(r["score"])
+    return {key: float(np.mean(v)) for key, v in groups.items()}
+
+
 @dataclass(frozen=True)
 class ContinualTable:
     methods: tuple[str, ...]
     stages: tuple[str, ...]  # the domain learned at each stage
     tasks: tuple[str, ...]
     scores: Mapping[str, Mapping[str, list[float | None]]]  # method -> task -> score after each stage (seed mean)
+    before: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)  # method -> task -> before its domain
+    base: Mapping[str, float | None] = field(default_factory=dict)  # task -> the base model's score
 
     @classmethod
     def from_records(cls, records: Sequence[Record], methods: Sequence[str], stages: Sequence[str],
                      tasks: Sequence[str]) -> "ContinualTable":
         scores = {m: {t: [None] * len(stages) for t in tasks} for m in methods}
-        for (m, t, s) in {(r["method"], r["task"], r["stage"]) for r in records}:
-            scores[m][t][s] = float(np.mean([r["score"] for r in records
-                                             if (r["method"], r["task"], r["stage"]) == (m, t, s)]))
-        return cls(tuple(methods), tuple(stages), tuple(tasks), scores)
+        for (m, t, s), score in _mean_scores(records, "after").items():
+            scores[m][t][s] = score
+        before = {m: {t: None for t in tasks} for m in methods}
+        for (m, t, _), score in _mean_scores(records, "before").items():
+            before[m][t] = score
+        base = {t: score for (_, t, _), score in _mean_scores(records, "base").items()}
+        return cls(tuple(methods), tuple(stages), tuple(tasks), scores, before, base)
 
     def average(self, method: str, stage: int) -> float | None:
         seen = [c[stage] for c in self.scores[method].values() if c[stage] is not None]
@@ -45,6 +77,12 @@ class ContinualTable:
 
     def forgetting(self, method: str) -> float | None:
         return forgetting(self.scores[method])
+
+    def backward_transfer(self, method: str) -> float | None:
+        return backward_transfer(self.scores[method])
+
+    def forward_transfer(self, method: str) -> float | None:
+        return forward_transfer(self.before.get(method, {}), self.base)
 
     def to_markdown(self) -> str:
         fmt = lambda x: "" if x is None else f"{100 * x:.1f}"
@@ -54,12 +92,15 @@ class ContinualTable:
             for i, domain in enumerate(self.stages):
                 row = [m, f"{i + 1}: {domain}"] + [fmt(self.scores[m][t][i]) for t in self.tasks]
                 lines.append("| " + " | ".join(row + [fmt(self.average(m, i))]) + " |")
-        lines += ["", "| method | final avg | forgetting |", "|---|---|---|"]
-        lines += [f"| {m} | {fmt(self.average(m, len(self.stages) - 1))} | {fmt(self.forgetting(m))} |"
-                  for m in self.methods]
+        lines += ["", "| method | final avg | forgetting | BWT | FWT |", "|---|---|---|---|---|"]
+        lines += [f"| {m} | {fmt(self.average(m, len(self.stages) - 1))} | {fmt(self.forgetting(m))} | "
+                  f"{fmt(self.backward_transfer(m))} | {fmt(self.forward_transfer(m))} |" for m in self.methods]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict:
         return {"stages": list(self.stages), "tasks": list(self.tasks), "scores": self.scores,
                 "average": {m: [self.average(m, i) for i in range(len(self.stages))] for m in self.methods},
-                "forgetting": {m: self.forgetting(m) for m in self.methods}}
+                "forgetting": {m: self.forgetting(m) for m in self.methods},
+                "bwt": {m: self.backward_transfer(m) for m in self.methods},
+                "fwt": {m: self.forward_transfer(m) for m in self.methods},
+                "before": self.before, "base": self.base}

@@ -55,15 +55,22 @@ def das_loss_sums(model: nn.Module, past: Importance, weight: float, temperature
     return loss
 
 
-def das_objective(past: Importance, weight: float, temperature: float) -> Callable[[nn.Module, Any], tuple]:
-    """The `pretrain(objective=...)` hook: DAS loss; gradients soft-masked by the accumulated importance.
+def das_objective(mask: Importance | None, contrast: Importance | None, weight: float,
+                  temperature: float) -> Callable[[nn.Module, Any], tuple]:
+    """The `pretrain(objective=...)` hook: DAS loss; gradients soft-masked by the accumulated importance `mask`.
+    `contrast` gates the past-knowledge network of the integration loss (usually `mask`; DAS's ablations
+    contrast with past domains only, or not at all: None or weight 0 leaves plain MLM). No `mask`: no masking.
 
     The mask scales the gradient (as in the paper: it also shrinks the unit's share of global-norm clipping)
     and again the optimizer's update: Adam divides each gradient by its running RMS, so a constant scale on
     the gradient alone would leave the unit's steps almost unchanged.
     """
     def build(model: nn.Module, params: Any):
-        masks = softmask.shard_masks(softmask.unit_masks(past, params), params)
+        loss = (mlm_loss_sums(model) if contrast is None or not weight
+                else das_loss_sums(model, contrast, weight, temperature))
+        if mask is None:
+            return loss, {}
+        masks = softmask.shard_masks(softmask.unit_masks(mask, params), params)
         scale = lambda tree: softmask.apply(tree, masks)
-        return das_loss_sums(model, past, weight, temperature), {"grad_transform": scale, "update_transform": scale}
+        return loss, {"grad_transform": scale, "update_transform": scale}
     return build

@@ -93,6 +93,13 @@ def accumulate(past: Importance | None, new: Importance) -> Importance:
     return dict(new) if past is None else {k: np.maximum(past[k], new[k]) for k in UNITS}
 
 
+def shuffled(importance: Importance, seed: int) -> Importance:
+    """DAS's random-importance ablation: each layer's values permuted over its units (seeded), so protection
+    has the measured sparsity and distribution but falls on arbitrary units."""
+    rng = np.random.default_rng(seed)
+    return {k: rng.permuted(importance[k], axis=1) for k in UNITS}
+
+
 def save(path: str | os.PathLike, importance: Importance) -> None:
     with publishing(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **importance)

@@ -6,6 +6,7 @@ one batch of k times the size: grads and weights are summed over micro-batches a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -25,6 +26,15 @@ Hooks = dict[str, Callable[[Any], Any]]
 HOOK_NAMES = ("grad_transform", "update_transform")
 # loss_sums(params, batch, dropout_rng, deterministic) -> (weighted loss sum, {"weight": ..., "correct": ...})
 LossSums = Callable[[Any, Batch, jax.Array, bool], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixed:
+    """A loss over arrays held fixed for a whole phase (EWC's anchor and Fisher, DER++'s replay buffer). They
+    reach the compiled step as an argument, placed once: an array a jitted function closes over is baked into
+    the program as a constant (here a full copy of the parameters in the HLO)."""
+    loss: Callable[[Any], LossSums]  # arrays -> the loss that reads them
+    arrays: Any  # a tree of placed jax arrays
 
 
 def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -88,7 +98,7 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
     return jax.tree_util.tree_map(split, batch)
 
 
-def make_train_step(loss_sums: LossSums, tx: optax.GradientTransformation, *, accum_steps: int = 1, schedule: optax.Schedule | None = None,
+def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformation, *, accum_steps: int = 1, schedule: optax.Schedule | None = None,
                     grad_transform: Callable[[Any], Any] | None = None,
                     update_transform: Callable[[Any], Any] | None = None,
                     skip_nonfinite: bool = False) -> Callable[[TrainState, Batch], tuple]:
@@ -97,12 +107,14 @@ def make_train_step(loss_sums: LossSums, tx: optax.GradientTransformation, *, ac
     (layer-wise learning rates; DAS again, since Adam normalises away a constant gradient scale). Several
     sources of hooks combine with `chain_hooks`.
 
+    A `Fixed` loss makes the step (state, batch, arrays); `compile_train_step(..., fixed=its arrays)` binds them.
+
     `skip_nonfinite`: a step whose loss or gradient norm is not finite keeps the old parameters and optimizer
     state (one bad batch need not end a long run) and reports `skipped` = 1; the step counter still advances.
     """
-    grad_fn = jax.value_and_grad(lambda p, b, r: loss_sums(p, b, r, False), has_aux=True)
-
-    def step(state: TrainState, batch: Batch):
+    def step(state: TrainState, batch: Batch, *fixed: Any):
+        loss = loss_sums.loss(*fixed) if isinstance(loss_sums, Fixed) else loss_sums
+        grad_fn = jax.value_and_grad(lambda p, b, r: loss(p, b, r, False), has_aux=True)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if accum_steps == 1:
             (loss_sum, aux), grads = grad_fn(state.params, batch, rng)
@@ -160,13 +172,17 @@ def _under_mesh(jitted: Callable, mesh: Mesh, rules: Rules) -> Callable:
 
 
 def compile_train_step(step: Callable, state_shardings: Any, mesh: Mesh, rules: Rules, *,
-                       donate: bool = True) -> Callable:
+                       donate: bool = True, fixed: Any = None) -> Callable:
     """jit with explicit shardings; the old state's buffers are donated to the new one (one copy of the
-    parameters and optimizer state in device memory instead of two; `donate=False` only for comparisons)."""
-    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
+    parameters and optimizer state in device memory instead of two; `donate=False` only for comparisons).
+    `fixed`: a `Fixed` loss's arrays, passed to every call (sharded as they were placed)."""
+    extra = () if fixed is None else (jax.tree_util.tree_map(lambda x: x.sharding, fixed),)
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)) + extra,
                      out_shardings=(state_shardings, NamedSharding(mesh, P())),
                      donate_argnums=(0,) if donate else ())
-    return _under_mesh(jitted, mesh, rules)
+    call = _under_mesh(jitted, mesh, rules)
+    # (`.__wrapped__` stays the jitted function: it takes the arrays as its third argument)
+    return call if fixed is None else functools.wraps(jitted)(lambda state, batch: call(state, batch, fixed))
 
 
 def compile_eval_step(step: Callable, param_shardings: Any, mesh: Mesh, rules: Rules) -> Callable:

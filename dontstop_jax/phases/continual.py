@@ -1,19 +1,28 @@
 """Continual DAP-training: one model adapted to a sequence of domains, every seen end task scored after each.
 
-Methods, in one table: `das` (Ke et al. 2023: soft-masked gradients + contrastive integration), `ncl`
-(plain sequential DAPT, the naive continual learner), `one` (an independent DAPT per domain from the base:
-no forgetting by construction, but one model per domain) and `base` (no adaptation).
+Methods (`METHODS`): `das` (Ke et al. 2023: soft-masked gradients + contrastive integration) and its
+ablations; the continual-learning baselines `ewc` (Fisher-weighted penalty, das/ewc.py) and `derpp` (replay
+of past domains' text with their logits, das/replay.py); `ncl` (plain sequential DAPT, the naive continual
+learner); `one` and `adapter_one` (an independent full / adapter DAPT per domain from the base: no
+forgetting by construction, one model per domain) and `base` (no adaptation). A method is a stage kind
+plus the phase fields it sets; its objective and the state that carries from stage to stage (importance,
+Fisher, replay buffer) are built here, the training loop is always `pretrain`.
 
 DAS stage t: the accumulated importance of the earlier stages (stage 1: general knowledge, measured on the
 base model with the KL proxy on domain 1's text) soft-masks training on domain t; afterwards the domain's
-own importance (MLM loss) is max-accumulated and saved as `importance.npz` in the stage's workdir, which the
-next stage reads. Phases are fingerprinted and reused as in the grid.
+own importance (MLM loss) is max-accumulated and saved as `importance.npz` in the stage's workdir (and,
+without the general knowledge, as `domain_importance.npz`), which the next stage reads. EWC and DER++
+measure their state from the earlier stages' models when a stage trains. Phases are fingerprinted and
+reused as in the grid (a regularised method's first stage, with nothing to regularise, is `ncl`'s).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import itertools
+import math
 from typing import Any
 
 import jax
@@ -21,11 +30,13 @@ import numpy as np
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from dontstop_jax import files
+from dontstop_jax import config_loader, files
 from dontstop_jax.analysis.continual import ContinualTable
 from dontstop_jax.analysis.metrics import check_metric
-from dontstop_jax.das import importance
+from dontstop_jax.das import ewc, importance, replay
 from dontstop_jax.das.contrastive import das_objective
+from dontstop_jax.das.ewc import ewc_objective
+from dontstop_jax.das.replay import derpp_objective
 from dontstop_jax.distributed import on_first_process
 from dontstop_jax.data import MLMLoader, load_tokenizer, special_ids
 from dontstop_jax.engine import (check_batch_size, compile_eval_step, make_eval_step, make_mesh, mlm_loss_sums,
@@ -33,16 +44,40 @@ from dontstop_jax.engine import (check_batch_size, compile_eval_step, make_eval_
 from dontstop_jax.errors import UserError
 from dontstop_jax.files import write_json, write_text
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM
-from dontstop_jax.phases.defaults import das_config
+from dontstop_jax.phases.defaults import das_config, derpp_config, ewc_config
 from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.phases.grid import _phase, base_model
 from dontstop_jax.phases.pretrain import mlm, prepare, pretrain
 from dontstop_jax.train import source as sources
-from dontstop_jax.train.trainer import Objective
 
-METHODS = ("das", "ncl", "one", "base")
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """How a method's stages run. kind: "sequential" (each stage starts from the previous one), "independent"
+    (each from the base) or "base" (no adaptation); objective: a stage's loss (a pretraining OBJECTIVE);
+    fields: what it changes in the continual config's sections (`das`, `dapt`) for its stages."""
+    kind: str
+    objective: str = "mlm"
+    fields: tuple[tuple[str, Any], ...] = ()
+
+
+METHODS: dict[str, Method] = {
+    "das": Method("sequential", "das"),
+    "ewc": Method("sequential", "ewc"),
+    "derpp": Method("sequential", "derpp"),
+    "das_no_general": Method("sequential", "das", (("das.general", False),)),
+    "das_no_contrast": Method("sequential", "das", (("das.contrastive_weight", 0.0),)),
+    "das_past_contrast": Method("sequential", "das", (("das.contrast", "past"),)),
+    "das_random": Method("sequential", "das", (("das.random", True),)),
+    "ncl": Method("sequential"),
+    "one": Method("independent"),
+    # Houlsby adapters, as in DAS's Adapter-ONE baseline (an adapter per domain on a frozen base)
+    "adapter_one": Method("independent", fields=(("dapt.peft.method", "houlsby"),)),
+    "base": Method("base"),
+}
 GENERAL = "general_importance.npz"  # in the first DAS stage's workdir: what the base model knows
 ACCUMULATED = "importance.npz"  # in every DAS stage's workdir: max over general and domains so far
+DOMAINS = "domain_importance.npz"  # ... max over the domains so far only (what `das.contrast="past"` gates)
 
 
 @dataclasses.dataclass
@@ -57,14 +92,19 @@ class _Loaded:
     rules: tuple
 
 
+def _like(tree: Any, params: Any) -> Any:
+    """`tree` (shaped like `params`) placed with `params`'s shardings: what the train step expects."""
+    return jax.tree_util.tree_map(lambda x, p: jax.device_put(x, p.sharding), tree, params)
+
+
 class Continual:
     """Plans and runs a continual recipe (see configs/continual.py)."""
 
     def __init__(self, cfg: ConfigDict):
         self.cfg = cfg
         self.root = files.path(cfg.workdir)
-        if unknown := set(cfg.methods) - set(METHODS):
-            raise UserError(f"unknown continual methods {sorted(unknown)}; choose from {list(METHODS)}")
+        if unknown := [m for m in cfg.methods if m not in METHODS]:
+            raise UserError(f"unknown continual methods {unknown}; choose from {list(METHODS)}")
         if missing := [d for d in cfg.sequence if d not in cfg.domains]:
             raise UserError(f"sequence names domains {missing} that are not in domains {sorted(cfg.domains)}")
         for name, task in cfg.tasks.items():
@@ -76,29 +116,63 @@ class Continual:
     def base(self) -> str:
         return base_model(self.cfg, self.root)
 
-    def _adapt_phase(self, label: str, parent: str, domain: str, **fields) -> ConfigDict:
-        """The dapt phase on `domain` from `parent`. `frozen` (held fixed by the Trainer) and, for a DAS stage,
-        which passes `das=`, the objective are set on it so that the fingerprint tells them."""
-        if "das" in fields:
-            fields["objective"] = "das"
-        return _phase(self.cfg.dapt, self.root / "pretrain", f"{label}-{domain}", init=parent,
+    def sections(self, method: str) -> ConfigDict:
+        """The recipe's `das` and `dapt` sections with `method`'s fields set (e.g. a DAS ablation's)."""
+        sections = ConfigDict({"das": copy.deepcopy(self.cfg.das), "dapt": copy.deepcopy(self.cfg.dapt)})
+        return config_loader.set_fields(sections, dict(METHODS[method].fields), context=f"method {method}: ")
+
+    def _adapt_phase(self, label: str, parent: str, domain: str, template: ConfigDict | None = None,
+                     **fields) -> ConfigDict:
+        """The dapt phase (or `template`) on `domain` from `parent`. `frozen` (held fixed by the Trainer) and a
+        stage's objective and its section (`das=`, `ewc=`, ...) are set on it so that the fingerprint tells them."""
+        return _phase(template or self.cfg.dapt, self.root / "pretrain", f"{label}-{domain}", init=parent,
                       frozen=list(self.cfg.frozen), **{"data.sources": list(self.cfg.domains[domain])}, **fields)
 
-    def _objective(self, past: importance.Importance | None) -> Objective:
-        """DAS's objective when `past` is given, else plain MLM (`frozen` is held fixed by the Trainer)."""
-        return mlm if past is None else das_objective(past, self.cfg.das.contrastive_weight, self.cfg.das.temperature)
-
-    def das_stage(self, parent: str, domain: str, first: bool) -> str:
-        """Train on `domain` under the importance accumulated so far; then add this domain's importance."""
-        phase = self._adapt_phase("das", parent, domain, das=self.cfg.das)
+    def das_stage(self, parent: str, domain: str, index: int, das: ConfigDict) -> str:
+        """Train on `domain` under the importance accumulated so far; then add this domain's importance.
+        `das` (the recipe's, or an ablation's): with `general`, stage 1 protects the base model's general
+        knowledge; `contrast` "past" gates the contrastive negative with the domains' importance only;
+        `random` permutes every measured importance within its layer."""
+        phase = self._adapt_phase("das", parent, domain, objective="das", das=das)
         workdir = files.path(phase.workdir)
-        if first:
-            past = self._importance_file(workdir / GENERAL, lambda: self.importance(parent, phase, "kl"))
+        shuffle = ((lambda imp, k: importance.shuffled(imp, (phase.seed, index, k))) if das.random
+                   else (lambda imp, k: imp))
+        if index > 0:
+            past, domains = (importance.load(files.path(parent) / name) for name in (ACCUMULATED, DOMAINS))
         else:
-            past = importance.load(files.path(parent) / ACCUMULATED)
-        pretrain(phase, objective=self._objective(past))
-        self._importance_file(workdir / ACCUMULATED, lambda: importance.accumulate(
-            past, self.importance(phase.workdir, phase, "mlm")))
+            domains = None
+            past = self._importance_file(workdir / GENERAL, lambda: shuffle(self.importance(parent, phase, "kl"), 0)) \
+                if das.general else None
+        contrast = past if das.contrast == "all" else domains
+        pretrain(phase, objective=das_objective(past, contrast, das.contrastive_weight, das.temperature))
+        own = functools.cache(lambda: shuffle(self.importance(phase.workdir, phase, "mlm"), 1))
+        self._importance_file(workdir / DOMAINS, lambda: importance.accumulate(domains, own()))
+        self._importance_file(workdir / ACCUMULATED, lambda: importance.accumulate(past, own()))
+        return phase.workdir
+
+    def regularised_stage(self, objective: str, parent: str, domain: str, earlier: list[str],
+                          earlier_domains: list[str], das: ConfigDict) -> str:
+        """An EWC or DER++ stage on `domain` from `parent`: its penalty or replay buffer is measured from the
+        `earlier` stages' models on their domains' text (das.importance_batches batches), when it trains."""
+        section = self.cfg[objective]
+        phase = self._adapt_phase(objective, parent, domain, objective=objective, das=das, **{objective: section})
+        models = lambda: ((self._load(m, phase), self._adapt_phase("probe", m, d)) for m, d in zip(earlier, earlier_domains))
+        if objective == "ewc":
+            def past(params):
+                fishers = [ewc.fisher(m.model, m.params, self._sample(m, probe, phase.seed), m.mesh, m.rules)
+                           for m, probe in models()]
+                return _like(self._load(parent, phase).params, params), _like(ewc.mean(fishers), params)
+            pretrain(phase, objective=ewc_objective(past, section.lam))
+            return phase.workdir
+        if section.batch_size is not None:
+            check_batch_size(section.batch_size, make_mesh(phase.mesh.shape, dcn_shape=phase.mesh.dcn_shape),
+                             "derpp.batch_size")
+        batches = math.ceil(section.buffer_size / das.importance_batch_size)
+
+        def buffer(params):
+            return replay.fill([replay.record(m.model, m.params, self._sample(m, probe, phase.seed, batches), m.mesh,
+                                              m.rules) for m, probe in models()], section.buffer_size)
+        pretrain(phase, objective=derpp_objective(buffer, section.alpha, section.beta, section.batch_size))
         return phase.workdir
 
     @staticmethod
@@ -117,22 +191,27 @@ class Continual:
 
     def stages(self, method: str, base: str) -> list[str]:
         """The model (a workdir) after each stage of the sequence."""
-        if method == "base":
-            return [base] * len(self.cfg.sequence)
-        if method == "one":
-            return [self._dapt(base, d) for d in self.cfg.sequence]
-        models, parent = [], base
-        for i, domain in enumerate(self.cfg.sequence):
-            if method == "ncl":
-                parent = self._dapt(parent, domain)
+        spec, sections, seq = METHODS[method], self.sections(method), list(self.cfg.sequence)
+        if spec.kind == "base":
+            return [base] * len(seq)
+        label = "adapter" if sections.dapt.peft.method != "full" else "dapt"
+        if spec.kind == "independent":
+            return [self._dapt(base, d, sections.dapt, label) for d in seq]
+        models: list[str] = []
+        for i, domain in enumerate(seq):
+            parent = models[-1] if models else base
+            if spec.objective == "das":
+                models.append(self.das_stage(parent, domain, i, sections.das))
+            elif spec.objective == "mlm" or i == 0:  # nothing to regularise yet: the stage is ncl's
+                models.append(self._dapt(parent, domain, sections.dapt, label))
             else:
-                parent = self.das_stage(parent, domain, first=i == 0)
-            models.append(parent)
+                models.append(self.regularised_stage(spec.objective, parent, domain, models[:], seq[:i],
+                                                     sections.das))
         return models
 
-    def _dapt(self, parent: str, domain: str) -> str:
-        phase = self._adapt_phase("dapt", parent, domain)
-        pretrain(phase, objective=self._objective(None))
+    def _dapt(self, parent: str, domain: str, template: ConfigDict, label: str) -> str:
+        phase = self._adapt_phase(label, parent, domain, template)
+        pretrain(phase, objective=mlm)
         return phase.workdir
 
     def _load(self, init: str, phase: ConfigDict, dropout: float | None = None) -> _Loaded:
@@ -147,14 +226,13 @@ class Continual:
         params, shardings = sources.place(source, model, mesh, rules)
         return _Loaded(source, cfg, model, params, shardings, mesh, rules)
 
-    def _sample(self, loaded: _Loaded, phase: ConfigDict, seed: int):
-        """das.importance_batches MLM batches of `phase`'s corpus."""
+    def _sample(self, loaded: _Loaded, phase: ConfigDict, seed: int, batches: int | None = None):
+        """`batches` (default das.importance_batches) MLM batches of `phase`'s corpus."""
         tokenizer = load_tokenizer(loaded.source.tokenizer_dir)
         loader = MLMLoader(prepare(phase, loaded.source), self.cfg.das.importance_batch_size, seed,
                            special_ids(tokenizer), vocab_size=len(tokenizer), mask_prob=phase.data.mask_prob,
                            process_index=jax.process_index(), process_count=jax.process_count(), prefetch=0)
-        return itertools.islice(loader, self.cfg.das.importance_batches)
-
+        return itertools.islice(loader, batches or self.cfg.das.importance_batches)
     def importance(self, init: str, phase: ConfigDict, kind: str) -> importance.Importance:
         """Normalised importance of `init`'s units on `phase`'s corpus: kind "kl" (general) or "mlm" (domain)."""
         loaded = self._load(init, phase, self.cfg.das.importance_dropout if kind == "kl" else None)
@@ -179,29 +257,40 @@ class Continual:
         return losses
 
     def run(self) -> ContinualTable:
-        """Run what is missing; after every stage, fine-tune and score every task seen so far."""
+        """Run what is missing; after every stage, fine-tune and score every task seen so far. For forward
+        transfer, also each task from the model its domain's stage starts from, and from the base model."""
         base, seq = self.base(), list(self.cfg.sequence)
         records = []
         for method in self.cfg.methods:
-            models = self.stages(method, base)
+            kind, models = METHODS[method].kind, self.stages(method, base)
+            before = [base] + models[:-1] if kind == "sequential" else [base] * len(seq)
             for stage in range(len(seq)):
                 for task, spec in self.cfg.tasks.items():
-                    if spec.domain not in seq[:stage + 1]:
-                        continue
-                    init = models[seq.index(spec.domain)] if method == "one" else models[stage]
-                    for seed in self.cfg.seeds:
-                        result = finetune(_phase(self.cfg.finetune, self.root / "finetune", f"{task}-s{seed}",
-                                                 init=init, seed=seed, **{
-                                                     "task.path": spec.path, "train.metric": spec.metric,
-                                                     "task.text_field": spec.text_field,
-                                                     "task.label_field": spec.label_field}))
-                        records.append({"method": method, "stage": stage, "task": task, "seed": seed,
-                                        "score": result["test"][spec.metric]})
+                    k = seq.index(spec.domain)
+                    if stage >= k:
+                        records += self._scores(method, stage, task, models[k if kind == "independent" else stage])
+                    if stage == k - 1:
+                        records += self._scores(method, stage, task, before[k], when="before")
+        for task in self.cfg.tasks:
+            records += self._scores("base", -1, task, base, when="base")
         table = ContinualTable.from_records(records, self.cfg.methods, seq, list(self.cfg.tasks))
         if jax.process_index() == 0:
             write_text(self.root / "continual.md", table.to_markdown())
             write_json(self.root / "continual.json", {**table.to_json(), "records": records})
         return table
+
+    def _scores(self, method: str, stage: int, task: str, init: str, when: str = "after") -> list[dict]:
+        """One record per seed: `task` fine-tuned from `init` and scored on its test split. when: "after"
+        (the stage learned the task's domain or an earlier one), "before" (the task's domain is next) or "base"."""
+        spec, records = self.cfg.tasks[task], []
+        for seed in self.cfg.seeds:
+            result = finetune(_phase(self.cfg.finetune, self.root / "finetune", f"{task}-s{seed}", init=init,
+                                     seed=seed, **{"task.path": spec.path, "train.metric": spec.metric,
+                                                   "task.text_field": spec.text_field,
+                                                   "task.label_field": spec.label_field}))
+            records.append({"method": method, "stage": stage, "task": task, "seed": seed, "when": when,
+                            "score": result["test"][spec.metric]})
+        return records
 
 
 def synthetic_config(scale: str = "default") -> ConfigDict:
@@ -215,8 +304,9 @@ def synthetic_config(scale: str = "default") -> ConfigDict:
         # Parameter paths held fixed in every adaptation stage (e.g. ["lm_head", "roberta/embeddings"], which DAS
         # does not mask), so that forgetting happens where DAS acts.
         frozen=[],
-        das=das_config()))
+        das=das_config(), ewc=ewc_config(), derpp=derpp_config()))
     cfg.synthetic.update(domains=domains, task_domains=domains)  # the benchmark goes to WORKDIR/benchmark
-    if scale == "tiny":
+    if scale == "tiny":  # a smoke run: DAS and its three references (every method: --config.methods=...)
         cfg.das.importance_batches = 4
+        cfg.methods = ["das", "ncl", "one", "base"]
     return cfg.lock()

@@ -12,6 +12,8 @@ from dontstop_jax.engine.peft import default_peft_config
 from dontstop_jax.engine.sharding import DEFAULT_RULES
 
 PRETRAIN_KINDS = ("dapt", "tapt")
+# A pretraining phase's loss: plain MLM, or a continual-learning stage's (set by `dontstop continual`).
+OBJECTIVES = ("mlm", "das", "ewc", "derpp")
 
 
 def _model() -> ConfigDict:
@@ -42,9 +44,24 @@ def _common(name: str, **sections) -> ConfigDict:
 
 def das_config() -> ConfigDict:
     """DAS (Ke et al. 2023): the paper's contrastive temperature; importance measured on a few batches of the
-    domain's text (the paper uses a sample of it)."""
+    domain's text (the paper uses a sample of it; EWC's Fisher and DER++'s buffer logits use the same sample).
+    Its ablations: `general=False` (no general-knowledge proxy: importance from domain MLM only),
+    `contrastive_weight=0`, `contrast="past"` (contrast with past domains' knowledge only, not the general),
+    `random=True` (each importance replaced by a seeded per-layer permutation of itself)."""
     return ConfigDict(dict(contrastive_weight=1.0, temperature=0.05, importance_batches=16,
-                           importance_batch_size=16, importance_dropout=0.1))
+                           importance_batch_size=16, importance_dropout=0.1, general=True, contrast="all",
+                           random=False))
+
+
+def ewc_config() -> ConfigDict:
+    """EWC (Kirkpatrick et al. 2017): penalty strength lam, 5000 as in Serra et al. 2018's EWC baseline."""
+    return ConfigDict(dict(lam=5000.0))
+
+
+def derpp_config() -> ConfigDict:
+    """DER++ (Buzzega et al. 2020): buffer of 200 sequences, alpha 0.1 (logit MSE), beta 0.5 (replayed MLM);
+    batch_size: replayed rows per micro-batch (None: as many as the micro-batch, as in the paper)."""
+    return ConfigDict(dict(buffer_size=200, alpha=0.1, beta=0.5, batch_size=placeholder(int)))
 
 
 def pretrain_config(kind: str = "dapt") -> ConfigDict:
@@ -65,9 +82,9 @@ def pretrain_config(kind: str = "dapt") -> ConfigDict:
         train=dict(batch_size=256, accum_steps=4, steps=placeholder(int), epochs=100, log_every=10,
                    skip_nonfinite=False),
         # Continual DAP-training (phases/continual.py) sets these on its stages; a plain phase is MLM on all weights.
-        objective="mlm",  # mlm | das
+        objective="mlm",  # one of OBJECTIVES
         frozen=[],  # parameter paths held fixed, e.g. ["lm_head", "roberta/embeddings"]
-        das=das_config())
+        das=das_config(), ewc=ewc_config(), derpp=derpp_config())
     if kind == "dapt":
         cfg.train.update(batch_size=2048, accum_steps=32, steps=12500, epochs=1)
         cfg.optim.learning_rate = 5e-4

@@ -22,7 +22,7 @@ from dontstop_jax.engine import (abstract_state, chain_hooks, check_batch_size, 
 from dontstop_jax import files
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation
-from dontstop_jax.engine.steps import Hooks, LossSums, hold_fixed
+from dontstop_jax.engine.steps import Fixed, Hooks, LossSums, hold_fixed
 from dontstop_jax.distributed import on_first_process
 from dontstop_jax.errors import Interrupted
 from dontstop_jax.model.peft import save_delta
@@ -33,8 +33,9 @@ from dontstop_jax.train.workdir import Workdir
 
 log = logging.getLogger(__name__)
 PEFT_FILE = "peft.safetensors"
-# (model, sharded params) -> (loss_sums, step hooks): what a phase trains, e.g. DAS's objective (das/).
-Objective = Callable[[nn.Module, Any], tuple[LossSums, Hooks]]
+# (model, sharded params) -> (loss_sums, step hooks): what a phase trains, e.g. DAS's objective (das/); a `Fixed`
+# loss (EWC, DER++) carries the arrays it reads into the compiled step.
+Objective = Callable[[nn.Module, Any], tuple[LossSums | Fixed, Hooks]]
 
 
 def check_batch(cfg: ConfigDict) -> None:
@@ -72,7 +73,7 @@ class Trainer:
             loss_sums, self.tx, accum_steps=cfg.train.get("accum_steps", 1), schedule=schedule,
             skip_nonfinite=cfg.train.skip_nonfinite,
             **chain_hooks(adaptation.hooks(), hooks, hold_fixed(tuple(cfg.get("frozen", ()))))),
-            self.shardings, self.mesh, self.rules)
+            self.shardings, self.mesh, self.rules, fixed=loss_sums.arrays if isinstance(loss_sums, Fixed) else None)
         self.stop = StopSignal()
         self.writer = MetricsWriter(self.workdir, enabled=self.lead, resume_step=self.step)
         self.progress = ProgressBar(total_steps, enabled=self.lead, desc=self.name)
