@@ -10,10 +10,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dontstop_jax import config_loader
-from dontstop_jax.engine import classification_loss_sums
+from dontstop_jax.engine import DEFAULT_RULES, abstract_state, classification_loss_sums, create_train_state, make_mesh
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.regularizers import Regularizer, ascent_step, symmetric_kl
 from dontstop_jax.errors import UserError
@@ -200,3 +201,75 @@ def test_pruned_encoder_is_the_first_layers_of_the_original(tmp_path, small_toke
     assert np.abs(out.hidden_states[1].numpy() - out.hidden_states[3].numpy())[real].max() > 0.1
     with pytest.raises(UserError, match="at least one"):
         sources.prune_top_layers(source, 3)
+
+
+@pytest.fixture(scope="module")
+def hf_and_task(tmp_path_factory, tiny_tokenizer_dir):
+    pytest.importorskip("torch")
+    from tiny_hf import save_tiny_roberta, write_biomed_data
+    root = tmp_path_factory.mktemp("toolbox")
+    write_biomed_data(root / "corpus", root / "task", corpus_docs=0)
+    return save_tiny_roberta(root / "hf", tiny_tokenizer_dir), root / "task", root
+
+
+def _finetune(hf_and_task, monkeypatch, name, **fields):
+    """Run a 3-epoch, one-step-per-epoch fine-tune; returns (summary, [(step, params, averages) per save])."""
+    hf, task, root = hf_and_task
+    cfg = config_loader.lock(config_loader.set_fields(finetune_config(), {
+        "name": name, "workdir": str(root / name), "init": str(hf), "task.path": str(task),
+        "data.max_seq_length": 32, "train.batch_size": 8, "train.epochs": 3, "train.steps_per_epoch": 1,
+        "optim.learning_rate": 1e-2, **fields}))
+    saved, save = [], Checkpointer.save
+
+    def record(self, state, **kw):
+        saved.append((int(state.step), *jax.device_get((state.params, state.averages))))
+        save(self, state, **kw)
+    monkeypatch.setattr(Checkpointer, "save", record)
+    return finetune_phase.finetune(cfg), saved
+
+
+def _close(a, b):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+
+@pytest.mark.slow
+def test_ema_and_smart_teacher_follow_their_recursions_pruned(hf_and_task, monkeypatch):
+    summary, saved = _finetune(hf_and_task, monkeypatch, "ema", **{
+        "averaging.method": "ema", "averaging.ema_decay": 0.5, "regularizer.method": "smart",
+        "regularizer.bregman_decay": 0.8, "train.prune_top_layers": 1})
+    assert [s for s, *_ in saved] == [1, 2, 3] and summary["weights"] == "ema"
+    for (_, _, before), (_, params, after) in zip(saved, saved[1:]):  # one step between saves
+        _close(after["ema"], jax.tree_util.tree_map(lambda a, p: 0.5 * a + 0.5 * p, before["ema"], params))
+        _close(after["teacher"], jax.tree_util.tree_map(lambda a, p: 0.8 * a + 0.2 * p, before["teacher"], params))
+    assert np.abs(saved[-1][2]["ema"]["classifier"]["out_proj"]["kernel"]
+                  - saved[-1][1]["classifier"]["out_proj"]["kernel"]).max() > 1e-4
+    ckpt = Checkpointer(hf_and_task[2] / "ema" / "checkpoints", read_only=True)
+    step, meta, handed_on = ckpt.read(first=summary["best_step"])  # what an export or the next phase reads
+    assert meta["model_config"]["num_hidden_layers"] == 1 and meta["weights"] == "ema"
+    _close(handed_on, next(a["ema"] for s, _, a in saved if s == step))
+
+
+@pytest.mark.slow
+def test_swa_is_the_mean_of_the_end_of_epoch_weights(hf_and_task, monkeypatch):
+    summary, saved = _finetune(hf_and_task, monkeypatch, "swa", **{
+        "averaging.method": "swa", "averaging.swa_start": 2, "regularizer.method": "r3f"})
+    assert summary["weights"] == "swa"
+    _close(saved[0][2]["swa"], saved[0][1])  # before swa_start: the weights themselves
+    _close(saved[-1][2]["swa"], jax.tree_util.tree_map(lambda a, b: (a + b) / 2, saved[1][1], saved[2][1]))
+
+
+def test_averages_checkpoint_and_resume(tmp_path):
+    """A state's averages are saved as their own items and restored onto their shardings (a resumed run)."""
+    mesh = make_mesh((-1, 1, 1))
+    tx = optax.sgd(0.1)
+    state, shardings = create_train_state(MODEL, tx, mesh, DEFAULT_RULES, 0, averages=("swa", "teacher"))
+    state = state.replace(averages={"swa": jax.tree_util.tree_map(lambda x: x + 1, state.params),
+                                    "teacher": jax.tree_util.tree_map(lambda x: x * 2, state.params)})
+    ckpt = Checkpointer(tmp_path, async_save=False)
+    ckpt.save(state, data_state={}, meta={"weights": "swa"})
+    restored, _, _ = ckpt.restore(abstract_state(shardings, MODEL, tx, ("swa", "teacher")))
+    _close(jax.device_get(restored.averages), jax.device_get(state.averages))
+    assert restored.averages["teacher"]["classifier"]["dense"]["kernel"].sharding == \
+        shardings.params["classifier"]["dense"]["kernel"]
+    _close(ckpt.read()[2], jax.device_get(state.averages["swa"]))  # what the next phase reads
+    ckpt.close()
