@@ -15,9 +15,11 @@ from ml_collections import ConfigDict, FieldReference
 
 from dontstop_jax.analysis.metrics import METRICS
 from dontstop_jax.engine.peft import METHODS as PEFT_METHODS
+from dontstop_jax.engine.regularizers import METHODS as REGULARIZERS, NOISES, NORMS
 from dontstop_jax.errors import UserError
 from dontstop_jax.model.config import REMAT_POLICIES
 from dontstop_jax.phases.defaults import OBJECTIVES
+from dontstop_jax.phases.finetune import AVERAGING
 from dontstop_jax.phases.select import METHODS as SELECT_METHODS
 
 Rule = tuple[Callable[[Any], bool], str]
@@ -66,6 +68,20 @@ RULES: dict[str, Rule] = {
     "train_sizes": ((lambda v: len(v) == len(set(v)) > 0 and all(
         s == "all" or (type(s) is int and s >= 1) for s in v)),
         "must list distinct train sizes, each an int >= 1 or 'all' (the whole train split), e.g. [100, 500, 'all']"),
+    "train.prune_top_layers": ((lambda v: v >= 0), "must be >= 0"),
+    "regularizer.method": _one_of(REGULARIZERS),
+    "regularizer.noise": _one_of(NOISES),
+    "regularizer.norm": _one_of(NORMS),
+    "regularizer.weight": ((lambda v: v >= 0), "must be >= 0"),
+    "regularizer.bregman_weight": ((lambda v: v >= 0), "must be >= 0 (0 turns SMART's Bregman term off)"),
+    "regularizer.bregman_decay": ((lambda v: 0 <= v < 1), "must be in [0, 1)"),
+    "regularizer.noise_scale": _POSITIVE,
+    "regularizer.step_size": _POSITIVE,
+    "regularizer.radius": _POSITIVE,
+    "regularizer.steps": _AT_LEAST_1,
+    "averaging.method": _one_of(AVERAGING),
+    "averaging.ema_decay": ((lambda v: 0 < v < 1), "must be in (0, 1)"),
+    "averaging.swa_start": _AT_LEAST_1,
 }
 # Sections keyed by your own names (domains, tasks, ...): a dict value replaces them instead of setting fields.
 MAPS = ("domains", "tasks", "corpora", "curves", "checkpoints", "method_overrides", "overrides")

@@ -4,7 +4,10 @@ A checkpoint step holds four items, so each consumer reads only what it needs:
 - `params`: the model parameters (what the next phase or an export reads),
 - `train`: step, optimizer state and RNG (what a resumed run of the same phase reads),
 - `data`: the loader's position (JSON), so a resumed run continues the data order exactly,
-- `meta`: provenance (JSON): phase, parent checkpoint, config, model config, tokenizer, step.
+- `meta`: provenance (JSON): phase, parent checkpoint, config, model config, tokenizer, step,
+and one item per parameter average the state keeps (`ema`, `swa`, `teacher`: engine/state.py AVERAGES). A phase
+that reports an average (a fine-tune with `averaging`) names it in meta as `weights`; what the next phase or an
+export reads (`read`) is then that average.
 Orbax writes each step into a temporary directory and renames it when complete, so a save interrupted
 half-way is never taken as the latest. Restores take target shardings, so any mesh can read any checkpoint.
 """
@@ -22,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from dontstop_jax.engine.state import TrainState
+from dontstop_jax.engine.state import AVERAGES, TrainState
 from dontstop_jax import files
 from dontstop_jax.errors import UserError
 
@@ -82,7 +85,8 @@ class Checkpointer:
         self.directory = files.path(files.absolute(directory))
         self.best_metric, self.best_mode = best_metric, best_mode
         handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
-                    "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+                    "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                    **{name: ocp.StandardCheckpointHandler() for name in AVERAGES}}
         self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
         self._unreadable: set[int] = set()
 
@@ -95,7 +99,8 @@ class Checkpointer:
         train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
         self._manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
-            data=ocp.args.JsonSave(data_state or {}), meta=ocp.args.JsonSave({**meta, "step": step})))
+            data=ocp.args.JsonSave(data_state or {}), meta=ocp.args.JsonSave({**meta, "step": step}),
+            **{name: ocp.args.StandardSave(tree) for name, tree in state.averages.items()}))
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk (call before exiting)."""
@@ -165,15 +170,16 @@ class Checkpointer:
     def _meta(self, step: int) -> dict:
         return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
-    def _params(self, step: int, abstract_params: Any) -> Any:
+    def _params(self, step: int, abstract_params: Any, item: str = "params") -> Any:
+        """The parameters (`item` "params") or one of their averages (an item of AVERAGES) of `step`."""
         to_host = abstract_params is None
         if to_host:  # every process reads the whole tree onto its first local device, then to numpy
             local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             abstract_params = jax.tree_util.tree_map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
-                self._manager.item_metadata(step)["params"], is_leaf=lambda m: hasattr(m, "shape"))
+                self._manager.item_metadata(step)[item], is_leaf=lambda m: hasattr(m, "shape"))
         params = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params)))["params"]
+            **{item: ocp.args.StandardRestore(abstract_params)}))[item]
         return jax.tree_util.tree_map(np.asarray, params) if to_host else params
 
     def meta(self, step: int | None = None) -> dict:
@@ -186,23 +192,28 @@ class Checkpointer:
         train_abstract = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
         args = ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract.params), train=ocp.args.StandardRestore(train_abstract),
-            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore(),
+            **{name: ocp.args.StandardRestore(tree) for name, tree in abstract.averages.items()})
         out = self._read(lambda s: self._manager.restore(s, args=args), step)
         train = out["train"]
-        state = TrainState(step=train["step"], params=out["params"], opt_state=train["opt_state"], rng=train["rng"])
+        state = TrainState(step=train["step"], params=out["params"], opt_state=train["opt_state"], rng=train["rng"],
+                           averages={name: out[name] for name in abstract.averages})
         return state, dict(out["data"] or {}), dict(out["meta"])
 
-    def restore_params(self, step: int | None = None, abstract_params: Any = None) -> Any:
-        """Parameters of `step`, else of the best step (`best_step`; falls back past unreadable steps): onto
-        `abstract_params` shardings, or as host numpy arrays when None.
+    def restore_params(self, step: int | None = None, abstract_params: Any = None, item: str = "params") -> Any:
+        """Parameters (or the average `item`) of `step`, else of the best step (`best_step`; falls back past
+        unreadable steps): onto `abstract_params` shardings, or as host numpy arrays when None.
 
         Host numpy is what a *different* phase needs: its model may differ in heads (MLM -> classifier),
         and `create_train_state(pretrained=...)` places the arrays onto that phase's own mesh.
         """
-        return self._read(lambda s: self._params(s, abstract_params), step, first=self.best_step())
+        return self._read(lambda s: self._params(s, abstract_params, item), step, first=self.best_step())
 
     def read(self, step: int | None = None, *, first: int | None = None) -> tuple[int, dict, Any]:
         """(step, meta, host numpy params) of one step: `step`, else `first` (default `best_step`) falling back
-        past unreadable steps. What an export or the next phase reads."""
-        return self._read(lambda s: (s, self._meta(s), self._params(s, None)), step,
-                          first=self.best_step() if first is None else first)
+        past unreadable steps. What an export or the next phase reads: the weights the phase reported (meta's
+        `weights`, e.g. a fine-tune's EMA), else its parameters."""
+        def read(s: int) -> tuple[int, dict, Any]:
+            meta = self._meta(s)
+            return s, meta, self._params(s, None, meta.get("weights", "params"))
+        return self._read(read, step, first=self.best_step() if first is None else first)

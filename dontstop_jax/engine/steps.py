@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -17,14 +17,16 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dontstop_jax.engine.regularizers import Regularizer
 from dontstop_jax.engine.sharding import BATCH_AXES, Rules, activation_rules, batch_sharding
-from dontstop_jax.engine.state import TrainState
+from dontstop_jax.engine.state import TrainState, ema_update
 
 Batch = dict[str, jax.Array]
 # make_train_step's per-parameter hooks: {"grad_transform": f, "update_transform": g}, each tree -> tree.
 Hooks = dict[str, Callable[[Any], Any]]
 HOOK_NAMES = ("grad_transform", "update_transform")
-# loss_sums(params, batch, dropout_rng, deterministic) -> (weighted loss sum, {"weight": ..., "correct": ...})
+# loss_sums(params, batch, dropout_rng, deterministic) -> (weighted loss sum, {"weight": ..., "correct": ...});
+# a loss that reads a parameter average (SMART's teacher) takes it as a fifth argument
 LossSums = Callable[[Any, Batch, jax.Array, bool], tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -53,14 +55,23 @@ def mlm_loss_sums(model: nn.Module, gates: Any = None) -> LossSums:
     return loss
 
 
-def classification_loss_sums(model: nn.Module) -> LossSums:
-    """Cross-entropy over examples; padding rows of an eval batch have `example_weights` 0."""
-    def loss(params, batch, rng, deterministic):
-        logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                             deterministic=deterministic, rngs={"dropout": rng})
+def classification_loss_sums(model: nn.Module, regularizer: Regularizer | None = None) -> LossSums:
+    """Cross-entropy over examples; padding rows of an eval batch have `example_weights` 0. A `regularizer`
+    (R3F, SMART: engine/regularizers.py) adds its per-example penalty; SMART's Bregman term reads the mean
+    teacher's parameters, the loss's fifth argument (make_train_step's `teacher`)."""
+    def loss(params, batch, rng, deterministic, teacher=None):
+        def forward(p, noise=None, key=rng, det=None):
+            return model.apply({"params": p}, batch["input_ids"], batch["attention_mask"],
+                               deterministic=deterministic if det is None else det, embedding_noise=noise,
+                               rngs={"dropout": key})
+        logits = forward(params)
         w = batch["example_weights"].astype(jnp.float32)
         correct = (jnp.argmax(logits, -1) == batch["labels"]) * w
-        return jnp.sum(_nll(logits, batch["labels"]) * w), {"weight": jnp.sum(w), "correct": jnp.sum(correct)}
+        per_example = _nll(logits, batch["labels"])
+        if regularizer is not None:
+            shape = batch["input_ids"].shape + (model.config.hidden_size,)
+            per_example = per_example + regularizer.penalty(forward, params, logits, shape, rng, teacher)
+        return jnp.sum(per_example * w), {"weight": jnp.sum(w), "correct": jnp.sum(correct)}
     return loss
 
 
@@ -101,7 +112,8 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
 def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformation, *, accum_steps: int = 1, schedule: optax.Schedule | None = None,
                     grad_transform: Callable[[Any], Any] | None = None,
                     update_transform: Callable[[Any], Any] | None = None,
-                    skip_nonfinite: bool = False) -> Callable[[TrainState, Batch], tuple]:
+                    skip_nonfinite: bool = False, ema_decays: Mapping[str, float] | None = None,
+                    teacher: str | None = None) -> Callable[[TrainState, Batch], tuple]:
     """(state, global batch) -> (new state, metrics). `grad_transform` maps the gradients before clipping and
     the optimizer (zero frozen slices, DAS soft-masks); `update_transform` scales the optimizer's output
     (layer-wise learning rates; DAS again, since Adam normalises away a constant gradient scale). Several
@@ -111,17 +123,24 @@ def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformatio
 
     `skip_nonfinite`: a step whose loss or gradient norm is not finite keeps the old parameters and optimizer
     state (one bad batch need not end a long run) and reports `skipped` = 1; the step counter still advances.
+
+    `ema_decays`: {name: decay} of the state's parameter averages updated after every step (an EMA of the
+    fine-tuned weights, SMART's mean teacher); the state's other averages are left to the phase (SWA).
+    `teacher`: the name of the average the loss reads as its fifth argument (SMART's Bregman term).
     """
+    ema_decays = dict(ema_decays or {})
+
     def step(state: TrainState, batch: Batch, *fixed: Any):
         loss = loss_sums.loss(*fixed) if isinstance(loss_sums, Fixed) else loss_sums
-        grad_fn = jax.value_and_grad(lambda p, b, r: loss(p, b, r, False), has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p, b, r, *t: loss(p, b, r, False, *t), has_aux=True)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        extra = (state.averages[teacher],) if teacher else ()
         if accum_steps == 1:
-            (loss_sum, aux), grads = grad_fn(state.params, batch, rng)
+            (loss_sum, aux), grads = grad_fn(state.params, batch, rng, *extra)
         else:
             def body(carry, xs):
                 i, micro = xs
-                (l, a), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+                (l, a), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i), *extra)
                 return jax.tree_util.tree_map(jnp.add, carry, (l, a, g)), None
             zeros = (jnp.zeros(()), {"weight": jnp.zeros(()), "correct": jnp.zeros(())},
                      jax.tree_util.tree_map(jnp.zeros_like, state.params))
@@ -134,15 +153,18 @@ def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformatio
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         if update_transform is not None:
             updates = update_transform(updates)
-        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                  opt_state=opt_state)
+        params = optax.apply_updates(state.params, updates)
+        averages = {name: ema_update(avg, params, ema_decays[name]) if name in ema_decays else avg
+                    for name, avg in state.averages.items()}
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, averages=averages)
         metrics = {"loss": loss_sum / weight, "accuracy": aux["correct"] / weight, "weight": aux["weight"],
                    "grad_norm": optax.tree.norm(grads)}
         if skip_nonfinite:
             finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
             keep = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old))
             new_state = new_state.replace(params=keep(new_state.params, state.params),
-                                          opt_state=keep(new_state.opt_state, state.opt_state))
+                                          opt_state=keep(new_state.opt_state, state.opt_state),
+                                          averages=keep(new_state.averages, state.averages))
             metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)

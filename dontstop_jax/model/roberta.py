@@ -9,6 +9,8 @@ Layout choices that later features rely on:
   axes from the config's rules. Nothing here mentions a mesh axis.
 - `gates` (optional) multiply each head's output, each FFN intermediate unit and each FFN output unit: the
   virtual gates DAS differentiates to measure unit importance. Gates of ones are the identity.
+- `embedding_noise` (optional, [batch, length, embed]) is added to the word embeddings, before the position
+  embeddings and the LayerNorm: the input perturbation of R3F and SMART (engine/regularizers.py).
 """
 
 from __future__ import annotations
@@ -103,9 +105,13 @@ class Embeddings(nn.Module):
         self.layer_norm = _layer_norm(cfg, "LayerNorm")
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def __call__(self, input_ids: Array, attention_mask: Array, deterministic: bool) -> Array:
+    def __call__(self, input_ids: Array, attention_mask: Array, deterministic: bool,
+                 noise: Array | None = None) -> Array:
         cfg = self.config
-        h = (self.word_embeddings(input_ids)
+        words = self.word_embeddings(input_ids)
+        if noise is not None:  # in float32: a 1e-5 perturbation vanishes in bfloat16 embeddings
+            words = words.astype(jnp.float32) + nn.with_logical_constraint(noise, ("batch", "length", "act_embed"))
+        h = (words
              + self.position_embeddings(position_ids(input_ids, cfg.pad_token_id, attention_mask))
              + self.token_type_embeddings(jnp.zeros_like(input_ids)))
         return self.dropout(self.layer_norm(h), deterministic=deterministic)
@@ -207,9 +213,9 @@ class RobertaModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: Array, attention_mask: Array, *, deterministic: bool = True,
-                 gates: Gates | None = None) -> Array:
+                 gates: Gates | None = None, embedding_noise: Array | None = None) -> Array:
         cfg = self.config
-        h = self.embeddings(input_ids, attention_mask, deterministic)
+        h = self.embeddings(input_ids, attention_mask, deterministic, embedding_noise)
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
         mask = attention_pairs(attention_mask)
         layer = Layer
@@ -299,9 +305,9 @@ class RobertaForSequenceClassification(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: Array, attention_mask: Array, *, deterministic: bool = True,
-                 gates: Gates | None = None) -> Array:
+                 gates: Gates | None = None, embedding_noise: Array | None = None) -> Array:
         h = RobertaModel(self.config, name="roberta")(input_ids, attention_mask, deterministic=deterministic,
-                                                       gates=gates)
+                                                       gates=gates, embedding_noise=embedding_noise)
         return ClassificationHead(self.config, self.num_labels, name="classifier")(h, deterministic, attention_mask)
 
 

@@ -9,6 +9,7 @@ from ml_collections.config_dict import placeholder
 
 from dontstop_jax.engine.optim import default_optim_config
 from dontstop_jax.engine.peft import default_peft_config
+from dontstop_jax.engine.regularizers import default_regularizer_config
 from dontstop_jax.engine.sharding import DEFAULT_RULES
 
 PRETRAIN_KINDS = ("dapt", "tapt")
@@ -95,7 +96,8 @@ def pretrain_config(kind: str = "dapt") -> ConfigDict:
 
 
 def finetune_config() -> ConfigDict:
-    """Paper protocol: lr 2e-5, batch 16, up to 10 epochs, patience 3 on dev, dropout 0.1, warm-up 6%."""
+    """Paper protocol: lr 2e-5, batch 16, up to 10 epochs, patience 3 on dev, dropout 0.1, warm-up 6%; no
+    regulariser, averaging or pruning unless asked."""
     cfg = _common(
         "finetune",
         # train_size: fine-tune on a stratified draw of this many train examples (draw `seed`; 0 = all of train)
@@ -109,7 +111,14 @@ def finetune_config() -> ConfigDict:
                    discard_below=placeholder(float),
                    # steps_per_epoch: cap an "epoch" (dev evaluation, early stopping) at this many batches of
                    # the epoch's shuffled order, for large tasks (None: a full pass over train)
-                   steps_per_epoch=placeholder(int)))
+                   steps_per_epoch=placeholder(int),
+                   # structured pruning: drop the top k encoder layers before fine-tuning (a shallower model)
+                   prune_top_layers=0),
+        # R3F / SMART trust-region regularisers (engine/regularizers.py; their papers' defaults)
+        regularizer=default_regularizer_config(),
+        # weight averaging, evaluated on dev and test and handed on instead of the last weights:
+        # ema (decay per step) or swa (the mean of the end-of-epoch weights from epoch swa_start on)
+        averaging=dict(method="none", ema_decay=0.999, swa_start=1))
     cfg.optim.update(learning_rate=2e-5, weight_decay=0.1)
     cfg.model.hidden_dropout_prob = 0.1
     return cfg

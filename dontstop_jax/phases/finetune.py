@@ -29,6 +29,8 @@ from dontstop_jax.data import ClassificationBatches, load_task, load_tokenizer, 
 from dontstop_jax.data.tasks import require_splits, with_train_size
 from dontstop_jax.data.tokenizer import special_ids
 from dontstop_jax.engine import classification_loss_sums, compile_predict_step, to_global
+from dontstop_jax.engine.regularizers import Regularizer
+from dontstop_jax.engine.state import running_mean
 from dontstop_jax.engine.checkpoint import first_best
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForSequenceClassification, init_params
@@ -37,6 +39,7 @@ from dontstop_jax.train.trainer import Trainer, check_batch
 from dontstop_jax.train.workdir import Workdir
 
 log = logging.getLogger(__name__)
+AVERAGING = ("none", "ema", "swa")  # averaging.method: evaluate and hand on the weights or an average of them
 
 
 def evaluate(predict, params, batches: ClassificationBatches, mesh, num_labels: int) -> dict[str, float]:
@@ -74,6 +77,35 @@ def reinit_top_layers(model: nn.Module, params, k: int, seed: int, shardings):
     return jax.jit(reinit, out_shardings=shardings)(params, jax.random.fold_in(jax.random.key(seed), 2))
 
 
+def _averages(cfg: ConfigDict, regularizer: Regularizer | None) -> tuple[dict[str, float | None], str]:
+    """The parameter averages the train state keeps ({name: per-step EMA decay, or None for SWA's, updated at
+    epoch ends}) and the weights the phase evaluates: "params", "ema" or "swa"."""
+    method, averages = cfg.averaging.method, {}
+    if method not in AVERAGING:
+        raise UserError(f"averaging.method={method!r} is unknown; use one of {', '.join(AVERAGING)}")
+    if method == "ema":
+        averages["ema"] = cfg.averaging.ema_decay
+    if method == "swa":
+        if cfg.averaging.swa_start > cfg.train.epochs:
+            raise UserError(f"averaging.swa_start={cfg.averaging.swa_start} is after the last of train.epochs="
+                            f"{cfg.train.epochs}: nothing would be averaged; start SWA at an earlier epoch")
+        averages["swa"] = None
+    if regularizer is not None and regularizer.uses_teacher:
+        averages["teacher"] = regularizer.bregman_decay
+    return averages, "params" if method == "none" else method
+
+
+def _swa_step(trainer: Trainer):
+    """(state, count) -> the state whose `swa` average also counts its current parameters (engine.running_mean)."""
+    shardings = trainer.shardings.averages["swa"]
+    update = jax.jit(running_mean, out_shardings=shardings, donate_argnums=(0,))
+
+    def step(state, count: int):
+        return state.replace(averages={**state.averages, "swa": update(state.averages["swa"], state.params,
+                                                                        np.float32(count))})
+    return step
+
+
 def finetune(cfg: ConfigDict) -> dict:
     """Run (or resume, or return the finished) fine-tuning run in cfg.workdir; returns dev and test metrics.
     Raises `Interrupted` after checkpointing (mid-epoch too) when asked to stop."""
@@ -91,7 +123,10 @@ def finetune(cfg: ConfigDict) -> dict:
 def _finetune(cfg: ConfigDict) -> dict:
     metric = check_metric(cfg.train.metric)
     check_batch(cfg)
-    source, adaptation = sources.adapted(sources.resolve_phase(cfg), cfg)
+    source = sources.prune_top_layers(sources.resolve_phase(cfg), cfg.train.prune_top_layers)
+    source, adaptation = sources.adapted(source, cfg)
+    regularizer = Regularizer.from_config(cfg.regularizer)
+    averages, weights = _averages(cfg, regularizer)
     task = load_task(cfg.task.path or None, text_field=cfg.task.text_field, label_field=cfg.task.label_field,
                      hf_dataset=cfg.task.hf_dataset or None)
     require_splits(task, "fine-tuning")
@@ -108,15 +143,17 @@ def _finetune(cfg: ConfigDict) -> dict:
     epochs, per_epoch = cfg.train.epochs, min(batches["train"].num_batches,
                                               cfg.train.get("steps_per_epoch") or batches["train"].num_batches)
     model = RobertaForSequenceClassification(source.config, num_labels)
-    objective = lambda model, _: (classification_loss_sums(model), {})
+    objective = lambda model, _: (classification_loss_sums(model, regularizer), {})
     with Trainer(cfg, source, adaptation, model, objective, total_steps=epochs * per_epoch,
-                 best_metric=f"dev_{metric}", keep_last=1, head="classification",
+                 best_metric=f"dev_{metric}", keep_last=1, averages=averages,
+                 teacher="teacher" if "teacher" in averages else None, weights=weights, head="classification",
                  label_names=task.label_names) as trainer:
         # The data state: the epoch to continue (the step says where in it), early stopping, the dev curve so far.
         progress = trainer.data_state or {"epoch": 0, "bad_epochs": 0, "history": [], "epoch_seconds": []}
         if trainer.data_state is None and cfg.train.reinit_top_layers:
-            trainer.state = trainer.state.replace(params=reinit_top_layers(
+            trainer.restart_from(reinit_top_layers(
                 model, trainer.state.params, cfg.train.reinit_top_layers, cfg.seed, trainer.shardings.params))
+        swa = _swa_step(trainer) if weights == "swa" else None
         # Dodge et al. 2020: judge a seed on dev after this many epochs (None: never discard).
         check_at = max(1, math.ceil(cfg.train.discard_fraction * epochs)) if cfg.train.discard_fraction > 0 else None
         predict = compile_predict_step(model, trainer.shardings.params, trainer.mesh, trainer.rules)
@@ -127,9 +164,11 @@ def _finetune(cfg: ConfigDict) -> dict:
             trainer.fit(batches["train"].epoch(epoch, start=trainer.step - first), first + per_epoch,
                         data_state=lambda _: progress,
                         tokens_per_step=lambda b: b["input_ids"].size)
+            if swa is not None:  # the mean of the weights that ended epochs swa_start.. (the current one counted)
+                trainer.state = swa(trainer.state, max(0, epoch + 1 - cfg.averaging.swa_start))
             jax.block_until_ready(trainer.state.params)
             seconds = time.perf_counter() - began
-            dev = evaluate(predict, trainer.state.params, batches["dev"], trainer.mesh, num_labels)
+            dev = evaluate(predict, trainer.reported, batches["dev"], trainer.mesh, num_labels)
             trainer.writer.write(trainer.step, {**dev, "epoch": epoch + 1}, prefix="dev/")
             history = progress["history"] + [dev]
             improved = best_epoch(history, metric) == epoch + 1
@@ -143,14 +182,15 @@ def _finetune(cfg: ConfigDict) -> dict:
         history = progress["history"]
         best = best_epoch(history, metric)
         best_step = best * per_epoch  # where that epoch ended: the step the checkpointer keeps as best (first_best)
-        params = trainer.checkpoints.restore_params(best_step, abstract_params=trainer.abstract().params)
+        params = trainer.checkpoints.restore_params(best_step, abstract_params=trainer.abstract().params,
+                                                    item=weights)
         test = evaluate(predict, params, batches["test"], trainer.mesh, num_labels)
         trainer.writer.write(trainer.step, test, prefix="test/")
         majority_dev = majority_scores(task.splits["train"][1], task.splits["dev"][1], num_labels)
         return trainer.finish({
             "phase": cfg.name, "workdir": files.absolute(cfg.workdir), "parent": source.parent,
             "metric": metric, "dev": history[best - 1], "test": test, "best_epoch": best,
-            "epochs_run": len(history), "best_step": best_step, "label_names": task.label_names,
+            "epochs_run": len(history), "best_step": best_step, "label_names": task.label_names, "weights": weights,
             "train_examples": len(task.splits["train"][0]),
             "trainable_params": adaptation.count(params)[0], "seconds_per_epoch": _typical(progress["epoch_seconds"]),
             "early_dev": progress.get("early_dev"), "discarded": bool(progress.get("discarded")),

@@ -121,6 +121,26 @@ def _with_delta(source: ModelSource, delta: str, overrides: dict) -> ModelSource
     return ModelSource(cfg, params, source.tokenizer_dir, f"{source.parent}+delta:{files.absolute(delta)}")
 
 
+def prune_top_layers(source: ModelSource, k: int) -> ModelSource:
+    """The source without its top `k` encoder layers: structured pruning, a shallower and faster model whose
+    other weights are unchanged (Sajjad et al. 2023, "On the effect of dropping layers of pre-trained transformer
+    models": dropping the top layers costs little accuracy after fine-tuning). Every encoder-layer weight,
+    adapters included, is stacked on a leading [layers] axis, so this keeps its first L - k slices."""
+    if k == 0:
+        return source
+    layers = source.config.num_hidden_layers
+    if source.params is None:
+        raise UserError("train.prune_top_layers removes layers of pretrained weights, and init=scratch has none; "
+                        "set model.num_hidden_layers for a smaller model from scratch")
+    if not 0 < k < layers:
+        raise UserError(f"train.prune_top_layers={k} must leave at least one of the model's {layers} layers "
+                        f"(0 to {layers - 1})")
+    roberta = source.params["roberta"]
+    kept = jax.tree_util.tree_map(lambda w: w[:layers - k], roberta["layers"])
+    return dataclasses.replace(source, config=source.config.replace(num_hidden_layers=layers - k),
+                               params={**source.params, "roberta": {**roberta, "layers": kept}})
+
+
 def adapted(source: ModelSource, cfg: ConfigDict) -> tuple[ModelSource, Adaptation]:
     """The source with the model its `cfg.peft` method needs (adapters/LoRA added), and the trainable split."""
     model, adaptation = plan(cfg, source.config)

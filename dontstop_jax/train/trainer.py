@@ -11,10 +11,11 @@ nothing downstream can take a partial phase for a finished one.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from dontstop_jax.engine import (abstract_state, chain_hooks, check_batch_size, compile_train_step, create_train_state, make_mesh,
@@ -51,18 +52,26 @@ class Trainer:
 
     def __init__(self, cfg: ConfigDict, source: sources.ModelSource, adaptation: Adaptation, model: nn.Module,
                  objective: Objective, *, total_steps: int, best_metric: str | None = None, keep_last: int = 2,
-                 **provenance: Any):
+                 averages: Mapping[str, float | None] | None = None, teacher: str | None = None,
+                 weights: str = "params", **provenance: Any):
+        """`averages`: the parameter averages the state keeps, {name: per-step EMA decay, or None for one the
+        phase updates itself (SWA)}; `teacher`: the one the loss reads (make_train_step); `weights`: what the
+        phase reports, "params" or an average (recorded in every checkpoint's meta, so the next phase and an
+        export read it)."""
         self.cfg, self.name, self.workdir = cfg, cfg.name, files.path(cfg.workdir)
         self.adaptation, self.model, self.total_steps = adaptation, model, total_steps
+        self.averages, self.weights = dict(averages or {}), weights
         self.lead = jax.process_index() == 0
         self.mesh = make_mesh(cfg.mesh.shape, dcn_shape=cfg.mesh.dcn_shape)
         self.rules = tuple(tuple(r) for r in cfg.mesh.rules)
         self.tx, schedule = adaptation.optimizer(cfg.optim, total_steps)
         self.state, self.shardings = create_train_state(model, self.tx, self.mesh, self.rules, cfg.seed,
                                                         pretrained=source.params,
-                                                        allow_replicated=cfg.mesh.get("allow_replicated", False))
+                                                        allow_replicated=cfg.mesh.get("allow_replicated", False),
+                                                        averages=tuple(self.averages))
         self.checkpoints = Checkpointer(self.workdir / "checkpoints", keep_last=keep_last, best_metric=best_metric)
-        self.meta = sources.provenance(self.name, source, cfg, **provenance)
+        self.meta = sources.provenance(self.name, source, cfg, **provenance,
+                                       **({"weights": weights} if weights != "params" else {}))
         self.data_state: dict | None = None  # the loader position of the restored checkpoint
         self.skipped = 0  # steps skipped for a non-finite loss (train.skip_nonfinite), across resumes
         if self.checkpoints.latest_step() is not None:  # resume exactly where the last checkpoint left off
@@ -71,7 +80,8 @@ class Trainer:
         loss_sums, hooks = objective(model, self.state.params)
         self.train_step = compile_train_step(make_train_step(
             loss_sums, self.tx, accum_steps=cfg.train.get("accum_steps", 1), schedule=schedule,
-            skip_nonfinite=cfg.train.skip_nonfinite,
+            skip_nonfinite=cfg.train.skip_nonfinite, teacher=teacher,
+            ema_decays={name: decay for name, decay in self.averages.items() if decay is not None},
             **chain_hooks(adaptation.hooks(), hooks, hold_fixed(tuple(cfg.get("frozen", ()))))),
             self.shardings, self.mesh, self.rules, fixed=loss_sums.arrays if isinstance(loss_sums, Fixed) else None)
         self.stop = StopSignal()
@@ -94,7 +104,18 @@ class Trainer:
 
     def abstract(self) -> Any:
         """The state's shapes and target shardings: what a restore places arrays onto."""
-        return abstract_state(self.shardings, self.model, self.tx)
+        return abstract_state(self.shardings, self.model, self.tx, tuple(self.averages))
+
+    def restart_from(self, params: Any) -> None:
+        """Train from `params` instead (e.g. re-initialised top layers); the averages restart there too (as copies:
+        the train step donates every buffer of the state)."""
+        self.state = self.state.replace(params=params, averages={
+            name: jax.tree_util.tree_map(jnp.copy, params) for name in self.averages})
+
+    @property
+    def reported(self) -> Any:
+        """The weights the phase evaluates and reports (`weights`): the parameters or one of their averages."""
+        return self.state.params if self.weights == "params" else self.state.averages[self.weights]
 
     def fit(self, batches: Iterator[dict], stop: int, *, data_state: Callable[[int], dict],
             tokens_per_step: int | Callable[[Any], int], save_every: int = 0) -> None:
@@ -126,7 +147,7 @@ class Trainer:
             self.save(data_state if data_state is not None else self.data_state or {})
         self.checkpoints.wait()
         if self.adaptation.method not in ("full", "top_k"):
-            params = self.checkpoints.restore_params()  # the best step (fine-tuning), else the latest
+            params = self.checkpoints.restore_params(item=self.weights)  # the best step (fine-tuning), else latest
             on_first_process("peft_file", lambda: save_delta(self.workdir / PEFT_FILE, params,
                                                              self.adaptation.trainable(params), self.model.config))
         if self.skipped > 0.01 * self.step:

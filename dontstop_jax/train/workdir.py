@@ -42,7 +42,9 @@ RUNTIME_ONLY = ("name", "workdir", "train.log_every", "checkpoint", "mesh", "mod
                 "checkpoint_every")
 # Fields added after phases were recorded, at the value that does what phases did before them: left out of the
 # fingerprint and the drift check at that value, so a phase finished before the field existed is still reused.
-NEUTRAL = {"task.train_size": 0, "data.attend_across_documents": True}
+NEUTRAL = {"task.train_size": 0, "data.attend_across_documents": True, "train.prune_top_layers": 0}
+# Sections added later that do nothing when their `method` is "none": then none of their fields count.
+SWITCHED_SECTIONS = ("regularizer", "averaging")
 RENEW_SECONDS, LEASE_SECONDS = 60, 600
 
 
@@ -59,8 +61,9 @@ def _runtime_only(field: str) -> bool:
 def result_fields(config: ConfigDict | dict) -> dict[str, Any]:
     """{dotted field: value} of everything in `config` that shapes a phase's result (JSON-normalised)."""
     tree = json.loads(config.to_json_best_effort()) if isinstance(config, ConfigDict) else config
+    off = tuple(f"{name}." for name in SWITCHED_SECTIONS if tree.get(name, {}).get("method") == "none")
     return {k: v for k, v in _flatten(tree).items()
-            if not _runtime_only(k) and not (k in NEUTRAL and NEUTRAL[k] == v)}
+            if not _runtime_only(k) and not (k in NEUTRAL and NEUTRAL[k] == v) and not k.startswith(off)}
 
 
 def fingerprint(config: ConfigDict | dict) -> str:
