@@ -8,8 +8,9 @@ must end at a word boundary (the next token starts a word, is special or is past
 document boundary. Overlapping matches merge into one span.
 
 Matching is vectorised over the [B, T] block: a polynomial hash (uint64, wrapping) of every window of each
-term length, built incrementally over the lengths, looked up in the sorted hashes of the terms of that
-length, and confirmed token by token, so thousands of terms cost a few array passes per batch.
+term length, built incrementally over the lengths, screened by a bit table of all term hashes (one gather),
+looked up in the sorted hashes of the terms of that length, and confirmed token by token, so thousands of
+terms cost a few array passes per batch.
 
 Each span is one masking unit with probability `rate` (drawn per span and row from the row's generator),
 otherwise its tokens stay ordinary words (whole words with whole-word masking, single tokens without). The
@@ -30,6 +31,7 @@ from dontstop_jax.data.tokenizer import encode_plain
 from dontstop_jax.errors import UserError
 
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # odd multiplier of the window hash
+_FILTER_BITS = 20  # a bit table of this many hash bits rules out almost every window before the sorted lookup
 
 
 def load_terms(path: str) -> list[str]:
@@ -58,6 +60,9 @@ class SpanMasker:
         self.special[[i for i in special_ids.values() if i < len(self.special)]] = True
         patterns = _patterns(encode_plain(tokenizer, [f" {t}" for t in terms]), encode_plain(tokenizer, list(terms)))
         self.groups = [_Group(length, seqs) for length, seqs in sorted(patterns.items())]
+        self.screen = np.zeros(1 << _FILTER_BITS, bool)
+        for group in self.groups:
+            self.screen[_screen_key(group.hashes)] = True
         self.summary = {"terms": len(terms), "patterns": sum(len(g.hashes) for g in self.groups),
                          "rate": rate, "sha256": hashlib.sha256("\n".join(terms).encode()).hexdigest()[:16]}
 
@@ -75,7 +80,8 @@ class SpanMasker:
             for k in range(grown, group.length):  # hashes[:, t] = hash of tokens[t : t + k + 1]
                 hashes = hashes[:, : length - k] * _BASE + tokens64[:, k:]
             grown = group.length
-            rows, cols = group.find(tokens, hashes, self.word_starts, self.special)
+            rows, cols = np.nonzero(self.screen[_screen_key(hashes)])
+            rows, cols = group.find(tokens, rows, cols, hashes[rows, cols], self.word_starts, self.special)
             ends = cols + group.length
             np.add.at(opened, (rows, cols), 1)
             np.add.at(opened, (rows, ends), -1)
@@ -94,6 +100,11 @@ class SpanMasker:
         own_first = np.maximum.accumulate(np.where(first, columns, 0), axis=1)  # an inside token's span start
         kept = kept_first | (inside & np.take_along_axis(kept_first, own_first, axis=1))
         return np.where(kept, first, starts)
+
+
+def _screen_key(hashes: np.ndarray) -> np.ndarray:
+    """Top bits of a window hash, mixed once more: the last token only reaches a window hash's low bits."""
+    return ((hashes * _BASE) >> np.uint64(64 - _FILTER_BITS)).astype(np.intp)
 
 
 def _patterns(mid_text: list[list[int]], doc_start: list[list[int]]) -> dict[int, dict[tuple, bool]]:
@@ -122,13 +133,13 @@ class _Group:
         if len(np.unique(self.hashes)) < len(self.hashes):
             raise UserError(f"two span-masking terms of {length} tokens share a window hash; drop one of them")
 
-    def find(self, tokens: np.ndarray, hashes: np.ndarray, word_starts: np.ndarray,
-             special: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, columns) where a pattern of this group starts in `tokens`; `hashes` [B, T - length + 1] are
-        the window hashes of this length."""
+    def find(self, tokens: np.ndarray, rows: np.ndarray, cols: np.ndarray, hashes: np.ndarray,
+             word_starts: np.ndarray, special: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The (rows, cols) of the candidate windows of this length (window hashes `hashes`) where one of the
+        group's patterns starts in `tokens`."""
         index = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
-        rows, cols = np.nonzero(self.hashes[index] == hashes)
-        pattern = index[rows, cols]
+        hit = self.hashes[index] == hashes
+        rows, cols, pattern = rows[hit], cols[hit], index[hit]
         window = tokens[rows[:, None], cols[:, None] + np.arange(self.length)]
         ends = cols + self.length
         after = np.where(ends < tokens.shape[1], tokens[rows, np.minimum(ends, tokens.shape[1] - 1)], -1)
