@@ -111,6 +111,8 @@ def test_matches_stop_at_documents_special_tokens_and_word_ends(setup):
     assert found == {"mid-text": True, "document start": True, "across </s>": False, "across <mask>": False,
                      "start form mid-text": at_start == term, "inside a longer word": False,
                      "at the row's end": True}
+    with_special = SpanMasker(tok, ["tumor necrosis factor", "necrosis <mask> factor"], 1.0, ids)
+    assert with_special.summary["patterns"] == masker.summary["patterns"]  # a term with a special token is dropped
 
 
 def test_kept_spans_become_one_word_and_others_keep_their_starts(setup):

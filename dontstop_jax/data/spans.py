@@ -58,7 +58,8 @@ class SpanMasker:
         self.word_starts = word_start_table(tokenizer)
         self.special = np.zeros(len(self.word_starts), bool)
         self.special[[i for i in special_ids.values() if i < len(self.special)]] = True
-        patterns = _patterns(encode_plain(tokenizer, [f" {t}" for t in terms]), encode_plain(tokenizer, list(terms)))
+        patterns = _patterns(encode_plain(tokenizer, [f" {t}" for t in terms]), encode_plain(tokenizer, list(terms)),
+                             self.special)
         self.groups = [_Group(length, seqs) for length, seqs in sorted(patterns.items())]
         self.screen = np.zeros(1 << _FILTER_BITS, bool)
         for group in self.groups:
@@ -107,12 +108,13 @@ def _screen_key(hashes: np.ndarray) -> np.ndarray:
     return ((hashes * _BASE) >> np.uint64(64 - _FILTER_BITS)).astype(np.intp)
 
 
-def _patterns(mid_text: list[list[int]], doc_start: list[list[int]]) -> dict[int, dict[tuple, bool]]:
+def _patterns(mid_text: list[list[int]], doc_start: list[list[int]],
+              special: np.ndarray) -> dict[int, dict[tuple, bool]]:
     """{length: {token sequence: only after a special token}}; a sequence that is also a mid-text form
-    matches anywhere."""
+    matches anywhere. A term that tokenizes to a special token ("<mask>") is left out: spans hold text only."""
     patterns: dict[int, dict[tuple, bool]] = {}
     for ids, after_special in [(m, False) for m in mid_text] + [(d, True) for d in doc_start]:
-        if ids:
+        if ids and not special[ids].any():
             seqs = patterns.setdefault(len(ids), {})
             seqs[tuple(ids)] = seqs.get(tuple(ids), True) and after_special
     return patterns
