@@ -46,7 +46,8 @@ def brute_force_spans(tok, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(first, inside) by trying every term form at every position, then merging overlapping matches."""
     starts, ids = word_start_table(tok), special_ids(tok)
     mid = {tuple(encode(tok, " " + t)) for t in TERMS}
-    forms = [(s, False) for s in mid] + [(tuple(encode(tok, t)), True) for t in TERMS if tuple(encode(tok, t)) not in mid]
+    at_start = {tuple(encode(tok, t)) for t in TERMS} - mid
+    forms = [(s, False) for s in mid] + [(s, True) for s in at_start]
     first, inside = np.zeros(tokens.shape, bool), np.zeros(tokens.shape, bool)
     for b, row in enumerate(tokens.tolist()):
         found = sorted((t, t + len(s)) for t in range(len(row)) for s, doc_start in forms
