@@ -43,6 +43,7 @@ RULES: dict[str, Rule] = {
     "batch_size": _POSITIVE,
     "max_seq_length": _POSITIVE,
     "mask_prob": ((lambda v: 0 < v < 1), "must be in (0, 1)"),
+    "span_masking.rate": ((lambda v: 0 <= v <= 1), "must be in [0, 1] (the chance a matched term is one unit)"),
     "metric": _one_of(METRICS),
     "checkpoint.every": ((lambda v: v >= 0), "must be >= 0"),
     "checkpoint.keep_last": _AT_LEAST_1,

@@ -13,6 +13,7 @@ _MODULE_OF = {
     "PreparedCorpus": "prepare", "prepare_corpus": "prepare",
     "ClassificationBatches": "tasks", "Task": "tasks", "load_task": "tasks", "task_unlabeled_texts": "tasks",
     "tokenize_split": "tasks",
+    "SpanMasker": "spans", "load_terms": "spans",
     "load_tokenizer": "tokenizer", "special_ids": "tokenizer", "tokenizer_fingerprint": "tokenizer",
 }
 __all__ = sorted(_MODULE_OF)

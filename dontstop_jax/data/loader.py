@@ -24,6 +24,7 @@ import numpy as np
 
 from dontstop_jax.data.masking import document_segments, mask_tokens
 from dontstop_jax.data.prepare import PreparedCorpus
+from dontstop_jax.data.spans import SpanMasker
 from dontstop_jax.errors import UserError
 
 Batch = dict[str, np.ndarray]
@@ -36,6 +37,8 @@ class MLMLoader:
     no predictions (mlm_weights 0), so shapes stay static. `prefetch` batches are built ahead in a
     background thread; `get_state` always describes what has been yielded. attend_across_documents=False
     gives `document_segments` as the attention mask, so the documents packed into a row do not see each other.
+    `span_masker` makes the occurrences of its terms masking units (data/spans.py); each row's span coins are
+    drawn from the row's generator before its mask.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class MLMLoader:
         whole_word: bool = False,
         word_starts_table: np.ndarray | None = None,
         attend_across_documents: bool = True,
+        span_masker: SpanMasker | None = None,
         process_index: int = 0,
         process_count: int = 1,
         drop_remainder: bool = True,
@@ -82,6 +86,7 @@ class MLMLoader:
         self._special_ids = dict(special_ids)
         self._word_starts = word_starts_table if whole_word else None
         self._documents_apart = not attend_across_documents
+        self._spans = span_masker
         n, g = corpus.num_blocks, global_batch_size
         self.steps_per_epoch = n // g if drop_remainder else -(-n // g)
         if self.steps_per_epoch == 0:
@@ -105,6 +110,10 @@ class MLMLoader:
         block_ids = np.concatenate([ids, self.corpus.num_blocks + np.arange(self.local_batch_size - len(ids))])
         rngs = [np.random.default_rng([self.seed, epoch, int(b)]) for b in block_ids]
         starts = None if self._word_starts is None else self._word_starts[tokens]
+        if self._spans is not None:
+            coins = np.stack([g.random(tokens.shape[1]) for g in rngs])
+            base = np.ones(tokens.shape, bool) if starts is None else starts
+            starts = self._spans.word_starts_with_spans(tokens, base, coins)
         batch = self._mask(tokens, rngs, whole_word_starts=starts)
         if self._documents_apart:
             batch["attention_mask"] = document_segments(tokens, special["eos"], special["pad"])

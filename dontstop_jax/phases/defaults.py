@@ -76,8 +76,10 @@ def pretrain_config(kind: str = "dapt") -> ConfigDict:
         # attend_across_documents: documents are packed into max_seq_length rows; True lets them see each other
         # (RoBERTa's FULL-SENTENCES), False keeps each to itself with its own positions (one document per row,
         # as the paper's TAPT ran, line by line, but without the padding)
+        # span_masking: terms, a text file with one term per line ("tumor necrosis factor"); each occurrence is
+        # masked whole, as one unit, with probability `rate` (else its tokens are ordinary words); "" = off
         data=dict(sources=[], cache_dir=placeholder(str), max_seq_length=512, mask_prob=0.15, whole_word=False,
-                  attend_across_documents=True),
+                  attend_across_documents=True, span_masking=dict(terms="", rate=1.0)),
         checkpoint=dict(every=1000, keep_last=2),
         # steps: None = `epochs` passes over the corpus
         train=dict(batch_size=256, accum_steps=4, steps=placeholder(int), epochs=100, log_every=10,

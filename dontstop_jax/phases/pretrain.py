@@ -14,7 +14,8 @@ from ml_collections import ConfigDict
 
 from dontstop_jax import files
 from dontstop_jax.distributed import on_first_process
-from dontstop_jax.data import MLMLoader, PreparedCorpus, load_tokenizer, prepare_corpus, special_ids, word_start_table
+from dontstop_jax.data import (MLMLoader, PreparedCorpus, SpanMasker, load_terms, load_tokenizer, prepare_corpus,
+                               special_ids, word_start_table)
 from dontstop_jax.engine import mlm_loss_sums
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForMaskedLM
@@ -57,12 +58,14 @@ def _pretrain(cfg: ConfigDict, objective: Objective) -> dict:
     if not cfg.data.attend_across_documents and source.config.attention_impl == "cudnn":
         raise UserError("data.attend_across_documents=False needs a per-document attention mask, which the cuDNN "
                         "kernel (model.attention_impl=cudnn) cannot take; leave attention_impl unset or use xla")
+    terms = load_terms(cfg.data.span_masking.terms) if cfg.data.span_masking.terms else None  # before any work
     corpus = prepare(cfg, source)
     tokenizer = load_tokenizer(source.tokenizer_dir)
+    spans = None if terms is None else SpanMasker(tokenizer, terms, cfg.data.span_masking.rate, special_ids(tokenizer))
     loader = MLMLoader(corpus, cfg.train.batch_size, cfg.seed, special_ids(tokenizer), vocab_size=len(tokenizer),
                        mask_prob=cfg.data.mask_prob, whole_word=cfg.data.whole_word,
                        word_starts_table=word_start_table(tokenizer) if cfg.data.whole_word else None,
-                       attend_across_documents=cfg.data.attend_across_documents,
+                       attend_across_documents=cfg.data.attend_across_documents, span_masker=spans,
                        process_index=jax.process_index(), process_count=jax.process_count())
     total = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
     with Trainer(cfg, source, adaptation, RobertaForMaskedLM(source.config), objective, total_steps=total,
@@ -77,4 +80,5 @@ def _pretrain(cfg: ConfigDict, objective: Objective) -> dict:
         return trainer.finish({
             "phase": cfg.name, "workdir": files.absolute(cfg.workdir), "steps": total,
             "parent": source.parent, "corpus_blocks": corpus.num_blocks, "epochs": total / loader.steps_per_epoch,
-            "trainable_params": adaptation.count(trainer.state.params)[0]}, data_state=loader.get_state())
+            "trainable_params": adaptation.count(trainer.state.params)[0],
+            **({} if spans is None else {"span_masking": spans.summary})}, data_state=loader.get_state())

@@ -42,7 +42,8 @@ RUNTIME_ONLY = ("name", "workdir", "train.log_every", "checkpoint", "mesh", "mod
                 "checkpoint_every")
 # Fields added after phases were recorded, at the value that does what phases did before them: left out of the
 # fingerprint and the drift check at that value, so a phase finished before the field existed is still reused.
-NEUTRAL = {"task.train_size": 0, "data.attend_across_documents": True, "train.prune_top_layers": 0}
+NEUTRAL = {"task.train_size": 0, "data.attend_across_documents": True, "train.prune_top_layers": 0,
+           "data.span_masking.terms": "", "data.span_masking.rate": 1.0}
 # Sections added later that do nothing when their `method` is "none": then none of their fields count.
 SWITCHED_SECTIONS = ("regularizer", "averaging")
 RENEW_SECONDS, LEASE_SECONDS = 60, 600
