@@ -59,6 +59,8 @@ RULES: dict[str, Rule] = {
     "derpp.alpha": ((lambda v: v >= 0), "must be >= 0"),
     "derpp.beta": ((lambda v: v >= 0), "must be >= 0"),
     "derpp.batch_size": ((lambda v: v is None or v > 0), "must be > 0 (or None: as many rows as the micro-batch)"),
+    "hat.s_max": ((lambda v: v >= 1), "must be >= 1 (the final gate slope; the paper's 400)"),
+    "hat.c": ((lambda v: v >= 0), "must be >= 0"),
     "method": _one_of(SELECT_METHODS),  # a select config's, or a grid's select.method
     "k": _POSITIVE,
     "chunk_size": _POSITIVE,

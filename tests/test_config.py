@@ -118,7 +118,7 @@ def test_a_dict_replaces_a_map_but_not_a_section():
     ("dapt.py:biomed", "optim.warmup_fraction=1", "optim.warmup_fraction=1.0 must be in [0, 1)"),
     ("dapt.py:biomed", "data.mask_prob=0", "data.mask_prob=0.0 must be in (0, 1)"),
     ("dapt.py:biomed", "data.max_seq_length=0", "data.max_seq_length=0 must be > 0"),
-    ("dapt.py:biomed", "objective=elmo", "objective='elmo' must be one of mlm, das, ewc, derpp"),
+    ("dapt.py:biomed", "objective=elmo", "objective='elmo' must be one of mlm, das, ewc, derpp, hat"),
     ("finetune.py:rct", "train.patience=0", "train.patience=0 must be >= 1"),
     ("finetune.py:rct", "train.metric=f1", "train.metric='f1' must be one of accuracy, macro_f1, micro_f1"),
     ("finetune.py:rct", "peft.method=prefix",

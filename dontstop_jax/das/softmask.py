@@ -40,11 +40,12 @@ def _layers(tree: Any) -> Any:
     return tree["roberta"]["layers"]
 
 
-def unit_masks(importance: Importance, params: Any) -> Masks:
-    """1 - importance, shaped to broadcast against each masked parameter of `params` (arrays or shapes)."""
+def unit_masks(importance: Importance, params: Any, slices: dict[tuple[str, str], tuple[str, int]] = SLICES) -> Masks:
+    """1 - importance, shaped to broadcast against each masked parameter of `params` (arrays or shapes);
+    `slices` says which parameter slices belong to which unit (HAT's differ: das/hat.py)."""
     masks: Masks = {}
     layers = _layers(params)
-    for (module, leaf), (kind, axis) in SLICES.items():
+    for (module, leaf), (kind, axis) in slices.items():
         shape = np.shape(layers[module][leaf])
         keep = 1.0 - np.asarray(importance[kind], np.float32)  # [L, units]
         if keep.shape != (shape[0], shape[axis]):

@@ -34,9 +34,11 @@ LossSums = Callable[[Any, Batch, jax.Array, bool], tuple[jax.Array, dict[str, ja
 class Fixed:
     """A loss over arrays held fixed for a whole phase (EWC's anchor and Fisher, DER++'s replay buffer). They
     reach the compiled step as an argument, placed once: an array a jitted function closes over is baked into
-    the program as a constant (here a full copy of the parameters in the HLO)."""
-    loss: Callable[[Any], LossSums]  # arrays -> the loss that reads them
+    the program as a constant (here a full copy of the parameters in the HLO). `stepped`: the loss also reads
+    the step counter (HAT's annealed gate slope), as `loss(arrays, step)`."""
+    loss: Callable[..., LossSums]  # arrays (and the step, if stepped) -> the loss that reads them
     arrays: Any  # a tree of placed jax arrays
+    stepped: bool = False
 
 
 def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -131,7 +133,9 @@ def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformatio
     ema_decays = dict(ema_decays or {})
 
     def step(state: TrainState, batch: Batch, *fixed: Any):
-        loss = loss_sums.loss(*fixed) if isinstance(loss_sums, Fixed) else loss_sums
+        loss = loss_sums
+        if isinstance(loss_sums, Fixed):
+            loss = loss_sums.loss(*fixed, state.step) if loss_sums.stepped else loss_sums.loss(*fixed)
         grad_fn = jax.value_and_grad(lambda p, b, r, *t: loss(p, b, r, False, *t), has_aux=True)
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         extra = (state.averages[teacher],) if teacher else ()

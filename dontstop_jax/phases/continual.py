@@ -1,12 +1,13 @@
 """Continual DAP-training: one model adapted to a sequence of domains, every seen end task scored after each.
 
 Methods (`METHODS`): `das` (Ke et al. 2023: soft-masked gradients + contrastive integration) and its
-ablations; the continual-learning baselines `ewc` (Fisher-weighted penalty, das/ewc.py) and `derpp` (replay
-of past domains' text with their logits, das/replay.py); `ncl` (plain sequential DAPT, the naive continual
+ablations; the continual-learning baselines `ewc` (Fisher-weighted penalty, das/ewc.py), `derpp` (replay
+of past domains' text with their logits, das/replay.py) and `hat` (hard attention to the task, the
+parameter-isolation reference, das/hat.py); `demix` (DEMix domain experts: an FFN expert per domain); `ncl` (plain sequential DAPT, the naive continual
 learner); `one` and `adapter_one` (an independent full / adapter DAPT per domain from the base: no
 forgetting by construction, one model per domain) and `base` (no adaptation). A method is a stage kind
 plus the phase fields it sets; its objective and the state that carries from stage to stage (importance,
-Fisher, replay buffer) are built here, the training loop is always `pretrain`.
+Fisher, replay buffer, HAT masks) are built here, the training loop is always `pretrain`.
 
 DAS stage t: the accumulated importance of the earlier stages (stage 1: general knowledge, measured on the
 base model with the KL proxy on domain 1's text) soft-masks training on domain t; afterwards the domain's
@@ -14,6 +15,19 @@ own importance (MLM loss) is max-accumulated and saved as `importance.npz` in th
 without the general knowledge, as `domain_importance.npz`), which the next stage reads. EWC and DER++
 measure their state from the earlier stages' models when a stage trains. Phases are fingerprinted and
 reused as in the grid (a regularised method's first stage, with nothing to regularise, is `ncl`'s).
+
+HAT stage t trains domain t's unit embeddings with the model (`HatMaskedLM`) and saves the domain's mask
+(`hat_domain_mask.npz`) and its max with the past domains' (`hat_mask.npz`), which blocks stage t + 1's
+gradients. A task is fine-tuned and scored from the end model without gates (as HAT in DAS's comparison,
+where every baseline's end model is fine-tuned): the masks isolate what each domain's training may change;
+the units every domain left free keep the base model's weights.
+
+DEMix (Gururangan et al. 2022, adding a domain's expert): stage t trains only the FFNs (the `intermediate`
+and `output` dense layers of every layer), starting from domain t - 1's expert (the base's FFNs for the
+first); everything else is held fixed, so every stage's model is the shared (base) weights plus its domain's
+expert. Each stage's checkpoint stores its whole model (shared weights bit-identical to the base's) rather
+than the expert alone beside one shared copy, and no router mixes experts: a task is fine-tuned from its
+domain's model (the DEMix paper's known-domain setting).
 """
 
 from __future__ import annotations
@@ -33,7 +47,7 @@ from ml_collections import ConfigDict
 from dontstop_jax import config_loader, files
 from dontstop_jax.analysis.continual import ContinualTable
 from dontstop_jax.analysis.metrics import check_metric
-from dontstop_jax.das import ewc, importance, replay
+from dontstop_jax.das import ewc, hat, importance, replay
 from dontstop_jax.das.contrastive import das_objective
 from dontstop_jax.das.ewc import ewc_objective
 from dontstop_jax.das.replay import derpp_objective
@@ -44,7 +58,7 @@ from dontstop_jax.engine import (check_batch_size, compile_eval_step, make_eval_
 from dontstop_jax.errors import UserError
 from dontstop_jax.files import write_json, write_text
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM
-from dontstop_jax.phases.defaults import das_config, derpp_config, ewc_config
+from dontstop_jax.phases.defaults import das_config, derpp_config, ewc_config, hat_config
 from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.phases.grid import _phase, base_model
 from dontstop_jax.phases.pretrain import mlm, prepare, pretrain
@@ -54,7 +68,8 @@ from dontstop_jax.train import source as sources
 @dataclasses.dataclass(frozen=True)
 class Method:
     """How a method's stages run. kind: "sequential" (each stage starts from the previous one), "independent"
-    (each from the base) or "base" (no adaptation); objective: a stage's loss (a pretraining OBJECTIVE);
+    (each from the base), "experts" (each from the previous one, training only its domain's FFN expert; a task
+    uses its domain's stage) or "base" (no adaptation); objective: a stage's loss (a pretraining OBJECTIVE);
     fields: what it changes in the continual config's sections (`das`, `dapt`) for its stages."""
     kind: str
     objective: str = "mlm"
@@ -69,6 +84,8 @@ METHODS: dict[str, Method] = {
     "das_no_contrast": Method("sequential", "das", (("das.contrastive_weight", 0.0),)),
     "das_past_contrast": Method("sequential", "das", (("das.contrast", "past"),)),
     "das_random": Method("sequential", "das", (("das.random", True),)),
+    "hat": Method("sequential", "hat"),
+    "demix": Method("experts"),
     "ncl": Method("sequential"),
     "one": Method("independent"),
     # Houlsby adapters, as in DAS's Adapter-ONE baseline (an adapter per domain on a frozen base)
@@ -78,6 +95,11 @@ METHODS: dict[str, Method] = {
 GENERAL = "general_importance.npz"  # in the first DAS stage's workdir: what the base model knows
 ACCUMULATED = "importance.npz"  # in every DAS stage's workdir: max over general and domains so far
 DOMAINS = "domain_importance.npz"  # ... max over the domains so far only (what `das.contrast="past"` gates)
+HAT_DOMAIN = "hat_domain_mask.npz"  # in every HAT stage's workdir: the units its domain used (mask at s_max)
+HAT_MASKS = "hat_mask.npz"  # ... max over the domains so far: what the next stage may not change
+# Everything but the FFNs (roberta/layers/intermediate, roberta/layers/output): what a DEMix stage holds fixed
+EXPERT_SHARED = ("roberta/embeddings", "lm_head", *(f"roberta/layers/{m}" for m in (
+    "query", "key", "value", "attention_output", "attention_LayerNorm", "output_LayerNorm")))
 
 
 @dataclasses.dataclass
@@ -125,8 +147,8 @@ class Continual:
                      **fields) -> ConfigDict:
         """The dapt phase (or `template`) on `domain` from `parent`. `frozen` (held fixed by the Trainer) and a
         stage's objective and its section (`das=`, `ewc=`, ...) are set on it so that the fingerprint tells them."""
-        return _phase(template or self.cfg.dapt, self.root / "pretrain", f"{label}-{domain}", init=parent,
-                      frozen=list(self.cfg.frozen), **{"data.sources": list(self.cfg.domains[domain])}, **fields)
+        fields = {"frozen": list(self.cfg.frozen), "data.sources": list(self.cfg.domains[domain]), **fields}
+        return _phase(template or self.cfg.dapt, self.root / "pretrain", f"{label}-{domain}", init=parent, **fields)
 
     def das_stage(self, parent: str, domain: str, index: int, das: ConfigDict) -> str:
         """Train on `domain` under the importance accumulated so far; then add this domain's importance.
@@ -175,6 +197,23 @@ class Continual:
         pretrain(phase, objective=derpp_objective(buffer, section.alpha, section.beta, section.batch_size))
         return phase.workdir
 
+    def hat_stage(self, parent: str, domain: str, index: int) -> str:
+        """Train on `domain` (the sequence's `index`th) with its HAT embeddings, blocked where the past domains'
+        masks (the parent's `HAT_MASKS`) are on; then save its own mask and the accumulated one."""
+        section = self.cfg.hat
+        phase = self._adapt_phase("hat", parent, domain, objective="hat", hat=section)
+        if phase.train.steps is None:
+            raise UserError("hat anneals its gate slope over a stage's steps, so it needs dapt.train.steps (a number "
+                            "of steps rather than epochs); set --config.dapt.train.steps")
+        past = importance.load(files.path(parent) / HAT_MASKS) if index > 0 else None
+        pretrain(phase, objective=hat.hat_objective(index, past, section.c, section.s_max, phase.train.steps),
+                 module=functools.partial(hat.HatMaskedLM, domain=index))
+        workdir = files.path(phase.workdir)
+        own = functools.cache(lambda: hat.final_masks(sources.resolve(phase.workdir).params, index, section.s_max))
+        self._importance_file(workdir / HAT_DOMAIN, own)
+        self._importance_file(workdir / HAT_MASKS, lambda: importance.accumulate(past, own()))
+        return phase.workdir
+
     @staticmethod
     def _importance_file(path: files.Path, compute) -> importance.Importance:
         """The importance saved at `path`, or `compute()`d now (every process) and saved (by the first; the
@@ -200,7 +239,12 @@ class Continual:
         models: list[str] = []
         for i, domain in enumerate(seq):
             parent = models[-1] if models else base
-            if spec.objective == "das":
+            if spec.kind == "experts":
+                models.append(self._dapt(parent, domain, sections.dapt, "demix",
+                                         frozen=[*self.cfg.frozen, *EXPERT_SHARED]))
+            elif spec.objective == "hat":
+                models.append(self.hat_stage(parent, domain, i))
+            elif spec.objective == "das":
                 models.append(self.das_stage(parent, domain, i, sections.das))
             elif spec.objective == "mlm" or i == 0:  # nothing to regularise yet: the stage is ncl's
                 models.append(self._dapt(parent, domain, sections.dapt, label))
@@ -209,8 +253,8 @@ class Continual:
                                                      sections.das))
         return models
 
-    def _dapt(self, parent: str, domain: str, template: ConfigDict, label: str) -> str:
-        phase = self._adapt_phase(label, parent, domain, template)
+    def _dapt(self, parent: str, domain: str, template: ConfigDict, label: str, **fields) -> str:
+        phase = self._adapt_phase(label, parent, domain, template, **fields)
         pretrain(phase, objective=mlm)
         return phase.workdir
 
@@ -263,12 +307,13 @@ class Continual:
         records = []
         for method in self.cfg.methods:
             kind, models = METHODS[method].kind, self.stages(method, base)
-            before = [base] + models[:-1] if kind == "sequential" else [base] * len(seq)
+            before = [base] + models[:-1] if kind in ("sequential", "experts") else [base] * len(seq)
             for stage in range(len(seq)):
                 for task, spec in self.cfg.tasks.items():
                     k = seq.index(spec.domain)
                     if stage >= k:
-                        records += self._scores(method, stage, task, models[k if kind == "independent" else stage])
+                        own = kind in ("independent", "experts")  # the task's domain's model, whatever came after
+                        records += self._scores(method, stage, task, models[k if own else stage])
                     if stage == k - 1:
                         records += self._scores(method, stage, task, before[k], when="before")
         for task in self.cfg.tasks:
@@ -304,7 +349,7 @@ def synthetic_config(scale: str = "default") -> ConfigDict:
         # Parameter paths held fixed in every adaptation stage (e.g. ["lm_head", "roberta/embeddings"], which DAS
         # does not mask), so that forgetting happens where DAS acts.
         frozen=[],
-        das=das_config(), ewc=ewc_config(), derpp=derpp_config()))
+        das=das_config(), ewc=ewc_config(), derpp=derpp_config(), hat=hat_config()))
     cfg.synthetic.update(domains=domains, task_domains=domains)  # the benchmark goes to WORKDIR/benchmark
     if scale == "tiny":  # a smoke run: DAS and its three references (every method: --config.methods=...)
         cfg.das.importance_batches = 4

@@ -14,7 +14,7 @@ from dontstop_jax.engine.sharding import DEFAULT_RULES
 
 PRETRAIN_KINDS = ("dapt", "tapt")
 # A pretraining phase's loss: plain MLM, or a continual-learning stage's (set by `dontstop continual`).
-OBJECTIVES = ("mlm", "das", "ewc", "derpp")
+OBJECTIVES = ("mlm", "das", "ewc", "derpp", "hat")
 
 
 def _model() -> ConfigDict:
@@ -65,6 +65,12 @@ def derpp_config() -> ConfigDict:
     return ConfigDict(dict(buffer_size=200, alpha=0.1, beta=0.5, batch_size=placeholder(int)))
 
 
+def hat_config() -> ConfigDict:
+    """HAT (Serra et al. 2018): the gate slope anneals to s_max = 400; sparsity regulariser weight c = 0.75 (the
+    paper's values)."""
+    return ConfigDict(dict(s_max=400.0, c=0.75))
+
+
 def pretrain_config(kind: str = "dapt") -> ConfigDict:
     """DAPT per the paper: one pass, 12.5K steps of 2048 sequences (via accumulation), lr 5e-4, warm-up 6%.
     TAPT: 100 epochs over the task's unlabeled text, batch 256, lr 1e-4, fresh masks every epoch."""
@@ -87,7 +93,7 @@ def pretrain_config(kind: str = "dapt") -> ConfigDict:
         # Continual DAP-training (phases/continual.py) sets these on its stages; a plain phase is MLM on all weights.
         objective="mlm",  # one of OBJECTIVES
         frozen=[],  # parameter paths held fixed, e.g. ["lm_head", "roberta/embeddings"]
-        das=das_config(), ewc=ewc_config(), derpp=derpp_config())
+        das=das_config(), ewc=ewc_config(), derpp=derpp_config(), hat=hat_config())
     if kind == "dapt":
         cfg.train.update(batch_size=2048, accum_steps=32, steps=12500, epochs=1)
         cfg.optim.learning_rate = 5e-4

@@ -18,7 +18,7 @@ from dontstop_jax.data import (MLMLoader, PreparedCorpus, SpanMasker, load_terms
                                special_ids, word_start_table)
 from dontstop_jax.engine import mlm_loss_sums
 from dontstop_jax.errors import UserError
-from dontstop_jax.model import RobertaForMaskedLM
+from dontstop_jax.model import ModelConfig, RobertaForMaskedLM
 from dontstop_jax.train import source as sources
 from dontstop_jax.train.trainer import Objective, Trainer, check_batch
 from dontstop_jax.train.workdir import PREPARED, Workdir
@@ -42,14 +42,16 @@ def mlm(model: nn.Module, params: Any) -> tuple[Callable, dict]:
     return mlm_loss_sums(model), {}
 
 
-def pretrain(cfg: ConfigDict, objective: Objective = mlm) -> dict:
+def pretrain(cfg: ConfigDict, objective: Objective = mlm,
+             module: Callable[[ModelConfig], nn.Module] = RobertaForMaskedLM) -> dict:
     """Run (or resume, or return the finished) MLM phase in cfg.workdir; returns its summary. Raises
-    `Interrupted` after checkpointing when asked to stop. `objective` replaces plain MLM (e.g. DAS's)."""
+    `Interrupted` after checkpointing when asked to stop. `objective` replaces plain MLM (e.g. DAS's);
+    `module` builds the trained model from the source's config (HAT's adds its mask embeddings)."""
     with Workdir(cfg) as done:  # refuses a changed config and a workdir another run holds
-        return done if done is not None else _pretrain(cfg, objective)
+        return done if done is not None else _pretrain(cfg, objective, module)
 
 
-def _pretrain(cfg: ConfigDict, objective: Objective) -> dict:
+def _pretrain(cfg: ConfigDict, objective: Objective, module: Callable[[ModelConfig], nn.Module]) -> dict:
     if cfg.objective != "mlm" and objective is mlm:
         raise UserError(f"objective={cfg.objective!r} needs the importance that `dontstop continual` measures "
                         "between its stages; run it through `dontstop continual` (configs/continual.py)")
@@ -68,7 +70,7 @@ def _pretrain(cfg: ConfigDict, objective: Objective) -> dict:
                        attend_across_documents=cfg.data.attend_across_documents, span_masker=spans,
                        process_index=jax.process_index(), process_count=jax.process_count())
     total = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
-    with Trainer(cfg, source, adaptation, RobertaForMaskedLM(source.config), objective, total_steps=total,
+    with Trainer(cfg, source, adaptation, module(source.config), objective, total_steps=total,
                  keep_last=cfg.checkpoint.keep_last, corpus=str(corpus.directory), head="mlm") as trainer:
         if trainer.data_state is not None:
             loader.set_state(trainer.data_state)
