@@ -1,5 +1,8 @@
 """Config files and command-line overrides: typos are errors, values keep their types (more: test_config.py)."""
 
+import copy
+import functools
+import json
 import subprocess
 import sys
 
@@ -7,6 +10,7 @@ import pytest
 
 from dontstop_jax import config_loader
 from dontstop_jax.errors import UserError
+from dontstop_jax.phases.defaults import finetune_config, pretrain_config
 from dontstop_jax.phases.grid import fingerprint
 
 
@@ -41,6 +45,27 @@ def test_fingerprint_ignores_names_and_places_but_not_settings():
     assert fingerprint(a) == fingerprint(b)  # only name/workdir differ
     b.train.steps = 7
     assert fingerprint(a) != fingerprint(b)
+
+
+# Fields and sections added after phases were recorded (train/workdir.py NEUTRAL, SWITCHED_SECTIONS,
+# OBJECTIVE_SECTIONS): at their defaults a phase fingerprints as one recorded before they existed.
+ADDED_LATER = ["task.train_size", "train.prune_top_layers", "regularizer", "averaging", "data.attend_across_documents",
+               "data.span_masking", "das.general", "das.contrast", "das.random", "ewc", "derpp", "hat"]
+
+
+@pytest.mark.parametrize("kind", ["dapt", "finetune"])
+def test_fields_added_later_keep_the_fingerprints_of_phases_recorded_before_them(kind):
+    cfg = finetune_config() if kind == "finetune" else pretrain_config(kind)
+    recorded = json.loads(cfg.to_json_best_effort())
+    for dotted in ADDED_LATER:
+        *parents, leaf = dotted.split(".")
+        functools.reduce(lambda tree, key: tree.get(key, {}), parents, recorded).pop(leaf, None)
+    assert fingerprint(cfg) == fingerprint(recorded)
+    changed = [("regularizer.method", "r3f"), ("averaging.method", "ema"), ("train.prune_top_layers", 1)] \
+        if kind == "finetune" else [("objective", "ewc"), ("data.attend_across_documents", False), ("das.random", True)]
+    for field, value in changed:
+        other = config_loader.set_fields(copy.deepcopy(cfg), {field: value})
+        assert fingerprint(other) != fingerprint(recorded), field
 
 
 @pytest.mark.parametrize("command, expected", [

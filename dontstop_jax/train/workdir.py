@@ -43,9 +43,12 @@ RUNTIME_ONLY = ("name", "workdir", "train.log_every", "checkpoint", "mesh", "mod
 # Fields added after phases were recorded, at the value that does what phases did before them: left out of the
 # fingerprint and the drift check at that value, so a phase finished before the field existed is still reused.
 NEUTRAL = {"task.train_size": 0, "data.attend_across_documents": True, "train.prune_top_layers": 0,
-           "data.span_masking.terms": "", "data.span_masking.rate": 1.0}
+           "data.span_masking.terms": "", "data.span_masking.rate": 1.0, "das.general": True,
+           "das.contrast": "all", "das.random": False}
 # Sections added later that do nothing when their `method` is "none": then none of their fields count.
 SWITCHED_SECTIONS = ("regularizer", "averaging")
+# A continual method's section counts only in the phases whose `objective` is that method.
+OBJECTIVE_SECTIONS = ("ewc", "derpp", "hat")
 RENEW_SECONDS, LEASE_SECONDS = 60, 600
 
 
@@ -63,6 +66,7 @@ def result_fields(config: ConfigDict | dict) -> dict[str, Any]:
     """{dotted field: value} of everything in `config` that shapes a phase's result (JSON-normalised)."""
     tree = json.loads(config.to_json_best_effort()) if isinstance(config, ConfigDict) else config
     off = tuple(f"{name}." for name in SWITCHED_SECTIONS if tree.get(name, {}).get("method") == "none")
+    off += tuple(f"{name}." for name in OBJECTIVE_SECTIONS if name in tree and tree.get("objective") != name)
     return {k: v for k, v in _flatten(tree).items()
             if not _runtime_only(k) and not (k in NEUTRAL and NEUTRAL[k] == v) and not k.startswith(off)}
 
