@@ -128,6 +128,9 @@ def learning_curves(curve_json: str | files.Path, path: str | files.Path, *, dpi
                                label=line["name"] + (" (reference)" if line["reference"] else ""))
             ax.fill_between(x, mean - std, mean + std, color=drawn.get_color(), alpha=0.15, linewidth=0)
         ax.set_xscale("log")
+        sizes = sorted({p["examples"] for line in curves["lines"] if line["task"] == task for p in line["points"]})
+        ax.set_xticks(sizes, [str(n) for n in sizes])  # the sizes themselves, not 2x10^1-style minor labels
+        ax.minorticks_off()
         ax.set_xlabel("labeled train examples")
         ax.set_ylabel(f"test {curves['metric_by_task'][task]} (%)")
         ax.set_title(task, fontsize=10)
