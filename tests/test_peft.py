@@ -293,6 +293,25 @@ def test_method_overrides_set_fine_tuning_fields_per_method_and_reject_typos():
         grid.method_overrides("full")
 
 
+def test_named_setups_are_methods_that_their_overrides_define():
+    from dontstop_jax.phases.defaults import finetune_config
+    cfg = ConfigDict(dict(workdir="unused", variants=[], tasks={}, domains={}, methods=["full", "r3f", "lora_smart"],
+                          method_overrides={"r3f": {"regularizer": {"method": "r3f"}},
+                                            "lora_smart": {"peft": {"method": "lora"},
+                                                           "regularizer": {"method": "smart"}}},
+                          finetune=finetune_config()))
+    grid = Grid(cfg)
+    assert grid.methods() == ["full", "r3f", "lora_smart"]
+    assert [grid.peft_method(m) for m in grid.methods()] == ["full", "full", "lora"]
+    assert grid.method_overrides("r3f") == {"regularizer.method": "r3f"}
+    cfg.methods = ["full", "r3ff"]  # a typo that no override defines
+    with pytest.raises(UserError, match="peft.method='r3ff' is unknown"):
+        grid.methods()
+    cfg.methods = ["r3f", "r3f"]
+    with pytest.raises(UserError, match="lists a name twice"):
+        grid.methods()
+
+
 def test_table_shows_parameter_counts_epoch_times_and_discarded_seeds():
     records = [{"task": "t", "variant": v, "seed": s, "metrics": {"f1": m}, "discarded": d,
                 "extras": {"trainable_params": n, "seconds_per_epoch": 2.0 + s}}

@@ -44,7 +44,7 @@ from dontstop_jax.analysis.metrics import check_metric
 from dontstop_jax.data import load_task, load_tokenizer
 from dontstop_jax.data.tasks import require_splits, with_train_size
 from dontstop_jax.data.tokenizer import encode_plain
-from dontstop_jax.engine.peft import check_method
+from dontstop_jax.engine.peft import METHODS, check_method
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.files import read_json, write_json
@@ -172,8 +172,24 @@ class Grid:
         return self.dapt(base, other)
 
     def methods(self) -> list[str]:
-        """The grid's `methods` dimension (full and parameter-efficient fine-tuning); default: finetune.peft's."""
-        return [check_method(m) for m in self.cfg.get("methods") or [self.cfg.finetune.peft.method]]
+        """The grid's `methods` dimension; default: finetune.peft's. An entry is a PEFT method (full, lora, ...)
+        or a name of your own for a fine-tuning setup that `method_overrides` defines (e.g. "r3f" with
+        {"regularizer": {"method": "r3f"}}), so that setups are rows of one table."""
+        names = list(self.cfg.get("methods") or [self.cfg.finetune.peft.method])
+        overrides = self.cfg.get("method_overrides") or {}
+        for name in names:
+            if name not in overrides:
+                check_method(name)
+        if len(set(names)) < len(names):
+            raise UserError(f"methods {names} lists a name twice; each is one row of the table")
+        return names
+
+    def peft_method(self, method: str) -> str:
+        """The PEFT method a `methods` entry fine-tunes with: itself, or (a named setup) its override's
+        peft.method, else finetune.peft.method."""
+        if method in METHODS:
+            return method
+        return check_method(self.method_overrides(method).get("peft.method", self.cfg.finetune.peft.method))
 
     def method_overrides(self, method: str) -> dict[str, Any]:
         """Fine-tuning fields set for one method only, as dotted keys: `method_overrides` maps a method to a
@@ -271,7 +287,7 @@ class Grid:
                         phase = _phase(self.cfg.finetune, self.root / "finetune", name, init=init, seed=seed,
                                        **{**per_task, "task.train_size": sized.get("train_size", 0),
                                           **self.task_overrides(task, "finetune"),
-                                          "peft.method": method, **self.method_overrides(method),
+                                          **self.method_overrides(method), "peft.method": self.peft_method(method),
                                           **self.discard(early)})
                         result = finetune(phase)
                         if result.get("early_dev") is not None:
