@@ -152,3 +152,38 @@ def test_prompt_fine_tuning_with_bitfit_exports_an_mlm_with_its_prompt(tmp_path,
         preds.append(np.argmax((logits[prompt.label_ids] * prompt.label_weights).sum(-1)))
     ours = classification_metrics(labels, np.array(preds), 2)
     assert ours["accuracy"] == pytest.approx(summary["test"]["accuracy"])
+
+
+def test_grid_crosses_heads_with_shots(tmp_path, monkeypatch, tiny_tokenizer_dir):
+    """A few-shot grid with its fine-tunes stubbed: every (head, shots, seed) runs once with its fields, the rows
+    are "baseline" and "baseline/prompt", the references are scored on the same k-per-class draws, and the
+    learning curve's columns are the shots (the examples in all in brackets)."""
+    from tiny_hf import save_tiny_roberta, write_biomed_data
+    from dontstop_jax.phases import grid as grid_module
+    write_biomed_data(tmp_path / "corpus", tmp_path / "bio", corpus_docs=0)
+    tuned = []
+
+    def finetune(phase):
+        tuned.append(phase)
+        score = {"macro_f1": 0.5 + 0.1 * (phase.head == "prompt") + 0.01 * phase.seed}
+        return {"dev": score, "test": score}
+    monkeypatch.setattr(grid_module, "finetune", finetune)
+    task = dict(path=str(tmp_path / "bio"), metric="macro_f1", text_field="text", label_field="label",
+                irrelevant_domain="cs", domain="bio")
+    cfg = config_loader.load("configs/grid.py:paper", [
+        f"--config.tasks={dict(bio=task)!r}", "--config.domains={'bio': ['c.txt'], 'cs': ['d.txt']}",
+        "--config.variants=['baseline']", "--config.heads=['classifier', 'prompt']", "--config.shots=[4]",
+        "--config.seeds=[0, 1]", f"--config.workdir={tmp_path / 'grid'}",
+        f"--config.base={save_tiny_roberta(tmp_path / 'base', tiny_tokenizer_dir)}"])
+    grid_module.Grid(cfg).run()
+    assert sorted((p.head, p.task.shots, p.task.train_size, p.seed) for p in tuned) == [
+        ("classifier", 4, 0, 0), ("classifier", 4, 0, 1), ("prompt", 4, 0, 0), ("prompt", 4, 0, 1)]
+    saved = json.loads((tmp_path / "grid" / "records.json").read_text())
+    assert {(r["variant"], r["shots"], r["train_size"]) for r in saved["records"]} == {
+        ("baseline", 4, 4), ("baseline/prompt", 4, 4)}
+    assert {(r["shots"], r["draw"], r["train_examples"]) for r in saved["references"]} == {(4, 0, 8), (4, 1, 8)}
+    curve = (tmp_path / "grid" / "learning_curve.md").read_text()
+    assert "| bio (macro_f1) | 4 (8) |" in curve and "| baseline/prompt | 60.5 ± 0.7 |" in curve
+    assert (tmp_path / "grid" / "results-k4.md").exists()
+    with pytest.raises(UserError, match="shots and numbered train_sizes"):
+        grid_module.Grid(config_loader.set_fields(copy.deepcopy(cfg), {"train_sizes": [8]})).train_sizes()
