@@ -60,12 +60,16 @@ class Head:
     provenance: dict[str, Any]
 
 
-def build_head(cfg: ConfigDict, config: ModelConfig, tokenizer: PreTrainedTokenizerFast, label_names: list[str],
-               max_len: int, train: tuple[list[str], np.ndarray]) -> Head:
-    """The fine-tuning phase's head (`cfg.head`): a classifier on `<s>`, or the prompt over the MLM head."""
+def build_head(cfg: ConfigDict, config: ModelConfig, params: Any, tokenizer: PreTrainedTokenizerFast,
+               label_names: list[str], max_len: int, train: tuple[list[str], np.ndarray]) -> Head:
+    """The fine-tuning phase's head (`cfg.head`): a classifier on `<s>`, or the prompt over the (pretrained)
+    MLM head of `params`."""
     if cfg.head == "classifier":
         return Head(RobertaForSequenceClassification(config, len(label_names)),
                     lambda texts: tokenize_split(texts, tokenizer, max_len), "classification", {})
+    if params is None or "lm_head" not in params:
+        raise UserError(f"head=prompt reads the pretrained MLM head, and init={cfg.init!r} has none; start from a "
+                        "masked LM (a pretraining phase or a Hugging Face RobertaForMaskedLM directory)")
     prompt = Prompt.from_config(cfg.prompt, tokenizer, label_names)
     demos = train if cfg.prompt.demonstrations else None
     return Head(prompt.model(config), lambda texts: prompt.encode(texts, max_len, demos, cfg.seed), "mlm",

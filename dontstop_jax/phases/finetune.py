@@ -137,7 +137,7 @@ def _finetune(cfg: ConfigDict) -> dict:
         task = with_shots(task, cfg.task.shots, cfg.seed)
     max_len = min(cfg.data.max_seq_length, source.config.max_seq_length)
     tokenizer = load_tokenizer(source.tokenizer_dir)
-    head = build_head(cfg, source.config, tokenizer, task.label_names, max_len, task.splits["train"])
+    head = build_head(cfg, source.config, source.params, tokenizer, task.label_names, max_len, task.splits["train"])
     batches = {s: ClassificationBatches(head.encode(task.splits[s][0]), task.splits[s][1],
                                         cfg.train.batch_size, cfg.seed, pad_id=special_ids(tokenizer)["pad"],
                                         max_seq_length=max_len, shuffle=s == "train",
