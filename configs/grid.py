@@ -40,6 +40,10 @@ def get_config(arg: str = "paper"):
         # method_overrides: fine-tuning fields per method, e.g. {"lora": {"optim": {"learning_rate": 1e-3}}};
         # seed_discard: Dodge et al. early discarding (fraction 0 = off), see phases/grid.py.
         methods=[], method_overrides={}, seed_discard=dict(fraction=0.0, keep=3),
+        # few-shot: shots (examples per class, e.g. [16, 32, 64]; replaces train_sizes) and heads compared
+        # (e.g. ["classifier", "prompt"]; empty: finetune.head; a task's verbalizer goes in its
+        # overrides.finetune.prompt.verbalizer), see phases/grid.py
+        shots=[], heads=[],
         base_pretrain=dict(init="none"),
         domains={d: [f"{root}/corpora/{d}/*.txt"] for d in IRRELEVANT},
         # tasks.<t>.overrides: per-task fields of its TAPT and fine-tuning phases, e.g.

@@ -15,6 +15,7 @@ from ml_collections import ConfigDict, FieldReference
 
 from dontstop_jax.analysis.metrics import METRICS
 from dontstop_jax.engine.peft import METHODS as PEFT_METHODS
+from dontstop_jax.engine.prompt import HEADS, check_template
 from dontstop_jax.engine.regularizers import METHODS as REGULARIZERS, NOISES, NORMS
 from dontstop_jax.errors import UserError
 from dontstop_jax.model.config import REMAT_POLICIES
@@ -68,6 +69,13 @@ RULES: dict[str, Rule] = {
     "fit_docs": _POSITIVE,
     "seed_discard.keep": _AT_LEAST_1,
     "task.train_size": ((lambda v: v >= 0), "must be >= 0 (0 = the whole train split)"),
+    "task.shots": ((lambda v: v >= 0), "must be >= 0 (examples per class; 0 = off)"),
+    "shots": ((lambda v: len(v) == len(set(v)) and all(type(s) is int and s >= 1 for s in v)),
+              "must list distinct numbers of examples per class, each an int >= 1, e.g. [16, 32, 64] ([] = off)"),
+    "head": _one_of(HEADS),
+    "heads": ((lambda v: len(v) == len(set(v)) and set(v) <= set(HEADS)),
+              f"must list distinct fine-tuning heads of {', '.join(HEADS)} ([] = finetune.head)"),
+    "prompt.template": (check_template, "needs exactly one {text} and one <mask>, e.g. '{text} It was <mask> .'"),
     "train_sizes": ((lambda v: len(v) == len(set(v)) > 0 and all(
         s == "all" or (type(s) is int and s >= 1) for s in v)),
         "must list distinct train sizes, each an int >= 1 or 'all' (the whole train split), e.g. [100, 500, 'all']"),
@@ -87,7 +95,7 @@ RULES: dict[str, Rule] = {
     "averaging.swa_start": _AT_LEAST_1,
 }
 # Sections keyed by your own names (domains, tasks, ...): a dict value replaces them instead of setting fields.
-MAPS = ("domains", "tasks", "corpora", "curves", "checkpoints", "method_overrides", "overrides")
+MAPS = ("domains", "tasks", "corpora", "curves", "checkpoints", "method_overrides", "overrides", "verbalizer")
 # A grid task's fields; `overrides` holds per-task fields of its TAPT and fine-tuning phases; `transfer_from`
 # names the task whose TAPT phase the transfer_tapt row fine-tunes from (checked by phases/grid.py).
 TASK_FIELDS = ("path", "domain", "metric", "epochs", "text_field", "label_field", "irrelevant_domain", "overrides",
@@ -190,8 +198,10 @@ def _validate_task(cfg: ConfigDict, name: str, task: ConfigDict, prefix: str) ->
 
 
 def _rule(path: str) -> Rule | None:
-    """The rule of the longest suffix of `path` in RULES."""
+    """The rule of the longest suffix of `path` in RULES (none inside a verbalizer: its keys are the task's labels)."""
     parts = path.split(".")
+    if "verbalizer" in parts[:-1]:
+        return None
     for i in range(len(parts)):
         if (suffix := ".".join(parts[i:])) in RULES:
             return RULES[suffix]

@@ -1,7 +1,8 @@
 """Learning curves: a grid's scores against the number of labeled train examples (its `train_sizes`).
 
 Records and reference records carry `train_size` (absent means "all": every record written before the axis
-existed is a full-train one). A fine-tune on a subsampled train set trains on the stratified draw of its
+existed is a full-train one). In a few-shot grid (phases/grid.py `shots`) the size is the number of examples per
+class and records also carry `shots`. A fine-tune on a subsampled train set trains on the stratified draw of its
 seed, so a variant's spread over seeds includes the draw's; a reference on a subsampled set is fitted once per
 draw (its record's `draw`). Reference records also carry `train_examples`, the curve's x for their size
 (the whole train split's size for "all").
@@ -92,7 +93,7 @@ def to_markdown(curves: Mapping[str, Any]) -> str:
     for task, metric in curves["metric_by_task"].items():
         lines = [line for line in curves["lines"] if line["task"] == task]
         examples = {p["train_size"]: p["examples"] for line in lines for p in line["points"]}
-        header = [f"{task} ({metric})", *(f"{s} ({examples[s]})" if s == ALL else str(s)
+        header = [f"{task} ({metric})", *(f"{s} ({examples[s]})" if examples[s] != s else str(s)
                                           for s in curves["sizes"] if s in examples)]
         rows = ["| " + " | ".join(header) + " |", "|:--" + "|--:" * (len(header) - 1) + "|"]
         for line in lines:
@@ -102,7 +103,8 @@ def to_markdown(curves: Mapping[str, Any]) -> str:
                         + " |")
         out += rows + [""]
     legend = ("Test scores in % by number of labeled train examples: mean ± sample std over seeds, each seed "
-              "fine-tuned on its own stratified draw; references: over the same draws.")
+              "fine-tuned on its own stratified draw; references: over the same draws. In a few-shot grid the columns are "
+              "examples per class (the examples in all in brackets) and each draw has its dev set of that size.")
     return "\n".join(out) + "\n" + legend + "\n"
 
 

@@ -121,6 +121,30 @@ def with_train_size(task: Task, size: int, seed: int) -> Task:
     return dataclasses.replace(task, splits={**task.splits, "train": ([texts[i] for i in keep], labels[keep])})
 
 
+def per_class_draw(labels: np.ndarray, k: int, seed: int | list[int], split: str = "train") -> np.ndarray:
+    """Sorted indices of `k` examples of each class of `labels`, each class's taken in the order of one permutation
+    drawn from rng(seed): LM-BFF's few-shot sampling (Gao et al. 2021), the same draw for the same seed."""
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    if counts.min() < k:
+        raise UserError(f"{k} examples per class: the {split} split has only {counts.min()} of one class; "
+                        f"use at most {counts.min()} shots")
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c in classes]))
+
+
+def with_shots(task: Task, k: int, seed: int) -> Task:
+    """The few-shot task of draw `seed`: `k` train examples per class and, as in LM-BFF, a dev set of the same size
+    (`k` per class, drawn separately): model selection on a full dev set would use more labels than training
+    does. Test stays whole."""
+    splits = dict(task.splits)
+    for split, stream in (("train", 0), ("dev", 1)):
+        texts, labels = splits[split]
+        keep = per_class_draw(labels, k, [seed, stream], split)
+        splits[split] = ([texts[i] for i in keep], labels[keep])
+    return dataclasses.replace(task, splits=splits)
+
+
 def task_unlabeled_texts(task: Task) -> list[str]:
     """Texts for task-adaptive pretraining: the train texts, plus unlabeled.jsonl when the task has one."""
     return [doc for source in task.tapt_sources for doc in iter_documents(source)]

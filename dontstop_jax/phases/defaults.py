@@ -9,6 +9,7 @@ from ml_collections.config_dict import placeholder
 
 from dontstop_jax.engine.optim import default_optim_config
 from dontstop_jax.engine.peft import default_peft_config
+from dontstop_jax.engine.prompt import default_prompt_config
 from dontstop_jax.engine.regularizers import default_regularizer_config
 from dontstop_jax.engine.sharding import DEFAULT_RULES
 
@@ -108,8 +109,9 @@ def finetune_config() -> ConfigDict:
     regulariser, averaging or pruning unless asked."""
     cfg = _common(
         "finetune",
-        # train_size: fine-tune on a stratified draw of this many train examples (draw `seed`; 0 = all of train)
-        task=dict(path="", hf_dataset="", text_field="text", label_field="label", train_size=0),
+        # train_size: fine-tune on a stratified draw of this many train examples (draw `seed`; 0 = all of train);
+        # shots: few-shot, k train examples per class and a dev set of k per class (LM-BFF; draw `seed`; 0 = off)
+        task=dict(path="", hf_dataset="", text_field="text", label_field="label", train_size=0, shots=0),
         data=dict(max_seq_length=512),
         train=dict(batch_size=16, epochs=10, patience=3, metric="macro_f1", log_every=50, skip_nonfinite=False,
                    # Stability helpers: re-initialise the top k encoder layers (Zhang et al. 2021); layer-wise
@@ -126,7 +128,10 @@ def finetune_config() -> ConfigDict:
         regularizer=default_regularizer_config(),
         # weight averaging, evaluated on dev and test and handed on instead of the last weights:
         # ema (decay per step) or swa (the mean of the end-of-epoch weights from epoch swa_start on)
-        averaging=dict(method="none", ema_decay=0.999, swa_start=1))
+        averaging=dict(method="none", ema_decay=0.999, swa_start=1),
+        # head: "classifier" (a new head on <s>) or "prompt" (the MLM head at a template's mask, scored at the
+        # verbalizer's words: engine/prompt.py); `prompt` counts only with head="prompt"
+        head="classifier", prompt=default_prompt_config())
     cfg.optim.update(learning_rate=2e-5, weight_decay=0.1)
     cfg.model.hidden_dropout_prob = 0.1
     return cfg

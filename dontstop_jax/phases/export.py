@@ -10,10 +10,13 @@ from dontstop_jax.distributed import on_first_process
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, default_peft_config
 from dontstop_jax.errors import UserError
+from dontstop_jax.files import write_json
 from dontstop_jax.model import ModelConfig, save_pretrained
 from dontstop_jax.model.peft import merge_lora, save_delta
 from dontstop_jax.train.source import phase_checkpoints
 from dontstop_jax.train.workdir import require_finished
+
+PROMPT_FILE = "prompt.json"  # beside an exported prompt-based fine-tune: its template, verbalizer and labels
 
 
 def _load(workdir: str, step: int | None) -> tuple[dict, ModelConfig, dict]:
@@ -29,7 +32,8 @@ def _load(workdir: str, step: int | None) -> tuple[dict, ModelConfig, dict]:
 
 
 def export(workdir: str, out_dir: str, step: int | None = None) -> files.Path:
-    """LoRA is merged into the base kernels (same logits); adapters and mean pooling have no Hugging Face
+    """LoRA is merged into the base kernels (same logits); a prompt-based fine-tune is a masked LM, written with
+    its `PROMPT_FILE`; adapters and mean pooling have no Hugging Face
     RoBERTa equivalent, so those models are refused rather than exported without them. Every process reads
     (restores are collective); the first one writes."""
     meta, cfg, params = _load(workdir, step)
@@ -40,6 +44,9 @@ def export(workdir: str, out_dir: str, step: int | None = None) -> files.Path:
     on_first_process("export", lambda: save_pretrained(out_dir, cfg, params, meta.get("head", "mlm"),
                                                        tokenizer_dir=meta["tokenizer_dir"],
                                                        label_names=meta.get("label_names")))
+    if "prompt" in meta:  # a prompt-based fine-tune is its MLM plus how to read it (engine/prompt.py)
+        on_first_process("export_prompt", lambda: write_json(files.path(out_dir) / PROMPT_FILE, {
+            **meta["prompt"], "label_names": meta["label_names"]}))
     return files.path(out_dir)
 
 

@@ -25,15 +25,16 @@ from dontstop_jax import files
 from dontstop_jax.analysis import classification_metrics
 from dontstop_jax.analysis.metrics import check_metric
 from dontstop_jax.analysis.reference import at_majority_level, majority_scores
-from dontstop_jax.data import ClassificationBatches, load_task, load_tokenizer, tokenize_split
-from dontstop_jax.data.tasks import require_splits, with_train_size
+from dontstop_jax.data import ClassificationBatches, load_task, load_tokenizer
+from dontstop_jax.data.tasks import require_splits, with_shots, with_train_size
 from dontstop_jax.data.tokenizer import special_ids
 from dontstop_jax.engine import classification_loss_sums, compile_predict_step, to_global
+from dontstop_jax.engine.prompt import build_head
 from dontstop_jax.engine.regularizers import Regularizer
 from dontstop_jax.engine.state import running_mean
 from dontstop_jax.engine.checkpoint import first_best
 from dontstop_jax.errors import UserError
-from dontstop_jax.model import RobertaForSequenceClassification, init_params
+from dontstop_jax.model import init_params
 from dontstop_jax.train import source as sources
 from dontstop_jax.train.trainer import Trainer, check_batch
 from dontstop_jax.train.workdir import Workdir
@@ -132,9 +133,12 @@ def _finetune(cfg: ConfigDict) -> dict:
     require_splits(task, "fine-tuning")
     if cfg.task.train_size:
         task = with_train_size(task, cfg.task.train_size, cfg.seed)
+    if cfg.task.shots:
+        task = with_shots(task, cfg.task.shots, cfg.seed)
     max_len = min(cfg.data.max_seq_length, source.config.max_seq_length)
     tokenizer = load_tokenizer(source.tokenizer_dir)
-    batches = {s: ClassificationBatches(tokenize_split(task.splits[s][0], tokenizer, max_len), task.splits[s][1],
+    head = build_head(cfg, source.config, source.params, tokenizer, task.label_names, max_len, task.splits["train"])
+    batches = {s: ClassificationBatches(head.encode(task.splits[s][0]), task.splits[s][1],
                                         cfg.train.batch_size, cfg.seed, pad_id=special_ids(tokenizer)["pad"],
                                         max_seq_length=max_len, shuffle=s == "train",
                                         process_index=jax.process_index(), process_count=jax.process_count())
@@ -142,12 +146,12 @@ def _finetune(cfg: ConfigDict) -> dict:
     num_labels = len(task.label_names)
     epochs, per_epoch = cfg.train.epochs, min(batches["train"].num_batches,
                                               cfg.train.get("steps_per_epoch") or batches["train"].num_batches)
-    model = RobertaForSequenceClassification(source.config, num_labels)
+    model = head.model
     objective = lambda model, _: (classification_loss_sums(model, regularizer), {})
     with Trainer(cfg, source, adaptation, model, objective, total_steps=epochs * per_epoch,
                  best_metric=f"dev_{metric}", keep_last=1, averages=averages,
-                 teacher="teacher" if "teacher" in averages else None, weights=weights, head="classification",
-                 label_names=task.label_names) as trainer:
+                 teacher="teacher" if "teacher" in averages else None, weights=weights, head=head.kind,
+                 label_names=task.label_names, **head.provenance) as trainer:
         # The data state: the epoch to continue (the step says where in it), early stopping, the dev curve so far.
         progress = trainer.data_state or {"epoch": 0, "bad_epochs": 0, "history": [], "epoch_seconds": []}
         if trainer.data_state is None and cfg.train.reinit_top_layers:

@@ -19,6 +19,14 @@ the task's text, which is unlabeled). Records of a numbered size carry `train_si
 (results-n<size>.md/.csv/.json; results.* is the largest size's) and learning_curve.json/.md the curves
 (analysis/curve.py; the plot: `dontstop analyze`).
 
+Few-shot (LM-BFF's setting): `shots` (e.g. [16, 32, 64]; default [] = off) replaces the numbered train sizes: a
+fine-tune of k shots trains on k examples per class and selects on a dev set of k per class, both drawn by its
+seed (finetune's task.shots); its records carry `train_size` k and `shots` k, so the tables and the learning
+curve are by shots (results-k16.*; the curve's column shows the examples in all in brackets). `heads` (default
+[] = finetune.head) crosses the rows with the fine-tuning head: "classifier" or "prompt" (engine/prompt.py;
+rows "<variant>/prompt"), so `heads=["classifier", "prompt"]` with `shots=[16, 32, 64]` is the head-vs-prompt
+comparison in one table.
+
 Each task also gets its reference scores (analysis/reference.py: majority class, bag-of-words LR, LR on the
 base model's averaged input embeddings; no contextual model), per train size and draw,
 kept in records.json beside the per-seed records, so the table can be rebuilt from that file alone. They are
@@ -42,9 +50,10 @@ from dontstop_jax.analysis import reference
 from dontstop_jax.analysis.curve import ALL, Size, by_size, learning_curves, size_order, write_learning_curves
 from dontstop_jax.analysis.metrics import check_metric
 from dontstop_jax.data import load_task, load_tokenizer
-from dontstop_jax.data.tasks import require_splits, with_train_size
+from dontstop_jax.data.tasks import require_splits, with_shots, with_train_size
 from dontstop_jax.data.tokenizer import encode_plain
 from dontstop_jax.engine.peft import METHODS, check_method
+from dontstop_jax.engine.prompt import HEADS
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.files import read_json, write_json
@@ -71,6 +80,11 @@ def _phase(template: ConfigDict, root: files.Path, label: str, **fields: Any) ->
     if "data" in cfg and "cache_dir" in cfg.data and cfg.data.cache_dir is None:
         cfg.data.cache_dir = str(root.parent / "cache")
     return cfg
+
+
+def _row(variant: str, method: str, head: str) -> str:
+    """A results row: the variant, then its PEFT method and head where not the defaults ("dapt/lora/prompt")."""
+    return "/".join([variant, *([method] if method != "full" else []), *([head] if head != "classifier" else [])])
 
 
 def base_model(cfg: ConfigDict, root: files.Path) -> str:
@@ -116,8 +130,20 @@ class Grid:
         return source
 
     def train_sizes(self) -> list[Size]:
-        """The grid's train sizes, smallest first ("all", the whole train split, is the only one by default)."""
+        """The grid's train sizes, smallest first ("all", the whole train split, is the only one by default); in a
+        few-shot grid its shots (examples per class)."""
+        if shots := list(self.cfg.get("shots") or []):
+            if [s for s in self.cfg.get("train_sizes") or [] if s != ALL]:
+                raise UserError("shots and numbered train_sizes are two kinds of learning curve; set one of them")
+            return sorted(shots)
         return sorted(self.cfg.get("train_sizes") or [ALL], key=size_order)
+
+    def heads(self) -> list[str]:
+        """The grid's fine-tuning heads (classifier, prompt); default: finetune.head."""
+        heads = list(self.cfg.get("heads") or [self.cfg.finetune.head])
+        if unknown := set(heads) - set(HEADS):
+            raise UserError(f"heads {sorted(unknown)} are unknown; use {', '.join(HEADS)}")
+        return heads
 
     def base(self) -> str:
         return base_model(self.cfg, self.root)
@@ -243,8 +269,8 @@ class Grid:
         each (plus "train_size" and "draw" on the stratified draw `draw` of a numbered `size`): computed once,
         then read from a file named by a fingerprint of the task's files, the base model, the train set and the
         references' settings."""
-        spec = self.cfg.tasks[task]
-        sized = {} if size == ALL else {"train_size": size, "draw": draw}
+        spec, shots = self.cfg.tasks[task], bool(self.cfg.get("shots"))
+        sized = {} if size == ALL else {"train_size": size, "draw": draw, **({"shots": size} if shots else {})}
         key = {"path": spec.path, "text_field": spec.text_field, "label_field": spec.label_field,
                "max_words": reference.MAX_WORDS, "steps": reference.STEPS, "base": base, **sized}
         path = self.root / "references" / f"{task}-{fingerprint(key)}.json"
@@ -252,7 +278,7 @@ class Grid:
             return read_json(path)["references"]
         data = load_task(spec.path, text_field=spec.text_field, label_field=spec.label_field)
         require_splits(data, "scoring the references")
-        data = data if size == ALL else with_train_size(data, size, draw)
+        data = data if size == ALL else (with_shots if shots else with_train_size)(data, size, draw)
         references = [{"task": task, **sized, "train_examples": len(data.splits["train"][0]), **ref}
                       for ref in reference.task_references(data.splits, len(data.label_names),
                                                            self.static_vectors(base))]
@@ -265,7 +291,7 @@ class Grid:
         `self.records`)."""
         base = self.base()
         self.records = records = []
-        references, sizes = [], self.train_sizes()
+        references, sizes, shots = [], self.train_sizes(), bool(self.cfg.get("shots"))
         for task, spec in self.cfg.tasks.items():
             # (size, draw) -> the task's references; the majority class's dev score flags a fine-tune of that draw
             task_refs = {(size, draw): self.references(task, base, size, draw)
@@ -279,13 +305,15 @@ class Grid:
                             "task.label_field": spec.label_field}
                 if spec.get("epochs"):
                     per_task["train.epochs"] = spec.epochs
-                for size, method in ((size, method) for size in sizes for method in self.methods()):
-                    label, early = variant if method == "full" else f"{variant}/{method}", []
-                    sized = {} if size == ALL else {"train_size": size}
+                for size, method, head in ((s, m, h) for s in sizes for m in self.methods() for h in self.heads()):
+                    label, early = _row(variant, method, head), []
+                    sized = {} if size == ALL else {"train_size": size, **({"shots": size} if shots else {})}
+                    draw = {"task.shots": size} if shots else {"task.train_size": sized.get("train_size", 0)}
                     for seed in self.cfg.seeds:
-                        name = "-".join([task, label.replace("/", "-"), *([f"n{size}"] if sized else []), f"s{seed}"])
+                        name = "-".join([task, label.replace("/", "-"), *([f"{'k' if shots else 'n'}{size}"] if sized
+                                                                         else []), f"s{seed}"])
                         phase = _phase(self.cfg.finetune, self.root / "finetune", name, init=init, seed=seed,
-                                       **{**per_task, "task.train_size": sized.get("train_size", 0),
+                                       **{**per_task, **draw, "head": head,
                                           **self.task_overrides(task, "finetune"),
                                           **self.method_overrides(method), "peft.method": self.peft_method(method),
                                           **self.discard(early)})
@@ -300,13 +328,13 @@ class Grid:
                                         "extras": {
                                             k: result[k] for k in ("trainable_params", "seconds_per_epoch")
                                             if result.get(k) is not None}})
-        order = [v if m == "full" else f"{v}/{m}" for v in self.cfg.variants for m in self.methods()]
+        order = [_row(v, m, h) for v in self.cfg.variants for m in self.methods() for h in self.heads()]
         metric_by_task = {t: s.metric for t, s in self.cfg.tasks.items()}
         tables = by_size(records, references, metric_by_task, order, sizes)
         if jax.process_index() == 0:
             for size, table in tables.items():
                 if size != ALL:
-                    table.write_all(self.root, stem=f"results-n{size}")
+                    table.write_all(self.root, stem=f"results-{'k' if shots else 'n'}{size}")
             tables[sizes[-1]].write_all(self.root)
             if sizes != [ALL]:
                 write_learning_curves(self.root, learning_curves(records, references, metric_by_task, order))

@@ -2,11 +2,19 @@
 
 A tiny RoBERTa is pretrained from scratch on the general corpus (the "base model"), then the grid runs
 baseline / DAPT / TAPT / DAPT+TAPT / not-DAPT fine-tuning over several seeds on each domain's task.
+
+Prompt-based fine-tuning (finetune.head="prompt") reads each label as words: the benchmark's labels ("alpha",
+...) are names, not words of its language, but each label's word cluster is tied in domain text to one general
+topic (its anchor, synthetic/spec.py), whose words the base model knows. Its verbalizer is that topic's three
+most frequent words (topic words are Zipf-distributed in list order), averaged: the synthetic counterpart of
+"great"/"terrible", a general word the label's domain text goes with. The template is "{text} <mask>": the
+benchmark has no words for LM-BFF's "It was".
 """
 
 from __future__ import annotations
 
 import copy
+import json
 
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
@@ -17,6 +25,7 @@ from dontstop_jax.phases.grid import VARIANTS
 from dontstop_jax.synthetic import generate_benchmark
 
 SEQ = 64
+LABEL_WORDS = 3  # the prompt's verbalizer: this many of a label's anchor-topic words
 # Per scale: (base steps, DAPT steps, TAPT epochs, fine-tune epochs, seeds). Tuned on 2 CPU cores: the default
 # fits the 15-minute budget, and at these step counts DAPT and TAPT have learned the domain's word clusters.
 SCHEDULES = {"default": (600, 600, 30, 10, (0, 1, 2)), "tiny": (40, 20, 2, 3, (0, 1))}
@@ -48,6 +57,9 @@ def get_config(scale: str = "default") -> ConfigDict:
         # method_overrides: fine-tuning fields per method, e.g. {"lora": {"optim": {"learning_rate": 1e-3}}};
         # seed_discard: Dodge et al. early discarding (fraction 0 = off), see phases/grid.py.
         methods=[], method_overrides={}, seed_discard=dict(fraction=0.0, keep=3),
+        # few-shot: shots (examples per class, e.g. [16, 32, 64]; replaces train_sizes) and the fine-tuning heads
+        # compared (e.g. ["classifier", "prompt"]; empty: finetune.head), see phases/grid.py
+        shots=[], heads=[],
         # Tasks of `task_domains` are fine-tuned; every domain's corpus is there for the not-DAPT control.
         synthetic=dict(scale=scale, seed=0, domains=("bio", "cs"), task_domains=("bio",),
                        directory=placeholder(str)),  # default: WORKDIR/benchmark
@@ -69,6 +81,7 @@ def get_config(scale: str = "default") -> ConfigDict:
     ft.data.max_seq_length = SEQ
     ft.train.update(batch_size=16, epochs=ft_epochs, patience=3, log_every=20)
     ft.optim.update(learning_rate=1e-3)
+    ft.prompt.template = "{text} <mask>"
     cfg.finetune = ft
 
     cfg.select = select_config()  # only used when variants name a selection row (grid.SELECTION_VARIANTS)
@@ -76,6 +89,13 @@ def get_config(scale: str = "default") -> ConfigDict:
     cfg.select.embedding.vampire.update(steps=300, learning_rate=1e-2)
     cfg.select.chunk_size = 1024
     return cfg.lock()
+
+
+def label_words(truth: dict, domain: str) -> dict[str, list[str]]:
+    """{label: the LABEL_WORDS most frequent words of its anchor topic} from the benchmark's ground truth."""
+    topics = truth["general"]["topics"]
+    return {label: topics[cluster["anchor_topic"]][:LABEL_WORDS]
+            for label, cluster in truth["domains"][domain]["clusters"].items()}
 
 
 def materialize(cfg: ConfigDict) -> ConfigDict:
@@ -89,8 +109,10 @@ def materialize(cfg: ConfigDict) -> ConfigDict:
     cfg.base_pretrain.data.sources = [str(bench.general_corpus)]
     cfg.domains = {name: [str(path)] for name, path in bench.domain_corpora.items()}
     names = list(bench.domain_corpora)
+    truth = json.loads(bench.manifest.read_text(encoding="utf-8"))["ground_truth"]
     cfg.tasks = {task.name: dict(path=str(task.train.parent), domain=task.domain, metric="macro_f1",
-                                 text_field="text", label_field="label", overrides={},
+                                 text_field="text", label_field="label",
+                                 overrides={"finetune": {"prompt": {"verbalizer": label_words(truth, task.domain)}}},
                                  irrelevant_domain=names[(names.index(task.domain) + 1) % len(names)])
                  for task in bench.tasks.values() if task.domain in cfg.synthetic.task_domains}
     return config_loader.lock(cfg)

@@ -44,11 +44,13 @@ RUNTIME_ONLY = ("name", "workdir", "train.log_every", "checkpoint", "mesh", "mod
 # fingerprint and the drift check at that value, so a phase finished before the field existed is still reused.
 NEUTRAL = {"task.train_size": 0, "data.attend_across_documents": True, "train.prune_top_layers": 0,
            "data.span_masking.terms": "", "data.span_masking.rate": 1.0, "das.general": True,
-           "das.contrast": "all", "das.random": False}
+           "das.contrast": "all", "das.random": False, "head": "classifier", "task.shots": 0}
 # Sections added later that do nothing when their `method` is "none": then none of their fields count.
 SWITCHED_SECTIONS = ("regularizer", "averaging")
 # A continual method's section counts only in the phases whose `objective` is that method.
 OBJECTIVE_SECTIONS = ("ewc", "derpp", "hat")
+# A fine-tuning head's section counts only in the phases with that `head` (the prompt's template and verbalizer).
+HEAD_SECTIONS = ("prompt",)
 RENEW_SECONDS, LEASE_SECONDS = 60, 600
 
 
@@ -67,6 +69,7 @@ def result_fields(config: ConfigDict | dict) -> dict[str, Any]:
     tree = json.loads(config.to_json_best_effort()) if isinstance(config, ConfigDict) else config
     off = tuple(f"{name}." for name in SWITCHED_SECTIONS if tree.get(name, {}).get("method") == "none")
     off += tuple(f"{name}." for name in OBJECTIVE_SECTIONS if name in tree and tree.get("objective") != name)
+    off += tuple(f"{name}." for name in HEAD_SECTIONS if name in tree and tree.get("head") != name)
     return {k: v for k, v in _flatten(tree).items()
             if not _runtime_only(k) and not (k in NEUTRAL and NEUTRAL[k] == v) and not k.startswith(off)}
 
