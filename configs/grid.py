@@ -7,7 +7,8 @@ dontstop grid --config configs/grid.py:paper --config.base=/models/roberta-base 
     --config.data_root=/data/dontstop
 Add the data-selection rows (Table 8) with e.g. --config.variants='["baseline","tapt","knn_tapt_50",
 "knn_tapt_150","knn_tapt_500","rand_tapt","dsir_tapt"]'; Transfer-TAPT (Table 10) with
---config.variants='["tapt","transfer_tapt"]' (each task's transfer_from is its domain's other task); learning
+--config.variants='["tapt","transfer_tapt"]' (each task's transfer_from is its domain's other task); intermediate-task
+training with --config.variants='["baseline","intermediate","multitask"]' (intermediate_from: the same pairs); learning
 curves with --config.train_sizes='[100, 500, 1000, "all"]'.
 """
 
@@ -25,7 +26,7 @@ _spec.loader.exec_module(_finetune)
 
 # The paper's not-DAPT pairs each domain with an irrelevant one.
 IRRELEVANT = {"biomed": "cs", "cs": "biomed", "news": "reviews", "reviews": "news"}
-# Transfer-TAPT (Table 10) pairs the two tasks of each domain.
+# Transfer-TAPT (Table 10) pairs the two tasks of each domain; the intermediate variants use the same pairs.
 TRANSFER = {"chemprot": "rct", "rct": "chemprot", "acl_arc": "sciie", "sciie": "acl_arc",
             "hyperpartisan": "agnews", "agnews": "hyperpartisan", "helpfulness": "imdb", "imdb": "helpfulness"}
 
@@ -50,7 +51,7 @@ def get_config(arg: str = "paper"):
         # --config.tasks.rct.overrides="{'finetune': {'train': {'steps_per_epoch': 2000}}}"
         tasks={t: dict(path=f"{root}/tasks/{t}", domain=d, metric=m, epochs=e, text_field="text",
                        label_field="label", irrelevant_domain=IRRELEVANT[d], overrides={},
-                       transfer_from=TRANSFER[t])
+                       transfer_from=TRANSFER[t], intermediate_from=TRANSFER[t])
                for t, (d, m, e) in _finetune.TASKS.items()}))
     cfg.dapt = pretrain_config("dapt")
     cfg.tapt = pretrain_config("tapt")

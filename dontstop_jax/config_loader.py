@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ml_collections import ConfigDict, FieldReference
 
 from dontstop_jax.analysis.metrics import METRICS
+from dontstop_jax.engine.multitask import METHODS as MULTITASK_METHODS
 from dontstop_jax.engine.peft import METHODS as PEFT_METHODS
 from dontstop_jax.engine.prompt import HEADS, check_template
 from dontstop_jax.engine.regularizers import METHODS as REGULARIZERS, NOISES, NORMS
@@ -93,13 +94,18 @@ RULES: dict[str, Rule] = {
     "averaging.method": _one_of(AVERAGING),
     "averaging.ema_decay": ((lambda v: 0 < v < 1), "must be in (0, 1)"),
     "averaging.swa_start": _AT_LEAST_1,
+    "multitask.method": _one_of(MULTITASK_METHODS),
+    "multitask.mlm_weight": ((lambda v: v >= 0), "must be >= 0"),
+    "multitask.mlm_weight_end": ((lambda v: v >= 0), "must be >= 0"),
+    "multitask.anneal_epochs": _AT_LEAST_1,
 }
 # Sections keyed by your own names (domains, tasks, ...): a dict value replaces them instead of setting fields.
 MAPS = ("domains", "tasks", "corpora", "curves", "checkpoints", "method_overrides", "overrides", "verbalizer")
 # A grid task's fields; `overrides` holds per-task fields of its TAPT and fine-tuning phases; `transfer_from`
-# names the task whose TAPT phase the transfer_tapt row fine-tunes from (checked by phases/grid.py).
+# names the task whose TAPT phase the transfer_tapt row fine-tunes from, `intermediate_from` the task the
+# intermediate rows fine-tune on first (both checked by phases/grid.py).
 TASK_FIELDS = ("path", "domain", "metric", "epochs", "text_field", "label_field", "irrelevant_domain", "overrides",
-               "transfer_from")
+               "transfer_from", "intermediate_from")
 TASK_PHASES = ("tapt", "finetune")
 _TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "True or False", list: "a list",
                tuple: "a list", ConfigDict: "a dict"}

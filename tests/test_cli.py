@@ -51,7 +51,7 @@ def test_fingerprint_ignores_names_and_places_but_not_settings():
 # OBJECTIVE_SECTIONS): at their defaults a phase fingerprints as one recorded before they existed.
 ADDED_LATER = ["task.train_size", "train.prune_top_layers", "regularizer", "averaging", "data.attend_across_documents",
                "data.span_masking", "das.general", "das.contrast", "das.random", "ewc", "derpp", "hat", "task.shots",
-               "head", "prompt"]
+               "head", "prompt", "train.fresh_head", "multitask"]
 
 
 @pytest.mark.parametrize("kind", ["dapt", "finetune"])
@@ -63,7 +63,7 @@ def test_fields_added_later_keep_the_fingerprints_of_phases_recorded_before_them
         functools.reduce(lambda tree, key: tree.get(key, {}), parents, recorded).pop(leaf, None)
     assert fingerprint(cfg) == fingerprint(recorded)
     changed = [("regularizer.method", "r3f"), ("averaging.method", "ema"), ("train.prune_top_layers", 1),
-               ("head", "prompt"), ("task.shots", 16)] \
+               ("head", "prompt"), ("task.shots", 16), ("train.fresh_head", True), ("multitask.method", "mlm")] \
         if kind == "finetune" else [("objective", "ewc"), ("data.attend_across_documents", False), ("das.random", True)]
     for field, value in changed:
         other = config_loader.set_fields(copy.deepcopy(cfg), {field: value})

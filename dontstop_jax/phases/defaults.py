@@ -7,6 +7,7 @@ from __future__ import annotations
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
+from dontstop_jax.engine.multitask import default_multitask_config
 from dontstop_jax.engine.optim import default_optim_config
 from dontstop_jax.engine.peft import default_peft_config
 from dontstop_jax.engine.prompt import default_prompt_config
@@ -123,7 +124,9 @@ def finetune_config() -> ConfigDict:
                    # the epoch's shuffled order, for large tasks (None: a full pass over train)
                    steps_per_epoch=placeholder(int),
                    # structured pruning: drop the top k encoder layers before fine-tuning (a shallower model)
-                   prune_top_layers=0),
+                   prune_top_layers=0,
+                   # start a new classification head even when init has one (intermediate-task training)
+                   fresh_head=False),
         # R3F / SMART trust-region regularisers (engine/regularizers.py; their papers' defaults)
         regularizer=default_regularizer_config(),
         # weight averaging, evaluated on dev and test and handed on instead of the last weights:
@@ -131,7 +134,9 @@ def finetune_config() -> ConfigDict:
         averaging=dict(method="none", ema_decay=0.999, swa_start=1),
         # head: "classifier" (a new head on <s>) or "prompt" (the MLM head at a template's mask, scored at the
         # verbalizer's words: engine/prompt.py); `prompt` counts only with head="prompt"
-        head="classifier", prompt=default_prompt_config())
+        head="classifier", prompt=default_prompt_config(),
+        # multi-task fine-tuning: + an annealed weight x MLM loss on the task's text (engine/multitask.py)
+        multitask=default_multitask_config())
     cfg.optim.update(learning_rate=2e-5, weight_decay=0.1)
     cfg.model.hidden_dropout_prob = 0.1
     return cfg

@@ -28,13 +28,14 @@ from dontstop_jax.analysis.reference import at_majority_level, majority_scores
 from dontstop_jax.data import ClassificationBatches, load_task, load_tokenizer
 from dontstop_jax.data.tasks import require_splits, with_shots, with_train_size
 from dontstop_jax.data.tokenizer import special_ids
-from dontstop_jax.engine import classification_loss_sums, compile_predict_step, to_global
+from dontstop_jax.engine import compile_predict_step, to_global
 from dontstop_jax.engine.prompt import build_head
 from dontstop_jax.engine.regularizers import Regularizer
 from dontstop_jax.engine.state import running_mean
 from dontstop_jax.engine.checkpoint import first_best
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import init_params
+from dontstop_jax.phases.behavioral import Multitask, start_head
 from dontstop_jax.train import source as sources
 from dontstop_jax.train.trainer import Trainer, check_batch
 from dontstop_jax.train.workdir import Workdir
@@ -137,6 +138,7 @@ def _finetune(cfg: ConfigDict) -> dict:
         task = with_shots(task, cfg.task.shots, cfg.seed)
     max_len = min(cfg.data.max_seq_length, source.config.max_seq_length)
     tokenizer = load_tokenizer(source.tokenizer_dir)
+    source = start_head(source, len(task.label_names), cfg.train.fresh_head)
     head = build_head(cfg, source.config, source.params, tokenizer, task.label_names, max_len, task.splits["train"])
     batches = {s: ClassificationBatches(head.encode(task.splits[s][0]), task.splits[s][1],
                                         cfg.train.batch_size, cfg.seed, pad_id=special_ids(tokenizer)["pad"],
@@ -146,8 +148,8 @@ def _finetune(cfg: ConfigDict) -> dict:
     num_labels = len(task.label_names)
     epochs, per_epoch = cfg.train.epochs, min(batches["train"].num_batches,
                                               cfg.train.get("steps_per_epoch") or batches["train"].num_batches)
-    model = head.model
-    objective = lambda model, _: (classification_loss_sums(model, regularizer), {})
+    multitask = Multitask(cfg, special_ids(tokenizer), len(tokenizer), epochs, per_epoch)  # none: plain fine-tuning
+    model, objective = multitask.model(source.config, num_labels, head.model), multitask.objective(regularizer)
     with Trainer(cfg, source, adaptation, model, objective, total_steps=epochs * per_epoch,
                  best_metric=f"dev_{metric}", keep_last=1, averages=averages,
                  teacher="teacher" if "teacher" in averages else None, weights=weights, head=head.kind,
@@ -165,7 +167,8 @@ def _finetune(cfg: ConfigDict) -> dict:
             if progress["bad_epochs"] >= cfg.train.patience or progress.get("discarded"):
                 break
             began, first = time.perf_counter(), epoch * per_epoch
-            trainer.fit(batches["train"].epoch(epoch, start=trainer.step - first), first + per_epoch,
+            trainer.fit(multitask.batches(batches["train"].epoch(epoch, start=trainer.step - first), trainer.step),
+                        first + per_epoch,
                         data_state=lambda _: progress,
                         tokens_per_step=lambda b: b["input_ids"].size)
             if swa is not None:  # the mean of the weights that ended epochs swa_start.. (the current one counted)

@@ -13,6 +13,11 @@ task text plus the k domain documents nearest each task example, see phases/sele
 dsir_tapt (as many documents as knn_tapt_50 kept, drawn at random / by DSIR: the paper's RAND-TAPT
 control samples 50 per task example).
 
+Behavioural fine-tuning variants (phases/behavioral.py): intermediate (STILTs: fine-tune on task
+`tasks.<B>.intermediate_from` first, then on B with a new head; dapt_intermediate / tapt_intermediate start
+that first fine-tune from B's DAPT / TAPT) and multitask / dapt_multitask (fine-tune with an auxiliary MLM loss
+on the task's text, `finetune.multitask`, the alternative to tapt / dapt_tapt).
+
 Low-resource learning curves: `train_sizes` (default ["all"]) lists train-set sizes; each fine-tune of a
 numbered size trains on the stratified draw of its seed (finetune's task.train_size; TAPT still reads all of
 the task's text, which is unlabeled). Records of a numbered size carry `train_size`; every size gets its table
@@ -55,6 +60,8 @@ from dontstop_jax.data.tokenizer import encode_plain
 from dontstop_jax.engine.peft import METHODS, check_method
 from dontstop_jax.engine.prompt import HEADS
 from dontstop_jax.errors import UserError
+from dontstop_jax.phases.behavioral import (INTERMEDIATE_VARIANTS, MULTITASK_VARIANTS, intermediate_label,
+                                            intermediate_source, variant_fields)
 from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.files import read_json, write_json
 from dontstop_jax.phases.pretrain import pretrain
@@ -102,10 +109,9 @@ class Grid:
     def __init__(self, cfg: ConfigDict):
         self.cfg = cfg
         self.root = files.path(cfg.workdir)
-        unknown = set(cfg.variants) - {*VARIANTS, TRANSFER_TAPT, *SELECTION_VARIANTS}
-        if unknown:
-            raise UserError(f"unknown variants {sorted(unknown)}; "
-                            f"choose from {[*VARIANTS, TRANSFER_TAPT, *SELECTION_VARIANTS]}")
+        known = [*VARIANTS, TRANSFER_TAPT, *SELECTION_VARIANTS, *INTERMEDIATE_VARIANTS, *MULTITASK_VARIANTS]
+        if unknown := set(cfg.variants) - set(known):
+            raise UserError(f"unknown variants {sorted(unknown)}; choose from {known}")
         if set(cfg.variants) & set(SELECTION_VARIANTS) and "select" not in cfg:
             raise UserError("selection variants need a `select` section in the grid config (see configs/grid.py)")
         for name, task in cfg.tasks.items():
@@ -116,6 +122,8 @@ class Grid:
         for name, task in cfg.tasks.items():
             if TRANSFER_TAPT in cfg.variants or task.get("transfer_from"):
                 self.transfer_source(name)
+            if set(cfg.variants) & set(INTERMEDIATE_VARIANTS) or task.get("intermediate_from"):
+                intermediate_source(cfg.tasks, name)
         self._embeds: dict[str, reference.Embed] = {}
 
     def transfer_source(self, task: str) -> str:
@@ -191,11 +199,42 @@ class Grid:
             return self.tapt(base, task, variant)
         if variant == TRANSFER_TAPT:
             return self.tapt(base, self.transfer_source(task))
+        if variant in MULTITASK_VARIANTS:
+            return self.start_point(MULTITASK_VARIANTS[variant], task, base)
+        if variant in INTERMEDIATE_VARIANTS:
+            return self.intermediate(task, INTERMEDIATE_VARIANTS[variant], base)
         other = self.cfg.tasks[task].irrelevant_domain
         if other not in self.cfg.domains or other == domain:
             raise UserError(f"not_dapt for task {task} needs tasks.{task}.irrelevant_domain to name another "
                             f"domain of {sorted(self.cfg.domains)}")
         return self.dapt(base, other)
+
+    def intermediate(self, task: str, start: str, base: str) -> str:
+        """The workdir of the intermediate task's fine-tune for target `task` (phases/behavioral.py): fully
+        fine-tuned on all its train set from `start`'s start point of the target, with the grid's first seed."""
+        source = intermediate_source(self.cfg.tasks, task)
+        phase = self.finetune_phase(source, intermediate_label(start, task), self.start_point(start, task, base),
+                                    self.cfg.seeds[0])
+        finetune(phase)
+        return phase.workdir
+
+    def finetune_phase(self, task: str, variant: str, init: str, seed: int, size: Size = ALL,
+                       method: str = "full", head: str = "classifier",
+                       early: list[float] | None = None) -> ConfigDict:
+        """The fine-tuning phase of one grid row (task, variant, train size or shots, method, head) and seed;
+        `early`: the early dev scores of the row's seeds run before it (seed discarding)."""
+        spec, shots = self.cfg.tasks[task], bool(self.cfg.get("shots"))
+        per_task = {"task.path": spec.path, "train.metric": spec.metric, "task.text_field": spec.text_field,
+                    "task.label_field": spec.label_field}
+        if spec.get("epochs"):
+            per_task["train.epochs"] = spec.epochs
+        draw = {"task.shots": size} if shots and size != ALL else {"task.train_size": 0 if size == ALL else size}
+        name = "-".join([task, _row(variant, method, head).replace("/", "-"),
+                         *([] if size == ALL else [f"{'k' if shots else 'n'}{size}"]), f"s{seed}"])
+        return _phase(self.cfg.finetune, self.root / "finetune", name, init=init, seed=seed,
+                      **{**per_task, **draw, "head": head, **self.task_overrides(task, "finetune"),
+                         **self.method_overrides(method), "peft.method": self.peft_method(method),
+                         **self.discard(early or []), **variant_fields(variant)})
 
     def methods(self) -> list[str]:
         """The grid's `methods` dimension; default: finetune.peft's. An entry is a PEFT method (full, lora, ...)
@@ -301,23 +340,11 @@ class Grid:
                             for k, refs in task_refs.items()}
             for variant in self.cfg.variants:
                 init = self.start_point(variant, task, base)
-                per_task = {"task.path": spec.path, "train.metric": spec.metric, "task.text_field": spec.text_field,
-                            "task.label_field": spec.label_field}
-                if spec.get("epochs"):
-                    per_task["train.epochs"] = spec.epochs
                 for size, method, head in ((s, m, h) for s in sizes for m in self.methods() for h in self.heads()):
                     label, early = _row(variant, method, head), []
                     sized = {} if size == ALL else {"train_size": size, **({"shots": size} if shots else {})}
-                    draw = {"task.shots": size} if shots else {"task.train_size": sized.get("train_size", 0)}
                     for seed in self.cfg.seeds:
-                        name = "-".join([task, label.replace("/", "-"), *([f"{'k' if shots else 'n'}{size}"] if sized
-                                                                         else []), f"s{seed}"])
-                        phase = _phase(self.cfg.finetune, self.root / "finetune", name, init=init, seed=seed,
-                                       **{**per_task, **draw, "head": head,
-                                          **self.task_overrides(task, "finetune"),
-                                          **self.method_overrides(method), "peft.method": self.peft_method(method),
-                                          **self.discard(early)})
-                        result = finetune(phase)
+                        result = finetune(self.finetune_phase(task, variant, init, seed, size, method, head, early))
                         if result.get("early_dev") is not None:
                             early.append(result["early_dev"])
                         records.append({"task": task, "variant": label, **sized, "seed": seed,

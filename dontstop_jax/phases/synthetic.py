@@ -110,9 +110,12 @@ def materialize(cfg: ConfigDict) -> ConfigDict:
     cfg.domains = {name: [str(path)] for name, path in bench.domain_corpora.items()}
     names = list(bench.domain_corpora)
     truth = json.loads(bench.manifest.read_text(encoding="utf-8"))["ground_truth"]
+    tasks = [task for task in bench.tasks.values() if task.domain in cfg.synthetic.task_domains]
+    # intermediate_from: the next task (the intermediate variants' first fine-tune), none when there is one task
     cfg.tasks = {task.name: dict(path=str(task.train.parent), domain=task.domain, metric="macro_f1",
                                  text_field="text", label_field="label",
                                  overrides={"finetune": {"prompt": {"verbalizer": label_words(truth, task.domain)}}},
-                                 irrelevant_domain=names[(names.index(task.domain) + 1) % len(names)])
-                 for task in bench.tasks.values() if task.domain in cfg.synthetic.task_domains}
+                                 irrelevant_domain=names[(names.index(task.domain) + 1) % len(names)],
+                                 intermediate_from=tasks[(i + 1) % len(tasks)].name if len(tasks) > 1 else "")
+                 for i, task in enumerate(tasks)}
     return config_loader.lock(cfg)
