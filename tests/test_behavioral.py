@@ -49,7 +49,7 @@ def batch(seed=0, n=4, seq=12):
 
 @functools.cache
 def params():
-    model = multitask().model(CFG, LABELS)
+    model = multitask().model(CFG, LABELS, None)
     return jax.device_get(jax.jit(lambda key: nn.unbox(init_params(model, key)))(jax.random.key(0)))
 
 
@@ -95,7 +95,7 @@ def test_masked_copy_is_seeded_by_step_and_row_and_skips_filler_rows():
 def test_multitask_loss_is_ce_plus_gamma_times_mlm_computed_directly():
     task = multitask(**{"multitask.mlm_weight": 0.4, "multitask.mlm_weight_end": 0.1, "multitask.anneal_epochs": 3})
     b, = task.batches(iter([batch(1)]), first_step=3)
-    build, gammas = task.objective(None)(task.model(CFG, LABELS), placed(params()))[0].loss, task.gammas
+    build, gammas = task.objective(None)(task.model(CFG, LABELS, None), placed(params()))[0].loss, task.gammas
     step = 3  # epoch 1 of PER_EPOCH-step epochs: gamma 0.2
     loss_sum, aux = jax.jit(lambda p, b: build(gammas, np.int32(step))(p, b, jax.random.key(0), True))(params(), b)
     # Directly: the classifier and the masked LM, each with its own part of the parameters, and NumPy losses.
@@ -127,7 +127,7 @@ def test_gamma_zero_trains_exactly_as_plain_fine_tuning():
                            rng=jax.random.key_data(jax.random.key(5)))
         return jax.device_get(jax.jit(make_train_step(loss, tx))(state, data, *fixed))
 
-    two = task.objective(None)(task.model(CFG, LABELS), placed(params()))[0]
+    two = task.objective(None)(task.model(CFG, LABELS, None), placed(params()))[0]
     (after, metrics) = one_step(two, params(), b, two.arrays)
     plain_params = {k: params()[k] for k in ("roberta", "classifier")}
     (plain, plain_metrics) = one_step(classification_loss_sums(RobertaForSequenceClassification(CFG, LABELS)),
