@@ -44,3 +44,16 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def small_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """At most 100 tokens (only the characters of TINY_TEXTS): fits the 128-row test models."""
     return _bpe_tokenizer(tmp_path_factory.mktemp("small_tokenizer"), 100, byte_alphabet=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_grid(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny demo, run once per session from an empty directory with only --config.workdir (and the
+    compilation cache) named: (root, stdout); the workdir is root / "grid". Shared by the pipeline tests and
+    as the uninterrupted reference of the interrupt test."""
+    from tiny_pretrain import cli
+    root = tmp_path_factory.mktemp("pipeline")
+    (root / "cwd").mkdir()
+    stdout = cli("demo", "--scale", "tiny", f"--config.workdir={root / 'grid'}", "--compilation-cache",
+                 str(root / "xla"), cwd=root / "cwd")
+    return root, stdout

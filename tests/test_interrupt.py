@@ -86,17 +86,14 @@ def _parents_were_finished(root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_grid_interrupted_everywhere_gives_the_uninterrupted_table(tmp_path):
+def test_tiny_grid_interrupted_everywhere_gives_the_uninterrupted_table(tmp_path, tiny_grid):
     rng = random.Random(int(time.time()))
     print("random seed for the kill moments:", rng.getstate()[1][0])
-    cache = tmp_path / "xla"
+    reference, _ = tiny_grid  # the same tiny demo, run uninterrupted (its compilation cache is reused here)
 
     def demo(name: str) -> list[str]:
         return [sys.executable, "-m", "dontstop_jax", "demo", "--scale", "tiny", f"--config.workdir={tmp_path / name}",
-                f"--config.synthetic.directory={tmp_path / 'bench'}", "--compilation-cache", str(cache)]
-
-    reference = subprocess.run(demo("reference"), cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+                f"--config.synthetic.directory={tmp_path / 'bench'}", "--compilation-cache", str(reference / "xla")]
 
     stops = [("base: step", signal.SIGTERM), ("dapt-bio: step", signal.SIGTERM),
              ("tapt-bio_topic: step", signal.SIGKILL), ("bio_topic-tapt-s0: step", signal.SIGTERM),
@@ -105,7 +102,8 @@ def test_tiny_grid_interrupted_everywhere_gives_the_uninterrupted_table(tmp_path
     again = subprocess.run(demo("interrupted"), cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "interrupted at step" not in again.stderr  # (its workdir is named "interrupted")
-    results = [json.loads((tmp_path / name / "results.json").read_text()) for name in ("reference", "interrupted")]
+    results = [json.loads((root / "results.json").read_text()) for root in (reference / "grid",
+                                                                             tmp_path / "interrupted")]
     assert _without_timings(results[0]) == _without_timings(results[1])
     _parents_were_finished(tmp_path / "interrupted")
 

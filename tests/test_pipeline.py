@@ -3,34 +3,16 @@ and the analysis of the grid's run directory."""
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from export_check import assert_transformers_logits_match
 
 from dontstop_jax.analysis import results_table
+from tiny_pretrain import cli as _cli
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
-
-
-def _cli(*args, cwd=ROOT):
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *args], cwd=cwd, capture_output=True, text=True,
-                         timeout=1200)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
-
-
-@pytest.fixture(scope="module")
-def tiny_grid(tmp_path_factory):
-    """The tiny demo, run from an empty directory with only --config.workdir (and the compilation cache) named."""
-    root = tmp_path_factory.mktemp("pipeline")
-    (root / "cwd").mkdir()
-    stdout = _cli("demo", "--scale", "tiny", f"--config.workdir={root / 'grid'}", "--compilation-cache",
-                  str(root / "xla"), cwd=root / "cwd")
-    return root, stdout
 
 
 def test_the_demo_writes_nothing_outside_its_workdir(tiny_grid):

@@ -1,4 +1,4 @@
-"""A tiny DAPT phase run through the CLI, shared by the resume and launch tests."""
+"""A tiny DAPT phase run through the CLI, shared by the resume and launch tests; `cli` runs any command."""
 
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ def command(workdir: Path, corpus: Path, tokenizer: str, cache: Path, steps: int
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def cli(*args: str, cwd: Path = REPO) -> str:
+    """`dontstop ARGS` in a fresh process; its stdout (a failure shows its stderr)."""
+    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
 
 
 def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, timeout: float = 300) -> None:
