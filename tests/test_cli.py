@@ -50,7 +50,7 @@ def test_fingerprint_ignores_names_and_places_but_not_settings():
 # Fields and sections added after phases were recorded (train/workdir.py NEUTRAL, SWITCHED_SECTIONS,
 # OBJECTIVE_SECTIONS): at their defaults a phase fingerprints as one recorded before they existed.
 ADDED_LATER = ["task.train_size", "train.prune_top_layers", "regularizer", "averaging", "data.attend_across_documents",
-               "data.span_masking", "das.general", "das.contrast", "das.random", "ewc", "derpp", "hat"]
+               "data.span_masking", "das.general", "das.contrast", "das.random", "ewc", "derpp", "hat", "unit_gates"]
 
 
 @pytest.mark.parametrize("kind", ["dapt", "finetune"])

@@ -126,7 +126,10 @@ def finetune_config() -> ConfigDict:
         regularizer=default_regularizer_config(),
         # weight averaging, evaluated on dev and test and handed on instead of the last weights:
         # ema (decay per step) or swa (the mean of the end-of-epoch weights from epoch swa_start on)
-        averaging=dict(method="none", ema_decay=0.999, swa_start=1))
+        averaging=dict(method="none", ema_decay=0.999, swa_start=1),
+        # an .npz of fixed gates on the heads and FFN units ([layers, heads] "head", [layers, mlp] "intermediate"),
+        # applied in training and scoring, e.g. a HAT domain's mask (model/gates.py); "" = none
+        unit_gates="")
     cfg.optim.update(learning_rate=2e-5, weight_decay=0.1)
     cfg.model.hidden_dropout_prob = 0.1
     return cfg

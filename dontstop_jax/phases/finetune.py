@@ -33,7 +33,7 @@ from dontstop_jax.engine.regularizers import Regularizer
 from dontstop_jax.engine.state import running_mean
 from dontstop_jax.engine.checkpoint import first_best
 from dontstop_jax.errors import UserError
-from dontstop_jax.model import RobertaForSequenceClassification, init_params
+from dontstop_jax.model import RobertaForSequenceClassification, gates, init_params
 from dontstop_jax.train import source as sources
 from dontstop_jax.train.trainer import Trainer, check_batch
 from dontstop_jax.train.workdir import Workdir
@@ -142,7 +142,7 @@ def _finetune(cfg: ConfigDict) -> dict:
     num_labels = len(task.label_names)
     epochs, per_epoch = cfg.train.epochs, min(batches["train"].num_batches,
                                               cfg.train.get("steps_per_epoch") or batches["train"].num_batches)
-    model = RobertaForSequenceClassification(source.config, num_labels)
+    model = RobertaForSequenceClassification(source.config, num_labels, gates.load(cfg.unit_gates, source.config))
     objective = lambda model, _: (classification_loss_sums(model, regularizer), {})
     with Trainer(cfg, source, adaptation, model, objective, total_steps=epochs * per_epoch,
                  best_metric=f"dev_{metric}", keep_last=1, averages=averages,

@@ -44,7 +44,7 @@ RUNTIME_ONLY = ("name", "workdir", "train.log_every", "checkpoint", "mesh", "mod
 # fingerprint and the drift check at that value, so a phase finished before the field existed is still reused.
 NEUTRAL = {"task.train_size": 0, "data.attend_across_documents": True, "train.prune_top_layers": 0,
            "data.span_masking.terms": "", "data.span_masking.rate": 1.0, "das.general": True,
-           "das.contrast": "all", "das.random": False}
+           "das.contrast": "all", "das.random": False, "unit_gates": ""}
 # Sections added later that do nothing when their `method` is "none": then none of their fields count.
 SWITCHED_SECTIONS = ("regularizer", "averaging")
 # A continual method's section counts only in the phases whose `objective` is that method.
