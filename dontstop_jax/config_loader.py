@@ -85,6 +85,8 @@ RULES: dict[str, Rule] = {
     "averaging.method": _one_of(AVERAGING),
     "averaging.ema_decay": ((lambda v: 0 < v < 1), "must be in (0, 1)"),
     "averaging.swa_start": _AT_LEAST_1,
+    "unit_gates": ((lambda v: v == "" or v.endswith(".npz")), "must be an .npz of gates (e.g. a HAT stage's "
+                   "hat_domain_mask.npz) or \"\" for none"),
 }
 # Sections keyed by your own names (domains, tasks, ...): a dict value replaces them instead of setting fields.
 MAPS = ("domains", "tasks", "corpora", "curves", "checkpoints", "method_overrides", "overrides")

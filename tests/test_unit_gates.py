@@ -115,3 +115,5 @@ def test_unit_gates_that_do_not_fit_the_model_are_user_errors(tmp_path):
     np.savez(tmp_path / "wide.npz", head=np.ones((2, 4)), intermediate=np.ones((2, 128)))
     with pytest.raises(UserError, match=r"\['intermediate'\] have shapes \[\(2, 128\)\] but the model needs"):
         gates.load(str(tmp_path / "wide.npz"), cfg)
+    with pytest.raises(UserError, match=r"unit_gates='runs/hat-bio' must be an \.npz"):
+        config_loader.finalize(finetune_config(), ["--config.unit_gates=runs/hat-bio"])
