@@ -117,3 +117,26 @@ def test_unit_gates_that_do_not_fit_the_model_are_user_errors(tmp_path):
         gates.load(str(tmp_path / "wide.npz"), cfg)
     with pytest.raises(UserError, match=r"unit_gates='runs/hat-bio' must be an \.npz"):
         config_loader.finalize(finetune_config(), ["--config.unit_gates=runs/hat-bio"])
+
+
+def test_continual_hat_fine_tunes_each_task_under_its_domains_mask(tmp_path, monkeypatch):
+    """Continual.run's wiring (no training): a HAT task after any stage is fine-tuned from that stage's model under
+    its own domain's mask; its forward-transfer fine-tune and every other method's are ungated."""
+    from dontstop_jax.phases import continual
+    cfg = continual.synthetic_config("tiny")
+    cfg.workdir, cfg.methods, cfg.seeds = str(tmp_path), ["hat", "ncl"], [0]
+    cfg.domains = {d: [f"/corpora/{d}.txt"] for d in ("bio", "cs", "news")}
+    cfg.tasks = {f"{d}_topic": dict(path=f"/tasks/{d}", domain=d, metric="macro_f1", text_field="text",
+                                    label_field="label") for d in ("bio", "cs", "news")}
+    run = continual.Continual(cfg)
+    monkeypatch.setattr(continual.Continual, "base", lambda self: "BASE")
+    monkeypatch.setattr(continual.Continual, "stages", lambda self, m, base: [f"{m}{i}" for i in range(3)])
+    seen = []
+    monkeypatch.setattr(continual, "finetune", lambda phase: seen.append(phase) or {"test": {"macro_f1": 0.5}})
+    run.run()
+    got = {(p.init, p.task.path, p.unit_gates) for p in seen}
+    domains = {"/tasks/bio": 0, "/tasks/cs": 1, "/tasks/news": 2}
+    after = {(f"hat{s}", path, f"hat{k}/{continual.HAT_DOMAIN}") for path, k in domains.items() for s in range(k, 3)}
+    before = {("hat0", "/tasks/cs", ""), ("hat1", "/tasks/news", "")}
+    assert {g for g in got if g[0].startswith("hat")} == after | before
+    assert all(g[2] == "" for g in got if not g[0].startswith("hat"))
