@@ -122,7 +122,8 @@ class ContinualTable:
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict:
-        return {"stages": list(self.stages), "tasks": list(self.tasks), "scores": self.scores,
+        return {"methods": list(self.methods), "stages": list(self.stages), "tasks": list(self.tasks),
+                "scores": self.scores,
                 "average": {m: [self.average(m, i) for i in range(len(self.stages))] for m in self.methods},
                 "forgetting": {m: self.forgetting(m) for m in self.methods},
                 "bwt": {m: self.backward_transfer(m) for m in self.methods},
@@ -140,7 +141,8 @@ def from_json(path: str) -> ContinualTable:
     """The table of a continual run's `continual.json`, rebuilt from its records."""
     with open(path) as f:
         saved = json.load(f)
-    return ContinualTable.from_records(saved["records"], list(saved["scores"]), saved["stages"], saved["tasks"])
+    methods = saved.get("methods", list(saved["scores"]))  # runs before "methods" was saved: sorted names
+    return ContinualTable.from_records(saved["records"], methods, saved["stages"], saved["tasks"])
 
 
 if __name__ == "__main__":
