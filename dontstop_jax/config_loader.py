@@ -98,6 +98,8 @@ RULES: dict[str, Rule] = {
     "multitask.mlm_weight": ((lambda v: v >= 0), "must be >= 0"),
     "multitask.mlm_weight_end": ((lambda v: v >= 0), "must be >= 0"),
     "multitask.anneal_epochs": _AT_LEAST_1,
+    "unit_gates": ((lambda v: v == "" or v.endswith(".npz")), "must be an .npz of gates (e.g. a HAT stage's "
+                   "hat_domain_mask.npz) or \"\" for none"),
 }
 # Sections keyed by your own names (domains, tasks, ...): a dict value replaces them instead of setting fields.
 MAPS = ("domains", "tasks", "corpora", "curves", "checkpoints", "method_overrides", "overrides", "verbalizer")

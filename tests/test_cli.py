@@ -51,7 +51,8 @@ def test_fingerprint_ignores_names_and_places_but_not_settings():
 # OBJECTIVE_SECTIONS): at their defaults a phase fingerprints as one recorded before they existed.
 ADDED_LATER = ["task.train_size", "train.prune_top_layers", "regularizer", "averaging", "data.attend_across_documents",
                "data.span_masking", "das.general", "das.contrast", "das.random", "ewc", "derpp", "hat", "task.shots",
-               "head", "prompt", "train.fresh_head", "multitask"]
+               "head", "prompt", "train.fresh_head", "multitask",
+               "unit_gates"]
 
 
 @pytest.mark.parametrize("kind", ["dapt", "finetune"])

@@ -7,10 +7,18 @@ Backward transfer (BWT, Lopez-Paz & Ranzato 2017): for the same tasks, final sco
 after its domain's stage (negative = forgetting). Forward transfer (FWT): for every task whose domain is not
 the first, its score from the model before its domain's stage (after the previous domains) minus its score
 from the base model: what the earlier domains gave it.
+
+Over seeds (`spread`): each seed's own table (its fine-tunes only) gives each of those numbers, reported as
+mean ± sample std over the seeds: the spread of one seed's result. The main table's numbers come from the
+seed-mean scores, so its forgetting (a max) can differ from the mean of the seeds' forgetting.
+
+`python -m dontstop_jax.analysis.continual WORKDIR/continual.json` prints the tables again from its records.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -19,6 +27,7 @@ import numpy as np
 # {"method", "stage" (index), "task", "seed", "score", "when"}; when: "after" (the stage learned the task's
 # domain or an earlier one: the table), "before" (the task's domain is the next stage's) or "base" (the base model)
 Record = Mapping[str, object]
+SUMMARY = ("final avg", "forgetting", "BWT", "FWT")
 
 
 def forgetting(curve: Mapping[str, Sequence[float | None]]) -> float | None:
@@ -58,10 +67,12 @@ class ContinualTable:
     scores: Mapping[str, Mapping[str, list[float | None]]]  # method -> task -> score after each stage (seed mean)
     before: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)  # method -> task -> before its domain
     base: Mapping[str, float | None] = field(default_factory=dict)  # task -> the base model's score
+    # method -> SUMMARY name -> [mean, sample std (None for n = 1), n] over the seeds' own tables (None where a seed has none)
+    spread: Mapping[str, Mapping[str, list | None]] = field(default_factory=dict)
 
     @classmethod
     def from_records(cls, records: Sequence[Record], methods: Sequence[str], stages: Sequence[str],
-                     tasks: Sequence[str]) -> "ContinualTable":
+                     tasks: Sequence[str], spread: bool = True) -> "ContinualTable":
         scores = {m: {t: [None] * len(stages) for t in tasks} for m in methods}
         for (m, t, s), score in _mean_scores(records, "after").items():
             scores[m][t][s] = score
@@ -69,7 +80,15 @@ class ContinualTable:
         for (m, t, _), score in _mean_scores(records, "before").items():
             before[m][t] = score
         base = {t: score for (_, t, _), score in _mean_scores(records, "base").items()}
-        return cls(tuple(methods), tuple(stages), tuple(tasks), scores, before, base)
+        per_seed = [cls.from_records([r for r in records if r["seed"] == seed], methods, stages, tasks, spread=False)
+                    for seed in sorted({r["seed"] for r in records})] if spread else []
+        over = {m: {name: _mean_std([t.summary(m)[name] for t in per_seed]) for name in SUMMARY}
+                for m in methods} if per_seed else {}
+        return cls(tuple(methods), tuple(stages), tuple(tasks), scores, before, base, over)
+
+    def summary(self, method: str) -> dict[str, float | None]:
+        return dict(zip(SUMMARY, (self.average(method, len(self.stages) - 1), self.forgetting(method),
+                                  self.backward_transfer(method), self.forward_transfer(method))))
 
     def average(self, method: str, stage: int) -> float | None:
         seen = [c[stage] for c in self.scores[method].values() if c[stage] is not None]
@@ -92,15 +111,39 @@ class ContinualTable:
             for i, domain in enumerate(self.stages):
                 row = [m, f"{i + 1}: {domain}"] + [fmt(self.scores[m][t][i]) for t in self.tasks]
                 lines.append("| " + " | ".join(row + [fmt(self.average(m, i))]) + " |")
-        lines += ["", "| method | final avg | forgetting | BWT | FWT |", "|---|---|---|---|---|"]
-        lines += [f"| {m} | {fmt(self.average(m, len(self.stages) - 1))} | {fmt(self.forgetting(m))} | "
-                  f"{fmt(self.backward_transfer(m))} | {fmt(self.forward_transfer(m))} |" for m in self.methods]
+        lines += ["", "| method | " + " | ".join(SUMMARY) + " |", "|---|" + "---|" * len(SUMMARY)]
+        lines += [f"| {m} | " + " | ".join(fmt(v) for v in self.summary(m).values()) + " |" for m in self.methods]
+        if self.spread:
+            spread = lambda v: "" if v is None else f"{100 * v[0]:.1f} ± " + ("n/a" if v[1] is None else f"{100 * v[1]:.1f}")
+            lines += ["", "Over seeds: each seed's own table, mean ± sample std (n = "
+                      f"{max(v[2] for m in self.methods for v in self.spread[m].values() if v)} seeds):", "",
+                      "| method | " + " | ".join(SUMMARY) + " |", "|---|" + "---|" * len(SUMMARY)]
+            lines += [f"| {m} | " + " | ".join(spread(self.spread[m][k]) for k in SUMMARY) + " |" for m in self.methods]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict:
-        return {"stages": list(self.stages), "tasks": list(self.tasks), "scores": self.scores,
+        return {"methods": list(self.methods), "stages": list(self.stages), "tasks": list(self.tasks),
+                "scores": self.scores,
                 "average": {m: [self.average(m, i) for i in range(len(self.stages))] for m in self.methods},
                 "forgetting": {m: self.forgetting(m) for m in self.methods},
                 "bwt": {m: self.backward_transfer(m) for m in self.methods},
                 "fwt": {m: self.forward_transfer(m) for m in self.methods},
-                "before": self.before, "base": self.base}
+                "before": self.before, "base": self.base, "spread": self.spread}
+
+
+def _mean_std(values: Sequence[float | None]) -> list | None:
+    """[mean, sample std (None for one value), n] of the values that are not None; None if there are none."""
+    kept = [v for v in values if v is not None]
+    return [float(np.mean(kept)), float(np.std(kept, ddof=1)) if len(kept) > 1 else None, len(kept)] if kept else None
+
+
+def from_json(path: str) -> ContinualTable:
+    """The table of a continual run's `continual.json`, rebuilt from its records."""
+    with open(path) as f:
+        saved = json.load(f)
+    methods = saved.get("methods", list(saved["scores"]))  # runs before "methods" was saved: sorted names
+    return ContinualTable.from_records(saved["records"], methods, saved["stages"], saved["tasks"])
+
+
+if __name__ == "__main__":
+    print(from_json(sys.argv[1]).to_markdown(), end="")

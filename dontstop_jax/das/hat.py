@@ -17,7 +17,8 @@ outgoing weights that read only it). Embeddings, LayerNorms, the attention- and 
 head are shared and unblocked (continual's `frozen` can hold them).
 
 The embeddings are extra parameters of the stage's model (`HatMaskedLM`, named per domain so a stage never
-inherits its parent's); the next stage, fine-tuning and export read only the RoBERTa weights.
+inherits its parent's); the next stage, fine-tuning and export read only the RoBERTa weights. A domain's task is
+fine-tuned and scored under the domain's saved mask, through finetune's `unit_gates` (model/gates.py).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from dontstop_jax.model.config import ModelConfig
+from dontstop_jax.model.gates import UnitGates
 from dontstop_jax.model.peft import adapt, add_lora
 
 Array = jax.Array
@@ -300,12 +301,16 @@ class ClassificationHead(nn.Module):
 
 
 class RobertaForSequenceClassification(nn.Module):
+    """`unit_gates` (model/gates.py): fixed gates applied whenever the call passes none (a HAT task's units)."""
     config: ModelConfig
     num_labels: int
+    unit_gates: UnitGates | None = None
 
     @nn.compact
     def __call__(self, input_ids: Array, attention_mask: Array, *, deterministic: bool = True,
                  gates: Gates | None = None, embedding_noise: Array | None = None) -> Array:
+        if gates is None and self.unit_gates is not None:
+            gates = {k: jnp.asarray(v) for k, v in self.unit_gates.as_dict().items()}
         h = RobertaModel(self.config, name="roberta")(input_ids, attention_mask, deterministic=deterministic,
                                                        gates=gates, embedding_noise=embedding_noise)
         return ClassificationHead(self.config, self.num_labels, name="classifier")(h, deterministic, attention_mask)

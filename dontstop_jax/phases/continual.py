@@ -18,9 +18,10 @@ reused as in the grid (a regularised method's first stage, with nothing to regul
 
 HAT stage t trains domain t's unit embeddings with the model (`HatMaskedLM`) and saves the domain's mask
 (`hat_domain_mask.npz`) and its max with the past domains' (`hat_mask.npz`), which blocks stage t + 1's
-gradients. A task is fine-tuned and scored from the end model without gates (as HAT in DAS's comparison,
-where every baseline's end model is fine-tuned): the masks isolate what each domain's training may change;
-the units every domain left free keep the base model's weights.
+gradients. A task is fine-tuned from the end model and trained and scored under its domain's mask (finetune's
+`unit_gates` = that stage's `hat_domain_mask.npz`), as HAT scores task t with mask t: the units its domain used,
+which later domains could not change, and none of those the later domains took. Its forward-transfer fine-tune
+(from the model before its domain's stage, which has no mask for it yet) is ungated.
 
 DEMix (Gururangan et al. 2022, adding a domain's expert): stage t trains only the FFNs (the `intermediate`
 and `output` dense layers of every layer), starting from domain t - 1's expert (the base's FFNs for the
@@ -308,12 +309,14 @@ class Continual:
         for method in self.cfg.methods:
             kind, models = METHODS[method].kind, self.stages(method, base)
             before = [base] + models[:-1] if kind in ("sequential", "experts") else [base] * len(seq)
+            gated = METHODS[method].objective == "hat"
             for stage in range(len(seq)):
                 for task, spec in self.cfg.tasks.items():
                     k = seq.index(spec.domain)
                     if stage >= k:
                         own = kind in ("independent", "experts")  # the task's domain's model, whatever came after
-                        records += self._scores(method, stage, task, models[k if own else stage])
+                        records += self._scores(method, stage, task, models[k if own else stage],
+                                                unit_gates=f"{models[k]}/{HAT_DOMAIN}" if gated else "")
                     if stage == k - 1:
                         records += self._scores(method, stage, task, before[k], when="before")
         for task in self.cfg.tasks:
@@ -324,15 +327,17 @@ class Continual:
             write_json(self.root / "continual.json", {**table.to_json(), "records": records})
         return table
 
-    def _scores(self, method: str, stage: int, task: str, init: str, when: str = "after") -> list[dict]:
-        """One record per seed: `task` fine-tuned from `init` and scored on its test split. when: "after"
-        (the stage learned the task's domain or an earlier one), "before" (the task's domain is next) or "base"."""
+    def _scores(self, method: str, stage: int, task: str, init: str, when: str = "after",
+                unit_gates: str = "") -> list[dict]:
+        """One record per seed: `task` fine-tuned from `init` (under `unit_gates`, a HAT domain's mask) and scored
+        on its test split. when: "after" (the stage learned the task's domain or an earlier one), "before" (the
+        task's domain is next) or "base"."""
         spec, records = self.cfg.tasks[task], []
         for seed in self.cfg.seeds:
             result = finetune(_phase(self.cfg.finetune, self.root / "finetune", f"{task}-s{seed}", init=init,
-                                     seed=seed, **{"task.path": spec.path, "train.metric": spec.metric,
-                                                   "task.text_field": spec.text_field,
-                                                   "task.label_field": spec.label_field}))
+                                     seed=seed, unit_gates=unit_gates,
+                                     **{"task.path": spec.path, "train.metric": spec.metric,
+                                        "task.text_field": spec.text_field, "task.label_field": spec.label_field}))
             records.append({"method": method, "stage": stage, "task": task, "seed": seed, "when": when,
                             "score": result["test"][spec.metric]})
         return records

@@ -136,7 +136,10 @@ def finetune_config() -> ConfigDict:
         # verbalizer's words: engine/prompt.py); `prompt` counts only with head="prompt"
         head="classifier", prompt=default_prompt_config(),
         # multi-task fine-tuning: + an annealed weight x MLM loss on the task's text (engine/multitask.py)
-        multitask=default_multitask_config())
+        multitask=default_multitask_config(),
+        # an .npz of fixed gates on the heads and FFN units ([layers, heads] "head", [layers, mlp] "intermediate"),
+        # applied in training and scoring, e.g. a HAT domain's mask (model/gates.py); "" = none
+        unit_gates="")
     cfg.optim.update(learning_rate=2e-5, weight_decay=0.1)
     cfg.model.hidden_dropout_prob = 0.1
     return cfg

@@ -11,7 +11,7 @@ from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, default_peft_config
 from dontstop_jax.errors import UserError
 from dontstop_jax.files import write_json
-from dontstop_jax.model import ModelConfig, save_pretrained
+from dontstop_jax.model import ModelConfig, gates, save_pretrained
 from dontstop_jax.model.peft import merge_lora, save_delta
 from dontstop_jax.train.source import phase_checkpoints
 from dontstop_jax.train.workdir import require_finished
@@ -32,12 +32,14 @@ def _load(workdir: str, step: int | None) -> tuple[dict, ModelConfig, dict]:
 
 
 def export(workdir: str, out_dir: str, step: int | None = None) -> files.Path:
-    """LoRA is merged into the base kernels (same logits); a prompt-based fine-tune is a masked LM, written with
-    its `PROMPT_FILE`; adapters and mean pooling have no Hugging Face
+    """LoRA is merged into the base kernels and fixed unit gates (finetune's `unit_gates`) into the kernels that
+    read the units (same logits); a prompt-based fine-tune is a masked LM, written with its `PROMPT_FILE`;
+    adapters and mean pooling have no Hugging Face
     RoBERTa equivalent, so those models are refused rather than exported without them. Every process reads
     (restores are collective); the first one writes."""
     meta, cfg, params = _load(workdir, step)
     cfg, params = merge_lora(cfg, params)
+    params = gates.fold(params, gates.recorded(meta, cfg))  # a gated fine-tune's (HAT) unit gates
     if cfg.adapter != "none" or (cfg.pooling != "cls" and meta.get("head") == "classification"):
         raise UserError(f"{workdir} has {cfg.adapter} adapters or {cfg.pooling} pooling, which a Hugging Face "
                         "RoBERTa cannot hold; export the adapter file instead (`dontstop export --peft-only`)")

@@ -34,7 +34,7 @@ from dontstop_jax.engine.regularizers import Regularizer
 from dontstop_jax.engine.state import running_mean
 from dontstop_jax.engine.checkpoint import first_best
 from dontstop_jax.errors import UserError
-from dontstop_jax.model import init_params
+from dontstop_jax.model import RobertaForSequenceClassification, gates, init_params
 from dontstop_jax.phases.behavioral import Multitask, start_head
 from dontstop_jax.train import source as sources
 from dontstop_jax.train.trainer import Trainer, check_batch
@@ -150,6 +150,11 @@ def _finetune(cfg: ConfigDict) -> dict:
                                               cfg.train.get("steps_per_epoch") or batches["train"].num_batches)
     multitask = Multitask(cfg, special_ids(tokenizer), len(tokenizer), epochs, per_epoch)  # none: plain fine-tuning
     model, objective = multitask.model(source.config, num_labels, head.model), multitask.objective(regularizer)
+    if cfg.unit_gates:
+        if not isinstance(model, RobertaForSequenceClassification):
+            raise UserError(f"unit_gates={cfg.unit_gates!r} gates a classifier's units; it does not combine with "
+                            "head=prompt or multitask.method=mlm")
+        model = model.clone(unit_gates=gates.load(cfg.unit_gates, source.config))
     with Trainer(cfg, source, adaptation, model, objective, total_steps=epochs * per_epoch,
                  best_metric=f"dev_{metric}", keep_last=1, averages=averages,
                  teacher="teacher" if "teacher" in averages else None, weights=weights, head=head.kind,

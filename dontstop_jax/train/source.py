@@ -18,7 +18,7 @@ from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, plan
 from dontstop_jax.engine.sharding import Rules, put_tree, tree_shardings
 from dontstop_jax.errors import UserError
-from dontstop_jax.model import ModelConfig, RobertaModel, check_tokenizer, hub, init_params, load_pretrained
+from dontstop_jax.model import ModelConfig, RobertaModel, check_tokenizer, gates, hub, init_params, load_pretrained
 from dontstop_jax.model.hf_io import param_shapes
 from dontstop_jax.model.peft import load_delta, merge_lora
 from dontstop_jax.train.workdir import require_finished
@@ -104,6 +104,7 @@ def _weights(init: str, tokenizer: str | None, model: ConfigDict | None, overrid
     step, meta, params = Checkpointer(ckpt_dir, read_only=True).read(first=summary.get("best_step"))
     # A parent's LoRA is folded into its weights: the next phase starts from a plain (or adapter) model.
     cfg, params = merge_lora(ModelConfig.recorded(meta["model_config"], **overrides), params)
+    params = gates.fold(params, gates.recorded(meta, cfg))  # so are a gated fine-tune's unit gates
     return ModelSource(cfg, params, tokenizer or meta["tokenizer_dir"], f"checkpoint:{files.absolute(ckpt_dir)}@{step}")
 
 

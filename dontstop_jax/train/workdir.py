@@ -45,7 +45,7 @@ RUNTIME_ONLY = ("name", "workdir", "train.log_every", "checkpoint", "mesh", "mod
 NEUTRAL = {"task.train_size": 0, "data.attend_across_documents": True, "train.prune_top_layers": 0,
            "data.span_masking.terms": "", "data.span_masking.rate": 1.0, "das.general": True,
            "das.contrast": "all", "das.random": False, "head": "classifier", "task.shots": 0,
-           "train.fresh_head": False}
+           "train.fresh_head": False, "unit_gates": ""}
 # Sections added later that do nothing when their `method` is "none": then none of their fields count.
 SWITCHED_SECTIONS = ("regularizer", "averaging", "multitask")
 # A continual method's section counts only in the phases whose `objective` is that method.
