@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from dontstop_jax.engine.regularizers import Regularizer
 from dontstop_jax.engine.sharding import BATCH_AXES, Rules, activation_rules, batch_sharding, only_axes, rules_without
 from dontstop_jax.engine.state import TrainState, ema_update
+from dontstop_jax.errors import UserError
 
 Batch = dict[str, jax.Array]
 # make_train_step's per-parameter hooks: {"grad_transform": f, "update_transform": g}, each tree -> tree.
@@ -111,10 +112,10 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
 def _accumulate(grad_fn: Callable, params: Any, batch: Batch, rng: jax.Array, extra: tuple, accum_steps: int,
                 gather: Callable[[Any], Any]) -> tuple:
     """(loss sum, aux sums, float32 gradient sum) over the micro-batches of `batch`, with no reduction across
-    devices. `gather` makes the parameters the loss reads from those passed (an FSDP all-gather, or nothing):
+    devices. `gather(params, micro-batch)` makes the parameters the loss reads (an FSDP all-gather, or nothing):
     the gradient is taken after it, so its transpose (a reduce-scatter) never runs per micro-batch."""
     def one(micro, key):
-        (l, a), g = grad_fn(gather(params), micro, key, *extra)
+        (l, a), g = grad_fn(gather(params, micro), micro, key, *extra)
         return l, a, jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), g)
     if accum_steps == 1:
         return one(batch, rng)
@@ -150,6 +151,14 @@ def _reduce(g: jax.Array, spec: P, dtype: Any) -> jax.Array:
         g = jax.lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)
     rest = tuple(a for a in BATCH_AXES if a not in axes)
     return (jax.lax.psum(g, rest) if rest else g).astype(jnp.float32)
+
+
+def reduction_options(cfg: Any, platform: str) -> dict[str, Any]:
+    """make_train_step's reduction arguments from a phase config's `train` section, for devices of `platform`."""
+    dtype = cfg.train.get("grad_reduce_dtype", "float32")
+    if dtype == "bfloat16" and platform == "cpu":  # XLA's CPU AllReducePromotion aborts the process on it
+        raise UserError("train.grad_reduce_dtype=bfloat16 cannot compile for CPU devices; use float32 on CPU")
+    return {"grad_reduce_dtype": dtype, "gather_params_once": cfg.train.get("gather_params_once", False)}
 
 
 def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformation, *, accum_steps: int = 1, schedule: optax.Schedule | None = None,
@@ -193,12 +202,14 @@ def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformatio
             loss = loss_sums.loss(*fixed, step_count) if loss_sums.stepped else loss_sums.loss(*fixed)
         grad_fn = jax.value_and_grad(lambda p, b, r, *t: loss(p, b, r, False, *t), has_aux=True)
         if specs is None:  # no mesh: one device, nothing to reduce
-            return _accumulate(grad_fn, params, batch, rng, extra, accum_steps, lambda p: p)
+            return _accumulate(grad_fn, params, batch, rng, extra, accum_steps, lambda p, _: p)
         def gather(tree):
             return jax.tree_util.tree_map(_gather, tree, specs)
-        extra, each = tuple(gather(t) for t in extra), gather
+        def each(p, micro):  # per micro-batch, really: the barrier ties it to the micro-batch so XLA cannot hoist it
+            return gather(jax.lax.optimization_barrier((p, micro))[0])
+        extra = tuple(gather(t) for t in extra)
         if gather_params_once:
-            params, each = gather(params), (lambda p: p)
+            params, each = gather(params), (lambda p, _: p)
         rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXES))
         with nn.logical_axis_rules(rules_without(nn.get_logical_axis_rules(), BATCH_AXES)):
             loss_sum, aux, grads = _accumulate(grad_fn, params, batch, rng, extra, accum_steps, each)
