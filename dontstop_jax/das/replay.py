@@ -62,7 +62,8 @@ def _shards() -> int:
 
 def derpp_loss_sums(model: nn.Module, alpha: float, beta: float, batch_size: int | None) -> Callable[[Buffer], LossSums]:
     """buffer -> MLM sums plus (alpha x logit MSE + beta x replayed MLM) scaled by the MLM weight (so the step's
-    division leaves their means). `batch_size` replayed rows per call, shared by the devices (None: as many as each device's micro-batch has)."""
+    division leaves their means). `batch_size` replayed rows per call, shared by the devices (None: as many as
+    each device's micro-batch has)."""
     mlm = mlm_loss_sums(model)
 
     def sample(buffer, rng, size):
