@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -201,7 +202,7 @@ def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformatio
         if isinstance(loss_sums, Fixed):
             loss = loss_sums.loss(*fixed, step_count) if loss_sums.stepped else loss_sums.loss(*fixed)
         grad_fn = jax.value_and_grad(lambda p, b, r, *t: loss(p, b, r, False, *t), has_aux=True)
-        if specs is None:  # no mesh: one device, nothing to reduce
+        if specs is None:  # outside the shard_map
             return _accumulate(grad_fn, params, batch, rng, extra, accum_steps, lambda p, _: p)
         def gather(tree):
             return jax.tree_util.tree_map(_gather, tree, specs)
@@ -220,7 +221,8 @@ def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformatio
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         extra = (state.averages[teacher],) if teacher else ()
         args = (state.params, batch, rng, extra, fixed, state.step)
-        if jax.sharding.get_abstract_mesh().empty:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or math.prod(mesh.shape[a] for a in BATCH_AXES) == 1:  # one batch shard: nothing to reduce
             loss_sum, aux, grads = gradients(*args)
         else:
             specs = jax.tree_util.tree_map(lambda _: P(), state.params) if param_shardings is None else \
