@@ -173,11 +173,11 @@ def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformatio
     (layer-wise learning rates; DAS again, since Adam normalises away a constant gradient scale). Several
     sources of hooks combine with `chain_hooks`.
 
-    Under a mesh the gradients are computed in a shard_map over the batch axes (tensor stays automatic): each
-    device sums its rows' gradients over the `accum_steps` micro-batches in float32, unreduced, and the sum is
-    reduced once after the loop in `grad_reduce_dtype` (bfloat16 halves the bytes and rounds the summed
-    gradient), so a step moves one reduction's worth of gradient bytes whatever the accumulation, at the memory
-    of one float32 gradient per device. Parameters split over the batch axes (FSDP) are all-gathered for every
+    With several batch shards the gradients are computed in a shard_map over the batch axes (tensor stays
+    automatic): each device sums its rows' gradients over the `accum_steps` micro-batches in float32, unreduced,
+    and the sum is reduced once after the loop in `grad_reduce_dtype` (bfloat16 halves the bytes and rounds the
+    summed gradient), so a step moves one reduction's worth of gradient bytes whatever the accumulation, at the
+    memory of one float32 gradient per device. Parameters split over the batch axes (FSDP) are all-gathered for every
     micro-batch, or once before the loop with `gather_params_once` (less traffic; the whole parameters are held
     through the loop). `param_shardings` (compile_train_step passes them) say which are split; without them
     all count as replicated. A device's dropout key is the step's key folded with its batch shard's index, so
