@@ -6,9 +6,9 @@ step counter and lets each host read just its rows of the global batch without w
 or iterator checkpoints.
 
 Epoch e visits blocks in `default_rng([seed, e]).permutation(num_blocks)`; global batch b is the
-b-th slice of G blocks, and host p of n takes rows [p*G/n, (p+1)*G/n). A block's mask comes from
-`default_rng([seed, e, block_id])`, so it does not depend on the host count or batch neighbours,
-and every epoch masks afresh.
+b-th slice of G blocks, and host p of n takes rows [p*G/n, (p+1)*G/n). A block's mask is drawn with the
+counter-based key `row_keys(seed, e, block_id)` (data/masking.py), so it does not depend on the host count or
+batch neighbours, and every epoch masks afresh.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dontstop_jax.data.masking import document_segments, mask_tokens
+from dontstop_jax.data.masking import SPAN_COIN, document_segments, mask_tokens, row_keys, uniforms
 from dontstop_jax.data.prepare import PreparedCorpus
 from dontstop_jax.data.spans import SpanMasker
 from dontstop_jax.errors import UserError
@@ -38,7 +38,7 @@ class MLMLoader:
     background thread; `get_state` always describes what has been yielded. attend_across_documents=False
     gives `document_segments` as the attention mask, so the documents packed into a row do not see each other.
     `span_masker` makes the occurrences of its terms masking units (data/spans.py); each row's span coins are
-    drawn from the row's generator before its mask.
+    its own stream of the row's key.
     """
 
     def __init__(
@@ -108,13 +108,13 @@ class MLMLoader:
         tokens[:, :2] = special["bos"], special["eos"]
         tokens[: len(ids)] = self.corpus.blocks(ids)
         block_ids = np.concatenate([ids, self.corpus.num_blocks + np.arange(self.local_batch_size - len(ids))])
-        rngs = [np.random.default_rng([self.seed, epoch, int(b)]) for b in block_ids]
+        keys = row_keys(self.seed, epoch, block_ids)
         starts = None if self._word_starts is None else self._word_starts[tokens]
         if self._spans is not None:
-            coins = np.stack([g.random(tokens.shape[1]) for g in rngs])
+            coins = uniforms(keys[:, None], SPAN_COIN, np.arange(tokens.shape[1]))
             base = np.ones(tokens.shape, bool) if starts is None else starts
             starts = self._spans.word_starts_with_spans(tokens, base, coins)
-        batch = self._mask(tokens, rngs, whole_word_starts=starts)
+        batch = self._mask(tokens, keys, whole_word_starts=starts)
         if self._documents_apart:
             batch["attention_mask"] = document_segments(tokens, special["eos"], special["pad"])
         return batch
