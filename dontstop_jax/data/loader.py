@@ -99,15 +99,25 @@ class MLMLoader:
 
     def batch(self, epoch: int, index: int) -> Batch:
         """This host's share of global batch `index` of `epoch` (random access, no state change)."""
+        tokens, block_ids = self.blocks(epoch, index)
+        return self.masked(tokens, epoch, block_ids)
+
+    def blocks(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens int32 [local batch, T], block ids) of this host's rows of batch `index` of `epoch`; filler rows
+        (drop_remainder=False) get ids from num_blocks on."""
         g = self.global_batch_size
         ids = self._epoch_order(epoch)[index * g : (index + 1) * g][self.local_rows]
         special = self._special_ids
-        # Filler rows (drop_remainder=False) are "<s> </s> <pad>...": nothing to predict, and no
-        # fully masked attention row that could turn into NaN.
+        # Filler rows are "<s> </s> <pad>...": nothing to predict, and no fully masked attention row that could
+        # turn into NaN.
         tokens = np.full((self.local_batch_size, self.corpus.max_seq_length), special["pad"], np.int32)
         tokens[:, :2] = special["bos"], special["eos"]
         tokens[: len(ids)] = self.corpus.blocks(ids)
-        block_ids = np.concatenate([ids, self.corpus.num_blocks + np.arange(self.local_batch_size - len(ids))])
+        return tokens, np.concatenate([ids, self.corpus.num_blocks + np.arange(self.local_batch_size - len(ids))])
+
+    def masked(self, tokens: np.ndarray, epoch: int, block_ids: np.ndarray) -> Batch:
+        """The MLM batch of `tokens` (blocks `block_ids` served in `epoch`): a pure function of its arguments."""
+        special = self._special_ids
         keys = row_keys(self.seed, epoch, block_ids)
         starts = None if self._word_starts is None else self._word_starts[tokens]
         if self._spans is not None:

@@ -145,25 +145,29 @@ def _select_words(candidate: np.ndarray, starts: np.ndarray | None, keys: np.nda
     sorted: a partition of sort keys that hold random high bits and the word index in their low bits (unique,
     so the sorted keys give the order themselves), words that do not exist last."""
     batch, length = candidate.shape
-    previous = np.pad(candidate[:, :-1], ((0, 0), (1, 0)))
-    begins = candidate & (True if starts is None else starts | ~previous)
-    word = np.maximum(np.cumsum(begins, axis=1) - 1, 0)  # word index of each token (garbage off candidates)
-    flat = (np.arange(batch)[:, None] * length + word)[candidate]
-    word_len = np.bincount(flat, minlength=batch * length).reshape(batch, length)
+    if starts is None:  # every candidate is a word of its own, numbered by its position
+        word, word_len = None, candidate
+    else:
+        previous = np.pad(candidate[:, :-1], ((0, 0), (1, 0)))
+        word = np.cumsum(candidate & (starts | ~previous), axis=1, dtype=np.int32)
+        word -= 1
+        np.maximum(word, 0, out=word)  # word index of each token (garbage off candidates)
+        flat = (np.arange(batch, dtype=np.int32)[:, None] * length + word)[candidate]
+        word_len = np.bincount(flat, minlength=batch * length).reshape(batch, length)
     shift = np.uint64(length.bit_length())
     index = np.arange(length, dtype=np.uint64)
     sort_key = random_bits(keys[:, None], WORD_ORDER, index) >> shift
-    sort_key[word_len == 0] = np.uint64(2**64 - 1) >> shift
+    sort_key[~word_len.astype(bool)] = np.uint64(2**64 - 1) >> shift
     sort_key <<= shift
     sort_key |= index
     first = np.partition(sort_key, slots - 1, axis=1)[:, :slots] if slots < length else sort_key
     first.sort(axis=1)
     order = (first & np.uint64((1 << int(shift)) - 1)).astype(np.intp)
-    sorted_len = np.take_along_axis(word_len, order, axis=1)
+    sorted_len = np.take_along_axis(word_len, order, axis=1).astype(np.int32)
     taken_sorted = (sorted_len > 0) & (np.cumsum(sorted_len, axis=1) <= budget[:, None])
     taken = np.zeros((batch, length), bool)
     np.put_along_axis(taken, order, taken_sorted, axis=1)
-    return np.take_along_axis(taken, word, axis=1)
+    return taken if word is None else np.take_along_axis(taken, word, axis=1)
 
 
 def _random_tokens(u: np.ndarray, specials: np.ndarray, vocab_size: int) -> np.ndarray:
