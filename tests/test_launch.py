@@ -162,8 +162,9 @@ def test_checkpoints_move_between_process_counts(tiny, reference):
     _assert_same_params(final_params(one_to_two), final_params(reference))
 
     two_to_one = root / "two-then-one"  # 2 processes stopped by SIGTERM -> 1 process finishes
-    proc = subprocess.Popen(_launcher(_argv(tiny, two_to_one, "(2, 2, 1)"), root / "logs-two-then-one"), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    poll = ["--config.train.stop_poll_every=2"]  # the processes agree on a stop every 2 steps, not every step
+    proc = subprocess.Popen(_launcher(_argv(tiny, two_to_one, "(2, 2, 1)") + poll, root / "logs-two-then-one"),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = two_to_one / "metrics.jsonl"
     wait_until(lambda: metrics.exists() and metrics.stat().st_size > 0, proc)  # both are past step 5
     proc.send_signal(signal.SIGTERM)  # forwarded to both processes, which agree on the step to stop at

@@ -90,8 +90,10 @@ def pretrain_config(kind: str = "dapt") -> ConfigDict:
                   attend_across_documents=True, span_masking=dict(terms="", rate=1.0)),
         checkpoint=dict(every=1000, keep_last=2),
         # steps: None = `epochs` passes over the corpus
+        # stop_poll_every: steps between the processes' agreement on a stop request (train/loop.py; one process
+        # checks every step)
         train=dict(batch_size=256, accum_steps=4, steps=placeholder(int), epochs=100, log_every=10,
-                   skip_nonfinite=False),
+                   skip_nonfinite=False, stop_poll_every=10),
         # Continual DAP-training (phases/continual.py) sets these on its stages; a plain phase is MLM on all weights.
         objective="mlm",  # one of OBJECTIVES
         frozen=[],  # parameter paths held fixed, e.g. ["lm_head", "roberta/embeddings"]
@@ -115,6 +117,7 @@ def finetune_config() -> ConfigDict:
         task=dict(path="", hf_dataset="", text_field="text", label_field="label", train_size=0, shots=0),
         data=dict(max_seq_length=512),
         train=dict(batch_size=16, epochs=10, patience=3, metric="macro_f1", log_every=50, skip_nonfinite=False,
+                   stop_poll_every=10,
                    # Stability helpers: re-initialise the top k encoder layers (Zhang et al. 2021); layer-wise
                    # learning-rate decay (1 = off); Dodge et al. 2020: after `discard_fraction` of the epochs,
                    # stop a seed whose dev score is below `discard_below` (the grid sets it from other seeds).
