@@ -94,6 +94,8 @@ def data_section(p: dict) -> str:
              "prediction: the loader (numpy masking in a background thread) is >10x faster than the step, and "
              "prefetch hides it completely:\n\n"
            + markdown_table(["what", "ms/batch", "tokens/s", "vs step consumption"], lrows))
+    if host := p.get("loader_host"):
+        out += f"\n\n{data_pipeline.host_table(host)}"
     if rss := p.get("prepare_rss"):
         out += f"\n\n{data_pipeline.rss_line(rss)}."
     return out
