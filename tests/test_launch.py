@@ -3,6 +3,7 @@ matches one process with 4 devices (losses, parameters) and shares checkpoints w
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -172,5 +173,8 @@ def test_checkpoints_move_between_process_counts(tiny, reference):
     assert proc.returncode == 0, err[-3000:]
     stopped = Checkpointer(two_to_one / "checkpoints", read_only=True).latest_step()
     assert 0 < stopped < STEPS and not (two_to_one / "DONE.json").exists()
+    said = [re.findall(r"interrupted at step (\d+) of", (root / "logs-two-then-one" / f"process-{p}.log").read_text())
+            for p in range(2)]
+    assert said == [[str(stopped)], [str(stopped)]]  # both processes stopped after the step they saved
     _one_process(_argv(tiny, two_to_one, "(2, 2, 1)"))
     _assert_same_params(final_params(two_to_one), final_params(reference))
