@@ -6,7 +6,7 @@ consumption, prepare's peak memory.
    same generated corpus, same byte-level BPE tokenizer, alternating, median of repeats.
 2. MLMLoader batches/s (dynamic masking, whole-word too) vs the tokens/s our small-config train step consumes,
    and the end-to-end loop (loader -> device -> step) with and without the loader's background prefetch.
-3. The loader's tokens/s on one core at sequence 512 (today's counter-based masking vs the per-row generators it
+3. (`--loader-host`, alone) The loader's tokens/s on one core at sequence 512 (today's counter-based masking vs the per-row generators it
    had before, bench/per_row_loader.py, alternating) beside the tokens/s one host of `dontstop plan`'s
    roberta-base DAPT run on v5p-64 consumes (bench/plan_table.json: global tokens per step / roofline step time /
    hosts); the target is 2x that rate.
@@ -14,6 +14,7 @@ consumption, prepare's peak memory.
 
     python -m bench.data_pipeline                  # ~64 MB ratio corpus, 2 GB RSS corpus
     python -m bench.data_pipeline --rss-gb 0       # skip the 2 GB part
+    python -m bench.data_pipeline --loader-host    # part 3 only (a 64 MB corpus)
 """
 
 from __future__ import annotations
@@ -302,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--loader-host", action="store_true", help="only the loader vs a TPU host's consumption")
     args = p.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dontstop-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -309,13 +311,20 @@ def main(argv: list[str] | None = None) -> dict:
         corpus = work / "corpus.txt"
         write_corpus(corpus, args.mb)
         tokenizer = make_tokenizer(corpus, work / "tokenizer")
-        prep = prepare_ratio(corpus, tokenizer, work, args.repeats)
-        load = loader_vs_step(corpus, tokenizer, work, args.batch, args.seq, args.repeats)
-        host = loader_vs_host(corpus, tokenizer, work, args.repeats)
-        rss = prepare_peak_rss(work, args.rss_gb, tokenizer) if args.rss_gb > 0 else None
+        if args.loader_host:
+            host = loader_vs_host(corpus, tokenizer, work, args.repeats)
+        else:
+            prep = prepare_ratio(corpus, tokenizer, work, args.repeats)
+            load = loader_vs_step(corpus, tokenizer, work, args.batch, args.seq, args.repeats)
+            rss = prepare_peak_rss(work, args.rss_gb, tokenizer) if args.rss_gb > 0 else None
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+    if args.loader_host:
+        print(f"\n{host_table(host)}")
+        payload = {"bench": "loader_host", "args": vars(args), "loader_host": host}
+        print(f"written: {write_json('loader_host', payload)}", file=sys.stderr)
+        return payload
     ours_s = prep["ours: prepare_corpus"]["seconds"]
     print(f"\nprepare, {args.mb:.0f} MB corpus, seq {SEQ}")
     print(markdown_table(["pipeline", "seconds", "MB/s", "blocks", "time / ours"],
@@ -326,11 +335,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown_table(["what", "ms/batch", "tokens/s", "vs step consumption"],
                          [[n, f"{r['ms_per_batch']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / step_tps:.1f}x"]
                           for n, r in load.items()]))
-    print(f"\n{host_table(host)}")
     if rss:
         print(f"\n{rss_line(rss)}")
-    payload = {"bench": "data_pipeline", "args": vars(args), "prepare": prep, "loader": load, "loader_host": host,
-               "prepare_rss": rss}
+    payload = {"bench": "data_pipeline", "args": vars(args), "prepare": prep, "loader": load, "prepare_rss": rss}
     print(f"written: {write_json('data_pipeline', payload)}", file=sys.stderr)
     return payload
 
