@@ -94,8 +94,8 @@ def mask_tokens(
 
     # Row-major nonzero: each row's selected positions ascend, and slot k of a row holds its k-th.
     rows, cols = np.nonzero(selected)
-    row_start = np.cumsum(np.bincount(rows, minlength=batch)) - np.bincount(rows, minlength=batch)
-    slot = np.arange(len(rows)) - row_start[rows]
+    per_row = np.bincount(rows, minlength=batch)
+    slot = np.arange(len(rows)) - (np.cumsum(per_row) - per_row)[rows]
     action = uniforms(keys[rows], ACTION, cols)
     chosen = input_ids[rows, cols].astype(np.int32)
     new = np.where(action < 0.8, np.int32(special_ids["mask"]), chosen)
