@@ -44,10 +44,13 @@ def machine() -> dict:
     return info
 
 
-def time_alternating(fns: dict[str, Callable[[int], None]], steps: int, repeats: int, warmup: int = 2) -> dict:
+def time_alternating(fns: dict[str, Callable[[int], None]], steps: int, repeats: int, warmup: int = 2,
+                     clock: Callable[[], float] = time.perf_counter) -> dict:
     """Seconds per step of each `fn(steps)` (which must block until its work is done), alternating.
 
-    Returns {name: {"median_s": ..., "min_s": ..., "all_s": [...]}} with per-step times.
+    Returns {name: {"median_s": ..., "min_s": ..., "all_s": [...]}} with per-step times. `clock`: wall time by
+    default; `time.thread_time` counts only the CPU time of the calling thread (work on one core, whatever else
+    shares the machine).
     """
     for fn in fns.values():
         if warmup:
@@ -55,9 +58,9 @@ def time_alternating(fns: dict[str, Callable[[int], None]], steps: int, repeats:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t = clock()
             fn(steps)
-            times[name].append((time.perf_counter() - t) / steps)
+            times[name].append((clock() - t) / steps)
     return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "all_s": ts} for name, ts in times.items()}
 
 

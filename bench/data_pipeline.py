@@ -1,14 +1,20 @@
-"""Data pipeline: prepare speed vs the `run_mlm.py` recipe, loader vs step throughput, prepare's peak memory.
+"""Data pipeline: prepare speed vs the `run_mlm.py` recipe, loader vs step throughput and vs a TPU host's
+consumption, prepare's peak memory.
 
 1. prepare (tokenize + pack into 512-token blocks) vs transformers' examples/pytorch/language-modeling/run_mlm.py
    recipe (`datasets.load_dataset("text")` -> `map(tokenize, batched, num_proc=cores)` -> `map(group_texts)`),
    same generated corpus, same byte-level BPE tokenizer, alternating, median of repeats.
 2. MLMLoader batches/s (dynamic masking, whole-word too) vs the tokens/s our small-config train step consumes,
    and the end-to-end loop (loader -> device -> step) with and without the loader's background prefetch.
-3. Peak RSS of a `prepare_corpus` subprocess on a >= 2 GB generated corpus (streamed; must stay bounded).
+3. (`--loader-host`, alone) The loader's tokens/s on one core at sequence 512 (today's counter-based masking vs the per-row generators it
+   had before, bench/per_row_loader.py, alternating) beside the tokens/s one host of `dontstop plan`'s
+   roberta-base DAPT run on v5p-64 consumes (bench/plan_table.json: global tokens per step / roofline step time /
+   hosts); the target is 2x that rate.
+4. Peak RSS of a `prepare_corpus` subprocess on a >= 2 GB generated corpus (streamed; must stay bounded).
 
     python -m bench.data_pipeline                  # ~64 MB ratio corpus, 2 GB RSS corpus
     python -m bench.data_pipeline --rss-gb 0       # skip the 2 GB part
+    python -m bench.data_pipeline --loader-host    # part 3 only (a 64 MB corpus)
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -26,9 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import markdown_table, time_alternating, write_json
+from bench.common import BENCH_DIR, markdown_table, time_alternating, write_json
 
 SEQ = 512
+PLAN_ROW = ("DAPT roberta-base", "v5p-64")  # (recipe, topology) of bench/plan_table.json the loader must feed
+HOST_RATE_TARGET = 2.0  # the loader on one core must reach this multiple of a host's consumption
 
 
 def write_corpus(path: Path, megabytes: float, seed: int = 0, vocab: int = 30_000) -> int:
@@ -146,6 +155,73 @@ def loader_vs_step(corpus: Path, tokenizer: Path, work: Path, batch: int, seq: i
             for name, t in times.items()}
 
 
+def plan_host_rate(path: Path = BENCH_DIR / "plan_table.json") -> dict:
+    """Tokens/s one host consumes in the plan of PLAN_ROW: batch x seq / roofline step time / hosts, where hosts =
+    chips / chips per host of the topology (engine/topology.py, what `plan` compiles for)."""
+    from dontstop_jax.engine.topology import parse
+    row = next(r for r in json.loads(path.read_text())["rows"] if (r["recipe"], r["topology"]) == PLAN_ROW)
+    hosts = row["chips"] // math.prod(parse(row["topology"])[2])
+    return {"recipe": row["recipe"], "topology": row["topology"], "command": row["command"], "hosts": hosts,
+            "host_batch": row["batch"] // hosts, "seq": row["seq"], "step_ms": row["step_ms"],
+            "tokens_per_s": row["batch"] * row["seq"] / (row["step_ms"] / 1e3) / hosts}
+
+
+def loader_vs_host(corpus: Path, tokenizer: Path, work: Path, repeats: int) -> dict:
+    """Loader tokens/s on one core (this thread pinned to one CPU), old per-row vs counter-based masking, plain and
+    whole-word, building one host's rows of the plan's batch at its sequence length."""
+    from bench.per_row_loader import PerRowLoader
+    from dontstop_jax.data import MLMLoader, load_tokenizer, prepare_corpus, special_ids, word_start_table
+    host = plan_host_rate()
+    prepared = prepare_corpus([str(corpus)], tokenizer, work / "loader_host", max_seq_length=host["seq"])
+    tok = load_tokenizer(tokenizer)
+    table = word_start_table(tok)
+
+    def consume(cls, whole_word: bool):
+        it = cls(prepared, host["host_batch"], 0, special_ids(tok), len(tok), whole_word=whole_word, prefetch=0,
+                 word_starts_table=table if whole_word else None)
+
+        def run(n):
+            for _ in range(n):
+                next(it)
+        return run
+
+    fns = {f"{name}, {kind}": consume(cls, whole_word)
+           for kind, whole_word in (("dynamic", False), ("whole-word", True))
+           for name, cls in (("per-row generators (before)", PerRowLoader), ("counter-based (now)", MLMLoader))}
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})  # this thread only: one core, as one of a host's loader threads would get
+    try:
+        cpu = time_alternating(fns, steps=5, repeats=repeats, clock=time.thread_time)
+        wall = time_alternating(fns, steps=5, repeats=repeats, warmup=0)
+    finally:
+        os.sched_setaffinity(0, cores)
+    tokens = host["host_batch"] * host["seq"]
+    rows = {name: {"cpu_ms_per_batch": 1e3 * cpu[name]["median_s"], "tokens_per_s": tokens / cpu[name]["median_s"],
+                   "wall_ms_per_batch": 1e3 * wall[name]["median_s"],
+                   "wall_tokens_per_s": tokens / wall[name]["median_s"]} for name in fns}
+    for r in rows.values():
+        r["vs_host"] = r["tokens_per_s"] / host["tokens_per_s"]
+    return {"plan": host, "rows": rows, "target": HOST_RATE_TARGET}
+
+
+def host_table(result: dict) -> str:
+    """Markdown: the loader rows beside the plan's per-host rate, with the speed-up over the per-row loader."""
+    host, rows = result["plan"], result["rows"]
+    before = {kind: r["tokens_per_s"] for name, r in rows.items() if name.startswith("per-row")
+              for kind in [name.split(", ")[1]]}
+    table = [[name, f"{r['cpu_ms_per_batch']:.1f}", f"{r['tokens_per_s']:,.0f}",
+              f"{r['tokens_per_s'] / before[name.split(', ')[1]]:.2f}x", f"{r['vs_host']:.2f}x",
+              "yes" if r["vs_host"] >= result["target"] else "no", f"{r['wall_tokens_per_s']:,.0f}"]
+             for name, r in rows.items()]
+    return (f"Loader on one core, {host['host_batch']} rows x {host['seq']} tokens (one host's share of batch "
+            f"{host['host_batch'] * host['hosts']}) vs what one of the {host['hosts']} hosts of `{host['command']}` "
+            f"consumes: {host['tokens_per_s']:,.0f} tokens/s ({host['step_ms']} ms roofline step, "
+            f"bench/plan_table.json); target {result['target']:g}x. Per core = per second of the loading thread's "
+            "CPU time (pinned to one core; other jobs on the box do not count), wall-clock rate beside it:\n\n"
+            + markdown_table(["loader", "CPU ms/batch", "tokens/s per core", "vs per-row", "vs host consumption",
+                              f">= {result['target']:g}x", "wall tokens/s"], table))
+
+
 def _status_mb(pid: int | str, field: str) -> float:
     """A `VmRSS`/`VmHWM` line of /proc/<pid>/status in MB (0 once the process is gone)."""
     try:
@@ -227,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--loader-host", action="store_true", help="only the loader vs a TPU host's consumption")
     args = p.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dontstop-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -234,12 +311,20 @@ def main(argv: list[str] | None = None) -> dict:
         corpus = work / "corpus.txt"
         write_corpus(corpus, args.mb)
         tokenizer = make_tokenizer(corpus, work / "tokenizer")
-        prep = prepare_ratio(corpus, tokenizer, work, args.repeats)
-        load = loader_vs_step(corpus, tokenizer, work, args.batch, args.seq, args.repeats)
-        rss = prepare_peak_rss(work, args.rss_gb, tokenizer) if args.rss_gb > 0 else None
+        if args.loader_host:
+            host = loader_vs_host(corpus, tokenizer, work, args.repeats)
+        else:
+            prep = prepare_ratio(corpus, tokenizer, work, args.repeats)
+            load = loader_vs_step(corpus, tokenizer, work, args.batch, args.seq, args.repeats)
+            rss = prepare_peak_rss(work, args.rss_gb, tokenizer) if args.rss_gb > 0 else None
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
+    if args.loader_host:
+        print(f"\n{host_table(host)}")
+        payload = {"bench": "loader_host", "args": vars(args), "loader_host": host}
+        print(f"written: {write_json('loader_host', payload)}", file=sys.stderr)
+        return payload
     ours_s = prep["ours: prepare_corpus"]["seconds"]
     print(f"\nprepare, {args.mb:.0f} MB corpus, seq {SEQ}")
     print(markdown_table(["pipeline", "seconds", "MB/s", "blocks", "time / ours"],

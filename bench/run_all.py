@@ -27,6 +27,7 @@ CPU_RUNS = [
     ("classification", classify_step, "", "--seq 32 --batch 8 --examples 64 --max-len 128 --repeats 1 --steps 1"),
     ("classification parts", classify_step, "--breakdown --repeats 5", "--breakdown --seq 32 --batch 8 --repeats 1 --steps 1"),
     ("data pipeline", data_pipeline, "", "--mb 4 --repeats 1 --rss-gb 0.05 --batch 8 --seq 64"),
+    ("loader per core", data_pipeline, "--loader-host --repeats 5", "--loader-host --mb 4 --repeats 1"),
     ("storage", storage, "", "--mb 4 --repeats 1 --step-repeats 1 --stream-docs 100 --batch 8 --seq 64"),
 ]
 GPU_RUNS = [
@@ -174,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
             sections.append(classify_parts_section(payload))
         elif payload["bench"] == "data_pipeline":
             sections.append(data_section(payload))
+        elif payload["bench"] == "loader_host":
+            sections.append(f"### Loader vs a TPU host\n\n{data_pipeline.host_table(payload['loader_host'])}")
         elif payload["bench"] == "storage":
             sections.append(storage_section(payload))
     sections.append(memory_section())

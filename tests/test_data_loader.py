@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dontstop_jax.data import MLMLoader, load_tokenizer, mask_tokens, prepare_corpus, special_ids, word_start_table
+from dontstop_jax.data.masking import random_bits, row_keys, uniforms
 from dontstop_jax.errors import UserError
 
 SPECIAL = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
@@ -61,7 +62,7 @@ def assert_same(a: list[dict], b: list[dict]):
 
 def test_mask_statistics():
     ids = random_rows(512, 128)
-    out = mask_tokens(ids, np.random.default_rng(0), SPECIAL, VOCAB)
+    out = mask_tokens(ids, row_keys(0, np.arange(512)), SPECIAL, VOCAB)
     weights, positions = out["mlm_weights"], out["mlm_positions"]
     assert out["mlm_ids"].shape == positions.shape == weights.shape == (512, 20)  # ceil(0.15 * 128)
     assert {k: v.dtype for k, v in out.items()} == {
@@ -91,19 +92,34 @@ def test_mask_statistics():
     np.testing.assert_array_equal(out["input_ids"][unchosen], ids[unchosen])
 
 
-def test_per_row_generators_make_rows_independent():
+def test_row_keys_make_rows_independent():
     ids = random_rows(4, 64)
-    rngs = lambda: [np.random.default_rng([7, i]) for i in range(4)]  # noqa: E731
-    full = mask_tokens(ids, rngs(), SPECIAL, VOCAB)
-    half = mask_tokens(ids[2:], rngs()[2:], SPECIAL, VOCAB)
+    keys = row_keys(7, np.arange(4))
+    full = mask_tokens(ids, keys, SPECIAL, VOCAB)
+    half = mask_tokens(ids[2:], keys[2:], SPECIAL, VOCAB)
     for key in full:
         np.testing.assert_array_equal(full[key][2:], half[key])
+
+
+def test_counter_based_bits_are_uniform_and_unrelated_across_keys_streams_and_positions():
+    keys = row_keys(5, 0, np.arange(2000))
+    assert len(np.unique(keys)) == 2000 and not np.isin(keys, row_keys(5, 1, np.arange(2000))).any()
+    u = np.stack([uniforms(keys[:, None], s, np.arange(256)) for s in range(3)], axis=1)  # [key, stream, position]
+    counts = np.bincount((u * 16).astype(int).ravel(), minlength=16)
+    expected = u.size / 16
+    assert ((counts - expected) ** 2 / expected).sum() < 50  # chi-square, 15 degrees of freedom: p < 1e-5
+    flat = u.reshape(2000, -1) - 0.5
+    # Neighbouring keys, streams and positions: correlations within a few standard errors of 0.
+    for a, b in [(flat[1:], flat[:-1]), (u[:, 1] - 0.5, u[:, 0] - 0.5), (flat[:, 1:], flat[:, :-1])]:
+        assert abs((a * b).mean() / (a.std() * b.std())) < 5 / np.sqrt(a.size)
+    np.testing.assert_array_equal(random_bits(keys[:3], 2, np.array([9, 9, 4])),
+                                  [random_bits(keys[i : i + 1], 2, p)[0] for i, p in enumerate([9, 9, 4])])
 
 
 def test_whole_word_masking_masks_whole_words():
     ids = random_rows(256, 64)
     starts = np.random.default_rng(1).random(ids.shape) < 0.4
-    out = mask_tokens(ids, np.random.default_rng(2), SPECIAL, VOCAB, whole_word_starts=starts)
+    out = mask_tokens(ids, row_keys(2, np.arange(256)), SPECIAL, VOCAB, whole_word_starts=starts)
     candidates = ~np.isin(ids, list(SPECIAL.values()))
     chosen = np.zeros_like(candidates)
     rows = np.nonzero(out["mlm_weights"])[0]

@@ -207,6 +207,14 @@ def test_small_contracts_in_the_bucket(bucket, tmp_path):
     _release(lock)
     assert not lock.exists()
 
+    from dontstop_jax.train import MetricsWriter
+    with MetricsWriter("gs://bkt/small/run", sync_every_s=0) as writer:  # every write queues an upload
+        for step in (1, 2, 3):
+            writer.write(step, {"loss": 1.0 / step})
+    uploaded = files.path("gs://bkt/small/run/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in uploaded] == [1, 2, 3]  # close waited for the last upload
+    assert list(files.path("gs://bkt/small/run/tensorboard").glob("events.out.tfevents.*"))
+
     files.write_json("gs://bkt/small/model/config.json", {"model_type": "roberta", "vocab_size": 97, "hidden_size": 48,
                                                            "num_hidden_layers": 3, "num_attention_heads": 4,
                                                            "intermediate_size": 96, "max_position_embeddings": 66})

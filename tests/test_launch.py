@@ -3,6 +3,7 @@ matches one process with 4 devices (losses, parameters) and shares checkpoints w
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -162,8 +163,9 @@ def test_checkpoints_move_between_process_counts(tiny, reference):
     _assert_same_params(final_params(one_to_two), final_params(reference))
 
     two_to_one = root / "two-then-one"  # 2 processes stopped by SIGTERM -> 1 process finishes
-    proc = subprocess.Popen(_launcher(_argv(tiny, two_to_one, "(2, 2, 1)"), root / "logs-two-then-one"), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    poll = ["--config.train.stop_poll_every=2"]  # the processes agree on a stop every 2 steps, not every step
+    proc = subprocess.Popen(_launcher(_argv(tiny, two_to_one, "(2, 2, 1)") + poll, root / "logs-two-then-one"),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = two_to_one / "metrics.jsonl"
     wait_until(lambda: metrics.exists() and metrics.stat().st_size > 0, proc)  # both are past step 5
     proc.send_signal(signal.SIGTERM)  # forwarded to both processes, which agree on the step to stop at
@@ -171,5 +173,8 @@ def test_checkpoints_move_between_process_counts(tiny, reference):
     assert proc.returncode == 0, err[-3000:]
     stopped = Checkpointer(two_to_one / "checkpoints", read_only=True).latest_step()
     assert 0 < stopped < STEPS and not (two_to_one / "DONE.json").exists()
+    said = [re.findall(r"interrupted at step (\d+) of", (root / "logs-two-then-one" / f"process-{p}.log").read_text())
+            for p in range(2)]
+    assert said == [[str(stopped)], [str(stopped)]]  # both processes stopped after the step they saved
     _one_process(_argv(tiny, two_to_one, "(2, 2, 1)"))
     _assert_same_params(final_params(two_to_one), final_params(reference))

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import struct
+import threading
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dontstop_jax.train import MetricsBuffer, MetricsWriter, ProgressBar
-from dontstop_jax.train.logging import _masked_crc32c
+from dontstop_jax.train.logging import _masked_crc32c, _Uploads
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -206,3 +208,37 @@ def test_metrics_buffer_is_one_step_late():
     ((step, metrics),) = buffer.flush()
     assert step == 3 and float(metrics["loss"]) == 3.0
     assert buffer.flush() == []
+
+
+class _SlowObject:
+    """A bucket object whose writes wait until `release` is set, recording what each write stored."""
+
+    def __init__(self) -> None:
+        self.release, self.stored = threading.Event(), []
+
+    @contextlib.contextmanager
+    def open(self, mode: str):
+        assert mode == "wb" and self.release.wait(10)
+        buf = io.BytesIO()
+        yield buf
+        self.stored.append(buf.getvalue())
+
+
+def test_log_uploads_leave_the_loop_and_close_writes_every_snapshot():
+    target = _SlowObject()
+    uploads = _Uploads(pending=2)
+    uploads.put({target: b"1\n"})
+    uploads.put({target: b"1\n2\n"})  # returns at once: the thread is still waiting on the first write
+    assert target.stored == []
+    target.release.set()
+    uploads.close()
+    assert target.stored == [b"1\n", b"1\n2\n"]
+
+
+def test_a_failed_log_upload_is_raised_not_swallowed(tmp_path):
+    from etils import epath
+    uploads = _Uploads()
+    uploads.put({epath.Path(tmp_path) / "no-such-dir" / "metrics.jsonl": b"1\n"})
+    with pytest.raises(RuntimeError, match="uploading the logs to the bucket failed") as raised:
+        uploads.close()
+    assert isinstance(raised.value.__cause__, FileNotFoundError)

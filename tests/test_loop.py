@@ -69,3 +69,29 @@ def test_tokens_counted_per_batch_when_batches_vary(tmp_path, monkeypatch):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # steps 1-2 read batches 1 and 2 (30 tokens), steps 3-4 batches 3 and 4 (70 tokens); one clock tick per log
     assert [(m["step"], m["tokens_per_s"]) for m in lines] == [(2, 30 / 2), (4, 70 / 2)]
+
+
+def test_several_processes_agree_on_a_stop_every_n_steps_only(tmp_path, monkeypatch):
+    """No collective on the other steps; the request made at step 3 is seen at the check of step 4, read (and
+    stopped at) one step later, on every process alike."""
+    import jax
+    import numpy as np
+    dispatched = []
+
+    def any_process(flag):  # what each process's call of the all-device reduction would return
+        dispatched.append(flag)
+        return np.bool_(flag)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr("dontstop_jax.train.loop.any_process", any_process)
+
+    def step(state, batch):
+        if state == 2:
+            StopSignal.request()  # during step 3
+        return _step(state, batch)
+    saved = []
+    with MetricsWriter(tmp_path) as writer, StopSignal() as stop:
+        with pytest.raises(Interrupted, match="interrupted at step 5 of dapt"):
+            run_steps(0, step, iter(range(100)), start=0, stop=10, writer=writer,
+                      progress=ProgressBar(10, enabled=False), tokens_per_step=0, stop_signal=stop,
+                      save=lambda state, skipped: saved.append(state), phase="dapt", poll_every=2)
+    assert dispatched == [False, True] and saved == [5]  # checks at steps 2 and 4 only

@@ -6,9 +6,9 @@ step counter and lets each host read just its rows of the global batch without w
 or iterator checkpoints.
 
 Epoch e visits blocks in `default_rng([seed, e]).permutation(num_blocks)`; global batch b is the
-b-th slice of G blocks, and host p of n takes rows [p*G/n, (p+1)*G/n). A block's mask comes from
-`default_rng([seed, e, block_id])`, so it does not depend on the host count or batch neighbours,
-and every epoch masks afresh.
+b-th slice of G blocks, and host p of n takes rows [p*G/n, (p+1)*G/n). A block's mask is drawn with the
+counter-based key `row_keys(seed, e, block_id)` (data/masking.py), so it does not depend on the host count or
+batch neighbours, and every epoch masks afresh.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dontstop_jax.data.masking import document_segments, mask_tokens
+from dontstop_jax.data.masking import SPAN_COIN, document_segments, mask_tokens, row_keys, uniforms
 from dontstop_jax.data.prepare import PreparedCorpus
 from dontstop_jax.data.spans import SpanMasker
 from dontstop_jax.errors import UserError
@@ -38,7 +38,7 @@ class MLMLoader:
     background thread; `get_state` always describes what has been yielded. attend_across_documents=False
     gives `document_segments` as the attention mask, so the documents packed into a row do not see each other.
     `span_masker` makes the occurrences of its terms masking units (data/spans.py); each row's span coins are
-    drawn from the row's generator before its mask.
+    its own stream of the row's key.
     """
 
     def __init__(
@@ -99,22 +99,32 @@ class MLMLoader:
 
     def batch(self, epoch: int, index: int) -> Batch:
         """This host's share of global batch `index` of `epoch` (random access, no state change)."""
+        tokens, block_ids = self.blocks(epoch, index)
+        return self.masked(tokens, epoch, block_ids)
+
+    def blocks(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens int32 [local batch, T], block ids) of this host's rows of batch `index` of `epoch`; filler rows
+        (drop_remainder=False) get ids from num_blocks on."""
         g = self.global_batch_size
         ids = self._epoch_order(epoch)[index * g : (index + 1) * g][self.local_rows]
         special = self._special_ids
-        # Filler rows (drop_remainder=False) are "<s> </s> <pad>...": nothing to predict, and no
-        # fully masked attention row that could turn into NaN.
+        # Filler rows are "<s> </s> <pad>...": nothing to predict, and no fully masked attention row that could
+        # turn into NaN.
         tokens = np.full((self.local_batch_size, self.corpus.max_seq_length), special["pad"], np.int32)
         tokens[:, :2] = special["bos"], special["eos"]
         tokens[: len(ids)] = self.corpus.blocks(ids)
-        block_ids = np.concatenate([ids, self.corpus.num_blocks + np.arange(self.local_batch_size - len(ids))])
-        rngs = [np.random.default_rng([self.seed, epoch, int(b)]) for b in block_ids]
+        return tokens, np.concatenate([ids, self.corpus.num_blocks + np.arange(self.local_batch_size - len(ids))])
+
+    def masked(self, tokens: np.ndarray, epoch: int, block_ids: np.ndarray) -> Batch:
+        """The MLM batch of `tokens` (blocks `block_ids` served in `epoch`): a pure function of its arguments."""
+        special = self._special_ids
+        keys = row_keys(self.seed, epoch, block_ids)
         starts = None if self._word_starts is None else self._word_starts[tokens]
         if self._spans is not None:
-            coins = np.stack([g.random(tokens.shape[1]) for g in rngs])
+            coins = uniforms(keys[:, None], SPAN_COIN, np.arange(tokens.shape[1]))
             base = np.ones(tokens.shape, bool) if starts is None else starts
             starts = self._spans.word_starts_with_spans(tokens, base, coins)
-        batch = self._mask(tokens, rngs, whole_word_starts=starts)
+        batch = self._mask(tokens, keys, whole_word_starts=starts)
         if self._documents_apart:
             batch["attention_mask"] = document_segments(tokens, special["eos"], special["pad"])
         return batch

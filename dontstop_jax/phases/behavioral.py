@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from dontstop_jax.data.masking import mask_tokens
+from dontstop_jax.data.masking import mask_tokens, row_keys
 from dontstop_jax.engine.multitask import MLM_KEYS, auxiliary_mlm_loss_sums, mlm_weights
 from dontstop_jax.engine.regularizers import Regularizer
 from dontstop_jax.engine.steps import Fixed, classification_loss_sums
@@ -111,15 +111,14 @@ class Multitask:
 
     def batches(self, batches: Iterator[dict], first_step: int) -> Iterator[dict]:
         """`batches` (global steps first_step, first_step + 1, ...) with the masked copy of their text (MLM_KEYS).
-        Global row r of step s is masked by its own generator, seeded by (seed, step, r): the same masks on any
-        host count and after a resume. Filler rows (example weight 0) mask nothing."""
+        Global row r of step s is masked with its own counter-based key, row_keys(seed, MASK_STREAM, s, r): the
+        same masks on any host count and after a resume. Filler rows (example weight 0) mask nothing."""
         if not self.on:
             yield from batches
             return
         for step, batch in enumerate(batches, first_step):
-            rows = range(self.row_offset, self.row_offset + len(batch["input_ids"]))
-            masked = mask_tokens(batch["input_ids"], [np.random.default_rng([self.seed, MASK_STREAM, step, r])
-                                                      for r in rows],
+            rows = np.arange(self.row_offset, self.row_offset + len(batch["input_ids"]))
+            masked = mask_tokens(batch["input_ids"], row_keys(self.seed, MASK_STREAM, step, rows),
                                  self.special, self.vocab_size, mask_prob=self.cfg.mask_prob)
             masked["mlm_weights"] = masked["mlm_weights"] * batch["example_weights"][:, None]
             yield {**batch, MLM_KEYS[0]: masked["input_ids"], **{k: masked[k] for k in MLM_KEYS[1:]}}

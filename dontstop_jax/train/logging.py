@@ -11,9 +11,11 @@ import hashlib
 import json
 import math
 import os
+import queue
 import socket
 import struct
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -170,6 +172,45 @@ class _EventFile:
         self._file.close()
 
 
+class _Uploads:
+    """Writes snapshots of the log files ({bucket path: bytes}) to the bucket from a daemon thread, so the step
+    loop never waits on the network. At most `pending` snapshots wait (a further `put` blocks until one is
+    written); a failed upload is raised by the next `put` or by `close`, which writes what is queued first."""
+
+    def __init__(self, pending: int = 2) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="log-uploads", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (snapshot := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # already failed: drop the rest, the error is raised at the next put or close
+            try:
+                for target, data in snapshot.items():
+                    with target.open("wb") as dst:  # one object write: readers see all of it or none
+                        dst.write(data)
+            except BaseException as err:  # handed to the training thread
+                self._error = err
+
+    def put(self, snapshot: dict[Any, bytes]) -> None:
+        self._raise()
+        self._queue.put(snapshot)
+
+    def close(self) -> None:
+        """Write what is queued, end the thread, and raise the first upload error, if any."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"uploading the logs to the bucket failed: {err!r}") from err
+
+
 def _to_float(key: str, value: Any) -> float:
     if np.ndim(value) != 0:
         raise ValueError(f"metric {key!r} has shape {np.shape(value)}; log scalars only")
@@ -192,8 +233,10 @@ class MetricsWriter:
         if not enabled:
             return
         # A workdir in a bucket is logged to a local mirror that is uploaded every `sync_every_s` and at close
-        # (objects cannot be appended to); a run killed meanwhile loses only lines its resume replays anyway.
+        # (objects cannot be appended to), by a background thread; a run killed meanwhile loses only lines its
+        # resume replays anyway.
         self._remote = files.path(workdir) if files.is_remote(workdir) else None
+        self._uploads = _Uploads() if self._remote else None
         self._sync_every_s, self._synced = sync_every_s, time.monotonic()
         local = _mirror(self._remote) if self._remote else Path(workdir)
         tb_dir = local / "tensorboard"
@@ -205,11 +248,12 @@ class MetricsWriter:
         self._events = _EventFile(tb_dir)
 
     def _sync(self, force: bool = False) -> None:
-        """Upload the local mirror's logs to the bucket workdir (nothing to do for a local workdir)."""
+        """Queue a snapshot of the local mirror's logs (flushed, read here: whole lines and frames only) for
+        upload to the bucket workdir (nothing to do for a local workdir)."""
         if self._remote is None or not (force or time.monotonic() - self._synced >= self._sync_every_s):
             return
-        for local in _log_files(self._local):
-            files.upload(local, self._remote / local.relative_to(self._local).as_posix())
+        self._uploads.put({self._remote / local.relative_to(self._local).as_posix(): local.read_bytes()
+                           for local in _log_files(self._local)})
         self._synced = time.monotonic()
 
     def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
@@ -227,10 +271,15 @@ class MetricsWriter:
         self._sync()
 
     def close(self) -> None:
+        """Close the files; for a bucket workdir, upload them and wait for every upload (raising a failed one)."""
         if self.enabled and not self._jsonl.closed:
             self._jsonl.close()
             self._events.close()
-            self._sync(force=True)
+            if self._uploads is not None:
+                try:
+                    self._sync(force=True)
+                finally:
+                    self._uploads.close()
 
     def __enter__(self) -> Self:
         return self

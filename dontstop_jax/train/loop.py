@@ -33,7 +33,11 @@ class StopSignal:
     evaluation or compilation) stops the next phase before its first step. A second signal stops at once.
 
     With several processes the signal reaches each at a slightly different step, but saving is collective, so
-    they must stop at the same one: `poll` combines every process's flag, read one step late like the metrics.
+    they must stop at the same one: `poll` combines every process's flag on every `poll_every`-th step (one small
+    all-device reduction, read one step late like the metrics, so the host never waits for it), and all stop on
+    the step after. Not JAX's preemption sync point (`multihost_utils.reached_preemption_sync_point`): it learns
+    of SIGTERM from the C handler `jax.distributed.initialize` installs, which the handler here replaces, and
+    must, for a signal between phases and a second signal to be ours to act on.
     """
 
     def __init__(self):
@@ -59,11 +63,13 @@ class StopSignal:
         """Ask to stop, as a signal would (tests, or an embedding program's own preemption notice)."""
         _REQUESTED.set()
 
-    def poll(self) -> bool:
-        """Whether to stop after this step; every process calls it once per step."""
+    def poll(self, step: int, poll_every: int = 1) -> bool:
+        """Whether to stop after `step`; every process calls it once per step with the same arguments. Several
+        processes combine their flags on multiples of `poll_every` and stop one step later."""
         if jax.process_count() == 1:
             return _REQUESTED.is_set()
-        agreed, self._pending = self._pending, any_process(_REQUESTED.is_set())
+        agreed = self._pending
+        self._pending = any_process(_REQUESTED.is_set()) if step % poll_every == 0 else None
         return agreed is not None and bool(agreed)
 
     @staticmethod
@@ -90,14 +96,17 @@ def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: 
               writer: MetricsWriter, progress: ProgressBar, tokens_per_step: int | Callable[[Any], int],
               stop_signal: StopSignal, log_every: int = 10, save: Callable[[Any, int], None] | None = None,
               save_every: int = 0, prefix: str = "train/", phase: str = "training",
-              skipped: int = 0) -> tuple[Any, int]:
+              skipped: int = 0, poll_every: int = 10) -> tuple[Any, int]:
     """Run steps (start, stop] and return the state and the count of skipped steps. Metrics are fetched one step
     late. When asked to stop (`stop_signal`), the state is saved and `Interrupted(phase, step)` raised.
     Steps a `skipped` metric marks (see make_train_step's skip_nonfinite) are counted on from `skipped` (those of
     earlier runs of the phase), so the logged `skipped` and what `save(state, skipped)` gets are phase totals.
     `tokens_per_step`: a count, or a function of the batch (fine-tuning's length-bucketed batches vary); when
     it gives tokens, each logged line also gets `tokens_per_s` since the previous line (host wall clock at
-    fetch time, so the first line includes compilation)."""
+    fetch time, so the first line includes compilation). `poll_every`: how often several processes agree on a
+    stop request (StopSignal.poll); a stop then comes up to `poll_every` steps after the signal."""
+    if poll_every < 1:
+        raise UserError(f"train.stop_poll_every={poll_every} must be >= 1 (steps between stop checks)")
     count_tokens = tokens_per_step if callable(tokens_per_step) else (lambda _: tokens_per_step)
     buffer = MetricsBuffer()
     tokens_through: dict[int, int] = {}  # step -> tokens since `start`, until its metrics are drained
@@ -130,7 +139,7 @@ def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: 
         buffer.push(step, metrics)
         progress.update(step, None, tokens=tokens)
         drain(buffer.pop_ready())
-        stopping = stop_signal.poll()
+        stopping = stop_signal.poll(step, poll_every)
         if save is not None and ((save_every and step % save_every == 0) or stopping):
             drain(buffer.flush())  # never checkpoint a state whose loss was not finite
             save(state, skipped)

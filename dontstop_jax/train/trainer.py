@@ -130,7 +130,7 @@ class Trainer:
             self.state, self.train_step, (to_global(b, self.mesh) for b in batches), start=self.step, stop=stop,
             writer=self.writer, progress=self.progress, tokens_per_step=tokens_per_step, stop_signal=self.stop,
             log_every=self.cfg.train.log_every, save=save, save_every=save_every, phase=self.name,
-            skipped=self.skipped)
+            skipped=self.skipped, poll_every=self.cfg.train.stop_poll_every)
 
     def save(self, data_state: dict, metrics: dict | None = None) -> None:
         self._save(self.state, data_state, metrics)

@@ -38,8 +38,8 @@ PREPARED = "prepared"  # the default prepared-data cache of a phase (data.cache_
 # Fields (dotted paths, a section stands for all its fields) that never change what a phase produces: its
 # name and place, logging, checkpoint cadence, the mesh (any mesh resumes any checkpoint), rematerialisation
 # (same math) and where caches live.
-RUNTIME_ONLY = ("name", "workdir", "train.log_every", "checkpoint", "mesh", "model.remat", "data.cache_dir",
-                "checkpoint_every", "train.gather_params_once")
+RUNTIME_ONLY = ("name", "workdir", "train.log_every", "train.stop_poll_every", "checkpoint", "mesh", "model.remat",
+                "data.cache_dir", "checkpoint_every", "train.gather_params_once")
 # Fields added after phases were recorded, at the value that does what phases did before them: left out of the
 # fingerprint and the drift check at that value, so a phase finished before the field existed is still reused.
 NEUTRAL = {"task.train_size": 0, "data.attend_across_documents": True, "train.prune_top_layers": 0,
