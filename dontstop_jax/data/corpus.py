@@ -13,7 +13,8 @@ import hashlib
 import importlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from dontstop_jax import files
@@ -126,9 +127,9 @@ def iter_lines(path: str) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, decoded line without newline) of a text file, `.gz` included."""
     if files.source_stat(files.path(path))[0] == 0:
         raise UserError(f"file {path} is empty; remove it from the sources or fill it")
-    offset = 0
+    offset, lineno = 0, 0
     with files.open_read(path) as raw_file, (gzip.open(raw_file) if path.endswith(".gz") else raw_file) as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in enumerate(_gunzip_checked(f, path, lambda: lineno), start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -138,6 +139,15 @@ def iter_lines(path: str) -> Iterator[tuple[int, str]]:
                 ) from None
             offset += len(raw)
             yield lineno, line.rstrip("\r\n")
+
+
+def _gunzip_checked(lines: Iterable[bytes], path: str, lineno: Callable[[], int]) -> Iterator[bytes]:
+    """`lines`, with a file that is not gzip (or is cut short, or corrupt) as one line naming it."""
+    try:
+        yield from lines
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UserError(f"{path} is not a valid gzip file ({e} after line {lineno()}); "
+                        "recompress it, or drop the .gz suffix if it is plain text") from None
 
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
