@@ -25,10 +25,9 @@ def from_first(value: Any) -> Any:
     return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes().decode())
 
 
-def failed(ok: bool) -> list[int]:
-    """The processes whose `ok` is False, on every process."""
+def gather(code: int) -> list[int]:
+    """Every process's `code` (a small int: a status), in process order, on every process."""
     if jax.process_count() == 1:
-        return [] if ok else [0]
+        return [code]
     from jax.experimental import multihost_utils
-    flags = np.asarray(multihost_utils.process_allgather(np.array([0 if ok else 1], np.int32))).reshape(-1)
-    return [int(i) for i in np.flatnonzero(flags)]
+    return np.asarray(multihost_utils.process_allgather(np.array([code], np.int32))).reshape(-1).tolist()

@@ -97,7 +97,8 @@ class Checkpointer:
         handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
                     "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
                     **{name: ocp.StandardCheckpointHandler() for name in AVERAGES}}
-        self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+        with files.naming(self.directory):
+            self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
         self._unreadable: set[int] = set()
 
     # -- writing --------------------------------------------------------------------------------
@@ -107,17 +108,19 @@ class Checkpointer:
             self._manager.delete(step)
             self._unreadable.discard(step)
         train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
-        self._manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
-            data=ocp.args.JsonSave(data_state or {}), meta=ocp.args.JsonSave({**meta, "step": step}),
-            **{name: ocp.args.StandardSave(tree) for name, tree in state.averages.items()}))
+        with files.naming(self.directory / str(step)):  # tensorstore retries its own requests with backoff
+            self._manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
+                data=ocp.args.JsonSave(data_state or {}), meta=ocp.args.JsonSave({**meta, "step": step}),
+                **{name: ocp.args.StandardSave(tree) for name, tree in state.averages.items()}))
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk (call before exiting)."""
-        self._manager.wait_until_finished()
+        with files.naming(self.directory):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
     # -- reading --------------------------------------------------------------------------------
@@ -169,20 +172,24 @@ class Checkpointer:
         raise UserError(f"no readable checkpoint in {self.directory}: steps {', '.join(map(str, steps))} are all "
                         f"unreadable ({_reason(failed)})") from failed
 
-    @staticmethod
-    def _attempt(read: Callable[[int], T], step: int) -> tuple[T | None, Exception | None]:
+    def _attempt(self, read: Callable[[int], T], step: int) -> tuple[T | None, Exception | None]:
         """(read(`step`), None) where it succeeds on every process, tried a second time by all of them after a
-        pause; else (None, this process's error, or one naming the process that failed)."""
+        pause; else (None, this process's error, or one naming the process that failed). A bucket that kept
+        failing on any process is no reason to fall back to an older step: every process raises `BucketFault`."""
         for attempt in range(2):
             try:
                 value, err = read(step), None
             except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many types for a damaged step)
                 value, err = None, e
-            others = [p for p in consensus.failed(err is None) if p != jax.process_index()]
-            if err is None and not others:
+            codes = consensus.gather(0 if err is None else 2 if files.bucket_cause(err) else 1)
+            if not any(codes):
                 return value, None
             if attempt == 0:
                 time.sleep(RETRY_SECONDS)
+        if 2 in codes:
+            cause = files.bucket_cause(err) if err is not None else f"process {codes.index(2)} could not reach it"
+            raise files.BucketFault(self.directory / str(step), cause or "a read failed") from err
+        others = [p for p, code in enumerate(codes) if code and p != jax.process_index()]
         return None, err or RuntimeError(f"process {others[0]} could not read it; its log has the error")
 
     def _restore(self, step: int, args: ocp.args.Composite) -> Any:
