@@ -123,22 +123,29 @@ def corpus_fingerprint(sources: Iterable[SourceSpec]) -> str:
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
-def iter_lines(path: str) -> Iterator[tuple[int, str]]:
-    """Yield (1-based line number, decoded line without newline) of a text file, `.gz` included."""
+def iter_raw_lines(path: str) -> Iterator[bytes]:
+    """The lines of a text file (`.gz` decompressed), as bytes with their newline."""
     if files.source_stat(files.path(path))[0] == 0:
         raise UserError(f"file {path} is empty; remove it from the sources or fill it")
-    offset, lineno = 0, 0
+    lineno = 0
     with files.open_read(path) as raw_file, (gzip.open(raw_file) if path.endswith(".gz") else raw_file) as f:
         for lineno, raw in enumerate(_gunzip_checked(f, path, lambda: lineno), start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                where = "decompressed byte offset" if path.endswith(".gz") else "byte offset"
-                raise UserError(
-                    f"{path}: invalid UTF-8 at {where} {offset + e.start} (line {lineno}); re-encode the file as UTF-8"
-                ) from None
-            offset += len(raw)
-            yield lineno, line.rstrip("\r\n")
+            yield raw
+
+
+def iter_lines(path: str) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, decoded line without newline) of a text file, `.gz` included."""
+    offset = 0
+    for lineno, raw in enumerate(iter_raw_lines(path), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            where = "decompressed byte offset" if path.endswith(".gz") else "byte offset"
+            raise UserError(
+                f"{path}: invalid UTF-8 at {where} {offset + e.start} (line {lineno}); re-encode the file as UTF-8"
+            ) from None
+        offset += len(raw)
+        yield lineno, line.rstrip("\r\n")
 
 
 def _gunzip_checked(lines: Iterable[bytes], path: str, lineno: Callable[[], int]) -> Iterator[bytes]:
