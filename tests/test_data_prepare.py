@@ -416,3 +416,38 @@ def test_workers_default_to_the_cores_on_big_inputs_of_any_format(tmp_path, monk
     jsonl = parse_source(write(tmp_path / "b.jsonl.gz", gzip.compress(b'{"text": "hello"}\n')))
     assert prepare_module.default_workers([jsonl]) == cores  # every format goes through the pool
     assert prepare_module.default_workers([parse_source("hf:some/dataset")]) == cores
+
+
+_HOSTS_PREPARE = """
+import hashlib, json, sys
+from dontstop_jax import distributed
+distributed.initialize()
+from dontstop_jax.data import prepare
+prepare.UNIT_BYTES, prepare.UNIT_LINES = 2000, 40  # many units, so both processes encode a share of each file
+sources, tokenizer, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+corpus = prepare.prepare_corpus(sources, tokenizer, out, max_seq_length=16, shard_blocks=7, workers=1)
+print(json.dumps({"directory": str(corpus.directory), "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                                                                for p in sorted(corpus.directory.iterdir())}}))
+"""
+
+
+def test_two_processes_prepare_the_same_shards_as_one(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    """Each of 2 processes encodes its share of a text and a compressed JSON-lines file and writes its shards; the
+    published directory (name, manifest, every shard) is byte-identical to one process's."""
+    import hashlib
+
+    from local_processes import run_local_processes
+    lines = [f"{d} line {i}" for i in range(300) for d in DOCS[:3]]
+    records = "".join(json.dumps({"text": t}) + "\n" for t in reversed(lines)).encode()
+    sources = [write(tmp_path / "a.txt", "\n".join(lines)), write(tmp_path / "b.jsonl.gz", gzip.compress(records))]
+    monkeypatch.setattr(prepare_module, "UNIT_BYTES", 2000)
+    monkeypatch.setattr(prepare_module, "UNIT_LINES", 40)
+    one = prepare_corpus(sources, tiny_tokenizer_dir, tmp_path / "one", max_seq_length=16, shard_blocks=7, workers=1)
+    want = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(one.directory.iterdir())}
+    assert len(want) > 10  # manifest + many shards
+    outputs = run_local_processes(_HOSTS_PREPARE, json.dumps(sources), tiny_tokenizer_dir, str(tmp_path / "two"),
+                                  timeout=240)
+    results = [json.loads(out.splitlines()[-1]) for out in outputs]
+    assert results[0] == results[1]
+    assert Path(results[0]["directory"]).name == one.directory.name and results[0]["files"] == want
+    assert os.listdir(tmp_path / "two") == [one.directory.name]  # pieces and shares are gone
