@@ -4,8 +4,8 @@ Paths are `etils.epath.Path`s (what Orbax uses too): local paths behave as befor
 gcsfs (`pip install -e ".[gcs]"`). Three rules make a bucket safe to share between hosts that share nothing else:
 - What a later run reads is published whole: locally by a rename, in a bucket by one object upload per file,
   a directory's marker file last (`publishing`).
-- What a process reads many times (a model directory, a tokenizer, prepared shards) is copied once per host into
-  its local cache (`localize`, `local_cache`), verified by size.
+- What a process reads many times (a model directory, a tokenizer) is copied once per host into its local cache
+  (`localize`, `local_cache`), verified by size; a prepared corpus is read in place, a few rows at a time.
 - Nothing is renamed in a bucket (object stores copy and delete; a crash between them leaves both).
 """
 

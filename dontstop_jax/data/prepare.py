@@ -7,13 +7,21 @@ document boundaries. The final partial chunk is kept as `<s> rest </s>` padded w
 (its pad count is recorded in the manifest) so no text is lost.
 
 Layout of `out_root/<fingerprint>/`: `shard-00000.npy`, ... (each [n, max_seq_length], uint16
-when the vocabulary fits, else int32) and `manifest.json`. The directory is built under a private
-hidden name (`.<fingerprint>.tmp-<pid>-<random>`, never read as a cache) and published by one
-rename, which fails onto an existing directory: of concurrent builders of one key the first to
-finish publishes, the others drop their copy and use it. Opening checks that every shard the
-manifest lists is there whole; a damaged directory is moved aside and rebuilt. Private directories
-of dead builders are removed once untouched for STALE_SECONDS.
-Memory stays bounded by one document batch plus one shard, whatever the corpus size.
+when the vocabulary fits, else int32) and `manifest.json`.
+
+Every process of a run builds (`prepare_corpus` is a collective): the input is cut into units whose bounds do
+not depend on the process count (UNIT_BYTES, UNIT_LINES, UNIT_RECORDS); each process encodes its units, on all
+its cores, into pieces of the token stream (`pieces/`, int32); then each writes every process_count-th shard,
+packed from the pieces that hold its slice of the stream; process 0 writes the manifest once all are in. The
+shards, and so the batches, are byte-identical on any number of processes. `out_root` is a bucket or a disk all
+processes share; a corpus in a bucket is read there in place (`BucketShards`), never copied to a host.
+
+A local directory is built under a private hidden name (`.<fingerprint>.tmp-<token>`, never read as a cache) and
+published by one rename, which fails onto an existing directory: of concurrent builders of one key the first to
+finish publishes, the others drop their copy and use it. In a bucket the manifest is written last. Opening
+checks that every shard the manifest lists is there whole; a damaged directory is moved aside and rebuilt.
+Private directories of dead builders are removed once untouched for STALE_SECONDS.
+Memory stays bounded by one unit's ids (UNIT_BYTES of text: ~UNIT_BYTES of int32) plus one shard per process.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -136,16 +145,71 @@ class PreparedCorpus:
             raise IndexError(f"block index out of range [0, {self.num_blocks})")
         starts = self._starts
         shard_of = np.searchsorted(starts, indices, side="right") - 1
+        if isinstance(self.shards, BucketShards):
+            return self.shards.rows(shard_of, indices - starts[shard_of])
         out = np.empty((len(indices), self.max_seq_length), np.int32)
         for s in np.unique(shard_of):
             rows = shard_of == s
             out[rows] = self.shards[s][indices[rows] - starts[s]]
         return out
 
+    @classmethod
+    def open_bucket(cls, directory: files.Path) -> PreparedCorpus:
+        """The corpus in a bucket, read in place: `blocks` fetches just the rows asked for (`BucketShards`), so a host
+        holds no copy of it. Raises `Damaged` unless every shard the manifest lists has its full size."""
+        try:
+            manifest = json.loads(files.retrying(directory / MANIFEST, (directory / MANIFEST).read_text))
+        except FileNotFoundError:
+            raise Damaged(f"no {MANIFEST}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise Damaged(f"unreadable {MANIFEST}: {e!r}") from None
+        return cls(directory, manifest, BucketShards(directory, manifest))
+
     @functools.cached_property
     def _starts(self) -> np.ndarray:
         """First global block index of each shard."""
         return np.cumsum([0] + [s["blocks"] for s in self.manifest["shards"][:-1]])
+
+
+class BucketShards:
+    """The shards of a corpus in a bucket, as byte ranges: a `rows` call fetches all its rows with concurrent range
+    requests (gcsfs `cat_ranges`); with the loader's prefetch thread the next batches are read while one trains."""
+
+    def __init__(self, directory: files.Path, manifest: dict[str, Any]):
+        import fsspec
+        self.fs, root = fsspec.core.url_to_fs(os.fspath(directory))
+        self.width, self.dtype = manifest["max_seq_length"], np.dtype(manifest["dtype"])
+        self.row_bytes = self.width * self.dtype.itemsize
+        sizes = {os.path.basename(e["name"]): int(e["size"]) for e in files.retrying(
+            directory, lambda: self.fs.ls(root, detail=True))}
+        self.paths, self.headers = [], []
+        for shard in manifest["shards"]:
+            header = _npy_header_bytes((shard["blocks"], self.width), self.dtype)
+            want = header + shard["blocks"] * self.row_bytes
+            if shard["file"] not in sizes:
+                raise Damaged(f"{shard['file']} is missing")
+            if sizes[shard["file"]] != want:
+                raise Damaged(f"{shard['file']} is {sizes[shard['file']]} bytes, not {want}")
+            self.paths.append(f"{root}/{shard['file']}")
+            self.headers.append(header)
+        self.directory = directory
+
+    def rows(self, shard_of: np.ndarray, local: np.ndarray) -> np.ndarray:
+        """int32 [len(local), width]: row local[i] of shard shard_of[i]."""
+        if not len(local):
+            return np.zeros((0, self.width), np.int32)
+        starts = [self.headers[s] + int(r) * self.row_bytes for s, r in zip(shard_of, local)]
+        data = files.retrying(self.directory, lambda: self.fs.cat_ranges(
+            [self.paths[s] for s in shard_of], starts, [a + self.row_bytes for a in starts]))
+        return np.frombuffer(b"".join(data), self.dtype).reshape(len(local), self.width).astype(np.int32)
+
+
+def _npy_header_bytes(shape: tuple[int, int], dtype: np.dtype) -> int:
+    """The header length `np.save` writes for an array of `shape` and `dtype` (where its rows start)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                  "fortran_order": False, "shape": shape})
+    return buffer.tell()
 
 
 def prepare_corpus(
@@ -190,16 +254,17 @@ def prepare_corpus(
     corpus_fp = corpus_fingerprint(sources)
     key = json.dumps([corpus_fp, tok_fp, max_seq_length, FORMAT_VERSION])
     name = hashlib.sha256(key.encode()).hexdigest()[:16]
-    # A bucket cache is read through this host's verified local copy (memory-mapped like a local cache).
+    # A bucket cache is built and read in place (no host holds a copy); a local one must be on a disk that all
+    # processes share (one host, or NFS).
     remote = files.path(out_root) / name if files.is_remote(out_root) else None
-    directory = (files.local_cache("prepared") if remote else Path(out_root)) / name
+    directory = Path(out_root, name) if not remote else None
     lead = jax.process_index() == 0
     if consensus.from_first(lead and _published(remote, directory)):
         log.info("reusing prepared corpus at %s", remote or directory)
         return _open(remote, directory)
     if lead and not remote:
         _remove_stale(directory.parent)
-    build = (remote.parent if remote else directory.parent) / _private(Path(name), consensus.from_first(
+    build = files.path(out_root) / _private(Path(name), consensus.from_first(
         secrets.token_hex(4))).name  # one private name for all processes, on storage they share
     if not remote:
         try:
@@ -241,14 +306,28 @@ class Plan:
         return self.remote or self.build
 
 
-def _published(remote: files.Path | None, directory: Path) -> bool:
-    """Whether a complete corpus is there (checked by process 0; a damaged local one is moved aside)."""
-    return bool(files.retrying(remote / MANIFEST, (remote / MANIFEST).exists)) if remote else (
-        _reuse(directory) is not None)
+def _published(remote: files.Path | None, directory: Path | None) -> bool:
+    """Whether a complete corpus is there (checked by process 0; a damaged local one is moved aside, a damaged
+    one in a bucket is rebuilt over)."""
+    if not remote:
+        return _reuse(directory) is not None
+    try:
+        PreparedCorpus.open_bucket(remote)
+        return True
+    except Damaged as e:
+        if files.retrying(remote / MANIFEST, (remote / MANIFEST).exists):
+            log.warning("prepared corpus at %s is damaged (%s); rebuilding it", remote, e)
+        return False
 
 
-def _open(remote: files.Path | None, directory: Path) -> PreparedCorpus:
-    return (_reuse(directory) or _download(remote, directory)) if remote else PreparedCorpus.load(directory)
+def _open(remote: files.Path | None, directory: Path | None) -> PreparedCorpus:
+    """The published corpus: from local (or shared) disk, memory-mapped, or read in place in the bucket."""
+    if not remote:
+        return PreparedCorpus.load(directory)
+    try:
+        return PreparedCorpus.open_bucket(remote)
+    except Damaged as e:
+        raise UserError(f"{remote} is not a prepared corpus ({e}); delete it and prepare again") from None
 
 
 def _collectively(what: str, step: Callable[[], Any]) -> None:
@@ -427,7 +506,7 @@ def _write_shards(plan: Plan, units: list[list]) -> None:
 
 
 def _publish_manifest(plan: Plan, units: list[list], tok: PreTrainedTokenizerFast, tok_fp: str, corpus_fp: str,
-                      directory: Path) -> None:
+                      directory: Path | None) -> None:
     """Process 0, once every shard is in: write the manifest (in a bucket, last) and publish the directory."""
     shards = _shards(plan, units)
     total_blocks = sum(s["blocks"] for s in shards)
@@ -499,30 +578,6 @@ def _publish(build: Path, directory: Path) -> PreparedCorpus:
         os.rename(build, directory)
     log.info("published prepared corpus at %s", directory)
     return PreparedCorpus.load(directory)
-
-
-def _download(remote: files.Path, directory: Path) -> PreparedCorpus | None:
-    """This host's copy of the corpus prepared in the bucket at `remote`, verified against its manifest;
-    None when the bucket holds no complete one (then it is built here and uploaded again)."""
-    try:
-        manifest = json.loads((remote / MANIFEST).read_text())
-    except FileNotFoundError:
-        return None
-    build = _private(directory)
-    build.mkdir(parents=True)
-    try:
-        for shard in [entry["file"] for entry in manifest["shards"]] + [MANIFEST]:
-            files.download(remote / shard, build / shard)
-        PreparedCorpus.open_checked(build)
-    except (FileNotFoundError, Damaged) as e:
-        log.warning("prepared corpus in %s is damaged (%s); rebuilding it", remote, e)
-        shutil.rmtree(build, ignore_errors=True)
-        return None
-    log.info("copied prepared corpus from %s", remote)
-    try:
-        return _publish(build, directory)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
 
 
 def _remove_stale(out_root: Path) -> None:
