@@ -108,10 +108,14 @@ def _documents(request: dict, payload: bytes) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {lineno(at)} is not valid JSON ({e.msg}); fix or remove that line") from None
+                raise UserError(f"{path} line {lineno(at)} is not valid JSON ({e.msg}); "
+                                "fix or remove that line") from None
             if not isinstance(record, dict):
-                raise UserError(f'{path} line {lineno(at)} is not a JSON object; each line must be {{"field": value, ...}}')
-            docs.append(record_field(record, request["field"], f"{path} line {lineno(at)}", str).strip())
+                raise UserError(f"{path} line {lineno(at)} is not a JSON object; each line must be "
+                                '{"field": value, ...}')
+            if request["field"] not in record or not isinstance(record[request["field"]], str):
+                record_field(record, request["field"], f"{path} line {lineno(at)}", str)  # raises its one line
+            docs.append(record[request["field"]].strip())
         at += len(line.encode()) + 1
     return [d for d in docs if d]
 
@@ -140,7 +144,8 @@ class EncodePool:
     """`workers` encoding subprocesses; `encode_file` yields (documents, ids) per range, in file order."""
 
     def __init__(self, tokenizer_json: str, eos: int, workers: int):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}
+        path = os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}
         self._procs = [subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=env) for _ in range(workers)]
         for proc in self._procs:

@@ -11,9 +11,9 @@ when the vocabulary fits, else int32) and `manifest.json`.
 
 Every process of a run builds (`prepare_corpus` is a collective): the input is cut into units whose bounds do
 not depend on the process count (UNIT_BYTES, UNIT_LINES, UNIT_RECORDS); each process encodes its units, on all
-its cores, into pieces of the token stream (`pieces/`, int32); then each writes every process_count-th shard,
-packed from the pieces that hold its slice of the stream; process 0 writes the manifest once all are in. The
-shards, and so the batches, are byte-identical on any number of processes. `out_root` is a bucket or a disk all
+its cores, into pieces of the token stream (`pieces/`, in the shards' dtype); then each writes every
+process_count-th shard, packed from the pieces that hold its slice of the stream; process 0 writes the manifest
+once all are in. The shards, and so the batches, are byte-identical on any number of processes. `out_root` is a bucket or a disk all
 processes share; a corpus in a bucket is read there in place (`BucketShards`), never copied to a host.
 
 A local directory is built under a private hidden name (`.<fingerprint>.tmp-<token>`, never read as a cache) and
@@ -21,7 +21,7 @@ published by one rename, which fails onto an existing directory: of concurrent b
 finish publishes, the others drop their copy and use it. In a bucket the manifest is written last. Opening
 checks that every shard the manifest lists is there whole; a damaged directory is moved aside and rebuilt.
 Private directories of dead builders are removed once untouched for STALE_SECONDS.
-Memory stays bounded by one unit's ids (UNIT_BYTES of text: ~UNIT_BYTES of int32) plus one shard per process.
+Memory stays bounded by one unit's ids (UNIT_BYTES of text: about as many bytes of int32) plus one shard.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ DOC_BATCH = 1000
 POOL_MIN_BYTES = 32 << 20
 # How the input is cut into units, each encoded by one process into one piece of the token stream. Fixed sizes, so
 # the pieces (and the blocks) are the same whatever the process count.
-UNIT_BYTES = 64 << 20  # plain line and JSON-lines files: byte ranges of about this
-UNIT_LINES = 250_000  # compressed files and files in a bucket: line ranges
+UNIT_BYTES = 16 << 20  # plain line and JSON-lines files: byte ranges of about this
+UNIT_LINES = 20_000  # compressed files and files in a bucket: line ranges
 UNIT_RECORDS = 100_000  # Hugging Face and TFDS sources: record ranges
 PIECES = "pieces"
 # A private build directory untouched this long belongs to a dead builder (a live one adds a shard every few
@@ -369,8 +369,8 @@ def _piece(plan: Plan, key: tuple[int, int, int]) -> Any:
 
 
 def _encode_share(plan: Plan, tok: PreTrainedTokenizerFast, workers: int | None) -> None:
-    """Encode this process's units of the input, each into a piece file of int32 ids (`doc </s> doc </s> ...`),
-    and list them with their token and document counts in `share-<process>.json`."""
+    """Encode this process's units of the input, each into a piece file of ids (`doc </s> doc </s> ...`, in the
+    shards' dtype), and list them with their token and document counts in `share-<process>.json`."""
     backend = tok.backend_tokenizer
     cached = piece_cache.applicable(backend)
     workers = default_workers(plan.sources) if workers is None else workers
@@ -395,7 +395,7 @@ def _encode_share(plan: Plan, tok: PreTrainedTokenizerFast, workers: int | None)
         for key, replies in itertools.groupby(encode(requests()), key=lambda _: keys.popleft()):
             pieces = [(documents, ids) for documents, ids in replies]
             stream_ids = np.concatenate([ids for _, ids in pieces]) if pieces else np.zeros(0, np.int32)
-            _put(plan, lambda f: f.write(stream_ids.astype("<i4").tobytes()), _piece(plan, key))
+            _put(plan, lambda f: f.write(stream_ids.astype(plan.dtype).tobytes()), _piece(plan, key))
             units.append([list(key), len(stream_ids), sum(d for d, _ in pieces)])
     finally:
         close()
@@ -473,19 +473,19 @@ def _stream(plan: Plan, units: list[list], start: int, end: int) -> np.ndarray:
     parts = []
     for i in np.flatnonzero((bounds[:-1] < end) & (bounds[1:] > start)):
         lo, hi = max(start - bounds[i], 0), min(end, bounds[i + 1]) - bounds[i]
-        parts.append(_read_ids(_piece(plan, tuple(units[i][0])), int(lo), int(hi - lo)))
+        parts.append(_read_ids(_piece(plan, tuple(units[i][0])), int(lo), int(hi - lo), plan.dtype))
     return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
-def _read_ids(piece: Any, start: int, count: int) -> np.ndarray:
+def _read_ids(piece: Any, start: int, count: int, dtype: np.dtype) -> np.ndarray:
     if not files.is_remote(piece):
-        return np.fromfile(piece, "<i4", count, offset=4 * start)
+        return np.fromfile(piece, dtype, count, offset=dtype.itemsize * start)
 
     def read() -> bytes:
         with piece.open("rb") as f:
-            f.seek(4 * start)
-            return f.read(4 * count)
-    return np.frombuffer(files.retrying(piece, read), "<i4")
+            f.seek(dtype.itemsize * start)
+            return f.read(dtype.itemsize * count)
+    return np.frombuffer(files.retrying(piece, read), dtype)
 
 
 def _shards(plan: Plan, units: list[list]) -> list[dict]:
