@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import time
+
 import pytest
 
 from dontstop_jax import files
@@ -65,3 +68,31 @@ def test_naming_puts_the_object_on_a_fault_from_deep_inside_a_library():
             except OSError as inner:
                 raise RuntimeError("orbax: save failed") from inner
     assert files.describe_fault(info.value).startswith("cannot reach gs://bkt/ckpt/20 ([Errno 104] Connection reset")
+
+
+@pytest.mark.skipif(not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec("gcp_storage_emulator")),
+                    reason="needs gcsfs and gcp-storage-emulator (the test extra)")
+def test_a_checkpoint_survives_the_bucket_gone_for_20_seconds(tmp_path):
+    """The emulator stops while a checkpoint is being written and returns 20 s later: the save completes (the
+    clients' retries wait it out) and the step restores to exactly the saved parameters."""
+    import jax
+    import numpy as np
+    from gcs_emulator import gcs_emulator
+    from test_checkpoint import _assert_trees_equal, _state
+
+    from dontstop_jax.engine.checkpoint import Checkpointer
+    state, _ = _state((-1, 1, 1), jax.devices()[:1], seed=5)
+    with gcs_emulator(tmp_path / "gcs") as server:
+        ckpt = Checkpointer("gs://bkt/outage/ckpt")
+        ckpt.save(state.replace(step=np.int32(1)), data_state={"batch": 1}, meta={})
+        ckpt.wait()
+        ckpt.save(state.replace(step=np.int32(2)), data_state={"batch": 2}, meta={})  # written in the background
+        started = time.monotonic()
+        back = server.outage(20)
+        ckpt.close()
+        assert time.monotonic() - started > 15  # the write was still going when the server went away
+        back.join()
+        restored, data, _ = Checkpointer("gs://bkt/outage/ckpt", read_only=True).restore(
+            jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+        assert int(restored.step) == 2 and data == {"batch": 2}
+        _assert_trees_equal(restored.params, state.params)
