@@ -115,7 +115,7 @@ def storage_section(p: dict) -> str:
             f"{p['note']} Bucket time / local time: prepare {r['prepare']:.2f}x (documents streamed in-process "
             f"{r['stream']:,.0f}x), a fresh host's first read "
             f"{r['first_read']:.1f}x, checkpoint save {r['save']:.2f}x, restore {r['restore']:.2f}x. The loader on "
-            f"the copy taken from the bucket runs at {r['loader_copy_vs_local']:.2f}x the local one's tokens/s, "
+            f"the corpus read in place in the bucket runs at {r['loader_copy_vs_local']:.2f}x the local one's tokens/s, "
             f"{r['loader_vs_step']:,.0f}x what the train step consumes.\n\n" + "\n\n".join(storage.tables(p)))
 
 
