@@ -10,6 +10,7 @@ has thousands).
 
     python -m bench.prepare_hosts                 # 48 MB of text per corpus
     python -m bench.prepare_hosts --mb 8 --repeats 1
+    python -m bench.prepare_hosts --out local      # into a local directory both share (no emulator)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import markdown_table, write_json
+from bench.common import machine, markdown_table, write_json
 from bench.data_pipeline import make_tokenizer, write_corpus
 
 SEQ = 512
@@ -76,11 +77,27 @@ def run_hosts(processes: int, corpus: Path, tokenizer: Path, out_root: str, unit
             "peak_disk": [r["peak_disk"] for r in results]}
 
 
-def main() -> None:
+def table(record: dict) -> str:
+    """The markdown table of one run's record (also what bench/run_all.py puts in RESULTS.md)."""
+    gs = record.get("out", "gs") == "gs"
+    rows = [[name, f"{c['one_s']:.1f}", f"{c['two_s']:.1f}", f"{c['ratio']:.2f}", f"{c['prepared_bytes'] / 2**20:.1f}",
+             f"{c['peak_host_disk_2'] / 2**20:.2f}" if gs else "shared disk",
+             f"{c['peak_host_disk_2'] / c['share_bytes']:.2f}" if gs else "-"] for name, c in record["corpora"].items()]
+    load = ", ".join(f"{x:.1f}" for x in record["load"])
+    return (f"Into {'the emulated bucket' if gs else 'a local directory both share'}, {record['mb']:g} MB of text per "
+            f"corpus, one encoding worker per process; load average before the run {load} on "
+            f"{record.get('machine', machine())['cores']} cores (other jobs shared the machine):\n\n"
+            + markdown_table(["corpus", "1 process s", "2 processes s", "ratio (target <= 0.6)", "prepared MB",
+                              "peak local disk per host MB", "peak / share (target <= 1.1)"], rows))
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=48)
     parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--out", choices=("gs", "local"), default="gs",
+                        help="prepare into the emulated bucket, or into a local directory both processes share")
+    args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from gcs_emulator import gcs_emulator
 
@@ -97,30 +114,25 @@ def main() -> None:
         # About 8 units and 8 shards per corpus: enough for 2 hosts to split evenly, as a real corpus's thousands.
         blocks = int(args.mb * 2**20 / 4 / (SEQ - 2))  # at about 4 bytes of text per token
         units = (int(args.mb * 2**20 / 8), max(1, len(lines) // 8), max(1, blocks // 8))
-        rows, record = [], {"mb": args.mb, "units": units,
-                            "load": os.getloadavg(), "corpora": {}}
+        record = {"mb": args.mb, "units": units, "out": args.out, "load": os.getloadavg(), "corpora": {}}
         with gcs_emulator(work / "gcs") as _:
             for corpus in (text, jsonl):
                 runs: dict[int, list] = {1: [], 2: []}
                 for r in range(args.repeats):
                     for processes in (1, 2) if r % 2 == 0 else (2, 1):
-                        out_root = f"gs://bkt/{corpus.stem}-{processes}-{r}"
+                        out_root = f"{'gs://bkt' if args.out == 'gs' else work / 'out'}/{corpus.stem}-{processes}-{r}"
                         runs[processes].append(run_hosts(processes, corpus, tokenizer, out_root, units, work))
-                prepared = files.walk(f"gs://bkt/{corpus.stem}-1-0")
-                corpus_bytes = sum(p.stat().length for p in prepared.values())
+                prepared = files.walk(f"{'gs://bkt' if args.out == 'gs' else work / 'out'}/{corpus.stem}-1-0")
+                corpus_bytes = sum(files.source_stat(p)[0] for p in prepared.values())
                 one, two = (statistics.median(run["seconds"] for run in runs[n]) for n in (1, 2))
                 peak = max(max(run["peak_disk"]) for run in runs[2])
-                share = corpus_bytes / 2
                 record["corpora"][corpus.name] = {"one_s": one, "two_s": two, "ratio": two / one,
                                                   "prepared_bytes": corpus_bytes, "peak_host_disk_2": peak,
-                                                  "share_bytes": share, "runs": runs}
-                rows.append([corpus.name, f"{one:.1f}", f"{two:.1f}", f"{two / one:.2f}",
-                             f"{corpus_bytes / 2**20:.1f}", f"{peak / 2**20:.2f}", f"{peak / share:.2f}"])
+                                                  "share_bytes": corpus_bytes / 2, "runs": runs}
         record["load_after"] = os.getloadavg()
-    print(markdown_table(["corpus", "1 process s", "2 processes s", "ratio (target <= 0.6)", "prepared MB",
-                          "peak local disk per host MB", "peak / share (target <= 1.1)"], rows))
-    print(f"load average before {record['load']}, after {record['load_after']}")
-    write_json("prepare_hosts", record)
+    print(table(record))
+    write_json(f"prepare_hosts_{args.out}", record)
+    return record
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 
 import jax
 
-from bench import classify_step, data_pipeline, mlm_step, storage
+from bench import classify_step, data_pipeline, mlm_step, prepare_hosts, storage
 from bench.common import BENCH_DIR, gpu_section, machine, markdown_table, with_gpu_section
 
 # (name, script, arguments, quick arguments). MLM rows: the issue's CPU shapes and roberta-base.
@@ -133,6 +133,13 @@ def memory_section() -> str:
             + markdown_table(["lever (cumulative)"] + [f"{mo} GiB" for mo in models], rows))
 
 
+def prepare_hosts_section() -> str:
+    """bench/prepare_hosts.py's last runs (not part of run_all: it needs the emulator and several processes)."""
+    records = [json.loads(p.read_text()) for p in sorted((BENCH_DIR / "results").glob("prepare_hosts_*.json"))]
+    return "".join(f"{'### Preparation by every host (python -m bench.prepare_hosts)' if i == 0 else ''}\n\n"
+                   f"{prepare_hosts.table(r)} ({r['date']})" for i, r in enumerate(records)).strip()
+
+
 def describe_machine(info: dict) -> str:
     return (f"{info['cpu']}, {info['cores']} cores, backend {info['backend']} ({info['device']}); jax {info['jax']}, "
             f"torch {info.get('torch', '-')}, transformers {info.get('transformers', '-')}")
@@ -176,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             sections.append(data_section(payload))
         elif payload["bench"] == "storage":
             sections.append(storage_section(payload))
+    sections.append(prepare_hosts_section())
     sections.append(memory_section())
     by_machine: dict[str, list[str]] = {}
     for name in payloads:

@@ -279,11 +279,8 @@ def prepare_corpus(
         _collectively("encoding its share of the input", lambda: _encode_share(plan, tok, workers))
         units = _gather_units(plan)
         _collectively("writing its shards", lambda: _write_shards(plan, units))
-        if lead:
-            _collectively("publishing the manifest", lambda: _publish_manifest(plan, units, tok, tok_fp, corpus_fp,
-                                                                              directory))
-        else:
-            _collectively("publishing the manifest", lambda: None)
+        _collectively("publishing the manifest",
+                      lambda: lead and _publish_manifest(plan, units, tok, tok_fp, corpus_fp, directory))
         return _open(remote, directory)
     finally:
         if lead:
