@@ -137,7 +137,7 @@ def prepare_hosts_section() -> str:
     """bench/prepare_hosts.py's last runs (not part of run_all: it needs the emulator and several processes)."""
     records = [json.loads(p.read_text()) for p in sorted((BENCH_DIR / "results").glob("prepare_hosts_*.json"))]
     return "".join(f"{'### Preparation by every host (python -m bench.prepare_hosts)' if i == 0 else ''}\n\n"
-                   f"{prepare_hosts.table(r)} ({r['date']})" for i, r in enumerate(records)).strip()
+                   f"{r['date']}. {prepare_hosts.table(r)}" for i, r in enumerate(records)).strip()
 
 
 def describe_machine(info: dict) -> str:
