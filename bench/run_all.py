@@ -16,7 +16,7 @@ import time
 
 import jax
 
-from bench import classify_step, data_pipeline, mlm_step, storage
+from bench import classify_step, data_pipeline, mlm_step, prepare_hosts, storage
 from bench.common import BENCH_DIR, gpu_section, machine, markdown_table, with_gpu_section
 
 # (name, script, arguments, quick arguments). MLM rows: the issue's CPU shapes and roberta-base.
@@ -116,7 +116,7 @@ def storage_section(p: dict) -> str:
             f"{p['note']} Bucket time / local time: prepare {r['prepare']:.2f}x (documents streamed in-process "
             f"{r['stream']:,.0f}x), a fresh host's first read "
             f"{r['first_read']:.1f}x, checkpoint save {r['save']:.2f}x, restore {r['restore']:.2f}x. The loader on "
-            f"the copy taken from the bucket runs at {r['loader_copy_vs_local']:.2f}x the local one's tokens/s, "
+            f"the corpus read in place in the bucket runs at {r['loader_copy_vs_local']:.2f}x the local one's tokens/s, "
             f"{r['loader_vs_step']:,.0f}x what the train step consumes.\n\n" + "\n\n".join(storage.tables(p)))
 
 
@@ -132,6 +132,13 @@ def memory_section() -> str:
     return (f"### Memory per device (python bench/memory.py; XLA's compiled-program accounting, seq {m['seq']}, "
             f"global batch {m['global_batch']}, {m['devices']} devices)\n\n"
             + markdown_table(["lever (cumulative)"] + [f"{mo} GiB" for mo in models], rows))
+
+
+def prepare_hosts_section() -> str:
+    """bench/prepare_hosts.py's last runs (not part of run_all: it needs the emulator and several processes)."""
+    records = [json.loads(p.read_text()) for p in sorted((BENCH_DIR / "results").glob("prepare_hosts_*.json"))]
+    return "".join(f"{'### Preparation by every host (python -m bench.prepare_hosts)' if i == 0 else ''}\n\n"
+                   f"{r['date']}. {prepare_hosts.table(r)}" for i, r in enumerate(records)).strip()
 
 
 def describe_machine(info: dict) -> str:
@@ -179,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             sections.append(f"### Loader vs a TPU host\n\n{data_pipeline.host_table(payload['loader_host'])}")
         elif payload["bench"] == "storage":
             sections.append(storage_section(payload))
+    sections.append(prepare_hosts_section())
     sections.append(memory_section())
     by_machine: dict[str, list[str]] = {}
     for name in payloads:

@@ -1,15 +1,14 @@
 """Cost of remote I/O: the same work on local disk and in a gs:// bucket (a local GCS emulator), side by side.
 
-1. prepare: local line files -> local cache vs the same files in the bucket -> a bucket cache (sources staged
-   one file at a time for the encoding workers, the build in this host's cache, then shards and manifest
-   uploaded): tokens/s of each and the ratio.
-   And `iter_documents` alone over one line file, local vs in the bucket: the in-process reader prepare uses for
-   JSON lines, .gz files and line files under 32 MB (the encoding workers read a staged local copy instead).
-2. a second host's first read: `prepare_corpus` on a host whose cache (`DONTSTOP_CACHE`) is fresh copies the
-   prepared shards from the bucket and verifies them against the manifest, vs opening the local cache; and the
-   same host's later runs (its copy exists: only the sources' stats and the manifest are asked of the bucket).
-3. MLMLoader on the local prepared corpus vs on the copy taken from the bucket (both memory-mapped local files:
-   they should be equal), against the tokens/s the small model's train step consumes.
+1. prepare: local line files -> local cache vs the same files in the bucket -> a bucket cache (bucket files read
+   line by line, pieces and shards uploaded as they are written, the manifest last): tokens/s of each and the
+   ratio.
+   And `iter_documents` alone over one line file, local vs in the bucket: the line reader prepare uses for .gz
+   and bucket files (local plain files are read by the encoding workers in byte ranges instead).
+2. a host's read of an existing corpus: `prepare_corpus` opening the corpus in the bucket in place (the manifest
+   and one listing to check the shards' sizes; no copy) vs opening and verifying the local cache.
+3. MLMLoader on the local prepared corpus (memory-mapped) vs on the corpus in the bucket (each batch's rows
+   fetched by concurrent range reads), against the tokens/s the small model's train step consumes.
 4. Checkpointer: async save + wait, and restore, of the small model's full train state (params, Adam state,
    step, RNG) to a local directory vs to gs:// (Orbax through tensorstore).
 
@@ -48,12 +47,12 @@ from bench.common import markdown_table, time_alternating, write_json
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
 FILES = 4  # the corpus is split into this many line files, as a real corpus directory is
-FRESH = "gs:// cache, fresh host: copy into DONTSTOP_CACHE and verify"
+FRESH = "gs:// cache: open in place (manifest + listing)"
 RATIOS = {"prepare": "prepare, gs:// / local time",
           "stream": "iter_documents over a line file, gs:// / local time",
           "first_read": "a fresh host's first read from gs:// / opening the local cache, time",
-          "loader_copy_vs_local": "loader on the copy from gs:// / on the local corpus, tokens/s",
-          "loader_vs_step": "loader on the copy from gs:// / train step consumption, tokens/s",
+          "loader_copy_vs_local": "loader on the corpus in gs:// / on the local corpus, tokens/s",
+          "loader_vs_step": "loader on the corpus in gs:// / train step consumption, tokens/s",
           "save": "checkpoint save (async save + wait), gs:// / local time",
           "restore": "checkpoint restore, gs:// / local time"}
 NOTE = ("The emulator is a local Python server (gcp-storage-emulator) on the same cores: the ratios bound the "
@@ -127,7 +126,7 @@ def prepare_rows(s: Sides, repeats: int) -> tuple[dict, str]:
         seconds, last["gs"] = _timed(lambda: s.prepare(s.gs_sources, last["gs_root"]))
         return seconds
 
-    names = {"local files -> local cache": local, "gs:// files -> gs:// cache (build here, upload)": remote}
+    names = {"local files -> local cache": local, "gs:// files -> gs:// cache (built in the bucket)": remote}
     times = alternate(names, repeats)
     tokens = last["local"].manifest["total_tokens"]
     assert last["gs"].manifest["total_tokens"] == tokens and last["gs"].num_blocks == last["local"].num_blocks
@@ -137,9 +136,9 @@ def prepare_rows(s: Sides, repeats: int) -> tuple[dict, str]:
 
 
 def stream_rows(s: Sides, repeats: int, docs: int) -> dict:
-    """Row 1b: the first `docs` documents of one line file through `iter_documents`, the in-process reader that
-    prepare uses for JSON lines, .gz files and line files under POOL_MIN_BYTES (the workers above it read a
-    staged copy instead). Local file vs the same file in the bucket."""
+    """Row 1b: the first `docs` documents of one line file through `iter_documents`, whose line reader prepare uses
+    for .gz and bucket files (local plain files go to the workers in byte ranges). Local file vs the same file in
+    the bucket."""
     import itertools
     from dontstop_jax.data import iter_documents
 
@@ -159,8 +158,8 @@ def stream_rows(s: Sides, repeats: int, docs: int) -> dict:
 
 
 def first_read_rows(s: Sides, gs_root: str, repeats: int) -> tuple[dict, object, object]:
-    """Row 2: what `prepare_corpus` costs on a host once the corpus exists: opening the local cache; a fresh host
-    copying it from the bucket; that host again (its copy exists). Returns the timings and both corpora."""
+    """Row 2: what `prepare_corpus` costs on a host once the corpus exists: opening the local cache; opening the
+    one in the bucket in place. Returns the timings and both corpora."""
     last = {}
 
     def local() -> float:
@@ -172,17 +171,10 @@ def first_read_rows(s: Sides, gs_root: str, repeats: int) -> tuple[dict, object,
         seconds, last["copy"] = _timed(lambda: s.prepare(s.gs_sources, gs_root))
         return seconds
 
-    def again() -> float:
-        from dontstop_jax.files import CACHE_ENV
-        os.environ[CACHE_ENV] = str(last["cache"])
-        return _timed(lambda: s.prepare(s.gs_sources, gs_root))[0]
-
-    times = alternate({"local cache: open and verify": local,
-                       FRESH: first,
-                       "gs:// cache, same host again (its copy exists)": again}, repeats)
+    times = alternate({"local cache: open and verify": local, FRESH: first}, repeats)
     copy, local_corpus = last["copy"], last["local"]
-    assert copy.directory.is_relative_to(last["cache"]), copy.directory
-    shard_bytes = sum((copy.directory / sh["file"]).stat().st_size for sh in copy.manifest["shards"])
+    assert not list(last["cache"].rglob("shard-*.npy")), "the host copied the corpus"
+    shard_bytes = sum((local_corpus.directory / sh["file"]).stat().st_size for sh in local_corpus.manifest["shards"])
     rows = {name: {"seconds": t["median_s"], "shard_mb_per_s": shard_bytes / 2**20 / t["median_s"], "all_s": t["all_s"]}
             for name, t in times.items()}
     return {"shard_mb": shard_bytes / 2**20, "rows": rows}, local_corpus, copy
@@ -205,7 +197,7 @@ def loader_rows(s: Sides, local_corpus, copy, batch: int, repeats: int, step_rep
         return run
 
     loaders = time_alternating({"loader on the local prepared corpus": consume(local_corpus),
-                                "loader on the copy from gs://": consume(copy)}, steps=50, repeats=repeats)
+                                "loader on the corpus in gs://": consume(copy)}, steps=50, repeats=repeats)
     step = OurStep(cfg, make_batch(cfg, batch, s.seq))
     timed_step = time_alternating({"train step (small config)": step}, steps=2, repeats=step_repeats, warmup=1)
     tokens = batch * s.seq
@@ -277,7 +269,7 @@ def tables(p: dict) -> list[str]:
     stream = p["stream"]
     rows = stream["rows"]
     base = rows["local line file"]["seconds"]
-    out.append(f"`iter_documents` (how prepare reads JSON lines, .gz and line files under 32 MB, in-process): the "
+    out.append(f"`iter_documents` (how prepare reads .gz and bucket files, line by line): the "
                f"first {stream['docs']:,} documents ({stream['mb']:.1f} MB) of one line file:\n\n"
                + markdown_table(["source", "seconds", "documents/s", "MB/s", "time vs local"],
                                 [[n, f"{r['seconds']:.3f}", f"{r['docs_per_s']:,.0f}", f"{r['mb_per_s']:.1f}",
@@ -356,9 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
         "prepare": ratio(prep, names[1], names[0]),
         "stream": ratio(stream["rows"], "gs:// line file", "local line file"),
         "first_read": ratio(first["rows"], FRESH, "local cache: open and verify"),
-        "loader_copy_vs_local": ratio(load, "loader on the copy from gs://", "loader on the local prepared corpus",
+        "loader_copy_vs_local": ratio(load, "loader on the corpus in gs://", "loader on the local prepared corpus",
                                       "tokens_per_s"),
-        "loader_vs_step": ratio(load, "loader on the copy from gs://", "train step (small config)", "tokens_per_s"),
+        "loader_vs_step": ratio(load, "loader on the corpus in gs://", "train step (small config)", "tokens_per_s"),
         "save": ratio(ckpt["rows"], "save, gs://", "save, local directory"),
         "restore": ratio(ckpt["rows"], "restore, gs://", "restore, local directory"),
     }

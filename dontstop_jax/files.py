@@ -4,8 +4,8 @@ Paths are `etils.epath.Path`s (what Orbax uses too): local paths behave as befor
 gcsfs (`pip install -e ".[gcs]"`). Three rules make a bucket safe to share between hosts that share nothing else:
 - What a later run reads is published whole: locally by a rename, in a bucket by one object upload per file,
   a directory's marker file last (`publishing`).
-- What a process reads many times (a model directory, a tokenizer, prepared shards) is copied once per host into
-  its local cache (`localize`, `local_cache`), verified by size.
+- What a process reads many times (a model directory, a tokenizer) is copied once per host into its local cache
+  (`localize`, `local_cache`), verified by size; a prepared corpus is read in place, a few rows at a time.
 - Nothing is renamed in a bucket (object stores copy and delete; a crash between them leaves both).
 """
 
@@ -22,9 +22,10 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path as LocalPath
-from typing import Any
+from typing import Any, TypeVar
 
 from etils import epath
 
@@ -33,6 +34,10 @@ from dontstop_jax.errors import UserError
 Path = epath.Path
 PathLike = str | os.PathLike
 CACHE_ENV = "DONTSTOP_CACHE"  # this host's cache root (default ~/.cache/dontstop_jax)
+# Pauses between whole-operation retries of a bucket transfer that still fails after gcsfs's own retries (about
+# 30 s of backoff per try): with them a server gone for a minute or two is waited out.
+RETRY_PAUSES = (2.0, 8.0, 30.0)
+T = TypeVar("T")
 
 
 def is_remote(path: PathLike) -> bool:
@@ -145,16 +150,37 @@ def walk(directory: PathLike) -> dict[str, epath.Path]:
     return {found[len(rest) + 1:]: Path(f"{scheme}://{found}") for found in fsspec.filesystem(scheme).find(rest)}
 
 
+def retrying(what: PathLike, operation: Callable[[], T]) -> T:
+    """operation(), tried again after each of RETRY_PAUSES while it fails for a bucket fault (`bucket_cause`: 5xx,
+    429, a dropped or refused connection); what still fails is `BucketFault` naming `what`. Operations must be
+    repeatable (whole-object writes, reads)."""
+    for pause in (*RETRY_PAUSES, None):
+        try:
+            return operation()
+        except Exception as err:  # noqa: BLE001 (only bucket faults are retried; the rest re-raised as they are)
+            cause = bucket_cause(err)
+            if cause is None:
+                raise
+            if pause is None:
+                raise BucketFault(what, cause) from err
+            time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
 def upload(local: LocalPath, target: epath.Path) -> None:
     """Copy one local file to `target` (a single object write: readers see all of it or none)."""
-    with open(local, "rb") as src, target.open("wb") as dst:
-        shutil.copyfileobj(src, dst, 16 << 20)
+    def copy() -> None:
+        with open(local, "rb") as src, target.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
+    retrying(target, copy)
 
 
 def download(source: epath.Path, local: LocalPath) -> None:
     """Copy the file `source` (in a bucket) to the local file `local`, streamed."""
-    with source.open("rb") as src, open(local, "wb") as dst:
-        shutil.copyfileobj(src, dst, 16 << 20)
+    def copy() -> None:
+        with source.open("rb") as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
+    retrying(source, copy)
 
 
 def write_text(where: PathLike, text: str) -> None:
@@ -167,7 +193,7 @@ def write_json(where: PathLike, payload: Any) -> None:
 
 
 def read_json(where: PathLike) -> Any:
-    return json.loads(path(where).read_text(encoding="utf-8"))
+    return json.loads(retrying(where, lambda: path(where).read_text(encoding="utf-8")))
 
 
 def glob(pattern: str) -> list[str]:
@@ -251,13 +277,59 @@ _TENSORSTORE = re.compile(r"\[os_error_code='(\d+)'\]")  # how Orbax's tensorsto
 _QUOTED_PATH = re.compile(r'"(/[^"]+)"')
 
 
+class BucketFault(Exception):
+    """A bucket object that could not be read or written after retries; `describe_fault` makes it one line."""
+
+    def __init__(self, what: PathLike, cause: str):
+        super().__init__(f"{os.fspath(what)}: {cause}")
+        self.what, self.cause = os.fspath(what), cause
+
+
+_UNAVAILABLE = re.compile(r"HTTP response code: (?:429|5\d\d)|CURL error[^;\n]*|\bUNAVAILABLE\b|\bDEADLINE_EXCEEDED\b")
+
+
+def bucket_cause(err: BaseException) -> str | None:
+    """A few words on why, where `err`'s chain holds a fault of the storage service rather than of the request:
+    a 5xx or 429 answer, a dropped, refused or timed-out connection (gcsfs, aiohttp, tensorstore). None otherwise."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        code = getattr(err, "code", None)
+        if type(err).__name__ == "HttpError" and isinstance(code, int) and (code == 429 or code >= 500):
+            return f"HTTP {code}"
+        if isinstance(err, (ConnectionError, TimeoutError)) or type(err).__module__.startswith("aiohttp"):
+            return (str(err).splitlines() or [type(err).__name__])[0][:160] or type(err).__name__
+        if not isinstance(err, OSError) and (match := _UNAVAILABLE.search(str(err))):
+            return match.group(0)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def naming(what: PathLike) -> Iterator[None]:
+    """Re-raise a bucket fault inside the block as `BucketFault` naming `what` (e.g. a checkpoint directory)."""
+    try:
+        yield
+    except BucketFault:
+        raise
+    except Exception as err:
+        cause = bucket_cause(err)
+        if cause is None:
+            raise
+        raise BucketFault(what, cause) from err
+
+
 def describe_fault(err: BaseException) -> str | None:
     """One line for a disk-full, read-only or permission fault anywhere in `err`'s chain (checkpoints, caches,
-    metrics, exports), naming the path and the cause; None for any other error."""
+    metrics, exports), or for a bucket that kept failing, naming the path and the cause; None for any other error."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         code, path, text = None, None, str(err)
+        if isinstance(err, BucketFault) or (cause := bucket_cause(err)) is not None:
+            what, cause = (err.what, err.cause) if isinstance(err, BucketFault) else ("the bucket", cause)
+            return (f"cannot reach {what} ({cause}), still failing after retries with backoff; check the bucket and "
+                    "the network, then rerun the same command (it resumes from the last good checkpoint)")
         if isinstance(err, OSError):
             code, path = err.errno, err.filename
             if code is None and re.search(r"\d+ requested and \d+ written", " ".join(map(str, err.args))):

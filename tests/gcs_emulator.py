@@ -21,9 +21,10 @@ import socket
 import socketserver
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -33,37 +34,66 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class EmulatorEnv(dict):
+    """The clients' environment (a plain dict of strings), plus `outage`: the server gone for a while."""
+
+    def __init__(self, env: dict[str, str], start: Callable[[], subprocess.Popen]):
+        super().__init__(env)
+        self._start, self.proc = start, start()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+    def outage(self, seconds: float) -> threading.Thread:
+        """Stop the server now and start it again (same port, same data) after `seconds`, in the background."""
+        self.stop()
+
+        def back() -> None:
+            time.sleep(seconds)
+            self.proc = self._start()
+        thread = threading.Thread(target=back, daemon=True)
+        thread.start()
+        return thread
+
+
 @contextlib.contextmanager
-def gcs_emulator(data_dir: Path, bucket: str = "bkt") -> Iterator[dict[str, str]]:
+def gcs_emulator(data_dir: Path, bucket: str = "bkt") -> Iterator[EmulatorEnv]:
     """Serve `bucket` from `data_dir` on a free local port; yields the environment its clients need (also set
     in os.environ while it runs, for this process's own clients)."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(data_dir.parent / f"{data_dir.name}.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, __file__, "-d", str(data_dir), "start", "--host", "127.0.0.1", "--port",
-                             str(port), "--default-bucket", bucket, "-q"], stdout=log, stderr=subprocess.STDOUT)
-    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
-    saved = {k: os.environ.get(k) for k in env}
-    try:
+    log = open(data_dir.parent / f"{data_dir.name}.log", "a")  # noqa: SIM115
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, __file__, "-d", str(data_dir), "start", "--host", "127.0.0.1",
+                                 "--port", str(port), "--default-bucket", bucket, "-q"], stdout=log,
+                                stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:
             try:
                 urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=2).read()
-                break
+                return proc
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"gcp-storage-emulator did not start; see {log.name}") from None
                 time.sleep(0.2)
+
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    saved = {k: os.environ.get(k) for k in env}
+    server = None
+    try:
+        server = EmulatorEnv(env, start)
         os.environ.update(env)
-        yield env
+        yield server
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        proc.terminate()
-        proc.wait(timeout=30)
+        if server is not None:
+            server.stop()
         log.close()
 
 

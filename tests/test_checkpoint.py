@@ -164,3 +164,45 @@ def test_padded_vocabulary_checkpoint_restores_into_the_padded_model_and_exports
     out = save_pretrained(tmp_path / "hf", restored_cfg, params, "mlm")
     from safetensors.numpy import load_file
     assert load_file(str(out / "model.safetensors"))["lm_head.bias"].shape == (100,)
+
+
+_HOSTS_READ = """
+import sys
+from dontstop_jax import distributed
+distributed.initialize()
+import jax
+from dontstop_jax.engine.checkpoint import Checkpointer
+
+failures = {"once": 1, "twice": 2}[sys.argv[2]] if jax.process_index() == 1 else 0
+
+def flaky(ckpt):  # process 1's reads of the latest step fail `failures` times, inside orbax's restore
+    restore, left = ckpt._manager.restore, [failures]
+
+    def read(step, *args, **kwargs):
+        if step == 20 and left[0]:
+            left[0] -= 1
+            raise OSError("503 Service Unavailable (injected)")
+        return restore(step, *args, **kwargs)
+    ckpt._manager.restore = read
+    return ckpt
+
+step, meta, _ = flaky(Checkpointer(sys.argv[1], read_only=True)).read()  # reads with no barrier
+print("read", step, meta["step"])
+params = flaky(Checkpointer(sys.argv[1])).restore_params()  # reads that end in orbax's barrier
+print("restored", int(jax.tree_util.tree_leaves(params)[0].flat[0]))  # each step's parameters hold its number
+"""
+
+
+@pytest.mark.parametrize("fails, restored", [("once", 20), ("twice", 10)])
+def test_one_hosts_failed_read_leaves_every_host_on_the_same_step(tmp_path, fails, restored):
+    """Two real processes: process 1's read of step 20 fails (once: retried; twice: the step counts as unreadable);
+    both restore the same step, the one process 0 decided and both could read."""
+    from local_processes import run_local_processes
+    state, _ = _state((-1, 1, 1), jax.devices()[:2], seed=3)
+    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=3)
+    for step in (10, 20):
+        params = jax.tree_util.tree_map(lambda x: np.full(x.shape, step, x.dtype), state.params)
+        ckpt.save(state.replace(step=np.int32(step), params=params), data_state=None, meta={"phase": "dapt"})
+    ckpt.close()
+    outputs = run_local_processes(_HOSTS_READ, str(tmp_path / "ckpt"), fails, timeout=180)
+    assert [out.splitlines()[-2:] for out in outputs] == [[f"read {restored} {restored}", f"restored {restored}"]] * 2

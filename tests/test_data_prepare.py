@@ -127,8 +127,8 @@ def test_damaged_cache_is_rebuilt(tiny_tokenizer_dir, tmp_path, monkeypatch, cap
     with pytest.raises(UserError, match=rf"{directory} is not a prepared corpus \({re.escape(problem)}"):
         prepare_module.PreparedCorpus.load(directory)
     calls = []
-    stream = prepare_module._token_stream
-    monkeypatch.setattr(prepare_module, "_token_stream", lambda *a: calls.append(1) or stream(*a))
+    stream = prepare_module._encode_share
+    monkeypatch.setattr(prepare_module, "_encode_share", lambda *a: calls.append(1) or stream(*a))
     with caplog.at_level(logging.WARNING, logger=prepare_module.__name__):
         redone = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8, shard_blocks=2)
     assert f"prepared corpus at {directory} is damaged ({problem}" in caplog.text
@@ -179,8 +179,8 @@ def test_crashed_build_leaves_nothing_reused(tiny_tokenizer_dir, tmp_path, monke
     old = time.time() - prepare_module.STALE_SECONDS - 60
     os.utime(out / f".{name}.tmp-1-dead", (old, old))
     calls = []
-    stream = prepare_module._token_stream
-    monkeypatch.setattr(prepare_module, "_token_stream", lambda *a: calls.append(1) or stream(*a))
+    stream = prepare_module._encode_share
+    monkeypatch.setattr(prepare_module, "_encode_share", lambda *a: calls.append(1) or stream(*a))
     corpus = prepare_corpus([source], tiny_tokenizer_dir, out, max_seq_length=8, shard_blocks=2)
     assert calls and corpus.directory == out / name
     assert sorted(os.listdir(out)) == [f".{name}.tmp-2-live", name]
@@ -245,6 +245,14 @@ def test_document_formats(tmp_path):
     assert list(iter_documents(para)) == ["line one", "line two", "next paragraph"]
     write(tmp_path / "q.txt", "from the glob\n")
     assert list(iter_documents(str(tmp_path / "[pq].txt")))[-1] == "from the glob"
+
+
+@pytest.mark.parametrize("content", [b'{"text": "not compressed"}\n', gzip.compress(b'{"text": "cut"}\n' * 50)[:30]])
+def test_a_compressed_corpus_that_is_not_gzip_is_one_line_naming_the_file(tiny_tokenizer_dir, tmp_path, content):
+    path = write(tmp_path / "docs.jsonl.gz", content)
+    with pytest.raises(UserError, match=r"docs\.jsonl\.gz is not a valid gzip file .*; recompress it") as info:
+        prepare_corpus([path], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=16)
+    assert "\n" not in str(info.value)
 
 
 def test_hf_dataset_source(tmp_path):
@@ -343,29 +351,38 @@ def test_piece_cache_refuses_tokenizers_it_cannot_reproduce(tiny_tokenizer_dir):
 
 
 def test_worker_processes_give_the_same_blocks(tiny_tokenizer_dir, tmp_path, monkeypatch):
-    """Workers reading byte ranges (the default on big line files) are an implementation detail of speed:
-    same blocks and counts as in-process, across range cuts, CRLF, blank lines, Unicode and mixed sources."""
+    """Workers (the default on big inputs) are an implementation detail of speed: same blocks and counts as
+    in-process, across range and unit cuts, CRLF, blank lines, Unicode, JSON lines (compressed or not), paragraphs
+    and mixed sources; and the same as the obvious whole-corpus packing."""
     from dontstop_jax.data import encode_pool
 
     monkeypatch.setattr(encode_pool, "RANGE_BYTES", 4096)  # many ranges: cuts fall inside lines everywhere
+    monkeypatch.setattr(prepare_module, "UNIT_BYTES", 30000)  # and several units per file
+    monkeypatch.setattr(prepare_module, "UNIT_LINES", 700)
     lines = [f"{d} number {i}" for i in range(2500) for d in DOCS[:2]] + [t.replace("\n", " ") for t in HARD_TEXTS]
     text = "\r\n".join(lines) + "\n\n   \n" + "\n".join(reversed(lines))
+    records = "".join(json.dumps({"text": t}) + "\n" + ("\n" if i % 7 else "") for i, t in enumerate(lines[::3]))
     sources = [write(tmp_path / "a.txt", text), write(tmp_path / "b.jsonl", '{"text": "between files"}\n'),
-               write(tmp_path / "c.txt", "last file, no final newline")]
-    real_ranges, ranges = encode_pool.line_ranges, []
+               write(tmp_path / "c.txt", "last file, no final newline"),
+               write(tmp_path / "d.jsonl.gz", gzip.compress(records.encode())), write(tmp_path / "e.jsonl", records),
+               {"path": write(tmp_path / "f.txt", "para one\nstill one\n\npara two\n"), "format": "paragraphs"}]
+    pools = []
 
-    def counted_ranges(path):
-        ranges.extend(real_ranges(path))
-        return real_ranges(path)
+    class CountedPool(encode_pool.EncodePool):
+        def __init__(self, *args):
+            pools.append(args[-1])
+            super().__init__(*args)
 
-    monkeypatch.setattr(encode_pool, "line_ranges", counted_ranges)
+    monkeypatch.setattr(prepare_module, "EncodePool", CountedPool)
     one = prepare_corpus(sources, tiny_tokenizer_dir, tmp_path / "one", max_seq_length=16, workers=1)
-    assert not ranges
+    assert not pools
     two = prepare_corpus(sources, tiny_tokenizer_dir, tmp_path / "two", max_seq_length=16, workers=2)
-    assert len(ranges) > 20  # the pool read a.txt and c.txt in ranges
+    assert pools == [2]
     assert one.num_blocks == two.num_blocks > 1000
     np.testing.assert_array_equal(one.blocks(np.arange(one.num_blocks)), two.blocks(np.arange(two.num_blocks)))
-    assert one.manifest["documents"] == two.manifest["documents"] == len(list(iter_documents(sources[0]))) + 2
+    assert one.manifest["documents"] == two.manifest["documents"] == sum(len(list(iter_documents(s))) for s in sources)
+    want = expected_blocks(tiny_tokenizer_dir, [d for s in sources for d in iter_documents(s)], 16)
+    np.testing.assert_array_equal(one.blocks(np.arange(one.num_blocks)), want)
 
 
 def test_line_ranges_cover_the_file_at_line_starts(tmp_path):
@@ -390,10 +407,47 @@ def test_worker_processes_report_bad_files_like_the_reader(tiny_tokenizer_dir, t
     assert not any((tmp_path / "out").glob("*/manifest.json"))
 
 
-def test_workers_default_to_the_cores_on_big_line_files_only(tmp_path, monkeypatch):
+def test_workers_default_to_the_cores_on_big_inputs_of_any_format(tmp_path, monkeypatch):
     small = parse_source(write(tmp_path / "a.txt", "hello\n"))
     assert prepare_module.default_workers([small]) == 1
     monkeypatch.setattr(prepare_module, "POOL_MIN_BYTES", 1)
-    assert prepare_module.default_workers([small]) == min(len(os.sched_getaffinity(0)), 8)
-    jsonl = parse_source(write(tmp_path / "b.jsonl", '{"text": "hello"}\n'))
-    assert prepare_module.default_workers([jsonl]) == 1
+    cores = len(os.sched_getaffinity(0))
+    assert prepare_module.default_workers([small]) == cores
+    jsonl = parse_source(write(tmp_path / "b.jsonl.gz", gzip.compress(b'{"text": "hello"}\n')))
+    assert prepare_module.default_workers([jsonl]) == cores  # every format goes through the pool
+    assert prepare_module.default_workers([parse_source("hf:some/dataset")]) == cores
+
+
+_HOSTS_PREPARE = """
+import hashlib, json, sys
+from dontstop_jax import distributed
+distributed.initialize()
+from dontstop_jax.data import prepare
+prepare.UNIT_BYTES, prepare.UNIT_LINES = 2000, 40  # many units, so both processes encode a share of each file
+sources, tokenizer, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+corpus = prepare.prepare_corpus(sources, tokenizer, out, max_seq_length=16, shard_blocks=7, workers=1)
+print(json.dumps({"directory": str(corpus.directory), "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                                                                for p in sorted(corpus.directory.iterdir())}}))
+"""
+
+
+def test_two_processes_prepare_the_same_shards_as_one(tiny_tokenizer_dir, tmp_path, monkeypatch):
+    """Each of 2 processes encodes its share of a text and a compressed JSON-lines file and writes its shards; the
+    published directory (name, manifest, every shard) is byte-identical to one process's."""
+    import hashlib
+
+    from local_processes import run_local_processes
+    lines = [f"{d} line {i}" for i in range(300) for d in DOCS[:3]]
+    records = "".join(json.dumps({"text": t}) + "\n" for t in reversed(lines)).encode()
+    sources = [write(tmp_path / "a.txt", "\n".join(lines)), write(tmp_path / "b.jsonl.gz", gzip.compress(records))]
+    monkeypatch.setattr(prepare_module, "UNIT_BYTES", 2000)
+    monkeypatch.setattr(prepare_module, "UNIT_LINES", 40)
+    one = prepare_corpus(sources, tiny_tokenizer_dir, tmp_path / "one", max_seq_length=16, shard_blocks=7, workers=1)
+    want = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(one.directory.iterdir())}
+    assert len(want) > 10  # manifest + many shards
+    outputs = run_local_processes(_HOSTS_PREPARE, json.dumps(sources), tiny_tokenizer_dir, str(tmp_path / "two"),
+                                  timeout=240)
+    results = [json.loads(out.splitlines()[-1]) for out in outputs]
+    assert results[0] == results[1]
+    assert Path(results[0]["directory"]).name == one.directory.name and results[0]["files"] == want
+    assert os.listdir(tmp_path / "two") == [one.directory.name]  # pieces and shares are gone

@@ -105,7 +105,7 @@ def _files_outside_cache(scratch: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_two_hosts_share_only_the_bucket(bucket, tmp_path, tiny_tokenizer_dir):
-    """Two processes with separate disks prepare (process 0 builds and uploads, process 1 copies), pretrain
+    """Two processes with separate disks prepare (each its share, into the bucket, read there in place), pretrain
     with checkpoints in the bucket, are stopped by SIGTERM, and one process resumes them to the end and exports:
     the same model as an uninterrupted run, and each process wrote nothing outside its own cache."""
     import signal
@@ -147,8 +147,8 @@ def test_two_hosts_share_only_the_bucket(bucket, tmp_path, tiny_tokenizer_dir):
     assert "rerun the same command to continue" in errs[0]
     stopped = Checkpointer("gs://bkt/two/run/checkpoints", read_only=True).latest_step()
     assert 0 < stopped < STEPS and not files.path("gs://bkt/two/run/DONE.json").exists()
-    # Process 1's shards came from the bucket into its own cache, verified against the manifest.
-    assert list((hosts[1] / "cache" / "prepared").glob("*/manifest.json"))
+    # Both processes built the corpus in the bucket and read it there: no host holds a copy of its shards.
+    assert not [p for host in hosts for p in (host / "cache").rglob("shard-*.npy")]
 
     def one_host(*args: str, host: Path) -> None:
         out = subprocess.run(list(args), cwd=host / "home", capture_output=True, text=True, timeout=600,
@@ -220,6 +220,35 @@ def test_small_contracts_in_the_bucket(bucket, tmp_path):
                                                            "intermediate_size": 96, "max_position_embeddings": 66})
     cfg = load("configs/tapt.py", ["--config.init=gs://bkt/small/model"])
     assert (model_config(cfg).hidden_size, model_config(cfg).num_hidden_layers) == (48, 3)
+
+
+def test_a_corpus_prepared_in_the_bucket_is_read_in_place(bucket, tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """Built from a compressed file in the bucket straight into the bucket, read there a few rows at a time: the
+    same blocks as a local build, and nothing in this host's cache."""
+    import gzip
+
+    from dontstop_jax import files
+    from dontstop_jax.data import prepare
+
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "host-cache"))
+    monkeypatch.setattr(prepare, "UNIT_LINES", 50)
+    docs = [f"document {i} of the bucket corpus, hello world" for i in range(400)]
+    (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps({"text": d}) + "\n"
+                                                                  for d in docs).encode()))
+    upload_tree(tmp_path / "in.jsonl.gz", "gs://bkt/prep/in.jsonl.gz")
+    local = prepare.prepare_corpus([str(tmp_path / "in.jsonl.gz")], tiny_tokenizer_dir, tmp_path / "local",
+                                   max_seq_length=16, shard_blocks=50)
+    remote = prepare.prepare_corpus(["gs://bkt/prep/in.jsonl.gz"], tiny_tokenizer_dir, "gs://bkt/prep/cache",
+                                    max_seq_length=16, shard_blocks=50)
+    assert isinstance(remote.shards, prepare.BucketShards) and remote.num_blocks == local.num_blocks > 100
+    order = np.random.default_rng(0).permutation(local.num_blocks)
+    np.testing.assert_array_equal(remote.blocks(order), local.blocks(order))
+    assert sorted(files.walk(f"gs://bkt/prep/cache/{remote.directory.name}")) == sorted(
+        p.name for p in local.directory.iterdir())  # shards and manifest; pieces and shares are gone
+    assert not list((tmp_path / "host-cache").rglob("*.npy"))
+    again = prepare.prepare_corpus(["gs://bkt/prep/in.jsonl.gz"], tiny_tokenizer_dir, "gs://bkt/prep/cache",
+                                   max_seq_length=16, shard_blocks=50)
+    np.testing.assert_array_equal(again.blocks(order[:20]), local.blocks(order[:20]))
 
 
 def test_select_reads_and_writes_the_bucket_like_a_local_disk(bucket, tmp_path):

@@ -40,7 +40,8 @@ class MaskingSpec:
 
 
 def fixed_batches(sources: Sequence[SourceSpec], tokenizer_dir: str, spec: MaskingSpec) -> list[Batch]:
-    """Up to `max_batches` masked batches of the corpus (a seed-fixed random subset of its blocks)."""
+    """Up to `max_batches` masked batches of the corpus (a seed-fixed random subset of its blocks). Every process
+    calls it: `prepare_corpus` is a collective in which each prepares its share (or all find the cache ready)."""
     corpus = prepare_corpus(sources, tokenizer_dir, spec.cache_dir, max_seq_length=spec.max_seq_length)
     tokenizer = load_tokenizer(tokenizer_dir)
     loader = MLMLoader(corpus, spec.batch_size, spec.seed, special_ids(tokenizer), vocab_size=len(tokenizer),

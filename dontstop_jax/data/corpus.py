@@ -13,7 +13,8 @@ import hashlib
 import importlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from dontstop_jax import files
@@ -122,22 +123,38 @@ def corpus_fingerprint(sources: Iterable[SourceSpec]) -> str:
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
-def iter_lines(path: str) -> Iterator[tuple[int, str]]:
-    """Yield (1-based line number, decoded line without newline) of a text file, `.gz` included."""
+def iter_raw_lines(path: str) -> Iterator[bytes]:
+    """The lines of a text file (`.gz` decompressed), as bytes with their newline."""
     if files.source_stat(files.path(path))[0] == 0:
         raise UserError(f"file {path} is empty; remove it from the sources or fill it")
-    offset = 0
+    lineno = 0
     with files.open_read(path) as raw_file, (gzip.open(raw_file) if path.endswith(".gz") else raw_file) as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                where = "decompressed byte offset" if path.endswith(".gz") else "byte offset"
-                raise UserError(
-                    f"{path}: invalid UTF-8 at {where} {offset + e.start} (line {lineno}); re-encode the file as UTF-8"
-                ) from None
-            offset += len(raw)
-            yield lineno, line.rstrip("\r\n")
+        for lineno, raw in enumerate(_gunzip_checked(f, path, lambda: lineno), start=1):
+            yield raw
+
+
+def iter_lines(path: str) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, decoded line without newline) of a text file, `.gz` included."""
+    offset = 0
+    for lineno, raw in enumerate(iter_raw_lines(path), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            where = "decompressed byte offset" if path.endswith(".gz") else "byte offset"
+            raise UserError(
+                f"{path}: invalid UTF-8 at {where} {offset + e.start} (line {lineno}); re-encode the file as UTF-8"
+            ) from None
+        offset += len(raw)
+        yield lineno, line.rstrip("\r\n")
+
+
+def _gunzip_checked(lines: Iterable[bytes], path: str, lineno: Callable[[], int]) -> Iterator[bytes]:
+    """`lines`, with a file that is not gzip (or is cut short, or corrupt) as one line naming it."""
+    try:
+        yield from lines
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise UserError(f"{path} is not a valid gzip file ({e} after line {lineno()}); "
+                        "recompress it, or drop the .gz suffix if it is plain text") from None
 
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:

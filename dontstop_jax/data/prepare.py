@@ -7,43 +7,55 @@ document boundaries. The final partial chunk is kept as `<s> rest </s>` padded w
 (its pad count is recorded in the manifest) so no text is lost.
 
 Layout of `out_root/<fingerprint>/`: `shard-00000.npy`, ... (each [n, max_seq_length], uint16
-when the vocabulary fits, else int32) and `manifest.json`. The directory is built under a private
-hidden name (`.<fingerprint>.tmp-<pid>-<random>`, never read as a cache) and published by one
-rename, which fails onto an existing directory: of concurrent builders of one key the first to
-finish publishes, the others drop their copy and use it. Opening checks that every shard the
-manifest lists is there whole; a damaged directory is moved aside and rebuilt. Private directories
-of dead builders are removed once untouched for STALE_SECONDS.
-Memory stays bounded by one document batch plus one shard, whatever the corpus size.
+when the vocabulary fits, else int32) and `manifest.json`.
+
+Every process of a run builds (`prepare_corpus` is a collective): the input is cut into units whose bounds do
+not depend on the process count (UNIT_BYTES, UNIT_LINES, UNIT_RECORDS); each process encodes its units, on all
+its cores, into pieces of the token stream (`pieces/`, in the shards' dtype); then each writes every
+process_count-th shard, packed from the pieces that hold its slice of the stream; process 0 writes the manifest
+once all are in. The shards, and so the batches, are byte-identical on any number of processes. `out_root` is a bucket or a disk all
+processes share; a corpus in a bucket is read there in place (`BucketShards`), never copied to a host.
+
+A local directory is built under a private hidden name (`.<fingerprint>.tmp-<token>`, never read as a cache) and
+published by one rename, which fails onto an existing directory: of concurrent builders of one key the first to
+finish publishes, the others drop their copy and use it. In a bucket the manifest is written last. Opening
+checks that every shard the manifest lists is there whole; a damaged directory is moved aside and rebuilt.
+Private directories of dead builders are removed once untouched for STALE_SECONDS.
+Memory stays bounded by one unit's ids (UNIT_BYTES of text: about as many bytes of int32) plus one shard.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import functools
 import hashlib
+import io
 import itertools
 import json
 import logging
 import os
 import secrets
 import shutil
+import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
-from dontstop_jax.data import piece_cache
-from dontstop_jax.data.corpus import (CorpusSource, SourceSpec, corpus_fingerprint, iter_documents, parse_source,
-                                      resolve_files)
-from dontstop_jax.data.encode_pool import EncodePool
+from dontstop_jax import consensus, files
+from dontstop_jax.data import encode_pool, piece_cache
+from dontstop_jax.data.corpus import (CorpusSource, SourceSpec, _iter_file, _iter_hf, _iter_tfds, corpus_fingerprint,
+                                      iter_raw_lines, parse_source, resolve_files)
+from dontstop_jax.data.encode_pool import EncodePool, docs_request, encode_request, file_request, lines_request
 from dontstop_jax.data.piece_cache import PieceCache
 from dontstop_jax.data.tokenizer import encode_plain, load_tokenizer, special_ids, tokenizer_fingerprint
 from dontstop_jax.errors import UserError
-from dontstop_jax import files
 from dontstop_jax.files import publishing
 
 log = logging.getLogger(__name__)
@@ -55,6 +67,12 @@ MANIFEST = "manifest.json"
 DOC_BATCH = 1000
 # From this many bytes of plain-text line files on, prepare encodes them in worker processes by default.
 POOL_MIN_BYTES = 32 << 20
+# How the input is cut into units, each encoded by one process into one piece of the token stream. Fixed sizes, so
+# the pieces (and the blocks) are the same whatever the process count.
+UNIT_BYTES = 16 << 20  # plain line and JSON-lines files: byte ranges of about this
+UNIT_LINES = 20_000  # compressed files and files in a bucket: line ranges
+UNIT_RECORDS = 100_000  # Hugging Face and TFDS sources: record ranges
+PIECES = "pieces"
 # A private build directory untouched this long belongs to a dead builder (a live one adds a shard every few
 # seconds to minutes).
 STALE_SECONDS = 24 * 3600
@@ -127,16 +145,71 @@ class PreparedCorpus:
             raise IndexError(f"block index out of range [0, {self.num_blocks})")
         starts = self._starts
         shard_of = np.searchsorted(starts, indices, side="right") - 1
+        if isinstance(self.shards, BucketShards):
+            return self.shards.rows(shard_of, indices - starts[shard_of])
         out = np.empty((len(indices), self.max_seq_length), np.int32)
         for s in np.unique(shard_of):
             rows = shard_of == s
             out[rows] = self.shards[s][indices[rows] - starts[s]]
         return out
 
+    @classmethod
+    def open_bucket(cls, directory: files.Path) -> PreparedCorpus:
+        """The corpus in a bucket, read in place: `blocks` fetches just the rows asked for (`BucketShards`), so a host
+        holds no copy of it. Raises `Damaged` unless every shard the manifest lists has its full size."""
+        try:
+            manifest = json.loads(files.retrying(directory / MANIFEST, (directory / MANIFEST).read_text))
+        except FileNotFoundError:
+            raise Damaged(f"no {MANIFEST}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise Damaged(f"unreadable {MANIFEST}: {e!r}") from None
+        return cls(directory, manifest, BucketShards(directory, manifest))
+
     @functools.cached_property
     def _starts(self) -> np.ndarray:
         """First global block index of each shard."""
         return np.cumsum([0] + [s["blocks"] for s in self.manifest["shards"][:-1]])
+
+
+class BucketShards:
+    """The shards of a corpus in a bucket, as byte ranges: a `rows` call fetches all its rows with concurrent range
+    requests (gcsfs `cat_ranges`); with the loader's prefetch thread the next batches are read while one trains."""
+
+    def __init__(self, directory: files.Path, manifest: dict[str, Any]):
+        import fsspec
+        self.fs, root = fsspec.core.url_to_fs(os.fspath(directory))
+        self.width, self.dtype = manifest["max_seq_length"], np.dtype(manifest["dtype"])
+        self.row_bytes = self.width * self.dtype.itemsize
+        sizes = {os.path.basename(e["name"]): int(e["size"]) for e in files.retrying(
+            directory, lambda: self.fs.ls(root, detail=True))}
+        self.paths, self.headers = [], []
+        for shard in manifest["shards"]:
+            header = _npy_header_bytes((shard["blocks"], self.width), self.dtype)
+            want = header + shard["blocks"] * self.row_bytes
+            if shard["file"] not in sizes:
+                raise Damaged(f"{shard['file']} is missing")
+            if sizes[shard["file"]] != want:
+                raise Damaged(f"{shard['file']} is {sizes[shard['file']]} bytes, not {want}")
+            self.paths.append(f"{root}/{shard['file']}")
+            self.headers.append(header)
+        self.directory = directory
+
+    def rows(self, shard_of: np.ndarray, local: np.ndarray) -> np.ndarray:
+        """int32 [len(local), width]: row local[i] of shard shard_of[i]."""
+        if not len(local):
+            return np.zeros((0, self.width), np.int32)
+        starts = [self.headers[s] + int(r) * self.row_bytes for s, r in zip(shard_of, local)]
+        data = files.retrying(self.directory, lambda: self.fs.cat_ranges(
+            [self.paths[s] for s in shard_of], starts, [a + self.row_bytes for a in starts]))
+        return np.frombuffer(b"".join(data), self.dtype).reshape(len(local), self.width).astype(np.int32)
+
+
+def _npy_header_bytes(shape: tuple[int, int], dtype: np.dtype) -> int:
+    """The header length `np.save` writes for an array of `shape` and `dtype` (where its rows start)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                  "fortran_order": False, "shape": shape})
+    return buffer.tell()
 
 
 def prepare_corpus(
@@ -151,12 +224,14 @@ def prepare_corpus(
 ) -> PreparedCorpus:
     """Tokenize + pack `sources` into `out_root/<fingerprint>/`, or reuse that directory if complete.
 
-    workers: encoding processes for plain-text line files (default: `default_workers`, i.e. all cores up to
-    8 from POOL_MIN_BYTES of such files on, else 1 = in-process). The output does not depend on it.
+    Every process of a multi-process run calls it (a collective): each encodes its share of the input and writes
+    its share of the shards into `out_root` (a bucket, or a disk all processes share); process 0 publishes the
+    manifest once all are in. Whether the corpus is there already is decided once, on process 0.
+    workers: encoding processes on this host (default: `default_workers`: all cores from POOL_MIN_BYTES of input
+    on, else 1 = in-process). The output depends neither on it nor on the process count.
     model_max_positions: the model's usable positions (RoBERTa: max_position_embeddings - 2).
     model_vocab_size: the model's embedding rows; the tokenizer must not produce ids beyond it.
-    Concurrent calls for one key are safe (each builds privately; the first to finish publishes, the
-    others use its directory), but all but one tokenize in vain: call it on one process where you can.
+    Concurrent independent calls for one key are safe (each builds privately; the first to finish publishes).
     """
     sources = [parse_source(s) for s in sources]
     if not sources:
@@ -179,65 +254,288 @@ def prepare_corpus(
     corpus_fp = corpus_fingerprint(sources)
     key = json.dumps([corpus_fp, tok_fp, max_seq_length, FORMAT_VERSION])
     name = hashlib.sha256(key.encode()).hexdigest()[:16]
-    # A bucket cache is read through this host's verified local copy (memory-mapped like a local cache).
+    # A bucket cache is built and read in place (no host holds a copy); a local one must be on a disk that all
+    # processes share (one host, or NFS).
     remote = files.path(out_root) / name if files.is_remote(out_root) else None
-    directory = (files.local_cache("prepared") if remote else Path(out_root)) / name
-    corpus = _reuse(directory) or (_download(remote, directory) if remote else None)
-    if corpus is not None:
+    directory = Path(out_root, name) if not remote else None
+    lead = jax.process_index() == 0
+    if consensus.from_first(lead and _published(remote, directory)):
         log.info("reusing prepared corpus at %s", remote or directory)
-        if remote and not (remote / MANIFEST).exists():
-            _upload(corpus, remote)
-        return corpus
-    _remove_stale(directory.parent)
-    build = _private(directory)
+        return _open(remote, directory)
+    if lead and not remote:
+        _remove_stale(directory.parent)
+    build = files.path(out_root) / _private(Path(name), consensus.from_first(
+        secrets.token_hex(4))).name  # one private name for all processes, on storage they share
+    if not remote:
+        try:
+            build.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write the prepared-corpus cache {directory.parent} ({e.strerror}); "
+                            "make it writable or choose another cache directory") from None
+    log.info("preparing corpus into %s", remote or directory)
     try:
-        build.mkdir(parents=True)
-    except OSError as e:
-        raise UserError(f"cannot write the prepared-corpus cache {directory.parent} ({e.strerror}); "
-                        "make it writable or choose another cache directory") from None
-    log.info("preparing corpus into %s", directory)
-    try:
-        _build(sources, tok, tok_fp, corpus_fp, build, max_seq_length, shard_blocks, workers)
-        corpus = _publish(build, directory)
-        if remote:
-            _upload(corpus, remote)
-        return corpus
+        plan = Plan(sources, build, remote, max_seq_length, shard_blocks, special_ids(tok),
+                    np.dtype(np.uint16 if len(tok) <= 2**16 else np.int32))
+        _collectively("encoding its share of the input", lambda: _encode_share(plan, tok, workers))
+        units = _gather_units(plan)
+        _collectively("writing its shards", lambda: _write_shards(plan, units))
+        _collectively("publishing the manifest",
+                      lambda: lead and _publish_manifest(plan, units, tok, tok_fp, corpus_fp, directory))
+        return _open(remote, directory)
     finally:
-        shutil.rmtree(build, ignore_errors=True)  # already gone unless the build failed or lost the race
+        if lead:
+            _remove_tree(build)  # already gone locally unless the build failed or lost the race
 
 
-def _build(sources: list[CorpusSource], tok: PreTrainedTokenizerFast, tok_fp: str, corpus_fp: str, directory: Path,
-           max_seq_length: int, shard_blocks: int, workers: int | None) -> None:
-    """Write the shards, then the manifest, into the private `directory`."""
-    ids = special_ids(tok)
-    dtype = np.dtype(np.uint16 if len(tok) <= 2**16 else np.int32)
-    stats = {"documents": 0, "stream_tokens": 0}
-    workers = default_workers(sources) if workers is None else workers
-    blocks = _pack(_token_stream(sources, tok, ids["eos"], workers, stats), max_seq_length, ids)
-    shards = _write_shards(blocks, directory, shard_blocks, dtype)
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a build writes where: shards go to `remote` (a bucket) or into `build` (published by a rename)."""
+    sources: list[CorpusSource]
+    build: Any  # Path or files.Path: private, shared by all processes
+    remote: Any
+    max_seq_length: int
+    shard_blocks: int
+    ids: dict[str, int]
+    dtype: np.dtype
+
+    @property
+    def shard_dir(self) -> Any:
+        return self.remote or self.build
+
+
+def _published(remote: files.Path | None, directory: Path | None) -> bool:
+    """Whether a complete corpus is there (checked by process 0; a damaged local one is moved aside, a damaged
+    one in a bucket is rebuilt over)."""
+    if not remote:
+        return _reuse(directory) is not None
+    try:
+        PreparedCorpus.open_bucket(remote)
+        return True
+    except Damaged as e:
+        if files.retrying(remote / MANIFEST, (remote / MANIFEST).exists):
+            log.warning("prepared corpus at %s is damaged (%s); rebuilding it", remote, e)
+        return False
+
+
+def _open(remote: files.Path | None, directory: Path | None) -> PreparedCorpus:
+    """The published corpus: from local (or shared) disk, memory-mapped, or read in place in the bucket."""
+    if not remote:
+        return PreparedCorpus.load(directory)
+    try:
+        return PreparedCorpus.open_bucket(remote)
+    except Damaged as e:
+        raise UserError(f"{remote} is not a prepared corpus ({e}); delete it and prepare again") from None
+
+
+def _collectively(what: str, step: Callable[[], Any]) -> None:
+    """Run `step` on every process; where it failed on any, all raise (its own error where it failed)."""
+    try:
+        step()
+        failure = None
+    except BaseException as err:  # noqa: BLE001 (re-raised below, after the others have heard of it)
+        failure = err
+    codes = consensus.gather(0 if failure is None else 1)
+    if failure is not None:
+        raise failure
+    if any(codes):
+        raise UserError(f"process {codes.index(1)} failed while preparing the corpus ({what}); its log has the error")
+
+
+def _remove_tree(where: Any) -> None:
+    if files.is_remote(where):
+        for path in files.walk(where).values():
+            path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def _put(plan: Plan, write: Callable[[Any], None], target: Any) -> None:
+    """Write a file with `write(f)` to `target`, whole or not at all (a bucket: one upload of a local file)."""
+    if files.is_remote(target):
+        with tempfile.TemporaryDirectory(prefix="dontstop-prepare-") as scratch:
+            local = Path(scratch, "file")
+            with open(local, "wb") as f:
+                write(f)
+            files.upload(local, target)
+    else:
+        _atomic_write(Path(target), write)
+
+
+def _piece(plan: Plan, key: tuple[int, int, int]) -> Any:
+    return plan.build / PIECES / "piece-{:03d}-{:05d}-{:06d}.ids".format(*key)
+
+
+def _encode_share(plan: Plan, tok: PreTrainedTokenizerFast, workers: int | None) -> None:
+    """Encode this process's units of the input, each into a piece file of ids (`doc </s> doc </s> ...`, in the
+    shards' dtype), and list them with their token and document counts in `share-<process>.json`."""
+    backend = tok.backend_tokenizer
+    cached = piece_cache.applicable(backend)
+    workers = default_workers(plan.sources) if workers is None else workers
+    if workers > 1 and cached:
+        encoder = EncodePool(backend.to_str(), plan.ids["eos"], workers)
+        encode, close = encoder.encode, encoder.close
+    else:
+        stream = PieceCache(backend).stream if cached else functools.partial(_plain_stream, tok)
+        encode = functools.partial(map, lambda r: encode_request(stream, plan.ids["eos"], *r))
+        close = lambda: None  # noqa: E731
+    if not files.is_remote(plan.build):
+        (plan.build / PIECES).mkdir(parents=True, exist_ok=True)
+    keys: collections.deque = collections.deque()
+
+    def requests() -> Iterator[tuple[dict, bytes]]:
+        for key, request in _my_requests(plan.sources, jax.process_index(), jax.process_count()):
+            keys.append(key)
+            yield request
+
+    units: list[list] = []
+    try:
+        for key, replies in itertools.groupby(encode(requests()), key=lambda _: keys.popleft()):
+            pieces = [(documents, ids) for documents, ids in replies]
+            stream_ids = np.concatenate([ids for _, ids in pieces]) if pieces else np.zeros(0, np.int32)
+            _put(plan, lambda f: f.write(stream_ids.astype(plan.dtype).tobytes()), _piece(plan, key))
+            units.append([list(key), len(stream_ids), sum(d for d, _ in pieces)])
+    finally:
+        close()
+    files.write_json(plan.build / f"share-{jax.process_index():05d}.json", units)
+
+
+def _my_requests(sources: list[CorpusSource], process: int, processes: int) -> Iterator[tuple[tuple, tuple]]:
+    """(unit key, encode request) of this process's units, in input order. Units are cut the same way whatever the
+    process count (byte ranges of plain files, line ranges of compressed or bucket files, record ranges of
+    datasets, whole paragraph files); unit k of the i-th input goes to process (i + k) % processes."""
+    turn = 0
+    for si, source in enumerate(sources):
+        if source.kind in ("hf", "tfds"):
+            texts = (_iter_hf if source.kind == "hf" else _iter_tfds)(source)
+            for k, group in itertools.groupby(enumerate(texts), key=lambda item: item[0] // UNIT_RECORDS):
+                if (turn + k) % processes == process:
+                    for batch in iter(lambda: list(itertools.islice(group, DOC_BATCH)), []):
+                        yield (si, 0, k), docs_request([text for _, text in batch])
+            turn += 1
+            continue
+        for fi, path in enumerate(resolve_files(source)):
+            mine = lambda k, turn=turn: (turn + k) % processes == process  # noqa: E731
+            turn += 1
+            if files.source_stat(files.path(path))[0] == 0:
+                raise UserError(f"file {path} is empty; remove it from the sources or fill it")
+            if source.kind == "paragraphs":
+                if mine(0):
+                    docs = _iter_file(path, source)
+                    for batch in iter(lambda: list(itertools.islice(docs, DOC_BATCH)), []):
+                        yield (si, fi, 0), docs_request(batch)
+            elif not path.endswith(".gz") and not files.is_remote(path):
+                for k, (start, end) in enumerate(encode_pool.line_ranges(path, UNIT_BYTES)):
+                    if mine(k):
+                        for a, b in encode_pool.line_ranges(path, None, start, end):
+                            yield (si, fi, k), file_request(path, a, b, source.kind, source.text_field)
+            else:
+                for k, first, offset, raw in _line_chunks(path, mine):
+                    yield (si, fi, k), lines_request(path, raw, first, offset, source.kind, source.text_field)
+
+
+def _line_chunks(path: str, mine: Callable[[int], bool]) -> Iterator[tuple[int, int, int, bytes]]:
+    """(unit, first line number, byte offset, raw lines) of about RANGE_BYTES each, of the units `mine` picks
+    among UNIT_LINES-line ranges of a file read in order (a compressed file cannot be cut by bytes)."""
+    chunk: list[bytes] = []
+    size = offset = unit = first = start = 0
+    for lineno, raw in enumerate(iter_raw_lines(path), start=1):
+        k = (lineno - 1) // UNIT_LINES
+        if chunk and (k != unit or size >= encode_pool.RANGE_BYTES):
+            yield unit, first, start, b"".join(chunk)
+            chunk, size = [], 0
+        if mine(k):
+            if not chunk:
+                unit, first, start = k, lineno, offset
+            chunk.append(raw)
+            size += len(raw)
+        offset += len(raw)
+    if chunk:
+        yield unit, first, start, b"".join(chunk)
+
+
+def _gather_units(plan: Plan) -> list[list]:
+    """Every process's units ([key, tokens, documents]) in input order: the pieces of the global token stream."""
+    shares = sorted(files.walk(plan.build).items())
+    units = sorted((u for name, path in shares if name.startswith("share-") for u in files.read_json(path)),
+                   key=lambda u: u[0])
+    for si, source in enumerate(plan.sources):
+        if not any(u[2] for u in units if u[0][0] == si):
+            raise UserError(f"corpus source {source.path} has no documents (all empty); check the path and format")
+    return units
+
+
+def _stream(plan: Plan, units: list[list], start: int, end: int) -> np.ndarray:
+    """Tokens [start, end) of the global stream, read from the pieces that hold them."""
+    bounds = np.cumsum([0] + [u[1] for u in units])
+    parts = []
+    for i in np.flatnonzero((bounds[:-1] < end) & (bounds[1:] > start)):
+        lo, hi = max(start - bounds[i], 0), min(end, bounds[i + 1]) - bounds[i]
+        parts.append(_read_ids(_piece(plan, tuple(units[i][0])), int(lo), int(hi - lo), plan.dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
+def _read_ids(piece: Any, start: int, count: int, dtype: np.dtype) -> np.ndarray:
+    if not files.is_remote(piece):
+        return np.fromfile(piece, dtype, count, offset=dtype.itemsize * start)
+
+    def read() -> bytes:
+        with piece.open("rb") as f:
+            f.seek(dtype.itemsize * start)
+            return f.read(dtype.itemsize * count)
+    return np.frombuffer(files.retrying(piece, read), dtype)
+
+
+def _shards(plan: Plan, units: list[list]) -> list[dict]:
+    """The manifest's shard entries: `shard_blocks` blocks each, the last one the rest."""
+    total = -(-sum(u[1] for u in units) // (plan.max_seq_length - 2))
+    return [{"file": f"shard-{s:05d}.npy", "blocks": min(plan.shard_blocks, total - s * plan.shard_blocks)}
+            for s in range(-(-total // plan.shard_blocks))]
+
+
+def _write_shards(plan: Plan, units: list[list]) -> None:
+    """Write this process's shards (every process_count-th): shard s packs its slice of the global stream."""
+    chunk, stream_tokens = plan.max_seq_length - 2, sum(u[1] for u in units)
+    for s, shard in list(enumerate(_shards(plan, units)))[jax.process_index()::jax.process_count()]:
+        start = s * plan.shard_blocks * chunk
+        tokens = _stream(plan, units, start, min(start + shard["blocks"] * chunk, stream_tokens))
+        rows = np.concatenate(list(_pack(iter([tokens]), plan.max_seq_length, plan.ids))).astype(plan.dtype)
+        _put(plan, lambda f: np.save(f, rows), plan.shard_dir / shard["file"])
+
+
+def _publish_manifest(plan: Plan, units: list[list], tok: PreTrainedTokenizerFast, tok_fp: str, corpus_fp: str,
+                      directory: Path | None) -> None:
+    """Process 0, once every shard is in: write the manifest (in a bucket, last) and publish the directory."""
+    shards = _shards(plan, units)
     total_blocks = sum(s["blocks"] for s in shards)
-    total_tokens = stats["stream_tokens"] + 2 * total_blocks  # each block adds <s> and </s>
+    total_tokens = sum(u[1] for u in units) + 2 * total_blocks  # each block adds <s> and </s>
     manifest = {
         "format_version": FORMAT_VERSION,
         "input_fingerprint": corpus_fp,
         "tokenizer_fingerprint": tok_fp,
-        "sources": [dataclasses.asdict(s) for s in sources],
-        "max_seq_length": max_seq_length,
+        "sources": [dataclasses.asdict(s) for s in plan.sources],
+        "max_seq_length": plan.max_seq_length,
         "vocab_size": len(tok),
-        "dtype": dtype.name,
+        "dtype": plan.dtype.name,
         "shards": shards,
         "total_blocks": total_blocks,
         "total_tokens": total_tokens,
-        "pad_tokens": total_blocks * max_seq_length - total_tokens,
-        "documents": stats["documents"],
+        "pad_tokens": total_blocks * plan.max_seq_length - total_tokens,
+        "documents": sum(u[2] for u in units),
     }
-    _atomic_write(directory / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-    log.info("prepared %d documents into %d blocks", stats["documents"], total_blocks)
+    _remove_tree(plan.build / PIECES)
+    for name, path in files.walk(plan.build).items():
+        if name.startswith("share-"):
+            path.unlink()
+    _put(plan, lambda f: f.write(json.dumps(manifest, indent=1).encode()), plan.shard_dir / MANIFEST)
+    if not plan.remote:
+        _publish(plan.build, directory)
+    log.info("prepared %d documents into %d blocks", manifest["documents"], total_blocks)
 
 
-def _private(directory: Path) -> Path:
-    """A fresh hidden sibling name for this process's build (or for a damaged directory moved aside)."""
-    return directory.with_name(f".{directory.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+def _private(directory: Path, token: str | None = None) -> Path:
+    """A fresh hidden sibling name for a build (or for a damaged directory moved aside); `token` makes it one that
+    all processes share."""
+    return directory.with_name(f".{directory.name}.tmp-{token or f'{os.getpid()}-{secrets.token_hex(4)}'}")
 
 
 def _reuse(directory: Path) -> PreparedCorpus | None:
@@ -279,39 +577,6 @@ def _publish(build: Path, directory: Path) -> PreparedCorpus:
     return PreparedCorpus.load(directory)
 
 
-def _upload(corpus: PreparedCorpus, remote: files.Path) -> None:
-    """Copy a prepared corpus into the bucket: shards first, the manifest last, so a reader that finds the
-    manifest finds every shard."""
-    for shard in corpus.manifest["shards"]:
-        files.upload(corpus.directory / shard["file"], remote / shard["file"])
-    files.upload(corpus.directory / MANIFEST, remote / MANIFEST)
-    log.info("uploaded prepared corpus to %s", remote)
-
-
-def _download(remote: files.Path, directory: Path) -> PreparedCorpus | None:
-    """This host's copy of the corpus prepared in the bucket at `remote`, verified against its manifest;
-    None when the bucket holds no complete one (then it is built here and uploaded again)."""
-    try:
-        manifest = json.loads((remote / MANIFEST).read_text())
-    except FileNotFoundError:
-        return None
-    build = _private(directory)
-    build.mkdir(parents=True)
-    try:
-        for shard in [entry["file"] for entry in manifest["shards"]] + [MANIFEST]:
-            files.download(remote / shard, build / shard)
-        PreparedCorpus.open_checked(build)
-    except (FileNotFoundError, Damaged) as e:
-        log.warning("prepared corpus in %s is damaged (%s); rebuilding it", remote, e)
-        shutil.rmtree(build, ignore_errors=True)
-        return None
-    log.info("copied prepared corpus from %s", remote)
-    try:
-        return _publish(build, directory)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-
-
 def _remove_stale(out_root: Path) -> None:
     """Delete private directories left by builders that died (SIGKILL, power loss) once untouched for long."""
     for path in out_root.glob(".*.tmp-*"):
@@ -322,59 +587,13 @@ def _remove_stale(out_root: Path) -> None:
             pass
 
 
-def _token_stream(sources: list[CorpusSource], tok: PreTrainedTokenizerFast, eos: int, workers: int,
-                  stats: dict[str, int]) -> Iterator[np.ndarray]:
-    """Yield 1-D arrays of the concatenated stream `doc </s> doc </s> ...` of all sources, in order.
-
-    Plain-text line files go to the worker pool when there is one; everything else is encoded here, in
-    batches of DOC_BATCH documents. The stream does not depend on which path a source took.
-    """
-    backend = tok.backend_tokenizer
-    cached = piece_cache.applicable(backend)
-    stream = PieceCache(backend).stream if cached else functools.partial(_plain_stream, tok)
-    use_pool = workers > 1 and cached and any(map(_splittable, sources))
-    pool = EncodePool(backend.to_str(), eos, workers) if use_pool else None
-    try:
-        for source in sources:
-            if pool and _splittable(source):
-                pieces = _pooled(pool, source)
-            else:
-                docs = iter_documents(source)
-                batches = iter(lambda: list(itertools.islice(docs, DOC_BATCH)), [])
-                pieces = ((len(batch), stream(batch, eos)) for batch in batches)
-            for documents, piece in pieces:
-                stats["documents"] += documents
-                stats["stream_tokens"] += len(piece)
-                yield piece
-    finally:
-        if pool:
-            pool.close()
-
-
-def _splittable(source: CorpusSource) -> bool:
-    """Whether workers can read the source by byte ranges: uncompressed one-document-per-line files."""
-    return source.kind == "lines" and not any(f.endswith(".gz") for f in resolve_files(source))
-
-
-def _pooled(pool: EncodePool, source: CorpusSource) -> Iterator[tuple[int, np.ndarray]]:
-    """`iter_documents`' checks (no empty file, at least one document) around the pool's ranges."""
-    documents = 0
-    for path in resolve_files(source):
-        if files.source_stat(files.path(path))[0] == 0:
-            raise UserError(f"file {path} is empty; remove it from the sources or fill it")
-        with files.staged(path) as local:  # a bucket file is copied here one at a time for the workers
-            for count, piece in pool.encode_file(str(local)):
-                documents += count
-                yield count, piece
-    if documents == 0:
-        raise UserError(f"corpus source {source.path} has no documents (all empty); check the path and format")
-
-
 def default_workers(sources: list[CorpusSource]) -> int:
-    """All cores (up to 8) for >= POOL_MIN_BYTES of plain-text line files; in-process below that, where
+    """All cores for >= POOL_MIN_BYTES of input files, or for a dataset source; in-process below that, where
     starting workers costs more than it saves."""
-    size = sum(files.source_stat(files.path(f))[0] for s in sources if _splittable(s) for f in resolve_files(s))
-    return min(len(os.sched_getaffinity(0)), 8) if size >= POOL_MIN_BYTES else 1
+    if any(s.kind in ("hf", "tfds") for s in sources):
+        return len(os.sched_getaffinity(0))
+    size = sum(files.source_stat(files.path(f))[0] for s in sources for f in resolve_files(s))
+    return len(os.sched_getaffinity(0)) if size >= POOL_MIN_BYTES else 1
 
 
 def _plain_stream(tok: PreTrainedTokenizerFast, texts: list[str], eos: int) -> np.ndarray:
@@ -397,29 +616,6 @@ def _pack(stream: Iterator[np.ndarray], max_seq_length: int, ids: dict[str, int]
         last = np.full((1, max_seq_length), ids["pad"], np.int64)
         last[0, : len(carry) + 2] = np.concatenate([[ids["bos"]], carry, [ids["eos"]]])
         yield last
-
-
-def _write_shards(blocks: Iterator[np.ndarray], directory: Path, shard_blocks: int, dtype: np.dtype) -> list[dict]:
-    """Regroup incoming rows into `shard-NNNNN.npy` files of `shard_blocks` rows; returns their entries."""
-    shards: list[dict] = []
-
-    def flush(rows: np.ndarray) -> None:
-        name = f"shard-{len(shards):05d}.npy"
-        _atomic_write(directory / name, lambda f: np.save(f, rows))
-        shards.append({"file": name, "blocks": len(rows)})
-
-    pending: list[np.ndarray] = []
-    count = 0
-    for rows in blocks:
-        pending.append(rows.astype(dtype))
-        count += len(rows)
-        while count >= shard_blocks:
-            merged = np.concatenate(pending)
-            flush(merged[:shard_blocks])
-            pending, count = [merged[shard_blocks:]], len(merged) - shard_blocks
-    if count:
-        flush(np.concatenate(pending))
-    return shards
 
 
 def _atomic_write(path: Path, write: Any) -> None:

@@ -17,20 +17,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import multihost
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from dontstop_jax.engine.state import AVERAGES, TrainState
-from dontstop_jax import files
+from dontstop_jax import consensus, files
 from dontstop_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+RETRY_SECONDS = 1.0  # a failed read is tried once more after this pause (a bucket's transient error)
 
 
 def first_best(scores: Iterable[tuple[int, float | None]], mode: str = "max") -> int | None:
@@ -78,16 +81,24 @@ class Checkpointer:
         policies: list[pp.PreservationPolicy] = [pp.LatestN(keep_last)]
         if best_metric is not None:
             policies.append(_FirstBest(best_metric, best_mode))
+        # A read-only checkpointer reads on each process alone (with no barrier, so a read that fails on one
+        # process leaves the others' collectives in step); the choice of step is still made once (`_read`).
+        me = jax.process_index()
+        alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                                   barrier_sync_key_prefix=f"read-{me}")
         options = ocp.CheckpointManagerOptions(  # best_fn: orbax writes the metrics only when it is set
             preservation_policy=pp.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
             read_only=read_only, create=not read_only,
-            best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode)
+            best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
+            **({"multiprocessing_options": alone} if read_only else {}))
+        self._joins_barriers = jax.process_count() > 1 and not read_only
         self.directory = files.path(files.absolute(directory))
         self.best_metric, self.best_mode = best_metric, best_mode
         handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
                     "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
                     **{name: ocp.StandardCheckpointHandler() for name in AVERAGES}}
-        self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+        with files.naming(self.directory):
+            self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
         self._unreadable: set[int] = set()
 
     # -- writing --------------------------------------------------------------------------------
@@ -97,22 +108,26 @@ class Checkpointer:
             self._manager.delete(step)
             self._unreadable.discard(step)
         train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
-        self._manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
-            data=ocp.args.JsonSave(data_state or {}), meta=ocp.args.JsonSave({**meta, "step": step}),
-            **{name: ocp.args.StandardSave(tree) for name, tree in state.averages.items()}))
+        with files.naming(self.directory / str(step)):  # tensorstore retries its own requests with backoff
+            self._manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
+                data=ocp.args.JsonSave(data_state or {}), meta=ocp.args.JsonSave({**meta, "step": step}),
+                **{name: ocp.args.StandardSave(tree) for name, tree in state.averages.items()}))
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk (call before exiting)."""
-        self._manager.wait_until_finished()
+        with files.naming(self.directory):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
     # -- reading --------------------------------------------------------------------------------
+    # Which step a read takes is decided once, on process 0, and every fallback is agreed by all processes, so a
+    # transient error on one host (or a bucket listing one host sees late) cannot make hosts restore different steps.
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        return consensus.from_first(self._manager.latest_step())
 
     def best_step(self) -> int | None:
         """The first best step by `best_metric`; without one (or before any step has a metric), the latest."""
@@ -120,10 +135,10 @@ class Checkpointer:
             return self.latest_step()
         best = first_best(((s, (self._manager.metrics(s) or {}).get(self.best_metric)) for s in self.all_steps()),
                           self.best_mode)
-        return self.latest_step() if best is None else best
+        return self.latest_step() if best is None else consensus.from_first(best)
 
     def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        return consensus.from_first(sorted(self._manager.all_steps()))
 
     def _step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
@@ -137,12 +152,12 @@ class Checkpointer:
         warning, of the newest readable other step."""
         if step is not None:
             step = self._step(step)
-            try:
-                return read(step)
-            except Exception as err:  # noqa: BLE001 (orbax/tensorstore raise many types for a damaged step)
-                readable = [s for s in self.all_steps() if s != step and self._reads(read, s)]
-                raise UserError(f"checkpoint step {step} in {self.directory} is unreadable ({_reason(err)}); "
-                                f"readable steps: {', '.join(map(str, readable)) or 'none'}") from err
+            value, err = self._attempt(read, step)
+            if err is None:
+                return value
+            readable = [s for s in self.all_steps() if s != step and self._attempt(read, s)[1] is None]
+            raise UserError(f"checkpoint step {step} in {self.directory} is unreadable ({_reason(err)}); "
+                            f"readable steps: {', '.join(map(str, readable)) or 'none'}") from err
         first = self._step(first)
         steps = [first] + [s for s in reversed(self.all_steps()) if s != first]
         failed: Exception | None = None
@@ -150,25 +165,46 @@ class Checkpointer:
             if failed is not None:
                 log.warning("checkpoint step %d in %s is unreadable (%s); restoring step %d instead", steps[i - 1],
                             self.directory, _reason(failed), tried)
-            try:
-                return read(tried)
-            except Exception as err:  # noqa: BLE001
-                failed = err
-                self._unreadable.add(tried)
+            value, failed = self._attempt(read, tried)
+            if failed is None:
+                return value
+            self._unreadable.add(tried)
         raise UserError(f"no readable checkpoint in {self.directory}: steps {', '.join(map(str, steps))} are all "
                         f"unreadable ({_reason(failed)})") from failed
 
-    @staticmethod
-    def _reads(read: Callable[[int], Any], step: int) -> bool:
-        """Whether read(step) succeeds (only to name the readable steps in an error)."""
+    def _attempt(self, read: Callable[[int], T], step: int) -> tuple[T | None, Exception | None]:
+        """(read(`step`), None) where it succeeds on every process, tried a second time by all of them after a
+        pause; else (None, this process's error, or one naming the process that failed). A bucket that kept
+        failing on any process is no reason to fall back to an older step: every process raises `BucketFault`."""
+        for attempt in range(2):
+            try:
+                value, err = read(step), None
+            except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many types for a damaged step)
+                value, err = None, e
+            codes = consensus.gather(0 if err is None else 2 if files.bucket_cause(err) else 1)
+            if not any(codes):
+                return value, None
+            if attempt == 0:
+                time.sleep(RETRY_SECONDS)
+        if 2 in codes:
+            cause = files.bucket_cause(err) if err is not None else f"process {codes.index(2)} could not reach it"
+            raise files.BucketFault(self.directory / str(step), cause or "a read failed") from err
+        others = [p for p, code in enumerate(codes) if code and p != jax.process_index()]
+        return None, err or RuntimeError(f"process {others[0]} could not read it; its log has the error")
+
+    def _restore(self, step: int, args: ocp.args.Composite) -> Any:
+        """The manager's restore. Orbax ends a restore with a barrier of all processes (unless read-only); where
+        the read fails on this process, it joins that barrier anyway, so the processes' collectives stay paired."""
         try:
-            read(step)
-        except Exception:  # noqa: BLE001
-            return False
-        return True
+            return self._manager.restore(step, args=args)
+        except Exception:
+            if self._joins_barriers:
+                prefix = self._manager._checkpointer._barrier_sync_key_prefix  # noqa: SLF001 (orbax's own name)
+                multihost.sync_global_processes(multihost.unique_barrier_key("Checkpointer:restore", prefix=prefix))
+            raise
 
     def _meta(self, step: int) -> dict:
-        return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        return dict(self._restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
     def _params(self, step: int, abstract_params: Any, item: str = "params") -> Any:
         """The parameters (`item` "params") or one of their averages (an item of AVERAGES) of `step`."""
@@ -178,8 +214,7 @@ class Checkpointer:
             abstract_params = jax.tree_util.tree_map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
                 self._manager.item_metadata(step)[item], is_leaf=lambda m: hasattr(m, "shape"))
-        params = self._manager.restore(step, args=ocp.args.Composite(
-            **{item: ocp.args.StandardRestore(abstract_params)}))[item]
+        params = self._restore(step, ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract_params)}))[item]
         return jax.tree_util.tree_map(np.asarray, params) if to_host else params
 
     def meta(self, step: int | None = None) -> dict:
@@ -194,7 +229,7 @@ class Checkpointer:
             params=ocp.args.StandardRestore(abstract.params), train=ocp.args.StandardRestore(train_abstract),
             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore(),
             **{name: ocp.args.StandardRestore(tree) for name, tree in abstract.averages.items()})
-        out = self._read(lambda s: self._manager.restore(s, args=args), step)
+        out = self._read(lambda s: self._restore(s, args), step)
         train = out["train"]
         state = TrainState(step=train["step"], params=out["params"], opt_state=train["opt_state"], rng=train["rng"],
                            averages={name: out[name] for name in abstract.averages})

@@ -13,7 +13,6 @@ import jax
 from ml_collections import ConfigDict
 
 from dontstop_jax import files
-from dontstop_jax.distributed import on_first_process
 from dontstop_jax.data import (MLMLoader, PreparedCorpus, SpanMasker, load_terms, load_tokenizer, prepare_corpus,
                                special_ids, word_start_table)
 from dontstop_jax.engine import mlm_loss_sums
@@ -25,16 +24,11 @@ from dontstop_jax.train.workdir import PREPARED, Workdir
 
 
 def prepare(cfg: ConfigDict, source: sources.ModelSource) -> PreparedCorpus:
-    """Tokenize + pack the corpus on process 0; the others then find it complete in the shared cache."""
-    cache = cfg.data.cache_dir or str(files.path(cfg.workdir) / PREPARED)
-
-    def run():
-        return prepare_corpus(list(cfg.data.sources), source.tokenizer_dir, cache,
-                              max_seq_length=cfg.data.max_seq_length,
-                              model_max_positions=source.config.max_seq_length,
-                              model_vocab_size=source.config.vocab_size)
-    prepared = on_first_process("prepare_corpus", run)
-    return prepared if prepared is not None else run()
+    """Tokenize + pack the corpus: every process encodes its share into the shared cache (`prepare_corpus`)."""
+    return prepare_corpus(list(cfg.data.sources), source.tokenizer_dir,
+                          cfg.data.cache_dir or str(files.path(cfg.workdir) / PREPARED),
+                          max_seq_length=cfg.data.max_seq_length, model_max_positions=source.config.max_seq_length,
+                          model_vocab_size=source.config.vocab_size)
 
 
 def mlm(model: nn.Module, params: Any) -> tuple[Callable, dict]:

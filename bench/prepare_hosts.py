@@ -1,0 +1,139 @@
+"""Preparation by every host: 2 processes vs 1 on the same corpus (plain text and gzipped JSON lines).
+
+Each process is one "host" of a multi-process JAX run (gloo on this machine) with its own TMPDIR and cache and one
+encoding worker (hosts here share the machine's cores, so each gets one), preparing into a bucket (the local GCS
+emulator): the setup with no shared disk. Reported per corpus: the wall time of `prepare_corpus` (slowest process)
+for 1 and 2 processes, alternating, median of repeats, and their ratio; and each host's peak local disk (the largest
+file it staged for upload, each deleted before the next, plus what is left in its TMPDIR and cache) against its
+share of the prepared corpus. Unit and shard sizes are scaled down with the corpus (8 of each, as a 24-48 GB corpus
+has thousands).
+
+    python -m bench.prepare_hosts                 # 48 MB of text per corpus
+    python -m bench.prepare_hosts --mb 8 --repeats 1
+    python -m bench.prepare_hosts --out local      # into a local directory both share (no emulator)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.common import machine, markdown_table, write_json
+from bench.data_pipeline import make_tokenizer, write_corpus
+
+SEQ = 512
+HOST = """
+import json, os, sys, time
+from pathlib import Path
+from dontstop_jax import distributed, files
+distributed.initialize()
+from dontstop_jax.data import prepare
+prepare.UNIT_BYTES, prepare.UNIT_LINES = int(sys.argv[4]), int(sys.argv[5])
+upload, largest = files.upload, [0]
+
+def measured(local, target):  # every local file prepare writes goes up through here, one at a time, then is deleted
+    largest[0] = max(largest[0], os.path.getsize(local))
+    upload(local, target)
+
+files.upload = measured
+start = time.perf_counter()
+corpus = prepare.prepare_corpus([sys.argv[1]], sys.argv[2], sys.argv[3], max_seq_length=512,
+                                shard_blocks=int(sys.argv[6]), workers=1)
+seconds = time.perf_counter() - start
+left = sum(p.stat().st_size for d in (os.environ["TMPDIR"], os.environ["DONTSTOP_CACHE"])
+           for p in Path(d).rglob("*") if p.is_file())
+print(json.dumps({"seconds": seconds, "blocks": corpus.num_blocks, "peak_disk": largest[0] + left}))
+"""
+
+
+def run_hosts(processes: int, corpus: Path, tokenizer: Path, out_root: str, units: tuple[int, int, int],
+              scratch: Path) -> dict:
+    """Prepare with `processes` local processes; the slowest one's seconds and each one's peak local disk."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    homes = [Path(tempfile.mkdtemp(prefix=f"host{i}-", dir=scratch)) for i in range(processes)]
+    procs = []
+    for i, home in enumerate(homes):
+        (home / "tmp").mkdir()
+        env = {**os.environ, "DONTSTOP_COORDINATOR": f"127.0.0.1:{port}", "DONTSTOP_NUM_PROCESSES": str(processes),
+               "DONTSTOP_PROCESS_ID": str(i), "DONTSTOP_LOCAL_DEVICES": "1", "TMPDIR": str(home / "tmp"),
+               "DONTSTOP_CACHE": str(home / "cache"), "XLA_FLAGS": ""}
+        procs.append(subprocess.Popen([sys.executable, "-c", HOST, str(corpus), str(tokenizer), out_root,
+                                       *map(str, units)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=3600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outputs]
+    results = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
+    return {"seconds": max(r["seconds"] for r in results), "blocks": results[0]["blocks"],
+            "peak_disk": [r["peak_disk"] for r in results]}
+
+
+def table(record: dict) -> str:
+    """The markdown table of one run's record (also what bench/run_all.py puts in RESULTS.md)."""
+    gs = record.get("out", "gs") == "gs"
+    rows = [[name, f"{c['one_s']:.1f}", f"{c['two_s']:.1f}", f"{c['ratio']:.2f}", f"{c['prepared_bytes'] / 2**20:.1f}",
+             f"{c['peak_host_disk_2'] / 2**20:.2f}" if gs else "shared disk",
+             f"{c['peak_host_disk_2'] / c['share_bytes']:.2f}" if gs else "-"] for name, c in record["corpora"].items()]
+    load = ", ".join(f"{x:.1f}" for x in record["load"])
+    return (f"Into {'the emulated bucket' if gs else 'a local directory both share'}, {record['mb']:g} MB of text per "
+            f"corpus, one encoding worker per process; load average before the run {load} on "
+            f"{record.get('machine', machine())['cores']} cores (other jobs shared the machine):\n\n"
+            + markdown_table(["corpus", "1 process s", "2 processes s", "ratio (target <= 0.6)", "prepared MB",
+                              "peak local disk per host MB", "peak / share (target <= 1.1)"], rows))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=48)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", choices=("gs", "local"), default="gs",
+                        help="prepare into the emulated bucket, or into a local directory both processes share")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from gcs_emulator import gcs_emulator
+
+    from dontstop_jax import files
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-hosts-") as tmp:
+        work = Path(tmp)
+        text = work / "corpus.txt"
+        write_corpus(text, args.mb)
+        lines = text.read_text().splitlines()
+        jsonl = work / "corpus.jsonl.gz"
+        with gzip.open(jsonl, "wt") as f:
+            f.writelines(json.dumps({"text": line}) + "\n" for line in lines)
+        tokenizer = make_tokenizer(text, work / "tokenizer")
+        # About 8 units and 8 shards per corpus: enough for 2 hosts to split evenly, as a real corpus's thousands.
+        blocks = int(args.mb * 2**20 / 4 / (SEQ - 2))  # at about 4 bytes of text per token
+        units = (int(args.mb * 2**20 / 8), max(1, len(lines) // 8), max(1, blocks // 8))
+        record = {"mb": args.mb, "units": units, "out": args.out, "load": os.getloadavg(), "corpora": {}}
+        with gcs_emulator(work / "gcs") as _:
+            for corpus in (text, jsonl):
+                runs: dict[int, list] = {1: [], 2: []}
+                for r in range(args.repeats):
+                    for processes in (1, 2) if r % 2 == 0 else (2, 1):
+                        out_root = f"{'gs://bkt' if args.out == 'gs' else work / 'out'}/{corpus.stem}-{processes}-{r}"
+                        runs[processes].append(run_hosts(processes, corpus, tokenizer, out_root, units, work))
+                prepared = files.walk(f"{'gs://bkt' if args.out == 'gs' else work / 'out'}/{corpus.stem}-1-0")
+                corpus_bytes = sum(files.source_stat(p)[0] for p in prepared.values())
+                one, two = (statistics.median(run["seconds"] for run in runs[n]) for n in (1, 2))
+                peak = max(max(run["peak_disk"]) for run in runs[2])
+                record["corpora"][corpus.name] = {"one_s": one, "two_s": two, "ratio": two / one,
+                                                  "prepared_bytes": corpus_bytes, "peak_host_disk_2": peak,
+                                                  "share_bytes": corpus_bytes / 2, "runs": runs}
+        record["load_after"] = os.getloadavg()
+    print(table(record))
+    write_json(f"prepare_hosts_{args.out}", record)
+    return record
+
+
+if __name__ == "__main__":
+    main()
