@@ -320,7 +320,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused(world):
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=300)
-    assert first.returncode == 0 and not (workdir / ".lock").exists()
+    assert first.returncode in (0, 75) and not (workdir / ".lock").exists()  # finished, or stopped
 
 
 def test_a_stale_lock_of_a_dead_run_is_broken(world, capsys, caplog):

@@ -52,7 +52,7 @@ from dontstop_jax.das import ewc, hat, importance, replay
 from dontstop_jax.das.contrastive import das_objective
 from dontstop_jax.das.ewc import ewc_objective
 from dontstop_jax.das.replay import derpp_objective
-from dontstop_jax.distributed import on_first_process
+from dontstop_jax.distributed import decide, on_first_process
 from dontstop_jax.data import MLMLoader, load_tokenizer, special_ids
 from dontstop_jax.engine import (check_batch_size, compile_eval_step, make_eval_step, make_mesh, mlm_loss_sums,
                                  to_global)
@@ -219,7 +219,7 @@ class Continual:
     def _importance_file(path: files.Path, compute) -> importance.Importance:
         """The importance saved at `path`, or `compute()`d now (every process) and saved (by the first; the
         others wait for the file, which the next stage reads)."""
-        if path.exists():
+        if decide(f"look for {path}", path.exists, timeout=600):  # every host computes, or none
             return importance.load(path)
         value = compute()
 
@@ -322,9 +322,9 @@ class Continual:
         for task in self.cfg.tasks:
             records += self._scores("base", -1, task, base, when="base")
         table = ContinualTable.from_records(records, self.cfg.methods, seq, list(self.cfg.tasks))
-        if jax.process_index() == 0:
-            write_text(self.root / "continual.md", table.to_markdown())
-            write_json(self.root / "continual.json", {**table.to_json(), "records": records})
+        on_first_process("write continual.json", lambda: (
+            write_text(self.root / "continual.md", table.to_markdown()),
+            write_json(self.root / "continual.json", {**table.to_json(), "records": records})))
         return table
 
     def _scores(self, method: str, stage: int, task: str, init: str, when: str = "after",
