@@ -76,6 +76,8 @@ def _command(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command == "export":
         if overrides:
             raise UserError(f"export takes no --config overrides, got {overrides}")
+        config_loader.check_url(args.source, "--from")
+        config_loader.check_url(args.to, "--to")
         from dontstop_jax.phases.export import export, export_delta
         print((export_delta if args.peft_only else export)(args.source, args.to, step=args.step))
         return 0

@@ -128,6 +128,10 @@ class Continual:
         self.root = files.path(cfg.workdir)
         if unknown := [m for m in cfg.methods if m not in METHODS]:
             raise UserError(f"unknown continual methods {unknown}; choose from {list(METHODS)}")
+        for field, names in (("methods", list(cfg.methods)), ("sequence", list(cfg.sequence))):
+            if not names or len(set(names)) < len(names):
+                raise UserError(f"{field}={names} must list distinct names, at least one (a method is a row of the "
+                                "table; a domain is visited once)")
         if missing := [d for d in cfg.sequence if d not in cfg.domains]:
             raise UserError(f"sequence names domains {missing} that are not in domains {sorted(cfg.domains)}")
         for name, task in cfg.tasks.items():
