@@ -184,8 +184,9 @@ def _cases():
     add("shots-too-many", lambda w: w.finetune(**{"task.shots": 100}), 2, "100 examples per class")
     add("shots-negative", lambda w: w.finetune(**{"task.shots": -1}), 2, "task.shots=-1 must be >= 0")
     add("train-size-too-big", lambda w: w.finetune(**{"task.train_size": 1000}), 2, "a train size of 1000 cannot")
-    add("task-one-class", lambda w: w.finetune(**{"task.path": _task(w, train="".join(
-        json.dumps({"text": f"cell {i}", "label": "a"}) + "\n" for i in range(8)))}), 2, "two classes at least")
+    one_class = "".join(json.dumps({"text": f"cell {i}", "label": "a"}) + "\n" for i in range(8))
+    add("task-one-class", lambda w: w.finetune(**{"task.path": _task(w, train=one_class, dev=one_class,
+                                                                     test=one_class)}), 2, "two classes at least")
     add("terms-missing", lambda w: w.pretrain(**{"data.span_masking.terms": "/nonexistent/terms.txt"}), 2,
         "/nonexistent/terms.txt")
     add("terms-rate", lambda w: w.pretrain(**{"data.span_masking.rate": 2}), 2, "span_masking.rate=2")
