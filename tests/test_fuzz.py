@@ -207,7 +207,7 @@ def _cases():
             ("contrast", "das.contrast", "none", "das.contrast='none' must be one of"),
             ("ewc-lam", "ewc.lam", "-1", "ewc.lam=-1.0 must be >= 0"),
             ("derpp-buffer", "derpp.buffer_size", "0", "derpp.buffer_size=0 must be >= 1"),
-            ("hat-s-max", "hat.s_max", "0", "hat.s_max=0 must be >= 1")):
+            ("hat-s-max", "hat.s_max", "0", "hat.s_max=0.0 must be >= 1")):
         add(f"continual-{name}", lambda w, f=field, v=value: _continual(w, f"--config.{f}={v}"), 2, phrase)
     return c
 

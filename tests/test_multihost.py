@@ -22,20 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_interrupt import _without_timings
 
 ROOT = Path(__file__).parents[1]
 LAUNCH = str(ROOT / "launch" / "run.sh")
 STOPPED = "; rerun the same command to continue"
 needs_bucket = pytest.mark.skipif(not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec(
     "gcp_storage_emulator")), reason="needs gcsfs and gcp-storage-emulator (the test extra)")
-
-
-def _without_timings(tree):
-    if isinstance(tree, dict):
-        return {k: _without_timings(v) for k, v in tree.items() if "seconds" not in k}
-    if isinstance(tree, list):
-        return [_without_timings(v) for v in tree]
-    return tree
 
 
 def test_no_libtpu_lines_without_a_tpu(tmp_path):
@@ -167,3 +160,23 @@ def test_export_on_two_hosts_equals_one_process(grid_on_two_hosts, tiny_grid):
     assert sorted(ours) == sorted(theirs)
     for name in ours:
         np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@needs_bucket
+@pytest.mark.slow
+def test_continual_on_two_hosts_equals_one_process(bucket, tmp_path):
+    """A tiny DAS sequence over two domains (its importance files hand over from stage to stage) on 2 hosts in
+    the bucket gives the one-process table."""
+    from dontstop_jax import files
+    fields = ["--config.methods=['das']", "--config.synthetic.domains=('bio','cs')",
+              "--config.synthetic.task_domains=('bio','cs')", "--config.sequence=['bio','cs']",
+              "--config.synthetic.directory=benchmark", "--compilation-cache", str(tmp_path / "xla")]
+    config = ["continual", "--config", str(ROOT / "configs/continual.py:tiny")]
+    one = subprocess.run([sys.executable, "-m", "dontstop_jax", *config, f"--config.workdir={tmp_path / 'one'}",
+                          *fields], cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(_launch(tmp_path, "continual", *config, "--config.workdir=gs://bkt/continual", *fields),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert _without_timings(files.read_json("gs://bkt/continual/continual.json")) == _without_timings(
+        json.loads((tmp_path / "one" / "continual.json").read_text()))
