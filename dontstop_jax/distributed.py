@@ -98,6 +98,8 @@ def initialize(env: Mapping[str, str] | None = None) -> Plan | None:
         # (2 minutes by default): on a loaded machine one process can reach that point minutes after another.
         jax.config.update("jax_cpu_get_local_topology_timeout_minutes", JOIN_MINUTES)
         jax.config.update("jax_cpu_get_global_topology_timeout_minutes", JOIN_MINUTES + 1)
+        where = joined.kwargs.get("coordinator_address") or joined.source
+        print(f"joining the other processes ({where}; waiting up to {JOIN_MINUTES} min)", file=sys.stderr, flush=True)
         jax.distributed.initialize(**joined.kwargs, initialization_timeout=JOIN_MINUTES * 60)
         jax.devices()  # build the backend now, right after joining, so every process meets the others here
     return joined

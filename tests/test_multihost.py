@@ -2,8 +2,8 @@
 local`, each with its own home (its working directory), temporary and cache directories, and the workdirs in an
 emulated GCS bucket; the results equal one process's (tables and summaries, timing fields aside). The tiny demo
 grid is stopped by SIGTERM at a hand-over between two phases (every process exits 75) and rerun to the end:
-one run covers prepare, pretrain, finetune, the grid and the hand-over. The session's one-process tiny demo
-(`tiny_grid`) is the reference, and its compilation cache is shared.
+one run of two of its rows covers prepare, pretrain, finetune, the grid and the hand-over. The session's
+one-process tiny demo (`tiny_grid`) is the reference, and its compilation cache is shared.
 
 Also (not slow): a command on a machine without a TPU prints no libtpu start-up lines, with libtpu installed.
 """
@@ -27,6 +27,7 @@ from test_interrupt import _without_timings
 ROOT = Path(__file__).parents[1]
 LAUNCH = str(ROOT / "launch" / "run.sh")
 STOPPED = "; rerun the same command to continue"
+VARIANTS, SEEDS = ("baseline", "dapt_tapt"), (0,)  # of the tiny demo: base, DAPT and TAPT phases, 2 fine-tunes
 needs_bucket = pytest.mark.skipif(not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec(
     "gcp_storage_emulator")), reason="needs gcsfs and gcp-storage-emulator (the test extra)")
 
@@ -98,6 +99,7 @@ def grid_on_two_hosts(bucket, tiny_grid, tmp_path_factory):
     reference, _ = tiny_grid
     root = tmp_path_factory.mktemp("two-hosts")
     argv = ["demo", "--scale", "tiny", "--config.workdir=gs://bkt/grid", "--config.synthetic.directory=benchmark",
+            f"--config.variants={list(VARIANTS)}", f"--config.seeds={list(SEEDS)}",  # 3 of the reference's phases
             "--compilation-cache", str(reference / "xla")]  # each host generates the benchmark in its home
     proc = subprocess.Popen(_launch(root, "stopped", *argv), cwd=root, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -124,9 +126,11 @@ def test_grid_stopped_at_a_hand_over_and_rerun_equals_one_process(grid_on_two_ho
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "interrupted at step" not in rerun.stderr
     reference, _ = tiny_grid
-    for name in ("results.json", "records.json"):
-        two = files.read_json(f"gs://bkt/grid/{name}")
-        assert _without_timings(two) == _without_timings(json.loads((reference / "grid" / name).read_text())), name
+    one = json.loads((reference / "grid" / "records.json").read_text())
+    one["records"] = [r for r in one["records"] if r["variant"] in VARIANTS and r["seed"] in SEEDS]
+    two = files.read_json("gs://bkt/grid/records.json")
+    assert len(two["records"]) == len(VARIANTS) * len(SEEDS)
+    assert _without_timings(two) == _without_timings(one)  # the reference scores and each fine-tune's scores
     for i in range(2):  # each host wrote only its cache, its temporary files and the benchmark it generated
         assert sorted(p.name for p in (root / f"host{i}" / "home").iterdir()) == ["benchmark"]
 
@@ -149,7 +153,7 @@ def test_export_on_two_hosts_equals_one_process(grid_on_two_hosts, tiny_grid):
     root, _, rerun = grid_on_two_hosts
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     reference, _ = tiny_grid
-    phase = "bio_topic-dapt_tapt-s1"
+    phase = "bio_topic-dapt_tapt-s0"
     out = subprocess.run(_launch(root, "export", "export", "--from", _phase("gs://bkt/grid/finetune", phase), "--to",
                                  "gs://bkt/exported"), cwd=root, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -159,7 +163,7 @@ def test_export_on_two_hosts_equals_one_process(grid_on_two_hosts, tiny_grid):
     theirs = load((root / "one" / "model.safetensors").read_bytes())
     assert sorted(ours) == sorted(theirs)
     for name in ours:
-        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-5, err_msg=name)  # 2 vs 1 device
 
 
 @needs_bucket
