@@ -177,7 +177,8 @@ def test_continual_on_two_hosts_equals_one_process(bucket, tmp_path):
               "--config.synthetic.directory=benchmark", "--compilation-cache", str(tmp_path / "xla")]
     config = ["continual", "--config", str(ROOT / "configs/continual.py:tiny")]
     one = subprocess.run([sys.executable, "-m", "dontstop_jax", *config, f"--config.workdir={tmp_path / 'one'}",
-                          *fields], cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+                          *fields], cwd=tmp_path, capture_output=True, text=True, timeout=1200,
+                         env={**os.environ, "DONTSTOP_LOCAL_DEVICES": "2"})  # the 2 hosts' mesh: same sums
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(_launch(tmp_path, "continual", *config, "--config.workdir=gs://bkt/continual", *fields),
                          cwd=tmp_path, capture_output=True, text=True, timeout=1200)
