@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
 
-from dontstop_jax.errors import Interrupted, UserError
+from dontstop_jax.errors import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_USER, Fault, Interrupted, UserError
 from dontstop_jax.files import describe_fault
 
 EPILOG = """examples:
@@ -75,6 +76,8 @@ def _command(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command == "export":
         if overrides:
             raise UserError(f"export takes no --config overrides, got {overrides}")
+        config_loader.check_url(args.source, "--from")
+        config_loader.check_url(args.to, "--to")
         from dontstop_jax.phases.export import export, export_delta
         print((export_delta if args.peft_only else export)(args.source, args.to, step=args.step))
         return 0
@@ -125,19 +128,38 @@ def _print_summary(summary: dict) -> None:
     print(json.dumps(summary, indent=1, sort_keys=True))
 
 
+def quiet_platform(env: dict | os._Environ = os.environ) -> None:
+    """Run on the CPU when this machine has no TPU and no GPU (JAX_PLATFORMS=cpu, unless set): with libtpu
+    installed, JAX would otherwise try the TPU first and print dozens of libtpu start-up lines. A TPU VM (its
+    /dev/accel* or /dev/vfio devices, or the TPU variables of its environment) and a GPU host keep JAX's own
+    choice. Must run before JAX is imported."""
+    if "JAX_PLATFORMS" in env:
+        return
+    tpu = any(name in env for name in ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES",
+                                       "MEGASCALE_COORDINATOR_ADDRESS", "CLOUD_TPU_TASK_ID")) or \
+        env.get("DONTSTOP_TPU") == "1" or bool(glob.glob("/dev/accel*")) or os.path.isdir("/dev/vfio")
+    gpu = any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd"))
+    if not (tpu or gpu):
+        env["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Exit 0 when done or interrupted (SIGTERM/SIGINT: the running phase checkpointed; rerunning the command
-    continues), 1 on a filesystem fault or when `plan` finds the step does not fit, 2 on bad input. Errors end
-    with one line on stderr, never a traceback."""
+    """Exit 0 when done, 75 when interrupted (SIGTERM/SIGINT: the running phase checkpointed; rerunning the
+    command continues), 1 on a fault (filesystem, another process) or when `plan` finds the step does not fit,
+    2 on bad input. Errors end with one line on stderr, never a traceback."""
     args, overrides = _parser().parse_known_args(argv)
+    quiet_platform()
     try:
         code = _run(args, overrides)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER
     except Interrupted as stopped:
         print(stopped, file=sys.stderr)
-        return 0
+        return EXIT_INTERRUPTED
+    except Fault as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAULT
     except Exception as err:  # noqa: BLE001 (filesystem faults become one line; anything else is a bug: re-raise)
         if (fault := describe_fault(err)) is None:
             raise
@@ -147,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         # a temporary directory that restores ignore.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(EXIT_FAULT)
     except KeyboardInterrupt:
         print("stopped at once by a second signal; rerun the same command to continue from the last checkpoint",
               file=sys.stderr)

@@ -189,7 +189,30 @@ def validate(cfg: ConfigDict, prefix: str = "") -> ConfigDict:
             validate(value, f"{path}.")
         elif (rule := _rule(path)) and not _holds(rule[0], value):
             raise UserError(f"{path}={value!r} {rule[1]}")
+        for text in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(text, str):
+                check_url(text, path)
     return cfg
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")
+
+
+def check_url(text: str, where: str) -> None:
+    """A gs:// URL (any field, --from/--to) names a bucket and a path: `gs://`, `gs:/x`, `gs:///x`, a bucket with
+    spaces or capitals, `gs://b//x` or a stray newline is refused here, before any work, not met as a network
+    traceback later."""
+    if not text[:3].lower() == "gs:":
+        return
+    bucket, _, rest = text[5:].partition("/") if text.startswith("gs://") else ("", "", "")
+    why = ("it must start with gs:// (lowercase, two slashes)" if not text.startswith("gs://") else
+           "it names no bucket" if not bucket else
+           f"bucket name {bucket!r} is not one (3-63 lowercase letters, digits, '-', '_' or '.')"
+           if not _BUCKET.fullmatch(bucket) else
+           "it holds a control character or a trailing space" if any(c < " " for c in text) or text != text.rstrip()
+           else "it has an empty path segment (//)" if "//" in f"/{rest}" else None)
+    if why:
+        raise UserError(f"{where}={text!r} is not a bucket URL: {why}; write gs://BUCKET/PATH")
 
 
 def _validate_task(cfg: ConfigDict, name: str, task: ConfigDict, prefix: str) -> None:

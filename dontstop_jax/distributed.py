@@ -13,9 +13,13 @@ A single process does nothing.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
+import itertools
+import json
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -25,10 +29,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dontstop_jax.errors import Interrupted, UserError
+from dontstop_jax.errors import Fault, Interrupted, UserError
 
 T = TypeVar("T")
 EXPLICIT = ("DONTSTOP_COORDINATOR", "DONTSTOP_NUM_PROCESSES", "DONTSTOP_PROCESS_ID")
+JOIN_MINUTES = 10  # how long a process waits for the others to start
+# How long a process waits for process 0's decision (DONTSTOP_WAIT_SECONDS; preparing a corpus or selecting
+# documents on process 0 can take hours), and how often it says what it waits for.
+WAIT_SECONDS, REPORT_SECONDS = 24 * 3600, 30
+_decisions = itertools.count()  # every process takes its decisions in the same order: the n-th has key n
+_alone = contextvars.ContextVar("alone", default=False)  # inside work that process 0 does by itself
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +94,14 @@ def initialize(env: Mapping[str, str] | None = None) -> Plan | None:
     joined = plan(env)
     if joined is not None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
-        jax.distributed.initialize(**joined.kwargs)
+        # Each CPU process publishes its devices when it first builds its backend and waits for the others'
+        # (2 minutes by default): on a loaded machine one process can reach that point minutes after another.
+        jax.config.update("jax_cpu_get_local_topology_timeout_minutes", JOIN_MINUTES)
+        jax.config.update("jax_cpu_get_global_topology_timeout_minutes", JOIN_MINUTES + 1)
+        where = joined.kwargs.get("coordinator_address") or joined.source
+        print(f"joining the other processes ({where}; waiting up to {JOIN_MINUTES} min)", file=sys.stderr, flush=True)
+        jax.distributed.initialize(**joined.kwargs, initialization_timeout=JOIN_MINUTES * 60)
+        jax.devices()  # build the backend now, right after joining, so every process meets the others here
     return joined
 
 
@@ -102,28 +119,74 @@ def any_process(flag: bool) -> jax.Array:
     return reduce(jax.make_array_from_process_local_data(sharding, np.full(jax.local_device_count(), flag)))
 
 
-def on_first_process(name: str, write: Callable[[], T]) -> T | None:
+def decide(name: str, choose: Callable[[], T], timeout: float | None = None) -> T:
+    """What `choose` returns on process 0, on every process: a choice all hosts must share (a workdir's lock, a
+    phase's completion, a summary read from shared storage) is made once and handed to the others, and so is
+    its failure (the same one-line UserError, or `Interrupted`, on every process). The result must be JSON.
+    The others wait up to `timeout` seconds (default DONTSTOP_WAIT_SECONDS), saying every REPORT_SECONDS what
+    they wait for. Inside work that process 0 does alone (`on_first_process`) it is a plain call."""
+    return _first(name, choose, timeout, share=True)
+
+
+def on_first_process(name: str, write: Callable[[], T], timeout: float | None = None) -> T | None:
     """Run `write` (something that writes to shared storage: a prepared corpus, a selection, an export) on
-    process 0 only, then hold every process at barrier `name` until it is done, so none reads a file that is
-    not there yet. Returns `write`'s result on process 0 and None on the others. When `write` fails or is
-    interrupted on process 0, the others raise too instead of going on without its files."""
-    if jax.process_count() == 1:
-        return write()
-    from jax.experimental import multihost_utils
-    result, failure, outcome = None, None, np.zeros(2, np.int64)  # (0 done | 1 interrupted | 2 failed, step)
+    process 0 only, and hold the others until it is done, so none reads a file that is not there yet. Returns
+    `write`'s result on process 0 and None on the others. When `write` fails or is interrupted on process 0,
+    the others raise too instead of going on without its files."""
+    return _first(name, write, timeout, share=False)
+
+
+def _first(name: str, choose: Callable[[], T], timeout: float | None, share: bool) -> T | None:
+    if jax.process_count() == 1 or _alone.get():
+        return choose()
+    key = f"dontstop/{next(_decisions)}/{name}"
+    client = _client()
     if jax.process_index() == 0:
+        token = _alone.set(True)
         try:
-            result = write()
+            result = choose()
         except Interrupted as err:
-            failure, outcome[:] = err, (1, err.step)
+            client.key_value_set(key, json.dumps({"interrupted": [err.phase, err.step]}))
+            raise
+        except UserError as err:
+            client.key_value_set(key, json.dumps({"user": str(err)}))
+            raise
         except BaseException as err:
-            failure, outcome[0] = err, 2
-    multihost_utils.sync_global_devices(name)
-    code, step = (int(v) for v in multihost_utils.broadcast_one_to_all(outcome))
-    if failure is not None:
-        raise failure
-    if code == 1:
-        raise Interrupted(name, step)
-    if code == 2:
-        raise UserError(f"process 0 failed in {name}; its log has the error")
-    return result
+            client.key_value_set(key, json.dumps({"fault": f"{type(err).__name__}: {err}"[:500]}))
+            raise
+        finally:
+            _alone.reset(token)
+        payload = json.dumps({"result": result if share else None})
+        client.key_value_set(key, payload)
+        return json.loads(payload)["result"] if share else result  # what the others get, to the letter
+    outcome = json.loads(_wait(client, key, f"process 0 to {name}", timeout))
+    if "interrupted" in outcome:
+        raise Interrupted(*outcome["interrupted"])
+    if "user" in outcome:
+        raise UserError(outcome["user"])
+    if "fault" in outcome:
+        raise Fault(f"process 0 failed in {name} ({outcome['fault']}); its log has the details")
+    return outcome["result"]
+
+
+def _client() -> Any:
+    from jax._src import distributed as state
+    return state.global_state.client
+
+
+def _wait(client: Any, key: str, what: str, timeout: float | None) -> str:
+    """The value of `key` once process 0 sets it; a progress line every REPORT_SECONDS, a Fault after `timeout`."""
+    limit = timeout if timeout is not None else float(os.environ.get("DONTSTOP_WAIT_SECONDS", WAIT_SECONDS))
+    waited = 0.0
+    while True:
+        chunk = max(1.0, min(REPORT_SECONDS, limit - waited))
+        try:
+            return client.blocking_key_value_get(key, int(chunk * 1000))
+        except Exception as err:  # noqa: BLE001 (jax raises a plain runtime error; only a deadline is waited out)
+            if "DEADLINE_EXCEEDED" not in str(err) and "timed out" not in str(err).lower():
+                raise
+        waited += chunk
+        if waited >= limit:
+            raise Fault(f"waited {waited:.0f} s for {what}; it did not answer (see process 0's log), so this "
+                        "process stops; raise DONTSTOP_WAIT_SECONDS if it needs longer")
+        print(f"waiting for {what}: {waited:.0f} s", file=sys.stderr, flush=True)

@@ -15,7 +15,8 @@ modes:
   local   N processes on this machine, M CPU devices each, coordinator on 127.0.0.1 (a free port): tests
           and rehearsing a multi-host run without a cluster. Logs: LOG_DIR/process-<i>.log (process 0 is
           also shown). Waits for all; SIGTERM/SIGINT are forwarded to every process (they checkpoint and
-          exit 0); if one fails the others are stopped and the exit status is non-zero.
+          exit 75); if one fails the others are stopped. Exit status: 0 when every process finished, else
+          the first non-zero status (75 interrupted: rerun to continue; 2 bad input; 1 fault).
             launch/run.sh local --processes 2 --devices 2 pretrain --config configs/dapt.py:biomed \
                 --config.mesh.shape='(4,1,1)'
   gpu     one host, all its GPUs, one process (JAX drives every local GPU; no coordinator needed).
@@ -91,7 +92,7 @@ process_command() {
 # Process 0's output is also shown here.
 run_processes() {
   local -A running=()
-  local i status=0 finished rc killer=""
+  local i status=0 finished rc killer="" stopping=0
   mkdir -p "$LOG_DIR"
   for ((i = 0; i < PROCESSES; i++)); do
     process_command "$i"
@@ -100,7 +101,7 @@ run_processes() {
     fi
     running[$!]=$i
   done
-  trap 'kill -TERM "${!running[@]}" 2>/dev/null || true' TERM INT
+  trap 'stopping=1; kill -TERM "${!running[@]}" 2>/dev/null || true' TERM INT
   while [[ ${#running[@]} -gt 0 ]]; do
     finished="" rc=0
     wait -n -p finished "${!running[@]}" || rc=$?
@@ -109,6 +110,7 @@ run_processes() {
     unset "running[$finished]"
     if [[ $rc != 0 && $status == 0 ]]; then
       status=$rc
+      [[ $stopping == 0 ]] || continue  # stopped on request: each process says so itself
       echo "run.sh: process $i exited with $rc; stopping the others. Its log ($LOG_DIR/process-$i.log) ends:" >&2
       tail -n 20 "$LOG_DIR/process-$i.log" >&2
       if [[ ${#running[@]} -gt 0 ]]; then

@@ -110,3 +110,45 @@ def test_on_first_process_writes_once_and_others_wait(tmp_path):
     outputs = run_local_processes(_FIRST_PROCESS_WRITES, str(tmp_path / "written.txt"), timeout=120)
     assert outputs[0].splitlines()[-1] == "0 written 0"
     assert outputs[1].splitlines()[-1] == "1 None 0"  # did not write, yet saw process 0's file
+
+
+_DECIDE = """
+import json, time
+from dontstop_jax import distributed
+distributed.initialize()
+import jax
+from dontstop_jax.errors import Fault, UserError
+distributed.REPORT_SECONDS = 1
+me = jax.process_index()
+
+def refuse():
+    raise UserError(f"refused by process {me}")
+
+def slow():
+    time.sleep(2.5)  # process 1 reports that it waits
+    return {"chosen_by": me, "step": 7}
+
+out = []
+try:
+    distributed.decide("take the lock", refuse)
+except UserError as err:
+    out.append(str(err))
+out.append(distributed.decide("choose", slow))
+if me == 1:  # process 0 never answers this one
+    try:
+        distributed.decide("never", lambda: None, timeout=2)
+    except Fault as err:
+        out.append(str(err).split(";")[0])
+print(json.dumps(out))
+"""
+
+
+def test_decisions_are_made_on_process_0_and_handed_over_with_their_errors(tmp_path):
+    """Every process gets process 0's result or its one-line error; a waiting process says what it waits for, and
+    gives up after its timeout."""
+    import json
+    from local_processes import run_local_processes
+    outputs = run_local_processes(_DECIDE, timeout=120)
+    first, second = (json.loads(out.splitlines()[-1]) for out in outputs)
+    assert first == ["refused by process 0", {"chosen_by": 0, "step": 7}]
+    assert second == first + ["waited 2 s for process 0 to never"]

@@ -1,7 +1,7 @@
 """Interrupting, resuming and changing a run.
 
 - SIGTERM and SIGKILL at random moments of the tiny grid (base, DAPT, TAPT, fine-tunes) and of a continual run:
-  SIGTERM exits 0 promptly with one line, and the rerun's results equal an uninterrupted run's; no fine-tune
+  SIGTERM exits 75 promptly with one line, and the rerun's results equal an uninterrupted run's; no fine-tune
   ever starts from an unfinished parent.
 - A fine-tune stopped mid-epoch resumes mid-epoch to the same parameters and scores.
 - A rerun with a config that changes the result is refused, naming the fields; an unfinished parent is refused.
@@ -59,7 +59,7 @@ def _interrupt(cmd: list[str], cwd: Path, pattern: str, sig: signal.Signals, rng
 
 
 def _stop_each(cmd: list[str], cwd: Path, stops: list[tuple[str, signal.Signals]], rng: random.Random) -> None:
-    """Interrupt `cmd` once per (stderr pattern, signal), rerunning it each time. SIGTERM must exit 0 within a
+    """Interrupt `cmd` once per (stderr pattern, signal), rerunning it each time. SIGTERM must exit 75 within a
     minute (one step plus one checkpoint) with the one-line message and no traceback."""
     for pattern, sig in stops:
         code, stderr, seconds = _interrupt(cmd, cwd, pattern, sig, rng)
@@ -68,7 +68,7 @@ def _stop_each(cmd: list[str], cwd: Path, stops: list[tuple[str, signal.Signals]
             assert code == -signal.SIGKILL
             continue
         last = stderr.strip().splitlines()[-1]
-        assert code == 0, stderr[-3000:]
+        assert code == 75, stderr[-3000:]
         assert last.startswith("interrupted at step ") and last.endswith("; rerun the same command to continue")
         assert "Traceback" not in stderr
         assert seconds < 60, f"took {seconds:.1f} s to stop"

@@ -170,7 +170,7 @@ def test_checkpoints_move_between_process_counts(tiny, reference):
     wait_until(lambda: metrics.exists() and metrics.stat().st_size > 0, proc)  # both are past step 5
     proc.send_signal(signal.SIGTERM)  # forwarded to both processes, which agree on the step to stop at
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 75, err[-3000:]  # EX_TEMPFAIL: rerun to continue
     stopped = Checkpointer(two_to_one / "checkpoints", read_only=True).latest_step()
     assert 0 < stopped < STEPS and not (two_to_one / "DONE.json").exists()
     said = [re.findall(r"interrupted at step (\d+) of", (root / "logs-two-then-one" / f"process-{p}.log").read_text())

@@ -88,10 +88,15 @@ def load_task(
 
 
 def require_splits(task: Task, purpose: str) -> None:
-    """Fine-tuning and the reference scores learn on train, select on dev and report test: all three must exist."""
+    """Fine-tuning and the reference scores learn on train, select on dev and report test: all three must exist,
+    and train must hold two classes at least (with one, every model scores 100% and learns nothing)."""
     for split in SPLIT_FILES:
         if split not in task.splits:
             raise UserError(f"task {task.name} has no {split} split; {purpose} needs train, dev and test")
+    if len(task.label_names) < 2:
+        found = f"every train example has label {task.label_names[0]!r}" if task.label_names else "train is empty"
+        raise UserError(f"task {task.name}: {found}; {purpose} needs two classes at least: check the label field "
+                        "(task.label_field) or the train split")
 
 
 def stratified_draw(labels: np.ndarray, size: int, seed: int) -> np.ndarray:

@@ -52,7 +52,7 @@ from dontstop_jax.das import ewc, hat, importance, replay
 from dontstop_jax.das.contrastive import das_objective
 from dontstop_jax.das.ewc import ewc_objective
 from dontstop_jax.das.replay import derpp_objective
-from dontstop_jax.distributed import on_first_process
+from dontstop_jax.distributed import decide, on_first_process
 from dontstop_jax.data import MLMLoader, load_tokenizer, special_ids
 from dontstop_jax.engine import (check_batch_size, compile_eval_step, make_eval_step, make_mesh, mlm_loss_sums,
                                  to_global)
@@ -128,6 +128,10 @@ class Continual:
         self.root = files.path(cfg.workdir)
         if unknown := [m for m in cfg.methods if m not in METHODS]:
             raise UserError(f"unknown continual methods {unknown}; choose from {list(METHODS)}")
+        for field, names in (("methods", list(cfg.methods)), ("sequence", list(cfg.sequence))):
+            if not names or len(set(names)) < len(names):
+                raise UserError(f"{field}={names} must list distinct names, at least one (a method is a row of the "
+                                "table; a domain is visited once)")
         if missing := [d for d in cfg.sequence if d not in cfg.domains]:
             raise UserError(f"sequence names domains {missing} that are not in domains {sorted(cfg.domains)}")
         for name, task in cfg.tasks.items():
@@ -219,7 +223,7 @@ class Continual:
     def _importance_file(path: files.Path, compute) -> importance.Importance:
         """The importance saved at `path`, or `compute()`d now (every process) and saved (by the first; the
         others wait for the file, which the next stage reads)."""
-        if path.exists():
+        if decide(f"look for {path}", path.exists, timeout=600):  # every host computes, or none
             return importance.load(path)
         value = compute()
 
@@ -322,9 +326,9 @@ class Continual:
         for task in self.cfg.tasks:
             records += self._scores("base", -1, task, base, when="base")
         table = ContinualTable.from_records(records, self.cfg.methods, seq, list(self.cfg.tasks))
-        if jax.process_index() == 0:
-            write_text(self.root / "continual.md", table.to_markdown())
-            write_json(self.root / "continual.json", {**table.to_json(), "records": records})
+        on_first_process("write continual.json", lambda: (
+            write_text(self.root / "continual.md", table.to_markdown()),
+            write_json(self.root / "continual.json", {**table.to_json(), "records": records})))
         return table
 
     def _scores(self, method: str, stage: int, task: str, init: str, when: str = "after",

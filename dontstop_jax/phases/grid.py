@@ -46,7 +46,6 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import jax
 from ml_collections import ConfigDict
 
 from dontstop_jax import files
@@ -59,6 +58,7 @@ from dontstop_jax.data.tasks import require_splits, with_shots, with_train_size
 from dontstop_jax.data.tokenizer import encode_plain
 from dontstop_jax.engine.peft import METHODS, check_method
 from dontstop_jax.engine.prompt import HEADS
+from dontstop_jax.distributed import decide, on_first_process
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases.behavioral import (INTERMEDIATE_VARIANTS, MULTITASK_VARIANTS, intermediate_label,
                                             intermediate_source, variant_fields)
@@ -313,7 +313,7 @@ class Grid:
         key = {"path": spec.path, "text_field": spec.text_field, "label_field": spec.label_field,
                "max_words": reference.MAX_WORDS, "steps": reference.STEPS, "base": base, **sized}
         path = self.root / "references" / f"{task}-{fingerprint(key)}.json"
-        if path.exists():
+        if decide(f"look for {path}", path.exists, timeout=600):  # every host computes them, or none
             return read_json(path)["references"]
         data = load_task(spec.path, text_field=spec.text_field, label_field=spec.label_field)
         require_splits(data, "scoring the references")
@@ -321,8 +321,7 @@ class Grid:
         references = [{"task": task, **sized, "train_examples": len(data.splits["train"][0]), **ref}
                       for ref in reference.task_references(data.splits, len(data.label_names),
                                                            self.static_vectors(base))]
-        if jax.process_index() == 0:
-            write_json(path, {"references": references})
+        on_first_process(f"write {path}", lambda: write_json(path, {"references": references}))
         return references
 
     def run(self) -> Any:
@@ -358,12 +357,17 @@ class Grid:
         order = [_row(v, m, h) for v in self.cfg.variants for m in self.methods() for h in self.heads()]
         metric_by_task = {t: s.metric for t, s in self.cfg.tasks.items()}
         tables = by_size(records, references, metric_by_task, order, sizes)
-        if jax.process_index() == 0:
-            for size, table in tables.items():
-                if size != ALL:
-                    table.write_all(self.root, stem=f"results-{'k' if shots else 'n'}{size}")
-            tables[sizes[-1]].write_all(self.root)
-            if sizes != [ALL]:
-                write_learning_curves(self.root, learning_curves(records, references, metric_by_task, order))
-            write_json(self.root / "records.json", {"records": records, "references": references})
+        on_first_process("write the results", lambda: self.write(tables, records, references, order))
         return tables[sizes[-1]]
+
+    def write(self, tables: dict[Size, Any], records: list[dict], references: list[dict], order: list[str]) -> None:
+        """The results tables (one per train size), the learning curves and the raw records, in GRID."""
+        sizes, shots = self.train_sizes(), bool(self.cfg.get("shots"))
+        for size, table in tables.items():
+            if size != ALL:
+                table.write_all(self.root, stem=f"results-{'k' if shots else 'n'}{size}")
+        tables[sizes[-1]].write_all(self.root)
+        if sizes != [ALL]:
+            metric_by_task = {t: s.metric for t, s in self.cfg.tasks.items()}
+            write_learning_curves(self.root, learning_curves(records, references, metric_by_task, order))
+        write_json(self.root / "records.json", {"records": records, "references": references})

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from dontstop_jax import files
-from dontstop_jax.distributed import on_first_process
+from dontstop_jax.distributed import decide
 from dontstop_jax.data import iter_documents, load_task, parse_source
 from dontstop_jax.engine import make_mesh
 from dontstop_jax.engine.sharding import MESH_AXES
@@ -46,8 +46,7 @@ def select(cfg: ConfigDict) -> dict:
     """Run (or resume, or return the finished) selection in cfg.workdir; returns its statistics. Raises
     `Interrupted` after saving the ranking when asked to stop."""
     with StopSignal():
-        stats = on_first_process("select", lambda: _select(cfg))
-    return stats if stats is not None else finished(cfg.workdir)
+        return decide("select", lambda: _select(cfg))  # every host gets the statistics process 0 wrote
 
 
 def _mesh(cfg: ConfigDict) -> Mesh:

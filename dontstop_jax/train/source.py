@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from dontstop_jax import files
+from dontstop_jax.distributed import decide
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, plan
 from dontstop_jax.engine.sharding import Rules, put_tree, tree_shardings
@@ -44,6 +45,18 @@ def phase_checkpoints(path: files.Path) -> files.Path | None:
     if (path / "checkpoints").is_dir():
         return path / "checkpoints"
     return path if path.name == "checkpoints" and path.is_dir() else None
+
+
+def _kind(init: str) -> str:
+    """What `init` names: "hf" (a Hugging Face directory), "hub" (a Hub id), "workdir" (a phase's), "checkpoints"
+    (a phase's checkpoint directory) or "none"."""
+    path = files.path(init)
+    if (path / "config.json").exists():
+        return "hf"
+    if hub.looks_like_hub_id(init):
+        return "hub"
+    found = phase_checkpoints(path)
+    return "none" if found is None else "workdir" if found != path else "checkpoints"
 
 
 def resolve(init: str, *, tokenizer: str | None = None, model: ConfigDict | None = None,
@@ -88,14 +101,15 @@ def _weights(init: str, tokenizer: str | None, model: ConfigDict | None, overrid
         arch = {k: v for k, v in (model or {}).items() if v is not None}
         return ModelSource(ModelConfig(**arch), None, tokenizer, "scratch")
     path = files.path(init)
-    if (path / "config.json").exists():  # a bucket directory is read through this host's copy
+    kind = decide(f"look at init={init}", lambda: _kind(init), timeout=600)  # the same kind on every host
+    if kind == "hf":  # a bucket directory is read through this host's copy
         cfg, params, _ = load_pretrained(files.localize(path), **overrides)
         return ModelSource(cfg, params, tokenizer or files.absolute(init), f"hf:{files.absolute(init)}")
-    if hub.looks_like_hub_id(init):  # the tokenizer stays the id: each host resolves it in its own cache
+    if kind == "hub":  # the tokenizer stays the id: each host resolves it in its own cache
         snapshot = hub.snapshot(init)
         cfg, params, _ = load_pretrained(snapshot, **overrides)
         return ModelSource(cfg, params, tokenizer or init, hub.provenance(init, snapshot))
-    ckpt_dir = phase_checkpoints(path)
+    ckpt_dir = {"workdir": path / "checkpoints", "checkpoints": path}.get(kind)
     if ckpt_dir is None:
         raise UserError(f"init={init!r} is neither a Hugging Face directory (config.json) nor a phase workdir "
                         "with checkpoints; pass a model directory, a Hub id, a finished phase's workdir, or 'scratch'")

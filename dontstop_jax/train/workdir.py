@@ -25,9 +25,9 @@ import time
 from pathlib import Path as LocalPath
 from typing import Any
 
-import jax
 from ml_collections import ConfigDict
 
+from dontstop_jax.distributed import decide
 from dontstop_jax.errors import UserError
 from dontstop_jax import files
 from dontstop_jax.files import PathLike, read_json, write_json
@@ -80,17 +80,30 @@ def fingerprint(config: ConfigDict | dict) -> str:
     return hashlib.sha256(json.dumps(result_fields(config), sort_keys=True).encode()).hexdigest()[:10]
 
 
+# {absolute workdir: summary} of the phases this process saw finish or found finished: the next phase starts
+# from the summary it was handed, the same on every host, instead of racing to read DONE.json from shared storage.
+_FINISHED: dict[str, dict] = {}
+
+
+def _summary(path: files.Path) -> dict | None:
+    return read_json(path / DONE) if (path / DONE).exists() else None
+
+
 def finished(workdir: PathLike) -> dict | None:
     """The summary of a phase that completed in `workdir` (local or in a bucket), or None."""
-    path = files.path(workdir) / DONE
-    return read_json(path) if path.exists() else None
+    key = files.absolute(workdir)
+    return _FINISHED.get(key) or _summary(files.path(workdir))
 
 
 def require_finished(workdir: PathLike, what: str) -> dict:
-    """The summary of the finished phase in `workdir`; a one-line error if it never finished."""
-    if (summary := finished(workdir)) is None:
+    """The summary of the finished phase in `workdir`, decided on process 0 for every host (or handed over when
+    this process saw it finish); a one-line error on every host if it never finished."""
+    key = files.absolute(workdir)
+    summary = _FINISHED.get(key) or decide(f"read {key}/{DONE}", lambda: _summary(files.path(workdir)), timeout=600)
+    if summary is None:
         raise UserError(f"{what}={str(workdir)!r} is a phase that has not finished (no {DONE}); rerun the command "
                         "that trains it until it completes, then start from it")
+    _FINISHED[key] = summary
     return summary
 
 
@@ -114,18 +127,25 @@ class Workdir:
     def claim(self) -> dict | None:
         """The summary when the phase already finished with this config (nothing to run); otherwise lock the
         workdir and record the config, then None. A config that differs from the recorded one in a result field
-        is an error, and so is a workdir another live run holds."""
+        is an error, and so is a workdir another live run holds. Decided on process 0 (which holds the lock) for
+        every host: all go on together or raise the same error."""
+        summary = decide(f"claim {self.path}", self._claim, timeout=600)
+        if summary is not None:
+            _FINISHED[files.absolute(self.config.workdir)] = summary
+        return summary
+
+    def _claim(self) -> dict | None:
         recorded = self.path / CONFIG
         started = self.path.is_dir() and any(p.name not in (CONFIG, LOCK, PREPARED) for p in self.path.iterdir())
         if recorded.exists() and started:  # a run that failed before writing anything left nothing to mix
             self._check_drift(read_json(recorded)["config"])
-        if (summary := finished(self.path)) is not None:
+        if (summary := _summary(self.path)) is not None:
             return summary
-        if jax.process_index() == 0:
-            self._lease = _Lease(self.path / LOCK, _acquire(self.path / LOCK))
-            if not (recorded.exists() and started):
-                write_json(recorded, {"phase": self.phase, "fingerprint": fingerprint(self.config),
-                                      "config": json.loads(self.config.to_json_best_effort())})
+        _FINISHED.pop(files.absolute(self.config.workdir), None)
+        self._lease = _Lease(self.path / LOCK, _acquire(self.path / LOCK))
+        if not (recorded.exists() and started):
+            write_json(recorded, {"phase": self.phase, "fingerprint": fingerprint(self.config),
+                                  "config": json.loads(self.config.to_json_best_effort())})
         return None
 
     def _check_drift(self, recorded: dict) -> None:
@@ -134,15 +154,19 @@ class Workdir:
         if changed:
             shown = ", ".join(f"{k}: {_short(old.get(k, '<absent>'))} -> {_short(new.get(k, '<absent>'))}"
                               for k in changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
-            state = "finished" if finished(self.path) is not None else "was started"
+            state = "finished" if _summary(self.path) is not None else "was started"
             raise UserError(f"{self.path} {state} with another config ({shown}); use a new workdir "
                             f"(--config.workdir=...) or rerun with the config recorded in {self.path / CONFIG}")
 
     def complete(self, summary: dict) -> dict:
-        """Mark the phase finished (the first process writes; the marker is the last file a phase writes)."""
-        if jax.process_index() == 0:
+        """Mark the phase finished: process 0 writes the marker (the last file a phase writes) and no process
+        returns before it is written; every one keeps the summary for the phase that starts from this one."""
+        def write() -> dict:
             write_json(self.path / DONE, summary)
-        return summary
+            return summary
+        done = decide(f"write {self.path / DONE}", write, timeout=600)
+        _FINISHED[files.absolute(self.config.workdir)] = done
+        return done
 
 
 def _start_time(pid: int) -> str | None:

@@ -1,0 +1,187 @@
+"""Every command on two hosts that share nothing but a bucket: each case runs 2 processes through `launch/run.sh
+local`, each with its own home (its working directory), temporary and cache directories, and the workdirs in an
+emulated GCS bucket; the results equal one process's (tables and summaries, timing fields aside). The tiny demo
+grid is stopped by SIGTERM at a hand-over between two phases (every process exits 75) and rerun to the end:
+one run of two of its rows covers prepare, pretrain, finetune, the grid and the hand-over. The session's
+one-process tiny demo (`tiny_grid`) is the reference, and its compilation cache is shared.
+
+Also (not slow): a command on a machine without a TPU prints no libtpu start-up lines, with libtpu installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_interrupt import _without_timings
+
+ROOT = Path(__file__).parents[1]
+LAUNCH = str(ROOT / "launch" / "run.sh")
+STOPPED = "; rerun the same command to continue"
+VARIANTS, SEEDS = ("baseline", "dapt_tapt"), (0,)  # of the tiny demo: base, DAPT and TAPT phases, 2 fine-tunes
+needs_bucket = pytest.mark.skipif(not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec(
+    "gcp_storage_emulator")), reason="needs gcsfs and gcp-storage-emulator (the test extra)")
+
+
+def test_no_libtpu_lines_without_a_tpu(tmp_path):
+    """A command that starts JAX (here: export of an unfinished phase, refused after process 0 looked) prints its one
+    error line and nothing of libtpu's, even with JAX_PLATFORMS unset."""
+    (tmp_path / "phase" / "checkpoints").mkdir(parents=True)
+    # libtpu stays quiet while another process holds its lock file (/tmp/libtpu_lockfile): this one ignores it
+    env = {**{k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    out = subprocess.run([sys.executable, "-m", "dontstop_jax", "export", "--from", str(tmp_path / "phase"), "--to",
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines() == [f"error: --from={str(tmp_path / 'phase')!r} is a phase that has not "
+                                               "finished (no DONE.json); rerun the command that trains it until it "
+                                               "completes, then start from it"]
+
+
+def test_the_platform_is_left_to_jax_where_an_accelerator_may_be():
+    from dontstop_jax.cli import quiet_platform
+    for env in ({"TPU_NAME": "my-tpu"}, {"DONTSTOP_TPU": "1"}, {"TPU_WORKER_HOSTNAMES": "a,b"},
+                {"JAX_PLATFORMS": "tpu"}):
+        given = dict(env)
+        quiet_platform(env)
+        assert env == given
+    env = {}
+    quiet_platform(env)  # this machine: no /dev/accel*, /dev/vfio or GPU device
+    assert env == ({"JAX_PLATFORMS": "cpu"} if not any(
+        Path(d).exists() for d in ("/dev/vfio", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")) and not list(
+        Path("/dev").glob("accel*")) else {})
+
+
+# ---- two hosts and a bucket --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    from gcs_emulator import gcs_emulator
+    with gcs_emulator(tmp_path_factory.mktemp("gcs") / "data") as env:
+        yield env
+
+
+def _hosts(root: Path) -> Path:
+    """An interpreter for `run.sh --python` that makes each process a host of its own: home (its working
+    directory), temporary and cache directories under root/host<process id>; one CPU device each."""
+    script = root / "host-python"
+    script.write_text(f"""#!/bin/sh
+h={shlex.quote(str(root))}/host$DONTSTOP_PROCESS_ID
+mkdir -p "$h/home" "$h/tmp" "$h/cache" && cd "$h/home" || exit 1
+HOME="$h/home" TMPDIR="$h/tmp" DONTSTOP_CACHE="$h/cache" XLA_FLAGS= exec {shlex.quote(sys.executable)} "$@"
+""")
+    script.chmod(0o755)
+    return script
+
+
+def _launch(root: Path, logs: str, *argv: str) -> list[str]:
+    return ["bash", LAUNCH, "local", "--processes", "2", "--devices", "1", "--python", str(_hosts(root)),
+            "--log-dir", str(root / logs), *argv]
+
+
+def _last_lines(log_dir: Path) -> list[str]:
+    return [(log_dir / f"process-{i}.log").read_text().strip().splitlines()[-1] for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def grid_on_two_hosts(bucket, tiny_grid, tmp_path_factory):
+    """The tiny demo on 2 hosts in gs://bkt/grid, stopped by SIGTERM as the base model's phase hands over to the
+    next one, then rerun to the end: (root, the interrupted run's exit status and last lines, the rerun's)."""
+    from dontstop_jax import files
+    reference, _ = tiny_grid
+    root = tmp_path_factory.mktemp("two-hosts")
+    argv = ["demo", "--scale", "tiny", "--config.workdir=gs://bkt/grid", "--config.synthetic.directory=benchmark",
+            f"--config.variants={list(VARIANTS)}", f"--config.seeds={list(SEEDS)}",  # 3 of the reference's phases
+            "--compilation-cache", str(reference / "xla")]  # each host generates the benchmark in its home
+    proc = subprocess.Popen(_launch(root, "stopped", *argv), cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    pretrain, deadline = files.path("gs://bkt/grid/pretrain"), time.monotonic() + 900
+    while not (pretrain.exists() and any((p / "DONE.json").exists() for p in pretrain.iterdir())):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the base phase did not finish in 15 minutes"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # forwarded to both processes, between the base phase and the next
+    _, err = proc.communicate(timeout=600)
+    stopped = (proc.returncode, _last_lines(root / "stopped"), err)
+    rerun = subprocess.run(_launch(root, "rerun", *argv), cwd=root, capture_output=True, text=True, timeout=1800)
+    return root, stopped, rerun
+
+
+@needs_bucket
+@pytest.mark.slow
+def test_grid_stopped_at_a_hand_over_and_rerun_equals_one_process(grid_on_two_hosts, tiny_grid):
+    from dontstop_jax import files
+    root, (code, last, err), rerun = grid_on_two_hosts
+    assert code == 75, err[-3000:]
+    assert all(line.startswith("interrupted at step ") and line.endswith(STOPPED) for line in last), last
+    assert last[0] == last[1]  # both stopped at the same step of the same phase
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "interrupted at step" not in rerun.stderr
+    reference, _ = tiny_grid
+    one = json.loads((reference / "grid" / "records.json").read_text())
+    one["records"] = [r for r in one["records"] if r["variant"] in VARIANTS and r["seed"] in SEEDS]
+    two = files.read_json("gs://bkt/grid/records.json")
+    assert len(two["records"]) == len(VARIANTS) * len(SEEDS)
+    assert _without_timings(two) == _without_timings(one)  # the reference scores and each fine-tune's scores
+    for i in range(2):  # each host wrote only its cache, its temporary files and the benchmark it generated
+        assert sorted(p.name for p in (root / f"host{i}" / "home").iterdir()) == ["benchmark"]
+
+
+def _phase(workdir: str, name: str) -> str:
+    """The workdir of the grid's phase `name` (its directory is `name-<fingerprint>`)."""
+    from dontstop_jax import files
+    found = [str(p) for p in files.path(workdir).iterdir() if p.name.rsplit("-", 1)[0] == name]
+    assert len(found) == 1, (workdir, name, found)
+    return found[0]
+
+
+@needs_bucket
+@pytest.mark.slow
+def test_export_on_two_hosts_equals_one_process(grid_on_two_hosts, tiny_grid):
+    """A fine-tune of the two-host grid, exported by 2 processes into the bucket, holds the weights the one-process
+    grid's same fine-tune exports."""
+    from safetensors.numpy import load
+    from dontstop_jax import files
+    root, _, rerun = grid_on_two_hosts
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    reference, _ = tiny_grid
+    phase = "bio_topic-dapt_tapt-s0"
+    out = subprocess.run(_launch(root, "export", "export", "--from", _phase("gs://bkt/grid/finetune", phase), "--to",
+                                 "gs://bkt/exported"), cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ours = load(files.path("gs://bkt/exported/model.safetensors").read_bytes())
+    subprocess.run([sys.executable, "-m", "dontstop_jax", "export", "--from", _phase(str(reference / "grid" / "finetune"),
+                    phase), "--to", str(root / "one")], check=True, capture_output=True, timeout=600)
+    theirs = load((root / "one" / "model.safetensors").read_bytes())
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-5, err_msg=name)  # 2 vs 1 device
+
+
+@needs_bucket
+@pytest.mark.slow
+def test_continual_on_two_hosts_equals_one_process(bucket, tmp_path):
+    """A tiny DAS sequence over two domains (its importance files hand over from stage to stage) on 2 hosts in
+    the bucket gives the one-process table."""
+    from dontstop_jax import files
+    fields = ["--config.methods=['das']", "--config.synthetic.domains=('bio','cs')",
+              "--config.synthetic.task_domains=('bio','cs')", "--config.sequence=['bio','cs']",
+              "--config.synthetic.directory=benchmark", "--compilation-cache", str(tmp_path / "xla")]
+    config = ["continual", "--config", str(ROOT / "configs/continual.py:tiny")]
+    one = subprocess.run([sys.executable, "-m", "dontstop_jax", *config, f"--config.workdir={tmp_path / 'one'}",
+                          *fields], cwd=tmp_path, capture_output=True, text=True, timeout=1200,
+                         env={**os.environ, "DONTSTOP_LOCAL_DEVICES": "2"})  # the 2 hosts' mesh: same sums
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(_launch(tmp_path, "continual", *config, "--config.workdir=gs://bkt/continual", *fields),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert _without_timings(files.read_json("gs://bkt/continual/continual.json")) == _without_timings(
+        json.loads((tmp_path / "one" / "continual.json").read_text()))
