@@ -169,6 +169,16 @@ def _first(name: str, choose: Callable[[], T], timeout: float | None, share: boo
     return outcome["result"]
 
 
+def all_codes(code: int) -> list[int]:
+    """Every process's `code` (a small status: 0 = fine), in process order, on every process: what each
+    process's own attempt at a shared step came to (a checkpoint read, its share of a corpus), so all of them
+    go on or all stop. Every process calls it at the same point; inside work process 0 does alone, a plain list."""
+    if jax.process_count() == 1 or _alone.get():
+        return [code]
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(np.array([code], np.int32))).reshape(-1).tolist()
+
+
 def _client() -> Any:
     from jax._src import distributed as state
     return state.global_state.client

@@ -48,7 +48,8 @@ import jax
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
-from dontstop_jax import consensus, files
+from dontstop_jax import files
+from dontstop_jax.distributed import all_codes, decide
 from dontstop_jax.data import encode_pool, piece_cache
 from dontstop_jax.data.corpus import (CorpusSource, SourceSpec, _iter_file, _iter_hf, _iter_tfds, corpus_fingerprint,
                                       iter_raw_lines, parse_source, resolve_files)
@@ -259,13 +260,14 @@ def prepare_corpus(
     remote = files.path(out_root) / name if files.is_remote(out_root) else None
     directory = Path(out_root, name) if not remote else None
     lead = jax.process_index() == 0
-    if consensus.from_first(lead and _published(remote, directory)):
+    if decide(f"look for the prepared corpus {name}", lambda: _published(remote, directory), timeout=600):
         log.info("reusing prepared corpus at %s", remote or directory)
         return _open(remote, directory)
     if lead and not remote:
         _remove_stale(directory.parent)
-    build = files.path(out_root) / _private(Path(name), consensus.from_first(
-        secrets.token_hex(4))).name  # one private name for all processes, on storage they share
+    # one private build name for all processes, on storage they share
+    token = decide("name the corpus build", lambda: secrets.token_hex(4), timeout=600)
+    build = files.path(out_root) / _private(Path(name), token).name
     if not remote:
         try:
             build.mkdir(parents=True, exist_ok=True)
@@ -334,7 +336,7 @@ def _collectively(what: str, step: Callable[[], Any]) -> None:
         failure = None
     except BaseException as err:  # noqa: BLE001 (re-raised below, after the others have heard of it)
         failure = err
-    codes = consensus.gather(0 if failure is None else 1)
+    codes = all_codes(0 if failure is None else 1)
     if failure is not None:
         raise failure
     if any(codes):

@@ -28,7 +28,8 @@ from orbax.checkpoint import multihost
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from dontstop_jax.engine.state import AVERAGES, TrainState
-from dontstop_jax import consensus, files
+from dontstop_jax import files
+from dontstop_jax.distributed import all_codes, decide
 from dontstop_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class Checkpointer:
     # Which step a read takes is decided once, on process 0, and every fallback is agreed by all processes, so a
     # transient error on one host (or a bucket listing one host sees late) cannot make hosts restore different steps.
     def latest_step(self) -> int | None:
-        return consensus.from_first(self._manager.latest_step())
+        return decide(f"latest step of {self.directory}", self._manager.latest_step, timeout=600)
 
     def best_step(self) -> int | None:
         """The first best step by `best_metric`; without one (or before any step has a metric), the latest."""
@@ -135,10 +136,12 @@ class Checkpointer:
             return self.latest_step()
         best = first_best(((s, (self._manager.metrics(s) or {}).get(self.best_metric)) for s in self.all_steps()),
                           self.best_mode)
-        return self.latest_step() if best is None else consensus.from_first(best)
+        if best is None:
+            return self.latest_step()
+        return decide(f"best step of {self.directory}", lambda: best, timeout=600)
 
     def all_steps(self) -> list[int]:
-        return consensus.from_first(sorted(self._manager.all_steps()))
+        return decide(f"steps of {self.directory}", lambda: sorted(self._manager.all_steps()), timeout=600)
 
     def _step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
@@ -181,7 +184,7 @@ class Checkpointer:
                 value, err = read(step), None
             except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many types for a damaged step)
                 value, err = None, e
-            codes = consensus.gather(0 if err is None else 2 if files.bucket_cause(err) else 1)
+            codes = all_codes(0 if err is None else 2 if files.bucket_cause(err) else 1)
             if not any(codes):
                 return value, None
             if attempt == 0:
