@@ -126,11 +126,13 @@ def run_das(mesh, past, steps=2):
 
 
 @pytest.mark.slow
-def test_masked_das_step_on_8_devices_matches_one_device():
+def test_masked_das_step_on_8_devices_matches_one_device_per_batch_shard():
+    """DAS's contrast is in-batch and dropout is drawn per batch shard (make_train_step): the reference splits
+    the batch as (2, 2, 2) does, 4 ways, with the masks and parameters whole on each device."""
     past = {k: np.random.default_rng(1).uniform(0, 0.9, v.shape).astype(np.float32)
             for k, v in zero_importance(CFG).items()}
     past["head"][0, 1] = 1.0  # head 1 of layer 0: fully protected
-    ref_losses, initial, ref_params, _ = run_das(make_mesh((1, 1, 1), jax.devices()[:1]), past)
+    ref_losses, initial, ref_params, _ = run_das(make_mesh((4, 1, 1), jax.devices()[:4]), past)
     losses, _, params, sharded = run_das(make_mesh((2, 2, 2), jax.devices()), past)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params)

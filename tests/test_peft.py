@@ -172,8 +172,9 @@ def test_only_trainable_parameters_move_and_frozen_ones_have_no_adam_state(metho
         assert trainable == per_layer + head
 
 
-def test_adapter_training_on_an_8_device_mesh_equals_one_device():
-    _, _, one = train("houlsby", steps=3)
+def test_adapter_training_on_an_8_device_mesh_equals_one_device_per_batch_shard():
+    """Dropout is drawn per batch shard (make_train_step): the reference splits the batch 4 ways as (2,2,2) does."""
+    _, _, one = train("houlsby", (4, 1, 1), jax.devices()[:4], steps=3)
     _, _, eight = train("houlsby", (2, 2, 2), jax.devices(), steps=3)
     down = eight.params["roberta"]["layers"]["output_adapter"]["down"]["kernel"]  # [L, embed, adapter]
     assert down.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
