@@ -123,7 +123,7 @@ def test_a_dict_replaces_a_map_but_not_a_section():
     ("finetune.py:rct", "train.metric=f1", "train.metric='f1' must be one of accuracy, macro_f1, micro_f1"),
     ("finetune.py:rct", "peft.method=prefix",
      "peft.method='prefix' must be one of full, frozen, top_k, bitfit, houlsby, pfeiffer, lora"),
-    ("finetune.py:rct", "model.dtype=float64", "model.dtype='float64' must be one of float32, bfloat16, float16"),
+    ("finetune.py:rct", "model.dtype=float64", "model.dtype='float64' must be one of float32, bfloat16, float16, auto"),
     ("finetune.py:rct", "model.remat=all", "model.remat='all' must be one of none, full, dots, dots_no_batch"),
     ("select.py:knn", "method=nope", "method='nope' must be one of knn, rand, dsir, curated"),
     ("select.py:knn", "k=0", "k=0 must be > 0"),
