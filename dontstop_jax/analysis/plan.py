@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any
 
 import jax
@@ -17,21 +16,20 @@ from dontstop_jax.engine import (abstract_state, batch_sharding, chain_hooks, cl
                                  compile_predict_step, compile_train_step, hold_fixed, make_mesh, make_train_step,
                                  mlm_loss_sums, state_shardings)
 from dontstop_jax import files
+from dontstop_jax.analysis import hlo
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import plan as peft_plan
 from dontstop_jax.engine.sharding import activation_rules
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM, RobertaForSequenceClassification, hub
 from dontstop_jax.model.hf_io import read_config
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_RUNTIME = ("dtype", "remat", "attention_impl")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
-          "f64": 8, "s64": 8, "u64": 8}
+_RUNTIME = ("dtype", "remat", "attention_impl", "attention_probs_dropout_prob")
 
 
 @dataclasses.dataclass
 class StepCost:
-    """Per chip, per step: HBM bytes (arguments = state + batch), FLOPs and HBM traffic, collectives."""
+    """Per chip, per step: HBM bytes (arguments = state + batch), FLOPs and HBM traffic, collectives; loops
+    counted as often as they run."""
     argument_bytes: int
     temp_bytes: int
     total_bytes: int
@@ -91,62 +89,22 @@ def compile_phase(cfg: ConfigDict, devices: list, num_labels: int = 2) -> tuple[
         **chain_hooks(adaptation.hooks(), hold_fixed(tuple(cfg.get("frozen", ()))))), shardings, mesh, rules)
     state, batch = abstract_state(shardings, model, tx), batch_shapes(cfg, arch, mesh)
     with activation_rules(mesh, rules):
-        train = _cost(step.__wrapped__.lower(state, batch).compile())
+        train = _cost(step.__wrapped__.lower(state, batch), len(devices))
         predict = None
         if finetune:
             predict = _cost(compile_predict_step(model, shardings.params, mesh, rules).__wrapped__.lower(
-                state.params, batch).compile())
+                state.params, batch), len(devices))
     params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(state.params))
     return train, predict, params
 
 
-def _cost(compiled: Any) -> StepCost:
+def _cost(lowered: Any, devices: int) -> StepCost:
+    """XLA's memory accounting of the compiled program; FLOPs (the dots of the program before partitioning, per
+    chip), HBM bytes and collectives (per chip) counted with every loop's trip count (analysis/hlo.py)."""
+    compiled = lowered.compile()
     m = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    return StepCost(m.argument_size_in_bytes, m.temp_size_in_bytes, total, float(cost.get("flops", 0.0)),
-                    float(cost.get("bytes accessed", 0.0)), collectives(compiled.as_text()))
-
-
-def collectives(hlo: str) -> dict[str, tuple[int, int]]:
-    """(count, bytes) per collective kind in one execution of an HLO module, counting each op's result bytes
-    and repeating those in while loops (the layer scan, accumulation) by their trip count: the constant their
-    condition compares the counter with (compiled TPU HLO carries no known_trip_count)."""
-    bodies: dict[str, list] = {}
-    calls: dict[str, list] = {}
-    bounds: dict[str, int] = {}
-    current = None
-    for line in hlo.splitlines():
-        if line[:1] not in ("", " ", "}") and line.rstrip().endswith("{"):
-            current = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
-            bodies[current], calls[current] = [], []
-            continue
-        if current is None:
-            continue
-        if (bound := re.search(r"s32\[\]\S* constant\((\d+)\)", line)) and current not in bounds:
-            bounds[current] = int(bound.group(1))
-        if op := re.search(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line):
-            bodies[current].append((op.group(2), _shape_bytes(op.group(1), largest=bool(op.group(3)))))
-        if loop := re.search(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", line):
-            calls[current].append((loop.group(2), loop.group(1)))
-        for callee in re.findall(r"(?:calls|to_apply|branch_computations)=\{?%?([\w.\-]+)", line):
-            calls[current].append((callee, None))
-    totals: dict[str, list[int]] = {}
-
-    def walk(name: str, times: int) -> None:
-        for kind, nbytes in bodies.get(name, []):
-            entry = totals.setdefault(kind, [0, 0])
-            entry[0] += times
-            entry[1] += times * nbytes
-        for callee, condition in calls.get(name, []):
-            walk(callee, times * (bounds.get(condition, 1) if condition else 1))
-    walk("ENTRY", 1)
-    return {k: (c, b) for k, (c, b) in totals.items()}
-
-
-def _shape_bytes(types: str, largest: bool) -> int:
-    """Bytes of an HLO result type; an async start's tuple also holds its operands, so take its largest array."""
-    sizes = [_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
-             for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", types)]
-    return max(sizes, default=0) if largest else sum(sizes)
+    counted = hlo.count(compiled.as_text())
+    return StepCost(m.argument_size_in_bytes, m.temp_size_in_bytes, total,
+                    hlo.count(lowered.as_text(dialect="hlo")).flops / devices, counted.bytes_accessed,
+                    counted.collectives)

@@ -198,10 +198,15 @@ class Layer(nn.Module):
                 return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
             return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
         # Dropout on attention probabilities needs the probabilities, so training with it takes this path.
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim).astype(jnp.float32)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = nn.Dropout(rate)(jax.nn.softmax(scores, axis=-1), deterministic=False)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        return explicit_attention(q, k, v, mask, lambda probs: nn.Dropout(rate)(probs, deterministic=False))
+
+
+def explicit_attention(q: Array, k: Array, v: Array, mask: Array, dropout=lambda probs: probs) -> Array:
+    """RoBERTa's attention written out: float32 [batch, heads, queries, keys] probabilities, `dropout` applied to
+    them. The fused path (jax.nn.dot_product_attention) computes the same without materialising them."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("bhqk,bkhd->bqhd", dropout(jax.nn.softmax(scores, axis=-1)).astype(v.dtype), v)
 
 
 class RobertaModel(nn.Module):

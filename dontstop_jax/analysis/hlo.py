@@ -1,0 +1,160 @@
+"""What one execution of an HLO module does, counted from its text: FLOPs, HBM bytes and collectives.
+
+XLA's `cost_analysis()` counts a while loop's body once, but a step runs its layer scan L times per pass and its
+accumulation loop once per micro-batch: here every computation counts as often as it runs, a while body by the
+trip count its condition compares the counter with (compiled TPU HLO carries no known_trip_count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8}
+# Ops that move no data of their own (bookkeeping, or loops and calls whose bodies are counted themselves).
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional",
+               "after-all", "opt-barrier", "partition-id", "replica-id", "copy-done", "all-reduce-done",
+               "all-gather-done", "collective-permute-done", "async-done", "async-update"}
+_SLICES = {"dynamic-slice", "slice", "gather"}
+_LINE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+
+
+@dataclasses.dataclass
+class Op:
+    name: str
+    type: str
+    kind: str
+    args: str  # the text between the op's parentheses: operand names, or a constant's or parameter's value
+    operands: list[str]
+    attrs: str
+
+
+@dataclasses.dataclass
+class Counts:
+    """Per execution of the module: FLOPs of its dots, bytes its ops read and write, (count, bytes) per collective."""
+    flops: float
+    bytes_accessed: float
+    collectives: dict[str, tuple[int, int]]
+
+
+def count(hlo: str) -> Counts:
+    comps = _parse(hlo)
+    types = {op.name: op.type for ops in comps.values() for op in ops}
+    flops = traffic = 0.0
+    totals: dict[str, list[int]] = {}
+    fusions = {callee for ops in comps.values() for op in ops if op.kind == "fusion"
+               for callee in re.findall(r"calls=%?([\w.\-]+)", op.attrs)}
+    for name, times in _executions(comps).items():
+        fused = name in fusions  # its traffic is the fusion op's that calls it
+        for op in comps[name]:
+            if op.kind == "dot":
+                flops += times * _dot_flops(op, types)
+            if fused or op.kind in _NO_TRAFFIC:
+                continue
+            traffic += times * _traffic(op, types, comps)
+            kind = op.kind.removesuffix("-start")
+            if kind in COLLECTIVES:
+                entry = totals.setdefault(kind, [0, 0])
+                entry[0] += times
+                entry[1] += times * shape_bytes(op.type, largest=op.kind.endswith("-start"))
+    return Counts(flops, traffic, {k: (c, b) for k, (c, b) in totals.items()})
+
+
+def _parse(hlo: str) -> dict[str, list[Op]]:
+    comps: dict[str, list[Op]] = {}
+    current = None
+    for line in hlo.splitlines():
+        if line[:1] not in ("", " ", "}") and line.rstrip().endswith("{"):
+            current = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
+            comps[current] = []
+        elif current is not None and (m := _LINE.match(line)):
+            inner, attrs = _split_args(m.group(4))
+            comps[current].append(Op(m.group(1), m.group(2), m.group(3), inner,
+                                     re.findall(r"%?([A-Za-z_][\w.\-]*)", inner), attrs))
+    return comps
+
+
+def _split_args(text: str) -> tuple[str, str]:
+    """'a, b), attrs' -> ('a, b', 'attrs'): the operand list up to its matching parenthesis."""
+    depth = 1
+    for i, c in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(c, 0)
+        if depth == 0:
+            return text[:i], text[i + 1:]
+    return text, ""
+
+
+def _executions(comps: dict[str, list[Op]]) -> dict[str, int]:
+    """How often each computation reachable from ENTRY runs per execution (fusions included, reducers not)."""
+    runs: dict[str, int] = {}
+
+    def walk(name: str, times: int) -> None:
+        if name not in comps:
+            return
+        runs[name] = runs.get(name, 0) + times
+        for op in comps[name]:
+            if loop := re.search(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", op.attrs):
+                trips = _trip_count(comps.get(loop.group(1), []))
+                walk(loop.group(1), times * (trips + 1))
+                walk(loop.group(2), times * trips)
+            callees = re.findall(r"(?:calls|branch_computations)=\{?%?([\w.\-]+)", op.attrs)
+            if op.kind == "call":  # a reducer's to_apply is no computation of its own
+                callees += re.findall(r"to_apply=%?([\w.\-]+)", op.attrs)
+            for callee in callees:
+                walk(callee, times)
+    walk("ENTRY", 1)
+    return runs
+
+
+def _trip_count(condition: list[Op]) -> int:
+    """The scalar int constant a loop condition compares its counter with (scans count from 0 to it)."""
+    bounds = [int(op.args) for op in condition if op.kind == "constant" and op.type.startswith("s32[]")
+              and op.args.isdigit()]
+    return bounds[0] if bounds else 1
+
+
+def _dot_flops(op: Op, types: dict[str, str]) -> float:
+    """2 x output elements x contracted elements (a multiply and an add each)."""
+    lhs = _dims(types.get(op.operands[0], "")) if op.operands else []
+    contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", op.attrs)
+    k = math.prod(lhs[int(d)] for d in contracted.group(1).split(",") if d) if contracted and lhs else 1
+    return 2.0 * math.prod(_dims(op.type)) * k
+
+
+def _traffic(op: Op, types: dict[str, str], comps: dict[str, list[Op]]) -> int:
+    """Bytes an op reads and writes. A fusion reading only a slice of an operand (a layer's weights out of the
+    stacked [layers, ...] array in the layer scan) counts that slice; an in-place dynamic-update-slice writes
+    (and counts) its update only."""
+    operands = [shape_bytes(types.get(name, "")) for name in op.operands]
+    written = shape_bytes(op.type)
+    if op.kind in _SLICES:
+        return 2 * written
+    if op.kind == "dynamic-update-slice":
+        return 2 * (operands[1] if len(operands) > 1 else written)
+    fused = re.search(r"calls=%?([\w.\-]+)", op.attrs) if op.kind == "fusion" else None
+    if fused and fused.group(1) in comps:
+        body = comps[fused.group(1)]
+        params = {int(p.args): p.name for p in body if p.kind == "parameter"}
+        for i, name in params.items():
+            users = [u for u in body if name in u.operands]
+            if users and i < len(operands) and all(u.kind in _SLICES and u.operands[0] == name for u in users):
+                operands[i] = sum(shape_bytes(u.type) for u in users)
+        root = body[-1] if body else None
+        if root is not None and root.kind == "dynamic-update-slice" and len(root.operands) > 1:
+            written = shape_bytes(types.get(root.operands[1], ""))
+    return sum(operands) + written
+
+
+def _dims(types: str) -> list[int]:
+    match = re.search(r"\b[a-z]+\d*\[([\d,]*)\]", types)
+    return [int(d) for d in match.group(1).split(",") if d] if match else []
+
+
+def shape_bytes(types: str, largest: bool = False) -> int:
+    """Bytes of an HLO result type; an async start's tuple also holds its operands, so take its largest array."""
+    sizes = [_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
+             for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", types)]
+    return max(sizes, default=0) if largest else sum(sizes)
