@@ -132,10 +132,15 @@ def finalize(cfg: ConfigDict, overrides: Sequence[str] = (), platform: str | Non
 def accelerator_defaults(cfg: ConfigDict, platform: str) -> ConfigDict:
     """Every `model.dtype="auto"` in cfg (a phase's, or a grid's phase templates') set to what `platform` computes
     in (model/config.py `default_dtype`), so the recorded config and the fingerprint name the dtype used: float32
-    on CPU, exactly what phases recorded before "auto" existed."""
+    on CPU, exactly what phases recorded before "auto" existed. On a TPU a model whose attention dropout is set to
+    0 (the fused path in training too) and whose attention_impl is unset gets the splash kernel."""
     for key, value in cfg.items():
-        if key == "model" and isinstance(value, ConfigDict) and value.get("dtype") == "auto":
-            value.dtype = default_dtype(platform)
+        if key == "model" and isinstance(value, ConfigDict) and "dtype" in value:
+            if value.dtype == "auto":
+                value.dtype = default_dtype(platform)
+            fused = value.get("attention_probs_dropout_prob") == 0 and value.get("attention_impl") is None
+            if platform == "tpu" and fused:
+                value.attention_impl = "splash"
         elif isinstance(value, ConfigDict):
             accelerator_defaults(value, platform)
     return cfg

@@ -246,3 +246,20 @@ def test_fused_attention_in_training_is_the_explicit_attention_and_keeps_documen
     other = v.at[0, 5:9].set(7.0)  # the second document's values
     assert np.allclose(fused(q, k, other, pairs)[0, :5], fused(q, k, v, pairs)[0, :5], atol=1e-6)
     assert not np.allclose(fused(q, k, other, pairs)[0, 5:9], fused(q, k, v, pairs)[0, 5:9])
+
+
+def test_splash_kernel_keeps_documents_apart_and_is_the_explicit_attention():
+    """The TPU splash kernel (run by Pallas' interpreter here) with per-document segment ids: outputs and
+    gradients of the real tokens equal the explicit attention under `attention_pairs`' mask."""
+    from dontstop_jax.model.roberta import attention_pairs, explicit_attention, splash_attention
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 128, 1, 32)) for i in range(3))
+    segments = jnp.asarray([[1] * 50 + [2] * 40 + [0] * 38, [1] * 128])
+    real = segments[..., None, None] > 0
+
+    def run(attention):
+        out, vjp = jax.vjp(attention, q, k, v)
+        return (out * real, *vjp(jnp.cos(out) * real))
+    splash = run(lambda q, k, v: splash_attention(q, k, v, segments, interpret=True))
+    explicit = run(lambda q, k, v: explicit_attention(q, k, v, attention_pairs(segments)))
+    for a, b in zip(splash, explicit):
+        np.testing.assert_allclose(a, b, atol=1e-5)

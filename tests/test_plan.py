@@ -10,7 +10,7 @@ from dontstop_jax.engine import topology
 
 TINY = ["--config", "configs/tapt.py", "--config.model.hidden_size=64", "--config.model.num_hidden_layers=2",
         "--config.model.num_attention_heads=2", "--config.model.intermediate_size=128",
-        "--config.data.max_seq_length=64", "--config.model.dtype=bfloat16"]
+        "--config.data.max_seq_length=64"]
 
 
 def test_unknown_topology_is_one_error_line(capsys):
@@ -87,6 +87,22 @@ def test_a_step_the_compiler_refuses_does_not_fit_and_gets_a_lever(capsys, monke
     out = capsys.readouterr().out
     assert "does not compile: RESOURCE_EXHAUSTED: Ran out of memory on HBM" in out
     assert "does not fit\n" in out and "chosen: --config.mesh.shape='(1, 8, 1)'" in out and "mesh data=1 fsdp=8" in out
+
+
+def test_fused_attention_plans_the_splash_kernel_for_a_tpu_slice(monkeypatch):
+    """Attention dropout 0 on a TPU (no attention_impl flag): the step compiles with the Pallas splash kernel."""
+    pytest.importorskip("libtpu")
+    from dontstop_jax.analysis import hlo
+    from dontstop_jax.analysis.plan import compile_phase
+    from dontstop_jax.config_loader import load
+    texts, real = [], hlo.count
+    monkeypatch.setattr(hlo, "count", lambda text: texts.append(text) or real(text))
+    cfg = load("configs/tapt.py", TINY[2:] + ["--config.data.max_seq_length=128", "--config.train.batch_size=64",
+                                               "--config.train.accum_steps=1",
+                                               "--config.model.attention_probs_dropout_prob=0.0"], platform="tpu")
+    assert (cfg.model.attention_impl, cfg.model.dtype) == ("splash", "bfloat16")
+    compile_phase(cfg, topology.devices("v5litepod-8")[1])
+    assert any("tpu_custom_call" in text for text in texts)
 
 
 def test_fine_tuning_plans_without_train_steps():

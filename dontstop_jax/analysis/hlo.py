@@ -17,9 +17,9 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, 
 # Ops that move no data of their own (bookkeeping, or loops and calls whose bodies are counted themselves).
 _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional",
                "after-all", "opt-barrier", "partition-id", "replica-id", "copy-done", "all-reduce-done",
-               "all-gather-done", "collective-permute-done", "async-done", "async-update"}
+               "all-gather-done", "collective-permute-done", "slice-done", "async-done", "async-update"}
 _SLICES = {"dynamic-slice", "slice", "gather"}
-_LINE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_LINE = re.compile(r"^\s*(ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 
 
 @dataclasses.dataclass
@@ -30,6 +30,7 @@ class Op:
     args: str  # the text between the op's parentheses: operand names, or a constant's or parameter's value
     operands: list[str]
     attrs: str
+    root: bool
 
 
 @dataclasses.dataclass
@@ -71,9 +72,9 @@ def _parse(hlo: str) -> dict[str, list[Op]]:
             current = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
             comps[current] = []
         elif current is not None and (m := _LINE.match(line)):
-            inner, attrs = _split_args(m.group(4))
-            comps[current].append(Op(m.group(1), m.group(2), m.group(3), inner,
-                                     re.findall(r"%?([A-Za-z_][\w.\-]*)", inner), attrs))
+            inner, attrs = _split_args(re.sub(r"/\*.*?\*/", "", m.group(5)))  # drop /*index=5*/ comments
+            comps[current].append(Op(m.group(2), m.group(3), m.group(4), inner,
+                                     re.findall(r"%?([A-Za-z_][\w.\-]*)", inner), attrs, bool(m.group(1))))
     return comps
 
 
@@ -126,26 +127,49 @@ def _dot_flops(op: Op, types: dict[str, str]) -> float:
 
 def _traffic(op: Op, types: dict[str, str], comps: dict[str, list[Op]]) -> int:
     """Bytes an op reads and writes. A fusion reading only a slice of an operand (a layer's weights out of the
-    stacked [layers, ...] array in the layer scan) counts that slice; an in-place dynamic-update-slice writes
-    (and counts) its update only."""
+    stacked [layers, ...] array in the layer scan) counts that slice; a dynamic-update-slice works in place: it
+    reads nothing of its buffer and writes (and counts) its update only."""
     operands = [shape_bytes(types.get(name, "")) for name in op.operands]
     written = shape_bytes(op.type)
     if op.kind in _SLICES:
         return 2 * written
+    if op.kind == "slice-start":  # ((operand), slice, context): reads and writes the slice
+        return 2 * _sizes(op.type)[1]
     if op.kind == "dynamic-update-slice":
         return 2 * (operands[1] if len(operands) > 1 else written)
     fused = re.search(r"calls=%?([\w.\-]+)", op.attrs) if op.kind == "fusion" else None
-    if fused and fused.group(1) in comps:
-        body = comps[fused.group(1)]
-        params = {int(p.args): p.name for p in body if p.kind == "parameter"}
-        for i, name in params.items():
-            users = [u for u in body if name in u.operands]
-            if users and i < len(operands) and all(u.kind in _SLICES and u.operands[0] == name for u in users):
-                operands[i] = sum(shape_bytes(u.type) for u in users)
-        root = body[-1] if body else None
-        if root is not None and root.kind == "dynamic-update-slice" and len(root.operands) > 1:
-            written = shape_bytes(types.get(root.operands[1], ""))
+    if not (fused and comps.get(fused.group(1))):
+        return sum(operands) + written
+    body = comps[fused.group(1)]
+    by_name = {u.name: u for u in body}
+    for p in (p for p in body if p.kind == "parameter" and int(p.args) < len(operands)):
+        operands[int(p.args)] = min(operands[int(p.args)], _read(body, p.name, comps))
+    root = next(u for u in body if u.root)
+    outputs = [by_name.get(name) for name in root.operands] if root.kind == "tuple" else [root]
+    outputs = [by_name.get(o.operands[0], o) if o is not None and o.kind == "bitcast" else o for o in outputs]
+    written = sum(shape_bytes(types.get(o.operands[1], "")) if o.kind == "dynamic-update-slice" else
+                  shape_bytes(o.type) for o in outputs if o is not None)
     return sum(operands) + written
+
+
+def _read(body: list[Op], param: str, comps: dict[str, list[Op]]) -> float:
+    """Bytes a fused computation reads of its parameter `param`: the slices taken of it, nothing where it is
+    only the buffer a dynamic-update-slice writes into, and through nested fusions; else all of it (inf)."""
+    total = 0.0
+    for user in (u for u in body if param in u.operands):
+        nested = re.search(r"calls=%?([\w.\-]+)", user.attrs) if user.kind == "fusion" else None
+        if user.kind in _SLICES and user.operands[0] == param:
+            total += shape_bytes(user.type)
+        elif user.kind == "dynamic-update-slice" and user.operands[0] == param:
+            continue
+        elif nested and comps.get(nested.group(1)):
+            index = user.operands.index(param)
+            inner = next((p.name for p in comps[nested.group(1)] if p.kind == "parameter" and int(p.args) == index),
+                         None)
+            total += _read(comps[nested.group(1)], inner, comps) if inner else math.inf
+        else:
+            return math.inf
+    return total
 
 
 def _dims(types: str) -> list[int]:
@@ -155,6 +179,11 @@ def _dims(types: str) -> list[int]:
 
 def shape_bytes(types: str, largest: bool = False) -> int:
     """Bytes of an HLO result type; an async start's tuple also holds its operands, so take its largest array."""
-    sizes = [_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
-             for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", types)]
+    sizes = _sizes(types)
     return max(sizes, default=0) if largest else sum(sizes)
+
+
+def _sizes(types: str) -> list[int]:
+    """Bytes of each array in an HLO type, in order."""
+    return [_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
+            for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", types)]

@@ -47,7 +47,9 @@ class ModelConfig:
     remat: str = "none"  # jax.checkpoint policy per encoder layer, one of REMAT_POLICIES
     # None (XLA decides), "xla" or "cudnn" for jax.nn.dot_product_attention; cudnn (GPUs: flash attention) needs
     # bfloat16/float16 compute and right-padded batches (padding given to it as key lengths; every loader here pads
-    # on the right), and is used where attention dropout is off (eval, or attention_probs_dropout_prob=0)
+    # on the right), and is used where attention dropout is off (eval, or attention_probs_dropout_prob=0);
+    # "splash": the Pallas splash kernel on TPUs (takes the packed documents' segment ids; lengths that are a
+    # multiple of 128), also only where attention dropout is off
     attention_impl: str | None = None
     # Parameter-efficient additions (not part of the Hugging Face config either).
     adapter: str = "none"  # bottleneck adapters: houlsby (after attention and FFN) or pfeiffer (after FFN)
@@ -72,9 +74,9 @@ class ModelConfig:
             object.__setattr__(self, "dtype", default_dtype(jax.default_backend()))
         if self.dtype not in DTYPES:
             raise UserError(f"model.dtype={self.dtype!r} is unknown; use auto, float32, bfloat16 or float16")
-        if self.attention_impl not in (None, "xla", "cudnn"):
-            raise UserError(f"model.attention_impl={self.attention_impl!r} is unknown; use xla or cudnn (or leave it "
-                            "unset)")
+        if self.attention_impl not in (None, "xla", "cudnn", "splash"):
+            raise UserError(f"model.attention_impl={self.attention_impl!r} is unknown; use xla, cudnn (GPUs) or splash "
+                            "(TPUs), or leave it unset")
         if self.attention_impl == "cudnn" and self.dtype == "float32":
             raise UserError("model.attention_impl=cudnn has no float32 kernel; set model.dtype=bfloat16 (or float16) "
                             "or leave attention_impl unset")
