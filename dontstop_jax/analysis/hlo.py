@@ -154,14 +154,18 @@ def _traffic(op: Op, types: dict[str, str], comps: dict[str, list[Op]]) -> int:
 
 def _read(body: list[Op], param: str, comps: dict[str, list[Op]]) -> float:
     """Bytes a fused computation reads of its parameter `param`: the slices taken of it, nothing where it is
-    only the buffer a dynamic-update-slice writes into, and through nested fusions; else all of it (inf)."""
+    only the buffer a dynamic-update-slice writes into, and through nested fusions and same-shape views (a
+    layout change, a bitcast) of it; else all of it (inf)."""
     total = 0.0
+    shape = _dims(next((u.type for u in body if u.name == param), ""))
     for user in (u for u in body if param in u.operands):
         nested = re.search(r"calls=%?([\w.\-]+)", user.attrs) if user.kind == "fusion" else None
         if user.kind in _SLICES and user.operands[0] == param:
             total += shape_bytes(user.type)
         elif user.kind == "dynamic-update-slice" and user.operands[0] == param:
             continue
+        elif user.kind in ("fusion", "bitcast", "copy") and len(user.operands) == 1 and _dims(user.type) == shape:
+            total += _read(body, user.name, comps)
         elif nested and comps.get(nested.group(1)):
             index = user.operands.index(param)
             inner = next((p.name for p in comps[nested.group(1)] if p.kind == "parameter" and int(p.args) == index),
