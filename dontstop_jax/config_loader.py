@@ -41,6 +41,7 @@ RULES: dict[str, Rule] = {
     "train.steps": ((lambda v: v is None or v > 0), "must be > 0 (or None to train for train.epochs)"),
     "train.epochs": _POSITIVE,
     "train.accum_steps": _POSITIVE,
+    "train.grad_reduce_dtype": _one_of(("float32", "bfloat16")),
     "train.patience": _AT_LEAST_1,
     "train.steps_per_epoch": ((lambda v: v is None or v > 0), "must be > 0 (or None for a full pass over train)"),
     "batch_size": _POSITIVE,

@@ -51,9 +51,12 @@ def run_mlm(mesh_shape, devices, steps=3, accum=1, cfg=CFG, seed=0):
     return losses, jax.device_get(state.params), state
 
 
+DETERMINISTIC = CFG.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
 @functools.cache
 def one_device_reference():
-    losses, params, _ = run_mlm((1, 1, 1), jax.devices()[:1])
+    losses, params, _ = run_mlm((1, 1, 1), jax.devices()[:1], cfg=DETERMINISTIC)
     return losses, params
 
 
@@ -61,10 +64,20 @@ def one_device_reference():
 def test_every_mesh_matches_one_device(mesh_shape):
     """(2,2,2) once caught an XLA layout that computed wrong gradients (see LMHead in model/roberta.py)."""
     ref_losses, ref_params = one_device_reference()
-    losses, params, state = run_mlm(mesh_shape, jax.devices())
+    losses, params, state = run_mlm(mesh_shape, jax.devices(), cfg=DETERMINISTIC)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params)
-    assert ref_losses[-1] != ref_losses[0]  # the model really trained (dropout is active, lr > 0)
+    assert ref_losses[-1] != ref_losses[0]  # the model really trained (lr > 0)
+
+
+def test_dropout_follows_the_batch_split_not_the_parameter_layout():
+    """Each batch shard draws its own dropout masks (make_train_step), so meshes with the same data x fsdp
+    split train alike with dropout on, whatever their FSDP and tensor layout."""
+    losses, params, _ = run_mlm((2, 2, 2), jax.devices())
+    ref_losses, ref_params, _ = run_mlm((4, 1, 1), jax.devices()[:4])
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params)
+    assert losses != one_device_reference()[0]  # dropout is really on (without it every mesh trains alike)
 
 
 def test_parameters_are_really_sharded():
@@ -77,7 +90,7 @@ def test_parameters_are_really_sharded():
 
 
 def test_accumulation_equals_one_big_batch():
-    cfg = CFG.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = DETERMINISTIC
     big, big_params, _ = run_mlm((2, 2, 1), jax.devices()[:4], cfg=cfg, accum=1)
     acc, acc_params, _ = run_mlm((2, 2, 1), jax.devices()[:4], cfg=cfg, accum=2)
     np.testing.assert_allclose(acc, big, rtol=1e-5)

@@ -92,16 +92,15 @@ def test_a_step_the_compiler_refuses_does_not_fit_and_gets_a_lever(capsys, monke
 def test_fused_attention_plans_the_splash_kernel_for_a_tpu_slice(monkeypatch):
     """Attention dropout 0 on a TPU (no attention_impl flag): the step compiles with the Pallas splash kernel."""
     pytest.importorskip("libtpu")
-    from dontstop_jax.analysis import hlo
-    from dontstop_jax.analysis.plan import compile_phase
+    from dontstop_jax.analysis import plan as analysis
     from dontstop_jax.config_loader import load
-    texts, real = [], hlo.count
-    monkeypatch.setattr(hlo, "count", lambda text: texts.append(text) or real(text))
+    texts, real = [], analysis.count
+    monkeypatch.setattr(analysis, "count", lambda text: texts.append(text) or real(text))
     cfg = load("configs/tapt.py", TINY[2:] + ["--config.data.max_seq_length=128", "--config.train.batch_size=64",
                                                "--config.train.accum_steps=1",
                                                "--config.model.attention_probs_dropout_prob=0.0"], platform="tpu")
     assert (cfg.model.attention_impl, cfg.model.dtype) == ("splash", "bfloat16")
-    compile_phase(cfg, topology.devices("v5litepod-8")[1])
+    analysis.compile_phase(cfg, topology.devices("v5litepod-8")[1])
     assert any("tpu_custom_call" in text for text in texts)
 
 

@@ -1,4 +1,5 @@
-"""What one execution of an HLO module does, counted from its text: FLOPs, HBM bytes and collectives.
+"""What one execution of an HLO module does, counted from its text: FLOPs and HBM bytes (its collectives:
+analysis/plan.py `collective_ops`).
 
 XLA's `cost_analysis()` counts a while loop's body once, but a step runs its layer scan L times per pass and its
 accumulation loop once per micro-batch: here every computation counts as often as it runs, a while body by the
@@ -35,33 +36,24 @@ class Op:
 
 @dataclasses.dataclass
 class Counts:
-    """Per execution of the module: FLOPs of its dots, bytes its ops read and write, (count, bytes) per collective."""
+    """Per execution of the module: FLOPs of its dots, bytes its ops read and write."""
     flops: float
     bytes_accessed: float
-    collectives: dict[str, tuple[int, int]]
 
 
 def count(hlo: str) -> Counts:
     comps = _parse(hlo)
     types = {op.name: op.type for ops in comps.values() for op in ops}
-    flops = traffic = 0.0
-    totals: dict[str, list[int]] = {}
     fusions = {callee for ops in comps.values() for op in ops if op.kind == "fusion"
                for callee in re.findall(r"calls=%?([\w.\-]+)", op.attrs)}
+    flops = traffic = 0.0
     for name, times in _executions(comps).items():
-        fused = name in fusions  # its traffic is the fusion op's that calls it
         for op in comps[name]:
             if op.kind == "dot":
                 flops += times * _dot_flops(op, types)
-            if fused or op.kind in _NO_TRAFFIC:
-                continue
-            traffic += times * _traffic(op, types, comps)
-            kind = op.kind.removesuffix("-start")
-            if kind in COLLECTIVES:
-                entry = totals.setdefault(kind, [0, 0])
-                entry[0] += times
-                entry[1] += times * shape_bytes(op.type, largest=op.kind.endswith("-start"))
-    return Counts(flops, traffic, {k: (c, b) for k, (c, b) in totals.items()})
+            if name not in fusions and op.kind not in _NO_TRAFFIC:  # a fusion's traffic is the fusion op's
+                traffic += times * _traffic(op, types, comps)
+    return Counts(flops, traffic)
 
 
 def _parse(hlo: str) -> dict[str, list[Op]]:

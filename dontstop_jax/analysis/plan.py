@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import jax
+import numpy as np
 from ml_collections import ConfigDict
 
 from dontstop_jax.engine import (abstract_state, batch_sharding, chain_hooks, classification_loss_sums,
                                  compile_predict_step, compile_train_step, hold_fixed, make_mesh, make_train_step,
                                  mlm_loss_sums, state_shardings)
 from dontstop_jax import files
-from dontstop_jax.analysis import hlo
+from dontstop_jax.analysis.hlo import COLLECTIVES, count, shape_bytes
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import plan as peft_plan
+from dontstop_jax.engine.steps import reduction_options
 from dontstop_jax.engine.sharding import activation_rules
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM, RobertaForSequenceClassification, hub
 from dontstop_jax.model.hf_io import read_config
@@ -85,7 +88,7 @@ def compile_phase(cfg: ConfigDict, devices: list, num_labels: int = 2) -> tuple[
     loss = classification_loss_sums(model) if finetune else mlm_loss_sums(model)
     step = compile_train_step(make_train_step(
         loss, tx, accum_steps=cfg.train.get("accum_steps", 1), schedule=schedule,
-        skip_nonfinite=cfg.train.skip_nonfinite,
+        skip_nonfinite=cfg.train.skip_nonfinite, **reduction_options(cfg, devices[0].platform),
         **chain_hooks(adaptation.hooks(), hold_fixed(tuple(cfg.get("frozen", ()))))), shardings, mesh, rules)
     state, batch = abstract_state(shardings, model, tx), batch_shapes(cfg, arch, mesh)
     with activation_rules(mesh, rules):
@@ -104,7 +107,90 @@ def _cost(lowered: Any, devices: int) -> StepCost:
     compiled = lowered.compile()
     m = compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    counted = hlo.count(compiled.as_text())
+    text = compiled.as_text()
     return StepCost(m.argument_size_in_bytes, m.temp_size_in_bytes, total,
-                    hlo.count(lowered.as_text(dialect="hlo")).flops / devices, counted.bytes_accessed,
-                    counted.collectives)
+                    count(lowered.as_text(dialect="hlo")).flops / devices, count(text).bytes_accessed,
+                    collectives(text))
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective op of a compiled program: result bytes, executions per step (while-loop trip counts
+    multiplied), whether it sits in a while loop's body, and its device groups (indices into the compile's
+    device assignment, i.e. the mesh's devices in order; () = all devices)."""
+    kind: str
+    nbytes: int
+    times: int
+    in_loop: bool
+    groups: tuple[tuple[int, ...], ...]
+
+
+def collective_ops(hlo: str) -> list[Collective]:
+    """Every collective of one execution of an HLO module, repeating those in while loops (the layer scan,
+    accumulation) by their trip count: the constant their condition compares the counter with (compiled TPU
+    HLO carries no known_trip_count)."""
+    bodies: dict[str, list] = {}
+    calls: dict[str, list] = {}
+    bounds: dict[str, int] = {}
+    current = None
+    for line in hlo.splitlines():
+        if line[:1] not in ("", " ", "}") and line.rstrip().endswith("{"):
+            current = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
+            bodies[current], calls[current] = [], []
+            continue
+        if current is None:
+            continue
+        if (bound := re.search(r"s32\[\]\S* constant\((\d+)\)", line)) and current not in bounds:
+            bounds[current] = int(bound.group(1))
+        if op := re.search(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line):
+            bodies[current].append((op.group(2), shape_bytes(op.group(1), largest=bool(op.group(3))),
+                                    _replica_groups(line)))
+        if loop := re.search(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", line):
+            calls[current].append((loop.group(2), loop.group(1)))
+        for callee in re.findall(r"(?:calls|to_apply|branch_computations)=\{?%?([\w.\-]+)", line):
+            calls[current].append((callee, None))
+    found: list[Collective] = []
+
+    def walk(name: str, times: int, in_loop: bool) -> None:
+        found.extend(Collective(kind, nbytes, times, in_loop, groups) for kind, nbytes, groups in bodies.get(name, []))
+        for callee, condition in calls.get(name, []):
+            walk(callee, times * (bounds.get(condition, 1) if condition else 1), in_loop or condition is not None)
+    walk("ENTRY", 1, False)
+    return found
+
+
+def collectives(hlo: str) -> dict[str, tuple[int, int]]:
+    """(count, bytes) per collective kind in one execution of an HLO module (see collective_ops)."""
+    totals: dict[str, list[int]] = {}
+    for op in collective_ops(hlo):
+        entry = totals.setdefault(op.kind, [0, 0])
+        entry[0] += op.times
+        entry[1] += op.times * op.nbytes
+    return {k: (c, b) for k, (c, b) in totals.items()}
+
+
+def _iota(dims: str, perm: str | None) -> np.ndarray:
+    """An HLO iota device list: arange over `dims`, transposed by `perm`."""
+    shape = [int(d) for d in dims.split(",")]
+    ids = np.arange(math.prod(shape)).reshape(shape)
+    return ids.transpose([int(p) for p in perm.split(",")]) if perm else ids
+
+
+def _replica_groups(line: str) -> tuple[tuple[int, ...], ...]:
+    """The device groups of a collective in any of XLA's three spellings: explicit lists ({{0,1},{2,3}}), an
+    iota ([2,4]<=[4,2]T(1,0)), or mesh axes (mesh['a'=2,'b'=4], device_ids=([8]) {'b'})."""
+    if m := re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", line):
+        return tuple(tuple(int(i) for i in g.split(",") if i) for g in re.findall(r"\{([\d,]*)\}", m.group(1)))
+    if m := re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line):
+        return tuple(map(tuple, _iota(m.group(3), m.group(4)).reshape(int(m.group(1)), int(m.group(2))).tolist()))
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\], device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\) "
+                      r"\{([^}]*)\}", line):
+        axes = re.findall(r"'(\w+)'=(\d+)", m.group(1))
+        grouped = re.findall(r"'(\w+)'", m.group(4))
+        ids = _iota(m.group(2), m.group(3)).reshape([int(n) for _, n in axes])
+        order = [i for i, (a, _) in enumerate(axes) if a not in grouped] + \
+            [i for i, (a, _) in enumerate(axes) if a in grouped]
+        size = math.prod(int(n) for a, n in axes if a in grouped)
+        return tuple(map(tuple, ids.transpose(order).reshape(-1, size).tolist()))
+    return ()
+

@@ -10,6 +10,7 @@ stages should keep). It lives on every device: buffer_size x masked slots x voca
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable
 
 import flax.linen as nn
@@ -19,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dontstop_jax.engine.sharding import BATCH_AXES, Rules, activation_rules, to_global
+from dontstop_jax.engine.sharding import Rules, activation_rules, to_global
 from dontstop_jax.engine.steps import Fixed, LossSums, mlm_loss_sums
 
 Buffer = dict[str, np.ndarray]  # an MLM batch's fields + "logits" [rows, masked slots, vocab], rows first
@@ -53,20 +54,27 @@ def replay_indices(rng: jax.Array, rows: int, size: int) -> jax.Array:
     return jax.random.randint(rng, (size,), 0, rows)
 
 
+def _shards() -> int:
+    """How many devices split the batch here: inside the train step's shard_map each sees its own rows."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else math.prod(mesh.shape[a] for a in mesh.manual_axes)
+
+
 def derpp_loss_sums(model: nn.Module, alpha: float, beta: float, batch_size: int | None) -> Callable[[Buffer], LossSums]:
     """buffer -> MLM sums plus (alpha x logit MSE + beta x replayed MLM) scaled by the MLM weight (so the step's
-    division leaves their means). `batch_size` replayed rows per call (None: as many as the batch has)."""
+    division leaves their means). `batch_size` replayed rows per call, shared by the devices (None: as many as
+    each device's micro-batch has)."""
     mlm = mlm_loss_sums(model)
 
     def sample(buffer, rng, size):
         rows = replay_indices(rng, buffer["input_ids"].shape[0], size)
-        return {k: jax.lax.with_sharding_constraint(v[rows], P(BATCH_AXES)) for k, v in buffer.items()}
+        return {k: nn.with_logical_constraint(v[rows], ("batch",) + (None,) * (v.ndim - 1)) for k, v in buffer.items()}
 
     def with_buffer(buffer: Buffer) -> LossSums:
         def loss(params, batch, rng, deterministic):
             r_mlm, r_a, r_b, r_drop_a, r_drop_b = jax.random.split(rng, 5)
             total, aux = mlm(params, batch, r_mlm, deterministic)
-            size = batch_size or batch["input_ids"].shape[0]
+            size = max(batch_size // _shards(), 1) if batch_size else batch["input_ids"].shape[0]
             a = sample(buffer, r_a, size)
             logits = model.apply({"params": params}, a["input_ids"], a["attention_mask"], a["mlm_positions"],
                                  deterministic=deterministic, rngs={"dropout": r_drop_a})

@@ -234,6 +234,25 @@ def put_tree(tree: Any, shardings: Any) -> Any:
         lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings)
 
 
+def _named(entry: Any) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def _entry(axes: tuple[str, ...]) -> Any:
+    return axes[0] if len(axes) == 1 else (axes or None)
+
+
+def only_axes(spec: P, axes: Sequence[str]) -> P:
+    """`spec` naming only the mesh axes in `axes` (a shard_map spec over those axes; the others stay automatic)."""
+    return P(*(_entry(tuple(a for a in _named(e) if a in axes)) for e in spec))
+
+
+def rules_without(rules: Rules, axes: Sequence[str]) -> Rules:
+    """The logical rules with `axes` removed: inside a shard_map over them each device's block is local, so an
+    activation constraint must not name them."""
+    return tuple((name, _entry(tuple(a for a in _named(target) if a not in axes))) for name, target in rules)
+
+
 @contextlib.contextmanager
 def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
     """Context for tracing model code: logical activation constraints resolve against this mesh."""

@@ -18,8 +18,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dontstop_jax.engine.regularizers import Regularizer
-from dontstop_jax.engine.sharding import BATCH_AXES, Rules, activation_rules, batch_sharding
+from dontstop_jax.engine.sharding import BATCH_AXES, Rules, activation_rules, batch_sharding, only_axes, rules_without
 from dontstop_jax.engine.state import TrainState, ema_update
+from dontstop_jax.errors import UserError
 
 Batch = dict[str, jax.Array]
 # make_train_step's per-parameter hooks: {"grad_transform": f, "update_transform": g}, each tree -> tree.
@@ -103,23 +104,84 @@ def chain_hooks(*hooks: Hooks) -> Hooks:
 
 
 def _micro_batches(batch: Batch, k: int) -> Batch:
-    """[k*b, ...] -> [k, b, ...] keeping each device's rows on that device (row r -> micro-batch r % k)."""
-    def split(x):
-        b = x.shape[0] // k
-        x = x.reshape((b, k) + x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(x, P(None, BATCH_AXES))  # resolved against the compile mesh
-    return jax.tree_util.tree_map(split, batch)
+    """[k*b, ...] -> [k, b, ...] (row r -> micro-batch r % k): on one device's rows this is its share of the
+    global batch's micro-batches, since each device holds a multiple of k consecutive rows."""
+    return jax.tree_util.tree_map(lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def _accumulate(grad_fn: Callable, params: Any, batch: Batch, rng: jax.Array, extra: tuple, accum_steps: int,
+                gather: Callable[[Any], Any]) -> tuple:
+    """(loss sum, aux sums, float32 gradient sum) over the micro-batches of `batch`, with no reduction across
+    devices. `gather(params, micro-batch)` makes the parameters the loss reads (an FSDP all-gather, or nothing):
+    the gradient is taken after it, so its transpose (a reduce-scatter) never runs per micro-batch."""
+    def one(micro, key):
+        (l, a), g = grad_fn(gather(params, micro), micro, key, *extra)
+        return l, a, jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), g)
+    if accum_steps == 1:
+        return one(batch, rng)
+
+    def body(carry, xs):
+        i, micro = xs
+        return jax.tree_util.tree_map(jnp.add, carry, one(micro, jax.random.fold_in(rng, i))), None
+    micro = _micro_batches(batch, accum_steps)
+    shapes = jax.eval_shape(one, jax.tree_util.tree_map(lambda x: x[0], micro), rng)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))[0]
+
+
+def _split_dim(spec: P) -> tuple[int | None, tuple[str, ...]]:
+    """(the dimension a batch-axes-only spec splits, its axes), or (None, ()) for a leaf replicated over them."""
+    for dim, entry in enumerate(spec):
+        if entry is not None:
+            return dim, ((entry,) if isinstance(entry, str) else tuple(entry))
+    return None, ()
+
+
+def _gather(x: jax.Array, spec: P) -> jax.Array:
+    dim, axes = _split_dim(spec)
+    return x if dim is None else jax.lax.all_gather(x, axes, axis=dim, tiled=True)
+
+
+def _reduce(g: jax.Array, spec: P, dtype: Any) -> jax.Array:
+    """A leaf's one gradient reduction over the batch axes, in `dtype`: a reduce-scatter over the axes its
+    parameter is split over (FSDP), an all-reduce over the others (data parallelism)."""
+    dim, axes = _split_dim(spec)
+    g = g.astype(dtype)
+    if dim is not None:
+        g = jax.lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)
+    rest = tuple(a for a in BATCH_AXES if a not in axes)
+    return (jax.lax.psum(g, rest) if rest else g).astype(jnp.float32)
+
+
+def reduction_options(cfg: Any, platform: str) -> dict[str, Any]:
+    """make_train_step's reduction arguments from a phase config's `train` section, for devices of `platform`."""
+    dtype = cfg.train.get("grad_reduce_dtype", "float32")
+    if dtype == "bfloat16" and platform == "cpu":  # XLA's CPU AllReducePromotion aborts the process on it
+        raise UserError("train.grad_reduce_dtype=bfloat16 cannot compile for CPU devices; use float32 on CPU")
+    return {"grad_reduce_dtype": dtype, "gather_params_once": cfg.train.get("gather_params_once", False)}
 
 
 def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformation, *, accum_steps: int = 1, schedule: optax.Schedule | None = None,
                     grad_transform: Callable[[Any], Any] | None = None,
                     update_transform: Callable[[Any], Any] | None = None,
                     skip_nonfinite: bool = False, ema_decays: Mapping[str, float] | None = None,
-                    teacher: str | None = None) -> Callable[[TrainState, Batch], tuple]:
+                    teacher: str | None = None, grad_reduce_dtype: str = "float32",
+                    gather_params_once: bool = False) -> Callable[..., tuple]:
     """(state, global batch) -> (new state, metrics). `grad_transform` maps the gradients before clipping and
     the optimizer (zero frozen slices, DAS soft-masks); `update_transform` scales the optimizer's output
     (layer-wise learning rates; DAS again, since Adam normalises away a constant gradient scale). Several
     sources of hooks combine with `chain_hooks`.
+
+    Under a mesh the gradients are computed in a shard_map over the batch axes (tensor stays automatic): each
+    device sums its rows' gradients over the `accum_steps` micro-batches in float32, unreduced, and the sum is
+    reduced once after the loop in `grad_reduce_dtype` (bfloat16 halves the bytes and rounds the summed
+    gradient), so a step moves one reduction's worth of gradient bytes whatever the accumulation, at the memory
+    of one float32 gradient per device. Parameters split over the batch axes (FSDP) are all-gathered for every
+    micro-batch, or once before the loop with `gather_params_once` (less traffic; the whole parameters are held
+    through the loop). `param_shardings` (compile_train_step passes them) say which are split; without them
+    all count as replicated. A device's dropout key is the step's key folded with its batch shard's index, so
+    the masks depend on the data-parallel size; a loss's in-batch statistics (DAS's contrast, DER++'s replay
+    mean) are per device and micro-batch.
 
     A `Fixed` loss makes the step (state, batch, arrays); `compile_train_step(..., fixed=its arrays)` binds them.
 
@@ -131,25 +193,42 @@ def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformatio
     `teacher`: the name of the average the loss reads as its fifth argument (SMART's Bregman term).
     """
     ema_decays = dict(ema_decays or {})
+    reduce_dtype = jnp.dtype(grad_reduce_dtype)
 
-    def step(state: TrainState, batch: Batch, *fixed: Any):
+    def gradients(params, batch, rng, extra, fixed, step_count, specs=None):
+        """(loss sum, aux, gradient sum); with `specs` (inside the shard_map) reduced over the batch axes."""
         loss = loss_sums
         if isinstance(loss_sums, Fixed):
-            loss = loss_sums.loss(*fixed, state.step) if loss_sums.stepped else loss_sums.loss(*fixed)
+            loss = loss_sums.loss(*fixed, step_count) if loss_sums.stepped else loss_sums.loss(*fixed)
         grad_fn = jax.value_and_grad(lambda p, b, r, *t: loss(p, b, r, False, *t), has_aux=True)
+        if specs is None:  # no mesh: one device, nothing to reduce
+            return _accumulate(grad_fn, params, batch, rng, extra, accum_steps, lambda p, _: p)
+        def gather(tree):
+            return jax.tree_util.tree_map(_gather, tree, specs)
+        def each(p, micro):  # per micro-batch, really: the barrier ties it to the micro-batch so XLA cannot hoist it
+            return gather(jax.lax.optimization_barrier((p, micro))[0])
+        extra = tuple(gather(t) for t in extra)
+        if gather_params_once:
+            params, each = gather(params), (lambda p, _: p)
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXES))
+        with nn.logical_axis_rules(rules_without(nn.get_logical_axis_rules(), BATCH_AXES)):
+            loss_sum, aux, grads = _accumulate(grad_fn, params, batch, rng, extra, accum_steps, each)
+        grads = jax.tree_util.tree_map(lambda g, s: _reduce(g, s, reduce_dtype), grads, specs)
+        return jax.lax.psum((loss_sum, aux), BATCH_AXES) + (grads,)
+
+    def step(state: TrainState, batch: Batch, *fixed: Any, param_shardings: Any = None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         extra = (state.averages[teacher],) if teacher else ()
-        if accum_steps == 1:
-            (loss_sum, aux), grads = grad_fn(state.params, batch, rng, *extra)
+        args = (state.params, batch, rng, extra, fixed, state.step)
+        if jax.sharding.get_abstract_mesh().empty:
+            loss_sum, aux, grads = gradients(*args)
         else:
-            def body(carry, xs):
-                i, micro = xs
-                (l, a), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i), *extra)
-                return jax.tree_util.tree_map(jnp.add, carry, (l, a, g)), None
-            zeros = (jnp.zeros(()), {"weight": jnp.zeros(()), "correct": jnp.zeros(())},
-                     jax.tree_util.tree_map(jnp.zeros_like, state.params))
-            (loss_sum, aux, grads), _ = jax.lax.scan(
-                body, zeros, (jnp.arange(accum_steps), _micro_batches(batch, accum_steps)))
+            specs = jax.tree_util.tree_map(lambda _: P(), state.params) if param_shardings is None else \
+                jax.tree_util.tree_map(lambda s: only_axes(s.spec, BATCH_AXES), param_shardings)
+            in_specs = (specs, P(BATCH_AXES), P(), (specs,) * len(extra), P(), P())
+            loss_sum, aux, grads = jax.shard_map(
+                functools.partial(gradients, specs=specs), in_specs=in_specs, out_specs=(P(), P(), specs),
+                axis_names=set(BATCH_AXES), check_vma=False)(*args)
         weight = jnp.maximum(aux["weight"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / weight, grads)
         if grad_transform is not None:
@@ -203,7 +282,8 @@ def compile_train_step(step: Callable, state_shardings: Any, mesh: Mesh, rules: 
     parameters and optimizer state in device memory instead of two; `donate=False` only for comparisons).
     `fixed`: a `Fixed` loss's arrays, passed to every call (sharded as they were placed)."""
     extra = () if fixed is None else (jax.tree_util.tree_map(lambda x: x.sharding, fixed),)
-    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)) + extra,
+    jitted = jax.jit(functools.partial(step, param_shardings=state_shardings.params),
+                     in_shardings=(state_shardings, batch_sharding(mesh)) + extra,
                      out_shardings=(state_shardings, NamedSharding(mesh, P())),
                      donate_argnums=(0,) if donate else ())
     call = _under_mesh(jitted, mesh, rules)

@@ -91,8 +91,10 @@ def pretrain_config(kind: str = "dapt") -> ConfigDict:
                   attend_across_documents=True, span_masking=dict(terms="", rate=1.0)),
         checkpoint=dict(every=1000, keep_last=2),
         # steps: None = `epochs` passes over the corpus
+        # grad_reduce_dtype: the dtype of the step's one gradient reduction (bfloat16 halves its bytes and rounds
+        # the summed gradient); gather_params_once: FSDP gathers the parameters once per step, not per micro-batch
         train=dict(batch_size=256, accum_steps=4, steps=placeholder(int), epochs=100, log_every=10,
-                   skip_nonfinite=False),
+                   skip_nonfinite=False, grad_reduce_dtype="float32", gather_params_once=False),
         # Continual DAP-training (phases/continual.py) sets these on its stages; a plain phase is MLM on all weights.
         objective="mlm",  # one of OBJECTIVES
         frozen=[],  # parameter paths held fixed, e.g. ["lm_head", "roberta/embeddings"]
@@ -116,6 +118,7 @@ def finetune_config() -> ConfigDict:
         task=dict(path="", hf_dataset="", text_field="text", label_field="label", train_size=0, shots=0),
         data=dict(max_seq_length=512),
         train=dict(batch_size=16, epochs=10, patience=3, metric="macro_f1", log_every=50, skip_nonfinite=False,
+                   grad_reduce_dtype="float32", gather_params_once=False,  # as in pretraining
                    # Stability helpers: re-initialise the top k encoder layers (Zhang et al. 2021); layer-wise
                    # learning-rate decay (1 = off); Dodge et al. 2020: after `discard_fraction` of the epochs,
                    # stop a seed whose dev score is below `discard_below` (the grid sets it from other seeds).

@@ -23,7 +23,7 @@ from dontstop_jax.engine import (abstract_state, chain_hooks, check_batch_size, 
 from dontstop_jax import files
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation
-from dontstop_jax.engine.steps import Fixed, Hooks, LossSums, hold_fixed
+from dontstop_jax.engine.steps import Fixed, Hooks, LossSums, hold_fixed, reduction_options
 from dontstop_jax.distributed import on_first_process
 from dontstop_jax.errors import Interrupted
 from dontstop_jax.model.peft import save_delta
@@ -80,7 +80,7 @@ class Trainer:
         loss_sums, hooks = objective(model, self.state.params)
         self.train_step = compile_train_step(make_train_step(
             loss_sums, self.tx, accum_steps=cfg.train.get("accum_steps", 1), schedule=schedule,
-            skip_nonfinite=cfg.train.skip_nonfinite, teacher=teacher,
+            skip_nonfinite=cfg.train.skip_nonfinite, teacher=teacher, **reduction_options(cfg, jax.default_backend()),
             ema_decays={name: decay for name, decay in self.averages.items() if decay is not None},
             **chain_hooks(adaptation.hooks(), hooks, hold_fixed(tuple(cfg.get("frozen", ()))))),
             self.shardings, self.mesh, self.rules, fixed=loss_sums.arrays if isinstance(loss_sums, Fixed) else None)

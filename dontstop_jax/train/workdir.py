@@ -39,13 +39,13 @@ PREPARED = "prepared"  # the default prepared-data cache of a phase (data.cache_
 # name and place, logging, checkpoint cadence, the mesh (any mesh resumes any checkpoint), rematerialisation
 # (same math) and where caches live.
 RUNTIME_ONLY = ("name", "workdir", "train.log_every", "checkpoint", "mesh", "model.remat", "data.cache_dir",
-                "checkpoint_every")
+                "checkpoint_every", "train.gather_params_once")
 # Fields added after phases were recorded, at the value that does what phases did before them: left out of the
 # fingerprint and the drift check at that value, so a phase finished before the field existed is still reused.
 NEUTRAL = {"task.train_size": 0, "data.attend_across_documents": True, "train.prune_top_layers": 0,
            "data.span_masking.terms": "", "data.span_masking.rate": 1.0, "das.general": True,
            "das.contrast": "all", "das.random": False, "head": "classifier", "task.shots": 0,
-           "train.fresh_head": False, "unit_gates": ""}
+           "train.fresh_head": False, "unit_gates": "", "train.grad_reduce_dtype": "float32"}
 # Sections added later that do nothing when their `method` is "none": then none of their fields count.
 SWITCHED_SECTIONS = ("regularizer", "averaging", "multitask")
 # A continual method's section counts only in the phases whose `objective` is that method.
