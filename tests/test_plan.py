@@ -27,14 +27,15 @@ def test_accelerator_names_map_to_topologies():
 
 
 def test_tiny_step_fits_and_prints_its_plan(capsys):
-    """No dtype flag: a TPU plan computes in bfloat16. Accumulation 1 leaves one lever to rank (FSDP)."""
+    """No dtype flag: a TPU plan computes in bfloat16. Accumulation 1 leaves the FSDP levers to rank (with and
+    without gathering the parameters once per step)."""
     pytest.importorskip("libtpu")
     assert cli.main(["plan", "--topology", "v5litepod-8", *TINY, "--config.train.batch_size=64",
                      "--config.train.accum_steps=1"]) == 0
     out = capsys.readouterr().out
     for row in ("8 v5e chips", "bfloat16", "HBM per chip", "FLOPs", "HBM traffic", "collectives", "roofline step",
-                "per chip, ", "per host; MFU", "wall clock", "fitting plans, fastest first (2 of 2 compiled)",
-                "2. ", "chosen: "):
+                "per chip, ", "per host; MFU", "wall clock", "fitting plans, fastest first (3 of 3 compiled)",
+                "3. ", "--config.train.gather_params_once=True", "chosen: "):
         assert row in out, row
 
 
