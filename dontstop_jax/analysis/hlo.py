@@ -36,9 +36,11 @@ class Op:
 
 @dataclasses.dataclass
 class Counts:
-    """Per execution of the module: FLOPs of its dots, bytes its ops read and write."""
+    """Per execution of the module: FLOPs of its dots, bytes its ops read and write; `flops_once`: the dots' FLOPs
+    with every computation counted once, as XLA's cost analysis counts them."""
     flops: float
     bytes_accessed: float
+    flops_once: float
 
 
 def count(hlo: str) -> Counts:
@@ -46,14 +48,15 @@ def count(hlo: str) -> Counts:
     types = {op.name: op.type for ops in comps.values() for op in ops}
     fusions = {callee for ops in comps.values() for op in ops if op.kind == "fusion"
                for callee in re.findall(r"calls=%?([\w.\-]+)", op.attrs)}
-    flops = traffic = 0.0
+    flops = traffic = once = 0.0
     for name, times in _executions(comps).items():
         for op in comps[name]:
             if op.kind == "dot":
                 flops += times * _dot_flops(op, types)
+                once += _dot_flops(op, types)
             if name not in fusions and op.kind not in _NO_TRAFFIC:  # a fusion's traffic is the fusion op's
                 traffic += times * _traffic(op, types, comps)
-    return Counts(flops, traffic)
+    return Counts(flops, traffic, once)
 
 
 def _parse(hlo: str) -> dict[str, list[Op]]:

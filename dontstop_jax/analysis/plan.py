@@ -92,25 +92,34 @@ def compile_phase(cfg: ConfigDict, devices: list, num_labels: int = 2) -> tuple[
         **chain_hooks(adaptation.hooks(), hold_fixed(tuple(cfg.get("frozen", ()))))), shardings, mesh, rules)
     state, batch = abstract_state(shardings, model, tx), batch_shapes(cfg, arch, mesh)
     with activation_rules(mesh, rules):
-        train = _cost(step.__wrapped__.lower(state, batch), len(devices))
+        train = _cost(step.__wrapped__.lower(state, batch))
         predict = None
         if finetune:
             predict = _cost(compile_predict_step(model, shardings.params, mesh, rules).__wrapped__.lower(
-                state.params, batch), len(devices))
+                state.params, batch))
     params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(state.params))
     return train, predict, params
 
 
-def _cost(lowered: Any, devices: int) -> StepCost:
-    """XLA's memory accounting of the compiled program; FLOPs (the dots of the program before partitioning, per
-    chip), HBM bytes and collectives (per chip) counted with every loop's trip count (analysis/hlo.py)."""
+def _cost(lowered: Any) -> StepCost:
+    """XLA's memory accounting of the compiled program; FLOPs, HBM bytes and collectives (per chip) counted with
+    every loop's trip count (analysis/hlo.py)."""
     compiled = lowered.compile()
     m = compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     text = compiled.as_text()
-    return StepCost(m.argument_size_in_bytes, m.temp_size_in_bytes, total,
-                    count(lowered.as_text(dialect="hlo")).flops / devices, count(text).bytes_accessed,
-                    collectives(text))
+    return StepCost(m.argument_size_in_bytes, m.temp_size_in_bytes, total, _flops(lowered, compiled),
+                    count(text).bytes_accessed, collectives(text))
+
+
+def _flops(lowered: Any, compiled: Any) -> float:
+    """Per chip: XLA's count for the compiled program (each loop body once; TPU dots are convolutions there) times
+    how much the loops multiply the program's dots (counted on the program before partitioning, where they are
+    dots; shard_map bodies have per-device shapes there, other dots global ones, and the ratio is the same)."""
+    xla = compiled.cost_analysis()
+    xla = float((xla[0] if isinstance(xla, list) else xla).get("flops", 0.0))
+    dots = count(lowered.as_text(dialect="hlo"))
+    return xla * dots.flops / dots.flops_once if dots.flops_once else xla
 
 
 @dataclasses.dataclass(frozen=True)
