@@ -1,14 +1,15 @@
 """The README's "Planning a TPU run" table: `dontstop plan` for the paper's recipes on three Cloud TPU slices.
 
+Regenerate the whole table (after merging changes to the step; no dtype flag: plan computes in bfloat16, the
+TPU default; hours of compiling on a 2-core box, since `plan` compiles every lever it ranks):
+
+    JAX_PLATFORMS=cpu PYTHONPATH=. nice -n 10 python bench/plan_table.py
+
 Runs the real CLI once per (recipe, slice), each in its own process, reads its report, and prints one Markdown
-row per plan: mesh, HBM per chip, roofline step time and what binds it, hours for the recipe's steps, and the
-lever `plan` needed when the configured step does not fit (the numbers are then the fitting plan's). Roofline
-estimates from the compiled HLO, not measurements. Needs libtpu but no TPU (a roberta-base compile takes one to
-two minutes on a 2-core CPU box, roberta-large about twice that):
-
-    JAX_PLATFORMS=cpu PYTHONPATH=/path/to/libtpu-site:. nice -n 10 python bench/plan_table.py [--only TEXT ...]
-
-Writes bench/plan_table.json (rows merged by recipe and slice, so `--only "TAPT"` redoes those rows alone).
+row per plan: mesh, HBM per chip, roofline step time and what binds it, hours for the recipe's steps, estimated
+MFU, and the plan `plan` chose (the fastest fitting one; the numbers are then its plan's). Roofline estimates from
+the compiled HLO, not measurements. Needs libtpu but no TPU. `--only TEXT ...` redoes the rows whose recipe or
+slice contains TEXT; bench/plan_table.json keeps every row's command and full report.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).with_name("plan_table.json")
 TOPOLOGIES = ("v4-32", "v5litepod-64", "v5p-64")  # 16 v4 chips, 64 v5e chips, 32 v5p chips
-BF16 = ["--config.model.dtype=bfloat16"]
 LARGE = ["--config.model.hidden_size=1024", "--config.model.num_hidden_layers=24",
          "--config.model.num_attention_heads=16", "--config.model.intermediate_size=4096"]
 # ChemProt's train split: 4,169 examples. TAPT packs its text into 512-token blocks; its size in tokens is an
@@ -37,17 +37,12 @@ FINETUNE_MESH = {"v4-32": "(-1,1,1)", "v5litepod-64": "(16,1,4)", "v5p-64": "(16
 
 # (recipe, config, overrides, corpus tokens for --tokens, slices, levers cell when plan names none)
 RECIPES = [
-    ("DAPT roberta-base", "configs/dapt.py:biomed", BF16, None, TOPOLOGIES, "none (recipe: accum 32)"),
-    ("DAPT roberta-large", "configs/dapt.py:biomed", BF16 + LARGE, None, TOPOLOGIES, "none (recipe: accum 32)"),
-    ("TAPT ChemProt (base)", "configs/tapt.py:chemprot", BF16, CHEMPROT_TAPT_TOKENS, TOPOLOGIES,
+    ("DAPT roberta-base", "configs/dapt.py:biomed", [], None, TOPOLOGIES, "none (recipe: accum 32)"),
+    ("DAPT roberta-large", "configs/dapt.py:biomed", LARGE, None, TOPOLOGIES, "none (recipe: accum 32)"),
+    ("TAPT ChemProt (base)", "configs/tapt.py:chemprot", [], CHEMPROT_TAPT_TOKENS, TOPOLOGIES,
      "none (recipe: accum 4)"),
-    ("fine-tune ChemProt (base)", "configs/finetune.py:chemprot", BF16, CHEMPROT_EXAMPLES * 512, TOPOLOGIES,
+    ("fine-tune ChemProt (base)", "configs/finetune.py:chemprot", [], CHEMPROT_EXAMPLES * 512, TOPOLOGIES,
      "none; batch 16 = 16 data shards at most"),
-    # What if, where the recipe's 32 gradient all-reduces per step bind: fewer micro-batches (same batch 2048).
-    ("DAPT roberta-base, accum 4", "configs/dapt.py:biomed", BF16 + ["--config.train.accum_steps=4"], None,
-     ("v5litepod-64",), "train.accum_steps=4 (2 fits too, 13.09 GiB, same time; 1 does not)"),
-    ("DAPT roberta-large, accum 16", "configs/dapt.py:biomed", BF16 + LARGE + ["--config.train.accum_steps=16"],
-     None, ("v5litepod-64",), "train.accum_steps=16 (8: 16.29 GiB, does not fit)"),
 ]
 
 
@@ -57,10 +52,10 @@ def command(config: str, topology: str, overrides: list[str], tokens: int | None
 
 
 def parse(report: str) -> dict:
-    """The numbers of the plan a report ends with (the fitting lever's plan when the configured one does not fit)."""
-    lever = re.search(r"does not fit; it fits with (.+):\n", report)
-    plans = re.split(r"\ndoes not fit.*\n", report)
-    text = plans[-1]
+    """The numbers of the plan `plan` chose (the configured one, or the fastest fitting lever's)."""
+    chosen = re.search(r"\nchosen: (.+)", report)
+    lever = chosen.group(1) if chosen and chosen.group(1) != "as configured" else None
+    text = report[chosen.end():] if lever else report.split("\nfitting plans")[0]
     head = re.search(r"on \S+: (\d+) (\S+) chips.*; mesh data=(\d+) fsdp=(\d+) tensor=(\d+); batch (\d+) x (\d+) "
                      r"tokens, accum (\d+), (\w+), remat (\w+)", text)
     hbm = re.search(r"HBM per chip: +([\d.]+) GiB state\+batch, ([\d.]+) GiB temporaries, ([\d.]+) GiB total of "
@@ -70,9 +65,12 @@ def parse(report: str) -> dict:
     hours = re.search(r"wall clock: +([\d.]+) h for (\d+) steps", text)
     collectives = re.search(r"collectives per chip per step: (.+)", text).group(1)
     predict = re.search(r"predict step: .* ([\d.]+) GiB total", text)
+    rates = re.search(r"throughput: +([\d,]+) tokens/s, ([\d,]+) per chip, ([\d,]+) per host; MFU (\d+)%", text)
     return {
-        "fits_as_configured": lever is None and "does not fit" not in report,
-        "lever": lever.group(1) if lever else ("none fits" if "does not fit" in report else ""),
+        "fits_as_configured": "\ndoes not fit" not in report,
+        "lever": lever or ("none fits" if chosen is None else ""),
+        "tokens_per_s": int(rates.group(1).replace(",", "")), "tokens_per_s_chip": int(rates.group(2).replace(",", "")),
+        "tokens_per_s_host": int(rates.group(3).replace(",", "")), "mfu": int(rates.group(4)) / 100,
         "chips": int(head.group(1)), "chip": head.group(2),
         "mesh": {"data": int(head.group(3)), "fsdp": int(head.group(4)), "tensor": int(head.group(5))},
         "batch": int(head.group(6)), "seq": int(head.group(7)), "accum": int(head.group(8)),
@@ -105,8 +103,9 @@ def row(r: dict) -> str:
     took = f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds / 60:.1f} min" if seconds >= 60 else \
         f"{seconds:.0f} s"
     levers = r["lever"].replace("--config.", "") if r["lever"] else r["note"]
+    mfu = f"{r['mfu']:.0%}" if "mfu" in r else "not yet rerun"  # a row from before plan estimated MFU
     return (f"| {r['recipe']} | {r['topology']} | {mesh} | {r['total_gib']:.2f} of {r['hbm_gib']} | "
-            f"{r['step_ms']:.1f} ms, {r['bound']} | {took} ({steps} steps) | {levers} |")
+            f"{r['step_ms']:.1f} ms, {r['bound']} | {took} ({steps} steps) | {mfu} | {levers} |")
 
 
 def main() -> None:
@@ -114,7 +113,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=[], help="plan only rows whose recipe or slice contains TEXT")
     parser.add_argument("--topologies", nargs="*", default=list(TOPOLOGIES))
     opts = parser.parse_args()
-    rows = {(r["recipe"], r["topology"]): r for r in json.loads(OUT.read_text())["rows"]} if OUT.exists() else {}
+    known = {recipe for recipe, *_ in RECIPES}
+    rows = {(r["recipe"], r["topology"]): r for r in json.loads(OUT.read_text())["rows"]
+            if r["recipe"] in known} if OUT.exists() else {}
     for recipe, config, overrides, tokens, topologies, note in RECIPES:
         for topology in (t for t in topologies if t in opts.topologies):
             if opts.only and not any(t in f"{recipe} {topology}" for t in opts.only):
@@ -125,8 +126,8 @@ def main() -> None:
             print(f"{row(r)}  ({r['compile_s']} s)", file=sys.stderr, flush=True)
             OUT.write_text(json.dumps({"rows": list(rows.values())}, indent=1) + "\n")
     order = {(recipe, t): i for i, (recipe, t) in enumerate((x[0], t) for x in RECIPES for t in x[4])}
-    print("| recipe | slice | mesh | GiB per chip | step (roofline), bound | run (roofline) | levers |")
-    print("|:--|:--|:--|--:|--:|--:|:--|")
+    print("| recipe | slice | mesh | GiB per chip | step (roofline), bound | run (roofline) | MFU (est.) | levers |")
+    print("|:--|:--|:--|--:|--:|--:|--:|:--|")
     for r in sorted(rows.values(), key=lambda r: order.get((r["recipe"], r["topology"]), len(order))):
         print(row(r))
     print(f"\n{len(rows)} plans, {sum(r['compile_s'] for r in rows.values())} s of compiling", file=sys.stderr)

@@ -24,7 +24,7 @@ EPILOG = """examples:
   dontstop export --from runs/finetune-chemprot --to exported/chemprot
   dontstop analyze --config configs/analyze.py:synthetic   # after the demo: overlap, MLM loss, curves, plots
   dontstop finetune --config configs/finetune.py:chemprot --config.peft.method=lora --config.peft.lora_rank=8
-  dontstop plan --config configs/dapt.py:biomed --topology v5litepod-64 --config.model.dtype=bfloat16
+  dontstop plan --config configs/dapt.py:biomed --topology v5litepod-64  # plans bfloat16, the TPU default
 Every --config.a.b=value must name an existing field; see configs/*.py for the fields and the paper's values."""
 
 
@@ -85,7 +85,7 @@ def _command(args: argparse.Namespace, overrides: list[str]) -> int:
         from dontstop_jax.phases import synthetic
         cfg = config_loader.finalize(synthetic.get_config(args.scale), overrides)
     else:
-        cfg = config_loader.load(args.config, overrides)
+        cfg = config_loader.load(args.config, overrides, platform="tpu" if args.command == "plan" else None)
     if args.command in ("demo", "grid"):
         from dontstop_jax.phases.grid import Grid
         from dontstop_jax.phases.synthetic import materialize

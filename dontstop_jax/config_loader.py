@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 from ml_collections import ConfigDict, FieldReference
 
 from dontstop_jax.analysis.metrics import METRICS
@@ -19,7 +20,7 @@ from dontstop_jax.engine.peft import METHODS as PEFT_METHODS
 from dontstop_jax.engine.prompt import HEADS, check_template
 from dontstop_jax.engine.regularizers import METHODS as REGULARIZERS, NOISES, NORMS
 from dontstop_jax.errors import UserError
-from dontstop_jax.model.config import REMAT_POLICIES
+from dontstop_jax.model.config import DTYPES, REMAT_POLICIES, default_dtype
 from dontstop_jax.phases.defaults import OBJECTIVES
 from dontstop_jax.phases.finetune import AVERAGING
 from dontstop_jax.phases.select import METHODS as SELECT_METHODS
@@ -53,7 +54,7 @@ RULES: dict[str, Rule] = {
     "optim.learning_rate": _POSITIVE,
     "optim.warmup_fraction": ((lambda v: 0 <= v < 1), "must be in [0, 1)"),
     "peft.method": _one_of(PEFT_METHODS),
-    "model.dtype": _one_of(("float32", "bfloat16", "float16")),
+    "model.dtype": _one_of(DTYPES + ("auto",)),
     "model.remat": _one_of(REMAT_POLICIES),
     "objective": _one_of(OBJECTIVES),
     "das.contrast": _one_of(("all", "past")),
@@ -114,17 +115,36 @@ _TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "True or
                tuple: "a list", ConfigDict: "a dict"}
 
 
-def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
+def load(spec: str, overrides: Sequence[str] = (), platform: str | None = None) -> ConfigDict:
     """`path/to/config.py` or `path/to/config.py:arg` -> that file's get_config(arg), overridden and checked."""
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
         raise UserError(f"config file {path!r} does not exist; pass e.g. configs/dapt.py:biomed")
-    return finalize(_get_config(path, arg), overrides)
+    return finalize(_get_config(path, arg), overrides, platform)
 
 
-def finalize(cfg: ConfigDict, overrides: Sequence[str] = ()) -> ConfigDict:
-    """Apply command-line `overrides`, check every value, and lock (no field can be added afterwards)."""
-    return lock(validate(apply_overrides(cfg, list(overrides))))
+def finalize(cfg: ConfigDict, overrides: Sequence[str] = (), platform: str | None = None) -> ConfigDict:
+    """Apply command-line `overrides`, check every value, resolve the accelerator defaults for `platform` (default:
+    the backend this process runs on) and lock (no field can be added afterwards)."""
+    return lock(accelerator_defaults(validate(apply_overrides(cfg, list(overrides))),
+                                     platform or jax.default_backend()))
+
+
+def accelerator_defaults(cfg: ConfigDict, platform: str) -> ConfigDict:
+    """Every `model.dtype="auto"` in cfg (a phase's, or a grid's phase templates') set to what `platform` computes
+    in (model/config.py `default_dtype`), so the recorded config and the fingerprint name the dtype used: float32
+    on CPU, exactly what phases recorded before "auto" existed. On a TPU a model whose attention dropout is set to
+    0 (the fused path in training too) and whose attention_impl is unset gets the splash kernel."""
+    for key, value in cfg.items():
+        if key == "model" and isinstance(value, ConfigDict) and "dtype" in value:
+            if value.dtype == "auto":
+                value.dtype = default_dtype(platform)
+            fused = value.get("attention_probs_dropout_prob") == 0 and value.get("attention_impl") is None
+            if platform == "tpu" and fused:
+                value.attention_impl = "splash"
+        elif isinstance(value, ConfigDict):
+            accelerator_defaults(value, platform)
+    return cfg
 
 
 def lock(cfg: ConfigDict) -> ConfigDict:

@@ -71,6 +71,19 @@ def test_fields_added_later_keep_the_fingerprints_of_phases_recorded_before_them
         assert fingerprint(other) != fingerprint(recorded), field
 
 
+def test_auto_dtype_is_recorded_as_the_backends_and_keeps_cpu_fingerprints():
+    """model.dtype defaults to "auto": float32 on CPU (the fingerprint of a phase recorded with float32 before
+    "auto" existed), bfloat16 when resolved for a TPU or GPU (a different result, so a different fingerprint)."""
+    recorded = json.loads(pretrain_config("dapt").to_json_best_effort())
+    recorded["model"]["dtype"] = "float32"
+    cpu = config_loader.finalize(pretrain_config("dapt"), platform="cpu")
+    assert cpu.model.dtype == "float32" and fingerprint(cpu) == fingerprint(recorded)
+    for platform in ("tpu", "gpu"):
+        assert config_loader.finalize(pretrain_config("dapt"), platform=platform).model.dtype == "bfloat16"
+    tpu = config_loader.finalize(pretrain_config("dapt"), ["--config.model.dtype=float32"], platform="tpu")
+    assert tpu.model.dtype == "float32" and fingerprint(tpu) == fingerprint(recorded)  # explicit values stay
+
+
 @pytest.mark.parametrize("command, expected", [
     (["pretrain", "--config", "configs/dapt.py:biomed", "--config.init=/nonexistent/model"],
      "error: init='/nonexistent/model' is neither"),

@@ -123,7 +123,7 @@ def test_a_dict_replaces_a_map_but_not_a_section():
     ("finetune.py:rct", "train.metric=f1", "train.metric='f1' must be one of accuracy, macro_f1, micro_f1"),
     ("finetune.py:rct", "peft.method=prefix",
      "peft.method='prefix' must be one of full, frozen, top_k, bitfit, houlsby, pfeiffer, lora"),
-    ("finetune.py:rct", "model.dtype=float64", "model.dtype='float64' must be one of float32, bfloat16, float16"),
+    ("finetune.py:rct", "model.dtype=float64", "model.dtype='float64' must be one of float32, bfloat16, float16, auto"),
     ("finetune.py:rct", "model.remat=all", "model.remat='all' must be one of none, full, dots, dots_no_batch"),
     ("select.py:knn", "method=nope", "method='nope' must be one of knn, rand, dsir, curated"),
     ("select.py:knn", "k=0", "k=0 must be > 0"),
@@ -163,9 +163,10 @@ def _cli(*args: str) -> str:
     (["--config.optim.learning_rate=fast"],
      "error: --config.optim.learning_rate=fast: optim.learning_rate must be a number, got 'fast'"),
     (["--config.train=5"], "error: --config.train=5: train is a section; set its fields, e.g. "
-     "--config.train.accum_steps=VALUE (fields: accum_steps, batch_size, epochs, log_every, skip_nonfinite, steps)"),
+     "--config.train.accum_steps=VALUE (fields: accum_steps, batch_size, epochs, gather_params_once, "
+     "grad_reduce_dtype, log_every, skip_nonfinite, steps)"),
     (["--config.train.stpes=5"], "error: --config.train.stpes: train has no field 'stpes'; known fields: "
-     "accum_steps, batch_size, epochs, log_every, skip_nonfinite, steps"),
+     "accum_steps, batch_size, epochs, gather_params_once, grad_reduce_dtype, log_every, skip_nonfinite, steps"),
     (["--config.train.steps=-1"], "error: train.steps=-1 must be > 0 (or None to train for train.epochs)"),
     (["--config.data.mask_prob=1.5"], "error: data.mask_prob=1.5 must be in (0, 1)"),
 ])

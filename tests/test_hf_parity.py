@@ -225,3 +225,41 @@ def test_cudnn_attention_needs_half_precision():
         ModelConfig(attention_impl="cudnn")
     with pytest.raises(UserError, match="attention_impl='flash' is unknown"):
         ModelConfig(attention_impl="flash", dtype="bfloat16")
+
+
+def test_fused_attention_in_training_is_the_explicit_attention_and_keeps_documents_apart():
+    """With attention dropout 0 training takes the fused path (jax.nn.dot_product_attention, XLA here): the same
+    outputs and gradients as RoBERTa's explicit attention, and packed documents (segment ids in the mask) stay
+    apart: changing one document's tokens changes no other document's outputs."""
+    from dontstop_jax.model.roberta import attention_pairs, explicit_attention
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 12, 2, 8)) for i in range(3))
+    segments = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12])  # row 0: two documents and padding
+    pairs = attention_pairs(segments)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.sin(fn(q, k, v, pairs)[:, :9]))  # real tokens only
+    fused = lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla")
+    np.testing.assert_allclose(fused(q, k, v, pairs), explicit_attention(q, k, v, pairs), atol=1e-5)
+    for a, b in zip(jax.grad(loss, argnums=(1, 2, 3))(fused, q, k, v),
+                    jax.grad(loss, argnums=(1, 2, 3))(explicit_attention, q, k, v)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    other = v.at[0, 5:9].set(7.0)  # the second document's values
+    assert np.allclose(fused(q, k, other, pairs)[0, :5], fused(q, k, v, pairs)[0, :5], atol=1e-6)
+    assert not np.allclose(fused(q, k, other, pairs)[0, 5:9], fused(q, k, v, pairs)[0, 5:9])
+
+
+def test_splash_kernel_keeps_documents_apart_and_is_the_explicit_attention():
+    """The TPU splash kernel (run by Pallas' interpreter here) with per-document segment ids: outputs and
+    gradients of the real tokens equal the explicit attention under `attention_pairs`' mask."""
+    from dontstop_jax.model.roberta import attention_pairs, explicit_attention, splash_attention
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 128, 1, 32)) for i in range(3))
+    segments = jnp.asarray([[1] * 50 + [2] * 40 + [0] * 38, [1] * 128])
+    real = segments[..., None, None] > 0
+
+    def run(attention):
+        out, vjp = jax.vjp(attention, q, k, v)
+        return (out * real, *vjp(jnp.cos(out) * real))
+    splash = run(lambda q, k, v: splash_attention(q, k, v, segments, interpret=True))
+    explicit = run(lambda q, k, v: explicit_attention(q, k, v, attention_pairs(segments)))
+    for a, b in zip(splash, explicit):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -10,7 +10,7 @@ from dontstop_jax.engine import topology
 
 TINY = ["--config", "configs/tapt.py", "--config.model.hidden_size=64", "--config.model.num_hidden_layers=2",
         "--config.model.num_attention_heads=2", "--config.model.intermediate_size=128",
-        "--config.data.max_seq_length=64", "--config.model.dtype=bfloat16"]
+        "--config.data.max_seq_length=64"]
 
 
 def test_unknown_topology_is_one_error_line(capsys):
@@ -27,11 +27,34 @@ def test_accelerator_names_map_to_topologies():
 
 
 def test_tiny_step_fits_and_prints_its_plan(capsys):
+    """No dtype flag: a TPU plan computes in bfloat16. Accumulation 1 leaves the FSDP levers to rank (with and
+    without gathering the parameters once per step)."""
     pytest.importorskip("libtpu")
-    assert cli.main(["plan", "--topology", "v5litepod-8", *TINY, "--config.train.batch_size=64"]) == 0
+    assert cli.main(["plan", "--topology", "v5litepod-8", *TINY, "--config.train.batch_size=64",
+                     "--config.train.accum_steps=1"]) == 0
     out = capsys.readouterr().out
-    for row in ("8 v5e chips", "HBM per chip", "FLOPs per step", "collectives", "roofline step", "MFU", "wall clock"):
-        assert row in out
+    for row in ("8 v5e chips", "bfloat16", "HBM per chip", "FLOPs", "HBM traffic", "collectives", "roofline step",
+                "per chip, ", "per host; MFU", "wall clock", "fitting plans, fastest first (3 of 3 compiled)",
+                "3. ", "--config.train.gather_params_once=True", "chosen: "):
+        assert row in out, row
+
+
+def test_loops_count_as_often_as_they_run():
+    """XLA's cost analysis counts a while body once; hlo.count multiplies it by the loop's trip count."""
+    import jax
+    import jax.numpy as jnp
+
+    from dontstop_jax.analysis import hlo
+
+    def f(w, x):
+        return jax.lax.scan(lambda c, wl: (jnp.tanh(c @ wl), None), x, w)[0].sum()
+    compiled = jax.jit(f).lower(jnp.ones((5, 32, 32)), jnp.ones((16, 32))).compile()
+    counted = hlo.count(compiled.as_text())
+    assert counted.flops == 5 * 2 * 16 * 32 * 32
+    xla = compiled.cost_analysis()
+    xla = xla[0] if isinstance(xla, list) else xla
+    assert xla["flops"] < counted.flops / 4  # XLA: the body once
+    assert counted.bytes_accessed >= 5 * 32 * 32 * 4  # every layer's weights read once
 
 
 def test_step_that_does_not_fit_names_the_lever_and_its_plan(capsys, monkeypatch):
@@ -42,8 +65,8 @@ def test_step_that_does_not_fit_names_the_lever_and_its_plan(capsys, monkeypatch
     assert cli.main(["plan", "--topology", "v5litepod-8", *TINY, "--config.train.batch_size=1024",
                      "--config.train.accum_steps=1", "--config.mesh.shape=(1,-1,1)", "--config.model.remat=full"]) == 1
     out = capsys.readouterr().out
-    assert "does not fit; it fits with --config.train.accum_steps=2:" in out
-    assert out.count("HBM per chip") == 2 and "accum 2," in out
+    assert "does not fit\nfitting plans, fastest first (1 of 2 compiled)" in out
+    assert "chosen: --config.train.accum_steps=2\n" in out and out.count("HBM per chip") == 2 and "accum 2," in out
 
 
 def test_a_step_the_compiler_refuses_does_not_fit_and_gets_a_lever(capsys, monkeypatch):
@@ -64,7 +87,22 @@ def test_a_step_the_compiler_refuses_does_not_fit_and_gets_a_lever(capsys, monke
     assert cli.main(["plan", "--topology", "v5litepod-8", *TINY, "--config.train.batch_size=64"]) == 1
     out = capsys.readouterr().out
     assert "does not compile: RESOURCE_EXHAUSTED: Ran out of memory on HBM" in out
-    assert "does not fit; it fits with --config.mesh.shape='(1, 8, 1)':" in out and "mesh data=1 fsdp=8" in out
+    assert "does not fit\n" in out and "chosen: --config.mesh.shape='(1, 8, 1)'" in out and "mesh data=1 fsdp=8" in out
+
+
+def test_fused_attention_plans_the_splash_kernel_for_a_tpu_slice(monkeypatch):
+    """Attention dropout 0 on a TPU (no attention_impl flag): the step compiles with the Pallas splash kernel."""
+    pytest.importorskip("libtpu")
+    from dontstop_jax.analysis import plan as analysis
+    from dontstop_jax.config_loader import load
+    texts, real = [], analysis.count
+    monkeypatch.setattr(analysis, "count", lambda text: texts.append(text) or real(text))
+    cfg = load("configs/tapt.py", TINY[2:] + ["--config.data.max_seq_length=128", "--config.train.batch_size=64",
+                                               "--config.train.accum_steps=1",
+                                               "--config.model.attention_probs_dropout_prob=0.0"], platform="tpu")
+    assert (cfg.model.attention_impl, cfg.model.dtype) == ("splash", "bfloat16")
+    analysis.compile_phase(cfg, topology.devices("v5litepod-8")[1])
+    assert any("tpu_custom_call" in text for text in texts)
 
 
 def test_fine_tuning_plans_without_train_steps():

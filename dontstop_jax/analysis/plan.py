@@ -18,6 +18,7 @@ from dontstop_jax.engine import (abstract_state, batch_sharding, chain_hooks, cl
                                  compile_predict_step, compile_train_step, hold_fixed, make_mesh, make_train_step,
                                  mlm_loss_sums, state_shardings)
 from dontstop_jax import files
+from dontstop_jax.analysis.hlo import COLLECTIVES, count, shape_bytes
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import plan as peft_plan
 from dontstop_jax.engine.steps import reduction_options
@@ -25,15 +26,13 @@ from dontstop_jax.engine.sharding import activation_rules
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM, RobertaForSequenceClassification, hub
 from dontstop_jax.model.hf_io import read_config
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_RUNTIME = ("dtype", "remat", "attention_impl")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
-          "f64": 8, "s64": 8, "u64": 8}
+_RUNTIME = ("dtype", "remat", "attention_impl", "attention_probs_dropout_prob")
 
 
 @dataclasses.dataclass
 class StepCost:
-    """Per chip, per step: HBM bytes (arguments = state + batch), FLOPs and HBM traffic, collectives."""
+    """Per chip, per step: HBM bytes (arguments = state + batch), FLOPs and HBM traffic, collectives; loops
+    counted as often as they run."""
     argument_bytes: int
     temp_bytes: int
     total_bytes: int
@@ -93,22 +92,34 @@ def compile_phase(cfg: ConfigDict, devices: list, num_labels: int = 2) -> tuple[
         **chain_hooks(adaptation.hooks(), hold_fixed(tuple(cfg.get("frozen", ()))))), shardings, mesh, rules)
     state, batch = abstract_state(shardings, model, tx), batch_shapes(cfg, arch, mesh)
     with activation_rules(mesh, rules):
-        train = _cost(step.__wrapped__.lower(state, batch).compile())
+        train = _cost(step.__wrapped__.lower(state, batch))
         predict = None
         if finetune:
             predict = _cost(compile_predict_step(model, shardings.params, mesh, rules).__wrapped__.lower(
-                state.params, batch).compile())
+                state.params, batch))
     params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(state.params))
     return train, predict, params
 
 
-def _cost(compiled: Any) -> StepCost:
+def _cost(lowered: Any) -> StepCost:
+    """XLA's memory accounting of the compiled program; FLOPs, HBM bytes and collectives (per chip) counted with
+    every loop's trip count (analysis/hlo.py)."""
+    compiled = lowered.compile()
     m = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    return StepCost(m.argument_size_in_bytes, m.temp_size_in_bytes, total, float(cost.get("flops", 0.0)),
-                    float(cost.get("bytes accessed", 0.0)), collectives(compiled.as_text()))
+    text = compiled.as_text()
+    return StepCost(m.argument_size_in_bytes, m.temp_size_in_bytes, total, _flops(lowered, compiled),
+                    count(text).bytes_accessed, collectives(text))
+
+
+def _flops(lowered: Any, compiled: Any) -> float:
+    """Per chip: XLA's count for the compiled program (each loop body once; TPU dots are convolutions there) times
+    how much the loops multiply the program's dots (counted on the program before partitioning, where they are
+    dots; shard_map bodies have per-device shapes there, other dots global ones, and the ratio is the same)."""
+    xla = compiled.cost_analysis()
+    xla = float((xla[0] if isinstance(xla, list) else xla).get("flops", 0.0))
+    dots = count(lowered.as_text(dialect="hlo"))
+    return xla * dots.flops / dots.flops_once if dots.flops_once else xla
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +152,7 @@ def collective_ops(hlo: str) -> list[Collective]:
         if (bound := re.search(r"s32\[\]\S* constant\((\d+)\)", line)) and current not in bounds:
             bounds[current] = int(bound.group(1))
         if op := re.search(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line):
-            bodies[current].append((op.group(2), _shape_bytes(op.group(1), largest=bool(op.group(3))),
+            bodies[current].append((op.group(2), shape_bytes(op.group(1), largest=bool(op.group(3))),
                                     _replica_groups(line)))
         if loop := re.search(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", line):
             calls[current].append((loop.group(2), loop.group(1)))
@@ -192,9 +203,3 @@ def _replica_groups(line: str) -> tuple[tuple[int, ...], ...]:
         return tuple(map(tuple, ids.transpose(order).reshape(-1, size).tolist()))
     return ()
 
-
-def _shape_bytes(types: str, largest: bool) -> int:
-    """Bytes of an HLO result type; an async start's tuple also holds its operands, so take its largest array."""
-    sizes = [_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
-             for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", types)]
-    return max(sizes, default=0) if largest else sum(sizes)

@@ -1,8 +1,9 @@
 """A roofline estimate of one step from its compiled cost: the slowest of compute, HBM traffic and ICI traffic.
 
 An estimate, not a measurement: it assumes each resource runs at its published peak and nothing overlaps
-badly. XLA's cost analysis counts a while loop's body once (the layer scan, accumulation), so compute uses
-the model's analytic FLOPs, and the HBM time (XLA's bytes accessed) is a lower bound.
+badly. Compute and HBM times come from the FLOPs and bytes counted in the step's HLO with every loop's trip
+count (analysis/hlo.py), so full remat's recomputation is in them; MFU divides the model's own FLOPs (PaLM's
+convention, no recomputation) by what the chips could do in the estimated step time.
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ class Roofline:
         return max((self.compute_s, "compute"), (self.hbm_s, "HBM"), (self.ici_s, "ICI"))[1]
 
 
-def roofline(cost: StepCost, chip: Chip, chips: int, flops: float, remat: bool) -> Roofline:
-    """`flops`: the model's FLOPs for the whole step; full remat adds one more forward pass (4/3)."""
-    per_chip = flops * (4 / 3 if remat else 1) / chips
+def roofline(cost: StepCost, chip: Chip) -> Roofline:
     # A ring all-reduce moves its bytes twice (reduce-scatter, then all-gather); the others once.
     ici = sum(b * (2 if kind == "all-reduce" else 1) for kind, (_, b) in cost.collectives.items())
-    return Roofline(per_chip / chip.peak_flops, cost.bytes_accessed / chip.hbm_bandwidth,
+    return Roofline(cost.flops / chip.peak_flops, cost.bytes_accessed / chip.hbm_bandwidth,
                     ici / chip.ici_bandwidth)
+
+
+def mfu(model_step_flops: float, step_s: float, chip: Chip, chips: int) -> float:
+    """Model FLOPs utilisation: the model's FLOPs per step over what `chips` do at peak in `step_s`."""
+    return model_step_flops / (step_s * chip.peak_flops * chips)
 
 
 def memory_line(cost: StepCost, chip: Chip) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from dontstop_jax.errors import UserError
@@ -15,6 +16,13 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ADAPTERS = ("none", "houlsby", "pfeiffer")
 LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
 POOLINGS = ("cls", "mean")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_dtype(platform: str) -> str:
+    """What `model.dtype="auto"` computes in on a backend: bfloat16 on TPUs and GPUs (their matrix units' input
+    type; parameters and optimizer state stay float32), float32 on CPUs (bfloat16 matmuls are emulated there)."""
+    return "float32" if platform == "cpu" else "bfloat16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +43,13 @@ class ModelConfig:
     classifier_dropout: float | None = None
     initializer_range: float = 0.02
     # Compute options (not part of the Hugging Face config).
-    dtype: str = "float32"  # activations / matmul dtype; parameters stay float32
+    dtype: str = "float32"  # activations / matmul dtype; parameters stay float32; "auto": default_dtype(backend)
     remat: str = "none"  # jax.checkpoint policy per encoder layer, one of REMAT_POLICIES
     # None (XLA decides), "xla" or "cudnn" for jax.nn.dot_product_attention; cudnn (GPUs: flash attention) needs
     # bfloat16/float16 compute and right-padded batches (padding given to it as key lengths; every loader here pads
-    # on the right), and is used where attention dropout is off (eval, or attention_probs_dropout_prob=0)
+    # on the right), and is used where attention dropout is off (eval, or attention_probs_dropout_prob=0);
+    # "splash": the Pallas splash kernel on TPUs (takes the packed documents' segment ids; lengths that are a
+    # multiple of 128), also only where attention dropout is off
     attention_impl: str | None = None
     # Parameter-efficient additions (not part of the Hugging Face config either).
     adapter: str = "none"  # bottleneck adapters: houlsby (after attention and FFN) or pfeiffer (after FFN)
@@ -60,11 +70,13 @@ class ModelConfig:
                 f"{self.num_attention_heads}; pick a head count that divides it")
         if self.remat not in REMAT_POLICIES:
             raise UserError(f"model.remat={self.remat!r} is unknown; use one of {REMAT_POLICIES}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"model.dtype={self.dtype!r} is unknown; use float32, bfloat16 or float16")
-        if self.attention_impl not in (None, "xla", "cudnn"):
-            raise UserError(f"model.attention_impl={self.attention_impl!r} is unknown; use xla or cudnn (or leave it "
-                            "unset)")
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", default_dtype(jax.default_backend()))
+        if self.dtype not in DTYPES:
+            raise UserError(f"model.dtype={self.dtype!r} is unknown; use auto, float32, bfloat16 or float16")
+        if self.attention_impl not in (None, "xla", "cudnn", "splash"):
+            raise UserError(f"model.attention_impl={self.attention_impl!r} is unknown; use xla, cudnn (GPUs) or splash "
+                            "(TPUs), or leave it unset")
         if self.attention_impl == "cudnn" and self.dtype == "float32":
             raise UserError("model.attention_impl=cudnn has no float32 kernel; set model.dtype=bfloat16 (or float16) "
                             "or leave attention_impl unset")

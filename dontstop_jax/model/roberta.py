@@ -150,19 +150,20 @@ class HeadsOutput(nn.Module):
 
 
 class Layer(nn.Module):
-    """One post-LayerNorm transformer layer, written as an `nn.scan` body: (h, mask, gates) -> (h, None)."""
+    """One post-LayerNorm transformer layer, written as an `nn.scan` body: (h, mask, segments, gates) -> (h, None);
+    `mask` is `attention_pairs(segments)`, `segments` the [batch, length] attention mask (for the splash kernel)."""
 
     config: ModelConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, h: Array, mask: Array, gates: Gates | None):
+    def __call__(self, h: Array, mask: Array, segments: Array, gates: Gates | None):
         cfg, det = self.config, self.deterministic
         gates = gates or {}
 
         q, k, v = (add_lora(cfg, n, HeadsProjection(cfg, name=n)(h), h, ("embed",), ("heads", "kv"))
                    for n in ("query", "key", "value"))
-        ctx = self._attention(q, k, v, mask)  # [batch, length, heads, kv]
+        ctx = self._attention(q, k, v, mask, segments)  # [batch, length, heads, kv]
         if "head" in gates:
             ctx = ctx * gates["head"][:, None].astype(ctx.dtype)
         attn_out = add_lora(cfg, "attention_output", HeadsOutput(cfg, name="attention_output")(ctx), ctx,
@@ -185,7 +186,7 @@ class Layer(nn.Module):
         h = _layer_norm(cfg, "output_LayerNorm")(out + h)
         return nn.with_logical_constraint(h, ("batch", "length", "act_embed")), None
 
-    def _attention(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
+    def _attention(self, q: Array, k: Array, v: Array, mask: Array, segments: Array) -> Array:
         cfg = self.config
         rate = cfg.attention_probs_dropout_prob
         if self.deterministic or rate == 0.0:
@@ -196,12 +197,53 @@ class Layer(nn.Module):
                 # (A packed row's document segments cannot be key lengths: phases/pretrain.py refuses them.)
                 lengths = jnp.maximum(jnp.sum(mask[:, 0, 0, :], axis=-1, dtype=jnp.int32), 1)
                 return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+            if cfg.attention_impl == "splash":
+                if q.shape[1] % SPLASH_BLOCK == 0:
+                    return splash_attention(q, k, v, segments)
+                return jax.nn.dot_product_attention(q, k, v, mask=mask)  # a length the kernel does not tile
             return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
         # Dropout on attention probabilities needs the probabilities, so training with it takes this path.
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim).astype(jnp.float32)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = nn.Dropout(rate)(jax.nn.softmax(scores, axis=-1), deterministic=False)
-        return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+        return explicit_attention(q, k, v, mask, lambda probs: nn.Dropout(rate)(probs, deterministic=False))
+
+
+SPLASH_BLOCK = 128  # the splash kernel's tile along the sequence; other lengths take XLA's fused attention
+
+
+def splash_attention(q: Array, k: Array, v: Array, segments: Array, interpret: bool = False) -> Array:
+    """[batch, length, heads, kv] attention by the Pallas splash (flash) kernel for TPUs. `segments` [batch,
+    length] (0 padding, else a document id): a token sees the tokens of its own segment, so packed documents
+    stay apart. Padding queries see padding keys only (their outputs are never read; a 0/1 mask's real tokens
+    see exactly the real tokens, as in `attention_pairs`). Under a mesh the kernel runs per shard (shard_map over
+    the batch and heads axes the logical rules give activations). `interpret`: run the kernel in Python (CPU)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    def per_shard(q, k, v, segments):
+        heads, length = q.shape[2], q.shape[1]
+        block = min(512, length) if length % min(512, length) == 0 else SPLASH_BLOCK
+        kernel = splash.make_splash_mha(
+            splash.MultiHeadMask([splash.FullMask((length, length))] * heads), head_shards=1, q_seq_shards=1,
+            block_sizes=splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                                          block_kv_dq=block),
+            interpret=interpret)
+        heads_first = lambda x: x.transpose(0, 2, 1, 3)
+        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash.SegmentIds(s, s)))(
+            heads_first(q * q.shape[-1] ** -0.5), heads_first(k), heads_first(v), segments)
+        return heads_first(out)
+
+    if jax.sharding.get_abstract_mesh().empty:
+        return per_shard(q, k, v, segments)
+    spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+    return jax.shard_map(per_shard, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(*spec[:2])),
+                         out_specs=spec, check_vma=False)(q, k, v, segments)
+
+
+def explicit_attention(q: Array, k: Array, v: Array, mask: Array, dropout=lambda probs: probs) -> Array:
+    """RoBERTa's attention written out: float32 [batch, heads, queries, keys] probabilities, `dropout` applied to
+    them. The fused path (jax.nn.dot_product_attention) computes the same without materialising them."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("bhqk,bkhd->bqhd", dropout(jax.nn.softmax(scores, axis=-1)).astype(v.dtype), v)
 
 
 class RobertaModel(nn.Module):
@@ -223,9 +265,9 @@ class RobertaModel(nn.Module):
         if cfg.remat != "none":
             layer = nn.remat(Layer, policy=_REMAT_POLICY[cfg.remat], prevent_cse=False)
         stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, 0), length=cfg.num_hidden_layers,
+                        in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_hidden_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
-        h, _ = stack(cfg, deterministic, name="layers")(h, mask, gates)
+        h, _ = stack(cfg, deterministic, name="layers")(h, mask, attention_mask.astype(jnp.int32), gates)
         return h
 
 

@@ -22,7 +22,8 @@ OBJECTIVES = ("mlm", "das", "ewc", "derpp", "hat")
 def _model() -> ConfigDict:
     """Runtime options for a loaded model, or the architecture when init='scratch' (None = keep/default)."""
     return ConfigDict(dict(
-        dtype="float32", remat="none", attention_impl=placeholder(str), hidden_dropout_prob=placeholder(float),
+        # dtype "auto": bfloat16 on TPU/GPU, float32 on CPU (config_loader.accelerator_defaults records which)
+        dtype="auto", remat="none", attention_impl=placeholder(str), hidden_dropout_prob=placeholder(float),
         attention_probs_dropout_prob=placeholder(float), classifier_dropout=placeholder(float),
         vocab_size=placeholder(int), hidden_size=placeholder(int), num_hidden_layers=placeholder(int),
         num_attention_heads=placeholder(int), intermediate_size=placeholder(int),

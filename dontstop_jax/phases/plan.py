@@ -1,12 +1,17 @@
 """`dontstop plan`: will this phase fit, and how long will it take, on a TPU slice nobody has paid for yet?
 
-Compiles the phase's real step for the slice (analysis/plan.py) and prints per-chip memory, FLOPs,
-collectives and a roofline step time. A step that does not fit is re-planned with the memory levers, in
-order and cumulatively, until one fits: FSDP over the data axis, full remat, more accumulation, a smaller batch.
+Compiles the phase's real step for the slice (analysis/plan.py) and prints per-chip memory, FLOPs, HBM bytes and
+collectives (loops counted as often as they run), a roofline step time, tokens/s and an MFU estimate. Then it
+tries the levers and ranks the plans that fit by estimated throughput: accumulation (halved while it fits and
+gets faster, doubled until it fits), FSDP over the data axis (with `train.gather_params_once` where the config has
+it), full remat (only when nothing without it fits) and, when nothing else fits, a smaller batch. It prints the
+top three with their flags and the fastest one's plan.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from typing import Iterator
 
@@ -15,83 +20,141 @@ from ml_collections import ConfigDict
 
 from dontstop_jax.analysis import roofline as rl
 from dontstop_jax.analysis.plan import compile_phase, model_config
+from dontstop_jax.config_loader import accelerator_defaults, set_fields
 from dontstop_jax.engine import data_parallel_size, make_mesh, topology
 from dontstop_jax.engine.peft import plan as peft_plan
 
 
+@dataclasses.dataclass
+class Plan:
+    flags: dict  # the overrides that make it, {} for the configured step
+    fits: bool
+    tokens_per_s: float  # 0 when it does not compile
+    step_ms: float
+    text: str
+
+    @property
+    def command(self) -> str:
+        return " ".join(f"--config.{k}='{v}'" if isinstance(v, tuple) else f"--config.{k}={v}"
+                        for k, v in self.flags.items()) or "as configured"
+
+
 def plan(cfg: ConfigDict, name: str, slices: int = 1, tokens: int | None = None) -> tuple[bool, str]:
-    """(fits, report). When the configured step does not fit, the report ends with the first lever (cumulative)
-    that makes it fit, and that lever's plan."""
+    """(fits as configured, report). The report ends with the fitting plans ranked by throughput and the fastest
+    one's plan when it is not the configured one."""
     jax.config.update("jax_enable_compilation_cache", False)  # compile-only executables cannot be cached
+    cfg = accelerator_defaults(copy.deepcopy(cfg), "tpu")  # what a run on the slice would compute in
     chip, devices = topology.devices(name, slices)
-    fits, text = _one(cfg, chip, devices, name, tokens)
-    if fits:
-        return True, text
-    for lever, changed in _levers(cfg, devices):
-        ok, lever_text = _one(changed, chip, devices, name, tokens)
-        if ok:
-            return False, f"{text}\ndoes not fit; it fits with {lever}:\n{lever_text}"
-    return False, f"{text}\ndoes not fit, and no lever (fsdp, remat, accumulation, batch) makes it fit"
+    configured = _one(cfg, {}, chip, devices, name, tokens)
+    plans = [configured] + list(_levers(cfg, configured, chip, devices, name, tokens))
+    ranked = sorted((p for p in plans if p.fits), key=lambda p: -p.tokens_per_s)
+    text = configured.text if configured.fits else f"{configured.text}\ndoes not fit"
+    if not ranked:
+        return False, f"{text}, and no lever (accumulation, fsdp, remat, batch) makes it fit"
+    lines = [f"  {i}. {p.tokens_per_s:,.0f} tokens/s, {p.step_ms:.1f} ms  {p.command}" for i, p in enumerate(ranked[:3], 1)]
+    text += f"\nfitting plans, fastest first ({len(ranked)} of {len(plans)} compiled):\n" + "\n".join(lines)
+    best = ranked[0]
+    text += f"\nchosen: {best.command}" + (f"\n{best.text}" if best is not configured else "")
+    return configured.fits, text
 
 
-def _levers(cfg: ConfigDict, devices: list) -> Iterator[tuple[str, ConfigDict]]:
-    cfg, applied = ConfigDict(cfg.to_dict()), []
+def _levers(cfg: ConfigDict, configured: Plan, chip, devices: list, name: str, tokens: int | None) -> Iterator[Plan]:
+    mesh = make_mesh(cfg.mesh.shape, devices, dcn_shape=cfg.mesh.dcn_shape).shape
+    layouts = [{}]
+    if mesh["data"] > 1 and cfg.mesh.dcn_shape is None:
+        layouts.append({"mesh.shape": (1, mesh["data"] * mesh["fsdp"], mesh["tensor"])})
+        if "gather_params_once" in cfg.train:  # the FSDP trade-off: memory for one gather per step
+            layouts.append({**layouts[-1], "train.gather_params_once": not cfg.train.gather_params_once})
+    found = configured.fits
+    for remat in ([{}] + ([{"model.remat": "full"}] if cfg.model.remat != "full" else [])):
+        if remat and found:
+            break  # recomputing the forward pass only makes a step that fits without it slower
+        for layout in layouts:
+            for p in _accumulation(cfg, {**layout, **remat}, configured, chip, devices, name, tokens):
+                found |= p.fits
+                yield p
+    if not found:
+        yield from _smaller_batches(cfg, chip, devices, name, tokens)
+
+
+def _accumulation(cfg: ConfigDict, flags: dict, configured: Plan, chip, devices, name, tokens) -> Iterator[Plan]:
+    """`flags` at the configured accumulation, then halved while it fits and gets faster, or doubled until it fits."""
+    if "accum_steps" not in cfg.train:
+        if flags:
+            yield _one(cfg, flags, chip, devices, name, tokens)
+        return
+    changed = set_fields(copy.deepcopy(cfg), flags)
+    dp = data_parallel_size(make_mesh(changed.mesh.shape, devices, dcn_shape=changed.mesh.dcn_shape))
+    accum = cfg.train.accum_steps
+    last = configured if not flags else _one(cfg, flags, chip, devices, name, tokens)
+    if flags:
+        yield last
+    step = 0.5 if last.fits else 2
+    while True:
+        accum = int(accum * step)
+        if accum < 1 or cfg.train.batch_size % (accum * dp):
+            return
+        p = _one(cfg, {**flags, "train.accum_steps": accum}, chip, devices, name, tokens)
+        yield p
+        if (step < 1 and (not p.fits or p.tokens_per_s <= last.tokens_per_s)) or (step > 1 and p.fits):
+            return
+        last = p
+
+
+def _smaller_batches(cfg: ConfigDict, chip, devices, name, tokens) -> Iterator[Plan]:
+    """The last resort (it changes the recipe): FSDP, full remat and halved batches until one fits."""
+    flags = {"model.remat": "full"}
     mesh = make_mesh(cfg.mesh.shape, devices, dcn_shape=cfg.mesh.dcn_shape).shape
     if mesh["data"] > 1 and cfg.mesh.dcn_shape is None:
-        cfg.mesh.shape = (1, mesh["data"] * mesh["fsdp"], mesh["tensor"])
-        applied.append(f"--config.mesh.shape='{tuple(cfg.mesh.shape)}'")
-        yield " ".join(applied), cfg
-    if cfg.model.remat != "full":
-        cfg.model.remat = "full"
-        applied.append("--config.model.remat=full")
-        yield " ".join(applied), cfg
-    dp = data_parallel_size(make_mesh(cfg.mesh.shape, devices, dcn_shape=cfg.mesh.dcn_shape))
-    accum = cfg.train.get("accum_steps", 1)
-    if "accum_steps" in cfg.train:
-        while cfg.train.batch_size % (accum * 2 * dp) == 0:
-            accum *= 2
-            cfg.train.accum_steps = accum
-            yield " ".join(applied + [f"--config.train.accum_steps={accum}"]), cfg
-        applied.append(f"--config.train.accum_steps={accum}")
-    while cfg.train.batch_size % (2 * accum * dp) == 0:
-        cfg.train.batch_size //= 2
-        yield " ".join(applied + [f"--config.train.batch_size={cfg.train.batch_size}"]), cfg
+        flags["mesh.shape"] = (1, mesh["data"] * mesh["fsdp"], mesh["tensor"])
+    changed = set_fields(copy.deepcopy(cfg), flags)
+    dp = data_parallel_size(make_mesh(changed.mesh.shape, devices, dcn_shape=changed.mesh.dcn_shape))
+    batch, accum = cfg.train.batch_size, cfg.train.get("accum_steps", 1)
+    while batch % (2 * accum * dp) == 0:
+        batch //= 2
+        p = _one(cfg, {**flags, "train.batch_size": batch}, chip, devices, name, tokens)
+        yield p
+        if p.fits:
+            return
 
 
-def _one(cfg: ConfigDict, chip: topology.Chip, devices: list, name: str, tokens: int | None) -> tuple[bool, str]:
+def _one(cfg: ConfigDict, flags: dict, chip: topology.Chip, devices: list, name: str, tokens: int | None) -> Plan:
+    cfg = set_fields(copy.deepcopy(cfg), flags)
     arch, _ = peft_plan(cfg, model_config(cfg))
     seq = min(cfg.data.max_seq_length, arch.max_seq_length)
     batch, accum = cfg.train.batch_size, cfg.train.get("accum_steps", 1)
     mesh = make_mesh(cfg.mesh.shape, devices, dcn_shape=cfg.mesh.dcn_shape)
     hosts = len({d.process_index for d in devices})
+    attention = "explicit" if (arch.attention_probs_dropout_prob or 0) > 0 else f"fused ({arch.attention_impl or 'xla'})"
     head = (f"{cfg.name} on {name}: {len(devices)} {chip.kind} chips, {hosts} hosts; mesh "
             f"{' '.join(f'{k}={v}' for k, v in mesh.shape.items())}; batch {batch} x {seq} tokens, accum {accum}, "
-            f"{arch.dtype}, remat {arch.remat}")
+            f"{arch.dtype}, remat {arch.remat}, attention {attention}")
     try:
         train, predict, params = compile_phase(cfg, devices)
     except jax.errors.JaxRuntimeError as e:
         # The TPU compiler itself refuses a program whose temporaries exceed HBM: that step does not fit either.
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        return False, f"{head}\n  HBM per chip:   does not compile: {str(e).strip().splitlines()[0]}"
+        return Plan(flags, False, 0.0, 0.0, f"{head}\n  HBM per chip:   does not compile: {str(e).strip().splitlines()[0]}")
     predicted = 0 if "task" in cfg else math.ceil(cfg.data.mask_prob * seq)
     flops = rl.model_flops(arch, params, batch, seq, predicted)
-    est = rl.roofline(train, chip, len(devices), flops, arch.remat == "full")
+    est = rl.roofline(train, chip)
+    rate = batch * seq / est.step_s
     lines = [
         f"{head}, {params / 1e6:.1f}M parameters",
         f"  HBM per chip:   {rl.memory_line(train, chip)}",
-        f"  FLOPs per step: {flops:.3g} model ({flops / len(devices):.3g} per chip; XLA counts {train.flops:.3g} "
-        "per chip, loop bodies once)",
+        f"  per chip per step (loops counted): {train.flops:.3g} FLOPs (model {flops / len(devices):.3g}), "
+        f"{train.bytes_accessed / rl.GIB:.2f} GiB HBM traffic",
         f"  collectives per chip per step: {rl.collectives_line(train)}",
         f"  roofline step:  {est.step_s * 1e3:.1f} ms, {est.bound}-bound (compute {est.compute_s * 1e3:.1f} ms, "
         f"HBM >= {est.hbm_s * 1e3:.1f} ms, ICI {est.ici_s * 1e3:.1f} ms)",
-        f"  throughput:     {batch * seq / est.step_s:,.0f} tokens/s, MFU {flops / (est.step_s * chip.peak_flops * len(devices)):.0%} "
-        "at this estimate",
+        f"  throughput:     {rate:,.0f} tokens/s, {rate / len(devices):,.0f} per chip, {rate / hosts:,.0f} per host; "
+        f"MFU {rl.mfu(flops, est.step_s, chip, len(devices)):.0%} at this estimate",
         f"  wall clock:     {_hours(cfg, est.step_s, batch * seq, tokens)}"]
     if predict is not None:
         lines.append(f"  predict step:   {rl.memory_line(predict, chip)}")
     worst = max(train.total_bytes, predict.total_bytes if predict else 0)
-    return worst <= chip.hbm_bytes, "\n".join(lines)
+    return Plan(flags, worst <= chip.hbm_bytes, rate, est.step_s * 1e3, "\n".join(lines))
 
 
 def _hours(cfg: ConfigDict, step_s: float, tokens_per_step: int, tokens: int | None) -> str:

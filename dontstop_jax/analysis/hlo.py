@@ -1,0 +1,188 @@
+"""What one execution of an HLO module does, counted from its text: FLOPs and HBM bytes (its collectives:
+analysis/plan.py `collective_ops`).
+
+XLA's `cost_analysis()` counts a while loop's body once, but a step runs its layer scan L times per pass and its
+accumulation loop once per micro-batch: here every computation counts as often as it runs, a while body by the
+trip count its condition compares the counter with (compiled TPU HLO carries no known_trip_count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8}
+# Ops that move no data of their own (bookkeeping, or loops and calls whose bodies are counted themselves).
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional",
+               "after-all", "opt-barrier", "partition-id", "replica-id", "copy-done", "all-reduce-done",
+               "all-gather-done", "collective-permute-done", "slice-done", "async-done", "async-update"}
+_SLICES = {"dynamic-slice", "slice", "gather"}
+_LINE = re.compile(r"^\s*(ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+
+
+@dataclasses.dataclass
+class Op:
+    name: str
+    type: str
+    kind: str
+    args: str  # the text between the op's parentheses: operand names, or a constant's or parameter's value
+    operands: list[str]
+    attrs: str
+    root: bool
+
+
+@dataclasses.dataclass
+class Counts:
+    """Per execution of the module: FLOPs of its dots, bytes its ops read and write; `flops_once`: the dots' FLOPs
+    with every computation counted once, as XLA's cost analysis counts them."""
+    flops: float
+    bytes_accessed: float
+    flops_once: float
+
+
+def count(hlo: str) -> Counts:
+    comps = _parse(hlo)
+    types = {op.name: op.type for ops in comps.values() for op in ops}
+    fusions = {callee for ops in comps.values() for op in ops if op.kind == "fusion"
+               for callee in re.findall(r"calls=%?([\w.\-]+)", op.attrs)}
+    flops = traffic = once = 0.0
+    for name, times in _executions(comps).items():
+        for op in comps[name]:
+            if op.kind == "dot":
+                flops += times * _dot_flops(op, types)
+                once += _dot_flops(op, types)
+            if name not in fusions and op.kind not in _NO_TRAFFIC:  # a fusion's traffic is the fusion op's
+                traffic += times * _traffic(op, types, comps)
+    return Counts(flops, traffic, once)
+
+
+def _parse(hlo: str) -> dict[str, list[Op]]:
+    comps: dict[str, list[Op]] = {}
+    current = None
+    for line in hlo.splitlines():
+        if line[:1] not in ("", " ", "}") and line.rstrip().endswith("{"):
+            current = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
+            comps[current] = []
+        elif current is not None and (m := _LINE.match(line)):
+            inner, attrs = _split_args(re.sub(r"/\*.*?\*/", "", m.group(5)))  # drop /*index=5*/ comments
+            comps[current].append(Op(m.group(2), m.group(3), m.group(4), inner,
+                                     re.findall(r"%?([A-Za-z_][\w.\-]*)", inner), attrs, bool(m.group(1))))
+    return comps
+
+
+def _split_args(text: str) -> tuple[str, str]:
+    """'a, b), attrs' -> ('a, b', 'attrs'): the operand list up to its matching parenthesis."""
+    depth = 1
+    for i, c in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(c, 0)
+        if depth == 0:
+            return text[:i], text[i + 1:]
+    return text, ""
+
+
+def _executions(comps: dict[str, list[Op]]) -> dict[str, int]:
+    """How often each computation reachable from ENTRY runs per execution (fusions included, reducers not)."""
+    runs: dict[str, int] = {}
+
+    def walk(name: str, times: int) -> None:
+        if name not in comps:
+            return
+        runs[name] = runs.get(name, 0) + times
+        for op in comps[name]:
+            if loop := re.search(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", op.attrs):
+                trips = _trip_count(comps.get(loop.group(1), []))
+                walk(loop.group(1), times * (trips + 1))
+                walk(loop.group(2), times * trips)
+            callees = re.findall(r"(?:calls|branch_computations)=\{?%?([\w.\-]+)", op.attrs)
+            if op.kind == "call":  # a reducer's to_apply is no computation of its own
+                callees += re.findall(r"to_apply=%?([\w.\-]+)", op.attrs)
+            for callee in callees:
+                walk(callee, times)
+    walk("ENTRY", 1)
+    return runs
+
+
+def _trip_count(condition: list[Op]) -> int:
+    """The scalar int constant a loop condition compares its counter with (scans count from 0 to it)."""
+    bounds = [int(op.args) for op in condition if op.kind == "constant" and op.type.startswith("s32[]")
+              and op.args.isdigit()]
+    return bounds[0] if bounds else 1
+
+
+def _dot_flops(op: Op, types: dict[str, str]) -> float:
+    """2 x output elements x contracted elements (a multiply and an add each)."""
+    lhs = _dims(types.get(op.operands[0], "")) if op.operands else []
+    contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", op.attrs)
+    k = math.prod(lhs[int(d)] for d in contracted.group(1).split(",") if d) if contracted and lhs else 1
+    return 2.0 * math.prod(_dims(op.type)) * k
+
+
+def _traffic(op: Op, types: dict[str, str], comps: dict[str, list[Op]]) -> int:
+    """Bytes an op reads and writes. A fusion reading only a slice of an operand (a layer's weights out of the
+    stacked [layers, ...] array in the layer scan) counts that slice; a dynamic-update-slice works in place: it
+    reads nothing of its buffer and writes (and counts) its update only."""
+    operands = [shape_bytes(types.get(name, "")) for name in op.operands]
+    written = shape_bytes(op.type)
+    if op.kind in _SLICES:
+        return 2 * written
+    if op.kind == "slice-start":  # ((operand), slice, context): reads and writes the slice
+        return 2 * _sizes(op.type)[1]
+    if op.kind == "dynamic-update-slice":
+        return 2 * (operands[1] if len(operands) > 1 else written)
+    fused = re.search(r"calls=%?([\w.\-]+)", op.attrs) if op.kind == "fusion" else None
+    if not (fused and comps.get(fused.group(1))):
+        return sum(operands) + written
+    body = comps[fused.group(1)]
+    by_name = {u.name: u for u in body}
+    for p in (p for p in body if p.kind == "parameter" and int(p.args) < len(operands)):
+        operands[int(p.args)] = min(operands[int(p.args)], _read(body, p.name, comps))
+    root = next(u for u in body if u.root)
+    outputs = [by_name.get(name) for name in root.operands] if root.kind == "tuple" else [root]
+    outputs = [by_name.get(o.operands[0], o) if o is not None and o.kind == "bitcast" else o for o in outputs]
+    written = sum(shape_bytes(types.get(o.operands[1], "")) if o.kind == "dynamic-update-slice" else
+                  shape_bytes(o.type) for o in outputs if o is not None)
+    return sum(operands) + written
+
+
+def _read(body: list[Op], param: str, comps: dict[str, list[Op]]) -> float:
+    """Bytes a fused computation reads of its parameter `param`: the slices taken of it, nothing where it is
+    only the buffer a dynamic-update-slice writes into, and through nested fusions and same-shape views (a
+    layout change, a bitcast) of it; else all of it (inf)."""
+    total = 0.0
+    shape = _dims(next((u.type for u in body if u.name == param), ""))
+    for user in (u for u in body if param in u.operands):
+        nested = re.search(r"calls=%?([\w.\-]+)", user.attrs) if user.kind == "fusion" else None
+        if user.kind in _SLICES and user.operands[0] == param:
+            total += shape_bytes(user.type)
+        elif user.kind == "dynamic-update-slice" and user.operands[0] == param:
+            continue
+        elif user.kind in ("fusion", "bitcast", "copy") and len(user.operands) == 1 and _dims(user.type) == shape:
+            total += _read(body, user.name, comps)
+        elif nested and comps.get(nested.group(1)):
+            index = user.operands.index(param)
+            inner = next((p.name for p in comps[nested.group(1)] if p.kind == "parameter" and int(p.args) == index),
+                         None)
+            total += _read(comps[nested.group(1)], inner, comps) if inner else math.inf
+        else:
+            return math.inf
+    return total
+
+
+def _dims(types: str) -> list[int]:
+    match = re.search(r"\b[a-z]+\d*\[([\d,]*)\]", types)
+    return [int(d) for d in match.group(1).split(",") if d] if match else []
+
+
+def shape_bytes(types: str, largest: bool = False) -> int:
+    """Bytes of an HLO result type; an async start's tuple also holds its operands, so take its largest array."""
+    sizes = _sizes(types)
+    return max(sizes, default=0) if largest else sum(sizes)
+
+
+def _sizes(types: str) -> list[int]:
+    """Bytes of each array in an HLO type, in order."""
+    return [_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
+            for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", types)]
