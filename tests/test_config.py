@@ -164,9 +164,10 @@ def _cli(*args: str) -> str:
      "error: --config.optim.learning_rate=fast: optim.learning_rate must be a number, got 'fast'"),
     (["--config.train=5"], "error: --config.train=5: train is a section; set its fields, e.g. "
      "--config.train.accum_steps=VALUE (fields: accum_steps, batch_size, epochs, gather_params_once, "
-     "grad_reduce_dtype, log_every, skip_nonfinite, steps)"),
+     "grad_reduce_dtype, log_every, skip_nonfinite, steps, stop_poll_every)"),
     (["--config.train.stpes=5"], "error: --config.train.stpes: train has no field 'stpes'; known fields: "
-     "accum_steps, batch_size, epochs, gather_params_once, grad_reduce_dtype, log_every, skip_nonfinite, steps"),
+     "accum_steps, batch_size, epochs, gather_params_once, grad_reduce_dtype, log_every, skip_nonfinite, steps, "
+     "stop_poll_every"),
     (["--config.train.steps=-1"], "error: train.steps=-1 must be > 0 (or None to train for train.epochs)"),
     (["--config.data.mask_prob=1.5"], "error: data.mask_prob=1.5 must be in (0, 1)"),
 ])

@@ -206,9 +206,10 @@ def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformatio
             return _accumulate(grad_fn, params, batch, rng, extra, accum_steps, lambda p, _: p)
         def gather(tree):
             return jax.tree_util.tree_map(_gather, tree, specs)
-        def each(p, micro):  # per micro-batch, really: the barrier ties it to the micro-batch so XLA cannot hoist it
+        def per_micro_batch(p, micro):  # the barrier ties the gather to the micro-batch so XLA cannot hoist it
             return gather(jax.lax.optimization_barrier((p, micro))[0])
         extra = tuple(gather(t) for t in extra)
+        each = per_micro_batch
         if gather_params_once:
             params, each = gather(params), (lambda p, _: p)
         rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXES))
