@@ -106,8 +106,8 @@ def _files_outside_cache(scratch: Path) -> list[str]:
 @pytest.mark.slow
 def test_two_hosts_share_only_the_bucket(bucket, tmp_path, tiny_tokenizer_dir):
     """Two processes with separate disks prepare (each its share, into the bucket, read there in place), pretrain
-    with checkpoints in the bucket, are stopped by SIGTERM, and one process resumes them to the end and exports:
-    the same model as an uninterrupted run, and each process wrote nothing outside its own cache."""
+    with checkpoints in the bucket, are stopped by SIGTERM, and one process (with both hosts' devices) resumes them
+    to the end and exports: the same model as an uninterrupted run, and each process wrote nothing outside its own cache."""
     import signal
     import socket
     import time
@@ -151,8 +151,9 @@ def test_two_hosts_share_only_the_bucket(bucket, tmp_path, tiny_tokenizer_dir):
     assert not [p for host in hosts for p in (host / "cache").rglob("shard-*.npy")]
 
     def one_host(*args: str, host: Path) -> None:
+        # one process holding both hosts' devices: the same batch split, so the same dropout (engine/steps.py)
         out = subprocess.run(list(args), cwd=host / "home", capture_output=True, text=True, timeout=600,
-                             env=_host_env(host, bucket))
+                             env={**_host_env(host, bucket), "DONTSTOP_LOCAL_DEVICES": "2"})
         assert out.returncode == 0, out.stderr[-3000:]
 
     one_host(*command("gs://bkt/two/run", hosts[0]), host=hosts[0])  # resumed on one process

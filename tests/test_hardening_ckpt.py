@@ -170,7 +170,7 @@ def resumed_run(tmp_path_factory, tiny_tokenizer_dir):
     cfg = _pretrain_config(root, workdir, tiny_tokenizer_dir, 20, skip_nonfinite=True)
     polls = itertools.count(1)
     with pytest.MonkeyPatch.context() as patch, pytest.raises(Interrupted, match="at step 9 "):
-        patch.setattr(StopSignal, "poll", lambda self: next(polls) == 9)
+        patch.setattr(StopSignal, "poll", lambda self, *_: next(polls) == 9)
         pretrain(cfg, mostly_nonfinite)
     with MetricsWriter(workdir) as killed:
         for step in (10, 11, 12):
