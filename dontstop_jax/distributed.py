@@ -13,10 +13,10 @@ A single process does nothing.
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import dataclasses
 import functools
-import itertools
 import json
 import os
 import sys
@@ -37,7 +37,10 @@ JOIN_MINUTES = 10  # how long a process waits for the others to start
 # How long a process waits for process 0's decision (DONTSTOP_WAIT_SECONDS; preparing a corpus or selecting
 # documents on process 0 can take hours), and how often it says what it waits for.
 WAIT_SECONDS, REPORT_SECONDS = 24 * 3600, 30
-_decisions = itertools.count()  # every process takes its decisions in the same order: the n-th has key n
+# A decision's key is its name and how often this process took one of that name: the processes must take the
+# same decisions of each name, not all decisions in one order (process 0 may take one of its own, e.g. a
+# checkpoint's step inside work the others skip, without shifting the keys of the rest).
+_decisions: collections.Counter[str] = collections.Counter()
 _alone = contextvars.ContextVar("alone", default=False)  # inside work that process 0 does by itself
 
 
@@ -139,7 +142,8 @@ def on_first_process(name: str, write: Callable[[], T], timeout: float | None = 
 def _first(name: str, choose: Callable[[], T], timeout: float | None, share: bool) -> T | None:
     if jax.process_count() == 1 or _alone.get():
         return choose()
-    key = f"dontstop/{next(_decisions)}/{name}"
+    key = f"dontstop/{name}/{_decisions[name]}"
+    _decisions[name] += 1
     client = _client()
     if jax.process_index() == 0:
         token = _alone.set(True)

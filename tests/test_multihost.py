@@ -182,8 +182,6 @@ def test_export_on_two_hosts_equals_one_process(grid_on_two_hosts, grid_on_one_p
 
 @needs_bucket
 @pytest.mark.slow
-@pytest.mark.skip(reason="open (issue 27): after preparation moved into the bucket, process 0's first read of the "
-                  "prepared corpus there fails with DEADLINE_EXCEEDED in this 2-host continual run; to be found")
 def test_continual_on_two_hosts_equals_one_process(bucket, tmp_path):
     """A tiny DAS sequence over two domains (its importance files hand over from stage to stage) on 2 hosts in
     the bucket gives the one-process table."""

@@ -254,7 +254,8 @@ def prepare_corpus(
     tok_fp = tokenizer_fingerprint(tok)
     corpus_fp = corpus_fingerprint(sources)
     key = json.dumps([corpus_fp, tok_fp, max_seq_length, FORMAT_VERSION])
-    name = hashlib.sha256(key.encode()).hexdigest()[:16]
+    # process 0's name for all: hosts may hold the same corpus under other paths (each in its own home)
+    name = decide("name the prepared corpus", lambda: hashlib.sha256(key.encode()).hexdigest()[:16], timeout=600)
     # A bucket cache is built and read in place (no host holds a copy); a local one must be on a disk that all
     # processes share (one host, or NFS).
     remote = files.path(out_root) / name if files.is_remote(out_root) else None
