@@ -299,7 +299,9 @@ def bucket_cause(err: BaseException) -> str | None:
             return f"HTTP {code}"
         if isinstance(err, (ConnectionError, TimeoutError)) or type(err).__module__.startswith("aiohttp"):
             return (str(err).splitlines() or [type(err).__name__])[0][:160] or type(err).__name__
-        if not isinstance(err, OSError) and (match := _UNAVAILABLE.search(str(err))):
+        # (JAX's own runtime errors carry the same status words for its collectives and coordination service)
+        if not isinstance(err, OSError) and type(err).__name__ != "JaxRuntimeError" and (
+                match := _UNAVAILABLE.search(str(err))):
             return match.group(0)
         err = err.__cause__ or err.__context__
     return None

@@ -48,7 +48,14 @@ def test_a_bucket_that_keeps_failing_is_one_line_naming_the_object():
     assert "rerun the same command" in line and "\n" not in line
 
 
-@pytest.mark.parametrize("error", [HttpError(404), HttpError(403), ValueError("malformed"), FileNotFoundError("x")])
+def _collective_timeout() -> Exception:
+    import jax
+    return jax.errors.JaxRuntimeError("UNKNOWN: Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue() "
+                                      "timed out with key: cpu:gloo/0,2048/1")
+
+
+@pytest.mark.parametrize("error", [HttpError(404), HttpError(403), ValueError("malformed"), FileNotFoundError("x"),
+                                   _collective_timeout()])  # a peer process gone is no bucket fault
 def test_other_errors_are_not_retried(error):
     calls = []
 
