@@ -67,7 +67,7 @@ from dontstop_jax.files import read_json, write_json
 from dontstop_jax.phases.pretrain import pretrain
 from dontstop_jax.phases.select import select, selected_corpus
 from dontstop_jax.train.source import resolve
-from dontstop_jax.train.workdir import fingerprint
+from dontstop_jax.train.workdir import digest, fingerprint
 
 VARIANTS = ("baseline", "dapt", "tapt", "dapt_tapt", "not_dapt")  # the paper's Table 5: a grid's default rows
 TRANSFER_TAPT = "transfer_tapt"  # needs tasks.<t>.transfer_from, so only on request
@@ -312,7 +312,7 @@ class Grid:
         sized = {} if size == ALL else {"train_size": size, "draw": draw, **({"shots": size} if shots else {})}
         key = {"path": spec.path, "text_field": spec.text_field, "label_field": spec.label_field,
                "max_words": reference.MAX_WORDS, "steps": reference.STEPS, "base": base, **sized}
-        path = self.root / "references" / f"{task}-{fingerprint(key)}.json"
+        path = self.root / "references" / f"{task}-{digest(key)}.json"
         if decide(f"look for {path}", path.exists, timeout=600):  # every host computes them, or none
             return read_json(path)["references"]
         data = load_task(spec.path, text_field=spec.text_field, label_field=spec.label_field)
