@@ -62,7 +62,7 @@ class Neutral:
     old: Any
 
     def __str__(self) -> str:
-        return f"changes the result unless {self.old!r}"
+        return f"left out at {self.old!r}, its value before it existed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +77,7 @@ class When:
         return value != self.off if self.off is not None else value == self.on
 
     def __str__(self) -> str:
-        return f"changes the result when {self.switch}" + (f" != {self.off!r}" if self.off is not None
-                                                           else f" == {self.on!r}")
+        return f"only when {self.switch}" + (f" != {self.off!r}" if self.off is not None else f" == {self.on!r}")
 
 
 Counts = str | Neutral | When
@@ -97,6 +96,14 @@ class Field:
     rule: Rule | None = None
     counts: Counts = RESULT
     keyed: bool = False  # a map keyed by your own names (domains, tasks): a dict value replaces it
+
+    def counted(self, value: Any, flat: Mapping[str, Any]) -> bool:
+        """Whether this field, at `value` in the phase whose {dotted field: value} is `flat`, shapes its result."""
+        if isinstance(self.counts, Neutral):
+            return value != self.counts.old
+        if isinstance(self.counts, When):
+            return self.counts.active(flat)
+        return self.counts == RESULT
 
 
 def one_of(choices: Sequence[str]) -> Rule:
@@ -361,6 +368,13 @@ def flat(table: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Fiel
             yield from flat(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted path: value} of a JSON tree (an empty dict is a value)."""
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
 
 
 def _merge(*tables: Iterator[tuple[str, Field]]) -> dict[str, Field]:

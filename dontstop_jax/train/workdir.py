@@ -30,7 +30,7 @@ from ml_collections import ConfigDict
 from dontstop_jax.distributed import decide
 from dontstop_jax.errors import UserError
 from dontstop_jax import files
-from dontstop_jax.fields import PHASE_FIELDS, RESULT, Field, Neutral, When, declared, undeclared
+from dontstop_jax.fields import PHASE_FIELDS, declared, flatten, undeclared
 from dontstop_jax.files import PathLike, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -39,33 +39,17 @@ PREPARED = "prepared"  # the default prepared-data cache of a phase (data.cache_
 RENEW_SECONDS, LEASE_SECONDS = 60, 600
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict) and tree:
-        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tree}
-
-
-def _counts(field: Field, value: Any, flat: dict[str, Any]) -> bool:
-    """Whether a phase field at `value` shapes the result (fields.py says how each field counts)."""
-    how = field.counts
-    if isinstance(how, Neutral):
-        return value != how.old
-    if isinstance(how, When):
-        return how.active(flat)
-    return how == RESULT
-
-
 def result_fields(config: ConfigDict | dict, strict: bool = True) -> dict[str, Any]:
     """{dotted field: value} of everything in `config` that shapes a phase's result (JSON-normalised). A field
     fields.py does not declare is an error (`strict`), or, in a config recorded by an older version, a result."""
     tree = json.loads(config.to_json_best_effort()) if isinstance(config, ConfigDict) else config
-    flat, out = _flatten(tree), {}
+    flat, out = flatten(tree), {}
     for key, value in flat.items():
         if (field := declared(key, PHASE_FIELDS)) is None:
             if strict:
                 raise UserError(undeclared(key))
             out[key] = value
-        elif _counts(field, value, flat):
+        elif field.counted(value, flat):
             out[key] = value
     return out
 
