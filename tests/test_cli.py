@@ -71,6 +71,23 @@ def test_fields_added_later_keep_the_fingerprints_of_phases_recorded_before_them
         assert fingerprint(other) != fingerprint(recorded), field
 
 
+# The fingerprints of the shipped grids' phase templates as loaded on a CPU, recorded before fields.py declared
+# the fields: a field added since must count so that these stay (runtime only, left out at its old value, or
+# counted only while a switch is on), or every finished phase of these grids would train again.
+PINNED = {"synthetic.py:tiny": {"base_pretrain": "5ff4bf3dbf", "dapt": "ef65cb28d9", "tapt": "0330d73070",
+                                "finetune": "a98add2e40", "select": "daaa913e27"},
+          "synthetic.py:default": {"base_pretrain": "ced35b9b76", "dapt": "6c89d12a5d", "tapt": "cacc108e4e",
+                                   "finetune": "ce41f093d4", "select": "daaa913e27"},
+          "grid.py:paper": {"dapt": "7fbe02c00c", "tapt": "5638971e74", "finetune": "e4b0c1ae71",
+                            "select": "693e47d5f3"}}
+
+
+@pytest.mark.parametrize("spec", sorted(PINNED))
+def test_the_shipped_phases_keep_the_fingerprints_recorded_before_the_fields_were_declared(spec):
+    cfg = config_loader.load(f"configs/{spec}")
+    assert {slot: fingerprint(cfg[slot]) for slot in PINNED[spec]} == PINNED[spec]
+
+
 def test_auto_dtype_is_recorded_as_the_backends_and_keeps_cpu_fingerprints():
     """model.dtype defaults to "auto": float32 on CPU (the fingerprint of a phase recorded with float32 before
     "auto" existed), bfloat16 when resolved for a TPU or GPU (a different result, so a different fingerprint)."""
