@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any
 
 from ml_collections import ConfigDict
 
@@ -57,8 +57,3 @@ def explain(cfg: ConfigDict, diff: bool = False) -> str:
         lines.append(f"{path:<{width}}  {text:<32}  {counts:<{wide}}  {field.doc if field else '(undeclared)'}")
     return "\n".join(lines)
 
-
-def table(rows_: Mapping[str, Field]) -> str:
-    """A markdown table of declared fields (the README's)."""
-    return "\n".join(["| field | default | changes result | meaning |", "|---|---|---|---|"] + [
-        f"| `{p}` | `{json.dumps(_default(f))}` | {f.counts} | {f.doc} |" for p, f in rows_.items()])

@@ -121,12 +121,12 @@ HALF_OPEN: Rule = (lambda v: 0 <= v < 1), "must be in [0, 1)"
 
 
 def _unset_or_positive(why: str) -> Rule:
-    return (lambda v: v is None or v > 0), f"must be > 0 (or None {why})"
+    return (lambda v: v is None or v > 0), f"must be > 0 (or None{why})"
 
 
-def _sized(table: Mapping[str, Any], counts: Counts) -> dict[str, Any]:
+def _switched(table: Mapping[str, Any], counts: Counts) -> dict[str, Any]:
     """`table` with every field counted as `counts` (a section that counts only under a switch)."""
-    return {k: _sized(v, counts) if isinstance(v, dict) else dataclasses.replace(v, counts=counts)
+    return {k: _switched(v, counts) if isinstance(v, dict) else dataclasses.replace(v, counts=counts)
             for k, v in table.items()}
 
 
@@ -223,14 +223,14 @@ PRETRAIN = dict(
     train=dict(
         batch_size=F(256, "examples (sequences) per optimizer step", POSITIVE),
         accum_steps=F(4, "micro-batches per step (gradient accumulation)", POSITIVE),
-        steps=F(Unset(int), "optimizer steps", _unset_or_positive("to train for train.epochs")),
+        steps=F(Unset(int), "optimizer steps", _unset_or_positive(" to train for train.epochs")),
         epochs=F(100, "passes over the data (pretraining: when steps is None)", POSITIVE),
         log_every=F(10, "steps between log lines", counts=RUNTIME),
         **_TRAIN),
     objective=F("mlm", "the loss: MLM, or a continual stage's (set by `dontstop continual`)", one_of(OBJECTIVES)),
     frozen=F([], 'parameter paths held fixed, e.g. ["lm_head", "roberta/embeddings"]'),
-    das=DAS, ewc=_sized(EWC, When("objective", on="ewc")),  # das counts always: it did before the others came
-    derpp=_sized(DERPP, When("objective", on="derpp")), hat=_sized(HAT, When("objective", on="hat")))
+    das=DAS, ewc=_switched(EWC, When("objective", on="ewc")),  # das counts always: it did before the others came
+    derpp=_switched(DERPP, When("objective", on="derpp")), hat=_switched(HAT, When("objective", on="hat")))
 _OFF = "must be >= 0 (0 turns SMART's Bregman term off)"
 FINETUNE = dict(
     COMMON,
@@ -250,11 +250,11 @@ FINETUNE = dict(
         discard_fraction=F(0.0, "after this share of the epochs, stop a seed below discard_below (Dodge et al.)"),
         discard_below=F(Unset(float), "the dev score a seed must reach (the grid sets it)"),
         steps_per_epoch=F(Unset(int), "cap an epoch at this many batches",
-                          _unset_or_positive("for a full pass over train")),
+                          _unset_or_positive(" for a full pass over train")),
         prune_top_layers=F(0, "drop the top k encoder layers before fine-tuning", NON_NEGATIVE, Neutral(0)),
         fresh_head=F(False, "start a new classification head even when init has one", counts=Neutral(False)),
         **_TRAIN),
-    regularizer=_sized(dict(
+    regularizer=_switched(dict(
         method=F("none", "R3F or SMART trust-region regulariser", one_of(REGULARIZERS)),
         weight=F(1.0, "weight of the regulariser's term", NON_NEGATIVE),
         noise=F("normal", "R3F's noise", one_of(NOISES)),
@@ -265,18 +265,18 @@ FINETUNE = dict(
         steps=F(1, "SMART's ascent steps", AT_LEAST_1),
         bregman_weight=F(1.0, "SMART's Bregman proximal term weight", ((lambda v: v >= 0), _OFF)),
         bregman_decay=F(0.99, "SMART's teacher EMA decay", HALF_OPEN)), When("regularizer.method", off="none")),
-    averaging=_sized(dict(
+    averaging=_switched(dict(
         method=F("none", "evaluate and hand on an average of the weights", one_of(AVERAGING)),
         ema_decay=F(0.999, "ema: decay per step", FRACTION),
         swa_start=F(1, "swa: the first epoch averaged", AT_LEAST_1)), When("averaging.method", off="none")),
     head=F("classifier", "a new head on <s>, or the MLM head at a prompt's mask", one_of(HEADS),
            Neutral("classifier")),
-    prompt=_sized(dict(
+    prompt=_switched(dict(
         template=F("{text} It was <mask> .", "the prompt: exactly one {text} and one <mask>",
                    (check_template, "needs exactly one {text} and one <mask>, e.g. '{text} It was <mask> .'")),
         verbalizer=F({}, "{label: word or [words]} scored at the mask", keyed=True),
         demonstrations=F(False, "add LM-BFF's demonstrations")), When("head", on="prompt")),
-    multitask=_sized(dict(
+    multitask=_switched(dict(
         method=F("none", "add an annealed weight x MLM loss on the task's text", one_of(MULTITASK_METHODS)),
         mlm_weight=F(0.2, "the MLM loss's first weight", NON_NEGATIVE),
         mlm_weight_end=F(0.1, "its weight after anneal_epochs", NON_NEGATIVE),
@@ -298,7 +298,8 @@ SELECT = dict(
     embedding=dict(kind=F("vampire", "document embedding: vampire, tfidf or lm"),
                    dim=F(8192, "hashed vocabulary (vampire, tfidf)"), ngrams=F((1,), "n-gram orders"),
                    vampire=dict(hidden=F(64, "VAMPIRE hidden width"), latent=F(64, "VAMPIRE topics"),
-                                steps=F(2000, "VAMPIRE training steps"), batch_size=F(256, "VAMPIRE batch size"),
+                                steps=F(2000, "VAMPIRE training steps"),
+                                batch_size=F(256, "VAMPIRE batch size", POSITIVE),
                                 learning_rate=F(1e-3, "VAMPIRE learning rate")),
                    lm=dict(init=F("", "lm: the model embedding documents"),
                            max_seq_length=F(128, "lm: tokens per document", POSITIVE),

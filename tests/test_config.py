@@ -14,7 +14,7 @@ from dontstop_jax import config_loader
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases.continual import Continual, synthetic_config
 from dontstop_jax.phases.defaults import finetune_config, pretrain_config, select_config
-from dontstop_jax.phases.grid import _phase
+from dontstop_jax.phases.grid import phase_config
 from dontstop_jax.train.workdir import fingerprint
 
 ROOT = Path(__file__).parents[1]
@@ -57,13 +57,13 @@ def test_fields_cannot_be_added_at_run_time():
 
 def test_phases_set_declared_fields_only():
     dapt = pretrain_config("dapt")
-    phase = _phase(dapt, Path("runs"), "dapt-bio", init="base", **{"train.steps": 5, "data.sources": ["a.txt"]})
+    phase = phase_config(dapt, Path("runs"), "dapt-bio", init="base", **{"train.steps": 5, "data.sources": ["a.txt"]})
     assert (phase.name, phase.init, phase.train.steps, list(phase.data.sources)) == ("dapt-bio", "base", 5, ["a.txt"])
     assert phase.is_locked and dapt.train.steps == 12500
     with pytest.raises(UserError, match="train has no field 'stpes'; known fields: .*steps"):
-        _phase(dapt, Path("runs"), "x", **{"train.stpes": 5})
+        phase_config(dapt, Path("runs"), "x", **{"train.stpes": 5})
     with pytest.raises(UserError, match="train.steps must be an int, got '5'"):
-        _phase(dapt, Path("runs"), "x", **{"train.steps": "5"})
+        phase_config(dapt, Path("runs"), "x", **{"train.steps": "5"})
 
 
 def test_continual_stages_set_the_declared_das_fields():

@@ -22,7 +22,7 @@ from ml_collections import ConfigDict
 from dontstop_jax.engine.regularizers import Regularizer
 from dontstop_jax.engine.steps import Batch, LossSums, classification_loss_sums, mlm_loss_sums
 from dontstop_jax.errors import UserError
-from dontstop_jax.fields import FINETUNE, MULTITASK_METHODS as METHODS, build
+from dontstop_jax.fields import FINETUNE, build
 
 # The masked copy of a batch's text rides in the batch under these keys (data/masking.py's; its input_ids renamed).
 MLM_KEYS = ("mlm_input_ids", "mlm_positions", "mlm_ids", "mlm_weights")

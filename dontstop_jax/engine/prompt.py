@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerFast
 from dontstop_jax.data.tasks import tokenize_split
 from dontstop_jax.data.tokenizer import encode_plain, special_ids
 from dontstop_jax.errors import UserError
-from dontstop_jax.fields import FINETUNE, HEADS, PROMPT_MASK as MASK, PROMPT_TEXT as TEXT, build, check_template
+from dontstop_jax.fields import FINETUNE, PROMPT_MASK as MASK, PROMPT_TEXT as TEXT, build, check_template
 from dontstop_jax.model import ModelConfig, RobertaForSequenceClassification, RobertaModel
 from dontstop_jax.model.roberta import LMHead
 

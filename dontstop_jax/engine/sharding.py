@@ -20,8 +20,9 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dontstop_jax.distributed import process_major
 from dontstop_jax.errors import UserError
-from dontstop_jax.fields import BATCH_AXES, DEFAULT_RULES
+from dontstop_jax.fields import BATCH_AXES
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # BATCH_AXES (the axes that split the batch) and DEFAULT_RULES, the (logical axis, mesh axes) layout rules, are
@@ -92,14 +93,6 @@ def _hybrid_grid(shape: Sequence[int], dcn_shape: Sequence[int], devices: list[j
                                                     allow_split_physical_axes=True)
     except ValueError as err:
         raise UserError(f"mesh shape {ici} x dcn_shape {dcn}: {err}") from None
-
-
-def process_major(devices: Sequence[Any], shape: Sequence[int]) -> np.ndarray:
-    """Devices reshaped in (process, id) order: process p gets the p-th contiguous block of the grid."""
-    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
-    grid = np.empty(len(ordered), dtype=object)
-    grid[:] = ordered
-    return grid.reshape(tuple(shape))
 
 
 def rows_follow_processes(grid: np.ndarray, process_count: int) -> bool:
