@@ -124,7 +124,7 @@ def validate(cfg: ConfigDict, prefix: str = "", declared_as: str | None = None) 
             continue
         if field is None:
             raise UserError(undeclared(path))
-        if field.keyed and name in ("tasks", f"{under}tasks"):
+        if field.keyed and key == "tasks":  # a grid's tasks: each entry's fields are declared as tasks.*.FIELD
             for task, spec in value.items():
                 validate(spec, f"{path}.{task}.", "tasks.*.")
         elif field.rule and not _holds(field.rule[0], value):

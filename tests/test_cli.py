@@ -47,8 +47,8 @@ def test_fingerprint_ignores_names_and_places_but_not_settings():
     assert fingerprint(a) != fingerprint(b)
 
 
-# Fields and sections added after phases were recorded (train/workdir.py NEUTRAL, SWITCHED_SECTIONS,
-# OBJECTIVE_SECTIONS): at their defaults a phase fingerprints as one recorded before they existed.
+# Fields and sections added after phases were recorded (declared in fields.py as Neutral at their old value, or
+# counted only When their switch is on): at their defaults a phase fingerprints as one recorded before they existed.
 ADDED_LATER = ["task.train_size", "train.prune_top_layers", "regularizer", "averaging", "data.attend_across_documents",
                "data.span_masking", "das.general", "das.contrast", "das.random", "ewc", "derpp", "hat", "task.shots",
                "head", "prompt", "train.fresh_head", "multitask",

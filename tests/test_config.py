@@ -235,7 +235,8 @@ def test_dontstop_config_shows_each_field_its_doc_and_whether_it_changes_results
     assert set(rows) == {"name", "workdir", "model.dtype", "model.hidden_dropout_prob", "optim.learning_rate",
                          "optim.weight_decay", "train.metric", "head", "regularizer.weight"}  # what differs
     assert rows["train.metric"].split()[1:4] == ['"micro_f1"', "yes", "the"]
-    assert rows["head"].split()[2] == "yes" and "no: only when regularizer.method != 'none'" in rows["regularizer.weight"]
+    assert rows["head"].split()[2] == "yes"
+    assert "no: only when regularizer.method != 'none'" in rows["regularizer.weight"]
     assert rows["workdir"].split()[2] == "no" and "where it writes" in rows["workdir"]
     main(["config", "--config", "configs/grid.py:paper"])
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
@@ -247,7 +248,8 @@ def test_loading_a_config_imports_no_model_engine_or_phase():
     """Reading configs (and `dontstop config`) must not pull in Flax, Orbax or transformers."""
     code = ("import sys\nfrom dontstop_jax import config_loader\n"
             "print([m for m in sys.modules if m.startswith('dontstop_jax.phases')])\n"
-            "for spec in ('dapt.py:biomed', 'tapt.py:chemprot', 'finetune.py:rct', 'select.py:knn', 'analyze.py:paper'):\n"
+            "for spec in ('dapt.py:biomed', 'tapt.py:chemprot', 'finetune.py:rct', 'select.py:knn',\n"
+            "             'analyze.py:paper'):\n"
             "    config_loader.load('configs/' + spec)\n"
             "print([m for m in sys.modules if m.split('.')[0] in ('flax', 'orbax', 'transformers')])\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -153,7 +153,8 @@ class Continual:
         """The dapt phase (or `template`) on `domain` from `parent`. `frozen` (held fixed by the Trainer) and a
         stage's objective and its section (`das=`, `ewc=`, ...) are set on it so that the fingerprint tells them."""
         fields = {"frozen": list(self.cfg.frozen), "data.sources": list(self.cfg.domains[domain]), **fields}
-        return phase_config(template or self.cfg.dapt, self.root / "pretrain", f"{label}-{domain}", init=parent, **fields)
+        return phase_config(template or self.cfg.dapt, self.root / "pretrain", f"{label}-{domain}", init=parent,
+                            **fields)
 
     def das_stage(self, parent: str, domain: str, index: int, das: ConfigDict) -> str:
         """Train on `domain` under the importance accumulated so far; then add this domain's importance.
