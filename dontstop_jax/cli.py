@@ -25,7 +25,8 @@ EPILOG = """examples:
   dontstop analyze --config configs/analyze.py:synthetic   # after the demo: overlap, MLM loss, curves, plots
   dontstop finetune --config configs/finetune.py:chemprot --config.peft.method=lora --config.peft.lora_rank=8
   dontstop plan --config configs/dapt.py:biomed --topology v5litepod-64  # plans bfloat16, the TPU default
-Every --config.a.b=value must name an existing field; see configs/*.py for the fields and the paper's values."""
+  dontstop config --config configs/finetune.py:chemprot --diff  # the fields set, their meaning, what counts
+Every --config.a.b=value must name an existing field; `dontstop config --config F:ARG` lists them with their meaning."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                        ("analyze", "vocabulary overlap, per-domain MLM loss, training curves and result plots")]:
         sp = sub.add_parser(name, help=text)
         sp.add_argument("--config", required=True, help="configs/FILE.py or configs/FILE.py:ARG")
+    config = sub.add_parser("config", help="print a resolved config: each field, its doc, whether it changes results")
+    config.add_argument("--config", required=True, help="configs/FILE.py or configs/FILE.py:ARG")
+    config.add_argument("--diff", action="store_true", help="only the fields that differ from their declared default")
     export = sub.add_parser("export", help="write a phase's model as a Hugging Face directory")
     export.add_argument("--from", dest="source", required=True, help="a finished phase's workdir")
     export.add_argument("--to", required=True, help="output directory (must not exist)")
@@ -61,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.command == "config":  # reads a config only: no runtime, no accelerator
+        from dontstop_jax import config_loader
+        from dontstop_jax.explain import explain
+        print(explain(config_loader.load(args.config, overrides), args.diff))
+        return 0
     from dontstop_jax import runtime
     from dontstop_jax.train.loop import StopSignal
     runtime.setup(args.compilation_cache)

@@ -9,107 +9,17 @@ import importlib.util
 import re
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 from ml_collections import ConfigDict, FieldReference
 
-from dontstop_jax.analysis.metrics import METRICS
-from dontstop_jax.engine.multitask import METHODS as MULTITASK_METHODS
-from dontstop_jax.engine.peft import METHODS as PEFT_METHODS
-from dontstop_jax.engine.prompt import HEADS, check_template
-from dontstop_jax.engine.regularizers import METHODS as REGULARIZERS, NOISES, NORMS
+from dontstop_jax import fields
 from dontstop_jax.errors import UserError
-from dontstop_jax.model.config import DTYPES, REMAT_POLICIES, default_dtype
-from dontstop_jax.phases.defaults import OBJECTIVES
-from dontstop_jax.phases.finetune import AVERAGING
-from dontstop_jax.phases.select import METHODS as SELECT_METHODS
+from dontstop_jax.fields import MAPS, default_dtype, undeclared
 
-Rule = tuple[Callable[[Any], bool], str]
-
-
-def _one_of(choices: Sequence[str]) -> Rule:
-    return (lambda v: v in choices), f"must be one of {', '.join(choices)}"
-
-
-_POSITIVE: Rule = (lambda v: v > 0), "must be > 0"
-_AT_LEAST_1: Rule = (lambda v: v >= 1), "must be >= 1"
-
-# Value rules by field path suffix. The longest suffix of a field's dotted path that is a key here applies, so
-# "train.steps" also checks a grid's dapt.train.steps, and "peft.method" wins over select's "method".
-RULES: dict[str, Rule] = {
-    "train.steps": ((lambda v: v is None or v > 0), "must be > 0 (or None to train for train.epochs)"),
-    "train.epochs": _POSITIVE,
-    "train.accum_steps": _POSITIVE,
-    "train.grad_reduce_dtype": _one_of(("float32", "bfloat16")),
-    "train.patience": _AT_LEAST_1,
-    "train.steps_per_epoch": ((lambda v: v is None or v > 0), "must be > 0 (or None for a full pass over train)"),
-    "batch_size": _POSITIVE,
-    "max_seq_length": _POSITIVE,
-    "mask_prob": ((lambda v: 0 < v < 1), "must be in (0, 1)"),
-    "span_masking.rate": ((lambda v: 0 <= v <= 1), "must be in [0, 1] (the chance a matched term is one unit)"),
-    "metric": _one_of(METRICS),
-    "checkpoint.every": ((lambda v: v >= 0), "must be >= 0"),
-    "checkpoint.keep_last": _AT_LEAST_1,
-    "optim.learning_rate": _POSITIVE,
-    "optim.warmup_fraction": ((lambda v: 0 <= v < 1), "must be in [0, 1)"),
-    "peft.method": _one_of(PEFT_METHODS),
-    "model.dtype": _one_of(DTYPES + ("auto",)),
-    "model.remat": _one_of(REMAT_POLICIES),
-    "objective": _one_of(OBJECTIVES),
-    "das.contrast": _one_of(("all", "past")),
-    "ewc.lam": ((lambda v: v >= 0), "must be >= 0"),
-    "derpp.buffer_size": _AT_LEAST_1,
-    "derpp.alpha": ((lambda v: v >= 0), "must be >= 0"),
-    "derpp.beta": ((lambda v: v >= 0), "must be >= 0"),
-    "derpp.batch_size": ((lambda v: v is None or v > 0), "must be > 0 (or None: as many rows as the micro-batch)"),
-    "hat.s_max": ((lambda v: v >= 1), "must be >= 1 (the final gate slope; the paper's 400)"),
-    "hat.c": ((lambda v: v >= 0), "must be >= 0"),
-    "method": _one_of(SELECT_METHODS),  # a select config's, or a grid's select.method
-    "k": _POSITIVE,
-    "chunk_size": _POSITIVE,
-    "checkpoint_every": _POSITIVE,
-    "fit_docs": _POSITIVE,
-    "seed_discard.keep": _AT_LEAST_1,
-    "task.train_size": ((lambda v: v >= 0), "must be >= 0 (0 = the whole train split)"),
-    "task.shots": ((lambda v: v >= 0), "must be >= 0 (examples per class; 0 = off)"),
-    "shots": ((lambda v: len(v) == len(set(v)) and all(type(s) is int and s >= 1 for s in v)),
-              "must list distinct numbers of examples per class, each an int >= 1, e.g. [16, 32, 64] ([] = off)"),
-    "head": _one_of(HEADS),
-    "heads": ((lambda v: len(v) == len(set(v)) and set(v) <= set(HEADS)),
-              f"must list distinct fine-tuning heads of {', '.join(HEADS)} ([] = finetune.head)"),
-    "prompt.template": (check_template, "needs exactly one {text} and one <mask>, e.g. '{text} It was <mask> .'"),
-    "train_sizes": ((lambda v: len(v) == len(set(v)) > 0 and all(
-        s == "all" or (type(s) is int and s >= 1) for s in v)),
-        "must list distinct train sizes, each an int >= 1 or 'all' (the whole train split), e.g. [100, 500, 'all']"),
-    "train.prune_top_layers": ((lambda v: v >= 0), "must be >= 0"),
-    "regularizer.method": _one_of(REGULARIZERS),
-    "regularizer.noise": _one_of(NOISES),
-    "regularizer.norm": _one_of(NORMS),
-    "regularizer.weight": ((lambda v: v >= 0), "must be >= 0"),
-    "regularizer.bregman_weight": ((lambda v: v >= 0), "must be >= 0 (0 turns SMART's Bregman term off)"),
-    "regularizer.bregman_decay": ((lambda v: 0 <= v < 1), "must be in [0, 1)"),
-    "regularizer.noise_scale": _POSITIVE,
-    "regularizer.step_size": _POSITIVE,
-    "regularizer.radius": _POSITIVE,
-    "regularizer.steps": _AT_LEAST_1,
-    "averaging.method": _one_of(AVERAGING),
-    "averaging.ema_decay": ((lambda v: 0 < v < 1), "must be in (0, 1)"),
-    "averaging.swa_start": _AT_LEAST_1,
-    "multitask.method": _one_of(MULTITASK_METHODS),
-    "multitask.mlm_weight": ((lambda v: v >= 0), "must be >= 0"),
-    "multitask.mlm_weight_end": ((lambda v: v >= 0), "must be >= 0"),
-    "multitask.anneal_epochs": _AT_LEAST_1,
-    "unit_gates": ((lambda v: v == "" or v.endswith(".npz")), "must be an .npz of gates (e.g. a HAT stage's "
-                   "hat_domain_mask.npz) or \"\" for none"),
-}
-# Sections keyed by your own names (domains, tasks, ...): a dict value replaces them instead of setting fields.
-MAPS = ("domains", "tasks", "corpora", "curves", "checkpoints", "method_overrides", "overrides", "verbalizer")
-# A grid task's fields; `overrides` holds per-task fields of its TAPT and fine-tuning phases; `transfer_from`
-# names the task whose TAPT phase the transfer_tapt row fine-tunes from, `intermediate_from` the task the
-# intermediate rows fine-tune on first (both checked by phases/grid.py).
-TASK_FIELDS = ("path", "domain", "metric", "epochs", "text_field", "label_field", "irrelevant_domain", "overrides",
-               "transfer_from", "intermediate_from")
+# A grid task's fields (fields.TASK); `overrides` holds per-task fields of its TAPT and fine-tuning phases.
+TASK_FIELDS = tuple(path.rsplit(".", 1)[-1] for path in fields.TASK)
 TASK_PHASES = ("tapt", "finetune")
 _TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "True or False", list: "a list",
                tuple: "a list", ConfigDict: "a dict"}
@@ -190,29 +100,47 @@ def _not_a_field(text: str) -> str:
         f"; did you mean {hint[1]!r}?" if hint else "")
 
 
-def validate(cfg: ConfigDict, prefix: str = "") -> ConfigDict:
-    """Check every field, in every nested section, against RULES; None only where a field is declared a
-    placeholder. A grid's method_overrides and its tasks' overrides must be valid fields of their phases too."""
+def validate(cfg: ConfigDict, prefix: str = "", declared_as: str | None = None) -> ConfigDict:
+    """Check every field, in every nested section, against its declaration in fields.py (a field declared
+    nowhere is an error), with None only where a field is declared a placeholder; `declared_as` is the path
+    prefix its declarations have (default `prefix`). A grid's method_overrides and its tasks' overrides must be
+    valid fields of their phases too."""
+    under = prefix if declared_as is None else declared_as
     if "method_overrides" in cfg and "finetune" in cfg:
         for method, part in cfg.method_overrides.items():
             where = f"{prefix}method_overrides.{method}."
-            validate(set_fields(copy.deepcopy(cfg.finetune), part, where), where)
+            validate(set_fields(copy.deepcopy(cfg.finetune), part, where), where, f"{under}finetune.")
     for name, task in (cfg.get("tasks") or {}).items():
-        _validate_task(cfg, name, task, prefix)
+        _validate_task(cfg, name, task, prefix, under)
     for key, value in cfg.items(preserve_field_references=True):
-        path = f"{prefix}{key}"
+        path, name = f"{prefix}{key}", f"{under}{key}"
         if isinstance(value, FieldReference):
             value = value.get()
         elif value is None:
             raise UserError(f"{path}=None: this field needs a value")
-        if isinstance(value, ConfigDict):
-            validate(value, f"{path}.")
-        elif (rule := _rule(path)) and not _holds(rule[0], value):
-            raise UserError(f"{path}={value!r} {rule[1]}")
-        for text in (value if isinstance(value, (list, tuple)) else [value]):
-            if isinstance(text, str):
-                check_url(text, path)
+        field = fields.declared(name)
+        if field is None and isinstance(value, ConfigDict):
+            validate(value, f"{path}.", f"{name}.")
+            continue
+        if field is None:
+            raise UserError(undeclared(path))
+        if field.keyed and key == "tasks":  # a grid's tasks: each entry's fields are declared as tasks.*.FIELD
+            for task, spec in value.items():
+                validate(spec, f"{path}.{task}.", "tasks.*.")
+        elif field.rule and not _holds(field.rule[0], value):
+            raise UserError(f"{path}={value!r} {field.rule[1]}")
+        _check_urls(value, path)
     return cfg
+
+
+def _check_urls(value: Any, path: str) -> None:
+    """Every string in `value` (a list, a map's entries) that looks like a gs:// URL must be one."""
+    if isinstance(value, (ConfigDict, dict)):
+        for key, sub in value.items():
+            _check_urls(sub, f"{path}.{key}")
+    for text in (value if isinstance(value, (list, tuple)) else [value]):
+        if isinstance(text, str):
+            check_url(text, path)
 
 
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")
@@ -235,7 +163,7 @@ def check_url(text: str, where: str) -> None:
         raise UserError(f"{where}={text!r} is not a bucket URL: {why}; write gs://BUCKET/PATH")
 
 
-def _validate_task(cfg: ConfigDict, name: str, task: ConfigDict, prefix: str) -> None:
+def _validate_task(cfg: ConfigDict, name: str, task: ConfigDict, prefix: str, under: str) -> None:
     """A grid task has known fields only, and its `overrides` set real fields of the grid's TAPT and fine-tuning
     phases, e.g. {"tapt": {"train": {"epochs": 20}}, "finetune": {"train": {"steps_per_epoch": 2000}}}."""
     where = f"{prefix}tasks.{name}"
@@ -246,21 +174,10 @@ def _validate_task(cfg: ConfigDict, name: str, task: ConfigDict, prefix: str) ->
             raise UserError(f"{where}.overrides.{phase}: a task overrides only its {' and '.join(TASK_PHASES)} "
                             "phases")
         validate(set_fields(copy.deepcopy(cfg[phase]), part, f"{where}.overrides.{phase}."),
-                 f"{where}.overrides.{phase}.")
+                 f"{where}.overrides.{phase}.", f"{under}{phase}.")
 
 
-def _rule(path: str) -> Rule | None:
-    """The rule of the longest suffix of `path` in RULES (none inside a verbalizer: its keys are the task's labels)."""
-    parts = path.split(".")
-    if "verbalizer" in parts[:-1]:
-        return None
-    for i in range(len(parts)):
-        if (suffix := ".".join(parts[i:])) in RULES:
-            return RULES[suffix]
-    return None
-
-
-def _holds(test: Callable[[Any], bool], value: Any) -> bool:
+def _holds(test: Any, value: Any) -> bool:
     try:
         return bool(test(value))
     except TypeError:  # e.g. a comparison with a value of a config file's own (untyped) field

@@ -20,7 +20,7 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -108,9 +108,16 @@ def initialize(env: Mapping[str, str] | None = None) -> Plan | None:
     return joined
 
 
+def process_major(devices: Sequence[Any], shape: Sequence[int]) -> np.ndarray:
+    """Devices reshaped in (process, id) order: process p gets the p-th contiguous block of the grid."""
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    grid = np.empty(len(ordered), dtype=object)
+    grid[:] = ordered
+    return grid.reshape(tuple(shape))
+
+
 @functools.cache
 def _any_across() -> tuple[NamedSharding, Callable[[jax.Array], jax.Array]]:
-    from dontstop_jax.engine.sharding import process_major
     mesh = Mesh(process_major(jax.devices(), (jax.device_count(),)), ("all",))
     return NamedSharding(mesh, P("all")), jax.jit(jnp.any, out_shardings=NamedSharding(mesh, P()))
 

@@ -47,8 +47,8 @@ def test_fingerprint_ignores_names_and_places_but_not_settings():
     assert fingerprint(a) != fingerprint(b)
 
 
-# Fields and sections added after phases were recorded (train/workdir.py NEUTRAL, SWITCHED_SECTIONS,
-# OBJECTIVE_SECTIONS): at their defaults a phase fingerprints as one recorded before they existed.
+# Fields and sections added after phases were recorded (declared in fields.py as Neutral at their old value, or
+# counted only When their switch is on): at their defaults a phase fingerprints as one recorded before they existed.
 ADDED_LATER = ["task.train_size", "train.prune_top_layers", "regularizer", "averaging", "data.attend_across_documents",
                "data.span_masking", "das.general", "das.contrast", "das.random", "ewc", "derpp", "hat", "task.shots",
                "head", "prompt", "train.fresh_head", "multitask",
@@ -69,6 +69,23 @@ def test_fields_added_later_keep_the_fingerprints_of_phases_recorded_before_them
     for field, value in changed:
         other = config_loader.set_fields(copy.deepcopy(cfg), {field: value})
         assert fingerprint(other) != fingerprint(recorded), field
+
+
+# The fingerprints of the shipped grids' phase templates as loaded on a CPU, recorded before fields.py declared
+# the fields: a field added since must count so that these stay (runtime only, left out at its old value, or
+# counted only while a switch is on), or every finished phase of these grids would train again.
+PINNED = {"synthetic.py:tiny": {"base_pretrain": "5ff4bf3dbf", "dapt": "ef65cb28d9", "tapt": "0330d73070",
+                                "finetune": "a98add2e40", "select": "daaa913e27"},
+          "synthetic.py:default": {"base_pretrain": "ced35b9b76", "dapt": "6c89d12a5d", "tapt": "cacc108e4e",
+                                   "finetune": "ce41f093d4", "select": "daaa913e27"},
+          "grid.py:paper": {"dapt": "7fbe02c00c", "tapt": "5638971e74", "finetune": "e4b0c1ae71",
+                            "select": "693e47d5f3"}}
+
+
+@pytest.mark.parametrize("spec", sorted(PINNED))
+def test_the_shipped_phases_keep_the_fingerprints_recorded_before_the_fields_were_declared(spec):
+    cfg = config_loader.load(f"configs/{spec}")
+    assert {slot: fingerprint(cfg[slot]) for slot in PINNED[spec]} == PINNED[spec]
 
 
 def test_auto_dtype_is_recorded_as_the_backends_and_keeps_cpu_fingerprints():

@@ -13,8 +13,9 @@ from ml_collections import ConfigDict
 from dontstop_jax import config_loader
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases.continual import Continual, synthetic_config
-from dontstop_jax.phases.defaults import pretrain_config, select_config
-from dontstop_jax.phases.grid import _phase
+from dontstop_jax.phases.defaults import finetune_config, pretrain_config, select_config
+from dontstop_jax.phases.grid import phase_config
+from dontstop_jax.train.workdir import fingerprint
 
 ROOT = Path(__file__).parents[1]
 SHIPPED = {"analyze": ["synthetic", "synthetic-tiny", "paper", "custom"], "continual": ["synthetic", "tiny"],
@@ -56,13 +57,13 @@ def test_fields_cannot_be_added_at_run_time():
 
 def test_phases_set_declared_fields_only():
     dapt = pretrain_config("dapt")
-    phase = _phase(dapt, Path("runs"), "dapt-bio", init="base", **{"train.steps": 5, "data.sources": ["a.txt"]})
+    phase = phase_config(dapt, Path("runs"), "dapt-bio", init="base", **{"train.steps": 5, "data.sources": ["a.txt"]})
     assert (phase.name, phase.init, phase.train.steps, list(phase.data.sources)) == ("dapt-bio", "base", 5, ["a.txt"])
     assert phase.is_locked and dapt.train.steps == 12500
     with pytest.raises(UserError, match="train has no field 'stpes'; known fields: .*steps"):
-        _phase(dapt, Path("runs"), "x", **{"train.stpes": 5})
+        phase_config(dapt, Path("runs"), "x", **{"train.stpes": 5})
     with pytest.raises(UserError, match="train.steps must be an int, got '5'"):
-        _phase(dapt, Path("runs"), "x", **{"train.steps": "5"})
+        phase_config(dapt, Path("runs"), "x", **{"train.steps": "5"})
 
 
 def test_continual_stages_set_the_declared_das_fields():
@@ -204,6 +205,55 @@ def test_a_broken_config_file_is_one_line_naming_file_and_line(tmp_path, source,
     with pytest.raises(UserError) as err:
         config_loader.load(f"{path}:nosuch")
     assert str(err.value) == f"{path}:{line}: {message}"
+
+
+def test_a_field_declared_nowhere_fails_at_load_and_at_fingerprint(tmp_path):
+    """Adding a field without declaring it (and so how it counts for a phase's result) in fields.py is one line
+    naming the field and where to declare it: when its config loads, and when a phase would fingerprint it."""
+    message = ("train.new_knob is not a declared field; declare it in dontstop_jax/fields.py with its default, doc, "
+               "rule and how it counts for a phase's result")
+    path = tmp_path / "extra.py"
+    path.write_text("from dontstop_jax.phases.defaults import finetune_config\n\n\ndef get_config(arg):\n"
+                    "    cfg = finetune_config()\n    with cfg.train.unlocked():\n        cfg.train.new_knob = 3\n"
+                    "    return cfg\n")
+    with pytest.raises(UserError) as err:
+        config_loader.load(f"{path}:x")
+    assert str(err.value) == message
+    cfg = finetune_config()
+    with cfg.train.unlocked():
+        cfg.train.new_knob = 3
+    with pytest.raises(UserError) as err:
+        fingerprint(cfg)
+    assert str(err.value) == message
+
+
+def test_dontstop_config_shows_each_field_its_doc_and_whether_it_changes_results(capsys):
+    from dontstop_jax.cli import main
+    assert main(["config", "--config", "configs/finetune.py:chemprot", "--diff", "--config.head=prompt",
+                 "--config.regularizer.weight=2"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(rows) == {"name", "workdir", "model.dtype", "model.hidden_dropout_prob", "optim.learning_rate",
+                         "optim.weight_decay", "train.metric", "head", "regularizer.weight"}  # what differs
+    assert rows["train.metric"].split()[1:4] == ['"micro_f1"', "yes", "the"]
+    assert rows["head"].split()[2] == "yes"
+    assert "no: only when regularizer.method != 'none'" in rows["regularizer.weight"]
+    assert rows["workdir"].split()[2] == "no" and "where it writes" in rows["workdir"]
+    main(["config", "--config", "configs/grid.py:paper"])
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert re.search(r"\]\s+-\s+fine-tuning seeds$", rows["seeds"])  # not a phase's field
+    assert " yes " in rows["dapt.train.steps"] and " no " in rows["finetune.train.log_every"]
+
+
+def test_loading_a_config_imports_no_model_engine_or_phase():
+    """Reading configs (and `dontstop config`) must not pull in Flax, Orbax or transformers."""
+    code = ("import sys\nfrom dontstop_jax import config_loader\n"
+            "print([m for m in sys.modules if m.startswith('dontstop_jax.phases')])\n"
+            "for spec in ('dapt.py:biomed', 'tapt.py:chemprot', 'finetune.py:rct', 'select.py:knn',\n"
+            "             'analyze.py:paper'):\n"
+            "    config_loader.load('configs/' + spec)\n"
+            "print([m for m in sys.modules if m.split('.')[0] in ('flax', 'orbax', 'transformers')])\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["[]", "[]"], out.stdout + out.stderr[-2000:]
 
 
 def test_a_config_file_without_get_config_is_an_error(tmp_path):

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from dontstop_jax.distributed import any_process, plan
-from dontstop_jax.engine.sharding import make_mesh, process_major, rows_follow_processes
+from dontstop_jax.distributed import any_process, plan, process_major
+from dontstop_jax.engine.sharding import make_mesh, rows_follow_processes
 from dontstop_jax.errors import UserError
 
 EXPLICIT = {"DONTSTOP_COORDINATOR": "10.0.0.1:1234", "DONTSTOP_NUM_PROCESSES": "4", "DONTSTOP_PROCESS_ID": "3"}

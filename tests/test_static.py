@@ -2,6 +2,7 @@
 multi-process path, an error message) must fail here, not in a user's run. Unused imports count too, except
 the re-exports of `__init__.py` files and lines marked `# noqa`."""
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -40,21 +41,50 @@ def test_no_undefined_names_or_unused_imports():
     assert not problems, "\n".join(problems)
 
 
-def test_layers_below_phases_never_import_phases():
-    """phases/ are recipes over the layers below; analysis and selection use the Trainer layer (train/), never a
-    phase, so a research fork can replace a recipe without touching them."""
-    import ast
+# The package's layers, lowest first: a module imports from its own layer and those below it, never above, so
+# a phase recipe can be replaced without touching the layers under it and loading a config pulls in no model.
+LAYERS = [{"errors"}, {"files"}, {"distributed"}, {"fields", "config_loader", "explain"}, {"model"},
+          {"data", "synthetic"}, {"engine"}, {"train"}, {"selection", "das", "analysis"}, {"phases"},
+          {"runtime", "cli", "__main__"}]
 
-    below = [p for folder in ("analysis", "selection", "engine", "model", "data", "train", "das", "synthetic")
-             for p in (ROOT / "dontstop_jax" / folder).rglob("*.py")]
+
+def _imports(path: Path):
+    """(line, imported module, imported names) of every import in `path`, inside functions too."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name, []) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.lineno, node.module, [alias.name for alias in node.names]
+
+
+def _unit(module: str) -> str:
+    """The top-level module or package of the package that `module` names ("" outside the package)."""
+    return module.split(".")[1] if module.startswith("dontstop_jax.") else ""
+
+
+def test_every_import_keeps_the_layer_order():
+    layer = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+    package = ROOT / "dontstop_jax"
+    units = {p.name.removesuffix(".py") for p in package.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()
+             or (p.is_dir() and any(p.glob("*.py")))} - {"__init__"}
+    assert units == set(layer), f"place every module in LAYERS: {sorted(units ^ set(layer))}"
     offenders = []
-    for path in below:
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
-                          if n == "dontstop_jax.phases" or n.startswith("dontstop_jax.phases.")]
-    assert len(below) > 30 and not offenders, "\n".join(offenders)
+    for path in package.rglob("*.py"):
+        here = path.relative_to(package).parts[0].removesuffix(".py")
+        if here == "__init__":
+            continue
+        for line, module, names in _imports(path):
+            targets = [_unit(module)] if module != "dontstop_jax" else names
+            offenders += [f"{path.relative_to(ROOT)}:{line} ({here}, layer {layer[here]}) imports {t} (layer "
+                          f"{layer[t]})" for t in targets if t and layer[t] > layer[here]]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_no_module_imports_another_modules_private_name():
+    offenders = [f"{path.relative_to(ROOT)}:{line} imports {name} from {module}"
+                 for path in (ROOT / "dontstop_jax").rglob("*.py") for line, module, names in _imports(path)
+                 for name in names if name.startswith("_") and module != "__future__"]
+    assert not offenders, "\n".join(offenders)
 
 
 def test_no_transformers_banner_without_pytorch():

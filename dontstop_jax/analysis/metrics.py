@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from dontstop_jax.errors import UserError
+from dontstop_jax.fields import METRICS
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int,
@@ -34,7 +35,6 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int,
     return np.bincount(cells, weights=w, minlength=num_labels**2).reshape(num_labels, num_labels)
 
 
-METRICS = ("accuracy", "macro_f1", "micro_f1")  # what classification_metrics returns
 
 
 def check_metric(metric: str, where: str = "train.metric") -> str:

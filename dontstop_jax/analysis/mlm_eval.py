@@ -19,8 +19,9 @@ from dontstop_jax.data import MLMLoader, load_tokenizer, prepare_corpus, special
 from dontstop_jax.data.corpus import SourceSpec
 from dontstop_jax.engine import (check_batch_size, compile_eval_step, make_eval_step, make_mesh, mlm_loss_sums,
                                  to_global)
-from dontstop_jax.engine.sharding import DEFAULT_RULES, Rules
+from dontstop_jax.engine.sharding import Rules
 from dontstop_jax.errors import UserError
+from dontstop_jax.fields import DEFAULT_RULES
 from dontstop_jax.model import RobertaForMaskedLM
 from dontstop_jax.train.source import ModelSource, place, resolve
 

@@ -93,11 +93,11 @@ def resolve_files(source: CorpusSource) -> list[str]:
 def iter_documents(source: SourceSpec) -> Iterator[str]:
     """Yield the documents of one source in a deterministic order, stripped, empty ones dropped."""
     source = parse_source(source)
-    readers = {"hf": _iter_hf, "tfds": _iter_tfds}
+    readers = {"hf": iter_hf, "tfds": iter_tfds}
     if source.kind in readers:
         docs = readers[source.kind](source)
     else:
-        docs = (doc for path in resolve_files(source) for doc in _iter_file(path, source))
+        docs = (doc for path in resolve_files(source) for doc in iter_file(path, source))
     count = 0
     for doc in map(str.strip, docs):
         if doc:
@@ -186,7 +186,7 @@ def record_field(record: Mapping[str, Any], field: str, where: str, expected: ty
     return value
 
 
-def _iter_file(path: str, source: CorpusSource) -> Iterator[str]:
+def iter_file(path: str, source: CorpusSource) -> Iterator[str]:
     if source.kind == "jsonl":
         for lineno, record in iter_jsonl(path):
             yield record_field(record, source.text_field, f"{path} line {lineno}", str)
@@ -223,7 +223,7 @@ def load_hf_dataset(name: str, split: str | None = None, streaming: bool = False
         ) from None
 
 
-def _iter_hf(source: CorpusSource) -> Iterator[str]:
+def iter_hf(source: CorpusSource) -> Iterator[str]:
     name = source.path.removeprefix("hf:")
     ds = load_hf_dataset(name, source.split, source.streaming)
     for i, row in enumerate(ds):
@@ -257,7 +257,7 @@ def tfds_text(row: Mapping[str, Any], field: str, where: str) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-def _iter_tfds(source: CorpusSource) -> Iterator[str]:
+def iter_tfds(source: CorpusSource) -> Iterator[str]:
     name = source.path.removeprefix("tfds:")
     for i, row in enumerate(iter_tfds_rows(load_tfds(name, source.split, source.data_dir))):
         yield tfds_text(row, source.text_field, f"TFDS {name} split {source.split} record {i}")

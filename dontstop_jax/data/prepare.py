@@ -51,7 +51,7 @@ from transformers import PreTrainedTokenizerFast
 from dontstop_jax import files
 from dontstop_jax.distributed import all_codes, decide
 from dontstop_jax.data import encode_pool, piece_cache
-from dontstop_jax.data.corpus import (CorpusSource, SourceSpec, _iter_file, _iter_hf, _iter_tfds, corpus_fingerprint,
+from dontstop_jax.data.corpus import (CorpusSource, SourceSpec, iter_file, iter_hf, iter_tfds, corpus_fingerprint,
                                       iter_raw_lines, parse_source, resolve_files)
 from dontstop_jax.data.encode_pool import EncodePool, docs_request, encode_request, file_request, lines_request
 from dontstop_jax.data.piece_cache import PieceCache
@@ -409,7 +409,7 @@ def _my_requests(sources: list[CorpusSource], process: int, processes: int) -> I
     turn = 0
     for si, source in enumerate(sources):
         if source.kind in ("hf", "tfds"):
-            texts = (_iter_hf if source.kind == "hf" else _iter_tfds)(source)
+            texts = (iter_hf if source.kind == "hf" else iter_tfds)(source)
             for k, group in itertools.groupby(enumerate(texts), key=lambda item: item[0] // UNIT_RECORDS):
                 if (turn + k) % processes == process:
                     for batch in iter(lambda: list(itertools.islice(group, DOC_BATCH)), []):
@@ -423,7 +423,7 @@ def _my_requests(sources: list[CorpusSource], process: int, processes: int) -> I
                 raise UserError(f"file {path} is empty; remove it from the sources or fill it")
             if source.kind == "paragraphs":
                 if mine(0):
-                    docs = _iter_file(path, source)
+                    docs = iter_file(path, source)
                     for batch in iter(lambda: list(itertools.islice(docs, DOC_BATCH)), []):
                         yield (si, fi, 0), docs_request(batch)
             elif not path.endswith(".gz") and not files.is_remote(path):

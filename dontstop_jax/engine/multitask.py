@@ -22,15 +22,15 @@ from ml_collections import ConfigDict
 from dontstop_jax.engine.regularizers import Regularizer
 from dontstop_jax.engine.steps import Batch, LossSums, classification_loss_sums, mlm_loss_sums
 from dontstop_jax.errors import UserError
+from dontstop_jax.fields import FINETUNE, build
 
-METHODS = ("none", "mlm")  # none: the task loss alone; mlm: plus the auxiliary masked-LM loss
 # The masked copy of a batch's text rides in the batch under these keys (data/masking.py's; its input_ids renamed).
 MLM_KEYS = ("mlm_input_ids", "mlm_positions", "mlm_ids", "mlm_weights")
 
 
 def default_multitask_config() -> ConfigDict:
     """The paper's schedule (see the module docstring); method none fine-tunes on the task loss alone."""
-    return ConfigDict(dict(method="none", mlm_weight=0.2, mlm_weight_end=0.1, anneal_epochs=15, mask_prob=0.15))
+    return build(FINETUNE["multitask"])
 
 
 def mlm_weights(cfg: ConfigDict, epochs: int) -> np.ndarray:

@@ -8,15 +8,15 @@ import jax
 import optax
 from ml_collections import ConfigDict
 
+from dontstop_jax.fields import OPTIM, build
+
 # Only matrices and embedding tables decay; biases and LayerNorm parameters do not (as in RoBERTa).
 _DECAYED_LEAVES = ("kernel", "embedding")
 
 
 def default_optim_config() -> ConfigDict:
     """RoBERTa's AdamW settings (typed and locked, like every config section)."""
-    return ConfigDict(dict(
-        learning_rate=5e-4, warmup_fraction=0.06, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01,
-        max_grad_norm=1.0)).lock()
+    return build(OPTIM).lock()
 
 
 def warmup_linear_decay(peak: float, total_steps: int, warmup_fraction: float) -> optax.Schedule:

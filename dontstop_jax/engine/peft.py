@@ -23,16 +23,15 @@ from ml_collections import ConfigDict
 from dontstop_jax.engine.optim import make_optimizer
 from dontstop_jax.engine.steps import Hooks
 from dontstop_jax.errors import UserError
+from dontstop_jax.fields import PEFT, PEFT_METHODS as METHODS, build
 from dontstop_jax.model.config import ModelConfig
 from dontstop_jax.model.peft import ADAPTER_SUFFIX, LORA_SUFFIX
 
-METHODS = ("full", "frozen", "top_k", "bitfit", "houlsby", "pfeiffer", "lora")
 
 
 def default_peft_config() -> ConfigDict:
     """method: full | frozen (feature extraction: train the head only) | top_k | bitfit | houlsby | pfeiffer | lora."""
-    return ConfigDict(dict(method="full", top_k=2, adapter_size=64, lora_rank=8, lora_alpha=16.0,
-                           lora_targets=("query", "value"), pooling="cls")).lock()
+    return build(PEFT).lock()
 
 
 def configure_model(model: ModelConfig, peft: ConfigDict) -> ModelConfig:

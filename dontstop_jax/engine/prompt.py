@@ -33,21 +33,16 @@ from transformers import PreTrainedTokenizerFast
 from dontstop_jax.data.tasks import tokenize_split
 from dontstop_jax.data.tokenizer import encode_plain, special_ids
 from dontstop_jax.errors import UserError
+from dontstop_jax.fields import FINETUNE, PROMPT_MASK as MASK, PROMPT_TEXT as TEXT, build, check_template
 from dontstop_jax.model import ModelConfig, RobertaForSequenceClassification, RobertaModel
 from dontstop_jax.model.roberta import LMHead
 
-HEADS = ("classifier", "prompt")  # finetune.head: a new classification head, or the MLM head through a prompt
-TEXT, MASK = "{text}", "<mask>"
 
 
 def default_prompt_config() -> ConfigDict:
     """LM-BFF's template for single sentences; the verbalizer ({label: word or [words]}) is the task's to give;
     demonstrations off (LM-BFF's "prompt-based FT" without them is its main row)."""
-    return ConfigDict(dict(template="{text} It was <mask> .", verbalizer={}, demonstrations=False))
-
-
-def check_template(template: str) -> bool:
-    return template.count(TEXT) == 1 and template.count(MASK) == 1
+    return build(FINETUNE["prompt"])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,18 +31,15 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from dontstop_jax.errors import UserError
+from dontstop_jax.fields import FINETUNE, NOISES, NORMS, REGULARIZERS as METHODS, build
 
-METHODS = ("none", "r3f", "smart")
-NOISES = ("normal", "uniform")
-NORMS = ("inf", "l2")
 # forward(params, embedding_noise or None, dropout key, deterministic or None = the loss's) -> logits [batch, labels]
 Forward = Callable[..., jax.Array]
 
 
 def default_regularizer_config() -> ConfigDict:
     """R3F's and SMART's defaults (see the module docstring); method none trains on the task loss alone."""
-    return ConfigDict(dict(method="none", weight=1.0, noise="normal", noise_scale=1e-5, step_size=1e-3,
-                           radius=1e-5, norm="inf", steps=1, bregman_weight=1.0, bregman_decay=0.99))
+    return build(FINETUNE["regularizer"])
 
 
 def symmetric_kl(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:

@@ -20,30 +20,13 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dontstop_jax.distributed import process_major
 from dontstop_jax.errors import UserError
+from dontstop_jax.fields import BATCH_AXES
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # FSDP is data parallelism with sharded parameters: both split the batch
-
-# (logical axis, mesh axis or axes or None). Data, not code: override in the config to change layouts.
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("layers", None),
-    ("position", None),
-    ("type", None),
-    ("norm", None),
-    ("labels", None),
-    ("length", None),
-    ("act_embed", None),
-    ("embed_out", None),
-    ("adapter", None),  # adapter bottleneck and LoRA rank: small, replicated
-    ("lora", None),
-)
+# BATCH_AXES (the axes that split the batch) and DEFAULT_RULES, the (logical axis, mesh axes) layout rules, are
+# the default of the config field mesh.rules, declared in fields.py: data, not code (override them in the config).
 
 Rules = Sequence[tuple[str, Any]]
 # Parameters at least this large (bytes) must not end up replicated because a mesh axis could not divide them.
@@ -110,14 +93,6 @@ def _hybrid_grid(shape: Sequence[int], dcn_shape: Sequence[int], devices: list[j
                                                     allow_split_physical_axes=True)
     except ValueError as err:
         raise UserError(f"mesh shape {ici} x dcn_shape {dcn}: {err}") from None
-
-
-def process_major(devices: Sequence[Any], shape: Sequence[int]) -> np.ndarray:
-    """Devices reshaped in (process, id) order: process p gets the p-th contiguous block of the grid."""
-    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
-    grid = np.empty(len(ordered), dtype=object)
-    grid[:] = ordered
-    return grid.reshape(tuple(shape))
 
 
 def rows_follow_processes(grid: np.ndarray, process_count: int) -> bool:

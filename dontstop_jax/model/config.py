@@ -9,20 +9,12 @@ import jax
 import jax.numpy as jnp
 
 from dontstop_jax.errors import UserError
+from dontstop_jax.fields import DTYPES, REMAT_POLICIES, default_dtype
 
-# Options that change how the model computes, never what it computes (fp32, no dropout).
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # Parameter-efficient additions (model/peft.py); all off by default, so the model is exactly RoBERTa.
 ADAPTERS = ("none", "houlsby", "pfeiffer")
 LORA_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
 POOLINGS = ("cls", "mean")
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def default_dtype(platform: str) -> str:
-    """What `model.dtype="auto"` computes in on a backend: bfloat16 on TPUs and GPUs (their matrix units' input
-    type; parameters and optimizer state stay float32), float32 on CPUs (bfloat16 matmuls are emulated there)."""
-    return "float32" if platform == "cpu" else "bfloat16"
 
 
 @dataclasses.dataclass(frozen=True)

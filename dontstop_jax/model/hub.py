@@ -10,7 +10,6 @@ import os
 import re
 from pathlib import Path
 
-from dontstop_jax.distributed import on_first_process
 from dontstop_jax.errors import UserError
 
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -34,10 +33,13 @@ def local(path_or_id: str, field: str = "init") -> str:
 
 
 def snapshot(repo_id: str, field: str = "init") -> Path:
-    """The cached snapshot directory of Hub model `repo_id` (`id` or `id@revision`). In a multi-process run
-    process 0 downloads first, so a shared cache is written once; the others then find it there."""
-    path = on_first_process(f"hub:{repo_id}", lambda: _download(repo_id, field))
-    return path if path is not None else _download(repo_id, field)
+    """The cached snapshot directory of Hub model `repo_id` (`id` or `id@revision`), downloaded if missing. No
+    collective here (a caller on one process only must not hang): a multi-process caller lets process 0 go first
+    (train/source.py)."""
+    path = _fetch(repo_id, SAFETENSORS, field)
+    if not any(path.glob("model*.safetensors")):  # an older repo: PyTorch weights only
+        path = _fetch(repo_id, TORCH_BIN, field)
+    return path
 
 
 def config_only(repo_id: str, field: str = "init") -> Path:
@@ -48,13 +50,6 @@ def config_only(repo_id: str, field: str = "init") -> Path:
 def provenance(repo_id: str, path: Path) -> str:
     """`hf:<repo>@<commit>`: the snapshot directory is named by its commit, so a moving branch is pinned."""
     return f"hf:{repo_id.partition('@')[0]}@{path.name}"
-
-
-def _download(spec: str, field: str) -> Path:
-    path = _fetch(spec, SAFETENSORS, field)
-    if not any(path.glob("model*.safetensors")):  # an older repo: PyTorch weights only
-        path = _fetch(spec, TORCH_BIN, field)
-    return path
 
 
 def _fetch(spec: str, patterns: list[str], field: str) -> Path:

@@ -61,7 +61,7 @@ from dontstop_jax.files import write_json, write_text
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM
 from dontstop_jax.phases.defaults import das_config, derpp_config, ewc_config, hat_config
 from dontstop_jax.phases.finetune import finetune
-from dontstop_jax.phases.grid import _phase, base_model
+from dontstop_jax.phases.grid import base_model, phase_config
 from dontstop_jax.phases.pretrain import mlm, prepare, pretrain
 from dontstop_jax.train import source as sources
 
@@ -153,7 +153,8 @@ class Continual:
         """The dapt phase (or `template`) on `domain` from `parent`. `frozen` (held fixed by the Trainer) and a
         stage's objective and its section (`das=`, `ewc=`, ...) are set on it so that the fingerprint tells them."""
         fields = {"frozen": list(self.cfg.frozen), "data.sources": list(self.cfg.domains[domain]), **fields}
-        return _phase(template or self.cfg.dapt, self.root / "pretrain", f"{label}-{domain}", init=parent, **fields)
+        return phase_config(template or self.cfg.dapt, self.root / "pretrain", f"{label}-{domain}", init=parent,
+                            **fields)
 
     def das_stage(self, parent: str, domain: str, index: int, das: ConfigDict) -> str:
         """Train on `domain` under the importance accumulated so far; then add this domain's importance.
@@ -338,7 +339,7 @@ class Continual:
         task's domain is next) or "base"."""
         spec, records = self.cfg.tasks[task], []
         for seed in self.cfg.seeds:
-            result = finetune(_phase(self.cfg.finetune, self.root / "finetune", f"{task}-s{seed}", init=init,
+            result = finetune(phase_config(self.cfg.finetune, self.root / "finetune", f"{task}-s{seed}", init=init,
                                      seed=seed, unit_gates=unit_gates,
                                      **{"task.path": spec.path, "train.metric": spec.metric,
                                         "task.text_field": spec.text_field, "task.label_field": spec.label_field}))

@@ -34,6 +34,7 @@ from dontstop_jax.engine.regularizers import Regularizer
 from dontstop_jax.engine.state import running_mean
 from dontstop_jax.engine.checkpoint import first_best
 from dontstop_jax.errors import UserError
+from dontstop_jax.fields import AVERAGING
 from dontstop_jax.model import RobertaForSequenceClassification, gates, init_params
 from dontstop_jax.phases.behavioral import Multitask, start_head
 from dontstop_jax.train import source as sources
@@ -41,8 +42,6 @@ from dontstop_jax.train.trainer import Trainer, check_batch
 from dontstop_jax.train.workdir import Workdir
 
 log = logging.getLogger(__name__)
-AVERAGING = ("none", "ema", "swa")  # averaging.method: evaluate and hand on the weights or an average of them
-
 
 def evaluate(predict, params, batches: ClassificationBatches, mesh, num_labels: int) -> dict[str, float]:
     """Metrics over one pass of `batches` (global predictions, so every host computes the same numbers)."""

@@ -57,9 +57,9 @@ from dontstop_jax.data import load_task, load_tokenizer
 from dontstop_jax.data.tasks import require_splits, with_shots, with_train_size
 from dontstop_jax.data.tokenizer import encode_plain
 from dontstop_jax.engine.peft import METHODS, check_method
-from dontstop_jax.engine.prompt import HEADS
 from dontstop_jax.distributed import decide, on_first_process
 from dontstop_jax.errors import UserError
+from dontstop_jax.fields import HEADS
 from dontstop_jax.phases.behavioral import (INTERMEDIATE_VARIANTS, MULTITASK_VARIANTS, intermediate_label,
                                             intermediate_source, variant_fields)
 from dontstop_jax.phases.finetune import finetune
@@ -67,7 +67,7 @@ from dontstop_jax.files import read_json, write_json
 from dontstop_jax.phases.pretrain import pretrain
 from dontstop_jax.phases.select import select, selected_corpus
 from dontstop_jax.train.source import resolve
-from dontstop_jax.train.workdir import fingerprint
+from dontstop_jax.train.workdir import digest, fingerprint
 
 VARIANTS = ("baseline", "dapt", "tapt", "dapt_tapt", "not_dapt")  # the paper's Table 5: a grid's default rows
 TRANSFER_TAPT = "transfer_tapt"  # needs tasks.<t>.transfer_from, so only on request
@@ -78,7 +78,7 @@ SELECTION_VARIANTS = {"knn_tapt_50": dict(method="knn", k=50), "knn_tapt_150": d
                       "dsir_tapt": dict(method="dsir", size_of="knn_tapt_50")}
 
 
-def _phase(template: ConfigDict, root: files.Path, label: str, **fields: Any) -> ConfigDict:
+def phase_config(template: ConfigDict, root: files.Path, label: str, **fields: Any) -> ConfigDict:
     """A copy of `template` named `label` with the dotted `fields` set (a misspelled one is an error, never a new
     field), in a directory named by its fingerprint under `root` (GRID/pretrain, GRID/finetune, ...). Pretraining
     phases without a data.cache_dir share GRID/cache, so the run writes nothing outside GRID."""
@@ -98,7 +98,7 @@ def base_model(cfg: ConfigDict, root: files.Path) -> str:
     """The base model: a Hugging Face directory, or (synthetic default) a model pretrained from scratch."""
     if cfg.base_pretrain.init != "scratch":
         return cfg.base
-    phase = _phase(cfg.base_pretrain, root / "pretrain", "base")
+    phase = phase_config(cfg.base_pretrain, root / "pretrain", "base")
     pretrain(phase)
     return phase.workdir
 
@@ -157,7 +157,7 @@ class Grid:
         return base_model(self.cfg, self.root)
 
     def dapt(self, parent: str, domain: str) -> str:
-        phase = _phase(self.cfg.dapt, self.root / "pretrain", f"dapt-{domain}", init=parent,
+        phase = phase_config(self.cfg.dapt, self.root / "pretrain", f"dapt-{domain}", init=parent,
                        **{"data.sources": list(self.cfg.domains[domain])})
         pretrain(phase)
         return phase.workdir
@@ -169,7 +169,7 @@ class Grid:
                                              label_field=spec.label_field).tapt_sources]
         if selection:
             sources.append(selected_corpus(self.selection(task, selection)))
-        phase = _phase(self.cfg.tapt, self.root / "pretrain", "-".join(filter(None, ["tapt", task, selection])),
+        phase = phase_config(self.cfg.tapt, self.root / "pretrain", "-".join(filter(None, ["tapt", task, selection])),
                        init=parent, **{"data.sources": sources}, **self.task_overrides(task, "tapt"))
         pretrain(phase)
         return phase.workdir
@@ -178,7 +178,7 @@ class Grid:
         """The workdir of the task's `select` phase for a selection variant (run if missing)."""
         spec, plan = self.cfg.tasks[task], SELECTION_VARIANTS[variant]
         size = {"k": plan["k"]} if "k" in plan else {"n_from": self.selection(task, plan["size_of"])}
-        phase = _phase(self.cfg.select, self.root / "select", f"select-{task}-{variant}", method=plan["method"],
+        phase = phase_config(self.cfg.select, self.root / "select", f"select-{task}-{variant}", method=plan["method"],
                        sources=list(self.cfg.domains[spec.domain]), **size,
                        **{"task.path": spec.path, "task.text_field": spec.text_field,
                           "task.label_field": spec.label_field})
@@ -231,7 +231,7 @@ class Grid:
         draw = {"task.shots": size} if shots and size != ALL else {"task.train_size": 0 if size == ALL else size}
         name = "-".join([task, _row(variant, method, head).replace("/", "-"),
                          *([] if size == ALL else [f"{'k' if shots else 'n'}{size}"]), f"s{seed}"])
-        return _phase(self.cfg.finetune, self.root / "finetune", name, init=init, seed=seed,
+        return phase_config(self.cfg.finetune, self.root / "finetune", name, init=init, seed=seed,
                       **{**per_task, **draw, "head": head, **self.task_overrides(task, "finetune"),
                          **self.method_overrides(method), "peft.method": self.peft_method(method),
                          **self.discard(early or []), **variant_fields(variant)})
@@ -312,7 +312,7 @@ class Grid:
         sized = {} if size == ALL else {"train_size": size, "draw": draw, **({"shots": size} if shots else {})}
         key = {"path": spec.path, "text_field": spec.text_field, "label_field": spec.label_field,
                "max_words": reference.MAX_WORDS, "steps": reference.STEPS, "base": base, **sized}
-        path = self.root / "references" / f"{task}-{fingerprint(key)}.json"
+        path = self.root / "references" / f"{task}-{digest(key)}.json"
         if decide(f"look for {path}", path.exists, timeout=600):  # every host computes them, or none
             return read_json(path)["references"]
         data = load_task(spec.path, text_field=spec.text_field, label_field=spec.label_field)

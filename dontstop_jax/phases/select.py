@@ -26,6 +26,7 @@ from dontstop_jax.data import iter_documents, load_task, parse_source
 from dontstop_jax.engine import make_mesh
 from dontstop_jax.engine.sharding import MESH_AXES
 from dontstop_jax.errors import Interrupted, UserError
+from dontstop_jax.fields import SELECT_METHODS as METHODS
 from dontstop_jax.files import publishing, write_json
 from dontstop_jax.selection import dsir, embed
 from dontstop_jax.selection.knn import StreamingTopK, empty_topk, merge_topk
@@ -33,7 +34,6 @@ from dontstop_jax.selection.leakage import LeakageFilter, text_key
 from dontstop_jax.train.loop import StopSignal
 from dontstop_jax.train.workdir import Workdir, finished
 
-METHODS = ("knn", "rand", "dsir", "curated")
 SELECTED, STATS, PROGRESS, EMBEDDER = "selected.jsonl", "selection_stats.json", "progress.npz", "embedder.npz"
 
 

@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from dontstop_jax import files
-from dontstop_jax.distributed import decide
+from dontstop_jax.distributed import decide, on_first_process
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, plan
 from dontstop_jax.engine.sharding import Rules, put_tree, tree_shardings
@@ -106,7 +106,8 @@ def _weights(init: str, tokenizer: str | None, model: ConfigDict | None, overrid
         cfg, params, _ = load_pretrained(files.localize(path), **overrides)
         return ModelSource(cfg, params, tokenizer or files.absolute(init), f"hf:{files.absolute(init)}")
     if kind == "hub":  # the tokenizer stays the id: each host resolves it in its own cache
-        snapshot = hub.snapshot(init)
+        # process 0 downloads first, so a shared cache is written once; the others then find it there
+        snapshot = on_first_process(f"hub:{init}", lambda: hub.snapshot(init)) or hub.snapshot(init)
         cfg, params, _ = load_pretrained(snapshot, **overrides)
         return ModelSource(cfg, params, tokenizer or init, hub.provenance(init, snapshot))
     ckpt_dir = {"workdir": path / "checkpoints", "checkpoints": path}.get(kind)

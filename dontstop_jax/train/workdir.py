@@ -30,54 +30,38 @@ from ml_collections import ConfigDict
 from dontstop_jax.distributed import decide
 from dontstop_jax.errors import UserError
 from dontstop_jax import files
+from dontstop_jax.fields import PHASE_FIELDS, declared, flatten, undeclared
 from dontstop_jax.files import PathLike, read_json, write_json
 
 log = logging.getLogger(__name__)
 DONE, CONFIG, LOCK = "DONE.json", "phase_config.json", ".lock"
 PREPARED = "prepared"  # the default prepared-data cache of a phase (data.cache_dir unset): not a result
-# Fields (dotted paths, a section stands for all its fields) that never change what a phase produces: its
-# name and place, logging, checkpoint cadence, the mesh (any mesh resumes any checkpoint), rematerialisation
-# (same math) and where caches live.
-RUNTIME_ONLY = ("name", "workdir", "train.log_every", "train.stop_poll_every", "checkpoint", "mesh", "model.remat",
-                "data.cache_dir", "checkpoint_every", "train.gather_params_once")
-# Fields added after phases were recorded, at the value that does what phases did before them: left out of the
-# fingerprint and the drift check at that value, so a phase finished before the field existed is still reused.
-NEUTRAL = {"task.train_size": 0, "data.attend_across_documents": True, "train.prune_top_layers": 0,
-           "data.span_masking.terms": "", "data.span_masking.rate": 1.0, "das.general": True,
-           "das.contrast": "all", "das.random": False, "head": "classifier", "task.shots": 0,
-           "train.fresh_head": False, "unit_gates": "", "train.grad_reduce_dtype": "float32"}
-# Sections added later that do nothing when their `method` is "none": then none of their fields count.
-SWITCHED_SECTIONS = ("regularizer", "averaging", "multitask")
-# A continual method's section counts only in the phases whose `objective` is that method.
-OBJECTIVE_SECTIONS = ("ewc", "derpp", "hat")
-# A fine-tuning head's section counts only in the phases with that `head` (the prompt's template and verbalizer).
-HEAD_SECTIONS = ("prompt",)
 RENEW_SECONDS, LEASE_SECONDS = 60, 600
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict) and tree:
-        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tree}
-
-
-def _runtime_only(field: str) -> bool:
-    return any(field == r or field.startswith(r + ".") for r in RUNTIME_ONLY)
-
-
-def result_fields(config: ConfigDict | dict) -> dict[str, Any]:
-    """{dotted field: value} of everything in `config` that shapes a phase's result (JSON-normalised)."""
+def result_fields(config: ConfigDict | dict, strict: bool = True) -> dict[str, Any]:
+    """{dotted field: value} of everything in `config` that shapes a phase's result (JSON-normalised). A field
+    fields.py does not declare is an error (`strict`), or, in a config recorded by an older version, a result."""
     tree = json.loads(config.to_json_best_effort()) if isinstance(config, ConfigDict) else config
-    off = tuple(f"{name}." for name in SWITCHED_SECTIONS if tree.get(name, {}).get("method") == "none")
-    off += tuple(f"{name}." for name in OBJECTIVE_SECTIONS if name in tree and tree.get("objective") != name)
-    off += tuple(f"{name}." for name in HEAD_SECTIONS if name in tree and tree.get("head") != name)
-    return {k: v for k, v in _flatten(tree).items()
-            if not _runtime_only(k) and not (k in NEUTRAL and NEUTRAL[k] == v) and not k.startswith(off)}
+    flat, out = flatten(tree), {}
+    for key, value in flat.items():
+        if (field := declared(key, PHASE_FIELDS)) is None:
+            if strict:
+                raise UserError(undeclared(key))
+            out[key] = value
+        elif field.counted(value, flat):
+            out[key] = value
+    return out
+
+
+def digest(tree: Any) -> str:
+    """A short hash of a JSON tree."""
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def fingerprint(config: ConfigDict | dict) -> str:
     """Hash of what determines a phase's result (not where it is written, what it is called or how it logs)."""
-    return hashlib.sha256(json.dumps(result_fields(config), sort_keys=True).encode()).hexdigest()[:10]
+    return digest(result_fields(config))
 
 
 # {absolute workdir: summary} of the phases this process saw finish or found finished: the next phase starts
@@ -149,7 +133,7 @@ class Workdir:
         return None
 
     def _check_drift(self, recorded: dict) -> None:
-        old, new = result_fields(recorded), result_fields(self.config)
+        old, new = result_fields(recorded, strict=False), result_fields(self.config)
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
         if changed:
             shown = ", ".join(f"{k}: {_short(old.get(k, '<absent>'))} -> {_short(new.get(k, '<absent>'))}"
