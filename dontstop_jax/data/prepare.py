@@ -10,8 +10,9 @@ Layout of `out_root/<fingerprint>/`: `shard-00000.npy`, ... (each [n, max_seq_le
 when the vocabulary fits, else int32) and `manifest.json`.
 
 Every process of a run builds (`prepare_corpus` is a collective): the input is cut into units whose bounds do
-not depend on the process count (UNIT_BYTES, UNIT_LINES, UNIT_RECORDS); each process encodes its units, on all
-its cores, into pieces of the token stream (`pieces/`, in the shards' dtype); then each writes every
+not depend on the process count (UNIT_BYTES, UNIT_LINES, UNIT_RECORDS); each process encodes its units (dealt
+round-robin, or for files read from the start, a contiguous share of their stored bytes), on all its cores, into
+pieces of the token stream (`pieces/`, in the shards' dtype); then each writes every
 process_count-th shard, packed from the pieces that hold its slice of the stream; process 0 writes the manifest
 once all are in. The shards, and so the batches, are byte-identical on any number of processes. `out_root` is a bucket or a disk all
 processes share; a corpus in a bucket is read there in place (`BucketShards`), never copied to a host.
