@@ -411,7 +411,7 @@ def test_processes_split_compressed_files_by_file_and_by_stored_position(tmp_pat
         read.clear()
         units = collections.defaultdict(bytes)
         for key, (request, raw) in prepare_module._my_requests(sources, process, processes):
-            units[key] += raw or open(request["path"], "rb").read()[request["start"]:request["end"]]
+            units[key] += raw or Path(request["path"]).read_bytes()[request["start"]:request["end"]]
         return units, dict(read)
 
     one, whole = requests(0, 1)
