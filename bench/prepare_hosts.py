@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     from gcs_emulator import gcs_emulator
 
     from dontstop_jax import files
+    from dontstop_jax.data.tokenizer import encode_plain, load_tokenizer
     with tempfile.TemporaryDirectory(prefix="bench-prepare-hosts-") as tmp:
         work = Path(tmp)
         text = work / "corpus.txt"
@@ -127,9 +128,11 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer = make_tokenizer(text, work / "tokenizer")
         # 32 units, 128 compressed blocks and 8 shards per corpus: enough for 2 hosts to split evenly, as a real
         # corpus's thousands.
-        blocks = int(args.mb * 2**20 / 4 / (SEQ - 2))  # at about 4 bytes of text per token
+        sample = lines[:1000]  # the corpus's bytes of text per token
+        per_token = len("\n".join(sample)) / sum(map(len, encode_plain(load_tokenizer(tokenizer), sample)))
+        blocks = int(args.mb * 2**20 / per_token / (SEQ - 2))
         units = (int(args.mb * 2**20 / 32), max(1, len(lines) // 32), max(1, jsonl.stat().st_size // 128),
-                 max(1, blocks // 8))
+                 int(blocks * 1.02 / 8) + 1)  # 2% over the estimate: 8 shards, the last a little short
         record = {"mb": args.mb, "units": units, "out": args.out, "load": os.getloadavg(), "corpora": {}}
         with gcs_emulator(work / "gcs") as _:
             for corpus in (text, jsonl):
