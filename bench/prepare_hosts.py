@@ -2,13 +2,17 @@
 
 Each process is one "host" of a multi-process JAX run (gloo on this machine) with its own TMPDIR and cache and one
 encoding worker (hosts here share the machine's cores, so each gets one), preparing into a bucket (the local GCS
-emulator): the setup with no shared disk. Reported per corpus: the wall time of `prepare_corpus` (slowest process)
-for 1 and 2 processes, alternating, median of repeats, and their ratio; and each host's peak local disk (the largest
-file it staged for upload, each deleted before the next, plus what is left in its TMPDIR and cache) against its
-share of the prepared corpus. Unit and shard sizes are scaled down with the corpus (8 of each, as a 24-48 GB corpus
-has thousands).
+emulator): the setup with no shared disk. Reported per corpus: the wall time of `prepare_corpus` (slowest process;
+start-up before it, Python, JAX and the tokenizer's imports, the distributed join and the first touch of the bucket,
+is not in it: a command has done that before it prepares) for 1 and 2 processes, alternating, median of repeats, and
+their ratio; the same for CPU seconds (the slowest process's, its encoding workers included): on a machine that
+other jobs load, the wall ratio says little about hosts that each have their own cores, the CPU ratio does; and each
+host's local disk: the bytes it staged for upload in all, and its peak (the largest file, each deleted before the
+next, plus what is left in its TMPDIR and cache) against its share of the prepared corpus. Unit, block and shard
+sizes are scaled down with the corpus (32 units, 128 compressed blocks, 8 shards, as a 24-48 GB corpus has
+thousands).
 
-    python -m bench.prepare_hosts                 # 48 MB of text per corpus
+    python -m bench.prepare_hosts                 # 128 MB of text per corpus
     python -m bench.prepare_hosts --mb 8 --repeats 1
     python -m bench.prepare_hosts --out local      # into a local directory both share (no emulator)
 """
@@ -36,27 +40,32 @@ from pathlib import Path
 from dontstop_jax import distributed, files
 distributed.initialize()
 from dontstop_jax.data import prepare
-prepare.UNIT_BYTES, prepare.UNIT_LINES = int(sys.argv[4]), int(sys.argv[5])
-upload, largest = files.upload, [0]
+import dontstop_jax.model.hub  # start-up: the tokenizer loader's imports (flax among them),
+files.walk(sys.argv[3])  # and the first touch of the storage (a bucket client's imports and session)
+prepare.UNIT_BYTES, prepare.UNIT_LINES, prepare.STREAM_BLOCK = map(int, sys.argv[4:7])
+upload, largest, written = files.upload, [0], [0]
 
 def measured(local, target):  # every local file prepare writes goes up through here, one at a time, then is deleted
     largest[0] = max(largest[0], os.path.getsize(local))
+    written[0] += os.path.getsize(local)
     upload(local, target)
 
 files.upload = measured
-start = time.perf_counter()
+cpu = lambda: sum(os.times()[:4])  # this process's and its finished workers' user + system seconds
+start, start_cpu = time.perf_counter(), cpu()
 corpus = prepare.prepare_corpus([sys.argv[1]], sys.argv[2], sys.argv[3], max_seq_length=512,
-                                shard_blocks=int(sys.argv[6]), workers=1)
-seconds = time.perf_counter() - start
+                                shard_blocks=int(sys.argv[7]), workers=1)
+seconds, cpu_seconds = time.perf_counter() - start, cpu() - start_cpu
 left = sum(p.stat().st_size for d in (os.environ["TMPDIR"], os.environ["DONTSTOP_CACHE"])
            for p in Path(d).rglob("*") if p.is_file())
-print(json.dumps({"seconds": seconds, "blocks": corpus.num_blocks, "peak_disk": largest[0] + left}))
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "blocks": corpus.num_blocks,
+                  "peak_disk": largest[0] + left, "written": written[0]}))
 """
 
 
-def run_hosts(processes: int, corpus: Path, tokenizer: Path, out_root: str, units: tuple[int, int, int],
+def run_hosts(processes: int, corpus: Path, tokenizer: Path, out_root: str, units: tuple[int, ...],
               scratch: Path) -> dict:
-    """Prepare with `processes` local processes; the slowest one's seconds and each one's peak local disk."""
+    """Prepare with `processes` local processes; the slowest one's wall and CPU seconds, each one's local disk."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -73,27 +82,32 @@ def run_hosts(processes: int, corpus: Path, tokenizer: Path, out_root: str, unit
     outputs = [p.communicate(timeout=3600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outputs]
     results = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
-    return {"seconds": max(r["seconds"] for r in results), "blocks": results[0]["blocks"],
-            "peak_disk": [r["peak_disk"] for r in results]}
+    return {"seconds": max(r["seconds"] for r in results), "cpu_seconds": max(r["cpu_seconds"] for r in results),
+            "blocks": results[0]["blocks"], "peak_disk": [r["peak_disk"] for r in results],
+            "written": [r["written"] for r in results]}
 
 
 def table(record: dict) -> str:
     """The markdown table of one run's record (also what bench/run_all.py puts in RESULTS.md)."""
     gs = record.get("out", "gs") == "gs"
-    rows = [[name, f"{c['one_s']:.1f}", f"{c['two_s']:.1f}", f"{c['ratio']:.2f}", f"{c['prepared_bytes'] / 2**20:.1f}",
-             f"{c['peak_host_disk_2'] / 2**20:.2f}" if gs else "shared disk",
+    rows = [[name, f"{c['one_s']:.1f}", f"{c['two_s']:.1f}", f"{c['ratio']:.2f}", f"{c['one_cpu_s']:.1f}",
+             f"{c['two_cpu_s']:.1f}", f"{c['cpu_ratio']:.2f}", f"{c['prepared_bytes'] / 2**20:.1f}",
+             " / ".join(f"{w / 2**20:.1f}" for w in c["written_2"]) if gs else "shared disk",
+             f"{c['peak_host_disk_2'] / 2**20:.2f}" if gs else "-",
              f"{c['peak_host_disk_2'] / c['share_bytes']:.2f}" if gs else "-"] for name, c in record["corpora"].items()]
-    load = ", ".join(f"{x:.1f}" for x in record["load"])
+    load = " -> ".join(", ".join(f"{x:.1f}" for x in record[k]) for k in ("load", "load_after") if k in record)
     return (f"Into {'the emulated bucket' if gs else 'a local directory both share'}, {record['mb']:g} MB of text per "
-            f"corpus, one encoding worker per process; load average before the run {load} on "
+            f"corpus, one encoding worker per process; load average before -> after the run {load} on "
             f"{record.get('machine', machine())['cores']} cores (other jobs shared the machine):\n\n"
-            + markdown_table(["corpus", "1 process s", "2 processes s", "ratio (target <= 0.6)", "prepared MB",
-                              "peak local disk per host MB", "peak / share (target <= 1.1)"], rows))
+            + markdown_table(["corpus", "1 process s", "2 processes s", "wall ratio (target <= 0.6)", "1 process CPU s",
+                              "2 processes CPU s (slowest)", "CPU ratio", "prepared MB",
+                              "written locally per host MB", "peak local disk per host MB",
+                              "peak / share (target <= 1.1)"], rows))
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=float, default=48)
+    parser.add_argument("--mb", type=float, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", choices=("gs", "local"), default="gs",
                         help="prepare into the emulated bucket, or into a local directory both processes share")
@@ -102,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     from gcs_emulator import gcs_emulator
 
     from dontstop_jax import files
+    from dontstop_jax.data.tokenizer import encode_plain, load_tokenizer
     with tempfile.TemporaryDirectory(prefix="bench-prepare-hosts-") as tmp:
         work = Path(tmp)
         text = work / "corpus.txt"
@@ -111,9 +126,13 @@ def main(argv: list[str] | None = None) -> dict:
         with gzip.open(jsonl, "wt") as f:
             f.writelines(json.dumps({"text": line}) + "\n" for line in lines)
         tokenizer = make_tokenizer(text, work / "tokenizer")
-        # About 8 units and 8 shards per corpus: enough for 2 hosts to split evenly, as a real corpus's thousands.
-        blocks = int(args.mb * 2**20 / 4 / (SEQ - 2))  # at about 4 bytes of text per token
-        units = (int(args.mb * 2**20 / 8), max(1, len(lines) // 8), max(1, blocks // 8))
+        # 32 units, 128 compressed blocks and 8 shards per corpus: enough for 2 hosts to split evenly, as a real
+        # corpus's thousands.
+        sample = lines[:1000]  # the corpus's bytes of text per token
+        per_token = len("\n".join(sample)) / sum(map(len, encode_plain(load_tokenizer(tokenizer), sample)))
+        blocks = int(args.mb * 2**20 / per_token / (SEQ - 2))
+        units = (int(args.mb * 2**20 / 32), max(1, len(lines) // 32), max(1, jsonl.stat().st_size // 128),
+                 int(blocks * 1.02 / 8) + 1)  # 2% over the estimate: 8 shards, the last a little short
         record = {"mb": args.mb, "units": units, "out": args.out, "load": os.getloadavg(), "corpora": {}}
         with gcs_emulator(work / "gcs") as _:
             for corpus in (text, jsonl):
@@ -125,9 +144,12 @@ def main(argv: list[str] | None = None) -> dict:
                 prepared = files.walk(f"{'gs://bkt' if args.out == 'gs' else work / 'out'}/{corpus.stem}-1-0")
                 corpus_bytes = sum(files.source_stat(p)[0] for p in prepared.values())
                 one, two = (statistics.median(run["seconds"] for run in runs[n]) for n in (1, 2))
+                one_cpu, two_cpu = (statistics.median(run["cpu_seconds"] for run in runs[n]) for n in (1, 2))
                 peak = max(max(run["peak_disk"]) for run in runs[2])
-                record["corpora"][corpus.name] = {"one_s": one, "two_s": two, "ratio": two / one,
+                record["corpora"][corpus.name] = {"one_s": one, "two_s": two, "ratio": two / one, "one_cpu_s": one_cpu,
+                                                  "two_cpu_s": two_cpu, "cpu_ratio": two_cpu / one_cpu,
                                                   "prepared_bytes": corpus_bytes, "peak_host_disk_2": peak,
+                                                  "written_2": runs[2][0]["written"],
                                                   "share_bytes": corpus_bytes / 2, "runs": runs}
         record["load_after"] = os.getloadavg()
     print(table(record))

@@ -359,6 +359,7 @@ def test_worker_processes_give_the_same_blocks(tiny_tokenizer_dir, tmp_path, mon
     monkeypatch.setattr(encode_pool, "RANGE_BYTES", 4096)  # many ranges: cuts fall inside lines everywhere
     monkeypatch.setattr(prepare_module, "UNIT_BYTES", 30000)  # and several units per file
     monkeypatch.setattr(prepare_module, "UNIT_LINES", 700)
+    monkeypatch.setattr(prepare_module, "STREAM_BLOCK", 300)  # compressed blocks end inside lines
     lines = [f"{d} number {i}" for i in range(2500) for d in DOCS[:2]] + [t.replace("\n", " ") for t in HARD_TEXTS]
     text = "\r\n".join(lines) + "\n\n   \n" + "\n".join(reversed(lines))
     records = "".join(json.dumps({"text": t}) + "\n" + ("\n" if i % 7 else "") for i, t in enumerate(lines[::3]))
@@ -383,6 +384,46 @@ def test_worker_processes_give_the_same_blocks(tiny_tokenizer_dir, tmp_path, mon
     assert one.manifest["documents"] == two.manifest["documents"] == sum(len(list(iter_documents(s))) for s in sources)
     want = expected_blocks(tiny_tokenizer_dir, [d for s in sources for d in iter_documents(s)], 16)
     np.testing.assert_array_equal(one.blocks(np.arange(one.num_blocks)), want)
+
+
+def test_processes_split_compressed_files_by_file_and_by_stored_position(tmp_path, monkeypatch):
+    """Compressed files are read from their start: each process gets a contiguous share of their stored bytes, so
+    it reads only the files in its share (a many-file corpus is split by file) and one file up to the end of its
+    share; together the processes request exactly one process's units, byte for byte."""
+    import collections
+
+    monkeypatch.setattr(prepare_module, "UNIT_LINES", 97)
+    monkeypatch.setattr(prepare_module, "STREAM_BLOCK", 512)
+    records = [json.dumps({"text": f"{DOCS[i % 5]} {i} " + "w" * (i % 50)}) + "\n" for i in range(3000)]
+    for name, part in (("a", records[:2400]), ("b", records[2400:2700]), ("c", records[2700:])):
+        write(tmp_path / f"{name}.jsonl.gz", gzip.compress("".join(part).encode()))
+    sources = [parse_source(write(tmp_path / "p.txt", "".join(records[:300]))), parse_source(str(tmp_path / "*.gz"))]
+    read, segments = collections.Counter(), prepare_module.iter_line_segments
+
+    def counted(path, block):  # decompressed bytes each file is read to
+        for position, lines in segments(path, block):
+            read[Path(path).name] += len(lines)
+            yield position, lines
+
+    monkeypatch.setattr(prepare_module, "iter_line_segments", counted)
+
+    def requests(process, processes):
+        read.clear()
+        units = collections.defaultdict(bytes)
+        for key, (request, raw) in prepare_module._my_requests(sources, process, processes):
+            units[key] += raw or Path(request["path"]).read_bytes()[request["start"]:request["end"]]
+        return units, dict(read)
+
+    one, whole = requests(0, 1)
+    assert sorted(whole) == ["a.jsonl.gz", "b.jsonl.gz", "c.jsonl.gz"] and len(one) > 30
+    for processes in (2, 3):
+        shares = [requests(p, processes) for p in range(processes)]
+        assert {k: v for units, _ in shares for k, v in units.items()} == one
+        assert sum(len(units) for units, _ in shares) == len(one)
+    first, second = (read for _, read in shares[:2])  # of 3 processes
+    assert list(first) == ["a.jsonl.gz"] and first["a.jsonl.gz"] < 0.5 * whole["a.jsonl.gz"]  # stops in a
+    assert list(second) == ["a.jsonl.gz"]  # skips past process 0's part of a, stops in it
+    assert sorted(read) == ["a.jsonl.gz", "b.jsonl.gz", "c.jsonl.gz"]  # process 2
 
 
 def test_line_ranges_cover_the_file_at_line_starts(tmp_path):
@@ -424,6 +465,7 @@ from dontstop_jax import distributed
 distributed.initialize()
 from dontstop_jax.data import prepare
 prepare.UNIT_BYTES, prepare.UNIT_LINES = 2000, 40  # many units, so both processes encode a share of each file
+prepare.STREAM_BLOCK = 256  # and of the compressed one
 sources, tokenizer, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 corpus = prepare.prepare_corpus(sources, tokenizer, out, max_seq_length=16, shard_blocks=7, workers=1)
 print(json.dumps({"directory": str(corpus.directory), "files": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()

@@ -10,8 +10,9 @@ Layout of `out_root/<fingerprint>/`: `shard-00000.npy`, ... (each [n, max_seq_le
 when the vocabulary fits, else int32) and `manifest.json`.
 
 Every process of a run builds (`prepare_corpus` is a collective): the input is cut into units whose bounds do
-not depend on the process count (UNIT_BYTES, UNIT_LINES, UNIT_RECORDS); each process encodes its units, on all
-its cores, into pieces of the token stream (`pieces/`, in the shards' dtype); then each writes every
+not depend on the process count (UNIT_BYTES, UNIT_LINES, UNIT_RECORDS); each process encodes its units (dealt
+round-robin, or for files read from the start, a contiguous share of their stored bytes), on all its cores, into
+pieces of the token stream (`pieces/`, in the shards' dtype); then each writes every
 process_count-th shard, packed from the pieces that hold its slice of the stream; process 0 writes the manifest
 once all are in. The shards, and so the batches, are byte-identical on any number of processes. `out_root` is a bucket or a disk all
 processes share; a corpus in a bucket is read there in place (`BucketShards`), never copied to a host.
@@ -52,7 +53,7 @@ from dontstop_jax import files
 from dontstop_jax.distributed import all_codes, decide
 from dontstop_jax.data import encode_pool, piece_cache
 from dontstop_jax.data.corpus import (CorpusSource, SourceSpec, iter_file, iter_hf, iter_tfds, corpus_fingerprint,
-                                      iter_raw_lines, parse_source, resolve_files)
+                                      iter_line_segments, parse_source, resolve_files)
 from dontstop_jax.data.encode_pool import EncodePool, docs_request, encode_request, file_request, lines_request
 from dontstop_jax.data.piece_cache import PieceCache
 from dontstop_jax.data.tokenizer import encode_plain, load_tokenizer, special_ids, tokenizer_fingerprint
@@ -73,6 +74,9 @@ POOL_MIN_BYTES = 32 << 20
 UNIT_BYTES = 16 << 20  # plain line and JSON-lines files: byte ranges of about this
 UNIT_LINES = 20_000  # compressed files and files in a bucket: line ranges
 UNIT_RECORDS = 100_000  # Hugging Face and TFDS sources: record ranges
+# Compressed and bucket files are read in blocks of this many stored bytes; a unit goes to the process whose share of
+# the stored bytes holds the block its first line starts in.
+STREAM_BLOCK = 1 << 20
 PIECES = "pieces"
 # A private build directory untouched this long belongs to a dead builder (a live one adds a shard every few
 # seconds to minutes).
@@ -405,9 +409,18 @@ def _encode_share(plan: Plan, tok: PreTrainedTokenizerFast, workers: int | None)
 def _my_requests(sources: list[CorpusSource], process: int, processes: int) -> Iterator[tuple[tuple, tuple]]:
     """(unit key, encode request) of this process's units, in input order. Units are cut the same way whatever the
     process count (byte ranges of plain files, line ranges of compressed or bucket files, record ranges of
-    datasets, whole paragraph files); unit k of the i-th input goes to process (i + k) % processes."""
-    turn = 0
-    for si, source in enumerate(sources):
+    datasets, whole paragraph files). Files read by seeking (byte ranges) and datasets deal their units round-robin:
+    unit k of the i-th of them goes to process (i + k) % processes. Files read from the start (compressed or in a
+    bucket) are split by where their units start as stored, all of them laid end to end (`_streamed_owner`): each
+    process reads only the files and the part of a file before and in its contiguous share, so a corpus of many
+    `.gz` files is split by file, and a single one is decompressed by a process only up to the end of its share."""
+    listed = [(si, source, list(enumerate(resolve_files(source))) if source.kind not in ("hf", "tfds") else [])
+              for si, source in enumerate(sources)]
+    streamed = {(si, fi): files.source_stat(files.path(path))[0] for si, source, paths in listed
+                for fi, path in paths if source.kind != "paragraphs" and _streamed(path)}
+    owner = functools.partial(_streamed_owner, processes=processes, total=sum(streamed.values()))
+    turn, base = 0, 0
+    for si, source, paths in listed:
         if source.kind in ("hf", "tfds"):
             texts = (iter_hf if source.kind == "hf" else iter_tfds)(source)
             for k, group in itertools.groupby(enumerate(texts), key=lambda item: item[0] // UNIT_RECORDS):
@@ -416,44 +429,84 @@ def _my_requests(sources: list[CorpusSource], process: int, processes: int) -> I
                         yield (si, 0, k), docs_request([text for _, text in batch])
             turn += 1
             continue
-        for fi, path in enumerate(resolve_files(source)):
-            mine = lambda k, turn=turn: (turn + k) % processes == process  # noqa: E731
-            turn += 1
+        for fi, path in paths:
             if files.source_stat(files.path(path))[0] == 0:
                 raise UserError(f"file {path} is empty; remove it from the sources or fill it")
+            if (si, fi) in streamed:
+                size, start = streamed[si, fi], base
+                base += size
+                if owner(start) <= process <= owner(start + (size - 1) // STREAM_BLOCK * STREAM_BLOCK):
+                    for k, first, offset, raw in _line_chunks(path, lambda at, start=start: owner(start + at), process):
+                        yield (si, fi, k), lines_request(path, raw, first, offset, source.kind, source.text_field)
+                continue
+            mine = lambda k, turn=turn: (turn + k) % processes == process  # noqa: E731
+            turn += 1
             if source.kind == "paragraphs":
                 if mine(0):
                     docs = iter_file(path, source)
                     for batch in iter(lambda: list(itertools.islice(docs, DOC_BATCH)), []):
                         yield (si, fi, 0), docs_request(batch)
-            elif not path.endswith(".gz") and not files.is_remote(path):
+            else:
                 for k, (start, end) in enumerate(encode_pool.line_ranges(path, UNIT_BYTES)):
                     if mine(k):
                         for a, b in encode_pool.line_ranges(path, None, start, end):
                             yield (si, fi, k), file_request(path, a, b, source.kind, source.text_field)
-            else:
-                for k, first, offset, raw in _line_chunks(path, mine):
-                    yield (si, fi, k), lines_request(path, raw, first, offset, source.kind, source.text_field)
 
 
-def _line_chunks(path: str, mine: Callable[[int], bool]) -> Iterator[tuple[int, int, int, bytes]]:
-    """(unit, first line number, byte offset, raw lines) of about RANGE_BYTES each, of the units `mine` picks
-    among UNIT_LINES-line ranges of a file read in order (a compressed file cannot be cut by bytes)."""
+def _streamed(path: str) -> bool:
+    """Whether a file is read from its start (compressed, or in a bucket) rather than cut into byte ranges."""
+    return path.endswith(".gz") or files.is_remote(path)
+
+
+def _streamed_owner(position: int, processes: int, total: int) -> int:
+    """The process that encodes a unit of a streamed file starting at `position` of all streamed files' stored
+    bytes laid end to end (`total`): contiguous, equal shares of the stored bytes."""
+    return min(processes - 1, position * processes // max(total, 1))
+
+
+def _line_chunks(path: str, owner: Callable[[int], int], process: int) -> Iterator[tuple[int, int, int, bytes]]:
+    """(unit, first line number, byte offset, raw lines) of about RANGE_BYTES each, of this process's units among
+    the UNIT_LINES-line ranges of a file read in order: those `owner` gives it by the stored position their first
+    line starts at. Other units' lines are only counted; reading stops at the first unit of a later process."""
     chunk: list[bytes] = []
-    size = offset = unit = first = start = 0
-    for lineno, raw in enumerate(iter_raw_lines(path), start=1):
-        k = (lineno - 1) // UNIT_LINES
+    size = unit = first = start = 0
+    for position, lineno, offset, lines in _unit_slices(path):
+        k, into = divmod(lineno - 1, UNIT_LINES)
+        if not into:
+            if owner(position) > process:
+                break
+            mine = owner(position) == process
+        if not mine:
+            continue
         if chunk and (k != unit or size >= encode_pool.RANGE_BYTES):
             yield unit, first, start, b"".join(chunk)
             chunk, size = [], 0
-        if mine(k):
-            if not chunk:
-                unit, first, start = k, lineno, offset
-            chunk.append(raw)
-            size += len(raw)
-        offset += len(raw)
+        if not chunk:
+            unit, first, start = k, lineno, offset
+        chunk.append(lines)
+        size += len(lines)
     if chunk:
         yield unit, first, start, b"".join(chunk)
+
+
+def _unit_slices(path: str) -> Iterator[tuple[int, int, int, bytes]]:
+    """(stored position, first line number, byte offset, whole lines) of a file read in order (`iter_line_segments`,
+    in blocks of STREAM_BLOCK), cut where UNIT_LINES-line units start; lines are counted, never split one by one."""
+    lineno, offset = 1, 0
+    for position, segment in iter_line_segments(path, STREAM_BLOCK):
+        at = 0
+        while at < len(segment):
+            end = _after_lines(segment, at, UNIT_LINES - (lineno - 1) % UNIT_LINES)
+            yield position, lineno, offset, segment[at:end]
+            lineno += segment.count(b"\n", at, end) + (not segment.endswith(b"\n", at, end))
+            offset, at = offset + end - at, end
+
+
+def _after_lines(data: bytes, at: int, n: int) -> int:
+    """Where `n` lines of `data` from `at` end (or its end, if it holds fewer)."""
+    if data.count(b"\n", at) <= n:
+        return len(data)
+    return at + int(np.flatnonzero(np.frombuffer(data, np.uint8, offset=at) == 10)[n - 1]) + 1
 
 
 def _gather_units(plan: Plan) -> list[list]:
