@@ -19,8 +19,6 @@ from dontstop_jax.phases.defaults import finetune_config, pretrain_config
 from dontstop_jax.phases.grid import _phase
 from dontstop_jax.train.workdir import CONFIG, DONE, INPUTS, Workdir, fingerprint, legacy_fingerprint
 
-needs_bucket = pytest.mark.skipif(not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec(
-    "gcp_storage_emulator")), reason="needs gcsfs and gcp-storage-emulator (the test extra)")
 RESULTS = ("pretrain", "finetune", "references")  # what a rerun that retrains nothing leaves untouched
 
 
@@ -53,20 +51,23 @@ def _rerun(workdir: str, xla: Path, *extra: str) -> str:
     return stdout
 
 
-@needs_bucket
 @pytest.mark.slow
-def test_a_finished_grid_copied_elsewhere_and_through_a_bucket_retrains_nothing(tiny_grid, bucket, tmp_path,
-                                                                                 monkeypatch):
-    import gcsfs
-    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "host-cache"))
+def test_a_finished_grid_copied_elsewhere_and_through_a_bucket_retrains_nothing(tiny_grid, tmp_path, monkeypatch,
+                                                                                 request):
+    """Rerunning in place is the copy's case with the same paths (tests/test_pipeline.py ran it before)."""
     root, stdout = tiny_grid
     phases = sum(1 for part in ("pretrain", "finetune") for _ in (root / "grid" / part).iterdir())
     assert phases == 15  # 5 pretraining and 10 fine-tuning phases, all kept below
 
-    elsewhere = tmp_path / "disk2" / "grid"  # local to local
-    shutil.copytree(root / "grid", elsewhere)
+    elsewhere = tmp_path / "disk2" / "grid"  # local to local, without the prepared-data cache
+    shutil.copytree(root / "grid", elsewhere, ignore=lambda d, _: ["cache"] if d == str(root / "grid") else [])
     assert _table(_rerun(str(elsewhere), root / "xla")) == _table(stdout)
 
+    if not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec("gcp_storage_emulator")):
+        pytest.skip("the bucket half needs gcsfs and gcp-storage-emulator (the test extra)")
+    request.getfixturevalue("bucket")
+    import gcsfs
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "host-cache"))
     gcsfs.GCSFileSystem.clear_instance_cache()  # local to the bucket (the benchmark generator writes local files)
     gcsfs.GCSFileSystem().put(str(elsewhere), "bkt/grid", recursive=True)
     bench = f"--config.synthetic.directory={elsewhere / 'benchmark'}"
