@@ -17,7 +17,14 @@ from dontstop_jax import files
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases.defaults import finetune_config, pretrain_config
 from dontstop_jax.phases.grid import _phase
-from dontstop_jax.train.workdir import CONFIG, DONE, INPUTS, Workdir, fingerprint, legacy_fingerprint
+from dontstop_jax.train.workdir import (
+    CONFIG,
+    DONE,
+    INPUTS,
+    Workdir,
+    fingerprint,
+    legacy_fingerprint,
+)
 
 RESULTS = ("pretrain", "finetune", "references")  # what a rerun that retrains nothing leaves untouched
 
@@ -135,3 +142,16 @@ def test_a_grid_recorded_by_an_older_version_is_reused_updated_once_and_then_mov
     base.workdir = str(next((moved / "pretrain").iterdir()))
     with pytest.raises(UserError, match=r"finished with another config \(data.sources: \["):
         Workdir(base).claim()
+
+
+def test_a_moved_phase_reads_the_tokenizer_that_moved_with_it(tmp_path):
+    """A phase records its tokenizer's path (checkpoint meta): gone after a move, the same place relative to the
+    phase is where the copy (a grid's benchmark) now is; a tokenizer outside the moved tree stays as recorded."""
+    from dontstop_jax.train.source import relocated
+    now = tmp_path / "disk2" / "grid"
+    (now / "benchmark" / "tokenizer").mkdir(parents=True)
+    workdir = files.path(now / "pretrain" / "base-0123456789")
+    made_in = "/gone/grid/pretrain/base-0123456789"
+    assert relocated("/gone/grid/benchmark/tokenizer", made_in, workdir) == str(now / "benchmark" / "tokenizer")
+    assert relocated("/gone/tokenizers/t", made_in, workdir) == "/gone/tokenizers/t"
+    assert relocated(str(now / "benchmark"), made_in, workdir) == str(now / "benchmark")  # still there
