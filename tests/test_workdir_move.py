@@ -117,7 +117,15 @@ def test_a_grid_recorded_by_an_older_version_is_reused_updated_once_and_then_mov
                        ("task/train.jsonl", "{}\n"), ("task/dev.jsonl", "{}\n")]:
         (data / name).parent.mkdir(parents=True, exist_ok=True)
         (data / name).write_text(text)
-    _grid_phases(old, data, old=True)
+    made = _grid_phases(old, data, old=True)
+    copy = tmp_path / "copy"  # a copy of an older version's workdir, its original still there: the same inputs
+    shutil.copytree(made[1].workdir, copy)
+    tune = _phase(finetune_config(), copy.parent, "tune", init=made[0].workdir, **{"task.path": str(data / "task")})
+    tune.workdir = str(copy)
+    assert Workdir(tune).claim() is not None
+    tune.task.path = str(data / "tokenizer")
+    with pytest.raises(UserError, match=r'task.path: "2 files, 6 bytes, #\w+" -> "1 files, 2 bytes'):
+        Workdir(tune).claim()
 
     with caplog.at_level(logging.INFO, logger="dontstop_jax.train.workdir"):
         for phase in _grid_phases(old, data):  # found under the old names, reused, records updated

@@ -203,7 +203,7 @@ class Workdir:
     claims the workdir for this run (see `claim`) and releases it on the way out, however the run ends."""
 
     def __init__(self, config: ConfigDict):
-        self.path, self.phase, self.config = files.path(config.workdir), config.name, config
+        self.path, self.config = files.path(config.workdir), config
         self._lease: _Lease | None = None
 
     def __enter__(self) -> dict | None:
@@ -244,11 +244,13 @@ class Workdir:
         return None
 
     def _check_drift(self, record: dict) -> None:
-        """A one-line error naming the result fields `record` and this run's config differ in: places by what
-        they hold, or (a record of an older version) as written."""
+        """A one-line error naming the result fields `record` and this run's config differ in (places by what
+        they hold)."""
         old, new = result_fields(record["config"]), result_fields(self.config)
         if INPUTS in record:
             old, new = {**old, **record[INPUTS]}, identified(new)
+        elif old != new:  # an older record whose places differ as written: compare what they hold
+            old, new = identified(old), identified(new)
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
         if changed:
             shown = ", ".join(f"{k}: {_short(old.get(k, '<absent>'))} -> {_short(new.get(k, '<absent>'))}"
