@@ -13,8 +13,8 @@ from dontstop_jax.errors import UserError
 from dontstop_jax.files import write_json
 from dontstop_jax.model import ModelConfig, gates, save_pretrained
 from dontstop_jax.model.peft import merge_lora, save_delta
-from dontstop_jax.train.source import phase_checkpoints
-from dontstop_jax.train.workdir import require_finished
+from dontstop_jax.train.source import phase_checkpoints, relocated
+from dontstop_jax.train.workdir import finished, require_finished
 
 PROMPT_FILE = "prompt.json"  # beside an exported prompt-based fine-tune: its template, verbalizer and labels
 
@@ -26,8 +26,10 @@ def _load(workdir: str, step: int | None) -> tuple[dict, ModelConfig, dict]:
     if directory is None:
         raise UserError(f"--from={workdir!r} is not a phase workdir (it has no checkpoints/); pass the workdir of "
                         "a finished pretrain or finetune run")
-    first = require_finished(directory.parent, "--from").get("best_step") if step is None else None
+    done = require_finished(directory.parent, "--from") if step is None else finished(directory.parent) or {}
+    first = done.get("best_step") if step is None else None
     _, meta, params = Checkpointer(directory, read_only=True).read(step, first=first)
+    meta = {**meta, "tokenizer_dir": relocated(meta["tokenizer_dir"], done.get("workdir"), directory.parent)}
     return meta, ModelConfig.recorded(meta["model_config"]), params
 
 

@@ -67,7 +67,7 @@ from dontstop_jax.files import read_json, write_json
 from dontstop_jax.phases.pretrain import pretrain
 from dontstop_jax.phases.select import select, selected_corpus
 from dontstop_jax.train.source import resolve
-from dontstop_jax.train.workdir import digest, fingerprint
+from dontstop_jax.train.workdir import digest, phase_directory, place_identity
 
 VARIANTS = ("baseline", "dapt", "tapt", "dapt_tapt", "not_dapt")  # the paper's Table 5: a grid's default rows
 TRANSFER_TAPT = "transfer_tapt"  # needs tasks.<t>.transfer_from, so only on request
@@ -80,10 +80,11 @@ SELECTION_VARIANTS = {"knn_tapt_50": dict(method="knn", k=50), "knn_tapt_150": d
 
 def phase_config(template: ConfigDict, root: files.Path, label: str, **fields: Any) -> ConfigDict:
     """A copy of `template` named `label` with the dotted `fields` set (a misspelled one is an error, never a new
-    field), in a directory named by its fingerprint under `root` (GRID/pretrain, GRID/finetune, ...). Pretraining
-    phases without a data.cache_dir share GRID/cache, so the run writes nothing outside GRID."""
+    field), in a directory named by its fingerprint under `root` (GRID/pretrain, GRID/finetune, ...; process 0's
+    choice: hosts may hold the data under other paths). Pretraining phases without a data.cache_dir share
+    GRID/cache, so the run writes nothing outside GRID."""
     cfg = config_loader.set_fields(copy.deepcopy(template), {**fields, "name": label})
-    cfg.workdir = str(root / f"{label}-{fingerprint(cfg)}")
+    cfg.workdir = decide(f"place the phase {label}", lambda: str(phase_directory(cfg, root, label)), timeout=600)
     if "data" in cfg and "cache_dir" in cfg.data and cfg.data.cache_dir is None:
         cfg.data.cache_dir = str(root.parent / "cache")
     return cfg
@@ -312,8 +313,10 @@ class Grid:
         sized = {} if size == ALL else {"train_size": size, "draw": draw, **({"shots": size} if shots else {})}
         key = {"path": spec.path, "text_field": spec.text_field, "label_field": spec.label_field,
                "max_words": reference.MAX_WORDS, "steps": reference.STEPS, "base": base, **sized}
-        path = self.root / "references" / f"{task}-{digest(key)}.json"
-        if decide(f"look for {path}", path.exists, timeout=600):  # every host computes them, or none
+        where, found = decide(f"look for the references of {task}", lambda: self._references_file(task, key),
+                              timeout=600)  # every host computes them, or none
+        path = files.path(where)
+        if found:
             return read_json(path)["references"]
         data = load_task(spec.path, text_field=spec.text_field, label_field=spec.label_field)
         require_splits(data, "scoring the references")
@@ -323,6 +326,15 @@ class Grid:
                                                            self.static_vectors(base))]
         on_first_process(f"write {path}", lambda: write_json(path, {"references": references}))
         return references
+
+    def _references_file(self, task: str, key: dict[str, Any]) -> tuple[str, bool]:
+        """(the file of the references `key` names, whether it is there): named by what the task's files and the
+        base model hold, or (an older version's, in place) by their paths."""
+        held = {**key, "path": place_identity(key["path"]), "base": place_identity(key["base"])}
+        new = self.root / "references" / f"{task}-{digest(held)}.json"
+        legacy = self.root / "references" / f"{task}-{digest(key)}.json"
+        found = next((p for p in (new, legacy) if p.exists()), None)
+        return str(found or new), found is not None
 
     def run(self) -> Any:
         """Run what is missing; returns the results table of the largest train size (raw per-seed records in

@@ -120,7 +120,23 @@ def _weights(init: str, tokenizer: str | None, model: ConfigDict | None, overrid
     # A parent's LoRA is folded into its weights: the next phase starts from a plain (or adapter) model.
     cfg, params = merge_lora(ModelConfig.recorded(meta["model_config"], **overrides), params)
     params = gates.fold(params, gates.recorded(meta, cfg))  # so are a gated fine-tune's unit gates
-    return ModelSource(cfg, params, tokenizer or meta["tokenizer_dir"], f"checkpoint:{files.absolute(ckpt_dir)}@{step}")
+    tokenizer = tokenizer or relocated(meta["tokenizer_dir"], summary.get("workdir"), ckpt_dir.parent)
+    return ModelSource(cfg, params, tokenizer, f"checkpoint:{files.absolute(ckpt_dir)}@{step}")
+
+
+def relocated(recorded: str, made_in: str | None, workdir: files.Path) -> str:
+    """A path a phase recorded where it was made (`made_in`), e.g. its tokenizer: as recorded while it is there
+    (or a Hub id); else, if it moved with the phase (a grid's benchmark in a copied grid), at the same place
+    relative to the phase's `workdir` now."""
+    if not made_in or hub.looks_like_hub_id(recorded) or files.path(recorded).exists():
+        return recorded
+    old, parts = made_in.rstrip("/").split("/"), recorded.rstrip("/").split("/")
+    shared = next((i for i, (a, b) in enumerate(zip(old, parts)) if a != b), min(len(old), len(parts)))
+    top = workdir
+    for _ in old[shared:]:
+        top = top.parent
+    moved = top.joinpath(*parts[shared:])
+    return str(moved) if moved.exists() else recorded
 
 
 def _with_delta(source: ModelSource, delta: str, overrides: dict) -> ModelSource:

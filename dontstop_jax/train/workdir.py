@@ -6,6 +6,11 @@
                                when it last renewed it (every RENEW_SECONDS; another host's run that stopped
                                renewing for LEASE_SECONDS, e.g. on a preempted VM, is dead)
 
+A phase's record names what it was made from by content, not by place (`PLACES`): its parent by the parent's
+fingerprint, its data by its files' names and sizes. Moving or copying a workdir or a whole grid (to another
+disk, into a bucket and back) keeps every finished phase. Records written before (places as written) are still
+read, and updated once.
+
 A rerun with the same config resumes an interrupted phase or returns a finished one's summary. A rerun whose
 config differs in anything that shapes the result is refused, naming the fields: resuming under new settings
 would mix two runs, and returning the old summary would report settings that never ran. Two runs in one
@@ -19,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -36,6 +42,11 @@ from dontstop_jax.files import PathLike, read_json, write_json
 log = logging.getLogger(__name__)
 DONE, CONFIG, LOCK = "DONE.json", "phase_config.json", ".lock"
 PREPARED = "prepared"  # the default prepared-data cache of a phase (data.cache_dir unset): not a result
+# Result fields that name a place (a file, a directory, a glob, a model or a phase's workdir): each counts by what
+# is there (`place_identity`), so a workdir or a grid moved or copied elsewhere keeps its phases.
+PLACES = ("init", "init_delta", "tokenizer", "data.sources", "data.span_masking.terms", "task.path", "unit_gates",
+          "sources", "curated_sources", "n_from", "embedding.lm.init")
+INPUTS = "inputs"  # the record's {place field: identity}; records written before it existed lack it
 RENEW_SECONDS, LEASE_SECONDS = 60, 600
 
 
@@ -60,8 +71,84 @@ def digest(tree: Any) -> str:
 
 
 def fingerprint(config: ConfigDict | dict) -> str:
-    """Hash of what determines a phase's result (not where it is written, what it is called or how it logs)."""
+    """Hash of what determines a phase's result (not where it is written, what it is called or how it logs, nor
+    where its parent and data are: what they hold)."""
+    return digest(identified(result_fields(config)))
+
+
+def legacy_fingerprint(config: ConfigDict | dict) -> str:
+    """The fingerprint of versions that counted places as written: what names the directories of their grids."""
     return digest(result_fields(config))
+
+
+def identified(fields: dict[str, Any]) -> dict[str, Any]:
+    """`fields` (from `result_fields`) with each place replaced by what it holds."""
+    return {k: place_identity(v) if k in PLACES else v for k, v in fields.items()}
+
+
+def place_identity(place: Any) -> Any:
+    """What a place holds: a phase's workdir, or a file or directory in it, is that phase's fingerprint (and the
+    name inside); any other file, directory or glob is its files' names (relative to it) and sizes, not their
+    times (a copy has new ones). Anything else (empty, scratch, a Hub id, an hf:/tfds: source, a path that is not
+    there) counts as written. A list counts element by element, a corpus source with options by its path."""
+    if isinstance(place, (list, tuple)):
+        return [place_identity(p) for p in place]
+    if isinstance(place, dict) and "path" in place:
+        return {**place, "path": place_identity(place["path"])}
+    if not isinstance(place, str) or place in ("", "scratch") or place.startswith(("hf:", "tfds:")):
+        return place
+    pattern = re.search(r"[*?[]", place)
+    root = files.path(place[:pattern.start()].rpartition("/")[0] or "." if pattern else place)
+    for home in (root, root.parent):
+        if (home / CONFIG).exists():
+            inside = _relative(place, os.fspath(home))
+            return f"phase {_recorded_fingerprint(home)}" + (f"/{inside}" if inside != "." else "")
+    if pattern:
+        found = {_relative(f, os.fspath(root)): files.path(f) for f in files.glob(place)}
+    elif root.is_file():
+        found = {root.name: root}
+    elif root.is_dir():
+        found = files.walk(root)
+    else:
+        return place
+    sizes = sorted((name, files.source_stat(path)[0]) for name, path in found.items())
+    return f"{len(sizes)} files, {sum(size for _, size in sizes)} bytes, #{digest(dict(sizes))}"
+
+
+def _relative(place: str, root: str) -> str:
+    """`place` relative to the directory `root` (posix; "." for root itself)."""
+    if files.is_remote(place):
+        return place.rstrip("/")[len(root.rstrip("/")) + 1:] or "."
+    return LocalPath(os.path.relpath(place, root)).as_posix()
+
+
+def _recorded_fingerprint(workdir: files.Path) -> str:
+    """The fingerprint a phase's record names (of an older record: computed from its config, where it was made)."""
+    record = read_json(workdir / CONFIG)
+    return record["fingerprint"] if INPUTS in record else digest(identified(result_fields(record["config"], strict=False)))
+
+
+def _record(config: ConfigDict) -> dict:
+    """What `phase_config.json` holds: the config as given, and what its places held, with their fingerprint."""
+    fields = identified(result_fields(config))
+    return {"phase": config.name, "fingerprint": digest(fields), INPUTS: {k: fields[k] for k in PLACES if k in fields},
+            "config": json.loads(config.to_json_best_effort())}
+
+
+def phase_directory(config: ConfigDict, root: files.Path, label: str) -> files.Path:
+    """Where the phase `config` lives under `root`: `label-<fingerprint>`, unless an older version made it in place
+    (named by its legacy fingerprint), or a directory of that phase was moved here after its record was updated."""
+    new = root / f"{label}-{fingerprint(config)}"
+    if new.exists() or not root.is_dir():
+        return new
+    if (legacy := root / f"{label}-{legacy_fingerprint(config)}").exists():
+        return legacy
+    for other in root.iterdir():
+        if re.fullmatch(re.escape(label) + r"-[0-9a-f]{10}", other.name) and (other / CONFIG).exists():
+            record = read_json(other / CONFIG)
+            if INPUTS in record and record["fingerprint"] == new.name[-10:]:
+                return other
+    return new
 
 
 # {absolute workdir: summary} of the phases this process saw finish or found finished: the next phase starts
@@ -96,7 +183,7 @@ class Workdir:
     claims the workdir for this run (see `claim`) and releases it on the way out, however the run ends."""
 
     def __init__(self, config: ConfigDict):
-        self.path, self.phase, self.config = files.path(config.workdir), config.name, config
+        self.path, self.config = files.path(config.workdir), config
         self._lease: _Lease | None = None
 
     def __enter__(self) -> dict | None:
@@ -122,18 +209,28 @@ class Workdir:
         recorded = self.path / CONFIG
         started = self.path.is_dir() and any(p.name not in (CONFIG, LOCK, PREPARED) for p in self.path.iterdir())
         if recorded.exists() and started:  # a run that failed before writing anything left nothing to mix
-            self._check_drift(read_json(recorded)["config"])
+            record = read_json(recorded)
+            self._check_drift(record)
+            if INPUTS not in record:
+                log.info("%s: its record (by an older version) now names its inputs by content, so the workdir "
+                         "can be moved", self.path)
+                write_json(recorded, _record(self.config))
         if (summary := _summary(self.path)) is not None:
             return summary
         _FINISHED.pop(files.absolute(self.config.workdir), None)
         self._lease = _Lease(self.path / LOCK, _acquire(self.path / LOCK))
         if not (recorded.exists() and started):
-            write_json(recorded, {"phase": self.phase, "fingerprint": fingerprint(self.config),
-                                  "config": json.loads(self.config.to_json_best_effort())})
+            write_json(recorded, _record(self.config))
         return None
 
-    def _check_drift(self, recorded: dict) -> None:
-        old, new = result_fields(recorded, strict=False), result_fields(self.config)
+    def _check_drift(self, record: dict) -> None:
+        """A one-line error naming the result fields `record` and this run's config differ in (places by what
+        they hold)."""
+        old, new = result_fields(record["config"], strict=False), result_fields(self.config)
+        if INPUTS in record:
+            old, new = {**old, **record[INPUTS]}, identified(new)
+        elif old != new:  # an older record whose places differ as written: compare what they hold
+            old, new = identified(old), identified(new)
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
         if changed:
             shown = ", ".join(f"{k}: {_short(old.get(k, '<absent>'))} -> {_short(new.get(k, '<absent>'))}"
