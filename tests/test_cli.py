@@ -11,7 +11,7 @@ import pytest
 from dontstop_jax import config_loader
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases.defaults import finetune_config, pretrain_config
-from dontstop_jax.phases.grid import fingerprint
+from dontstop_jax.train.workdir import fingerprint
 
 
 def test_config_args_pick_the_paper_settings():

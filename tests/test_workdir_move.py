@@ -16,7 +16,7 @@ from tiny_pretrain import cli
 from dontstop_jax import files
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases.defaults import finetune_config, pretrain_config
-from dontstop_jax.phases.grid import _phase
+from dontstop_jax.phases.grid import phase_config
 from dontstop_jax.train.workdir import (
     CONFIG,
     DONE,
@@ -100,11 +100,11 @@ def _old_record(cfg) -> None:
 def _grid_phases(grid: Path, data: Path, old: bool = False) -> list:
     """A grid's base phase (from scratch on a corpus) and a fine-tune from it, placed as the grid places them;
     `old`: made as an older version made them (named by the legacy fingerprint, recorded with places as written)."""
-    base = _phase(pretrain_config("dapt"), grid / "pretrain", "base", init="scratch",
+    base = phase_config(pretrain_config("dapt"), grid / "pretrain", "base", init="scratch",
                   tokenizer=str(data / "tokenizer"), **{"data.sources": [str(data / "*.txt")]})
     if old:
         _old_record(base)
-    tune = _phase(finetune_config(), grid / "finetune", "task-baseline-s0", init=base.workdir,
+    tune = phase_config(finetune_config(), grid / "finetune", "task-baseline-s0", init=base.workdir,
                   **{"task.path": str(data / "task")})
     if old:
         _old_record(tune)
@@ -120,7 +120,7 @@ def test_a_grid_recorded_by_an_older_version_is_reused_updated_once_and_then_mov
     made = _grid_phases(old, data, old=True)
     copy = tmp_path / "copy"  # a copy of an older version's workdir, its original still there: the same inputs
     shutil.copytree(made[1].workdir, copy)
-    tune = _phase(finetune_config(), copy.parent, "tune", init=made[0].workdir, **{"task.path": str(data / "task")})
+    tune = phase_config(finetune_config(), copy.parent, "tune", init=made[0].workdir, **{"task.path": str(data / "task")})
     tune.workdir = str(copy)
     assert Workdir(tune).claim() is not None
     tune.task.path = str(data / "tokenizer")
