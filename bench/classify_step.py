@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -25,8 +25,17 @@ import numpy as np
 from bench.common import markdown_table, time_alternating, write_json
 from bench.mlm_step import MODELS, TOTAL_STEPS, hf_optimizer, hf_update
 from dontstop_jax.data import ClassificationBatches
-from dontstop_jax.engine import (DEFAULT_RULES, classification_loss_sums, compile_train_step, create_train_state,
-                                 default_optim_config, make_mesh, make_optimizer, make_train_step, to_global)
+from dontstop_jax.engine import (
+    DEFAULT_RULES,
+    classification_loss_sums,
+    compile_train_step,
+    create_train_state,
+    default_optim_config,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    to_global,
+)
 from dontstop_jax.model import ModelConfig, RobertaForSequenceClassification
 
 NUM_LABELS = 4

@@ -19,9 +19,18 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-from dontstop_jax.engine import (DEFAULT_RULES, abstract_state, batch_sharding, compile_train_step,  # noqa: E402
-                                 default_optim_config, make_mesh, make_optimizer, make_train_step, mlm_loss_sums,
-                                 state_shardings)
+from dontstop_jax.engine import (  # noqa: E402
+    DEFAULT_RULES,
+    abstract_state,
+    batch_sharding,
+    compile_train_step,
+    default_optim_config,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    mlm_loss_sums,
+    state_shardings,
+)
 from dontstop_jax.engine.sharding import activation_rules  # noqa: E402
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM  # noqa: E402
 

@@ -19,9 +19,18 @@ import sys
 import jax
 import numpy as np
 
-from bench.common import (markdown_table, matmul_peak, mlm_train_flops, time_alternating, write_json)
-from dontstop_jax.engine import (DEFAULT_RULES, compile_train_step, create_train_state, default_optim_config,
-                                 make_mesh, make_optimizer, make_train_step, mlm_loss_sums, to_global)
+from bench.common import markdown_table, matmul_peak, mlm_train_flops, time_alternating, write_json
+from dontstop_jax.engine import (
+    DEFAULT_RULES,
+    compile_train_step,
+    create_train_state,
+    default_optim_config,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    mlm_loss_sums,
+    to_global,
+)
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM
 
 MODELS = {

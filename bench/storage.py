@@ -82,8 +82,9 @@ class Sides:
     """The corpus and tokenizer on both sides, and fresh per-run places to write to."""
 
     def __init__(self, work: Path, mb: float, seq: int):
-        from bench.data_pipeline import make_tokenizer, write_corpus
         from gcs_emulator import upload_tree
+
+        from bench.data_pipeline import make_tokenizer, write_corpus
         self.work, self.seq = work, seq
         corpus = work / "corpus"
         corpus.mkdir()
@@ -140,6 +141,7 @@ def stream_rows(s: Sides, repeats: int, docs: int) -> dict:
     for .gz and bucket files (local plain files go to the workers in byte ranges). Local file vs the same file in
     the bucket."""
     import itertools
+
     from dontstop_jax.data import iter_documents
 
     def read(source: str) -> Callable[[], float]:
@@ -310,13 +312,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     args = p.parse_args(argv)
     try:
-        import gcsfs  # noqa: F401
         import gcp_storage_emulator  # noqa: F401
+        import gcsfs  # noqa: F401
     except ImportError as e:
         raise SystemExit(f"bench/storage.py needs gcsfs and gcp-storage-emulator (the test extra): {e}") from None
     if str(TESTS_DIR) not in sys.path:
         sys.path.append(str(TESTS_DIR))
     from gcs_emulator import gcs_emulator
+
     from dontstop_jax.files import CACHE_ENV
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dontstop-bench-storage-"))

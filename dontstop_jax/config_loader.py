@@ -8,8 +8,9 @@ import copy
 import importlib.util
 import re
 import traceback
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 from ml_collections import ConfigDict, FieldReference
@@ -18,7 +19,8 @@ from dontstop_jax.analysis.metrics import METRICS
 from dontstop_jax.engine.multitask import METHODS as MULTITASK_METHODS
 from dontstop_jax.engine.peft import METHODS as PEFT_METHODS
 from dontstop_jax.engine.prompt import HEADS, check_template
-from dontstop_jax.engine.regularizers import METHODS as REGULARIZERS, NOISES, NORMS
+from dontstop_jax.engine.regularizers import METHODS as REGULARIZERS
+from dontstop_jax.engine.regularizers import NOISES, NORMS
 from dontstop_jax.errors import UserError
 from dontstop_jax.model.config import DTYPES, REMAT_POLICIES, default_dtype
 from dontstop_jax.phases.defaults import OBJECTIVES

@@ -19,8 +19,8 @@ from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForMaskedLM, init_params, tiny_config
 from dontstop_jax.phases.defaults import pretrain_config
 from dontstop_jax.phases.pretrain import pretrain
-from dontstop_jax.train.source import ModelSource, resolve
 from dontstop_jax.synthetic import generate_benchmark, write_heldout
+from dontstop_jax.train.source import ModelSource, resolve
 
 ROOT = Path(__file__).parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

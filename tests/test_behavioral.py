@@ -172,6 +172,7 @@ def test_grid_intermediate_and_multitask_rows(tmp_path, monkeypatch, tiny_tokeni
     the first seed, the very phase of a's baseline row, with a fresh head; multitask rows start from the base
     with the auxiliary MLM on; dapt_intermediate's a fine-tune starts from b's domain DAPT."""
     from tiny_hf import save_tiny_roberta, write_biomed_data
+
     from dontstop_jax.phases import grid as grid_module
     write_biomed_data(tmp_path / "corpus", tmp_path / "a", corpus_docs=10)
     write_biomed_data(tmp_path / "corpus2", tmp_path / "b", corpus_docs=20)
@@ -213,6 +214,7 @@ def test_intermediate_start_is_the_first_tasks_fine_tuned_encoder(tmp_path, tiny
     starting encoder is a's dev-selected checkpoint's, its classifier the initializer's (a kept head with the
     wrong label count is refused), and b's summary names a's checkpoint as its parent."""
     from tiny_hf import save_tiny_roberta, write_biomed_data
+
     from dontstop_jax.train import trainer as trainer_module
     write_biomed_data(tmp_path / "corpus", tmp_path / "a", corpus_docs=0)
     (tmp_path / "b").mkdir()

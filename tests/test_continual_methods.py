@@ -8,21 +8,29 @@ import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from test_das import CFG, zero_importance
+from test_engine import mlm_batch
 
 from dontstop_jax import config_loader
 from dontstop_jax.analysis.continual import ContinualTable, backward_transfer, forward_transfer
 from dontstop_jax.das import ewc, importance, replay
 from dontstop_jax.das.contrastive import das_objective
-from dontstop_jax.engine import (DEFAULT_RULES, Fixed, compile_train_step, create_train_state, make_mesh,
-                                 make_train_step, mlm_loss_sums, to_global)
+from dontstop_jax.engine import (
+    DEFAULT_RULES,
+    Fixed,
+    compile_train_step,
+    create_train_state,
+    make_mesh,
+    make_train_step,
+    mlm_loss_sums,
+    to_global,
+)
 from dontstop_jax.engine.sharding import activation_rules
 from dontstop_jax.engine.state import TrainState
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForMaskedLM
 from dontstop_jax.phases import continual
 from dontstop_jax.phases.continual import METHODS, Continual, synthetic_config
-from test_das import CFG, zero_importance
-from test_engine import mlm_batch
 
 MESH = make_mesh((1, 1, 1), jax.devices()[:1])
 VOCAB = 128
@@ -54,7 +62,7 @@ def test_ewc_fisher_and_penalty_against_numpy():
     model, params = Linear(), placed(linear_params(0))
     batches = [mlm_batch(i) for i in range(3)]
     fisher = jax.device_get(ewc.fisher(model, params, iter(batches), MESH, DEFAULT_RULES))
-    grads = [jax.device_get(jax.grad(lambda p: mean_mlm(model, p, b))(linear_params(0))) for b in batches]
+    grads = [jax.device_get(jax.grad(lambda p, b=b: mean_mlm(model, p, b))(linear_params(0))) for b in batches]
     expected = {k: np.mean([np.square(g[k]) for g in grads], 0) for k in fisher}
     for k in fisher:
         np.testing.assert_allclose(fisher[k], expected[k], rtol=1e-5, atol=1e-12)

@@ -4,14 +4,23 @@ import jax
 import numpy as np
 import optax
 import pytest
+from test_engine import CFG as ENGINE_CFG  # the same tiny model and MLM batches
+from test_engine import mlm_batch
 
 from dontstop_jax.analysis.continual import ContinualTable, forgetting
 from dontstop_jax.das import contrastive, importance, softmask
-from dontstop_jax.engine import (DEFAULT_RULES, compile_train_step, create_train_state, default_optim_config,
-                                 make_mesh, make_optimizer, make_train_step, to_global)
+from dontstop_jax.engine import (
+    DEFAULT_RULES,
+    compile_train_step,
+    create_train_state,
+    default_optim_config,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    to_global,
+)
 from dontstop_jax.engine.sharding import activation_rules
 from dontstop_jax.model import RobertaForMaskedLM
-from test_engine import CFG as ENGINE_CFG, mlm_batch  # the same tiny model and MLM batches
 
 CFG = ENGINE_CFG.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
@@ -37,11 +46,11 @@ def test_gate_gradients_match_finite_differences():
         ones = jax.device_get(importance.ones_gates(cfg))
         eps = 1e-2
         rng = np.random.default_rng(0)
-        picks = [("head", l, h) for l in range(2) for h in range(4)]
-        picks += [("intermediate", int(l), int(i)) for l, i in zip(rng.integers(0, 2, 8), rng.integers(0, 64, 8))]
-        picks += [("output", int(l), int(d)) for l, d in zip(rng.integers(0, 2, 8), rng.integers(0, 32, 8))]
+        picks = [("head", layer, h) for layer in range(2) for h in range(4)]
+        picks += [("intermediate", int(la), int(i)) for la, i in zip(rng.integers(0, 2, 8), rng.integers(0, 64, 8))]
+        picks += [("output", int(la), int(d)) for la, d in zip(rng.integers(0, 2, 8), rng.integers(0, 32, 8))]
         for kind, layer, unit in picks:
-            def shifted(delta):
+            def shifted(delta, kind=kind, layer=layer, unit=unit):
                 gates = {k: v.copy() for k, v in ones.items()}
                 gates[kind][layer, unit] += delta
                 return float(f(gates))

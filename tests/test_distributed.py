@@ -147,6 +147,7 @@ def test_decisions_are_made_on_process_0_and_handed_over_with_their_errors(tmp_p
     """Every process gets process 0's result or its one-line error; a waiting process says what it waits for, and
     gives up after its timeout."""
     import json
+
     from local_processes import run_local_processes
     outputs = run_local_processes(_DECIDE, timeout=120)
     first, second = (json.loads(out.splitlines()[-1]) for out in outputs)

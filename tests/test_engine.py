@@ -9,9 +9,20 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from dontstop_jax.engine import (DEFAULT_RULES, classification_loss_sums, compile_eval_step, compile_train_step,
-                                 create_train_state, default_optim_config, make_eval_step, make_mesh,
-                                 make_optimizer, make_train_step, mlm_loss_sums, to_global)
+from dontstop_jax.engine import (
+    DEFAULT_RULES,
+    classification_loss_sums,
+    compile_eval_step,
+    compile_train_step,
+    create_train_state,
+    default_optim_config,
+    make_eval_step,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    mlm_loss_sums,
+    to_global,
+)
 from dontstop_jax.engine.optim import weight_decay_mask
 from dontstop_jax.engine.sharding import check_batch_size, resolve_mesh_shape
 from dontstop_jax.errors import UserError

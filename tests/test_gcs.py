@@ -107,7 +107,8 @@ def _files_outside_cache(scratch: Path) -> list[str]:
 def test_two_hosts_share_only_the_bucket(bucket, tmp_path, tiny_tokenizer_dir):
     """Two processes with separate disks prepare (each its share, into the bucket, read there in place), pretrain
     with checkpoints in the bucket, are stopped by SIGTERM, and one process (with both hosts' devices) resumes them
-    to the end and exports: the same model as an uninterrupted run, and each process wrote nothing outside its own cache."""
+    to the end and exports: the same model as an uninterrupted run, and each process wrote nothing outside its own
+    cache."""
     import signal
     import socket
     import time

@@ -14,9 +14,18 @@ import pytest
 from ml_collections import ConfigDict
 
 from dontstop_jax.analysis.plan import collective_ops
-from dontstop_jax.engine import (DEFAULT_RULES, classification_loss_sums, compile_train_step, create_train_state,
-                                 default_optim_config, make_mesh, make_optimizer, make_train_step, mlm_loss_sums,
-                                 to_global)
+from dontstop_jax.engine import (
+    DEFAULT_RULES,
+    classification_loss_sums,
+    compile_train_step,
+    create_train_state,
+    default_optim_config,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    mlm_loss_sums,
+    to_global,
+)
 from dontstop_jax.engine.sharding import BATCH_AXES, MESH_AXES, activation_rules
 from dontstop_jax.engine.steps import reduction_options
 from dontstop_jax.errors import UserError

@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 
 from dontstop_jax.errors import UserError
+from dontstop_jax.model import (
+    RobertaForMaskedLM,
+    RobertaForSequenceClassification,
+    RobertaModel,
+    load_pretrained,
+    save_pretrained,
+)
 from dontstop_jax.model.roberta import PAD_LOGIT
-from dontstop_jax.model import (RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel, load_pretrained,
-                                save_pretrained)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

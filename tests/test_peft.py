@@ -15,13 +15,27 @@ import pytest
 from ml_collections import ConfigDict
 
 from dontstop_jax.analysis import results_table
-from dontstop_jax.engine import (DEFAULT_RULES, TrainState, classification_loss_sums, compile_train_step,
-                                 create_train_state, default_optim_config, make_mesh, make_train_step, to_global)
+from dontstop_jax.engine import (
+    DEFAULT_RULES,
+    TrainState,
+    classification_loss_sums,
+    compile_train_step,
+    create_train_state,
+    default_optim_config,
+    make_mesh,
+    make_train_step,
+    to_global,
+)
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, configure_model, default_peft_config
 from dontstop_jax.errors import UserError
-from dontstop_jax.model import (RobertaForSequenceClassification, init_params, load_pretrained, save_pretrained,
-                                tiny_config)
+from dontstop_jax.model import (
+    RobertaForSequenceClassification,
+    init_params,
+    load_pretrained,
+    save_pretrained,
+    tiny_config,
+)
 from dontstop_jax.model.peft import load_delta, merge_lora, save_delta
 from dontstop_jax.phases.finetune import reinit_top_layers
 from dontstop_jax.phases.grid import Grid

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from dontstop_jax.errors import UserError
-from dontstop_jax.train.workdir import Workdir
 from dontstop_jax.phases import select as select_phase
 from dontstop_jax.phases.defaults import select_config
 from dontstop_jax.phases.select import select, selected_corpus
+from dontstop_jax.train.workdir import Workdir
 
 TOPICS = {"bio": ["protein", "binds", "cell", "gene", "enzyme", "membrane", "receptor", "kinase"],
           "cs": ["graph", "node", "edge", "compiler", "kernel", "cache", "thread", "socket"],

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -65,14 +65,16 @@ class ContinualTable:
     stages: tuple[str, ...]  # the domain learned at each stage
     tasks: tuple[str, ...]
     scores: Mapping[str, Mapping[str, list[float | None]]]  # method -> task -> score after each stage (seed mean)
-    before: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)  # method -> task -> before its domain
+    # method -> task -> the score before its domain
+    before: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
     base: Mapping[str, float | None] = field(default_factory=dict)  # task -> the base model's score
-    # method -> SUMMARY name -> [mean, sample std (None for n = 1), n] over the seeds' own tables (None where a seed has none)
+    # method -> SUMMARY name -> [mean, sample std (None for n = 1), n] over the seeds' own tables
+    # (None where a seed has none)
     spread: Mapping[str, Mapping[str, list | None]] = field(default_factory=dict)
 
     @classmethod
     def from_records(cls, records: Sequence[Record], methods: Sequence[str], stages: Sequence[str],
-                     tasks: Sequence[str], spread: bool = True) -> "ContinualTable":
+                     tasks: Sequence[str], spread: bool = True) -> ContinualTable:
         scores = {m: {t: [None] * len(stages) for t in tasks} for m in methods}
         for (m, t, s), score in _mean_scores(records, "after").items():
             scores[m][t][s] = score

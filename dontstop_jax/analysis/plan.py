@@ -14,15 +14,25 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from dontstop_jax.engine import (abstract_state, batch_sharding, chain_hooks, classification_loss_sums,
-                                 compile_predict_step, compile_train_step, hold_fixed, make_mesh, make_train_step,
-                                 mlm_loss_sums, state_shardings)
 from dontstop_jax import files
 from dontstop_jax.analysis.hlo import COLLECTIVES, count, shape_bytes
+from dontstop_jax.engine import (
+    abstract_state,
+    batch_sharding,
+    chain_hooks,
+    classification_loss_sums,
+    compile_predict_step,
+    compile_train_step,
+    hold_fixed,
+    make_mesh,
+    make_train_step,
+    mlm_loss_sums,
+    state_shardings,
+)
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import plan as peft_plan
-from dontstop_jax.engine.steps import reduction_options
 from dontstop_jax.engine.sharding import activation_rules
+from dontstop_jax.engine.steps import reduction_options
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM, RobertaForSequenceClassification, hub
 from dontstop_jax.model.hf_io import read_config
 

@@ -6,7 +6,8 @@ defaults to 5000: Serra et al. 2018's EWC baseline, which DAS's baselines reuse.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import flax.linen as nn
 import jax

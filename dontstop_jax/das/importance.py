@@ -9,7 +9,8 @@ to it must have dropout > 0. `mlm_loss` measures a domain's knowledge after trai
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -129,7 +129,8 @@ def iter_raw_lines(path: str) -> Iterator[bytes]:
         raise UserError(f"file {path} is empty; remove it from the sources or fill it")
     lineno = 0
     with files.open_read(path) as raw_file, (gzip.open(raw_file) if path.endswith(".gz") else raw_file) as f:
-        for lineno, raw in enumerate(_gunzip_checked(f, path, lambda: lineno), start=1):
+        # `lineno` is read late on purpose: the error names the line the gzip stream failed after.
+        for lineno, raw in enumerate(_gunzip_checked(f, path, lambda: lineno), start=1):  # noqa: B007, B023
             yield raw
 
 

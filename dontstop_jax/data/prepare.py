@@ -13,8 +13,8 @@ Every process of a run builds (`prepare_corpus` is a collective): the input is c
 not depend on the process count (UNIT_BYTES, UNIT_LINES, UNIT_RECORDS); each process encodes its units, on all
 its cores, into pieces of the token stream (`pieces/`, in the shards' dtype); then each writes every
 process_count-th shard, packed from the pieces that hold its slice of the stream; process 0 writes the manifest
-once all are in. The shards, and so the batches, are byte-identical on any number of processes. `out_root` is a bucket or a disk all
-processes share; a corpus in a bucket is read there in place (`BucketShards`), never copied to a host.
+once all are in. The shards, and so the batches, are byte-identical on any number of processes. `out_root` is a bucket
+or a disk all processes share; a corpus in a bucket is read there in place (`BucketShards`), never copied to a host.
 
 A local directory is built under a private hidden name (`.<fingerprint>.tmp-<token>`, never read as a cache) and
 published by one rename, which fails onto an existing directory: of concurrent builders of one key the first to
@@ -49,13 +49,22 @@ import numpy as np
 from transformers import PreTrainedTokenizerFast
 
 from dontstop_jax import files
-from dontstop_jax.distributed import all_codes, decide
 from dontstop_jax.data import encode_pool, piece_cache
-from dontstop_jax.data.corpus import (CorpusSource, SourceSpec, _iter_file, _iter_hf, _iter_tfds, corpus_fingerprint,
-                                      iter_raw_lines, parse_source, resolve_files)
+from dontstop_jax.data.corpus import (
+    CorpusSource,
+    SourceSpec,
+    _iter_file,
+    _iter_hf,
+    _iter_tfds,
+    corpus_fingerprint,
+    iter_raw_lines,
+    parse_source,
+    resolve_files,
+)
 from dontstop_jax.data.encode_pool import EncodePool, docs_request, encode_request, file_request, lines_request
 from dontstop_jax.data.piece_cache import PieceCache
 from dontstop_jax.data.tokenizer import encode_plain, load_tokenizer, special_ids, tokenizer_fingerprint
+from dontstop_jax.distributed import all_codes, decide
 from dontstop_jax.errors import UserError
 from dontstop_jax.files import publishing
 
@@ -395,7 +404,7 @@ def _encode_share(plan: Plan, tok: PreTrainedTokenizerFast, workers: int | None)
         for key, replies in itertools.groupby(encode(requests()), key=lambda _: keys.popleft()):
             pieces = [(documents, ids) for documents, ids in replies]
             stream_ids = np.concatenate([ids for _, ids in pieces]) if pieces else np.zeros(0, np.int32)
-            _put(plan, lambda f: f.write(stream_ids.astype(plan.dtype).tobytes()), _piece(plan, key))
+            _put(plan, lambda f, ids=stream_ids: f.write(ids.astype(plan.dtype).tobytes()), _piece(plan, key))
             units.append([list(key), len(stream_ids), sum(d for d, _ in pieces)])
     finally:
         close()
@@ -412,7 +421,7 @@ def _my_requests(sources: list[CorpusSource], process: int, processes: int) -> I
             texts = (_iter_hf if source.kind == "hf" else _iter_tfds)(source)
             for k, group in itertools.groupby(enumerate(texts), key=lambda item: item[0] // UNIT_RECORDS):
                 if (turn + k) % processes == process:
-                    for batch in iter(lambda: list(itertools.islice(group, DOC_BATCH)), []):
+                    for batch in iter(lambda group=group: list(itertools.islice(group, DOC_BATCH)), []):
                         yield (si, 0, k), docs_request([text for _, text in batch])
             turn += 1
             continue
@@ -424,7 +433,7 @@ def _my_requests(sources: list[CorpusSource], process: int, processes: int) -> I
             if source.kind == "paragraphs":
                 if mine(0):
                     docs = _iter_file(path, source)
-                    for batch in iter(lambda: list(itertools.islice(docs, DOC_BATCH)), []):
+                    for batch in iter(lambda docs=docs: list(itertools.islice(docs, DOC_BATCH)), []):
                         yield (si, fi, 0), docs_request(batch)
             elif not path.endswith(".gz") and not files.is_remote(path):
                 for k, (start, end) in enumerate(encode_pool.line_ranges(path, UNIT_BYTES)):
@@ -502,7 +511,7 @@ def _write_shards(plan: Plan, units: list[list]) -> None:
         start = s * plan.shard_blocks * chunk
         tokens = _stream(plan, units, start, min(start + shard["blocks"] * chunk, stream_tokens))
         rows = np.concatenate(list(_pack(iter([tokens]), plan.max_seq_length, plan.ids))).astype(plan.dtype)
-        _put(plan, lambda f: np.save(f, rows), plan.shard_dir / shard["file"])
+        _put(plan, lambda f, rows=rows: np.save(f, rows), plan.shard_dir / shard["file"])
 
 
 def _publish_manifest(plan: Plan, units: list[list], tok: PreTrainedTokenizerFast, tok_fp: str, corpus_fp: str,

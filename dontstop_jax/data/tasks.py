@@ -23,10 +23,18 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
-from dontstop_jax.data.corpus import (CorpusSource, iter_documents, iter_jsonl, iter_tfds_rows, load_hf_dataset,
-                                      load_tfds, record_field, tfds_text)
-from dontstop_jax.data.tokenizer import encode_plain, special_ids
 from dontstop_jax import files
+from dontstop_jax.data.corpus import (
+    CorpusSource,
+    iter_documents,
+    iter_jsonl,
+    iter_tfds_rows,
+    load_hf_dataset,
+    load_tfds,
+    record_field,
+    tfds_text,
+)
+from dontstop_jax.data.tokenizer import encode_plain, special_ids
 from dontstop_jax.errors import UserError
 
 SPLIT_FILES = ("train", "dev", "test")

@@ -27,9 +27,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import multihost
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from dontstop_jax.engine.state import AVERAGES, TrainState
 from dontstop_jax import files
 from dontstop_jax.distributed import all_codes, decide
+from dontstop_jax.engine.state import AVERAGES, TrainState
 from dontstop_jax.errors import UserError
 
 log = logging.getLogger(__name__)

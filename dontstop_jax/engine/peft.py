@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,7 @@ def configure_model(model: ModelConfig, peft: ConfigDict) -> ModelConfig:
     return model.replace(**kw)
 
 
-def plan(cfg: ConfigDict, model: ModelConfig) -> tuple[ModelConfig, "Adaptation"]:
+def plan(cfg: ConfigDict, model: ModelConfig) -> tuple[ModelConfig, Adaptation]:
     """A phase's (model config, adaptation) from its `peft` section (and `train.layerwise_lr_decay`)."""
     model = configure_model(model, cfg.peft)
     return model, Adaptation.from_config(cfg.peft, model, lr_decay=cfg.train.get("layerwise_lr_decay", 1.0))
@@ -102,7 +103,7 @@ class Adaptation:
     lr_decay: float = 1.0
 
     @classmethod
-    def from_config(cls, peft: ConfigDict, model: ModelConfig, lr_decay: float = 1.0) -> "Adaptation":
+    def from_config(cls, peft: ConfigDict, model: ModelConfig, lr_decay: float = 1.0) -> Adaptation:
         method = check_method(peft.method)
         top_k = int(peft.top_k) if method == "top_k" else 0
         if method == "top_k" and not 0 <= top_k <= model.num_hidden_layers:

@@ -14,7 +14,6 @@ from jax.sharding import Mesh
 from dontstop_jax.engine.sharding import Rules, check_replicated, put_tree, tree_shardings
 from dontstop_jax.model.roberta import init_params
 
-
 # Averages of the parameters a train state may keep (each one checkpoint item): an EMA or SWA of the fine-tuned
 # weights (what a fine-tune with `averaging` evaluates and hands on) and SMART's mean teacher.
 AVERAGES = ("ema", "swa", "teacher")

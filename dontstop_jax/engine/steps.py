@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -116,8 +117,8 @@ def _accumulate(grad_fn: Callable, params: Any, batch: Batch, rng: jax.Array, ex
     devices. `gather(params, micro-batch)` makes the parameters the loss reads (an FSDP all-gather, or nothing):
     the gradient is taken after it, so its transpose (a reduce-scatter) never runs per micro-batch."""
     def one(micro, key):
-        (l, a), g = grad_fn(gather(params, micro), micro, key, *extra)
-        return l, a, jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), g)
+        (loss_sum, a), g = grad_fn(gather(params, micro), micro, key, *extra)
+        return loss_sum, a, jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), g)
     if accum_steps == 1:
         return one(batch, rng)
 

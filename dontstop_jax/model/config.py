@@ -113,11 +113,11 @@ class ModelConfig:
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
 
-    def replace(self, **kwargs: Any) -> "ModelConfig":
+    def replace(self, **kwargs: Any) -> ModelConfig:
         return dataclasses.replace(self, **kwargs)
 
     @classmethod
-    def recorded(cls, fields: dict, **overrides: Any) -> "ModelConfig":
+    def recorded(cls, fields: dict, **overrides: Any) -> ModelConfig:
         """The config a checkpoint's meta or an adapter file recorded. Those written before the vocabulary was
         padded name no `vocab_pad_multiple`: their tables have exactly vocab_size rows (multiple 1)."""
         return cls(**{"vocab_pad_multiple": 1, **fields, **overrides})
@@ -129,7 +129,7 @@ class ModelConfig:
                  "attention_probs_dropout_prob", "classifier_dropout", "initializer_range")
 
     @classmethod
-    def from_hf_dict(cls, d: dict, **overrides: Any) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict, **overrides: Any) -> ModelConfig:
         if d.get("model_type", "roberta") not in ("roberta", "xlm-roberta"):
             raise UserError(f"config.json has model_type={d.get('model_type')!r}; only RoBERTa checkpoints are supported")
         act = d.get("hidden_act", "gelu")

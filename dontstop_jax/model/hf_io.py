@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,8 +23,7 @@ from dontstop_jax import files
 from dontstop_jax.errors import UserError
 from dontstop_jax.files import publishing
 from dontstop_jax.model.config import ModelConfig
-from dontstop_jax.model.roberta import (RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel,
-                                        init_params)
+from dontstop_jax.model.roberta import RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel, init_params
 
 Params = dict[str, Any]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",

@@ -39,7 +39,8 @@ def _common(name: str, **sections) -> ConfigDict:
         tokenizer=placeholder(str),  # default: the init's tokenizer
         model=_model(),
         # shape: (data, fsdp, tensor); dcn_shape (multi-slice): shape is then per slice, dcn_shape across slices;
-        # allow_replicated: accept parameters >= 1 MiB left whole on every device because the mesh cannot divide them
+        # allow_replicated: accept parameters >= 1 MiB left whole on every device because the mesh cannot
+        # divide them
         mesh=dict(shape=(-1, 1, 1), dcn_shape=placeholder(tuple), rules=DEFAULT_RULES, allow_replicated=False),
         optim=default_optim_config(),
         peft=default_peft_config(),  # which parameters train: full or parameter-efficient

@@ -29,10 +29,10 @@ from dontstop_jax.data import ClassificationBatches, load_task, load_tokenizer
 from dontstop_jax.data.tasks import require_splits, with_shots, with_train_size
 from dontstop_jax.data.tokenizer import special_ids
 from dontstop_jax.engine import compile_predict_step, to_global
+from dontstop_jax.engine.checkpoint import first_best
 from dontstop_jax.engine.prompt import build_head
 from dontstop_jax.engine.regularizers import Regularizer
 from dontstop_jax.engine.state import running_mean
-from dontstop_jax.engine.checkpoint import first_best
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForSequenceClassification, gates, init_params
 from dontstop_jax.phases.behavioral import Multitask, start_head
@@ -174,7 +174,7 @@ def _finetune(cfg: ConfigDict) -> dict:
             began, first = time.perf_counter(), epoch * per_epoch
             trainer.fit(multitask.batches(batches["train"].epoch(epoch, start=trainer.step - first), trainer.step),
                         first + per_epoch,
-                        data_state=lambda _: progress,
+                        data_state=lambda _, progress=progress: progress,
                         tokens_per_step=lambda b: b["input_ids"].size)
             if swa is not None:  # the mean of the weights that ended epochs swa_start.. (the current one counted)
                 trainer.state = swa(trainer.state, max(0, epoch + 1 - cfg.averaging.swa_start))

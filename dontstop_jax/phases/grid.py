@@ -48,22 +48,26 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from dontstop_jax import files
-from dontstop_jax import config_loader
+from dontstop_jax import config_loader, files
 from dontstop_jax.analysis import reference
 from dontstop_jax.analysis.curve import ALL, Size, by_size, learning_curves, size_order, write_learning_curves
 from dontstop_jax.analysis.metrics import check_metric
 from dontstop_jax.data import load_task, load_tokenizer
 from dontstop_jax.data.tasks import require_splits, with_shots, with_train_size
 from dontstop_jax.data.tokenizer import encode_plain
+from dontstop_jax.distributed import decide, on_first_process
 from dontstop_jax.engine.peft import METHODS, check_method
 from dontstop_jax.engine.prompt import HEADS
-from dontstop_jax.distributed import decide, on_first_process
 from dontstop_jax.errors import UserError
-from dontstop_jax.phases.behavioral import (INTERMEDIATE_VARIANTS, MULTITASK_VARIANTS, intermediate_label,
-                                            intermediate_source, variant_fields)
-from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.files import read_json, write_json
+from dontstop_jax.phases.behavioral import (
+    INTERMEDIATE_VARIANTS,
+    MULTITASK_VARIANTS,
+    intermediate_label,
+    intermediate_source,
+    variant_fields,
+)
+from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.phases.pretrain import pretrain
 from dontstop_jax.phases.select import select, selected_corpus
 from dontstop_jax.train.source import resolve

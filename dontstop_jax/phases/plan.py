@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 from ml_collections import ConfigDict

@@ -21,8 +21,8 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from dontstop_jax import files
-from dontstop_jax.distributed import decide
 from dontstop_jax.data import iter_documents, load_task, parse_source
+from dontstop_jax.distributed import decide
 from dontstop_jax.engine import make_mesh
 from dontstop_jax.engine.sharding import MESH_AXES
 from dontstop_jax.errors import Interrupted, UserError
