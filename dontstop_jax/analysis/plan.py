@@ -102,10 +102,10 @@ def compile_phase(cfg: ConfigDict, devices: list, num_labels: int = 2) -> tuple[
         **chain_hooks(adaptation.hooks(), hold_fixed(tuple(cfg.get("frozen", ()))))), shardings, mesh, rules)
     state, batch = abstract_state(shardings, model, tx), batch_shapes(cfg, arch, mesh)
     with activation_rules(mesh, rules):
-        train = _cost(step.__wrapped__.lower(state, batch))
+        train = _cost(step.__wrapped__.lower(state, batch))  # type: ignore[attr-defined]  # set by functools.wraps
         predict = None
         if finetune:
-            predict = _cost(compile_predict_step(model, shardings.params, mesh, rules).__wrapped__.lower(
+            predict = _cost(compile_predict_step(model, shardings.params, mesh, rules).__wrapped__.lower(  # type: ignore[attr-defined]
                 state.params, batch))
     params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(state.params))
     return train, predict, params

@@ -50,7 +50,7 @@ def penalty(params: Any, anchor: Any, fisher_: Any) -> jax.Array:
     terms = jax.tree_util.tree_map(
         lambda p, a, f: jnp.sum(f.astype(jnp.float32) * jnp.square(p.astype(jnp.float32) - a.astype(jnp.float32))),
         params, anchor, fisher_)
-    return sum(jax.tree_util.tree_leaves(terms))
+    return sum(jax.tree_util.tree_leaves(terms), jnp.zeros((), jnp.float32))
 
 
 def ewc_loss_sums(model: nn.Module, lam: float) -> Callable[[dict], LossSums]:

@@ -98,7 +98,7 @@ class PreparedCorpus:
 
     directory: Path
     manifest: dict[str, Any]
-    shards: list[np.ndarray]
+    shards: list[np.ndarray] | BucketShards
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> PreparedCorpus:
@@ -243,8 +243,8 @@ def prepare_corpus(
     model_vocab_size: the model's embedding rows; the tokenizer must not produce ids beyond it.
     Concurrent independent calls for one key are safe (each builds privately; the first to finish publishes).
     """
-    sources = [parse_source(s) for s in sources]
-    if not sources:
+    parsed = [parse_source(s) for s in sources]
+    if not parsed:
         raise UserError("no corpus sources given; pass at least one path, glob, hf: or tfds: source")
     if max_seq_length < 3:
         raise UserError(f"max_seq_length {max_seq_length} is too small; a block needs <s>, a token and </s> (use >= 3)")
@@ -261,7 +261,7 @@ def prepare_corpus(
             "use the model's tokenizer"
         )
     tok_fp = tokenizer_fingerprint(tok)
-    corpus_fp = corpus_fingerprint(sources)
+    corpus_fp = corpus_fingerprint(parsed)
     key = json.dumps([corpus_fp, tok_fp, max_seq_length, FORMAT_VERSION])
     # process 0's name for all: hosts may hold the same corpus under other paths (each in its own home)
     name = decide("name the prepared corpus", lambda: hashlib.sha256(key.encode()).hexdigest()[:16], timeout=600)
@@ -273,12 +273,12 @@ def prepare_corpus(
     if decide(f"look for the prepared corpus {name}", lambda: _published(remote, directory), timeout=600):
         log.info("reusing prepared corpus at %s", remote or directory)
         return _open(remote, directory)
-    if lead and not remote:
+    if lead and directory is not None:
         _remove_stale(directory.parent)
     # one private build name for all processes, on storage they share
     token = decide("name the corpus build", lambda: secrets.token_hex(4), timeout=600)
     build = files.path(out_root) / _private(Path(name), token).name
-    if not remote:
+    if directory is not None:
         try:
             build.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -286,13 +286,13 @@ def prepare_corpus(
                             "make it writable or choose another cache directory") from None
     log.info("preparing corpus into %s", remote or directory)
     try:
-        plan = Plan(sources, build, remote, max_seq_length, shard_blocks, special_ids(tok),
+        plan = Plan(parsed, build, remote, max_seq_length, shard_blocks, special_ids(tok),
                     np.dtype(np.uint16 if len(tok) <= 2**16 else np.int32))
         _collectively("encoding its share of the input", lambda: _encode_share(plan, tok, workers))
         units = _gather_units(plan)
         _collectively("writing its shards", lambda: _write_shards(plan, units))
         _collectively("publishing the manifest",
-                      lambda: lead and _publish_manifest(plan, units, tok, tok_fp, corpus_fp, directory))
+                      lambda: _publish_manifest(plan, units, tok, tok_fp, corpus_fp, directory) if lead else None)
         return _open(remote, directory)
     finally:
         if lead:
@@ -318,8 +318,9 @@ class Plan:
 def _published(remote: files.Path | None, directory: Path | None) -> bool:
     """Whether a complete corpus is there (checked by process 0; a damaged local one is moved aside, a damaged
     one in a bucket is rebuilt over)."""
-    if not remote:
+    if directory is not None:
         return _reuse(directory) is not None
+    assert remote is not None  # exactly one of the two is set
     try:
         PreparedCorpus.open_bucket(remote)
         return True
@@ -331,7 +332,7 @@ def _published(remote: files.Path | None, directory: Path | None) -> bool:
 
 def _open(remote: files.Path | None, directory: Path | None) -> PreparedCorpus:
     """The published corpus: from local (or shared) disk, memory-mapped, or read in place in the bucket."""
-    if not remote:
+    if directory is not None:
         return PreparedCorpus.load(directory)
     try:
         return PreparedCorpus.open_bucket(remote)
@@ -404,7 +405,7 @@ def _encode_share(plan: Plan, tok: PreTrainedTokenizerFast, workers: int | None)
         for key, replies in itertools.groupby(encode(requests()), key=lambda _: keys.popleft()):
             pieces = [(documents, ids) for documents, ids in replies]
             stream_ids = np.concatenate([ids for _, ids in pieces]) if pieces else np.zeros(0, np.int32)
-            _put(plan, lambda f, ids=stream_ids: f.write(ids.astype(plan.dtype).tobytes()), _piece(plan, key))
+            _put(plan, lambda f: f.write(stream_ids.astype(plan.dtype).tobytes()), _piece(plan, key))  # noqa: B023 (called here)
             units.append([list(key), len(stream_ids), sum(d for d, _ in pieces)])
     finally:
         close()
@@ -421,7 +422,7 @@ def _my_requests(sources: list[CorpusSource], process: int, processes: int) -> I
             texts = (_iter_hf if source.kind == "hf" else _iter_tfds)(source)
             for k, group in itertools.groupby(enumerate(texts), key=lambda item: item[0] // UNIT_RECORDS):
                 if (turn + k) % processes == process:
-                    for batch in iter(lambda group=group: list(itertools.islice(group, DOC_BATCH)), []):
+                    for batch in iter(lambda: list(itertools.islice(group, DOC_BATCH)), []):  # noqa: B023 (drained here)
                         yield (si, 0, k), docs_request([text for _, text in batch])
             turn += 1
             continue
@@ -433,7 +434,7 @@ def _my_requests(sources: list[CorpusSource], process: int, processes: int) -> I
             if source.kind == "paragraphs":
                 if mine(0):
                     docs = _iter_file(path, source)
-                    for batch in iter(lambda docs=docs: list(itertools.islice(docs, DOC_BATCH)), []):
+                    for batch in iter(lambda: list(itertools.islice(docs, DOC_BATCH)), []):  # noqa: B023 (drained here)
                         yield (si, fi, 0), docs_request(batch)
             elif not path.endswith(".gz") and not files.is_remote(path):
                 for k, (start, end) in enumerate(encode_pool.line_ranges(path, UNIT_BYTES)):
@@ -511,7 +512,7 @@ def _write_shards(plan: Plan, units: list[list]) -> None:
         start = s * plan.shard_blocks * chunk
         tokens = _stream(plan, units, start, min(start + shard["blocks"] * chunk, stream_tokens))
         rows = np.concatenate(list(_pack(iter([tokens]), plan.max_seq_length, plan.ids))).astype(plan.dtype)
-        _put(plan, lambda f, rows=rows: np.save(f, rows), plan.shard_dir / shard["file"])
+        _put(plan, lambda f: np.save(f, rows), plan.shard_dir / shard["file"])  # noqa: B023 (called here)
 
 
 def _publish_manifest(plan: Plan, units: list[list], tok: PreTrainedTokenizerFast, tok_fp: str, corpus_fp: str,
@@ -539,7 +540,7 @@ def _publish_manifest(plan: Plan, units: list[list], tok: PreTrainedTokenizerFas
         if name.startswith("share-"):
             path.unlink()
     _put(plan, lambda f: f.write(json.dumps(manifest, indent=1).encode()), plan.shard_dir / MANIFEST)
-    if not plan.remote:
+    if directory is not None:
         _publish(plan.build, directory)
     log.info("prepared %d documents into %d blocks", manifest["documents"], total_blocks)
 

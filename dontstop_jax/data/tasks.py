@@ -72,6 +72,7 @@ def load_task(
         raw, tapt = _read_tfds(source.removeprefix("tfds:"), text_field, label_field)
         name = name or source.removeprefix("tfds:").split("/")[0].split(":")[0]
     else:
+        assert source is not None  # exactly one of source, hf_dataset
         paths = _split_paths(source)
         raw = {
             split: _read_jsonl(path, text_field, label_field) for split, path in paths.items() if split != "unlabeled"

@@ -119,8 +119,12 @@ class Adaptation:
 
     def hooks(self) -> Hooks:
         """make_train_step hooks: frozen leaves and slices get zero gradients, updates are scaled per layer."""
-        return {name: fn for name, fn in (("grad_transform", self.grad_transform()),
-                                          ("update_transform", self.update_transform())) if fn is not None}
+        hooks = Hooks()
+        if (grad := self.grad_transform()) is not None:
+            hooks["grad_transform"] = grad
+        if (update := self.update_transform()) is not None:
+            hooks["update_transform"] = update
+        return hooks
 
     def trainable(self, params: Any) -> Any:
         """Bool tree: False leaves get no optimizer state and no updates."""

@@ -152,7 +152,7 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "global bat
 
 
 def _partition(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-               rules: Rules) -> tuple[P, list[tuple[str, int, tuple[str, ...]]]]:
+               rules: Rules) -> tuple[P, list[tuple[str | None, int, tuple[str, ...]]]]:
     """(spec, undivided): the PartitionSpec, and each (logical name, size, mesh axes) whose rule named mesh axes
     larger than 1 that the dimension's size could not be split over (that dimension is replicated instead)."""
     table = dict(rules)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import flax.linen as nn
@@ -26,6 +26,9 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # uint32[2] raw key: checkpointable as a plain array
     averages: dict = flax.struct.field(default_factory=dict)  # {name in AVERAGES: params-shaped tree}
+
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime
+        def replace(self, **updates: Any) -> TrainState: ...
 
 
 def ema_update(average: Any, params: Any, decay: float) -> Any:

@@ -147,7 +147,7 @@ class ModelConfig:
 
 def tiny_config(**overrides: Any) -> ModelConfig:
     """A model small enough for unit tests and the offline default on 2 CPU cores."""
-    base = dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    base: dict[str, Any] = dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                 intermediate_size=128, max_position_embeddings=130)
     base.update(overrides)
     return ModelConfig(**base)

@@ -85,6 +85,7 @@ def _name_table(cfg: ModelConfig, prefix: str, head: str) -> Iterator[tuple[str,
                 yield base + ".weight", path + ("scale",), "copy", i
                 yield base + ".bias", path + ("bias",), "copy", i
             else:
+                assert b_kind is not None  # a dense layer has both kinds
                 yield base + ".weight", path + ("kernel",), w_kind, i
                 yield base + ".bias", path + ("bias",), b_kind, i
     if head == "mlm":

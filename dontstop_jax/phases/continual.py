@@ -163,6 +163,8 @@ class Continual:
         workdir = files.path(phase.workdir)
         shuffle = ((lambda imp, k: importance.shuffled(imp, (phase.seed, index, k))) if das.random
                    else (lambda imp, k: imp))
+        past: importance.Importance | None
+        domains: importance.Importance | None
         if index > 0:
             past, domains = (importance.load(files.path(parent) / name) for name in (ACCUMULATED, DOMAINS))
         else:
@@ -325,9 +327,11 @@ class Continual:
         for task in self.cfg.tasks:
             records += self._scores("base", -1, task, base, when="base")
         table = ContinualTable.from_records(records, self.cfg.methods, seq, list(self.cfg.tasks))
-        on_first_process("write continual.json", lambda: (
-            write_text(self.root / "continual.md", table.to_markdown()),
-            write_json(self.root / "continual.json", {**table.to_json(), "records": records})))
+
+        def write() -> None:
+            write_text(self.root / "continual.md", table.to_markdown())
+            write_json(self.root / "continual.json", {**table.to_json(), "records": records})
+        on_first_process("write continual.json", write)
         return table
 
     def _scores(self, method: str, stage: int, task: str, init: str, when: str = "after",

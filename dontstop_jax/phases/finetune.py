@@ -49,14 +49,18 @@ def evaluate(predict, params, batches: ClassificationBatches, mesh, num_labels: 
     preds, labels, weights = [], [], []
     for batch in batches.epoch(0):
         logits, y, w = jax.device_get(predict(params, to_global(batch, mesh)))
-        preds.append(np.argmax(logits, -1)), labels.append(y), weights.append(w)
+        preds.append(np.argmax(logits, -1))
+        labels.append(y)
+        weights.append(w)
     return classification_metrics(np.concatenate(labels), np.concatenate(preds), num_labels,
                                   weights=np.concatenate(weights))
 
 
 def best_epoch(history: list[dict], metric: str) -> int:
     """The first epoch (from 1) with the best dev `metric` (`first_best`: a later epoch must be strictly better)."""
-    return first_best(enumerate((dev[metric] for dev in history), 1))
+    best = first_best(enumerate((dev[metric] for dev in history), 1))
+    assert best is not None, "no epoch has a dev score"
+    return best
 
 
 def _typical(epoch_seconds: list[float]) -> float:
@@ -174,7 +178,7 @@ def _finetune(cfg: ConfigDict) -> dict:
             began, first = time.perf_counter(), epoch * per_epoch
             trainer.fit(multitask.batches(batches["train"].epoch(epoch, start=trainer.step - first), trainer.step),
                         first + per_epoch,
-                        data_state=lambda _, progress=progress: progress,
+                        data_state=lambda _: progress,  # noqa: B023 (read during this fit)
                         tokens_per_step=lambda b: b["input_ids"].size)
             if swa is not None:  # the mean of the weights that ended epochs swa_start.. (the current one counted)
                 trainer.state = swa(trainer.state, max(0, epoch + 1 - cfg.averaging.swa_start))

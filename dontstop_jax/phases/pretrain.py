@@ -25,6 +25,7 @@ from dontstop_jax.data import (
     word_start_table,
 )
 from dontstop_jax.engine import mlm_loss_sums
+from dontstop_jax.engine.steps import Hooks, LossSums
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM
 from dontstop_jax.train import source as sources
@@ -40,7 +41,7 @@ def prepare(cfg: ConfigDict, source: sources.ModelSource) -> PreparedCorpus:
                           model_vocab_size=source.config.vocab_size)
 
 
-def mlm(model: nn.Module, params: Any) -> tuple[Callable, dict]:
+def mlm(model: nn.Module, params: Any) -> tuple[LossSums, Hooks]:
     """The default objective: masked-LM loss, no step hooks."""
     return mlm_loss_sums(model), {}
 
