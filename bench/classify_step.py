@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -89,8 +90,9 @@ class HFClassifierStep:
         import transformers
         torch.manual_seed(0)
         self.torch, self.device = torch, device
-        hf_cfg = transformers.RobertaConfig(**cfg.to_hf_dict(), num_labels=NUM_LABELS)
-        self.model = transformers.RobertaForSequenceClassification(hf_cfg).to(device).train()
+        hf_cfg = transformers.RobertaConfig(**cfg.to_hf_dict(), num_labels=NUM_LABELS)  # type: ignore[call-arg]  # a PretrainedConfig kwarg
+        self.model = transformers.RobertaForSequenceClassification(hf_cfg)
+        self.model = self.model.to(device).train()  # type: ignore[arg-type]  # transformers' `to` wrapper types its self as a str
         self.optimizer, self.scheduler = hf_optimizer(self.model)
         self.autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
@@ -196,12 +198,15 @@ def main(argv: list[str] | None = None) -> dict:
     bucketed = ClassificationBatches(tokens, labels, args.batch, 0, pad_id=1, max_seq_length=args.max_len)
     fixed_len = ClassificationBatches(tokens, labels, args.batch, 0, pad_id=1, max_seq_length=args.max_len,
                                       bucket_lengths=(args.max_len,))
-    epochs = {"ours, length buckets (default)": (ours, list(bucketed.epoch(0))),
+    epochs: dict[str, tuple[Any, list]] = {"ours, length buckets (default)": (ours, list(bucketed.epoch(0))),
               "ours, padded to max length": (ours, list(fixed_len.epoch(0))),
               "transformers, padded to longest in batch": (theirs, padded_to_longest(tokens, labels, args.batch, 0))}
     for runner, batches in epochs.values():  # compile every bucket shape before timing
         runner.run(list({b["input_ids"].shape: b for b in batches}.values()))
-    epoch_times = time_alternating({name: (lambda n, r=r, b=b: r.run(b * n)) for name, (r, b) in epochs.items()},
+
+    def epochs_of(runner: Any, batches: list) -> Callable[[int], None]:
+        return lambda n: runner.run(batches * n)
+    epoch_times = time_alternating({name: epochs_of(r, b) for name, (r, b) in epochs.items()},
                                    steps=1, repeats=args.repeats, warmup=0)
     epoch_rows = []
     for name, t in epoch_times.items():

@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -61,7 +62,7 @@ def classification_batch(cfg: ModelConfig, batch: int, seq: int) -> list[dict[st
 def measure(cfg: ModelConfig, batch: int, seq: int, steps: int, repeats: int, warmup: int, device: str) -> dict:
     """{row name: seconds per step} for every row, plus the FLOPs each row's step does."""
     mlm_batch = mlm_step.make_batch(cfg, batch, seq)
-    mlm = {"MLM: ours": mlm_step.OurStep(cfg, mlm_batch)}
+    mlm: dict[str, Callable[[int], None]] = {"MLM: ours": mlm_step.OurStep(cfg, mlm_batch)}
     if cfg.attention_impl == "cudnn":
         mlm["MLM: ours, XLA attention (lever)"] = mlm_step.OurStep(cfg.replace(attention_impl=None), mlm_batch)
         mlm["MLM: ours, attention dropout 0.1 (lever)"] = mlm_step.OurStep(

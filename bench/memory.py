@@ -61,7 +61,8 @@ def step_memory(cfg: ModelConfig, mesh_shape, accum: int) -> dict:
         ("input_ids", SEQ, "int32"), ("attention_mask", SEQ, "int32"), ("mlm_positions", SLOTS, "int32"),
         ("mlm_ids", SLOTS, "int32"), ("mlm_weights", SLOTS, "float32")]}
     with activation_rules(mesh, DEFAULT_RULES):
-        compiled = step.__wrapped__.lower(abstract_state(shardings, model, tx), batch).compile()
+        compiled = step.__wrapped__.lower(  # type: ignore[attr-defined]  # set by functools.wraps
+            abstract_state(shardings, model, tx), batch).compile()
     m = compiled.memory_analysis()
     peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     return {"state_and_batch_gib": m.argument_size_in_bytes / 2**30, "temporaries_gib": m.temp_size_in_bytes / 2**30,

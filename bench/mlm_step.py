@@ -78,7 +78,7 @@ class OurStep:
                                        self.mesh, DEFAULT_RULES, donate=donate)
         self.batch = to_global(batch, self.mesh)
         self.sync_every_step = sync_every_step
-        self.metrics = None
+        self.metrics: dict[str, jax.Array] = {}
 
     def step_with(self, batch: dict[str, jax.Array]) -> None:
         self.state, self.metrics = self.step(self.state, batch)
@@ -124,7 +124,8 @@ def huggingface(cfg: ModelConfig, batch: dict[str, np.ndarray], device: str):
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.RobertaForMaskedLM(transformers.RobertaConfig(**cfg.to_hf_dict())).to(device).train()
+    model = transformers.RobertaForMaskedLM(transformers.RobertaConfig(**cfg.to_hf_dict()))
+    model = model.to(device).train()  # type: ignore[arg-type]  # transformers' `to` wrapper types its self as a str
     optimizer, scheduler = hf_optimizer(model)
     labels = np.full(batch["input_ids"].shape, -100, np.int64)
     np.put_along_axis(labels, batch["mlm_positions"], batch["mlm_ids"], 1)

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import jax
@@ -114,7 +115,7 @@ class Sides:
 
 def prepare_rows(s: Sides, repeats: int) -> tuple[dict, str]:
     """Row 1: a cold prepare on each side. Returns the timings and the bucket prefix of the last remote build."""
-    last = {}
+    last: dict[str, Any] = {}
 
     def local() -> float:
         shutil.rmtree(s.local_out, ignore_errors=True)
@@ -159,10 +160,10 @@ def stream_rows(s: Sides, repeats: int, docs: int) -> dict:
                             "mb_per_s": size / 2**20 / t["median_s"], "all_s": t["all_s"]} for name, t in times.items()}}
 
 
-def first_read_rows(s: Sides, gs_root: str, repeats: int) -> tuple[dict, object, object]:
+def first_read_rows(s: Sides, gs_root: str, repeats: int) -> tuple[dict, Any, Any]:
     """Row 2: what `prepare_corpus` costs on a host once the corpus exists: opening the local cache; opening the
     one in the bucket in place. Returns the timings and both corpora."""
-    last = {}
+    last: dict[str, Any] = {}
 
     def local() -> float:
         seconds, last["local"] = _timed(lambda: s.prepare(s.local_sources, str(s.local_out)))
@@ -182,7 +183,7 @@ def first_read_rows(s: Sides, gs_root: str, repeats: int) -> tuple[dict, object,
     return {"shard_mb": shard_bytes / 2**20, "rows": rows}, local_corpus, copy
 
 
-def loader_rows(s: Sides, local_corpus, copy, batch: int, repeats: int, step_repeats: int) -> tuple[dict, object]:
+def loader_rows(s: Sides, local_corpus, copy, batch: int, repeats: int, step_repeats: int) -> tuple[dict, Any]:
     """Row 3: the loader over each copy (alternating), then the small model's train step. Returns the timings
     and the step (whose trained state the checkpoint rows save)."""
     from bench.mlm_step import MODELS, OurStep, make_batch
@@ -235,11 +236,12 @@ def checkpoint_rows(s: Sides, state, repeats: int) -> dict:
             ckpt = Checkpointer(written[-1], read_only=True)
             seconds, out = _timed(lambda: jax.block_until_ready(ckpt.restore(abstract)[0]))
             ckpt.close()
-            run.restored = out
+            run.restored = out  # type: ignore[attr-defined]  # read by the caller after timing
             return seconds
         return run
 
-    local, remote = [], []
+    local: list[str] = []
+    remote: list[str] = []
     fns = {"save, local directory": save(lambda: str(s.fresh("ckpt")), local),
            "save, gs://": save(lambda: f"gs://bkt/ckpt-{s.fresh('ckpt').name}", remote),
            "restore, local directory": restore(local), "restore, gs://": restore(remote)}

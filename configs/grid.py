@@ -21,6 +21,7 @@ from dontstop_jax.phases.defaults import finetune_config, pretrain_config, selec
 from dontstop_jax.phases.grid import VARIANTS
 
 _spec = importlib.util.spec_from_file_location("finetune_cfg", Path(__file__).with_name("finetune.py"))
+assert _spec is not None and _spec.loader is not None
 _finetune = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_finetune)
 

@@ -55,7 +55,7 @@ def test_overlap_matrix_on_hand_made_corpora(tmp_path):
         "split": [_lines(tmp_path / "s.txt", ["kiwi lemon", "kiwi mango"])],
     }
     result = vocab_overlap(corpora, top_k=10)
-    expected = [[100, 200 / 3, 0], [200 / 3, 100, 0], [0, 0, 50]]
+    expected: list[list[float]] = [[100, 200 / 3, 0], [200 / 3, 100, 0], [0, 0, 50]]
     np.testing.assert_allclose(result.overlap, expected)
     assert result.docs == (2, 2, 2)
     result.write_csv(tmp_path / "overlap.csv")
@@ -187,6 +187,7 @@ def test_figures_are_valid_pngs(tmp_path):
 
 def _config(arg: str):
     spec = importlib.util.spec_from_file_location("analyze_cfg", CONFIG)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)

@@ -149,7 +149,7 @@ def test_das_objective_inputs_and_random_importance():
     loss, hooks = das_objective(None, past, 1.0, 0.05)(model, params)
     assert hooks == {} and value(loss) != pytest.approx(plain)
 
-    raw = {k: np.random.default_rng(0).uniform(size=v.shape).astype(np.float32) for k, v in past.items()}
+    raw = {k: np.asarray(np.random.default_rng(0).uniform(size=v.shape), np.float32) for k, v in past.items()}
     shuffled = importance.shuffled(raw, (0, 1, 0))
     for k in importance.UNITS:  # each layer: the same values, other units
         np.testing.assert_array_equal(np.sort(shuffled[k], 1), np.sort(raw[k], 1))
@@ -164,7 +164,7 @@ def recipe(tmp_path, monkeypatch):
     cfg.workdir = str(tmp_path)
     cfg.domains = {"bio": [str(tmp_path / "bio.txt")], "cs": [str(tmp_path / "cs.txt")]}
     cfg.sequence = ["bio", "cs"]
-    seen = {"pretrain": [], "das": []}
+    seen: dict[str, list] = {"pretrain": [], "das": []}
     monkeypatch.setattr(continual, "pretrain", lambda phase, objective: seen["pretrain"].append((phase, objective)))
     monkeypatch.setattr(continual, "das_objective", lambda *args: seen["das"].append(args))
     level = {"kl": 0.1, "mlm": 0.2}

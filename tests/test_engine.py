@@ -202,7 +202,7 @@ def test_chain_hooks_applies_each_source_in_turn():
     hooks = chain_hooks({"grad_transform": double}, {}, {"grad_transform": add_one, "update_transform": halve})
     assert hooks["grad_transform"](3.0) == 7.0  # add_one(double(3))
     assert hooks["update_transform"](3.0) == 1.5
-    assert chain_hooks({}, {"grad_transform": None}) == {}
+    assert chain_hooks({}, {"grad_transform": None}) == {}  # type: ignore[typeddict-item]  # None on purpose
 
 
 def test_vocabulary_padding_changes_neither_loss_nor_gradients():

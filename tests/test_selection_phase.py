@@ -116,7 +116,7 @@ def test_interrupted_run_resumes_to_the_same_selection(data, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         select(cfg)
     assert not Path(selected_corpus(tmp_path / "resumed")).exists()
-    updates = []
+    updates: list = []
     monkeypatch.setattr(select_phase, "save_progress", real_save)
     ranker = select_phase._ranker
     monkeypatch.setattr(select_phase, "_ranker", lambda *a: _counting(ranker(*a), updates))

@@ -50,8 +50,9 @@ def test_layers_below_phases_never_import_phases():
     offenders = []
     for path in below:
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             offenders += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
                           if n == "dontstop_jax.phases" or n.startswith("dontstop_jax.phases.")]
     assert len(below) > 30 and not offenders, "\n".join(offenders)

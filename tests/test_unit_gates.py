@@ -132,7 +132,11 @@ def test_continual_hat_fine_tunes_each_task_under_its_domains_mask(tmp_path, mon
     monkeypatch.setattr(continual.Continual, "base", lambda self: "BASE")
     monkeypatch.setattr(continual.Continual, "stages", lambda self, m, base: [f"{m}{i}" for i in range(3)])
     seen = []
-    monkeypatch.setattr(continual, "finetune", lambda phase: seen.append(phase) or {"test": {"macro_f1": 0.5}})
+
+    def finetune(phase):
+        seen.append(phase)
+        return {"test": {"macro_f1": 0.5}}
+    monkeypatch.setattr(continual, "finetune", finetune)
     run.run()
     got = {(p.init, p.task.path, p.unit_gates) for p in seen}
     domains = {"/tasks/bio": 0, "/tasks/cs": 1, "/tasks/news": 2}

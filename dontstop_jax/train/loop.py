@@ -92,7 +92,7 @@ def _check_finite(step: int, metrics: dict[str, float]) -> None:
                         "rate, use float32, check the data, or set train.skip_nonfinite=True to skip such steps")
 
 
-def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: int, stop: int,
+def run_steps(state: Any, step_fn: Callable, batches: Iterator[Any], *, start: int, stop: int,
               writer: MetricsWriter, progress: ProgressBar, tokens_per_step: int | Callable[[Any], int],
               stop_signal: StopSignal, log_every: int = 10, save: Callable[[Any, int], None] | None = None,
               save_every: int = 0, prefix: str = "train/", phase: str = "training",
