@@ -90,9 +90,8 @@ class HFClassifierStep:
         import transformers
         torch.manual_seed(0)
         self.torch, self.device = torch, device
-        hf_cfg = transformers.RobertaConfig(**cfg.to_hf_dict(), num_labels=NUM_LABELS)  # type: ignore[call-arg]  # a PretrainedConfig kwarg
-        self.model = transformers.RobertaForSequenceClassification(hf_cfg)
-        self.model = self.model.to(device).train()  # type: ignore[arg-type]  # transformers' `to` wrapper types its self as a str
+        hf_cfg = transformers.RobertaConfig(**cfg.to_hf_dict(), num_labels=NUM_LABELS)
+        self.model = transformers.RobertaForSequenceClassification(hf_cfg).to(device).train()
         self.optimizer, self.scheduler = hf_optimizer(self.model)
         self.autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 

@@ -124,8 +124,7 @@ def huggingface(cfg: ModelConfig, batch: dict[str, np.ndarray], device: str):
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.RobertaForMaskedLM(transformers.RobertaConfig(**cfg.to_hf_dict()))
-    model = model.to(device).train()  # type: ignore[arg-type]  # transformers' `to` wrapper types its self as a str
+    model = transformers.RobertaForMaskedLM(transformers.RobertaConfig(**cfg.to_hf_dict())).to(device).train()
     optimizer, scheduler = hf_optimizer(model)
     labels = np.full(batch["input_ids"].shape, -100, np.int64)
     np.put_along_axis(labels, batch["mlm_positions"], batch["mlm_ids"], 1)
