@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,8 +26,17 @@ import numpy as np
 from bench.common import markdown_table, time_alternating, write_json
 from bench.mlm_step import MODELS, TOTAL_STEPS, hf_optimizer, hf_update
 from dontstop_jax.data import ClassificationBatches
-from dontstop_jax.engine import (DEFAULT_RULES, classification_loss_sums, compile_train_step, create_train_state,
-                                 default_optim_config, make_mesh, make_optimizer, make_train_step, to_global)
+from dontstop_jax.engine import (
+    DEFAULT_RULES,
+    classification_loss_sums,
+    compile_train_step,
+    create_train_state,
+    default_optim_config,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    to_global,
+)
 from dontstop_jax.model import ModelConfig, RobertaForSequenceClassification
 
 NUM_LABELS = 4
@@ -187,12 +197,15 @@ def main(argv: list[str] | None = None) -> dict:
     bucketed = ClassificationBatches(tokens, labels, args.batch, 0, pad_id=1, max_seq_length=args.max_len)
     fixed_len = ClassificationBatches(tokens, labels, args.batch, 0, pad_id=1, max_seq_length=args.max_len,
                                       bucket_lengths=(args.max_len,))
-    epochs = {"ours, length buckets (default)": (ours, list(bucketed.epoch(0))),
+    epochs: dict[str, tuple[Any, list]] = {"ours, length buckets (default)": (ours, list(bucketed.epoch(0))),
               "ours, padded to max length": (ours, list(fixed_len.epoch(0))),
               "transformers, padded to longest in batch": (theirs, padded_to_longest(tokens, labels, args.batch, 0))}
     for runner, batches in epochs.values():  # compile every bucket shape before timing
         runner.run(list({b["input_ids"].shape: b for b in batches}.values()))
-    epoch_times = time_alternating({name: (lambda n, r=r, b=b: r.run(b * n)) for name, (r, b) in epochs.items()},
+
+    def epochs_of(runner: Any, batches: list) -> Callable[[int], None]:
+        return lambda n: runner.run(batches * n)
+    epoch_times = time_alternating({name: epochs_of(r, b) for name, (r, b) in epochs.items()},
                                    steps=1, repeats=args.repeats, warmup=0)
     epoch_rows = []
     for name, t in epoch_times.items():

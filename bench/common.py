@@ -11,8 +11,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -66,10 +66,10 @@ def time_alternating(fns: dict[str, Callable[[int], None]], steps: int, repeats:
 
 def encoder_flops_per_seq(cfg: ModelConfig, seq: int) -> float:
     """Forward FLOPs of the encoder for one sequence: the dense layers (2 x weights per token) + attention."""
-    d, i, l = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    d, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     dense = 2 * seq * (4 * d * d + 2 * d * i)
     attention = 2 * 2 * seq * seq * d  # QK^T and PV
-    return l * (dense + attention)
+    return layers * (dense + attention)
 
 
 def mlm_train_flops(cfg: ModelConfig, batch: int, seq: int, predicted: int) -> float:

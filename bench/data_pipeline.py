@@ -6,10 +6,10 @@ consumption, prepare's peak memory.
    same generated corpus, same byte-level BPE tokenizer, alternating, median of repeats.
 2. MLMLoader batches/s (dynamic masking, whole-word too) vs the tokens/s our small-config train step consumes,
    and the end-to-end loop (loader -> device -> step) with and without the loader's background prefetch.
-3. (`--loader-host`, alone) The loader's tokens/s on one core at sequence 512 (today's counter-based masking vs the per-row generators it
-   had before, bench/per_row_loader.py, alternating) beside the tokens/s one host of `dontstop plan`'s
-   roberta-base DAPT run on v5p-64 consumes (bench/plan_table.json: global tokens per step / roofline step time /
-   hosts); the target is 2x that rate.
+3. (`--loader-host`, alone) The loader's tokens/s on one core at sequence 512 (today's counter-based masking vs the
+   per-row generators it had before, bench/per_row_loader.py, alternating) beside the tokens/s one host of
+   `dontstop plan`'s roberta-base DAPT run on v5p-64 consumes (bench/plan_table.json: global tokens per step /
+   roofline step time / hosts); the target is 2x that rate.
 4. Peak RSS of a `prepare_corpus` subprocess on a >= 2 GB generated corpus (streamed; must stay bounded).
 
     python -m bench.data_pipeline                  # ~64 MB ratio corpus, 2 GB RSS corpus
@@ -74,7 +74,7 @@ def ours_prepare(corpus: Path, tokenizer: Path, work: Path):
         for _ in range(n):
             shutil.rmtree(work / "ours", ignore_errors=True)
             prepared = prepare_corpus([str(corpus)], tokenizer, work / "ours", max_seq_length=SEQ)
-        run.blocks = prepared.num_blocks
+        run.blocks = prepared.num_blocks  # type: ignore[attr-defined]  # read by the caller after timing
     return run
 
 
@@ -100,7 +100,7 @@ def run_mlm_recipe(corpus: Path, tokenizer: Path, work: Path, num_proc: int):
             raw = datasets.load_dataset("text", data_files={"train": str(corpus)}, cache_dir=str(cache))["train"]
             tokenized = raw.map(tokenize, batched=True, num_proc=num_proc, remove_columns=["text"])
             grouped = tokenized.map(group_texts, batched=True, num_proc=num_proc)
-        run.blocks = len(grouped)
+        run.blocks = len(grouped)  # type: ignore[attr-defined]  # read by the caller after timing
     return run
 
 
@@ -250,6 +250,7 @@ def measure_prepare(corpus: str, tokenizer: str, out: str) -> None:
     9 GB benchmark process reports 9 GB before doing anything.
     """
     import threading
+
     from dontstop_jax.data import prepare_corpus
     peak = {"total": 0.0, "workers": 0.0}
     done = threading.Event()

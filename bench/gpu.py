@@ -22,14 +22,25 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from bench.common import (BENCH_DIR, GPU_BEGIN, GPU_END, classification_train_flops, machine, markdown_table,
-                          matmul_peak, mlm_train_flops, time_alternating, with_gpu_section)
 from bench import classify_step, mlm_step
+from bench.common import (
+    BENCH_DIR,
+    GPU_BEGIN,
+    GPU_END,
+    classification_train_flops,
+    machine,
+    markdown_table,
+    matmul_peak,
+    mlm_train_flops,
+    time_alternating,
+    with_gpu_section,
+)
 from dontstop_jax.model import ModelConfig
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from NVIDIA's datasheets, by jax's device_kind.
@@ -51,7 +62,7 @@ def classification_batch(cfg: ModelConfig, batch: int, seq: int) -> list[dict[st
 def measure(cfg: ModelConfig, batch: int, seq: int, steps: int, repeats: int, warmup: int, device: str) -> dict:
     """{row name: seconds per step} for every row, plus the FLOPs each row's step does."""
     mlm_batch = mlm_step.make_batch(cfg, batch, seq)
-    mlm = {"MLM: ours": mlm_step.OurStep(cfg, mlm_batch)}
+    mlm: dict[str, Callable[[int], None]] = {"MLM: ours": mlm_step.OurStep(cfg, mlm_batch)}
     if cfg.attention_impl == "cudnn":
         mlm["MLM: ours, XLA attention (lever)"] = mlm_step.OurStep(cfg.replace(attention_impl=None), mlm_batch)
         mlm["MLM: ours, attention dropout 0.1 (lever)"] = mlm_step.OurStep(
@@ -99,8 +110,8 @@ def section(p: dict) -> str:
         f"Measured on {p['date']}: {info['device']} ({info['backend']}), {info['cores']} CPU cores; jax "
         f"{info['jax']}, torch {info.get('torch', '-')}, transformers {info.get('transformers', '-')}. Datasheet "
         f"bf16 peak {peak / 1e12:.0f} TFLOP/s; a bf16 matmul measured {measured / 1e12:.0f} TFLOP/s in this run. "
-        "Attention dropout 0 on both sides except the lever row; PyTorch computes MLM logits at every position (its "
-        "model), MFU counts the masked slots' only (the same useful FLOPs for every row of a task)."
+        "Attention dropout 0 on both sides except the lever row; PyTorch computes MLM logits at every position "
+        "(its model), MFU counts the masked slots' only (the same useful FLOPs for every row of a task)."
         if peak else
         f"Measured on {p['date']}: {info['device']} ({info['backend']}); jax {info['jax']}, torch "
         f"{info.get('torch', '-')}. No datasheet peak for this device; a matmul measured "
@@ -126,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     gpu = jax.default_backend() == "gpu"
     if not gpu and not args.smoke:
-        raise SystemExit("bench.gpu: JAX sees no GPU (backend %s); run bench/gpu.sh on a GPU machine, or pass --smoke"
-                         % jax.default_backend())
+        raise SystemExit(f"bench.gpu: JAX sees no GPU (backend {jax.default_backend()}); run bench/gpu.sh on a GPU "
+                         "machine, or pass --smoke")
     device = "cuda" if gpu else "cpu"
     if gpu:
         import torch

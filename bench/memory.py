@@ -19,9 +19,18 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-from dontstop_jax.engine import (DEFAULT_RULES, abstract_state, batch_sharding, compile_train_step,  # noqa: E402
-                                 default_optim_config, make_mesh, make_optimizer, make_train_step, mlm_loss_sums,
-                                 state_shardings)
+from dontstop_jax.engine import (  # noqa: E402
+    DEFAULT_RULES,
+    abstract_state,
+    batch_sharding,
+    compile_train_step,
+    default_optim_config,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    mlm_loss_sums,
+    state_shardings,
+)
 from dontstop_jax.engine.sharding import activation_rules  # noqa: E402
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM  # noqa: E402
 
@@ -52,7 +61,8 @@ def step_memory(cfg: ModelConfig, mesh_shape, accum: int) -> dict:
         ("input_ids", SEQ, "int32"), ("attention_mask", SEQ, "int32"), ("mlm_positions", SLOTS, "int32"),
         ("mlm_ids", SLOTS, "int32"), ("mlm_weights", SLOTS, "float32")]}
     with activation_rules(mesh, DEFAULT_RULES):
-        compiled = step.__wrapped__.lower(abstract_state(shardings, model, tx), batch).compile()
+        compiled = step.__wrapped__.lower(  # type: ignore[attr-defined]  # set by functools.wraps
+            abstract_state(shardings, model, tx), batch).compile()
     m = compiled.memory_analysis()
     peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     return {"state_and_batch_gib": m.argument_size_in_bytes / 2**30, "temporaries_gib": m.temp_size_in_bytes / 2**30,

@@ -19,9 +19,18 @@ import sys
 import jax
 import numpy as np
 
-from bench.common import (markdown_table, matmul_peak, mlm_train_flops, time_alternating, write_json)
-from dontstop_jax.engine import (DEFAULT_RULES, compile_train_step, create_train_state, default_optim_config,
-                                 make_mesh, make_optimizer, make_train_step, mlm_loss_sums, to_global)
+from bench.common import markdown_table, matmul_peak, mlm_train_flops, time_alternating, write_json
+from dontstop_jax.engine import (
+    DEFAULT_RULES,
+    compile_train_step,
+    create_train_state,
+    default_optim_config,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    mlm_loss_sums,
+    to_global,
+)
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM
 
 MODELS = {
@@ -69,7 +78,7 @@ class OurStep:
                                        self.mesh, DEFAULT_RULES, donate=donate)
         self.batch = to_global(batch, self.mesh)
         self.sync_every_step = sync_every_step
-        self.metrics = None
+        self.metrics: dict[str, jax.Array] = {}
 
     def step_with(self, batch: dict[str, jax.Array]) -> None:
         self.state, self.metrics = self.step(self.state, batch)

@@ -51,21 +51,29 @@ def command(config: str, topology: str, overrides: list[str], tokens: int | None
     return args + (["--tokens", str(tokens)] if tokens else [])
 
 
+def _line(pattern: str, text: str) -> re.Match[str]:
+    """The match of `pattern` in a plan report; a report without it (its format changed) is one clear error."""
+    match = re.search(pattern, text)
+    if match is None:
+        raise SystemExit(f"bench.plan_table: no line matching {pattern!r} in the plan report")
+    return match
+
+
 def parse(report: str) -> dict:
     """The numbers of the plan `plan` chose (the configured one, or the fastest fitting lever's)."""
     chosen = re.search(r"\nchosen: (.+)", report)
     lever = chosen.group(1) if chosen and chosen.group(1) != "as configured" else None
-    text = report[chosen.end():] if lever else report.split("\nfitting plans")[0]
-    head = re.search(r"on \S+: (\d+) (\S+) chips.*; mesh data=(\d+) fsdp=(\d+) tensor=(\d+); batch (\d+) x (\d+) "
-                     r"tokens, accum (\d+), (\w+), remat (\w+)", text)
-    hbm = re.search(r"HBM per chip: +([\d.]+) GiB state\+batch, ([\d.]+) GiB temporaries, ([\d.]+) GiB total of "
-                    r"(\d+) GiB", text)
-    step = re.search(r"roofline step: +([\d.]+) ms, (\w+)-bound \(compute ([\d.]+) ms, HBM >= ([\d.]+) ms, "
-                     r"ICI ([\d.]+) ms\)", text)
-    hours = re.search(r"wall clock: +([\d.]+) h for (\d+) steps", text)
-    collectives = re.search(r"collectives per chip per step: (.+)", text).group(1)
+    text = report[chosen.end():] if chosen and lever else report.split("\nfitting plans")[0]
+    head = _line(r"on \S+: (\d+) (\S+) chips.*; mesh data=(\d+) fsdp=(\d+) tensor=(\d+); batch (\d+) x (\d+) "
+                 r"tokens, accum (\d+), (\w+), remat (\w+)", text)
+    hbm = _line(r"HBM per chip: +([\d.]+) GiB state\+batch, ([\d.]+) GiB temporaries, ([\d.]+) GiB total of "
+                r"(\d+) GiB", text)
+    step = _line(r"roofline step: +([\d.]+) ms, (\w+)-bound \(compute ([\d.]+) ms, HBM >= ([\d.]+) ms, "
+                 r"ICI ([\d.]+) ms\)", text)
+    hours = _line(r"wall clock: +([\d.]+) h for (\d+) steps", text)
+    collectives = _line(r"collectives per chip per step: (.+)", text).group(1)
     predict = re.search(r"predict step: .* ([\d.]+) GiB total", text)
-    rates = re.search(r"throughput: +([\d,]+) tokens/s, ([\d,]+) per chip, ([\d,]+) per host; MFU (\d+)%", text)
+    rates = _line(r"throughput: +([\d,]+) tokens/s, ([\d,]+) per chip, ([\d,]+) per host; MFU (\d+)%", text)
     return {
         "fits_as_configured": "\ndoes not fit" not in report,
         "lever": lever or ("none fits" if chosen is None else ""),

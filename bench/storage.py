@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -82,8 +83,9 @@ class Sides:
     """The corpus and tokenizer on both sides, and fresh per-run places to write to."""
 
     def __init__(self, work: Path, mb: float, seq: int):
-        from bench.data_pipeline import make_tokenizer, write_corpus
         from gcs_emulator import upload_tree
+
+        from bench.data_pipeline import make_tokenizer, write_corpus
         self.work, self.seq = work, seq
         corpus = work / "corpus"
         corpus.mkdir()
@@ -113,7 +115,7 @@ class Sides:
 
 def prepare_rows(s: Sides, repeats: int) -> tuple[dict, str]:
     """Row 1: a cold prepare on each side. Returns the timings and the bucket prefix of the last remote build."""
-    last = {}
+    last: dict[str, Any] = {}
 
     def local() -> float:
         shutil.rmtree(s.local_out, ignore_errors=True)
@@ -140,6 +142,7 @@ def stream_rows(s: Sides, repeats: int, docs: int) -> dict:
     for .gz and bucket files (local plain files go to the workers in byte ranges). Local file vs the same file in
     the bucket."""
     import itertools
+
     from dontstop_jax.data import iter_documents
 
     def read(source: str) -> Callable[[], float]:
@@ -157,10 +160,10 @@ def stream_rows(s: Sides, repeats: int, docs: int) -> dict:
                             "mb_per_s": size / 2**20 / t["median_s"], "all_s": t["all_s"]} for name, t in times.items()}}
 
 
-def first_read_rows(s: Sides, gs_root: str, repeats: int) -> tuple[dict, object, object]:
+def first_read_rows(s: Sides, gs_root: str, repeats: int) -> tuple[dict, Any, Any]:
     """Row 2: what `prepare_corpus` costs on a host once the corpus exists: opening the local cache; opening the
     one in the bucket in place. Returns the timings and both corpora."""
-    last = {}
+    last: dict[str, Any] = {}
 
     def local() -> float:
         seconds, last["local"] = _timed(lambda: s.prepare(s.local_sources, str(s.local_out)))
@@ -180,7 +183,7 @@ def first_read_rows(s: Sides, gs_root: str, repeats: int) -> tuple[dict, object,
     return {"shard_mb": shard_bytes / 2**20, "rows": rows}, local_corpus, copy
 
 
-def loader_rows(s: Sides, local_corpus, copy, batch: int, repeats: int, step_repeats: int) -> tuple[dict, object]:
+def loader_rows(s: Sides, local_corpus, copy, batch: int, repeats: int, step_repeats: int) -> tuple[dict, Any]:
     """Row 3: the loader over each copy (alternating), then the small model's train step. Returns the timings
     and the step (whose trained state the checkpoint rows save)."""
     from bench.mlm_step import MODELS, OurStep, make_batch
@@ -233,11 +236,12 @@ def checkpoint_rows(s: Sides, state, repeats: int) -> dict:
             ckpt = Checkpointer(written[-1], read_only=True)
             seconds, out = _timed(lambda: jax.block_until_ready(ckpt.restore(abstract)[0]))
             ckpt.close()
-            run.restored = out
+            run.restored = out  # type: ignore[attr-defined]  # read by the caller after timing
             return seconds
         return run
 
-    local, remote = [], []
+    local: list[str] = []
+    remote: list[str] = []
     fns = {"save, local directory": save(lambda: str(s.fresh("ckpt")), local),
            "save, gs://": save(lambda: f"gs://bkt/ckpt-{s.fresh('ckpt').name}", remote),
            "restore, local directory": restore(local), "restore, gs://": restore(remote)}
@@ -310,13 +314,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     args = p.parse_args(argv)
     try:
-        import gcsfs  # noqa: F401
         import gcp_storage_emulator  # noqa: F401
+        import gcsfs  # noqa: F401
     except ImportError as e:
         raise SystemExit(f"bench/storage.py needs gcsfs and gcp-storage-emulator (the test extra): {e}") from None
     if str(TESTS_DIR) not in sys.path:
         sys.path.append(str(TESTS_DIR))
     from gcs_emulator import gcs_emulator
+
     from dontstop_jax.files import CACHE_ENV
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dontstop-bench-storage-"))

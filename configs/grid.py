@@ -21,6 +21,7 @@ from dontstop_jax.phases.defaults import finetune_config, pretrain_config, selec
 from dontstop_jax.phases.grid import VARIANTS
 
 _spec = importlib.util.spec_from_file_location("finetune_cfg", Path(__file__).with_name("finetune.py"))
+assert _spec is not None and _spec.loader is not None
 _finetune = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_finetune)
 
@@ -35,7 +36,8 @@ def get_config(arg: str = "paper"):
     root = "/data/dontstop"  # the layout below; override data paths per task/domain if yours differ
     cfg = ConfigDict(dict(
         workdir="runs/grid-paper", base="", seeds=[0, 1, 2, 3, 4], variants=list(VARIANTS),
-        # train_sizes: learning curves, e.g. [100, 500, 1000, "all"] (each seed fine-tunes on its own stratified draw)
+        # train_sizes: learning curves, e.g. [100, 500, 1000, "all"]
+        # (each seed fine-tunes on its own stratified draw)
         train_sizes=["all"],
         # methods: e.g. ["full", "frozen", "bitfit", "houlsby", "pfeiffer", "lora"] (empty: finetune.peft.method);
         # method_overrides: fine-tuning fields per method, e.g. {"lora": {"optim": {"learning_rate": 1e-3}}};

@@ -8,8 +8,9 @@ import copy
 import importlib.util
 import re
 import traceback
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jax
 from ml_collections import ConfigDict, FieldReference
@@ -71,6 +72,7 @@ def _get_config(path: str, arg: str) -> ConfigDict:
     """Run the config file; its exceptions (e.g. an unknown arg, a syntax error) become `path:line: message`."""
     try:
         module_spec = importlib.util.spec_from_file_location(f"_dontstop_config_{Path(path).stem}", path)
+        assert module_spec is not None and module_spec.loader is not None  # a file path always has a spec and loader
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
         get_config = getattr(module, "get_config", None)

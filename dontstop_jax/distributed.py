@@ -21,7 +21,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -135,7 +135,7 @@ def decide(name: str, choose: Callable[[], T], timeout: float | None = None) -> 
     its failure (the same one-line UserError, or `Interrupted`, on every process). The result must be JSON.
     The others wait up to `timeout` seconds (default DONTSTOP_WAIT_SECONDS), saying every REPORT_SECONDS what
     they wait for. Inside work that process 0 does alone (`on_first_process`) it is a plain call."""
-    return _first(name, choose, timeout, share=True)
+    return cast(T, _first(name, choose, timeout, share=True))  # shared: every process gets process 0's value
 
 
 def on_first_process(name: str, write: Callable[[], T], timeout: float | None = None) -> T | None:

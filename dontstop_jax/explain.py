@@ -7,8 +7,19 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from dontstop_jax.fields import (FIELDS, FINETUNE, PRETRAIN, RUNTIME, SELECT, SLOTS, Field, Unset, declared, flat,
-                                 flatten)
+from dontstop_jax.fields import (
+    FIELDS,
+    FINETUNE,
+    PRETRAIN,
+    RUNTIME,
+    SELECT,
+    SLOTS,
+    Field,
+    Unset,
+    declared,
+    flat,
+    flatten,
+)
 
 _PHASES = (PRETRAIN, FINETUNE, SELECT)
 

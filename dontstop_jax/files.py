@@ -288,7 +288,7 @@ class BucketFault(Exception):
 _UNAVAILABLE = re.compile(r"HTTP response code: (?:429|5\d\d)|CURL error[^;\n]*|\bUNAVAILABLE\b|\bDEADLINE_EXCEEDED\b")
 
 
-def bucket_cause(err: BaseException) -> str | None:
+def bucket_cause(err: BaseException | None) -> str | None:
     """A few words on why, where `err`'s chain holds a fault of the storage service rather than of the request:
     a 5xx or 429 answer, a dropped, refused or timed-out connection (gcsfs, aiohttp, tensorstore). None otherwise."""
     seen = set()
@@ -321,7 +321,7 @@ def naming(what: PathLike) -> Iterator[None]:
         raise BucketFault(what, cause) from err
 
 
-def describe_fault(err: BaseException) -> str | None:
+def describe_fault(err: BaseException | None) -> str | None:
     """One line for a disk-full, read-only or permission fault anywhere in `err`'s chain (checkpoints, caches,
     metrics, exports), or for a bucket that kept failing, naming the path and the cause; None for any other error."""
     seen = set()

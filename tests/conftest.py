@@ -16,6 +16,7 @@ TINY_TEXTS = [
 def _bpe_tokenizer(path, vocab_size: int, byte_alphabet: bool) -> str:
     """A RoBERTa-like BPE tokenizer (<s> <pad> </s> <unk> <mask> at ids 0..4) trained on TINY_TEXTS, saved."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
     from dontstop_jax.synthetic.tokenizer import wrap
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]

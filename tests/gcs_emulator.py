@@ -155,7 +155,7 @@ def serve(argv: list[str]) -> None:
             handler.wfile.flush()
         return ok
 
-    http.server.BaseHTTPRequestHandler.parse_request = parse_request_continue
+    http.server.BaseHTTPRequestHandler.parse_request = parse_request_continue  # type: ignore[method-assign]  # on purpose
     from gcp_storage_emulator.__main__ import main
     main(argv)
 

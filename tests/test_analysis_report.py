@@ -19,8 +19,8 @@ from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForMaskedLM, init_params, tiny_config
 from dontstop_jax.phases.defaults import pretrain_config
 from dontstop_jax.phases.pretrain import pretrain
-from dontstop_jax.train.source import ModelSource, resolve
 from dontstop_jax.synthetic import generate_benchmark, write_heldout
+from dontstop_jax.train.source import ModelSource, resolve
 
 ROOT = Path(__file__).parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -55,7 +55,7 @@ def test_overlap_matrix_on_hand_made_corpora(tmp_path):
         "split": [_lines(tmp_path / "s.txt", ["kiwi lemon", "kiwi mango"])],
     }
     result = vocab_overlap(corpora, top_k=10)
-    expected = [[100, 200 / 3, 0], [200 / 3, 100, 0], [0, 0, 50]]
+    expected: list[list[float]] = [[100, 200 / 3, 0], [200 / 3, 100, 0], [0, 0, 50]]
     np.testing.assert_allclose(result.overlap, expected)
     assert result.docs == (2, 2, 2)
     result.write_csv(tmp_path / "overlap.csv")
@@ -187,6 +187,7 @@ def test_figures_are_valid_pngs(tmp_path):
 
 def _config(arg: str):
     spec = importlib.util.spec_from_file_location("analyze_cfg", CONFIG)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)

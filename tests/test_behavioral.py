@@ -9,6 +9,7 @@ import json
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -18,7 +19,7 @@ from dontstop_jax.engine import make_mesh, make_train_step
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.multitask import mlm_weights
 from dontstop_jax.engine.state import TrainState
-from dontstop_jax.engine.steps import classification_loss_sums
+from dontstop_jax.engine.steps import Fixed, classification_loss_sums
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForMaskedLM, RobertaForSequenceClassification, init_params, tiny_config
 from dontstop_jax.phases import finetune as finetune_phase
@@ -95,7 +96,9 @@ def test_masked_copy_is_seeded_by_step_and_row_and_skips_filler_rows():
 def test_multitask_loss_is_ce_plus_gamma_times_mlm_computed_directly():
     task = multitask(**{"multitask.mlm_weight": 0.4, "multitask.mlm_weight_end": 0.1, "multitask.anneal_epochs": 3})
     b, = task.batches(iter([batch(1)]), first_step=3)
-    build, gammas = task.objective(None)(task.model(CFG, LABELS, None), placed(params()))[0].loss, task.gammas
+    fixed = task.objective(None)(task.model(CFG, LABELS, None), placed(params()))[0]
+    assert isinstance(fixed, Fixed)
+    build, gammas = fixed.loss, task.gammas
     step = 3  # epoch 1 of PER_EPOCH-step epochs: gamma 0.2
     loss_sum, aux = jax.jit(lambda p, b: build(gammas, np.int32(step))(p, b, jax.random.key(0), True))(params(), b)
     # Directly: the classifier and the masked LM, each with its own part of the parameters, and NumPy losses.
@@ -123,11 +126,12 @@ def test_gamma_zero_trains_exactly_as_plain_fine_tuning():
     plain_b = {k: b[k] for k in ("input_ids", "attention_mask", "labels", "example_weights")}
 
     def one_step(loss, p, data, *fixed):
-        state = TrainState(step=np.int32(0), params=p, opt_state=tx.init(p),
+        state = TrainState(step=jnp.int32(0), params=p, opt_state=tx.init(p),
                            rng=jax.random.key_data(jax.random.key(5)))
         return jax.device_get(jax.jit(make_train_step(loss, tx))(state, data, *fixed))
 
     two = task.objective(None)(task.model(CFG, LABELS, None), placed(params()))[0]
+    assert isinstance(two, Fixed)
     (after, metrics) = one_step(two, params(), b, two.arrays)
     plain_params = {k: params()[k] for k in ("roberta", "classifier")}
     (plain, plain_metrics) = one_step(classification_loss_sums(RobertaForSequenceClassification(CFG, LABELS)),
@@ -172,6 +176,7 @@ def test_grid_intermediate_and_multitask_rows(tmp_path, monkeypatch, tiny_tokeni
     the first seed, the very phase of a's baseline row, with a fresh head; multitask rows start from the base
     with the auxiliary MLM on; dapt_intermediate's a fine-tune starts from b's domain DAPT."""
     from tiny_hf import save_tiny_roberta, write_biomed_data
+
     from dontstop_jax.phases import grid as grid_module
     write_biomed_data(tmp_path / "corpus", tmp_path / "a", corpus_docs=10)
     write_biomed_data(tmp_path / "corpus2", tmp_path / "b", corpus_docs=20)
@@ -213,6 +218,7 @@ def test_intermediate_start_is_the_first_tasks_fine_tuned_encoder(tmp_path, tiny
     starting encoder is a's dev-selected checkpoint's, its classifier the initializer's (a kept head with the
     wrong label count is refused), and b's summary names a's checkpoint as its parent."""
     from tiny_hf import save_tiny_roberta, write_biomed_data
+
     from dontstop_jax.train import trainer as trainer_module
     write_biomed_data(tmp_path / "corpus", tmp_path / "a", corpus_docs=0)
     (tmp_path / "b").mkdir()

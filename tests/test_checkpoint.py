@@ -4,8 +4,14 @@ import jax
 import numpy as np
 import pytest
 
-from dontstop_jax.engine import DEFAULT_RULES, abstract_state, create_train_state, default_optim_config, make_mesh
-from dontstop_jax.engine import make_optimizer
+from dontstop_jax.engine import (
+    DEFAULT_RULES,
+    abstract_state,
+    create_train_state,
+    default_optim_config,
+    make_mesh,
+    make_optimizer,
+)
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForMaskedLM, tiny_config
@@ -201,7 +207,7 @@ def test_one_hosts_failed_read_leaves_every_host_on_the_same_step(tmp_path, fail
     state, _ = _state((-1, 1, 1), jax.devices()[:2], seed=3)
     ckpt = Checkpointer(tmp_path / "ckpt", keep_last=3)
     for step in (10, 20):
-        params = jax.tree_util.tree_map(lambda x: np.full(x.shape, step, x.dtype), state.params)
+        params = jax.tree_util.tree_map(lambda x, step=step: np.full(x.shape, step, x.dtype), state.params)
         ckpt.save(state.replace(step=np.int32(step), params=params), data_state=None, meta={"phase": "dapt"})
     ckpt.close()
     outputs = run_local_processes(_HOSTS_READ, str(tmp_path / "ckpt"), fails, timeout=180)

@@ -7,17 +7,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_das import CFG, zero_importance
+from test_engine import mlm_batch
+from tiny_hf import save_tiny_roberta
 
 from dontstop_jax.das import hat, importance
-from dontstop_jax.engine import DEFAULT_RULES, compile_train_step, create_train_state, make_mesh, make_train_step
-from dontstop_jax.engine import mlm_loss_sums, to_global
+from dontstop_jax.engine import (
+    DEFAULT_RULES,
+    compile_train_step,
+    create_train_state,
+    make_mesh,
+    make_train_step,
+    mlm_loss_sums,
+    to_global,
+)
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.errors import UserError
 from dontstop_jax.phases import continual
 from dontstop_jax.phases.continual import EXPERT_SHARED, HAT_DOMAIN, HAT_MASKS, Continual, synthetic_config
-from test_das import CFG, zero_importance
-from test_engine import mlm_batch
-from tiny_hf import save_tiny_roberta
 
 MESH = make_mesh((1, 1, 1), jax.devices()[:1])
 S_MAX, C = 400.0, 0.75

@@ -8,21 +8,29 @@ import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from test_das import CFG, zero_importance
+from test_engine import mlm_batch
 
 from dontstop_jax import config_loader
 from dontstop_jax.analysis.continual import ContinualTable, backward_transfer, forward_transfer
 from dontstop_jax.das import ewc, importance, replay
 from dontstop_jax.das.contrastive import das_objective
-from dontstop_jax.engine import (DEFAULT_RULES, Fixed, compile_train_step, create_train_state, make_mesh,
-                                 make_train_step, mlm_loss_sums, to_global)
+from dontstop_jax.engine import (
+    DEFAULT_RULES,
+    Fixed,
+    compile_train_step,
+    create_train_state,
+    make_mesh,
+    make_train_step,
+    mlm_loss_sums,
+    to_global,
+)
 from dontstop_jax.engine.sharding import activation_rules
 from dontstop_jax.engine.state import TrainState
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForMaskedLM
 from dontstop_jax.phases import continual
 from dontstop_jax.phases.continual import METHODS, Continual, synthetic_config
-from test_das import CFG, zero_importance
-from test_engine import mlm_batch
 
 MESH = make_mesh((1, 1, 1), jax.devices()[:1])
 VOCAB = 128
@@ -54,7 +62,7 @@ def test_ewc_fisher_and_penalty_against_numpy():
     model, params = Linear(), placed(linear_params(0))
     batches = [mlm_batch(i) for i in range(3)]
     fisher = jax.device_get(ewc.fisher(model, params, iter(batches), MESH, DEFAULT_RULES))
-    grads = [jax.device_get(jax.grad(lambda p: mean_mlm(model, p, b))(linear_params(0))) for b in batches]
+    grads = [jax.device_get(jax.grad(lambda p, b=b: mean_mlm(model, p, b))(linear_params(0))) for b in batches]
     expected = {k: np.mean([np.square(g[k]) for g in grads], 0) for k in fisher}
     for k in fisher:
         np.testing.assert_allclose(fisher[k], expected[k], rtol=1e-5, atol=1e-12)
@@ -141,7 +149,7 @@ def test_das_objective_inputs_and_random_importance():
     loss, hooks = das_objective(None, past, 1.0, 0.05)(model, params)
     assert hooks == {} and value(loss) != pytest.approx(plain)
 
-    raw = {k: np.random.default_rng(0).uniform(size=v.shape).astype(np.float32) for k, v in past.items()}
+    raw = {k: np.asarray(np.random.default_rng(0).uniform(size=v.shape), np.float32) for k, v in past.items()}
     shuffled = importance.shuffled(raw, (0, 1, 0))
     for k in importance.UNITS:  # each layer: the same values, other units
         np.testing.assert_array_equal(np.sort(shuffled[k], 1), np.sort(raw[k], 1))
@@ -156,7 +164,7 @@ def recipe(tmp_path, monkeypatch):
     cfg.workdir = str(tmp_path)
     cfg.domains = {"bio": [str(tmp_path / "bio.txt")], "cs": [str(tmp_path / "cs.txt")]}
     cfg.sequence = ["bio", "cs"]
-    seen = {"pretrain": [], "das": []}
+    seen: dict[str, list] = {"pretrain": [], "das": []}
     monkeypatch.setattr(continual, "pretrain", lambda phase, objective: seen["pretrain"].append((phase, objective)))
     monkeypatch.setattr(continual, "das_objective", lambda *args: seen["das"].append(args))
     level = {"kl": 0.1, "mlm": 0.2}

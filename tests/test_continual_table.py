@@ -32,12 +32,16 @@ def test_spread_over_seeds_is_each_seeds_own_table(tmp_path):
         values = [direct[seed][k] for seed in seeds]
         assert table.spread["m"][name] == pytest.approx([np.mean(values), np.std(values, ddof=1), 3])
     # The main table is the seed-mean curve's: its forgetting is not the mean of the seeds' forgetting.
-    assert table.forgetting("m") != pytest.approx(table.spread["m"]["forgetting"][0])
-    mean, std, _ = table.spread["m"]["BWT"]
+    forgetting = table.spread["m"]["forgetting"]
+    assert forgetting is not None and table.forgetting("m") != pytest.approx(forgetting[0])
+    bwt = table.spread["m"]["BWT"]
+    assert bwt is not None
+    mean, std, _ = bwt
     assert f"{100 * mean:.1f} ± {100 * std:.1f}" in table.to_markdown()
 
     path = tmp_path / "continual.json"
     path.write_text(json.dumps({**table.to_json(), "records": records}))
     assert from_json(str(path)).to_markdown() == table.to_markdown()
     one = ContinualTable.from_records([r for r in records if r["seed"] == 0], ["m"], ["x", "y", "z"], tasks)
-    assert one.spread["m"]["BWT"][1] is None and "± n/a" in one.to_markdown()
+    one_bwt = one.spread["m"]["BWT"]
+    assert one_bwt is not None and one_bwt[1] is None and "± n/a" in one.to_markdown()

@@ -1,17 +1,27 @@
 """DAS: gate gradients are true gradients, soft-masks hit exactly their units, sharded steps match one device."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_engine import CFG as ENGINE_CFG  # the same tiny model and MLM batches
+from test_engine import mlm_batch
 
 from dontstop_jax.analysis.continual import ContinualTable, forgetting
 from dontstop_jax.das import contrastive, importance, softmask
-from dontstop_jax.engine import (DEFAULT_RULES, compile_train_step, create_train_state, default_optim_config,
-                                 make_mesh, make_optimizer, make_train_step, to_global)
+from dontstop_jax.engine import (
+    DEFAULT_RULES,
+    compile_train_step,
+    create_train_state,
+    default_optim_config,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    to_global,
+)
 from dontstop_jax.engine.sharding import activation_rules
 from dontstop_jax.model import RobertaForMaskedLM
-from test_engine import CFG as ENGINE_CFG, mlm_batch  # the same tiny model and MLM batches
 
 CFG = ENGINE_CFG.replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
@@ -37,11 +47,11 @@ def test_gate_gradients_match_finite_differences():
         ones = jax.device_get(importance.ones_gates(cfg))
         eps = 1e-2
         rng = np.random.default_rng(0)
-        picks = [("head", l, h) for l in range(2) for h in range(4)]
-        picks += [("intermediate", int(l), int(i)) for l, i in zip(rng.integers(0, 2, 8), rng.integers(0, 64, 8))]
-        picks += [("output", int(l), int(d)) for l, d in zip(rng.integers(0, 2, 8), rng.integers(0, 32, 8))]
+        picks = [("head", layer, h) for layer in range(2) for h in range(4)]
+        picks += [("intermediate", int(la), int(i)) for la, i in zip(rng.integers(0, 2, 8), rng.integers(0, 64, 8))]
+        picks += [("output", int(la), int(d)) for la, d in zip(rng.integers(0, 2, 8), rng.integers(0, 32, 8))]
         for kind, layer, unit in picks:
-            def shifted(delta):
+            def shifted(delta, kind=kind, layer=layer, unit=unit):
                 gates = {k: v.copy() for k, v in ones.items()}
                 gates[kind][layer, unit] += delta
                 return float(f(gates))
@@ -155,17 +165,18 @@ def test_info_nce_and_mean_pool_against_a_loop():
     for i in range(4):
         sims = np.array([unit(a[i]) @ unit(c) for c in list(p) + list(n)]) / 0.05
         expected.append(-(sims[i] - np.log(np.exp(sims - sims.max()).sum()) - sims.max()))
-    np.testing.assert_allclose(contrastive.info_nce(a, p, n, 0.05), np.mean(expected), rtol=1e-5)
+    np.testing.assert_allclose(contrastive.info_nce(jnp.asarray(a), jnp.asarray(p), jnp.asarray(n), 0.05),
+                               np.mean(expected), rtol=1e-5)
 
     hidden = rng.normal(size=(2, 3, 4)).astype(np.float32)
     mask = np.array([[1, 1, 0], [1, 1, 1]])
-    pooled = np.asarray(contrastive.mean_pool(hidden, mask))
+    pooled = np.asarray(contrastive.mean_pool(jnp.asarray(hidden), jnp.asarray(mask)))
     np.testing.assert_allclose(pooled[0], hidden[0, :2].mean(0), rtol=1e-6)  # padding ignored
     np.testing.assert_allclose(pooled[1], hidden[1].mean(0), rtol=1e-6)
 
 
 def test_forgetting_rate_and_table():
-    curve = {"a": [0.8, 0.7, 0.6], "b": [None, 0.9, 0.95], "c": [None, None, 0.5]}
+    curve: dict[str, list[float | None]] = {"a": [0.8, 0.7, 0.6], "b": [None, 0.9, 0.95], "c": [None, None, 0.5]}
     assert forgetting(curve) == pytest.approx(((0.8 - 0.6) + (0.9 - 0.95)) / 2)
     records = [{"method": "ncl", "stage": s, "task": t, "seed": seed, "score": v + 0.01 * seed}
                for t, c in curve.items() for s, v in enumerate(c) if v is not None for seed in (0, 2)]

@@ -128,7 +128,11 @@ def test_damaged_cache_is_rebuilt(tiny_tokenizer_dir, tmp_path, monkeypatch, cap
         prepare_module.PreparedCorpus.load(directory)
     calls = []
     stream = prepare_module._encode_share
-    monkeypatch.setattr(prepare_module, "_encode_share", lambda *a: calls.append(1) or stream(*a))
+
+    def counted(*a):
+        calls.append(1)
+        return stream(*a)
+    monkeypatch.setattr(prepare_module, "_encode_share", counted)
     with caplog.at_level(logging.WARNING, logger=prepare_module.__name__):
         redone = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8, shard_blocks=2)
     assert f"prepared corpus at {directory} is damaged ({problem}" in caplog.text
@@ -159,7 +163,8 @@ def test_crashed_build_leaves_nothing_reused(tiny_tokenizer_dir, tmp_path, monke
     source = write(tmp_path / "a.txt", "\n".join(DOCS))
     name = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "ref", max_seq_length=8).directory.name
     out = tmp_path / "out"
-    real_write, written = prepare_module._atomic_write, []
+    real_write = prepare_module._atomic_write
+    written: list = []
 
     def crash_after_first_shard(path, write_to):
         if written:
@@ -180,7 +185,11 @@ def test_crashed_build_leaves_nothing_reused(tiny_tokenizer_dir, tmp_path, monke
     os.utime(out / f".{name}.tmp-1-dead", (old, old))
     calls = []
     stream = prepare_module._encode_share
-    monkeypatch.setattr(prepare_module, "_encode_share", lambda *a: calls.append(1) or stream(*a))
+
+    def counted(*a):
+        calls.append(1)
+        return stream(*a)
+    monkeypatch.setattr(prepare_module, "_encode_share", counted)
     corpus = prepare_corpus([source], tiny_tokenizer_dir, out, max_seq_length=8, shard_blocks=2)
     assert calls and corpus.directory == out / name
     assert sorted(os.listdir(out)) == [f".{name}.tmp-2-live", name]

@@ -6,11 +6,17 @@ import jax
 import numpy as np
 import pytest
 
-from dontstop_jax.distributed import any_process, plan, process_major
+from dontstop_jax.distributed import Plan, any_process, plan, process_major
 from dontstop_jax.engine.sharding import make_mesh, rows_follow_processes
 from dontstop_jax.errors import UserError
 
 EXPLICIT = {"DONTSTOP_COORDINATOR": "10.0.0.1:1234", "DONTSTOP_NUM_PROCESSES": "4", "DONTSTOP_PROCESS_ID": "3"}
+
+
+def _joins(env: dict) -> Plan:
+    joined = plan(env)
+    assert joined is not None
+    return joined
 
 
 def test_single_process_joins_nothing():
@@ -21,7 +27,7 @@ def test_single_process_joins_nothing():
 
 
 def test_explicit_environment():
-    joined = plan(EXPLICIT)
+    joined = _joins(EXPLICIT)
     assert joined.source == "env"
     assert joined.kwargs == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
 
@@ -38,18 +44,18 @@ def test_explicit_environment_errors(env, needle):
 
 
 def test_slurm_one_task_per_node_keeps_every_gpu():
-    per_node = plan({"SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8"})
+    per_node = _joins({"SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8"})
     assert per_node.source == "slurm" and per_node.kwargs == {"local_device_ids": list(range(8))}
-    from_cuda = plan({"SLURM_NTASKS": "2", "SLURM_NNODES": "2", "CUDA_VISIBLE_DEVICES": "4,5,6,7"})
+    from_cuda = _joins({"SLURM_NTASKS": "2", "SLURM_NNODES": "2", "CUDA_VISIBLE_DEVICES": "4,5,6,7"})
     assert from_cuda.kwargs == {"local_device_ids": [0, 1, 2, 3]}  # ordinals after CUDA_VISIBLE_DEVICES
-    per_gpu = plan({"SLURM_NTASKS": "16", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8"})
+    per_gpu = _joins({"SLURM_NTASKS": "16", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "8"})
     assert per_gpu.kwargs == {"local_device_ids": None}  # jax's own one-GPU-per-task choice
 
 
 @pytest.mark.parametrize("env", [{"TPU_WORKER_HOSTNAMES": "t-0,t-1"}, {"MEGASCALE_COORDINATOR_ADDRESS": "a:1"},
                                  {"DONTSTOP_TPU": "1"}])
 def test_tpu_pods_let_jax_discover_workers(env):
-    assert plan(env).source == "tpu" and plan(env).kwargs == {}
+    assert _joins(env).source == "tpu" and _joins(env).kwargs == {}
 
 
 def _fake_devices(processes: int, per_process: int) -> list[SimpleNamespace]:
@@ -147,6 +153,7 @@ def test_decisions_are_made_on_process_0_and_handed_over_with_their_errors(tmp_p
     """Every process gets process 0's result or its one-line error; a waiting process says what it waits for, and
     gives up after its timeout."""
     import json
+
     from local_processes import run_local_processes
     outputs = run_local_processes(_DECIDE, timeout=120)
     first, second = (json.loads(out.splitlines()[-1]) for out in outputs)

@@ -2,6 +2,7 @@
 document's outputs equal those of the document alone in its own padded row, and the loader marks the segments."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dontstop_jax.data import load_tokenizer, special_ids
@@ -23,11 +24,11 @@ def test_document_segments_number_the_documents_of_a_row_and_zero_the_padding():
 
 def test_positions_restart_per_segment_and_a_plain_mask_numbers_like_hugging_face():
     ids = np.array([[BOS, 7, 8, EOS, 9, EOS, PAD]])
-    np.testing.assert_array_equal(position_ids(ids, PAD, document_segments(ids, EOS, PAD)),
+    np.testing.assert_array_equal(position_ids(jnp.asarray(ids), PAD, jnp.asarray(document_segments(ids, EOS, PAD))),
                                   [[2, 3, 4, 5, 2, 3, 1]])
-    plain = (ids != PAD).astype(np.int32)
-    np.testing.assert_array_equal(position_ids(ids, PAD, plain), position_ids(ids, PAD))
-    np.testing.assert_array_equal(position_ids(ids, PAD), [[2, 3, 4, 5, 6, 7, 1]])
+    plain = jnp.asarray((ids != PAD).astype(np.int32))
+    np.testing.assert_array_equal(position_ids(jnp.asarray(ids), PAD, plain), position_ids(jnp.asarray(ids), PAD))
+    np.testing.assert_array_equal(position_ids(jnp.asarray(ids), PAD), [[2, 3, 4, 5, 6, 7, 1]])
 
 
 def test_each_packed_document_gets_the_logits_it_gets_alone():

@@ -9,9 +9,20 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from dontstop_jax.engine import (DEFAULT_RULES, classification_loss_sums, compile_eval_step, compile_train_step,
-                                 create_train_state, default_optim_config, make_eval_step, make_mesh,
-                                 make_optimizer, make_train_step, mlm_loss_sums, to_global)
+from dontstop_jax.engine import (
+    DEFAULT_RULES,
+    classification_loss_sums,
+    compile_eval_step,
+    compile_train_step,
+    create_train_state,
+    default_optim_config,
+    make_eval_step,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    mlm_loss_sums,
+    to_global,
+)
 from dontstop_jax.engine.optim import weight_decay_mask
 from dontstop_jax.engine.sharding import check_batch_size, resolve_mesh_shape
 from dontstop_jax.errors import UserError
@@ -191,7 +202,7 @@ def test_chain_hooks_applies_each_source_in_turn():
     hooks = chain_hooks({"grad_transform": double}, {}, {"grad_transform": add_one, "update_transform": halve})
     assert hooks["grad_transform"](3.0) == 7.0  # add_one(double(3))
     assert hooks["update_transform"](3.0) == 1.5
-    assert chain_hooks({}, {"grad_transform": None}) == {}
+    assert chain_hooks({}, {"grad_transform": None}) == {}  # type: ignore[typeddict-item]  # None on purpose
 
 
 def test_vocabulary_padding_changes_neither_loss_nor_gradients():

@@ -107,7 +107,8 @@ def _files_outside_cache(scratch: Path) -> list[str]:
 def test_two_hosts_share_only_the_bucket(bucket, tmp_path, tiny_tokenizer_dir):
     """Two processes with separate disks prepare (each its share, into the bucket, read there in place), pretrain
     with checkpoints in the bucket, are stopped by SIGTERM, and one process (with both hosts' devices) resumes them
-    to the end and exports: the same model as an uninterrupted run, and each process wrote nothing outside its own cache."""
+    to the end and exports: the same model as an uninterrupted run, and each process wrote nothing outside its own
+    cache."""
     import signal
     import socket
     import time
@@ -146,7 +147,7 @@ def test_two_hosts_share_only_the_bucket(bucket, tmp_path, tiny_tokenizer_dir):
     assert [p.returncode for p in procs] == [75, 75], [e[-2000:] for e in errs]
     assert "rerun the same command to continue" in errs[0]
     stopped = Checkpointer("gs://bkt/two/run/checkpoints", read_only=True).latest_step()
-    assert 0 < stopped < STEPS and not files.path("gs://bkt/two/run/DONE.json").exists()
+    assert stopped is not None and 0 < stopped < STEPS and not files.path("gs://bkt/two/run/DONE.json").exists()
     # Both processes built the corpus in the bucket and read it there: no host holds a copy of its shards.
     assert not [p for host in hosts for p in (host / "cache").rglob("shard-*.npy")]
 
@@ -322,6 +323,7 @@ def test_analyze_reads_corpora_from_and_writes_its_report_to_the_bucket(bucket, 
     for name, words in (("bio", WORDS[:7]), ("cs", ["graph", "node", "edge", "compiler", "kernel", "cache"])):
         files.write_text(f"gs://bkt/analyze/{name}.txt", "\n".join(" ".join(words) for _ in range(20)) + "\n")
     spec = iu.spec_from_file_location("analyze_cfg", ROOT / "configs" / "analyze.py")
+    assert spec is not None and spec.loader is not None
     module = iu.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.get_config("custom")

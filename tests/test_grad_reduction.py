@@ -14,9 +14,18 @@ import pytest
 from ml_collections import ConfigDict
 
 from dontstop_jax.analysis.plan import collective_ops
-from dontstop_jax.engine import (DEFAULT_RULES, classification_loss_sums, compile_train_step, create_train_state,
-                                 default_optim_config, make_mesh, make_optimizer, make_train_step, mlm_loss_sums,
-                                 to_global)
+from dontstop_jax.engine import (
+    DEFAULT_RULES,
+    classification_loss_sums,
+    compile_train_step,
+    create_train_state,
+    default_optim_config,
+    make_mesh,
+    make_optimizer,
+    make_train_step,
+    mlm_loss_sums,
+    to_global,
+)
 from dontstop_jax.engine.sharding import BATCH_AXES, MESH_AXES, activation_rules
 from dontstop_jax.engine.steps import reduction_options
 from dontstop_jax.errors import UserError
@@ -55,7 +64,7 @@ def compiled(kind, mesh_shape, accum, gather_once=True, reduce_dtype="float32"):
                               donate=False)
     batches = [to_global(batch(kind, seed), mesh) for seed in range(3)]
     with activation_rules(mesh, DEFAULT_RULES):
-        executable = step.__wrapped__.lower(state, batches[0]).compile()
+        executable = step.__wrapped__.lower(state, batches[0]).compile()  # type: ignore[attr-defined]  # functools.wraps
     return mesh, executable, state, batches
 
 
@@ -144,7 +153,8 @@ def test_bfloat16_reduction_halves_the_gradient_bytes():
         step = compile_train_step(make_train_step(mlm_loss_sums(model), tx, accum_steps=8, grad_reduce_dtype=dtype),
                                   shardings, mesh, DEFAULT_RULES)
         with activation_rules(mesh, DEFAULT_RULES):
-            operands[dtype] = reduced_operands(step.__wrapped__.trace(state, to_global(batch("mlm", 0), mesh)).jaxpr)
+            traced = step.__wrapped__.trace(state, to_global(batch("mlm", 0), mesh))  # type: ignore[attr-defined]
+            operands[dtype] = reduced_operands(traced.jaxpr)
     grads = [(d, shape) for d, shape in operands["bfloat16"] if shape]  # (the loss and weight sums are scalars)
     assert grads and all(d == jnp.bfloat16 for d, _ in grads)
     nbytes = {k: sum(d.itemsize * math.prod(shape) for d, shape in v if shape) for k, v in operands.items()}

@@ -123,7 +123,9 @@ def test_tied_dev_scores_pick_the_first_best_epoch_everywhere(tmp_path, monkeypa
     summary = finetune_module.finetune(cfg)
 
     ckpt = Checkpointer(tmp_path / "ft" / "checkpoints", read_only=True, best_metric="dev_macro_f1")
-    per_epoch = ckpt.latest_step() // 4
+    latest = ckpt.latest_step()
+    assert latest is not None
+    per_epoch = latest // 4
     assert (summary["best_epoch"], summary["dev"]["macro_f1"], summary["best_step"]) == (1, 0.5, per_epoch)
     assert ckpt.all_steps() == [per_epoch, 4 * per_epoch] and ckpt.best_step() == per_epoch
     assert summary["test"]["macro_f1"] == _fingerprint(ckpt.restore_params(per_epoch))

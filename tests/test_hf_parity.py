@@ -1,6 +1,7 @@
 """Our Flax RoBERTa is numerically transformers' PyTorch RoBERTa; import/export round-trips exactly."""
 
 import json
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -8,14 +9,19 @@ import numpy as np
 import pytest
 
 from dontstop_jax.errors import UserError
+from dontstop_jax.model import (
+    RobertaForMaskedLM,
+    RobertaForSequenceClassification,
+    RobertaModel,
+    load_pretrained,
+    save_pretrained,
+)
 from dontstop_jax.model.roberta import PAD_LOGIT
-from dontstop_jax.model import (RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel, load_pretrained,
-                                save_pretrained)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-HF_CONFIG = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+HF_CONFIG: dict[str, Any] = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                  max_position_embeddings=42, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1)
 
 
@@ -138,7 +144,7 @@ def test_export_reloads_in_transformers_and_round_trips(tmp_path, head, cls, ext
 
 
 def _flatten(tree, prefix=""):
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in tree.items():
         out.update(_flatten(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + k: np.asarray(v)})
     return out

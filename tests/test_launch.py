@@ -172,7 +172,7 @@ def test_checkpoints_move_between_process_counts(tiny, reference):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]  # EX_TEMPFAIL: rerun to continue
     stopped = Checkpointer(two_to_one / "checkpoints", read_only=True).latest_step()
-    assert 0 < stopped < STEPS and not (two_to_one / "DONE.json").exists()
+    assert stopped is not None and 0 < stopped < STEPS and not (two_to_one / "DONE.json").exists()
     said = [re.findall(r"interrupted at step (\d+) of", (root / "logs-two-then-one" / f"process-{p}.log").read_text())
             for p in range(2)]
     assert said == [[str(stopped)], [str(stopped)]]  # both processes stopped after the step they saved

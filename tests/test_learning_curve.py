@@ -121,6 +121,7 @@ def test_grid_rows_of_transfer_tapt_and_train_sizes(tmp_path, monkeypatch, tiny_
     transfer_tapt row fine-tunes from the other's TAPT phase, the very phase of its tapt row; train sizes 8 and
     all give two tables, the learning curve and the references of each draw."""
     from tiny_hf import save_tiny_roberta, write_biomed_data
+
     from dontstop_jax.phases import grid as grid_module
     write_biomed_data(tmp_path / "corpus", tmp_path / "bio", corpus_docs=10)
     (tmp_path / "bio_half").mkdir()

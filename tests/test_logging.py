@@ -7,6 +7,7 @@ import io
 import json
 import struct
 import threading
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +27,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def _fields(buf: bytes) -> list[tuple[int, object]]:
+def _fields(buf: bytes) -> list[tuple[int, Any]]:  # (int for varints, bytes otherwise)
     """(field number, raw value) pairs of a protobuf message; enough wire types for Event/Summary."""
     out, pos = [], 0
     while pos < len(buf):
@@ -56,7 +57,7 @@ def read_events(path) -> list[dict]:
         payload = data[pos + 12:pos + 12 + length]
         assert struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] == _masked_crc32c(payload)
         pos += 16 + length
-        event = {"scalars": {}}
+        event: dict[str, Any] = {"scalars": {}}
         for number, value in _fields(payload):
             if number == 2:
                 event["step"] = value
@@ -180,7 +181,7 @@ def test_progress_tty_uses_tqdm_and_rejects_device_arrays():
     out = Tty()
     bar = ProgressBar(10, desc="tapt", file=out)
     with pytest.raises(TypeError, match="host values"):
-        bar.update(1, {"loss": jnp.asarray(1.0)}, tokens=10)
+        bar.update(1, {"loss": jnp.asarray(1.0)}, tokens=10)  # type: ignore[dict-item]  # the wrong type on purpose
     bar.update(5, {"loss": 1.25, "learning_rate": 2e-5}, tokens=10)
     bar.close()
     text = out.getvalue()
@@ -214,7 +215,8 @@ class _SlowObject:
     """A bucket object whose writes wait until `release` is set, recording what each write stored."""
 
     def __init__(self) -> None:
-        self.release, self.stored = threading.Event(), []
+        self.release = threading.Event()
+        self.stored: list[bytes] = []
 
     @contextlib.contextmanager
     def open(self, mode: str):

@@ -163,6 +163,7 @@ def test_export_on_two_hosts_equals_one_process(grid_on_two_hosts, grid_on_one_p
     """A fine-tune of the two-host grid, exported by 2 processes into the bucket, holds the weights the one-process
     grid's same fine-tune exports."""
     from safetensors.numpy import load
+
     from dontstop_jax import files
     root, _, rerun = grid_on_two_hosts
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -15,13 +15,27 @@ import pytest
 from ml_collections import ConfigDict
 
 from dontstop_jax.analysis import results_table
-from dontstop_jax.engine import (DEFAULT_RULES, TrainState, classification_loss_sums, compile_train_step,
-                                 create_train_state, default_optim_config, make_mesh, make_train_step, to_global)
+from dontstop_jax.engine import (
+    DEFAULT_RULES,
+    TrainState,
+    classification_loss_sums,
+    compile_train_step,
+    create_train_state,
+    default_optim_config,
+    make_mesh,
+    make_train_step,
+    to_global,
+)
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, configure_model, default_peft_config
 from dontstop_jax.errors import UserError
-from dontstop_jax.model import (RobertaForSequenceClassification, init_params, load_pretrained, save_pretrained,
-                                tiny_config)
+from dontstop_jax.model import (
+    RobertaForSequenceClassification,
+    init_params,
+    load_pretrained,
+    save_pretrained,
+    tiny_config,
+)
 from dontstop_jax.model.peft import load_delta, merge_lora, save_delta
 from dontstop_jax.phases.finetune import reinit_top_layers
 from dontstop_jax.phases.grid import Grid
@@ -80,7 +94,7 @@ def with_peft(cfg, seed=1):
 def test_adapters_and_lora_start_as_the_identity(method, extra):
     cfg = configure_model(CFG, peft(method, **extra))
     params = with_peft(cfg)
-    assert jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(base_params())
+    assert jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(base_params())  # type: ignore[operator]  # jaxlib's PyTreeDef stub
     np.testing.assert_array_equal(logits(cfg, params), logits(CFG, base_params()))
 
 
@@ -202,7 +216,9 @@ def test_adapter_file_holds_only_what_was_trained_and_loads_onto_the_base(tmp_pa
 def test_layerwise_lr_decay_scales_updates_per_layer():
     adaptation = Adaptation.from_config(peft("full"), CFG, lr_decay=0.5)
     ones = jax.tree_util.tree_map(np.ones_like, base_params())
-    scaled = adaptation.update_transform()(ones)
+    update = adaptation.update_transform()
+    assert update is not None
+    scaled = update(ones)
     np.testing.assert_allclose(scaled["roberta"]["layers"]["query"]["kernel"][:, 0, 0, 0], [0.5, 1.0])  # top = 1
     assert float(scaled["roberta"]["embeddings"]["LayerNorm"]["scale"][0]) == 0.25
     assert float(scaled["classifier"]["dense"]["kernel"][0, 0]) == 1.0
@@ -337,7 +353,7 @@ def test_a_phase_started_from_a_lora_phase_starts_from_the_merged_weights(tmp_pa
 def _phase_dir(root, cfg, params, tokenizer):
     """A finished phase's workdir holding `params` (what `init` reads), without running one."""
     state = TrainState(step=jnp.array(1, jnp.int32), params=params, opt_state=np.zeros(1, np.float32),
-                       rng=np.zeros(2, np.uint32))
+                       rng=jnp.zeros(2, jnp.uint32))
     ckpt = Checkpointer(root / "checkpoints", async_save=False)
     ckpt.save(state, data_state={}, meta={"model_config": dataclasses.asdict(cfg), "tokenizer_dir": tokenizer})
     ckpt.close()

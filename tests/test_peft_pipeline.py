@@ -41,7 +41,7 @@ def test_grid_rows_per_method_with_parameter_counts_and_epoch_times(grid):
     root, stdout = grid
     assert "| baseline/lora |" in stdout and "| tapt/lora |" in stdout and "params" in stdout
     records = json.loads((root / "grid" / "records.json").read_text())["records"]
-    by_label = {}
+    by_label: dict[str, list] = {}
     for r in records:
         by_label.setdefault(r["variant"], []).append(r)
     assert set(by_label) == {"baseline", "baseline/lora", "tapt", "tapt/lora"}

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from export_check import assert_transformers_logits_match
+from tiny_pretrain import cli as _cli
 
 from dontstop_jax.analysis import results_table
-from tiny_pretrain import cli as _cli
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]

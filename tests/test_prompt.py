@@ -124,6 +124,7 @@ def test_prompt_fine_tuning_with_bitfit_exports_an_mlm_with_its_prompt(tmp_path,
     torch = pytest.importorskip("torch")
     import transformers
     from tiny_hf import save_tiny_roberta, write_biomed_data
+
     from dontstop_jax.analysis import classification_metrics
     from dontstop_jax.phases.export import export
     from dontstop_jax.phases.finetune import finetune
@@ -159,6 +160,7 @@ def test_grid_crosses_heads_with_shots(tmp_path, monkeypatch, tiny_tokenizer_dir
     are "baseline" and "baseline/prompt", the references are scored on the same k-per-class draws, and the
     learning curve's columns are the shots (the examples in all in brackets)."""
     from tiny_hf import save_tiny_roberta, write_biomed_data
+
     from dontstop_jax.phases import grid as grid_module
     write_biomed_data(tmp_path / "corpus", tmp_path / "bio", corpus_docs=0)
     tuned = []

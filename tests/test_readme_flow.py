@@ -16,7 +16,7 @@ ROOT = Path(__file__).parents[1]
 SMALL = ["--config.train.batch_size=16", "--config.data.max_seq_length=64"]
 
 
-def _cli(*args: str, cwd: Path) -> dict:
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     out = subprocess.run([sys.executable, "-m", "dontstop_jax", *args, "--compilation-cache", str(cwd / "xla")],
                          cwd=cwd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 
 from dontstop_jax.analysis import classification_metrics
-from dontstop_jax.analysis.reference import (BAG_OF_WORDS, MAJORITY, at_majority_level, bag_of_words_predict,
-                                             majority_label, majority_scores, task_references, vocabulary)
+from dontstop_jax.analysis.reference import (
+    BAG_OF_WORDS,
+    MAJORITY,
+    at_majority_level,
+    bag_of_words_predict,
+    majority_label,
+    majority_scores,
+    task_references,
+    vocabulary,
+)
 
 
 def test_majority_class_is_the_most_frequent_train_label_scored_like_a_fine_tune():

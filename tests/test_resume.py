@@ -56,6 +56,6 @@ def test_sigterm_checkpoints_and_exits_cleanly(setup):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-2000:]
     step = Checkpointer(workdir / "checkpoints", read_only=True).latest_step()
-    assert 10 <= step < STEPS and not (workdir / "DONE.json").exists()
+    assert step is not None and 10 <= step < STEPS and not (workdir / "DONE.json").exists()
     assert run(_command(workdir, corpus, tokenizer, root / "cache")).returncode == 0
     assert (workdir / "DONE.json").exists()

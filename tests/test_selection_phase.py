@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from dontstop_jax.errors import UserError
-from dontstop_jax.train.workdir import Workdir
 from dontstop_jax.phases import select as select_phase
 from dontstop_jax.phases.defaults import select_config
 from dontstop_jax.phases.select import select, selected_corpus
+from dontstop_jax.train.workdir import Workdir
 
 TOPICS = {"bio": ["protein", "binds", "cell", "gene", "enzyme", "membrane", "receptor", "kinase"],
           "cs": ["graph", "node", "edge", "compiler", "kernel", "cache", "thread", "socket"],
@@ -116,7 +116,7 @@ def test_interrupted_run_resumes_to_the_same_selection(data, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         select(cfg)
     assert not Path(selected_corpus(tmp_path / "resumed")).exists()
-    updates = []
+    updates: list = []
     monkeypatch.setattr(select_phase, "save_progress", real_save)
     ranker = select_phase._ranker
     monkeypatch.setattr(select_phase, "_ranker", lambda *a: _counting(ranker(*a), updates))

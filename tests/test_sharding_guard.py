@@ -19,7 +19,13 @@ from jax.sharding import PartitionSpec as P
 from dontstop_jax.engine import DEFAULT_RULES, create_train_state, default_optim_config, make_mesh, make_optimizer
 from dontstop_jax.engine.sharding import check_replicated, tree_shardings
 from dontstop_jax.errors import UserError
-from dontstop_jax.model import ModelConfig, RobertaForMaskedLM, RobertaForSequenceClassification, init_params, tiny_config
+from dontstop_jax.model import (
+    ModelConfig,
+    RobertaForMaskedLM,
+    RobertaForSequenceClassification,
+    init_params,
+    tiny_config,
+)
 
 GOLDEN = Path(__file__).parent / "golden" / "partition_specs_2x2x2.json"
 

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from tiny_pretrain import command, run, write_corpus
 
 from dontstop_jax import config_loader
 from dontstop_jax.data import MLMLoader, SpanMasker, load_terms, load_tokenizer, prepare_corpus, special_ids
@@ -15,7 +16,6 @@ from dontstop_jax.errors import UserError
 from dontstop_jax.phases.defaults import pretrain_config
 from dontstop_jax.synthetic.tokenizer import save_tokenizer, train_bpe
 from dontstop_jax.train.workdir import result_fields
-from tiny_pretrain import command, run, write_corpus
 
 WORDS = "cell protein binds the of tumor necrosis factor alpha growth receptor line kinase".split()
 TERMS = ["tumor necrosis factor", "necrosis factor alpha", "growth factor", "cell line", "protein kinase"]

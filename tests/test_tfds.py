@@ -28,7 +28,7 @@ def _docs(split: str) -> list[tuple[str, int]]:
     return [(t, -1 if split == "unsupervised" else int("good" in t or "great" in t)) for t in texts]
 
 
-class TinyReviews(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class TinyReviews(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg, name-defined]  # tfds comes from importorskip
     """IMDB's layout (text, ClassLabel neg/pos; an unsupervised split labelled -1), in a few rows. Not
     registered: it is read back from its files, as a dataset prepared elsewhere would be."""
 

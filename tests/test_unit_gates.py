@@ -34,13 +34,13 @@ def zero_units(params, g):
     intermediate unit's kernel column and bias (gelu(0) = 0). Independent of the gates and of `gates.fold`."""
     params = jax.tree_util.tree_map(np.array, params)  # writable host copies
     layers = params["roberta"]["layers"]
-    for l in range(LAYERS):
-        for h in np.flatnonzero(g["head"][l] == 0):
-            layers["value"]["kernel"][l, :, h] = 0
-            layers["value"]["bias"][l, h] = 0
-        off = g["intermediate"][l] == 0
-        layers["intermediate"]["kernel"][l][:, off] = 0
-        layers["intermediate"]["bias"][l][off] = 0
+    for layer in range(LAYERS):
+        for h in np.flatnonzero(g["head"][layer] == 0):
+            layers["value"]["kernel"][layer, :, h] = 0
+            layers["value"]["bias"][layer, h] = 0
+        off = g["intermediate"][layer] == 0
+        layers["intermediate"]["kernel"][layer][:, off] = 0
+        layers["intermediate"]["bias"][layer][off] = 0
     return params
 
 
@@ -67,14 +67,14 @@ def test_gated_fine_tune_trains_and_scores_only_the_units_that_are_on(gated):
     base = sources.resolve(str(hf)).params["roberta"]["layers"]
     layers = params["roberta"]["layers"]
     moved = lambda name, part: np.abs(np.asarray(layers[name][part]) - np.asarray(base[name][part]))
-    for l in range(LAYERS):  # an off unit's weights get no gradient: with no weight decay they stay the base's
-        heads, units = g["head"][l] == 1, g["intermediate"][l] == 1
+    for layer in range(LAYERS):  # an off unit's weights get no gradient: with no weight decay they stay the base's
+        heads, units = g["head"][layer] == 1, g["intermediate"][layer] == 1
         for name in ("query", "key", "value"):
-            assert moved(name, "kernel")[l][:, ~heads].max() == 0 and moved(name, "kernel")[l][:, heads].max() > 0
-        assert moved("attention_output", "kernel")[l][~heads].max() == 0
-        assert moved("intermediate", "kernel")[l][:, ~units].max() == 0
-        assert moved("intermediate", "kernel")[l][:, units].max() > 0
-        assert moved("output", "kernel")[l][~units].max() == 0 and moved("output", "kernel")[l][units].max() > 0
+            assert moved(name, "kernel")[layer][:, ~heads].max() == 0 and moved(name, "kernel")[layer][:, heads].max() > 0
+        assert moved("attention_output", "kernel")[layer][~heads].max() == 0
+        assert moved("intermediate", "kernel")[layer][:, ~units].max() == 0
+        assert moved("intermediate", "kernel")[layer][:, units].max() > 0
+        assert moved("output", "kernel")[layer][~units].max() == 0 and moved("output", "kernel")[layer][units].max() > 0
 
     task, tok = load_task(str(root / "task")), load_tokenizer(str(hf))
     texts, labels = task.splits["test"]
@@ -132,7 +132,11 @@ def test_continual_hat_fine_tunes_each_task_under_its_domains_mask(tmp_path, mon
     monkeypatch.setattr(continual.Continual, "base", lambda self: "BASE")
     monkeypatch.setattr(continual.Continual, "stages", lambda self, m, base: [f"{m}{i}" for i in range(3)])
     seen = []
-    monkeypatch.setattr(continual, "finetune", lambda phase: seen.append(phase) or {"test": {"macro_f1": 0.5}})
+
+    def finetune(phase):
+        seen.append(phase)
+        return {"test": {"macro_f1": 0.5}}
+    monkeypatch.setattr(continual, "finetune", finetune)
     run.run()
     got = {(p.init, p.task.path, p.unit_gates) for p in seen}
     domains = {"/tasks/bio": 0, "/tasks/cs": 1, "/tasks/news": 2}

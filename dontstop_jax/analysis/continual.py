@@ -19,34 +19,35 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 # {"method", "stage" (index), "task", "seed", "score", "when"}; when: "after" (the stage learned the task's
 # domain or an earlier one: the table), "before" (the task's domain is the next stage's) or "base" (the base model)
-Record = Mapping[str, object]
+Record = Mapping[str, Any]
 SUMMARY = ("final avg", "forgetting", "BWT", "FWT")
 
 
 def forgetting(curve: Mapping[str, Sequence[float | None]]) -> float | None:
     """Mean over tasks of max(scores before the last stage) - final score; None without an earlier score."""
-    drops = [max(s for s in scores[:-1] if s is not None) - scores[-1]
-             for scores in curve.values() if any(s is not None for s in scores[:-1])]
+    drops = [max(s for s in scores[:-1] if s is not None) - final for scores in curve.values()
+             if any(s is not None for s in scores[:-1]) and (final := scores[-1]) is not None]
     return float(np.mean(drops)) if drops else None
 
 
 def backward_transfer(curve: Mapping[str, Sequence[float | None]]) -> float | None:
     """Mean over tasks learned before the last stage of final score - score at the stage that learned it."""
-    changes = [scores[-1] - next(s for s in scores if s is not None)
-               for scores in curve.values() if any(s is not None for s in scores[:-1])]
+    changes = [final - next(s for s in scores if s is not None) for scores in curve.values()
+               if any(s is not None for s in scores[:-1]) and (final := scores[-1]) is not None]
     return float(np.mean(changes)) if changes else None
 
 
 def forward_transfer(before: Mapping[str, float | None], base: Mapping[str, float | None]) -> float | None:
     """Mean over tasks with a score before their domain's stage of that score - the base model's."""
-    gains = [score - base[t] for t, score in before.items() if score is not None and base.get(t) is not None]
+    gains = [score - b for t, score in before.items() if score is not None and (b := base.get(t)) is not None]
     return float(np.mean(gains)) if gains else None
 
 
@@ -65,18 +66,20 @@ class ContinualTable:
     stages: tuple[str, ...]  # the domain learned at each stage
     tasks: tuple[str, ...]
     scores: Mapping[str, Mapping[str, list[float | None]]]  # method -> task -> score after each stage (seed mean)
-    before: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)  # method -> task -> before its domain
+    # method -> task -> the score before its domain
+    before: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
     base: Mapping[str, float | None] = field(default_factory=dict)  # task -> the base model's score
-    # method -> SUMMARY name -> [mean, sample std (None for n = 1), n] over the seeds' own tables (None where a seed has none)
+    # method -> SUMMARY name -> [mean, sample std (None for n = 1), n] over the seeds' own tables
+    # (None where a seed has none)
     spread: Mapping[str, Mapping[str, list | None]] = field(default_factory=dict)
 
     @classmethod
     def from_records(cls, records: Sequence[Record], methods: Sequence[str], stages: Sequence[str],
-                     tasks: Sequence[str], spread: bool = True) -> "ContinualTable":
-        scores = {m: {t: [None] * len(stages) for t in tasks} for m in methods}
+                     tasks: Sequence[str], spread: bool = True) -> ContinualTable:
+        scores: dict[str, dict[str, list[float | None]]] = {m: {t: [None] * len(stages) for t in tasks} for m in methods}
         for (m, t, s), score in _mean_scores(records, "after").items():
             scores[m][t][s] = score
-        before = {m: {t: None for t in tasks} for m in methods}
+        before: dict[str, dict[str, float | None]] = {m: {t: None for t in tasks} for m in methods}
         for (m, t, _), score in _mean_scores(records, "before").items():
             before[m][t] = score
         base = {t: score for (_, t, _), score in _mean_scores(records, "base").items()}
@@ -91,7 +94,7 @@ class ContinualTable:
                                   self.backward_transfer(method), self.forward_transfer(method))))
 
     def average(self, method: str, stage: int) -> float | None:
-        seen = [c[stage] for c in self.scores[method].values() if c[stage] is not None]
+        seen = [v for c in self.scores[method].values() if (v := c[stage]) is not None]
         return float(np.mean(seen)) if seen else None
 
     def forgetting(self, method: str) -> float | None:

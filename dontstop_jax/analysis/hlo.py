@@ -138,7 +138,7 @@ def _traffic(op: Op, types: dict[str, str], comps: dict[str, list[Op]]) -> int:
     body = comps[fused.group(1)]
     by_name = {u.name: u for u in body}
     for p in (p for p in body if p.kind == "parameter" and int(p.args) < len(operands)):
-        operands[int(p.args)] = min(operands[int(p.args)], _read(body, p.name, comps))
+        operands[int(p.args)] = int(min(operands[int(p.args)], _read(body, p.name, comps)))
     root = next(u for u in body if u.root)
     outputs = [by_name.get(name) for name in root.operands] if root.kind == "tuple" else [root]
     outputs = [by_name.get(o.operands[0], o) if o is not None and o.kind == "bitcast" else o for o in outputs]

@@ -17,8 +17,7 @@ import numpy as np
 
 from dontstop_jax.data import MLMLoader, load_tokenizer, prepare_corpus, special_ids, tokenizer_fingerprint
 from dontstop_jax.data.corpus import SourceSpec
-from dontstop_jax.engine import (check_batch_size, compile_eval_step, make_eval_step, make_mesh, mlm_loss_sums,
-                                 to_global)
+from dontstop_jax.engine import check_batch_size, compile_eval_step, make_eval_step, make_mesh, mlm_loss_sums, to_global
 from dontstop_jax.engine.sharding import Rules
 from dontstop_jax.errors import UserError
 from dontstop_jax.fields import DEFAULT_RULES

@@ -14,15 +14,25 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from dontstop_jax.engine import (abstract_state, batch_sharding, chain_hooks, classification_loss_sums,
-                                 compile_predict_step, compile_train_step, hold_fixed, make_mesh, make_train_step,
-                                 mlm_loss_sums, state_shardings)
 from dontstop_jax import files
 from dontstop_jax.analysis.hlo import COLLECTIVES, count, shape_bytes
+from dontstop_jax.engine import (
+    abstract_state,
+    batch_sharding,
+    chain_hooks,
+    classification_loss_sums,
+    compile_predict_step,
+    compile_train_step,
+    hold_fixed,
+    make_mesh,
+    make_train_step,
+    mlm_loss_sums,
+    state_shardings,
+)
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import plan as peft_plan
-from dontstop_jax.engine.steps import reduction_options
 from dontstop_jax.engine.sharding import activation_rules
+from dontstop_jax.engine.steps import reduction_options
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM, RobertaForSequenceClassification, hub
 from dontstop_jax.model.hf_io import read_config
 
@@ -92,10 +102,10 @@ def compile_phase(cfg: ConfigDict, devices: list, num_labels: int = 2) -> tuple[
         **chain_hooks(adaptation.hooks(), hold_fixed(tuple(cfg.get("frozen", ()))))), shardings, mesh, rules)
     state, batch = abstract_state(shardings, model, tx), batch_shapes(cfg, arch, mesh)
     with activation_rules(mesh, rules):
-        train = _cost(step.__wrapped__.lower(state, batch))
+        train = _cost(step.__wrapped__.lower(state, batch))  # type: ignore[attr-defined]  # set by functools.wraps
         predict = None
         if finetune:
-            predict = _cost(compile_predict_step(model, shardings.params, mesh, rules).__wrapped__.lower(
+            predict = _cost(compile_predict_step(model, shardings.params, mesh, rules).__wrapped__.lower(  # type: ignore[attr-defined]
                 state.params, batch))
     params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(state.params))
     return train, predict, params

@@ -103,7 +103,9 @@ def vocabulary(texts: Sequence[str], max_words: int = MAX_WORDS) -> dict[str, in
 
 
 def _counts(texts: Sequence[str], vocab: Mapping[str, int]) -> _Sparse:
-    rows, cols, values = [], [], []
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[int] = []
     for i, text in enumerate(texts):
         counts = Counter(vocab[w] for w in WORD.findall(text.lower()) if w in vocab)
         rows += [i] * len(counts)

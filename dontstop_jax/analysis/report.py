@@ -2,8 +2,9 @@
 
 Sections (each drawn when its inputs are configured): vocabulary overlap of the corpora, MLM loss of each
 checkpoint on each corpus' held-out text, training curves of the pretraining phases, the grid's results
-as a bar chart and, when it ran several train sizes, its learning curves. A grid workdir contributes its finished pretraining phases (as checkpoints and curves) and
-its results.json. Everything is written into a staging directory that replaces `out_dir` only when complete.
+as a bar chart and, when it ran several train sizes, its learning curves. A grid workdir contributes its finished
+pretraining phases (as checkpoints and curves) and its results.json. Everything is written into a staging directory that
+replaces `out_dir` only when complete.
 """
 
 from __future__ import annotations

@@ -25,11 +25,11 @@ on both sides.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
 from collections.abc import Mapping, Sequence
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,14 +182,17 @@ class ResultsTable:
     def reference_names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(name for name, _ in self.references))
 
+    def _baseline_cell(self, task: str) -> Cell | None:
+        return None if self.baseline is None else self.cells.get((self.baseline, task))
+
     def delta(self, variant: str, task: str) -> float | None:
         """Mean minus the baseline's mean on `task`, when both have runs."""
-        cell, base = self.cells.get((variant, task)), self.cells.get((self.baseline, task))
+        cell, base = self.cells.get((variant, task)), self._baseline_cell(task)
         return None if cell is None or base is None else cell.mean - base.mean
 
     def beats_baseline(self, variant: str, task: str) -> bool | None:
         """The significance criterion vs the baseline; None when it cannot be judged (no runs, < 2 seeds)."""
-        cell, base = self.cells.get((variant, task)), self.cells.get((self.baseline, task))
+        cell, base = self.cells.get((variant, task)), self._baseline_cell(task)
         if cell is None or base is None or variant == self.baseline or cell.n < 2 or base.n < 2:
             return None
         return _compare(cell, base).significant

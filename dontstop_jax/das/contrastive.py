@@ -8,7 +8,8 @@ the past-knowledge units alone already encode (the complementary knowledge the p
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

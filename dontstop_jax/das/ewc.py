@@ -6,7 +6,8 @@ defaults to 5000: Serra et al. 2018's EWC baseline, which DAS's baselines reuse.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -49,7 +50,7 @@ def penalty(params: Any, anchor: Any, fisher_: Any) -> jax.Array:
     terms = jax.tree_util.tree_map(
         lambda p, a, f: jnp.sum(f.astype(jnp.float32) * jnp.square(p.astype(jnp.float32) - a.astype(jnp.float32))),
         params, anchor, fisher_)
-    return sum(jax.tree_util.tree_leaves(terms))
+    return sum(jax.tree_util.tree_leaves(terms), jnp.zeros((), jnp.float32))
 
 
 def ewc_loss_sums(model: nn.Module, lam: float) -> Callable[[dict], LossSums]:

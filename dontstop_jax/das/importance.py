@@ -9,7 +9,8 @@ to it must have dropout > 0. `mlm_loss` measures a domain's knowledge after trai
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -93,7 +94,7 @@ def accumulate(past: Importance | None, new: Importance) -> Importance:
     return dict(new) if past is None else {k: np.maximum(past[k], new[k]) for k in UNITS}
 
 
-def shuffled(importance: Importance, seed: int) -> Importance:
+def shuffled(importance: Importance, seed: int | Sequence[int]) -> Importance:
     """DAS's random-importance ablation: each layer's values permuted over its units (seeded), so protection
     has the measured sparsity and distribution but falls on arbitrary units."""
     rng = np.random.default_rng(seed)
@@ -102,7 +103,7 @@ def shuffled(importance: Importance, seed: int) -> Importance:
 
 def save(path: str | os.PathLike, importance: Importance) -> None:
     with publishing(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **importance)
+        np.savez(f, **importance)  # type: ignore[arg-type]  # numpy's stub: a ** dict might name allow_pickle
 
 
 def load(path: str | os.PathLike) -> Importance:

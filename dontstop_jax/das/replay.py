@@ -11,7 +11,8 @@ stages should keep). It lives on every device: buffer_size x masked slots x voca
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import flax.linen as nn
 import jax

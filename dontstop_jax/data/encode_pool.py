@@ -149,6 +149,7 @@ class EncodePool:
         self._procs = [subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=env) for _ in range(workers)]
         for proc in self._procs:
+            assert proc.stdin is not None  # opened with PIPE, as stdout
             proc.stdin.write(tokenizer_json.encode() + b"\n" + str(eos).encode() + b"\n")
             proc.stdin.flush()
 
@@ -161,6 +162,7 @@ class EncodePool:
         while True:
             while len(pending) < 2 * len(self._procs) and (r := next(requests, None)) is not None:
                 proc = self._procs[turn % len(self._procs)]
+                assert proc.stdin is not None
                 proc.stdin.write(json.dumps(r[0]).encode() + b"\n" + r[1])
                 proc.stdin.flush()
                 pending.append(proc)
@@ -170,6 +172,7 @@ class EncodePool:
             yield self._reply(pending.popleft())
 
     def _reply(self, proc: subprocess.Popen) -> tuple[int, np.ndarray]:
+        assert proc.stdout is not None
         header = proc.stdout.read(_HEADER.itemsize)
         if len(header) < _HEADER.itemsize:
             raise UserError(f"an encoding worker of prepare_corpus exited (code {proc.poll()}; out of memory?); "
@@ -183,6 +186,7 @@ class EncodePool:
         for proc in self._procs:
             proc.kill()  # unread replies may be pending; nothing a worker holds needs a clean shutdown
             proc.wait()
+            assert proc.stdin is not None and proc.stdout is not None
             proc.stdin.close()
             proc.stdout.close()
 

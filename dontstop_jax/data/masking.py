@@ -47,7 +47,7 @@ def row_keys(seed: int, *ids: int | np.ndarray) -> np.ndarray:
     return key
 
 
-def random_bits(keys: np.ndarray, stream: int, positions: np.ndarray) -> np.ndarray:
+def random_bits(keys: np.ndarray, stream: int, positions: np.ndarray | int) -> np.ndarray:
     """uint64 bits at `positions` (broadcast against keys) of counter stream `stream` under `keys`: SplitMix64
     output number (stream * 2^32 + position) of the sequence seeded by the key, computed directly."""
     counter = np.uint64(stream << 32) + np.array(positions, np.uint64, ndmin=1)

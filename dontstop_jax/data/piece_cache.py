@@ -93,7 +93,7 @@ class PieceCache:
 
     def _add(self, keys: list[str | tuple]) -> None:
         pieces = [k for k in keys if isinstance(k, str)]
-        ids = dict(zip(pieces, (e.ids for e in self._backend.encode_batch(pieces, add_special_tokens=False))))
+        ids: dict[str | tuple, list[int]] = dict(zip(pieces, (e.ids for e in self._backend.encode_batch(pieces, add_special_tokens=False))))
         for key in keys:
             if isinstance(key, tuple):
                 ids[key] = [key[1]] if len(key) == 2 else self._backend.encode(key[0], add_special_tokens=False).ids

@@ -14,8 +14,8 @@ not depend on the process count (UNIT_BYTES, UNIT_LINES, UNIT_RECORDS); each pro
 round-robin, or for files read from the start, a contiguous share of their stored bytes), on all its cores, into
 pieces of the token stream (`pieces/`, in the shards' dtype); then each writes every
 process_count-th shard, packed from the pieces that hold its slice of the stream; process 0 writes the manifest
-once all are in. The shards, and so the batches, are byte-identical on any number of processes. `out_root` is a bucket or a disk all
-processes share; a corpus in a bucket is read there in place (`BucketShards`), never copied to a host.
+once all are in. The shards, and so the batches, are byte-identical on any number of processes. `out_root` is a bucket
+or a disk all processes share; a corpus in a bucket is read there in place (`BucketShards`), never copied to a host.
 
 A local directory is built under a private hidden name (`.<fingerprint>.tmp-<token>`, never read as a cache) and
 published by one rename, which fails onto an existing directory: of concurrent builders of one key the first to
@@ -50,13 +50,22 @@ import numpy as np
 from transformers import PreTrainedTokenizerFast
 
 from dontstop_jax import files
-from dontstop_jax.distributed import all_codes, decide
 from dontstop_jax.data import encode_pool, piece_cache
-from dontstop_jax.data.corpus import (CorpusSource, SourceSpec, iter_file, iter_hf, iter_tfds, corpus_fingerprint,
-                                      iter_line_segments, parse_source, resolve_files)
+from dontstop_jax.data.corpus import (
+    CorpusSource,
+    SourceSpec,
+    corpus_fingerprint,
+    iter_file,
+    iter_hf,
+    iter_line_segments,
+    iter_tfds,
+    parse_source,
+    resolve_files,
+)
 from dontstop_jax.data.encode_pool import EncodePool, docs_request, encode_request, file_request, lines_request
 from dontstop_jax.data.piece_cache import PieceCache
 from dontstop_jax.data.tokenizer import encode_plain, load_tokenizer, special_ids, tokenizer_fingerprint
+from dontstop_jax.distributed import all_codes, decide
 from dontstop_jax.errors import UserError
 from dontstop_jax.files import publishing
 
@@ -93,7 +102,7 @@ class PreparedCorpus:
 
     directory: Path
     manifest: dict[str, Any]
-    shards: list[np.ndarray]
+    shards: list[np.ndarray] | BucketShards
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> PreparedCorpus:
@@ -238,8 +247,8 @@ def prepare_corpus(
     model_vocab_size: the model's embedding rows; the tokenizer must not produce ids beyond it.
     Concurrent independent calls for one key are safe (each builds privately; the first to finish publishes).
     """
-    sources = [parse_source(s) for s in sources]
-    if not sources:
+    parsed = [parse_source(s) for s in sources]
+    if not parsed:
         raise UserError("no corpus sources given; pass at least one path, glob, hf: or tfds: source")
     if max_seq_length < 3:
         raise UserError(f"max_seq_length {max_seq_length} is too small; a block needs <s>, a token and </s> (use >= 3)")
@@ -256,7 +265,7 @@ def prepare_corpus(
             "use the model's tokenizer"
         )
     tok_fp = tokenizer_fingerprint(tok)
-    corpus_fp = corpus_fingerprint(sources)
+    corpus_fp = corpus_fingerprint(parsed)
     key = json.dumps([corpus_fp, tok_fp, max_seq_length, FORMAT_VERSION])
     # process 0's name for all: hosts may hold the same corpus under other paths (each in its own home)
     name = decide("name the prepared corpus", lambda: hashlib.sha256(key.encode()).hexdigest()[:16], timeout=600)
@@ -268,12 +277,12 @@ def prepare_corpus(
     if decide(f"look for the prepared corpus {name}", lambda: _published(remote, directory), timeout=600):
         log.info("reusing prepared corpus at %s", remote or directory)
         return _open(remote, directory)
-    if lead and not remote:
+    if lead and directory is not None:
         _remove_stale(directory.parent)
     # one private build name for all processes, on storage they share
     token = decide("name the corpus build", lambda: secrets.token_hex(4), timeout=600)
     build = files.path(out_root) / _private(Path(name), token).name
-    if not remote:
+    if directory is not None:
         try:
             build.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -281,13 +290,13 @@ def prepare_corpus(
                             "make it writable or choose another cache directory") from None
     log.info("preparing corpus into %s", remote or directory)
     try:
-        plan = Plan(sources, build, remote, max_seq_length, shard_blocks, special_ids(tok),
+        plan = Plan(parsed, build, remote, max_seq_length, shard_blocks, special_ids(tok),
                     np.dtype(np.uint16 if len(tok) <= 2**16 else np.int32))
         _collectively("encoding its share of the input", lambda: _encode_share(plan, tok, workers))
         units = _gather_units(plan)
         _collectively("writing its shards", lambda: _write_shards(plan, units))
         _collectively("publishing the manifest",
-                      lambda: lead and _publish_manifest(plan, units, tok, tok_fp, corpus_fp, directory))
+                      lambda: _publish_manifest(plan, units, tok, tok_fp, corpus_fp, directory) if lead else None)
         return _open(remote, directory)
     finally:
         if lead:
@@ -313,8 +322,9 @@ class Plan:
 def _published(remote: files.Path | None, directory: Path | None) -> bool:
     """Whether a complete corpus is there (checked by process 0; a damaged local one is moved aside, a damaged
     one in a bucket is rebuilt over)."""
-    if not remote:
+    if directory is not None:
         return _reuse(directory) is not None
+    assert remote is not None  # exactly one of the two is set
     try:
         PreparedCorpus.open_bucket(remote)
         return True
@@ -326,7 +336,7 @@ def _published(remote: files.Path | None, directory: Path | None) -> bool:
 
 def _open(remote: files.Path | None, directory: Path | None) -> PreparedCorpus:
     """The published corpus: from local (or shared) disk, memory-mapped, or read in place in the bucket."""
-    if not remote:
+    if directory is not None:
         return PreparedCorpus.load(directory)
     try:
         return PreparedCorpus.open_bucket(remote)
@@ -399,7 +409,7 @@ def _encode_share(plan: Plan, tok: PreTrainedTokenizerFast, workers: int | None)
         for key, replies in itertools.groupby(encode(requests()), key=lambda _: keys.popleft()):
             pieces = [(documents, ids) for documents, ids in replies]
             stream_ids = np.concatenate([ids for _, ids in pieces]) if pieces else np.zeros(0, np.int32)
-            _put(plan, lambda f: f.write(stream_ids.astype(plan.dtype).tobytes()), _piece(plan, key))
+            _put(plan, lambda f: f.write(stream_ids.astype(plan.dtype).tobytes()), _piece(plan, key))  # noqa: B023 (called here)
             units.append([list(key), len(stream_ids), sum(d for d, _ in pieces)])
     finally:
         close()
@@ -425,7 +435,7 @@ def _my_requests(sources: list[CorpusSource], process: int, processes: int) -> I
             texts = (iter_hf if source.kind == "hf" else iter_tfds)(source)
             for k, group in itertools.groupby(enumerate(texts), key=lambda item: item[0] // UNIT_RECORDS):
                 if (turn + k) % processes == process:
-                    for batch in iter(lambda: list(itertools.islice(group, DOC_BATCH)), []):
+                    for batch in iter(lambda: list(itertools.islice(group, DOC_BATCH)), []):  # noqa: B023 (drained here)
                         yield (si, 0, k), docs_request([text for _, text in batch])
             turn += 1
             continue
@@ -444,7 +454,7 @@ def _my_requests(sources: list[CorpusSource], process: int, processes: int) -> I
             if source.kind == "paragraphs":
                 if mine(0):
                     docs = iter_file(path, source)
-                    for batch in iter(lambda: list(itertools.islice(docs, DOC_BATCH)), []):
+                    for batch in iter(lambda: list(itertools.islice(docs, DOC_BATCH)), []):  # noqa: B023 (drained here)
                         yield (si, fi, 0), docs_request(batch)
             else:
                 for k, (start, end) in enumerate(encode_pool.line_ranges(path, UNIT_BYTES)):
@@ -555,7 +565,7 @@ def _write_shards(plan: Plan, units: list[list]) -> None:
         start = s * plan.shard_blocks * chunk
         tokens = _stream(plan, units, start, min(start + shard["blocks"] * chunk, stream_tokens))
         rows = np.concatenate(list(_pack(iter([tokens]), plan.max_seq_length, plan.ids))).astype(plan.dtype)
-        _put(plan, lambda f: np.save(f, rows), plan.shard_dir / shard["file"])
+        _put(plan, lambda f: np.save(f, rows), plan.shard_dir / shard["file"])  # noqa: B023 (called here)
 
 
 def _publish_manifest(plan: Plan, units: list[list], tok: PreTrainedTokenizerFast, tok_fp: str, corpus_fp: str,
@@ -583,7 +593,7 @@ def _publish_manifest(plan: Plan, units: list[list], tok: PreTrainedTokenizerFas
         if name.startswith("share-"):
             path.unlink()
     _put(plan, lambda f: f.write(json.dumps(manifest, indent=1).encode()), plan.shard_dir / MANIFEST)
-    if not plan.remote:
+    if directory is not None:
         _publish(plan.build, directory)
     log.info("prepared %d documents into %d blocks", manifest["documents"], total_blocks)
 

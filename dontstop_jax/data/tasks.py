@@ -23,10 +23,18 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
-from dontstop_jax.data.corpus import (CorpusSource, iter_documents, iter_jsonl, iter_tfds_rows, load_hf_dataset,
-                                      load_tfds, record_field, tfds_text)
-from dontstop_jax.data.tokenizer import encode_plain, special_ids
 from dontstop_jax import files
+from dontstop_jax.data.corpus import (
+    CorpusSource,
+    iter_documents,
+    iter_jsonl,
+    iter_tfds_rows,
+    load_hf_dataset,
+    load_tfds,
+    record_field,
+    tfds_text,
+)
+from dontstop_jax.data.tokenizer import encode_plain, special_ids
 from dontstop_jax.errors import UserError
 
 SPLIT_FILES = ("train", "dev", "test")
@@ -64,6 +72,7 @@ def load_task(
         raw, tapt = _read_tfds(source.removeprefix("tfds:"), text_field, label_field)
         name = name or source.removeprefix("tfds:").split("/")[0].split(":")[0]
     else:
+        assert source is not None  # exactly one of source, hf_dataset
         paths = _split_paths(source)
         raw = {
             split: _read_jsonl(path, text_field, label_field) for split, path in paths.items() if split != "unlabeled"

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import jax
 import numpy as np
@@ -27,9 +27,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import multihost
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from dontstop_jax.engine.state import AVERAGES, TrainState
 from dontstop_jax import files
 from dontstop_jax.distributed import all_codes, decide
+from dontstop_jax.engine.state import AVERAGES, TrainState
 from dontstop_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class Checkpointer:
             step = self._step(step)
             value, err = self._attempt(read, step)
             if err is None:
-                return value
+                return cast(T, value)  # _attempt's value is read's where there is no error
             readable = [s for s in self.all_steps() if s != step and self._attempt(read, s)[1] is None]
             raise UserError(f"checkpoint step {step} in {self.directory} is unreadable ({_reason(err)}); "
                             f"readable steps: {', '.join(map(str, readable)) or 'none'}") from err
@@ -170,8 +170,9 @@ class Checkpointer:
                             self.directory, _reason(failed), tried)
             value, failed = self._attempt(read, tried)
             if failed is None:
-                return value
+                return cast(T, value)
             self._unreadable.add(tried)
+        assert failed is not None  # `steps` is never empty
         raise UserError(f"no readable checkpoint in {self.directory}: steps {', '.join(map(str, steps))} are all "
                         f"unreadable ({_reason(failed)})") from failed
 

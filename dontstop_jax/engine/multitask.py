@@ -11,7 +11,8 @@ LM on the same sentences; here it is the model's masked-LM loss, with dynamic ma
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +24,10 @@ from ml_collections import ConfigDict
 from dontstop_jax.engine.optim import make_optimizer
 from dontstop_jax.engine.steps import Hooks
 from dontstop_jax.errors import UserError
-from dontstop_jax.fields import PEFT, PEFT_METHODS as METHODS, build
+from dontstop_jax.fields import PEFT, build
+from dontstop_jax.fields import PEFT_METHODS as METHODS
 from dontstop_jax.model.config import ModelConfig
 from dontstop_jax.model.peft import ADAPTER_SUFFIX, LORA_SUFFIX
-
 
 
 def default_peft_config() -> ConfigDict:
@@ -51,7 +52,7 @@ def configure_model(model: ModelConfig, peft: ConfigDict) -> ModelConfig:
     return model.replace(**kw)
 
 
-def plan(cfg: ConfigDict, model: ModelConfig) -> tuple[ModelConfig, "Adaptation"]:
+def plan(cfg: ConfigDict, model: ModelConfig) -> tuple[ModelConfig, Adaptation]:
     """A phase's (model config, adaptation) from its `peft` section (and `train.layerwise_lr_decay`)."""
     model = configure_model(model, cfg.peft)
     return model, Adaptation.from_config(cfg.peft, model, lr_decay=cfg.train.get("layerwise_lr_decay", 1.0))
@@ -101,7 +102,7 @@ class Adaptation:
     lr_decay: float = 1.0
 
     @classmethod
-    def from_config(cls, peft: ConfigDict, model: ModelConfig, lr_decay: float = 1.0) -> "Adaptation":
+    def from_config(cls, peft: ConfigDict, model: ModelConfig, lr_decay: float = 1.0) -> Adaptation:
         method = check_method(peft.method)
         top_k = int(peft.top_k) if method == "top_k" else 0
         if method == "top_k" and not 0 <= top_k <= model.num_hidden_layers:
@@ -117,8 +118,12 @@ class Adaptation:
 
     def hooks(self) -> Hooks:
         """make_train_step hooks: frozen leaves and slices get zero gradients, updates are scaled per layer."""
-        return {name: fn for name, fn in (("grad_transform", self.grad_transform()),
-                                          ("update_transform", self.update_transform())) if fn is not None}
+        hooks = Hooks()
+        if (grad := self.grad_transform()) is not None:
+            hooks["grad_transform"] = grad
+        if (update := self.update_transform()) is not None:
+            hooks["update_transform"] = update
+        return hooks
 
     def trainable(self, params: Any) -> Any:
         """Bool tree: False leaves get no optimizer state and no updates."""

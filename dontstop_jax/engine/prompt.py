@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,10 +34,11 @@ from transformers import PreTrainedTokenizerFast
 from dontstop_jax.data.tasks import tokenize_split
 from dontstop_jax.data.tokenizer import encode_plain, special_ids
 from dontstop_jax.errors import UserError
-from dontstop_jax.fields import FINETUNE, PROMPT_MASK as MASK, PROMPT_TEXT as TEXT, build, check_template
+from dontstop_jax.fields import FINETUNE, build, check_template
+from dontstop_jax.fields import PROMPT_MASK as MASK
+from dontstop_jax.fields import PROMPT_TEXT as TEXT
 from dontstop_jax.model import ModelConfig, RobertaForSequenceClassification, RobertaModel
 from dontstop_jax.model.roberta import LMHead
-
 
 
 def default_prompt_config() -> ConfigDict:
@@ -99,7 +101,7 @@ class Prompt:
     tokenizer: PreTrainedTokenizerFast
 
     @classmethod
-    def from_config(cls, prompt: ConfigDict, tokenizer: PreTrainedTokenizerFast, label_names: list[str]) -> "Prompt":
+    def from_config(cls, prompt: ConfigDict, tokenizer: PreTrainedTokenizerFast, label_names: list[str]) -> Prompt:
         if not check_template(prompt.template):
             raise UserError(f"prompt.template={prompt.template!r} needs exactly one {TEXT} and one {MASK}, e.g. "
                             "'{text} It was <mask> .'")
@@ -127,7 +129,7 @@ class Prompt:
         return cls(tuple(segments), literals, words, label_ids, label_weights,
                    [tokens[0] for tokens in encoded.values()], special_ids(tokenizer), tokenizer)
 
-    def model(self, config: ModelConfig) -> "PromptClassifier":
+    def model(self, config: ModelConfig) -> PromptClassifier:
         return PromptClassifier(config, self.ids["mask"], tuple(map(tuple, self.label_ids.tolist())),
                                 tuple(map(tuple, self.label_weights.tolist())))
 

@@ -24,14 +24,16 @@ parameter gradient (no second order), and the teacher's output is too.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from dontstop_jax.errors import UserError
-from dontstop_jax.fields import FINETUNE, NOISES, NORMS, REGULARIZERS as METHODS, build
+from dontstop_jax.fields import FINETUNE, NOISES, NORMS, build
+from dontstop_jax.fields import REGULARIZERS as METHODS
 
 # forward(params, embedding_noise or None, dropout key, deterministic or None = the loss's) -> logits [batch, labels]
 Forward = Callable[..., jax.Array]
@@ -90,7 +92,7 @@ class Regularizer:
     bregman_decay: float = 0.99
 
     @classmethod
-    def from_config(cls, cfg: ConfigDict) -> "Regularizer | None":
+    def from_config(cls, cfg: ConfigDict) -> Regularizer | None:
         """None for method none; an unknown method, noise or norm is a UserError."""
         for field, choices in (("method", METHODS), ("noise", NOISES), ("norm", NORMS)):
             if cfg[field] not in choices:
@@ -124,7 +126,7 @@ class Regularizer:
         parameter gradient)."""
         params, target = jax.lax.stop_gradient(params), jax.lax.stop_gradient(clean)
         for i in range(self.steps):
-            grad = jax.grad(lambda d: jnp.sum(symmetric_kl(target, forward(params, d, jax.random.fold_in(key, i)))))(
+            grad = jax.grad(lambda d, i=i: jnp.sum(symmetric_kl(target, forward(params, d, jax.random.fold_in(key, i)))))(
                 delta)
             delta = ascent_step(delta, grad, self.step_size, self.radius, self.norm)
         return jax.lax.stop_gradient(delta)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -59,9 +60,9 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
     With several processes each must hold a contiguous block of batch rows, the block its loader reads
     (`data` across processes, `fsdp`/`tensor` within one): mesh_utils' physical layout is kept when it
     does, else devices go in process-major order. The hosts are those the devices name (`process_index`), not
-    the running processes: a TPU topology compiled for on one CPU machine spans many. `dcn_shape` builds a hybrid multi-slice mesh: `shape`
-    within a slice (or process, where devices name no slice), `dcn_shape` across them; the mesh is their
-    elementwise product.
+    the running processes: a TPU topology compiled for on one CPU machine spans many. `dcn_shape` builds a hybrid
+    multi-slice mesh: `shape` within a slice (or process, where devices name no slice), `dcn_shape` across them; the
+    mesh is their elementwise product.
     """
     devices = list(devices if devices is not None else jax.devices())
     hosts = len({d.process_index for d in devices})
@@ -126,7 +127,7 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "global bat
 
 
 def _partition(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-               rules: Rules) -> tuple[P, list[tuple[str, int, tuple[str, ...]]]]:
+               rules: Rules) -> tuple[P, list[tuple[str | None, int, tuple[str, ...]]]]:
     """(spec, undivided): the PartitionSpec, and each (logical name, size, mesh axes) whose rule named mesh axes
     larger than 1 that the dimension's size could not be split over (that dimension is replicated instead)."""
     table = dict(rules)

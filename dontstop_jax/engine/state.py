@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import flax.linen as nn
@@ -13,7 +13,6 @@ from jax.sharding import Mesh
 
 from dontstop_jax.engine.sharding import Rules, check_replicated, put_tree, tree_shardings
 from dontstop_jax.model.roberta import init_params
-
 
 # Averages of the parameters a train state may keep (each one checkpoint item): an EMA or SWA of the fine-tuned
 # weights (what a fine-tune with `averaging` evaluates and hands on) and SMART's mean teacher.
@@ -27,6 +26,9 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # uint32[2] raw key: checkpointable as a plain array
     averages: dict = flax.struct.field(default_factory=dict)  # {name in AVERAGES: params-shaped tree}
+
+    if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime
+        def replace(self, **updates: Any) -> TrainState: ...
 
 
 def ema_update(average: Any, params: Any, decay: float) -> Any:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypedDict
 
 import flax.linen as nn
 import jax
@@ -24,12 +25,18 @@ from dontstop_jax.engine.state import TrainState, ema_update
 from dontstop_jax.errors import UserError
 
 Batch = dict[str, jax.Array]
-# make_train_step's per-parameter hooks: {"grad_transform": f, "update_transform": g}, each tree -> tree.
-Hooks = dict[str, Callable[[Any], Any]]
-HOOK_NAMES = ("grad_transform", "update_transform")
+
+
+class Hooks(TypedDict, total=False):
+    """make_train_step's per-parameter hooks (keyword arguments of the same names), each tree -> tree."""
+    grad_transform: Callable[[Any], Any]
+    update_transform: Callable[[Any], Any]
+
+
+HOOK_NAMES: tuple[Literal["grad_transform", "update_transform"], ...] = ("grad_transform", "update_transform")
 # loss_sums(params, batch, dropout_rng, deterministic) -> (weighted loss sum, {"weight": ..., "correct": ...});
 # a loss that reads a parameter average (SMART's teacher) takes it as a fifth argument
-LossSums = Callable[[Any, Batch, jax.Array, bool], tuple[jax.Array, dict[str, jax.Array]]]
+LossSums = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,13 +118,13 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
 
 
 def _accumulate(grad_fn: Callable, params: Any, batch: Batch, rng: jax.Array, extra: tuple, accum_steps: int,
-                gather: Callable[[Any], Any]) -> tuple:
+                gather: Callable[[Any, Any], Any]) -> tuple:
     """(loss sum, aux sums, float32 gradient sum) over the micro-batches of `batch`, with no reduction across
     devices. `gather(params, micro-batch)` makes the parameters the loss reads (an FSDP all-gather, or nothing):
     the gradient is taken after it, so its transpose (a reduce-scatter) never runs per micro-batch."""
     def one(micro, key):
-        (l, a), g = grad_fn(gather(params, micro), micro, key, *extra)
-        return l, a, jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), g)
+        (loss_sum, a), g = grad_fn(gather(params, micro), micro, key, *extra)
+        return loss_sum, a, jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), g)
     if accum_steps == 1:
         return one(batch, rng)
 
@@ -198,9 +205,10 @@ def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformatio
 
     def gradients(params, batch, rng, extra, fixed, step_count, specs=None):
         """(loss sum, aux, gradient sum); with `specs` (inside the shard_map) reduced over the batch axes."""
-        loss = loss_sums
         if isinstance(loss_sums, Fixed):
             loss = loss_sums.loss(*fixed, step_count) if loss_sums.stepped else loss_sums.loss(*fixed)
+        else:
+            loss = loss_sums
         grad_fn = jax.value_and_grad(lambda p, b, r, *t: loss(p, b, r, False, *t), has_aux=True)
         if specs is None:  # outside the shard_map
             return _accumulate(grad_fn, params, batch, rng, extra, accum_steps, lambda p, _: p)

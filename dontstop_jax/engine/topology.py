@@ -38,9 +38,9 @@ CHIPS = {
 _TOPOLOGY_PREFIX = {"v4": "v4", "v5litepod": "v5e", "v5p": "v5p", "v6e": "v6e"}
 _CORES_PER_CHIP = {"v4": 2, "v5p": 2}
 # chips -> physical shape: 3D tori for v4/v5p (4 chips per host), 2D for v5e/v6e.
-_SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+_SHAPES_3D: dict[int, tuple[int, ...]] = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
               256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16)}
-_SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
+_SHAPES_2D: dict[int, tuple[int, ...]] = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
 
 
 def supported() -> list[str]:
@@ -59,7 +59,7 @@ def parse(name: str) -> tuple[Chip, str, tuple[int, int, int]]:
     chips = count // _CORES_PER_CHIP.get(family, 1)
     shape = (_SHAPES_3D if family in _CORES_PER_CHIP else _SHAPES_2D)[chips]
     # v5e/v6e: one 8-chip host up to 8 chips, else 4-chip hosts; v4/v5p: 4-chip hosts.
-    per_host = (2, 4, 1) if chips == 8 and len(shape) == 2 else tuple(min(s, b) for s, b in zip(shape + (1,), (2, 2, 1)))
+    per_host = (2, 4, 1) if chips == 8 and len(shape) == 2 else (min(shape[0], 2), min(shape[1], 2), 1)
     return CHIPS[family], f"{_TOPOLOGY_PREFIX[family]}:{'x'.join(map(str, shape))}", per_host
 
 

@@ -105,11 +105,11 @@ class ModelConfig:
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
 
-    def replace(self, **kwargs: Any) -> "ModelConfig":
+    def replace(self, **kwargs: Any) -> ModelConfig:
         return dataclasses.replace(self, **kwargs)
 
     @classmethod
-    def recorded(cls, fields: dict, **overrides: Any) -> "ModelConfig":
+    def recorded(cls, fields: dict, **overrides: Any) -> ModelConfig:
         """The config a checkpoint's meta or an adapter file recorded. Those written before the vocabulary was
         padded name no `vocab_pad_multiple`: their tables have exactly vocab_size rows (multiple 1)."""
         return cls(**{"vocab_pad_multiple": 1, **fields, **overrides})
@@ -121,7 +121,7 @@ class ModelConfig:
                  "attention_probs_dropout_prob", "classifier_dropout", "initializer_range")
 
     @classmethod
-    def from_hf_dict(cls, d: dict, **overrides: Any) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict, **overrides: Any) -> ModelConfig:
         if d.get("model_type", "roberta") not in ("roberta", "xlm-roberta"):
             raise UserError(f"config.json has model_type={d.get('model_type')!r}; only RoBERTa checkpoints are supported")
         act = d.get("hidden_act", "gelu")
@@ -139,7 +139,7 @@ class ModelConfig:
 
 def tiny_config(**overrides: Any) -> ModelConfig:
     """A model small enough for unit tests and the offline default on 2 CPU cores."""
-    base = dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    base: dict[str, Any] = dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                 intermediate_size=128, max_position_embeddings=130)
     base.update(overrides)
     return ModelConfig(**base)

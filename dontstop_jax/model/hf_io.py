@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,8 +23,7 @@ from dontstop_jax import files
 from dontstop_jax.errors import UserError
 from dontstop_jax.files import publishing
 from dontstop_jax.model.config import ModelConfig
-from dontstop_jax.model.roberta import (RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel,
-                                        init_params)
+from dontstop_jax.model.roberta import RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel, init_params
 
 Params = dict[str, Any]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -85,6 +85,7 @@ def _name_table(cfg: ModelConfig, prefix: str, head: str) -> Iterator[tuple[str,
                 yield base + ".weight", path + ("scale",), "copy", i
                 yield base + ".bias", path + ("bias",), "copy", i
             else:
+                assert b_kind is not None  # a dense layer has both kinds
                 yield base + ".weight", path + ("kernel",), w_kind, i
                 yield base + ".bias", path + ("bias",), b_kind, i
     if head == "mlm":

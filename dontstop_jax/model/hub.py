@@ -55,8 +55,13 @@ def provenance(repo_id: str, path: Path) -> str:
 def _fetch(spec: str, patterns: list[str], field: str) -> Path:
     """snapshot_download of `patterns`, its errors as one line naming the id and what to do."""
     from huggingface_hub import constants, errors, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     repo, _, revision = spec.partition("@")
     where = f"{field}={spec!r} is not a local directory, and"

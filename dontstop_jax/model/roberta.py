@@ -15,7 +15,8 @@ Layout choices that later features rely on:
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -201,7 +202,7 @@ class Layer(nn.Module):
                 if q.shape[1] % SPLASH_BLOCK == 0:
                     return splash_attention(q, k, v, segments)
                 return jax.nn.dot_product_attention(q, k, v, mask=mask)  # a length the kernel does not tile
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention_impl)
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla" if cfg.attention_impl else None)
         # Dropout on attention probabilities needs the probabilities, so training with it takes this path.
         return explicit_attention(q, k, v, mask, lambda probs: nn.Dropout(rate)(probs, deterministic=False))
 

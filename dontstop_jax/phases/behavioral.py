@@ -18,7 +18,8 @@ dapt starts fine-tuned so, next to tapt and dapt_tapt (adapt to the task's text 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -3,11 +3,11 @@
 Methods (`METHODS`): `das` (Ke et al. 2023: soft-masked gradients + contrastive integration) and its
 ablations; the continual-learning baselines `ewc` (Fisher-weighted penalty, das/ewc.py), `derpp` (replay
 of past domains' text with their logits, das/replay.py) and `hat` (hard attention to the task, the
-parameter-isolation reference, das/hat.py); `demix` (DEMix domain experts: an FFN expert per domain); `ncl` (plain sequential DAPT, the naive continual
-learner); `one` and `adapter_one` (an independent full / adapter DAPT per domain from the base: no
-forgetting by construction, one model per domain) and `base` (no adaptation). A method is a stage kind
-plus the phase fields it sets; its objective and the state that carries from stage to stage (importance,
-Fisher, replay buffer, HAT masks) are built here, the training loop is always `pretrain`.
+parameter-isolation reference, das/hat.py); `demix` (DEMix domain experts: an FFN expert per domain); `ncl` (plain
+sequential DAPT, the naive continual learner); `one` and `adapter_one` (an independent full / adapter DAPT per domain
+from the base: no forgetting by construction, one model per domain) and `base` (no adaptation). A method is a stage kind
+plus the phase fields it sets; its objective and the state that carries from stage to stage (importance, Fisher, replay
+buffer, HAT masks) are built here, the training loop is always `pretrain`.
 
 DAS stage t: the accumulated importance of the earlier stages (stage 1: general knowledge, measured on the
 base model with the KL proxy on domain 1's text) soft-masks training on domain t; afterwards the domain's
@@ -52,10 +52,9 @@ from dontstop_jax.das import ewc, hat, importance, replay
 from dontstop_jax.das.contrastive import das_objective
 from dontstop_jax.das.ewc import ewc_objective
 from dontstop_jax.das.replay import derpp_objective
-from dontstop_jax.distributed import decide, on_first_process
 from dontstop_jax.data import MLMLoader, load_tokenizer, special_ids
-from dontstop_jax.engine import (check_batch_size, compile_eval_step, make_eval_step, make_mesh, mlm_loss_sums,
-                                 to_global)
+from dontstop_jax.distributed import decide, on_first_process
+from dontstop_jax.engine import check_batch_size, compile_eval_step, make_eval_step, make_mesh, mlm_loss_sums, to_global
 from dontstop_jax.errors import UserError
 from dontstop_jax.files import write_json, write_text
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM
@@ -165,6 +164,8 @@ class Continual:
         workdir = files.path(phase.workdir)
         shuffle = ((lambda imp, k: importance.shuffled(imp, (phase.seed, index, k))) if das.random
                    else (lambda imp, k: imp))
+        past: importance.Importance | None
+        domains: importance.Importance | None
         if index > 0:
             past, domains = (importance.load(files.path(parent) / name) for name in (ACCUMULATED, DOMAINS))
         else:
@@ -327,9 +328,11 @@ class Continual:
         for task in self.cfg.tasks:
             records += self._scores("base", -1, task, base, when="base")
         table = ContinualTable.from_records(records, self.cfg.methods, seq, list(self.cfg.tasks))
-        on_first_process("write continual.json", lambda: (
-            write_text(self.root / "continual.md", table.to_markdown()),
-            write_json(self.root / "continual.json", {**table.to_json(), "records": records})))
+
+        def write() -> None:
+            write_text(self.root / "continual.md", table.to_markdown())
+            write_json(self.root / "continual.json", {**table.to_json(), "records": records})
+        on_first_process("write continual.json", write)
         return table
 
     def _scores(self, method: str, stage: int, task: str, init: str, when: str = "after",

@@ -29,10 +29,10 @@ from dontstop_jax.data import ClassificationBatches, load_task, load_tokenizer
 from dontstop_jax.data.tasks import require_splits, with_shots, with_train_size
 from dontstop_jax.data.tokenizer import special_ids
 from dontstop_jax.engine import compile_predict_step, to_global
+from dontstop_jax.engine.checkpoint import first_best
 from dontstop_jax.engine.prompt import build_head
 from dontstop_jax.engine.regularizers import Regularizer
 from dontstop_jax.engine.state import running_mean
-from dontstop_jax.engine.checkpoint import first_best
 from dontstop_jax.errors import UserError
 from dontstop_jax.fields import AVERAGING
 from dontstop_jax.model import RobertaForSequenceClassification, gates, init_params
@@ -48,14 +48,18 @@ def evaluate(predict, params, batches: ClassificationBatches, mesh, num_labels: 
     preds, labels, weights = [], [], []
     for batch in batches.epoch(0):
         logits, y, w = jax.device_get(predict(params, to_global(batch, mesh)))
-        preds.append(np.argmax(logits, -1)), labels.append(y), weights.append(w)
+        preds.append(np.argmax(logits, -1))
+        labels.append(y)
+        weights.append(w)
     return classification_metrics(np.concatenate(labels), np.concatenate(preds), num_labels,
                                   weights=np.concatenate(weights))
 
 
 def best_epoch(history: list[dict], metric: str) -> int:
     """The first epoch (from 1) with the best dev `metric` (`first_best`: a later epoch must be strictly better)."""
-    return first_best(enumerate((dev[metric] for dev in history), 1))
+    best = first_best(enumerate((dev[metric] for dev in history), 1))
+    assert best is not None, "no epoch has a dev score"
+    return best
 
 
 def _typical(epoch_seconds: list[float]) -> float:
@@ -173,7 +177,7 @@ def _finetune(cfg: ConfigDict) -> dict:
             began, first = time.perf_counter(), epoch * per_epoch
             trainer.fit(multitask.batches(batches["train"].epoch(epoch, start=trainer.step - first), trainer.step),
                         first + per_epoch,
-                        data_state=lambda _: progress,
+                        data_state=lambda _: progress,  # noqa: B023 (read during this fit)
                         tokens_per_step=lambda b: b["input_ids"].size)
             if swa is not None:  # the mean of the weights that ended epochs swa_start.. (the current one counted)
                 trainer.state = swa(trainer.state, max(0, epoch + 1 - cfg.averaging.swa_start))

@@ -48,22 +48,26 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from dontstop_jax import files
-from dontstop_jax import config_loader
+from dontstop_jax import config_loader, files
 from dontstop_jax.analysis import reference
 from dontstop_jax.analysis.curve import ALL, Size, by_size, learning_curves, size_order, write_learning_curves
 from dontstop_jax.analysis.metrics import check_metric
 from dontstop_jax.data import load_task, load_tokenizer
 from dontstop_jax.data.tasks import require_splits, with_shots, with_train_size
 from dontstop_jax.data.tokenizer import encode_plain
-from dontstop_jax.engine.peft import METHODS, check_method
 from dontstop_jax.distributed import decide, on_first_process
+from dontstop_jax.engine.peft import METHODS, check_method
 from dontstop_jax.errors import UserError
 from dontstop_jax.fields import HEADS
-from dontstop_jax.phases.behavioral import (INTERMEDIATE_VARIANTS, MULTITASK_VARIANTS, intermediate_label,
-                                            intermediate_source, variant_fields)
-from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.files import read_json, write_json
+from dontstop_jax.phases.behavioral import (
+    INTERMEDIATE_VARIANTS,
+    MULTITASK_VARIANTS,
+    intermediate_label,
+    intermediate_source,
+    variant_fields,
+)
+from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.phases.pretrain import pretrain
 from dontstop_jax.phases.select import select, selected_corpus
 from dontstop_jax.train.source import resolve
@@ -72,7 +76,7 @@ from dontstop_jax.train.workdir import digest, phase_directory, place_identity
 VARIANTS = ("baseline", "dapt", "tapt", "dapt_tapt", "not_dapt")  # the paper's Table 5: a grid's default rows
 TRANSFER_TAPT = "transfer_tapt"  # needs tasks.<t>.transfer_from, so only on request
 # Selection variants: the `select` phase's method and k, or (rand/dsir) the variant whose size they match.
-SELECTION_VARIANTS = {"knn_tapt_50": dict(method="knn", k=50), "knn_tapt_150": dict(method="knn", k=150),
+SELECTION_VARIANTS: dict[str, dict[str, Any]] = {"knn_tapt_50": dict(method="knn", k=50), "knn_tapt_150": dict(method="knn", k=150),
                       "knn_tapt_500": dict(method="knn", k=500),
                       "rand_tapt": dict(method="rand", size_of="knn_tapt_50"),
                       "dsir_tapt": dict(method="dsir", size_of="knn_tapt_50")}
@@ -320,7 +324,9 @@ class Grid:
             return read_json(path)["references"]
         data = load_task(spec.path, text_field=spec.text_field, label_field=spec.label_field)
         require_splits(data, "scoring the references")
-        data = data if size == ALL else (with_shots if shots else with_train_size)(data, size, draw)
+        if size != ALL:
+            assert isinstance(size, int) and draw is not None  # a numbered size has its draw
+            data = (with_shots if shots else with_train_size)(data, size, draw)
         references = [{"task": task, **sized, "train_examples": len(data.splits["train"][0]), **ref}
                       for ref in reference.task_references(data.splits, len(data.label_names),
                                                            self.static_vectors(base))]
@@ -340,7 +346,8 @@ class Grid:
         """Run what is missing; returns the results table of the largest train size (raw per-seed records in
         `self.records`)."""
         base = self.base()
-        self.records = records = []
+        records: list[dict[str, Any]] = []
+        self.records = records
         references, sizes, shots = [], self.train_sizes(), bool(self.cfg.get("shots"))
         for task, spec in self.cfg.tasks.items():
             # (size, draw) -> the task's references; the majority class's dev score flags a fine-tune of that draw
@@ -352,7 +359,8 @@ class Grid:
             for variant in self.cfg.variants:
                 init = self.start_point(variant, task, base)
                 for size, method, head in ((s, m, h) for s in sizes for m in self.methods() for h in self.heads()):
-                    label, early = _row(variant, method, head), []
+                    label = _row(variant, method, head)
+                    early: list[float] = []
                     sized = {} if size == ALL else {"train_size": size, **({"shots": size} if shots else {})}
                     for seed in self.cfg.seeds:
                         result = finetune(self.finetune_phase(task, variant, init, seed, size, method, head, early))

@@ -13,7 +13,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 from ml_collections import ConfigDict
@@ -60,13 +61,14 @@ def plan(cfg: ConfigDict, name: str, slices: int = 1, tokens: int | None = None)
 
 def _levers(cfg: ConfigDict, configured: Plan, chip, devices: list, name: str, tokens: int | None) -> Iterator[Plan]:
     mesh = make_mesh(cfg.mesh.shape, devices, dcn_shape=cfg.mesh.dcn_shape).shape
-    layouts = [{}]
+    layouts: list[dict[str, Any]] = [{}]
     if mesh["data"] > 1 and cfg.mesh.dcn_shape is None:
         layouts.append({"mesh.shape": (1, mesh["data"] * mesh["fsdp"], mesh["tensor"])})
         if "gather_params_once" in cfg.train:  # the FSDP trade-off: memory for one gather per step
             layouts.append({**layouts[-1], "train.gather_params_once": not cfg.train.gather_params_once})
     found = configured.fits
-    for remat in ([{}] + ([{"model.remat": "full"}] if cfg.model.remat != "full" else [])):
+    remats: list[dict[str, Any]] = [{}] + ([{"model.remat": "full"}] if cfg.model.remat != "full" else [])
+    for remat in remats:
         if remat and found:
             break  # recomputing the forward pass only makes a step that fits without it slower
         for layout in layouts:
@@ -103,7 +105,7 @@ def _accumulation(cfg: ConfigDict, flags: dict, configured: Plan, chip, devices,
 
 def _smaller_batches(cfg: ConfigDict, chip, devices, name, tokens) -> Iterator[Plan]:
     """The last resort (it changes the recipe): FSDP, full remat and halved batches until one fits."""
-    flags = {"model.remat": "full"}
+    flags: dict[str, Any] = {"model.remat": "full"}
     mesh = make_mesh(cfg.mesh.shape, devices, dcn_shape=cfg.mesh.dcn_shape).shape
     if mesh["data"] > 1 and cfg.mesh.dcn_shape is None:
         flags["mesh.shape"] = (1, mesh["data"] * mesh["fsdp"], mesh["tensor"])

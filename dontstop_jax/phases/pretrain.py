@@ -6,16 +6,26 @@ latest checkpoint, so it produces the same parameters as an uninterrupted run.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 from ml_collections import ConfigDict
 
 from dontstop_jax import files
-from dontstop_jax.data import (MLMLoader, PreparedCorpus, SpanMasker, load_terms, load_tokenizer, prepare_corpus,
-                               special_ids, word_start_table)
+from dontstop_jax.data import (
+    MLMLoader,
+    PreparedCorpus,
+    SpanMasker,
+    load_terms,
+    load_tokenizer,
+    prepare_corpus,
+    special_ids,
+    word_start_table,
+)
 from dontstop_jax.engine import mlm_loss_sums
+from dontstop_jax.engine.steps import Hooks, LossSums
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM
 from dontstop_jax.train import source as sources
@@ -31,7 +41,7 @@ def prepare(cfg: ConfigDict, source: sources.ModelSource) -> PreparedCorpus:
                           model_vocab_size=source.config.vocab_size)
 
 
-def mlm(model: nn.Module, params: Any) -> tuple[Callable, dict]:
+def mlm(model: nn.Module, params: Any) -> tuple[LossSums, Hooks]:
     """The default objective: masked-LM loss, no step hooks."""
     return mlm_loss_sums(model), {}
 

@@ -21,8 +21,8 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from dontstop_jax import files
-from dontstop_jax.distributed import decide
 from dontstop_jax.data import iter_documents, load_task, parse_source
+from dontstop_jax.distributed import decide
 from dontstop_jax.engine import make_mesh
 from dontstop_jax.engine.sharding import MESH_AXES
 from dontstop_jax.errors import Interrupted, UserError
@@ -141,7 +141,7 @@ class _Knn:
 
 def _fit_sample(cfg: ConfigDict, sources: Sequence) -> list[str]:
     """The first `fit_docs` domain documents: what the embedder and DSIR's raw distribution are fitted on."""
-    sample = []
+    sample: list[str] = []
     for _, doc in _documents(sources):
         if len(sample) == cfg.fit_docs:
             break
@@ -149,14 +149,14 @@ def _fit_sample(cfg: ConfigDict, sources: Sequence) -> list[str]:
     return sample
 
 
-def _ranker(cfg: ConfigDict, workdir: files.Path, examples: Sequence[str], sources: Sequence):
+def _ranker(cfg: ConfigDict, workdir: files.Path, examples: Sequence[str], sources: Sequence) -> _Knn | _Sample:
     if cfg.method == "knn":
         path = workdir / EMBEDDER
         if not path.exists():
             arrays = embed.fit(cfg.embedding, _fit_sample(cfg, sources) if cfg.embedding.kind != "lm" else [],
                                cfg.seed)
             with publishing(path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+                np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: a ** dict might name allow_pickle
         with path.open("rb") as raw, np.load(raw) as saved:
             arrays = dict(saved)
         return _Knn(cfg, embed.embedder(cfg.embedding, arrays), examples)
@@ -208,6 +208,7 @@ def _write(cfg: ConfigDict, workdir: files.Path, sources: Sequence, scores: np.n
     """Second pass: keep the ranked documents that are neither duplicates nor leaks, write them, count."""
     best: dict[int, float] = {}
     if ids is not None:
+        assert scores is not None  # the ranking is both or neither
         for i, s in zip(ids[ids >= 0].tolist(), scores[ids >= 0].tolist()):
             best[i] = max(best.get(i, -np.inf), s)
     seen = {text_key(t) for t in examples}
@@ -235,10 +236,12 @@ def _write(cfg: ConfigDict, workdir: files.Path, sources: Sequence, scores: np.n
              "removed": removed, "per_source": dict(zip(names, per_source)), "seed": cfg.seed,
              "corpus": selected_corpus(workdir)}
     if cfg.method == "knn":
+        assert ids is not None  # a ranking method
         kept_ids = np.asarray(kept)
         stats.update(k=cfg.k, embedding=cfg.embedding.kind,
                      mean_similarity=float(np.mean([best[i] for i in kept])),
                      task_coverage=float(np.isin(ids, kept_ids).any(1).mean()))
     elif cfg.method in ("rand", "dsir"):
+        assert ids is not None
         stats["n"] = int(ids.shape[1])
     return stats

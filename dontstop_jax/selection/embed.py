@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 import numpy as np
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from dontstop_jax.errors import UserError
@@ -55,9 +55,9 @@ def embedder(cfg: ConfigDict, arrays: dict[str, np.ndarray]) -> Embed:
 
 def _lm_embedder(cfg: ConfigDict) -> Embed:
     from dontstop_jax.data import load_tokenizer, special_ids, tokenize_split
-    from dontstop_jax.model import RobertaModel
     from dontstop_jax.engine.sharding import MESH_AXES
     from dontstop_jax.fields import DEFAULT_RULES
+    from dontstop_jax.model import RobertaModel
     from dontstop_jax.train.source import place, resolve
 
     if not cfg.init:

@@ -1,9 +1,10 @@
 """Exact cosine top-k of task examples over a domain corpus too large to hold: a stream of document chunks.
 
 Each chunk is scored against all queries by one jitted matmul, its own top-k is taken (only as deep as the
-running top-k's threshold requires) and merged with the running top-k, so memory is bounded by queries x (k + chunk) whatever the corpus size. Queries (and the
-running top-k) are split over the mesh's batch axes and the chunk is replicated: every device ranks its own
-queries against the whole chunk, so the top-k needs no cross-device communication.
+running top-k's threshold requires) and merged with the running top-k, so memory is bounded by queries x (k + chunk)
+whatever the corpus size. Queries (and the running top-k) are split over the mesh's batch axes and the chunk is
+replicated: every device ranks its own queries against the whole chunk, so the top-k needs no cross-device
+communication.
 
 Ties resolve to the lower document index (`lax.top_k` keeps the earlier element, and the running top-k,
 always from earlier chunks, is placed first), which makes the selection independent of the chunk size.

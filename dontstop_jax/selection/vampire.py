@@ -47,7 +47,7 @@ def loss(params: Params, counts: jax.Array, rng: jax.Array, kl_weight: jax.Array
 
 
 def train(texts: Sequence[str], *, vocab: int, hidden: int, latent: int, steps: int, batch_size: int,
-          learning_rate: float, seed: int) -> tuple[Params, list[float]]:
+          learning_rate: float, seed: int) -> tuple[dict[str, np.ndarray], list[float]]:
     """Fit on `texts` (the domain sample); returns host parameters and the loss curve (every 10 steps)."""
     counts = dense_counts(texts, vocab)
     background = np.log(counts.sum(0) + 1.0) - np.log(counts.sum() + vocab)
@@ -79,6 +79,6 @@ def _mean(params: Params, counts: jax.Array) -> jax.Array:
     return encode(params, counts)[0]
 
 
-def embed(params: Params, texts: Sequence[str]) -> np.ndarray:
+def embed(params: dict[str, np.ndarray], texts: Sequence[str]) -> np.ndarray:
     """Encoder means [len(texts), latent]: the VAMPIRE document vectors."""
     return np.asarray(_mean(params, dense_counts(texts, params["w1"].shape[0])))

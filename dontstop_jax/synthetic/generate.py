@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -197,8 +197,8 @@ def generate_benchmark(
             ("unlabeled", spec.n_unlabeled, "all"),
         ):
             rng = _rng(spec, f"task/{d}/{split}")
-            texts, truth = corpus.task_texts(lex, dom, spec, rng, n, pool)
-            entry = _count(texts)
+            texts, truth = corpus.task_texts(lex, dom, spec, rng, n, cast(corpus.Pool, pool))
+            entry: dict[str, Any] = _count(texts)
             if split == "unlabeled":
                 _write_atomic(root / files[split], _jsonl(texts, None))
             else:

@@ -250,7 +250,8 @@ class MetricsWriter:
     def _sync(self, force: bool = False) -> None:
         """Queue a snapshot of the local mirror's logs (flushed, read here: whole lines and frames only) for
         upload to the bucket workdir (nothing to do for a local workdir)."""
-        if self._remote is None or not (force or time.monotonic() - self._synced >= self._sync_every_s):
+        if self._remote is None or self._uploads is None or not (
+                force or time.monotonic() - self._synced >= self._sync_every_s):
             return
         self._uploads.put({self._remote / local.relative_to(self._local).as_posix(): local.read_bytes()
                            for local in _log_files(self._local)})

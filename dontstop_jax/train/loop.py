@@ -6,7 +6,8 @@ import math
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 
@@ -14,9 +15,8 @@ from dontstop_jax.distributed import any_process
 from dontstop_jax.errors import Interrupted, UserError
 from dontstop_jax.train.logging import MetricsBuffer, MetricsWriter, ProgressBar
 
-
 _REQUESTED = threading.Event()  # process-wide: a signal between two phases still stops the next one
-_ENTERED: list["StopSignal"] = []
+_ENTERED: list[StopSignal] = []
 
 
 def _on_signal(*_: Any) -> None:
@@ -44,7 +44,7 @@ class StopSignal:
         self._previous: dict[int, Any] = {}
         self._pending: jax.Array | None = None
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         if not _ENTERED and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, _on_signal)
@@ -92,7 +92,7 @@ def _check_finite(step: int, metrics: dict[str, float]) -> None:
                         "rate, use float32, check the data, or set train.skip_nonfinite=True to skip such steps")
 
 
-def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: int, stop: int,
+def run_steps(state: Any, step_fn: Callable, batches: Iterator[Any], *, start: int, stop: int,
               writer: MetricsWriter, progress: ProgressBar, tokens_per_step: int | Callable[[Any], int],
               stop_signal: StopSignal, log_every: int = 10, save: Callable[[Any, int], None] | None = None,
               save_every: int = 0, prefix: str = "train/", phase: str = "training",

@@ -11,20 +11,29 @@ nothing downstream can take a partial phase for a finished one.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from dontstop_jax.engine import (abstract_state, chain_hooks, check_batch_size, compile_train_step, create_train_state, make_mesh,
-                                 make_train_step, to_global)
 from dontstop_jax import files
+from dontstop_jax.distributed import on_first_process
+from dontstop_jax.engine import (
+    abstract_state,
+    chain_hooks,
+    check_batch_size,
+    compile_train_step,
+    create_train_state,
+    make_mesh,
+    make_train_step,
+    to_global,
+)
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation
 from dontstop_jax.engine.steps import Fixed, Hooks, LossSums, hold_fixed, reduction_options
-from dontstop_jax.distributed import on_first_process
 from dontstop_jax.errors import Interrupted
 from dontstop_jax.model.peft import save_delta
 from dontstop_jax.train import source as sources
@@ -88,7 +97,7 @@ class Trainer:
         self.writer = MetricsWriter(self.workdir, enabled=self.lead, resume_step=self.step)
         self.progress = ProgressBar(total_steps, enabled=self.lead, desc=self.name)
 
-    def __enter__(self) -> "Trainer":
+    def __enter__(self) -> Trainer:
         self.stop.__enter__()
         return self
 

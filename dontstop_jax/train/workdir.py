@@ -33,9 +33,9 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from dontstop_jax import files
 from dontstop_jax.distributed import decide
 from dontstop_jax.errors import UserError
-from dontstop_jax import files
 from dontstop_jax.fields import PHASE_FIELDS, declared, flatten, undeclared
 from dontstop_jax.files import PathLike, read_json, write_json
 
