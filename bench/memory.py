@@ -19,9 +19,9 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-from dontstop_jax.engine import (DEFAULT_RULES, abstract_state, batch_sharding, compile_train_step,  # noqa: E402
-                                 default_optim_config, make_mesh, make_optimizer, make_train_step, mlm_loss_sums,
-                                 state_shardings)
+from dontstop_jax.engine import (DEFAULT_RULES, StepSpec, abstract_state, batch_sharding,  # noqa: E402
+                                 compile_train_step, default_optim_config, make_mesh, make_optimizer, make_train_step,
+                                 mlm_loss_sums, state_shardings)
 from dontstop_jax.engine.sharding import activation_rules  # noqa: E402
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM  # noqa: E402
 
@@ -45,7 +45,8 @@ def step_memory(cfg: ModelConfig, mesh_shape, accum: int) -> dict:
     model = RobertaForMaskedLM(cfg)
     tx, schedule = make_optimizer(default_optim_config(), 1000)
     shardings = state_shardings(model, tx, mesh, DEFAULT_RULES)
-    step = compile_train_step(make_train_step(mlm_loss_sums(model), tx, accum_steps=accum, schedule=schedule),
+    step = compile_train_step(make_train_step(StepSpec(mlm_loss_sums(model), tx, accum_steps=accum,
+                                                       schedule=schedule)),
                               shardings, mesh, DEFAULT_RULES)
     rows = batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((GLOBAL_BATCH, n), dtype, sharding=rows) for k, n, dtype in [

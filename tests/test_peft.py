@@ -15,7 +15,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from dontstop_jax.analysis import results_table
-from dontstop_jax.engine import (DEFAULT_RULES, TrainState, classification_loss_sums, compile_train_step,
+from dontstop_jax.engine import (DEFAULT_RULES, StepSpec, TrainState, classification_loss_sums, compile_train_step,
                                  create_train_state, default_optim_config, make_mesh, make_train_step, to_global)
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation, configure_model, default_peft_config
@@ -134,8 +134,8 @@ def train(method, mesh_shape=(1, 1, 1), devices=None, steps=3, lr_decay=1.0):
     model = RobertaForSequenceClassification(cfg, LABELS)
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=0, pretrained=base_params())
     start = jax.device_get(state.params)
-    step = compile_train_step(make_train_step(classification_loss_sums(model), tx, **adaptation.hooks()),
-                              shardings, mesh, DEFAULT_RULES)
+    spec = StepSpec(classification_loss_sums(model), tx, hooks=adaptation.hooks())
+    step = compile_train_step(make_train_step(spec), shardings, mesh, DEFAULT_RULES)
     for i in range(steps):
         state, _ = step(state, to_global(batch(i), mesh))
     return adaptation, start, state
