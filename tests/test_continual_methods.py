@@ -163,7 +163,8 @@ def recipe(tmp_path, monkeypatch):
     monkeypatch.setattr(continual, "das_objective", lambda *args: seen["das"].append(args))
     level = {"kl": 0.1, "mlm": 0.2}
 
-    def fake_importance(self, init, phase, kind):  # a different constant per (kind, stage)
+    def fake_importance(self, init, phase, proxy, dropout=None):  # a different constant per (proxy, stage)
+        kind = "kl" if proxy is importance.kl_loss else "mlm"
         level[kind] += 0.1
         return {k: np.full(v.shape, level[kind], np.float32) for k, v in zero_importance(CFG).items()}
     monkeypatch.setattr(Continual, "importance", fake_importance)
