@@ -28,6 +28,7 @@ from bench.mlm_step import MODELS, TOTAL_STEPS, hf_optimizer, hf_update
 from dontstop_jax.data import ClassificationBatches
 from dontstop_jax.engine import (
     DEFAULT_RULES,
+    StepSpec,
     classification_loss_sums,
     compile_train_step,
     create_train_state,
@@ -60,7 +61,8 @@ class OurClassifierStep:
         self.model = model = RobertaForSequenceClassification(cfg, NUM_LABELS)
         self.tx, schedule = make_optimizer(default_optim_config(), TOTAL_STEPS)
         self.state, shardings = create_train_state(model, self.tx, self.mesh, DEFAULT_RULES, seed=0)
-        self.step = compile_train_step(make_train_step(classification_loss_sums(model), self.tx, schedule=schedule),
+        self.step = compile_train_step(make_train_step(StepSpec(classification_loss_sums(model), self.tx,
+                                                                schedule=schedule)),
                                        shardings, self.mesh, DEFAULT_RULES)
 
     def run(self, batches: list[dict[str, np.ndarray]]) -> None:

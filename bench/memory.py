@@ -21,6 +21,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 from dontstop_jax.engine import (  # noqa: E402
     DEFAULT_RULES,
+    StepSpec,
     abstract_state,
     batch_sharding,
     compile_train_step,
@@ -54,7 +55,8 @@ def step_memory(cfg: ModelConfig, mesh_shape, accum: int) -> dict:
     model = RobertaForMaskedLM(cfg)
     tx, schedule = make_optimizer(default_optim_config(), 1000)
     shardings = state_shardings(model, tx, mesh, DEFAULT_RULES)
-    step = compile_train_step(make_train_step(mlm_loss_sums(model), tx, accum_steps=accum, schedule=schedule),
+    step = compile_train_step(make_train_step(StepSpec(mlm_loss_sums(model), tx, accum_steps=accum,
+                                                       schedule=schedule)),
                               shardings, mesh, DEFAULT_RULES)
     rows = batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((GLOBAL_BATCH, n), dtype, sharding=rows) for k, n, dtype in [

@@ -22,6 +22,7 @@ import numpy as np
 from bench.common import markdown_table, matmul_peak, mlm_train_flops, time_alternating, write_json
 from dontstop_jax.engine import (
     DEFAULT_RULES,
+    StepSpec,
     compile_train_step,
     create_train_state,
     default_optim_config,
@@ -74,8 +75,8 @@ class OurStep:
         model = RobertaForMaskedLM(cfg)
         tx, schedule = make_optimizer(default_optim_config(), TOTAL_STEPS)
         self.state, shardings = create_train_state(model, tx, self.mesh, DEFAULT_RULES, seed=0)
-        self.step = compile_train_step(make_train_step(mlm_loss_sums(model), tx, schedule=schedule), shardings,
-                                       self.mesh, DEFAULT_RULES, donate=donate)
+        self.step = compile_train_step(make_train_step(StepSpec(mlm_loss_sums(model), tx, schedule=schedule)),
+                                       shardings, self.mesh, DEFAULT_RULES, donate=donate)
         self.batch = to_global(batch, self.mesh)
         self.sync_every_step = sync_every_step
         self.metrics: dict[str, jax.Array] = {}

@@ -18,7 +18,7 @@ from pathlib import Path
 from ml_collections import ConfigDict
 
 from dontstop_jax.phases.defaults import finetune_config, pretrain_config, select_config
-from dontstop_jax.phases.grid import VARIANTS
+from dontstop_jax.phases.grid import PAPER_VARIANTS
 
 _spec = importlib.util.spec_from_file_location("finetune_cfg", Path(__file__).with_name("finetune.py"))
 assert _spec is not None and _spec.loader is not None
@@ -35,9 +35,8 @@ TRANSFER = {"chemprot": "rct", "rct": "chemprot", "acl_arc": "sciie", "sciie": "
 def get_config(arg: str = "paper"):
     root = "/data/dontstop"  # the layout below; override data paths per task/domain if yours differ
     cfg = ConfigDict(dict(
-        workdir="runs/grid-paper", base="", seeds=[0, 1, 2, 3, 4], variants=list(VARIANTS),
-        # train_sizes: learning curves, e.g. [100, 500, 1000, "all"]
-        # (each seed fine-tunes on its own stratified draw)
+        workdir="runs/grid-paper", base="", seeds=[0, 1, 2, 3, 4], variants=list(PAPER_VARIANTS),
+        # train_sizes: learning curves, e.g. [100, 500, 1000, "all"] (each seed fine-tunes on its own stratified draw)
         train_sizes=["all"],
         # methods: e.g. ["full", "frozen", "bitfit", "houlsby", "pfeiffer", "lora"] (empty: finetune.peft.method);
         # method_overrides: fine-tuning fields per method, e.g. {"lora": {"optim": {"learning_rate": 1e-3}}};
@@ -58,5 +57,5 @@ def get_config(arg: str = "paper"):
     cfg.dapt = pretrain_config("dapt")
     cfg.tapt = pretrain_config("tapt")
     cfg.finetune = finetune_config()
-    cfg.select = select_config()  # for the selection variants (grid.SELECTION_VARIANTS); method/k/sources set per row
+    cfg.select = select_config()  # for the selection variants (grid.VARIANTS); method/k/sources set per row
     return cfg

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
@@ -32,6 +32,13 @@ AVERAGING = ("none", "ema", "swa")
 HEADS = ("classifier", "prompt")  # a new classification head, or the MLM head through a prompt
 OBJECTIVES = ("mlm", "das", "ewc", "derpp", "hat")  # a pretraining phase's loss: MLM or a continual stage's
 SELECT_METHODS = ("knn", "rand", "dsir", "curated")
+# The registered continual methods and grid variants: the objects live with their owners (phases/continual.py
+# METHODS, phases/grid.py VARIANTS, engine/prompt.py HEADS), each made by `registry` from these names.
+CONTINUAL_METHODS = ("das", "ewc", "derpp", "das_no_general", "das_no_contrast", "das_past_contrast", "das_random",
+                     "hat", "demix", "ncl", "one", "adapter_one", "base")
+GRID_VARIANTS = ("baseline", "dapt", "tapt", "dapt_tapt", "not_dapt", "transfer_tapt", "knn_tapt_50", "knn_tapt_150",
+                 "knn_tapt_500", "rand_tapt", "dsir_tapt", "intermediate", "dapt_intermediate", "tapt_intermediate",
+                 "multitask", "dapt_multitask")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")  # how, never what, the model computes
 PROMPT_TEXT, PROMPT_MASK = "{text}", "<mask>"
@@ -417,3 +424,15 @@ def build(table: Mapping[str, Any]) -> ConfigDict:
     return ConfigDict({k: build(v) if isinstance(v, dict) else
                        placeholder(v.default.kind) if isinstance(v.default, Unset) else copy.deepcopy(v.default)
                        for k, v in table.items()})
+
+
+T = TypeVar("T")
+
+
+def registry(names: tuple[str, ...], entries: Mapping[str, T]) -> dict[str, T]:
+    """`entries` as a registry, if its names are exactly `names` in that order (a programming error otherwise:
+    an object registered without its name declared here, or a name with no object)."""
+    if tuple(entries) != names:
+        raise AssertionError(f"registry {list(entries)} differs from the declared names {list(names)} "
+                             "(dontstop_jax/fields.py)")
+    return dict(entries)

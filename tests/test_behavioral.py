@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from dontstop_jax import config_loader
-from dontstop_jax.engine import make_mesh, make_train_step
+from dontstop_jax.engine import StepSpec, make_mesh, make_train_step
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.multitask import mlm_weights
 from dontstop_jax.engine.state import TrainState
@@ -128,7 +128,7 @@ def test_gamma_zero_trains_exactly_as_plain_fine_tuning():
     def one_step(loss, p, data, *fixed):
         state = TrainState(step=jnp.int32(0), params=p, opt_state=tx.init(p),
                            rng=jax.random.key_data(jax.random.key(5)))
-        return jax.device_get(jax.jit(make_train_step(loss, tx))(state, data, *fixed))
+        return jax.device_get(jax.jit(make_train_step(StepSpec(loss, tx)))(state, data, *fixed))
 
     two = task.objective(None)(task.model(CFG, LABELS, None), placed(params()))[0]
     assert isinstance(two, Fixed)

@@ -14,6 +14,7 @@ from tiny_hf import save_tiny_roberta
 from dontstop_jax.das import hat, importance
 from dontstop_jax.engine import (
     DEFAULT_RULES,
+    StepSpec,
     compile_train_step,
     create_train_state,
     make_mesh,
@@ -44,7 +45,7 @@ def test_hat_blocks_the_units_past_domains_used():
     past = zero_importance(CFG)
     past["head"][0, 0] = past["intermediate"][1, 3] = 1.0
     loss, hooks = hat.hat_objective(1, past, C, S_MAX, 10)(model, state.params)
-    step = compile_train_step(make_train_step(loss, tx, **hooks), shardings, MESH, DEFAULT_RULES,
+    step = compile_train_step(make_train_step(StepSpec(loss, tx, hooks=hooks)), shardings, MESH, DEFAULT_RULES,
                               fixed=loss.arrays, donate=False)
     new, _ = step(state, to_global(mlm_batch(0), MESH))
     moved = jax.tree_util.tree_map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)),
@@ -98,7 +99,7 @@ def test_hat_loss_is_mlm_under_the_gates_plus_c_times_the_regulariser():
     model = hat.HatMaskedLM(CFG, domain=0)
     state, _ = create_train_state(model, optax.identity(), MESH, DEFAULT_RULES, seed=0)
     loss, hooks = hat.hat_objective(0, None, C, S_MAX, 4)(model, state.params)
-    assert hooks == {} and loss.stepped
+    assert hooks == {}
     batch, step = mlm_batch(1), jnp.int32(2)
     total, aux = loss.loss(loss.arrays, step)(state.params, batch, jax.random.key(0), True)
     masks = hat.gates(state.params, 0, hat.anneal(step, 4, S_MAX), S_MAX)

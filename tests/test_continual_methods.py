@@ -18,6 +18,7 @@ from dontstop_jax.das.contrastive import das_objective
 from dontstop_jax.engine import (
     DEFAULT_RULES,
     Fixed,
+    StepSpec,
     compile_train_step,
     create_train_state,
     make_mesh,
@@ -75,7 +76,8 @@ def test_ewc_fisher_and_penalty_against_numpy():
     # The loss: MLM sum + weight x lam/2 x penalty, so the step's division leaves mean MLM + lam/2 x penalty.
     batch = mlm_batch(5)
     mlm_sum, aux = mlm_loss_sums(model)(theta, batch, jax.random.key(1), True)
-    total, _ = ewc.ewc_loss_sums(model, 10.0)({"anchor": anchor, "fisher": fisher})(theta, batch, jax.random.key(1), True)
+    loss = ewc.ewc_loss_sums(model, 10.0)({"anchor": anchor, "fisher": fisher}, 0)
+    total, _ = loss(theta, batch, jax.random.key(1), True)
     assert float(total) == pytest.approx(float(mlm_sum) + float(aux["weight"]) * 5.0 * direct, rel=1e-5)
 
 
@@ -93,10 +95,12 @@ def test_fixed_arrays_reach_the_step_as_an_argument():
     batch = to_global(mlm_batch(0), MESH)
     with activation_rules(MESH, DEFAULT_RULES):
         texts = [make.lower(state, batch, *extra).as_text() for make, extra in (
-            (jax.jit(make_train_step(loss(arrays), tx)), ()), (jax.jit(make_train_step(Fixed(loss, arrays), tx)), (arrays,)))]
+            (jax.jit(make_train_step(StepSpec(loss(arrays, 0), tx))), ()),
+            (jax.jit(make_train_step(StepSpec(Fixed(loss, arrays), tx))), (arrays,)))]
     longest = [max(len(line) for line in t.splitlines()) for t in texts]
     assert longest[0] > 2 * 4 * VOCAB * 8 > longest[1]  # closed over, a 128x8 float32 array is 8192 hex digits
-    step = compile_train_step(make_train_step(Fixed(loss, arrays), tx), shardings, MESH, DEFAULT_RULES, fixed=arrays)
+    spec = StepSpec(Fixed(loss, arrays), tx)
+    step = compile_train_step(make_train_step(spec), shardings, MESH, DEFAULT_RULES, fixed=spec.fixed)
     _, metrics = step(state, batch)
     penalty = sum(np.sum(0.5 * (linear_params(0)[k] - linear_params(1)[k]) ** 2) for k in ("emb", "w"))
     expected = float(mean_mlm(model, linear_params(0), mlm_batch(0))) + lam / 2 * penalty
@@ -120,7 +124,7 @@ def test_derpp_buffer_sampling_fill_and_loss():
     assert recorded["logits"].shape == (16, 4, VOCAB) and recorded["input_ids"].shape == (16, 16)
     alpha, beta, batch, rng = 0.3, 0.5, mlm_batch(3), jax.random.key(4)
     with activation_rules(MESH, DEFAULT_RULES):
-        total, aux = replay.derpp_loss_sums(model, alpha, beta, 6)(placed(recorded))(params, batch, rng, True)
+        total, aux = replay.derpp_loss_sums(model, alpha, beta, 6)(placed(recorded), 0)(params, batch, rng, True)
     # Directly: the same two buffer samples (the loss's key split), MSE over the vocabulary at real slots.
     _, r_a, r_b, _, _ = jax.random.split(rng, 5)
     a = {k: v[np.asarray(replay.replay_indices(r_a, 16, 6))] for k, v in recorded.items()}
@@ -169,14 +173,15 @@ def recipe(tmp_path, monkeypatch):
     monkeypatch.setattr(continual, "das_objective", lambda *args: seen["das"].append(args))
     level = {"kl": 0.1, "mlm": 0.2}
 
-    def fake_importance(self, init, phase, kind):  # a different constant per (kind, stage)
+    def fake_importance(self, init, phase, proxy, dropout=None):  # a different constant per (proxy, stage)
+        kind = "kl" if proxy is importance.kl_loss else "mlm"
         level[kind] += 0.1
         return {k: np.full(v.shape, level[kind], np.float32) for k, v in zero_importance(CFG).items()}
     monkeypatch.setattr(Continual, "importance", fake_importance)
     return Continual(cfg), seen
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].objective == "das"])
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].train is Continual.das_stage])
 def test_das_ablations_change_what_each_stage_gets(recipe, method):
     run, seen = recipe
     run.stages(method, "BASE")

@@ -12,6 +12,7 @@ from dontstop_jax.analysis.continual import ContinualTable, forgetting
 from dontstop_jax.das import contrastive, importance, softmask
 from dontstop_jax.engine import (
     DEFAULT_RULES,
+    StepSpec,
     compile_train_step,
     create_train_state,
     default_optim_config,
@@ -127,7 +128,7 @@ def run_das(mesh, past, steps=2):
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=0)
     initial = jax.device_get(state.params)
     loss_sums, hooks = contrastive.das_objective(past, past, weight=0.5, temperature=0.05)(model, state.params)
-    step = compile_train_step(make_train_step(loss_sums, tx, **hooks), shardings, mesh, DEFAULT_RULES)
+    step = compile_train_step(make_train_step(StepSpec(loss_sums, tx, hooks=hooks)), shardings, mesh, DEFAULT_RULES)
     losses = []
     for i in range(steps):
         state, metrics = step(state, to_global(mlm_batch(i), mesh))

@@ -11,6 +11,7 @@ from ml_collections import ConfigDict
 
 from dontstop_jax.engine import (
     DEFAULT_RULES,
+    StepSpec,
     classification_loss_sums,
     compile_eval_step,
     compile_train_step,
@@ -53,7 +54,8 @@ def run_mlm(mesh_shape, devices, steps=3, accum=1, cfg=CFG, seed=0):
     model = RobertaForMaskedLM(cfg)
     tx, schedule = make_optimizer(default_optim_config(), total_steps=10)
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=seed)
-    step = compile_train_step(make_train_step(mlm_loss_sums(model), tx, accum_steps=accum, schedule=schedule),
+    step = compile_train_step(make_train_step(StepSpec(mlm_loss_sums(model), tx, accum_steps=accum,
+                                                       schedule=schedule)),
                               shardings, mesh, DEFAULT_RULES)
     losses = []
     for i in range(steps):
@@ -119,7 +121,8 @@ def test_classification_step_learns_and_evaluates():
     ids[:, 1] = np.where(labels == 1, 7, 8)  # the label is written in token 1
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels,
              "example_weights": np.ones(16, np.float32)}
-    step = compile_train_step(make_train_step(classification_loss_sums(model), tx), shardings, mesh, DEFAULT_RULES)
+    step = compile_train_step(make_train_step(StepSpec(classification_loss_sums(model), tx)), shardings, mesh,
+                              DEFAULT_RULES)
     evaluate = compile_eval_step(make_eval_step(classification_loss_sums(model)), shardings.params, mesh,
                                  DEFAULT_RULES)
     before = evaluate(state.params, to_global(batch, mesh))

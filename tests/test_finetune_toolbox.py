@@ -22,6 +22,7 @@ from dontstop_jax.model import RobertaForSequenceClassification, RobertaModel, i
 from dontstop_jax.phases import finetune as finetune_phase
 from dontstop_jax.phases.defaults import finetune_config
 from dontstop_jax.train import source as sources
+from dontstop_jax.train.trainer import Averaging
 
 LABELS = 3
 CFG = tiny_config(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -174,10 +175,10 @@ def test_bad_toolbox_fields_are_one_line_errors(field, value, message):
 def test_swa_start_after_the_last_epoch_is_refused():
     cfg = _loaded({"averaging.method": "swa", "averaging.swa_start": 4, "train.epochs": 3})
     with pytest.raises(UserError, match="swa_start=4 is after"):
-        finetune_phase._averages(cfg, None)
+        finetune_phase._averaging(cfg, None)
     cfg = _loaded({"averaging.method": "ema", "regularizer.method": "smart"})
     reg = Regularizer.from_config(cfg.regularizer)
-    assert finetune_phase._averages(cfg, reg) == ({"ema": 0.999, "teacher": 0.99}, "ema")
+    assert finetune_phase._averaging(cfg, reg) == Averaging({"ema": 0.999, "teacher": 0.99}, "teacher", "ema")
 
 
 def test_pruned_encoder_is_the_first_layers_of_the_original(tmp_path, small_tokenizer_dir):

@@ -16,6 +16,7 @@ from ml_collections import ConfigDict
 from dontstop_jax.analysis.plan import collective_ops
 from dontstop_jax.engine import (
     DEFAULT_RULES,
+    StepSpec,
     classification_loss_sums,
     compile_train_step,
     create_train_state,
@@ -27,7 +28,6 @@ from dontstop_jax.engine import (
     to_global,
 )
 from dontstop_jax.engine.sharding import BATCH_AXES, MESH_AXES, activation_rules
-from dontstop_jax.engine.steps import reduction_options
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForMaskedLM, RobertaForSequenceClassification, tiny_config
 
@@ -59,8 +59,8 @@ def compiled(kind, mesh_shape, accum, gather_once=True, reduce_dtype="float32"):
     loss = mlm_loss_sums(model) if kind == "mlm" else classification_loss_sums(model)
     tx, _ = make_optimizer(default_optim_config(), total_steps=10)
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=0)
-    step = compile_train_step(make_train_step(loss, tx, accum_steps=accum, gather_params_once=gather_once,
-                                              grad_reduce_dtype=reduce_dtype), shardings, mesh, DEFAULT_RULES,
+    step = compile_train_step(make_train_step(StepSpec(loss, tx, accum_steps=accum, gather_params_once=gather_once,
+                                              grad_reduce_dtype=reduce_dtype)), shardings, mesh, DEFAULT_RULES,
                               donate=False)
     batches = [to_global(batch(kind, seed), mesh) for seed in range(3)]
     with activation_rules(mesh, DEFAULT_RULES):
@@ -142,7 +142,7 @@ def reduced_operands(jaxpr):
 
 
 def test_bfloat16_reduction_halves_the_gradient_bytes():
-    """Read from the traced program: XLA's CPU compiler aborts on a bfloat16 all-reduce (reduction_options
+    """Read from the traced program: XLA's CPU compiler aborts on a bfloat16 all-reduce (StepSpec.for_phase
     refuses it there), while TPU and GPU compile it."""
     mesh = make_mesh((4, 2, 1), jax.devices())
     model = RobertaForMaskedLM(CFG)
@@ -150,7 +150,8 @@ def test_bfloat16_reduction_halves_the_gradient_bytes():
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=0)
     operands = {}
     for dtype in ("float32", "bfloat16"):
-        step = compile_train_step(make_train_step(mlm_loss_sums(model), tx, accum_steps=8, grad_reduce_dtype=dtype),
+        step = compile_train_step(make_train_step(StepSpec(mlm_loss_sums(model), tx, accum_steps=8,
+                                                           grad_reduce_dtype=dtype)),
                                   shardings, mesh, DEFAULT_RULES)
         with activation_rules(mesh, DEFAULT_RULES):
             traced = step.__wrapped__.trace(state, to_global(batch("mlm", 0), mesh))  # type: ignore[attr-defined]
@@ -160,4 +161,5 @@ def test_bfloat16_reduction_halves_the_gradient_bytes():
     nbytes = {k: sum(d.itemsize * math.prod(shape) for d, shape in v if shape) for k, v in operands.items()}
     assert nbytes["bfloat16"] * 2 == nbytes["float32"]
     with pytest.raises(UserError, match="grad_reduce_dtype=bfloat16 cannot compile for CPU"):
-        reduction_options(ConfigDict({"train": {"grad_reduce_dtype": "bfloat16"}}), "cpu")
+        StepSpec.for_phase(ConfigDict({"train": {"grad_reduce_dtype": "bfloat16"}}), mlm_loss_sums(model), tx, None,
+                           "cpu")

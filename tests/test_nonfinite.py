@@ -8,10 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from dontstop_jax.engine import TrainState, make_train_step
+from dontstop_jax.engine import StepSpec, TrainState, make_train_step
 from dontstop_jax.errors import UserError
 from dontstop_jax.train import MetricsWriter, ProgressBar
-from dontstop_jax.train.loop import StopSignal, run_steps
+from dontstop_jax.train.loop import Report, Saving, StopSignal, run_steps
 
 BAD_STEP, STEPS, LR = 3, 6, 0.1
 
@@ -32,11 +32,11 @@ def _run(tmp_path, skip: bool):
     params = {"w": jnp.ones(3)}
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                        rng=jax.random.key_data(jax.random.key(0)))
-    step = jax.jit(make_train_step(_linear_loss, tx, skip_nonfinite=skip))
+    step = jax.jit(make_train_step(StepSpec(_linear_loss, tx, skip_nonfinite=skip)))
     with MetricsWriter(tmp_path) as writer:
         state, _ = run_steps(state, step, iter({"x": jnp.asarray(x)} for x in _batches()), start=0, stop=STEPS,
-                             writer=writer, progress=ProgressBar(STEPS, enabled=False), tokens_per_step=0,
-                             stop_signal=StopSignal(), log_every=1)
+                             tokens_per_step=0, report=Report(writer, ProgressBar(STEPS, enabled=False), 1),
+                             saving=Saving(StopSignal()))
     return state
 
 

@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 from dontstop_jax.analysis import results_table
 from dontstop_jax.engine import (
     DEFAULT_RULES,
+    StepSpec,
     TrainState,
     classification_loss_sums,
     compile_train_step,
@@ -148,8 +149,8 @@ def train(method, mesh_shape=(1, 1, 1), devices=None, steps=3, lr_decay=1.0):
     model = RobertaForSequenceClassification(cfg, LABELS)
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=0, pretrained=base_params())
     start = jax.device_get(state.params)
-    step = compile_train_step(make_train_step(classification_loss_sums(model), tx, **adaptation.hooks()),
-                              shardings, mesh, DEFAULT_RULES)
+    spec = StepSpec(classification_loss_sums(model), tx, hooks=adaptation.hooks())
+    step = compile_train_step(make_train_step(spec), shardings, mesh, DEFAULT_RULES)
     for i in range(steps):
         state, _ = step(state, to_global(batch(i), mesh))
     return adaptation, start, state

@@ -17,13 +17,12 @@ from ml_collections import ConfigDict
 from dontstop_jax import files
 from dontstop_jax.analysis.hlo import COLLECTIVES, count, shape_bytes
 from dontstop_jax.engine import (
+    StepSpec,
     abstract_state,
     batch_sharding,
-    chain_hooks,
     classification_loss_sums,
     compile_predict_step,
     compile_train_step,
-    hold_fixed,
     make_mesh,
     make_train_step,
     mlm_loss_sums,
@@ -32,7 +31,6 @@ from dontstop_jax.engine import (
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import plan as peft_plan
 from dontstop_jax.engine.sharding import activation_rules
-from dontstop_jax.engine.steps import reduction_options
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM, RobertaForSequenceClassification, hub
 from dontstop_jax.model.hf_io import read_config
 
@@ -96,10 +94,8 @@ def compile_phase(cfg: ConfigDict, devices: list, num_labels: int = 2) -> tuple[
     tx, schedule = adaptation.optimizer(cfg.optim, cfg.train.get("steps") or 1000)  # fine-tuning has no steps
     shardings = state_shardings(model, tx, mesh, rules, allow_replicated=cfg.mesh.get("allow_replicated", False))
     loss = classification_loss_sums(model) if finetune else mlm_loss_sums(model)
-    step = compile_train_step(make_train_step(
-        loss, tx, accum_steps=cfg.train.get("accum_steps", 1), schedule=schedule,
-        skip_nonfinite=cfg.train.skip_nonfinite, **reduction_options(cfg, devices[0].platform),
-        **chain_hooks(adaptation.hooks(), hold_fixed(tuple(cfg.get("frozen", ()))))), shardings, mesh, rules)
+    spec = StepSpec.for_phase(cfg, loss, tx, schedule, devices[0].platform, adaptation.hooks())
+    step = compile_train_step(make_train_step(spec), shardings, mesh, rules)
     state, batch = abstract_state(shardings, model, tx), batch_shapes(cfg, arch, mesh)
     with activation_rules(mesh, rules):
         train = _cost(step.__wrapped__.lower(state, batch))  # type: ignore[attr-defined]  # set by functools.wraps

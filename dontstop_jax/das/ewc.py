@@ -53,12 +53,12 @@ def penalty(params: Any, anchor: Any, fisher_: Any) -> jax.Array:
     return sum(jax.tree_util.tree_leaves(terms), jnp.zeros((), jnp.float32))
 
 
-def ewc_loss_sums(model: nn.Module, lam: float) -> Callable[[dict], LossSums]:
-    """{"anchor", "fisher"} -> MLM sums plus lam/2 x penalty (scaled by the MLM weight, so the step's division
+def ewc_loss_sums(model: nn.Module, lam: float) -> Callable[[dict, jax.Array], LossSums]:
+    """({"anchor", "fisher"}, step) -> MLM sums plus lam/2 x penalty (scaled by the MLM weight, so the step's division
     leaves the mean loss plus the penalty)."""
     mlm = mlm_loss_sums(model)
 
-    def with_arrays(arrays: dict) -> LossSums:
+    def with_arrays(arrays: dict, step: jax.Array) -> LossSums:
         def loss(params, batch, rng, deterministic):
             total, aux = mlm(params, batch, rng, deterministic)
             return total + aux["weight"] * lam / 2 * penalty(params, arrays["anchor"], arrays["fisher"]), aux

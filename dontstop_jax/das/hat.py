@@ -118,8 +118,8 @@ def hat_objective(domain: int, past: Importance | None, c: float, s_max: float, 
                 return total + aux["weight"] * c * regulariser(masks, arrays), aux
             return sums
         if past is None:
-            return Fixed(loss, placed, stepped=True), {}
+            return Fixed(loss, placed), {}
         blocks = softmask.shard_masks(softmask.unit_masks(past, params, SLICES), params)
         block = lambda tree: softmask.apply(tree, blocks)
-        return Fixed(loss, placed, stepped=True), {"grad_transform": block, "update_transform": block}
+        return Fixed(loss, placed), {"grad_transform": block, "update_transform": block}
     return build

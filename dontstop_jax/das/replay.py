@@ -61,8 +61,8 @@ def _shards() -> int:
     return 1 if mesh.empty else math.prod(mesh.shape[a] for a in mesh.manual_axes)
 
 
-def derpp_loss_sums(model: nn.Module, alpha: float, beta: float, batch_size: int | None) -> Callable[[Buffer], LossSums]:
-    """buffer -> MLM sums plus (alpha x logit MSE + beta x replayed MLM) scaled by the MLM weight (so the step's
+def derpp_loss_sums(model: nn.Module, alpha: float, beta: float, batch_size: int | None) -> Callable[[Buffer, jax.Array], LossSums]:
+    """(buffer, step) -> MLM sums plus (alpha x logit MSE + beta x replayed MLM) scaled by the MLM weight (so the step's
     division leaves their means). `batch_size` replayed rows per call, shared by the devices (None: as many as
     each device's micro-batch has)."""
     mlm = mlm_loss_sums(model)
@@ -71,7 +71,7 @@ def derpp_loss_sums(model: nn.Module, alpha: float, beta: float, batch_size: int
         rows = replay_indices(rng, buffer["input_ids"].shape[0], size)
         return {k: nn.with_logical_constraint(v[rows], ("batch",) + (None,) * (v.ndim - 1)) for k, v in buffer.items()}
 
-    def with_buffer(buffer: Buffer) -> LossSums:
+    def with_buffer(buffer: Buffer, step: jax.Array) -> LossSums:
         def loss(params, batch, rng, deterministic):
             r_mlm, r_a, r_b, r_drop_a, r_drop_b = jax.random.split(rng, 5)
             total, aux = mlm(params, batch, r_mlm, deterministic)

@@ -13,6 +13,7 @@ from dontstop_jax.engine.state import TrainState, abstract_state, create_train_s
 from dontstop_jax.engine.steps import (
                                           Fixed,
                                           Hooks,
+                                          StepSpec,
                                           chain_hooks,
                                           classification_loss_sums,
                                           compile_eval_step,

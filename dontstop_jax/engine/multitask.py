@@ -49,7 +49,7 @@ def mlm_weights(cfg: ConfigDict, epochs: int) -> np.ndarray:
 def auxiliary_mlm_loss_sums(model: nn.Module, regularizer: Regularizer | None,
                             steps_per_epoch: int) -> Callable[[jax.Array, jax.Array], LossSums]:
     """(gamma per epoch, step) -> the loss sums of CE (+ the regularizer's penalty) + gamma x mean MLM loss, for
-    a `Fixed(..., stepped=True)` loss. `model` gives classification logits, or MLM logits at `mlm_positions`
+    a `Fixed` loss. `model` gives classification logits, or MLM logits at `mlm_positions`
     (model/multitask.py). The MLM pass draws its dropout from its own key: the classification pass sees what
     plain fine-tuning's would, so gamma = 0 trains exactly as plain fine-tuning does."""
     classify, mlm = classification_loss_sums(model, regularizer), mlm_loss_sums(model)

@@ -43,7 +43,7 @@ def make_optimizer(cfg: ConfigDict, total_steps: int, trainable: Callable[[Any],
     `trainable(params) -> tree of bools` freezes the False leaves: they get zero updates and no optimizer
     state (optax.multi_transform with set_to_zero), and clipping sees only trainable gradients. Scales of
     slices of a leaf (frozen layers, layer-wise learning rates, DAS soft-masks) are train-step hooks instead
-    (`make_train_step(grad_transform=..., update_transform=...)`).
+    (StepSpec's `hooks`).
     """
     schedule = warmup_linear_decay(cfg.learning_rate, total_steps, cfg.warmup_fraction)
     adamw = optax.chain(

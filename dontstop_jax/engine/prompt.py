@@ -34,7 +34,8 @@ from transformers import PreTrainedTokenizerFast
 from dontstop_jax.data.tasks import tokenize_split
 from dontstop_jax.data.tokenizer import encode_plain, special_ids
 from dontstop_jax.errors import UserError
-from dontstop_jax.fields import FINETUNE, build, check_template
+from dontstop_jax.fields import FINETUNE, build, check_template, registry
+from dontstop_jax.fields import HEADS as HEAD_NAMES
 from dontstop_jax.fields import PROMPT_MASK as MASK
 from dontstop_jax.fields import PROMPT_TEXT as TEXT
 from dontstop_jax.model import ModelConfig, RobertaForSequenceClassification, RobertaModel
@@ -59,11 +60,21 @@ class Head:
 
 def build_head(cfg: ConfigDict, config: ModelConfig, params: Any, tokenizer: PreTrainedTokenizerFast,
                label_names: list[str], max_len: int, train: tuple[list[str], np.ndarray]) -> Head:
-    """The fine-tuning phase's head (`cfg.head`): a classifier on `<s>`, or the prompt over the (pretrained)
-    MLM head of `params`."""
-    if cfg.head == "classifier":
-        return Head(RobertaForSequenceClassification(config, len(label_names)),
-                    lambda texts: tokenize_split(texts, tokenizer, max_len), "classification", {})
+    """The fine-tuning phase's head (`cfg.head`, one of `HEADS`) for `config` with the weights `params`, its
+    texts truncated to `max_len` tokens (`train`: the train split, for a prompt's demonstrations)."""
+    return HEADS[cfg.head].build(cfg, config, params, tokenizer, label_names, max_len, train)
+
+
+def _classifier(cfg: ConfigDict, config: ModelConfig, params: Any, tokenizer: PreTrainedTokenizerFast,
+                label_names: list[str], max_len: int, train: tuple[list[str], np.ndarray]) -> Head:
+    """A new classifier on `<s>`."""
+    return Head(RobertaForSequenceClassification(config, len(label_names)),
+                lambda texts: tokenize_split(texts, tokenizer, max_len), "classification", {})
+
+
+def _prompt(cfg: ConfigDict, config: ModelConfig, params: Any, tokenizer: PreTrainedTokenizerFast,
+            label_names: list[str], max_len: int, train: tuple[list[str], np.ndarray]) -> Head:
+    """The prompt over the (pretrained) MLM head of `params`."""
     if params is None or "lm_head" not in params:
         raise UserError(f"head=prompt reads the pretrained MLM head, and init={cfg.init!r} has none; start from a "
                         "masked LM (a pretraining phase or a Hugging Face RobertaForMaskedLM directory)")
@@ -72,6 +83,18 @@ def build_head(cfg: ConfigDict, config: ModelConfig, params: Any, tokenizer: Pre
     return Head(prompt.model(config), lambda texts: prompt.encode(texts, max_len, demos, cfg.seed), "mlm",
                 {"prompt": {"template": cfg.prompt.template, "verbalizer": prompt.words,
                             "demonstrations": cfg.prompt.demonstrations}})
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadKind:
+    """A fine-tuning head (`finetune.head`): `build` makes its `Head` (build_head's arguments); `classifier`: it
+    is a new classification head, beside which multi-task fine-tuning keeps the MLM head."""
+    build: Callable[..., Head]
+    classifier: bool
+
+
+HEADS: dict[str, HeadKind] = registry(HEAD_NAMES, {"classifier": HeadKind(_classifier, classifier=True),
+                                                   "prompt": HeadKind(_prompt, classifier=False)})
 
 
 def _segments(template: str) -> list[tuple[str, bool]]:

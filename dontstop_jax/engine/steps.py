@@ -41,13 +41,12 @@ LossSums = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 @dataclasses.dataclass(frozen=True)
 class Fixed:
-    """A loss over arrays held fixed for a whole phase (EWC's anchor and Fisher, DER++'s replay buffer). They
-    reach the compiled step as an argument, placed once: an array a jitted function closes over is baked into
-    the program as a constant (here a full copy of the parameters in the HLO). `stepped`: the loss also reads
-    the step counter (HAT's annealed gate slope), as `loss(arrays, step)`."""
-    loss: Callable[..., LossSums]  # arrays (and the step, if stepped) -> the loss that reads them
+    """A loss over arrays held fixed for a whole phase (EWC's anchor and Fisher, DER++'s replay buffer, HAT's past
+    masks). They reach the compiled step as an argument, placed once: an array a jitted function closes over is
+    baked into the program as a constant (here a full copy of the parameters in the HLO). The loss also gets the
+    step counter (HAT's annealed gate slope, the multi-task weight's epoch)."""
+    loss: Callable[[Any, jax.Array], LossSums]  # (arrays, step) -> the loss that reads them
     arrays: Any  # a tree of placed jax arrays
-    stepped: bool = False
 
 
 def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -69,7 +68,7 @@ def mlm_loss_sums(model: nn.Module, gates: Any = None) -> LossSums:
 def classification_loss_sums(model: nn.Module, regularizer: Regularizer | None = None) -> LossSums:
     """Cross-entropy over examples; padding rows of an eval batch have `example_weights` 0. A `regularizer`
     (R3F, SMART: engine/regularizers.py) adds its per-example penalty; SMART's Bregman term reads the mean
-    teacher's parameters, the loss's fifth argument (make_train_step's `teacher`)."""
+    teacher's parameters, the loss's fifth argument (StepSpec's `teacher`)."""
     def loss(params, batch, rng, deterministic, teacher=None):
         def forward(p, noise=None, key=rng, det=None):
             return model.apply({"params": p}, batch["input_ids"], batch["attention_mask"],
@@ -161,24 +160,58 @@ def _reduce(g: jax.Array, spec: P, dtype: Any) -> jax.Array:
     return (jax.lax.psum(g, rest) if rest else g).astype(jnp.float32)
 
 
-def reduction_options(cfg: Any, platform: str) -> dict[str, Any]:
-    """make_train_step's reduction arguments from a phase config's `train` section, for devices of `platform`."""
-    dtype = cfg.train.get("grad_reduce_dtype", "float32")
-    if dtype == "bfloat16" and platform == "cpu":  # XLA's CPU AllReducePromotion aborts the process on it
-        raise UserError("train.grad_reduce_dtype=bfloat16 cannot compile for CPU devices; use float32 on CPU")
-    return {"grad_reduce_dtype": dtype, "gather_params_once": cfg.train.get("gather_params_once", False)}
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What a train step does (make_train_step). `loss`: plain, or `Fixed` (the step then takes its arrays as a
+    third argument; `compile_train_step(..., fixed=spec.fixed)` binds them). `hooks`: `grad_transform` maps the
+    gradients before clipping and the optimizer (zero frozen slices, DAS soft-masks), `update_transform` scales
+    the optimizer's output (layer-wise learning rates; DAS again, since Adam normalises away a constant gradient
+    scale); several sources of hooks combine with `chain_hooks`.
+
+    `accum_steps` micro-batches per step; `grad_reduce_dtype` and `gather_params_once`: how the gradients are
+    reduced and the parameters gathered (make_train_step). `skip_nonfinite`: a step whose loss or gradient norm
+    is not finite keeps the old parameters and optimizer state (one bad batch need not end a long run) and
+    reports `skipped` = 1; the step counter still advances. `schedule`: logged as `learning_rate`.
+
+    `ema_decays`: {name: decay} of the state's parameter averages updated after every step (an EMA of the
+    fine-tuned weights, SMART's mean teacher); the state's other averages are left to the phase (SWA).
+    `teacher`: the name of the average the loss reads as its fifth argument (SMART's Bregman term)."""
+    loss: LossSums | Fixed
+    tx: optax.GradientTransformation
+    accum_steps: int = 1
+    schedule: optax.Schedule | None = None
+    hooks: Hooks = dataclasses.field(default_factory=dict)
+    skip_nonfinite: bool = False
+    ema_decays: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    teacher: str | None = None
+    grad_reduce_dtype: str = "float32"
+    gather_params_once: bool = False
+
+    @classmethod
+    def for_phase(cls, cfg: Any, loss: LossSums | Fixed, tx: optax.GradientTransformation,
+                  schedule: optax.Schedule | None, platform: str, *hooks: Hooks, **fields: Any) -> StepSpec:
+        """A phase config's step on devices of `platform`: its `train` section's accumulation, reduction and
+        non-finite rule; `hooks` chained with holding its `frozen` paths fixed."""
+        dtype = cfg.train.get("grad_reduce_dtype", "float32")
+        if dtype == "bfloat16" and platform == "cpu":  # XLA's CPU AllReducePromotion aborts the process on it
+            raise UserError("train.grad_reduce_dtype=bfloat16 cannot compile for CPU devices; use float32 on CPU")
+        return cls(loss, tx, accum_steps=cfg.train.get("accum_steps", 1), schedule=schedule,
+                   hooks=chain_hooks(*hooks, hold_fixed(tuple(cfg.get("frozen", ())))),
+                   skip_nonfinite=cfg.train.skip_nonfinite, grad_reduce_dtype=dtype,
+                   gather_params_once=cfg.train.get("gather_params_once", False), **fields)
+
+    @property
+    def fixed(self) -> Any:
+        """A `Fixed` loss's arrays (compile_train_step's `fixed`), else None."""
+        return self.loss.arrays if isinstance(self.loss, Fixed) else None
+
+    def loss_at(self, fixed: tuple, step: jax.Array) -> LossSums:
+        """The loss the step differentiates: a `Fixed` one given its arrays (the step's `fixed`) and the step."""
+        return self.loss.loss(*fixed, step) if isinstance(self.loss, Fixed) else self.loss
 
 
-def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformation, *, accum_steps: int = 1, schedule: optax.Schedule | None = None,
-                    grad_transform: Callable[[Any], Any] | None = None,
-                    update_transform: Callable[[Any], Any] | None = None,
-                    skip_nonfinite: bool = False, ema_decays: Mapping[str, float] | None = None,
-                    teacher: str | None = None, grad_reduce_dtype: str = "float32",
-                    gather_params_once: bool = False) -> Callable[..., tuple]:
-    """(state, global batch) -> (new state, metrics). `grad_transform` maps the gradients before clipping and
-    the optimizer (zero frozen slices, DAS soft-masks); `update_transform` scales the optimizer's output
-    (layer-wise learning rates; DAS again, since Adam normalises away a constant gradient scale). Several
-    sources of hooks combine with `chain_hooks`.
+def make_train_step(spec: StepSpec) -> Callable[..., tuple]:
+    """(state, global batch) -> (new state, metrics), as `spec` says.
 
     With several batch shards the gradients are computed in a shard_map over the batch axes (tensor stays
     automatic): each device sums its rows' gradients over the `accum_steps` micro-batches in float32, unreduced,
@@ -190,45 +223,33 @@ def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformatio
     all count as replicated. A device's dropout key is the step's key folded with its batch shard's index, so
     the masks depend on the data-parallel size; a loss's in-batch statistics (DAS's contrast, DER++'s replay
     mean) are per device and micro-batch.
-
-    A `Fixed` loss makes the step (state, batch, arrays); `compile_train_step(..., fixed=its arrays)` binds them.
-
-    `skip_nonfinite`: a step whose loss or gradient norm is not finite keeps the old parameters and optimizer
-    state (one bad batch need not end a long run) and reports `skipped` = 1; the step counter still advances.
-
-    `ema_decays`: {name: decay} of the state's parameter averages updated after every step (an EMA of the
-    fine-tuned weights, SMART's mean teacher); the state's other averages are left to the phase (SWA).
-    `teacher`: the name of the average the loss reads as its fifth argument (SMART's Bregman term).
     """
-    ema_decays = dict(ema_decays or {})
-    reduce_dtype = jnp.dtype(grad_reduce_dtype)
+    reduce_dtype = jnp.dtype(spec.grad_reduce_dtype)
+    grad_transform, update_transform = spec.hooks.get("grad_transform"), spec.hooks.get("update_transform")
 
     def gradients(params, batch, rng, extra, fixed, step_count, specs=None):
         """(loss sum, aux, gradient sum); with `specs` (inside the shard_map) reduced over the batch axes."""
-        if isinstance(loss_sums, Fixed):
-            loss = loss_sums.loss(*fixed, step_count) if loss_sums.stepped else loss_sums.loss(*fixed)
-        else:
-            loss = loss_sums
+        loss = spec.loss_at(fixed, step_count)
         grad_fn = jax.value_and_grad(lambda p, b, r, *t: loss(p, b, r, False, *t), has_aux=True)
         if specs is None:  # outside the shard_map
-            return _accumulate(grad_fn, params, batch, rng, extra, accum_steps, lambda p, _: p)
+            return _accumulate(grad_fn, params, batch, rng, extra, spec.accum_steps, lambda p, _: p)
         def gather(tree):
             return jax.tree_util.tree_map(_gather, tree, specs)
         def per_micro_batch(p, micro):  # the barrier ties the gather to the micro-batch so XLA cannot hoist it
             return gather(jax.lax.optimization_barrier((p, micro))[0])
         extra = tuple(gather(t) for t in extra)
         each = per_micro_batch
-        if gather_params_once:
+        if spec.gather_params_once:
             params, each = gather(params), (lambda p, _: p)
         rng = jax.random.fold_in(rng, jax.lax.axis_index(BATCH_AXES))
         with nn.logical_axis_rules(rules_without(nn.get_logical_axis_rules(), BATCH_AXES)):
-            loss_sum, aux, grads = _accumulate(grad_fn, params, batch, rng, extra, accum_steps, each)
+            loss_sum, aux, grads = _accumulate(grad_fn, params, batch, rng, extra, spec.accum_steps, each)
         grads = jax.tree_util.tree_map(lambda g, s: _reduce(g, s, reduce_dtype), grads, specs)
         return jax.lax.psum((loss_sum, aux), BATCH_AXES) + (grads,)
 
     def step(state: TrainState, batch: Batch, *fixed: Any, param_shardings: Any = None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        extra = (state.averages[teacher],) if teacher else ()
+        extra = (state.averages[spec.teacher],) if spec.teacher else ()
         args = (state.params, batch, rng, extra, fixed, state.step)
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or math.prod(mesh.shape[a] for a in BATCH_AXES) == 1:  # one batch shard: nothing to reduce
@@ -244,24 +265,24 @@ def make_train_step(loss_sums: LossSums | Fixed, tx: optax.GradientTransformatio
         grads = jax.tree_util.tree_map(lambda g: g / weight, grads)
         if grad_transform is not None:
             grads = grad_transform(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
         if update_transform is not None:
             updates = update_transform(updates)
         params = optax.apply_updates(state.params, updates)
-        averages = {name: ema_update(avg, params, ema_decays[name]) if name in ema_decays else avg
+        averages = {name: ema_update(avg, params, spec.ema_decays[name]) if name in spec.ema_decays else avg
                     for name, avg in state.averages.items()}
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, averages=averages)
         metrics = {"loss": loss_sum / weight, "accuracy": aux["correct"] / weight, "weight": aux["weight"],
                    "grad_norm": optax.tree.norm(grads)}
-        if skip_nonfinite:
+        if spec.skip_nonfinite:
             finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
             keep = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old))
             new_state = new_state.replace(params=keep(new_state.params, state.params),
                                           opt_state=keep(new_state.opt_state, state.opt_state),
                                           averages=keep(new_state.averages, state.averages))
             metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
-        if schedule is not None:
-            metrics["learning_rate"] = schedule(state.step)
+        if spec.schedule is not None:
+            metrics["learning_rate"] = spec.schedule(state.step)
         return new_state, metrics
 
     return step

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,6 +27,7 @@ from ml_collections import ConfigDict
 
 from dontstop_jax.data.masking import mask_tokens, row_keys
 from dontstop_jax.engine.multitask import MLM_KEYS, auxiliary_mlm_loss_sums, mlm_weights
+from dontstop_jax.engine.prompt import HEADS
 from dontstop_jax.engine.regularizers import Regularizer
 from dontstop_jax.engine.steps import Fixed, classification_loss_sums
 from dontstop_jax.errors import UserError
@@ -36,19 +36,7 @@ from dontstop_jax.model.multitask import RobertaForClassificationAndMLM
 from dontstop_jax.train.source import ModelSource
 from dontstop_jax.train.trainer import Objective
 
-# Grid variants: the variant whose start point they fine-tune from (intermediate: A's fine-tune starts there).
-INTERMEDIATE_VARIANTS = {"intermediate": "baseline", "dapt_intermediate": "dapt", "tapt_intermediate": "tapt"}
-MULTITASK_VARIANTS = {"multitask": "baseline", "dapt_multitask": "dapt"}
 MASK_STREAM = 7  # keeps the auxiliary MLM's mask draws apart from other seeded streams
-
-
-def variant_fields(variant: str) -> dict[str, Any]:
-    """The fine-tuning fields a behavioural grid variant sets on its rows ({} for the others)."""
-    if variant in INTERMEDIATE_VARIANTS:
-        return {"train.fresh_head": True}
-    if variant in MULTITASK_VARIANTS:
-        return {"multitask.method": "mlm"}
-    return {}
 
 
 def intermediate_source(tasks: ConfigDict, task: str) -> str:
@@ -87,7 +75,7 @@ class Multitask:
 
     def __init__(self, cfg: ConfigDict, special: dict[str, int], vocab_size: int, epochs: int, steps_per_epoch: int):
         self.cfg, self.seed, self.on = cfg.multitask, cfg.seed, cfg.multitask.method != "none"
-        if self.on and cfg.head != "classifier":
+        if self.on and not HEADS[cfg.head].classifier:
             raise UserError(f"multitask.method={cfg.multitask.method!r} trains a classifier head beside the MLM "
                             f"head and head={cfg.head!r} has none; set head=classifier (a prompt fine-tune already "
                             "trains through the MLM head)")
@@ -106,8 +94,7 @@ class Multitask:
                 return classification_loss_sums(model, regularizer), {}
             mesh = jax.tree_util.tree_leaves(params)[0].sharding.mesh
             gammas = jax.device_put(self.gammas, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-            return Fixed(auxiliary_mlm_loss_sums(model, regularizer, self.steps_per_epoch), gammas,
-                         stepped=True), {}
+            return Fixed(auxiliary_mlm_loss_sums(model, regularizer, self.steps_per_epoch), gammas), {}
         return build
 
     def batches(self, batches: Iterator[dict], first_step: int) -> Iterator[dict]:

@@ -3,11 +3,12 @@
 Methods (`METHODS`): `das` (Ke et al. 2023: soft-masked gradients + contrastive integration) and its
 ablations; the continual-learning baselines `ewc` (Fisher-weighted penalty, das/ewc.py), `derpp` (replay
 of past domains' text with their logits, das/replay.py) and `hat` (hard attention to the task, the
-parameter-isolation reference, das/hat.py); `demix` (DEMix domain experts: an FFN expert per domain); `ncl` (plain
-sequential DAPT, the naive continual learner); `one` and `adapter_one` (an independent full / adapter DAPT per domain
-from the base: no forgetting by construction, one model per domain) and `base` (no adaptation). A method is a stage kind
-plus the phase fields it sets; its objective and the state that carries from stage to stage (importance, Fisher, replay
-buffer, HAT masks) are built here, the training loop is always `pretrain`.
+parameter-isolation reference, das/hat.py); `demix` (DEMix domain experts: an FFN expert per domain); `ncl` (plain sequential DAPT, the naive continual
+learner); `one` and `adapter_one` (an independent full / adapter DAPT per domain from the base: no
+forgetting by construction, one model per domain) and `base` (no adaptation). A method is one `Method`: how a
+stage trains (a `Continual` stage method), where each stage starts, which stage's model a task is fine-tuned
+from and the phase fields it sets; the objectives and the state that carries from stage to stage (importance,
+Fisher, replay buffer, HAT masks) are built here, the training loop is always `pretrain`.
 
 DAS stage t: the accumulated importance of the earlier stages (stage 1: general knowledge, measured on the
 base model with the KL proxy on domain 1's text) soft-masks training on domain t; afterwards the domain's
@@ -38,8 +39,10 @@ import dataclasses
 import functools
 import itertools
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh
@@ -56,6 +59,7 @@ from dontstop_jax.data import MLMLoader, load_tokenizer, special_ids
 from dontstop_jax.distributed import decide, on_first_process
 from dontstop_jax.engine import check_batch_size, compile_eval_step, make_eval_step, make_mesh, mlm_loss_sums, to_global
 from dontstop_jax.errors import UserError
+from dontstop_jax.fields import CONTINUAL_METHODS, registry
 from dontstop_jax.files import write_json, write_text
 from dontstop_jax.model import ModelConfig, RobertaForMaskedLM
 from dontstop_jax.phases.defaults import das_config, derpp_config, ewc_config, hat_config
@@ -64,34 +68,6 @@ from dontstop_jax.phases.grid import base_model, phase_config
 from dontstop_jax.phases.pretrain import mlm, prepare, pretrain
 from dontstop_jax.train import source as sources
 
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """How a method's stages run. kind: "sequential" (each stage starts from the previous one), "independent"
-    (each from the base), "experts" (each from the previous one, training only its domain's FFN expert; a task
-    uses its domain's stage) or "base" (no adaptation); objective: a stage's loss (a pretraining OBJECTIVE);
-    fields: what it changes in the continual config's sections (`das`, `dapt`) for its stages."""
-    kind: str
-    objective: str = "mlm"
-    fields: tuple[tuple[str, Any], ...] = ()
-
-
-METHODS: dict[str, Method] = {
-    "das": Method("sequential", "das"),
-    "ewc": Method("sequential", "ewc"),
-    "derpp": Method("sequential", "derpp"),
-    "das_no_general": Method("sequential", "das", (("das.general", False),)),
-    "das_no_contrast": Method("sequential", "das", (("das.contrastive_weight", 0.0),)),
-    "das_past_contrast": Method("sequential", "das", (("das.contrast", "past"),)),
-    "das_random": Method("sequential", "das", (("das.random", True),)),
-    "hat": Method("sequential", "hat"),
-    "demix": Method("experts"),
-    "ncl": Method("sequential"),
-    "one": Method("independent"),
-    # Houlsby adapters, as in DAS's Adapter-ONE baseline (an adapter per domain on a frozen base)
-    "adapter_one": Method("independent", fields=(("dapt.peft.method", "houlsby"),)),
-    "base": Method("base"),
-}
 GENERAL = "general_importance.npz"  # in the first DAS stage's workdir: what the base model knows
 ACCUMULATED = "importance.npz"  # in every DAS stage's workdir: max over general and domains so far
 DOMAINS = "domain_importance.npz"  # ... max over the domains so far only (what `das.contrast="past"` gates)
@@ -100,6 +76,19 @@ HAT_MASKS = "hat_mask.npz"  # ... max over the domains so far: what the next sta
 # Everything but the FFNs (roberta/layers/intermediate, roberta/layers/output): what a DEMix stage holds fixed
 EXPERT_SHARED = ("roberta/embeddings", "lm_head", *(f"roberta/layers/{m}" for m in (
     "query", "key", "value", "attention_output", "attention_LayerNorm", "output_LayerNorm")))
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a method: train on `domain`, the sequence's `index`th, from `parent` (a model); `earlier`:
+    the method's models after the stages before (on `earlier_domains`); `sections`: the recipe's `das` and
+    `dapt` with the method's fields set."""
+    parent: str
+    domain: str
+    index: int
+    earlier: tuple[str, ...]
+    earlier_domains: tuple[str, ...]
+    sections: ConfigDict
 
 
 @dataclasses.dataclass
@@ -155,12 +144,23 @@ class Continual:
         return phase_config(template or self.cfg.dapt, self.root / "pretrain", f"{label}-{domain}", init=parent,
                             **fields)
 
-    def das_stage(self, parent: str, domain: str, index: int, das: ConfigDict) -> str:
-        """Train on `domain` under the importance accumulated so far; then add this domain's importance.
-        `das` (the recipe's, or an ablation's): with `general`, stage 1 protects the base model's general
-        knowledge; `contrast` "past" gates the contrastive negative with the domains' importance only;
+    def dapt_stage(self, stage: Stage) -> str:
+        """Plain DAPT on the stage's domain (with the method's `dapt` fields, e.g. adapter_one's adapters)."""
+        dapt = stage.sections.dapt
+        return self._dapt(stage.parent, stage.domain, dapt, "adapter" if dapt.peft.method != "full" else "dapt")
+
+    def expert_stage(self, stage: Stage) -> str:
+        """DEMix: DAPT of the FFNs only, everything else (`EXPERT_SHARED`) held fixed."""
+        return self._dapt(stage.parent, stage.domain, stage.sections.dapt, "demix",
+                          frozen=[*self.cfg.frozen, *EXPERT_SHARED])
+
+    def das_stage(self, stage: Stage) -> str:
+        """Train on the domain under the importance accumulated so far; then add this domain's importance.
+        The stage's `das` (the recipe's, or an ablation's): with `general`, stage 1 protects the base model's
+        general knowledge; `contrast` "past" gates the contrastive negative with the domains' importance only;
         `random` permutes every measured importance within its layer."""
-        phase = self._adapt_phase("das", parent, domain, objective="das", das=das)
+        das, parent, index = stage.sections.das, stage.parent, stage.index
+        phase = self._adapt_phase("das", parent, stage.domain, objective="das", das=das)
         workdir = files.path(phase.workdir)
         shuffle = ((lambda imp, k: importance.shuffled(imp, (phase.seed, index, k))) if das.random
                    else (lambda imp, k: imp))
@@ -170,33 +170,49 @@ class Continual:
             past, domains = (importance.load(files.path(parent) / name) for name in (ACCUMULATED, DOMAINS))
         else:
             domains = None
-            past = self._importance_file(workdir / GENERAL, lambda: shuffle(self.importance(parent, phase, "kl"), 0)) \
-                if das.general else None
+            general = lambda: shuffle(self.importance(parent, phase, importance.kl_loss,
+                                                      dropout=self.cfg.das.importance_dropout), 0)
+            past = self._importance_file(workdir / GENERAL, general) if das.general else None
         contrast = past if das.contrast == "all" else domains
         pretrain(phase, objective=das_objective(past, contrast, das.contrastive_weight, das.temperature))
-        own = functools.cache(lambda: shuffle(self.importance(phase.workdir, phase, "mlm"), 1))
+        own = functools.cache(lambda: shuffle(self.importance(phase.workdir, phase, importance.mlm_loss), 1))
         self._importance_file(workdir / DOMAINS, lambda: importance.accumulate(domains, own()))
         self._importance_file(workdir / ACCUMULATED, lambda: importance.accumulate(past, own()))
         return phase.workdir
 
-    def regularised_stage(self, objective: str, parent: str, domain: str, earlier: list[str],
-                          earlier_domains: list[str], das: ConfigDict) -> str:
-        """An EWC or DER++ stage on `domain` from `parent`: its penalty or replay buffer is measured from the
-        `earlier` stages' models on their domains' text (das.importance_batches batches), when it trains."""
-        section = self.cfg[objective]
-        phase = self._adapt_phase(objective, parent, domain, objective=objective, das=das, **{objective: section})
-        models = lambda: ((self._load(m, phase), self._adapt_phase("probe", m, d)) for m, d in zip(earlier, earlier_domains))
-        if objective == "ewc":
-            def past(params):
-                fishers = [ewc.fisher(m.model, m.params, self._sample(m, probe, phase.seed), m.mesh, m.rules)
-                           for m, probe in models()]
-                return _like(self._load(parent, phase).params, params), _like(ewc.mean(fishers), params)
-            pretrain(phase, objective=ewc_objective(past, section.lam))
-            return phase.workdir
+    def _regularised(self, stage: Stage, objective: str) -> tuple[ConfigDict, Callable[[], Iterator]]:
+        """The stage's phase under `objective` (with the recipe's section of that name), and (when called) each
+        earlier stage's model loaded beside a probe phase on its domain's text."""
+        phase = self._adapt_phase(objective, stage.parent, stage.domain, objective=objective, das=stage.sections.das,
+                                  **{objective: self.cfg[objective]})
+        return phase, lambda: ((self._load(m, phase), self._adapt_phase("probe", m, d))
+                               for m, d in zip(stage.earlier, stage.earlier_domains))
+
+    def ewc_stage(self, stage: Stage) -> str:
+        """EWC: the penalty's Fisher is measured from the earlier stages' models on their domains' text
+        (das.importance_batches batches), when it trains. The first stage, with nothing to regularise, is ncl's."""
+        if stage.index == 0:
+            return self.dapt_stage(stage)
+        phase, models = self._regularised(stage, "ewc")
+
+        def past(params):
+            fishers = [ewc.fisher(m.model, m.params, self._sample(m, probe, phase.seed), m.mesh, m.rules)
+                       for m, probe in models()]
+            return _like(self._load(stage.parent, phase).params, params), _like(ewc.mean(fishers), params)
+        pretrain(phase, objective=ewc_objective(past, self.cfg.ewc.lam))
+        return phase.workdir
+
+    def derpp_stage(self, stage: Stage) -> str:
+        """DER++: the replay buffer is recorded from the earlier stages' models on their domains' text, when it
+        trains. The first stage, with nothing to replay, is ncl's."""
+        if stage.index == 0:
+            return self.dapt_stage(stage)
+        phase, models = self._regularised(stage, "derpp")
+        section = self.cfg.derpp
         if section.batch_size is not None:
             check_batch_size(section.batch_size, make_mesh(phase.mesh.shape, dcn_shape=phase.mesh.dcn_shape),
                              "derpp.batch_size")
-        batches = math.ceil(section.buffer_size / das.importance_batch_size)
+        batches = math.ceil(section.buffer_size / stage.sections.das.importance_batch_size)
 
         def buffer(params):
             return replay.fill([replay.record(m.model, m.params, self._sample(m, probe, phase.seed, batches), m.mesh,
@@ -204,15 +220,15 @@ class Continual:
         pretrain(phase, objective=derpp_objective(buffer, section.alpha, section.beta, section.batch_size))
         return phase.workdir
 
-    def hat_stage(self, parent: str, domain: str, index: int) -> str:
-        """Train on `domain` (the sequence's `index`th) with its HAT embeddings, blocked where the past domains'
-        masks (the parent's `HAT_MASKS`) are on; then save its own mask and the accumulated one."""
-        section = self.cfg.hat
-        phase = self._adapt_phase("hat", parent, domain, objective="hat", hat=section)
+    def hat_stage(self, stage: Stage) -> str:
+        """Train on the domain with its HAT embeddings, blocked where the past domains' masks (the parent's
+        `HAT_MASKS`) are on; then save its own mask and the accumulated one."""
+        section, index = self.cfg.hat, stage.index
+        phase = self._adapt_phase("hat", stage.parent, stage.domain, objective="hat", hat=section)
         if phase.train.steps is None:
             raise UserError("hat anneals its gate slope over a stage's steps, so it needs dapt.train.steps (a number "
                             "of steps rather than epochs); set --config.dapt.train.steps")
-        past = importance.load(files.path(parent) / HAT_MASKS) if index > 0 else None
+        past = importance.load(files.path(stage.parent) / HAT_MASKS) if index > 0 else None
         pretrain(phase, objective=hat.hat_objective(index, past, section.c, section.s_max, phase.train.steps),
                  module=functools.partial(hat.HatMaskedLM, domain=index))
         workdir = files.path(phase.workdir)
@@ -238,26 +254,12 @@ class Continual:
     def stages(self, method: str, base: str) -> list[str]:
         """The model (a workdir) after each stage of the sequence."""
         spec, sections, seq = METHODS[method], self.sections(method), list(self.cfg.sequence)
-        if spec.kind == "base":
+        if spec.train is None:
             return [base] * len(seq)
-        label = "adapter" if sections.dapt.peft.method != "full" else "dapt"
-        if spec.kind == "independent":
-            return [self._dapt(base, d, sections.dapt, label) for d in seq]
         models: list[str] = []
         for i, domain in enumerate(seq):
-            parent = models[-1] if models else base
-            if spec.kind == "experts":
-                models.append(self._dapt(parent, domain, sections.dapt, "demix",
-                                         frozen=[*self.cfg.frozen, *EXPERT_SHARED]))
-            elif spec.objective == "hat":
-                models.append(self.hat_stage(parent, domain, i))
-            elif spec.objective == "das":
-                models.append(self.das_stage(parent, domain, i, sections.das))
-            elif spec.objective == "mlm" or i == 0:  # nothing to regularise yet: the stage is ncl's
-                models.append(self._dapt(parent, domain, sections.dapt, label))
-            else:
-                models.append(self.regularised_stage(spec.objective, parent, domain, models[:], seq[:i],
-                                                     sections.das))
+            parent = models[-1] if models and spec.chained else base
+            models.append(spec.train(self, Stage(parent, domain, i, tuple(models), tuple(seq[:i]), sections)))
         return models
 
     def _dapt(self, parent: str, domain: str, template: ConfigDict, label: str, **fields) -> str:
@@ -284,10 +286,12 @@ class Continual:
                            special_ids(tokenizer), vocab_size=len(tokenizer), mask_prob=phase.data.mask_prob,
                            process_index=jax.process_index(), process_count=jax.process_count(), prefetch=0)
         return itertools.islice(loader, batches or self.cfg.das.importance_batches)
-    def importance(self, init: str, phase: ConfigDict, kind: str) -> importance.Importance:
-        """Normalised importance of `init`'s units on `phase`'s corpus: kind "kl" (general) or "mlm" (domain)."""
-        loaded = self._load(init, phase, self.cfg.das.importance_dropout if kind == "kl" else None)
-        loss = (importance.kl_loss if kind == "kl" else importance.mlm_loss)(loaded.model)
+    def importance(self, init: str, phase: ConfigDict, proxy: Callable[[nn.Module], Callable],
+                   dropout: float | None = None) -> importance.Importance:
+        """Normalised importance of `init`'s units on `phase`'s corpus by `proxy`: importance.kl_loss (general
+        knowledge, with `dropout`) or importance.mlm_loss (the domain's)."""
+        loaded = self._load(init, phase, dropout)
+        loss = proxy(loaded.model)
         raw = importance.measure(loss, loaded.config, loaded.params, self._sample(loaded, phase, phase.seed),
                                  loaded.mesh, loaded.rules, seed=phase.seed)
         return importance.normalize(raw)
@@ -313,16 +317,14 @@ class Continual:
         base, seq = self.base(), list(self.cfg.sequence)
         records = []
         for method in self.cfg.methods:
-            kind, models = METHODS[method].kind, self.stages(method, base)
-            before = [base] + models[:-1] if kind in ("sequential", "experts") else [base] * len(seq)
-            gated = METHODS[method].objective == "hat"
+            how, models = METHODS[method], self.stages(method, base)
+            before = [base] + models[:-1] if how.chained else [base] * len(seq)
             for stage in range(len(seq)):
                 for task, spec in self.cfg.tasks.items():
                     k = seq.index(spec.domain)
                     if stage >= k:
-                        own = kind in ("independent", "experts")  # the task's domain's model, whatever came after
-                        records += self._scores(method, stage, task, models[k if own else stage],
-                                                unit_gates=f"{models[k]}/{HAT_DOMAIN}" if gated else "")
+                        records += self._scores(method, stage, task, models[k if how.own else stage],
+                                                unit_gates=f"{models[k]}/{how.gates}" if how.gates else "")
                     if stage == k - 1:
                         records += self._scores(method, stage, task, before[k], when="before")
         for task in self.cfg.tasks:
@@ -349,6 +351,38 @@ class Continual:
             records.append({"method": method, "stage": stage, "task": task, "seed": seed, "when": when,
                             "score": result["test"][spec.metric]})
         return records
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A continual method, a row of the table. `train(run, stage)` trains one stage and returns its model (a
+    `Continual` stage method; None: no adaptation, every stage is the base model); `chained`: a stage starts
+    from the previous stage's model, else from the base; `own`: a task is fine-tuned from its domain's stage
+    whatever came after, else from the latest; `gates`: the file in that stage's workdir a task is fine-tuned
+    and scored under (`unit_gates`); `fields`: what it changes in the recipe's `das` and `dapt` sections."""
+    train: Callable[[Continual, Stage], str] | None
+    chained: bool = True
+    own: bool = False
+    gates: str = ""
+    fields: tuple[tuple[str, Any], ...] = ()
+
+
+METHODS: dict[str, Method] = registry(CONTINUAL_METHODS, {
+    "das": Method(Continual.das_stage),
+    "ewc": Method(Continual.ewc_stage),
+    "derpp": Method(Continual.derpp_stage),
+    "das_no_general": Method(Continual.das_stage, fields=(("das.general", False),)),
+    "das_no_contrast": Method(Continual.das_stage, fields=(("das.contrastive_weight", 0.0),)),
+    "das_past_contrast": Method(Continual.das_stage, fields=(("das.contrast", "past"),)),
+    "das_random": Method(Continual.das_stage, fields=(("das.random", True),)),
+    "hat": Method(Continual.hat_stage, gates=HAT_DOMAIN),
+    "demix": Method(Continual.expert_stage, own=True),
+    "ncl": Method(Continual.dapt_stage),
+    "one": Method(Continual.dapt_stage, chained=False, own=True),
+    # Houlsby adapters, as in DAS's Adapter-ONE baseline (an adapter per domain on a frozen base)
+    "adapter_one": Method(Continual.dapt_stage, chained=False, own=True, fields=(("dapt.peft.method", "houlsby"),)),
+    "base": Method(None),
+})
 
 
 def synthetic_config(scale: str = "default") -> ConfigDict:

@@ -38,7 +38,7 @@ from dontstop_jax.fields import AVERAGING
 from dontstop_jax.model import RobertaForSequenceClassification, gates, init_params
 from dontstop_jax.phases.behavioral import Multitask, start_head
 from dontstop_jax.train import source as sources
-from dontstop_jax.train.trainer import Trainer, check_batch
+from dontstop_jax.train.trainer import Averaging, Trainer, check_batch
 from dontstop_jax.train.workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,10 @@ def reinit_top_layers(model: nn.Module, params, k: int, seed: int, shardings):
     return jax.jit(reinit, out_shardings=shardings)(params, jax.random.fold_in(jax.random.key(seed), 2))
 
 
-def _averages(cfg: ConfigDict, regularizer: Regularizer | None) -> tuple[dict[str, float | None], str]:
+def _averaging(cfg: ConfigDict, regularizer: Regularizer | None) -> Averaging:
     """The parameter averages the train state keeps ({name: per-step EMA decay, or None for SWA's, updated at
-    epoch ends}) and the weights the phase evaluates: "params", "ema" or "swa"."""
+    epoch ends}), the regularizer's teacher among them, and the weights the phase evaluates: "params", "ema" or
+    "swa"."""
     method, averages = cfg.averaging.method, {}
     if method not in AVERAGING:
         raise UserError(f"averaging.method={method!r} is unknown; use one of {', '.join(AVERAGING)}")
@@ -97,7 +98,8 @@ def _averages(cfg: ConfigDict, regularizer: Regularizer | None) -> tuple[dict[st
         averages["swa"] = None
     if regularizer is not None and regularizer.uses_teacher:
         averages["teacher"] = regularizer.bregman_decay
-    return averages, "params" if method == "none" else method
+    return Averaging(averages, "teacher" if "teacher" in averages else None,
+                     "params" if method == "none" else method)
 
 
 def _swa_step(trainer: Trainer):
@@ -131,7 +133,8 @@ def _finetune(cfg: ConfigDict) -> dict:
     source = sources.prune_top_layers(sources.resolve_phase(cfg), cfg.train.prune_top_layers)
     source, adaptation = sources.adapted(source, cfg)
     regularizer = Regularizer.from_config(cfg.regularizer)
-    averages, weights = _averages(cfg, regularizer)
+    averaging = _averaging(cfg, regularizer)
+    weights = averaging.weights
     task = load_task(cfg.task.path or None, text_field=cfg.task.text_field, label_field=cfg.task.label_field,
                      hf_dataset=cfg.task.hf_dataset or None)
     require_splits(task, "fine-tuning")
@@ -159,8 +162,7 @@ def _finetune(cfg: ConfigDict) -> dict:
                             "head=prompt or multitask.method=mlm")
         model = model.clone(unit_gates=gates.load(cfg.unit_gates, source.config))
     with Trainer(cfg, source, adaptation, model, objective, total_steps=epochs * per_epoch,
-                 best_metric=f"dev_{metric}", keep_last=1, averages=averages,
-                 teacher="teacher" if "teacher" in averages else None, weights=weights, head=head.kind,
+                 best_metric=f"dev_{metric}", keep_last=1, averaging=averaging, head=head.kind,
                  label_names=task.label_names, **head.provenance) as trainer:
         # The data state: the epoch to continue (the step says where in it), early stopping, the dev curve so far.
         progress = trainer.data_state or {"epoch": 0, "bad_epochs": 0, "history": [], "epoch_seconds": []}

@@ -44,6 +44,8 @@ the flag existed get it too).
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from ml_collections import ConfigDict
@@ -58,28 +60,17 @@ from dontstop_jax.data.tokenizer import encode_plain
 from dontstop_jax.distributed import decide, on_first_process
 from dontstop_jax.engine.peft import METHODS, check_method
 from dontstop_jax.errors import UserError
-from dontstop_jax.fields import HEADS
+from dontstop_jax.fields import GRID_VARIANTS, HEADS, registry
 from dontstop_jax.files import read_json, write_json
 from dontstop_jax.phases.behavioral import (
-    INTERMEDIATE_VARIANTS,
-    MULTITASK_VARIANTS,
     intermediate_label,
     intermediate_source,
-    variant_fields,
 )
 from dontstop_jax.phases.finetune import finetune
 from dontstop_jax.phases.pretrain import pretrain
 from dontstop_jax.phases.select import select, selected_corpus
 from dontstop_jax.train.source import resolve
 from dontstop_jax.train.workdir import digest, phase_directory, place_identity
-
-VARIANTS = ("baseline", "dapt", "tapt", "dapt_tapt", "not_dapt")  # the paper's Table 5: a grid's default rows
-TRANSFER_TAPT = "transfer_tapt"  # needs tasks.<t>.transfer_from, so only on request
-# Selection variants: the `select` phase's method and k, or (rand/dsir) the variant whose size they match.
-SELECTION_VARIANTS: dict[str, dict[str, Any]] = {"knn_tapt_50": dict(method="knn", k=50), "knn_tapt_150": dict(method="knn", k=150),
-                      "knn_tapt_500": dict(method="knn", k=500),
-                      "rand_tapt": dict(method="rand", size_of="knn_tapt_50"),
-                      "dsir_tapt": dict(method="dsir", size_of="knn_tapt_50")}
 
 
 def phase_config(template: ConfigDict, root: files.Path, label: str, **fields: Any) -> ConfigDict:
@@ -114,21 +105,22 @@ class Grid:
     def __init__(self, cfg: ConfigDict):
         self.cfg = cfg
         self.root = files.path(cfg.workdir)
-        known = [*VARIANTS, TRANSFER_TAPT, *SELECTION_VARIANTS, *INTERMEDIATE_VARIANTS, *MULTITASK_VARIANTS]
-        if unknown := set(cfg.variants) - set(known):
-            raise UserError(f"unknown variants {sorted(unknown)}; choose from {known}")
-        if set(cfg.variants) & set(SELECTION_VARIANTS) and "select" not in cfg:
+        if unknown := set(cfg.variants) - set(VARIANTS):
+            raise UserError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+        chosen = [VARIANTS[v] for v in cfg.variants]
+        if any(v.selection for v in chosen) and "select" not in cfg:
             raise UserError("selection variants need a `select` section in the grid config (see configs/grid.py)")
         for name, task in cfg.tasks.items():
             check_metric(task.metric, f"tasks.{name}.metric")
             if task.domain not in cfg.domains:
                 raise UserError(f"task {name} names domain {task.domain!r}, which is not in grid.domains "
                                 f"{sorted(cfg.domains)}; add its corpus or fix the name")
+        links = {v.link for v in chosen}
         for name, task in cfg.tasks.items():
-            if TRANSFER_TAPT in cfg.variants or task.get("transfer_from"):
-                self.transfer_source(name)
-            if set(cfg.variants) & set(INTERMEDIATE_VARIANTS) or task.get("intermediate_from"):
-                intermediate_source(cfg.tasks, name)
+            for link, check in (("transfer_from", self.transfer_source),
+                                ("intermediate_from", lambda t: intermediate_source(cfg.tasks, t))):
+                if link in links or task.get(link):
+                    check(name)
         self._embeds: dict[str, reference.Embed] = {}
 
     def transfer_source(self, task: str) -> str:
@@ -181,7 +173,7 @@ class Grid:
 
     def selection(self, task: str, variant: str) -> str:
         """The workdir of the task's `select` phase for a selection variant (run if missing)."""
-        spec, plan = self.cfg.tasks[task], SELECTION_VARIANTS[variant]
+        spec, plan = self.cfg.tasks[task], VARIANTS[variant].selection
         size = {"k": plan["k"]} if "k" in plan else {"n_from": self.selection(task, plan["size_of"])}
         phase = phase_config(self.cfg.select, self.root / "select", f"select-{task}-{variant}", method=plan["method"],
                        sources=list(self.cfg.domains[spec.domain]), **size,
@@ -191,25 +183,16 @@ class Grid:
         return phase.workdir
 
     def start_point(self, variant: str, task: str, base: str) -> str:
-        domain = self.cfg.tasks[task].domain
-        if variant == "baseline":
-            return base
-        if variant == "dapt":
-            return self.dapt(base, domain)
-        if variant == "tapt":
-            return self.tapt(base, task)
-        if variant == "dapt_tapt":
-            return self.tapt(self.dapt(base, domain), task)
-        if variant in SELECTION_VARIANTS:
-            return self.tapt(base, task, variant)
-        if variant == TRANSFER_TAPT:
-            return self.tapt(base, self.transfer_source(task))
-        if variant in MULTITASK_VARIANTS:
-            return self.start_point(MULTITASK_VARIANTS[variant], task, base)
-        if variant in INTERMEDIATE_VARIANTS:
-            return self.intermediate(task, INTERMEDIATE_VARIANTS[variant], base)
+        """The model `variant`'s rows of `task` fine-tune from (its phases run if missing)."""
+        return VARIANTS[variant].start(self, task, base)
+
+    def domain_dapt(self, task: str, base: str) -> str:
+        return self.dapt(base, self.cfg.tasks[task].domain)
+
+    def not_dapt(self, task: str, base: str) -> str:
+        """DAPT on the task's irrelevant domain (the paper's control)."""
         other = self.cfg.tasks[task].irrelevant_domain
-        if other not in self.cfg.domains or other == domain:
+        if other not in self.cfg.domains or other == self.cfg.tasks[task].domain:
             raise UserError(f"not_dapt for task {task} needs tasks.{task}.irrelevant_domain to name another "
                             f"domain of {sorted(self.cfg.domains)}")
         return self.dapt(base, other)
@@ -224,10 +207,11 @@ class Grid:
         return phase.workdir
 
     def finetune_phase(self, task: str, variant: str, init: str, seed: int, size: Size = ALL,
-                       method: str = "full", head: str = "classifier",
-                       early: list[float] | None = None) -> ConfigDict:
+                       method: str = "full", head: str = "classifier", early: list[float] | None = None,
+                       fields: tuple[tuple[str, Any], ...] = ()) -> ConfigDict:
         """The fine-tuning phase of one grid row (task, variant, train size or shots, method, head) and seed;
-        `early`: the early dev scores of the row's seeds run before it (seed discarding)."""
+        `early`: the early dev scores of the row's seeds run before it (seed discarding); `fields`: the
+        variant's own (`Variant.fields`)."""
         spec, shots = self.cfg.tasks[task], bool(self.cfg.get("shots"))
         per_task = {"task.path": spec.path, "train.metric": spec.metric, "task.text_field": spec.text_field,
                     "task.label_field": spec.label_field}
@@ -239,7 +223,7 @@ class Grid:
         return phase_config(self.cfg.finetune, self.root / "finetune", name, init=init, seed=seed,
                       **{**per_task, **draw, "head": head, **self.task_overrides(task, "finetune"),
                          **self.method_overrides(method), "peft.method": self.peft_method(method),
-                         **self.discard(early or []), **variant_fields(variant)})
+                         **self.discard(early or []), **dict(fields)})
 
     def methods(self) -> list[str]:
         """The grid's `methods` dimension; default: finetune.peft's. An entry is a PEFT method (full, lora, ...)
@@ -363,7 +347,8 @@ class Grid:
                     early: list[float] = []
                     sized = {} if size == ALL else {"train_size": size, **({"shots": size} if shots else {})}
                     for seed in self.cfg.seeds:
-                        result = finetune(self.finetune_phase(task, variant, init, seed, size, method, head, early))
+                        result = finetune(self.finetune_phase(task, variant, init, seed, size, method, head, early,
+                                                              VARIANTS[variant].fields))
                         if result.get("early_dev") is not None:
                             early.append(result["early_dev"])
                         records.append({"task": task, "variant": label, **sized, "seed": seed,
@@ -391,3 +376,56 @@ class Grid:
             metric_by_task = {t: s.metric for t, s in self.cfg.tasks.items()}
             write_learning_curves(self.root, learning_curves(records, references, metric_by_task, order))
         write_json(self.root / "records.json", {"records": records, "references": references})
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A grid variant, a kind of row. `start(grid, task, base)`: the model its rows of `task` fine-tune from (its
+    phases run if missing); `fields`: the fine-tuning fields it sets on its rows; `selection`: a selection
+    variant's `select` phase, its method and k or (rand/dsir) the variant whose size it matches; `link`: the task
+    field naming another task it needs (checked for every task when it is chosen); `paper`: one of the paper's
+    Table 5 rows, a grid's default."""
+    start: Callable[[Grid, str, str], str]
+    fields: tuple[tuple[str, Any], ...] = ()
+    selection: dict[str, Any] | None = None
+    link: str = ""
+    paper: bool = False
+
+
+def _selection(variant: str, **plan: Any) -> Variant:
+    """TAPT on the task text plus the documents the `select` phase `plan` keeps for it (phases/select.py)."""
+    return Variant(lambda grid, task, base: grid.tapt(base, task, variant), selection=plan)
+
+
+def _intermediate(start: str) -> Variant:
+    """STILTs from `start`'s start point (phases/behavioral.py): the target fine-tuned with a fresh head."""
+    return Variant(lambda grid, task, base: grid.intermediate(task, start, base), (("train.fresh_head", True),),
+                   link="intermediate_from")
+
+
+def _multitask(start: str) -> Variant:
+    """`start`'s start point fine-tuned with the auxiliary MLM loss on the task's text (phases/behavioral.py)."""
+    return Variant(lambda grid, task, base: grid.start_point(start, task, base), (("multitask.method", "mlm"),))
+
+
+VARIANTS: dict[str, Variant] = registry(GRID_VARIANTS, {
+    "baseline": Variant(lambda grid, task, base: base, paper=True),
+    "dapt": Variant(lambda grid, task, base: grid.domain_dapt(task, base), paper=True),
+    "tapt": Variant(lambda grid, task, base: grid.tapt(base, task), paper=True),
+    "dapt_tapt": Variant(lambda grid, task, base: grid.tapt(grid.domain_dapt(task, base), task), paper=True),
+    "not_dapt": Variant(Grid.not_dapt, paper=True),
+    # the paper's Transfer-TAPT: needs tasks.<t>.transfer_from, so only on request
+    "transfer_tapt": Variant(lambda grid, task, base: grid.tapt(base, grid.transfer_source(task)),
+                             link="transfer_from"),
+    "knn_tapt_50": _selection("knn_tapt_50", method="knn", k=50),
+    "knn_tapt_150": _selection("knn_tapt_150", method="knn", k=150),
+    "knn_tapt_500": _selection("knn_tapt_500", method="knn", k=500),
+    "rand_tapt": _selection("rand_tapt", method="rand", size_of="knn_tapt_50"),
+    "dsir_tapt": _selection("dsir_tapt", method="dsir", size_of="knn_tapt_50"),
+    "intermediate": _intermediate("baseline"),
+    "dapt_intermediate": _intermediate("dapt"),
+    "tapt_intermediate": _intermediate("tapt"),
+    "multitask": _multitask("baseline"),
+    "dapt_multitask": _multitask("dapt"),
+})
+PAPER_VARIANTS = tuple(name for name, variant in VARIANTS.items() if variant.paper)  # a grid's default rows

@@ -21,7 +21,7 @@ from ml_collections.config_dict import placeholder
 
 from dontstop_jax import config_loader
 from dontstop_jax.phases.defaults import finetune_config, pretrain_config, select_config
-from dontstop_jax.phases.grid import VARIANTS
+from dontstop_jax.phases.grid import PAPER_VARIANTS
 from dontstop_jax.synthetic import generate_benchmark
 
 SEQ = 64
@@ -51,7 +51,7 @@ def get_config(scale: str = "default") -> ConfigDict:
         raise ValueError(f"unknown scale {scale!r}; choose from {list(SCHEDULES)}")
     base_steps, dapt_steps, tapt_epochs, ft_epochs, seeds = SCHEDULES[scale]
     cfg = ConfigDict(dict(
-        workdir=f"runs/synthetic-{scale}", base="", seeds=list(seeds), variants=list(VARIANTS),
+        workdir=f"runs/synthetic-{scale}", base="", seeds=list(seeds), variants=list(PAPER_VARIANTS),
         train_sizes=["all"],  # learning curves: e.g. [16, 64, "all"] (see phases/grid.py)
         # methods: e.g. ["full", "frozen", "bitfit", "houlsby", "pfeiffer", "lora"] (empty: finetune.peft.method);
         # method_overrides: fine-tuning fields per method, e.g. {"lora": {"optim": {"learning_rate": 1e-3}}};
@@ -84,7 +84,7 @@ def get_config(scale: str = "default") -> ConfigDict:
     ft.prompt.template = "{text} <mask>"
     cfg.finetune = ft
 
-    cfg.select = select_config()  # only used when variants name a selection row (grid.SELECTION_VARIANTS)
+    cfg.select = select_config()  # only used when variants name a selection row (grid.VARIANTS with a `selection`)
     cfg.select.embedding.update(dim=4096)
     cfg.select.embedding.vampire.update(steps=300, learning_rate=1e-2)
     cfg.select.chunk_size = 1024

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import threading
@@ -92,21 +93,39 @@ def _check_finite(step: int, metrics: dict[str, float]) -> None:
                         "rate, use float32, check the data, or set train.skip_nonfinite=True to skip such steps")
 
 
-def run_steps(state: Any, step_fn: Callable, batches: Iterator[Any], *, start: int, stop: int,
-              writer: MetricsWriter, progress: ProgressBar, tokens_per_step: int | Callable[[Any], int],
-              stop_signal: StopSignal, log_every: int = 10, save: Callable[[Any, int], None] | None = None,
-              save_every: int = 0, prefix: str = "train/", phase: str = "training",
-              skipped: int = 0, poll_every: int = 10) -> tuple[Any, int]:
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """Where the step loop's metrics go: `writer` (as train/...) every `log_every` steps and the last, `progress`
+    every step."""
+    writer: MetricsWriter
+    progress: ProgressBar
+    log_every: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Saving:
+    """When the step loop saves and stops: `save(state, skipped)` every `every` steps (0: never) and before
+    stopping on a request to `signal`, which several processes agree on every `poll_every` steps (StopSignal.poll;
+    a stop then comes up to `poll_every` steps after the signal); the `Interrupted` raised names `phase`."""
+    signal: StopSignal
+    phase: str = "training"
+    save: Callable[[Any, int], None] | None = None
+    every: int = 0
+    poll_every: int = 10
+
+
+def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: int, stop: int,
+              tokens_per_step: int | Callable[[Any], int], report: Report, saving: Saving,
+              skipped: int = 0) -> tuple[Any, int]:
     """Run steps (start, stop] and return the state and the count of skipped steps. Metrics are fetched one step
-    late. When asked to stop (`stop_signal`), the state is saved and `Interrupted(phase, step)` raised.
-    Steps a `skipped` metric marks (see make_train_step's skip_nonfinite) are counted on from `skipped` (those of
+    late. When asked to stop (`saving.signal`), the state is saved and `Interrupted(phase, step)` raised.
+    Steps a `skipped` metric marks (see StepSpec's skip_nonfinite) are counted on from `skipped` (those of
     earlier runs of the phase), so the logged `skipped` and what `save(state, skipped)` gets are phase totals.
     `tokens_per_step`: a count, or a function of the batch (fine-tuning's length-bucketed batches vary); when
     it gives tokens, each logged line also gets `tokens_per_s` since the previous line (host wall clock at
-    fetch time, so the first line includes compilation). `poll_every`: how often several processes agree on a
-    stop request (StopSignal.poll); a stop then comes up to `poll_every` steps after the signal."""
-    if poll_every < 1:
-        raise UserError(f"train.stop_poll_every={poll_every} must be >= 1 (steps between stop checks)")
+    fetch time, so the first line includes compilation)."""
+    if saving.poll_every < 1:
+        raise UserError(f"train.stop_poll_every={saving.poll_every} must be >= 1 (steps between stop checks)")
     count_tokens = tokens_per_step if callable(tokens_per_step) else (lambda _: tokens_per_step)
     buffer = MetricsBuffer()
     tokens_through: dict[int, int] = {}  # step -> tokens since `start`, until its metrics are drained
@@ -121,13 +140,13 @@ def run_steps(state: Any, step_fn: Callable, batches: Iterator[Any], *, start: i
                 skipped += int(m["skipped"])
                 m = {**m, "skipped": skipped}
             through = tokens_through.pop(s)
-            if s % log_every == 0 or s == stop:
+            if s % report.log_every == 0 or s == stop:
                 now = time.perf_counter()
                 if through > last_logged[2]:
                     m = {**m, "tokens_per_s": (through - last_logged[2]) / max(now - last_logged[1], 1e-9)}
                 last_logged = (s, now, through)
-                writer.write(s, m, prefix=prefix)
-            progress.update(s, m, tokens=0)
+                report.writer.write(s, m, prefix="train/")
+            report.progress.update(s, m, tokens=0)
 
     step = start
     for step in range(start + 1, stop + 1):
@@ -137,13 +156,13 @@ def run_steps(state: Any, step_fn: Callable, batches: Iterator[Any], *, start: i
         tokens_through[step] = total_tokens
         state, metrics = step_fn(state, batch)
         buffer.push(step, metrics)
-        progress.update(step, None, tokens=tokens)
+        report.progress.update(step, None, tokens=tokens)
         drain(buffer.pop_ready())
-        stopping = stop_signal.poll(step, poll_every)
-        if save is not None and ((save_every and step % save_every == 0) or stopping):
+        stopping = saving.signal.poll(step, saving.poll_every)
+        if saving.save is not None and ((saving.every and step % saving.every == 0) or stopping):
             drain(buffer.flush())  # never checkpoint a state whose loss was not finite
-            save(state, skipped)
+            saving.save(state, skipped)
         if stopping:
-            raise Interrupted(phase, step)
+            raise Interrupted(saving.phase, step)
     drain(buffer.flush())
     return state, skipped

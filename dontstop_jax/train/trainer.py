@@ -10,6 +10,7 @@ nothing downstream can take a partial phase for a finished one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -22,8 +23,8 @@ from ml_collections import ConfigDict
 from dontstop_jax import files
 from dontstop_jax.distributed import on_first_process
 from dontstop_jax.engine import (
+    StepSpec,
     abstract_state,
-    chain_hooks,
     check_batch_size,
     compile_train_step,
     create_train_state,
@@ -33,12 +34,12 @@ from dontstop_jax.engine import (
 )
 from dontstop_jax.engine.checkpoint import Checkpointer
 from dontstop_jax.engine.peft import Adaptation
-from dontstop_jax.engine.steps import Fixed, Hooks, LossSums, hold_fixed, reduction_options
+from dontstop_jax.engine.steps import Fixed, Hooks, LossSums
 from dontstop_jax.errors import Interrupted
 from dontstop_jax.model.peft import save_delta
 from dontstop_jax.train import source as sources
 from dontstop_jax.train.logging import MetricsWriter, ProgressBar
-from dontstop_jax.train.loop import StopSignal, run_steps
+from dontstop_jax.train.loop import Report, Saving, StopSignal, run_steps
 from dontstop_jax.train.workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,16 @@ PEFT_FILE = "peft.safetensors"
 # (model, sharded params) -> (loss_sums, step hooks): what a phase trains, e.g. DAS's objective (das/); a `Fixed`
 # loss (EWC, DER++) carries the arrays it reads into the compiled step.
 Objective = Callable[[nn.Module, Any], tuple[LossSums | Fixed, Hooks]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Averaging:
+    """The parameter averages the train state keeps, {name: per-step EMA decay, or None for one the phase updates
+    itself (SWA)}; `teacher`: the one the loss reads (StepSpec); `weights`: what the phase reports, "params" or an
+    average (recorded in every checkpoint's meta, so the next phase and an export read it)."""
+    decays: Mapping[str, float | None] = dataclasses.field(default_factory=dict)
+    teacher: str | None = None
+    weights: str = "params"
 
 
 def check_batch(cfg: ConfigDict) -> None:
@@ -61,15 +72,10 @@ class Trainer:
 
     def __init__(self, cfg: ConfigDict, source: sources.ModelSource, adaptation: Adaptation, model: nn.Module,
                  objective: Objective, *, total_steps: int, best_metric: str | None = None, keep_last: int = 2,
-                 averages: Mapping[str, float | None] | None = None, teacher: str | None = None,
-                 weights: str = "params", **provenance: Any):
-        """`averages`: the parameter averages the state keeps, {name: per-step EMA decay, or None for one the
-        phase updates itself (SWA)}; `teacher`: the one the loss reads (make_train_step); `weights`: what the
-        phase reports, "params" or an average (recorded in every checkpoint's meta, so the next phase and an
-        export read it)."""
+                 averaging: Averaging = Averaging(), **provenance: Any):
         self.cfg, self.name, self.workdir = cfg, cfg.name, files.path(cfg.workdir)
         self.adaptation, self.model, self.total_steps = adaptation, model, total_steps
-        self.averages, self.weights = dict(averages or {}), weights
+        self.averages, self.weights = dict(averaging.decays), averaging.weights
         self.lead = jax.process_index() == 0
         self.mesh = make_mesh(cfg.mesh.shape, dcn_shape=cfg.mesh.dcn_shape)
         self.rules = tuple(tuple(r) for r in cfg.mesh.rules)
@@ -80,19 +86,18 @@ class Trainer:
                                                         averages=tuple(self.averages))
         self.checkpoints = Checkpointer(self.workdir / "checkpoints", keep_last=keep_last, best_metric=best_metric)
         self.meta = sources.provenance(self.name, source, cfg, **provenance,
-                                       **({"weights": weights} if weights != "params" else {}))
+                                       **({"weights": self.weights} if self.weights != "params" else {}))
         self.data_state: dict | None = None  # the loader position of the restored checkpoint
         self.skipped = 0  # steps skipped for a non-finite loss (train.skip_nonfinite), across resumes
         if self.checkpoints.latest_step() is not None:  # resume exactly where the last checkpoint left off
             self.state, self.data_state, _ = self.checkpoints.restore(self.abstract())
             self.skipped = int(self.data_state.pop("skipped_steps", 0))
         loss_sums, hooks = objective(model, self.state.params)
-        self.train_step = compile_train_step(make_train_step(
-            loss_sums, self.tx, accum_steps=cfg.train.get("accum_steps", 1), schedule=schedule,
-            skip_nonfinite=cfg.train.skip_nonfinite, teacher=teacher, **reduction_options(cfg, jax.default_backend()),
-            ema_decays={name: decay for name, decay in self.averages.items() if decay is not None},
-            **chain_hooks(adaptation.hooks(), hooks, hold_fixed(tuple(cfg.get("frozen", ()))))),
-            self.shardings, self.mesh, self.rules, fixed=loss_sums.arrays if isinstance(loss_sums, Fixed) else None)
+        spec = StepSpec.for_phase(cfg, loss_sums, self.tx, schedule, jax.default_backend(), adaptation.hooks(), hooks,
+                                  teacher=averaging.teacher,
+                                  ema_decays={name: decay for name, decay in self.averages.items() if decay is not None})
+        self.train_step = compile_train_step(make_train_step(spec), self.shardings, self.mesh, self.rules,
+                                             fixed=spec.fixed)
         self.stop = StopSignal()
         self.writer = MetricsWriter(self.workdir, enabled=self.lead, resume_step=self.step)
         self.progress = ProgressBar(total_steps, enabled=self.lead, desc=self.name)
@@ -137,9 +142,9 @@ class Trainer:
             raise Interrupted(self.name, self.step)
         self.state, self.skipped = run_steps(
             self.state, self.train_step, (to_global(b, self.mesh) for b in batches), start=self.step, stop=stop,
-            writer=self.writer, progress=self.progress, tokens_per_step=tokens_per_step, stop_signal=self.stop,
-            log_every=self.cfg.train.log_every, save=save, save_every=save_every, phase=self.name,
-            skipped=self.skipped, poll_every=self.cfg.train.stop_poll_every)
+            tokens_per_step=tokens_per_step, report=Report(self.writer, self.progress, self.cfg.train.log_every),
+            saving=Saving(self.stop, self.name, save, save_every, self.cfg.train.stop_poll_every),
+            skipped=self.skipped)
 
     def save(self, data_state: dict, metrics: dict | None = None) -> None:
         self._save(self.state, data_state, metrics)
