@@ -48,9 +48,11 @@ def rows(cfg: ConfigDict) -> list[tuple[str, Any, str, Field | None, bool]]:
             field, counts = declared(path, FIELDS), "-"
         else:
             phase = roots[root]
-            field = declared(path[len(root):], _phase_table(phase))
-            yes = field is None or field.counted(value, flatten(phase))
-            counts = "yes" if yes else "no" if field.counts == RUNTIME else f"no: {field.counts}"
+            table = _phase_table(phase)
+            assert table is not None  # `root` was chosen among the phases
+            field = declared(path[len(root):], table)
+            counts = ("yes" if field is None or field.counted(value, flatten(phase)) else
+                      "no" if field.counts == RUNTIME else f"no: {field.counts}")
         at_default = field is not None and value == _default(field)
         out.append((path, value, counts, field, at_default))
     return out
@@ -59,7 +61,7 @@ def rows(cfg: ConfigDict) -> list[tuple[str, Any, str, Field | None, bool]]:
 def explain(cfg: ConfigDict, diff: bool = False) -> str:
     """The table `dontstop config` prints (diff: only the fields whose value is not their declared default)."""
     shown = [r for r in rows(cfg) if not (diff and r[4])]
-    width, wide = (max((len(r[i]) for r in shown), default=0) for i in (0, 2))
+    width, wide = max((len(r[0]) for r in shown), default=0), max((len(r[2]) for r in shown), default=0)
     lines = ["changes result: whether the field shapes a phase's result (its fingerprint); '-': not a phase field. "
              "Each field is declared in dontstop_jax/fields.py."]
     for path, value, counts, field, _ in shown:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ml_collections import ConfigDict
@@ -210,7 +210,7 @@ DERPP = dict(
                  _unset_or_positive(": as many rows as the micro-batch")))
 HAT = dict(s_max=F(400.0, "the gate slope's final value", _at_least(1, " (the final gate slope; the paper's 400)")),
            c=F(0.75, "weight of the gates' sparsity regulariser", NON_NEGATIVE))
-PRETRAIN = dict(
+PRETRAIN: dict[str, Any] = dict(
     COMMON,
     data=dict(
         sources=F([], "corpus files, globs, hf:NAME or tfds:NAME (or source dicts)"),
@@ -240,7 +240,7 @@ PRETRAIN = dict(
     das=DAS, ewc=_switched(EWC, When("objective", on="ewc")),  # das counts always: it did before the others came
     derpp=_switched(DERPP, When("objective", on="derpp")), hat=_switched(HAT, When("objective", on="hat")))
 _OFF = "must be >= 0 (0 turns SMART's Bregman term off)"
-FINETUNE = dict(
+FINETUNE: dict[str, Any] = dict(
     COMMON,
     task=dict(_TASK, train_size=F(0, "train on a stratified draw of this many examples (0: all)",
                                   _at_least(0, " (0 = the whole train split)"), Neutral(0)),
@@ -293,7 +293,7 @@ FINETUNE = dict(
     unit_gates=F("", "an .npz of fixed gates on heads and FFN units (e.g. a HAT domain's mask); \"\": none",
                  ((lambda v: v == "" or v.endswith(".npz")),
                   "must be an .npz of gates (e.g. a HAT stage's hat_domain_mask.npz) or \"\" for none"), Neutral("")))
-SELECT = dict(
+SELECT: dict[str, Any] = dict(
     name=COMMON["name"], workdir=COMMON["workdir"], seed=_SEED,
     method=F("knn", "how documents are selected", one_of(SELECT_METHODS)),
     task=_TASK,
@@ -319,7 +319,7 @@ SELECT = dict(
     chunk_size=F(4096, "documents embedded per chunk", POSITIVE),
     checkpoint_every=F(8, "chunks between checkpoints", POSITIVE, RUNTIME),
     mesh=dict(shape=MESH["shape"]))
-GRID = dict(  # what a grid, the demo (a grid on the synthetic benchmark) and a continual run add to their phases
+GRID: dict[str, Any] = dict(  # what a grid, the demo (a grid on the synthetic benchmark) and a continual run add to their phases
     workdir=COMMON["workdir"],
     base=F("", "the base model (HF directory or hub id; empty: base_pretrain trains one)"),
     seeds=F([0, 1, 2, 3, 4], "fine-tuning seeds"),
@@ -354,7 +354,7 @@ TASK = {"tasks.*." + k: v for k, v in dict(
     overrides=F({}, "per-task fields of its TAPT and fine-tuning phases", keyed=True),
     transfer_from=F("", "the task whose TAPT phase transfer_tapt fine-tunes from"),
     intermediate_from=F("", "the task the intermediate rows fine-tune on first")).items()}
-ANALYZE = dict(
+ANALYZE: dict[str, Any] = dict(
     out_dir=F("runs/analysis", "where the report goes"),
     corpora=F({}, "{name: [sources]}: held-out text of each domain", keyed=True),
     vocab=dict(top_k=F(10_000, "words per corpus (0: no overlap section)"),
@@ -386,7 +386,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def _merge(*tables: Iterator[tuple[str, Field]]) -> dict[str, Field]:
+def _merge(*tables: Iterable[tuple[str, Field]]) -> dict[str, Field]:
     """One {path: Field}; a path declared twice (with each phase's default) must mean the same."""
     out: dict[str, Field] = {}
     for path, field in (item for table in tables for item in table):

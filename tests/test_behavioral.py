@@ -100,7 +100,7 @@ def test_multitask_loss_is_ce_plus_gamma_times_mlm_computed_directly():
     assert isinstance(fixed, Fixed)
     build, gammas = fixed.loss, task.gammas
     step = 3  # epoch 1 of PER_EPOCH-step epochs: gamma 0.2
-    loss_sum, aux = jax.jit(lambda p, b: build(gammas, np.int32(step))(p, b, jax.random.key(0), True))(params(), b)
+    loss_sum, aux = jax.jit(lambda p, b: build(gammas, jnp.asarray(step, jnp.int32))(p, b, jax.random.key(0), True))(params(), b)
     # Directly: the classifier and the masked LM, each with its own part of the parameters, and NumPy losses.
     p = params()
     logits = np.asarray(jax.jit(RobertaForSequenceClassification(CFG, LABELS).apply)(

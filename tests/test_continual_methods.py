@@ -76,7 +76,7 @@ def test_ewc_fisher_and_penalty_against_numpy():
     # The loss: MLM sum + weight x lam/2 x penalty, so the step's division leaves mean MLM + lam/2 x penalty.
     batch = mlm_batch(5)
     mlm_sum, aux = mlm_loss_sums(model)(theta, batch, jax.random.key(1), True)
-    loss = ewc.ewc_loss_sums(model, 10.0)({"anchor": anchor, "fisher": fisher}, 0)
+    loss = ewc.ewc_loss_sums(model, 10.0)({"anchor": anchor, "fisher": fisher}, jnp.asarray(0))
     total, _ = loss(theta, batch, jax.random.key(1), True)
     assert float(total) == pytest.approx(float(mlm_sum) + float(aux["weight"]) * 5.0 * direct, rel=1e-5)
 
@@ -95,7 +95,7 @@ def test_fixed_arrays_reach_the_step_as_an_argument():
     batch = to_global(mlm_batch(0), MESH)
     with activation_rules(MESH, DEFAULT_RULES):
         texts = [make.lower(state, batch, *extra).as_text() for make, extra in (
-            (jax.jit(make_train_step(StepSpec(loss(arrays, 0), tx))), ()),
+            (jax.jit(make_train_step(StepSpec(loss(arrays, jnp.asarray(0)), tx))), ()),
             (jax.jit(make_train_step(StepSpec(Fixed(loss, arrays), tx))), (arrays,)))]
     longest = [max(len(line) for line in t.splitlines()) for t in texts]
     assert longest[0] > 2 * 4 * VOCAB * 8 > longest[1]  # closed over, a 128x8 float32 array is 8192 hex digits
@@ -124,7 +124,7 @@ def test_derpp_buffer_sampling_fill_and_loss():
     assert recorded["logits"].shape == (16, 4, VOCAB) and recorded["input_ids"].shape == (16, 16)
     alpha, beta, batch, rng = 0.3, 0.5, mlm_batch(3), jax.random.key(4)
     with activation_rules(MESH, DEFAULT_RULES):
-        total, aux = replay.derpp_loss_sums(model, alpha, beta, 6)(placed(recorded), 0)(params, batch, rng, True)
+        total, aux = replay.derpp_loss_sums(model, alpha, beta, 6)(placed(recorded), jnp.asarray(0))(params, batch, rng, True)
     # Directly: the same two buffer samples (the loss's key split), MSE over the vocabulary at real slots.
     _, r_a, r_b, _, _ = jax.random.split(rng, 5)
     a = {k: v[np.asarray(replay.replay_indices(r_a, 16, 6))] for k, v in recorded.items()}

@@ -407,7 +407,8 @@ def test_processes_split_compressed_files_by_file_and_by_stored_position(tmp_pat
     for name, part in (("a", records[:2400]), ("b", records[2400:2700]), ("c", records[2700:])):
         write(tmp_path / f"{name}.jsonl.gz", gzip.compress("".join(part).encode()))
     sources = [parse_source(write(tmp_path / "p.txt", "".join(records[:300]))), parse_source(str(tmp_path / "*.gz"))]
-    read, segments = collections.Counter(), prepare_module.iter_line_segments
+    read: collections.Counter[str] = collections.Counter()
+    segments = prepare_module.iter_line_segments
 
     def counted(path, block):  # decompressed bytes each file is read to
         for position, lines in segments(path, block):
@@ -418,7 +419,7 @@ def test_processes_split_compressed_files_by_file_and_by_stored_position(tmp_pat
 
     def requests(process, processes):
         read.clear()
-        units = collections.defaultdict(bytes)
+        units: collections.defaultdict[tuple, bytes] = collections.defaultdict(bytes)
         for key, (request, raw) in prepare_module._my_requests(sources, process, processes):
             units[key] += raw or Path(request["path"]).read_bytes()[request["start"]:request["end"]]
         return units, dict(read)

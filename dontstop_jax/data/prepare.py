@@ -446,7 +446,10 @@ def _my_requests(sources: list[CorpusSource], process: int, processes: int) -> I
                 size, start = streamed[si, fi], base
                 base += size
                 if owner(start) <= process <= owner(start + (size - 1) // STREAM_BLOCK * STREAM_BLOCK):
-                    for k, first, offset, raw in _line_chunks(path, lambda at, start=start: owner(start + at), process):
+                    def owner_at(at: int, start: int = start) -> int:  # who owns this file's stored byte `at`
+                        return owner(start + at)
+
+                    for k, first, offset, raw in _line_chunks(path, owner_at, process):
                         yield (si, fi, k), lines_request(path, raw, first, offset, source.kind, source.text_field)
                 continue
             mine = lambda k, turn=turn: (turn + k) % processes == process  # noqa: E731

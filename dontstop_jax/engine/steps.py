@@ -180,7 +180,7 @@ class StepSpec:
     tx: optax.GradientTransformation
     accum_steps: int = 1
     schedule: optax.Schedule | None = None
-    hooks: Hooks = dataclasses.field(default_factory=dict)
+    hooks: Hooks = dataclasses.field(default_factory=Hooks)
     skip_nonfinite: bool = False
     ema_decays: Mapping[str, float] = dataclasses.field(default_factory=dict)
     teacher: str | None = None
@@ -206,8 +206,12 @@ class StepSpec:
         return self.loss.arrays if isinstance(self.loss, Fixed) else None
 
     def loss_at(self, fixed: tuple, step: jax.Array) -> LossSums:
-        """The loss the step differentiates: a `Fixed` one given its arrays (the step's `fixed`) and the step."""
-        return self.loss.loss(*fixed, step) if isinstance(self.loss, Fixed) else self.loss
+        """The loss the step differentiates: a `Fixed` one given its arrays (the step's one `fixed` argument) and
+        the step."""
+        if not isinstance(self.loss, Fixed):
+            return self.loss
+        (arrays,) = fixed
+        return self.loss.loss(arrays, step)
 
 
 def make_train_step(spec: StepSpec) -> Callable[..., tuple]:

@@ -174,6 +174,7 @@ class Grid:
     def selection(self, task: str, variant: str) -> str:
         """The workdir of the task's `select` phase for a selection variant (run if missing)."""
         spec, plan = self.cfg.tasks[task], VARIANTS[variant].selection
+        assert plan is not None, f"{variant} is not a selection variant"
         size = {"k": plan["k"]} if "k" in plan else {"n_from": self.selection(task, plan["size_of"])}
         phase = phase_config(self.cfg.select, self.root / "select", f"select-{task}-{variant}", method=plan["method"],
                        sources=list(self.cfg.domains[spec.domain]), **size,

@@ -114,7 +114,7 @@ class Saving:
     poll_every: int = 10
 
 
-def run_steps(state: Any, step_fn: Callable, batches: Iterator[dict], *, start: int, stop: int,
+def run_steps(state: Any, step_fn: Callable, batches: Iterator[Any], *, start: int, stop: int,
               tokens_per_step: int | Callable[[Any], int], report: Report, saving: Saving,
               skipped: int = 0) -> tuple[Any, int]:
     """Run steps (start, stop] and return the state and the count of skipped steps. Metrics are fetched one step
