@@ -35,6 +35,17 @@ def _bpe_tokenizer(path, vocab_size: int, byte_alphabet: bool) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One persistent XLA cache for every CLI process of the session (DONTSTOP_COMPILATION_CACHE, read by
+    runtime.setup): the tiny programs the end-to-end tests share compile once per session, not once per test,
+    and nothing is read from or written to the user's ~/.cache (each session starts as cold as a clean CI)."""
+    path = tmp_path_factory.mktemp("xla")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DONTSTOP_COMPILATION_CACHE", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Byte-level BPE with 400 tokens (every byte encodes)."""
@@ -48,13 +59,13 @@ def small_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_grid(tmp_path_factory: pytest.TempPathFactory):
-    """The tiny demo, run once per session from an empty directory with only --config.workdir (and the
-    compilation cache) named: (root, stdout); the workdir is root / "grid". Shared by the pipeline tests and
-    as the uninterrupted reference of the interrupt test."""
+def tiny_grid(tmp_path_factory: pytest.TempPathFactory, compilation_cache):
+    """The tiny demo, run once per session from an empty directory with only --config.workdir named: (root,
+    stdout); the workdir is root / "grid". Shared by the pipeline tests and as the uninterrupted reference of the
+    interrupt test. root / "xla" is the session's compilation cache (test_multihost passes it by that name)."""
     from tiny_pretrain import cli
     root = tmp_path_factory.mktemp("pipeline")
     (root / "cwd").mkdir()
-    stdout = cli("demo", "--scale", "tiny", f"--config.workdir={root / 'grid'}", "--compilation-cache",
-                 str(root / "xla"), cwd=root / "cwd")
+    (root / "xla").symlink_to(compilation_cache)
+    stdout = cli("demo", "--scale", "tiny", f"--config.workdir={root / 'grid'}", cwd=root / "cwd")
     return root, stdout

@@ -50,8 +50,7 @@ def test_cli_writes_the_continual_table(recipe):
     cfg = recipe.cfg
     overrides = {"workdir": cfg.workdir, "synthetic.directory": cfg.synthetic.directory, "finetune.train.epochs": 1,
                  "dapt.train.steps": 60, "methods": '["ncl","one","base"]'}
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", "continual", "--config", "configs/continual.py:tiny",
-                          "--compilation-cache", str(Path(cfg.workdir) / "xla")]
+    out = subprocess.run([sys.executable, "-m", "dontstop_jax", "continual", "--config", "configs/continual.py:tiny"]
                          + [f"--config.{k}={v}" for k, v in overrides.items()],
                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stderr[-3000:]

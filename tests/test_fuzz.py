@@ -308,7 +308,9 @@ def test_disk_full(world, limit, where):
     """Writes fail part-way (file size limit): one line naming the file; rerun with room gives the same phase."""
     case = world.case_dir()
     cache = world.cache if where == "checkpoints" else case / "cache"  # the checkpoint case reuses the cache
-    argv = command(case / "w", world.corpus, world.tokenizer, cache, 20)[3:]
+    # its own compilation cache: a cache entry cut short must not reach the session's shared one
+    argv = [*command(case / "w", world.corpus, world.tokenizer, cache, 20)[3:], "--compilation-cache",
+            str(case / "xla")]
     before = _snapshot(world.root)
     out = _run(argv, ROOT, preexec=_file_size_limit(limit))
     assert out.returncode == 1, out.stderr[-3000:]

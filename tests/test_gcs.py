@@ -30,7 +30,7 @@ def bucket(tmp_path_factory):
 
 
 def _cli(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *args, "--compilation-cache", str(cwd / "xla")],
+    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *args],
                          cwd=cwd, capture_output=True, text=True, timeout=900, env={**os.environ, **env})
     assert out.returncode == 0, out.stderr[-3000:]
     return out
@@ -47,7 +47,7 @@ def _local_inputs(root: Path, tokenizer_dir: str) -> None:
 @pytest.mark.slow
 def test_dapt_tapt_finetune_export_with_every_path_in_the_bucket(bucket, tmp_path, tiny_tokenizer_dir):
     """Inputs, prepared-data cache, workdirs (checkpoints, logs, markers) and the export all live in gs://bkt;
-    the local disk holds only this host's cache (DONTSTOP_CACHE) and the compilation cache."""
+    the local disk holds only this host's cache (DONTSTOP_CACHE) and the session's compilation cache."""
     from export_check import assert_transformers_logits_match
 
     from dontstop_jax import files
@@ -85,8 +85,8 @@ def test_dapt_tapt_finetune_export_with_every_path_in_the_bucket(bucket, tmp_pat
     manifests = list(files.walk(f"{gs}/cache"))
     assert sum(m.endswith("manifest.json") for m in manifests) == 2  # DAPT's corpus and TAPT's task text
     assert_transformers_logits_match(files.path(f"{gs}/runs/ft"), files.localize(f"{gs}/exported"))
-    # Nothing but caches on the local disk: the working directory holds only the compilation cache.
-    assert sorted(p.name for p in work.iterdir()) == ["xla"]
+    # Nothing but caches on the local disk: the working directory is empty.
+    assert list(work.iterdir()) == []
 
 
 def _host_env(scratch: Path, bucket: dict) -> dict:
@@ -95,7 +95,8 @@ def _host_env(scratch: Path, bucket: dict) -> dict:
         (scratch / name).mkdir(parents=True, exist_ok=True)
     from dontstop_jax.files import CACHE_ENV
     return {**os.environ, **bucket, "HOME": str(scratch / "home"), "TMPDIR": str(scratch / "tmp"),
-            CACHE_ENV: str(scratch / "cache"), "XLA_FLAGS": "", "DONTSTOP_LOCAL_DEVICES": "1"}
+            CACHE_ENV: str(scratch / "cache"), "DONTSTOP_COMPILATION_CACHE": str(scratch / "cache" / "xla"),
+            "XLA_FLAGS": "", "DONTSTOP_LOCAL_DEVICES": "1"}
 
 
 def _files_outside_cache(scratch: Path) -> list[str]:

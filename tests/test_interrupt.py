@@ -89,11 +89,11 @@ def _parents_were_finished(root: Path) -> None:
 def test_tiny_grid_interrupted_everywhere_gives_the_uninterrupted_table(tmp_path, tiny_grid):
     rng = random.Random(int(time.time()))
     print("random seed for the kill moments:", rng.getstate()[1][0])
-    reference, _ = tiny_grid  # the same tiny demo, run uninterrupted (its compilation cache is reused here)
+    reference, _ = tiny_grid  # the same tiny demo, run uninterrupted
 
     def demo(name: str) -> list[str]:
         return [sys.executable, "-m", "dontstop_jax", "demo", "--scale", "tiny", f"--config.workdir={tmp_path / name}",
-                f"--config.synthetic.directory={tmp_path / 'bench'}", "--compilation-cache", str(reference / "xla")]
+                f"--config.synthetic.directory={tmp_path / 'bench'}"]
 
     stops = [("base: step", signal.SIGTERM), ("dapt-bio: step", signal.SIGTERM),
              ("tapt-bio_topic: step", signal.SIGKILL), ("bio_topic-tapt-s0: step", signal.SIGTERM),
@@ -118,7 +118,7 @@ def test_continual_interrupted_gives_the_uninterrupted_table(tmp_path):
                 str(Path(__file__).parents[1] / "configs/continual.py:tiny"), f"--config.workdir={tmp_path / name}",
                 f"--config.synthetic.directory={tmp_path / 'bench'}", "--config.methods=['das','ncl']",
                 "--config.synthetic.domains=('bio','cs')", "--config.synthetic.task_domains=('bio','cs')",
-                "--config.sequence=['bio','cs']", "--compilation-cache", str(tmp_path / "xla")]
+                "--config.sequence=['bio','cs']"]
 
     reference = subprocess.run(continual("reference"), cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert reference.returncode == 0, reference.stderr[-3000:]

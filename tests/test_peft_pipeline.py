@@ -29,7 +29,7 @@ def _cli(*args, ok=True):
 def grid(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft")
     out = _cli("demo", "--scale", "tiny", f"--config.workdir={root / 'grid'}",
-               f"--config.synthetic.directory={root / 'bench'}", "--compilation-cache", str(root / "xla"),
+               f"--config.synthetic.directory={root / 'bench'}",
                "--config.variants=['baseline','tapt']", "--config.methods=['full','lora']",
                "--config.method_overrides={'lora': {'optim': {'learning_rate': 2e-3}}}",
                "--config.tapt.peft.method=houlsby", "--config.seed_discard.fraction=0.34",

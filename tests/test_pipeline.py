@@ -59,7 +59,7 @@ def test_analyze_after_the_demo_shows_why_the_domains_need_adaptation(tiny_grid)
     out = root / "analysis"
     _cli("analyze", "--config", "configs/analyze.py:synthetic-tiny", f"--config.grid_dir={root / 'grid'}",
          f"--config.synthetic.directory={root / 'grid' / 'benchmark'}", f"--config.out_dir={out}",
-         f"--config.mlm.cache_dir={root / 'cache'}", "--compilation-cache", str(root / "xla"))
+         f"--config.mlm.cache_dir={root / 'cache'}")
     with (out / "vocab_overlap.csv").open() as f:
         overlap = {row["corpus"]: {k: float(v) for k, v in row.items() if k != "corpus"} for row in csv.DictReader(f)}
     with (out / "mlm_loss.csv").open() as f:

@@ -17,7 +17,7 @@ SMALL = ["--config.train.batch_size=16", "--config.data.max_seq_length=64"]
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *args, "--compilation-cache", str(cwd / "xla")],
+    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *args],
                          cwd=cwd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return out

@@ -114,7 +114,7 @@ def test_a_finetune_phase_on_a_tfds_task(data_dir, tiny_tokenizer_dir, tmp_path)
     fields = {"init": str(model), "task.path": "tfds:tiny_reviews", "workdir": str(tmp_path / "ft"),
               "data.max_seq_length": 32, "train.batch_size": 8, "train.epochs": 1, "mesh.shape": "(-1, 1, 1)"}
     out = subprocess.run([sys.executable, "-m", "dontstop_jax", "finetune", "--config", "configs/finetune.py:imdb",
-                          "--compilation-cache", str(tmp_path / "xla"), *[f"--config.{k}={v}" for k, v in fields.items()]],
+                          *[f"--config.{k}={v}" for k, v in fields.items()]],
                          cwd=ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "TFDS_DATA_DIR": str(data_dir)})
     assert out.returncode == 0, out.stderr[-3000:]

@@ -34,8 +34,8 @@ def command(workdir: Path, corpus: Path, tokenizer: str, cache: Path, steps: int
         "model.vocab_size": 512, "model.hidden_size": 32, "model.num_hidden_layers": 2,
         "model.num_attention_heads": 4, "model.intermediate_size": 64, "model.max_position_embeddings": 34,
         "mesh.shape": "(-1, 1, 1)", "optim.learning_rate": 1e-3, **(extra or {})}
-    return [sys.executable, "-m", "dontstop_jax", "pretrain", "--config", "configs/dapt.py:biomed",
-            "--compilation-cache", str(cache / "xla")] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    return [sys.executable, "-m", "dontstop_jax", "pretrain", "--config", "configs/dapt.py:biomed"] + [
+        f"--config.{k}={v}" for k, v in overrides.items()]
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
