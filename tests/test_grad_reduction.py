@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from dontstop_jax.analysis.plan import collective_ops
+from dontstop_jax.analysis.hlo import collective_ops
 from dontstop_jax.engine import (DEFAULT_RULES, classification_loss_sums, compile_train_step, create_train_state,
                                  default_optim_config, make_mesh, make_optimizer, make_train_step, mlm_loss_sums,
                                  to_global)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from typing import Iterator
 
@@ -19,7 +20,7 @@ import jax
 from ml_collections import ConfigDict
 
 from dontstop_jax.analysis import roofline as rl
-from dontstop_jax.analysis.plan import compile_phase, model_config
+from dontstop_jax.analysis.plan import between, compile_phase, model_config
 from dontstop_jax.config_loader import accelerator_defaults, set_fields
 from dontstop_jax.engine import data_parallel_size, make_mesh, topology
 from dontstop_jax.engine.peft import plan as peft_plan
@@ -32,6 +33,8 @@ class Plan:
     tokens_per_s: float  # 0 when it does not compile
     step_ms: float
     text: str
+    cost: tuple | None = None  # (train, predict, parameters): compiled, or estimated; None: the compiler refused it
+    compiled: bool = True  # False: estimated from its layout's compiles at other accumulation counts
 
     @property
     def command(self) -> str:
@@ -41,24 +44,33 @@ class Plan:
 
 def plan(cfg: ConfigDict, name: str, slices: int = 1, tokens: int | None = None) -> tuple[bool, str]:
     """(fits as configured, report). The report ends with the fitting plans ranked by throughput and the fastest
-    one's plan when it is not the configured one."""
+    one's plan when it is not the configured one (always compiled: an estimate that leads is compiled, and
+    replaced by its exact numbers, until a compiled plan leads)."""
     jax.config.update("jax_enable_compilation_cache", False)  # compile-only executables cannot be cached
     cfg = accelerator_defaults(copy.deepcopy(cfg), "tpu")  # what a run on the slice would compute in
     chip, devices = topology.devices(name, slices)
-    configured = _one(cfg, {}, chip, devices, name, tokens)
-    plans = [configured] + list(_levers(cfg, configured, chip, devices, name, tokens))
-    ranked = sorted((p for p in plans if p.fits), key=lambda p: -p.tokens_per_s)
+    one = functools.partial(_one, cfg, chip=chip, devices=devices, name=name, tokens=tokens)
+    configured = one({})
+    plans = [configured] + list(_levers(cfg, configured, one, devices))
+    while (ranked := _ranked(plans)) and not ranked[0].compiled:
+        plans[plans.index(ranked[0])] = one(ranked[0].flags)
     text = configured.text if configured.fits else f"{configured.text}\ndoes not fit"
     if not ranked:
         return False, f"{text}, and no lever (accumulation, fsdp, remat, batch) makes it fit"
-    lines = [f"  {i}. {p.tokens_per_s:,.0f} tokens/s, {p.step_ms:.1f} ms  {p.command}" for i, p in enumerate(ranked[:3], 1)]
-    text += f"\nfitting plans, fastest first ({len(ranked)} of {len(plans)} compiled):\n" + "\n".join(lines)
+    lines = [f"  {i}. {p.tokens_per_s:,.0f} tokens/s, {p.step_ms:.1f} ms{'' if p.compiled else ' (estimated)'}  "
+             f"{p.command}" for i, p in enumerate(ranked[:3], 1)]
+    text += (f"\nfitting plans, fastest first ({len(ranked)} of {len(plans)} fit; "
+             f"{sum(p.compiled for p in plans)} compiled, the others estimated):\n" + "\n".join(lines))
     best = ranked[0]
     text += f"\nchosen: {best.command}" + (f"\n{best.text}" if best is not configured else "")
     return configured.fits, text
 
 
-def _levers(cfg: ConfigDict, configured: Plan, chip, devices: list, name: str, tokens: int | None) -> Iterator[Plan]:
+def _ranked(plans: list[Plan]) -> list[Plan]:
+    return sorted((p for p in plans if p.fits), key=lambda p: -p.tokens_per_s)
+
+
+def _levers(cfg: ConfigDict, configured: Plan, one, devices: list) -> Iterator[Plan]:
     mesh = make_mesh(cfg.mesh.shape, devices, dcn_shape=cfg.mesh.dcn_shape).shape
     layouts = [{}]
     if mesh["data"] > 1 and cfg.mesh.dcn_shape is None:
@@ -70,38 +82,56 @@ def _levers(cfg: ConfigDict, configured: Plan, chip, devices: list, name: str, t
         if remat and found:
             break  # recomputing the forward pass only makes a step that fits without it slower
         for layout in layouts:
-            for p in _accumulation(cfg, {**layout, **remat}, configured, chip, devices, name, tokens):
+            for p in _accumulation(cfg, {**layout, **remat}, configured, one, devices):
                 found |= p.fits
                 yield p
     if not found:
-        yield from _smaller_batches(cfg, chip, devices, name, tokens)
+        yield from _smaller_batches(cfg, one, devices)
 
 
-def _accumulation(cfg: ConfigDict, flags: dict, configured: Plan, chip, devices, name, tokens) -> Iterator[Plan]:
-    """`flags` at the configured accumulation, then halved while it fits and gets faster, or doubled until it fits."""
+def _accumulation(cfg: ConfigDict, flags: dict, configured: Plan, one, devices: list) -> Iterator[Plan]:
+    """`flags` at the configured accumulation count; if that does not fit, doubled until it fits (compiled); else
+    every smaller count down to 1: the fewest the compiler accepts is found by bisection and compiled, the counts
+    between two compiled ones estimated from them (analysis/plan.py `between`)."""
     if "accum_steps" not in cfg.train:
         if flags:
-            yield _one(cfg, flags, chip, devices, name, tokens)
+            yield one(flags)
         return
     changed = set_fields(copy.deepcopy(cfg), flags)
     dp = data_parallel_size(make_mesh(changed.mesh.shape, devices, dcn_shape=changed.mesh.dcn_shape))
-    accum = cfg.train.accum_steps
-    last = configured if not flags else _one(cfg, flags, chip, devices, name, tokens)
+    batch, accum = cfg.train.batch_size, cfg.train.accum_steps
+    fewer = sorted(accum >> k for k in range(1, accum.bit_length())
+                   if accum % (1 << k) == 0 and batch % ((accum >> k) * dp) == 0)
+    at = {accum: configured if not flags else one(flags)}
     if flags:
-        yield last
-    step = 0.5 if last.fits else 2
-    while True:
-        accum = int(accum * step)
-        if accum < 1 or cfg.train.batch_size % (accum * dp):
-            return
-        p = _one(cfg, {**flags, "train.accum_steps": accum}, chip, devices, name, tokens)
-        yield p
-        if (step < 1 and (not p.fits or p.tokens_per_s <= last.tokens_per_s)) or (step > 1 and p.fits):
-            return
-        last = p
+        yield at[accum]
+
+    def compiled(a: int) -> Plan:
+        at[a] = one({**flags, "train.accum_steps": a})
+        return at[a]
+    if not at[accum].fits:
+        for a in (accum << k for k in range(1, 30)):
+            if batch % (a * dp):
+                return
+            yield compiled(a)
+            if at[a].fits:
+                return
+        return
+    lo, hi = 0, len(fewer)  # the fewest count the compiler accepts is fewer[lo] (none when lo == len)
+    probe = 0
+    while lo < hi:
+        yield compiled(fewer[probe])
+        lo, hi = (lo, probe) if at[fewer[probe]].cost else (probe + 1, hi)
+        probe = (lo + hi) // 2
+    for a in fewer[lo:]:
+        if a not in at:
+            below = max(b for b in at if b < a and at[b].cost)
+            above = min(b for b in at if b > a and at[b].cost)
+            train = between((below, at[below].cost[0]), (above, at[above].cost[0]), a)
+            yield one({**flags, "train.accum_steps": a}, estimate=(train, *at[above].cost[1:]))
 
 
-def _smaller_batches(cfg: ConfigDict, chip, devices, name, tokens) -> Iterator[Plan]:
+def _smaller_batches(cfg: ConfigDict, one, devices: list) -> Iterator[Plan]:
     """The last resort (it changes the recipe): FSDP, full remat and halved batches until one fits."""
     flags = {"model.remat": "full"}
     mesh = make_mesh(cfg.mesh.shape, devices, dcn_shape=cfg.mesh.dcn_shape).shape
@@ -112,13 +142,15 @@ def _smaller_batches(cfg: ConfigDict, chip, devices, name, tokens) -> Iterator[P
     batch, accum = cfg.train.batch_size, cfg.train.get("accum_steps", 1)
     while batch % (2 * accum * dp) == 0:
         batch //= 2
-        p = _one(cfg, {**flags, "train.batch_size": batch}, chip, devices, name, tokens)
+        p = one({**flags, "train.batch_size": batch})
         yield p
         if p.fits:
             return
 
 
-def _one(cfg: ConfigDict, flags: dict, chip: topology.Chip, devices: list, name: str, tokens: int | None) -> Plan:
+def _one(cfg: ConfigDict, flags: dict, chip: topology.Chip, devices: list, name: str, tokens: int | None,
+         estimate: tuple | None = None) -> Plan:
+    """The plan of `cfg` with `flags`: compiled, or from `estimate` (train cost, predict cost, parameters)."""
     cfg = set_fields(copy.deepcopy(cfg), flags)
     arch, _ = peft_plan(cfg, model_config(cfg))
     seq = min(cfg.data.max_seq_length, arch.max_seq_length)
@@ -130,7 +162,7 @@ def _one(cfg: ConfigDict, flags: dict, chip: topology.Chip, devices: list, name:
             f"{' '.join(f'{k}={v}' for k, v in mesh.shape.items())}; batch {batch} x {seq} tokens, accum {accum}, "
             f"{arch.dtype}, remat {arch.remat}, attention {attention}")
     try:
-        train, predict, params = compile_phase(cfg, devices)
+        train, predict, params = estimate or compile_phase(cfg, devices)
     except jax.errors.JaxRuntimeError as e:
         # The TPU compiler itself refuses a program whose temporaries exceed HBM: that step does not fit either.
         if "RESOURCE_EXHAUSTED" not in str(e):
@@ -141,7 +173,9 @@ def _one(cfg: ConfigDict, flags: dict, chip: topology.Chip, devices: list, name:
     est = rl.roofline(train, chip)
     rate = batch * seq / est.step_s
     lines = [
-        f"{head}, {params / 1e6:.1f}M parameters",
+        f"{head}, {params / 1e6:.1f}M parameters" + ("" if estimate is None else
+                                                     "\n  (estimated from the compiles at the nearest accumulation "
+                                                     "counts on each side, not compiled)"),
         f"  HBM per chip:   {rl.memory_line(train, chip)}",
         f"  per chip per step (loops counted): {train.flops:.3g} FLOPs (model {flops / len(devices):.3g}), "
         f"{train.bytes_accessed / rl.GIB:.2f} GiB HBM traffic",
@@ -154,7 +188,8 @@ def _one(cfg: ConfigDict, flags: dict, chip: topology.Chip, devices: list, name:
     if predict is not None:
         lines.append(f"  predict step:   {rl.memory_line(predict, chip)}")
     worst = max(train.total_bytes, predict.total_bytes if predict else 0)
-    return Plan(flags, worst <= chip.hbm_bytes, rate, est.step_s * 1e3, "\n".join(lines))
+    return Plan(flags, worst <= chip.hbm_bytes, rate, est.step_s * 1e3, "\n".join(lines), (train, predict, params),
+                estimate is None)
 
 
 def _hours(cfg: ConfigDict, step_s: float, tokens_per_step: int, tokens: int | None) -> str:
