@@ -90,9 +90,10 @@ def _levers(cfg: ConfigDict, configured: Plan, one, devices: list) -> Iterator[P
 
 
 def _accumulation(cfg: ConfigDict, flags: dict, configured: Plan, one, devices: list) -> Iterator[Plan]:
-    """`flags` at the configured accumulation count; if that does not fit, doubled until it fits (compiled); else
-    every smaller count down to 1: the fewest the compiler accepts is found by bisection and compiled, the counts
-    between two compiled ones estimated from them (analysis/plan.py `between`)."""
+    """`flags` at the configured accumulation count; if that does not fit, doubled until it fits (each compiled).
+    Else every smaller count, from two compiles: the configured count, and the fewest whose temporaries, taken as
+    proportional to the micro-batch (an overestimate: some are not), still fit (the next larger where the compiler
+    refuses it). The other counts are estimated from the two nearest compiled ones (analysis/plan.py `between`)."""
     if "accum_steps" not in cfg.train:
         if flags:
             yield one(flags)
@@ -100,8 +101,6 @@ def _accumulation(cfg: ConfigDict, flags: dict, configured: Plan, one, devices: 
     changed = set_fields(copy.deepcopy(cfg), flags)
     dp = data_parallel_size(make_mesh(changed.mesh.shape, devices, dcn_shape=changed.mesh.dcn_shape))
     batch, accum = cfg.train.batch_size, cfg.train.accum_steps
-    fewer = sorted(accum >> k for k in range(1, accum.bit_length())
-                   if accum % (1 << k) == 0 and batch % ((accum >> k) * dp) == 0)
     at = {accum: configured if not flags else one(flags)}
     if flags:
         yield at[accum]
@@ -117,18 +116,23 @@ def _accumulation(cfg: ConfigDict, flags: dict, configured: Plan, one, devices: 
             if at[a].fits:
                 return
         return
-    lo, hi = 0, len(fewer)  # the fewest count the compiler accepts is fewer[lo] (none when lo == len)
-    probe = 0
-    while lo < hi:
-        yield compiled(fewer[probe])
-        lo, hi = (lo, probe) if at[fewer[probe]].cost else (probe + 1, hi)
-        probe = (lo + hi) // 2
-    for a in fewer[lo:]:
-        if a not in at:
-            below = max(b for b in at if b < a and at[b].cost)
-            above = min(b for b in at if b > a and at[b].cost)
-            train = between((below, at[below].cost[0]), (above, at[above].cost[0]), a)
-            yield one({**flags, "train.accum_steps": a}, estimate=(train, *at[above].cost[1:]))
+    fewer = sorted(accum >> k for k in range(1, accum.bit_length())
+                   if accum % (1 << k) == 0 and batch % ((accum >> k) * dp) == 0)
+    train, hbm = at[accum].cost[0], one.keywords["chip"].hbm_bytes
+    for a in (a for a in fewer if train.total_bytes + train.temp_bytes * (accum / a - 1) <= hbm):
+        if compiled(a).cost:
+            break
+    for a in fewer:
+        if a in at:
+            yield at[a]
+            continue
+        known = sorted(b for b in at if at[b].cost)
+        if len(known) < 2 or any(b > a and at[b].cost is None for b in at):
+            continue  # nothing to estimate it from, or fewer micro-batches than one the compiler refused
+        lo, hi = (known[0], known[1]) if a < known[0] else \
+            (max(b for b in known if b < a), min(b for b in known if b > a))
+        yield one({**flags, "train.accum_steps": a},
+                  estimate=(between((lo, at[lo].cost[0]), (hi, at[hi].cost[0]), a), *at[hi].cost[1:]))
 
 
 def _smaller_batches(cfg: ConfigDict, one, devices: list) -> Iterator[Plan]:
