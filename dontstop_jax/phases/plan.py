@@ -2,10 +2,10 @@
 
 Compiles the phase's real step for the slice (analysis/plan.py) and prints per-chip memory, FLOPs, HBM bytes and
 collectives (loops counted as often as they run), a roofline step time, tokens/s and an MFU estimate. Then it
-tries the levers and ranks the plans that fit by estimated throughput: accumulation (halved while it fits and
-gets faster, doubled until it fits), FSDP over the data axis (with `train.gather_params_once` where the config has
-it), full remat (only when nothing without it fits) and, when nothing else fits, a smaller batch. It prints the
-top three with their flags and the fastest one's plan.
+tries the levers and ranks the plans that fit by estimated throughput: accumulation (every smaller count,
+estimated from two compiles per layout; doubled until it fits), FSDP over the data axis (with
+`train.gather_params_once` where the config has it), full remat (only when nothing without it fits) and, when
+nothing else fits, a smaller batch. It prints the top three with their flags and the fastest one's plan.
 """
 
 from __future__ import annotations
@@ -178,8 +178,8 @@ def _one(cfg: ConfigDict, flags: dict, chip: topology.Chip, devices: list, name:
     rate = batch * seq / est.step_s
     lines = [
         f"{head}, {params / 1e6:.1f}M parameters" + ("" if estimate is None else
-                                                     "\n  (estimated from the compiles at the nearest accumulation "
-                                                     "counts on each side, not compiled)"),
+                                                     "\n  (estimated from two compiles of this layout at other "
+                                                     "accumulation counts, not compiled)"),
         f"  HBM per chip:   {rl.memory_line(train, chip)}",
         f"  per chip per step (loops counted): {train.flops:.3g} FLOPs (model {flops / len(devices):.3g}), "
         f"{train.bytes_accessed / rl.GIB:.2f} GiB HBM traffic",
