@@ -34,7 +34,8 @@ def test_tiny_step_fits_and_prints_its_plan(capsys):
                      "--config.train.accum_steps=1"]) == 0
     out = capsys.readouterr().out
     for row in ("8 v5e chips", "bfloat16", "HBM per chip", "FLOPs", "HBM traffic", "collectives", "roofline step",
-                "per chip, ", "per host; MFU", "wall clock", "fitting plans, fastest first (3 of 3 fit; 3 compiled, the others estimated)",
+                "per chip, ", "per host; MFU", "wall clock",
+                "fitting plans, fastest first (3 of 3 fit; 3 compiled, the others estimated)",
                 "3. ", "--config.train.gather_params_once=True", "chosen: "):
         assert row in out, row
 

@@ -122,9 +122,10 @@ def _flops(lowered: Any, compiled: Any) -> float:
 
 def between(lo: tuple[int, StepCost], hi: tuple[int, StepCost], accum: int) -> StepCost:
     """The step's cost at `accum` micro-batches, estimated from two compiles of the same step (same global batch) at
-    accumulation counts lo < hi (interpolated between them, or extrapolated below lo). Per step, FLOPs, HBM traffic and collectives are affine in the count (the
-    tokens are the same; every micro-batch reads the weights again, and gathers them where they are sharded), and
-    the temporaries affine in its inverse (they hold one micro-batch's activations)."""
+    accumulation counts lo < hi (interpolated between them, or extrapolated below lo). Per step, FLOPs, HBM traffic
+    and collectives are affine in the count (the tokens are the same; every micro-batch reads the weights again,
+    and gathers them where they are sharded), and the temporaries affine in its inverse (they hold one
+    micro-batch's activations)."""
     (a, x), (b, y) = lo, hi
 
     def line(u: float, v: float, at: float, p: float, q: float) -> float:
