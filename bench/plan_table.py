@@ -1,15 +1,17 @@
 """The README's "Planning a TPU run" table: `dontstop plan` for the paper's recipes on three Cloud TPU slices.
 
 Regenerate the whole table (after merging changes to the step; no dtype flag: plan computes in bfloat16, the
-TPU default; hours of compiling on a 2-core box, since `plan` compiles every lever it ranks):
+TPU default). `plan` compiles a few programs per row (the configured step, the fewest accumulation steps the
+compiler accepts for each layout, and any estimate that leads), a few minutes each on a 2-core box:
 
-    JAX_PLATFORMS=cpu PYTHONPATH=. nice -n 10 python bench/plan_table.py
+    JAX_PLATFORMS=cpu PYTHONPATH=. nice -n 10 python bench/plan_table.py --minutes 40
 
 Runs the real CLI once per (recipe, slice), each in its own process, reads its report, and prints one Markdown
 row per plan: mesh, HBM per chip, roofline step time and what binds it, hours for the recipe's steps, estimated
 MFU, and the plan `plan` chose (the fastest fitting one; the numbers are then its plan's). Roofline estimates from
 the compiled HLO, not measurements. Needs libtpu but no TPU. `--only TEXT ...` redoes the rows whose recipe or
-slice contains TEXT; bench/plan_table.json keeps every row's command and full report.
+slice contains TEXT; `--minutes M` starts no row after M minutes (the rows not rerun keep their recorded numbers);
+bench/plan_table.json keeps every row's command and full report.
 """
 
 from __future__ import annotations
@@ -120,13 +122,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", default=[], help="plan only rows whose recipe or slice contains TEXT")
     parser.add_argument("--topologies", nargs="*", default=list(TOPOLOGIES))
+    parser.add_argument("--minutes", type=float, default=None, help="start no row after this many minutes")
     opts = parser.parse_args()
+    started = time.time()
     known = {recipe for recipe, *_ in RECIPES}
     rows = {(r["recipe"], r["topology"]): r for r in json.loads(OUT.read_text())["rows"]
             if r["recipe"] in known} if OUT.exists() else {}
     for recipe, config, overrides, tokens, topologies, note in RECIPES:
         for topology in (t for t in topologies if t in opts.topologies):
             if opts.only and not any(t in f"{recipe} {topology}" for t in opts.only):
+                continue
+            if opts.minutes is not None and time.time() - started > 60 * opts.minutes:
+                print(f"{recipe} on {topology}: not rerun (--minutes {opts.minutes:g})", file=sys.stderr)
                 continue
             mesh = FINETUNE_MESH[topology] if config.startswith("configs/finetune.py") else "(-1,1,1)"
             r = run(recipe, config, topology, overrides + [f"--config.mesh.shape={mesh}"], tokens, note)

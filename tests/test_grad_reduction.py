@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from dontstop_jax.analysis.plan import collective_ops
+from dontstop_jax.analysis.hlo import collective_ops
 from dontstop_jax.engine import (
     DEFAULT_RULES,
     StepSpec,

@@ -34,7 +34,8 @@ def test_tiny_step_fits_and_prints_its_plan(capsys):
                      "--config.train.accum_steps=1"]) == 0
     out = capsys.readouterr().out
     for row in ("8 v5e chips", "bfloat16", "HBM per chip", "FLOPs", "HBM traffic", "collectives", "roofline step",
-                "per chip, ", "per host; MFU", "wall clock", "fitting plans, fastest first (3 of 3 compiled)",
+                "per chip, ", "per host; MFU", "wall clock",
+                "fitting plans, fastest first (3 of 3 fit; 3 compiled, the others estimated)",
                 "3. ", "--config.train.gather_params_once=True", "chosen: "):
         assert row in out, row
 
@@ -68,7 +69,7 @@ def test_step_that_does_not_fit_names_the_lever_and_its_plan(capsys, monkeypatch
     assert cli.main(["plan", "--topology", "v5litepod-8", *TINY, "--config.train.batch_size=1024",
                      "--config.train.accum_steps=1", "--config.mesh.shape=(1,-1,1)", "--config.model.remat=full"]) == 1
     out = capsys.readouterr().out
-    assert "does not fit\nfitting plans, fastest first (1 of 2 compiled)" in out
+    assert "does not fit\nfitting plans, fastest first (1 of 2 fit; 2 compiled, the others estimated)" in out
     assert "chosen: --config.train.accum_steps=2\n" in out and out.count("HBM per chip") == 2 and "accum 2," in out
 
 
@@ -143,3 +144,22 @@ def test_the_model_comes_from_a_phase_workdir_without_its_weights(tmp_path):
     planned = model_config(cfg)
     assert (planned.num_hidden_layers, planned.vocab_size, planned.padded_vocab_size) == (3, 97, 97)
     assert planned.dtype == "bfloat16"
+
+
+def test_a_count_between_two_compiled_ones_is_estimated_from_them():
+    """plan compiles few accumulation counts and estimates those between: FLOPs, HBM traffic and collectives are
+    affine in the count, temporaries in its inverse. The estimate at 2 from the compiles at 1 and 4 is the compiled
+    step at 2 within 10% (CPU devices here)."""
+    import jax
+
+    from dontstop_jax.analysis.plan import between, compile_phase
+    from dontstop_jax.config_loader import load
+    costs = {a: compile_phase(load("configs/tapt.py", TINY[2:] + ["--config.train.batch_size=64",
+                                                                  f"--config.train.accum_steps={a}"]),
+                              jax.devices()[:8])[0] for a in (1, 2, 4)}
+    estimate = between((1, costs[1]), (4, costs[4]), 2)
+    for field in ("flops", "bytes_accessed", "temp_bytes", "total_bytes"):
+        assert getattr(estimate, field) == pytest.approx(getattr(costs[2], field), rel=0.1), field
+    assert estimate.collectives.keys() == costs[2].collectives.keys()
+    for kind, exact in costs[2].collectives.items():
+        assert estimate.collectives[kind] == pytest.approx(exact, rel=0.1), kind

@@ -1,5 +1,4 @@
-"""What one execution of an HLO module does, counted from its text: FLOPs and HBM bytes (its collectives:
-analysis/plan.py `collective_ops`).
+"""What one execution of an HLO module does, counted from its text: FLOPs, HBM bytes and collectives.
 
 XLA's `cost_analysis()` counts a while loop's body once, but a step runs its layer scan L times per pass and its
 accumulation loop once per micro-batch: here every computation counts as often as it runs, a while body by the
@@ -11,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+
+import numpy as np
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
@@ -49,7 +50,7 @@ def count(hlo: str) -> Counts:
     fusions = {callee for ops in comps.values() for op in ops if op.kind == "fusion"
                for callee in re.findall(r"calls=%?([\w.\-]+)", op.attrs)}
     flops = traffic = once = 0.0
-    for name, times in _executions(comps).items():
+    for name, (times, _) in _executions(comps).items():
         for op in comps[name]:
             if op.kind == "dot":
                 flops += times * _dot_flops(op, types)
@@ -83,26 +84,89 @@ def _split_args(text: str) -> tuple[str, str]:
     return text, ""
 
 
-def _executions(comps: dict[str, list[Op]]) -> dict[str, int]:
-    """How often each computation reachable from ENTRY runs per execution (fusions included, reducers not)."""
-    runs: dict[str, int] = {}
+def _executions(comps: dict[str, list[Op]]) -> dict[str, tuple[int, bool]]:
+    """How often each computation reachable from ENTRY runs per execution (fusions included, reducers not), and
+    whether it runs inside a while loop's body."""
+    runs: dict[str, tuple[int, bool]] = {}
 
-    def walk(name: str, times: int) -> None:
+    def walk(name: str, times: int, in_loop: bool) -> None:
         if name not in comps:
             return
-        runs[name] = runs.get(name, 0) + times
+        before, looped = runs.get(name, (0, False))
+        runs[name] = (before + times, looped or in_loop)
         for op in comps[name]:
             if loop := re.search(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", op.attrs):
                 trips = _trip_count(comps.get(loop.group(1), []))
-                walk(loop.group(1), times * (trips + 1))
-                walk(loop.group(2), times * trips)
+                walk(loop.group(1), times * (trips + 1), True)
+                walk(loop.group(2), times * trips, True)
             callees = re.findall(r"(?:calls|branch_computations)=\{?%?([\w.\-]+)", op.attrs)
             if op.kind == "call":  # a reducer's to_apply is no computation of its own
                 callees += re.findall(r"to_apply=%?([\w.\-]+)", op.attrs)
             for callee in callees:
-                walk(callee, times)
-    walk("ENTRY", 1)
+                walk(callee, times, in_loop)
+    walk("ENTRY", 1, False)
     return runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective op of a compiled program: result bytes, executions per step (while-loop trip counts
+    multiplied), whether it sits in a while loop's body, and its device groups (indices into the compile's
+    device assignment, i.e. the mesh's devices in order; () = all devices)."""
+    kind: str
+    nbytes: int
+    times: int
+    in_loop: bool
+    groups: tuple[tuple[int, ...], ...]
+
+
+def collective_ops(hlo: str) -> list[Collective]:
+    """Every collective of one execution of an HLO module, with how often it runs (the layer scan, accumulation)."""
+    comps = _parse(hlo)
+    found = []
+    for name, (times, in_loop) in _executions(comps).items():
+        for op in comps[name]:
+            kind = op.kind.removesuffix("-start")
+            if kind in COLLECTIVES:  # an async start's tuple also holds its operands: its largest array
+                found.append(Collective(kind, shape_bytes(op.type, largest=kind != op.kind), times, in_loop,
+                                        _replica_groups(op.attrs)))
+    return found
+
+
+def collectives(hlo: str) -> dict[str, tuple[int, int]]:
+    """(count, bytes) per collective kind in one execution of an HLO module."""
+    totals: dict[str, list[int]] = {}
+    for op in collective_ops(hlo):
+        entry = totals.setdefault(op.kind, [0, 0])
+        entry[0] += op.times
+        entry[1] += op.times * op.nbytes
+    return {k: (c, b) for k, (c, b) in totals.items()}
+
+
+def _iota(dims: str, perm: str | None) -> np.ndarray:
+    """An HLO iota device list: arange over `dims`, transposed by `perm`."""
+    shape = [int(d) for d in dims.split(",")]
+    ids = np.arange(math.prod(shape)).reshape(shape)
+    return ids.transpose([int(p) for p in perm.split(",")]) if perm else ids
+
+
+def _replica_groups(attrs: str) -> tuple[tuple[int, ...], ...]:
+    """The device groups of a collective in any of XLA's three spellings: explicit lists ({{0,1},{2,3}}), an
+    iota ([2,4]<=[4,2]T(1,0)), or mesh axes (mesh['a'=2,'b'=4], device_ids=([8]) {'b'})."""
+    if m := re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", attrs):
+        return tuple(tuple(int(i) for i in g.split(",") if i) for g in re.findall(r"\{([\d,]*)\}", m.group(1)))
+    if m := re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs):
+        return tuple(map(tuple, _iota(m.group(3), m.group(4)).reshape(int(m.group(1)), int(m.group(2))).tolist()))
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\], device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\) "
+                      r"\{([^}]*)\}", attrs):
+        axes = re.findall(r"'(\w+)'=(\d+)", m.group(1))
+        grouped = re.findall(r"'(\w+)'", m.group(4))
+        ids = _iota(m.group(2), m.group(3)).reshape([int(n) for _, n in axes])
+        order = [i for i, (a, _) in enumerate(axes) if a not in grouped] + \
+            [i for i, (a, _) in enumerate(axes) if a in grouped]
+        size = math.prod(int(n) for a, n in axes if a in grouped)
+        return tuple(map(tuple, ids.transpose(order).reshape(-1, size).tolist()))
+    return ()
 
 
 def _trip_count(condition: list[Op]) -> int:

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any
 
 import jax
-import numpy as np
 from ml_collections import ConfigDict
 
 from dontstop_jax import files
-from dontstop_jax.analysis.hlo import COLLECTIVES, count, shape_bytes
+from dontstop_jax.analysis.hlo import collectives, count
 from dontstop_jax.engine import (
     StepSpec,
     abstract_state,
@@ -128,84 +126,21 @@ def _flops(lowered: Any, compiled: Any) -> float:
     return xla * dots.flops / dots.flops_once if dots.flops_once else xla
 
 
-@dataclasses.dataclass(frozen=True)
-class Collective:
-    """One collective op of a compiled program: result bytes, executions per step (while-loop trip counts
-    multiplied), whether it sits in a while loop's body, and its device groups (indices into the compile's
-    device assignment, i.e. the mesh's devices in order; () = all devices)."""
-    kind: str
-    nbytes: int
-    times: int
-    in_loop: bool
-    groups: tuple[tuple[int, ...], ...]
+def between(lo: tuple[int, StepCost], hi: tuple[int, StepCost], accum: int) -> StepCost:
+    """The step's cost at `accum` micro-batches, estimated from two compiles of the same step (same global batch) at
+    accumulation counts lo < hi (interpolated between them, or extrapolated below lo). Per step, FLOPs, HBM traffic
+    and collectives are affine in the count (the tokens are the same; every micro-batch reads the weights again,
+    and gathers them where they are sharded), and the temporaries affine in its inverse (they hold one
+    micro-batch's activations)."""
+    (a, x), (b, y) = lo, hi
 
-
-def collective_ops(hlo: str) -> list[Collective]:
-    """Every collective of one execution of an HLO module, repeating those in while loops (the layer scan,
-    accumulation) by their trip count: the constant their condition compares the counter with (compiled TPU
-    HLO carries no known_trip_count)."""
-    bodies: dict[str, list] = {}
-    calls: dict[str, list] = {}
-    bounds: dict[str, int] = {}
-    current = None
-    for line in hlo.splitlines():
-        if line[:1] not in ("", " ", "}") and line.rstrip().endswith("{"):
-            current = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
-            bodies[current], calls[current] = [], []
-            continue
-        if current is None:
-            continue
-        if (bound := re.search(r"s32\[\]\S* constant\((\d+)\)", line)) and current not in bounds:
-            bounds[current] = int(bound.group(1))
-        if op := re.search(r"= (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line):
-            bodies[current].append((op.group(2), shape_bytes(op.group(1), largest=bool(op.group(3))),
-                                    _replica_groups(line)))
-        if loop := re.search(r"condition=%?([\w.\-]+), body=%?([\w.\-]+)", line):
-            calls[current].append((loop.group(2), loop.group(1)))
-        for callee in re.findall(r"(?:calls|to_apply|branch_computations)=\{?%?([\w.\-]+)", line):
-            calls[current].append((callee, None))
-    found: list[Collective] = []
-
-    def walk(name: str, times: int, in_loop: bool) -> None:
-        found.extend(Collective(kind, nbytes, times, in_loop, groups) for kind, nbytes, groups in bodies.get(name, []))
-        for callee, condition in calls.get(name, []):
-            walk(callee, times * (bounds.get(condition, 1) if condition else 1), in_loop or condition is not None)
-    walk("ENTRY", 1, False)
-    return found
-
-
-def collectives(hlo: str) -> dict[str, tuple[int, int]]:
-    """(count, bytes) per collective kind in one execution of an HLO module (see collective_ops)."""
-    totals: dict[str, list[int]] = {}
-    for op in collective_ops(hlo):
-        entry = totals.setdefault(op.kind, [0, 0])
-        entry[0] += op.times
-        entry[1] += op.times * op.nbytes
-    return {k: (c, b) for k, (c, b) in totals.items()}
-
-
-def _iota(dims: str, perm: str | None) -> np.ndarray:
-    """An HLO iota device list: arange over `dims`, transposed by `perm`."""
-    shape = [int(d) for d in dims.split(",")]
-    ids = np.arange(math.prod(shape)).reshape(shape)
-    return ids.transpose([int(p) for p in perm.split(",")]) if perm else ids
-
-
-def _replica_groups(line: str) -> tuple[tuple[int, ...], ...]:
-    """The device groups of a collective in any of XLA's three spellings: explicit lists ({{0,1},{2,3}}), an
-    iota ([2,4]<=[4,2]T(1,0)), or mesh axes (mesh['a'=2,'b'=4], device_ids=([8]) {'b'})."""
-    if m := re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", line):
-        return tuple(tuple(int(i) for i in g.split(",") if i) for g in re.findall(r"\{([\d,]*)\}", m.group(1)))
-    if m := re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line):
-        return tuple(map(tuple, _iota(m.group(3), m.group(4)).reshape(int(m.group(1)), int(m.group(2))).tolist()))
-    if m := re.search(r"replica_groups=mesh\[([^\]]*)\], device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\) "
-                      r"\{([^}]*)\}", line):
-        axes = re.findall(r"'(\w+)'=(\d+)", m.group(1))
-        grouped = re.findall(r"'(\w+)'", m.group(4))
-        ids = _iota(m.group(2), m.group(3)).reshape([int(n) for _, n in axes])
-        order = [i for i, (a, _) in enumerate(axes) if a not in grouped] + \
-            [i for i, (a, _) in enumerate(axes) if a in grouped]
-        size = math.prod(int(n) for a, n in axes if a in grouped)
-        return tuple(map(tuple, ids.transpose(order).reshape(-1, size).tolist()))
-    return ()
-
+    def line(u: float, v: float, at: float, p: float, q: float) -> float:
+        return max(u + (v - u) * (at - p) / (q - p), 0.0)
+    temp = round(line(x.temp_bytes, y.temp_bytes, 1 / accum, 1 / a, 1 / b))
+    kinds = set(x.collectives) | set(y.collectives)
+    return StepCost(
+        y.argument_bytes, temp, y.total_bytes + temp - y.temp_bytes, line(x.flops, y.flops, accum, a, b),
+        line(x.bytes_accessed, y.bytes_accessed, accum, a, b),
+        {k: (pair[0], pair[1]) for k in kinds
+         for pair in [[round(line(x.collectives.get(k, (0, 0))[i], y.collectives.get(k, (0, 0))[i], accum, a, b))
+                       for i in (0, 1)]]})
