@@ -36,7 +36,8 @@ def get_config(arg: str = "paper"):
     root = "/data/dontstop"  # the layout below; override data paths per task/domain if yours differ
     cfg = ConfigDict(dict(
         workdir="runs/grid-paper", base="", seeds=[0, 1, 2, 3, 4], variants=list(PAPER_VARIANTS),
-        # train_sizes: learning curves, e.g. [100, 500, 1000, "all"] (each seed fine-tunes on its own stratified draw)
+        # train_sizes: learning curves, e.g. [100, 500, 1000, "all"]
+        # (each seed fine-tunes on its own stratified draw)
         train_sizes=["all"],
         # methods: e.g. ["full", "frozen", "bitfit", "houlsby", "pfeiffer", "lora"] (empty: finetune.peft.method);
         # method_overrides: fine-tuning fields per method, e.g. {"lora": {"optim": {"learning_rate": 1e-3}}};

@@ -326,7 +326,8 @@ GRID: dict[str, Any] = dict(  # what a grid, the demo (a grid on the synthetic b
     variants=F(["baseline", "dapt", "tapt", "dapt_tapt", "not_dapt"], "the grid's rows (phases/grid.py)"),
     train_sizes=F(["all"], "learning curves: train sizes", (lambda v: len(v) == len(set(v)) > 0 and all(
         s == "all" or (type(s) is int and s >= 1) for s in v),
-        "must list distinct train sizes, each an int >= 1 or 'all' (the whole train split), e.g. [100, 500, 'all']")),
+        "must list distinct train sizes, each an int >= 1 or 'all' (the whole train split), "
+        "e.g. [100, 500, 'all']")),
     methods=F([], "grid: PEFT methods compared (empty: finetune.peft.method); continual: the methods run"),
     method_overrides=F({}, "fine-tuning fields per method, e.g. {'lora': {'optim': {'learning_rate': 1e-3}}}",
                        keyed=True),

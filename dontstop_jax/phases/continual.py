@@ -3,8 +3,8 @@
 Methods (`METHODS`): `das` (Ke et al. 2023: soft-masked gradients + contrastive integration) and its
 ablations; the continual-learning baselines `ewc` (Fisher-weighted penalty, das/ewc.py), `derpp` (replay
 of past domains' text with their logits, das/replay.py) and `hat` (hard attention to the task, the
-parameter-isolation reference, das/hat.py); `demix` (DEMix domain experts: an FFN expert per domain); `ncl` (plain sequential DAPT, the naive continual
-learner); `one` and `adapter_one` (an independent full / adapter DAPT per domain from the base: no
+parameter-isolation reference, das/hat.py); `demix` (DEMix domain experts: an FFN expert per domain); `ncl`
+(plain sequential DAPT, the naive continual learner); `one` and `adapter_one` (an independent full / adapter DAPT per domain from the base: no
 forgetting by construction, one model per domain) and `base` (no adaptation). A method is one `Method`: how a
 stage trains (a `Continual` stage method), where each stage starts, which stage's model a task is fine-tuned
 from and the phase fields it sets; the objectives and the state that carries from stage to stage (importance,
