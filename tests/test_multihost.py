@@ -101,8 +101,8 @@ import os, runpy, sys
 import orbax.checkpoint as ocp
 from dontstop_jax.engine import checkpoint
 
-restore, attempt, fail = ocp.CheckpointManager.restore, checkpoint.Checkpointer._attempt, [os.environ[
-    "DONTSTOP_PROCESS_ID"] == "1"]
+restore, attempt, fail = ocp.CheckpointManager.restore, checkpoint.Checkpointer._attempt, [os.environ.get(
+    "DONTSTOP_PROCESS_ID") == "1"]  # (a preparation worker re-imports this file, without the variable)
 
 def failing_once(self, step, *args, **kwargs):
     if fail[0]:
@@ -118,9 +118,10 @@ def logged(self, read, step):
     return value, err
 
 ocp.CheckpointManager.restore, checkpoint.Checkpointer._attempt = failing_once, logged
-assert sys.argv[1:3] == ["-m", "dontstop_jax"], sys.argv
-sys.argv = ["dontstop", *sys.argv[3:]]
-runpy.run_module("dontstop_jax", run_name="__main__", alter_sys=True)
+if __name__ == "__main__":
+    assert sys.argv[1:3] == ["-m", "dontstop_jax"], sys.argv
+    sys.argv = ["dontstop", *sys.argv[3:]]
+    runpy.run_module("dontstop_jax", run_name="__main__", alter_sys=True)
 """
 
 
