@@ -118,10 +118,11 @@ def logged(self, read, step):
     return value, err
 
 ocp.CheckpointManager.restore, checkpoint.Checkpointer._attempt = failing_once, logged
-if __name__ == "__main__":
-    assert sys.argv[1:3] == ["-m", "dontstop_jax"], sys.argv
+if __name__ == "__main__" and sys.argv[1:3] == ["-m", "dontstop_jax"]:
     sys.argv = ["dontstop", *sys.argv[3:]]
     runpy.run_module("dontstop_jax", run_name="__main__", alter_sys=True)
+elif __name__ == "__main__":  # run.sh's own use of the interpreter (a free port)
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 """
 
 
