@@ -247,7 +247,8 @@ def _prepared(cache) -> dict[str, tuple]:
         manifest = json.loads((directory / "manifest.json").read_text())
         del manifest["input_fingerprint"]
         corpora[json.dumps(manifest["sources"])] = manifest, {
-            name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.walk(directory).items()}
+            name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.walk(directory).items()
+            if name != "manifest.json"}
     assert corpora
     return corpora
 
