@@ -134,7 +134,8 @@ def slow():
     time.sleep(2.5)  # process 1 reports that it waits
     return {"chosen_by": me, "step": 7}
 
-out = []
+# a process that builds its backend minutes after the other still joins (jax's own wait is 2 minutes)
+out = [[jax.config.jax_cpu_get_local_topology_timeout_minutes, jax.config.jax_cpu_get_global_topology_timeout_minutes]]
 try:
     distributed.decide("take the lock", refuse)
 except UserError as err:
@@ -151,11 +152,14 @@ print(json.dumps(out))
 
 def test_decisions_are_made_on_process_0_and_handed_over_with_their_errors(tmp_path):
     """Every process gets process 0's result or its one-line error; a waiting process says what it waits for, and
-    gives up after its timeout."""
+    gives up after its timeout. Joining, each waits JOIN_MINUTES for the others' devices, not jax's 2 minutes."""
     import json
 
     from local_processes import run_local_processes
+
+    from dontstop_jax import distributed
     outputs = run_local_processes(_DECIDE, timeout=120)
     first, second = (json.loads(out.splitlines()[-1]) for out in outputs)
-    assert first == ["refused by process 0", {"chosen_by": 0, "step": 7}]
+    assert first == [[distributed.JOIN_MINUTES, distributed.JOIN_MINUTES + 1], "refused by process 0",
+                     {"chosen_by": 0, "step": 7}]
     assert second == first + ["waited 2 s for process 0 to never"]

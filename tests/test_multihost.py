@@ -1,19 +1,24 @@
 """Every command on two hosts that share nothing but a bucket: each case runs 2 processes through `launch/run.sh
 local`, each with its own home (its working directory), temporary and cache directories, and the workdirs in an
 emulated GCS bucket; the results equal one process's (tables and summaries, timing fields aside). The tiny demo
-grid is stopped by SIGTERM at a hand-over between two phases (every process exits 75) and rerun to the end:
-one run of two of its rows covers prepare, pretrain, finetune, the grid and the hand-over. The reference is the
-same rows run by one process holding 2 devices: the hosts' batch split, so the same dropout masks (a device's
-dropout key follows its batch shard, engine/steps.py). The session's tiny demo's compilation cache is shared.
+grid is stopped by SIGTERM at a hand-over between two phases (every process exits 75) and rerun to the end, with
+process 1's first checkpoint read failing once: one run of two of its rows covers the corpora it prepares, its
+pretraining and fine-tuning phases (each phase's summary and logged metrics), the grid and the hand-over. The
+reference is the same rows run by one process holding 2 devices: the hosts' batch split, so the same dropout
+masks (a device's dropout key follows its batch shard, engine/steps.py). The `prepare`, `select` and `export`
+cases start from the two grids (their phases, benchmark and prepared corpora); continual runs its own.
+The session's tiny demo's compilation cache is shared.
 
 Also (not slow): a command on a machine without a TPU prints no libtpu start-up lines, with libtpu installed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -70,22 +75,60 @@ def bucket(tmp_path_factory):
         yield env
 
 
-def _hosts(root: Path) -> Path:
+def _hosts(root: Path, driver: str = "") -> Path:
     """An interpreter for `run.sh --python` that makes each process a host of its own: home (its working
-    directory), temporary and cache directories under root/host<process id>; one CPU device each."""
-    script = root / "host-python"
+    directory), temporary and cache directories under root/host<process id>; one CPU device each. `driver`: a
+    script that runs first and is handed `-m dontstop_jax ARGS`."""
+    script = root / f"host-python{'-' + Path(driver).stem if driver else ''}"
     script.write_text(f"""#!/bin/sh
 h={shlex.quote(str(root))}/host$DONTSTOP_PROCESS_ID
 mkdir -p "$h/home" "$h/tmp" "$h/cache" && cd "$h/home" || exit 1
-HOME="$h/home" TMPDIR="$h/tmp" DONTSTOP_CACHE="$h/cache" XLA_FLAGS= exec {shlex.quote(sys.executable)} "$@"
+HOME="$h/home" TMPDIR="$h/tmp" DONTSTOP_CACHE="$h/cache" XLA_FLAGS= exec {shlex.join([sys.executable] + ([driver] if driver else []))} "$@"
 """)
     script.chmod(0o755)
     return script
 
 
-def _launch(root: Path, logs: str, *argv: str) -> list[str]:
-    return ["bash", LAUNCH, "local", "--processes", "2", "--devices", "1", "--python", str(_hosts(root)),
+def _launch(root: Path, logs: str, *argv: str, driver: str = "") -> list[str]:
+    return ["bash", LAUNCH, "local", "--processes", "2", "--devices", "1", "--python", str(_hosts(root, driver)),
             "--log-dir", str(root / logs), *argv]
+
+
+# Process 1's first checkpoint read fails once (a bucket's transient error, inside Orbax's restore, so the
+# restore's closing barrier is met as after a real failure); every process logs each step it reads.
+_READ_FAILS_ONCE = """
+import os, runpy, sys
+import orbax.checkpoint as ocp
+from dontstop_jax.engine import checkpoint
+
+restore, attempt, fail = ocp.CheckpointManager.restore, checkpoint.Checkpointer._attempt, [os.environ.get(
+    "DONTSTOP_PROCESS_ID") == "1"]  # (a preparation worker re-imports this file, without the variable)
+
+def failing_once(self, step, *args, **kwargs):
+    if fail[0]:
+        fail[0] = False
+        print(f"injected: reading step {step} of {self.directory} fails", file=sys.stderr, flush=True)
+        raise OSError("503 Service Unavailable (injected)")
+    return restore(self, step, *args, **kwargs)
+
+def logged(self, read, step):
+    value, err = attempt(self, read, step)
+    print(f"{'read' if err is None else 'could not read'} step {step} of {self.directory}", file=sys.stderr,
+          flush=True)
+    return value, err
+
+ocp.CheckpointManager.restore, checkpoint.Checkpointer._attempt = failing_once, logged
+if __name__ == "__main__" and sys.argv[1:3] == ["-m", "dontstop_jax"]:
+    sys.argv = ["dontstop", *sys.argv[3:]]
+    runpy.run_module("dontstop_jax", run_name="__main__", alter_sys=True)
+elif __name__ == "__main__":  # run.sh's own use of the interpreter (a free port)
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+def _reads(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if " step " in line and line.startswith(
+        ("read ", "could not read ", "injected: "))]
 
 
 def _last_lines(log_dir: Path) -> list[str]:
@@ -127,7 +170,10 @@ def grid_on_two_hosts(bucket, tiny_grid, tmp_path_factory):
     proc.send_signal(signal.SIGTERM)  # forwarded to both processes, between the base phase and the next
     _, err = proc.communicate(timeout=600)
     stopped = (proc.returncode, _last_lines(root / "stopped"), err)
-    rerun = subprocess.run(_launch(root, "rerun", *argv), cwd=root, capture_output=True, text=True, timeout=1800)
+    driver = root / "read-fails-once.py"
+    driver.write_text(_READ_FAILS_ONCE)
+    rerun = subprocess.run(_launch(root, "rerun", *argv, driver=str(driver)), cwd=root, capture_output=True,
+                           text=True, timeout=1800)
     return root, stopped, rerun
 
 
@@ -145,8 +191,66 @@ def test_grid_stopped_at_a_hand_over_and_rerun_equals_one_process(grid_on_two_ho
     two = files.read_json("gs://bkt/grid/records.json")
     assert len(two["records"]) == len(VARIANTS) * len(SEEDS)
     assert _without_timings(two) == _without_timings(one)  # the reference scores and each fine-tune's scores
+    for kind, count in (("pretrain", 3), ("finetune", len(VARIANTS) * len(SEEDS))):  # each phase's summary, curve
+        ours, theirs = _phases(f"gs://bkt/grid/{kind}"), _phases(grid_on_one_process / kind)
+        assert len(ours) == count and sorted(ours) == sorted(theirs)
+        for name in ours:
+            _assert_close(ours[name], theirs[name], f"{kind}/{name}")
+    assert _prepared("gs://bkt/grid/cache") == _prepared(grid_on_one_process / "cache")  # the corpora, to the byte
     for i in range(2):  # each host wrote only its cache, its temporary files and the benchmark it generated
         assert sorted(p.name for p in (root / f"host{i}" / "home").iterdir()) == ["benchmark"]
+    # the rerun's first checkpoint read failed once on process 1: both processes read the same steps all along
+    reads = [_reads(root / "rerun" / f"process-{i}.log") for i in range(2)]
+    assert reads[1][0].startswith("injected: ") and not any(r.startswith("injected: ") for r in reads[0]), reads
+    assert reads[0] == reads[1][1:] and reads[0] and all(r.startswith("read step ") for r in reads[0]), reads
+
+
+def _phases(root) -> dict[str, list]:
+    """{label: [summary, *logged metrics]} of each finished phase under root (a grid's pretrain/ or finetune/),
+    timings left out and paths reduced to the phase's label (and step)."""
+    from dontstop_jax import files
+
+    def label(value):
+        return re.sub(r"^(checkpoint:)?.*/([^/]+)-[0-9a-f]{10}(/checkpoints)?", r"\2", value) if isinstance(
+            value, str) else value
+    phases = {}
+    for workdir in files.path(root).iterdir():
+        done = json.loads((workdir / "DONE.json").read_text())
+        metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        phases[label(str(workdir))] = [{k: label(v) for k, v in _without_timings(row).items() if k != "tokens_per_s"}
+                                      for row in (done, *metrics)]
+    return phases
+
+
+def _assert_close(ours, theirs, where: str) -> None:
+    """Equal JSON trees, floats to 1e-5 (2 processes' gradient sums vs one process's over the same 2 devices)."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        assert sorted(ours) == sorted(theirs), where
+        for key in ours:
+            _assert_close(ours[key], theirs[key], f"{where}.{key}")
+    elif isinstance(ours, list) and isinstance(theirs, list):
+        assert len(ours) == len(theirs), where
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            _assert_close(a, b, f"{where}[{i}]")
+    elif isinstance(ours, float) and isinstance(theirs, float):
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7), (where, ours, theirs)
+    else:
+        assert ours == theirs, (where, ours, theirs)
+
+
+def _prepared(cache) -> dict[str, tuple]:
+    """{sources: (manifest, {file: sha256})} of each prepared corpus under `cache`; the manifest without the
+    input's fingerprint (it hashes the paths and times of the files that a host read)."""
+    from dontstop_jax import files
+    corpora = {}
+    for directory in files.path(cache).iterdir():
+        manifest = json.loads((directory / "manifest.json").read_text())
+        del manifest["input_fingerprint"]
+        corpora[json.dumps(manifest["sources"])] = manifest, {
+            name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.walk(directory).items()
+            if name != "manifest.json"}
+    assert corpora
+    return corpora
 
 
 def _phase(workdir: str, name: str) -> str:
@@ -179,6 +283,58 @@ def test_export_on_two_hosts_equals_one_process(grid_on_two_hosts, grid_on_one_p
     assert sorted(ours) == sorted(theirs)
     for name in ours:
         np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-5, atol=1e-5, err_msg=name)  # 2 processes vs 1
+
+
+def _on_one_process(grid: Path, *argv: str) -> subprocess.CompletedProcess:
+    """`dontstop ARGV` on one process with the 2 hosts' devices, next to the reference grid (its benchmark)."""
+    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *argv], cwd=grid.parent, capture_output=True,
+                         text=True, timeout=900, env={**os.environ, "DONTSTOP_LOCAL_DEVICES": "2"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _on_two_hosts(root: Path, logs: str, *argv: str) -> None:
+    out = subprocess.run(_launch(root, logs, *argv), cwd=root, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@needs_bucket
+@pytest.mark.slow
+def test_prepare_on_two_hosts_equals_one_process(grid_on_two_hosts, grid_on_one_process):
+    """`dontstop prepare` of the grid's DAPT corpus by 2 hosts into a new cache in the bucket (each host encodes its
+    share) writes the corpus the one-process grid prepared, to the byte."""
+    root, _, rerun = grid_on_two_hosts
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _on_two_hosts(root, "prepare", "prepare", "--config", str(ROOT / "configs/dapt.py:biomed"),
+                  f"--config.init={_phase('gs://bkt/grid/pretrain', 'base')}", "--config.data.max_seq_length=64",
+                  "--config.data.sources=['benchmark/domains/bio/corpus.txt']", "--config.data.cache_dir=gs://bkt/prepared")
+    ours = _prepared("gs://bkt/prepared")
+    assert len(ours) == 1
+    assert ours.items() <= _prepared(grid_on_one_process / "cache").items()
+
+
+def _select_argv(workdir: str) -> list[str]:
+    return ["select", "--config", str(ROOT / "configs/select.py:knn"), f"--config.workdir={workdir}",
+            "--config.task.path=benchmark/tasks/bio_topic", "--config.sources=['benchmark/domains/bio/corpus.txt']",
+            "--config.embedding.kind=tfidf", "--config.embedding.dim=1024", "--config.k=3"]
+
+
+@needs_bucket
+@pytest.mark.slow
+def test_select_on_two_hosts_equals_one_process(grid_on_two_hosts, grid_on_one_process):
+    """kNN selection from the benchmark's domain corpus for its task: 2 hosts with the workdir in the bucket (process 0
+    selects, the other waits) write the documents and statistics one process does."""
+    from dontstop_jax import files
+    from dontstop_jax.phases.select import STATS, selected_corpus
+    root, _, _ = grid_on_two_hosts
+    _on_two_hosts(root, "select", *_select_argv("gs://bkt/select"))
+    _on_one_process(grid_on_one_process, *_select_argv(str(root / "select-one")))
+    assert files.path(selected_corpus("gs://bkt/select")).read_bytes() == Path(
+        selected_corpus(root / "select-one")).read_bytes()
+    ours, theirs = files.read_json(f"gs://bkt/select/{STATS}"), json.loads((root / "select-one" / STATS).read_text())
+    assert ours.pop("corpus") == "gs://bkt/select/selected.jsonl"  # the statistics name the corpus they wrote
+    assert theirs.pop("corpus") == str(root / "select-one" / "selected.jsonl")
+    assert ours["size"] > 0 and _without_timings(ours) == _without_timings(theirs)
 
 
 @needs_bucket
