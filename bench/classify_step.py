@@ -61,9 +61,12 @@ class OurClassifierStep:
         self.model = model = RobertaForSequenceClassification(cfg, NUM_LABELS)
         self.tx, schedule = make_optimizer(default_optim_config(), TOTAL_STEPS)
         self.state, shardings = create_train_state(model, self.tx, self.mesh, DEFAULT_RULES, seed=0)
-        self.step = compile_train_step(make_train_step(StepSpec(classification_loss_sums(model), self.tx,
-                                                                schedule=schedule)),
-                                       shardings, self.mesh, DEFAULT_RULES)
+        self.step = compile_train_step(
+            make_train_step(StepSpec(classification_loss_sums(model), self.tx, schedule=schedule)),
+            shardings,
+            self.mesh,
+            DEFAULT_RULES,
+        )
 
     def run(self, batches: list[dict[str, np.ndarray]]) -> None:
         metrics = None
@@ -81,15 +84,19 @@ class OurClassifierStep:
         grads = jax.jit(jax.grad(lambda p, b: loss(p, b, key, True)[0]))
         update = jax.jit(lambda g, o, p: self.tx.update(g, o, p))
         g = grads(params, device_batch)
-        run = lambda f, *a: (lambda n: jax.block_until_ready([f(*a) for _ in range(n)]))
-        return {"forward": run(forward, params, device_batch), "forward + backward": run(grads, params, device_batch),
-                "optimizer update": run(update, g, self.state.opt_state, params)}
+        run = lambda f, *a: lambda n: jax.block_until_ready([f(*a) for _ in range(n)])
+        return {
+            "forward": run(forward, params, device_batch),
+            "forward + backward": run(grads, params, device_batch),
+            "optimizer update": run(update, g, self.state.opt_state, params),
+        }
 
 
 class HFClassifierStep:
     def __init__(self, cfg: ModelConfig, device: str):
         import torch
         import transformers
+
         torch.manual_seed(0)
         self.torch, self.device = torch, device
         hf_cfg = transformers.RobertaConfig(**cfg.to_hf_dict(), num_labels=NUM_LABELS)
@@ -105,14 +112,17 @@ class HFClassifierStep:
                 loss = self.model(
                     input_ids=torch.from_numpy(batch["input_ids"].astype(np.int64)).to(self.device),
                     attention_mask=torch.from_numpy(batch["attention_mask"].astype(np.int64)).to(self.device),
-                    labels=torch.from_numpy(batch["labels"].astype(np.int64)).to(self.device)).loss
+                    labels=torch.from_numpy(batch["labels"].astype(np.int64)).to(self.device),
+                ).loss
             hf_update(self.model, self.optimizer, self.scheduler, loss)
         loss.item()
 
     def parts(self, batch: dict[str, np.ndarray]) -> dict[str, Callable[[int], None]]:
         torch, model = self.torch, self.model
-        inputs = {k: torch.from_numpy(batch[k].astype(np.int64)).to(self.device)
-                  for k in ("input_ids", "attention_mask", "labels")}
+        inputs = {
+            k: torch.from_numpy(batch[k].astype(np.int64)).to(self.device)
+            for k in ("input_ids", "attention_mask", "labels")
+        }
 
         def forward(n):
             model.eval()
@@ -132,6 +142,7 @@ class HFClassifierStep:
                 p.grad = torch.zeros_like(p) if p.grad is None else p.grad
             for _ in range(n):
                 self.optimizer.step()
+
         return {"forward": forward, "forward + backward": backward, "optimizer update": update}
 
 
@@ -140,23 +151,36 @@ def padded_to_longest(tokens: list[np.ndarray], labels: np.ndarray, batch_size: 
     order = np.random.default_rng(seed).permutation(len(tokens))
     out = []
     for start in range(0, len(order), batch_size):
-        rows = order[start: start + batch_size]
+        rows = order[start : start + batch_size]
         width = max(len(tokens[r]) for r in rows)
         ids = np.full((len(rows), width), 1, np.int32)
         for i, r in enumerate(rows):
             ids[i, : len(tokens[r])] = tokens[r]
-        out.append({"input_ids": ids, "attention_mask": (ids != 1).astype(np.int32), "labels": labels[rows],
-                    "example_weights": np.ones(len(rows), np.float32)})
+        out.append(
+            {
+                "input_ids": ids,
+                "attention_mask": (ids != 1).astype(np.int32),
+                "labels": labels[rows],
+                "example_weights": np.ones(len(rows), np.float32),
+            }
+        )
     return out
 
 
 def breakdown(ours: OurClassifierStep, theirs: HFClassifierStep, batch: dict, args) -> dict:
     sides = {"ours": ours.parts(batch), "transformers": theirs.parts(batch)}
     parts = list(sides["ours"])
-    times = time_alternating({f"{side} {part}": fns[part] for part in parts for side, fns in sides.items()},
-                             args.steps, args.repeats)
-    rows = [[part, *(f"{1e3 * times[f'{side} {part}']['median_s']:.1f}" for side in sides),
-             f"{times['transformers ' + part]['median_s'] / times['ours ' + part]['median_s']:.2f}x"] for part in parts]
+    times = time_alternating(
+        {f"{side} {part}": fns[part] for part in parts for side, fns in sides.items()}, args.steps, args.repeats
+    )
+    rows = [
+        [
+            part,
+            *(f"{1e3 * times[f'{side} {part}']['median_s']:.1f}" for side in sides),
+            f"{times['transformers ' + part]['median_s'] / times['ours ' + part]['median_s']:.2f}x",
+        ]
+        for part in parts
+    ]
     print(f"\nclassification step parts, {args.model}, seq {args.seq}, batch {args.batch}, no dropout")
     print(markdown_table(["part", "ours ms", "transformers ms", "transformers time / ours"], rows))
     payload = {"bench": "classify_breakdown", "args": vars(args), "parts": {n: t["median_s"] for n, t in times.items()}}
@@ -180,16 +204,27 @@ def main(argv: list[str] | None = None) -> dict:
         import os
 
         import torch
+
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     cfg = MODELS[args.model]
     ours, theirs = OurClassifierStep(cfg), HFClassifierStep(cfg, device)
 
     fixed_tokens, fixed_labels = examples(cfg, np.full(args.batch, args.seq))
     fixed = padded_to_longest(fixed_tokens, fixed_labels, args.batch, seed=0)
-    times = time_alternating({"ours": lambda n: ours.run(fixed * n), "transformers (PyTorch eager)":
-                              lambda n: theirs.run(fixed * n)}, args.steps, args.repeats)
-    step_rows = [[name, f"{1e3 * t['median_s']:.1f}", f"{args.batch * args.seq / t['median_s']:,.0f}",
-                  f"{t['median_s'] / times['ours']['median_s']:.2f}x"] for name, t in times.items()]
+    times = time_alternating(
+        {"ours": lambda n: ours.run(fixed * n), "transformers (PyTorch eager)": lambda n: theirs.run(fixed * n)},
+        args.steps,
+        args.repeats,
+    )
+    step_rows = [
+        [
+            name,
+            f"{1e3 * t['median_s']:.1f}",
+            f"{args.batch * args.seq / t['median_s']:,.0f}",
+            f"{t['median_s'] / times['ours']['median_s']:.2f}x",
+        ]
+        for name, t in times.items()
+    ]
     if args.breakdown:
         return breakdown(ours, theirs, fixed[0], args)
 
@@ -197,31 +232,50 @@ def main(argv: list[str] | None = None) -> dict:
     tokens, labels = examples(cfg, lengths)
     useful = int(lengths.sum())
     bucketed = ClassificationBatches(tokens, labels, args.batch, 0, pad_id=1, max_seq_length=args.max_len)
-    fixed_len = ClassificationBatches(tokens, labels, args.batch, 0, pad_id=1, max_seq_length=args.max_len,
-                                      bucket_lengths=(args.max_len,))
-    epochs: dict[str, tuple[Any, list]] = {"ours, length buckets (default)": (ours, list(bucketed.epoch(0))),
-              "ours, padded to max length": (ours, list(fixed_len.epoch(0))),
-              "transformers, padded to longest in batch": (theirs, padded_to_longest(tokens, labels, args.batch, 0))}
+    fixed_len = ClassificationBatches(
+        tokens, labels, args.batch, 0, pad_id=1, max_seq_length=args.max_len, bucket_lengths=(args.max_len,)
+    )
+    epochs: dict[str, tuple[Any, list]] = {
+        "ours, length buckets (default)": (ours, list(bucketed.epoch(0))),
+        "ours, padded to max length": (ours, list(fixed_len.epoch(0))),
+        "transformers, padded to longest in batch": (theirs, padded_to_longest(tokens, labels, args.batch, 0)),
+    }
     for runner, batches in epochs.values():  # compile every bucket shape before timing
         runner.run(list({b["input_ids"].shape: b for b in batches}.values()))
 
     def epochs_of(runner: Any, batches: list) -> Callable[[int], None]:
         return lambda n: runner.run(batches * n)
-    epoch_times = time_alternating({name: epochs_of(r, b) for name, (r, b) in epochs.items()},
-                                   steps=1, repeats=args.repeats, warmup=0)
+
+    epoch_times = time_alternating(
+        {name: epochs_of(r, b) for name, (r, b) in epochs.items()}, steps=1, repeats=args.repeats, warmup=0
+    )
     epoch_rows = []
     for name, t in epoch_times.items():
         cells = sum(b["input_ids"].size for b in epochs[name][1])
-        epoch_rows.append([name, f"{t['median_s']:.1f}", f"{useful / cells:.0%}", f"{useful / t['median_s']:,.0f}",
-                           f"{t['median_s'] / epoch_times['ours, length buckets (default)']['median_s']:.2f}x"])
+        epoch_rows.append(
+            [
+                name,
+                f"{t['median_s']:.1f}",
+                f"{useful / cells:.0%}",
+                f"{useful / t['median_s']:,.0f}",
+                f"{t['median_s'] / epoch_times['ours, length buckets (default)']['median_s']:.2f}x",
+            ]
+        )
 
     print(f"\nclassification step, {args.model}, seq {args.seq}, batch {args.batch}, {device}")
     print(markdown_table(["step", "ms/step", "tokens/s", "time / ours"], step_rows))
-    print(f"\none epoch of {args.examples} examples (median length {int(np.median(lengths))}, max {args.max_len}), "
-          f"batch {args.batch}")
+    print(
+        f"\none epoch of {args.examples} examples (median length {int(np.median(lengths))}, max {args.max_len}), "
+        f"batch {args.batch}"
+    )
     print(markdown_table(["batching", "s/epoch", "real tokens / cells", "useful tokens/s", "time / ours"], epoch_rows))
-    payload = {"bench": "classify_step", "args": vars(args), "step": {n: t["median_s"] for n, t in times.items()},
-               "epoch": {n: t["median_s"] for n, t in epoch_times.items()}, "useful_tokens": useful}
+    payload = {
+        "bench": "classify_step",
+        "args": vars(args),
+        "step": {n: t["median_s"] for n, t in times.items()},
+        "epoch": {n: t["median_s"] for n, t in epoch_times.items()},
+        "useful_tokens": useful,
+    }
     print(f"written: {write_json(f'classify_{args.model}_{device}', payload)}", file=sys.stderr)
     return payload
 

@@ -34,8 +34,13 @@ def cpu_model() -> str:
 
 def machine() -> dict:
     """What the numbers were measured on (goes into every JSON and RESULTS.md)."""
-    info = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "backend": jax.default_backend(),
-            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    info = {
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)),
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+    }
     for name in ("torch", "transformers"):
         try:
             info[name] = __import__(name).__version__
@@ -44,8 +49,13 @@ def machine() -> dict:
     return info
 
 
-def time_alternating(fns: dict[str, Callable[[int], None]], steps: int, repeats: int, warmup: int = 2,
-                     clock: Callable[[], float] = time.perf_counter) -> dict:
+def time_alternating(
+    fns: dict[str, Callable[[int], None]],
+    steps: int,
+    repeats: int,
+    warmup: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict:
     """Seconds per step of each `fn(steps)` (which must block until its work is done), alternating.
 
     Returns {name: {"median_s": ..., "min_s": ..., "all_s": [...]}} with per-step times. `clock`: wall time by
@@ -95,7 +105,7 @@ def matmul_peak(dtype: str, n: int, repeats: int = 10) -> float:
         t = time.perf_counter()
         mm(a, b).block_until_ready()
         ts.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(ts)
+    return 2 * n**3 / statistics.median(ts)
 
 
 def write_json(name: str, payload: dict) -> Path:
@@ -121,7 +131,7 @@ GPU_END = "<!-- end of gpu rows -->"
 def gpu_section(text: str) -> str:
     """The marked GPU section of a RESULTS.md text (markers included), or ""."""
     start, end = text.find(GPU_BEGIN), text.find(GPU_END)
-    return text[start: end + len(GPU_END)] if 0 <= start < end else ""
+    return text[start : end + len(GPU_END)] if 0 <= start < end else ""
 
 
 def with_gpu_section(text: str, section: str) -> str:

@@ -60,6 +60,7 @@ def write_corpus(path: Path, megabytes: float, seed: int = 0, vocab: int = 30_00
 
 def make_tokenizer(corpus: Path, out: Path) -> Path:
     from dontstop_jax.synthetic.tokenizer import save_tokenizer, train_bpe
+
     sample = out.with_suffix(".sample.txt")
     with open(corpus) as src, open(sample, "w") as dst:
         dst.writelines(itertools.islice(src, 5000))
@@ -75,6 +76,7 @@ def ours_prepare(corpus: Path, tokenizer: Path, work: Path):
             shutil.rmtree(work / "ours", ignore_errors=True)
             prepared = prepare_corpus([str(corpus)], tokenizer, work / "ours", max_seq_length=SEQ)
         run.blocks = prepared.num_blocks  # type: ignore[attr-defined]  # read by the caller after timing
+
     return run
 
 
@@ -82,6 +84,7 @@ def run_mlm_recipe(corpus: Path, tokenizer: Path, work: Path, num_proc: int):
     """What run_mlm.py does without --line_by_line: tokenize every line, concatenate, cut into SEQ blocks."""
     import datasets
     from transformers import PreTrainedTokenizerFast
+
     datasets.disable_progress_bars()
     tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer))
 
@@ -91,7 +94,7 @@ def run_mlm_recipe(corpus: Path, tokenizer: Path, work: Path, num_proc: int):
     def group_texts(examples):
         joined = {k: list(itertools.chain(*examples[k])) for k in examples}
         total = len(joined["input_ids"]) // SEQ * SEQ
-        return {k: [t[i: i + SEQ] for i in range(0, total, SEQ)] for k, t in joined.items()}
+        return {k: [t[i : i + SEQ] for i in range(0, total, SEQ)] for k, t in joined.items()}
 
     def run(n: int) -> None:
         for _ in range(n):
@@ -101,17 +104,27 @@ def run_mlm_recipe(corpus: Path, tokenizer: Path, work: Path, num_proc: int):
             tokenized = raw.map(tokenize, batched=True, num_proc=num_proc, remove_columns=["text"])
             grouped = tokenized.map(group_texts, batched=True, num_proc=num_proc)
         run.blocks = len(grouped)  # type: ignore[attr-defined]  # read by the caller after timing
+
     return run
 
 
 def prepare_ratio(corpus: Path, tokenizer: Path, work: Path, repeats: int) -> dict:
     cores = len(os.sched_getaffinity(0))
-    fns = {"ours: prepare_corpus": ours_prepare(corpus, tokenizer, work),
-           f"run_mlm.py recipe (datasets.map, num_proc={cores})": run_mlm_recipe(corpus, tokenizer, work, cores)}
+    fns = {
+        "ours: prepare_corpus": ours_prepare(corpus, tokenizer, work),
+        f"run_mlm.py recipe (datasets.map, num_proc={cores})": run_mlm_recipe(corpus, tokenizer, work, cores),
+    }
     times = time_alternating(fns, steps=1, repeats=repeats, warmup=1)
     mb = corpus.stat().st_size / 2**20
-    return {name: {"seconds": t["median_s"], "mb_per_s": mb / t["median_s"], "blocks": fns[name].blocks,
-                   "all_s": t["all_s"]} for name, t in times.items()}
+    return {
+        name: {
+            "seconds": t["median_s"],
+            "mb_per_s": mb / t["median_s"],
+            "blocks": fns[name].blocks,
+            "all_s": t["all_s"],
+        }
+        for name, t in times.items()
+    }
 
 
 def loader_vs_step(corpus: Path, tokenizer: Path, work: Path, batch: int, seq: int, repeats: int) -> dict:
@@ -119,18 +132,28 @@ def loader_vs_step(corpus: Path, tokenizer: Path, work: Path, batch: int, seq: i
     from bench.mlm_step import MODELS, OurStep, make_batch
     from dontstop_jax.data import MLMLoader, load_tokenizer, prepare_corpus, special_ids, word_start_table
     from dontstop_jax.engine import to_global
+
     prepared = prepare_corpus([str(corpus)], tokenizer, work / "loader", max_seq_length=seq)
     tok = load_tokenizer(tokenizer)
     cfg = MODELS["small"].replace(vocab_size=len(tok))
 
     def loader(prefetch: int, whole_word: bool = False) -> MLMLoader:
-        return MLMLoader(prepared, batch, 0, special_ids(tok), len(tok), whole_word=whole_word, prefetch=prefetch,
-                         word_starts_table=word_start_table(tok) if whole_word else None)
+        return MLMLoader(
+            prepared,
+            batch,
+            0,
+            special_ids(tok),
+            len(tok),
+            whole_word=whole_word,
+            prefetch=prefetch,
+            word_starts_table=word_start_table(tok) if whole_word else None,
+        )
 
     def consume(it):
         def run(n):
             for _ in range(n):
                 next(it)
+
         return run
 
     step = OurStep(cfg, make_batch(cfg, batch, seq))
@@ -143,27 +166,40 @@ def loader_vs_step(corpus: Path, tokenizer: Path, work: Path, batch: int, seq: i
             for _ in range(n):
                 run_state.step_with(to_global(next(it), run_state.mesh))
             run_state.sync()
+
         return run
 
-    fns = {"loader (dynamic masking, no prefetch)": consume(loader(0)),
-           "loader (whole-word masking, no prefetch)": consume(loader(0, whole_word=True)),
-           "train step (small config)": step,
-           "loop: loader + step, prefetch=0": loop(0),
-           "loop: loader + step, prefetch=2 (default)": loop(2)}
+    fns = {
+        "loader (dynamic masking, no prefetch)": consume(loader(0)),
+        "loader (whole-word masking, no prefetch)": consume(loader(0, whole_word=True)),
+        "train step (small config)": step,
+        "loop: loader + step, prefetch=0": loop(0),
+        "loop: loader + step, prefetch=2 (default)": loop(2),
+    }
     times = time_alternating(fns, steps=5, repeats=repeats)
-    return {name: {"ms_per_batch": 1e3 * t["median_s"], "tokens_per_s": batch * seq / t["median_s"]}
-            for name, t in times.items()}
+    return {
+        name: {"ms_per_batch": 1e3 * t["median_s"], "tokens_per_s": batch * seq / t["median_s"]}
+        for name, t in times.items()
+    }
 
 
 def plan_host_rate(path: Path = BENCH_DIR / "plan_table.json") -> dict:
     """Tokens/s one host consumes in the plan of PLAN_ROW: batch x seq / roofline step time / hosts, where hosts =
     chips / chips per host of the topology (engine/topology.py, what `plan` compiles for)."""
     from dontstop_jax.engine.topology import parse
+
     row = next(r for r in json.loads(path.read_text())["rows"] if (r["recipe"], r["topology"]) == PLAN_ROW)
     hosts = row["chips"] // math.prod(parse(row["topology"])[2])
-    return {"recipe": row["recipe"], "topology": row["topology"], "command": row["command"], "hosts": hosts,
-            "host_batch": row["batch"] // hosts, "seq": row["seq"], "step_ms": row["step_ms"],
-            "tokens_per_s": row["batch"] * row["seq"] / (row["step_ms"] / 1e3) / hosts}
+    return {
+        "recipe": row["recipe"],
+        "topology": row["topology"],
+        "command": row["command"],
+        "hosts": hosts,
+        "host_batch": row["batch"] // hosts,
+        "seq": row["seq"],
+        "step_ms": row["step_ms"],
+        "tokens_per_s": row["batch"] * row["seq"] / (row["step_ms"] / 1e3) / hosts,
+    }
 
 
 def loader_vs_host(corpus: Path, tokenizer: Path, work: Path, repeats: int) -> dict:
@@ -171,23 +207,35 @@ def loader_vs_host(corpus: Path, tokenizer: Path, work: Path, repeats: int) -> d
     whole-word, building one host's rows of the plan's batch at its sequence length."""
     from bench.per_row_loader import PerRowLoader
     from dontstop_jax.data import MLMLoader, load_tokenizer, prepare_corpus, special_ids, word_start_table
+
     host = plan_host_rate()
     prepared = prepare_corpus([str(corpus)], tokenizer, work / "loader_host", max_seq_length=host["seq"])
     tok = load_tokenizer(tokenizer)
     table = word_start_table(tok)
 
     def consume(cls, whole_word: bool):
-        it = cls(prepared, host["host_batch"], 0, special_ids(tok), len(tok), whole_word=whole_word, prefetch=0,
-                 word_starts_table=table if whole_word else None)
+        it = cls(
+            prepared,
+            host["host_batch"],
+            0,
+            special_ids(tok),
+            len(tok),
+            whole_word=whole_word,
+            prefetch=0,
+            word_starts_table=table if whole_word else None,
+        )
 
         def run(n):
             for _ in range(n):
                 next(it)
+
         return run
 
-    fns = {f"{name}, {kind}": consume(cls, whole_word)
-           for kind, whole_word in (("dynamic", False), ("whole-word", True))
-           for name, cls in (("per-row generators (before)", PerRowLoader), ("counter-based (now)", MLMLoader))}
+    fns = {
+        f"{name}, {kind}": consume(cls, whole_word)
+        for kind, whole_word in (("dynamic", False), ("whole-word", True))
+        for name, cls in (("per-row generators (before)", PerRowLoader), ("counter-based (now)", MLMLoader))
+    }
     cores = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {min(cores)})  # this thread only: one core, as one of a host's loader threads would get
     try:
@@ -196,9 +244,15 @@ def loader_vs_host(corpus: Path, tokenizer: Path, work: Path, repeats: int) -> d
     finally:
         os.sched_setaffinity(0, cores)
     tokens = host["host_batch"] * host["seq"]
-    rows = {name: {"cpu_ms_per_batch": 1e3 * cpu[name]["median_s"], "tokens_per_s": tokens / cpu[name]["median_s"],
-                   "wall_ms_per_batch": 1e3 * wall[name]["median_s"],
-                   "wall_tokens_per_s": tokens / wall[name]["median_s"]} for name in fns}
+    rows = {
+        name: {
+            "cpu_ms_per_batch": 1e3 * cpu[name]["median_s"],
+            "tokens_per_s": tokens / cpu[name]["median_s"],
+            "wall_ms_per_batch": 1e3 * wall[name]["median_s"],
+            "wall_tokens_per_s": tokens / wall[name]["median_s"],
+        }
+        for name in fns
+    }
     for r in rows.values():
         r["vs_host"] = r["tokens_per_s"] / host["tokens_per_s"]
     return {"plan": host, "rows": rows, "target": HOST_RATE_TARGET}
@@ -207,19 +261,43 @@ def loader_vs_host(corpus: Path, tokenizer: Path, work: Path, repeats: int) -> d
 def host_table(result: dict) -> str:
     """Markdown: the loader rows beside the plan's per-host rate, with the speed-up over the per-row loader."""
     host, rows = result["plan"], result["rows"]
-    before = {kind: r["tokens_per_s"] for name, r in rows.items() if name.startswith("per-row")
-              for kind in [name.split(", ")[1]]}
-    table = [[name, f"{r['cpu_ms_per_batch']:.1f}", f"{r['tokens_per_s']:,.0f}",
-              f"{r['tokens_per_s'] / before[name.split(', ')[1]]:.2f}x", f"{r['vs_host']:.2f}x",
-              "yes" if r["vs_host"] >= result["target"] else "no", f"{r['wall_tokens_per_s']:,.0f}"]
-             for name, r in rows.items()]
-    return (f"Loader on one core, {host['host_batch']} rows x {host['seq']} tokens (one host's share of batch "
-            f"{host['host_batch'] * host['hosts']}) vs what one of the {host['hosts']} hosts of `{host['command']}` "
-            f"consumes: {host['tokens_per_s']:,.0f} tokens/s ({host['step_ms']} ms roofline step, "
-            f"bench/plan_table.json); target {result['target']:g}x. Per core = per second of the loading thread's "
-            "CPU time (pinned to one core; other jobs on the box do not count), wall-clock rate beside it:\n\n"
-            + markdown_table(["loader", "CPU ms/batch", "tokens/s per core", "vs per-row", "vs host consumption",
-                              f">= {result['target']:g}x", "wall tokens/s"], table))
+    before = {
+        kind: r["tokens_per_s"]
+        for name, r in rows.items()
+        if name.startswith("per-row")
+        for kind in [name.split(", ")[1]]
+    }
+    table = [
+        [
+            name,
+            f"{r['cpu_ms_per_batch']:.1f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['tokens_per_s'] / before[name.split(', ')[1]]:.2f}x",
+            f"{r['vs_host']:.2f}x",
+            "yes" if r["vs_host"] >= result["target"] else "no",
+            f"{r['wall_tokens_per_s']:,.0f}",
+        ]
+        for name, r in rows.items()
+    ]
+    return (
+        f"Loader on one core, {host['host_batch']} rows x {host['seq']} tokens (one host's share of batch "
+        f"{host['host_batch'] * host['hosts']}) vs what one of the {host['hosts']} hosts of `{host['command']}` "
+        f"consumes: {host['tokens_per_s']:,.0f} tokens/s ({host['step_ms']} ms roofline step, "
+        f"bench/plan_table.json); target {result['target']:g}x. Per core = per second of the loading thread's "
+        "CPU time (pinned to one core; other jobs on the box do not count), wall-clock rate beside it:\n\n"
+        + markdown_table(
+            [
+                "loader",
+                "CPU ms/batch",
+                "tokens/s per core",
+                "vs per-row",
+                "vs host consumption",
+                f">= {result['target']:g}x",
+                "wall tokens/s",
+            ],
+            table,
+        )
+    )
 
 
 def _status_mb(pid: int | str, field: str) -> float:
@@ -252,6 +330,7 @@ def measure_prepare(corpus: str, tokenizer: str, out: str) -> None:
     import threading
 
     from dontstop_jax.data import prepare_corpus
+
     peak = {"total": 0.0, "workers": 0.0}
     done = threading.Event()
 
@@ -260,6 +339,7 @@ def measure_prepare(corpus: str, tokenizer: str, out: str) -> None:
             workers = [_status_mb(pid, "VmRSS") for pid in _children()]
             peak["workers"] = max([peak["workers"], *workers])
             peak["total"] = max(peak["total"], _status_mb("self", "VmRSS") + sum(workers))
+
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t = time.time()
@@ -267,8 +347,17 @@ def measure_prepare(corpus: str, tokenizer: str, out: str) -> None:
     seconds = time.time() - t
     done.set()
     sampler.join()
-    print(json.dumps({"seconds": seconds, "blocks": prepared.num_blocks, "peak_rss_mb": _status_mb("self", "VmHWM"),
-                      "worker_peak_rss_mb": peak["workers"], "total_peak_rss_mb": peak["total"]}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "blocks": prepared.num_blocks,
+                "peak_rss_mb": _status_mb("self", "VmHWM"),
+                "worker_peak_rss_mb": peak["workers"],
+                "total_peak_rss_mb": peak["total"],
+            }
+        )
+    )
 
 
 def prepare_peak_rss(work: Path, gigabytes: float, tokenizer: Path) -> dict:
@@ -278,22 +367,37 @@ def prepare_peak_rss(work: Path, gigabytes: float, tokenizer: Path) -> dict:
     generated_s = time.time() - t
     from dontstop_jax.data import parse_source
     from dontstop_jax.data.prepare import default_workers
+
     workers = default_workers([parse_source(str(big))])  # what prepare_corpus uses
-    code = (f"from bench.data_pipeline import measure_prepare; "
-            f"measure_prepare({str(big)!r}, {str(tokenizer)!r}, {str(work / 'big_prepared')!r})")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    code = (
+        f"from bench.data_pipeline import measure_prepare; "
+        f"measure_prepare({str(big)!r}, {str(tokenizer)!r}, {str(work / 'big_prepared')!r})"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     big.unlink()
-    return {"corpus_gb": size / 2**30, "generate_s": generated_s, **result, "workers": workers,
-            "mb_per_s": size / 2**20 / result["seconds"]}
+    return {
+        "corpus_gb": size / 2**30,
+        "generate_s": generated_s,
+        **result,
+        "workers": workers,
+        "mb_per_s": size / 2**20 / result["seconds"],
+    }
 
 
 def rss_line(rss: dict) -> str:
-    return (f"prepare on {rss['corpus_gb']:.2f} GB of generated text: {rss['seconds']:.0f} s ({rss['mb_per_s']:.1f} MB/s), "
-            f"{rss['blocks']:,} blocks; peak memory {rss['total_peak_rss_mb']:.0f} MB in all (main process "
-            f"{rss['peak_rss_mb']:.0f} MB, {rss['workers']} encoding worker(s) of at most "
-            f"{rss['worker_peak_rss_mb']:.0f} MB each)")
+    return (
+        f"prepare on {rss['corpus_gb']:.2f} GB of generated text: {rss['seconds']:.0f} s ({rss['mb_per_s']:.1f} MB/s), "
+        f"{rss['blocks']:,} blocks; peak memory {rss['total_peak_rss_mb']:.0f} MB in all (main process "
+        f"{rss['peak_rss_mb']:.0f} MB, {rss['workers']} encoding worker(s) of at most "
+        f"{rss['worker_peak_rss_mb']:.0f} MB each)"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -328,14 +432,26 @@ def main(argv: list[str] | None = None) -> dict:
         return payload
     ours_s = prep["ours: prepare_corpus"]["seconds"]
     print(f"\nprepare, {args.mb:.0f} MB corpus, seq {SEQ}")
-    print(markdown_table(["pipeline", "seconds", "MB/s", "blocks", "time / ours"],
-                         [[n, f"{r['seconds']:.1f}", f"{r['mb_per_s']:.2f}", r["blocks"], f"{r['seconds'] / ours_s:.2f}x"]
-                          for n, r in prep.items()]))
+    print(
+        markdown_table(
+            ["pipeline", "seconds", "MB/s", "blocks", "time / ours"],
+            [
+                [n, f"{r['seconds']:.1f}", f"{r['mb_per_s']:.2f}", r["blocks"], f"{r['seconds'] / ours_s:.2f}x"]
+                for n, r in prep.items()
+            ],
+        )
+    )
     step_tps = load["train step (small config)"]["tokens_per_s"]
     print(f"\nloader vs train step, batch {args.batch}, seq {args.seq}")
-    print(markdown_table(["what", "ms/batch", "tokens/s", "vs step consumption"],
-                         [[n, f"{r['ms_per_batch']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / step_tps:.1f}x"]
-                          for n, r in load.items()]))
+    print(
+        markdown_table(
+            ["what", "ms/batch", "tokens/s", "vs step consumption"],
+            [
+                [n, f"{r['ms_per_batch']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / step_tps:.1f}x"]
+                for n, r in load.items()
+            ],
+        )
+    )
     if rss:
         print(f"\n{rss_line(rss)}")
     payload = {"bench": "data_pipeline", "args": vars(args), "prepare": prep, "loader": load, "prepare_rss": rss}

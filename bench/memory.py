@@ -38,7 +38,9 @@ from dontstop_jax.model import ModelConfig, RobertaForMaskedLM  # noqa: E402
 SEQ, SLOTS, GLOBAL_BATCH = 512, 80, 64
 MODELS = {
     "roberta-base": ModelConfig(),
-    "roberta-large": ModelConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "roberta-large": ModelConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    ),
 }
 # (name, mesh shape, model overrides, accumulation steps): each row adds one lever to the previous.
 LEVERS = [
@@ -55,20 +57,34 @@ def step_memory(cfg: ModelConfig, mesh_shape, accum: int) -> dict:
     model = RobertaForMaskedLM(cfg)
     tx, schedule = make_optimizer(default_optim_config(), 1000)
     shardings = state_shardings(model, tx, mesh, DEFAULT_RULES)
-    step = compile_train_step(make_train_step(StepSpec(mlm_loss_sums(model), tx, accum_steps=accum,
-                                                       schedule=schedule)),
-                              shardings, mesh, DEFAULT_RULES)
+    step = compile_train_step(
+        make_train_step(StepSpec(mlm_loss_sums(model), tx, accum_steps=accum, schedule=schedule)),
+        shardings,
+        mesh,
+        DEFAULT_RULES,
+    )
     rows = batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct((GLOBAL_BATCH, n), dtype, sharding=rows) for k, n, dtype in [
-        ("input_ids", SEQ, "int32"), ("attention_mask", SEQ, "int32"), ("mlm_positions", SLOTS, "int32"),
-        ("mlm_ids", SLOTS, "int32"), ("mlm_weights", SLOTS, "float32")]}
+    batch = {
+        k: jax.ShapeDtypeStruct((GLOBAL_BATCH, n), dtype, sharding=rows)
+        for k, n, dtype in [
+            ("input_ids", SEQ, "int32"),
+            ("attention_mask", SEQ, "int32"),
+            ("mlm_positions", SLOTS, "int32"),
+            ("mlm_ids", SLOTS, "int32"),
+            ("mlm_weights", SLOTS, "float32"),
+        ]
+    }
     with activation_rules(mesh, DEFAULT_RULES):
         compiled = step.__wrapped__.lower(  # type: ignore[attr-defined]  # set by functools.wraps
-            abstract_state(shardings, model, tx), batch).compile()
+            abstract_state(shardings, model, tx), batch
+        ).compile()
     m = compiled.memory_analysis()
     peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    return {"state_and_batch_gib": m.argument_size_in_bytes / 2**30, "temporaries_gib": m.temp_size_in_bytes / 2**30,
-            "peak_gib": peak / 2**30}
+    return {
+        "state_and_batch_gib": m.argument_size_in_bytes / 2**30,
+        "temporaries_gib": m.temp_size_in_bytes / 2**30,
+        "peak_gib": peak / 2**30,
+    }
 
 
 def main() -> None:
@@ -78,17 +94,35 @@ def main() -> None:
             t = time.time()
             r = step_memory(base.replace(**overrides), mesh_shape, accum)
             results.append({"model": model_name, "lever": lever, "mesh": mesh_shape, "accum": accum, **r})
-            print(f"{model_name:14s} {lever:22s} peak {r['peak_gib']:6.2f} GiB/device "
-                  f"(compiled in {time.time() - t:.0f}s)", file=sys.stderr, flush=True)
+            print(
+                f"{model_name:14s} {lever:22s} peak {r['peak_gib']:6.2f} GiB/device "
+                f"(compiled in {time.time() - t:.0f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
     out = Path(__file__).with_name("memory.json")
-    out.write_text(json.dumps({"seq": SEQ, "global_batch": GLOBAL_BATCH, "devices": 8, "backend": jax.default_backend(),
-                               "jax": jax.__version__, "results": results}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "seq": SEQ,
+                "global_batch": GLOBAL_BATCH,
+                "devices": 8,
+                "backend": jax.default_backend(),
+                "jax": jax.__version__,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     print(f"| lever (cumulative) | {' | '.join(f'{m} GiB/device' for m in MODELS)} |")
     print("|:--|" + "--:|" * len(MODELS))
     for lever, *_ in LEVERS:
         cells = [next(r for r in results if r["model"] == m and r["lever"] == lever) for m in MODELS]
-        print(f"| {lever} | " + " | ".join(f"{c['peak_gib']:.2f} (state {c['state_and_batch_gib']:.2f})"
-                                          for c in cells) + " |")
+        print(
+            f"| {lever} | "
+            + " | ".join(f"{c['peak_gib']:.2f} (state {c['state_and_batch_gib']:.2f})" for c in cells)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

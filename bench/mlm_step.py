@@ -50,8 +50,13 @@ def make_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> dict[st
     positions = np.sort(np.stack([rng.choice(np.arange(1, seq - 1), slots, replace=False) for _ in range(batch)]), 1)
     targets = np.take_along_axis(ids, positions, 1)
     np.put_along_axis(ids, positions, 3, 1)  # <mask>
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "mlm_positions": positions.astype(np.int32),
-            "mlm_ids": targets, "mlm_weights": np.ones(positions.shape, np.float32)}
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "mlm_positions": positions.astype(np.int32),
+        "mlm_ids": targets,
+        "mlm_weights": np.ones(positions.shape, np.float32),
+    }
 
 
 def all_positions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -61,22 +66,32 @@ def all_positions(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     ids, weights = np.zeros((b, t), np.int32), np.zeros((b, t), np.float32)
     np.put_along_axis(ids, batch["mlm_positions"], batch["mlm_ids"], 1)
     np.put_along_axis(weights, batch["mlm_positions"], 1.0, 1)
-    return {**batch, "mlm_positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)), "mlm_ids": ids,
-            "mlm_weights": weights}
+    return {
+        **batch,
+        "mlm_positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+        "mlm_ids": ids,
+        "mlm_weights": weights,
+    }
 
 
 class OurStep:
     """Our jitted train step on one device. Calling it runs n steps on a fixed batch and blocks at the end;
     `sync_every_step` fetches the loss after every step instead (the host-sync lever)."""
 
-    def __init__(self, cfg: ModelConfig, batch: dict[str, np.ndarray], *, donate: bool = True,
-                 sync_every_step: bool = False):
+    def __init__(
+        self, cfg: ModelConfig, batch: dict[str, np.ndarray], *, donate: bool = True, sync_every_step: bool = False
+    ):
         self.mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
         model = RobertaForMaskedLM(cfg)
         tx, schedule = make_optimizer(default_optim_config(), TOTAL_STEPS)
         self.state, shardings = create_train_state(model, tx, self.mesh, DEFAULT_RULES, seed=0)
-        self.step = compile_train_step(make_train_step(StepSpec(mlm_loss_sums(model), tx, schedule=schedule)),
-                                       shardings, self.mesh, DEFAULT_RULES, donate=donate)
+        self.step = compile_train_step(
+            make_train_step(StepSpec(mlm_loss_sums(model), tx, schedule=schedule)),
+            shardings,
+            self.mesh,
+            DEFAULT_RULES,
+            donate=donate,
+        )
         self.batch = to_global(batch, self.mesh)
         self.sync_every_step = sync_every_step
         self.metrics: dict[str, jax.Array] = {}
@@ -99,18 +114,23 @@ def hf_optimizer(model):
     """torch AdamW + linear warm-up/decay with our settings (no decay on biases and LayerNorms)."""
     import torch
     import transformers
+
     opt = default_optim_config()
     decay = [p for n, p in model.named_parameters() if not n.endswith("bias") and "LayerNorm" not in n]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": opt.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=opt.learning_rate, betas=(opt.b1, opt.b2), eps=opt.eps)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=opt.learning_rate,
+        betas=(opt.b1, opt.b2),
+        eps=opt.eps,
+    )
     return optimizer, transformers.get_linear_schedule_with_warmup(optimizer, int(0.06 * TOTAL_STEPS), TOTAL_STEPS)
 
 
 def hf_update(model, optimizer, scheduler, loss) -> None:
     """Backward, clip, AdamW step, schedule step: the PyTorch side of every comparison."""
     import torch
+
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), default_optim_config().max_grad_norm)
     optimizer.step()
@@ -129,9 +149,11 @@ def huggingface(cfg: ModelConfig, batch: dict[str, np.ndarray], device: str):
     optimizer, scheduler = hf_optimizer(model)
     labels = np.full(batch["input_ids"].shape, -100, np.int64)
     np.put_along_axis(labels, batch["mlm_positions"], batch["mlm_ids"], 1)
-    inputs = {"input_ids": torch.from_numpy(batch["input_ids"].astype(np.int64)).to(device),
-              "attention_mask": torch.from_numpy(batch["attention_mask"].astype(np.int64)).to(device),
-              "labels": torch.from_numpy(labels).to(device)}
+    inputs = {
+        "input_ids": torch.from_numpy(batch["input_ids"].astype(np.int64)).to(device),
+        "attention_mask": torch.from_numpy(batch["attention_mask"].astype(np.int64)).to(device),
+        "labels": torch.from_numpy(labels).to(device),
+    }
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
     def run(n: int) -> None:
@@ -143,6 +165,7 @@ def huggingface(cfg: ModelConfig, batch: dict[str, np.ndarray], device: str):
             torch.cuda.synchronize()
         else:
             loss.item()
+
     return run
 
 
@@ -153,7 +176,8 @@ def lever_variants(cfg: ModelConfig, batch: dict[str, np.ndarray]) -> dict:
         "ours (default)": OurStep(cfg, batch),
         "logits at all positions": OurStep(cfg, all_positions(batch)),
         "no attention dropout (fused dot_product_attention)": OurStep(
-            cfg.replace(attention_probs_dropout_prob=0.0), batch),
+            cfg.replace(attention_probs_dropout_prob=0.0), batch
+        ),
         "no donation": OurStep(cfg, batch, donate=False),
         "host sync every step": OurStep(cfg, batch, sync_every_step=True),
         f"{other_dtype} compute": OurStep(cfg.replace(dtype=other_dtype), batch),
@@ -177,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     if device == "cpu" and not args.no_hf:
         import torch
+
         torch.set_num_threads(len(os.sched_getaffinity(0)))  # the same cores XLA's CPU client uses
     cfg = MODELS[args.model].replace(dtype=args.dtype)
     if args.attention_dropout is not None:
@@ -193,20 +218,40 @@ def main(argv: list[str] | None = None) -> dict:
     base = times["ours (default)"]["median_s"]
     rows, results = [], []
     for name, t in times.items():
-        r = {"name": name, "median_s": t["median_s"], "tokens_per_s": tokens / t["median_s"],
-             "ours_speedup": t["median_s"] / base, "all_s": t["all_s"]}
+        r = {
+            "name": name,
+            "median_s": t["median_s"],
+            "tokens_per_s": tokens / t["median_s"],
+            "ours_speedup": t["median_s"] / base,
+            "all_s": t["all_s"],
+        }
         if name.startswith("ours (default)"):
             r["mfu"] = flops / t["median_s"] / peak
         results.append(r)
-        rows.append([name, f"{r['median_s'] * 1e3:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['ours_speedup']:.2f}x",
-                     f"{100 * r['mfu']:.1f}%" if "mfu" in r else ""])
+        rows.append(
+            [
+                name,
+                f"{r['median_s'] * 1e3:.1f}",
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['ours_speedup']:.2f}x",
+                f"{100 * r['mfu']:.1f}%" if "mfu" in r else "",
+            ]
+        )
     tag = args.tag or f"mlm_{args.model}_seq{args.seq}_b{args.batch}_{args.dtype}_{device}"
-    print(f"\nMLM step, {args.model} (L={cfg.num_hidden_layers}, D={cfg.hidden_size}), seq {args.seq}, batch "
-          f"{args.batch}, {args.dtype}, attention dropout {cfg.attention_probs_dropout_prob}, {device}; "
-          f"matmul peak {peak / 1e12:.2f} TFLOP/s; model FLOPs/step {flops / 1e12:.3f} T")
+    print(
+        f"\nMLM step, {args.model} (L={cfg.num_hidden_layers}, D={cfg.hidden_size}), seq {args.seq}, batch "
+        f"{args.batch}, {args.dtype}, attention dropout {cfg.attention_probs_dropout_prob}, {device}; "
+        f"matmul peak {peak / 1e12:.2f} TFLOP/s; model FLOPs/step {flops / 1e12:.3f} T"
+    )
     print(markdown_table(["step", "ms/step", "tokens/s", "time / ours", "MFU"], rows))
-    payload = {"bench": "mlm_step", "args": vars(args), "model_flops_per_step": flops, "matmul_peak_flops": peak,
-               "tokens_per_step": tokens, "results": results}
+    payload = {
+        "bench": "mlm_step",
+        "args": vars(args),
+        "model_flops_per_step": flops,
+        "matmul_peak_flops": peak,
+        "tokens_per_step": tokens,
+        "results": results,
+    }
     print(f"written: {write_json(tag, payload)}", file=sys.stderr)
     return payload
 

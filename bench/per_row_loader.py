@@ -25,8 +25,14 @@ class PerRowLoader(MLMLoader):
         return mask_per_row(tokens, rngs, kw["special_ids"], kw["vocab_size"], kw["mask_prob"], starts)
 
 
-def mask_per_row(input_ids: np.ndarray, rngs: list[np.random.Generator], special_ids: dict, vocab_size: int,
-                 mask_prob: float, starts: np.ndarray | None) -> dict[str, np.ndarray]:
+def mask_per_row(
+    input_ids: np.ndarray,
+    rngs: list[np.random.Generator],
+    special_ids: dict,
+    vocab_size: int,
+    mask_prob: float,
+    starts: np.ndarray | None,
+) -> dict[str, np.ndarray]:
     batch, length = input_ids.shape
     slots = math.ceil(mask_prob * length)
     specials = np.unique(list(special_ids.values()))
@@ -54,8 +60,11 @@ def mask_per_row(input_ids: np.ndarray, rngs: list[np.random.Generator], special
     rows, cols = np.nonzero(selected)
     slot = np.cumsum(selected, axis=1)[rows, cols] - 1
     out = {"input_ids": masked, "attention_mask": (input_ids != special_ids["pad"]).astype(np.int32)}
-    for name, values, dtype in [("mlm_positions", cols, np.int32), ("mlm_ids", input_ids[rows, cols], np.int32),
-                                ("mlm_weights", 1.0, np.float32)]:
+    for name, values, dtype in [
+        ("mlm_positions", cols, np.int32),
+        ("mlm_ids", input_ids[rows, cols], np.int32),
+        ("mlm_weights", 1.0, np.float32),
+    ]:
         out[name] = np.zeros((batch, slots), dtype)
         out[name][rows, slot] = values
     return out

@@ -28,8 +28,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).with_name("plan_table.json")
 TOPOLOGIES = ("v4-32", "v5litepod-64", "v5p-64")  # 16 v4 chips, 64 v5e chips, 32 v5p chips
-LARGE = ["--config.model.hidden_size=1024", "--config.model.num_hidden_layers=24",
-         "--config.model.num_attention_heads=16", "--config.model.intermediate_size=4096"]
+LARGE = [
+    "--config.model.hidden_size=1024",
+    "--config.model.num_hidden_layers=24",
+    "--config.model.num_attention_heads=16",
+    "--config.model.intermediate_size=4096",
+]
 # ChemProt's train split: 4,169 examples. TAPT packs its text into 512-token blocks; its size in tokens is an
 # assumption (about 72 RoBERTa tokens a sentence), not a count. Fine-tuning's steps are 10 epochs of
 # ceil(4169 / 16) batches: --tokens 4169 x 512 makes plan count exactly those (every batch at full length).
@@ -41,10 +45,22 @@ FINETUNE_MESH = {"v4-32": "(-1,1,1)", "v5litepod-64": "(16,1,4)", "v5p-64": "(16
 RECIPES = [
     ("DAPT roberta-base", "configs/dapt.py:biomed", [], None, TOPOLOGIES, "none (recipe: accum 32)"),
     ("DAPT roberta-large", "configs/dapt.py:biomed", LARGE, None, TOPOLOGIES, "none (recipe: accum 32)"),
-    ("TAPT ChemProt (base)", "configs/tapt.py:chemprot", [], CHEMPROT_TAPT_TOKENS, TOPOLOGIES,
-     "none (recipe: accum 4)"),
-    ("fine-tune ChemProt (base)", "configs/finetune.py:chemprot", [], CHEMPROT_EXAMPLES * 512, TOPOLOGIES,
-     "none; batch 16 = 16 data shards at most"),
+    (
+        "TAPT ChemProt (base)",
+        "configs/tapt.py:chemprot",
+        [],
+        CHEMPROT_TAPT_TOKENS,
+        TOPOLOGIES,
+        "none (recipe: accum 4)",
+    ),
+    (
+        "fine-tune ChemProt (base)",
+        "configs/finetune.py:chemprot",
+        [],
+        CHEMPROT_EXAMPLES * 512,
+        TOPOLOGIES,
+        "none; batch 16 = 16 data shards at most",
+    ),
 ]
 
 
@@ -65,13 +81,22 @@ def parse(report: str) -> dict:
     """The numbers of the plan `plan` chose (the configured one, or the fastest fitting lever's)."""
     chosen = re.search(r"\nchosen: (.+)", report)
     lever = chosen.group(1) if chosen and chosen.group(1) != "as configured" else None
-    text = report[chosen.end():] if chosen and lever else report.split("\nfitting plans")[0]
-    head = _line(r"on \S+: (\d+) (\S+) chips.*; mesh data=(\d+) fsdp=(\d+) tensor=(\d+); batch (\d+) x (\d+) "
-                 r"tokens, accum (\d+), (\w+), remat (\w+)", text)
-    hbm = _line(r"HBM per chip: +([\d.]+) GiB state\+batch, ([\d.]+) GiB temporaries, ([\d.]+) GiB total of "
-                r"(\d+) GiB", text)
-    step = _line(r"roofline step: +([\d.]+) ms, (\w+)-bound \(compute ([\d.]+) ms, HBM >= ([\d.]+) ms, "
-                 r"ICI ([\d.]+) ms\)", text)
+    text = report[chosen.end() :] if chosen and lever else report.split("\nfitting plans")[0]
+    head = _line(
+        r"on \S+: (\d+) (\S+) chips.*; mesh data=(\d+) fsdp=(\d+) tensor=(\d+); batch (\d+) x (\d+) "
+        r"tokens, accum (\d+), (\w+), remat (\w+)",
+        text,
+    )
+    hbm = _line(
+        r"HBM per chip: +([\d.]+) GiB state\+batch, ([\d.]+) GiB temporaries, ([\d.]+) GiB total of "
+        r"(\d+) GiB",
+        text,
+    )
+    step = _line(
+        r"roofline step: +([\d.]+) ms, (\w+)-bound \(compute ([\d.]+) ms, HBM >= ([\d.]+) ms, "
+        r"ICI ([\d.]+) ms\)",
+        text,
+    )
     hours = _line(r"wall clock: +([\d.]+) h for (\d+) steps", text)
     collectives = _line(r"collectives per chip per step: (.+)", text).group(1)
     predict = re.search(r"predict step: .* ([\d.]+) GiB total", text)
@@ -79,43 +104,75 @@ def parse(report: str) -> dict:
     return {
         "fits_as_configured": "\ndoes not fit" not in report,
         "lever": lever or ("none fits" if chosen is None else ""),
-        "tokens_per_s": int(rates.group(1).replace(",", "")), "tokens_per_s_chip": int(rates.group(2).replace(",", "")),
-        "tokens_per_s_host": int(rates.group(3).replace(",", "")), "mfu": int(rates.group(4)) / 100,
-        "chips": int(head.group(1)), "chip": head.group(2),
+        "tokens_per_s": int(rates.group(1).replace(",", "")),
+        "tokens_per_s_chip": int(rates.group(2).replace(",", "")),
+        "tokens_per_s_host": int(rates.group(3).replace(",", "")),
+        "mfu": int(rates.group(4)) / 100,
+        "chips": int(head.group(1)),
+        "chip": head.group(2),
         "mesh": {"data": int(head.group(3)), "fsdp": int(head.group(4)), "tensor": int(head.group(5))},
-        "batch": int(head.group(6)), "seq": int(head.group(7)), "accum": int(head.group(8)),
-        "dtype": head.group(9), "remat": head.group(10),
-        "state_gib": float(hbm.group(1)), "temp_gib": float(hbm.group(2)), "total_gib": float(hbm.group(3)),
-        "hbm_gib": int(hbm.group(4)), "predict_gib": float(predict.group(1)) if predict else None,
-        "step_ms": float(step.group(1)), "bound": step.group(2), "compute_ms": float(step.group(3)),
-        "hbm_ms": float(step.group(4)), "ici_ms": float(step.group(5)),
-        "hours": float(hours.group(1)), "steps": int(hours.group(2)), "collectives": collectives}
+        "batch": int(head.group(6)),
+        "seq": int(head.group(7)),
+        "accum": int(head.group(8)),
+        "dtype": head.group(9),
+        "remat": head.group(10),
+        "state_gib": float(hbm.group(1)),
+        "temp_gib": float(hbm.group(2)),
+        "total_gib": float(hbm.group(3)),
+        "hbm_gib": int(hbm.group(4)),
+        "predict_gib": float(predict.group(1)) if predict else None,
+        "step_ms": float(step.group(1)),
+        "bound": step.group(2),
+        "compute_ms": float(step.group(3)),
+        "hbm_ms": float(step.group(4)),
+        "ici_ms": float(step.group(5)),
+        "hours": float(hours.group(1)),
+        "steps": int(hours.group(2)),
+        "collectives": collectives,
+    }
 
 
 def run(recipe: str, config: str, topology: str, overrides: list[str], tokens: int | None, note: str) -> dict:
     args = command(config, topology, overrides, tokens)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])),
+    }
     t = time.time()
-    done = subprocess.run([sys.executable, "-m", "dontstop_jax", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "dontstop_jax", *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
     if done.returncode not in (0, 1) or "HBM per chip" not in done.stdout:
         raise SystemExit(f"{recipe} on {topology}: exit {done.returncode}\n{done.stdout}\n{done.stderr[-3000:]}")
-    return {"recipe": recipe, "topology": topology, "command": "dontstop " + " ".join(args),
-            "compile_s": round(time.time() - t), "note": note, **parse(done.stdout),
-            "report": done.stdout}
+    return {
+        "recipe": recipe,
+        "topology": topology,
+        "command": "dontstop " + " ".join(args),
+        "compile_s": round(time.time() - t),
+        "note": note,
+        **parse(done.stdout),
+        "report": done.stdout,
+    }
 
 
 def row(r: dict) -> str:
     mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1 or k == "data")
     steps = f"{r['steps'] / 1000:g}K" if r["steps"] >= 1000 else str(r["steps"])
     seconds = r["step_ms"] * r["steps"] / 1000
-    took = f"{seconds / 3600:.2f} h" if seconds >= 360 else f"{seconds / 60:.1f} min" if seconds >= 60 else \
-        f"{seconds:.0f} s"
+    took = (
+        f"{seconds / 3600:.2f} h"
+        if seconds >= 360
+        else f"{seconds / 60:.1f} min"
+        if seconds >= 60
+        else f"{seconds:.0f} s"
+    )
     levers = r["lever"].replace("--config.", "") if r["lever"] else r["note"]
     mfu = f"{r['mfu']:.0%}" if "mfu" in r else "not yet rerun"  # a row from before plan estimated MFU
-    return (f"| {r['recipe']} | {r['topology']} | {mesh} | {r['total_gib']:.2f} of {r['hbm_gib']} | "
-            f"{r['step_ms']:.1f} ms, {r['bound']} | {took} ({steps} steps) | {mfu} | {levers} |")
+    return (
+        f"| {r['recipe']} | {r['topology']} | {mesh} | {r['total_gib']:.2f} of {r['hbm_gib']} | "
+        f"{r['step_ms']:.1f} ms, {r['bound']} | {took} ({steps} steps) | {mfu} | {levers} |"
+    )
 
 
 def main() -> None:
@@ -126,8 +183,11 @@ def main() -> None:
     opts = parser.parse_args()
     started = time.time()
     known = {recipe for recipe, *_ in RECIPES}
-    rows = {(r["recipe"], r["topology"]): r for r in json.loads(OUT.read_text())["rows"]
-            if r["recipe"] in known} if OUT.exists() else {}
+    rows = (
+        {(r["recipe"], r["topology"]): r for r in json.loads(OUT.read_text())["rows"] if r["recipe"] in known}
+        if OUT.exists()
+        else {}
+    )
     for recipe, config, overrides, tokens, topologies, note in RECIPES:
         for topology in (t for t in topologies if t in opts.topologies):
             if opts.only and not any(t in f"{recipe} {topology}" for t in opts.only):

@@ -63,8 +63,9 @@ print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "blocks": corp
 """
 
 
-def run_hosts(processes: int, corpus: Path, tokenizer: Path, out_root: str, units: tuple[int, ...],
-              scratch: Path) -> dict:
+def run_hosts(
+    processes: int, corpus: Path, tokenizer: Path, out_root: str, units: tuple[int, ...], scratch: Path
+) -> dict:
     """Prepare with `processes` local processes; the slowest one's wall and CPU seconds, each one's local disk."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,50 +74,97 @@ def run_hosts(processes: int, corpus: Path, tokenizer: Path, out_root: str, unit
     procs = []
     for i, home in enumerate(homes):
         (home / "tmp").mkdir()
-        env = {**os.environ, "DONTSTOP_COORDINATOR": f"127.0.0.1:{port}", "DONTSTOP_NUM_PROCESSES": str(processes),
-               "DONTSTOP_PROCESS_ID": str(i), "DONTSTOP_LOCAL_DEVICES": "1", "TMPDIR": str(home / "tmp"),
-               "DONTSTOP_CACHE": str(home / "cache"), "XLA_FLAGS": ""}
-        procs.append(subprocess.Popen([sys.executable, "-c", HOST, str(corpus), str(tokenizer), out_root,
-                                       *map(str, units)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "DONTSTOP_COORDINATOR": f"127.0.0.1:{port}",
+            "DONTSTOP_NUM_PROCESSES": str(processes),
+            "DONTSTOP_PROCESS_ID": str(i),
+            "DONTSTOP_LOCAL_DEVICES": "1",
+            "TMPDIR": str(home / "tmp"),
+            "DONTSTOP_CACHE": str(home / "cache"),
+            "XLA_FLAGS": "",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", HOST, str(corpus), str(tokenizer), out_root, *map(str, units)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=3600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outputs]
     results = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
-    return {"seconds": max(r["seconds"] for r in results), "cpu_seconds": max(r["cpu_seconds"] for r in results),
-            "blocks": results[0]["blocks"], "peak_disk": [r["peak_disk"] for r in results],
-            "written": [r["written"] for r in results]}
+    return {
+        "seconds": max(r["seconds"] for r in results),
+        "cpu_seconds": max(r["cpu_seconds"] for r in results),
+        "blocks": results[0]["blocks"],
+        "peak_disk": [r["peak_disk"] for r in results],
+        "written": [r["written"] for r in results],
+    }
 
 
 def table(record: dict) -> str:
     """The markdown table of one run's record (also what bench/run_all.py puts in RESULTS.md)."""
     gs = record.get("out", "gs") == "gs"
-    rows = [[name, f"{c['one_s']:.1f}", f"{c['two_s']:.1f}", f"{c['ratio']:.2f}", f"{c['one_cpu_s']:.1f}",
-             f"{c['two_cpu_s']:.1f}", f"{c['cpu_ratio']:.2f}", f"{c['prepared_bytes'] / 2**20:.1f}",
-             " / ".join(f"{w / 2**20:.1f}" for w in c["written_2"]) if gs else "shared disk",
-             f"{c['peak_host_disk_2'] / 2**20:.2f}" if gs else "-",
-             f"{c['peak_host_disk_2'] / c['share_bytes']:.2f}" if gs else "-"] for name, c in record["corpora"].items()]
+    rows = [
+        [
+            name,
+            f"{c['one_s']:.1f}",
+            f"{c['two_s']:.1f}",
+            f"{c['ratio']:.2f}",
+            f"{c['one_cpu_s']:.1f}",
+            f"{c['two_cpu_s']:.1f}",
+            f"{c['cpu_ratio']:.2f}",
+            f"{c['prepared_bytes'] / 2**20:.1f}",
+            " / ".join(f"{w / 2**20:.1f}" for w in c["written_2"]) if gs else "shared disk",
+            f"{c['peak_host_disk_2'] / 2**20:.2f}" if gs else "-",
+            f"{c['peak_host_disk_2'] / c['share_bytes']:.2f}" if gs else "-",
+        ]
+        for name, c in record["corpora"].items()
+    ]
     load = " -> ".join(", ".join(f"{x:.1f}" for x in record[k]) for k in ("load", "load_after") if k in record)
-    return (f"Into {'the emulated bucket' if gs else 'a local directory both share'}, {record['mb']:g} MB of text per "
-            f"corpus, one encoding worker per process; load average before -> after the run {load} on "
-            f"{record.get('machine', machine())['cores']} cores (other jobs shared the machine):\n\n"
-            + markdown_table(["corpus", "1 process s", "2 processes s", "wall ratio (target <= 0.6)", "1 process CPU s",
-                              "2 processes CPU s (slowest)", "CPU ratio", "prepared MB",
-                              "written locally per host MB", "peak local disk per host MB",
-                              "peak / share (target <= 1.1)"], rows))
+    return (
+        f"Into {'the emulated bucket' if gs else 'a local directory both share'}, {record['mb']:g} MB of text per "
+        f"corpus, one encoding worker per process; load average before -> after the run {load} on "
+        f"{record.get('machine', machine())['cores']} cores (other jobs shared the machine):\n\n"
+        + markdown_table(
+            [
+                "corpus",
+                "1 process s",
+                "2 processes s",
+                "wall ratio (target <= 0.6)",
+                "1 process CPU s",
+                "2 processes CPU s (slowest)",
+                "CPU ratio",
+                "prepared MB",
+                "written locally per host MB",
+                "peak local disk per host MB",
+                "peak / share (target <= 1.1)",
+            ],
+            rows,
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=128)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", choices=("gs", "local"), default="gs",
-                        help="prepare into the emulated bucket, or into a local directory both processes share")
+    parser.add_argument(
+        "--out",
+        choices=("gs", "local"),
+        default="gs",
+        help="prepare into the emulated bucket, or into a local directory both processes share",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from gcs_emulator import gcs_emulator
 
     from dontstop_jax import files
     from dontstop_jax.data.tokenizer import encode_plain, load_tokenizer
+
     with tempfile.TemporaryDirectory(prefix="bench-prepare-hosts-") as tmp:
         work = Path(tmp)
         text = work / "corpus.txt"
@@ -131,8 +179,12 @@ def main(argv: list[str] | None = None) -> dict:
         sample = lines[:1000]  # the corpus's bytes of text per token
         per_token = len("\n".join(sample)) / sum(map(len, encode_plain(load_tokenizer(tokenizer), sample)))
         blocks = int(args.mb * 2**20 / per_token / (SEQ - 2))
-        units = (int(args.mb * 2**20 / 32), max(1, len(lines) // 32), max(1, jsonl.stat().st_size // 128),
-                 int(blocks * 1.02 / 8) + 1)  # 2% over the estimate: 8 shards, the last a little short
+        units = (
+            int(args.mb * 2**20 / 32),
+            max(1, len(lines) // 32),
+            max(1, jsonl.stat().st_size // 128),
+            int(blocks * 1.02 / 8) + 1,
+        )  # 2% over the estimate: 8 shards, the last a little short
         record = {"mb": args.mb, "units": units, "out": args.out, "load": os.getloadavg(), "corpora": {}}
         with gcs_emulator(work / "gcs") as _:
             for corpus in (text, jsonl):
@@ -146,11 +198,19 @@ def main(argv: list[str] | None = None) -> dict:
                 one, two = (statistics.median(run["seconds"] for run in runs[n]) for n in (1, 2))
                 one_cpu, two_cpu = (statistics.median(run["cpu_seconds"] for run in runs[n]) for n in (1, 2))
                 peak = max(max(run["peak_disk"]) for run in runs[2])
-                record["corpora"][corpus.name] = {"one_s": one, "two_s": two, "ratio": two / one, "one_cpu_s": one_cpu,
-                                                  "two_cpu_s": two_cpu, "cpu_ratio": two_cpu / one_cpu,
-                                                  "prepared_bytes": corpus_bytes, "peak_host_disk_2": peak,
-                                                  "written_2": runs[2][0]["written"],
-                                                  "share_bytes": corpus_bytes / 2, "runs": runs}
+                record["corpora"][corpus.name] = {
+                    "one_s": one,
+                    "two_s": two,
+                    "ratio": two / one,
+                    "one_cpu_s": one_cpu,
+                    "two_cpu_s": two_cpu,
+                    "cpu_ratio": two_cpu / one_cpu,
+                    "prepared_bytes": corpus_bytes,
+                    "peak_host_disk_2": peak,
+                    "written_2": runs[2][0]["written"],
+                    "share_bytes": corpus_bytes / 2,
+                    "runs": runs,
+                }
         record["load_after"] = os.getloadavg()
     print(table(record))
     write_json(f"prepare_hosts_{args.out}", record)

@@ -84,11 +84,19 @@ def main() -> None:
     ours_rss = peak_rss_gib()
     faiss_s, faiss_ids = run_faiss(queries, args)
     agreement = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ours_ids, faiss_ids)]))
-    result = {**vars(args), "backend": jax.default_backend(), "devices": jax.device_count(), "jax": jax.__version__,
-              "ours_s": ours_s, "faiss_s": faiss_s, "ratio_ours_over_faiss": ours_s / faiss_s,
-              "neighbour_agreement": agreement, "peak_rss_after_ours_gib": ours_rss,
-              "peak_rss_after_faiss_gib": peak_rss_gib(),
-              "faiss_index_gib": args.docs * args.dim * 4 / 2**30}
+    result = {
+        **vars(args),
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "jax": jax.__version__,
+        "ours_s": ours_s,
+        "faiss_s": faiss_s,
+        "ratio_ours_over_faiss": ours_s / faiss_s,
+        "neighbour_agreement": agreement,
+        "peak_rss_after_ours_gib": ours_rss,
+        "peak_rss_after_faiss_gib": peak_rss_gib(),
+        "faiss_index_gib": args.docs * args.dim * 4 / 2**30,
+    }
     out = Path(__file__).with_name("selection.json")  # one entry per problem size, the latest run of each
     runs = json.loads(out.read_text()) if out.exists() else {}
     runs[f"{args.docs}x{args.queries}x{args.dim}k{args.k}"] = result
@@ -96,12 +104,16 @@ def main() -> None:
     pairs = args.docs * args.queries
     print(f"| {args.docs:,} docs x {args.queries:,} queries, d={args.dim}, k={args.k} | seconds | pairs/s |")
     print("|:--|--:|--:|")
-    print(f"| ours (streaming, chunk {args.chunk:,}, {jax.device_count()} {jax.default_backend()} device(s)) "
-          f"| {ours_s:.1f} | {pairs / ours_s:.3g} |")
+    print(
+        f"| ours (streaming, chunk {args.chunk:,}, {jax.device_count()} {jax.default_backend()} device(s)) "
+        f"| {ours_s:.1f} | {pairs / ours_s:.3g} |"
+    )
     print(f"| faiss IndexFlatIP (whole corpus in memory) | {faiss_s:.1f} | {pairs / faiss_s:.3g} |")
-    print(f"\nratio ours/faiss: {ours_s / faiss_s:.2f}; neighbour agreement {agreement:.4f}; peak RSS after ours "
-          f"{ours_rss:.2f} GiB, after faiss {result['peak_rss_after_faiss_gib']:.2f} GiB "
-          f"(faiss index alone {result['faiss_index_gib']:.2f} GiB)")
+    print(
+        f"\nratio ours/faiss: {ours_s / faiss_s:.2f}; neighbour agreement {agreement:.4f}; peak RSS after ours "
+        f"{ours_rss:.2f} GiB, after faiss {result['peak_rss_after_faiss_gib']:.2f} GiB "
+        f"(faiss index alone {result['faiss_index_gib']:.2f} GiB)"
+    )
 
 
 if __name__ == "__main__":

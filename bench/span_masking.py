@@ -57,8 +57,17 @@ def main() -> None:
         first, _ = masker.spans(corpus.blocks(np.arange(BATCH)).astype(np.int32))
         print(f"{corpus.num_blocks} blocks; {masker.summary['patterns']} patterns; {first.sum() / BATCH:.1f} spans/row")
         for name, spans in [("whole-word", None), (f"whole-word + {len(terms)} terms", masker)]:
-            loader = MLMLoader(corpus, BATCH, 0, ids, vocab_size=len(tok), whole_word=True,
-                               word_starts_table=word_start_table(tok), span_masker=spans, prefetch=0)
+            loader = MLMLoader(
+                corpus,
+                BATCH,
+                0,
+                ids,
+                vocab_size=len(tok),
+                whole_word=True,
+                word_starts_table=word_start_table(tok),
+                span_masker=spans,
+                prefetch=0,
+            )
             rate = tokens_per_second(loader, args.batches)
             print(f"{name}: {rate:,.0f} tokens/s ({BATCH * SEQ / rate * 1000:.1f} ms per {BATCH}x{SEQ} batch)")
 

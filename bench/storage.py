@@ -49,16 +49,20 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
 FILES = 4  # the corpus is split into this many line files, as a real corpus directory is
 FRESH = "gs:// cache: open in place (manifest + listing)"
-RATIOS = {"prepare": "prepare, gs:// / local time",
-          "stream": "iter_documents over a line file, gs:// / local time",
-          "first_read": "a fresh host's first read from gs:// / opening the local cache, time",
-          "loader_copy_vs_local": "loader on the corpus in gs:// / on the local corpus, tokens/s",
-          "loader_vs_step": "loader on the corpus in gs:// / train step consumption, tokens/s",
-          "save": "checkpoint save (async save + wait), gs:// / local time",
-          "restore": "checkpoint restore, gs:// / local time"}
-NOTE = ("The emulator is a local Python server (gcp-storage-emulator) on the same cores: the ratios bound the "
-        "client-side overhead of bucket I/O (gcsfs / tensorstore requests, copies, staging), not real GCS "
-        "latency or bandwidth.")
+RATIOS = {
+    "prepare": "prepare, gs:// / local time",
+    "stream": "iter_documents over a line file, gs:// / local time",
+    "first_read": "a fresh host's first read from gs:// / opening the local cache, time",
+    "loader_copy_vs_local": "loader on the corpus in gs:// / on the local corpus, tokens/s",
+    "loader_vs_step": "loader on the corpus in gs:// / train step consumption, tokens/s",
+    "save": "checkpoint save (async save + wait), gs:// / local time",
+    "restore": "checkpoint restore, gs:// / local time",
+}
+NOTE = (
+    "The emulator is a local Python server (gcp-storage-emulator) on the same cores: the ratios bound the "
+    "client-side overhead of bucket I/O (gcsfs / tensorstore requests, copies, staging), not real GCS "
+    "latency or bandwidth."
+)
 
 
 def alternate(fns: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> dict:
@@ -86,6 +90,7 @@ class Sides:
         from gcs_emulator import upload_tree
 
         from bench.data_pipeline import make_tokenizer, write_corpus
+
         self.work, self.seq = work, seq
         corpus = work / "corpus"
         corpus.mkdir()
@@ -104,12 +109,14 @@ class Sides:
     def fresh_cache(self) -> Path:
         """Point this process's cache (`DONTSTOP_CACHE`) at a new, empty directory: a host that never ran."""
         from dontstop_jax.files import CACHE_ENV
+
         cache = self.fresh("host-cache")
         os.environ[CACHE_ENV] = str(cache)
         return cache
 
     def prepare(self, sources: list[str], out_root: str):
         from dontstop_jax.data import prepare_corpus
+
         return prepare_corpus(sources, self.tokenizer, out_root, max_seq_length=self.seq)
 
 
@@ -132,8 +139,15 @@ def prepare_rows(s: Sides, repeats: int) -> tuple[dict, str]:
     times = alternate(names, repeats)
     tokens = last["local"].manifest["total_tokens"]
     assert last["gs"].manifest["total_tokens"] == tokens and last["gs"].num_blocks == last["local"].num_blocks
-    rows = {name: {"seconds": t["median_s"], "tokens_per_s": tokens / t["median_s"],
-                   "mb_per_s": s.bytes / 2**20 / t["median_s"], "all_s": t["all_s"]} for name, t in times.items()}
+    rows = {
+        name: {
+            "seconds": t["median_s"],
+            "tokens_per_s": tokens / t["median_s"],
+            "mb_per_s": s.bytes / 2**20 / t["median_s"],
+            "all_s": t["all_s"],
+        }
+        for name, t in times.items()
+    }
     return rows, last["gs_root"]
 
 
@@ -148,16 +162,28 @@ def stream_rows(s: Sides, repeats: int, docs: int) -> dict:
     def read(source: str) -> Callable[[], float]:
         def run() -> float:
             return _timed(lambda: sum(1 for _ in itertools.islice(iter_documents(source), docs)))[0]
+
         return run
 
     local = s.work / "corpus" / "part-0.txt"
     with open(local, "rb") as f:
         size = sum(len(line) for line in itertools.islice(f, docs))
-    times = alternate({"local line file": read(str(local)), "gs:// line file": read("gs://bkt/corpus/part-0.txt")},
-                      repeats)
-    return {"docs": docs, "mb": size / 2**20,
-            "rows": {name: {"seconds": t["median_s"], "docs_per_s": docs / t["median_s"],
-                            "mb_per_s": size / 2**20 / t["median_s"], "all_s": t["all_s"]} for name, t in times.items()}}
+    times = alternate(
+        {"local line file": read(str(local)), "gs:// line file": read("gs://bkt/corpus/part-0.txt")}, repeats
+    )
+    return {
+        "docs": docs,
+        "mb": size / 2**20,
+        "rows": {
+            name: {
+                "seconds": t["median_s"],
+                "docs_per_s": docs / t["median_s"],
+                "mb_per_s": size / 2**20 / t["median_s"],
+                "all_s": t["all_s"],
+            }
+            for name, t in times.items()
+        },
+    }
 
 
 def first_read_rows(s: Sides, gs_root: str, repeats: int) -> tuple[dict, Any, Any]:
@@ -178,8 +204,10 @@ def first_read_rows(s: Sides, gs_root: str, repeats: int) -> tuple[dict, Any, An
     copy, local_corpus = last["copy"], last["local"]
     assert not list(last["cache"].rglob("shard-*.npy")), "the host copied the corpus"
     shard_bytes = sum((local_corpus.directory / sh["file"]).stat().st_size for sh in local_corpus.manifest["shards"])
-    rows = {name: {"seconds": t["median_s"], "shard_mb_per_s": shard_bytes / 2**20 / t["median_s"], "all_s": t["all_s"]}
-            for name, t in times.items()}
+    rows = {
+        name: {"seconds": t["median_s"], "shard_mb_per_s": shard_bytes / 2**20 / t["median_s"], "all_s": t["all_s"]}
+        for name, t in times.items()
+    }
     return {"shard_mb": shard_bytes / 2**20, "rows": rows}, local_corpus, copy
 
 
@@ -188,6 +216,7 @@ def loader_rows(s: Sides, local_corpus, copy, batch: int, repeats: int, step_rep
     and the step (whose trained state the checkpoint rows save)."""
     from bench.mlm_step import MODELS, OurStep, make_batch
     from dontstop_jax.data import MLMLoader, load_tokenizer, special_ids
+
     tok = load_tokenizer(s.tokenizer)
     cfg = MODELS["small"].replace(vocab_size=len(tok))
 
@@ -197,15 +226,21 @@ def loader_rows(s: Sides, local_corpus, copy, batch: int, repeats: int, step_rep
         def run(n):
             for _ in range(n):
                 next(it)
+
         return run
 
-    loaders = time_alternating({"loader on the local prepared corpus": consume(local_corpus),
-                                "loader on the corpus in gs://": consume(copy)}, steps=50, repeats=repeats)
+    loaders = time_alternating(
+        {"loader on the local prepared corpus": consume(local_corpus), "loader on the corpus in gs://": consume(copy)},
+        steps=50,
+        repeats=repeats,
+    )
     step = OurStep(cfg, make_batch(cfg, batch, s.seq))
     timed_step = time_alternating({"train step (small config)": step}, steps=2, repeats=step_repeats, warmup=1)
     tokens = batch * s.seq
-    rows = {name: {"ms_per_batch": 1e3 * t["median_s"], "tokens_per_s": tokens / t["median_s"], "all_s": t["all_s"]}
-            for name, t in {**loaders, **timed_step}.items()}
+    rows = {
+        name: {"ms_per_batch": 1e3 * t["median_s"], "tokens_per_s": tokens / t["median_s"], "all_s": t["all_s"]}
+        for name, t in {**loaders, **timed_step}.items()
+    }
     return rows, step
 
 
@@ -213,6 +248,7 @@ def checkpoint_rows(s: Sides, state, repeats: int) -> dict:
     """Row 4: async save + wait, and restore (onto the same sharding) of the full train state, each side in a
     fresh directory per repeat."""
     from dontstop_jax.engine.checkpoint import Checkpointer
+
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
     meta = {"phase": "bench", "parent": None}
@@ -225,10 +261,12 @@ def checkpoint_rows(s: Sides, state, repeats: int) -> dict:
             def work():
                 ckpt.save(state, data_state={"epoch": 0, "batch_in_epoch": 1}, meta=meta)
                 ckpt.wait()
+
             seconds = _timed(work)[0]
             ckpt.close()
             into.append(directory)
             return seconds
+
         return run
 
     def restore(written: list):
@@ -238,22 +276,33 @@ def checkpoint_rows(s: Sides, state, repeats: int) -> dict:
             ckpt.close()
             run.restored = out  # type: ignore[attr-defined]  # read by the caller after timing
             return seconds
+
         return run
 
     local: list[str] = []
     remote: list[str] = []
-    fns = {"save, local directory": save(lambda: str(s.fresh("ckpt")), local),
-           "save, gs://": save(lambda: f"gs://bkt/ckpt-{s.fresh('ckpt').name}", remote),
-           "restore, local directory": restore(local), "restore, gs://": restore(remote)}
+    fns = {
+        "save, local directory": save(lambda: str(s.fresh("ckpt")), local),
+        "save, gs://": save(lambda: f"gs://bkt/ckpt-{s.fresh('ckpt').name}", remote),
+        "restore, local directory": restore(local),
+        "restore, gs://": restore(remote),
+    }
     times = alternate(fns, repeats)
     from dontstop_jax import files
+
     objects = {"local": len(files.walk(local[-1])), "gs": len(files.walk(remote[-1]))}
     for name in ("restore, local directory", "restore, gs://"):  # what came back is what was saved
-        jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(fns[name].restored.params),
-                               jax.device_get(state.params))
-    return {"state_mb": nbytes / 2**20, "files": objects,
-            "rows": {name: {"seconds": t["median_s"], "mb_per_s": nbytes / 2**20 / t["median_s"], "all_s": t["all_s"]}
-                     for name, t in times.items()}}
+        jax.tree_util.tree_map(
+            np.testing.assert_array_equal, jax.device_get(fns[name].restored.params), jax.device_get(state.params)
+        )
+    return {
+        "state_mb": nbytes / 2**20,
+        "files": objects,
+        "rows": {
+            name: {"seconds": t["median_s"], "mb_per_s": nbytes / 2**20 / t["median_s"], "all_s": t["all_s"]}
+            for name, t in times.items()
+        },
+    }
 
 
 def ratio(rows: dict, remote: str, local: str, key: str = "seconds") -> float:
@@ -266,40 +315,91 @@ def tables(p: dict) -> list[str]:
     a = p["args"]
     prep, first, load, ckpt = p["prepare"], p["first_read"], p["loader"], p["checkpoint"]
     prep_local = next(iter(prep.values()))["seconds"]
-    out = [f"prepare, {p['corpus_mb']:.0f} MB in {FILES} line files, seq {a['seq']} ({p['tokens']:,} tokens):\n\n"
-           + markdown_table(["pipeline", "seconds", "tokens/s", "MB/s", "time vs local"],
-                            [[n, f"{r['seconds']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['mb_per_s']:.1f}",
-                              f"{r['seconds'] / prep_local:.2f}x"] for n, r in prep.items()])]
+    out = [
+        f"prepare, {p['corpus_mb']:.0f} MB in {FILES} line files, seq {a['seq']} ({p['tokens']:,} tokens):\n\n"
+        + markdown_table(
+            ["pipeline", "seconds", "tokens/s", "MB/s", "time vs local"],
+            [
+                [
+                    n,
+                    f"{r['seconds']:.2f}",
+                    f"{r['tokens_per_s']:,.0f}",
+                    f"{r['mb_per_s']:.1f}",
+                    f"{r['seconds'] / prep_local:.2f}x",
+                ]
+                for n, r in prep.items()
+            ],
+        )
+    ]
     stream = p["stream"]
     rows = stream["rows"]
     base = rows["local line file"]["seconds"]
-    out.append(f"`iter_documents` (how prepare reads .gz and bucket files, line by line): the "
-               f"first {stream['docs']:,} documents ({stream['mb']:.1f} MB) of one line file:\n\n"
-               + markdown_table(["source", "seconds", "documents/s", "MB/s", "time vs local"],
-                                [[n, f"{r['seconds']:.3f}", f"{r['docs_per_s']:,.0f}", f"{r['mb_per_s']:.1f}",
-                                  f"{r['seconds'] / base:,.1f}x"] for n, r in rows.items()]))
+    out.append(
+        f"`iter_documents` (how prepare reads .gz and bucket files, line by line): the "
+        f"first {stream['docs']:,} documents ({stream['mb']:.1f} MB) of one line file:\n\n"
+        + markdown_table(
+            ["source", "seconds", "documents/s", "MB/s", "time vs local"],
+            [
+                [
+                    n,
+                    f"{r['seconds']:.3f}",
+                    f"{r['docs_per_s']:,.0f}",
+                    f"{r['mb_per_s']:.1f}",
+                    f"{r['seconds'] / base:,.1f}x",
+                ]
+                for n, r in rows.items()
+            ],
+        )
+    )
     rows = first["rows"]
     base = next(iter(rows.values()))["seconds"]
-    out.append(f"`prepare_corpus` once the corpus exists ({first['shard_mb']:.1f} MB of shards):\n\n"
-               + markdown_table(["host", "seconds", "shard MB/s", "time vs local"],
-                                [[n, f"{r['seconds']:.3f}", f"{r['shard_mb_per_s']:,.0f}", f"{r['seconds'] / base:.1f}x"]
-                                 for n, r in rows.items()]))
+    out.append(
+        f"`prepare_corpus` once the corpus exists ({first['shard_mb']:.1f} MB of shards):\n\n"
+        + markdown_table(
+            ["host", "seconds", "shard MB/s", "time vs local"],
+            [
+                [n, f"{r['seconds']:.3f}", f"{r['shard_mb_per_s']:,.0f}", f"{r['seconds'] / base:.1f}x"]
+                for n, r in rows.items()
+            ],
+        )
+    )
     step = load["train step (small config)"]["tokens_per_s"]
     base = load["loader on the local prepared corpus"]["tokens_per_s"]
-    out.append(f"Loader (dynamic masking, no prefetch) vs the small-config train step, batch {a['batch']}, "
-               f"seq {a['seq']}:\n\n"
-               + markdown_table(["what", "ms/batch", "batches/s", "tokens/s", "vs local loader", "vs step consumption"],
-                                [[n, f"{r['ms_per_batch']:.2f}", f"{1e3 / r['ms_per_batch']:,.1f}",
-                                  f"{r['tokens_per_s']:,.0f}",
-                                  f"{r['tokens_per_s'] / base:.2f}x" if n.startswith("loader") else "",
-                                  f"{r['tokens_per_s'] / step:,.1f}x"] for n, r in load.items()]))
+    out.append(
+        f"Loader (dynamic masking, no prefetch) vs the small-config train step, batch {a['batch']}, "
+        f"seq {a['seq']}:\n\n"
+        + markdown_table(
+            ["what", "ms/batch", "batches/s", "tokens/s", "vs local loader", "vs step consumption"],
+            [
+                [
+                    n,
+                    f"{r['ms_per_batch']:.2f}",
+                    f"{1e3 / r['ms_per_batch']:,.1f}",
+                    f"{r['tokens_per_s']:,.0f}",
+                    f"{r['tokens_per_s'] / base:.2f}x" if n.startswith("loader") else "",
+                    f"{r['tokens_per_s'] / step:,.1f}x",
+                ]
+                for n, r in load.items()
+            ],
+        )
+    )
     rows = ckpt["rows"]
-    out.append(f"Checkpointer, small model's full train state ({ckpt['state_mb']:.0f} MB: params + Adam moments; "
-               f"{ckpt['files']['gs']} objects in the bucket, {ckpt['files']['local']} files locally):\n\n"
-               + markdown_table(["operation", "seconds", "MB/s", "time vs local"],
-                                [[n, f"{r['seconds']:.2f}", f"{r['mb_per_s']:.0f}",
-                                  f"{r['seconds'] / rows[n.split(',')[0] + ', local directory']['seconds']:.2f}x"]
-                                 for n, r in rows.items()]))
+    out.append(
+        f"Checkpointer, small model's full train state ({ckpt['state_mb']:.0f} MB: params + Adam moments; "
+        f"{ckpt['files']['gs']} objects in the bucket, {ckpt['files']['local']} files locally):\n\n"
+        + markdown_table(
+            ["operation", "seconds", "MB/s", "time vs local"],
+            [
+                [
+                    n,
+                    f"{r['seconds']:.2f}",
+                    f"{r['mb_per_s']:.0f}",
+                    f"{r['seconds'] / rows[n.split(',')[0] + ', local directory']['seconds']:.2f}x",
+                ]
+                for n, r in rows.items()
+            ],
+        )
+    )
     return out
 
 
@@ -345,16 +445,27 @@ def main(argv: list[str] | None = None) -> dict:
             os.environ[CACHE_ENV] = saved_cache
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    payload = {"bench": "storage", "args": vars(args), "corpus_mb": s.bytes / 2**20, "tokens": tokens,
-               "prepare": prep, "stream": stream, "first_read": first, "loader": load, "checkpoint": ckpt, "note": NOTE,
-               "seconds": time.time() - t}
+    payload = {
+        "bench": "storage",
+        "args": vars(args),
+        "corpus_mb": s.bytes / 2**20,
+        "tokens": tokens,
+        "prepare": prep,
+        "stream": stream,
+        "first_read": first,
+        "loader": load,
+        "checkpoint": ckpt,
+        "note": NOTE,
+        "seconds": time.time() - t,
+    }
     names = list(prep)
     payload["ratios"] = {  # what each is: RATIOS
         "prepare": ratio(prep, names[1], names[0]),
         "stream": ratio(stream["rows"], "gs:// line file", "local line file"),
         "first_read": ratio(first["rows"], FRESH, "local cache: open and verify"),
-        "loader_copy_vs_local": ratio(load, "loader on the corpus in gs://", "loader on the local prepared corpus",
-                                      "tokens_per_s"),
+        "loader_copy_vs_local": ratio(
+            load, "loader on the corpus in gs://", "loader on the local prepared corpus", "tokens_per_s"
+        ),
         "loader_vs_step": ratio(load, "loader on the corpus in gs://", "train step (small config)", "tokens_per_s"),
         "save": ratio(ckpt["rows"], "save, gs://", "save, local directory"),
         "restore": ratio(ckpt["rows"], "restore, gs://", "restore, local directory"),

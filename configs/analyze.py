@@ -18,17 +18,28 @@ PAPER_DOMAINS = ("general", "biomed", "cs", "news", "reviews")
 
 
 def get_config(arg: str = "custom") -> ConfigDict:
-    cfg = ConfigDict(dict(
-        out_dir="runs/analysis",
-        corpora={},  # {name: [sources]}: held-out text of each domain (path, glob, hf:, tfds:, or a source dict)
-        # top_k: words per corpus (the paper: 10K); max_docs: documents read per corpus (0 = all)
-        vocab=dict(top_k=10_000, max_docs=100_000),  # top_k=0: no overlap section
-        # checkpoints: {name: HF directory or phase workdir}; every one sees the same masked blocks of each corpus
-        mlm=dict(checkpoints={}, cache_dir="runs/cache/prepared", max_seq_length=128, batch_size=16,
-                 max_batches=20, seed=0, mask_prob=0.15, mesh_shape=(-1, 1, 1)),
-        grid_dir="",  # a grid's workdir: adds its finished pretraining phases and its results.json
-        curves={},  # {name: phase workdir}: more runs whose metrics.jsonl to plot
-        dpi=80))
+    cfg = ConfigDict(
+        dict(
+            out_dir="runs/analysis",
+            corpora={},  # {name: [sources]}: held-out text of each domain (path, glob, hf:, tfds:, or a source dict)
+            # top_k: words per corpus (the paper: 10K); max_docs: documents read per corpus (0 = all)
+            vocab=dict(top_k=10_000, max_docs=100_000),  # top_k=0: no overlap section
+            # checkpoints: {name: HF directory or phase workdir}; every one sees the same masked blocks of each corpus
+            mlm=dict(
+                checkpoints={},
+                cache_dir="runs/cache/prepared",
+                max_seq_length=128,
+                batch_size=16,
+                max_batches=20,
+                seed=0,
+                mask_prob=0.15,
+                mesh_shape=(-1, 1, 1),
+            ),
+            grid_dir="",  # a grid's workdir: adds its finished pretraining phases and its results.json
+            curves={},  # {name: phase workdir}: more runs whose metrics.jsonl to plot
+            dpi=80,
+        )
+    )
     if arg in ("synthetic", "synthetic-tiny"):
         run = f"runs/synthetic-{arg.partition('-')[2] or 'default'}"
         cfg.out_dir = f"{run}/analysis"

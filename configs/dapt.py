@@ -7,8 +7,12 @@ dontstop pretrain --config configs/dapt.py:biomed --config.init=/models/roberta-
 from dontstop_jax.phases.defaults import pretrain_config
 
 # The paper's four domains and their corpora (you bring the text; sources are set on the command line).
-DOMAINS = {"biomed": "S2ORC biomedical papers (7.55B tokens)", "cs": "S2ORC computer-science papers (8.10B)",
-           "news": "RealNews (6.66B)", "reviews": "Amazon reviews (2.11B)"}
+DOMAINS = {
+    "biomed": "S2ORC biomedical papers (7.55B tokens)",
+    "cs": "S2ORC computer-science papers (8.10B)",
+    "news": "RealNews (6.66B)",
+    "reviews": "Amazon reviews (2.11B)",
+}
 
 
 def get_config(domain: str = "biomed"):

@@ -9,10 +9,14 @@ from dontstop_jax.phases.defaults import finetune_config
 # task: (domain, metric, max epochs). The paper trains 10 epochs (patience 3) except on the two
 # large tasks, RCT and AGNews, where it runs 3 epochs.
 TASKS = {
-    "chemprot": ("biomed", "micro_f1", 10), "rct": ("biomed", "micro_f1", 3),
-    "acl_arc": ("cs", "macro_f1", 10), "sciie": ("cs", "macro_f1", 10),
-    "hyperpartisan": ("news", "macro_f1", 10), "agnews": ("news", "macro_f1", 3),
-    "helpfulness": ("reviews", "macro_f1", 10), "imdb": ("reviews", "macro_f1", 10),
+    "chemprot": ("biomed", "micro_f1", 10),
+    "rct": ("biomed", "micro_f1", 3),
+    "acl_arc": ("cs", "macro_f1", 10),
+    "sciie": ("cs", "macro_f1", 10),
+    "hyperpartisan": ("news", "macro_f1", 10),
+    "agnews": ("news", "macro_f1", 3),
+    "helpfulness": ("reviews", "macro_f1", 10),
+    "imdb": ("reviews", "macro_f1", 10),
 }
 
 

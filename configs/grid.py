@@ -28,33 +28,61 @@ _spec.loader.exec_module(_finetune)
 # The paper's not-DAPT pairs each domain with an irrelevant one.
 IRRELEVANT = {"biomed": "cs", "cs": "biomed", "news": "reviews", "reviews": "news"}
 # Transfer-TAPT (Table 10) pairs the two tasks of each domain; the intermediate variants use the same pairs.
-TRANSFER = {"chemprot": "rct", "rct": "chemprot", "acl_arc": "sciie", "sciie": "acl_arc",
-            "hyperpartisan": "agnews", "agnews": "hyperpartisan", "helpfulness": "imdb", "imdb": "helpfulness"}
+TRANSFER = {
+    "chemprot": "rct",
+    "rct": "chemprot",
+    "acl_arc": "sciie",
+    "sciie": "acl_arc",
+    "hyperpartisan": "agnews",
+    "agnews": "hyperpartisan",
+    "helpfulness": "imdb",
+    "imdb": "helpfulness",
+}
 
 
 def get_config(arg: str = "paper"):
     root = "/data/dontstop"  # the layout below; override data paths per task/domain if yours differ
-    cfg = ConfigDict(dict(
-        workdir="runs/grid-paper", base="", seeds=[0, 1, 2, 3, 4], variants=list(PAPER_VARIANTS),
-        # train_sizes: learning curves, e.g. [100, 500, 1000, "all"]
-        # (each seed fine-tunes on its own stratified draw)
-        train_sizes=["all"],
-        # methods: e.g. ["full", "frozen", "bitfit", "houlsby", "pfeiffer", "lora"] (empty: finetune.peft.method);
-        # method_overrides: fine-tuning fields per method, e.g. {"lora": {"optim": {"learning_rate": 1e-3}}};
-        # seed_discard: Dodge et al. early discarding (fraction 0 = off), see phases/grid.py.
-        methods=[], method_overrides={}, seed_discard=dict(fraction=0.0, keep=3),
-        # few-shot: shots (examples per class, e.g. [16, 32, 64]; replaces train_sizes) and heads compared
-        # (e.g. ["classifier", "prompt"]; empty: finetune.head; a task's verbalizer goes in its
-        # overrides.finetune.prompt.verbalizer), see phases/grid.py
-        shots=[], heads=[],
-        base_pretrain=dict(init="none"),
-        domains={d: [f"{root}/corpora/{d}/*.txt"] for d in IRRELEVANT},
-        # tasks.<t>.overrides: per-task fields of its TAPT and fine-tuning phases, e.g.
-        # --config.tasks.rct.overrides="{'finetune': {'train': {'steps_per_epoch': 2000}}}"
-        tasks={t: dict(path=f"{root}/tasks/{t}", domain=d, metric=m, epochs=e, text_field="text",
-                       label_field="label", irrelevant_domain=IRRELEVANT[d], overrides={},
-                       transfer_from=TRANSFER[t], intermediate_from=TRANSFER[t])
-               for t, (d, m, e) in _finetune.TASKS.items()}))
+    cfg = ConfigDict(
+        dict(
+            workdir="runs/grid-paper",
+            base="",
+            seeds=[0, 1, 2, 3, 4],
+            variants=list(PAPER_VARIANTS),
+            # train_sizes: learning curves, e.g. [100, 500, 1000, "all"]
+            # (each seed fine-tunes on its own stratified draw)
+            train_sizes=["all"],
+            # methods: e.g. ["full", "frozen", "bitfit", "houlsby", "pfeiffer", "lora"] (empty: finetune.peft.method);
+            # method_overrides: fine-tuning fields per method, e.g. {"lora": {"optim": {"learning_rate": 1e-3}}};
+            # seed_discard: Dodge et al. early discarding (fraction 0 = off), see phases/grid.py.
+            methods=[],
+            method_overrides={},
+            seed_discard=dict(fraction=0.0, keep=3),
+            # few-shot: shots (examples per class, e.g. [16, 32, 64]; replaces train_sizes) and heads compared
+            # (e.g. ["classifier", "prompt"]; empty: finetune.head; a task's verbalizer goes in its
+            # overrides.finetune.prompt.verbalizer), see phases/grid.py
+            shots=[],
+            heads=[],
+            base_pretrain=dict(init="none"),
+            domains={d: [f"{root}/corpora/{d}/*.txt"] for d in IRRELEVANT},
+            # tasks.<t>.overrides: per-task fields of its TAPT and fine-tuning phases, e.g.
+            # --config.tasks.rct.overrides="{'finetune': {'train': {'steps_per_epoch': 2000}}}"
+            tasks={
+                t: dict(
+                    path=f"{root}/tasks/{t}",
+                    domain=d,
+                    metric=m,
+                    epochs=e,
+                    text_field="text",
+                    label_field="label",
+                    irrelevant_domain=IRRELEVANT[d],
+                    overrides={},
+                    transfer_from=TRANSFER[t],
+                    intermediate_from=TRANSFER[t],
+                )
+                for t, (d, m, e) in _finetune.TASKS.items()
+            },
+        )
+    )
     cfg.dapt = pretrain_config("dapt")
     cfg.tapt = pretrain_config("tapt")
     cfg.finetune = finetune_config()

@@ -30,19 +30,26 @@ Every --config.a.b=value must name an existing field; `dontstop config --config 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dontstop", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="dontstop", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="run the paper's grid on the built-in synthetic benchmark, offline")
-    demo.add_argument("--scale", default="default", choices=["default", "tiny"],
-                      help="default: the real demo (~15 min on 2 cores); tiny: a 1-minute smoke run")
-    for name, text in [("prepare", "tokenize and pack a pretraining corpus into cached shards"),
-                       ("pretrain", "run a DAPT or TAPT masked-LM phase"),
-                       ("finetune", "fine-tune on a labeled task with early stopping on dev"),
-                       ("select", "select domain documents for TAPT (kNN-TAPT, RAND-TAPT, DSIR, curated)"),
-                       ("grid", "run a grid of variants x tasks x seeds and write the results table"),
-                       ("continual", "continual DAP-training over a domain sequence (DAS and baselines)"),
-                       ("analyze", "vocabulary overlap, per-domain MLM loss, training curves and result plots")]:
+    demo.add_argument(
+        "--scale",
+        default="default",
+        choices=["default", "tiny"],
+        help="default: the real demo (~15 min on 2 cores); tiny: a 1-minute smoke run",
+    )
+    for name, text in [
+        ("prepare", "tokenize and pack a pretraining corpus into cached shards"),
+        ("pretrain", "run a DAPT or TAPT masked-LM phase"),
+        ("finetune", "fine-tune on a labeled task with early stopping on dev"),
+        ("select", "select domain documents for TAPT (kNN-TAPT, RAND-TAPT, DSIR, curated)"),
+        ("grid", "run a grid of variants x tasks x seeds and write the results table"),
+        ("continual", "continual DAP-training over a domain sequence (DAS and baselines)"),
+        ("analyze", "vocabulary overlap, per-domain MLM loss, training curves and result plots"),
+    ]:
         sp = sub.add_parser(name, help=text)
         sp.add_argument("--config", required=True, help="configs/FILE.py or configs/FILE.py:ARG")
     config = sub.add_parser("config", help="print a resolved config: each field, its doc, whether it changes results")
@@ -52,8 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--from", dest="source", required=True, help="a finished phase's workdir")
     export.add_argument("--to", required=True, help="output directory (must not exist)")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: best, else latest)")
-    export.add_argument("--peft-only", action="store_true",
-                        help="write only what a parameter-efficient phase trained, as one small .safetensors file")
+    export.add_argument(
+        "--peft-only",
+        action="store_true",
+        help="write only what a parameter-efficient phase trained, as one small .safetensors file",
+    )
     plan = sub.add_parser("plan", help="compile a phase's step for a TPU slice here: memory, FLOPs, step time")
     plan.add_argument("--config", required=True, help="configs/FILE.py or configs/FILE.py:ARG")
     plan.add_argument("--topology", required=True, help="Cloud TPU accelerator type, e.g. v4-32, v5litepod-16")
@@ -68,10 +78,12 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command == "config":  # reads a config only: no runtime, no accelerator
         from dontstop_jax import config_loader
         from dontstop_jax.explain import explain
+
         print(explain(config_loader.load(args.config, overrides), args.diff))
         return 0
     from dontstop_jax import runtime
     from dontstop_jax.train.loop import StopSignal
+
     runtime.setup(args.compilation_cache)
     # For the whole command, so a signal between phases stops the next one at its start. Installed after
     # joining a multi-process run: jax.distributed's preemption notifier would replace an earlier handler.
@@ -82,52 +94,63 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
 def _command(args: argparse.Namespace, overrides: list[str]) -> int:
     """Run one command; its exit code (plan: 1 when the step does not fit)."""
     from dontstop_jax import config_loader
+
     if args.command == "export":
         if overrides:
             raise UserError(f"export takes no --config overrides, got {overrides}")
         config_loader.check_url(args.source, "--from")
         config_loader.check_url(args.to, "--to")
         from dontstop_jax.phases.export import export, export_delta
+
         print((export_delta if args.peft_only else export)(args.source, args.to, step=args.step))
         return 0
     if args.command == "demo":
         from dontstop_jax.phases import synthetic
+
         cfg = config_loader.finalize(synthetic.get_config(args.scale), overrides)
     else:
         cfg = config_loader.load(args.config, overrides, platform="tpu" if args.command == "plan" else None)
     if args.command in ("demo", "grid"):
         from dontstop_jax.phases.grid import Grid
         from dontstop_jax.phases.synthetic import materialize
+
         table = Grid(materialize(cfg) if "synthetic" in cfg else cfg).run()
         print(table.to_markdown())
         print(f"\nwritten: {cfg.workdir}/results.md, results.csv, results.json")
     elif args.command == "continual":
         from dontstop_jax.phases.continual import Continual
         from dontstop_jax.phases.synthetic import materialize
+
         table = Continual(materialize(cfg) if "synthetic" in cfg else cfg).run()
         print(table.to_markdown())
         print(f"\nwritten: {cfg.workdir}/continual.md, continual.json")
     elif args.command == "prepare":
         from dontstop_jax.phases.pretrain import prepare
         from dontstop_jax.train.source import resolve_phase
+
         corpus = prepare(cfg, resolve_phase(cfg))
         print(f"{corpus.directory}: {corpus.num_blocks} blocks of {corpus.max_seq_length} tokens")
     elif args.command == "pretrain":
         from dontstop_jax.phases.pretrain import pretrain
+
         _print_summary(pretrain(cfg))
     elif args.command == "finetune":
         from dontstop_jax.phases.finetune import finetune
+
         _print_summary(finetune(cfg))
     elif args.command == "analyze":
         from dontstop_jax.analysis.report import analyze
+
         print(f"written: {analyze(cfg)}/summary.md (+ CSV and PNG files)")
     elif args.command == "plan":
         from dontstop_jax.phases.plan import plan
+
         fits, report = plan(cfg, args.topology, args.slices, args.tokens)
         print(report)
         return 0 if fits else 1
     elif args.command == "select":
         from dontstop_jax.phases.select import select
+
         _print_summary(select(cfg))
     return 0
 
@@ -144,9 +167,21 @@ def quiet_platform(env: dict | os._Environ = os.environ) -> None:
     choice. Must run before JAX is imported."""
     if "JAX_PLATFORMS" in env:
         return
-    tpu = any(name in env for name in ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES",
-                                       "MEGASCALE_COORDINATOR_ADDRESS", "CLOUD_TPU_TASK_ID")) or \
-        env.get("DONTSTOP_TPU") == "1" or bool(glob.glob("/dev/accel*")) or os.path.isdir("/dev/vfio")
+    tpu = (
+        any(
+            name in env
+            for name in (
+                "TPU_NAME",
+                "TPU_ACCELERATOR_TYPE",
+                "TPU_WORKER_HOSTNAMES",
+                "MEGASCALE_COORDINATOR_ADDRESS",
+                "CLOUD_TPU_TASK_ID",
+            )
+        )
+        or env.get("DONTSTOP_TPU") == "1"
+        or bool(glob.glob("/dev/accel*"))
+        or os.path.isdir("/dev/vfio")
+    )
     gpu = any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd"))
     if not (tpu or gpu):
         env["JAX_PLATFORMS"] = "cpu"
@@ -180,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(EXIT_FAULT)
     except KeyboardInterrupt:
-        print("stopped at once by a second signal; rerun the same command to continue from the last checkpoint",
-              file=sys.stderr)
+        print(
+            "stopped at once by a second signal; rerun the same command to continue from the last checkpoint",
+            file=sys.stderr,
+        )
         return 130
     return code
 

@@ -22,8 +22,15 @@ from dontstop_jax.fields import MAPS, default_dtype, undeclared
 # A grid task's fields (fields.TASK); `overrides` holds per-task fields of its TAPT and fine-tuning phases.
 TASK_FIELDS = tuple(path.rsplit(".", 1)[-1] for path in fields.TASK)
 TASK_PHASES = ("tapt", "finetune")
-_TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "True or False", list: "a list",
-               tuple: "a list", ConfigDict: "a dict"}
+_TYPE_NAMES = {
+    int: "an int",
+    float: "a number",
+    str: "a string",
+    bool: "True or False",
+    list: "a list",
+    tuple: "a list",
+    ConfigDict: "a dict",
+}
 
 
 def load(spec: str, overrides: Sequence[str] = (), platform: str | None = None) -> ConfigDict:
@@ -37,8 +44,9 @@ def load(spec: str, overrides: Sequence[str] = (), platform: str | None = None) 
 def finalize(cfg: ConfigDict, overrides: Sequence[str] = (), platform: str | None = None) -> ConfigDict:
     """Apply command-line `overrides`, check every value, resolve the accelerator defaults for `platform` (default:
     the backend this process runs on) and lock (no field can be added afterwards)."""
-    return lock(accelerator_defaults(validate(apply_overrides(cfg, list(overrides))),
-                                     platform or jax.default_backend()))
+    return lock(
+        accelerator_defaults(validate(apply_overrides(cfg, list(overrides))), platform or jax.default_backend())
+    )
 
 
 def accelerator_defaults(cfg: ConfigDict, platform: str) -> ConfigDict:
@@ -99,7 +107,8 @@ def _not_a_field(text: str) -> str:
         return text
     hint = re.search(r'Did you mean "([^"]+)"', text)
     return f"{key[1]!r} is not a field (configs are locked: no field can be added)" + (
-        f"; did you mean {hint[1]!r}?" if hint else "")
+        f"; did you mean {hint[1]!r}?" if hint else ""
+    )
 
 
 def validate(cfg: ConfigDict, prefix: str = "", declared_as: str | None = None) -> ConfigDict:
@@ -140,7 +149,7 @@ def _check_urls(value: Any, path: str) -> None:
     if isinstance(value, (ConfigDict, dict)):
         for key, sub in value.items():
             _check_urls(sub, f"{path}.{key}")
-    for text in (value if isinstance(value, (list, tuple)) else [value]):
+    for text in value if isinstance(value, (list, tuple)) else [value]:
         if isinstance(text, str):
             check_url(text, path)
 
@@ -155,12 +164,19 @@ def check_url(text: str, where: str) -> None:
     if not text[:3].lower() == "gs:":
         return
     bucket, _, rest = text[5:].partition("/") if text.startswith("gs://") else ("", "", "")
-    why = ("it must start with gs:// (lowercase, two slashes)" if not text.startswith("gs://") else
-           "it names no bucket" if not bucket else
-           f"bucket name {bucket!r} is not one (3-63 lowercase letters, digits, '-', '_' or '.')"
-           if not _BUCKET.fullmatch(bucket) else
-           "it holds a control character or a trailing space" if any(c < " " for c in text) or text != text.rstrip()
-           else "it has an empty path segment (//)" if "//" in f"/{rest}" else None)
+    why = (
+        "it must start with gs:// (lowercase, two slashes)"
+        if not text.startswith("gs://")
+        else "it names no bucket"
+        if not bucket
+        else f"bucket name {bucket!r} is not one (3-63 lowercase letters, digits, '-', '_' or '.')"
+        if not _BUCKET.fullmatch(bucket)
+        else "it holds a control character or a trailing space"
+        if any(c < " " for c in text) or text != text.rstrip()
+        else "it has an empty path segment (//)"
+        if "//" in f"/{rest}"
+        else None
+    )
     if why:
         raise UserError(f"{where}={text!r} is not a bucket URL: {why}; write gs://BUCKET/PATH")
 
@@ -173,10 +189,12 @@ def _validate_task(cfg: ConfigDict, name: str, task: ConfigDict, prefix: str, un
         raise UserError(f"{where} has unknown field(s) {', '.join(unknown)}; task fields: {', '.join(TASK_FIELDS)}")
     for phase, part in (task.get("overrides") or {}).items():
         if phase not in TASK_PHASES or phase not in cfg:
-            raise UserError(f"{where}.overrides.{phase}: a task overrides only its {' and '.join(TASK_PHASES)} "
-                            "phases")
-        validate(set_fields(copy.deepcopy(cfg[phase]), part, f"{where}.overrides.{phase}."),
-                 f"{where}.overrides.{phase}.", f"{under}{phase}.")
+            raise UserError(f"{where}.overrides.{phase}: a task overrides only its {' and '.join(TASK_PHASES)} phases")
+        validate(
+            set_fields(copy.deepcopy(cfg[phase]), part, f"{where}.overrides.{phase}."),
+            f"{where}.overrides.{phase}.",
+            f"{under}{phase}.",
+        )
 
 
 def _holds(test: Any, value: Any) -> bool:
@@ -213,8 +231,10 @@ def _assign(node: ConfigDict, leaf: str, value: Any, path: str, context: str) ->
     if declared is ConfigDict and leaf not in MAPS:
         if not isinstance(value, (dict, ConfigDict)):
             fields = sorted(node[leaf].keys())
-            raise UserError(f"{context}{path} is a section; set its fields, e.g. --config.{path}.{fields[0]}=VALUE "
-                            f"(fields: {', '.join(fields)})")
+            raise UserError(
+                f"{context}{path} is a section; set its fields, e.g. --config.{path}.{fields[0]}=VALUE "
+                f"(fields: {', '.join(fields)})"
+            )
         set_fields(node[leaf], value, f"{path}.", context)
         return
     try:
@@ -222,8 +242,9 @@ def _assign(node: ConfigDict, leaf: str, value: Any, path: str, context: str) ->
             raise TypeError
         node[leaf] = value
     except TypeError:
-        raise UserError(f"{context}{path} must be {_TYPE_NAMES.get(declared, 'a ' + declared.__name__)}, "
-                        f"got {value!r}") from None
+        raise UserError(
+            f"{context}{path} must be {_TYPE_NAMES.get(declared, 'a ' + declared.__name__)}, got {value!r}"
+        ) from None
 
 
 def _parse(raw: str, declared: type) -> Any:
@@ -249,7 +270,7 @@ def apply_overrides(cfg: ConfigDict, args: list[str]) -> ConfigDict:
         arg = args[i]
         if not arg.startswith("--config."):
             raise UserError(f"unexpected argument {arg!r}; overrides look like --config.train.steps=100")
-        key, eq, raw = arg[len("--config."):].partition("=")
+        key, eq, raw = arg[len("--config.") :].partition("=")
         if not eq:
             if i + 1 >= len(args):
                 raise UserError(f"{arg} needs a value: {arg}=VALUE")

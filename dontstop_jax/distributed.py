@@ -47,6 +47,7 @@ _alone = contextvars.ContextVar("alone", default=False)  # inside work that proc
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """How this process joins: `source` names the mechanism, `kwargs` go to jax.distributed.initialize."""
+
     source: str  # "env", "slurm" or "tpu"
     kwargs: dict[str, Any]
 
@@ -72,8 +73,9 @@ def plan(env: Mapping[str, str]) -> Plan | None:
     if given:
         if len(given) < len(EXPLICIT):
             missing = ", ".join(n for n in EXPLICIT if n not in env)
-            raise UserError(f"{', '.join(given)} set without {missing}; set all three (or none) to join a "
-                            "multi-process run")
+            raise UserError(
+                f"{', '.join(given)} set without {missing}; set all three (or none) to join a multi-process run"
+            )
         num, pid = _int(env, "DONTSTOP_NUM_PROCESSES"), _int(env, "DONTSTOP_PROCESS_ID")
         if not 0 <= pid < num:
             raise UserError(f"DONTSTOP_PROCESS_ID={pid} must be in [0, DONTSTOP_NUM_PROCESSES={num})")
@@ -187,11 +189,13 @@ def all_codes(code: int) -> list[int]:
     if jax.process_count() == 1 or _alone.get():
         return [code]
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(np.array([code], np.int32))).reshape(-1).tolist()
 
 
 def _client() -> Any:
     from jax._src import distributed as state
+
     return state.global_state.client
 
 
@@ -208,6 +212,8 @@ def _wait(client: Any, key: str, what: str, timeout: float | None) -> str:
                 raise
         waited += chunk
         if waited >= limit:
-            raise Fault(f"waited {waited:.0f} s for {what}; it did not answer (see process 0's log), so this "
-                        "process stops; raise DONTSTOP_WAIT_SECONDS if it needs longer")
+            raise Fault(
+                f"waited {waited:.0f} s for {what}; it did not answer (see process 0's log), so this "
+                "process stops; raise DONTSTOP_WAIT_SECONDS if it needs longer"
+            )
         print(f"waiting for {what}: {waited:.0f} s", file=sys.stderr, flush=True)

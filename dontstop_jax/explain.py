@@ -50,9 +50,14 @@ def rows(cfg: ConfigDict) -> list[tuple[str, Any, str, Field | None, bool]]:
             phase = roots[root]
             table = _phase_table(phase)
             assert table is not None  # `root` was chosen among the phases
-            field = declared(path[len(root):], table)
-            counts = ("yes" if field is None or field.counted(value, flatten(phase)) else
-                      "no" if field.counts == RUNTIME else f"no: {field.counts}")
+            field = declared(path[len(root) :], table)
+            counts = (
+                "yes"
+                if field is None or field.counted(value, flatten(phase))
+                else "no"
+                if field.counts == RUNTIME
+                else f"no: {field.counts}"
+            )
         at_default = field is not None and value == _default(field)
         out.append((path, value, counts, field, at_default))
     return out
@@ -62,11 +67,12 @@ def explain(cfg: ConfigDict, diff: bool = False) -> str:
     """The table `dontstop config` prints (diff: only the fields whose value is not their declared default)."""
     shown = [r for r in rows(cfg) if not (diff and r[4])]
     width, wide = max((len(r[0]) for r in shown), default=0), max((len(r[2]) for r in shown), default=0)
-    lines = ["changes result: whether the field shapes a phase's result (its fingerprint); '-': not a phase field. "
-             "Each field is declared in dontstop_jax/fields.py."]
+    lines = [
+        "changes result: whether the field shapes a phase's result (its fingerprint); '-': not a phase field. "
+        "Each field is declared in dontstop_jax/fields.py."
+    ]
     for path, value, counts, field, _ in shown:
         text = json.dumps(value)
         text = text if len(text) <= 32 else text[:29] + "..."
         lines.append(f"{path:<{width}}  {text:<32}  {counts:<{wide}}  {field.doc if field else '(undeclared)'}")
     return "\n".join(lines)
-

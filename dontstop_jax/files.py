@@ -52,7 +52,7 @@ def path(where: PathLike) -> epath.Path:
         if scheme != "gs":
             raise UserError(f"{os.fspath(where)}: unsupported URL scheme {scheme}://; use a local path or gs://")
         if importlib.util.find_spec("gcsfs") is None:
-            raise UserError(f"{os.fspath(where)} needs the gcsfs package; pip install -e \".[gcs]\"")
+            raise UserError(f'{os.fspath(where)} needs the gcsfs package; pip install -e ".[gcs]"')
         _fresh_listings(scheme)
     return epath.Path(where)
 
@@ -61,6 +61,7 @@ def _fresh_listings(scheme: str) -> None:
     """Make fsspec ask the bucket every time instead of caching listings for the life of the process: other
     hosts write files this one waits for (a prepared corpus, a finished phase's marker)."""
     import fsspec.config
+
     fsspec.config.conf.setdefault(scheme, {}).setdefault("use_listings_cache", False)
 
 
@@ -145,9 +146,10 @@ def walk(directory: PathLike) -> dict[str, epath.Path]:
     if not is_remote(directory):
         return {p.relative_to(directory).as_posix(): Path(p) for p in LocalPath(directory).rglob("*") if p.is_file()}
     import fsspec
+
     scheme, rest = os.fspath(directory).split("://", 1)
     rest = rest.rstrip("/")
-    return {found[len(rest) + 1:]: Path(f"{scheme}://{found}") for found in fsspec.filesystem(scheme).find(rest)}
+    return {found[len(rest) + 1 :]: Path(f"{scheme}://{found}") for found in fsspec.filesystem(scheme).find(rest)}
 
 
 def retrying(what: PathLike, operation: Callable[[], T]) -> T:
@@ -169,17 +171,21 @@ def retrying(what: PathLike, operation: Callable[[], T]) -> T:
 
 def upload(local: LocalPath, target: epath.Path) -> None:
     """Copy one local file to `target` (a single object write: readers see all of it or none)."""
+
     def copy() -> None:
         with open(local, "rb") as src, target.open("wb") as dst:
             shutil.copyfileobj(src, dst, 16 << 20)
+
     retrying(target, copy)
 
 
 def download(source: epath.Path, local: LocalPath) -> None:
     """Copy the file `source` (in a bucket) to the local file `local`, streamed."""
+
     def copy() -> None:
         with source.open("rb") as src, open(local, "wb") as dst:
             shutil.copyfileobj(src, dst, 16 << 20)
+
     retrying(source, copy)
 
 
@@ -200,6 +206,7 @@ def glob(pattern: str) -> list[str]:
     """The sorted files (not directories) a local or gs:// glob matches."""
     if not is_remote(pattern):
         import glob as globlib
+
         return sorted(f for f in globlib.glob(pattern) if os.path.isfile(f))
     scheme, rest = pattern.split("://", 1)
     root, _, tail = rest.partition("/")
@@ -267,12 +274,14 @@ def staged(where: PathLike) -> Iterator[LocalPath]:
 
 
 # What a filesystem fault means for the user: (cause, fix). Short writes without an errno are disk-full too.
-_FAULTS = {errno.ENOSPC: ("no space left on the device", "free space"),
-           errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
-           errno.EFBIG: ("file too large for the file size limit", "raise the limit (ulimit -f) or free space"),
-           errno.EROFS: ("read-only file system", "write somewhere writable (--config.workdir, data.cache_dir)"),
-           errno.EACCES: ("permission denied", "make it writable or write somewhere else"),
-           errno.EPERM: ("operation not permitted", "make it writable or write somewhere else")}
+_FAULTS = {
+    errno.ENOSPC: ("no space left on the device", "free space"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
+    errno.EFBIG: ("file too large for the file size limit", "raise the limit (ulimit -f) or free space"),
+    errno.EROFS: ("read-only file system", "write somewhere writable (--config.workdir, data.cache_dir)"),
+    errno.EACCES: ("permission denied", "make it writable or write somewhere else"),
+    errno.EPERM: ("operation not permitted", "make it writable or write somewhere else"),
+}
 _TENSORSTORE = re.compile(r"\[os_error_code='(\d+)'\]")  # how Orbax's tensorstore reports an OS error
 _QUOTED_PATH = re.compile(r'"(/[^"]+)"')
 
@@ -300,8 +309,11 @@ def bucket_cause(err: BaseException | None) -> str | None:
         if isinstance(err, (ConnectionError, TimeoutError)) or type(err).__module__.startswith("aiohttp"):
             return (str(err).splitlines() or [type(err).__name__])[0][:160] or type(err).__name__
         # (JAX's own runtime errors carry the same status words for its collectives and coordination service)
-        if not isinstance(err, OSError) and type(err).__name__ != "JaxRuntimeError" and (
-                match := _UNAVAILABLE.search(str(err))):
+        if (
+            not isinstance(err, OSError)
+            and type(err).__name__ != "JaxRuntimeError"
+            and (match := _UNAVAILABLE.search(str(err)))
+        ):
             return match.group(0)
         err = err.__cause__ or err.__context__
     return None
@@ -330,8 +342,10 @@ def describe_fault(err: BaseException | None) -> str | None:
         code, path, text = None, None, str(err)
         if isinstance(err, BucketFault) or (cause := bucket_cause(err)) is not None:
             what, cause = (err.what, err.cause) if isinstance(err, BucketFault) else ("the bucket", cause)
-            return (f"cannot reach {what} ({cause}), still failing after retries with backoff; check the bucket and "
-                    "the network, then rerun the same command (it resumes from the last good checkpoint)")
+            return (
+                f"cannot reach {what} ({cause}), still failing after retries with backoff; check the bucket and "
+                "the network, then rerun the same command (it resumes from the last good checkpoint)"
+            )
         if isinstance(err, OSError):
             code, path = err.errno, err.filename
             if code is None and re.search(r"\d+ requested and \d+ written", " ".join(map(str, err.args))):
@@ -342,7 +356,9 @@ def describe_fault(err: BaseException | None) -> str | None:
             path = paths[-1] if paths else None
         if code in _FAULTS:
             cause, fix = _FAULTS[code]
-            return (f"cannot write {path or 'a file'}: {cause}; {fix}, then rerun the same command (what was "
-                    "written before is intact)")
+            return (
+                f"cannot write {path or 'a file'}: {cause}; {fix}, then rerun the same command (what was "
+                "written before is intact)"
+            )
         err = err.__cause__ or err.__context__
     return None

@@ -16,8 +16,9 @@ def setup(compilation_cache: str | None = None) -> None:
     """Join a multi-process run when launched as one (see `distributed`), a persistent compilation cache
     (identical steps across seeds, phases and restarts compile once) and quieter third-party logs."""
     distributed.initialize()
-    cache = compilation_cache or os.environ.get("DONTSTOP_COMPILATION_CACHE",
-                                                os.path.expanduser("~/.cache/dontstop_jax/xla"))
+    cache = compilation_cache or os.environ.get(
+        "DONTSTOP_COMPILATION_CACHE", os.path.expanduser("~/.cache/dontstop_jax/xla")
+    )
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -64,6 +64,7 @@ def tiny_grid(tmp_path_factory: pytest.TempPathFactory, compilation_cache):
     stdout); the workdir is root / "grid". Shared by the pipeline tests and as the uninterrupted reference of the
     interrupt test. root / "xla" is the session's compilation cache (test_multihost passes it by that name)."""
     from tiny_pretrain import cli
+
     root = tmp_path_factory.mktemp("pipeline")
     (root / "cwd").mkdir()
     (root / "xla").symlink_to(compilation_cache)

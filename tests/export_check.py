@@ -18,6 +18,7 @@ def assert_transformers_logits_match(phase: Path, exported: Path) -> dict:
     reports, which `dontstop export` reads); returns its meta."""
     import torch
     import transformers
+
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(exported).eval()
     tok = load_tokenizer(exported)
     batch = tok(["voul ve kai tohe", "ba zus za de bou mu ki"], padding=True, return_tensors="np")
@@ -25,8 +26,8 @@ def assert_transformers_logits_match(phase: Path, exported: Path) -> dict:
     best = require_finished(phase, "phase")["best_step"]
     meta = ckpt.meta(best)
     ours = RobertaForSequenceClassification(ModelConfig.recorded(meta["model_config"]), len(meta["label_names"])).apply(
-        {"params": ckpt.restore_params(best)}, jnp.asarray(batch["input_ids"]),
-        jnp.asarray(batch["attention_mask"]))
+        {"params": ckpt.restore_params(best)}, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+    )
     with torch.no_grad():
         theirs = hf(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"]))
     np.testing.assert_allclose(theirs.logits.numpy(), np.asarray(ours), atol=1e-4)

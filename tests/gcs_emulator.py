@@ -52,6 +52,7 @@ class EmulatorEnv(dict):
         def back() -> None:
             time.sleep(seconds)
             self.proc = self._start()
+
         thread = threading.Thread(target=back, daemon=True)
         thread.start()
         return thread
@@ -66,9 +67,24 @@ def gcs_emulator(data_dir: Path, bucket: str = "bkt") -> Iterator[EmulatorEnv]:
     log = open(data_dir.parent / f"{data_dir.name}.log", "a")  # noqa: SIM115
 
     def start() -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, __file__, "-d", str(data_dir), "start", "--host", "127.0.0.1",
-                                 "--port", str(port), "--default-bucket", bucket, "-q"], stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "-d",
+                str(data_dir),
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--default-bucket",
+                bucket,
+                "-q",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -100,6 +116,7 @@ def gcs_emulator(data_dir: Path, bucket: str = "bkt") -> Iterator[EmulatorEnv]:
 def upload_tree(local: Path, url: str) -> None:
     """Copy a local file or directory to the bucket URL (test setup)."""
     import gcsfs
+
     gcsfs.GCSFileSystem.clear_instance_cache()
     fs = gcsfs.GCSFileSystem()
     if local.is_dir():
@@ -129,8 +146,11 @@ def serve(argv: list[str]) -> None:
 
     def insert_if_absent(request, response, storage, *args, **kwargs):
         if request.query.get("ifGenerationMatch", [None])[0] == "0":
-            name = request.query["name"][0] if "name" in request.query else (
-                request.data["meta"].get("name") if isinstance(request.data, dict) else None)
+            name = (
+                request.query["name"][0]
+                if "name" in request.query
+                else (request.data["meta"].get("name") if isinstance(request.data, dict) else None)
+            )
             try:
                 storage.get_file_obj(request.params["bucket_name"], name)
                 response.status = HTTPStatus.PRECONDITION_FAILED
@@ -157,6 +177,7 @@ def serve(argv: list[str]) -> None:
 
     http.server.BaseHTTPRequestHandler.parse_request = parse_request_continue  # type: ignore[method-assign]  # on purpose
     from gcp_storage_emulator.__main__ import main
+
     main(argv)
 
 

@@ -14,11 +14,23 @@ def run_local_processes(code: str, *args: str, processes: int = 2, timeout: floa
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, "DONTSTOP_COORDINATOR": f"127.0.0.1:{port}",
-                                              "DONTSTOP_NUM_PROCESSES": str(processes), "DONTSTOP_PROCESS_ID": str(i),
-                                              "DONTSTOP_LOCAL_DEVICES": "1", "XLA_FLAGS": ""})
-             for i in range(processes)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                "DONTSTOP_COORDINATOR": f"127.0.0.1:{port}",
+                "DONTSTOP_NUM_PROCESSES": str(processes),
+                "DONTSTOP_PROCESS_ID": str(i),
+                "DONTSTOP_LOCAL_DEVICES": "1",
+                "XLA_FLAGS": "",
+            },
+        )
+        for i in range(processes)
+    ]
     outputs = [p.communicate(timeout=timeout) for p in procs]
     assert [p.returncode for p in procs] == [0] * processes, [err[-2000:] for _, err in outputs]
     return [out for out, _ in outputs]

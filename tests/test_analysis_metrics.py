@@ -53,13 +53,16 @@ def test_matches_sklearn(num_labels):
         assert scores["micro_f1"] == pytest.approx(scores["accuracy"])
 
 
-@pytest.mark.parametrize("y_true, y_pred, weights, match", [
-    (np.array([0, 1]), np.array([0]), None, "1-D of one length"),
-    (np.array([0, 3]), np.array([0, 1]), None, r"\[0, 3\)"),
-    (np.array([0, 1]), np.array([0.0, 1.0]), None, "integer class ids"),
-    (np.array([0, 1]), np.array([0, 1]), np.array([1.0, -1.0]), "non-negative"),
-    (np.array([0, 1]), np.array([0, 1]), np.array([0.0, 0.0]), "no examples"),
-])
+@pytest.mark.parametrize(
+    "y_true, y_pred, weights, match",
+    [
+        (np.array([0, 1]), np.array([0]), None, "1-D of one length"),
+        (np.array([0, 3]), np.array([0, 1]), None, r"\[0, 3\)"),
+        (np.array([0, 1]), np.array([0.0, 1.0]), None, "integer class ids"),
+        (np.array([0, 1]), np.array([0, 1]), np.array([1.0, -1.0]), "non-negative"),
+        (np.array([0, 1]), np.array([0, 1]), np.array([0.0, 0.0]), "no examples"),
+    ],
+)
 def test_bad_input(y_true, y_pred, weights, match):
     with pytest.raises(UserError, match=match):
         classification_metrics(y_true, y_pred, 3, weights)

@@ -35,6 +35,7 @@ def _lines(path: Path, docs: list[str]) -> str:
 def _png(path: Path) -> np.ndarray:
     """The decoded image (fails on anything but a valid PNG)."""
     import matplotlib.image
+
     assert path.read_bytes()[:8] == PNG_MAGIC
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and min(image.shape[:2]) > 50
@@ -93,8 +94,14 @@ def trained(tmp_path_factory, tiny_tokenizer_dir):
     cfg = pretrain_config("dapt")
     workdir = root / "grid" / "pretrain" / "base-0123456789"  # as the grid names its phases
     cfg.update(init="scratch", tokenizer=tiny_tokenizer_dir, workdir=str(workdir))
-    cfg.model.update(vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=34)
+    cfg.model.update(
+        vocab_size=400,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=34,
+    )
     cfg.data.update(sources=[train], max_seq_length=32, cache_dir=str(root / "cache"))
     cfg.train.update(batch_size=16, accum_steps=1, steps=40, log_every=5)
     cfg.optim.learning_rate = 3e-3
@@ -118,8 +125,12 @@ def test_fixed_masks_give_every_checkpoint_the_same_batches_and_loss(trained, ti
     assert losses[0][2] == sum(b["mlm_weights"].sum() for b in first)  # every masked token counted once
 
     model = RobertaForMaskedLM(source.config)
-    untrained = ModelSource(source.config, jax.tree_util.tree_map(np.asarray, nn.unbox(init_params(
-        model, jax.random.key(1)))), source.tokenizer_dir, "random init")
+    untrained = ModelSource(
+        source.config,
+        jax.tree_util.tree_map(np.asarray, nn.unbox(init_params(model, jax.random.key(1)))),
+        source.tokenizer_dir,
+        "random init",
+    )
     before = mlm_losses(untrained, {"heldout": first})["heldout"][0]
     assert losses[0][0] < before - 1.0, (before, losses[0][0])  # 40 MLM steps on this kind of text
 
@@ -136,9 +147,12 @@ def test_unusable_checkpoints_and_batch_sizes_are_user_errors():
 
 
 def _write_results(grid: Path) -> None:
-    records = [{"task": t, "variant": v, "seed": s, "metrics": {"macro_f1": score + 0.01 * s}}
-               for t in ("bio_topic", "cs_topic") for v, score in (("baseline", 0.5), ("dapt", 0.7))
-               for s in (0, 1, 2)]
+    records = [
+        {"task": t, "variant": v, "seed": s, "metrics": {"macro_f1": score + 0.01 * s}}
+        for t in ("bio_topic", "cs_topic")
+        for v, score in (("baseline", 0.5), ("dapt", 0.7))
+        for s in (0, 1, 2)
+    ]
     results_table(records, {"bio_topic": "macro_f1", "cs_topic": "macro_f1"}).write_all(grid)
 
 
@@ -156,8 +170,14 @@ def test_analyze_writes_every_table_and_figure_and_replaces_an_old_report(traine
 
     out = analyze(cfg)
     assert sorted(p.name for p in out.iterdir()) == [
-        "mlm_loss.csv", "mlm_loss.png", "results.png", "summary.md", "training_curves.png", "vocab_overlap.csv",
-        "vocab_overlap.png"]
+        "mlm_loss.csv",
+        "mlm_loss.png",
+        "results.png",
+        "summary.md",
+        "training_curves.png",
+        "vocab_overlap.csv",
+        "vocab_overlap.png",
+    ]
     assert not list(tmp_path.glob(".report*"))  # no staging or backup directory left behind
     rows = list(csv.DictReader((out / "mlm_loss.csv").open()))
     assert [(r["checkpoint"], r["corpus"]) for r in rows] == [("base", "heldout"), ("base", "other")]
@@ -171,12 +191,19 @@ def test_analyze_writes_every_table_and_figure_and_replaces_an_old_report(traine
 
 
 def test_figures_are_valid_pngs(tmp_path):
-    heat = plots.heatmap(np.array([[1.0, 2.0], [3.0, 4.0]]), ["a", "b"], ["c", "d"], tmp_path / "h.png",
-                         title="t", label="l")
+    heat = plots.heatmap(
+        np.array([[1.0, 2.0], [3.0, 4.0]]), ["a", "b"], ["c", "d"], tmp_path / "h.png", title="t", label="l"
+    )
     _png(heat)
     log = tmp_path / "metrics.jsonl"
-    log.write_text("".join(f'{{"step": {s}, "phase": "train/", "loss": {5 - s / 10}, "learning_rate": 0.001, '
-                           f'"tokens_per_s": 1000.0}}\n' for s in range(1, 11)) + '{"step": 10, "phase": "dev/"}\n')
+    log.write_text(
+        "".join(
+            f'{{"step": {s}, "phase": "train/", "loss": {5 - s / 10}, "learning_rate": 0.001, '
+            f'"tokens_per_s": 1000.0}}\n'
+            for s in range(1, 11)
+        )
+        + '{"step": 10, "phase": "dev/"}\n'
+    )
     assert len(plots.read_metrics(log)) == 10
     _png(plots.training_curves({"run": log}, tmp_path / "curves.png"))
     _write_results(tmp_path)
@@ -215,6 +242,12 @@ def test_a_failed_analysis_leaves_the_previous_report_alone(tmp_path):
 
 
 def test_cli_rejects_an_unknown_preset():
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", "analyze", "--config", f"{CONFIG}:nope"], check=False,
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "dontstop_jax", "analyze", "--config", f"{CONFIG}:nope"],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2 and "unknown analysis preset 'nope'" in out.stderr

@@ -29,8 +29,15 @@ from dontstop_jax.phases.grid import Grid
 from dontstop_jax.train import source as sources
 
 LABELS, PER_EPOCH = 3, 2
-CFG = tiny_config(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=34, hidden_dropout_prob=0.1)
+CFG = tiny_config(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=34,
+    hidden_dropout_prob=0.1,
+)
 SPECIAL = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 4}
 
 
@@ -43,9 +50,12 @@ def batch(seed=0, n=4, seq=12):
     rng = np.random.default_rng(seed)
     ids = rng.integers(5, CFG.vocab_size, (n, seq)).astype(np.int32)
     ids[:, 0], ids[:, -1], ids[1, 8:] = 0, 2, 1
-    return {"input_ids": ids, "attention_mask": (ids != 1).astype(np.int32),
-            "labels": rng.integers(0, LABELS, n).astype(np.int32),
-            "example_weights": np.array([1, 1, 1, 0], np.float32)}
+    return {
+        "input_ids": ids,
+        "attention_mask": (ids != 1).astype(np.int32),
+        "labels": rng.integers(0, LABELS, n).astype(np.int32),
+        "example_weights": np.array([1, 1, 1, 0], np.float32),
+    }
 
 
 @functools.cache
@@ -79,9 +89,9 @@ def test_gamma_anneals_geometrically_per_epoch_then_stays():
 
 def test_masked_copy_is_seeded_by_step_and_row_and_skips_filler_rows():
     b = batch()
-    first, = multitask().batches(iter([b]), first_step=3)
-    again, = multitask().batches(iter([b]), first_step=3)
-    other, = multitask().batches(iter([b]), first_step=4)
+    (first,) = multitask().batches(iter([b]), first_step=3)
+    (again,) = multitask().batches(iter([b]), first_step=3)
+    (other,) = multitask().batches(iter([b]), first_step=4)
     assert all(np.array_equal(first[k], again[k]) for k in first)
     assert not np.array_equal(first["mlm_input_ids"], other["mlm_input_ids"])
     assert np.array_equal(first["input_ids"], b["input_ids"])  # the task loss reads the text unmasked
@@ -95,21 +105,33 @@ def test_masked_copy_is_seeded_by_step_and_row_and_skips_filler_rows():
 
 def test_multitask_loss_is_ce_plus_gamma_times_mlm_computed_directly():
     task = multitask(**{"multitask.mlm_weight": 0.4, "multitask.mlm_weight_end": 0.1, "multitask.anneal_epochs": 3})
-    b, = task.batches(iter([batch(1)]), first_step=3)
+    (b,) = task.batches(iter([batch(1)]), first_step=3)
     fixed = task.objective(None)(task.model(CFG, LABELS, None), placed(params()))[0]
     assert isinstance(fixed, Fixed)
     build, gammas = fixed.loss, task.gammas
     step = 3  # epoch 1 of PER_EPOCH-step epochs: gamma 0.2
-    loss_sum, aux = jax.jit(lambda p, b: build(gammas, jnp.asarray(step, jnp.int32))(p, b, jax.random.key(0), True))(params(), b)
+    loss_sum, aux = jax.jit(lambda p, b: build(gammas, jnp.asarray(step, jnp.int32))(p, b, jax.random.key(0), True))(
+        params(), b
+    )
     # Directly: the classifier and the masked LM, each with its own part of the parameters, and NumPy losses.
     p = params()
-    logits = np.asarray(jax.jit(RobertaForSequenceClassification(CFG, LABELS).apply)(
-        {"params": {k: p[k] for k in ("roberta", "classifier")}}, b["input_ids"], b["attention_mask"]), np.float64)
+    logits = np.asarray(
+        jax.jit(RobertaForSequenceClassification(CFG, LABELS).apply)(
+            {"params": {k: p[k] for k in ("roberta", "classifier")}}, b["input_ids"], b["attention_mask"]
+        ),
+        np.float64,
+    )
     w = b["example_weights"]
     ce = np.sum(np_nll(logits, b["labels"]) * w) / w.sum()
-    vocab = np.asarray(jax.jit(RobertaForMaskedLM(CFG).apply)({"params": {k: p[k] for k in ("roberta", "lm_head")}},
-                                                     b["mlm_input_ids"], b["attention_mask"], b["mlm_positions"]),
-                       np.float64)[..., :CFG.vocab_size]
+    vocab = np.asarray(
+        jax.jit(RobertaForMaskedLM(CFG).apply)(
+            {"params": {k: p[k] for k in ("roberta", "lm_head")}},
+            b["mlm_input_ids"],
+            b["attention_mask"],
+            b["mlm_positions"],
+        ),
+        np.float64,
+    )[..., : CFG.vocab_size]
     mw = b["mlm_weights"]
     mlm = np.sum(np_nll(vocab, b["mlm_ids"]) * mw) / mw.sum()
     assert float(aux["weight"]) == 3
@@ -122,36 +144,48 @@ def test_gamma_zero_trains_exactly_as_plain_fine_tuning():
     bit (its encoder and head; the LM head only moves by weight decay)."""
     task = multitask(**{"multitask.mlm_weight": 0.0, "multitask.mlm_weight_end": 0.0})
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1))
-    b, = task.batches(iter([batch(2)]), first_step=0)
+    (b,) = task.batches(iter([batch(2)]), first_step=0)
     plain_b = {k: b[k] for k in ("input_ids", "attention_mask", "labels", "example_weights")}
 
     def one_step(loss, p, data, *fixed):
-        state = TrainState(step=jnp.int32(0), params=p, opt_state=tx.init(p),
-                           rng=jax.random.key_data(jax.random.key(5)))
+        state = TrainState(
+            step=jnp.int32(0), params=p, opt_state=tx.init(p), rng=jax.random.key_data(jax.random.key(5))
+        )
         return jax.device_get(jax.jit(make_train_step(StepSpec(loss, tx)))(state, data, *fixed))
 
     two = task.objective(None)(task.model(CFG, LABELS, None), placed(params()))[0]
     assert isinstance(two, Fixed)
     (after, metrics) = one_step(two, params(), b, two.arrays)
     plain_params = {k: params()[k] for k in ("roberta", "classifier")}
-    (plain, plain_metrics) = one_step(classification_loss_sums(RobertaForSequenceClassification(CFG, LABELS)),
-                                      plain_params, plain_b)
+    (plain, plain_metrics) = one_step(
+        classification_loss_sums(RobertaForSequenceClassification(CFG, LABELS)), plain_params, plain_b
+    )
     for k in ("roberta", "classifier"):
         jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(x, y), after.params[k], plain.params[k])
     assert metrics["loss"] == plain_metrics["loss"] and metrics["grad_norm"] == plain_metrics["grad_norm"]
-    assert np.abs(after.params["classifier"]["dense"]["kernel"] - plain_params["classifier"]["dense"]["kernel"]
-                  ).max() > 1e-4  # the step did train
+    assert (
+        np.abs(after.params["classifier"]["dense"]["kernel"] - plain_params["classifier"]["dense"]["kernel"]).max()
+        > 1e-4
+    )  # the step did train
 
 
-@pytest.mark.parametrize("value, match", [
-    (None, "intermediate_from=''"), ("b", "intermediate_from='b'"), ("zz", "intermediate_from='zz'")])
+@pytest.mark.parametrize(
+    "value, match", [(None, "intermediate_from=''"), ("b", "intermediate_from='b'"), ("zz", "intermediate_from='zz'")]
+)
 def test_intermediate_from_must_name_another_task_of_the_grid(value, match):
-    task = dict(path="x", metric="macro_f1", text_field="text", label_field="label", irrelevant_domain="cs",
-                domain="bio")
-    cfg = _grid_config(["intermediate"], a=dict(task, intermediate_from="b"),
-                       b=dict(task, **({} if value is None else {"intermediate_from": value})))
-    with pytest.raises(UserError, match=match + ": the intermediate variants fine-tune on another task of the "
-                                                 r"grid before b; set it to one of \['a'\]"):
+    task = dict(
+        path="x", metric="macro_f1", text_field="text", label_field="label", irrelevant_domain="cs", domain="bio"
+    )
+    cfg = _grid_config(
+        ["intermediate"],
+        a=dict(task, intermediate_from="b"),
+        b=dict(task, **({} if value is None else {"intermediate_from": value})),
+    )
+    with pytest.raises(
+        UserError,
+        match=match + ": the intermediate variants fine-tune on another task of the "
+        r"grid before b; set it to one of \['a'\]",
+    ):
         Grid(cfg)
 
 
@@ -166,9 +200,14 @@ def test_misspelled_variant_and_multitask_method_are_errors():
 
 
 def _grid_config(variants, **tasks):
-    return config_loader.load("configs/grid.py:paper", [
-        f"--config.tasks={tasks!r}", "--config.domains={'bio': ['c.txt'], 'cs': ['d.txt']}",
-        f"--config.variants={variants!r}"])
+    return config_loader.load(
+        "configs/grid.py:paper",
+        [
+            f"--config.tasks={tasks!r}",
+            "--config.domains={'bio': ['c.txt'], 'cs': ['d.txt']}",
+            f"--config.variants={variants!r}",
+        ],
+    )
 
 
 def test_grid_intermediate_and_multitask_rows(tmp_path, monkeypatch, tiny_tokenizer_dir):
@@ -178,6 +217,7 @@ def test_grid_intermediate_and_multitask_rows(tmp_path, monkeypatch, tiny_tokeni
     from tiny_hf import save_tiny_roberta, write_biomed_data
 
     from dontstop_jax.phases import grid as grid_module
+
     write_biomed_data(tmp_path / "corpus", tmp_path / "a", corpus_docs=10)
     write_biomed_data(tmp_path / "corpus2", tmp_path / "b", corpus_docs=20)
     base = str(save_tiny_roberta(tmp_path / "base", tiny_tokenizer_dir))
@@ -186,12 +226,15 @@ def test_grid_intermediate_and_multitask_rows(tmp_path, monkeypatch, tiny_tokeni
     def finetune(phase):
         tuned[phase.workdir] = phase
         return {"dev": {"macro_f1": 0.5}, "test": {"macro_f1": 0.5}}
+
     monkeypatch.setattr(grid_module, "pretrain", lambda phase: pretrained.append(phase.workdir))
     monkeypatch.setattr(grid_module, "finetune", finetune)
     task = dict(metric="macro_f1", text_field="text", label_field="label", irrelevant_domain="cs", domain="bio")
-    cfg = _grid_config(["baseline", "intermediate", "dapt_intermediate", "multitask"],
-                       a=dict(task, path=str(tmp_path / "a"), intermediate_from="b"),
-                       b=dict(task, path=str(tmp_path / "b"), intermediate_from="a"))
+    cfg = _grid_config(
+        ["baseline", "intermediate", "dapt_intermediate", "multitask"],
+        a=dict(task, path=str(tmp_path / "a"), intermediate_from="b"),
+        b=dict(task, path=str(tmp_path / "b"), intermediate_from="a"),
+    )
     cfg.unlock()
     cfg.update(dict(workdir=str(tmp_path / "grid"), base=base, seeds=[0, 1]))
     Grid(config_loader.lock(cfg)).run()
@@ -220,23 +263,45 @@ def test_intermediate_start_is_the_first_tasks_fine_tuned_encoder(tmp_path, tiny
     from tiny_hf import save_tiny_roberta, write_biomed_data
 
     from dontstop_jax.train import trainer as trainer_module
+
     write_biomed_data(tmp_path / "corpus", tmp_path / "a", corpus_docs=0)
     (tmp_path / "b").mkdir()
     for split in ("train", "dev", "test"):  # b: the same texts, three labels (kinase / tumor / neither)
         rows = [json.loads(line) for line in (tmp_path / "a" / f"{split}.jsonl").read_text().splitlines()]
-        (tmp_path / "b" / f"{split}.jsonl").write_text("".join(json.dumps({
-            "text": r["text"], "label": "k" if "kinase" in r["text"] else "t" if "tumor" in r["text"] else "n"})
-            + "\n" for r in rows))
+        (tmp_path / "b" / f"{split}.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {"text": r["text"], "label": "k" if "kinase" in r["text"] else "t" if "tumor" in r["text"] else "n"}
+                )
+                + "\n"
+                for r in rows
+            )
+        )
     base = save_tiny_roberta(tmp_path / "hf", tiny_tokenizer_dir)
 
     def cfg(name, init, path, **fields):
-        return config_loader.lock(config_loader.set_fields(finetune_config(), {
-            "name": name, "workdir": str(tmp_path / name), "init": str(init), "task.path": str(path),
-            "data.max_seq_length": 32, "train.batch_size": 8, "train.epochs": 1, "train.steps_per_epoch": 2,
-            "optim.learning_rate": 1e-2, **fields}))  # (step 1 trains: step 0 is the warm-up's, at lr 0)
+        return config_loader.lock(
+            config_loader.set_fields(
+                finetune_config(),
+                {
+                    "name": name,
+                    "workdir": str(tmp_path / name),
+                    "init": str(init),
+                    "task.path": str(path),
+                    "data.max_seq_length": 32,
+                    "train.batch_size": 8,
+                    "train.epochs": 1,
+                    "train.steps_per_epoch": 2,
+                    "optim.learning_rate": 1e-2,
+                    **fields,
+                },
+            )
+        )  # (step 1 trains: step 0 is the warm-up's, at lr 0)
+
     a = finetune_phase.finetune(cfg("a", base, tmp_path / "a"))
-    with pytest.raises(UserError, match="has a classification head for 2 labels and this task has 3; set "
-                                        "train.fresh_head=True"):
+    with pytest.raises(
+        UserError, match="has a classification head for 2 labels and this task has 3; set train.fresh_head=True"
+    ):
         finetune_phase.finetune(cfg("b_kept", tmp_path / "a", tmp_path / "b"))
     starts, create = [], trainer_module.create_train_state
 
@@ -244,17 +309,21 @@ def test_intermediate_start_is_the_first_tasks_fine_tuned_encoder(tmp_path, tiny
         state, shardings = create(module, *args, **kwargs)
         starts.append((module, jax.device_get(state.params)))
         return state, shardings
+
     monkeypatch.setattr(trainer_module, "create_train_state", record)
-    b = finetune_phase.finetune(cfg("b", tmp_path / "a", tmp_path / "b", seed=3,
-                                    **{"train.fresh_head": True, "multitask.method": "mlm"}))
-    (model, start), = starts
+    b = finetune_phase.finetune(
+        cfg("b", tmp_path / "a", tmp_path / "b", seed=3, **{"train.fresh_head": True, "multitask.method": "mlm"})
+    )
+    ((model, start),) = starts
     _, meta, a_params = Checkpointer(tmp_path / "a" / "checkpoints", read_only=True).read(first=a["best_step"])
     jax.tree_util.tree_map(np.testing.assert_array_equal, start["roberta"], a_params["roberta"])
     base_layers = sources.resolve(str(base)).params["roberta"]["layers"]
     assert np.abs(start["roberta"]["layers"]["output"]["bias"] - base_layers["output"]["bias"]).max() > 1e-4
     fresh = jax.device_get(jax.jit(lambda key: nn.unbox(init_params(model, key)))(jax.random.key(3)))
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8),
-                           start["classifier"], fresh["classifier"])  # the initializer's draw for seed 3
-    assert start["classifier"]["out_proj"]["kernel"].shape == (32, 3) != a_params["classifier"]["out_proj"][
-        "kernel"].shape
+    jax.tree_util.tree_map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-8), start["classifier"], fresh["classifier"]
+    )  # the initializer's draw for seed 3
+    assert (
+        start["classifier"]["out_proj"]["kernel"].shape == (32, 3) != a_params["classifier"]["out_proj"]["kernel"].shape
+    )
     assert "lm_head" in start and b["parent"] == f"checkpoint:{tmp_path / 'a' / 'checkpoints'}@{a['best_step']}"

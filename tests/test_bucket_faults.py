@@ -21,8 +21,15 @@ def no_pauses(monkeypatch):
     monkeypatch.setattr(files, "RETRY_PAUSES", (0.0, 0.0, 0.0))
 
 
-@pytest.mark.parametrize("fault", [ConnectionResetError(104, "Connection reset by peer"), HttpError(503),
-                                   HttpError(429), ValueError('UNAVAILABLE: HTTP response code: 503 with body: x')])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        ConnectionResetError(104, "Connection reset by peer"),
+        HttpError(503),
+        HttpError(429),
+        ValueError("UNAVAILABLE: HTTP response code: 503 with body: x"),
+    ],
+)
 def test_transient_faults_are_retried(fault):
     calls = []
 
@@ -31,6 +38,7 @@ def test_transient_faults_are_retried(fault):
         if len(calls) < 3:
             raise fault
         return "data"
+
     assert files.retrying("gs://bkt/a.json", flaky) == "data" and len(calls) == 3
 
 
@@ -40,28 +48,36 @@ def test_a_bucket_that_keeps_failing_is_one_line_naming_the_object():
     def down():
         calls.append(1)
         raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 9)")
+
     with pytest.raises(files.BucketFault) as info:
         files.retrying("gs://bkt/runs/x/DONE.json", down)
     assert len(calls) == 1 + len(files.RETRY_PAUSES)
     line = files.describe_fault(info.value)
-    assert line is not None and line.startswith("cannot reach gs://bkt/runs/x/DONE.json ([Errno 111] Connect call failed")
+    assert line is not None and line.startswith(
+        "cannot reach gs://bkt/runs/x/DONE.json ([Errno 111] Connect call failed"
+    )
     assert "rerun the same command" in line and "\n" not in line
 
 
 def _collective_timeout() -> Exception:
     import jax
-    return jax.errors.JaxRuntimeError("UNKNOWN: Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue() "
-                                      "timed out with key: cpu:gloo/0,2048/1")
+
+    return jax.errors.JaxRuntimeError(
+        "UNKNOWN: Gloo context initialization failed: DEADLINE_EXCEEDED: GetKeyValue() "
+        "timed out with key: cpu:gloo/0,2048/1"
+    )
 
 
-@pytest.mark.parametrize("error", [HttpError(404), HttpError(403), ValueError("malformed"), FileNotFoundError("x"),
-                                   _collective_timeout()])  # a peer process gone is no bucket fault
+@pytest.mark.parametrize(
+    "error", [HttpError(404), HttpError(403), ValueError("malformed"), FileNotFoundError("x"), _collective_timeout()]
+)  # a peer process gone is no bucket fault
 def test_other_errors_are_not_retried(error):
     calls = []
 
     def wrong():
         calls.append(1)
         raise error
+
     with pytest.raises(type(error)):
         files.retrying("gs://bkt/a", wrong)
     assert len(calls) == 1 and files.bucket_cause(error) is None
@@ -74,11 +90,15 @@ def test_naming_puts_the_object_on_a_fault_from_deep_inside_a_library():
                 raise ConnectionResetError(104, "Connection reset by peer")
             except OSError as inner:
                 raise RuntimeError("orbax: save failed") from inner
-    assert (files.describe_fault(info.value) or "").startswith("cannot reach gs://bkt/ckpt/20 ([Errno 104] Connection reset")
+    assert (files.describe_fault(info.value) or "").startswith(
+        "cannot reach gs://bkt/ckpt/20 ([Errno 104] Connection reset"
+    )
 
 
-@pytest.mark.skipif(not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec("gcp_storage_emulator")),
-                    reason="needs gcsfs and gcp-storage-emulator (the test extra)")
+@pytest.mark.skipif(
+    not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec("gcp_storage_emulator")),
+    reason="needs gcsfs and gcp-storage-emulator (the test extra)",
+)
 def test_a_checkpoint_survives_the_bucket_gone_for_20_seconds(tmp_path):
     """The emulator stops while a checkpoint is being written and returns 20 s later: the save completes (the
     clients' retries wait it out) and the step restores to exactly the saved parameters."""
@@ -88,6 +108,7 @@ def test_a_checkpoint_survives_the_bucket_gone_for_20_seconds(tmp_path):
     from test_checkpoint import _assert_trees_equal, _state
 
     from dontstop_jax.engine.checkpoint import Checkpointer
+
     state, _ = _state((-1, 1, 1), jax.devices()[:1], seed=5)
     with gcs_emulator(tmp_path / "gcs") as server:
         ckpt = Checkpointer("gs://bkt/outage/ckpt")
@@ -100,6 +121,7 @@ def test_a_checkpoint_survives_the_bucket_gone_for_20_seconds(tmp_path):
         assert time.monotonic() - started > 15  # the write was still going when the server went away
         back.join()
         restored, data, _ = Checkpointer("gs://bkt/outage/ckpt", read_only=True).restore(
-            jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+            jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        )
         assert int(restored.step) == 2 and data == {"batch": 2}
         _assert_trees_equal(restored.params, state.params)

@@ -27,8 +27,9 @@ def _state(mesh_shape, devices, seed=0):
 
 
 def _assert_trees_equal(a, b):
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
-                           jax.device_get(a), jax.device_get(b))
+    jax.tree_util.tree_map(
+        lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), jax.device_get(a), jax.device_get(b)
+    )
 
 
 def test_written_on_2x2x2_restores_on_8x1x1_and_one_device(tmp_path):
@@ -39,10 +40,13 @@ def test_written_on_2x2x2_restores_on_8x1x1_and_one_device(tmp_path):
     for shape, devices in [((8, 1, 1), jax.devices()), ((1, 1, 1), jax.devices()[:1])]:
         _, shardings = _state(shape, devices)
         restored, data, meta = Checkpointer(tmp_path / "ckpt", read_only=True).restore(
-            abstract_state(shardings, MODEL, TX))
+            abstract_state(shardings, MODEL, TX)
+        )
         _assert_trees_equal(restored, state)
-        assert restored.params["roberta"]["layers"]["query"]["kernel"].sharding == \
-            shardings.params["roberta"]["layers"]["query"]["kernel"]
+        assert (
+            restored.params["roberta"]["layers"]["query"]["kernel"].sharding
+            == shardings.params["roberta"]["layers"]["query"]["kernel"]
+        )
         assert data == {"epoch": 1, "batch_in_epoch": 7}
         assert meta["phase"] == "dapt" and meta["step"] == 0
 
@@ -88,14 +92,15 @@ def test_truncated_latest_step_falls_back_to_the_previous_one(tmp_path, caplog):
     for step in (10, 20):
         ckpt.save(state.replace(step=np.int32(step)), data_state={"batch": step}, meta={})
     ckpt.close()
-    newest = max((p for p in (tmp_path / "ckpt" / "20" / "train").rglob("*") if p.is_file()),
-                 key=lambda p: p.stat().st_size)  # the optimizer state's data file
+    newest = max(
+        (p for p in (tmp_path / "ckpt" / "20" / "train").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+    )  # the optimizer state's data file
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
 
     ckpt = Checkpointer(tmp_path / "ckpt", keep_last=3)
     restored, data, _ = ckpt.restore(abstract_state(shardings, MODEL, TX))
     assert int(restored.step) == 10 and data == {"batch": 10}
-    warning, = [r.getMessage() for r in caplog.records if r.name == "dontstop_jax.engine.checkpoint"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "dontstop_jax.engine.checkpoint"]
     assert "step 20" in warning and "restoring step 10 instead" in warning
     ckpt.save(state.replace(step=np.int32(20)), data_state={"batch": 20}, meta={})  # replaces the bad step
     ckpt.close()
@@ -152,6 +157,7 @@ def test_padded_vocabulary_checkpoint_restores_into_the_padded_model_and_exports
 
     from dontstop_jax.model import ModelConfig, save_pretrained
     from dontstop_jax.model.hf_io import param_shapes
+
     cfg = CFG.replace(vocab_size=100)
     mesh = make_mesh((2, 1, 2), jax.devices()[:4])
     state, _ = create_train_state(RobertaForMaskedLM(cfg), TX, mesh, DEFAULT_RULES, seed=0)
@@ -169,6 +175,7 @@ def test_padded_vocabulary_checkpoint_restores_into_the_padded_model_and_exports
     _assert_trees_equal(again.params, state.params)
     out = save_pretrained(tmp_path / "hf", restored_cfg, params, "mlm")
     from safetensors.numpy import load_file
+
     assert load_file(str(out / "model.safetensors"))["lm_head.bias"].shape == (100,)
 
 
@@ -204,6 +211,7 @@ def test_one_hosts_failed_read_leaves_every_host_on_the_same_step(tmp_path, fail
     """Two real processes: process 1's read of step 20 fails (once: retried; twice: the step counts as unreadable);
     both restore the same step, the one process 0 decided and both could read."""
     from local_processes import run_local_processes
+
     state, _ = _state((-1, 1, 1), jax.devices()[:2], seed=3)
     ckpt = Checkpointer(tmp_path / "ckpt", keep_last=3)
     for step in (10, 20):

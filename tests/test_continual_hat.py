@@ -45,11 +45,18 @@ def test_hat_blocks_the_units_past_domains_used():
     past = zero_importance(CFG)
     past["head"][0, 0] = past["intermediate"][1, 3] = 1.0
     loss, hooks = hat.hat_objective(1, past, C, S_MAX, 10)(model, state.params)
-    step = compile_train_step(make_train_step(StepSpec(loss, tx, hooks=hooks)), shardings, MESH, DEFAULT_RULES,
-                              fixed=loss.arrays, donate=False)
+    step = compile_train_step(
+        make_train_step(StepSpec(loss, tx, hooks=hooks)),
+        shardings,
+        MESH,
+        DEFAULT_RULES,
+        fixed=loss.arrays,
+        donate=False,
+    )
     new, _ = step(state, to_global(mlm_batch(0), MESH))
-    moved = jax.tree_util.tree_map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)),
-                                   jax.device_get(new.params), jax.device_get(state.params))
+    moved = jax.tree_util.tree_map(
+        lambda a, b: np.abs(np.asarray(a) - np.asarray(b)), jax.device_get(new.params), jax.device_get(state.params)
+    )
     d = moved["roberta"]["layers"]
     for module in ("query", "key", "value"):
         assert d[module]["kernel"][0, :, 0].max() == 0 and d[module]["kernel"][0, :, 1].max() > 0
@@ -86,8 +93,7 @@ def test_anneal_compensation_and_regulariser_against_numpy():
         np.testing.assert_allclose(np.asarray(grads[hat.param_name(2, k)]), expected, rtol=1e-4, atol=1e-6)
 
     past = {k: rng.uniform(size=v.shape).astype(np.float32) for k, v in masks.items()}
-    direct = (sum(np.sum(masks[k] * (1 - past[k])) for k in hat.KINDS)
-              / sum(np.sum(1 - past[k]) for k in hat.KINDS))
+    direct = sum(np.sum(masks[k] * (1 - past[k])) for k in hat.KINDS) / sum(np.sum(1 - past[k]) for k in hat.KINDS)
     assert float(hat.regulariser(masks, past)) == pytest.approx(direct, rel=1e-5)
 
     final = hat.final_masks({**params, "roberta": {"layers": {"output": {"bias": np.zeros((2, 32))}}}}, 2, S_MAX)
@@ -124,8 +130,13 @@ def test_stages_hand_on_hat_masks_and_freeze_demix_shared_weights(recipe, monkey
     run, seen = recipe
     own = iter([0.25, 0.5])
     monkeypatch.setattr(continual.sources, "resolve", lambda init: type("Source", (), {"params": None}))
-    monkeypatch.setattr(continual.hat, "final_masks", lambda params, domain, s_max: {
-        k: np.full(v.shape, next(own) if k == "head" else 0.0, np.float32) for k, v in zero_importance(CFG).items()})
+    monkeypatch.setattr(
+        continual.hat,
+        "final_masks",
+        lambda params, domain, s_max: {
+            k: np.full(v.shape, next(own) if k == "head" else 0.0, np.float32) for k, v in zero_importance(CFG).items()
+        },
+    )
     given = []
     monkeypatch.setattr(continual.hat, "hat_objective", lambda *args: given.append(args))
     first, second = run.stages("hat", "BASE")
@@ -153,6 +164,7 @@ def test_unknown_method_and_bad_hat_fields_are_user_errors():
     with pytest.raises(UserError, match=r"unknown continual methods \['demixx'\]; choose from .*'demix'"):
         Continual(cfg)
     from dontstop_jax import config_loader
+
     for field, value in (("hat.s_max", 0.5), ("hat.c", -1.0)):
         with pytest.raises(UserError, match=field.replace(".", r"\.")):
             config_loader.finalize(synthetic_config("tiny"), [f"--config.{field}={value}"])

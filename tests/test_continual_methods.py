@@ -68,7 +68,9 @@ def test_ewc_fisher_and_penalty_against_numpy():
     for k in fisher:
         np.testing.assert_allclose(fisher[k], expected[k], rtol=1e-5, atol=1e-12)
     assert fisher["w"].min() >= 0 and fisher["w"].max() > 0
-    np.testing.assert_allclose(ewc.mean([fisher, {k: 3 * v for k, v in fisher.items()}])["w"], 2 * fisher["w"], rtol=1e-6)
+    np.testing.assert_allclose(
+        ewc.mean([fisher, {k: 3 * v for k, v in fisher.items()}])["w"], 2 * fisher["w"], rtol=1e-6
+    )
 
     theta, anchor = linear_params(0), linear_params(1)
     direct = sum(np.sum(fisher[k].astype(np.float64) * (theta[k] - anchor[k]) ** 2) for k in theta)
@@ -86,17 +88,29 @@ def test_fixed_arrays_reach_the_step_as_an_argument():
     no copy of them (closed over, they would be baked in as constants)."""
     model, tx, lam = Linear(), optax.sgd(0.1), 2.0
     params = placed(linear_params(0))
-    state = TrainState(step=placed(np.int32(0)), params=params, opt_state=placed(tx.init(linear_params(0))),
-                       rng=placed(jax.random.key_data(jax.random.key(0))))
+    state = TrainState(
+        step=placed(np.int32(0)),
+        params=params,
+        opt_state=placed(tx.init(linear_params(0))),
+        rng=placed(jax.random.key_data(jax.random.key(0))),
+    )
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    arrays = placed({"anchor": linear_params(1), "fisher": {k: np.full(v.shape, 0.5, np.float32)
-                                                           for k, v in linear_params(0).items()}})
+    arrays = placed(
+        {
+            "anchor": linear_params(1),
+            "fisher": {k: np.full(v.shape, 0.5, np.float32) for k, v in linear_params(0).items()},
+        }
+    )
     loss = ewc.ewc_loss_sums(model, lam)
     batch = to_global(mlm_batch(0), MESH)
     with activation_rules(MESH, DEFAULT_RULES):
-        texts = [make.lower(state, batch, *extra).as_text() for make, extra in (
-            (jax.jit(make_train_step(StepSpec(loss(arrays, jnp.asarray(0)), tx))), ()),
-            (jax.jit(make_train_step(StepSpec(Fixed(loss, arrays), tx))), (arrays,)))]
+        texts = [
+            make.lower(state, batch, *extra).as_text()
+            for make, extra in (
+                (jax.jit(make_train_step(StepSpec(loss(arrays, jnp.asarray(0)), tx))), ()),
+                (jax.jit(make_train_step(StepSpec(Fixed(loss, arrays), tx))), (arrays,)),
+            )
+        ]
     longest = [max(len(line) for line in t.splitlines()) for t in texts]
     assert longest[0] > 2 * 4 * VOCAB * 8 > longest[1]  # closed over, a 128x8 float32 array is 8192 hex digits
     spec = StepSpec(Fixed(loss, arrays), tx)
@@ -124,7 +138,9 @@ def test_derpp_buffer_sampling_fill_and_loss():
     assert recorded["logits"].shape == (16, 4, VOCAB) and recorded["input_ids"].shape == (16, 16)
     alpha, beta, batch, rng = 0.3, 0.5, mlm_batch(3), jax.random.key(4)
     with activation_rules(MESH, DEFAULT_RULES):
-        total, aux = replay.derpp_loss_sums(model, alpha, beta, 6)(placed(recorded), jnp.asarray(0))(params, batch, rng, True)
+        total, aux = replay.derpp_loss_sums(model, alpha, beta, 6)(placed(recorded), jnp.asarray(0))(
+            params, batch, rng, True
+        )
     # Directly: the same two buffer samples (the loss's key split), MSE over the vocabulary at real slots.
     _, r_a, r_b, _, _ = jax.random.split(rng, 5)
     a = {k: v[np.asarray(replay.replay_indices(r_a, 16, 6))] for k, v in recorded.items()}
@@ -177,6 +193,7 @@ def recipe(tmp_path, monkeypatch):
         kind = "kl" if proxy is importance.kl_loss else "mlm"
         level[kind] += 0.1
         return {k: np.full(v.shape, level[kind], np.float32) for k, v in zero_importance(CFG).items()}
+
     monkeypatch.setattr(Continual, "importance", fake_importance)
     return Continual(cfg), seen
 
@@ -189,8 +206,11 @@ def test_das_ablations_change_what_each_stage_gets(recipe, method):
     head = lambda imp: None if imp is None else float(np.mean(imp["head"]))
     general, bio = 0.2, 0.3  # the fake KL and MLM importances
     expect = {  # (stage-1 mask, stage-1 contrast, stage-2 mask, stage-2 contrast)
-        "das": (general, general, bio, bio), "das_no_contrast": (general, general, bio, bio),
-        "das_no_general": (None, None, bio, bio), "das_past_contrast": (general, None, bio, bio)}
+        "das": (general, general, bio, bio),
+        "das_no_contrast": (general, general, bio, bio),
+        "das_no_general": (None, None, bio, bio),
+        "das_past_contrast": (general, None, bio, bio),
+    }
     if method == "das_random":  # constants permuted are the same constants: the values, on other units
         assert head(mask1) == pytest.approx(general) and head(mask2) == pytest.approx(bio)
     else:
@@ -238,12 +258,20 @@ def test_bwt_and_fwt_against_a_score_matrix():
     fwt = np.mean([before["t1"] - base["t1"], before["t2"] - base["t2"]])
     assert backward_transfer(curve) == pytest.approx(bwt)
     assert forward_transfer({"t0": None, **before}, base) == pytest.approx(fwt)
-    records = [{"method": "m", "stage": s, "task": t, "seed": seed, "score": v + 0.01 * seed, "when": "after"}
-               for t, c in curve.items() for s, v in enumerate(c) if v is not None for seed in (0, 2)]
-    records += [{"method": "m", "stage": tasks.index(t) - 1, "task": t, "seed": 0, "score": v, "when": "before"}
-                for t, v in before.items()]
-    records += [{"method": "base", "stage": -1, "task": t, "seed": 0, "score": v, "when": "base"}
-                for t, v in base.items()]
+    records = [
+        {"method": "m", "stage": s, "task": t, "seed": seed, "score": v + 0.01 * seed, "when": "after"}
+        for t, c in curve.items()
+        for s, v in enumerate(c)
+        if v is not None
+        for seed in (0, 2)
+    ]
+    records += [
+        {"method": "m", "stage": tasks.index(t) - 1, "task": t, "seed": 0, "score": v, "when": "before"}
+        for t, v in before.items()
+    ]
+    records += [
+        {"method": "base", "stage": -1, "task": t, "seed": 0, "score": v, "when": "base"} for t, v in base.items()
+    ]
     table = ContinualTable.from_records(records, ["m"], ["x", "y", "z"], tasks)
     assert table.backward_transfer("m") == pytest.approx(bwt)  # the seed offsets cancel
     assert table.forward_transfer("m") == pytest.approx(fwt)

@@ -17,16 +17,32 @@ def test_spread_over_seeds_is_each_seeds_own_table(tmp_path):
         R[seed][1, 0] = R[seed][0, 0] + step
     before = {seed: rng.uniform(size=3) for seed in seeds}
     base = {seed: rng.uniform(size=3) for seed in seeds}
-    records = [{"method": "m", "stage": s, "task": t, "seed": seed, "score": float(R[seed][s, i]), "when": "after"}
-               for seed in seeds for i, t in enumerate(tasks) for s in range(i, 3)]
-    records += [{"method": "m", "stage": i - 1, "task": t, "seed": seed, "score": float(before[seed][i]),
-                 "when": "before"} for seed in seeds for i, t in enumerate(tasks) if i > 0]
-    records += [{"method": "base", "stage": -1, "task": t, "seed": seed, "score": float(base[seed][i]), "when": "base"}
-                for seed in seeds for i, t in enumerate(tasks)]
-    direct = {seed: [R[seed][2].mean(),
-                     np.mean([max(R[seed][i:2, i]) - R[seed][2, i] for i in (0, 1)]),
-                     np.mean([R[seed][2, i] - R[seed][i, i] for i in (0, 1)]),
-                     np.mean([before[seed][i] - base[seed][i] for i in (1, 2)])] for seed in seeds}
+    records = [
+        {"method": "m", "stage": s, "task": t, "seed": seed, "score": float(R[seed][s, i]), "when": "after"}
+        for seed in seeds
+        for i, t in enumerate(tasks)
+        for s in range(i, 3)
+    ]
+    records += [
+        {"method": "m", "stage": i - 1, "task": t, "seed": seed, "score": float(before[seed][i]), "when": "before"}
+        for seed in seeds
+        for i, t in enumerate(tasks)
+        if i > 0
+    ]
+    records += [
+        {"method": "base", "stage": -1, "task": t, "seed": seed, "score": float(base[seed][i]), "when": "base"}
+        for seed in seeds
+        for i, t in enumerate(tasks)
+    ]
+    direct = {
+        seed: [
+            R[seed][2].mean(),
+            np.mean([max(R[seed][i:2, i]) - R[seed][2, i] for i in (0, 1)]),
+            np.mean([R[seed][2, i] - R[seed][i, i] for i in (0, 1)]),
+            np.mean([before[seed][i] - base[seed][i] for i in (1, 2)]),
+        ]
+        for seed in seeds
+    }
     table = ContinualTable.from_records(records, ["m"], ["x", "y", "z"], tasks)
     for k, name in enumerate(SUMMARY):
         values = [direct[seed][k] for seed in seeds]

@@ -52,13 +52,16 @@ def test_gate_gradients_match_finite_differences():
         picks += [("intermediate", int(la), int(i)) for la, i in zip(rng.integers(0, 2, 8), rng.integers(0, 64, 8))]
         picks += [("output", int(la), int(d)) for la, d in zip(rng.integers(0, 2, 8), rng.integers(0, 32, 8))]
         for kind, layer, unit in picks:
+
             def shifted(delta, kind=kind, layer=layer, unit=unit):
                 gates = {k: v.copy() for k, v in ones.items()}
                 gates[kind][layer, unit] += delta
                 return float(f(gates))
+
             fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
-            np.testing.assert_allclose(measured[kind][layer, unit] * tokens, abs(fd), rtol=2e-2, atol=1e-4,
-                                       err_msg=f"{kind}[{layer}, {unit}]")
+            np.testing.assert_allclose(
+                measured[kind][layer, unit] * tokens, abs(fd), rtol=2e-2, atol=1e-4, err_msg=f"{kind}[{layer}, {unit}]"
+            )
     assert all(v.max() * tokens > 3e-2 for v in measured.values())  # the comparison is not between zeros
 
 
@@ -69,16 +72,18 @@ def test_kl_proxy_needs_active_dropout():
     for rate in (0.0, 0.1):
         cfg = CFG.replace(hidden_dropout_prob=rate, attention_probs_dropout_prob=rate)
         model, params = model_and_params(cfg, mesh)
-        measured[rate] = importance.measure(importance.kl_loss(model), cfg, params, [mlm_batch(1)], mesh,
-                                            DEFAULT_RULES)
+        measured[rate] = importance.measure(importance.kl_loss(model), cfg, params, [mlm_batch(1)], mesh, DEFAULT_RULES)
     for kind in importance.UNITS:
         assert np.all(measured[0.1][kind] > 0)
         assert measured[0.0][kind].max() < 1e-6 * measured[0.1][kind].max()  # zero up to float rounding
 
 
 def test_normalize_accumulate_and_files(tmp_path):
-    raw = {"head": np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]), "intermediate": np.array([[0.0, 4.0]]),
-           "output": np.array([[2.0, 0.0]])}
+    raw = {
+        "head": np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]),
+        "intermediate": np.array([[0.0, 4.0]]),
+        "output": np.array([[2.0, 0.0]]),
+    }
     norm = importance.normalize(raw)
     z = np.tanh(np.sqrt(1.5))
     np.testing.assert_allclose(norm["head"], [[z, 0.0, z], [0.0, 0.0, 0.0]], rtol=1e-6)  # per layer
@@ -140,8 +145,9 @@ def run_das(mesh, past, steps=2):
 def test_masked_das_step_on_8_devices_matches_one_device_per_batch_shard():
     """DAS's contrast is in-batch and dropout is drawn per batch shard (make_train_step): the reference splits
     the batch as (2, 2, 2) does, 4 ways, with the masks and parameters whole on each device."""
-    past = {k: np.random.default_rng(1).uniform(0, 0.9, v.shape).astype(np.float32)
-            for k, v in zero_importance(CFG).items()}
+    past = {
+        k: np.random.default_rng(1).uniform(0, 0.9, v.shape).astype(np.float32) for k, v in zero_importance(CFG).items()
+    }
     past["head"][0, 1] = 1.0  # head 1 of layer 0: fully protected
     ref_losses, initial, ref_params, _ = run_das(make_mesh((4, 1, 1), jax.devices()[:4]), past)
     losses, _, params, sharded = run_das(make_mesh((2, 2, 2), jax.devices()), past)
@@ -166,8 +172,9 @@ def test_info_nce_and_mean_pool_against_a_loop():
     for i in range(4):
         sims = np.array([unit(a[i]) @ unit(c) for c in list(p) + list(n)]) / 0.05
         expected.append(-(sims[i] - np.log(np.exp(sims - sims.max()).sum()) - sims.max()))
-    np.testing.assert_allclose(contrastive.info_nce(jnp.asarray(a), jnp.asarray(p), jnp.asarray(n), 0.05),
-                               np.mean(expected), rtol=1e-5)
+    np.testing.assert_allclose(
+        contrastive.info_nce(jnp.asarray(a), jnp.asarray(p), jnp.asarray(n), 0.05), np.mean(expected), rtol=1e-5
+    )
 
     hidden = rng.normal(size=(2, 3, 4)).astype(np.float32)
     mask = np.array([[1, 1, 0], [1, 1, 1]])
@@ -179,8 +186,13 @@ def test_info_nce_and_mean_pool_against_a_loop():
 def test_forgetting_rate_and_table():
     curve: dict[str, list[float | None]] = {"a": [0.8, 0.7, 0.6], "b": [None, 0.9, 0.95], "c": [None, None, 0.5]}
     assert forgetting(curve) == pytest.approx(((0.8 - 0.6) + (0.9 - 0.95)) / 2)
-    records = [{"method": "ncl", "stage": s, "task": t, "seed": seed, "score": v + 0.01 * seed}
-               for t, c in curve.items() for s, v in enumerate(c) if v is not None for seed in (0, 2)]
+    records = [
+        {"method": "ncl", "stage": s, "task": t, "seed": seed, "score": v + 0.01 * seed}
+        for t, c in curve.items()
+        for s, v in enumerate(c)
+        if v is not None
+        for seed in (0, 2)
+    ]
     table = ContinualTable.from_records(records, ["ncl"], ["x", "y", "z"], list(curve))
     assert table.scores["ncl"]["a"] == pytest.approx([0.81, 0.71, 0.61])
     assert table.average("ncl", 2) == pytest.approx((0.61 + 0.96 + 0.51) / 3)

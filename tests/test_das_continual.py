@@ -48,11 +48,21 @@ def test_cli_writes_the_continual_table(recipe):
     """The whole recipe through the CLI on the module's workdir (its DAPT stages are reused by fingerprint),
     without `das`: its tasks are scored as `ncl`'s are (the stages above are DAS's own test)."""
     cfg = recipe.cfg
-    overrides = {"workdir": cfg.workdir, "synthetic.directory": cfg.synthetic.directory, "finetune.train.epochs": 1,
-                 "dapt.train.steps": 60, "methods": '["ncl","one","base"]'}
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", "continual", "--config", "configs/continual.py:tiny"]
-                         + [f"--config.{k}={v}" for k, v in overrides.items()],
-                         cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=1500)
+    overrides = {
+        "workdir": cfg.workdir,
+        "synthetic.directory": cfg.synthetic.directory,
+        "finetune.train.epochs": 1,
+        "dapt.train.steps": 60,
+        "methods": '["ncl","one","base"]',
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "dontstop_jax", "continual", "--config", "configs/continual.py:tiny"]
+        + [f"--config.{k}={v}" for k, v in overrides.items()],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((Path(cfg.workdir) / "continual.json").read_text())
     tasks, stages = result["tasks"], result["stages"]
@@ -65,8 +75,9 @@ def test_cli_writes_the_continual_table(recipe):
         assert result["bwt"][method] == pytest.approx(backward_transfer(per_task))
         assert result["average"][method][-1] == pytest.approx(np.mean([c[-1] for c in per_task.values()]))
     scores = result["scores"]
-    assert all(len(set(c[i] for i in range(stages.index(t.split("_")[0]), 3))) == 1
-               for t, c in scores["base"].items())  # the base model does not change between stages
+    assert all(
+        len(set(c[i] for i in range(stages.index(t.split("_")[0]), 3))) == 1 for t, c in scores["base"].items()
+    )  # the base model does not change between stages
     assert scores["one"]["bio_topic"][0] == scores["ncl"]["bio_topic"][0]  # the same first-stage model
     assert result["forgetting"]["one"] == 0.0  # each domain keeps its own model
     # Forward transfer: a task's domain's stage starts from the base for `one` and `base` (the same fine-tunes).

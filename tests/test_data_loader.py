@@ -112,8 +112,10 @@ def test_counter_based_bits_are_uniform_and_unrelated_across_keys_streams_and_po
     # Neighbouring keys, streams and positions: correlations within a few standard errors of 0.
     for a, b in [(flat[1:], flat[:-1]), (u[:, 1] - 0.5, u[:, 0] - 0.5), (flat[:, 1:], flat[:, :-1])]:
         assert abs((a * b).mean() / (a.std() * b.std())) < 5 / np.sqrt(a.size)
-    np.testing.assert_array_equal(random_bits(keys[:3], 2, np.array([9, 9, 4])),
-                                  [random_bits(keys[i : i + 1], 2, p)[0] for i, p in enumerate([9, 9, 4])])
+    np.testing.assert_array_equal(
+        random_bits(keys[:3], 2, np.array([9, 9, 4])),
+        [random_bits(keys[i : i + 1], 2, p)[0] for i, p in enumerate([9, 9, 4])],
+    )
 
 
 def test_whole_word_masking_masks_whole_words():

@@ -107,21 +107,30 @@ def _truncate(path, by=3):
     os.truncate(path, os.path.getsize(path) - by)
 
 
-@pytest.mark.parametrize(("damage", "problem"), [
-    # what older versions left when interrupted
-    (lambda d: [(d / "manifest.json").unlink(), (d / "shard-00003.npy.tmp").write_bytes(b"half")], "no manifest.json"),
-    (lambda d: (d / "manifest.json").write_text('{"shards": [tru'), "unreadable manifest.json"),
-    (lambda d: (d / "shard-00001.npy").unlink(), "shard-00001.npy is missing"),
-    (lambda d: _truncate(d / "shard-00002.npy"), "shard-00002.npy is unreadable"),
-    (lambda d: _truncate(d / "shard-00002.npy", by=100), "shard-00002.npy is unreadable"),  # inside the header
-    (lambda d: (d / "shard-00000.npy").open("ab").write(b"\0\0"), "shard-00000.npy is 162 bytes, not 160"),
-    (lambda d: np.save(d / "shard-00000.npy", np.zeros((2, 8), np.int32)),
-     "shard-00000.npy holds (2, 8) int32, not (2, 8) uint16"),
-])
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        # what older versions left when interrupted
+        (
+            lambda d: [(d / "manifest.json").unlink(), (d / "shard-00003.npy.tmp").write_bytes(b"half")],
+            "no manifest.json",
+        ),
+        (lambda d: (d / "manifest.json").write_text('{"shards": [tru'), "unreadable manifest.json"),
+        (lambda d: (d / "shard-00001.npy").unlink(), "shard-00001.npy is missing"),
+        (lambda d: _truncate(d / "shard-00002.npy"), "shard-00002.npy is unreadable"),
+        (lambda d: _truncate(d / "shard-00002.npy", by=100), "shard-00002.npy is unreadable"),  # inside the header
+        (lambda d: (d / "shard-00000.npy").open("ab").write(b"\0\0"), "shard-00000.npy is 162 bytes, not 160"),
+        (
+            lambda d: np.save(d / "shard-00000.npy", np.zeros((2, 8), np.int32)),
+            "shard-00000.npy holds (2, 8) int32, not (2, 8) uint16",
+        ),
+    ],
+)
 def test_damaged_cache_is_rebuilt(tiny_tokenizer_dir, tmp_path, monkeypatch, caplog, damage, problem):
     source = write(tmp_path / "a.txt", "\n".join(DOCS))
-    directory = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8,
-                               shard_blocks=2).directory
+    directory = prepare_corpus(
+        [source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8, shard_blocks=2
+    ).directory
     want = expected_blocks(tiny_tokenizer_dir, DOCS, 8)
     damage(directory)
     with pytest.raises(UserError, match=rf"{directory} is not a prepared corpus \({re.escape(problem)}"):
@@ -132,6 +141,7 @@ def test_damaged_cache_is_rebuilt(tiny_tokenizer_dir, tmp_path, monkeypatch, cap
     def counted(*a):
         calls.append(1)
         return stream(*a)
+
     monkeypatch.setattr(prepare_module, "_encode_share", counted)
     with caplog.at_level(logging.WARNING, logger=prepare_module.__name__):
         redone = prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8, shard_blocks=2)
@@ -155,8 +165,10 @@ def test_unwritable_cache_is_one_error_line(tiny_tokenizer_dir, tmp_path, monkey
     monkeypatch.setattr(os, "rename", read_only)
     with pytest.raises(UserError) as info:
         prepare_corpus([source], tiny_tokenizer_dir, tmp_path / "out", max_seq_length=8)
-    assert str(info.value) == (f"prepared corpus at {directory} is damaged (shard-00000.npy is missing) and cannot be "
-                               "removed (Permission denied); delete it, or make its cache directory writable")
+    assert str(info.value) == (
+        f"prepared corpus at {directory} is damaged (shard-00000.npy is missing) and cannot be "
+        "removed (Permission denied); delete it, or make its cache directory writable"
+    )
 
 
 def test_crashed_build_leaves_nothing_reused(tiny_tokenizer_dir, tmp_path, monkeypatch):
@@ -189,6 +201,7 @@ def test_crashed_build_leaves_nothing_reused(tiny_tokenizer_dir, tmp_path, monke
     def counted(*a):
         calls.append(1)
         return stream(*a)
+
     monkeypatch.setattr(prepare_module, "_encode_share", counted)
     corpus = prepare_corpus([source], tiny_tokenizer_dir, out, max_seq_length=8, shard_blocks=2)
     assert calls and corpus.directory == out / name
@@ -227,10 +240,26 @@ def test_concurrent_prepares_publish_once(tiny_tokenizer_dir, tmp_path):
     source = write(tmp_path / "a.txt", "\n".join(docs))
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_PREPARE, source, tiny_tokenizer_dir,
-                               str(tmp_path / "out"), str(tmp_path / f"ready-{i}"), str(tmp_path / f"ready-{1 - i}")],
-                              cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CONCURRENT_PREPARE,
+                source,
+                tiny_tokenizer_dir,
+                str(tmp_path / "out"),
+                str(tmp_path / f"ready-{i}"),
+                str(tmp_path / f"ready-{1 - i}"),
+            ],
+            cwd=repo,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
     results = [json.loads(out) for out, _ in outputs]
@@ -351,9 +380,11 @@ def test_piece_cache_refuses_tokenizers_it_cannot_reproduce(tiny_tokenizer_dir):
 
     from dontstop_jax.data import piece_cache
 
-    for change in (lambda b: setattr(b, "normalizer", normalizers.Lowercase()),
-                   lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.ByteLevel(add_prefix_space=True)),
-                   lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.Whitespace())):
+    for change in (
+        lambda b: setattr(b, "normalizer", normalizers.Lowercase()),
+        lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.ByteLevel(add_prefix_space=True)),
+        lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.Whitespace()),
+    ):
         tok = load_tokenizer(tiny_tokenizer_dir)
         change(tok.backend_tokenizer)
         assert not piece_cache.applicable(tok.backend_tokenizer)
@@ -372,10 +403,14 @@ def test_worker_processes_give_the_same_blocks(tiny_tokenizer_dir, tmp_path, mon
     lines = [f"{d} number {i}" for i in range(2500) for d in DOCS[:2]] + [t.replace("\n", " ") for t in HARD_TEXTS]
     text = "\r\n".join(lines) + "\n\n   \n" + "\n".join(reversed(lines))
     records = "".join(json.dumps({"text": t}) + "\n" + ("\n" if i % 7 else "") for i, t in enumerate(lines[::3]))
-    sources = [write(tmp_path / "a.txt", text), write(tmp_path / "b.jsonl", '{"text": "between files"}\n'),
-               write(tmp_path / "c.txt", "last file, no final newline"),
-               write(tmp_path / "d.jsonl.gz", gzip.compress(records.encode())), write(tmp_path / "e.jsonl", records),
-               {"path": write(tmp_path / "f.txt", "para one\nstill one\n\npara two\n"), "format": "paragraphs"}]
+    sources = [
+        write(tmp_path / "a.txt", text),
+        write(tmp_path / "b.jsonl", '{"text": "between files"}\n'),
+        write(tmp_path / "c.txt", "last file, no final newline"),
+        write(tmp_path / "d.jsonl.gz", gzip.compress(records.encode())),
+        write(tmp_path / "e.jsonl", records),
+        {"path": write(tmp_path / "f.txt", "para one\nstill one\n\npara two\n"), "format": "paragraphs"},
+    ]
     pools = []
 
     class CountedPool(encode_pool.EncodePool):
@@ -421,7 +456,7 @@ def test_processes_split_compressed_files_by_file_and_by_stored_position(tmp_pat
         read.clear()
         units: collections.defaultdict[tuple, bytes] = collections.defaultdict(bytes)
         for key, (request, raw) in prepare_module._my_requests(sources, process, processes):
-            units[key] += raw or Path(request["path"]).read_bytes()[request["start"]:request["end"]]
+            units[key] += raw or Path(request["path"]).read_bytes()[request["start"] : request["end"]]
         return units, dict(read)
 
     one, whole = requests(0, 1)
@@ -443,14 +478,17 @@ def test_line_ranges_cover_the_file_at_line_starts(tmp_path):
     data = open(path, "rb").read()
     ranges = line_ranges(path, target=100)
     assert ranges[0][0] == 0 and ranges[-1][1] == len(data) and len(ranges) > 50
-    assert all(a[1] == b[0] and data[a[1] - 1: a[1]] == b"\n" for a, b in zip(ranges, ranges[1:]))
+    assert all(a[1] == b[0] and data[a[1] - 1 : a[1]] == b"\n" for a, b in zip(ranges, ranges[1:]))
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (b"good line\nbad \xff line\n", r"a\.txt: invalid UTF-8 at byte offset 14 \(line 2\)"),
-    (b"", r"a\.txt is empty"),
-    (b"\n  \n\n", "has no documents"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"good line\nbad \xff line\n", r"a\.txt: invalid UTF-8 at byte offset 14 \(line 2\)"),
+        (b"", r"a\.txt is empty"),
+        (b"\n  \n\n", "has no documents"),
+    ],
+)
 def test_worker_processes_report_bad_files_like_the_reader(tiny_tokenizer_dir, tmp_path, content, message):
     source = write(tmp_path / "a.txt", content)
     with pytest.raises(UserError, match=message):
@@ -489,6 +527,7 @@ def test_two_processes_prepare_the_same_shards_as_one(tiny_tokenizer_dir, tmp_pa
     import hashlib
 
     from local_processes import run_local_processes
+
     lines = [f"{d} line {i}" for i in range(300) for d in DOCS[:3]]
     records = "".join(json.dumps({"text": t}) + "\n" for t in reversed(lines)).encode()
     sources = [write(tmp_path / "a.txt", "\n".join(lines)), write(tmp_path / "b.jsonl.gz", gzip.compress(records))]
@@ -497,8 +536,9 @@ def test_two_processes_prepare_the_same_shards_as_one(tiny_tokenizer_dir, tmp_pa
     one = prepare_corpus(sources, tiny_tokenizer_dir, tmp_path / "one", max_seq_length=16, shard_blocks=7, workers=1)
     want = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(one.directory.iterdir())}
     assert len(want) > 10  # manifest + many shards
-    outputs = run_local_processes(_HOSTS_PREPARE, json.dumps(sources), tiny_tokenizer_dir, str(tmp_path / "two"),
-                                  timeout=240)
+    outputs = run_local_processes(
+        _HOSTS_PREPARE, json.dumps(sources), tiny_tokenizer_dir, str(tmp_path / "two"), timeout=240
+    )
     results = [json.loads(out.splitlines()[-1]) for out in outputs]
     assert results[0] == results[1]
     assert Path(results[0]["directory"]).name == one.directory.name and results[0]["files"] == want

@@ -32,11 +32,14 @@ def test_explicit_environment():
     assert joined.kwargs == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
 
 
-@pytest.mark.parametrize("env, needle", [
-    ({"DONTSTOP_COORDINATOR": "h:1"}, "DONTSTOP_NUM_PROCESSES, DONTSTOP_PROCESS_ID"),
-    ({**EXPLICIT, "DONTSTOP_PROCESS_ID": "4"}, "must be in [0, DONTSTOP_NUM_PROCESSES=4)"),
-    ({**EXPLICIT, "DONTSTOP_NUM_PROCESSES": "two"}, "DONTSTOP_NUM_PROCESSES='two' is not an integer"),
-])
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"DONTSTOP_COORDINATOR": "h:1"}, "DONTSTOP_NUM_PROCESSES, DONTSTOP_PROCESS_ID"),
+        ({**EXPLICIT, "DONTSTOP_PROCESS_ID": "4"}, "must be in [0, DONTSTOP_NUM_PROCESSES=4)"),
+        ({**EXPLICIT, "DONTSTOP_NUM_PROCESSES": "two"}, "DONTSTOP_NUM_PROCESSES='two' is not an integer"),
+    ],
+)
 def test_explicit_environment_errors(env, needle):
     with pytest.raises(UserError, match=None) as err:
         plan(env)
@@ -52,8 +55,9 @@ def test_slurm_one_task_per_node_keeps_every_gpu():
     assert per_gpu.kwargs == {"local_device_ids": None}  # jax's own one-GPU-per-task choice
 
 
-@pytest.mark.parametrize("env", [{"TPU_WORKER_HOSTNAMES": "t-0,t-1"}, {"MEGASCALE_COORDINATOR_ADDRESS": "a:1"},
-                                 {"DONTSTOP_TPU": "1"}])
+@pytest.mark.parametrize(
+    "env", [{"TPU_WORKER_HOSTNAMES": "t-0,t-1"}, {"MEGASCALE_COORDINATOR_ADDRESS": "a:1"}, {"DONTSTOP_TPU": "1"}]
+)
 def test_tpu_pods_let_jax_discover_workers(env):
     assert _joins(env).source == "tpu" and _joins(env).kwargs == {}
 
@@ -62,8 +66,10 @@ def _fake_devices(processes: int, per_process: int) -> list[SimpleNamespace]:
     return [SimpleNamespace(process_index=i // per_process, id=i) for i in range(processes * per_process)]
 
 
-@pytest.mark.parametrize("shape, ok", [((4, 1, 1), True), ((2, 2, 1), True), ((1, 4, 1), True),
-                                       ((2, 1, 2), True), ((1, 2, 2), True), ((1, 1, 4), False)])
+@pytest.mark.parametrize(
+    "shape, ok",
+    [((4, 1, 1), True), ((2, 2, 1), True), ((1, 4, 1), True), ((2, 1, 2), True), ((1, 2, 2), True), ((1, 1, 4), False)],
+)
 def test_process_major_layout_gives_each_host_its_loader_rows(shape, ok):
     devices = _fake_devices(2, 2)[::-1]  # any input order
     grid = process_major(devices, shape)
@@ -113,6 +119,7 @@ print(jax.process_index(), result, target.read_text())
 def test_on_first_process_writes_once_and_others_wait(tmp_path):
     """Two real processes: only process 0 runs the write, and process 1 reads the file only after it exists."""
     from local_processes import run_local_processes
+
     outputs = run_local_processes(_FIRST_PROCESS_WRITES, str(tmp_path / "written.txt"), timeout=120)
     assert outputs[0].splitlines()[-1] == "0 written 0"
     assert outputs[1].splitlines()[-1] == "1 None 0"  # did not write, yet saw process 0's file
@@ -158,8 +165,12 @@ def test_decisions_are_made_on_process_0_and_handed_over_with_their_errors(tmp_p
     from local_processes import run_local_processes
 
     from dontstop_jax import distributed
+
     outputs = run_local_processes(_DECIDE, timeout=120)
     first, second = (json.loads(out.splitlines()[-1]) for out in outputs)
-    assert first == [[distributed.JOIN_MINUTES, distributed.JOIN_MINUTES + 1], "refused by process 0",
-                     {"chosen_by": 0, "step": 7}]
+    assert first == [
+        [distributed.JOIN_MINUTES, distributed.JOIN_MINUTES + 1],
+        "refused by process 0",
+        {"chosen_by": 0, "step": 7},
+    ]
     assert second == first + ["waited 2 s for process 0 to never"]

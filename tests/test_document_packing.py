@@ -24,8 +24,9 @@ def test_document_segments_number_the_documents_of_a_row_and_zero_the_padding():
 
 def test_positions_restart_per_segment_and_a_plain_mask_numbers_like_hugging_face():
     ids = np.array([[BOS, 7, 8, EOS, 9, EOS, PAD]])
-    np.testing.assert_array_equal(position_ids(jnp.asarray(ids), PAD, jnp.asarray(document_segments(ids, EOS, PAD))),
-                                  [[2, 3, 4, 5, 2, 3, 1]])
+    np.testing.assert_array_equal(
+        position_ids(jnp.asarray(ids), PAD, jnp.asarray(document_segments(ids, EOS, PAD))), [[2, 3, 4, 5, 2, 3, 1]]
+    )
     plain = jnp.asarray((ids != PAD).astype(np.int32))
     np.testing.assert_array_equal(position_ids(jnp.asarray(ids), PAD, plain), position_ids(jnp.asarray(ids), PAD))
     np.testing.assert_array_equal(position_ids(jnp.asarray(ids), PAD), [[2, 3, 4, 5, 6, 7, 1]])
@@ -56,8 +57,8 @@ def test_loader_gives_segment_masks_only_when_documents_are_kept_apart(tmp_path)
     ids = special_ids(load_tokenizer(tok))
 
     def batch(apart):
-        return MLMLoader(prepared, 4, 0, ids, vocab_size=300, attend_across_documents=not apart,
-                         prefetch=0).batch(0, 0)
+        return MLMLoader(prepared, 4, 0, ids, vocab_size=300, attend_across_documents=not apart, prefetch=0).batch(0, 0)
+
     joined, apart = batch(False), batch(True)
     np.testing.assert_array_equal(joined["input_ids"], apart["input_ids"])  # same tokens and masks drawn
     assert set(np.unique(joined["attention_mask"])) <= {0, 1}

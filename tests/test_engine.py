@@ -29,8 +29,9 @@ from dontstop_jax.engine.sharding import check_batch_size, resolve_mesh_shape
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForMaskedLM, RobertaForSequenceClassification, init_params, tiny_config
 
-CFG = tiny_config(vocab_size=128, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=34)
+CFG = tiny_config(
+    vocab_size=128, hidden_size=32, num_attention_heads=4, intermediate_size=64, max_position_embeddings=34
+)
 SEQ, SLOTS = 16, 4
 
 
@@ -45,8 +46,13 @@ def mlm_batch(seed, batch=8):
     targets = np.take_along_axis(ids, positions, 1)
     masked = ids.copy()
     np.put_along_axis(masked, positions, 4, 1)
-    return {"input_ids": masked, "attention_mask": (ids != 1).astype(np.int32), "mlm_positions": positions,
-            "mlm_ids": targets, "mlm_weights": weights}
+    return {
+        "input_ids": masked,
+        "attention_mask": (ids != 1).astype(np.int32),
+        "mlm_positions": positions,
+        "mlm_ids": targets,
+        "mlm_weights": weights,
+    }
 
 
 def run_mlm(mesh_shape, devices, steps=3, accum=1, cfg=CFG, seed=0):
@@ -54,9 +60,12 @@ def run_mlm(mesh_shape, devices, steps=3, accum=1, cfg=CFG, seed=0):
     model = RobertaForMaskedLM(cfg)
     tx, schedule = make_optimizer(default_optim_config(), total_steps=10)
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=seed)
-    step = compile_train_step(make_train_step(StepSpec(mlm_loss_sums(model), tx, accum_steps=accum,
-                                                       schedule=schedule)),
-                              shardings, mesh, DEFAULT_RULES)
+    step = compile_train_step(
+        make_train_step(StepSpec(mlm_loss_sums(model), tx, accum_steps=accum, schedule=schedule)),
+        shardings,
+        mesh,
+        DEFAULT_RULES,
+    )
     losses = []
     for i in range(steps):
         state, metrics = step(state, to_global(mlm_batch(i), mesh))
@@ -119,12 +128,16 @@ def test_classification_step_learns_and_evaluates():
     ids = rng.integers(5, CFG.vocab_size, (16, SEQ)).astype(np.int32)
     labels = (rng.random(16) < 0.5).astype(np.int32)
     ids[:, 1] = np.where(labels == 1, 7, 8)  # the label is written in token 1
-    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels,
-             "example_weights": np.ones(16, np.float32)}
-    step = compile_train_step(make_train_step(StepSpec(classification_loss_sums(model), tx)), shardings, mesh,
-                              DEFAULT_RULES)
-    evaluate = compile_eval_step(make_eval_step(classification_loss_sums(model)), shardings.params, mesh,
-                                 DEFAULT_RULES)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "labels": labels,
+        "example_weights": np.ones(16, np.float32),
+    }
+    step = compile_train_step(
+        make_train_step(StepSpec(classification_loss_sums(model), tx)), shardings, mesh, DEFAULT_RULES
+    )
+    evaluate = compile_eval_step(make_eval_step(classification_loss_sums(model)), shardings.params, mesh, DEFAULT_RULES)
     before = evaluate(state.params, to_global(batch, mesh))
     for _ in range(40):
         state, _ = step(state, to_global(batch, mesh))
@@ -140,22 +153,28 @@ def test_pretrained_params_replace_random_ones_and_new_head_is_fresh():
     src, _ = create_train_state(mlm, tx, mesh, DEFAULT_RULES, seed=1)
     cls = RobertaForSequenceClassification(CFG, num_labels=3)
     dst, _ = create_train_state(cls, tx, mesh, DEFAULT_RULES, seed=2, pretrained=jax.device_get(src.params))
-    np.testing.assert_array_equal(dst.params["roberta"]["layers"]["query"]["kernel"],
-                                  src.params["roberta"]["layers"]["query"]["kernel"])
+    np.testing.assert_array_equal(
+        dst.params["roberta"]["layers"]["query"]["kernel"], src.params["roberta"]["layers"]["query"]["kernel"]
+    )
     assert dst.params["classifier"]["out_proj"]["kernel"].shape == (CFG.hidden_size, 3)
 
 
 def test_weight_decay_skips_biases_and_layer_norms():
-    mask = weight_decay_mask({"dense": {"kernel": 1, "bias": 1}, "LayerNorm": {"scale": 1, "bias": 1},
-                              "word_embeddings": {"embedding": 1}})
-    assert mask == {"dense": {"kernel": True, "bias": False}, "LayerNorm": {"scale": False, "bias": False},
-                    "word_embeddings": {"embedding": True}}
+    mask = weight_decay_mask(
+        {"dense": {"kernel": 1, "bias": 1}, "LayerNorm": {"scale": 1, "bias": 1}, "word_embeddings": {"embedding": 1}}
+    )
+    assert mask == {
+        "dense": {"kernel": True, "bias": False},
+        "LayerNorm": {"scale": False, "bias": False},
+        "word_embeddings": {"embedding": True},
+    }
 
 
 def test_frozen_parameters_get_no_optimizer_state_and_do_not_move():
     params = {"a": {"kernel": np.ones((3, 3), np.float32)}, "b": {"kernel": np.ones((3, 3), np.float32)}}
-    tx, _ = make_optimizer(default_optim_config(), 10, trainable=lambda p: {"a": {"kernel": True},
-                                                                            "b": {"kernel": False}})
+    tx, _ = make_optimizer(
+        default_optim_config(), 10, trainable=lambda p: {"a": {"kernel": True}, "b": {"kernel": False}}
+    )
     opt_state = tx.init(params)
     sizes = sum(x.size for x in jax.tree_util.tree_leaves(opt_state) if hasattr(x, "size"))
     assert sizes < 2 * 9 + 5  # Adam moments for `a` only (plus counters)
@@ -201,6 +220,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_close_loss():
 
 def test_chain_hooks_applies_each_source_in_turn():
     from dontstop_jax.engine import chain_hooks
+
     double, add_one, halve = (lambda t: t * 2), (lambda t: t + 1), (lambda t: t / 2)
     hooks = chain_hooks({"grad_transform": double}, {}, {"grad_transform": add_one, "update_transform": halve})
     assert hooks["grad_transform"](3.0) == 7.0  # add_one(double(3))
@@ -218,7 +238,8 @@ def test_vocabulary_padding_changes_neither_loss_nor_gradients():
     word = padded["roberta"]["embeddings"]["word_embeddings"]["embedding"]
     assert word.shape == (128, 32) and not np.asarray(word[100:]).any()  # padding rows start at zero
     cut = lambda t: jax.tree_util.tree_map_with_path(
-        lambda p, x: x[:100] if p[-1].key in ("embedding", "bias") and x.shape[:1] == (128,) else x, t)
+        lambda p, x: x[:100] if p[-1].key in ("embedding", "bias") and x.shape[:1] == (128,) else x, t
+    )
     batch = mlm_batch(0)
     batch["mlm_ids"] = np.minimum(batch["mlm_ids"], 99)
     batch["input_ids"] = np.minimum(batch["input_ids"], 99)

@@ -16,8 +16,10 @@ from gcs_emulator import gcs_emulator, upload_tree
 from tiny_hf import WORDS, save_tiny_roberta, write_biomed_data
 
 # Not imported here: gcsfs reads its settings from the environment the emulator fixture sets.
-pytestmark = pytest.mark.skipif(not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec(
-    "gcp_storage_emulator")), reason="needs gcsfs and gcp-storage-emulator (the test extra)")
+pytestmark = pytest.mark.skipif(
+    not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec("gcp_storage_emulator")),
+    reason="needs gcsfs and gcp-storage-emulator (the test extra)",
+)
 ROOT = Path(__file__).parents[1]
 SMALL = ["--config.train.batch_size=16", "--config.data.max_seq_length=64"]
 STEPS = 100  # of the two-host run
@@ -30,8 +32,14 @@ def bucket(tmp_path_factory):
 
 
 def _cli(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *args],
-                         cwd=cwd, capture_output=True, text=True, timeout=900, env={**os.environ, **env})
+    out = subprocess.run(
+        [sys.executable, "-m", "dontstop_jax", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **env},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -51,6 +59,7 @@ def test_dapt_tapt_finetune_export_with_every_path_in_the_bucket(bucket, tmp_pat
     from export_check import assert_transformers_logits_match
 
     from dontstop_jax import files
+
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     _local_inputs(inputs, tiny_tokenizer_dir)
@@ -60,15 +69,46 @@ def test_dapt_tapt_finetune_export_with_every_path_in_the_bucket(bucket, tmp_pat
     env = {**bucket, files.CACHE_ENV: str(tmp_path / "host-cache")}
     cfg, gs = str(ROOT / "configs"), "gs://bkt"
     cache = f"--config.data.cache_dir={gs}/cache"
-    _cli("pretrain", "--config", f"{cfg}/dapt.py:biomed", f"--config.init={gs}/in/roberta-tiny",
-         f"--config.data.sources=['{gs}/in/corpus/*.jsonl.gz']", f"--config.workdir={gs}/runs/dapt",
-         "--config.train.steps=12", "--config.train.accum_steps=2", "--config.checkpoint.every=6", cache, *SMALL, cwd=work, env=env)
-    _cli("pretrain", "--config", f"{cfg}/tapt.py:chemprot", f"--config.init={gs}/runs/dapt",
-         f"--config.data.sources=['{gs}/in/task/train.jsonl']", f"--config.workdir={gs}/runs/tapt",
-         "--config.train.epochs=2", cache, *SMALL, cwd=work, env=env)
-    _cli("finetune", "--config", f"{cfg}/finetune.py:chemprot", f"--config.init={gs}/runs/tapt",
-         f"--config.task.path={gs}/in/task", f"--config.workdir={gs}/runs/ft", "--config.train.epochs=2",
-         *SMALL, cwd=work, env=env)
+    _cli(
+        "pretrain",
+        "--config",
+        f"{cfg}/dapt.py:biomed",
+        f"--config.init={gs}/in/roberta-tiny",
+        f"--config.data.sources=['{gs}/in/corpus/*.jsonl.gz']",
+        f"--config.workdir={gs}/runs/dapt",
+        "--config.train.steps=12",
+        "--config.train.accum_steps=2",
+        "--config.checkpoint.every=6",
+        cache,
+        *SMALL,
+        cwd=work,
+        env=env,
+    )
+    _cli(
+        "pretrain",
+        "--config",
+        f"{cfg}/tapt.py:chemprot",
+        f"--config.init={gs}/runs/dapt",
+        f"--config.data.sources=['{gs}/in/task/train.jsonl']",
+        f"--config.workdir={gs}/runs/tapt",
+        "--config.train.epochs=2",
+        cache,
+        *SMALL,
+        cwd=work,
+        env=env,
+    )
+    _cli(
+        "finetune",
+        "--config",
+        f"{cfg}/finetune.py:chemprot",
+        f"--config.init={gs}/runs/tapt",
+        f"--config.task.path={gs}/in/task",
+        f"--config.workdir={gs}/runs/ft",
+        "--config.train.epochs=2",
+        *SMALL,
+        cwd=work,
+        env=env,
+    )
     _cli("export", "--from", f"{gs}/runs/ft", "--to", f"{gs}/exported", cwd=work, env=env)
 
     bkt = files.path(gs)
@@ -94,14 +134,25 @@ def _host_env(scratch: Path, bucket: dict) -> dict:
     for name in ("home", "tmp", "cache"):
         (scratch / name).mkdir(parents=True, exist_ok=True)
     from dontstop_jax.files import CACHE_ENV
-    return {**os.environ, **bucket, "HOME": str(scratch / "home"), "TMPDIR": str(scratch / "tmp"),
-            CACHE_ENV: str(scratch / "cache"), "DONTSTOP_COMPILATION_CACHE": str(scratch / "cache" / "xla"),
-            "XLA_FLAGS": "", "DONTSTOP_LOCAL_DEVICES": "1"}
+
+    return {
+        **os.environ,
+        **bucket,
+        "HOME": str(scratch / "home"),
+        "TMPDIR": str(scratch / "tmp"),
+        CACHE_ENV: str(scratch / "cache"),
+        "DONTSTOP_COMPILATION_CACHE": str(scratch / "cache" / "xla"),
+        "XLA_FLAGS": "",
+        "DONTSTOP_LOCAL_DEVICES": "1",
+    }
 
 
 def _files_outside_cache(scratch: Path) -> list[str]:
-    return sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*")
-                  if p.is_file() and p.relative_to(scratch).parts[0] != "cache")
+    return sorted(
+        str(p.relative_to(scratch))
+        for p in scratch.rglob("*")
+        if p.is_file() and p.relative_to(scratch).parts[0] != "cache"
+    )
 
 
 @pytest.mark.slow
@@ -119,23 +170,41 @@ def test_two_hosts_share_only_the_bucket(bucket, tmp_path, tiny_tokenizer_dir):
 
     from dontstop_jax import files
     from dontstop_jax.engine.checkpoint import Checkpointer
+
     upload_tree(tiny_pretrain.write_corpus(tmp_path), "gs://bkt/two/corpus.txt")
     upload_tree(Path(tiny_tokenizer_dir), "gs://bkt/two/tokenizer")
 
     def command(workdir: str, scratch: Path) -> list[str]:
-        argv = tiny_pretrain.command(workdir, "gs://bkt/two/corpus.txt", "gs://bkt/two/tokenizer", scratch / "cache",
-                                     STEPS, {"data.cache_dir": "gs://bkt/two/prepared", "checkpoint.every": 10})
+        argv = tiny_pretrain.command(
+            workdir,
+            "gs://bkt/two/corpus.txt",
+            "gs://bkt/two/tokenizer",
+            scratch / "cache",
+            STEPS,
+            {"data.cache_dir": "gs://bkt/two/prepared", "checkpoint.every": 10},
+        )
         return [str(ROOT / a) if a.startswith("configs/") else a for a in argv]  # run from the host's home
 
     hosts = [tmp_path / f"host{i}" for i in range(2)]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen(command("gs://bkt/two/run", host), cwd=host / "home", stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True,
-                              env={**_host_env(host, bucket), "DONTSTOP_COORDINATOR": f"127.0.0.1:{port}",
-                                   "DONTSTOP_NUM_PROCESSES": "2", "DONTSTOP_PROCESS_ID": str(i)})
-             for i, host in enumerate(hosts)]
+    procs = [
+        subprocess.Popen(
+            command("gs://bkt/two/run", host),
+            cwd=host / "home",
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **_host_env(host, bucket),
+                "DONTSTOP_COORDINATOR": f"127.0.0.1:{port}",
+                "DONTSTOP_NUM_PROCESSES": "2",
+                "DONTSTOP_PROCESS_ID": str(i),
+            },
+        )
+        for i, host in enumerate(hosts)
+    ]
     checkpoints = files.path("gs://bkt/two/run/checkpoints")
     deadline = time.monotonic() + 600
     while not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())):
@@ -154,8 +223,14 @@ def test_two_hosts_share_only_the_bucket(bucket, tmp_path, tiny_tokenizer_dir):
 
     def one_host(*args: str, host: Path) -> None:
         # one process holding both hosts' devices: the same batch split, so the same dropout (engine/steps.py)
-        out = subprocess.run(list(args), cwd=host / "home", capture_output=True, text=True, timeout=600,
-                             env={**_host_env(host, bucket), "DONTSTOP_LOCAL_DEVICES": "2"})
+        out = subprocess.run(
+            list(args),
+            cwd=host / "home",
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**_host_env(host, bucket), "DONTSTOP_LOCAL_DEVICES": "2"},
+        )
         assert out.returncode == 0, out.stderr[-3000:]
 
     one_host(*command("gs://bkt/two/run", hosts[0]), host=hosts[0])  # resumed on one process
@@ -164,10 +239,18 @@ def test_two_hosts_share_only_the_bucket(bucket, tmp_path, tiny_tokenizer_dir):
     one_host(*command("gs://bkt/two/reference", reference), host=reference)
     resumed = Checkpointer("gs://bkt/two/run/checkpoints", read_only=True).restore_params()
     uninterrupted = Checkpointer("gs://bkt/two/reference/checkpoints", read_only=True).restore_params()
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), resumed,
-                           uninterrupted)
-    one_host(sys.executable, "-m", "dontstop_jax", "export", "--from", "gs://bkt/two/run", "--to",
-             "gs://bkt/two/exported", host=hosts[1])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), resumed, uninterrupted)
+    one_host(
+        sys.executable,
+        "-m",
+        "dontstop_jax",
+        "export",
+        "--from",
+        "gs://bkt/two/run",
+        "--to",
+        "gs://bkt/two/exported",
+        host=hosts[1],
+    )
     assert files.path("gs://bkt/two/exported/config.json").exists()
     assert files.path("gs://bkt/two/exported/model.safetensors").exists()
     for host in hosts:
@@ -190,7 +273,9 @@ def test_small_contracts_in_the_bucket(bucket, tmp_path):
             for name in names:
                 (tmp / name).write_text(f"{name}{version}")
     assert {k: v.read_text() for k, v in files.walk("gs://bkt/small/dir").items()} == {
-        "b": "b2", "config.json": "config.json2"}
+        "b": "b2",
+        "config.json": "config.json2",
+    }
 
     files.write_text("gs://bkt/small/file.txt", "one")
     first = files.localize("gs://bkt/small/file.txt")
@@ -211,6 +296,7 @@ def test_small_contracts_in_the_bucket(bucket, tmp_path):
     assert not lock.exists()
 
     from dontstop_jax.train import MetricsWriter
+
     with MetricsWriter("gs://bkt/small/run", sync_every_s=0) as writer:  # every write queues an upload
         for step in (1, 2, 3):
             writer.write(step, {"loss": 1.0 / step})
@@ -218,9 +304,18 @@ def test_small_contracts_in_the_bucket(bucket, tmp_path):
     assert [json.loads(line)["step"] for line in uploaded] == [1, 2, 3]  # close waited for the last upload
     assert list(files.path("gs://bkt/small/run/tensorboard").glob("events.out.tfevents.*"))
 
-    files.write_json("gs://bkt/small/model/config.json", {"model_type": "roberta", "vocab_size": 97, "hidden_size": 48,
-                                                           "num_hidden_layers": 3, "num_attention_heads": 4,
-                                                           "intermediate_size": 96, "max_position_embeddings": 66})
+    files.write_json(
+        "gs://bkt/small/model/config.json",
+        {
+            "model_type": "roberta",
+            "vocab_size": 97,
+            "hidden_size": 48,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "intermediate_size": 96,
+            "max_position_embeddings": 66,
+        },
+    )
     cfg = load("configs/tapt.py", ["--config.init=gs://bkt/small/model"])
     assert (model_config(cfg).hidden_size, model_config(cfg).num_hidden_layers) == (48, 3)
 
@@ -236,21 +331,26 @@ def test_a_corpus_prepared_in_the_bucket_is_read_in_place(bucket, tmp_path, tiny
     monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "host-cache"))
     monkeypatch.setattr(prepare, "UNIT_LINES", 50)
     docs = [f"document {i} of the bucket corpus, hello world" for i in range(400)]
-    (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps({"text": d}) + "\n"
-                                                                  for d in docs).encode()))
+    (tmp_path / "in.jsonl.gz").write_bytes(
+        gzip.compress("".join(json.dumps({"text": d}) + "\n" for d in docs).encode())
+    )
     upload_tree(tmp_path / "in.jsonl.gz", "gs://bkt/prep/in.jsonl.gz")
-    local = prepare.prepare_corpus([str(tmp_path / "in.jsonl.gz")], tiny_tokenizer_dir, tmp_path / "local",
-                                   max_seq_length=16, shard_blocks=50)
-    remote = prepare.prepare_corpus(["gs://bkt/prep/in.jsonl.gz"], tiny_tokenizer_dir, "gs://bkt/prep/cache",
-                                    max_seq_length=16, shard_blocks=50)
+    local = prepare.prepare_corpus(
+        [str(tmp_path / "in.jsonl.gz")], tiny_tokenizer_dir, tmp_path / "local", max_seq_length=16, shard_blocks=50
+    )
+    remote = prepare.prepare_corpus(
+        ["gs://bkt/prep/in.jsonl.gz"], tiny_tokenizer_dir, "gs://bkt/prep/cache", max_seq_length=16, shard_blocks=50
+    )
     assert isinstance(remote.shards, prepare.BucketShards) and remote.num_blocks == local.num_blocks > 100
     order = np.random.default_rng(0).permutation(local.num_blocks)
     np.testing.assert_array_equal(remote.blocks(order), local.blocks(order))
     assert sorted(files.walk(f"gs://bkt/prep/cache/{remote.directory.name}")) == sorted(
-        p.name for p in local.directory.iterdir())  # shards and manifest; pieces and shares are gone
+        p.name for p in local.directory.iterdir()
+    )  # shards and manifest; pieces and shares are gone
     assert not list((tmp_path / "host-cache").rglob("*.npy"))
-    again = prepare.prepare_corpus(["gs://bkt/prep/in.jsonl.gz"], tiny_tokenizer_dir, "gs://bkt/prep/cache",
-                                   max_seq_length=16, shard_blocks=50)
+    again = prepare.prepare_corpus(
+        ["gs://bkt/prep/in.jsonl.gz"], tiny_tokenizer_dir, "gs://bkt/prep/cache", max_seq_length=16, shard_blocks=50
+    )
     np.testing.assert_array_equal(again.blocks(order[:20]), local.blocks(order[:20]))
 
 
@@ -259,13 +359,15 @@ def test_select_reads_and_writes_the_bucket_like_a_local_disk(bucket, tmp_path):
     from dontstop_jax import files
     from dontstop_jax.phases.defaults import select_config
     from dontstop_jax.phases.select import select, selected_corpus
+
     rng = np.random.default_rng(0)
     topics = [WORDS[:6], ["graph", "node", "edge", "compiler", "kernel", "cache"]]
     local = tmp_path / "local"
     (local / "task").mkdir(parents=True)
     for split, n in (("train", 12), ("dev", 6), ("test", 6)):
-        (local / "task" / f"{split}.jsonl").write_text("".join(
-            json.dumps({"text": " ".join(rng.choice(topics[0], 10)), "label": i % 2}) + "\n" for i in range(n)))
+        (local / "task" / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"text": " ".join(rng.choice(topics[0], 10)), "label": i % 2}) + "\n" for i in range(n))
+        )
     (local / "corpus.txt").write_text("\n".join(" ".join(rng.choice(topics[i % 2], 20)) for i in range(120)) + "\n")
     upload_tree(local, "gs://bkt/select/in")
 
@@ -291,6 +393,7 @@ def test_a_held_lock_is_renewed_so_other_hosts_see_the_run_alive(tmp_path, monke
 
     from dontstop_jax import files
     from dontstop_jax.train import workdir as wd
+
     monkeypatch.setattr(wd, "RENEW_SECONDS", 0.05)
     lock = tmp_path / wd.LOCK
     lease = wd._Lease(files.path(lock), wd._acquire(files.path(lock)))
@@ -308,8 +411,10 @@ def test_an_unsupported_url_is_one_line(tmp_path, tiny_tokenizer_dir, capsys):
     import tiny_pretrain
 
     from dontstop_jax import cli
-    argv = tiny_pretrain.command("s3://bkt/run", tiny_pretrain.write_corpus(tmp_path), tiny_tokenizer_dir,
-                                 tmp_path / "cache", 4)
+
+    argv = tiny_pretrain.command(
+        "s3://bkt/run", tiny_pretrain.write_corpus(tmp_path), tiny_tokenizer_dir, tmp_path / "cache", 4
+    )
     assert cli.main(argv[3:]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: s3://bkt/run: unsupported URL scheme s3://; use a local path or gs://"
@@ -321,6 +426,7 @@ def test_analyze_reads_corpora_from_and_writes_its_report_to_the_bucket(bucket, 
 
     from dontstop_jax import files
     from dontstop_jax.analysis.report import analyze
+
     for name, words in (("bio", WORDS[:7]), ("cs", ["graph", "node", "edge", "compiler", "kernel", "cache"])):
         files.write_text(f"gs://bkt/analyze/{name}.txt", "\n".join(" ".join(words) for _ in range(20)) + "\n")
     spec = iu.spec_from_file_location("analyze_cfg", ROOT / "configs" / "analyze.py")

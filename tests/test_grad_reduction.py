@@ -31,8 +31,15 @@ from dontstop_jax.engine.sharding import BATCH_AXES, MESH_AXES, activation_rules
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForMaskedLM, RobertaForSequenceClassification, tiny_config
 
-CFG = tiny_config(vocab_size=128, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=34, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+CFG = tiny_config(
+    vocab_size=128,
+    hidden_size=32,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=34,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 ROWS, SEQ, SLOTS = 64, 16, 4
 MESHES = [(8, 1, 1), (4, 2, 1), (2, 2, 2)]
 REDUCTIONS = ("all-reduce", "reduce-scatter")
@@ -44,11 +51,20 @@ def batch(kind, seed):
     ids[:, 0], ids[:, -1] = 0, 2
     mask = np.ones_like(ids)
     if kind == "classify":
-        return {"input_ids": ids, "attention_mask": mask, "labels": (ids[:, 1] % 2).astype(np.int32),
-                "example_weights": np.ones(ROWS, np.float32)}
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": (ids[:, 1] % 2).astype(np.int32),
+            "example_weights": np.ones(ROWS, np.float32),
+        }
     positions = np.stack([rng.choice(np.arange(1, SEQ - 1), SLOTS, replace=False) for _ in range(ROWS)])
-    return {"input_ids": ids, "attention_mask": mask, "mlm_positions": positions.astype(np.int32),
-            "mlm_ids": np.take_along_axis(ids, positions, 1), "mlm_weights": np.ones((ROWS, SLOTS), np.float32)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mlm_positions": positions.astype(np.int32),
+        "mlm_ids": np.take_along_axis(ids, positions, 1),
+        "mlm_weights": np.ones((ROWS, SLOTS), np.float32),
+    }
 
 
 @functools.cache
@@ -59,9 +75,15 @@ def compiled(kind, mesh_shape, accum, gather_once=True, reduce_dtype="float32"):
     loss = mlm_loss_sums(model) if kind == "mlm" else classification_loss_sums(model)
     tx, _ = make_optimizer(default_optim_config(), total_steps=10)
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=0)
-    step = compile_train_step(make_train_step(StepSpec(loss, tx, accum_steps=accum, gather_params_once=gather_once,
-                                              grad_reduce_dtype=reduce_dtype)), shardings, mesh, DEFAULT_RULES,
-                              donate=False)
+    step = compile_train_step(
+        make_train_step(
+            StepSpec(loss, tx, accum_steps=accum, gather_params_once=gather_once, grad_reduce_dtype=reduce_dtype)
+        ),
+        shardings,
+        mesh,
+        DEFAULT_RULES,
+        donate=False,
+    )
     batches = [to_global(batch(kind, seed), mesh) for seed in range(3)]
     with activation_rules(mesh, DEFAULT_RULES):
         executable = step.__wrapped__.lower(state, batches[0]).compile()  # type: ignore[attr-defined]  # functools.wraps
@@ -150,9 +172,12 @@ def test_bfloat16_reduction_halves_the_gradient_bytes():
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=0)
     operands = {}
     for dtype in ("float32", "bfloat16"):
-        step = compile_train_step(make_train_step(StepSpec(mlm_loss_sums(model), tx, accum_steps=8,
-                                                           grad_reduce_dtype=dtype)),
-                                  shardings, mesh, DEFAULT_RULES)
+        step = compile_train_step(
+            make_train_step(StepSpec(mlm_loss_sums(model), tx, accum_steps=8, grad_reduce_dtype=dtype)),
+            shardings,
+            mesh,
+            DEFAULT_RULES,
+        )
         with activation_rules(mesh, DEFAULT_RULES):
             traced = step.__wrapped__.trace(state, to_global(batch("mlm", 0), mesh))  # type: ignore[attr-defined]
             operands[dtype] = reduced_operands(traced.jaxpr)
@@ -161,5 +186,6 @@ def test_bfloat16_reduction_halves_the_gradient_bytes():
     nbytes = {k: sum(d.itemsize * math.prod(shape) for d, shape in v if shape) for k, v in operands.items()}
     assert nbytes["bfloat16"] * 2 == nbytes["float32"]
     with pytest.raises(UserError, match="grad_reduce_dtype=bfloat16 cannot compile for CPU"):
-        StepSpec.for_phase(ConfigDict({"train": {"grad_reduce_dtype": "bfloat16"}}), mlm_loss_sums(model), tx, None,
-                           "cpu")
+        StepSpec.for_phase(
+            ConfigDict({"train": {"grad_reduce_dtype": "bfloat16"}}), mlm_loss_sums(model), tx, None, "cpu"
+        )

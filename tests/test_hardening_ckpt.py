@@ -42,8 +42,14 @@ def _pretrain_config(root: Path, workdir: Path, tokenizer: str, steps: int, **tr
     cfg.data.update(sources=[str(write_corpus(root))], max_seq_length=32, cache_dir=str(root / "cache"))
     cfg.train.update(batch_size=8, accum_steps=1, steps=steps, log_every=1, **train)
     cfg.checkpoint.update(every=2, keep_last=2)
-    cfg.model.update(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=34)
+    cfg.model.update(
+        vocab_size=512,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=34,
+    )
     cfg.optim.learning_rate = 1e-3
     return cfg
 
@@ -67,7 +73,7 @@ def damaged_phase(tmp_path_factory, tiny_tokenizer_dir):
 
 
 def _fallback_warning(caplog) -> str:
-    warning, = [r.getMessage() for r in caplog.records if r.name == "dontstop_jax.engine.checkpoint"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "dontstop_jax.engine.checkpoint"]
     return warning
 
 
@@ -89,13 +95,30 @@ def test_an_explicitly_requested_damaged_step_is_one_line_naming_the_readable_on
     _, workdir = damaged_phase
     with pytest.raises(UserError, match=r"checkpoint step 4 in .* is unreadable \(.*\); readable steps: 2$"):
         export(str(workdir), str(tmp_path / "exported"), step=4)
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", "export", "--from", str(workdir), "--to",
-                          str(tmp_path / "cli"), "--step", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dontstop_jax",
+            "export",
+            "--from",
+            str(workdir),
+            "--to",
+            str(tmp_path / "cli"),
+            "--step",
+            "4",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr[-2000:]
     assert out.stderr.startswith("error: checkpoint step 4 in ") and out.stderr.endswith("readable steps: 2\n")
 
 
 # -- fine-tuning: one rule for the best epoch --------------------------------------------------------------------
+
 
 def _fingerprint(params) -> float:
     return float(sum(np.asarray(x, np.float64).sum() for x in jax.tree_util.tree_leaves(jax.device_get(params))))
@@ -119,6 +142,7 @@ def test_tied_dev_scores_pick_the_first_best_epoch_everywhere(tmp_path, monkeypa
     def evaluate(predict, params, batches, mesh, num_labels):  # dev scores as above; test: which model it was
         score = next(dev, None)
         return {"macro_f1": _fingerprint(params) if score is None else score}
+
     monkeypatch.setattr(finetune_module, "evaluate", evaluate)
     summary = finetune_module.finetune(cfg)
 
@@ -148,6 +172,7 @@ def test_a_fine_tune_whose_dev_score_never_beats_the_majority_class_is_flagged_b
 
 # -- skipped steps and metrics after a resume --------------------------------------------------------------------
 
+
 def mostly_nonfinite(model, params):
     """MLM whose loss is NaN at about 90% of the steps (drawn from the step's RNG, so a resumed run agrees)."""
     loss_sums, hooks = mlm(model, params)
@@ -155,6 +180,7 @@ def mostly_nonfinite(model, params):
     def loss(params, batch, rng, deterministic):
         total, aux = loss_sums(params, batch, rng, deterministic)
         return jnp.where(jax.random.uniform(rng) < 0.9, jnp.nan, total), aux
+
     return loss, hooks
 
 
@@ -184,10 +210,11 @@ def resumed_run(tmp_path_factory, tiny_tokenizer_dir):
 
 def test_skipped_steps_are_counted_across_a_resume_and_reported(resumed_run, caplog):
     root, tokenizer, workdir, resumed = resumed_run
-    reference = pretrain(_pretrain_config(root, root / "reference", tokenizer, 20, skip_nonfinite=True),
-                         mostly_nonfinite)
+    reference = pretrain(
+        _pretrain_config(root, root / "reference", tokenizer, 20, skip_nonfinite=True), mostly_nonfinite
+    )
     assert reference["skipped_steps"] > 0.01 * 20
-    warning, = [r.getMessage() for r in caplog.records if r.name == "dontstop_jax.train.trainer"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "dontstop_jax.train.trainer"]
     assert f"skipped {reference['skipped_steps']} of its 20 steps" in warning
     assert resumed["skipped_steps"] == reference["skipped_steps"]
     assert [m["skipped"] for m in _train_lines(workdir)] == [m["skipped"] for m in _train_lines(root / "reference")]
@@ -196,6 +223,7 @@ def test_skipped_steps_are_counted_across_a_resume_and_reported(resumed_run, cap
 def test_a_resumed_run_logs_each_step_once(resumed_run):
     *_, workdir, _ = resumed_run
     assert [m["step"] for m in _train_lines(workdir)] == list(range(1, 21))
-    events = [e for f in sorted((workdir / "tensorboard").iterdir()) for e in read_events(f)
-              if "train//loss" in e["scalars"]]
+    events = [
+        e for f in sorted((workdir / "tensorboard").iterdir()) for e in read_events(f) if "train//loss" in e["scalars"]
+    ]
     assert [e["step"] for e in events] == list(range(1, 21))

@@ -21,8 +21,17 @@ from dontstop_jax.model.roberta import PAD_LOGIT
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-HF_CONFIG: dict[str, Any] = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                 max_position_embeddings=42, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1)
+HF_CONFIG: dict[str, Any] = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=42,
+    type_vocab_size=1,
+    layer_norm_eps=1e-5,
+    pad_token_id=1,
+)
 
 
 def _random_hf_model(cls, tmp_path, name, **extra):
@@ -55,7 +64,7 @@ def _torch_out(model, ids, mask):
 def _ours(module, params, ids, mask):
     """Our outputs; MLM logits cut to the real vocabulary (our table has padded_vocab_size rows)."""
     out = np.asarray(module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
-    return out[..., :HF_CONFIG["vocab_size"]] if isinstance(module, RobertaForMaskedLM) else out
+    return out[..., : HF_CONFIG["vocab_size"]] if isinstance(module, RobertaForMaskedLM) else out
 
 
 def test_mlm_logits_match_transformers(tmp_path):
@@ -83,8 +92,11 @@ def test_unpadded_model_gives_the_same_logits(tmp_path):
     padded_cfg, padded, _ = load_pretrained(path)
     plain_cfg, plain, _ = load_pretrained(path, vocab_pad_multiple=1)
     assert plain["lm_head"]["bias"].shape == (97,)
-    np.testing.assert_allclose(_ours(RobertaForMaskedLM(padded_cfg), padded, ids, mask),
-                               _ours(RobertaForMaskedLM(plain_cfg), plain, ids, mask), atol=1e-6)
+    np.testing.assert_allclose(
+        _ours(RobertaForMaskedLM(padded_cfg), padded, ids, mask),
+        _ours(RobertaForMaskedLM(plain_cfg), plain, ids, mask),
+        atol=1e-6,
+    )
 
 
 def test_classification_logits_match_transformers(tmp_path):
@@ -117,10 +129,13 @@ def test_masked_positions_equal_full_logits_there(tmp_path):
     np.testing.assert_allclose(gathered, np.take_along_axis(full, positions[..., None], axis=1), atol=1e-5)
 
 
-@pytest.mark.parametrize("head,cls,extra", [
-    ("mlm", "AutoModelForMaskedLM", {}),
-    ("classification", "AutoModelForSequenceClassification", {"num_labels": 3}),
-])
+@pytest.mark.parametrize(
+    "head,cls,extra",
+    [
+        ("mlm", "AutoModelForMaskedLM", {}),
+        ("classification", "AutoModelForSequenceClassification", {"num_labels": 3}),
+    ],
+)
 def test_export_reloads_in_transformers_and_round_trips(tmp_path, head, cls, extra):
     hf_cls = transformers.RobertaForMaskedLM if head == "mlm" else transformers.RobertaForSequenceClassification
     hf, path = _random_hf_model(hf_cls, tmp_path, "src", **extra)
@@ -129,6 +144,7 @@ def test_export_reloads_in_transformers_and_round_trips(tmp_path, head, cls, ext
     out = save_pretrained(tmp_path / "export", cfg, params, head, label_names=labels)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 97  # the padding rows stay ours
     from safetensors.numpy import load_file
+
     exported = load_file(str(out / "model.safetensors"))
     assert exported["roberta.embeddings.word_embeddings.weight"].shape == (97, 32)
     reloaded = getattr(transformers, cls).from_pretrained(out).eval()
@@ -193,6 +209,7 @@ def test_export_refuses_to_clobber(tmp_path):
 
 def test_tokenizer_larger_than_the_embedding_table_is_refused(tmp_path, tiny_tokenizer_dir):
     from dontstop_jax.model import check_tokenizer, read_config
+
     _, path = _random_hf_model(transformers.RobertaForMaskedLM, tmp_path, "small-vocab")  # 97 rows
     with pytest.raises(UserError, match=r"tokens but the model's vocab_size is 97"):
         check_tokenizer(read_config(path), tiny_tokenizer_dir)
@@ -214,8 +231,9 @@ def test_cudnn_attention_path_gives_the_same_logits(tmp_path, monkeypatch):
     hf, path = _random_hf_model(transformers.RobertaForSequenceClassification, tmp_path, "cls", num_labels=3)
     cfg, params, _ = load_pretrained(path, attention_impl="cudnn", dtype="bfloat16")
     ids, mask = _padded_batch()
-    ours = _ours(RobertaForSequenceClassification(cfg.replace(dtype="float32", attention_impl=None), 3), params, ids,
-                 mask)
+    ours = _ours(
+        RobertaForSequenceClassification(cfg.replace(dtype="float32", attention_impl=None), 3), params, ids, mask
+    )
     calls.clear()
     object.__setattr__(cfg, "dtype", "float32")  # bypass the cudnn/float32 check: XLA runs float32 on CPU
     fused = _ours(RobertaForSequenceClassification(cfg, 3), params, ids, mask)
@@ -227,6 +245,7 @@ def test_cudnn_attention_path_gives_the_same_logits(tmp_path, monkeypatch):
 
 def test_cudnn_attention_needs_half_precision():
     from dontstop_jax.model import ModelConfig
+
     with pytest.raises(UserError, match="cudnn has no float32 kernel"):
         ModelConfig(attention_impl="cudnn")
     with pytest.raises(UserError, match="attention_impl='flash' is unknown"):
@@ -238,16 +257,20 @@ def test_fused_attention_in_training_is_the_explicit_attention_and_keeps_documen
     outputs and gradients as RoBERTa's explicit attention, and packed documents (segment ids in the mask) stay
     apart: changing one document's tokens changes no other document's outputs."""
     from dontstop_jax.model.roberta import attention_pairs, explicit_attention
+
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 12, 2, 8)) for i in range(3))
     segments = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12])  # row 0: two documents and padding
     pairs = attention_pairs(segments)
 
     def loss(fn, q, k, v):
         return jnp.sum(jnp.sin(fn(q, k, v, pairs)[:, :9]))  # real tokens only
+
     fused = lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla")
     np.testing.assert_allclose(fused(q, k, v, pairs), explicit_attention(q, k, v, pairs), atol=1e-5)
-    for a, b in zip(jax.grad(loss, argnums=(1, 2, 3))(fused, q, k, v),
-                    jax.grad(loss, argnums=(1, 2, 3))(explicit_attention, q, k, v)):
+    for a, b in zip(
+        jax.grad(loss, argnums=(1, 2, 3))(fused, q, k, v),
+        jax.grad(loss, argnums=(1, 2, 3))(explicit_attention, q, k, v),
+    ):
         np.testing.assert_allclose(a, b, atol=1e-5)
     other = v.at[0, 5:9].set(7.0)  # the second document's values
     assert np.allclose(fused(q, k, other, pairs)[0, :5], fused(q, k, v, pairs)[0, :5], atol=1e-6)
@@ -258,6 +281,7 @@ def test_splash_kernel_keeps_documents_apart_and_is_the_explicit_attention():
     """The TPU splash kernel (run by Pallas' interpreter here) with per-document segment ids: outputs and
     gradients of the real tokens equal the explicit attention under `attention_pairs`' mask."""
     from dontstop_jax.model.roberta import attention_pairs, explicit_attention, splash_attention
+
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 128, 1, 32)) for i in range(3))
     segments = jnp.asarray([[1] * 50 + [2] * 40 + [0] * 38, [1] * 128])
     real = segments[..., None, None] > 0
@@ -265,6 +289,7 @@ def test_splash_kernel_keeps_documents_apart_and_is_the_explicit_attention():
     def run(attention):
         out, vjp = jax.vjp(attention, q, k, v)
         return (out * real, *vjp(jnp.cos(out) * real))
+
     splash = run(lambda q, k, v: splash_attention(q, k, v, segments, interpret=True))
     explicit = run(lambda q, k, v: explicit_attention(q, k, v, attention_pairs(segments)))
     for a, b in zip(splash, explicit):

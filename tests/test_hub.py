@@ -50,6 +50,7 @@ def hf_home(tmp_path_factory, small_tokenizer_dir) -> tuple[Path, Path]:
 def offline(hf_home, monkeypatch) -> Path:
     """This process reads only hf_home's cache (huggingface_hub read its env at import, so set its constants)."""
     from huggingface_hub import constants
+
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home[0] / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return hf_home[0]
@@ -60,11 +61,21 @@ def _env(home: Path) -> dict[str, str]:
     return {**env, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.mark.parametrize("s, expected", [
-    ("roberta-base", True), ("allenai/biomed_roberta_base", True), ("org/name@v1.0", True),
-    ("org/name@refs/pr/1", True), ("scratch", False), ("/models/roberta-base", False), ("./roberta", False),
-    ("a/b/c", False), ("", False), ("org/name@", False),
-])
+@pytest.mark.parametrize(
+    "s, expected",
+    [
+        ("roberta-base", True),
+        ("allenai/biomed_roberta_base", True),
+        ("org/name@v1.0", True),
+        ("org/name@refs/pr/1", True),
+        ("scratch", False),
+        ("/models/roberta-base", False),
+        ("./roberta", False),
+        ("a/b/c", False),
+        ("", False),
+        ("org/name@", False),
+    ],
+)
 def test_what_looks_like_a_hub_id(s, expected):
     assert hub.looks_like_hub_id(s) is expected
 
@@ -90,6 +101,7 @@ def test_a_cached_hub_id_loads_the_same_weights_as_the_directory(offline, hf_hom
 
 def test_a_hub_tokenizer_loads(offline, small_tokenizer_dir):
     from dontstop_jax.data import load_tokenizer
+
     assert load_tokenizer("org/name").get_vocab() == load_tokenizer(small_tokenizer_dir).get_vocab()
 
 
@@ -104,8 +116,7 @@ def test_an_uncached_id_offline_is_one_line_naming_it_and_the_fix(offline):
 def test_a_pretrain_phase_starts_from_a_hub_id_offline(hf_home, tmp_path):
     home, _ = hf_home
     corpus, cache = write_corpus(tmp_path), tmp_path / "cache"
-    cmd = command(tmp_path / "w", corpus, "org/name", cache, steps=2,
-                  extra={"init": "org/name", "checkpoint.every": 2})
+    cmd = command(tmp_path / "w", corpus, "org/name", cache, steps=2, extra={"init": "org/name", "checkpoint.every": 2})
     out = run(cmd, env=_env(home))
     assert out.returncode == 0, out.stderr[-3000:]
     done = json.loads((tmp_path / "w" / "DONE.json").read_text())
@@ -113,8 +124,17 @@ def test_a_pretrain_phase_starts_from_a_hub_id_offline(hf_home, tmp_path):
 
 
 def test_the_cli_names_an_uncached_id_in_one_line(hf_home, tmp_path):
-    out = run(command(tmp_path / "w", tmp_path / "none.txt", str(hf_home[1]), tmp_path / "cache", steps=2,
-                      extra={"init": "org/missing"}), env=_env(hf_home[0]))
+    out = run(
+        command(
+            tmp_path / "w",
+            tmp_path / "none.txt",
+            str(hf_home[1]),
+            tmp_path / "cache",
+            steps=2,
+            extra={"init": "org/missing"},
+        ),
+        env=_env(hf_home[0]),
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "org/missing" in lines[0] and "hf download org/missing" in lines[0], lines

@@ -40,8 +40,9 @@ def _without_timings(tree):
     return tree
 
 
-def _interrupt(cmd: list[str], cwd: Path, pattern: str, sig: signal.Signals, rng: random.Random) -> tuple[int, str,
-                                                                                                              float]:
+def _interrupt(
+    cmd: list[str], cwd: Path, pattern: str, sig: signal.Signals, rng: random.Random
+) -> tuple[int, str, float]:
     """Run `cmd`, send `sig` a random 0-0.8 s after `pattern` first appears on stderr; (exit code, stderr, seconds
     from the signal to the exit)."""
     log = cwd / f"stderr-{time.monotonic_ns()}.txt"
@@ -80,7 +81,7 @@ def _parents_were_finished(root: Path) -> None:
         parent = json.loads(done.read_text())["parent"]
         if not parent.startswith("checkpoint:"):
             continue
-        directory, step = parent[len("checkpoint:"):].rsplit("@", 1)
+        directory, step = parent[len("checkpoint:") :].rsplit("@", 1)
         summary = json.loads((Path(directory).parent / "DONE.json").read_text())
         assert int(step) == summary["steps"], (done, parent, summary["steps"])
 
@@ -92,18 +93,32 @@ def test_tiny_grid_interrupted_everywhere_gives_the_uninterrupted_table(tmp_path
     reference, _ = tiny_grid  # the same tiny demo, run uninterrupted
 
     def demo(name: str) -> list[str]:
-        return [sys.executable, "-m", "dontstop_jax", "demo", "--scale", "tiny", f"--config.workdir={tmp_path / name}",
-                f"--config.synthetic.directory={tmp_path / 'bench'}"]
+        return [
+            sys.executable,
+            "-m",
+            "dontstop_jax",
+            "demo",
+            "--scale",
+            "tiny",
+            f"--config.workdir={tmp_path / name}",
+            f"--config.synthetic.directory={tmp_path / 'bench'}",
+        ]
 
-    stops = [("base: step", signal.SIGTERM), ("dapt-bio: step", signal.SIGTERM),
-             ("tapt-bio_topic: step", signal.SIGKILL), ("bio_topic-tapt-s0: step", signal.SIGTERM),
-             ("bio_topic-dapt_tapt-s1: step", signal.SIGKILL), ("dapt-cs: step", signal.SIGTERM)]
+    stops = [
+        ("base: step", signal.SIGTERM),
+        ("dapt-bio: step", signal.SIGTERM),
+        ("tapt-bio_topic: step", signal.SIGKILL),
+        ("bio_topic-tapt-s0: step", signal.SIGTERM),
+        ("bio_topic-dapt_tapt-s1: step", signal.SIGKILL),
+        ("dapt-cs: step", signal.SIGTERM),
+    ]
     _stop_each(demo("interrupted"), tmp_path, stops, rng)
     again = subprocess.run(demo("interrupted"), cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "interrupted at step" not in again.stderr  # (its workdir is named "interrupted")
-    results = [json.loads((root / "results.json").read_text()) for root in (reference / "grid",
-                                                                             tmp_path / "interrupted")]
+    results = [
+        json.loads((root / "results.json").read_text()) for root in (reference / "grid", tmp_path / "interrupted")
+    ]
     assert _without_timings(results[0]) == _without_timings(results[1])
     _parents_were_finished(tmp_path / "interrupted")
 
@@ -114,16 +129,29 @@ def test_continual_interrupted_gives_the_uninterrupted_table(tmp_path):
     print("random seed for the kill moments:", rng.getstate()[1][0])
 
     def continual(name: str) -> list[str]:
-        return [sys.executable, "-m", "dontstop_jax", "continual", "--config",
-                str(Path(__file__).parents[1] / "configs/continual.py:tiny"), f"--config.workdir={tmp_path / name}",
-                f"--config.synthetic.directory={tmp_path / 'bench'}", "--config.methods=['das','ncl']",
-                "--config.synthetic.domains=('bio','cs')", "--config.synthetic.task_domains=('bio','cs')",
-                "--config.sequence=['bio','cs']"]
+        return [
+            sys.executable,
+            "-m",
+            "dontstop_jax",
+            "continual",
+            "--config",
+            str(Path(__file__).parents[1] / "configs/continual.py:tiny"),
+            f"--config.workdir={tmp_path / name}",
+            f"--config.synthetic.directory={tmp_path / 'bench'}",
+            "--config.methods=['das','ncl']",
+            "--config.synthetic.domains=('bio','cs')",
+            "--config.synthetic.task_domains=('bio','cs')",
+            "--config.sequence=['bio','cs']",
+        ]
 
     reference = subprocess.run(continual("reference"), cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    _stop_each(continual("interrupted"), tmp_path, [("das-bio: step", signal.SIGTERM), ("das-cs: step", signal.SIGKILL),
-                                                    ("dapt-cs: step", signal.SIGTERM)], rng)
+    _stop_each(
+        continual("interrupted"),
+        tmp_path,
+        [("das-bio: step", signal.SIGTERM), ("das-cs: step", signal.SIGKILL), ("dapt-cs: step", signal.SIGTERM)],
+        rng,
+    )
     again = subprocess.run(continual("interrupted"), cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     tables = [json.loads((tmp_path / name / "continual.json").read_text()) for name in ("reference", "interrupted")]
@@ -155,6 +183,7 @@ def test_finetune_stopped_mid_epoch_resumes_mid_epoch(finetune_config, monkeypat
     reference = finetune(_finetune_in(cfg, root / "reference"))
 
     from dontstop_jax.data.tasks import ClassificationBatches
+
     epoch = ClassificationBatches.epoch
 
     def stop_during_epoch_1(self, e, start=0):
@@ -162,6 +191,7 @@ def test_finetune_stopped_mid_epoch_resumes_mid_epoch(finetune_config, monkeypat
             if self.shuffle and e == 1 and start + i == 2:
                 StopSignal.request()  # as SIGTERM would, while the step reading the third batch runs
             yield batch
+
     monkeypatch.setattr(ClassificationBatches, "epoch", stop_during_epoch_1)
     with StopSignal(), pytest.raises(Interrupted) as stopped:
         finetune(_finetune_in(cfg, root / "interrupted"))
@@ -170,10 +200,14 @@ def test_finetune_stopped_mid_epoch_resumes_mid_epoch(finetune_config, monkeypat
     monkeypatch.undo()
 
     resumed = finetune(_finetune_in(cfg, root / "interrupted"))
-    assert (resumed["test"], resumed["dev"], resumed["best_step"]) == (reference["test"], reference["dev"],
-                                                                       reference["best_step"])
-    jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(root / "interrupted"),
-                           final_params(root / "reference"))
+    assert (resumed["test"], resumed["dev"], resumed["best_step"]) == (
+        reference["test"],
+        reference["dev"],
+        reference["best_step"],
+    )
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal, final_params(root / "interrupted"), final_params(root / "reference")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +231,16 @@ def test_a_changed_config_is_refused_naming_the_fields(finished_phase):
 
 def test_run_time_only_fields_may_change(finished_phase):
     root, corpus, tokenizer, cache = finished_phase
-    same = run(command(root / "phase", corpus, tokenizer, cache, 4, {"train.log_every": 1, "checkpoint.every": 2,
-                                                                     "mesh.shape": "(2, -1, 1)"}))
+    same = run(
+        command(
+            root / "phase",
+            corpus,
+            tokenizer,
+            cache,
+            4,
+            {"train.log_every": 1, "checkpoint.every": 2, "mesh.shape": "(2, -1, 1)"},
+        )
+    )
     assert same.returncode == 0, same.stderr[-2000:]
     assert json.loads(same.stdout)["steps"] == 4  # the finished phase's summary, nothing retrained
 
@@ -210,12 +252,15 @@ def test_an_unfinished_parent_is_refused(finished_phase, tmp_path):
     (unfinished / "DONE.json").unlink()
     child = run(command(tmp_path / "child", corpus, tokenizer, cache, 2, {"init": str(unfinished)}))
     assert child.returncode == 2
-    assert child.stderr.strip() == (f"error: init={str(unfinished)!r} is a phase that has not finished (no DONE.json); "
-                                    "rerun the command that trains it until it completes, then start from it")
+    assert child.stderr.strip() == (
+        f"error: init={str(unfinished)!r} is a phase that has not finished (no DONE.json); "
+        "rerun the command that trains it until it completes, then start from it"
+    )
 
 
 def test_python_callers_get_the_same_errors(finished_phase):
     from dontstop_jax.train.workdir import require_finished
+
     root, *_ = finished_phase
     assert require_finished(root / "phase", "init")["steps"] == 4
     with pytest.raises(UserError, match="has not finished"):

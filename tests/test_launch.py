@@ -19,15 +19,20 @@ from tiny_pretrain import REPO, command, final_params, run, wait_until, write_co
 from dontstop_jax.engine.checkpoint import Checkpointer
 
 LAUNCH = str(REPO / "launch" / "run.sh")
-ARGS = ["pretrain", "--config", "configs/dapt.py:biomed", "--config.mesh.shape=(4, 1, 1)",
-        '--config.data.sources=["/data/my corpus/*.txt", "gs://bkt/data/*.jsonl.gz"]',
-        "--config.workdir=gs://bkt/runs/dapt", "--config.optim.learning_rate=1e-3"]
+ARGS = [
+    "pretrain",
+    "--config",
+    "configs/dapt.py:biomed",
+    "--config.mesh.shape=(4, 1, 1)",
+    '--config.data.sources=["/data/my corpus/*.txt", "gs://bkt/data/*.jsonl.gz"]',
+    "--config.workdir=gs://bkt/runs/dapt",
+    "--config.optim.learning_rate=1e-3",
+]
 STEPS = 20
 
 
 def _dry_run(*launcher: str) -> list[str]:
-    out = subprocess.run(["bash", LAUNCH, *launcher, "--dry-run", *ARGS], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(["bash", LAUNCH, *launcher, "--dry-run", *ARGS], capture_output=True, text=True, check=True)
     return out.stdout.splitlines()
 
 
@@ -36,9 +41,17 @@ def test_local_dry_run_prints_one_command_per_process():
     assert lines[-1] == "wait" and len(lines) == 4
     for i, line in enumerate(lines[:3]):
         command, redirect = line.split(" > ", 1)
-        assert shlex.split(command) == ["env", "DONTSTOP_COORDINATOR=127.0.0.1:4321", "DONTSTOP_NUM_PROCESSES=3",
-                                        f"DONTSTOP_PROCESS_ID={i}", "DONTSTOP_LOCAL_DEVICES=2", "python3", "-m",
-                                        "dontstop_jax", *ARGS]
+        assert shlex.split(command) == [
+            "env",
+            "DONTSTOP_COORDINATOR=127.0.0.1:4321",
+            "DONTSTOP_NUM_PROCESSES=3",
+            f"DONTSTOP_PROCESS_ID={i}",
+            "DONTSTOP_LOCAL_DEVICES=2",
+            "python3",
+            "-m",
+            "dontstop_jax",
+            *ARGS,
+        ]
         assert f"logs/t/process-{i}.log" in redirect and redirect.endswith("2>&1 &")
 
 
@@ -56,18 +69,40 @@ def test_gpu_dry_run_is_one_plain_process():
 def test_slurm_dry_run_is_one_srun_task_per_node():
     mkdir, srun = _dry_run("slurm", "--log-dir", "L", "--srun-args", "--gpus-per-node=8 --time=1:00:00")
     assert mkdir == "mkdir -p L"
-    assert shlex.split(srun) == ["srun", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--output=L/process-%t.log",
-                                 "--gpus-per-node=8", "--time=1:00:00", "python3", "-m", "dontstop_jax", *ARGS]
+    assert shlex.split(srun) == [
+        "srun",
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        "--output=L/process-%t.log",
+        "--gpus-per-node=8",
+        "--time=1:00:00",
+        "python3",
+        "-m",
+        "dontstop_jax",
+        *ARGS,
+    ]
 
 
 def test_tpu_dry_run_runs_on_every_worker_and_splits_logs():
-    mkdir, pipeline = _dry_run("tpu", "--tpu", "v4-32", "--zone", "us-central2-b", "--project", "p",
-                               "--venv", "~/venv", "--log-dir", "L")
+    mkdir, pipeline = _dry_run(
+        "tpu", "--tpu", "v4-32", "--zone", "us-central2-b", "--project", "p", "--venv", "~/venv", "--log-dir", "L"
+    )
     assert mkdir == "mkdir -p L"
     ssh, split = pipeline.split(" 2>&1 | ", 1)
     argv = shlex.split(ssh)
-    assert argv[:11] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "v4-32", "--zone", "us-central2-b",
-                         "--project", "p", "--worker=all"]
+    assert argv[:11] == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "ssh",
+        "v4-32",
+        "--zone",
+        "us-central2-b",
+        "--project",
+        "p",
+        "--worker=all",
+    ]
     remote = argv[11].removeprefix("--command=")
     assert "cd dontstop-jax && source ~/venv/bin/activate && " in remote
     dontstop = remote.split("DONTSTOP_TPU=1 ", 1)[1].split(" 2>&1 | ", 1)[0]
@@ -86,6 +121,7 @@ def test_help_and_errors():
 
 # ---- real runs: 2 processes x 2 CPU devices against 1 process x 4 devices ----------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_tokenizer_dir):
     root = tmp_path_factory.mktemp("launch")
@@ -94,8 +130,11 @@ def tiny(tmp_path_factory, tiny_tokenizer_dir):
 
 def _argv(tiny, workdir: Path, mesh: str, dcn: str = "None") -> list[str]:
     root, corpus, tokenizer = tiny
-    extra = {"mesh.shape": mesh, "mesh.dcn_shape": dcn,
-             "checkpoint.keep_last": STEPS}  # keep every checkpoint: resume from step 10
+    extra = {
+        "mesh.shape": mesh,
+        "mesh.dcn_shape": dcn,
+        "checkpoint.keep_last": STEPS,
+    }  # keep every checkpoint: resume from step 10
     return command(workdir, corpus, tokenizer, root / "cache", STEPS, extra)
 
 
@@ -110,8 +149,20 @@ def _two_processes(argv: list[str], log_dir: Path) -> None:
 
 
 def _launcher(argv: list[str], log_dir: Path) -> list[str]:
-    return ["bash", LAUNCH, "local", "--processes", "2", "--devices", "2", "--python", sys.executable,
-            "--log-dir", str(log_dir), *argv[3:]]
+    return [
+        "bash",
+        LAUNCH,
+        "local",
+        "--processes",
+        "2",
+        "--devices",
+        "2",
+        "--python",
+        sys.executable,
+        "--log-dir",
+        str(log_dir),
+        *argv[3:],
+    ]
 
 
 def _losses(workdir: Path) -> dict[int, float]:
@@ -149,8 +200,7 @@ def test_two_processes_match_one(tiny, reference, mesh):
     assert sorted(p.name for p in logs.iterdir()) == ["process-0.log", "process-1.log"]
     expected, losses = _losses(reference), _losses(workdir)
     assert sorted(losses) == sorted(expected) and len(losses) == STEPS // 5
-    np.testing.assert_allclose([losses[s] for s in sorted(losses)], [expected[s] for s in sorted(losses)],
-                               rtol=1e-5)
+    np.testing.assert_allclose([losses[s] for s in sorted(losses)], [expected[s] for s in sorted(losses)], rtol=1e-5)
     _assert_same_params(final_params(workdir), final_params(reference))  # restored here, in one process
 
 
@@ -164,8 +214,13 @@ def test_checkpoints_move_between_process_counts(tiny, reference):
 
     two_to_one = root / "two-then-one"  # 2 processes stopped by SIGTERM -> 1 process finishes
     poll = ["--config.train.stop_poll_every=2"]  # the processes agree on a stop every 2 steps, not every step
-    proc = subprocess.Popen(_launcher(_argv(tiny, two_to_one, "(2, 2, 1)") + poll, root / "logs-two-then-one"),
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _launcher(_argv(tiny, two_to_one, "(2, 2, 1)") + poll, root / "logs-two-then-one"),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = two_to_one / "metrics.jsonl"
     wait_until(lambda: metrics.exists() and metrics.stat().st_size > 0, proc)  # both are past step 5
     proc.send_signal(signal.SIGTERM)  # forwarded to both processes, which agree on the step to stop at
@@ -173,8 +228,10 @@ def test_checkpoints_move_between_process_counts(tiny, reference):
     assert proc.returncode == 75, err[-3000:]  # EX_TEMPFAIL: rerun to continue
     stopped = Checkpointer(two_to_one / "checkpoints", read_only=True).latest_step()
     assert stopped is not None and 0 < stopped < STEPS and not (two_to_one / "DONE.json").exists()
-    said = [re.findall(r"interrupted at step (\d+) of", (root / "logs-two-then-one" / f"process-{p}.log").read_text())
-            for p in range(2)]
+    said = [
+        re.findall(r"interrupted at step (\d+) of", (root / "logs-two-then-one" / f"process-{p}.log").read_text())
+        for p in range(2)
+    ]
     assert said == [[str(stopped)], [str(stopped)]]  # both processes stopped after the step they saved
     _one_process(_argv(tiny, two_to_one, "(2, 2, 1)"))
     _assert_same_params(final_params(two_to_one), final_params(reference))

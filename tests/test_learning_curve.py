@@ -48,7 +48,7 @@ def test_static_vectors_average_the_embedding_rows_and_fit_like_scikit_learn():
     labels = rng.integers(0, 2, 300)
     texts = [" ".join(map(str, rng.integers(25 * y, 25 * y + 25, 6))) for y in labels]
     x = embed(texts)
-    ours, = static_vectors_predict(x[:200], labels[:200], [x[200:]], 2)
+    (ours,) = static_vectors_predict(x[:200], labels[:200], [x[200:]], 2)
     centred = x - x[:200].mean(0)
     rows = centred / np.linalg.norm(centred, axis=1, keepdims=True)
     sk = linear_model.LogisticRegression(C=1.0).fit(rows[:200], labels[:200]).predict(rows[200:])
@@ -57,12 +57,28 @@ def test_static_vectors_average_the_embedding_rows_and_fit_like_scikit_learn():
 
 def _records():
     """Two variants on train sizes 8 and all, two seeds each; references per draw on 8, one on all."""
-    scores = {("tapt", 8): [0.5, 0.6], ("tapt", "all"): [0.8, 0.9], ("transfer_tapt", 8): [0.4, 0.44],
-              ("transfer_tapt", "all"): [0.7, 0.72]}
-    records = [{"task": "t", "variant": v, **({} if n == "all" else {"train_size": n}), "seed": s,
-                "metrics": {"macro_f1": x}} for (v, n), xs in scores.items() for s, x in enumerate(xs)]
-    references = [{"task": "t", "reference": BAG_OF_WORDS, "train_size": 8, "draw": d, "train_examples": 8,
-                   "test": {"macro_f1": x}} for d, x in enumerate([0.3, 0.5])]
+    scores = {
+        ("tapt", 8): [0.5, 0.6],
+        ("tapt", "all"): [0.8, 0.9],
+        ("transfer_tapt", 8): [0.4, 0.44],
+        ("transfer_tapt", "all"): [0.7, 0.72],
+    }
+    records = [
+        {"task": "t", "variant": v, **({} if n == "all" else {"train_size": n}), "seed": s, "metrics": {"macro_f1": x}}
+        for (v, n), xs in scores.items()
+        for s, x in enumerate(xs)
+    ]
+    references = [
+        {
+            "task": "t",
+            "reference": BAG_OF_WORDS,
+            "train_size": 8,
+            "draw": d,
+            "train_examples": 8,
+            "test": {"macro_f1": x},
+        }
+        for d, x in enumerate([0.3, 0.5])
+    ]
     references.append({"task": "t", "reference": BAG_OF_WORDS, "train_examples": 400, "test": {"macro_f1": 0.75}})
     return records, references
 
@@ -79,13 +95,15 @@ def test_learning_curve_points_are_the_seed_means_and_the_plot_is_written(tmp_pa
     markdown = to_markdown(curves)
     assert "| t (macro_f1) | 8 | all (400) |" in markdown and "| tapt | 55.0 ± 7.1 | 85.0 ± 7.1 |" in markdown
     # The per-size table shows a reference's mean over its draws; a draw recorded twice is an error.
-    table = results_table([r for r in records if r.get("train_size") == 8], {"t": "macro_f1"},
-                          references=references[:2])
+    table = results_table(
+        [r for r in records if r.get("train_size") == 8], {"t": "macro_f1"}, references=references[:2]
+    )
     assert table.references[(BAG_OF_WORDS, "t")] == pytest.approx(0.4)
     with pytest.raises(UserError, match="two reference records"):
         results_table(records[:1], {"t": "macro_f1"}, references=[references[0], references[0]])
     pytest.importorskip("matplotlib")
     from dontstop_jax.analysis.plots import learning_curves as plot
+
     (tmp_path / "curve.json").write_text(json.dumps(curves))
     assert plot(tmp_path / "curve.json", tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -99,18 +117,30 @@ def test_a_zero_train_size_leaves_the_fingerprint_of_phases_recorded_before_the_
 
 
 def _grid_config(**tasks):
-    overrides = [f"--config.tasks={tasks!r}", "--config.domains={'bio': ['c.txt'], 'cs': ['d.txt']}",
-                 "--config.variants=['tapt', 'transfer_tapt']"]
+    overrides = [
+        f"--config.tasks={tasks!r}",
+        "--config.domains={'bio': ['c.txt'], 'cs': ['d.txt']}",
+        "--config.variants=['tapt', 'transfer_tapt']",
+    ]
     return config_loader.load("configs/grid.py:paper", overrides)
 
 
-@pytest.mark.parametrize("transfer, match", [
-    ("", "transfer_from='': transfer_tapt needs another task of b's domain 'bio'; set it to one of \\['a'\\]"),
-    ("b", "transfer_from='b'"), ("zz", "transfer_from='zz'"), ("c", "transfer_from='c'")])
+@pytest.mark.parametrize(
+    "transfer, match",
+    [
+        ("", "transfer_from='': transfer_tapt needs another task of b's domain 'bio'; set it to one of \\['a'\\]"),
+        ("b", "transfer_from='b'"),
+        ("zz", "transfer_from='zz'"),
+        ("c", "transfer_from='c'"),
+    ],
+)
 def test_transfer_from_must_name_another_task_of_the_domain(transfer, match):
     task = dict(path="x", metric="macro_f1", text_field="text", label_field="label", irrelevant_domain="cs")
-    cfg = _grid_config(a=dict(task, domain="bio", transfer_from="b"), b=dict(task, domain="bio", transfer_from=transfer),
-                       c=dict(task, domain="cs", transfer_from=""))
+    cfg = _grid_config(
+        a=dict(task, domain="bio", transfer_from="b"),
+        b=dict(task, domain="bio", transfer_from=transfer),
+        c=dict(task, domain="cs", transfer_from=""),
+    )
     with pytest.raises(UserError, match=match):
         Grid(cfg)
 
@@ -123,6 +153,7 @@ def test_grid_rows_of_transfer_tapt_and_train_sizes(tmp_path, monkeypatch, tiny_
     from tiny_hf import save_tiny_roberta, write_biomed_data
 
     from dontstop_jax.phases import grid as grid_module
+
     write_biomed_data(tmp_path / "corpus", tmp_path / "bio", corpus_docs=10)
     (tmp_path / "bio_half").mkdir()
     for split in ("train", "dev", "test"):
@@ -138,18 +169,21 @@ def test_grid_rows_of_transfer_tapt_and_train_sizes(tmp_path, monkeypatch, tiny_
         tuned.append(phase)
         score = {"macro_f1": 0.5 + 0.1 * (phase.task.train_size == 0) + 0.01 * phase.seed}
         return {"dev": score, "test": score}
+
     monkeypatch.setattr(grid_module, "pretrain", pretrain)
     monkeypatch.setattr(grid_module, "finetune", finetune)
     task = dict(metric="macro_f1", text_field="text", label_field="label", irrelevant_domain="cs", domain="bio")
-    cfg = _grid_config(bio=dict(task, path=str(tmp_path / "bio"), transfer_from="bio_half"),
-                       bio_half=dict(task, path=str(tmp_path / "bio_half"), transfer_from="bio"))
+    cfg = _grid_config(
+        bio=dict(task, path=str(tmp_path / "bio"), transfer_from="bio_half"),
+        bio_half=dict(task, path=str(tmp_path / "bio_half"), transfer_from="bio"),
+    )
     cfg.unlock()
     cfg.update(dict(workdir=str(tmp_path / "grid"), base=base, seeds=[0, 1], train_sizes=[8, "all"]))
     table = Grid(config_loader.lock(cfg)).run()
 
     # Provenance: bio_half's transfer_tapt fine-tunes start from the TAPT phase that read bio's files.
     assert len(pretrained) == 2  # one TAPT per task, shared by its tapt row and the other task's transfer_tapt
-    bio_tapt, = (w for w, sources in pretrained.items() if sources == [str(tmp_path / "bio" / "train.jsonl")])
+    (bio_tapt,) = (w for w, sources in pretrained.items() if sources == [str(tmp_path / "bio" / "train.jsonl")])
     runs = {(p.task.path.rsplit("/", 1)[1], p.name.split("-")[1], p.task.train_size, p.seed): p for p in tuned}
     assert len(runs) == len(tuned) == 16
     for size in (8, 0):
@@ -162,8 +196,11 @@ def test_grid_rows_of_transfer_tapt_and_train_sizes(tmp_path, monkeypatch, tiny_
     assert {r.get("train_size", "all") for r in saved["records"]} == {8, "all"}
     refs = [r for r in saved["references"] if r["task"] == "bio_half"]
     assert [(r["reference"], r.get("train_size"), r.get("draw"), r["train_examples"]) for r in refs][-4:] == [
-        (STATIC_VECTORS, 8, 1, 8), ("majority class", None, None, 100), (BAG_OF_WORDS, None, None, 100),
-        (STATIC_VECTORS, None, None, 100)]
+        (STATIC_VECTORS, 8, 1, 8),
+        ("majority class", None, None, 100),
+        (BAG_OF_WORDS, None, None, 100),
+        (STATIC_VECTORS, None, None, 100),
+    ]
     assert (root / "results.md").read_text() == table.to_markdown() and "| transfer_tapt |" in table.to_markdown()
     small = (root / "results-n8.md").read_text()
     assert "| tapt | 50.5 ± 0.7, n=2 | 50.5 ± 0.7, n=2 |" in small
@@ -174,4 +211,5 @@ def test_grid_rows_of_transfer_tapt_and_train_sizes(tmp_path, monkeypatch, tiny_
     assert "| bio (macro_f1) | 8 | all (200) |" in (root / "learning_curve.md").read_text()
     pytest.importorskip("matplotlib")
     from dontstop_jax.analysis import plots
+
     assert plots.learning_curves(root / "learning_curve.json", tmp_path / "lc.png").read_bytes()[:4] == b"\x89PNG"

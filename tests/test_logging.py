@@ -36,13 +36,13 @@ def _fields(buf: bytes) -> list[tuple[int, Any]]:  # (int for varints, bytes oth
         if wire == 0:
             value, pos = _varint(buf, pos)
         elif wire == 1:
-            value, pos = buf[pos:pos + 8], pos + 8
+            value, pos = buf[pos : pos + 8], pos + 8
         elif wire == 5:
-            value, pos = buf[pos:pos + 4], pos + 4
+            value, pos = buf[pos : pos + 4], pos + 4
         else:
             assert wire == 2
             length, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + length], pos + length
+            value, pos = buf[pos : pos + length], pos + length
         out.append((number, value))
     return out
 
@@ -51,11 +51,11 @@ def read_events(path) -> list[dict]:
     """An independent reader: checks both CRCs of every TFRecord frame, decodes step/file_version/scalars."""
     data, pos, events = path.read_bytes(), 0, []
     while pos < len(data):
-        header = data[pos:pos + 8]
-        (length,), (header_crc,) = struct.unpack("<Q", header), struct.unpack("<I", data[pos + 8:pos + 12])
+        header = data[pos : pos + 8]
+        (length,), (header_crc,) = struct.unpack("<Q", header), struct.unpack("<I", data[pos + 8 : pos + 12])
         assert header_crc == _masked_crc32c(header)
-        payload = data[pos + 12:pos + 12 + length]
-        assert struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])[0] == _masked_crc32c(payload)
+        payload = data[pos + 12 : pos + 12 + length]
+        assert struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])[0] == _masked_crc32c(payload)
         pos += 16 + length
         event: dict[str, Any] = {"scalars": {}}
         for number, value in _fields(payload):
@@ -78,12 +78,15 @@ def test_masked_crc32c_known_answer():
 
 def test_writer_jsonl_and_events(tmp_path):
     with MetricsWriter(tmp_path) as writer:
-        writer.write(10, {"loss": jnp.asarray(2.5), "learning_rate": np.float32(1e-4), "count": np.int64(3)},
-                     prefix="train")
+        writer.write(
+            10, {"loss": jnp.asarray(2.5), "learning_rate": np.float32(1e-4), "count": np.int64(3)}, prefix="train"
+        )
         writer.write(20, {"macro_f1": 0.75})
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines == [{"step": 10, "phase": "train", "loss": 2.5, "learning_rate": pytest.approx(1e-4), "count": 3.0},
-                     {"step": 20, "macro_f1": 0.75}]
+    assert lines == [
+        {"step": 10, "phase": "train", "loss": 2.5, "learning_rate": pytest.approx(1e-4), "count": 3.0},
+        {"step": 20, "macro_f1": 0.75},
+    ]
     (event_file,) = (tmp_path / "tensorboard").iterdir()
     assert "tfevents" in event_file.name
     events = read_events(event_file)
@@ -103,8 +106,7 @@ def test_writer_events_read_by_tensorboard(tmp_path):
     acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert sorted(acc.Tags()["scalars"]) == ["eval/accuracy", "train/loss"]
-    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
-        (1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
     assert [(e.step, e.value) for e in acc.Scalars("eval/accuracy")] == [(3, 0.5)]
 
 
@@ -239,6 +241,7 @@ def test_log_uploads_leave_the_loop_and_close_writes_every_snapshot():
 
 def test_a_failed_log_upload_is_raised_not_swallowed(tmp_path):
     from etils import epath
+
     uploads = _Uploads()
     uploads.put({epath.Path(tmp_path) / "no-such-dir" / "metrics.jsonl": b"1\n"})
     with pytest.raises(RuntimeError, match="uploading the logs to the bucket failed") as raised:

@@ -34,8 +34,10 @@ ROOT = Path(__file__).parents[1]
 LAUNCH = str(ROOT / "launch" / "run.sh")
 STOPPED = "; rerun the same command to continue"
 VARIANTS, SEEDS = ("baseline", "dapt_tapt"), (0,)  # of the tiny demo: base, DAPT and TAPT phases, 2 fine-tunes
-needs_bucket = pytest.mark.skipif(not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec(
-    "gcp_storage_emulator")), reason="needs gcsfs and gcp-storage-emulator (the test extra)")
+needs_bucket = pytest.mark.skipif(
+    not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec("gcp_storage_emulator")),
+    reason="needs gcsfs and gcp-storage-emulator (the test extra)",
+)
 
 
 def test_no_libtpu_lines_without_a_tpu(tmp_path):
@@ -44,33 +46,60 @@ def test_no_libtpu_lines_without_a_tpu(tmp_path):
     (tmp_path / "phase" / "checkpoints").mkdir(parents=True)
     # libtpu stays quiet while another process holds its lock file (/tmp/libtpu_lockfile): this one ignores it
     env = {**{k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", "export", "--from", str(tmp_path / "phase"), "--to",
-                          str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dontstop_jax",
+            "export",
+            "--from",
+            str(tmp_path / "phase"),
+            "--to",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
-    assert out.stderr.strip().splitlines() == [f"error: --from={str(tmp_path / 'phase')!r} is a phase that has not "
-                                               "finished (no DONE.json); rerun the command that trains it until it "
-                                               "completes, then start from it"]
+    assert out.stderr.strip().splitlines() == [
+        f"error: --from={str(tmp_path / 'phase')!r} is a phase that has not "
+        "finished (no DONE.json); rerun the command that trains it until it "
+        "completes, then start from it"
+    ]
 
 
 def test_the_platform_is_left_to_jax_where_an_accelerator_may_be():
     from dontstop_jax.cli import quiet_platform
-    for env in ({"TPU_NAME": "my-tpu"}, {"DONTSTOP_TPU": "1"}, {"TPU_WORKER_HOSTNAMES": "a,b"},
-                {"JAX_PLATFORMS": "tpu"}):
+
+    for env in (
+        {"TPU_NAME": "my-tpu"},
+        {"DONTSTOP_TPU": "1"},
+        {"TPU_WORKER_HOSTNAMES": "a,b"},
+        {"JAX_PLATFORMS": "tpu"},
+    ):
         given = dict(env)
         quiet_platform(env)
         assert env == given
     env = {}
     quiet_platform(env)  # this machine: no /dev/accel*, /dev/vfio or GPU device
-    assert env == ({"JAX_PLATFORMS": "cpu"} if not any(
-        Path(d).exists() for d in ("/dev/vfio", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")) and not list(
-        Path("/dev").glob("accel*")) else {})
+    assert env == (
+        {"JAX_PLATFORMS": "cpu"}
+        if not any(Path(d).exists() for d in ("/dev/vfio", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd"))
+        and not list(Path("/dev").glob("accel*"))
+        else {}
+    )
 
 
 # ---- two hosts and a bucket --------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory):
     from gcs_emulator import gcs_emulator
+
     with gcs_emulator(tmp_path_factory.mktemp("gcs") / "data") as env:
         yield env
 
@@ -80,18 +109,31 @@ def _hosts(root: Path, driver: str = "") -> Path:
     directory), temporary and cache directories under root/host<process id>; one CPU device each. `driver`: a
     script that runs first and is handed `-m dontstop_jax ARGS`."""
     script = root / f"host-python{'-' + Path(driver).stem if driver else ''}"
+    interpreter = shlex.join([sys.executable] + ([driver] if driver else []))
     script.write_text(f"""#!/bin/sh
 h={shlex.quote(str(root))}/host$DONTSTOP_PROCESS_ID
 mkdir -p "$h/home" "$h/tmp" "$h/cache" && cd "$h/home" || exit 1
-HOME="$h/home" TMPDIR="$h/tmp" DONTSTOP_CACHE="$h/cache" XLA_FLAGS= exec {shlex.join([sys.executable] + ([driver] if driver else []))} "$@"
+HOME="$h/home" TMPDIR="$h/tmp" DONTSTOP_CACHE="$h/cache" XLA_FLAGS= exec {interpreter} "$@"
 """)
     script.chmod(0o755)
     return script
 
 
 def _launch(root: Path, logs: str, *argv: str, driver: str = "") -> list[str]:
-    return ["bash", LAUNCH, "local", "--processes", "2", "--devices", "1", "--python", str(_hosts(root, driver)),
-            "--log-dir", str(root / logs), *argv]
+    return [
+        "bash",
+        LAUNCH,
+        "local",
+        "--processes",
+        "2",
+        "--devices",
+        "1",
+        "--python",
+        str(_hosts(root, driver)),
+        "--log-dir",
+        str(root / logs),
+        *argv,
+    ]
 
 
 # Process 1's first checkpoint read fails once (a bucket's transient error, inside Orbax's restore, so the
@@ -127,8 +169,11 @@ elif __name__ == "__main__":  # run.sh's own use of the interpreter (a free port
 
 
 def _reads(log: Path) -> list[str]:
-    return [line for line in log.read_text().splitlines() if " step " in line and line.startswith(
-        ("read ", "could not read ", "injected: "))]
+    return [
+        line
+        for line in log.read_text().splitlines()
+        if " step " in line and line.startswith(("read ", "could not read ", "injected: "))
+    ]
 
 
 def _last_lines(log_dir: Path) -> list[str]:
@@ -136,18 +181,31 @@ def _last_lines(log_dir: Path) -> list[str]:
 
 
 def _grid_argv(workdir: str, xla: Path) -> list[str]:
-    return ["demo", "--scale", "tiny", f"--config.workdir={workdir}", "--config.synthetic.directory=benchmark",
-            f"--config.variants={list(VARIANTS)}", f"--config.seeds={list(SEEDS)}",  # 3 of the demo's phases
-            "--compilation-cache", str(xla)]  # each host generates the benchmark in its home
+    return [
+        "demo",
+        "--scale",
+        "tiny",
+        f"--config.workdir={workdir}",
+        "--config.synthetic.directory=benchmark",
+        f"--config.variants={list(VARIANTS)}",
+        f"--config.seeds={list(SEEDS)}",  # 3 of the demo's phases
+        "--compilation-cache",
+        str(xla),
+    ]  # each host generates the benchmark in its home
 
 
 @pytest.fixture(scope="module")
 def grid_on_one_process(tiny_grid, tmp_path_factory) -> Path:
     """The reference: the same rows on one process with 2 devices (the two hosts' mesh); its grid workdir."""
     root = tmp_path_factory.mktemp("one-process")
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *_grid_argv(str(root / "grid"), tiny_grid[0] / "xla")],
-                         cwd=root, capture_output=True, text=True, timeout=1800,
-                         env={**os.environ, "DONTSTOP_LOCAL_DEVICES": "2"})
+    out = subprocess.run(
+        [sys.executable, "-m", "dontstop_jax", *_grid_argv(str(root / "grid"), tiny_grid[0] / "xla")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "DONTSTOP_LOCAL_DEVICES": "2"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return root / "grid"
 
@@ -157,11 +215,13 @@ def grid_on_two_hosts(bucket, tiny_grid, tmp_path_factory):
     """The tiny demo on 2 hosts in gs://bkt/grid, stopped by SIGTERM as the base model's phase hands over to the
     next one, then rerun to the end: (root, the interrupted run's exit status and last lines, the rerun's)."""
     from dontstop_jax import files
+
     reference, _ = tiny_grid
     root = tmp_path_factory.mktemp("two-hosts")
     argv = _grid_argv("gs://bkt/grid", reference / "xla")
-    proc = subprocess.Popen(_launch(root, "stopped", *argv), cwd=root, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _launch(root, "stopped", *argv), cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     pretrain, deadline = files.path("gs://bkt/grid/pretrain"), time.monotonic() + 900
     while not (pretrain.exists() and any((p / "DONE.json").exists() for p in pretrain.iterdir())):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -172,8 +232,9 @@ def grid_on_two_hosts(bucket, tiny_grid, tmp_path_factory):
     stopped = (proc.returncode, _last_lines(root / "stopped"), err)
     driver = root / "read-fails-once.py"
     driver.write_text(_READ_FAILS_ONCE)
-    rerun = subprocess.run(_launch(root, "rerun", *argv, driver=str(driver)), cwd=root, capture_output=True,
-                           text=True, timeout=1800)
+    rerun = subprocess.run(
+        _launch(root, "rerun", *argv, driver=str(driver)), cwd=root, capture_output=True, text=True, timeout=1800
+    )
     return root, stopped, rerun
 
 
@@ -181,6 +242,7 @@ def grid_on_two_hosts(bucket, tiny_grid, tmp_path_factory):
 @pytest.mark.slow
 def test_grid_stopped_at_a_hand_over_and_rerun_equals_one_process(grid_on_two_hosts, grid_on_one_process):
     from dontstop_jax import files
+
     root, (code, last, err), rerun = grid_on_two_hosts
     assert code == 75, err[-3000:]
     assert all(line.startswith("interrupted at step ") and line.endswith(STOPPED) for line in last), last
@@ -211,14 +273,19 @@ def _phases(root) -> dict[str, list]:
     from dontstop_jax import files
 
     def label(value):
-        return re.sub(r"^(checkpoint:)?.*/([^/]+)-[0-9a-f]{10}(/checkpoints)?", r"\2", value) if isinstance(
-            value, str) else value
+        return (
+            re.sub(r"^(checkpoint:)?.*/([^/]+)-[0-9a-f]{10}(/checkpoints)?", r"\2", value)
+            if isinstance(value, str)
+            else value
+        )
+
     phases = {}
     for workdir in files.path(root).iterdir():
         done = json.loads((workdir / "DONE.json").read_text())
         metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-        phases[label(str(workdir))] = [{k: label(v) for k, v in _without_timings(row).items() if k != "tokens_per_s"}
-                                      for row in (done, *metrics)]
+        phases[label(str(workdir))] = [
+            {k: label(v) for k, v in _without_timings(row).items() if k != "tokens_per_s"} for row in (done, *metrics)
+        ]
     return phases
 
 
@@ -242,13 +309,19 @@ def _prepared(cache) -> dict[str, tuple]:
     """{sources: (manifest, {file: sha256})} of each prepared corpus under `cache`; the manifest without the
     input's fingerprint (it hashes the paths and times of the files that a host read)."""
     from dontstop_jax import files
+
     corpora = {}
     for directory in files.path(cache).iterdir():
         manifest = json.loads((directory / "manifest.json").read_text())
         del manifest["input_fingerprint"]
-        corpora[json.dumps(manifest["sources"])] = manifest, {
-            name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.walk(directory).items()
-            if name != "manifest.json"}
+        corpora[json.dumps(manifest["sources"])] = (
+            manifest,
+            {
+                name: hashlib.sha256(path.read_bytes()).hexdigest()
+                for name, path in files.walk(directory).items()
+                if name != "manifest.json"
+            },
+        )
     assert corpora
     return corpora
 
@@ -256,6 +329,7 @@ def _prepared(cache) -> dict[str, tuple]:
 def _phase(workdir: str, name: str) -> str:
     """The workdir of the grid's phase `name` (its directory is `name-<fingerprint>`)."""
     from dontstop_jax import files
+
     found = [str(p) for p in files.path(workdir).iterdir() if p.name.rsplit("-", 1)[0] == name]
     assert len(found) == 1, (workdir, name, found)
     return found[0]
@@ -269,16 +343,28 @@ def test_export_on_two_hosts_equals_one_process(grid_on_two_hosts, grid_on_one_p
     from safetensors.numpy import load
 
     from dontstop_jax import files
+
     root, _, rerun = grid_on_two_hosts
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     phase = "bio_topic-dapt_tapt-s0"
-    out = subprocess.run(_launch(root, "export", "export", "--from", _phase("gs://bkt/grid/finetune", phase), "--to",
-                                 "gs://bkt/exported"), cwd=root, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        _launch(
+            root, "export", "export", "--from", _phase("gs://bkt/grid/finetune", phase), "--to", "gs://bkt/exported"
+        ),
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     ours = load(files.path("gs://bkt/exported/model.safetensors").read_bytes())
     reference = _phase(str(grid_on_one_process / "finetune"), phase)
-    subprocess.run([sys.executable, "-m", "dontstop_jax", "export", "--from", reference, "--to", str(root / "one")],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "dontstop_jax", "export", "--from", reference, "--to", str(root / "one")],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     theirs = load((root / "one" / "model.safetensors").read_bytes())
     assert sorted(ours) == sorted(theirs)
     for name in ours:
@@ -287,8 +373,14 @@ def test_export_on_two_hosts_equals_one_process(grid_on_two_hosts, grid_on_one_p
 
 def _on_one_process(grid: Path, *argv: str) -> subprocess.CompletedProcess:
     """`dontstop ARGV` on one process with the 2 hosts' devices, next to the reference grid (its benchmark)."""
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *argv], cwd=grid.parent, capture_output=True,
-                         text=True, timeout=900, env={**os.environ, "DONTSTOP_LOCAL_DEVICES": "2"})
+    out = subprocess.run(
+        [sys.executable, "-m", "dontstop_jax", *argv],
+        cwd=grid.parent,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "DONTSTOP_LOCAL_DEVICES": "2"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -305,18 +397,34 @@ def test_prepare_on_two_hosts_equals_one_process(grid_on_two_hosts, grid_on_one_
     share) writes the corpus the one-process grid prepared, to the byte."""
     root, _, rerun = grid_on_two_hosts
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    _on_two_hosts(root, "prepare", "prepare", "--config", str(ROOT / "configs/dapt.py:biomed"),
-                  f"--config.init={_phase('gs://bkt/grid/pretrain', 'base')}", "--config.data.max_seq_length=64",
-                  "--config.data.sources=['benchmark/domains/bio/corpus.txt']", "--config.data.cache_dir=gs://bkt/prepared")
+    _on_two_hosts(
+        root,
+        "prepare",
+        "prepare",
+        "--config",
+        str(ROOT / "configs/dapt.py:biomed"),
+        f"--config.init={_phase('gs://bkt/grid/pretrain', 'base')}",
+        "--config.data.max_seq_length=64",
+        "--config.data.sources=['benchmark/domains/bio/corpus.txt']",
+        "--config.data.cache_dir=gs://bkt/prepared",
+    )
     ours = _prepared("gs://bkt/prepared")
     assert len(ours) == 1
     assert ours.items() <= _prepared(grid_on_one_process / "cache").items()
 
 
 def _select_argv(workdir: str) -> list[str]:
-    return ["select", "--config", str(ROOT / "configs/select.py:knn"), f"--config.workdir={workdir}",
-            "--config.task.path=benchmark/tasks/bio_topic", "--config.sources=['benchmark/domains/bio/corpus.txt']",
-            "--config.embedding.kind=tfidf", "--config.embedding.dim=1024", "--config.k=3"]
+    return [
+        "select",
+        "--config",
+        str(ROOT / "configs/select.py:knn"),
+        f"--config.workdir={workdir}",
+        "--config.task.path=benchmark/tasks/bio_topic",
+        "--config.sources=['benchmark/domains/bio/corpus.txt']",
+        "--config.embedding.kind=tfidf",
+        "--config.embedding.dim=1024",
+        "--config.k=3",
+    ]
 
 
 @needs_bucket
@@ -326,11 +434,14 @@ def test_select_on_two_hosts_equals_one_process(grid_on_two_hosts, grid_on_one_p
     selects, the other waits) write the documents and statistics one process does."""
     from dontstop_jax import files
     from dontstop_jax.phases.select import STATS, selected_corpus
+
     root, _, _ = grid_on_two_hosts
     _on_two_hosts(root, "select", *_select_argv("gs://bkt/select"))
     _on_one_process(grid_on_one_process, *_select_argv(str(root / "select-one")))
-    assert files.path(selected_corpus("gs://bkt/select")).read_bytes() == Path(
-        selected_corpus(root / "select-one")).read_bytes()
+    assert (
+        files.path(selected_corpus("gs://bkt/select")).read_bytes()
+        == Path(selected_corpus(root / "select-one")).read_bytes()
+    )
     ours, theirs = files.read_json(f"gs://bkt/select/{STATS}"), json.loads((root / "select-one" / STATS).read_text())
     assert ours.pop("corpus") == "gs://bkt/select/selected.jsonl"  # the statistics name the corpus they wrote
     assert theirs.pop("corpus") == str(root / "select-one" / "selected.jsonl")
@@ -343,16 +454,34 @@ def test_continual_on_two_hosts_equals_one_process(bucket, tmp_path):
     """A tiny DAS sequence over two domains (its importance files hand over from stage to stage) on 2 hosts in
     the bucket gives the one-process table."""
     from dontstop_jax import files
-    fields = ["--config.methods=['das']", "--config.synthetic.domains=('bio','cs')",
-              "--config.synthetic.task_domains=('bio','cs')", "--config.sequence=['bio','cs']",
-              "--config.synthetic.directory=benchmark", "--compilation-cache", str(tmp_path / "xla")]
+
+    fields = [
+        "--config.methods=['das']",
+        "--config.synthetic.domains=('bio','cs')",
+        "--config.synthetic.task_domains=('bio','cs')",
+        "--config.sequence=['bio','cs']",
+        "--config.synthetic.directory=benchmark",
+        "--compilation-cache",
+        str(tmp_path / "xla"),
+    ]
     config = ["continual", "--config", str(ROOT / "configs/continual.py:tiny")]
-    one = subprocess.run([sys.executable, "-m", "dontstop_jax", *config, f"--config.workdir={tmp_path / 'one'}",
-                          *fields], cwd=tmp_path, capture_output=True, text=True, timeout=1200,
-                         env={**os.environ, "DONTSTOP_LOCAL_DEVICES": "2"})  # the 2 hosts' mesh: same sums
+    one = subprocess.run(
+        [sys.executable, "-m", "dontstop_jax", *config, f"--config.workdir={tmp_path / 'one'}", *fields],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "DONTSTOP_LOCAL_DEVICES": "2"},
+    )  # the 2 hosts' mesh: same sums
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(_launch(tmp_path, "continual", *config, "--config.workdir=gs://bkt/continual", *fields),
-                         cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    two = subprocess.run(
+        _launch(tmp_path, "continual", *config, "--config.workdir=gs://bkt/continual", *fields),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert _without_timings(files.read_json("gs://bkt/continual/continual.json")) == _without_timings(
-        json.loads((tmp_path / "one" / "continual.json").read_text()))
+        json.loads((tmp_path / "one" / "continual.json").read_text())
+    )

@@ -30,13 +30,24 @@ def _batches():
 def _run(tmp_path, skip: bool):
     tx = optax.sgd(LR)
     params = {"w": jnp.ones(3)}
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                       rng=jax.random.key_data(jax.random.key(0)))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(0)),
+    )
     step = jax.jit(make_train_step(StepSpec(_linear_loss, tx, skip_nonfinite=skip)))
     with MetricsWriter(tmp_path) as writer:
-        state, _ = run_steps(state, step, iter({"x": jnp.asarray(x)} for x in _batches()), start=0, stop=STEPS,
-                             tokens_per_step=0, report=Report(writer, ProgressBar(STEPS, enabled=False), 1),
-                             saving=Saving(StopSignal()))
+        state, _ = run_steps(
+            state,
+            step,
+            iter({"x": jnp.asarray(x)} for x in _batches()),
+            start=0,
+            stop=STEPS,
+            tokens_per_step=0,
+            report=Report(writer, ProgressBar(STEPS, enabled=False), 1),
+            saving=Saving(StopSignal()),
+        )
     return state
 
 

@@ -43,8 +43,14 @@ from dontstop_jax.phases.grid import Grid
 from dontstop_jax.train.source import resolve
 
 E, L, LABELS, RANK, ADAPTER = 32, 2, 3, 4, 8
-CFG = tiny_config(vocab_size=128, hidden_size=E, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64,
-                  max_position_embeddings=34)
+CFG = tiny_config(
+    vocab_size=128,
+    hidden_size=E,
+    num_hidden_layers=L,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=34,
+)
 ALL_TARGETS = ("query", "key", "value", "attention_output", "intermediate", "output")
 
 
@@ -59,8 +65,12 @@ def batch(seed, n=8, seq=16):
     ids = rng.integers(5, CFG.vocab_size, (n, seq)).astype(np.int32)
     ids[:, 0], ids[:, -1] = 0, 2
     ids[1, 10:] = CFG.pad_token_id
-    return {"input_ids": ids, "attention_mask": (ids != CFG.pad_token_id).astype(np.int32),
-            "labels": rng.integers(0, LABELS, n).astype(np.int32), "example_weights": np.ones(n, np.float32)}
+    return {
+        "input_ids": ids,
+        "attention_mask": (ids != CFG.pad_token_id).astype(np.int32),
+        "labels": rng.integers(0, LABELS, n).astype(np.int32),
+        "example_weights": np.ones(n, np.float32),
+    }
 
 
 def init(cfg, seed):
@@ -103,7 +113,8 @@ def _perturbed_lora(cfg):
     key = iter(jax.random.split(jax.random.key(5), 64))
     return jax.tree_util.tree_map_with_path(
         lambda path, x: np.asarray(x + 0.1 * jax.random.normal(next(key), x.shape)) if "_lora" in str(path) else x,
-        with_peft(cfg))
+        with_peft(cfg),
+    )
 
 
 def test_lora_merge_gives_the_same_logits_also_after_export(tmp_path):
@@ -193,8 +204,11 @@ def test_adapter_training_on_an_8_device_mesh_equals_one_device_per_batch_shard(
     _, _, eight = train("houlsby", (2, 2, 2), jax.devices(), steps=3)
     down = eight.params["roberta"]["layers"]["output_adapter"]["down"]["kernel"]  # [L, embed, adapter]
     assert down.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                           jax.device_get(eight.params), jax.device_get(one.params))
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        jax.device_get(eight.params),
+        jax.device_get(one.params),
+    )
     adapters_moved = eight.params["roberta"]["layers"]["output_adapter"]["up"]["kernel"]
     assert np.abs(np.asarray(adapters_moved)).max() > 0  # zero-initialised up-projection has trained
 
@@ -263,7 +277,12 @@ def test_bad_peft_settings_are_one_line_errors():
     with pytest.raises(UserError, match="lora_targets"):
         configure_model(CFG, peft("lora", lora_targets=("query", "ffn")))
     with pytest.raises(UserError, match="top_k"):
-        Adaptation.from_config(peft("top_k", ), CFG.replace(num_hidden_layers=0))
+        Adaptation.from_config(
+            peft(
+                "top_k",
+            ),
+            CFG.replace(num_hidden_layers=0),
+        )
     with pytest.raises(UserError, match="second kind"):
         configure_model(configure_model(CFG, peft("houlsby")), peft("pfeiffer"))
 
@@ -274,15 +293,23 @@ def test_mean_pooling_reads_real_tokens_only():
     padded = {k: v.copy() for k, v in b.items()}
     row = 1  # has padding from position 10: changing padded ids must not change its logits
     padded["input_ids"][row, 12:15] = 7
-    np.testing.assert_allclose(logits(cfg, base_params(), padded)[row], logits(cfg, base_params(), b)[row],
-                               rtol=1e-5)
+    np.testing.assert_allclose(logits(cfg, base_params(), padded)[row], logits(cfg, base_params(), b)[row], rtol=1e-5)
     assert not np.allclose(logits(cfg, base_params(), b), logits(CFG, base_params(), b))
     assert math.isfinite(float(logits(cfg, base_params(), b).sum()))
 
 
 def test_seed_discard_bar_is_the_keep_th_best_early_score_of_earlier_seeds():
-    cfg = ConfigDict(dict(workdir="unused", variants=[], tasks={}, domains={}, methods=["full", "lora"],
-                          seed_discard=dict(fraction=0.3, keep=2), finetune=dict(peft=default_peft_config())))
+    cfg = ConfigDict(
+        dict(
+            workdir="unused",
+            variants=[],
+            tasks={},
+            domains={},
+            methods=["full", "lora"],
+            seed_discard=dict(fraction=0.3, keep=2),
+            finetune=dict(peft=default_peft_config()),
+        )
+    )
     grid = Grid(cfg)
     assert grid.methods() == ["full", "lora"]
     assert grid.discard([0.7]) == {"train.discard_fraction": 0.3, "train.discard_below": None}  # first `keep` run
@@ -297,8 +324,18 @@ def test_seed_discard_bar_is_the_keep_th_best_early_score_of_earlier_seeds():
 def test_method_overrides_set_fine_tuning_fields_per_method_and_reject_typos():
     from dontstop_jax.config_loader import override
     from dontstop_jax.phases.defaults import finetune_config
-    cfg = ConfigDict(dict(workdir="unused", variants=[], tasks={}, domains={}, methods=["full", "lora"],
-                          method_overrides={}, finetune=finetune_config()))
+
+    cfg = ConfigDict(
+        dict(
+            workdir="unused",
+            variants=[],
+            tasks={},
+            domains={},
+            methods=["full", "lora"],
+            method_overrides={},
+            finetune=finetune_config(),
+        )
+    )
     override(cfg, "method_overrides", "{'lora': {'optim': {'learning_rate': 1e-2}, 'train': {'epochs': 20}}}")
     grid = Grid(cfg)
     assert grid.method_overrides("lora") == {"optim.learning_rate": 1e-2, "train.epochs": 20}
@@ -313,11 +350,21 @@ def test_method_overrides_set_fine_tuning_fields_per_method_and_reject_typos():
 
 def test_named_setups_are_methods_that_their_overrides_define():
     from dontstop_jax.phases.defaults import finetune_config
-    cfg = ConfigDict(dict(workdir="unused", variants=[], tasks={}, domains={}, methods=["full", "r3f", "lora_smart"],
-                          method_overrides={"r3f": {"regularizer": {"method": "r3f"}},
-                                            "lora_smart": {"peft": {"method": "lora"},
-                                                           "regularizer": {"method": "smart"}}},
-                          finetune=finetune_config()))
+
+    cfg = ConfigDict(
+        dict(
+            workdir="unused",
+            variants=[],
+            tasks={},
+            domains={},
+            methods=["full", "r3f", "lora_smart"],
+            method_overrides={
+                "r3f": {"regularizer": {"method": "r3f"}},
+                "lora_smart": {"peft": {"method": "lora"}, "regularizer": {"method": "smart"}},
+            },
+            finetune=finetune_config(),
+        )
+    )
     grid = Grid(cfg)
     assert grid.methods() == ["full", "r3f", "lora_smart"]
     assert [grid.peft_method(m) for m in grid.methods()] == ["full", "full", "lora"]
@@ -331,10 +378,18 @@ def test_named_setups_are_methods_that_their_overrides_define():
 
 
 def test_table_shows_parameter_counts_epoch_times_and_discarded_seeds():
-    records = [{"task": "t", "variant": v, "seed": s, "metrics": {"f1": m}, "discarded": d,
-                "extras": {"trainable_params": n, "seconds_per_epoch": 2.0 + s}}
-               for v, n in (("baseline", 125_000_000), ("baseline/lora", 300_000))
-               for s, m, d in ((0, 0.8, False), (1, 0.7, False), (2, 0.1, v == "baseline/lora"))]
+    records = [
+        {
+            "task": "t",
+            "variant": v,
+            "seed": s,
+            "metrics": {"f1": m},
+            "discarded": d,
+            "extras": {"trainable_params": n, "seconds_per_epoch": 2.0 + s},
+        }
+        for v, n in (("baseline", 125_000_000), ("baseline/lora", 300_000))
+        for s, m, d in ((0, 0.8, False), (1, 0.7, False), (2, 0.1, v == "baseline/lora"))
+    ]
     table = results_table(records, {"t": "f1"}, variant_order=["baseline", "baseline/lora"])
     markdown = table.to_markdown()
     assert "125M params, 3 s/epoch" in markdown and "n=2 (+1 discarded), 300K params" in markdown
@@ -353,8 +408,9 @@ def test_a_phase_started_from_a_lora_phase_starts_from_the_merged_weights(tmp_pa
 
 def _phase_dir(root, cfg, params, tokenizer):
     """A finished phase's workdir holding `params` (what `init` reads), without running one."""
-    state = TrainState(step=jnp.array(1, jnp.int32), params=params, opt_state=np.zeros(1, np.float32),
-                       rng=jnp.zeros(2, jnp.uint32))
+    state = TrainState(
+        step=jnp.array(1, jnp.int32), params=params, opt_state=np.zeros(1, np.float32), rng=jnp.zeros(2, jnp.uint32)
+    )
     ckpt = Checkpointer(root / "checkpoints", async_save=False)
     ckpt.save(state, data_state={}, meta={"model_config": dataclasses.asdict(cfg), "tokenizer_dir": tokenizer})
     ckpt.close()
@@ -386,21 +442,36 @@ def test_init_delta_puts_an_adapter_file_onto_its_base_model(tmp_path, method, s
 
 def test_task_overrides_set_tapt_and_fine_tuning_fields_per_task_and_reject_typos():
     from dontstop_jax.config_loader import load
-    cfg = load("configs/grid.py:paper", [
-        "--config.tasks.rct.overrides={'tapt': {'train': {'epochs': 20}}, "
-        "'finetune': {'train': {'steps_per_epoch': 2000, 'epochs': 3}}}"])
+
+    cfg = load(
+        "configs/grid.py:paper",
+        [
+            "--config.tasks.rct.overrides={'tapt': {'train': {'epochs': 20}}, "
+            "'finetune': {'train': {'steps_per_epoch': 2000, 'epochs': 3}}}"
+        ],
+    )
     grid = Grid(cfg)
     assert grid.task_overrides("rct", "tapt") == {"train": {"epochs": 20}}
     assert grid.task_overrides("rct", "finetune") == {"train": {"steps_per_epoch": 2000, "epochs": 3}}
     assert grid.task_overrides("chemprot", "finetune") == {}
     for override, message in [
-            ("{'tapt': {'train': {'epoch': 20}}}", "tasks.rct.overrides.tapt.train has no field 'epoch'"),
-            ("{'dapt': {'train': {'steps': 5}}}", "tasks.rct.overrides.dapt: a task overrides only its tapt and "
-                                                  "finetune phases"),
-            ("{'finetune': {'train': {'steps_per_epoch': 0}}}", "tasks.rct.overrides.finetune.train.steps_per_epoch"
-                                                               "=0 must be > 0")]:
+        ("{'tapt': {'train': {'epoch': 20}}}", "tasks.rct.overrides.tapt.train has no field 'epoch'"),
+        (
+            "{'dapt': {'train': {'steps': 5}}}",
+            "tasks.rct.overrides.dapt: a task overrides only its tapt and finetune phases",
+        ),
+        (
+            "{'finetune': {'train': {'steps_per_epoch': 0}}}",
+            "tasks.rct.overrides.finetune.train.steps_per_epoch=0 must be > 0",
+        ),
+    ]:
         with pytest.raises(UserError, match=message.replace(".", r"\.")):
             load("configs/grid.py:paper", [f"--config.tasks.rct.overrides={override}"])
     with pytest.raises(UserError, match=r"tasks\.t has unknown field\(s\) epoch"):
-        load("configs/grid.py:paper", ["--config.tasks={'t': {'path': 'x', 'domain': 'cs', 'metric': 'macro_f1', "
-                                       "'epoch': 3, 'text_field': 'text', 'label_field': 'label'}}"])
+        load(
+            "configs/grid.py:paper",
+            [
+                "--config.tasks={'t': {'path': 'x', 'domain': 'cs', 'metric': 'macro_f1', "
+                "'epoch': 3, 'text_field': 'text', 'label_field': 'label'}}"
+            ],
+        )

@@ -19,8 +19,9 @@ ROOT = Path(__file__).parents[1]
 
 
 def _cli(*args, ok=True):
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=1200)
+    out = subprocess.run(
+        [sys.executable, "-m", "dontstop_jax", *args], cwd=ROOT, capture_output=True, text=True, timeout=1200
+    )
     assert (out.returncode == 0) == ok, out.stderr[-3000:]
     return out
 
@@ -28,12 +29,19 @@ def _cli(*args, ok=True):
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft")
-    out = _cli("demo", "--scale", "tiny", f"--config.workdir={root / 'grid'}",
-               f"--config.synthetic.directory={root / 'bench'}",
-               "--config.variants=['baseline','tapt']", "--config.methods=['full','lora']",
-               "--config.method_overrides={'lora': {'optim': {'learning_rate': 2e-3}}}",
-               "--config.tapt.peft.method=houlsby", "--config.seed_discard.fraction=0.34",
-               "--config.seed_discard.keep=1")
+    out = _cli(
+        "demo",
+        "--scale",
+        "tiny",
+        f"--config.workdir={root / 'grid'}",
+        f"--config.synthetic.directory={root / 'bench'}",
+        "--config.variants=['baseline','tapt']",
+        "--config.methods=['full','lora']",
+        "--config.method_overrides={'lora': {'optim': {'learning_rate': 2e-3}}}",
+        "--config.tapt.peft.method=houlsby",
+        "--config.seed_discard.fraction=0.34",
+        "--config.seed_discard.keep=1",
+    )
     return root, out.stdout
 
 
@@ -48,12 +56,19 @@ def test_grid_rows_per_method_with_parameter_counts_and_epoch_times(grid):
     full, lora = by_label["baseline"][0]["extras"], by_label["baseline/lora"][0]["extras"]
     assert 0 < lora["trainable_params"] < full["trainable_params"] / 5 and lora["seconds_per_epoch"] > 0
     for label, lr in (("baseline", 1e-3), ("baseline-lora", 2e-3)):  # method_overrides reach only LoRA's runs
-        ckpt = Checkpointer(next((root / "grid" / "finetune").glob(f"bio_topic-{label}-s0-*")) / "checkpoints",
-                            read_only=True)
+        ckpt = Checkpointer(
+            next((root / "grid" / "finetune").glob(f"bio_topic-{label}-s0-*")) / "checkpoints", read_only=True
+        )
         assert ckpt.meta(ckpt.latest_step())["config"]["optim"]["learning_rate"] == lr
     for label, runs in by_label.items():  # Dodge et al.: seed 1 stops early iff it is behind seed 0 there
-        summaries = {r["seed"]: json.loads(next((root / "grid" / "finetune").glob(
-            f"bio_topic-{label.replace('/', '-')}-s{r['seed']}-*/DONE.json")).read_text()) for r in runs}
+        summaries = {
+            r["seed"]: json.loads(
+                next(
+                    (root / "grid" / "finetune").glob(f"bio_topic-{label.replace('/', '-')}-s{r['seed']}-*/DONE.json")
+                ).read_text()
+            )
+            for r in runs
+        }
         assert summaries[1]["discarded"] == (summaries[1]["early_dev"] < summaries[0]["early_dev"])
         assert not summaries[0]["discarded"]
         if summaries[1]["discarded"]:
@@ -67,13 +82,20 @@ def test_tapt_with_adapters_leaves_a_small_adapter_file(grid):
     meta = ckpt.meta(ckpt.latest_step())
     assert meta["model_config"]["adapter"] == "houlsby"
     full = ckpt.restore_params()
-    base = {"roberta": {**full["roberta"], "layers": {k: v for k, v in full["roberta"]["layers"].items()
-                                                      if "adapter" not in k}}}
+    base = {
+        "roberta": {
+            **full["roberta"],
+            "layers": {k: v for k, v in full["roberta"]["layers"].items() if "adapter" not in k},
+        }
+    }
     cfg, loaded = load_delta(tapt / "peft.safetensors", base)
     assert cfg.adapter == "houlsby" and (tapt / "peft.safetensors").stat().st_size < 0.5 * sum(
-        v.nbytes for v in jax.tree_util.tree_leaves(full))
-    np.testing.assert_array_equal(loaded["roberta"]["layers"]["output_adapter"]["up"]["kernel"],
-                                  full["roberta"]["layers"]["output_adapter"]["up"]["kernel"])
+        v.nbytes for v in jax.tree_util.tree_leaves(full)
+    )
+    np.testing.assert_array_equal(
+        loaded["roberta"]["layers"]["output_adapter"]["up"]["kernel"],
+        full["roberta"]["layers"]["output_adapter"]["up"]["kernel"],
+    )
     refused = _cli("export", "--from", str(tapt), "--to", str(root / "tapt-hf"), ok=False)
     assert "adapters" in refused.stderr and "--peft-only" in refused.stderr
 

@@ -33,12 +33,15 @@ def test_demo_prints_and_writes_the_table(tiny_grid):
     # The task's reference scores are kept with the records, which rebuild the table; each record's
     # majority-class flag is the one its fine-tune's summary carries.
     assert [(r["task"], r["reference"]) for r in saved["references"]] == [
-        ("bio_topic", "majority class"), ("bio_topic", "bag-of-words LR"), ("bio_topic", "static word vectors LR")]
+        ("bio_topic", "majority class"),
+        ("bio_topic", "bag-of-words LR"),
+        ("bio_topic", "static word vectors LR"),
+    ]
     rebuilt = results_table(records, {"bio_topic": "macro_f1"}, references=saved["references"])
     assert rebuilt.to_markdown() == (root / "grid" / "results.md").read_text()
     assert "| majority class (reference) |" in stdout and "| bag-of-words LR (reference) |" in stdout
     for r in records:
-        done, = (root / "grid" / "finetune").glob(f"bio_topic-{r['variant']}-s{r['seed']}-*/DONE.json")
+        (done,) = (root / "grid" / "finetune").glob(f"bio_topic-{r['variant']}-s{r['seed']}-*/DONE.json")
         assert r["dev_at_majority"] is json.loads(done.read_text())["dev_at_majority"]
     # Each phase ran once: a domain's DAPT is shared by dapt, dapt_tapt and (the other domain's) not_dapt.
     phases = sorted(p.name.rsplit("-", 1)[0] for p in (root / "grid" / "pretrain").iterdir())
@@ -57,9 +60,15 @@ def test_exported_classifier_reloads_in_transformers_with_the_same_logits(tiny_g
 def test_analyze_after_the_demo_shows_why_the_domains_need_adaptation(tiny_grid):
     root, _ = tiny_grid
     out = root / "analysis"
-    _cli("analyze", "--config", "configs/analyze.py:synthetic-tiny", f"--config.grid_dir={root / 'grid'}",
-         f"--config.synthetic.directory={root / 'grid' / 'benchmark'}", f"--config.out_dir={out}",
-         f"--config.mlm.cache_dir={root / 'cache'}")
+    _cli(
+        "analyze",
+        "--config",
+        "configs/analyze.py:synthetic-tiny",
+        f"--config.grid_dir={root / 'grid'}",
+        f"--config.synthetic.directory={root / 'grid' / 'benchmark'}",
+        f"--config.out_dir={out}",
+        f"--config.mlm.cache_dir={root / 'cache'}",
+    )
     with (out / "vocab_overlap.csv").open() as f:
         overlap = {row["corpus"]: {k: float(v) for k, v in row.items() if k != "corpus"} for row in csv.DictReader(f)}
     with (out / "mlm_loss.csv").open() as f:

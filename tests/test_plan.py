@@ -8,9 +8,15 @@ import pytest
 from dontstop_jax import cli
 from dontstop_jax.engine import topology
 
-TINY = ["--config", "configs/tapt.py", "--config.model.hidden_size=64", "--config.model.num_hidden_layers=2",
-        "--config.model.num_attention_heads=2", "--config.model.intermediate_size=128",
-        "--config.data.max_seq_length=64"]
+TINY = [
+    "--config",
+    "configs/tapt.py",
+    "--config.model.hidden_size=64",
+    "--config.model.num_hidden_layers=2",
+    "--config.model.num_attention_heads=2",
+    "--config.model.intermediate_size=128",
+    "--config.data.max_seq_length=64",
+]
 
 
 def test_unknown_topology_is_one_error_line(capsys):
@@ -30,13 +36,29 @@ def test_tiny_step_fits_and_prints_its_plan(capsys):
     """No dtype flag: a TPU plan computes in bfloat16. Accumulation 1 leaves the FSDP levers to rank (with and
     without gathering the parameters once per step)."""
     pytest.importorskip("libtpu")
-    assert cli.main(["plan", "--topology", "v5litepod-8", *TINY, "--config.train.batch_size=64",
-                     "--config.train.accum_steps=1"]) == 0
+    assert (
+        cli.main(
+            ["plan", "--topology", "v5litepod-8", *TINY, "--config.train.batch_size=64", "--config.train.accum_steps=1"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    for row in ("8 v5e chips", "bfloat16", "HBM per chip", "FLOPs", "HBM traffic", "collectives", "roofline step",
-                "per chip, ", "per host; MFU", "wall clock",
-                "fitting plans, fastest first (3 of 3 fit; 3 compiled, the others estimated)",
-                "3. ", "--config.train.gather_params_once=True", "chosen: "):
+    for row in (
+        "8 v5e chips",
+        "bfloat16",
+        "HBM per chip",
+        "FLOPs",
+        "HBM traffic",
+        "collectives",
+        "roofline step",
+        "per chip, ",
+        "per host; MFU",
+        "wall clock",
+        "fitting plans, fastest first (3 of 3 fit; 3 compiled, the others estimated)",
+        "3. ",
+        "--config.train.gather_params_once=True",
+        "chosen: ",
+    ):
         assert row in out, row
 
 
@@ -49,6 +71,7 @@ def test_loops_count_as_often_as_they_run():
 
     def f(w, x):
         return jax.lax.scan(lambda c, wl: (jnp.tanh(c @ wl), None), x, w)[0].sum()
+
     compiled = jax.jit(f).lower(jnp.ones((5, 32, 32)), jnp.ones((16, 32))).compile()
     text = compiled.as_text()
     assert text is not None
@@ -66,8 +89,21 @@ def test_step_that_does_not_fit_names_the_lever_and_its_plan(capsys, monkeypatch
     # About 393 MiB per chip at accumulation 1, 260 MiB at 2 (fsdp and full remat already applied).
     small = dataclasses.replace(topology.CHIPS["v5litepod"], hbm_bytes=320 << 20)
     monkeypatch.setitem(topology.CHIPS, "v5litepod", small)
-    assert cli.main(["plan", "--topology", "v5litepod-8", *TINY, "--config.train.batch_size=1024",
-                     "--config.train.accum_steps=1", "--config.mesh.shape=(1,-1,1)", "--config.model.remat=full"]) == 1
+    assert (
+        cli.main(
+            [
+                "plan",
+                "--topology",
+                "v5litepod-8",
+                *TINY,
+                "--config.train.batch_size=1024",
+                "--config.train.accum_steps=1",
+                "--config.mesh.shape=(1,-1,1)",
+                "--config.model.remat=full",
+            ]
+        )
+        == 1
+    )
     out = capsys.readouterr().out
     assert "does not fit\nfitting plans, fastest first (1 of 2 fit; 2 compiled, the others estimated)" in out
     assert "chosen: --config.train.accum_steps=2\n" in out and out.count("HBM per chip") == 2 and "accum 2," in out
@@ -79,13 +115,17 @@ def test_a_step_the_compiler_refuses_does_not_fit_and_gets_a_lever(capsys, monke
     import jax
 
     from dontstop_jax.phases import plan as plan_phase
+
     real = plan_phase.compile_phase
 
     def compile_phase(cfg, devices):
         if cfg.mesh.shape[0] != 1:  # data parallel: "too big"; the FSDP lever compiles for real
-            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
-                                             "required for HLO temporaries (20.13G) exceeds available HBM (15.75G).")
+            raise jax.errors.JaxRuntimeError(
+                "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                "required for HLO temporaries (20.13G) exceeds available HBM (15.75G)."
+            )
         return real(cfg, devices)
+
     monkeypatch.setattr(plan_phase, "compile_phase", compile_phase)
     monkeypatch.setattr(topology, "devices", lambda name, slices=1: (topology.CHIPS["v5litepod"], jax.devices()[:8]))
     assert cli.main(["plan", "--topology", "v5litepod-8", *TINY, "--config.train.batch_size=64"]) == 1
@@ -99,15 +139,25 @@ def test_fused_attention_plans_the_splash_kernel_for_a_tpu_slice(monkeypatch):
     pytest.importorskip("libtpu")
     from dontstop_jax.analysis import plan as analysis
     from dontstop_jax.config_loader import load
+
     texts, real = [], analysis.count
 
     def count(text):
         texts.append(text)
         return real(text)
+
     monkeypatch.setattr(analysis, "count", count)
-    cfg = load("configs/tapt.py", TINY[2:] + ["--config.data.max_seq_length=128", "--config.train.batch_size=64",
-                                               "--config.train.accum_steps=1",
-                                               "--config.model.attention_probs_dropout_prob=0.0"], platform="tpu")
+    cfg = load(
+        "configs/tapt.py",
+        TINY[2:]
+        + [
+            "--config.data.max_seq_length=128",
+            "--config.train.batch_size=64",
+            "--config.train.accum_steps=1",
+            "--config.model.attention_probs_dropout_prob=0.0",
+        ],
+        platform="tpu",
+    )
     assert (cfg.model.attention_impl, cfg.model.dtype) == ("splash", "bfloat16")
     analysis.compile_phase(cfg, topology.devices("v5litepod-8")[1])
     assert any("tpu_custom_call" in text for text in texts)
@@ -119,6 +169,7 @@ def test_fine_tuning_plans_without_train_steps():
 
     from dontstop_jax.analysis.plan import compile_phase
     from dontstop_jax.config_loader import load
+
     cfg = load("configs/finetune.py", TINY[2:] + ["--config.train.batch_size=8"])
     train, predict, params = compile_phase(cfg, jax.devices()[:8])
     assert predict is not None and train.total_bytes > 0 and params > 0
@@ -134,6 +185,7 @@ def test_the_model_comes_from_a_phase_workdir_without_its_weights(tmp_path):
     from dontstop_jax.engine import DEFAULT_RULES, create_train_state, make_mesh
     from dontstop_jax.engine.checkpoint import Checkpointer
     from dontstop_jax.model import RobertaForMaskedLM, tiny_config
+
     arch = tiny_config(vocab_size=97, vocab_pad_multiple=1, num_hidden_layers=3)
     state, _ = create_train_state(RobertaForMaskedLM(arch), optax.sgd(0.1), make_mesh((-1, 1, 1)), DEFAULT_RULES, 0)
     recorded = {k: v for k, v in dataclasses.asdict(arch).items() if k != "vocab_pad_multiple"}
@@ -154,9 +206,14 @@ def test_a_count_between_two_compiled_ones_is_estimated_from_them():
 
     from dontstop_jax.analysis.plan import between, compile_phase
     from dontstop_jax.config_loader import load
-    costs = {a: compile_phase(load("configs/tapt.py", TINY[2:] + ["--config.train.batch_size=64",
-                                                                  f"--config.train.accum_steps={a}"]),
-                              jax.devices()[:8])[0] for a in (1, 2, 4)}
+
+    costs = {
+        a: compile_phase(
+            load("configs/tapt.py", TINY[2:] + ["--config.train.batch_size=64", f"--config.train.accum_steps={a}"]),
+            jax.devices()[:8],
+        )[0]
+        for a in (1, 2, 4)
+    }
     estimate = between((1, costs[1]), (4, costs[4]), 2)
     for field in ("flops", "bytes_accessed", "temp_bytes", "total_bytes"):
         assert getattr(estimate, field) == pytest.approx(getattr(costs[2], field), rel=0.1), field

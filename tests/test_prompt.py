@@ -44,13 +44,20 @@ def test_prompt_logits_are_the_mlm_heads_scores_of_the_verbalizer_tokens(tiny_to
     words = {w: encode_plain(tok, [" " + w])[0] for w in ("dog", "zebra", "xylophone")}
     assert len(words["zebra"]) > 1 and len(words["xylophone"]) > 1
 
-    cfg = tiny_config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, max_position_embeddings=34)
-    params = jax.device_get(nn.unbox(jax.jit(init_params, static_argnums=0)(RobertaForMaskedLM(cfg),
-                                                                             jax.random.key(0))))
+    cfg = tiny_config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=34,
+    )
+    params = jax.device_get(
+        nn.unbox(jax.jit(init_params, static_argnums=0)(RobertaForMaskedLM(cfg), jax.random.key(0)))
+    )
     ids = np.full((2, 24), cfg.pad_token_id, np.int32)
     for i, e in enumerate(encoded):
-        ids[i, :len(e)] = e
+        ids[i, : len(e)] = e
     mask = (ids != cfg.pad_token_id).astype(np.int32)
     ours = np.asarray(jax.jit(prompt.model(cfg).apply)({"params": params}, ids, mask))
     vocab = np.asarray(jax.jit(RobertaForMaskedLM(cfg).apply)({"params": params}, ids, mask), np.float64)  # [2,24,V]
@@ -85,20 +92,28 @@ def test_few_shot_draws_k_per_class_for_train_and_dev():
         with_shots(task, 21, seed=0)
 
 
-@pytest.mark.parametrize("verbalizer, match", [
-    ({"neg": "dog"}, r"no word for label\(s\) \['pos'\]"),
-    ({"neg": "dog", "pos": "fox", "Pos": "x"}, r"names \['Pos'\], which are not labels"),
-    ({"neg": "dog", "pos": []}, "'pos' must be a word or a non-empty list")])
+@pytest.mark.parametrize(
+    "verbalizer, match",
+    [
+        ({"neg": "dog"}, r"no word for label\(s\) \['pos'\]"),
+        ({"neg": "dog", "pos": "fox", "Pos": "x"}, r"names \['Pos'\], which are not labels"),
+        ({"neg": "dog", "pos": []}, "'pos' must be a word or a non-empty list"),
+    ],
+)
 def test_a_verbalizer_must_name_every_label_and_no_other(tiny_tokenizer_dir, verbalizer, match):
     with pytest.raises(UserError, match=match):
         _prompt(tiny_tokenizer_dir, verbalizer=verbalizer)
 
 
-@pytest.mark.parametrize("override, match", [
-    ("--config.head=promt", "head='promt' must be one of classifier, prompt"),
-    ("--config.prompt.template={text} was", "prompt.template='{text} was' needs exactly one {text} and one <mask>"),
-    ("--config.prompt.verbalizer={'method': 'x', 'head': 'y'}", None),  # labels are not config fields
-    ("--config.task.shots=-1", "task.shots=-1 must be >= 0")])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("--config.head=promt", "head='promt' must be one of classifier, prompt"),
+        ("--config.prompt.template={text} was", "prompt.template='{text} was' needs exactly one {text} and one <mask>"),
+        ("--config.prompt.verbalizer={'method': 'x', 'head': 'y'}", None),  # labels are not config fields
+        ("--config.task.shots=-1", "task.shots=-1 must be >= 0"),
+    ],
+)
 def test_prompt_fields_are_checked_when_the_config_loads(override, match):
     if match is None:
         assert config_loader.load("configs/finetune.py:chemprot", [override]).prompt.verbalizer.head == "y"
@@ -128,13 +143,28 @@ def test_prompt_fine_tuning_with_bitfit_exports_an_mlm_with_its_prompt(tmp_path,
     from dontstop_jax.analysis import classification_metrics
     from dontstop_jax.phases.export import export
     from dontstop_jax.phases.finetune import finetune
+
     write_biomed_data(tmp_path / "corpus", tmp_path / "task", corpus_docs=0)
     hf = save_tiny_roberta(tmp_path / "hf", tiny_tokenizer_dir)
     verbalizer = {"ACTIVATOR": "protein", "INHIBITOR": ["lazy dog", "cell"]}
-    cfg = config_loader.lock(config_loader.set_fields(finetune_config(), {
-        "workdir": str(tmp_path / "ft"), "init": str(hf), "task.path": str(tmp_path / "task"), "task.shots": 8,
-        "data.max_seq_length": 48, "train.batch_size": 8, "train.epochs": 2, "optim.learning_rate": 1e-2,
-        "peft.method": "bitfit", "head": "prompt", "prompt.verbalizer": verbalizer}))
+    cfg = config_loader.lock(
+        config_loader.set_fields(
+            finetune_config(),
+            {
+                "workdir": str(tmp_path / "ft"),
+                "init": str(hf),
+                "task.path": str(tmp_path / "task"),
+                "task.shots": 8,
+                "data.max_seq_length": 48,
+                "train.batch_size": 8,
+                "train.epochs": 2,
+                "optim.learning_rate": 1e-2,
+                "peft.method": "bitfit",
+                "head": "prompt",
+                "prompt.verbalizer": verbalizer,
+            },
+        )
+    )
     summary = finetune(cfg)
     assert summary["train_examples"] == 16 and summary["epochs_run"] == 2 and summary["test"]["accuracy"] > 0
     out = export(str(tmp_path / "ft"), str(tmp_path / "out"))
@@ -143,8 +173,7 @@ def test_prompt_fine_tuning_with_bitfit_exports_an_mlm_with_its_prompt(tmp_path,
     assert saved["label_names"] == ["ACTIVATOR", "INHIBITOR"] and saved["template"] == "{text} It was <mask> ."
     mlm = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()
     tok, task = load_tokenizer(str(out)), load_task(str(tmp_path / "task"))
-    prompt = Prompt.from_config(ConfigDict(dict(default_prompt_config(), verbalizer=verbalizer)), tok,
-                                task.label_names)
+    prompt = Prompt.from_config(ConfigDict(dict(default_prompt_config(), verbalizer=verbalizer)), tok, task.label_names)
     texts, labels = task.splits["test"]
     preds = []
     for e in prompt.encode(texts, 48):
@@ -162,6 +191,7 @@ def test_grid_crosses_heads_with_shots(tmp_path, monkeypatch, tiny_tokenizer_dir
     from tiny_hf import save_tiny_roberta, write_biomed_data
 
     from dontstop_jax.phases import grid as grid_module
+
     write_biomed_data(tmp_path / "corpus", tmp_path / "bio", corpus_docs=0)
     tuned = []
 
@@ -169,20 +199,41 @@ def test_grid_crosses_heads_with_shots(tmp_path, monkeypatch, tiny_tokenizer_dir
         tuned.append(phase)
         score = {"macro_f1": 0.5 + 0.1 * (phase.head == "prompt") + 0.01 * phase.seed}
         return {"dev": score, "test": score}
+
     monkeypatch.setattr(grid_module, "finetune", finetune)
-    task = dict(path=str(tmp_path / "bio"), metric="macro_f1", text_field="text", label_field="label",
-                irrelevant_domain="cs", domain="bio")
-    cfg = config_loader.load("configs/grid.py:paper", [
-        f"--config.tasks={dict(bio=task)!r}", "--config.domains={'bio': ['c.txt'], 'cs': ['d.txt']}",
-        "--config.variants=['baseline']", "--config.heads=['classifier', 'prompt']", "--config.shots=[4]",
-        "--config.seeds=[0, 1]", f"--config.workdir={tmp_path / 'grid'}",
-        f"--config.base={save_tiny_roberta(tmp_path / 'base', tiny_tokenizer_dir)}"])
+    task = dict(
+        path=str(tmp_path / "bio"),
+        metric="macro_f1",
+        text_field="text",
+        label_field="label",
+        irrelevant_domain="cs",
+        domain="bio",
+    )
+    cfg = config_loader.load(
+        "configs/grid.py:paper",
+        [
+            f"--config.tasks={dict(bio=task)!r}",
+            "--config.domains={'bio': ['c.txt'], 'cs': ['d.txt']}",
+            "--config.variants=['baseline']",
+            "--config.heads=['classifier', 'prompt']",
+            "--config.shots=[4]",
+            "--config.seeds=[0, 1]",
+            f"--config.workdir={tmp_path / 'grid'}",
+            f"--config.base={save_tiny_roberta(tmp_path / 'base', tiny_tokenizer_dir)}",
+        ],
+    )
     grid_module.Grid(cfg).run()
     assert sorted((p.head, p.task.shots, p.task.train_size, p.seed) for p in tuned) == [
-        ("classifier", 4, 0, 0), ("classifier", 4, 0, 1), ("prompt", 4, 0, 0), ("prompt", 4, 0, 1)]
+        ("classifier", 4, 0, 0),
+        ("classifier", 4, 0, 1),
+        ("prompt", 4, 0, 0),
+        ("prompt", 4, 0, 1),
+    ]
     saved = json.loads((tmp_path / "grid" / "records.json").read_text())
     assert {(r["variant"], r["shots"], r["train_size"]) for r in saved["records"]} == {
-        ("baseline", 4, 4), ("baseline/prompt", 4, 4)}
+        ("baseline", 4, 4),
+        ("baseline/prompt", 4, 4),
+    }
     assert {(r["shots"], r["draw"], r["train_examples"]) for r in saved["references"]} == {(4, 0, 8), (4, 1, 8)}
     curve = (tmp_path / "grid" / "learning_curve.md").read_text()
     assert "| bio (macro_f1) | 4 (8) |" in curve and "| baseline/prompt | 60.5 ± 0.7 |" in curve

@@ -17,8 +17,9 @@ SMALL = ["--config.train.batch_size=16", "--config.data.max_seq_length=64"]
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *args],
-                         cwd=cwd, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "dontstop_jax", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -31,16 +32,42 @@ def flow(tmp_path_factory, tiny_tokenizer_dir):
     save_tiny_roberta(root / "roberta-tiny", tiny_tokenizer_dir)
     write_biomed_data(root / "s2orc", root / "chemprot", corpus_docs=600)
     cfg = str(ROOT / "configs")
-    _cli("pretrain", "--config", f"{cfg}/dapt.py:biomed", "--config.init=roberta-tiny",
-         "--config.data.sources=['s2orc/*.jsonl.gz']", "--config.workdir=runs/dapt-biomed",
-         "--config.train.steps=30", "--config.train.accum_steps=2", "--config.optim.learning_rate=3e-3", *SMALL,
-         cwd=root)
-    _cli("pretrain", "--config", f"{cfg}/tapt.py:chemprot", "--config.init=runs/dapt-biomed",
-         "--config.data.sources=['chemprot/train.jsonl']", "--config.workdir=runs/dapt-tapt-chemprot",
-         "--config.train.epochs=3", *SMALL, cwd=root)
-    _cli("finetune", "--config", f"{cfg}/finetune.py:chemprot", "--config.init=runs/dapt-tapt-chemprot",
-         "--config.task.path=chemprot", "--config.seed=1", "--config.workdir=runs/finetune-chemprot",
-         "--config.train.epochs=3", *SMALL, cwd=root)
+    _cli(
+        "pretrain",
+        "--config",
+        f"{cfg}/dapt.py:biomed",
+        "--config.init=roberta-tiny",
+        "--config.data.sources=['s2orc/*.jsonl.gz']",
+        "--config.workdir=runs/dapt-biomed",
+        "--config.train.steps=30",
+        "--config.train.accum_steps=2",
+        "--config.optim.learning_rate=3e-3",
+        *SMALL,
+        cwd=root,
+    )
+    _cli(
+        "pretrain",
+        "--config",
+        f"{cfg}/tapt.py:chemprot",
+        "--config.init=runs/dapt-biomed",
+        "--config.data.sources=['chemprot/train.jsonl']",
+        "--config.workdir=runs/dapt-tapt-chemprot",
+        "--config.train.epochs=3",
+        *SMALL,
+        cwd=root,
+    )
+    _cli(
+        "finetune",
+        "--config",
+        f"{cfg}/finetune.py:chemprot",
+        "--config.init=runs/dapt-tapt-chemprot",
+        "--config.task.path=chemprot",
+        "--config.seed=1",
+        "--config.workdir=runs/finetune-chemprot",
+        "--config.train.epochs=3",
+        *SMALL,
+        cwd=root,
+    )
     _cli("export", "--from", "runs/finetune-chemprot", "--to", "exported/chemprot", cwd=root)
     return root
 
@@ -59,8 +86,11 @@ def test_each_phase_starts_from_the_previous_one(flow):
 
 
 def test_dapt_lowers_the_masked_lm_loss_of_the_imported_model(flow):
-    losses = [json.loads(line)["loss"] for line in
-              (flow / "runs" / "dapt-biomed" / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (flow / "runs" / "dapt-biomed" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in line
+    ]
     assert losses[-1] < losses[0] - 0.1
 
 

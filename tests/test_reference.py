@@ -46,25 +46,28 @@ def test_bag_of_words_separates_a_separable_task_and_is_at_chance_on_random_labe
     noise = [f"noise{i}" for i in range(50)]
     train_y, test_y = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
     train, test = _texts(rng, train_y, words, noise), _texts(rng, test_y, words, noise)
-    predicted, = bag_of_words_predict(train, train_y, [test], 3)
+    (predicted,) = bag_of_words_predict(train, train_y, [test], 3)
     assert (predicted == test_y).mean() == 1.0
     # Labels that have nothing to do with the words: as good as a coin, however well train is fitted.
     texts = [" ".join(rng.choice(noise, 8)) for _ in range(800)]
     labels = rng.integers(0, 2, 800)
-    predicted, = bag_of_words_predict(texts[:400], labels[:400], [texts[400:]], 2)
+    (predicted,) = bag_of_words_predict(texts[:400], labels[:400], [texts[400:]], 2)
     assert 0.42 < (predicted == labels[400:]).mean() < 0.58
-    again, = bag_of_words_predict(texts[:400], labels[:400], [texts[400:]], 2)
+    (again,) = bag_of_words_predict(texts[:400], labels[:400], [texts[400:]], 2)
     np.testing.assert_array_equal(again, predicted)  # deterministic
 
 
 def test_task_references_score_dev_and_test_of_both_references():
-    splits = {"train": (["good film", "great film", "bad film", "good fun"], np.array([1, 1, 0, 1], np.int32)),
-              "dev": (["good", "bad"], np.array([1, 0], np.int32)),
-              "test": (["great fun", "bad bad", "bad"], np.array([1, 0, 0], np.int32))}
+    splits = {
+        "train": (["good film", "great film", "bad film", "good fun"], np.array([1, 1, 0, 1], np.int32)),
+        "dev": (["good", "bad"], np.array([1, 0], np.int32)),
+        "test": (["great fun", "bad bad", "bad"], np.array([1, 0, 0], np.int32)),
+    }
     majority, bag = task_references(splits, num_labels=2)
     assert majority["reference"] == MAJORITY and bag["reference"] == BAG_OF_WORDS
     assert majority["dev"] == majority_scores(splits["train"][1], splits["dev"][1], 2)
     assert majority["test"] == classification_metrics(splits["test"][1], np.array([1, 1, 1]), 2)
     predicted = bag_of_words_predict(splits["train"][0], splits["train"][1], [["good", "bad"], splits["test"][0]], 2)
-    assert [bag["dev"], bag["test"]] == [classification_metrics(splits[s][1], p, 2)
-                                         for s, p in zip(("dev", "test"), predicted)]
+    assert [bag["dev"], bag["test"]] == [
+        classification_metrics(splits[s][1], p, 2) for s, p in zip(("dev", "test"), predicted)
+    ]

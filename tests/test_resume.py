@@ -35,8 +35,12 @@ def test_killed_and_relaunched_equals_uninterrupted(setup):
 
     for kill_after in (10, 50):  # two different kill points
         workdir = root / f"killed-{kill_after}"
-        proc = subprocess.Popen(_command(workdir, corpus, tokenizer, cache), cwd=Path(__file__).parents[1],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _command(workdir, corpus, tokenizer, cache),
+            cwd=Path(__file__).parents[1],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for_checkpoint(workdir, proc, kill_after)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -49,8 +53,13 @@ def test_killed_and_relaunched_equals_uninterrupted(setup):
 def test_sigterm_checkpoints_and_exits_cleanly(setup):
     root, corpus, tokenizer = setup
     workdir = root / "preempted"
-    proc = subprocess.Popen(_command(workdir, corpus, tokenizer, root / "cache"), cwd=Path(__file__).parents[1],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _command(workdir, corpus, tokenizer, root / "cache"),
+        cwd=Path(__file__).parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_checkpoint(workdir, proc, 10)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

@@ -19,10 +19,26 @@ ROOT = Path(__file__).parents[1]
 def grid(tmp_path_factory):
     root = tmp_path_factory.mktemp("selection-grid")
     out = subprocess.run(
-        [sys.executable, "-m", "dontstop_jax", "demo", "--scale", "tiny", f"--config.workdir={root / 'grid'}",
-         f"--config.synthetic.directory={root / 'bench'}", "--config.seeds=[0]",
-         '--config.variants=["tapt","knn_tapt_50","rand_tapt"]', "--config.select.embedding.kind=tfidf",
-         "--config.tapt.train.epochs=1", "--config.finetune.train.epochs=1"], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+        [
+            sys.executable,
+            "-m",
+            "dontstop_jax",
+            "demo",
+            "--scale",
+            "tiny",
+            f"--config.workdir={root / 'grid'}",
+            f"--config.synthetic.directory={root / 'bench'}",
+            "--config.seeds=[0]",
+            '--config.variants=["tapt","knn_tapt_50","rand_tapt"]',
+            "--config.select.embedding.kind=tfidf",
+            "--config.tapt.train.epochs=1",
+            "--config.finetune.train.epochs=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return root / "grid", out.stdout
 

@@ -2,8 +2,10 @@
 
 from dontstop_jax.selection.leakage import LeakageFilter
 
-TEST = ["the kinase phosphorylates the membrane receptor after ligand binding in human cells",
-        "graph neural networks propagate messages along the edges of a molecule"]
+TEST = [
+    "the kinase phosphorylates the membrane receptor after ligand binding in human cells",
+    "graph neural networks propagate messages along the edges of a molecule",
+]
 
 
 def test_exact_and_near_copies_are_caught():

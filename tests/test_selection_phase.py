@@ -13,9 +13,11 @@ from dontstop_jax.phases.defaults import select_config
 from dontstop_jax.phases.select import select, selected_corpus
 from dontstop_jax.train.workdir import Workdir
 
-TOPICS = {"bio": ["protein", "binds", "cell", "gene", "enzyme", "membrane", "receptor", "kinase"],
-          "cs": ["graph", "node", "edge", "compiler", "kernel", "cache", "thread", "socket"],
-          "news": ["election", "vote", "minister", "market", "strike", "court", "policy", "tax"]}
+TOPICS = {
+    "bio": ["protein", "binds", "cell", "gene", "enzyme", "membrane", "receptor", "kinase"],
+    "cs": ["graph", "node", "edge", "compiler", "kernel", "cache", "thread", "socket"],
+    "news": ["election", "vote", "minister", "market", "strike", "court", "policy", "tax"],
+}
 FILLER = ["the", "a", "of", "and", "in", "with"]
 
 
@@ -32,13 +34,16 @@ def data(tmp_path_factory):
     task.mkdir()
     splits = {s: [_sentence(rng, "bio", 12) for _ in range(n)] for s, n in (("train", 20), ("dev", 10), ("test", 10))}
     for split, texts in splits.items():
-        (task / f"{split}.jsonl").write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n"
-                                                     for i, t in enumerate(texts)))
+        (task / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(texts))
+        )
     docs = [_sentence(rng, ["bio", "cs", "news"][i % 3], 30) for i in range(300)]
-    planted = {5: splits["test"][0].upper() + "!",  # the same text up to case and punctuation
-               8: "preface words here " + splits["dev"][1] + " and an epilogue",  # quotes a dev example
-               11: splits["train"][2],  # a task example: already in TAPT, a duplicate
-               14: docs[2]}  # a duplicate inside the corpus
+    planted = {
+        5: splits["test"][0].upper() + "!",  # the same text up to case and punctuation
+        8: "preface words here " + splits["dev"][1] + " and an epilogue",  # quotes a dev example
+        11: splits["train"][2],  # a task example: already in TAPT, a duplicate
+        14: docs[2],
+    }  # a duplicate inside the corpus
     docs = [planted.get(i, d) for i, d in enumerate(docs)]
     (root / "corpus-a.txt").write_text("\n".join(docs[:170]) + "\n")
     (root / "corpus-b.txt").write_text("\n".join(docs[170:]) + "\n")
@@ -86,6 +91,7 @@ def test_dsir_prefers_the_task_domain_and_rand_does_not(data, tmp_path):
     def bio_share(method, seed=0):
         select(_cfg(data, tmp_path / f"{method}{seed}", method=method, n=40, seed=seed))
         return np.mean([r["index"] % 3 == 0 for r in _selected(tmp_path / f"{method}{seed}")])
+
     assert bio_share("dsir") > 0.9
     assert bio_share("rand") < 0.6
     assert _selected(tmp_path / "rand0") != (bio_share("rand", seed=1), _selected(tmp_path / "rand1"))[1]
@@ -95,8 +101,10 @@ def test_same_seed_same_selection(data, tmp_path):
     for method in ("knn", "rand"):
         for name in ("a", "b"):
             select(_cfg(data, tmp_path / f"{method}-{name}", method=method, n=30))
-        assert (Path(selected_corpus(tmp_path / f"{method}-a")).read_bytes()
-                == Path(selected_corpus(tmp_path / f"{method}-b")).read_bytes())
+        assert (
+            Path(selected_corpus(tmp_path / f"{method}-a")).read_bytes()
+            == Path(selected_corpus(tmp_path / f"{method}-b")).read_bytes()
+        )
 
 
 @pytest.mark.parametrize("method", ["knn", "dsir"])
@@ -122,8 +130,10 @@ def test_interrupted_run_resumes_to_the_same_selection(data, tmp_path, monkeypat
     monkeypatch.setattr(select_phase, "_ranker", lambda *a: _counting(ranker(*a), updates))
     select(cfg)
     assert min(updates) == 4  # chunks 0-3 were not ranked again
-    assert (Path(selected_corpus(tmp_path / "resumed")).read_bytes()
-            == Path(selected_corpus(tmp_path / "whole")).read_bytes())
+    assert (
+        Path(selected_corpus(tmp_path / "resumed")).read_bytes()
+        == Path(selected_corpus(tmp_path / "whole")).read_bytes()
+    )
     assert not (tmp_path / "resumed" / "progress.npz").exists()
 
 
@@ -145,8 +155,10 @@ def test_curated_text_is_filtered_too(data, tmp_path):
     curated = root / "curated.txt"
     curated.write_text("\n".join(["fresh in-domain text about a kinase", splits["test"][3], "more receptor text"]))
     stats = select(_cfg(data, tmp_path / "cur", method="curated", curated_sources=[str(curated)]))
-    assert [r["text"] for r in _selected(tmp_path / "cur")] == ["fresh in-domain text about a kinase",
-                                                                "more receptor text"]
+    assert [r["text"] for r in _selected(tmp_path / "cur")] == [
+        "fresh in-domain text about a kinase",
+        "more receptor text",
+    ]
     assert stats["removed"]["leakage"] == 1
 
 
@@ -179,8 +191,8 @@ def test_two_processes_select_what_one_does(data, tmp_path):
     """Launched on 2 processes, process 0 selects on its own devices, the other waits for the files; both
     return the statistics and the selection is byte-identical to a one-process run."""
     from local_processes import run_local_processes
+
     one = select(_cfg(data, tmp_path / "one"))
     outputs = run_local_processes(_SELECT_IN_A_PROCESS, _cfg(data, tmp_path / "two").to_json())
     assert [int(out.splitlines()[-1]) for out in outputs] == [one["size"]] * 2
-    assert (Path(selected_corpus(tmp_path / "two")).read_bytes()
-            == Path(selected_corpus(tmp_path / "one")).read_bytes())
+    assert Path(selected_corpus(tmp_path / "two")).read_bytes() == Path(selected_corpus(tmp_path / "one")).read_bytes()

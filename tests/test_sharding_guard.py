@@ -38,22 +38,28 @@ def partition_specs() -> dict:
     """{model: {parameter path: {"shape": [...], "spec": [...]}}} for roberta-base under DEFAULT_RULES."""
     mesh = make_mesh((2, 2, 2), jax.devices()[:8])
     out = {}
-    for name, module in (("mlm", RobertaForMaskedLM(ModelConfig())),
-                         ("classification", RobertaForSequenceClassification(ModelConfig(), num_labels=2))):
+    for name, module in (
+        ("mlm", RobertaForMaskedLM(ModelConfig())),
+        ("classification", RobertaForSequenceClassification(ModelConfig(), num_labels=2)),
+    ):
         boxed = jax.eval_shape(lambda m=module: init_params(m, jax.random.key(0)))
         check_replicated(boxed, mesh, DEFAULT_RULES)  # no roberta-base weight may end up whole on every device
         shardings = tree_shardings(boxed, mesh, DEFAULT_RULES)
         shapes = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: hasattr(x, "names"))[0]
         specs = dict(jax.tree_util.tree_flatten_with_path(shardings)[0])
-        out[name] = {"/".join(k.key for k in path): {"shape": list(leaf.value.shape), "spec": _spec_json(specs[path].spec)}
-                     for path, leaf in shapes}
+        out[name] = {
+            "/".join(k.key for k in path): {"shape": list(leaf.value.shape), "spec": _spec_json(specs[path].spec)}
+            for path, leaf in shapes
+        }
     return out
 
 
 def _dump(specs: dict) -> str:
     """JSON with one line per parameter, so a layout change is a one-line diff."""
-    models = [f' "{m}": {{\n' + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(params.items()))
-              + "\n }" for m, params in sorted(specs.items())]
+    models = [
+        f' "{m}": {{\n' + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(params.items())) + "\n }"
+        for m, params in sorted(specs.items())
+    ]
     return "{\n" + ",\n".join(models) + "\n}\n"
 
 
@@ -66,8 +72,10 @@ def test_golden_partition_specs_of_roberta_base():
     for model in ("mlm", "classification"):
         changed = {k: (golden[model].get(k), v) for k, v in current[model].items() if golden[model].get(k) != v}
         missing = sorted(set(golden[model]) - set(current[model]))
-        assert not changed and not missing, (f"{model}: layout differs from {GOLDEN.name} (golden, now): {changed}; "
-                                             f"gone: {missing}; see this file's docstring to regenerate")
+        assert not changed and not missing, (
+            f"{model}: layout differs from {GOLDEN.name} (golden, now): {changed}; "
+            f"gone: {missing}; see this file's docstring to regenerate"
+        )
     word = current["mlm"]["roberta/embeddings/word_embeddings/embedding"]
     assert word == {"shape": [50304, 768], "spec": ["tensor", "fsdp"]}  # the padded vocabulary shards
     assert current["mlm"]["lm_head/bias"] == {"shape": [50304], "spec": ["tensor"]}
@@ -81,9 +89,12 @@ ODD_VOCAB = tiny_config(vocab_size=5001, hidden_size=64, intermediate_size=128)
 def test_large_weight_left_whole_by_the_mesh_is_refused_unless_allowed():
     mesh = make_mesh((1, 1, 2), jax.devices()[:2])
     model = RobertaForMaskedLM(ODD_VOCAB.replace(vocab_pad_multiple=1))
-    with pytest.raises(UserError, match=r"roberta/embeddings/word_embeddings/embedding \[5001, 64\] \(1\.2 MiB\) "
-                                        r"would be replicated .* 'vocab' dimension 5001 is not divisible by tensor=2"
-                                        r".*mesh.allow_replicated=True"):
+    with pytest.raises(
+        UserError,
+        match=r"roberta/embeddings/word_embeddings/embedding \[5001, 64\] \(1\.2 MiB\) "
+        r"would be replicated .* 'vocab' dimension 5001 is not divisible by tensor=2"
+        r".*mesh.allow_replicated=True",
+    ):
         create_train_state(model, TX, mesh, DEFAULT_RULES, seed=0)
     state, _ = create_train_state(model, TX, mesh, DEFAULT_RULES, seed=0, allow_replicated=True)
     assert state.params["roberta"]["embeddings"]["word_embeddings"]["embedding"].sharding.spec == P(None, None)
@@ -100,13 +111,17 @@ def test_rules_that_replicate_on_purpose_and_small_weights_pass():
     no_vocab_rule = tuple((k, None if k == "vocab" else v) for k, v in DEFAULT_RULES)
     check_replicated(boxed, make_mesh((1, 1, 2), jax.devices()[:2]), no_vocab_rule)
     small = RobertaForMaskedLM(tiny_config(vocab_size=1001, vocab_pad_multiple=1))  # 0.24 MiB table
-    check_replicated(jax.eval_shape(lambda: init_params(small, jax.random.key(0))),
-                     make_mesh((1, 1, 2), jax.devices()[:2]), DEFAULT_RULES)
+    check_replicated(
+        jax.eval_shape(lambda: init_params(small, jax.random.key(0))),
+        make_mesh((1, 1, 2), jax.devices()[:2]),
+        DEFAULT_RULES,
+    )
 
 
 def test_phase_configs_carry_the_opt_out_and_it_is_runtime_only():
     from dontstop_jax.phases.defaults import finetune_config, pretrain_config
     from dontstop_jax.train.workdir import fingerprint
+
     for cfg in (pretrain_config("dapt"), finetune_config()):
         assert cfg.mesh.allow_replicated is False
         allowed = cfg.copy_and_resolve_references()

@@ -28,8 +28,14 @@ def setup(tmp_path_factory):
     prepared 64-token blocks and the term file."""
     root = tmp_path_factory.mktemp("spans")
     rng = np.random.default_rng(0)
-    docs = [" ".join([*rng.choice(TERMS, 1), *rng.choice(WORDS, 8), *rng.choice(TERMS, 2), *rng.choice(WORDS, 6)]
-                     if i % 2 else rng.choice(WORDS, 16)) for i in range(200)]
+    docs = [
+        " ".join(
+            [*rng.choice(TERMS, 1), *rng.choice(WORDS, 8), *rng.choice(TERMS, 2), *rng.choice(WORDS, 6)]
+            if i % 2
+            else rng.choice(WORDS, 16)
+        )
+        for i in range(200)
+    ]
     (root / "docs.txt").write_text("\n".join(docs) + "\n")
     save_tokenizer(train_bpe([root / "docs.txt"], 600), root / "tok", TERMS)
     tok = load_tokenizer(root / "tok")
@@ -50,14 +56,19 @@ def brute_force_spans(tok, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     forms = [(s, False) for s in mid] + [(s, True) for s in at_start]
     first, inside = np.zeros(tokens.shape, bool), np.zeros(tokens.shape, bool)
     for b, row in enumerate(tokens.tolist()):
-        found = sorted((t, t + len(s)) for t in range(len(row)) for s, doc_start in forms
-                       if tuple(row[t:t + len(s)]) == s and (t + len(s) == len(row) or starts[row[t + len(s)]])
-                       and (not doc_start or (t > 0 and row[t - 1] in ids.values())))
+        found = sorted(
+            (t, t + len(s))
+            for t in range(len(row))
+            for s, doc_start in forms
+            if tuple(row[t : t + len(s)]) == s
+            and (t + len(s) == len(row) or starts[row[t + len(s)]])
+            and (not doc_start or (t > 0 and row[t - 1] in ids.values()))
+        )
         end = opened = -1
         for lo, hi in found:
             if lo >= end:  # a new span; else this match overlaps the open one and extends it
                 first[b, lo], opened = True, lo
-            inside[b, max(lo, opened + 1):hi] = True
+            inside[b, max(lo, opened + 1) : hi] = True
             end = max(end, hi)
     return first, inside
 
@@ -80,9 +91,18 @@ def span_ids(first: np.ndarray, inside: np.ndarray) -> np.ndarray:
 def loader(setup, rate: float, whole_word: bool, seed: int = 0) -> MLMLoader:
     tok, prepared, _ = setup
     ids = special_ids(tok)
-    return MLMLoader(prepared, 8, seed, ids, vocab_size=len(tok), mask_prob=MASK_PROB, whole_word=whole_word,
-                     word_starts_table=word_start_table(tok), span_masker=SpanMasker(tok, TERMS, rate, ids),
-                     prefetch=0)
+    return MLMLoader(
+        prepared,
+        8,
+        seed,
+        ids,
+        vocab_size=len(tok),
+        mask_prob=MASK_PROB,
+        whole_word=whole_word,
+        word_starts_table=word_start_table(tok),
+        span_masker=SpanMasker(tok, TERMS, rate, ids),
+        prefetch=0,
+    )
 
 
 def test_matches_equal_a_brute_force_search(setup):
@@ -101,17 +121,25 @@ def test_matches_stop_at_documents_special_tokens_and_word_ends(setup):
     masker = SpanMasker(tok, ["tumor necrosis factor"], 1.0, ids)
     term, at_start = encode(tok, " tumor necrosis factor"), encode(tok, "tumor necrosis factor")
     split = encode(tok, " tumor necrosis") + [ids["eos"]] + encode(tok, " factor")
-    rows = {"mid-text": [ids["bos"]] + encode(tok, " cell") + term + [ids["eos"]],
-            "document start": [ids["eos"]] + at_start + [ids["eos"]],
-            "across </s>": [ids["bos"]] + split,
-            "across <mask>": [ids["bos"]] + encode(tok, " tumor necrosis") + [ids["mask"]] + encode(tok, " factor"),
-            "start form mid-text": [ids["bos"]] + encode(tok, " cell") + at_start,
-            "inside a longer word": [ids["bos"]] + encode(tok, " tumor necrosis factors"),
-            "at the row's end": [ids["bos"]] + term}
+    rows = {
+        "mid-text": [ids["bos"]] + encode(tok, " cell") + term + [ids["eos"]],
+        "document start": [ids["eos"]] + at_start + [ids["eos"]],
+        "across </s>": [ids["bos"]] + split,
+        "across <mask>": [ids["bos"]] + encode(tok, " tumor necrosis") + [ids["mask"]] + encode(tok, " factor"),
+        "start form mid-text": [ids["bos"]] + encode(tok, " cell") + at_start,
+        "inside a longer word": [ids["bos"]] + encode(tok, " tumor necrosis factors"),
+        "at the row's end": [ids["bos"]] + term,
+    }
     found = {name: masker.spans(np.array([row]))[0].any() for name, row in rows.items()}
-    assert found == {"mid-text": True, "document start": True, "across </s>": False, "across <mask>": False,
-                     "start form mid-text": at_start == term, "inside a longer word": False,
-                     "at the row's end": True}
+    assert found == {
+        "mid-text": True,
+        "document start": True,
+        "across </s>": False,
+        "across <mask>": False,
+        "start form mid-text": at_start == term,
+        "inside a longer word": False,
+        "at the row's end": True,
+    }
     with_special = SpanMasker(tok, ["tumor necrosis factor", "necrosis <mask> factor"], 1.0, ids)
     assert with_special.summary["patterns"] == masker.summary["patterns"]  # a term with a special token is dropped
 
@@ -143,12 +171,16 @@ def test_spans_are_masked_whole_within_the_budget(setup, whole_word):
         batch = loader(setup, rate, whole_word).batch(0, index)
         chosen, original = masked_positions(batch)
         span = span_ids(*masker.spans(original))
-        partial = [(chosen[b][span[b] == s].any() and not chosen[b][span[b] == s].all())
-                   for b in range(len(span)) for s in np.unique(span[b][span[b] > 0])]
+        partial = [
+            (chosen[b][span[b] == s].any() and not chosen[b][span[b] == s].all())
+            for b in range(len(span))
+            for s in np.unique(span[b][span[b] > 0])
+        ]
         if rate == 1.0:
             assert not any(partial)
-            whole_spans += sum(chosen[b][span[b] == s].all() for b in range(len(span))
-                               for s in np.unique(span[b][span[b] > 0]))
+            whole_spans += sum(
+                chosen[b][span[b] == s].all() for b in range(len(span)) for s in np.unique(span[b][span[b] > 0])
+            )
         else:
             partial_without_units.append(any(partial))  # the check above would catch a span masked in part
         candidates = ~np.isin(original, list(special_ids(tok).values()))
@@ -186,9 +218,14 @@ def test_off_by_default_and_out_of_the_fingerprint():
 def test_tiny_pretrain_phase_with_span_masking(tmp_path, tiny_tokenizer_dir):
     terms = tmp_path / "terms.txt"
     terms.write_text("protein binds\ncell graph\n")
-    cmd = command(tmp_path / "run", write_corpus(tmp_path), tiny_tokenizer_dir, tmp_path / "cache", steps=3,
-                  extra={"data.span_masking.terms": str(terms), "data.span_masking.rate": 0.5,
-                         "data.whole_word": True})
+    cmd = command(
+        tmp_path / "run",
+        write_corpus(tmp_path),
+        tiny_tokenizer_dir,
+        tmp_path / "cache",
+        steps=3,
+        extra={"data.span_masking.terms": str(terms), "data.span_masking.rate": 0.5, "data.whole_word": True},
+    )
     done = run(cmd)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "DONE.json").read_text())

@@ -43,9 +43,19 @@ def test_no_undefined_names_or_unused_imports():
 
 # The package's layers, lowest first: a module imports from its own layer and those below it, never above, so
 # a phase recipe can be replaced without touching the layers under it and loading a config pulls in no model.
-LAYERS = [{"errors"}, {"files"}, {"distributed"}, {"fields", "config_loader", "explain"}, {"model"},
-          {"data", "synthetic"}, {"engine"}, {"train"}, {"selection", "das", "analysis"}, {"phases"},
-          {"runtime", "cli", "__main__"}]
+LAYERS = [
+    {"errors"},
+    {"files"},
+    {"distributed"},
+    {"fields", "config_loader", "explain"},
+    {"model"},
+    {"data", "synthetic"},
+    {"engine"},
+    {"train"},
+    {"selection", "das", "analysis"},
+    {"phases"},
+    {"runtime", "cli", "__main__"},
+]
 
 
 def _imports(path: Path):
@@ -65,8 +75,11 @@ def _unit(module: str) -> str:
 def test_every_import_keeps_the_layer_order():
     layer = {unit: i for i, units in enumerate(LAYERS) for unit in units}
     package = ROOT / "dontstop_jax"
-    units = {p.name.removesuffix(".py") for p in package.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()
-             or (p.is_dir() and any(p.glob("*.py")))} - {"__init__"}
+    units = {
+        p.name.removesuffix(".py")
+        for p in package.iterdir()
+        if p.suffix == ".py" or (p / "__init__.py").exists() or (p.is_dir() and any(p.glob("*.py")))
+    } - {"__init__"}
     assert units == set(layer), f"place every module in LAYERS: {sorted(units ^ set(layer))}"
     offenders = []
     for path in package.rglob("*.py"):
@@ -75,15 +88,22 @@ def test_every_import_keeps_the_layer_order():
             continue
         for line, module, names in _imports(path):
             targets = [_unit(module)] if module != "dontstop_jax" else names
-            offenders += [f"{path.relative_to(ROOT)}:{line} ({here}, layer {layer[here]}) imports {t} (layer "
-                          f"{layer[t]})" for t in targets if t and layer[t] > layer[here]]
+            offenders += [
+                f"{path.relative_to(ROOT)}:{line} ({here}, layer {layer[here]}) imports {t} (layer {layer[t]})"
+                for t in targets
+                if t and layer[t] > layer[here]
+            ]
     assert not offenders, "\n".join(offenders)
 
 
 def test_no_module_imports_another_modules_private_name():
-    offenders = [f"{path.relative_to(ROOT)}:{line} imports {name} from {module}"
-                 for path in (ROOT / "dontstop_jax").rglob("*.py") for line, module, names in _imports(path)
-                 for name in names if name.startswith("_") and module != "__future__"]
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line} imports {name} from {module}"
+        for path in (ROOT / "dontstop_jax").rglob("*.py")
+        for line, module, names in _imports(path)
+        for name in names
+        if name.startswith("_") and module != "__future__"
+    ]
     assert not offenders, "\n".join(offenders)
 
 
@@ -92,10 +112,18 @@ def test_no_transformers_banner_without_pytorch():
     import os
     import subprocess
     import sys
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "import dontstop_jax.cli, dontstop_jax.phases.grid, dontstop_jax.data.tokenizer\n"
-            "import transformers; assert not transformers.is_torch_available()\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import dontstop_jax.cli, dontstop_jax.phases.grid, dontstop_jax.data.tokenizer\n"
+        "import transformers; assert not transformers.is_torch_available()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "PyTorch was not found" not in out.stderr and out.stderr.strip() == "", out.stderr

@@ -148,7 +148,10 @@ def test_train_uses_seen_words_and_dev_test_only_unseen(bench, manifest):
         seen = set().union(*(c["seen"] for c in clusters.values()))
         unseen = set().union(*(c["unseen"] for c in clusters.values()))
         content = seen | unseen
-        used = {s: {w for r in _rows(getattr(task, s)) for w in r["text"].split()} & content for s in ("train", "dev", "test")}
+        used = {
+            s: {w for r in _rows(getattr(task, s)) for w in r["text"].split()} & content
+            for s in ("train", "dev", "test")
+        }
         assert used["train"] and used["train"] <= seen
         assert used["dev"] <= unseen and used["test"] <= unseen
         assert not used["train"] & (used["dev"] | used["test"])

@@ -19,14 +19,30 @@ pytestmark = pytest.mark.slow
 
 
 # (winner, loser): the paper's findings, each a significant gap on every task.
-FINDINGS = [("dapt", "baseline"), ("tapt", "baseline"), ("dapt_tapt", "dapt"), ("dapt_tapt", "tapt"),
-            ("dapt", "not_dapt")]
+FINDINGS = [
+    ("dapt", "baseline"),
+    ("tapt", "baseline"),
+    ("dapt_tapt", "dapt"),
+    ("dapt_tapt", "tapt"),
+    ("dapt", "not_dapt"),
+]
 
 
 def test_dapt_and_tapt_help_dapt_tapt_helps_most_and_not_dapt_does_not(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", "demo", f"--config.workdir={tmp_path / 'grid'}",
-                          f"--config.synthetic.directory={tmp_path / 'benchmark'}"],
-                         cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=2400)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dontstop_jax",
+            "demo",
+            f"--config.workdir={tmp_path / 'grid'}",
+            f"--config.synthetic.directory={tmp_path / 'benchmark'}",
+        ],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=2400,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     print(out.stdout)
     records = json.loads((tmp_path / "grid" / "records.json").read_text())["records"]

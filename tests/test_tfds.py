@@ -77,15 +77,24 @@ def test_tfds_data_dir_env_and_other_splits(data_dir, monkeypatch):
     assert list(iter_documents({"path": "tfds:tiny_reviews", "split": "test"})) == _stored(data_dir, "test")
 
 
-@pytest.mark.parametrize("source, problem", [
-    ({"path": "tfds:no_such_set"}, "cannot open TFDS dataset no_such_set (split train) in {dir}: Dataset "
-                                   "no_such_set not found."),
-    ({"path": "tfds:tiny_reviews", "split": "dev"}, "cannot open TFDS dataset tiny_reviews (split dev) in {dir}: "
-                                                    "Unknown split 'dev'"),
-    ({"path": "tfds:tiny_reviews", "text_field": "body"}, "TFDS tiny_reviews split train record 0 has no field "
-                                                          "'body' (fields: label, text)"),
-    ({"path": "a.txt", "data_dir": "/d"}, "corpus source a.txt: data_dir applies to tfds: sources only"),
-])
+@pytest.mark.parametrize(
+    "source, problem",
+    [
+        (
+            {"path": "tfds:no_such_set"},
+            "cannot open TFDS dataset no_such_set (split train) in {dir}: Dataset no_such_set not found.",
+        ),
+        (
+            {"path": "tfds:tiny_reviews", "split": "dev"},
+            "cannot open TFDS dataset tiny_reviews (split dev) in {dir}: Unknown split 'dev'",
+        ),
+        (
+            {"path": "tfds:tiny_reviews", "text_field": "body"},
+            "TFDS tiny_reviews split train record 0 has no field 'body' (fields: label, text)",
+        ),
+        ({"path": "a.txt", "data_dir": "/d"}, "corpus source a.txt: data_dir applies to tfds: sources only"),
+    ],
+)
 def test_tfds_source_errors_are_one_line(data_dir, source, problem):
     with pytest.raises(UserError) as err:
         list(iter_documents({**source, "data_dir": str(data_dir)} if "tfds" in source["path"] else source))
@@ -99,8 +108,9 @@ def test_a_tfds_task_reads_like_a_hugging_face_one(data_dir, monkeypatch):
     assert set(task.splits) == {"train", "dev", "test"}  # validation -> dev; unsupervised: TAPT only
     texts, labels = task.splits["dev"]
     assert sorted(zip(texts, labels, strict=True)) == sorted(_docs("validation"))
-    assert [(s.path, s.split) for s in task.tapt_sources] == [("tfds:tiny_reviews", s) for s in
-                                                              ("train", "unsupervised")]
+    assert [(s.path, s.split) for s in task.tapt_sources] == [
+        ("tfds:tiny_reviews", s) for s in ("train", "unsupervised")
+    ]
     assert task_unlabeled_texts(task) == _stored(data_dir, "train") + _stored(data_dir, "unsupervised")
     with pytest.raises(UserError, match="TFDS dataset tiny_reviews split train has no feature 'sentiment'"):
         load_task("tfds:tiny_reviews", label_field="sentiment")
@@ -111,12 +121,31 @@ def test_a_finetune_phase_on_a_tfds_task(data_dir, tiny_tokenizer_dir, tmp_path)
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     model = save_tiny_roberta(tmp_path / "roberta-tiny", tiny_tokenizer_dir, vocab_size=400)
-    fields = {"init": str(model), "task.path": "tfds:tiny_reviews", "workdir": str(tmp_path / "ft"),
-              "data.max_seq_length": 32, "train.batch_size": 8, "train.epochs": 1, "mesh.shape": "(-1, 1, 1)"}
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", "finetune", "--config", "configs/finetune.py:imdb",
-                          *[f"--config.{k}={v}" for k, v in fields.items()]],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "TFDS_DATA_DIR": str(data_dir)})
+    fields = {
+        "init": str(model),
+        "task.path": "tfds:tiny_reviews",
+        "workdir": str(tmp_path / "ft"),
+        "data.max_seq_length": 32,
+        "train.batch_size": 8,
+        "train.epochs": 1,
+        "mesh.shape": "(-1, 1, 1)",
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dontstop_jax",
+            "finetune",
+            "--config",
+            "configs/finetune.py:imdb",
+            *[f"--config.{k}={v}" for k, v in fields.items()],
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TFDS_DATA_DIR": str(data_dir)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     done = json.loads((tmp_path / "ft" / "DONE.json").read_text())
     assert done["label_names"] == ["neg", "pos"] and "macro_f1" in done["test"]

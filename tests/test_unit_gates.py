@@ -49,14 +49,28 @@ def gated(tmp_path_factory, tiny_tokenizer_dir):
     """A 4-step fine-tune of tiny_hf's model under on_off() gates, without weight decay."""
     pytest.importorskip("torch")
     from tiny_hf import save_tiny_roberta, write_biomed_data
+
     root = tmp_path_factory.mktemp("gates")
     write_biomed_data(root / "corpus", root / "task", corpus_docs=0)
     hf = save_tiny_roberta(root / "hf", tiny_tokenizer_dir)
     np.savez(root / "gates.npz", **on_off())
-    cfg = config_loader.lock(config_loader.set_fields(finetune_config(), {
-        "workdir": str(root / "ft"), "init": str(hf), "task.path": str(root / "task"),
-        "unit_gates": str(root / "gates.npz"), "data.max_seq_length": 32, "train.batch_size": 8, "train.epochs": 2, "train.steps_per_epoch": 2,
-        "optim.learning_rate": 1e-2, "optim.weight_decay": 0.0}))
+    cfg = config_loader.lock(
+        config_loader.set_fields(
+            finetune_config(),
+            {
+                "workdir": str(root / "ft"),
+                "init": str(hf),
+                "task.path": str(root / "task"),
+                "unit_gates": str(root / "gates.npz"),
+                "data.max_seq_length": 32,
+                "train.batch_size": 8,
+                "train.epochs": 2,
+                "train.steps_per_epoch": 2,
+                "optim.learning_rate": 1e-2,
+                "optim.weight_decay": 0.0,
+            },
+        )
+    )
     return finetune(cfg), root, hf
 
 
@@ -70,7 +84,9 @@ def test_gated_fine_tune_trains_and_scores_only_the_units_that_are_on(gated):
     for layer in range(LAYERS):  # an off unit's weights get no gradient: with no weight decay they stay the base's
         heads, units = g["head"][layer] == 1, g["intermediate"][layer] == 1
         for name in ("query", "key", "value"):
-            assert moved(name, "kernel")[layer][:, ~heads].max() == 0 and moved(name, "kernel")[layer][:, heads].max() > 0
+            assert (
+                moved(name, "kernel")[layer][:, ~heads].max() == 0 and moved(name, "kernel")[layer][:, heads].max() > 0
+            )
         assert moved("attention_output", "kernel")[layer][~heads].max() == 0
         assert moved("intermediate", "kernel")[layer][:, ~units].max() == 0
         assert moved("intermediate", "kernel")[layer][:, units].max() > 0
@@ -81,12 +97,13 @@ def test_gated_fine_tune_trains_and_scores_only_the_units_that_are_on(gated):
     rows = tokenize_split(texts, tok, 32)
     ids = np.ones((len(rows), 32), np.int32)  # pad id 1
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = r
+        ids[i, : len(r)] = r
     mask = (ids != 1).astype(np.int32)
     plain = RobertaForSequenceClassification(cfg, 2)
     zeroed = np.asarray(plain.apply({"params": zero_units(params, g)}, jnp.asarray(ids), jnp.asarray(mask)))
     gated_logits = RobertaForSequenceClassification(cfg, 2, gates.load(str(root / "gates.npz"), cfg)).apply(
-        {"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+        {"params": params}, jnp.asarray(ids), jnp.asarray(mask)
+    )
     ungated = np.asarray(plain.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
     np.testing.assert_allclose(np.asarray(gated_logits), zeroed, atol=1e-6)  # measured: equal
     assert np.abs(ungated - zeroed).max() > 2e-5  # the gates matter (tiny_hf's random units are small)
@@ -95,6 +112,7 @@ def test_gated_fine_tune_trains_and_scores_only_the_units_that_are_on(gated):
     # Export folds the gates into the kernels: transformers' logits are the zeroed model's.
     import torch
     import transformers
+
     out = export(str(root / "ft"), str(root / "exported"))
     hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
     with torch.no_grad():
@@ -105,6 +123,7 @@ def test_gated_fine_tune_trains_and_scores_only_the_units_that_are_on(gated):
 
 def test_unit_gates_that_do_not_fit_the_model_are_user_errors(tmp_path):
     from dontstop_jax.model import tiny_config
+
     cfg = tiny_config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     assert gates.load("", cfg) is None
     with pytest.raises(UserError, match="does not exist"):
@@ -123,11 +142,14 @@ def test_continual_hat_fine_tunes_each_task_under_its_domains_mask(tmp_path, mon
     """Continual.run's wiring (no training): a HAT task after any stage is fine-tuned from that stage's model under
     its own domain's mask; its forward-transfer fine-tune and every other method's are ungated."""
     from dontstop_jax.phases import continual
+
     cfg = continual.synthetic_config("tiny")
     cfg.workdir, cfg.methods, cfg.seeds = str(tmp_path), ["hat", "ncl"], [0]
     cfg.domains = {d: [f"/corpora/{d}.txt"] for d in ("bio", "cs", "news")}
-    cfg.tasks = {f"{d}_topic": dict(path=f"/tasks/{d}", domain=d, metric="macro_f1", text_field="text",
-                                    label_field="label") for d in ("bio", "cs", "news")}
+    cfg.tasks = {
+        f"{d}_topic": dict(path=f"/tasks/{d}", domain=d, metric="macro_f1", text_field="text", label_field="label")
+        for d in ("bio", "cs", "news")
+    }
     run = continual.Continual(cfg)
     monkeypatch.setattr(continual.Continual, "base", lambda self: "BASE")
     monkeypatch.setattr(continual.Continual, "stages", lambda self, m, base: [f"{m}{i}" for i in range(3)])
@@ -136,6 +158,7 @@ def test_continual_hat_fine_tunes_each_task_under_its_domains_mask(tmp_path, mon
     def finetune(phase):
         seen.append(phase)
         return {"test": {"macro_f1": 0.5}}
+
     monkeypatch.setattr(continual, "finetune", finetune)
     run.run()
     got = {(p.init, p.task.path, p.unit_gates) for p in seen}

@@ -32,6 +32,7 @@ RESULTS = ("pretrain", "finetune", "references")  # what a rerun that retrains n
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory):
     from gcs_emulator import gcs_emulator
+
     with gcs_emulator(tmp_path_factory.mktemp("gcs") / "data") as env:
         yield env
 
@@ -43,12 +44,18 @@ def _table(stdout: str) -> str:
 def _results(root: str) -> dict[str, tuple]:
     """{file: (size, when it was written)} of the phases and references under the grid `root` (local or gs://)."""
     if not files.is_remote(root):
-        return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-                for part in RESULTS for p in (Path(root) / part).rglob("*") if p.is_file()}
+        return {
+            p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for part in RESULTS
+            for p in (Path(root) / part).rglob("*")
+            if p.is_file()
+        }
     import gcsfs
+
     found = gcsfs.GCSFileSystem().find(root.split("://")[1], detail=True)
-    return {k: (v["size"], v.get("generation"), v.get("updated")) for k, v in found.items()
-            if k.split("/")[2] in RESULTS}
+    return {
+        k: (v["size"], v.get("generation"), v.get("updated")) for k, v in found.items() if k.split("/")[2] in RESULTS
+    }
 
 
 def _rerun(workdir: str, xla: Path, *extra: str) -> str:
@@ -59,8 +66,9 @@ def _rerun(workdir: str, xla: Path, *extra: str) -> str:
 
 
 @pytest.mark.slow
-def test_a_finished_grid_copied_elsewhere_and_through_a_bucket_retrains_nothing(tiny_grid, tmp_path, monkeypatch,
-                                                                                 request):
+def test_a_finished_grid_copied_elsewhere_and_through_a_bucket_retrains_nothing(
+    tiny_grid, tmp_path, monkeypatch, request
+):
     """Rerunning in place is the copy's case with the same paths (tests/test_pipeline.py ran it before)."""
     root, stdout = tiny_grid
     phases = sum(1 for part in ("pretrain", "finetune") for _ in (root / "grid" / part).iterdir())
@@ -74,6 +82,7 @@ def test_a_finished_grid_copied_elsewhere_and_through_a_bucket_retrains_nothing(
         pytest.skip("the bucket half needs gcsfs and gcp-storage-emulator (the test extra)")
     request.getfixturevalue("bucket")
     import gcsfs
+
     monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / "host-cache"))
     gcsfs.GCSFileSystem.clear_instance_cache()  # local to the bucket (the benchmark generator writes local files)
     gcsfs.GCSFileSystem().put(str(elsewhere), "bkt/grid", recursive=True)
@@ -92,20 +101,30 @@ def _old_record(cfg) -> None:
     cfg.workdir = str(Path(cfg.workdir).parent / f"{cfg.name}-{legacy_fingerprint(cfg)}")
     workdir = Path(cfg.workdir)
     (workdir / "checkpoints").mkdir(parents=True)
-    (workdir / CONFIG).write_text(json.dumps({"phase": cfg.name, "fingerprint": legacy_fingerprint(cfg),
-                                              "config": json.loads(cfg.to_json_best_effort())}))
+    (workdir / CONFIG).write_text(
+        json.dumps(
+            {"phase": cfg.name, "fingerprint": legacy_fingerprint(cfg), "config": json.loads(cfg.to_json_best_effort())}
+        )
+    )
     (workdir / DONE).write_text(json.dumps({"phase": cfg.name, "test": {"macro_f1": 0.5}}))
 
 
 def _grid_phases(grid: Path, data: Path, old: bool = False) -> list:
     """A grid's base phase (from scratch on a corpus) and a fine-tune from it, placed as the grid places them;
     `old`: made as an older version made them (named by the legacy fingerprint, recorded with places as written)."""
-    base = phase_config(pretrain_config("dapt"), grid / "pretrain", "base", init="scratch",
-                  tokenizer=str(data / "tokenizer"), **{"data.sources": [str(data / "*.txt")]})
+    base = phase_config(
+        pretrain_config("dapt"),
+        grid / "pretrain",
+        "base",
+        init="scratch",
+        tokenizer=str(data / "tokenizer"),
+        **{"data.sources": [str(data / "*.txt")]},
+    )
     if old:
         _old_record(base)
-    tune = phase_config(finetune_config(), grid / "finetune", "task-baseline-s0", init=base.workdir,
-                  **{"task.path": str(data / "task")})
+    tune = phase_config(
+        finetune_config(), grid / "finetune", "task-baseline-s0", init=base.workdir, **{"task.path": str(data / "task")}
+    )
     if old:
         _old_record(tune)
     return [base, tune]
@@ -113,14 +132,21 @@ def _grid_phases(grid: Path, data: Path, old: bool = False) -> list:
 
 def test_a_grid_recorded_by_an_older_version_is_reused_updated_once_and_then_movable(tmp_path, caplog):
     old, data = tmp_path / "old" / "grid", tmp_path / "old" / "grid" / "benchmark"
-    for name, text in [("general.txt", "a b c\n"), ("bio.txt", "d e\n"), ("tokenizer/vocab.json", "{}"),
-                       ("task/train.jsonl", "{}\n"), ("task/dev.jsonl", "{}\n")]:
+    for name, text in [
+        ("general.txt", "a b c\n"),
+        ("bio.txt", "d e\n"),
+        ("tokenizer/vocab.json", "{}"),
+        ("task/train.jsonl", "{}\n"),
+        ("task/dev.jsonl", "{}\n"),
+    ]:
         (data / name).parent.mkdir(parents=True, exist_ok=True)
         (data / name).write_text(text)
     made = _grid_phases(old, data, old=True)
     copy = tmp_path / "copy"  # a copy of an older version's workdir, its original still there: the same inputs
     shutil.copytree(made[1].workdir, copy)
-    tune = phase_config(finetune_config(), copy.parent, "tune", init=made[0].workdir, **{"task.path": str(data / "task")})
+    tune = phase_config(
+        finetune_config(), copy.parent, "tune", init=made[0].workdir, **{"task.path": str(data / "task")}
+    )
     tune.workdir = str(copy)
     assert Workdir(tune).claim() is not None
     tune.task.path = str(data / "tokenizer")
@@ -156,6 +182,7 @@ def test_a_moved_phase_reads_the_tokenizer_that_moved_with_it(tmp_path):
     """A phase records its tokenizer's path (checkpoint meta): gone after a move, the same place relative to the
     phase is where the copy (a grid's benchmark) now is; a tokenizer outside the moved tree stays as recorded."""
     from dontstop_jax.train.source import relocated
+
     now = tmp_path / "disk2" / "grid"
     (now / "benchmark" / "tokenizer").mkdir(parents=True)
     workdir = files.path(now / "pretrain" / "base-0123456789")

@@ -24,18 +24,36 @@ def write_corpus(root: Path) -> Path:
     return corpus
 
 
-def command(workdir: Path, corpus: Path, tokenizer: str, cache: Path, steps: int,
-            extra: dict[str, object] | None = None) -> list[str]:
+def command(
+    workdir: Path, corpus: Path, tokenizer: str, cache: Path, steps: int, extra: dict[str, object] | None = None
+) -> list[str]:
     """`python -m dontstop_jax pretrain ...` for a 2-layer, 32-wide RoBERTa; `extra` adds/overrides fields."""
     overrides = {
-        "init": "scratch", "tokenizer": tokenizer, "workdir": str(workdir), "data.sources": f'["{corpus}"]',
-        "data.max_seq_length": 32, "data.cache_dir": str(cache), "train.batch_size": 8, "train.accum_steps": 1,
-        "train.steps": steps, "train.log_every": 5, "checkpoint.every": 10, "checkpoint.keep_last": 2,
-        "model.vocab_size": 512, "model.hidden_size": 32, "model.num_hidden_layers": 2,
-        "model.num_attention_heads": 4, "model.intermediate_size": 64, "model.max_position_embeddings": 34,
-        "mesh.shape": "(-1, 1, 1)", "optim.learning_rate": 1e-3, **(extra or {})}
+        "init": "scratch",
+        "tokenizer": tokenizer,
+        "workdir": str(workdir),
+        "data.sources": f'["{corpus}"]',
+        "data.max_seq_length": 32,
+        "data.cache_dir": str(cache),
+        "train.batch_size": 8,
+        "train.accum_steps": 1,
+        "train.steps": steps,
+        "train.log_every": 5,
+        "checkpoint.every": 10,
+        "checkpoint.keep_last": 2,
+        "model.vocab_size": 512,
+        "model.hidden_size": 32,
+        "model.num_hidden_layers": 2,
+        "model.num_attention_heads": 4,
+        "model.intermediate_size": 64,
+        "model.max_position_embeddings": 34,
+        "mesh.shape": "(-1, 1, 1)",
+        "optim.learning_rate": 1e-3,
+        **(extra or {}),
+    }
     return [sys.executable, "-m", "dontstop_jax", "pretrain", "--config", "configs/dapt.py:biomed"] + [
-        f"--config.{k}={v}" for k, v in overrides.items()]
+        f"--config.{k}={v}" for k, v in overrides.items()
+    ]
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -44,8 +62,9 @@ def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 def cli(*args: str, cwd: Path = REPO) -> str:
     """`dontstop ARGS` in a fresh process; its stdout (a failure shows its stderr)."""
-    out = subprocess.run([sys.executable, "-m", "dontstop_jax", *args], cwd=cwd, capture_output=True, text=True,
-                         timeout=1200)
+    out = subprocess.run(
+        [sys.executable, "-m", "dontstop_jax", *args], cwd=cwd, capture_output=True, text=True, timeout=1200
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -59,8 +78,10 @@ def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, timeout: float
 
 def wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, min_step: int) -> None:
     """Return once a checkpoint at `min_step` or later exists (or the process ended)."""
+
     def ready() -> bool:
         return any(int(p.name) >= min_step for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+
     wait_until(ready, proc)
 
 

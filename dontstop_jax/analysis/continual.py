@@ -33,15 +33,21 @@ SUMMARY = ("final avg", "forgetting", "BWT", "FWT")
 
 def forgetting(curve: Mapping[str, Sequence[float | None]]) -> float | None:
     """Mean over tasks of max(scores before the last stage) - final score; None without an earlier score."""
-    drops = [max(s for s in scores[:-1] if s is not None) - final for scores in curve.values()
-             if any(s is not None for s in scores[:-1]) and (final := scores[-1]) is not None]
+    drops = [
+        max(s for s in scores[:-1] if s is not None) - final
+        for scores in curve.values()
+        if any(s is not None for s in scores[:-1]) and (final := scores[-1]) is not None
+    ]
     return float(np.mean(drops)) if drops else None
 
 
 def backward_transfer(curve: Mapping[str, Sequence[float | None]]) -> float | None:
     """Mean over tasks learned before the last stage of final score - score at the stage that learned it."""
-    changes = [final - next(s for s in scores if s is not None) for scores in curve.values()
-               if any(s is not None for s in scores[:-1]) and (final := scores[-1]) is not None]
+    changes = [
+        final - next(s for s in scores if s is not None)
+        for scores in curve.values()
+        if any(s is not None for s in scores[:-1]) and (final := scores[-1]) is not None
+    ]
     return float(np.mean(changes)) if changes else None
 
 
@@ -74,24 +80,50 @@ class ContinualTable:
     spread: Mapping[str, Mapping[str, list | None]] = field(default_factory=dict)
 
     @classmethod
-    def from_records(cls, records: Sequence[Record], methods: Sequence[str], stages: Sequence[str],
-                     tasks: Sequence[str], spread: bool = True) -> ContinualTable:
-        scores: dict[str, dict[str, list[float | None]]] = {m: {t: [None] * len(stages) for t in tasks} for m in methods}
+    def from_records(
+        cls,
+        records: Sequence[Record],
+        methods: Sequence[str],
+        stages: Sequence[str],
+        tasks: Sequence[str],
+        spread: bool = True,
+    ) -> ContinualTable:
+        scores: dict[str, dict[str, list[float | None]]] = {
+            m: {t: [None] * len(stages) for t in tasks} for m in methods
+        }
         for (m, t, s), score in _mean_scores(records, "after").items():
             scores[m][t][s] = score
         before: dict[str, dict[str, float | None]] = {m: {t: None for t in tasks} for m in methods}
         for (m, t, _), score in _mean_scores(records, "before").items():
             before[m][t] = score
         base = {t: score for (_, t, _), score in _mean_scores(records, "base").items()}
-        per_seed = [cls.from_records([r for r in records if r["seed"] == seed], methods, stages, tasks, spread=False)
-                    for seed in sorted({r["seed"] for r in records})] if spread else []
-        over = {m: {name: _mean_std([t.summary(m)[name] for t in per_seed]) for name in SUMMARY}
-                for m in methods} if per_seed else {}
+        per_seed = (
+            [
+                cls.from_records([r for r in records if r["seed"] == seed], methods, stages, tasks, spread=False)
+                for seed in sorted({r["seed"] for r in records})
+            ]
+            if spread
+            else []
+        )
+        over = (
+            {m: {name: _mean_std([t.summary(m)[name] for t in per_seed]) for name in SUMMARY} for m in methods}
+            if per_seed
+            else {}
+        )
         return cls(tuple(methods), tuple(stages), tuple(tasks), scores, before, base, over)
 
     def summary(self, method: str) -> dict[str, float | None]:
-        return dict(zip(SUMMARY, (self.average(method, len(self.stages) - 1), self.forgetting(method),
-                                  self.backward_transfer(method), self.forward_transfer(method))))
+        return dict(
+            zip(
+                SUMMARY,
+                (
+                    self.average(method, len(self.stages) - 1),
+                    self.forgetting(method),
+                    self.backward_transfer(method),
+                    self.forward_transfer(method),
+                ),
+            )
+        )
 
     def average(self, method: str, stage: int) -> float | None:
         seen = [v for c in self.scores[method].values() if (v := c[stage]) is not None]
@@ -117,21 +149,34 @@ class ContinualTable:
         lines += ["", "| method | " + " | ".join(SUMMARY) + " |", "|---|" + "---|" * len(SUMMARY)]
         lines += [f"| {m} | " + " | ".join(fmt(v) for v in self.summary(m).values()) + " |" for m in self.methods]
         if self.spread:
-            spread = lambda v: "" if v is None else f"{100 * v[0]:.1f} ± " + ("n/a" if v[1] is None else f"{100 * v[1]:.1f}")
-            lines += ["", "Over seeds: each seed's own table, mean ± sample std (n = "
-                      f"{max(v[2] for m in self.methods for v in self.spread[m].values() if v)} seeds):", "",
-                      "| method | " + " | ".join(SUMMARY) + " |", "|---|" + "---|" * len(SUMMARY)]
+            spread = lambda v: (
+                "" if v is None else f"{100 * v[0]:.1f} ± " + ("n/a" if v[1] is None else f"{100 * v[1]:.1f}")
+            )
+            lines += [
+                "",
+                "Over seeds: each seed's own table, mean ± sample std (n = "
+                f"{max(v[2] for m in self.methods for v in self.spread[m].values() if v)} seeds):",
+                "",
+                "| method | " + " | ".join(SUMMARY) + " |",
+                "|---|" + "---|" * len(SUMMARY),
+            ]
             lines += [f"| {m} | " + " | ".join(spread(self.spread[m][k]) for k in SUMMARY) + " |" for m in self.methods]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict:
-        return {"methods": list(self.methods), "stages": list(self.stages), "tasks": list(self.tasks),
-                "scores": self.scores,
-                "average": {m: [self.average(m, i) for i in range(len(self.stages))] for m in self.methods},
-                "forgetting": {m: self.forgetting(m) for m in self.methods},
-                "bwt": {m: self.backward_transfer(m) for m in self.methods},
-                "fwt": {m: self.forward_transfer(m) for m in self.methods},
-                "before": self.before, "base": self.base, "spread": self.spread}
+        return {
+            "methods": list(self.methods),
+            "stages": list(self.stages),
+            "tasks": list(self.tasks),
+            "scores": self.scores,
+            "average": {m: [self.average(m, i) for i in range(len(self.stages))] for m in self.methods},
+            "forgetting": {m: self.forgetting(m) for m in self.methods},
+            "bwt": {m: self.backward_transfer(m) for m in self.methods},
+            "fwt": {m: self.forward_transfer(m) for m in self.methods},
+            "before": self.before,
+            "base": self.base,
+            "spread": self.spread,
+        }
 
 
 def _mean_std(values: Sequence[float | None]) -> list | None:

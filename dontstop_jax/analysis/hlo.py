@@ -14,12 +14,43 @@ import re
 import numpy as np
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
-          "f64": 8, "s64": 8, "u64": 8}
+_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+}
 # Ops that move no data of their own (bookkeeping, or loops and calls whose bodies are counted themselves).
-_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional",
-               "after-all", "opt-barrier", "partition-id", "replica-id", "copy-done", "all-reduce-done",
-               "all-gather-done", "collective-permute-done", "slice-done", "async-done", "async-update"}
+_NO_TRAFFIC = {
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "while",
+    "call",
+    "conditional",
+    "after-all",
+    "opt-barrier",
+    "partition-id",
+    "replica-id",
+    "copy-done",
+    "all-reduce-done",
+    "all-gather-done",
+    "collective-permute-done",
+    "slice-done",
+    "async-done",
+    "async-update",
+}
 _SLICES = {"dynamic-slice", "slice", "gather"}
 _LINE = re.compile(r"^\s*(ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 
@@ -39,6 +70,7 @@ class Op:
 class Counts:
     """Per execution of the module: FLOPs of its dots, bytes its ops read and write; `flops_once`: the dots' FLOPs
     with every computation counted once, as XLA's cost analysis counts them."""
+
     flops: float
     bytes_accessed: float
     flops_once: float
@@ -47,8 +79,13 @@ class Counts:
 def count(hlo: str) -> Counts:
     comps = _parse(hlo)
     types = {op.name: op.type for ops in comps.values() for op in ops}
-    fusions = {callee for ops in comps.values() for op in ops if op.kind == "fusion"
-               for callee in re.findall(r"calls=%?([\w.\-]+)", op.attrs)}
+    fusions = {
+        callee
+        for ops in comps.values()
+        for op in ops
+        if op.kind == "fusion"
+        for callee in re.findall(r"calls=%?([\w.\-]+)", op.attrs)
+    }
     flops = traffic = once = 0.0
     for name, (times, _) in _executions(comps).items():
         for op in comps[name]:
@@ -69,8 +106,17 @@ def _parse(hlo: str) -> dict[str, list[Op]]:
             comps[current] = []
         elif current is not None and (m := _LINE.match(line)):
             inner, attrs = _split_args(re.sub(r"/\*.*?\*/", "", m.group(5)))  # drop /*index=5*/ comments
-            comps[current].append(Op(m.group(2), m.group(3), m.group(4), inner,
-                                     re.findall(r"%?([A-Za-z_][\w.\-]*)", inner), attrs, bool(m.group(1))))
+            comps[current].append(
+                Op(
+                    m.group(2),
+                    m.group(3),
+                    m.group(4),
+                    inner,
+                    re.findall(r"%?([A-Za-z_][\w.\-]*)", inner),
+                    attrs,
+                    bool(m.group(1)),
+                )
+            )
     return comps
 
 
@@ -80,7 +126,7 @@ def _split_args(text: str) -> tuple[str, str]:
     for i, c in enumerate(text):
         depth += {"(": 1, ")": -1}.get(c, 0)
         if depth == 0:
-            return text[:i], text[i + 1:]
+            return text[:i], text[i + 1 :]
     return text, ""
 
 
@@ -104,6 +150,7 @@ def _executions(comps: dict[str, list[Op]]) -> dict[str, tuple[int, bool]]:
                 callees += re.findall(r"to_apply=%?([\w.\-]+)", op.attrs)
             for callee in callees:
                 walk(callee, times, in_loop)
+
     walk("ENTRY", 1, False)
     return runs
 
@@ -113,6 +160,7 @@ class Collective:
     """One collective op of a compiled program: result bytes, executions per step (while-loop trip counts
     multiplied), whether it sits in a while loop's body, and its device groups (indices into the compile's
     device assignment, i.e. the mesh's devices in order; () = all devices)."""
+
     kind: str
     nbytes: int
     times: int
@@ -128,8 +176,11 @@ def collective_ops(hlo: str) -> list[Collective]:
         for op in comps[name]:
             kind = op.kind.removesuffix("-start")
             if kind in COLLECTIVES:  # an async start's tuple also holds its operands: its largest array
-                found.append(Collective(kind, shape_bytes(op.type, largest=kind != op.kind), times, in_loop,
-                                        _replica_groups(op.attrs)))
+                found.append(
+                    Collective(
+                        kind, shape_bytes(op.type, largest=kind != op.kind), times, in_loop, _replica_groups(op.attrs)
+                    )
+                )
     return found
 
 
@@ -157,13 +208,17 @@ def _replica_groups(attrs: str) -> tuple[tuple[int, ...], ...]:
         return tuple(tuple(int(i) for i in g.split(",") if i) for g in re.findall(r"\{([\d,]*)\}", m.group(1)))
     if m := re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs):
         return tuple(map(tuple, _iota(m.group(3), m.group(4)).reshape(int(m.group(1)), int(m.group(2))).tolist()))
-    if m := re.search(r"replica_groups=mesh\[([^\]]*)\], device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\) "
-                      r"\{([^}]*)\}", attrs):
+    if m := re.search(
+        r"replica_groups=mesh\[([^\]]*)\], device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\) "
+        r"\{([^}]*)\}",
+        attrs,
+    ):
         axes = re.findall(r"'(\w+)'=(\d+)", m.group(1))
         grouped = re.findall(r"'(\w+)'", m.group(4))
         ids = _iota(m.group(2), m.group(3)).reshape([int(n) for _, n in axes])
-        order = [i for i, (a, _) in enumerate(axes) if a not in grouped] + \
-            [i for i, (a, _) in enumerate(axes) if a in grouped]
+        order = [i for i, (a, _) in enumerate(axes) if a not in grouped] + [
+            i for i, (a, _) in enumerate(axes) if a in grouped
+        ]
         size = math.prod(int(n) for a, n in axes if a in grouped)
         return tuple(map(tuple, ids.transpose(order).reshape(-1, size).tolist()))
     return ()
@@ -171,8 +226,9 @@ def _replica_groups(attrs: str) -> tuple[tuple[int, ...], ...]:
 
 def _trip_count(condition: list[Op]) -> int:
     """The scalar int constant a loop condition compares its counter with (scans count from 0 to it)."""
-    bounds = [int(op.args) for op in condition if op.kind == "constant" and op.type.startswith("s32[]")
-              and op.args.isdigit()]
+    bounds = [
+        int(op.args) for op in condition if op.kind == "constant" and op.type.startswith("s32[]") and op.args.isdigit()
+    ]
     return bounds[0] if bounds else 1
 
 
@@ -206,8 +262,11 @@ def _traffic(op: Op, types: dict[str, str], comps: dict[str, list[Op]]) -> int:
     root = next(u for u in body if u.root)
     outputs = [by_name.get(name) for name in root.operands] if root.kind == "tuple" else [root]
     outputs = [by_name.get(o.operands[0], o) if o is not None and o.kind == "bitcast" else o for o in outputs]
-    written = sum(shape_bytes(types.get(o.operands[1], "")) if o.kind == "dynamic-update-slice" else
-                  shape_bytes(o.type) for o in outputs if o is not None)
+    written = sum(
+        shape_bytes(types.get(o.operands[1], "")) if o.kind == "dynamic-update-slice" else shape_bytes(o.type)
+        for o in outputs
+        if o is not None
+    )
     return sum(operands) + written
 
 
@@ -227,8 +286,9 @@ def _read(body: list[Op], param: str, comps: dict[str, list[Op]]) -> float:
             total += _read(body, user.name, comps)
         elif nested and comps.get(nested.group(1)):
             index = user.operands.index(param)
-            inner = next((p.name for p in comps[nested.group(1)] if p.kind == "parameter" and int(p.args) == index),
-                         None)
+            inner = next(
+                (p.name for p in comps[nested.group(1)] if p.kind == "parameter" and int(p.args) == index), None
+            )
             total += _read(comps[nested.group(1)], inner, comps) if inner else math.inf
         else:
             return math.inf
@@ -248,5 +308,7 @@ def shape_bytes(types: str, largest: bool = False) -> int:
 
 def _sizes(types: str) -> list[int]:
     """Bytes of each array in an HLO type, in order."""
-    return [_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
-            for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", types)]
+    return [
+        _BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
+        for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", types)
+    ]

@@ -44,19 +44,34 @@ def fixed_batches(sources: Sequence[SourceSpec], tokenizer_dir: str, spec: Maski
     calls it: `prepare_corpus` is a collective in which each prepares its share (or all find the cache ready)."""
     corpus = prepare_corpus(sources, tokenizer_dir, spec.cache_dir, max_seq_length=spec.max_seq_length)
     tokenizer = load_tokenizer(tokenizer_dir)
-    loader = MLMLoader(corpus, spec.batch_size, spec.seed, special_ids(tokenizer), vocab_size=len(tokenizer),
-                       mask_prob=spec.mask_prob, drop_remainder=False, process_index=jax.process_index(),
-                       process_count=jax.process_count())
+    loader = MLMLoader(
+        corpus,
+        spec.batch_size,
+        spec.seed,
+        special_ids(tokenizer),
+        vocab_size=len(tokenizer),
+        mask_prob=spec.mask_prob,
+        drop_remainder=False,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     return [loader.batch(0, i) for i in range(min(spec.max_batches, loader.steps_per_epoch))]
 
 
-def mlm_losses(source: ModelSource, batches: Mapping[str, Sequence[Batch]], *,
-               mesh_shape: Sequence[int] = (-1, 1, 1), rules: Rules = DEFAULT_RULES) -> dict[str, np.ndarray]:
+def mlm_losses(
+    source: ModelSource,
+    batches: Mapping[str, Sequence[Batch]],
+    *,
+    mesh_shape: Sequence[int] = (-1, 1, 1),
+    rules: Rules = DEFAULT_RULES,
+) -> dict[str, np.ndarray]:
     """{corpus: [mean loss, accuracy, masked tokens]} of `source`'s MLM head (compiled once for all corpora)."""
     rows, length = next(b for corpus in batches.values() for b in corpus)["input_ids"].shape  # one MaskingSpec
     if length > source.config.max_seq_length:
-        raise UserError(f"{source.parent} handles {source.config.max_seq_length} positions, fewer than the "
-                        f"held-out blocks' {length}; lower mlm.max_seq_length")
+        raise UserError(
+            f"{source.parent} handles {source.config.max_seq_length} positions, fewer than the "
+            f"held-out blocks' {length}; lower mlm.max_seq_length"
+        )
     mesh = make_mesh(mesh_shape)
     check_batch_size(rows * jax.process_count(), mesh, "mlm.batch_size")
     model = RobertaForMaskedLM(source.config)
@@ -86,18 +101,27 @@ class MLMLossTable:
             writer.writerow(["checkpoint", "corpus", "mlm_loss", "mlm_accuracy", "masked_tokens"])
             for i, ckpt in enumerate(self.checkpoints):
                 for j, corpus in enumerate(self.corpora):
-                    writer.writerow([ckpt, corpus, f"{self.loss[i, j]:.5f}", f"{self.accuracy[i, j]:.5f}",
-                                     int(self.tokens[i, j])])
+                    writer.writerow(
+                        [ckpt, corpus, f"{self.loss[i, j]:.5f}", f"{self.accuracy[i, j]:.5f}", int(self.tokens[i, j])]
+                    )
 
     def to_markdown(self) -> str:
         lines = ["| checkpoint | " + " | ".join(self.corpora) + " |", "|:--" + "|--:" * len(self.corpora) + "|"]
-        lines += [f"| {ckpt} | " + " | ".join(f"{v:.3f}" for v in row) + " |"
-                  for ckpt, row in zip(self.checkpoints, self.loss)]
+        lines += [
+            f"| {ckpt} | " + " | ".join(f"{v:.3f}" for v in row) + " |"
+            for ckpt, row in zip(self.checkpoints, self.loss)
+        ]
         return "\n".join(lines) + "\n"
 
 
-def mlm_loss_table(checkpoints: Mapping[str, str], corpora: Mapping[str, Sequence[SourceSpec]], spec: MaskingSpec,
-                   *, mesh_shape: Sequence[int] = (-1, 1, 1), rules: Rules = DEFAULT_RULES) -> MLMLossTable:
+def mlm_loss_table(
+    checkpoints: Mapping[str, str],
+    corpora: Mapping[str, Sequence[SourceSpec]],
+    spec: MaskingSpec,
+    *,
+    mesh_shape: Sequence[int] = (-1, 1, 1),
+    rules: Rules = DEFAULT_RULES,
+) -> MLMLossTable:
     """Score every checkpoint ({name: HF dir or phase workdir}) on every corpus ({name: sources})."""
     if not checkpoints or not corpora:
         raise UserError("the MLM evaluation needs at least one checkpoint and one corpus; list them in the config")
@@ -107,8 +131,9 @@ def mlm_loss_table(checkpoints: Mapping[str, str], corpora: Mapping[str, Sequenc
         source = resolve(path)
         tok_fp = tokenizer_fingerprint(load_tokenizer(source.tokenizer_dir))
         if tok_fp not in batches:
-            batches[tok_fp] = {name: fixed_batches(list(sources), source.tokenizer_dir, spec)
-                               for name, sources in corpora.items()}
+            batches[tok_fp] = {
+                name: fixed_batches(list(sources), source.tokenizer_dir, spec) for name, sources in corpora.items()
+            }
         scores = mlm_losses(source, batches[tok_fp], mesh_shape=mesh_shape, rules=rules)
         for j, name in enumerate(corpora):
             results[:, i, j] = scores[name]

@@ -39,6 +39,7 @@ _RUNTIME = ("dtype", "remat", "attention_impl", "attention_probs_dropout_prob")
 class StepCost:
     """Per chip, per step: HBM bytes (arguments = state + batch), FLOPs and HBM traffic, collectives; loops
     counted as often as they run."""
+
     argument_bytes: int
     temp_bytes: int
     total_bytes: int
@@ -61,8 +62,9 @@ def model_config(cfg: ConfigDict) -> ModelConfig:
     if (init / "config.json").exists():
         return read_config(files.localize(init / "config.json").parent, **runtime)
     if (init / "checkpoints").is_dir():
-        return ModelConfig.recorded(Checkpointer(init / "checkpoints", read_only=True).meta()["model_config"],
-                                    **runtime)
+        return ModelConfig.recorded(
+            Checkpointer(init / "checkpoints", read_only=True).meta()["model_config"], **runtime
+        )
     return ModelConfig(**fields)
 
 
@@ -70,15 +72,25 @@ def batch_shapes(cfg: ConfigDict, model: ModelConfig, mesh) -> dict[str, jax.Sha
     """The global batch a phase's loader builds, as shapes on the mesh's batch sharding."""
     seq = min(cfg.data.max_seq_length, model.max_seq_length)
     if "task" in cfg:
-        cols = [("input_ids", seq, "int32"), ("attention_mask", seq, "int32"), ("labels", None, "int32"),
-                ("example_weights", None, "float32")]
+        cols = [
+            ("input_ids", seq, "int32"),
+            ("attention_mask", seq, "int32"),
+            ("labels", None, "int32"),
+            ("example_weights", None, "float32"),
+        ]
     else:
         slots = math.ceil(cfg.data.mask_prob * seq)
-        cols = [("input_ids", seq, "int32"), ("attention_mask", seq, "int32"), ("mlm_positions", slots, "int32"),
-                ("mlm_ids", slots, "int32"), ("mlm_weights", slots, "float32")]
+        cols = [
+            ("input_ids", seq, "int32"),
+            ("attention_mask", seq, "int32"),
+            ("mlm_positions", slots, "int32"),
+            ("mlm_ids", slots, "int32"),
+            ("mlm_weights", slots, "float32"),
+        ]
     rows = batch_sharding(mesh)
-    return {k: jax.ShapeDtypeStruct((cfg.train.batch_size,) + ((n,) if n else ()), d, sharding=rows)
-            for k, n, d in cols}
+    return {
+        k: jax.ShapeDtypeStruct((cfg.train.batch_size,) + ((n,) if n else ()), d, sharding=rows) for k, n, d in cols
+    }
 
 
 def compile_phase(cfg: ConfigDict, devices: list, num_labels: int = 2) -> tuple[StepCost, StepCost | None, int]:
@@ -99,8 +111,11 @@ def compile_phase(cfg: ConfigDict, devices: list, num_labels: int = 2) -> tuple[
         train = _cost(step.__wrapped__.lower(state, batch))  # type: ignore[attr-defined]  # set by functools.wraps
         predict = None
         if finetune:
-            predict = _cost(compile_predict_step(model, shardings.params, mesh, rules).__wrapped__.lower(  # type: ignore[attr-defined]
-                state.params, batch))
+            predict = _cost(
+                compile_predict_step(model, shardings.params, mesh, rules).__wrapped__.lower(  # type: ignore[attr-defined]
+                    state.params, batch
+                )
+            )
     params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(state.params))
     return train, predict, params
 
@@ -112,8 +127,14 @@ def _cost(lowered: Any) -> StepCost:
     m = compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     text = compiled.as_text()
-    return StepCost(m.argument_size_in_bytes, m.temp_size_in_bytes, total, _flops(lowered, compiled),
-                    count(text).bytes_accessed, collectives(text))
+    return StepCost(
+        m.argument_size_in_bytes,
+        m.temp_size_in_bytes,
+        total,
+        _flops(lowered, compiled),
+        count(text).bytes_accessed,
+        collectives(text),
+    )
 
 
 def _flops(lowered: Any, compiled: Any) -> float:
@@ -136,11 +157,23 @@ def between(lo: tuple[int, StepCost], hi: tuple[int, StepCost], accum: int) -> S
 
     def line(u: float, v: float, at: float, p: float, q: float) -> float:
         return max(u + (v - u) * (at - p) / (q - p), 0.0)
+
     temp = round(line(x.temp_bytes, y.temp_bytes, 1 / accum, 1 / a, 1 / b))
     kinds = set(x.collectives) | set(y.collectives)
     return StepCost(
-        y.argument_bytes, temp, y.total_bytes + temp - y.temp_bytes, line(x.flops, y.flops, accum, a, b),
+        y.argument_bytes,
+        temp,
+        y.total_bytes + temp - y.temp_bytes,
+        line(x.flops, y.flops, accum, a, b),
         line(x.bytes_accessed, y.bytes_accessed, accum, a, b),
-        {k: (pair[0], pair[1]) for k in kinds
-         for pair in [[round(line(x.collectives.get(k, (0, 0))[i], y.collectives.get(k, (0, 0))[i], accum, a, b))
-                       for i in (0, 1)]]})
+        {
+            k: (pair[0], pair[1])
+            for k in kinds
+            for pair in [
+                [
+                    round(line(x.collectives.get(k, (0, 0))[i], y.collectives.get(k, (0, 0))[i], accum, a, b))
+                    for i in (0, 1)
+                ]
+            ]
+        },
+    )

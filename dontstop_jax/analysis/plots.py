@@ -24,10 +24,12 @@ def pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise UserError("plots need matplotlib; pip install 'dontstop-jax[analysis]' (or pip install matplotlib)") \
-            from None
+        raise UserError(
+            "plots need matplotlib; pip install 'dontstop-jax[analysis]' (or pip install matplotlib)"
+        ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -38,9 +40,20 @@ def _save(fig: Any, path: str | files.Path, dpi: int) -> files.Path:
     return files.path(path)
 
 
-def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | files.Path, *, title: str,
-            label: str, xlabel: str = "", ylabel: str = "", fmt: str = "{:.1f}", cmap: str = "viridis",
-            dpi: int = 80) -> files.Path:
+def heatmap(
+    matrix: np.ndarray,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    path: str | files.Path,
+    *,
+    title: str,
+    label: str,
+    xlabel: str = "",
+    ylabel: str = "",
+    fmt: str = "{:.1f}",
+    cmap: str = "viridis",
+    dpi: int = 80,
+) -> files.Path:
     """Matrix as colored cells, each annotated with its value (row i = rows[i])."""
     plt = pyplot()
     matrix = np.asarray(matrix, dtype=float)
@@ -53,8 +66,15 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: 
     ax.set_ylabel(ylabel)
     for (i, j), value in np.ndenumerate(matrix):
         r, g, b, _ = image.cmap(image.norm(value))
-        ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=9,
-                color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")  # legible on any cell
+        ax.text(
+            j,
+            i,
+            fmt.format(value),
+            ha="center",
+            va="center",
+            fontsize=9,
+            color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white",
+        )  # legible on any cell
     fig.colorbar(image, ax=ax, label=label)
     ax.set_title(title, fontsize=10)
     return _save(fig, path, dpi)
@@ -124,8 +144,14 @@ def learning_curves(curve_json: str | files.Path, path: str | files.Path, *, dpi
             x = [p["examples"] for p in line["points"]]
             mean = np.array([100 * p["mean"] for p in line["points"]])
             std = np.array([100 * (p["std"] or 0.0) for p in line["points"]])
-            (drawn,) = ax.plot(x, mean, "--" if line["reference"] else "-", marker="o", markersize=3,
-                               label=line["name"] + (" (reference)" if line["reference"] else ""))
+            (drawn,) = ax.plot(
+                x,
+                mean,
+                "--" if line["reference"] else "-",
+                marker="o",
+                markersize=3,
+                label=line["name"] + (" (reference)" if line["reference"] else ""),
+            )
             ax.fill_between(x, mean - std, mean + std, color=drawn.get_color(), alpha=0.15, linewidth=0)
         ax.set_xscale("log")
         sizes = sorted({p["examples"] for line in curves["lines"] if line["task"] == task for p in line["points"]})

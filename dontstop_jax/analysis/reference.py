@@ -28,9 +28,11 @@ import numpy as np
 from dontstop_jax.analysis.metrics import classification_metrics
 
 MAJORITY, BAG_OF_WORDS, STATIC_VECTORS = "majority class", "bag-of-words LR", "static word vectors LR"
-DESCRIPTIONS = {MAJORITY: "the most frequent train label for every example",  # the table's legend
-                BAG_OF_WORDS: "logistic regression on tf-idf word counts of the train texts",
-                STATIC_VECTORS: "logistic regression on the base model's input embeddings averaged over a text"}
+DESCRIPTIONS = {
+    MAJORITY: "the most frequent train label for every example",  # the table's legend
+    BAG_OF_WORDS: "logistic regression on tf-idf word counts of the train texts",
+    STATIC_VECTORS: "logistic regression on the base model's input embeddings averaged over a text",
+}
 WORD = re.compile(r"\w+")
 MAX_WORDS = 20_000
 STEPS = 300  # matched scikit-learn's converged fit on a synthetic check; 180K sentences: 1.5 min on 2 cores
@@ -69,13 +71,15 @@ class _Sparse:
 
     def dot(self, w: np.ndarray) -> np.ndarray:
         """(self @ w.T).T for w [k, cols]: [k, rows]."""
-        return np.stack([np.bincount(self.rows, weights=self.values * wj[self.cols], minlength=self.shape[0])
-                         for wj in w])
+        return np.stack(
+            [np.bincount(self.rows, weights=self.values * wj[self.cols], minlength=self.shape[0]) for wj in w]
+        )
 
     def tdot(self, g: np.ndarray) -> np.ndarray:
         """(self.T @ g.T).T for g [k, rows]: [k, cols]."""
-        return np.stack([np.bincount(self.cols, weights=self.values * gj[self.rows], minlength=self.shape[1])
-                         for gj in g])
+        return np.stack(
+            [np.bincount(self.cols, weights=self.values * gj[self.rows], minlength=self.shape[1]) for gj in g]
+        )
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,9 @@ def _counts(texts: Sequence[str], vocab: Mapping[str, int]) -> _Sparse:
         rows += [i] * len(counts)
         cols += counts.keys()
         values += counts.values()
-    return _Sparse(np.array(rows, np.int64), np.array(cols, np.int64), np.array(values, np.float64),
-                   (len(texts), len(vocab)))
+    return _Sparse(
+        np.array(rows, np.int64), np.array(cols, np.int64), np.array(values, np.float64), (len(texts), len(vocab))
+    )
 
 
 def _tfidf(counts: _Sparse, idf: np.ndarray) -> _Sparse:
@@ -128,8 +133,9 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=0)
 
 
-def _logistic_regression(x: _Sparse | _Dense, labels: np.ndarray, num_labels: int, steps: int
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def _logistic_regression(
+    x: _Sparse | _Dense, labels: np.ndarray, num_labels: int, steps: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Weights [k, cols] and bias [k, 1] of multinomial logistic regression on rows of norm <= 1.
 
     Mean cross-entropy plus (l2 / 2) * |W|^2 with l2 = 1 / len(train) (scikit-learn's default strength, C=1;
@@ -153,8 +159,14 @@ def _logistic_regression(x: _Sparse | _Dense, labels: np.ndarray, num_labels: in
     return w, b
 
 
-def bag_of_words_predict(train_texts: Sequence[str], train_labels: np.ndarray, texts: Sequence[Sequence[str]],
-                         num_labels: int, *, steps: int = STEPS) -> list[np.ndarray]:
+def bag_of_words_predict(
+    train_texts: Sequence[str],
+    train_labels: np.ndarray,
+    texts: Sequence[Sequence[str]],
+    num_labels: int,
+    *,
+    steps: int = STEPS,
+) -> list[np.ndarray]:
     """Fit the bag-of-words logistic regression on train; its predicted label ids for each list of `texts`."""
     vocab = vocabulary(train_texts)
     train = _counts(train_texts, vocab)
@@ -167,17 +179,25 @@ def bag_of_words_predict(train_texts: Sequence[str], train_labels: np.ndarray, t
 def mean_embeddings(embeddings: np.ndarray, encode: Callable[[Sequence[str]], list[list[int]]]) -> Embed:
     """texts -> the average row of `embeddings` ([vocab, d], a model's input embeddings) over each text's token
     ids from `encode` (zeros for a text without tokens)."""
+
     def embed(texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), embeddings.shape[1]))
         for i, ids in enumerate(encode(texts)):
             if ids:
                 out[i] = embeddings[ids].mean(axis=0)
         return out
+
     return embed
 
 
-def static_vectors_predict(train_vectors: np.ndarray, train_labels: np.ndarray, vectors: Sequence[np.ndarray],
-                           num_labels: int, *, steps: int = STEPS) -> list[np.ndarray]:
+def static_vectors_predict(
+    train_vectors: np.ndarray,
+    train_labels: np.ndarray,
+    vectors: Sequence[np.ndarray],
+    num_labels: int,
+    *,
+    steps: int = STEPS,
+) -> list[np.ndarray]:
     """Fit logistic regression on averaged word vectors; its predicted label ids for each array of `vectors`.
     Centred on the train mean (embedding tables share a large common direction) and scaled to unit rows."""
     centre = train_vectors.mean(axis=0)
@@ -185,6 +205,7 @@ def static_vectors_predict(train_vectors: np.ndarray, train_labels: np.ndarray, 
     def rows(v: np.ndarray) -> _Dense:
         v = v - centre
         return _Dense(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12))
+
     w, b = _logistic_regression(rows(train_vectors), train_labels, num_labels, steps)
     return [np.argmax(rows(v).dot(w) + b, axis=0) for v in vectors]
 
@@ -196,14 +217,21 @@ def task_references(splits: Splits, num_labels: int, embed: Embed | None = None)
     (train_texts, train_labels), scored = splits["train"], ("dev", "test")
 
     def scores(predicted: list[np.ndarray]) -> dict[str, dict[str, float]]:
-        return {s: classification_metrics(np.asarray(splits[s][1]), p, num_labels)
-                for s, p in zip(scored, predicted, strict=True)}
+        return {
+            s: classification_metrics(np.asarray(splits[s][1]), p, num_labels)
+            for s, p in zip(scored, predicted, strict=True)
+        }
+
     references = [
         {"reference": MAJORITY, **{s: majority_scores(train_labels, splits[s][1], num_labels) for s in scored}},
-        {"reference": BAG_OF_WORDS, **scores(bag_of_words_predict(train_texts, train_labels,
-                                                                  [splits[s][0] for s in scored], num_labels))}]
+        {
+            "reference": BAG_OF_WORDS,
+            **scores(bag_of_words_predict(train_texts, train_labels, [splits[s][0] for s in scored], num_labels)),
+        },
+    ]
     if embed is not None:
-        predicted = static_vectors_predict(embed(train_texts), train_labels, [embed(splits[s][0]) for s in scored],
-                                           num_labels)
+        predicted = static_vectors_predict(
+            embed(train_texts), train_labels, [embed(splits[s][0]) for s in scored], num_labels
+        )
         references.append({"reference": STATIC_VECTORS, **scores(predicted)})
     return references

@@ -48,6 +48,7 @@ def grid_phases(grid_dir: str | files.Path) -> dict[str, files.Path]:
 def _synthetic_corpora(cfg: ConfigDict) -> dict[str, list[str]]:
     """Held-out samples of the synthetic benchmark's general corpus and domains (written next to it)."""
     from dontstop_jax.synthetic import load_benchmark, write_heldout
+
     bench = load_benchmark(cfg.synthetic.directory)
     return {name: [str(path)] for name, path in write_heldout(bench, cfg.synthetic.heldout_docs).items()}
 
@@ -65,34 +66,73 @@ def _write(out: files.Path, cfg: ConfigDict) -> list[str]:
     if corpora and cfg.vocab.top_k:
         overlap = vocab_overlap(corpora, cfg.vocab.top_k, cfg.vocab.max_docs or None)
         overlap.write_csv(out / "vocab_overlap.csv")
-        plots.heatmap(overlap.overlap, overlap.names, overlap.names, out / "vocab_overlap.png", dpi=cfg.dpi,
-                      title=f"vocabulary overlap (%), top {overlap.top_k} words", label="overlap (%)",
-                      ylabel="held-out half 0", xlabel="held-out half 1")
-        summary += [f"## Vocabulary overlap (%, top {overlap.top_k} words, held-out halves)", "",
-                    overlap.to_markdown(), "![vocabulary overlap](vocab_overlap.png)", ""]
+        plots.heatmap(
+            overlap.overlap,
+            overlap.names,
+            overlap.names,
+            out / "vocab_overlap.png",
+            dpi=cfg.dpi,
+            title=f"vocabulary overlap (%), top {overlap.top_k} words",
+            label="overlap (%)",
+            ylabel="held-out half 0",
+            xlabel="held-out half 1",
+        )
+        summary += [
+            f"## Vocabulary overlap (%, top {overlap.top_k} words, held-out halves)",
+            "",
+            overlap.to_markdown(),
+            "![vocabulary overlap](vocab_overlap.png)",
+            "",
+        ]
     if corpora and checkpoints:
         from dontstop_jax.analysis.mlm_eval import MaskingSpec, mlm_loss_table  # imports jax: only when needed
+
         spec = MaskingSpec(**{k: v for k, v in cfg.mlm.items() if k not in ("checkpoints", "mesh_shape")})
         table = mlm_loss_table(checkpoints, corpora, spec, mesh_shape=cfg.mlm.mesh_shape)
         table.write_csv(out / "mlm_loss.csv")
-        plots.heatmap(table.loss, table.checkpoints, table.corpora, out / "mlm_loss.png", dpi=cfg.dpi, fmt="{:.2f}",
-                      title="masked-LM loss on held-out text", label="MLM loss", cmap="viridis_r",
-                      ylabel="checkpoint", xlabel="held-out text")
-        summary += ["## Masked-LM loss on held-out text (fixed masks)", "", table.to_markdown(),
-                    "![MLM loss](mlm_loss.png)", ""]
+        plots.heatmap(
+            table.loss,
+            table.checkpoints,
+            table.corpora,
+            out / "mlm_loss.png",
+            dpi=cfg.dpi,
+            fmt="{:.2f}",
+            title="masked-LM loss on held-out text",
+            label="MLM loss",
+            cmap="viridis_r",
+            ylabel="checkpoint",
+            xlabel="held-out text",
+        )
+        summary += [
+            "## Masked-LM loss on held-out text (fixed masks)",
+            "",
+            table.to_markdown(),
+            "![MLM loss](mlm_loss.png)",
+            "",
+        ]
     if curves:
         plots.training_curves(curves, out / "training_curves.png", dpi=cfg.dpi)
         summary += ["## Training curves", "", "![training curves](training_curves.png)", ""]
     results = files.path(cfg.grid_dir) / "results.json" if cfg.grid_dir else None
     if results is not None and results.is_file():
         plots.results_bars(results, out / "results.png", dpi=cfg.dpi)
-        summary += ["## Results", "", (files.path(cfg.grid_dir) / "results.md").read_text(encoding="utf-8"),
-                    "![results](results.png)", ""]
+        summary += [
+            "## Results",
+            "",
+            (files.path(cfg.grid_dir) / "results.md").read_text(encoding="utf-8"),
+            "![results](results.png)",
+            "",
+        ]
     curve = files.path(cfg.grid_dir) / "learning_curve.json" if cfg.grid_dir else None
     if curve is not None and curve.is_file():
         plots.learning_curves(curve, out / "learning_curve.png", dpi=cfg.dpi)
-        summary += ["## Learning curves", "", (curve.parent / "learning_curve.md").read_text(encoding="utf-8"),
-                    "![learning curves](learning_curve.png)", ""]
+        summary += [
+            "## Learning curves",
+            "",
+            (curve.parent / "learning_curve.md").read_text(encoding="utf-8"),
+            "![learning curves](learning_curve.png)",
+            "",
+        ]
     if len(summary) == 2:
         raise UserError("nothing to analyze: configure corpora, mlm.checkpoints, curves or grid_dir")
     return summary

@@ -22,8 +22,11 @@ def model_flops(arch: ModelConfig, params: int, batch: int, seq: int, predicted:
     12 x layers x seq x hidden per token, and the tied vocabulary projection at the `predicted` slots only."""
     embeddings = (arch.vocab_size + arch.max_position_embeddings + arch.type_vocab_size) * arch.hidden_size
     tokens = batch * seq
-    return (6 * (params - embeddings) * tokens + 12 * arch.num_hidden_layers * seq * arch.hidden_size * tokens
-            + 6 * arch.vocab_size * arch.hidden_size * batch * predicted)
+    return (
+        6 * (params - embeddings) * tokens
+        + 12 * arch.num_hidden_layers * seq * arch.hidden_size * tokens
+        + 6 * arch.vocab_size * arch.hidden_size * batch * predicted
+    )
 
 
 @dataclasses.dataclass
@@ -44,8 +47,7 @@ class Roofline:
 def roofline(cost: StepCost, chip: Chip) -> Roofline:
     # A ring all-reduce moves its bytes twice (reduce-scatter, then all-gather); the others once.
     ici = sum(b * (2 if kind == "all-reduce" else 1) for kind, (_, b) in cost.collectives.items())
-    return Roofline(cost.flops / chip.peak_flops, cost.bytes_accessed / chip.hbm_bandwidth,
-                    ici / chip.ici_bandwidth)
+    return Roofline(cost.flops / chip.peak_flops, cost.bytes_accessed / chip.hbm_bandwidth, ici / chip.ici_bandwidth)
 
 
 def mfu(model_step_flops: float, step_s: float, chip: Chip, chips: int) -> float:
@@ -54,9 +56,11 @@ def mfu(model_step_flops: float, step_s: float, chip: Chip, chips: int) -> float
 
 
 def memory_line(cost: StepCost, chip: Chip) -> str:
-    return (f"{cost.argument_bytes / GIB:.2f} GiB state+batch, {cost.temp_bytes / GIB:.2f} GiB temporaries, "
-            f"{cost.total_bytes / GIB:.2f} GiB total of {chip.hbm_bytes / GIB:.0f} GiB "
-            f"({cost.total_bytes / chip.hbm_bytes:.0%})")
+    return (
+        f"{cost.argument_bytes / GIB:.2f} GiB state+batch, {cost.temp_bytes / GIB:.2f} GiB temporaries, "
+        f"{cost.total_bytes / GIB:.2f} GiB total of {chip.hbm_bytes / GIB:.0f} GiB "
+        f"({cost.total_bytes / chip.hbm_bytes:.0%})"
+    )
 
 
 def collectives_line(cost: StepCost) -> str:

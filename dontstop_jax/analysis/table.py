@@ -90,8 +90,10 @@ def _count(n: float) -> str:
 
 def _compare(a: Cell, b: Cell) -> Significance:
     if a.std is None or b.std is None:
-        raise UserError(f"significance of {a.variant!r} vs {b.variant!r} on {a.task!r} needs >= 2 seeds each, "
-                        f"got {a.n} and {b.n}; run more seeds")
+        raise UserError(
+            f"significance of {a.variant!r} vs {b.variant!r} on {a.task!r} needs >= 2 seeds each, "
+            f"got {a.n} and {b.n}; run more seeds"
+        )
     diff, threshold = a.mean - b.mean, 2 * max(a.std, b.std)
     return Significance(a, b, diff, threshold, diff > threshold)
 
@@ -110,8 +112,9 @@ def _collect(records: Sequence[Record], metric_by_task: Mapping[str, str]) -> di
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
             raise UserError(f"result record {i} has seed {seed!r}; seeds must be integers")
         seed = int(seed)
-        value = _fraction(f"result record {i}", f"{variant} on {task}, seed {seed}", task, record["metrics"],
-                          metric_by_task)
+        value = _fraction(
+            f"result record {i}", f"{variant} on {task}, seed {seed}", task, record["metrics"], metric_by_task
+        )
         for key, extra in record.get("extras", {}).items():
             extras.setdefault((variant, task), {}).setdefault(key, []).append(float(extra))
         if record.get("discarded"):
@@ -123,16 +126,23 @@ def _collect(records: Sequence[Record], metric_by_task: Mapping[str, str]) -> di
         seeds[seed] = value
         at_majority[(variant, task)] = at_majority.get((variant, task), 0) + bool(record.get("dev_at_majority"))
     return {
-        (variant, task): Cell(variant, task, metric_by_task[task], tuple(sorted(seeds)),
-                              tuple(seeds[s] for s in sorted(seeds)),
-                              {k: float(np.mean(v)) for k, v in extras.get((variant, task), {}).items()},
-                              discarded.get((variant, task), 0), at_majority[(variant, task)])
+        (variant, task): Cell(
+            variant,
+            task,
+            metric_by_task[task],
+            tuple(sorted(seeds)),
+            tuple(seeds[s] for s in sorted(seeds)),
+            {k: float(np.mean(v)) for k, v in extras.get((variant, task), {}).items()},
+            discarded.get((variant, task), 0),
+            at_majority[(variant, task)],
+        )
         for (variant, task), seeds in runs.items()
     }
 
 
-def _fraction(record: str, label: str, task: str, metrics: Mapping[str, Any], metric_by_task: Mapping[str, str]
-              ) -> float:
+def _fraction(
+    record: str, label: str, task: str, metrics: Mapping[str, Any], metric_by_task: Mapping[str, str]
+) -> float:
     """The task's metric from `metrics`, a fraction; a one-line error naming `record` and `label` otherwise."""
     if task not in metric_by_task:
         raise UserError(f"{record} is for task {task!r}, which metric_by_task lacks; add it")
@@ -145,8 +155,7 @@ def _fraction(record: str, label: str, task: str, metrics: Mapping[str, Any], me
     return value
 
 
-def _reference_scores(references: Sequence[Record], metric_by_task: Mapping[str, str]
-                      ) -> dict[tuple[str, str], float]:
+def _reference_scores(references: Sequence[Record], metric_by_task: Mapping[str, str]) -> dict[tuple[str, str], float]:
     """(reference, task) -> test score in the task's metric, checking each names a known reference and task.
     References fitted on several draws of a subsampled train set (records with distinct `draw`s) give their
     mean."""
@@ -157,8 +166,10 @@ def _reference_scores(references: Sequence[Record], metric_by_task: Mapping[str,
             raise UserError(f"reference record {i} lacks {sorted(missing)}; records need task, reference, test")
         name, task = ref["reference"], ref["task"]
         if name not in DESCRIPTIONS:
-            raise UserError(f"reference record {i} is {name!r}, not one of {sorted(DESCRIPTIONS)}; "
-                            "compute references with analysis/reference.py")
+            raise UserError(
+                f"reference record {i} is {name!r}, not one of {sorted(DESCRIPTIONS)}; "
+                "compute references with analysis/reference.py"
+            )
         value = _fraction(f"reference record {i}", f"{name} on {task}", task, ref["test"], metric_by_task)
         if ref.get("draw") in draws.setdefault((name, task), {}):
             raise UserError(f"{name} on {task} has two reference records; drop the duplicate")
@@ -199,20 +210,38 @@ class ResultsTable:
 
     def _rows(self) -> list[dict[str, Any]]:
         return [
-            {"variant": cell.variant, "task": cell.task, "metric": cell.metric, "n": cell.n, "mean": cell.mean,
-             "std": cell.std, "delta_vs_baseline": self.delta(cell.variant, cell.task),
-             "beats_baseline": self.beats_baseline(cell.variant, cell.task),
-             "seeds": list(cell.seeds), "values": list(cell.values),
-             **({"discarded": cell.discarded} if cell.discarded else {}),
-             **({"dev_at_majority": cell.at_majority} if cell.at_majority else {}), **cell.extras}
-            for variant in self.variants for task in self.tasks
+            {
+                "variant": cell.variant,
+                "task": cell.task,
+                "metric": cell.metric,
+                "n": cell.n,
+                "mean": cell.mean,
+                "std": cell.std,
+                "delta_vs_baseline": self.delta(cell.variant, cell.task),
+                "beats_baseline": self.beats_baseline(cell.variant, cell.task),
+                "seeds": list(cell.seeds),
+                "values": list(cell.values),
+                **({"discarded": cell.discarded} if cell.discarded else {}),
+                **({"dev_at_majority": cell.at_majority} if cell.at_majority else {}),
+                **cell.extras,
+            }
+            for variant in self.variants
+            for task in self.tasks
             if (cell := self.cells.get((variant, task))) is not None
         ]
 
     def _reference_rows(self) -> list[dict[str, Any]]:
-        return [{"reference": name, "task": task, "metric": self.metric_by_task[task],
-                 "score": self.references[(name, task)]}
-                for name in self.reference_names for task in self.tasks if (name, task) in self.references]
+        return [
+            {
+                "reference": name,
+                "task": task,
+                "metric": self.metric_by_task[task],
+                "score": self.references[(name, task)],
+            }
+            for name in self.reference_names
+            for task in self.tasks
+            if (name, task) in self.references
+        ]
 
     def _markdown_cell(self, variant: str, task: str) -> str:
         cell = self.cells.get((variant, task))
@@ -237,39 +266,76 @@ class ResultsTable:
             lines.append("| " + " | ".join([variant, *(self._markdown_cell(variant, t) for t in self.tasks)]) + " |")
         for name in self.reference_names:
             scores = (self.references.get((name, task)) for task in self.tasks)
-            lines.append("| " + " | ".join([f"{name} (reference)",
-                                            *("–" if s is None else f"{100 * s:.1f}" for s in scores)]) + " |")
+            lines.append(
+                "| "
+                + " | ".join([f"{name} (reference)", *("–" if s is None else f"{100 * s:.1f}" for s in scores)])
+                + " |"
+            )
         legend = "Test scores in %: mean ± sample std over seeds (n/a for one seed), n = seeds; – = no runs."
         if self.baseline is not None:
-            legend += (f" (+x) = mean minus {self.baseline}'s; † = ahead by more than 2 × the larger std of the two"
-                       " (needs n ≥ 2 on both).")
+            legend += (
+                f" (+x) = mean minus {self.baseline}'s; † = ahead by more than 2 × the larger std of the two"
+                " (needs n ≥ 2 on both)."
+            )
         if any(cell.at_majority for cell in self.cells.values()):
-            legend += (" (k‡) = k seeds whose best dev score was no higher than the majority class's: they may have"
-                       " learned nothing.")
+            legend += (
+                " (k‡) = k seeds whose best dev score was no higher than the majority class's: they may have"
+                " learned nothing."
+            )
         if self.reference_names:
-            legend += (" (reference) = no contextual model, one deterministic score per train set, averaged over the"
-                       " draws of a subsampled one ("
-                       + "; ".join(f"{name} = {DESCRIPTIONS[name]}" for name in self.reference_names) + ").")
+            legend += (
+                " (reference) = no contextual model, one deterministic score per train set, averaged over the"
+                " draws of a subsampled one ("
+                + "; ".join(f"{name} = {DESCRIPTIONS[name]}" for name in self.reference_names)
+                + ")."
+            )
         return "\n".join(lines) + "\n\n" + legend + "\n"
 
     def _csv_text(self) -> str:
         out = io.StringIO()
-        fields = ["variant", "task", "metric", "n", "mean", "std", "delta_vs_baseline", "beats_baseline",
-                  "seeds", "values"]
-        rows = self._rows() + [{"variant": row["reference"], "task": row["task"], "metric": row["metric"],
-                                "mean": row["score"], "reference": True} for row in self._reference_rows()]
+        fields = [
+            "variant",
+            "task",
+            "metric",
+            "n",
+            "mean",
+            "std",
+            "delta_vs_baseline",
+            "beats_baseline",
+            "seeds",
+            "values",
+        ]
+        rows = self._rows() + [
+            {
+                "variant": row["reference"],
+                "task": row["task"],
+                "metric": row["metric"],
+                "mean": row["score"],
+                "reference": True,
+            }
+            for row in self._reference_rows()
+        ]
         fields += sorted(set().union(*rows) - set(fields))  # discarded, reference, ...: only when some row has them
         writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n", restval="")
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: "" if value is None else ";".join(map(str, value)) if isinstance(value, list)
-                             else value for key, value in row.items()})
+            writer.writerow(
+                {
+                    key: "" if value is None else ";".join(map(str, value)) if isinstance(value, list) else value
+                    for key, value in row.items()
+                }
+            )
         return out.getvalue()
 
     def _json_text(self) -> str:
-        table = {"baseline": self.baseline, "metric_by_task": dict(self.metric_by_task),
-                 "variants": list(self.variants), "tasks": list(self.tasks), "cells": self._rows(),
-                 "references": self._reference_rows()}
+        table = {
+            "baseline": self.baseline,
+            "metric_by_task": dict(self.metric_by_task),
+            "variants": list(self.variants),
+            "tasks": list(self.tasks),
+            "cells": self._rows(),
+            "references": self._reference_rows(),
+        }
         return json.dumps(table, indent=2) + "\n"
 
     def to_csv(self, path: str | os.PathLike[str], *, enabled: bool = True) -> None:
@@ -295,9 +361,14 @@ class ResultsTable:
         write_text(out / f"{stem}.json", self._json_text())
 
 
-def results_table(records: Sequence[Record], metric_by_task: Mapping[str, str],
-                  variant_order: Sequence[str] | None = None, *, baseline: str = "baseline",
-                  references: Sequence[Record] = ()) -> ResultsTable:
+def results_table(
+    records: Sequence[Record],
+    metric_by_task: Mapping[str, str],
+    variant_order: Sequence[str] | None = None,
+    *,
+    baseline: str = "baseline",
+    references: Sequence[Record] = (),
+) -> ResultsTable:
     """Summarize records over seeds. Rows follow `variant_order` (every recorded variant must be listed;
     listed ones without runs show "–"), else `baseline` first, then order of first appearance; then the
     `references` (records.json's "references", see the module doc), in order of first appearance."""
@@ -310,8 +381,14 @@ def results_table(records: Sequence[Record], metric_by_task: Mapping[str, str],
         if unlisted:
             raise UserError(f"variants {unlisted} have results but are not in variant_order; list them")
         variants = list(dict.fromkeys(variant_order))
-    return ResultsTable(tuple(variants), tuple(metric_by_task), dict(metric_by_task), cells,
-                        baseline if baseline in seen else None, _reference_scores(references, metric_by_task))
+    return ResultsTable(
+        tuple(variants),
+        tuple(metric_by_task),
+        dict(metric_by_task),
+        cells,
+        baseline if baseline in seen else None,
+        _reference_scores(references, metric_by_task),
+    )
 
 
 def significance(records: Sequence[Record], task: str, a: str, b: str, *, metric: str) -> Significance:

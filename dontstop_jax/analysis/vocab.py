@@ -25,7 +25,8 @@ from dontstop_jax.data.corpus import SourceSpec, iter_documents
 from dontstop_jax.errors import UserError
 
 # Common English function words: they top every corpus' counts and would make all corpora look alike.
-STOPWORDS = frozenset("""
+STOPWORDS = frozenset(
+    """
 a about above after again against all am an and any are as at be because been before being below between
 both but by can could did do does doing down during each few for from further had has have having he her
 here hers herself him himself his how i if in into is it its itself just me more most my myself no nor not
@@ -33,7 +34,8 @@ now of off on once only or other our ours ourselves out over own same she should
 their theirs them themselves then there these they this those through to too under until up very was we
 were what when where which while who whom why will with would you your yours yourself yourselves
 also may might must shall us one two via per et al
-""".split())
+""".split()
+)
 
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")
 
@@ -79,13 +81,15 @@ class VocabOverlap:
 
     def to_markdown(self) -> str:
         lines = ["| half 0 \\ half 1 | " + " | ".join(self.names) + " |", "|:--" + "|--:" * len(self.names) + "|"]
-        lines += [f"| {name} | " + " | ".join(f"{v:.1f}" for v in row) + " |"
-                  for name, row in zip(self.names, self.overlap)]
+        lines += [
+            f"| {name} | " + " | ".join(f"{v:.1f}" for v in row) + " |" for name, row in zip(self.names, self.overlap)
+        ]
         return "\n".join(lines) + "\n"
 
 
-def vocab_overlap(corpora: Mapping[str, Sequence[SourceSpec]], top_k: int = 10_000,
-                  max_docs: int | None = None) -> VocabOverlap:
+def vocab_overlap(
+    corpora: Mapping[str, Sequence[SourceSpec]], top_k: int = 10_000, max_docs: int | None = None
+) -> VocabOverlap:
     """The overlap matrix of `corpora` ({name: sources}), reading at most `max_docs` documents of each."""
     if top_k < 1:
         raise UserError(f"vocab top_k must be >= 1, got {top_k}")

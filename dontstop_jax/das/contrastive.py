@@ -48,16 +48,26 @@ def das_loss_sums(model: nn.Module, past: Importance, weight: float, temperature
         total, aux = mlm(params, batch, r_mlm, deterministic)
 
         def view(r, g=None):
-            h = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                            deterministic=deterministic, gates=g, rngs={"dropout": r}, method=_encode)
+            h = model.apply(
+                {"params": params},
+                batch["input_ids"],
+                batch["attention_mask"],
+                deterministic=deterministic,
+                gates=g,
+                rngs={"dropout": r},
+                method=_encode,
+            )
             return mean_pool(h, batch["attention_mask"])
+
         contrast = info_nce(view(r1), view(r2), view(r3, gates), temperature)
         return total + weight * contrast * aux["weight"], aux
+
     return loss
 
 
-def das_objective(mask: Importance | None, contrast: Importance | None, weight: float,
-                  temperature: float) -> Callable[[nn.Module, Any], tuple]:
+def das_objective(
+    mask: Importance | None, contrast: Importance | None, weight: float, temperature: float
+) -> Callable[[nn.Module, Any], tuple]:
     """The `pretrain(objective=...)` hook: DAS loss; gradients soft-masked by the accumulated importance `mask`.
     `contrast` gates the past-knowledge network of the integration loss (usually `mask`; DAS's ablations
     contrast with past domains only, or not at all: None or weight 0 leaves plain MLM). No `mask`: no masking.
@@ -66,12 +76,17 @@ def das_objective(mask: Importance | None, contrast: Importance | None, weight: 
     and again the optimizer's update: Adam divides each gradient by its running RMS, so a constant scale on
     the gradient alone would leave the unit's steps almost unchanged.
     """
+
     def build(model: nn.Module, params: Any):
-        loss = (mlm_loss_sums(model) if contrast is None or not weight
-                else das_loss_sums(model, contrast, weight, temperature))
+        loss = (
+            mlm_loss_sums(model)
+            if contrast is None or not weight
+            else das_loss_sums(model, contrast, weight, temperature)
+        )
         if mask is None:
             return loss, {}
         masks = softmask.shard_masks(softmask.unit_masks(mask, params), params)
         scale = lambda tree: softmask.apply(tree, masks)
         return loss, {"grad_transform": scale, "update_transform": scale}
+
     return build

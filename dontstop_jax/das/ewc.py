@@ -27,8 +27,11 @@ def fisher(model: nn.Module, params: Any, batches: Iterable[dict], mesh: Mesh, r
     def mean_loss(p, batch):
         total, aux = sums(p, batch, jax.random.key(0), True)
         return total / jnp.maximum(aux["weight"], 1.0)
-    squared = jax.jit(lambda p, b: jax.tree_util.tree_map(jnp.square, jax.grad(mean_loss)(p, b)),
-                      out_shardings=jax.tree_util.tree_map(lambda x: x.sharding, params))
+
+    squared = jax.jit(
+        lambda p, b: jax.tree_util.tree_map(jnp.square, jax.grad(mean_loss)(p, b)),
+        out_shardings=jax.tree_util.tree_map(lambda x: x.sharding, params),
+    )
     total, count = None, 0
     with activation_rules(mesh, rules):
         for batch in batches:
@@ -49,7 +52,10 @@ def penalty(params: Any, anchor: Any, fisher_: Any) -> jax.Array:
     """sum F (theta - theta*)^2 over every parameter, in float32."""
     terms = jax.tree_util.tree_map(
         lambda p, a, f: jnp.sum(f.astype(jnp.float32) * jnp.square(p.astype(jnp.float32) - a.astype(jnp.float32))),
-        params, anchor, fisher_)
+        params,
+        anchor,
+        fisher_,
+    )
     return sum(jax.tree_util.tree_leaves(terms), jnp.zeros((), jnp.float32))
 
 
@@ -62,14 +68,18 @@ def ewc_loss_sums(model: nn.Module, lam: float) -> Callable[[dict, jax.Array], L
         def loss(params, batch, rng, deterministic):
             total, aux = mlm(params, batch, rng, deterministic)
             return total + aux["weight"] * lam / 2 * penalty(params, arrays["anchor"], arrays["fisher"]), aux
+
         return loss
+
     return with_arrays
 
 
 def ewc_objective(past: Callable[[Any], tuple[Any, Any]], lam: float) -> Callable[[nn.Module, Any], tuple]:
     """The `pretrain(objective=...)` hook. `past(params)` -> (anchor, Fisher) placed like `params`: measured only
     when the phase trains (a finished phase is reused without it)."""
+
     def build(model: nn.Module, params: Any):
         anchor, fisher_ = past(params)
         return Fixed(ewc_loss_sums(model, lam), {"anchor": anchor, "fisher": fisher_}), {}
+
     return build

@@ -56,6 +56,7 @@ def param_name(domain: int, kind: str) -> str:
 class HatMaskedLM(RobertaForMaskedLM):
     """The masked LM plus domain `domain`'s HAT embeddings, N(0, 1) as in the paper ([layers, units] each, top-level
     parameters `hat{domain}_head`, `hat{domain}_intermediate`); the loss reads them, the model's call does not."""
+
     domain: int = 0
 
     def setup(self):
@@ -77,14 +78,17 @@ def _compensated(e: jax.Array, s: Any, s_max: float) -> jax.Array:
     """`e` (same value) whose gradient is multiplied by eq. 6's factor: the annealed sigmoid's gradient would
     otherwise be ~s times too small early in the stage and its embeddings barely move."""
     factor = jax.lax.stop_gradient(
-        s_max * (jnp.cosh(jnp.clip(s * e, -THRES_COSH, THRES_COSH)) + 1) / (s * (jnp.cosh(e) + 1)))
+        s_max * (jnp.cosh(jnp.clip(s * e, -THRES_COSH, THRES_COSH)) + 1) / (s * (jnp.cosh(e) + 1))
+    )
     return jax.lax.stop_gradient(e) + factor * (e - jax.lax.stop_gradient(e))
 
 
 def gates(params: Any, domain: int, s: Any, s_max: float) -> dict[str, jax.Array]:
     """The domain's masks sigmoid(s x clip(e)) as the model's gates: {"head": [L, heads], "intermediate": [L, mlp]}."""
-    return {k: jax.nn.sigmoid(s * _compensated(jnp.clip(params[param_name(domain, k)], -THRES_EMB, THRES_EMB),
-                                               s, s_max)) for k in KINDS}
+    return {
+        k: jax.nn.sigmoid(s * _compensated(jnp.clip(params[param_name(domain, k)], -THRES_EMB, THRES_EMB), s, s_max))
+        for k in KINDS
+    }
 
 
 def regulariser(masks: dict[str, jax.Array], past: Importance) -> jax.Array:
@@ -95,8 +99,15 @@ def regulariser(masks: dict[str, jax.Array], past: Importance) -> jax.Array:
 
 def final_masks(params: Any, domain: int, s_max: float) -> Importance:
     """The trained domain's masks at s = s_max (what it used), as an Importance whose "output" is 0."""
-    value = {k: np.asarray(jax.nn.sigmoid(s_max * np.clip(np.asarray(params[param_name(domain, k)], np.float32),
-                                                           -THRES_EMB, THRES_EMB)), np.float32) for k in KINDS}
+    value = {
+        k: np.asarray(
+            jax.nn.sigmoid(
+                s_max * np.clip(np.asarray(params[param_name(domain, k)], np.float32), -THRES_EMB, THRES_EMB)
+            ),
+            np.float32,
+        )
+        for k in KINDS
+    }
     return {**value, "output": np.zeros(np.shape(params["roberta"]["layers"]["output"]["bias"]), np.float32)}
 
 
@@ -104,22 +115,28 @@ def hat_objective(domain: int, past: Importance | None, c: float, s_max: float, 
     """The `pretrain(objective=...)` hook for domain `domain` (with `HatMaskedLM(domain=domain)`): MLM under the
     domain's annealed gates + c x R; gradients and updates of slices of units the `past` domains used scaled by
     (1 - their mask). No `past` (the first domain): nothing blocked, R over all units."""
+
     def build(model: nn.Module, params: Any):
         mesh = jax.tree_util.tree_leaves(params)[0].sharding.mesh
         shapes = {k: np.shape(params[param_name(domain, k)]) for k in KINDS}
         used = past if past is not None else {k: np.zeros(shapes[k], np.float32) for k in KINDS}
-        placed = jax.device_put({k: np.asarray(used[k], np.float32) for k in KINDS},
-                                jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        placed = jax.device_put(
+            {k: np.asarray(used[k], np.float32) for k in KINDS},
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+        )
 
         def loss(arrays, step):
             def sums(params, batch, rng, deterministic):
                 masks = gates(params, domain, anneal(step, total_steps, s_max), s_max)
                 total, aux = mlm_loss_sums(model, masks)(params, batch, rng, deterministic)
                 return total + aux["weight"] * c * regulariser(masks, arrays), aux
+
             return sums
+
         if past is None:
             return Fixed(loss, placed), {}
         blocks = softmask.shard_masks(softmask.unit_masks(past, params, SLICES), params)
         block = lambda tree: softmask.apply(tree, blocks)
         return Fixed(loss, placed), {"grad_transform": block, "update_transform": block}
+
     return build

@@ -34,34 +34,51 @@ GateLoss = Callable[[Any, dict, dict, jax.Array], jax.Array]
 def ones_gates(cfg: ModelConfig) -> dict[str, jax.Array]:
     """The identity gates, one per unit: [layers, heads], [layers, mlp], [layers, embed]."""
     layers = cfg.num_hidden_layers
-    return {"head": jnp.ones((layers, cfg.num_attention_heads)),
-            "intermediate": jnp.ones((layers, cfg.intermediate_size)), "output": jnp.ones((layers, cfg.hidden_size))}
+    return {
+        "head": jnp.ones((layers, cfg.num_attention_heads)),
+        "intermediate": jnp.ones((layers, cfg.intermediate_size)),
+        "output": jnp.ones((layers, cfg.hidden_size)),
+    }
 
 
 def mlm_loss(model: nn.Module) -> GateLoss:
     """Mean masked-LM cross-entropy of the batch (no dropout: the domain's knowledge, not its noise)."""
+
     def loss(params, gates, batch, rng):
         total, aux = mlm_loss_sums(model, gates)(params, batch, rng, True)
         return total / jnp.maximum(aux["weight"], 1.0)
+
     return loss
 
 
 def kl_loss(model: nn.Module) -> GateLoss:
     """KL(view 1 || view 2) of the vocabulary distributions at the masked slots, two dropout masks."""
+
     def loss(params, gates, batch, rng):
         def view(r):
-            logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                                 batch["mlm_positions"], deterministic=False, gates=gates, rngs={"dropout": r})
+            logits = model.apply(
+                {"params": params},
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["mlm_positions"],
+                deterministic=False,
+                gates=gates,
+                rngs={"dropout": r},
+            )
             return jax.nn.log_softmax(logits, axis=-1)
+
         a, b = (view(r) for r in jax.random.split(rng))
         w = batch["mlm_weights"].astype(jnp.float32)
         return jnp.sum(jnp.sum(jnp.exp(a) * (a - b), -1) * w) / jnp.maximum(jnp.sum(w), 1.0)
+
     return loss
 
 
-def measure(loss: GateLoss, cfg: ModelConfig, params: Any, batches: Iterable[dict], mesh: Mesh, rules: Rules,
-            seed: int = 0) -> Importance:
+def measure(
+    loss: GateLoss, cfg: ModelConfig, params: Any, batches: Iterable[dict], mesh: Mesh, rules: Rules, seed: int = 0
+) -> Importance:
     """Raw importance: sum over batches of |d loss / d gates|, divided by the number of real tokens."""
+
     @jax.jit
     def gate_grads(params, gates, batch, rng):
         grads = jax.grad(loss, argnums=1)(params, gates, batch, rng)
@@ -82,10 +99,12 @@ def measure(loss: GateLoss, cfg: ModelConfig, params: Any, batches: Iterable[dic
 
 def normalize(raw: Importance) -> Importance:
     """Per layer: standardise over its units, tanh, absolute value -> values in [0, 1)."""
+
     def one(x):
         std = x.std(axis=1, keepdims=True)
         z = (x - x.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)
         return np.abs(np.tanh(z)).astype(np.float32)
+
     return {k: one(v) for k, v in raw.items()}
 
 

@@ -33,9 +33,11 @@ def record(model: nn.Module, params: Any, batches: Iterable[dict], mesh: Mesh, r
 
     @jax.jit
     def logits(params, batch):
-        out = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch["mlm_positions"],
-                          deterministic=True)
+        out = model.apply(
+            {"params": params}, batch["input_ids"], batch["attention_mask"], batch["mlm_positions"], deterministic=True
+        )
         return jax.lax.with_sharding_constraint(({**batch, "logits": out.astype(jnp.bfloat16)}), whole)
+
     with activation_rules(mesh, rules):
         parts = [jax.device_get(logits(params, to_global(b, mesh))) for b in batches]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -61,7 +63,9 @@ def _shards() -> int:
     return 1 if mesh.empty else math.prod(mesh.shape[a] for a in mesh.manual_axes)
 
 
-def derpp_loss_sums(model: nn.Module, alpha: float, beta: float, batch_size: int | None) -> Callable[[Buffer, jax.Array], LossSums]:
+def derpp_loss_sums(
+    model: nn.Module, alpha: float, beta: float, batch_size: int | None
+) -> Callable[[Buffer, jax.Array], LossSums]:
     """(buffer, step) -> MLM sums plus (alpha x logit MSE + beta x replayed MLM) scaled by the MLM weight (so the step's
     division leaves their means). `batch_size` replayed rows per call, shared by the devices (None: as many as
     each device's micro-batch has)."""
@@ -77,8 +81,14 @@ def derpp_loss_sums(model: nn.Module, alpha: float, beta: float, batch_size: int
             total, aux = mlm(params, batch, r_mlm, deterministic)
             size = max(batch_size // _shards(), 1) if batch_size else batch["input_ids"].shape[0]
             a = sample(buffer, r_a, size)
-            logits = model.apply({"params": params}, a["input_ids"], a["attention_mask"], a["mlm_positions"],
-                                 deterministic=deterministic, rngs={"dropout": r_drop_a})
+            logits = model.apply(
+                {"params": params},
+                a["input_ids"],
+                a["attention_mask"],
+                a["mlm_positions"],
+                deterministic=deterministic,
+                rngs={"dropout": r_drop_a},
+            )
             w = a["mlm_weights"].astype(jnp.float32)
             sq = jnp.mean(jnp.square(logits.astype(jnp.float32) - a["logits"].astype(jnp.float32)), -1)
             mse = jnp.sum(sq * w) / jnp.maximum(jnp.sum(w), 1.0)
@@ -86,16 +96,21 @@ def derpp_loss_sums(model: nn.Module, alpha: float, beta: float, batch_size: int
             ce, ce_aux = mlm(params, {k: v for k, v in b.items() if k != "logits"}, r_drop_b, deterministic)
             replayed = ce / jnp.maximum(ce_aux["weight"], 1.0)
             return total + aux["weight"] * (alpha * mse + beta * replayed), aux
+
         return loss
+
     return with_buffer
 
 
-def derpp_objective(buffer: Callable[[Any], Buffer], alpha: float, beta: float,
-                    batch_size: int | None) -> Callable[[nn.Module, Any], tuple]:
+def derpp_objective(
+    buffer: Callable[[Any], Buffer], alpha: float, beta: float, batch_size: int | None
+) -> Callable[[nn.Module, Any], tuple]:
     """The `pretrain(objective=...)` hook. `buffer(params)` is recorded only when the phase trains; it is placed
     whole on every device of `params`'s mesh."""
+
     def build(model: nn.Module, params: Any):
         mesh = jax.tree_util.tree_leaves(params)[0].sharding.mesh
         placed = jax.device_put(buffer(params), NamedSharding(mesh, P()))
         return Fixed(derpp_loss_sums(model, alpha, beta, batch_size), placed), {}
+
     return build

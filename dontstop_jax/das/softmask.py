@@ -49,8 +49,10 @@ def unit_masks(importance: Importance, params: Any, slices: dict[tuple[str, str]
         shape = np.shape(layers[module][leaf])
         keep = 1.0 - np.asarray(importance[kind], np.float32)  # [L, units]
         if keep.shape != (shape[0], shape[axis]):
-            raise UserError(f"importance[{kind!r}] has shape {keep.shape} but {module}/{leaf} {shape} needs "
-                            f"{(shape[0], shape[axis])}: it was measured on another model; measure it again")
+            raise UserError(
+                f"importance[{kind!r}] has shape {keep.shape} but {module}/{leaf} {shape} needs "
+                f"{(shape[0], shape[axis])}: it was measured on another model; measure it again"
+            )
         target = [1] * len(shape)
         target[0], target[axis] = shape[0], shape[axis]
         masks.setdefault(module, {})[leaf] = keep.reshape(target)
@@ -59,12 +61,16 @@ def unit_masks(importance: Importance, params: Any, slices: dict[tuple[str, str]
 
 def shard_masks(masks: Masks, params: Any) -> Masks:
     """Place each mask like its (sharded) parameter in `params`, replicated along its size-1 axes."""
+
     def place(mask, sharding: NamedSharding):
         spec = tuple(sharding.spec) + (None,) * (mask.ndim - len(sharding.spec))
         spec = [s if n > 1 else None for s, n in zip(spec, mask.shape)]
         return jax.device_put(mask, NamedSharding(sharding.mesh, PartitionSpec(*spec)))
+
     layers = _layers(params)
-    return {m: {leaf: place(mask, layers[m][leaf].sharding) for leaf, mask in leaves.items()} for m, leaves in masks.items()}
+    return {
+        m: {leaf: place(mask, layers[m][leaf].sharding) for leaf, mask in leaves.items()} for m, leaves in masks.items()
+    }
 
 
 def apply(grads: Any, masks: Masks) -> Any:

@@ -7,14 +7,25 @@ workers import only `piece_cache` and `encode_pool`) does not pay for transforme
 import importlib
 
 _MODULE_OF = {
-    "CorpusSource": "corpus", "corpus_fingerprint": "corpus", "iter_documents": "corpus", "parse_source": "corpus",
+    "CorpusSource": "corpus",
+    "corpus_fingerprint": "corpus",
+    "iter_documents": "corpus",
+    "parse_source": "corpus",
     "MLMLoader": "loader",
-    "mask_tokens": "masking", "word_start_table": "masking",
-    "PreparedCorpus": "prepare", "prepare_corpus": "prepare",
-    "ClassificationBatches": "tasks", "Task": "tasks", "load_task": "tasks", "task_unlabeled_texts": "tasks",
+    "mask_tokens": "masking",
+    "word_start_table": "masking",
+    "PreparedCorpus": "prepare",
+    "prepare_corpus": "prepare",
+    "ClassificationBatches": "tasks",
+    "Task": "tasks",
+    "load_task": "tasks",
+    "task_unlabeled_texts": "tasks",
     "tokenize_split": "tasks",
-    "SpanMasker": "spans", "load_terms": "spans",
-    "load_tokenizer": "tokenizer", "special_ids": "tokenizer", "tokenizer_fingerprint": "tokenizer",
+    "SpanMasker": "spans",
+    "load_terms": "spans",
+    "load_tokenizer": "tokenizer",
+    "special_ids": "tokenizer",
+    "tokenizer_fingerprint": "tokenizer",
 }
 __all__ = sorted(_MODULE_OF)
 

@@ -83,8 +83,11 @@ def parse_source(spec: SourceSpec) -> CorpusSource:
 
 def resolve_files(source: CorpusSource) -> list[str]:
     """The sorted files a path or glob (local or gs://) names; an error if there are none."""
-    found = files.glob(source.path) if any(c in source.path for c in "*?[") else (
-        [source.path] if files.path(source.path).is_file() else [])
+    found = (
+        files.glob(source.path)
+        if any(c in source.path for c in "*?[")
+        else ([source.path] if files.path(source.path).is_file() else [])
+    )
     if not found:
         raise UserError(f"corpus path {source.path} matches no files; check the path or glob")
     return found
@@ -282,9 +285,11 @@ def load_tfds(name: str, split: str | None = None, data_dir: str | None = None) 
     except Exception as e:  # noqa: BLE001 (tfds raises assorted types for missing/unprepared datasets and splits)
         reason = str(e).strip().splitlines()[0].removesuffix(" Possible root causes:") or type(e).__name__
         where = data_dir or "~/tensorflow_datasets"
-        raise UserError(f"cannot open TFDS dataset {name} (split {split or 'all'}) in {where}: {reason}; prepare it "
-                        f"there as array_record (`tfds build {name} --file_format=array_record --data_dir {where}`) "
-                        "or point data_dir / TFDS_DATA_DIR at it") from None
+        raise UserError(
+            f"cannot open TFDS dataset {name} (split {split or 'all'}) in {where}: {reason}; prepare it "
+            f"there as array_record (`tfds build {name} --file_format=array_record --data_dir {where}`) "
+            "or point data_dir / TFDS_DATA_DIR at it"
+        ) from None
 
 
 def iter_tfds_rows(ds: Any, chunk: int = 1024) -> Iterator[dict[str, Any]]:

@@ -66,8 +66,9 @@ def docs_request(docs: list[str]) -> tuple[dict, bytes]:
     return {"docs": True, "size": len(payload)}, payload
 
 
-def encode_request(stream: Callable[[Sequence[str], int], np.ndarray], eos: int, request: dict,
-                   payload: bytes) -> tuple[int, np.ndarray]:
+def encode_request(
+    stream: Callable[[Sequence[str], int], np.ndarray], eos: int, request: dict, payload: bytes
+) -> tuple[int, np.ndarray]:
     """(documents, int32 ids of `doc </s> doc </s> ...`) of one request."""
     if request.get("docs"):
         docs = [d for d in map(str.strip, json.loads(payload)) if d]
@@ -94,11 +95,13 @@ def _documents(request: dict, payload: bytes) -> list[str]:
             with open(path, "rb") as f:
                 return f.read(offset + at).count(b"\n") + 1
         return request["line"] + raw[:at].count(b"\n")
+
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: invalid UTF-8 at {where} {offset + e.start} (line {lineno(e.start)}); "
-                        "re-encode the file as UTF-8") from None
+        raise UserError(
+            f"{path}: invalid UTF-8 at {where} {offset + e.start} (line {lineno(e.start)}); re-encode the file as UTF-8"
+        ) from None
     lines = text.split("\n")
     if kind != "jsonl":
         return [d for d in map(str.strip, lines) if d]
@@ -108,11 +111,13 @@ def _documents(request: dict, payload: bytes) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {lineno(at)} is not valid JSON ({e.msg}); "
-                                "fix or remove that line") from None
+                raise UserError(
+                    f"{path} line {lineno(at)} is not valid JSON ({e.msg}); fix or remove that line"
+                ) from None
             if not isinstance(record, dict):
-                raise UserError(f"{path} line {lineno(at)} is not a JSON object; each line must be "
-                                '{"field": value, ...}')
+                raise UserError(
+                    f'{path} line {lineno(at)} is not a JSON object; each line must be {{"field": value, ...}}'
+                )
             if request["field"] not in record or not isinstance(record[request["field"]], str):
                 record_field(record, request["field"], f"{path} line {lineno(at)}", str)  # raises its one line
             docs.append(record[request["field"]].strip())
@@ -146,8 +151,10 @@ class EncodePool:
     def __init__(self, tokenizer_json: str, eos: int, workers: int):
         path = os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path}
-        self._procs = [subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, env=env) for _ in range(workers)]
+        self._procs = [
+            subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            for _ in range(workers)
+        ]
         for proc in self._procs:
             assert proc.stdin is not None  # opened with PIPE, as stdout
             proc.stdin.write(tokenizer_json.encode() + b"\n" + str(eos).encode() + b"\n")
@@ -175,8 +182,10 @@ class EncodePool:
         assert proc.stdout is not None
         header = proc.stdout.read(_HEADER.itemsize)
         if len(header) < _HEADER.itemsize:
-            raise UserError(f"an encoding worker of prepare_corpus exited (code {proc.poll()}; out of memory?); "
-                            "pass workers=1 to encode in-process")
+            raise UserError(
+                f"an encoding worker of prepare_corpus exited (code {proc.poll()}; out of memory?); "
+                "pass workers=1 to encode in-process"
+            )
         documents, n = np.frombuffer(header, _HEADER)[0].tolist()
         if documents < 0:
             raise UserError(proc.stdout.read(n).decode())

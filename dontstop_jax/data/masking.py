@@ -137,8 +137,9 @@ def word_start_table(tokenizer: PreTrainedTokenizerFast) -> np.ndarray:
     return table
 
 
-def _select_words(candidate: np.ndarray, starts: np.ndarray | None, keys: np.ndarray, budget: np.ndarray,
-                  slots: int) -> np.ndarray:
+def _select_words(
+    candidate: np.ndarray, starts: np.ndarray | None, keys: np.ndarray, budget: np.ndarray, slots: int
+) -> np.ndarray:
     """bool [B, T]: tokens of the words taken, in random word order, while they fit the budget.
 
     At most `slots` words fit (a word has a token at least), so only the `slots` first words in random order are

@@ -28,7 +28,9 @@ BYTE_LEVEL_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| 
 # The same split for ASCII text (most of a typical corpus), spelled for the faster `re`: in ASCII the
 # letters are [A-Za-z], the digits [0-9] and the whitespace [\t\n\v\f\r ].
 _WS = r"\t\n\x0b\x0c\r "
-ASCII_SPLIT = re.compile(rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+""")
+ASCII_SPLIT = re.compile(
+    rf"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+"""
+)
 
 
 def applicable(backend: Tokenizer) -> bool:
@@ -36,8 +38,14 @@ def applicable(backend: Tokenizer) -> bool:
     `PreTrainedTokenizerFast.backend_tokenizer`)."""
     spec = json.loads(backend.to_str())
     pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
-    return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
-            and not pre.get("add_prefix_space", False) and model.get("type") == "BPE" and not model.get("dropout"))
+    return (
+        spec.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True)
+        and not pre.get("add_prefix_space", False)
+        and model.get("type") == "BPE"
+        and not model.get("dropout")
+    )
 
 
 def _split(text: str) -> list[str]:
@@ -93,7 +101,9 @@ class PieceCache:
 
     def _add(self, keys: list[str | tuple]) -> None:
         pieces = [k for k in keys if isinstance(k, str)]
-        ids: dict[str | tuple, list[int]] = dict(zip(pieces, (e.ids for e in self._backend.encode_batch(pieces, add_special_tokens=False))))
+        ids: dict[str | tuple, list[int]] = dict(
+            zip(pieces, (e.ids for e in self._backend.encode_batch(pieces, add_special_tokens=False)))
+        )
         for key in keys:
             if isinstance(key, tuple):
                 ids[key] = [key[1]] if len(key) == 2 else self._backend.encode(key[0], add_special_tokens=False).ids
@@ -101,5 +111,6 @@ class PieceCache:
         self._index.update(zip(keys, range(len(self._lens), len(self._lens) + len(keys))))
         self._starts = np.concatenate([self._starts, len(self._flat) + np.cumsum(lens) - lens])
         self._lens = np.concatenate([self._lens, lens])
-        self._flat = np.concatenate([self._flat, np.fromiter(itertools.chain.from_iterable(ids[k] for k in keys),
-                                                             np.int32, int(lens.sum()))])
+        self._flat = np.concatenate(
+            [self._flat, np.fromiter(itertools.chain.from_iterable(ids[k] for k in keys), np.int32, int(lens.sum()))]
+        )

@@ -191,11 +191,14 @@ class BucketShards:
 
     def __init__(self, directory: files.Path, manifest: dict[str, Any]):
         import fsspec
+
         self.fs, root = fsspec.core.url_to_fs(os.fspath(directory))
         self.width, self.dtype = manifest["max_seq_length"], np.dtype(manifest["dtype"])
         self.row_bytes = self.width * self.dtype.itemsize
-        sizes = {os.path.basename(e["name"]): int(e["size"]) for e in files.retrying(
-            directory, lambda: self.fs.ls(root, detail=True))}
+        sizes = {
+            os.path.basename(e["name"]): int(e["size"])
+            for e in files.retrying(directory, lambda: self.fs.ls(root, detail=True))
+        }
         self.paths, self.headers = [], []
         for shard in manifest["shards"]:
             header = _npy_header_bytes((shard["blocks"], self.width), self.dtype)
@@ -213,16 +216,19 @@ class BucketShards:
         if not len(local):
             return np.zeros((0, self.width), np.int32)
         starts = [self.headers[s] + int(r) * self.row_bytes for s, r in zip(shard_of, local)]
-        data = files.retrying(self.directory, lambda: self.fs.cat_ranges(
-            [self.paths[s] for s in shard_of], starts, [a + self.row_bytes for a in starts]))
+        data = files.retrying(
+            self.directory,
+            lambda: self.fs.cat_ranges([self.paths[s] for s in shard_of], starts, [a + self.row_bytes for a in starts]),
+        )
         return np.frombuffer(b"".join(data), self.dtype).reshape(len(local), self.width).astype(np.int32)
 
 
 def _npy_header_bytes(shape: tuple[int, int], dtype: np.dtype) -> int:
     """The header length `np.save` writes for an array of `shape` and `dtype` (where its rows start)."""
     buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(dtype),
-                                                  "fortran_order": False, "shape": shape})
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    )
     return buffer.tell()
 
 
@@ -286,17 +292,28 @@ def prepare_corpus(
         try:
             build.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot write the prepared-corpus cache {directory.parent} ({e.strerror}); "
-                            "make it writable or choose another cache directory") from None
+            raise UserError(
+                f"cannot write the prepared-corpus cache {directory.parent} ({e.strerror}); "
+                "make it writable or choose another cache directory"
+            ) from None
     log.info("preparing corpus into %s", remote or directory)
     try:
-        plan = Plan(parsed, build, remote, max_seq_length, shard_blocks, special_ids(tok),
-                    np.dtype(np.uint16 if len(tok) <= 2**16 else np.int32))
+        plan = Plan(
+            parsed,
+            build,
+            remote,
+            max_seq_length,
+            shard_blocks,
+            special_ids(tok),
+            np.dtype(np.uint16 if len(tok) <= 2**16 else np.int32),
+        )
         _collectively("encoding its share of the input", lambda: _encode_share(plan, tok, workers))
         units = _gather_units(plan)
         _collectively("writing its shards", lambda: _write_shards(plan, units))
-        _collectively("publishing the manifest",
-                      lambda: _publish_manifest(plan, units, tok, tok_fp, corpus_fp, directory) if lead else None)
+        _collectively(
+            "publishing the manifest",
+            lambda: _publish_manifest(plan, units, tok, tok_fp, corpus_fp, directory) if lead else None,
+        )
         return _open(remote, directory)
     finally:
         if lead:
@@ -306,6 +323,7 @@ def prepare_corpus(
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What a build writes where: shards go to `remote` (a bucket) or into `build` (published by a rename)."""
+
     sources: list[CorpusSource]
     build: Any  # Path or files.Path: private, shared by all processes
     remote: Any
@@ -424,10 +442,16 @@ def _my_requests(sources: list[CorpusSource], process: int, processes: int) -> I
     bucket) are split by where their units start as stored, all of them laid end to end (`_streamed_owner`): each
     process reads only the files and the part of a file before and in its contiguous share, so a corpus of many
     `.gz` files is split by file, and a single one is decompressed by a process only up to the end of its share."""
-    listed = [(si, source, list(enumerate(resolve_files(source))) if source.kind not in ("hf", "tfds") else [])
-              for si, source in enumerate(sources)]
-    streamed = {(si, fi): files.source_stat(files.path(path))[0] for si, source, paths in listed
-                for fi, path in paths if source.kind != "paragraphs" and _streamed(path)}
+    listed = [
+        (si, source, list(enumerate(resolve_files(source))) if source.kind not in ("hf", "tfds") else [])
+        for si, source in enumerate(sources)
+    ]
+    streamed = {
+        (si, fi): files.source_stat(files.path(path))[0]
+        for si, source, paths in listed
+        for fi, path in paths
+        if source.kind != "paragraphs" and _streamed(path)
+    }
     owner = functools.partial(_streamed_owner, processes=processes, total=sum(streamed.values()))
     turn, base = 0, 0
     for si, source, paths in listed:
@@ -446,6 +470,7 @@ def _my_requests(sources: list[CorpusSource], process: int, processes: int) -> I
                 size, start = streamed[si, fi], base
                 base += size
                 if owner(start) <= process <= owner(start + (size - 1) // STREAM_BLOCK * STREAM_BLOCK):
+
                     def owner_at(at: int, start: int = start) -> int:  # who owns this file's stored byte `at`
                         return owner(start + at)
 
@@ -525,8 +550,9 @@ def _after_lines(data: bytes, at: int, n: int) -> int:
 def _gather_units(plan: Plan) -> list[list]:
     """Every process's units ([key, tokens, documents]) in input order: the pieces of the global token stream."""
     shares = sorted(files.walk(plan.build).items())
-    units = sorted((u for name, path in shares if name.startswith("share-") for u in files.read_json(path)),
-                   key=lambda u: u[0])
+    units = sorted(
+        (u for name, path in shares if name.startswith("share-") for u in files.read_json(path)), key=lambda u: u[0]
+    )
     for si, source in enumerate(plan.sources):
         if not any(u[2] for u in units if u[0][0] == si):
             raise UserError(f"corpus source {source.path} has no documents (all empty); check the path and format")
@@ -551,28 +577,32 @@ def _read_ids(piece: Any, start: int, count: int, dtype: np.dtype) -> np.ndarray
         with piece.open("rb") as f:
             f.seek(dtype.itemsize * start)
             return f.read(dtype.itemsize * count)
+
     return np.frombuffer(files.retrying(piece, read), dtype)
 
 
 def _shards(plan: Plan, units: list[list]) -> list[dict]:
     """The manifest's shard entries: `shard_blocks` blocks each, the last one the rest."""
     total = -(-sum(u[1] for u in units) // (plan.max_seq_length - 2))
-    return [{"file": f"shard-{s:05d}.npy", "blocks": min(plan.shard_blocks, total - s * plan.shard_blocks)}
-            for s in range(-(-total // plan.shard_blocks))]
+    return [
+        {"file": f"shard-{s:05d}.npy", "blocks": min(plan.shard_blocks, total - s * plan.shard_blocks)}
+        for s in range(-(-total // plan.shard_blocks))
+    ]
 
 
 def _write_shards(plan: Plan, units: list[list]) -> None:
     """Write this process's shards (every process_count-th): shard s packs its slice of the global stream."""
     chunk, stream_tokens = plan.max_seq_length - 2, sum(u[1] for u in units)
-    for s, shard in list(enumerate(_shards(plan, units)))[jax.process_index()::jax.process_count()]:
+    for s, shard in list(enumerate(_shards(plan, units)))[jax.process_index() :: jax.process_count()]:
         start = s * plan.shard_blocks * chunk
         tokens = _stream(plan, units, start, min(start + shard["blocks"] * chunk, stream_tokens))
         rows = np.concatenate(list(_pack(iter([tokens]), plan.max_seq_length, plan.ids))).astype(plan.dtype)
         _put(plan, lambda f: np.save(f, rows), plan.shard_dir / shard["file"])  # noqa: B023 (called here)
 
 
-def _publish_manifest(plan: Plan, units: list[list], tok: PreTrainedTokenizerFast, tok_fp: str, corpus_fp: str,
-                      directory: Path | None) -> None:
+def _publish_manifest(
+    plan: Plan, units: list[list], tok: PreTrainedTokenizerFast, tok_fp: str, corpus_fp: str, directory: Path | None
+) -> None:
     """Process 0, once every shard is in: write the manifest (in a bucket, last) and publish the directory."""
     shards = _shards(plan, units)
     total_blocks = sum(s["blocks"] for s in shards)
@@ -623,8 +653,10 @@ def _reuse(directory: Path) -> PreparedCorpus | None:
     except FileNotFoundError:
         return None  # another builder moved it aside first
     except OSError as e:
-        raise UserError(f"prepared corpus at {directory} is damaged ({problem}) and cannot be removed ({e.strerror}); "
-                        "delete it, or make its cache directory writable") from None
+        raise UserError(
+            f"prepared corpus at {directory} is damaged ({problem}) and cannot be removed ({e.strerror}); "
+            "delete it, or make its cache directory writable"
+        ) from None
     shutil.rmtree(aside, ignore_errors=True)
     return None
 

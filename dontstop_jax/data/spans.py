@@ -42,30 +42,38 @@ def load_terms(path: str) -> list[str]:
         raise UserError(f"data.span_masking.terms={path!r}: no such file; give a text file with one term per line")
     terms = [line.strip() for line in where.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not terms:
-        raise UserError(f"data.span_masking.terms={path!r} lists no terms; put one term per line, or set "
-                        "terms='' to turn span masking off")
+        raise UserError(
+            f"data.span_masking.terms={path!r} lists no terms; put one term per line, or set "
+            "terms='' to turn span masking off"
+        )
     return terms
 
 
 class SpanMasker:
     """Finds the listed terms in token blocks and turns them into masking units (see the module docstring)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, terms: Sequence[str], rate: float,
-                 special_ids: Mapping[str, int]) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerFast, terms: Sequence[str], rate: float, special_ids: Mapping[str, int]
+    ) -> None:
         if not 0 <= rate <= 1:
             raise UserError(f"data.span_masking.rate={rate} must be in [0, 1]")
         self.rate = rate
         self.word_starts = word_start_table(tokenizer)
         self.special = np.zeros(len(self.word_starts), bool)
         self.special[[i for i in special_ids.values() if i < len(self.special)]] = True
-        patterns = _patterns(encode_plain(tokenizer, [f" {t}" for t in terms]), encode_plain(tokenizer, list(terms)),
-                             self.special)
+        patterns = _patterns(
+            encode_plain(tokenizer, [f" {t}" for t in terms]), encode_plain(tokenizer, list(terms)), self.special
+        )
         self.groups = [_Group(length, seqs) for length, seqs in sorted(patterns.items())]
         self.screen = np.zeros(1 << _FILTER_BITS, bool)
         for group in self.groups:
             self.screen[_screen_key(group.hashes)] = True
-        self.summary = {"terms": len(terms), "patterns": sum(len(g.hashes) for g in self.groups),
-                         "rate": rate, "sha256": hashlib.sha256("\n".join(terms).encode()).hexdigest()[:16]}
+        self.summary = {
+            "terms": len(terms),
+            "patterns": sum(len(g.hashes) for g in self.groups),
+            "rate": rate,
+            "sha256": hashlib.sha256("\n".join(terms).encode()).hexdigest()[:16],
+        }
 
     def spans(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(first, inside): bool [B, T], True at the first token of each (merged) span and at its other tokens."""
@@ -108,8 +116,9 @@ def _screen_key(hashes: np.ndarray) -> np.ndarray:
     return ((hashes * _BASE) >> np.uint64(64 - _FILTER_BITS)).astype(np.intp)
 
 
-def _patterns(mid_text: list[list[int]], doc_start: list[list[int]],
-              special: np.ndarray) -> dict[int, dict[tuple, bool]]:
+def _patterns(
+    mid_text: list[list[int]], doc_start: list[list[int]], special: np.ndarray
+) -> dict[int, dict[tuple, bool]]:
     """{length: {token sequence: only after a special token}}; a sequence that is also a mid-text form
     matches anywhere. A term that tokenizes to a special token ("<mask>") is left out: spans hold text only."""
     patterns: dict[int, dict[tuple, bool]] = {}
@@ -135,8 +144,15 @@ class _Group:
         if len(np.unique(self.hashes)) < len(self.hashes):
             raise UserError(f"two span-masking terms of {length} tokens share a window hash; drop one of them")
 
-    def find(self, tokens: np.ndarray, rows: np.ndarray, cols: np.ndarray, hashes: np.ndarray,
-             word_starts: np.ndarray, special: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def find(
+        self,
+        tokens: np.ndarray,
+        rows: np.ndarray,
+        cols: np.ndarray,
+        hashes: np.ndarray,
+        word_starts: np.ndarray,
+        special: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The (rows, cols) of the candidate windows of this length (window hashes `hashes`) where one of the
         group's patterns starts in `tokens`."""
         index = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)

@@ -104,8 +104,10 @@ def require_splits(task: Task, purpose: str) -> None:
             raise UserError(f"task {task.name} has no {split} split; {purpose} needs train, dev and test")
     if len(task.label_names) < 2:
         found = f"every train example has label {task.label_names[0]!r}" if task.label_names else "train is empty"
-        raise UserError(f"task {task.name}: {found}; {purpose} needs two classes at least: check the label field "
-                        "(task.label_field) or the train split")
+        raise UserError(
+            f"task {task.name}: {found}; {purpose} needs two classes at least: check the label field "
+            "(task.label_field) or the train split"
+        )
 
 
 def stratified_draw(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -115,8 +117,10 @@ def stratified_draw(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
     if not len(classes) <= size <= len(labels):
-        raise UserError(f"a train size of {size} cannot keep all {len(classes)} classes of {len(labels)} train "
-                        f"examples; use a size between {len(classes)} and {len(labels)} (or 'all')")
+        raise UserError(
+            f"a train size of {size} cannot keep all {len(classes)} classes of {len(labels)} train "
+            f"examples; use a size between {len(classes)} and {len(labels)} (or 'all')"
+        )
     share = size * counts / len(labels)
     take = np.maximum(1, np.floor(share)).astype(int)
     while take.sum() > size:  # the at-least-one rule overshot: take back from the most over-served class
@@ -124,8 +128,9 @@ def stratified_draw(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     while take.sum() < size:  # hand out the rest by largest remainder
         take[np.argmax(np.where(take < counts, share - take, -np.inf))] += 1
     rng = np.random.default_rng(seed)
-    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:n]
-                                   for c, n in zip(classes, take, strict=True)]))
+    return np.sort(
+        np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(classes, take, strict=True)])
+    )
 
 
 def with_train_size(task: Task, size: int, seed: int) -> Task:
@@ -141,8 +146,10 @@ def per_class_draw(labels: np.ndarray, k: int, seed: int | list[int], split: str
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
     if counts.min() < k:
-        raise UserError(f"{k} examples per class: the {split} split has only {counts.min()} of one class; "
-                        f"use at most {counts.min()} shots")
+        raise UserError(
+            f"{k} examples per class: the {split} split has only {counts.min()} of one class; "
+            f"use at most {counts.min()} shots"
+        )
     rng = np.random.default_rng(seed)
     return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c in classes]))
 
@@ -319,8 +326,10 @@ def _read_tfds(
             continue
         features = ds.dataset_info.features
         if missing := [c for c in (text_field, label_field) if c not in features]:
-            raise UserError(f"TFDS dataset {name} split {split} has no feature {missing[0]!r} (features: "
-                            f"{', '.join(features)}); set the field name")
+            raise UserError(
+                f"TFDS dataset {name} split {split} has no feature {missing[0]!r} (features: "
+                f"{', '.join(features)}); set the field name"
+            )
         names = getattr(features[label_field], "names", None)  # ClassLabel: ints -> names
         texts, labels = [], []
         for i, row in enumerate(iter_tfds_rows(ds)):

@@ -22,6 +22,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     directory is read through this host's copy), or in the snapshot of Hub model `path` (`roberta-base`,
     `org/name@revision`)."""
     from dontstop_jax.model import hub
+
     path = hub.local(os.fspath(path), "tokenizer")
     if not files.path(path).is_dir():
         raise UserError(f"tokenizer directory {path} not found; pass a directory save_pretrained wrote, or a Hub id")

@@ -73,8 +73,16 @@ class Checkpointer:
     An explicitly requested step that is unreadable is a one-line error naming the readable ones.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 2, best_metric: str | None = None,
-                 best_mode: str = "max", async_save: bool = True, read_only: bool = False):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep_last: int = 2,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         if best_mode not in ("max", "min"):
             raise UserError(f"best_mode={best_mode!r} must be 'max' or 'min'")
         if keep_last < 1:
@@ -85,19 +93,28 @@ class Checkpointer:
         # A read-only checkpointer reads on each process alone (with no barrier, so a read that fails on one
         # process leaves the others' collectives in step); the choice of step is still made once (`_read`).
         me = jax.process_index()
-        alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
-                                                   barrier_sync_key_prefix=f"read-{me}")
+        alone = ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"read-{me}"
+        )
         options = ocp.CheckpointManagerOptions(  # best_fn: orbax writes the metrics only when it is set
-            preservation_policy=pp.AnyPreservationPolicy(policies), enable_async_checkpointing=async_save,
-            read_only=read_only, create=not read_only,
-            best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
-            **({"multiprocessing_options": alone} if read_only else {}))
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            read_only=read_only,
+            create=not read_only,
+            best_fn=(lambda m: m[best_metric]) if best_metric else None,
+            best_mode=best_mode,
+            **({"multiprocessing_options": alone} if read_only else {}),
+        )
         self._joins_barriers = jax.process_count() > 1 and not read_only
         self.directory = files.path(files.absolute(directory))
         self.best_metric, self.best_mode = best_metric, best_mode
-        handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
-                    "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
-                    **{name: ocp.StandardCheckpointHandler() for name in AVERAGES}}
+        handlers = {
+            "params": ocp.StandardCheckpointHandler(),
+            "train": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+            **{name: ocp.StandardCheckpointHandler() for name in AVERAGES},
+        }
         with files.naming(self.directory):
             self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
         self._unreadable: set[int] = set()
@@ -110,10 +127,18 @@ class Checkpointer:
             self._unreadable.discard(step)
         train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
         with files.naming(self.directory / str(step)):  # tensorstore retries its own requests with backoff
-            self._manager.save(step, metrics=metrics, force=True, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params), train=ocp.args.StandardSave(train),
-                data=ocp.args.JsonSave(data_state or {}), meta=ocp.args.JsonSave({**meta, "step": step}),
-                **{name: ocp.args.StandardSave(tree) for name, tree in state.averages.items()}))
+            self._manager.save(
+                step,
+                metrics=metrics,
+                force=True,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(state.params),
+                    train=ocp.args.StandardSave(train),
+                    data=ocp.args.JsonSave(data_state or {}),
+                    meta=ocp.args.JsonSave({**meta, "step": step}),
+                    **{name: ocp.args.StandardSave(tree) for name, tree in state.averages.items()},
+                ),
+            )
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk (call before exiting)."""
@@ -134,8 +159,9 @@ class Checkpointer:
         """The first best step by `best_metric`; without one (or before any step has a metric), the latest."""
         if self.best_metric is None:
             return self.latest_step()
-        best = first_best(((s, (self._manager.metrics(s) or {}).get(self.best_metric)) for s in self.all_steps()),
-                          self.best_mode)
+        best = first_best(
+            ((s, (self._manager.metrics(s) or {}).get(self.best_metric)) for s in self.all_steps()), self.best_mode
+        )
         if best is None:
             return self.latest_step()
         return decide(f"best step of {self.directory}", lambda: best, timeout=600)
@@ -146,8 +172,10 @@ class Checkpointer:
     def _step(self, step: int | None) -> int:
         step = self.latest_step() if step is None else step
         if step is None or step not in self.all_steps():
-            raise UserError(f"no checkpoint{'' if step is None else f' at step {step}'} in {self.directory}; "
-                            "run the phase first or point to a directory that holds one")
+            raise UserError(
+                f"no checkpoint{'' if step is None else f' at step {step}'} in {self.directory}; "
+                "run the phase first or point to a directory that holds one"
+            )
         return step
 
     def _read(self, read: Callable[[int], T], step: int | None, *, first: int | None = None) -> T:
@@ -159,22 +187,31 @@ class Checkpointer:
             if err is None:
                 return cast(T, value)  # _attempt's value is read's where there is no error
             readable = [s for s in self.all_steps() if s != step and self._attempt(read, s)[1] is None]
-            raise UserError(f"checkpoint step {step} in {self.directory} is unreadable ({_reason(err)}); "
-                            f"readable steps: {', '.join(map(str, readable)) or 'none'}") from err
+            raise UserError(
+                f"checkpoint step {step} in {self.directory} is unreadable ({_reason(err)}); "
+                f"readable steps: {', '.join(map(str, readable)) or 'none'}"
+            ) from err
         first = self._step(first)
         steps = [first] + [s for s in reversed(self.all_steps()) if s != first]
         failed: Exception | None = None
         for i, tried in enumerate(steps):
             if failed is not None:
-                log.warning("checkpoint step %d in %s is unreadable (%s); restoring step %d instead", steps[i - 1],
-                            self.directory, _reason(failed), tried)
+                log.warning(
+                    "checkpoint step %d in %s is unreadable (%s); restoring step %d instead",
+                    steps[i - 1],
+                    self.directory,
+                    _reason(failed),
+                    tried,
+                )
             value, failed = self._attempt(read, tried)
             if failed is None:
                 return cast(T, value)
             self._unreadable.add(tried)
         assert failed is not None  # `steps` is never empty
-        raise UserError(f"no readable checkpoint in {self.directory}: steps {', '.join(map(str, steps))} are all "
-                        f"unreadable ({_reason(failed)})") from failed
+        raise UserError(
+            f"no readable checkpoint in {self.directory}: steps {', '.join(map(str, steps))} are all "
+            f"unreadable ({_reason(failed)})"
+        ) from failed
 
     def _attempt(self, read: Callable[[int], T], step: int) -> tuple[T | None, Exception | None]:
         """(read(`step`), None) where it succeeds on every process, tried a second time by all of them after a
@@ -217,7 +254,9 @@ class Checkpointer:
             local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             abstract_params = jax.tree_util.tree_map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
-                self._manager.item_metadata(step)[item], is_leaf=lambda m: hasattr(m, "shape"))
+                self._manager.item_metadata(step)[item],
+                is_leaf=lambda m: hasattr(m, "shape"),
+            )
         params = self._restore(step, ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract_params)}))[item]
         return jax.tree_util.tree_map(np.asarray, params) if to_host else params
 
@@ -230,13 +269,21 @@ class Checkpointer:
         of `step`, else of the latest step (falls back past unreadable steps, as a resumed run needs)."""
         train_abstract = {"step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}
         args = ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract.params), train=ocp.args.StandardRestore(train_abstract),
-            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore(),
-            **{name: ocp.args.StandardRestore(tree) for name, tree in abstract.averages.items()})
+            params=ocp.args.StandardRestore(abstract.params),
+            train=ocp.args.StandardRestore(train_abstract),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore(),
+            **{name: ocp.args.StandardRestore(tree) for name, tree in abstract.averages.items()},
+        )
         out = self._read(lambda s: self._restore(s, args), step)
         train = out["train"]
-        state = TrainState(step=train["step"], params=out["params"], opt_state=train["opt_state"], rng=train["rng"],
-                           averages={name: out[name] for name in abstract.averages})
+        state = TrainState(
+            step=train["step"],
+            params=out["params"],
+            opt_state=train["opt_state"],
+            rng=train["rng"],
+            averages={name: out[name] for name in abstract.averages},
+        )
         return state, dict(out["data"] or {}), dict(out["meta"])
 
     def restore_params(self, step: int | None = None, abstract_params: Any = None, item: str = "params") -> Any:
@@ -252,7 +299,9 @@ class Checkpointer:
         """(step, meta, host numpy params) of one step: `step`, else `first` (default `best_step`) falling back
         past unreadable steps. What an export or the next phase reads: the weights the phase reported (meta's
         `weights`, e.g. a fine-tune's EMA), else its parameters."""
+
         def read(s: int) -> tuple[int, dict, Any]:
             meta = self._meta(s)
             return s, meta, self._params(s, None, meta.get("weights", "params"))
+
         return self._read(read, step, first=self.best_step() if first is None else first)

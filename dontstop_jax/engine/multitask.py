@@ -39,15 +39,18 @@ def mlm_weights(cfg: ConfigDict, epochs: int) -> np.ndarray:
     cfg.anneal_epochs epochs, then constant."""
     start, end = cfg.mlm_weight, cfg.mlm_weight_end
     if start != end and min(start, end) <= 0:
-        raise UserError(f"multitask.mlm_weight={start} anneals geometrically to multitask.mlm_weight_end={end}, "
-                        "which needs both > 0; set them equal for a constant weight (0 = the MLM loss counts "
-                        "for nothing)")
+        raise UserError(
+            f"multitask.mlm_weight={start} anneals geometrically to multitask.mlm_weight_end={end}, "
+            "which needs both > 0; set them equal for a constant weight (0 = the MLM loss counts "
+            "for nothing)"
+        )
     curve = np.geomspace(start, end, cfg.anneal_epochs) if start != end else np.full(cfg.anneal_epochs, start)
     return curve[np.minimum(np.arange(epochs), cfg.anneal_epochs - 1)].astype(np.float32)
 
 
-def auxiliary_mlm_loss_sums(model: nn.Module, regularizer: Regularizer | None,
-                            steps_per_epoch: int) -> Callable[[jax.Array, jax.Array], LossSums]:
+def auxiliary_mlm_loss_sums(
+    model: nn.Module, regularizer: Regularizer | None, steps_per_epoch: int
+) -> Callable[[jax.Array, jax.Array], LossSums]:
     """(gamma per epoch, step) -> the loss sums of CE (+ the regularizer's penalty) + gamma x mean MLM loss, for
     a `Fixed` loss. `model` gives classification logits, or MLM logits at `mlm_positions`
     (model/multitask.py). The MLM pass draws its dropout from its own key: the classification pass sees what
@@ -59,9 +62,14 @@ def auxiliary_mlm_loss_sums(model: nn.Module, regularizer: Regularizer | None,
 
         def loss(params: Any, batch: Batch, rng: jax.Array, deterministic: bool, teacher: Any = None):
             task_sum, aux = classify(params, batch, rng, deterministic, teacher)
-            masked = {"input_ids": batch["mlm_input_ids"], "attention_mask": batch["attention_mask"],
-                      **{k: batch[k] for k in MLM_KEYS[1:]}}
+            masked = {
+                "input_ids": batch["mlm_input_ids"],
+                "attention_mask": batch["attention_mask"],
+                **{k: batch[k] for k in MLM_KEYS[1:]},
+            }
             mlm_sum, mlm_aux = mlm(params, masked, jax.random.fold_in(rng, 1), deterministic)
             return task_sum + gamma * aux["weight"] * mlm_sum / jnp.maximum(mlm_aux["weight"], 1.0), aux
+
         return loss
+
     return build

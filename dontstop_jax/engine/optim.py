@@ -24,7 +24,8 @@ def warmup_linear_decay(peak: float, total_steps: int, warmup_fraction: float) -
     warmup = max(1, int(round(total_steps * warmup_fraction)))
     return optax.join_schedules(
         [optax.linear_schedule(0.0, peak, warmup), optax.linear_schedule(peak, 0.0, max(1, total_steps - warmup))],
-        [warmup])
+        [warmup],
+    )
 
 
 def _leaf_name(path) -> str:
@@ -36,8 +37,11 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda p, _: _leaf_name(p) in _DECAYED_LEAVES, params)
 
 
-def make_optimizer(cfg: ConfigDict, total_steps: int, trainable: Callable[[Any], Any] | None = None,
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    cfg: ConfigDict,
+    total_steps: int,
+    trainable: Callable[[Any], Any] | None = None,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Returns (transformation, learning-rate schedule).
 
     `trainable(params) -> tree of bools` freezes the False leaves: they get zero updates and no optimizer
@@ -48,8 +52,8 @@ def make_optimizer(cfg: ConfigDict, total_steps: int, trainable: Callable[[Any],
     schedule = warmup_linear_decay(cfg.learning_rate, total_steps, cfg.warmup_fraction)
     adamw = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm else optax.identity(),
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                    mask=weight_decay_mask))
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=weight_decay_mask),
+    )
     if trainable is None:
         return adamw, schedule
     labels = lambda params: jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable(params))

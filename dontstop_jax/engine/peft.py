@@ -41,8 +41,10 @@ def configure_model(model: ModelConfig, peft: ConfigDict) -> ModelConfig:
     kw: dict[str, Any] = {"pooling": peft.pooling}
     if method in ("houlsby", "pfeiffer"):
         if model.adapter not in ("none", method):
-            raise UserError(f"the model already has {model.adapter} adapters; peft.method={method} would add a "
-                            f"second kind: use peft.method={model.adapter} to keep training them")
+            raise UserError(
+                f"the model already has {model.adapter} adapters; peft.method={method} would add a "
+                f"second kind: use peft.method={model.adapter} to keep training them"
+            )
         if model.adapter == "none":
             kw.update(adapter=method, adapter_size=peft.adapter_size)
     if method == "lora":
@@ -140,7 +142,7 @@ class Adaptation:
             return 1.0
         if keys[1] == "layers":
             return self._layer_factors().reshape((self.num_layers,) + (1,) * (ndim - 1))
-        return self.lr_decay ** self.num_layers
+        return self.lr_decay**self.num_layers
 
     @property
     def _scales_layers(self) -> bool:
@@ -156,7 +158,9 @@ class Adaptation:
             def one(path, u):
                 f = self._factor(_keys(path), u.ndim)
                 return u if isinstance(f, float) and f == 1.0 else jnp.where(f == 0, jnp.zeros_like(u), u * f)
+
             return jax.tree_util.tree_map_with_path(one, updates)
+
         return transform
 
     def grad_transform(self) -> Callable[[Any], Any] | None:
@@ -172,7 +176,9 @@ class Adaptation:
                     return jnp.zeros_like(g)
                 f = self._factor(_keys(path), g.ndim) if self.method == "top_k" else 1.0
                 return g if isinstance(f, float) else jnp.where(f == 0, jnp.zeros_like(g), g)
+
             return jax.tree_util.tree_map_with_path(one, grads, trainable(grads))
+
         return transform
 
     def count(self, params: Any) -> tuple[int, int]:

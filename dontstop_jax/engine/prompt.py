@@ -52,49 +52,88 @@ def default_prompt_config() -> ConfigDict:
 class Head:
     """What fine-tuning needs of its head: the model (params -> class logits), how texts become token ids, the
     head name checkpoints record (export writes that Hugging Face head) and anything else to record."""
+
     model: nn.Module
     encode: Callable[[Sequence[str]], list[np.ndarray]]
     kind: str
     provenance: dict[str, Any]
 
 
-def build_head(cfg: ConfigDict, config: ModelConfig, params: Any, tokenizer: PreTrainedTokenizerFast,
-               label_names: list[str], max_len: int, train: tuple[list[str], np.ndarray]) -> Head:
+def build_head(
+    cfg: ConfigDict,
+    config: ModelConfig,
+    params: Any,
+    tokenizer: PreTrainedTokenizerFast,
+    label_names: list[str],
+    max_len: int,
+    train: tuple[list[str], np.ndarray],
+) -> Head:
     """The fine-tuning phase's head (`cfg.head`, one of `HEADS`) for `config` with the weights `params`, its
     texts truncated to `max_len` tokens (`train`: the train split, for a prompt's demonstrations)."""
     return HEADS[cfg.head].build(cfg, config, params, tokenizer, label_names, max_len, train)
 
 
-def _classifier(cfg: ConfigDict, config: ModelConfig, params: Any, tokenizer: PreTrainedTokenizerFast,
-                label_names: list[str], max_len: int, train: tuple[list[str], np.ndarray]) -> Head:
+def _classifier(
+    cfg: ConfigDict,
+    config: ModelConfig,
+    params: Any,
+    tokenizer: PreTrainedTokenizerFast,
+    label_names: list[str],
+    max_len: int,
+    train: tuple[list[str], np.ndarray],
+) -> Head:
     """A new classifier on `<s>`."""
-    return Head(RobertaForSequenceClassification(config, len(label_names)),
-                lambda texts: tokenize_split(texts, tokenizer, max_len), "classification", {})
+    return Head(
+        RobertaForSequenceClassification(config, len(label_names)),
+        lambda texts: tokenize_split(texts, tokenizer, max_len),
+        "classification",
+        {},
+    )
 
 
-def _prompt(cfg: ConfigDict, config: ModelConfig, params: Any, tokenizer: PreTrainedTokenizerFast,
-            label_names: list[str], max_len: int, train: tuple[list[str], np.ndarray]) -> Head:
+def _prompt(
+    cfg: ConfigDict,
+    config: ModelConfig,
+    params: Any,
+    tokenizer: PreTrainedTokenizerFast,
+    label_names: list[str],
+    max_len: int,
+    train: tuple[list[str], np.ndarray],
+) -> Head:
     """The prompt over the (pretrained) MLM head of `params`."""
     if params is None or "lm_head" not in params:
-        raise UserError(f"head=prompt reads the pretrained MLM head, and init={cfg.init!r} has none; start from a "
-                        "masked LM (a pretraining phase or a Hugging Face RobertaForMaskedLM directory)")
+        raise UserError(
+            f"head=prompt reads the pretrained MLM head, and init={cfg.init!r} has none; start from a "
+            "masked LM (a pretraining phase or a Hugging Face RobertaForMaskedLM directory)"
+        )
     prompt = Prompt.from_config(cfg.prompt, tokenizer, label_names)
     demos = train if cfg.prompt.demonstrations else None
-    return Head(prompt.model(config), lambda texts: prompt.encode(texts, max_len, demos, cfg.seed), "mlm",
-                {"prompt": {"template": cfg.prompt.template, "verbalizer": prompt.words,
-                            "demonstrations": cfg.prompt.demonstrations}})
+    return Head(
+        prompt.model(config),
+        lambda texts: prompt.encode(texts, max_len, demos, cfg.seed),
+        "mlm",
+        {
+            "prompt": {
+                "template": cfg.prompt.template,
+                "verbalizer": prompt.words,
+                "demonstrations": cfg.prompt.demonstrations,
+            }
+        },
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadKind:
     """A fine-tuning head (`finetune.head`): `build` makes its `Head` (build_head's arguments); `classifier`: it
     is a new classification head, beside which multi-task fine-tuning keeps the MLM head."""
+
     build: Callable[..., Head]
     classifier: bool
 
 
-HEADS: dict[str, HeadKind] = registry(HEAD_NAMES, {"classifier": HeadKind(_classifier, classifier=True),
-                                                   "prompt": HeadKind(_prompt, classifier=False)})
+HEADS: dict[str, HeadKind] = registry(
+    HEAD_NAMES, {"classifier": HeadKind(_classifier, classifier=True), "prompt": HeadKind(_prompt, classifier=False)}
+)
 
 
 def _segments(template: str) -> list[tuple[str, bool]]:
@@ -114,6 +153,7 @@ def _segments(template: str) -> list[tuple[str, bool]]:
 @dataclasses.dataclass(frozen=True)
 class Prompt:
     """A template and verbalizer resolved against a tokenizer."""
+
     segments: tuple[tuple[str, bool], ...]
     literals: dict[str, list[int]]  # literal piece -> its token ids
     words: dict[str, list[str]]  # label -> its words, in label order
@@ -126,35 +166,54 @@ class Prompt:
     @classmethod
     def from_config(cls, prompt: ConfigDict, tokenizer: PreTrainedTokenizerFast, label_names: list[str]) -> Prompt:
         if not check_template(prompt.template):
-            raise UserError(f"prompt.template={prompt.template!r} needs exactly one {TEXT} and one {MASK}, e.g. "
-                            "'{text} It was <mask> .'")
+            raise UserError(
+                f"prompt.template={prompt.template!r} needs exactly one {TEXT} and one {MASK}, e.g. "
+                "'{text} It was <mask> .'"
+            )
         verbalizer = dict(prompt.verbalizer)
         if missing := [n for n in label_names if n not in verbalizer]:
-            raise UserError(f"prompt.verbalizer has no word for label(s) {missing}; give every label of the task "
-                            f"({label_names}) a word or a list of words, e.g. {{{label_names[0]!r}: 'great'}}")
+            raise UserError(
+                f"prompt.verbalizer has no word for label(s) {missing}; give every label of the task "
+                f"({label_names}) a word or a list of words, e.g. {{{label_names[0]!r}: 'great'}}"
+            )
         if unknown := sorted(set(verbalizer) - set(label_names)):
-            raise UserError(f"prompt.verbalizer names {unknown}, which are not labels of the task; its labels: "
-                            f"{label_names}")
+            raise UserError(
+                f"prompt.verbalizer names {unknown}, which are not labels of the task; its labels: {label_names}"
+            )
         words = {n: [verbalizer[n]] if isinstance(verbalizer[n], str) else list(verbalizer[n]) for n in label_names}
         if bad := [n for n, ws in words.items() if not ws or not all(isinstance(w, str) and w.strip() for w in ws)]:
             raise UserError(f"prompt.verbalizer's entry for {bad[0]!r} must be a word or a non-empty list of words")
         segments = _segments(prompt.template)
         spaced_mask = next(spaced for piece, spaced in segments if piece == MASK)
-        encoded = {n: [encode_plain(tokenizer, [(" " if spaced_mask else "") + w.strip()])[0] for w in ws]
-                   for n, ws in words.items()}
+        encoded = {
+            n: [encode_plain(tokenizer, [(" " if spaced_mask else "") + w.strip()])[0] for w in ws]
+            for n, ws in words.items()
+        }
         width = max(sum(len(t) for t in tokens) for tokens in encoded.values())
         label_ids, label_weights = np.zeros((len(words), width), np.int32), np.zeros((len(words), width), np.float32)
         for row, tokens in enumerate(encoded.values()):
             flat = [(t, 1.0 / (len(tokens) * len(word))) for word in tokens for t in word]
-            label_ids[row, :len(flat)] = [t for t, _ in flat]
-            label_weights[row, :len(flat)] = [w for _, w in flat]
+            label_ids[row, : len(flat)] = [t for t, _ in flat]
+            label_weights[row, : len(flat)] = [w for _, w in flat]
         literals = {p: encode_plain(tokenizer, [p])[0] for p, _ in segments if p not in (TEXT, MASK)}
-        return cls(tuple(segments), literals, words, label_ids, label_weights,
-                   [tokens[0] for tokens in encoded.values()], special_ids(tokenizer), tokenizer)
+        return cls(
+            tuple(segments),
+            literals,
+            words,
+            label_ids,
+            label_weights,
+            [tokens[0] for tokens in encoded.values()],
+            special_ids(tokenizer),
+            tokenizer,
+        )
 
     def model(self, config: ModelConfig) -> PromptClassifier:
-        return PromptClassifier(config, self.ids["mask"], tuple(map(tuple, self.label_ids.tolist())),
-                                tuple(map(tuple, self.label_weights.tolist())))
+        return PromptClassifier(
+            config,
+            self.ids["mask"],
+            tuple(map(tuple, self.label_ids.tolist())),
+            tuple(map(tuple, self.label_weights.tolist())),
+        )
 
     def _fill(self, text: list[int], mask: list[int]) -> list[int]:
         """The template's tokens with `text`'s at the text slot and `mask` at the mask slot."""
@@ -167,12 +226,19 @@ class Prompt:
         spaced = next(spaced for piece, spaced in self.segments if piece == TEXT)
         tokens = encode_plain(self.tokenizer, [(" " if spaced else "") + t for t in texts])
         if any(self.ids["mask"] in t for t in tokens):
-            raise UserError(f"a task text contains the mask token {MASK}, which the prompt's classifier reads as "
-                            "its blank; remove it from the texts")
+            raise UserError(
+                f"a task text contains the mask token {MASK}, which the prompt's classifier reads as "
+                "its blank; remove it from the texts"
+            )
         return tokens
 
-    def encode(self, texts: Sequence[str], max_len: int, demonstrations: tuple[list[str], np.ndarray] | None = None,
-               seed: int = 0) -> list[np.ndarray]:
+    def encode(
+        self,
+        texts: Sequence[str],
+        max_len: int,
+        demonstrations: tuple[list[str], np.ndarray] | None = None,
+        seed: int = 0,
+    ) -> list[np.ndarray]:
         """int32 `<s> template(text) [demonstrations] </s>` per text; the texts (query and demonstrations
         alike) share what the template leaves of `max_len` and are cut to their share."""
         tokens = self._text_tokens(texts)
@@ -181,18 +247,21 @@ class Prompt:
         parts = 1 + (len(self.first_word_ids) if demos is not None else 0)
         share = (max_len - 2 - parts * fixed) // parts  # (a demonstration's label word may take a token more)
         if share < 1:
-            raise UserError(f"prompt.template leaves no room for the text in data.max_seq_length={max_len}; "
-                            "shorten the template, turn demonstrations off or raise max_seq_length")
+            raise UserError(
+                f"prompt.template leaves no room for the text in data.max_seq_length={max_len}; "
+                "shorten the template, turn demonstrations off or raise max_seq_length"
+            )
         out = []
         for i, text in enumerate(tokens):
             seq = self._fill(text[:share], [self.ids["mask"]])
             for label, demo in enumerate(demos[i] if demos is not None else []):
                 seq += self._fill(demo[:share], self.first_word_ids[label])
-            out.append(np.array([self.ids["bos"], *seq[:max_len - 2], self.ids["eos"]], np.int32))
+            out.append(np.array([self.ids["bos"], *seq[: max_len - 2], self.ids["eos"]], np.int32))
         return out
 
-    def _demonstrations(self, texts: Sequence[str], train: tuple[list[str], np.ndarray],
-                        seed: int) -> list[list[list[int]]]:
+    def _demonstrations(
+        self, texts: Sequence[str], train: tuple[list[str], np.ndarray], seed: int
+    ) -> list[list[list[int]]]:
         """Per text, one train example's tokens per class (not the text itself when it is a train example)."""
         train_texts, labels = train
         tokens = self._text_tokens(train_texts)
@@ -213,6 +282,7 @@ class PromptClassifier(nn.Module):
     [batch, labels] = the LM head's logits at each row's (first) mask token, averaged over each label's verbalizer
     tokens with `label_weights`. Same call as RobertaForSequenceClassification, so losses, regularizers,
     prediction and early stopping treat both heads alike."""
+
     config: ModelConfig
     mask_id: int
     label_ids: tuple[tuple[int, ...], ...]
@@ -222,10 +292,18 @@ class PromptClassifier(nn.Module):
         self.roberta = RobertaModel(self.config)
         self.lm_head = LMHead(self.config)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *, deterministic: bool = True,
-                 gates: Any = None, embedding_noise: jax.Array | None = None) -> jax.Array:
-        h = self.roberta(input_ids, attention_mask, deterministic=deterministic, gates=gates,
-                         embedding_noise=embedding_noise)
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        *,
+        deterministic: bool = True,
+        gates: Any = None,
+        embedding_noise: jax.Array | None = None,
+    ) -> jax.Array:
+        h = self.roberta(
+            input_ids, attention_mask, deterministic=deterministic, gates=gates, embedding_noise=embedding_noise
+        )
         position = jnp.argmax(input_ids == self.mask_id, axis=1)
         h = jnp.take_along_axis(h, position[:, None, None], axis=1)[:, 0]
         logits = self.lm_head(h, self.roberta.embeddings.word_embeddings.embedding)  # [batch, vocab], float32

@@ -104,29 +104,39 @@ class Regularizer:
         """Whether the train state keeps SMART's mean teacher (an average of the parameters)."""
         return self.method == "smart" and self.bregman_weight > 0
 
-    def penalty(self, forward: Forward, params: Any, clean: jax.Array, shape: tuple[int, ...], rng: jax.Array,
-                teacher: Any = None) -> jax.Array:
+    def penalty(
+        self,
+        forward: Forward,
+        params: Any,
+        clean: jax.Array,
+        shape: tuple[int, ...],
+        rng: jax.Array,
+        teacher: Any = None,
+    ) -> jax.Array:
         """The per-example penalty given the unperturbed `clean` logits; `shape` is the embeddings' [batch,
         length, embed]. Perturbed passes draw their own dropout (key folded from `rng`), as separate calls do."""
         noise_key, dropout_key, ascent_key = jax.random.split(jax.random.fold_in(rng, 1), 3)
         if self.method == "r3f":
             noise = sample_noise(noise_key, shape, self.noise, self.noise_scale)
             return self.weight * symmetric_kl(clean, forward(params, noise, dropout_key))
-        delta = self.perturbation(forward, params, clean, sample_noise(noise_key, shape, "normal", self.noise_scale),
-                                  ascent_key)
+        delta = self.perturbation(
+            forward, params, clean, sample_noise(noise_key, shape, "normal", self.noise_scale), ascent_key
+        )
         total = self.weight * symmetric_kl(clean, forward(params, delta, dropout_key))
         if self.uses_teacher:
             target = jax.lax.stop_gradient(forward(teacher, None, dropout_key, True))
             total = total + self.bregman_weight * symmetric_kl(clean, target)
         return total
 
-    def perturbation(self, forward: Forward, params: Any, clean: jax.Array, delta: jax.Array,
-                     key: jax.Array) -> jax.Array:
+    def perturbation(
+        self, forward: Forward, params: Any, clean: jax.Array, delta: jax.Array, key: jax.Array
+    ) -> jax.Array:
         """SMART's adversarial input perturbation, from `delta` after `steps` ascent steps (a constant for the
         parameter gradient)."""
         params, target = jax.lax.stop_gradient(params), jax.lax.stop_gradient(clean)
         for i in range(self.steps):
-            grad = jax.grad(lambda d, i=i: jnp.sum(symmetric_kl(target, forward(params, d, jax.random.fold_in(key, i)))))(
-                delta)
+            grad = jax.grad(
+                lambda d, i=i: jnp.sum(symmetric_kl(target, forward(params, d, jax.random.fold_in(key, i))))
+            )(delta)
             delta = ascent_step(delta, grad, self.step_size, self.radius, self.norm)
         return jax.lax.stop_gradient(delta)

@@ -44,17 +44,24 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
-            raise UserError(f"mesh shape {shape} cannot fit {num_devices} devices: {known} does not divide it; "
-                            f"choose sizes whose product divides {num_devices}")
+            raise UserError(
+                f"mesh shape {shape} cannot fit {num_devices} devices: {known} does not divide it; "
+                f"choose sizes whose product divides {num_devices}"
+            )
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
-        raise UserError(f"mesh shape {shape} needs {math.prod(shape)} devices but {num_devices} are available; "
-                        "use -1 for one axis to fill it from the device count")
+        raise UserError(
+            f"mesh shape {shape} needs {math.prod(shape)} devices but {num_devices} are available; "
+            "use -1 for one axis to fill it from the device count"
+        )
     return shape
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None,
-              dcn_shape: Sequence[int] | None = None) -> Mesh:
+def make_mesh(
+    shape: Sequence[int] = (-1, 1, 1),
+    devices: Sequence[jax.Device] | None = None,
+    dcn_shape: Sequence[int] | None = None,
+) -> Mesh:
     """A (data, fsdp, tensor) mesh with Auto axes: shardings are set by jit and logical constraints.
 
     With several processes each must hold a contiguous block of batch rows, the block its loader reads
@@ -74,9 +81,11 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
     else:
         grid = _hybrid_grid(shape, dcn_shape, devices)
     if not rows_follow_processes(grid, hosts):
-        raise UserError(f"mesh {dict(zip(MESH_AXES, grid.shape))} does not give each of the {hosts} "
-                        "processes a contiguous block of batch rows; make data x fsdp a multiple of the process "
-                        "count and tensor no larger than the devices of one process")
+        raise UserError(
+            f"mesh {dict(zip(MESH_AXES, grid.shape))} does not give each of the {hosts} "
+            "processes a contiguous block of batch rows; make data x fsdp a multiple of the process "
+            "count and tensor no larger than the devices of one process"
+        )
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -86,12 +95,14 @@ def _hybrid_grid(shape: Sequence[int], dcn_shape: Sequence[int], devices: list[j
     try:
         dcn = resolve_mesh_shape(dcn_shape, granules)
     except UserError as err:
-        raise UserError(f"mesh.dcn_shape spans {'processes' if by_process else 'slices'} ({granules} here), "
-                        f"not devices: {err}") from None
+        raise UserError(
+            f"mesh.dcn_shape spans {'processes' if by_process else 'slices'} ({granules} here), not devices: {err}"
+        ) from None
     ici = resolve_mesh_shape(shape, len(devices) // granules)
     try:
-        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
-                                                    allow_split_physical_axes=True)
+        return mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, process_is_granule=by_process, allow_split_physical_axes=True
+        )
     except ValueError as err:
         raise UserError(f"mesh shape {ici} x dcn_shape {dcn}: {err}") from None
 
@@ -108,26 +119,30 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "global batch size",
-                     accum_steps: int = 1) -> None:
+def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "global batch size", accum_steps: int = 1) -> None:
     """The batch must split into `accum_steps` micro-batches that each spread evenly over the data-parallel
     devices."""
     dp = data_parallel_size(mesh)
     if accum_steps < 1:
         raise UserError(f"train.accum_steps must be >= 1, got {accum_steps}")
     if global_batch_size % accum_steps:
-        raise UserError(f"{what} {global_batch_size} is not divisible by train.accum_steps {accum_steps} (the "
-                        f"batch is split into that many micro-batches); use a multiple of {accum_steps} or lower "
-                        "train.accum_steps")
+        raise UserError(
+            f"{what} {global_batch_size} is not divisible by train.accum_steps {accum_steps} (the "
+            f"batch is split into that many micro-batches); use a multiple of {accum_steps} or lower "
+            "train.accum_steps"
+        )
     micro = global_batch_size // accum_steps
     if micro % dp:
         rows = f" / train.accum_steps {accum_steps} = {micro} rows per micro-batch" if accum_steps > 1 else ""
-        raise UserError(f"{what} {global_batch_size}{rows} is not divisible by the data-parallel size {dp} "
-                        f"(mesh data x fsdp); use a batch size that is a multiple of {accum_steps * dp}")
+        raise UserError(
+            f"{what} {global_batch_size}{rows} is not divisible by the data-parallel size {dp} "
+            f"(mesh data x fsdp); use a batch size that is a multiple of {accum_steps * dp}"
+        )
 
 
-def _partition(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-               rules: Rules) -> tuple[P, list[tuple[str | None, int, tuple[str, ...]]]]:
+def _partition(
+    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules
+) -> tuple[P, list[tuple[str | None, int, tuple[str, ...]]]]:
     """(spec, undivided): the PartitionSpec, and each (logical name, size, mesh axes) whose rule named mesh axes
     larger than 1 that the dimension's size could not be split over (that dimension is replicated instead)."""
     table = dict(rules)
@@ -156,8 +171,9 @@ def _is_box(x: Any) -> bool:
     return isinstance(x, nn.LogicallyPartitioned)
 
 
-def check_replicated(boxed_abstract: Any, mesh: Mesh, rules: Rules, *,
-                     limit_bytes: int = REPLICATED_LIMIT_BYTES) -> None:
+def check_replicated(
+    boxed_abstract: Any, mesh: Mesh, rules: Rules, *, limit_bytes: int = REPLICATED_LIMIT_BYTES
+) -> None:
     """Refuse parameters of at least `limit_bytes` that would sit whole on every device because their rules'
     mesh axes could not divide them (e.g. an unpadded 50265-row vocabulary on tensor=2): the layout silently
     costs the memory the mesh was chosen to save. Parameters the rules replicate on purpose are left alone."""
@@ -176,20 +192,24 @@ def check_replicated(boxed_abstract: Any, mesh: Mesh, rules: Rules, *,
     mesh_text = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
     divisor = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
     others = f" ({len(found) - 1} more parameter(s) alike)" if len(found) > 1 else ""
-    raise UserError(f"parameter {name} {list(shape)} ({size / 2**20:.1f} MiB) would be replicated on every device "
-                    f"of mesh {mesh_text}: its {logical!r} dimension {dim} is not divisible by {divisor}{others}; "
-                    "choose mesh sizes (or mesh.rules) that divide it, or set mesh.allow_replicated=True to accept "
-                    "the copies")
+    raise UserError(
+        f"parameter {name} {list(shape)} ({size / 2**20:.1f} MiB) would be replicated on every device "
+        f"of mesh {mesh_text}: its {logical!r} dimension {dim} is not divisible by {divisor}{others}; "
+        "choose mesh sizes (or mesh.rules) that divide it, or set mesh.allow_replicated=True to accept "
+        "the copies"
+    )
 
 
 def tree_shardings(boxed_abstract: Any, mesh: Mesh, rules: Rules) -> Any:
     """Shardings for a pytree whose leaves may be flax LogicallyPartitioned boxes (unboxed structure out)."""
+
     def one(leaf):
         if isinstance(leaf, nn.LogicallyPartitioned):
             if not hasattr(leaf.value, "shape"):  # optax.MaskedNode: a frozen leaf's absent optimizer state
                 return leaf.value
             return logical_to_sharding(leaf.names, leaf.value.shape, mesh, rules)
         return NamedSharding(mesh, P())  # scalars, step counters, RNG keys: replicated
+
     return jax.tree_util.tree_map(one, boxed_abstract, is_leaf=_is_box)
 
 
@@ -207,7 +227,8 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
 def put_tree(tree: Any, shardings: Any) -> Any:
     """Place host numpy arrays (identical on every host, e.g. imported weights) onto their shardings."""
     return jax.tree_util.tree_map(
-        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings)
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree, shardings
+    )
 
 
 def _named(entry: Any) -> tuple[str, ...]:

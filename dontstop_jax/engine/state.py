@@ -28,6 +28,7 @@ class TrainState:
     averages: dict = flax.struct.field(default_factory=dict)  # {name in AVERAGES: params-shaped tree}
 
     if TYPE_CHECKING:  # flax.struct.dataclass adds it at runtime
+
         def replace(self, **updates: Any) -> TrainState: ...
 
 
@@ -61,18 +62,31 @@ def _subtree(tree: Any, like: Any) -> Any:
     return tree
 
 
-def _skeleton(module: nn.Module, tx: optax.GradientTransformation, boxed: bool,
-              averages: tuple[str, ...] = ()) -> TrainState:
+def _skeleton(
+    module: nn.Module, tx: optax.GradientTransformation, boxed: bool, averages: tuple[str, ...] = ()
+) -> TrainState:
     """A state of the right structure; traced under eval_shape only, so it allocates nothing. Averages are laid
     out like the parameters (the same logical axes, so the same shardings)."""
     params = init_params(module, jax.random.key(0))
     params = params if boxed else nn.unbox(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jnp.zeros((2,), jnp.uint32), averages={name: params for name in averages})
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jnp.zeros((2,), jnp.uint32),
+        averages={name: params for name in averages},
+    )
 
 
-def state_shardings(module: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules, *,
-                    allow_replicated: bool = False, averages: tuple[str, ...] = ()) -> Any:
+def state_shardings(
+    module: nn.Module,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Rules,
+    *,
+    allow_replicated: bool = False,
+    averages: tuple[str, ...] = (),
+) -> Any:
     """Shardings of every leaf of the TrainState, derived from the parameters' logical axes; a large parameter
     the mesh cannot divide is a UserError (`sharding.check_replicated`) unless `allow_replicated`."""
     skeleton = jax.eval_shape(lambda: _skeleton(module, tx, boxed=True, averages=_check_averages(averages)))
@@ -81,9 +95,17 @@ def state_shardings(module: nn.Module, tx: optax.GradientTransformation, mesh: M
     return tree_shardings(skeleton, mesh, rules)
 
 
-def create_train_state(module: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules,
-                       seed: int, pretrained: Any = None, *, allow_replicated: bool = False,
-                       averages: tuple[str, ...] = ()) -> tuple[TrainState, Any]:
+def create_train_state(
+    module: nn.Module,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Rules,
+    seed: int,
+    pretrained: Any = None,
+    *,
+    allow_replicated: bool = False,
+    averages: tuple[str, ...] = (),
+) -> tuple[TrainState, Any]:
     """A fresh, sharded TrainState; parameters found in `pretrained` (numpy or jax tree) replace random ones.
     Each of `averages` (names in AVERAGES) starts as a copy of the parameters.
 
@@ -100,17 +122,24 @@ def create_train_state(module: nn.Module, tx: optax.GradientTransformation, mesh
         params = nn.unbox(init_params(module, key))
         if loaded is not None:
             params = _merge(params, loaded)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          rng=jax.random.key_data(jax.random.fold_in(key, 1)),
-                          averages={name: params for name in averages})
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+            averages={name: params for name in averages},
+        )
 
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(seed), loaded)
     return state, shardings
 
 
-def abstract_state(shardings: Any, module: nn.Module, tx: optax.GradientTransformation,
-                   averages: tuple[str, ...] = ()) -> TrainState:
+def abstract_state(
+    shardings: Any, module: nn.Module, tx: optax.GradientTransformation, averages: tuple[str, ...] = ()
+) -> TrainState:
     """ShapeDtypeStructs carrying target shardings: what a checkpoint restore needs to place arrays."""
-    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                  jax.eval_shape(lambda: _skeleton(module, tx, boxed=False, averages=averages)),
-                                  shardings)
+    return jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(lambda: _skeleton(module, tx, boxed=False, averages=averages)),
+        shardings,
+    )

@@ -29,6 +29,7 @@ Batch = dict[str, jax.Array]
 
 class Hooks(TypedDict, total=False):
     """make_train_step's per-parameter hooks (keyword arguments of the same names), each tree -> tree."""
+
     grad_transform: Callable[[Any], Any]
     update_transform: Callable[[Any], Any]
 
@@ -45,6 +46,7 @@ class Fixed:
     masks). They reach the compiled step as an argument, placed once: an array a jitted function closes over is
     baked into the program as a constant (here a full copy of the parameters in the HLO). The loss also gets the
     step counter (HAT's annealed gate slope, the multi-task weight's epoch)."""
+
     loss: Callable[[Any, jax.Array], LossSums]  # (arrays, step) -> the loss that reads them
     arrays: Any  # a tree of placed jax arrays
 
@@ -56,12 +58,21 @@ def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 def mlm_loss_sums(model: nn.Module, gates: Any = None) -> LossSums:
     """Cross-entropy at the masked slots only (`mlm_positions`); unused slots have weight 0."""
+
     def loss(params, batch, rng, deterministic):
-        logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch["mlm_positions"],
-                             deterministic=deterministic, gates=gates, rngs={"dropout": rng})
+        logits = model.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["mlm_positions"],
+            deterministic=deterministic,
+            gates=gates,
+            rngs={"dropout": rng},
+        )
         w = batch["mlm_weights"].astype(jnp.float32)
         correct = (jnp.argmax(logits, -1) == batch["mlm_ids"]) * w
         return jnp.sum(_nll(logits, batch["mlm_ids"]) * w), {"weight": jnp.sum(w), "correct": jnp.sum(correct)}
+
     return loss
 
 
@@ -69,11 +80,18 @@ def classification_loss_sums(model: nn.Module, regularizer: Regularizer | None =
     """Cross-entropy over examples; padding rows of an eval batch have `example_weights` 0. A `regularizer`
     (R3F, SMART: engine/regularizers.py) adds its per-example penalty; SMART's Bregman term reads the mean
     teacher's parameters, the loss's fifth argument (StepSpec's `teacher`)."""
+
     def loss(params, batch, rng, deterministic, teacher=None):
         def forward(p, noise=None, key=rng, det=None):
-            return model.apply({"params": p}, batch["input_ids"], batch["attention_mask"],
-                               deterministic=deterministic if det is None else det, embedding_noise=noise,
-                               rngs={"dropout": key})
+            return model.apply(
+                {"params": p},
+                batch["input_ids"],
+                batch["attention_mask"],
+                deterministic=deterministic if det is None else det,
+                embedding_noise=noise,
+                rngs={"dropout": key},
+            )
+
         logits = forward(params)
         w = batch["example_weights"].astype(jnp.float32)
         correct = (jnp.argmax(logits, -1) == batch["labels"]) * w
@@ -82,6 +100,7 @@ def classification_loss_sums(model: nn.Module, regularizer: Regularizer | None =
             shape = batch["input_ids"].shape + (model.config.hidden_size,)
             per_example = per_example + regularizer.penalty(forward, params, logits, shape, rng, teacher)
         return jnp.sum(per_example * w), {"weight": jnp.sum(w), "correct": jnp.sum(correct)}
+
     return loss
 
 
@@ -95,7 +114,9 @@ def hold_fixed(paths: tuple[str, ...]) -> Hooks:
         def one(path, x):
             name = "/".join(str(k.key) for k in path)
             return x * 0 if any(name == p or name.startswith(p + "/") for p in paths) else x
+
         return jax.tree_util.tree_map_with_path(one, tree)
+
     return {"grad_transform": zero, "update_transform": zero}
 
 
@@ -116,20 +137,30 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
     return jax.tree_util.tree_map(lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def _accumulate(grad_fn: Callable, params: Any, batch: Batch, rng: jax.Array, extra: tuple, accum_steps: int,
-                gather: Callable[[Any, Any], Any]) -> tuple:
+def _accumulate(
+    grad_fn: Callable,
+    params: Any,
+    batch: Batch,
+    rng: jax.Array,
+    extra: tuple,
+    accum_steps: int,
+    gather: Callable[[Any, Any], Any],
+) -> tuple:
     """(loss sum, aux sums, float32 gradient sum) over the micro-batches of `batch`, with no reduction across
     devices. `gather(params, micro-batch)` makes the parameters the loss reads (an FSDP all-gather, or nothing):
     the gradient is taken after it, so its transpose (a reduce-scatter) never runs per micro-batch."""
+
     def one(micro, key):
         (loss_sum, a), g = grad_fn(gather(params, micro), micro, key, *extra)
         return loss_sum, a, jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), g)
+
     if accum_steps == 1:
         return one(batch, rng)
 
     def body(carry, xs):
         i, micro = xs
         return jax.tree_util.tree_map(jnp.add, carry, one(micro, jax.random.fold_in(rng, i))), None
+
     micro = _micro_batches(batch, accum_steps)
     shapes = jax.eval_shape(one, jax.tree_util.tree_map(lambda x: x[0], micro), rng)
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -176,6 +207,7 @@ class StepSpec:
     `ema_decays`: {name: decay} of the state's parameter averages updated after every step (an EMA of the
     fine-tuned weights, SMART's mean teacher); the state's other averages are left to the phase (SWA).
     `teacher`: the name of the average the loss reads as its fifth argument (SMART's Bregman term)."""
+
     loss: LossSums | Fixed
     tx: optax.GradientTransformation
     accum_steps: int = 1
@@ -188,17 +220,32 @@ class StepSpec:
     gather_params_once: bool = False
 
     @classmethod
-    def for_phase(cls, cfg: Any, loss: LossSums | Fixed, tx: optax.GradientTransformation,
-                  schedule: optax.Schedule | None, platform: str, *hooks: Hooks, **fields: Any) -> StepSpec:
+    def for_phase(
+        cls,
+        cfg: Any,
+        loss: LossSums | Fixed,
+        tx: optax.GradientTransformation,
+        schedule: optax.Schedule | None,
+        platform: str,
+        *hooks: Hooks,
+        **fields: Any,
+    ) -> StepSpec:
         """A phase config's step on devices of `platform`: its `train` section's accumulation, reduction and
         non-finite rule; `hooks` chained with holding its `frozen` paths fixed."""
         dtype = cfg.train.get("grad_reduce_dtype", "float32")
         if dtype == "bfloat16" and platform == "cpu":  # XLA's CPU AllReducePromotion aborts the process on it
             raise UserError("train.grad_reduce_dtype=bfloat16 cannot compile for CPU devices; use float32 on CPU")
-        return cls(loss, tx, accum_steps=cfg.train.get("accum_steps", 1), schedule=schedule,
-                   hooks=chain_hooks(*hooks, hold_fixed(tuple(cfg.get("frozen", ())))),
-                   skip_nonfinite=cfg.train.skip_nonfinite, grad_reduce_dtype=dtype,
-                   gather_params_once=cfg.train.get("gather_params_once", False), **fields)
+        return cls(
+            loss,
+            tx,
+            accum_steps=cfg.train.get("accum_steps", 1),
+            schedule=schedule,
+            hooks=chain_hooks(*hooks, hold_fixed(tuple(cfg.get("frozen", ())))),
+            skip_nonfinite=cfg.train.skip_nonfinite,
+            grad_reduce_dtype=dtype,
+            gather_params_once=cfg.train.get("gather_params_once", False),
+            **fields,
+        )
 
     @property
     def fixed(self) -> Any:
@@ -237,10 +284,13 @@ def make_train_step(spec: StepSpec) -> Callable[..., tuple]:
         grad_fn = jax.value_and_grad(lambda p, b, r, *t: loss(p, b, r, False, *t), has_aux=True)
         if specs is None:  # outside the shard_map
             return _accumulate(grad_fn, params, batch, rng, extra, spec.accum_steps, lambda p, _: p)
+
         def gather(tree):
             return jax.tree_util.tree_map(_gather, tree, specs)
+
         def per_micro_batch(p, micro):  # the barrier ties the gather to the micro-batch so XLA cannot hoist it
             return gather(jax.lax.optimization_barrier((p, micro))[0])
+
         extra = tuple(gather(t) for t in extra)
         each = per_micro_batch
         if spec.gather_params_once:
@@ -259,12 +309,19 @@ def make_train_step(spec: StepSpec) -> Callable[..., tuple]:
         if mesh.empty or math.prod(mesh.shape[a] for a in BATCH_AXES) == 1:  # one batch shard: nothing to reduce
             loss_sum, aux, grads = gradients(*args)
         else:
-            specs = jax.tree_util.tree_map(lambda _: P(), state.params) if param_shardings is None else \
-                jax.tree_util.tree_map(lambda s: only_axes(s.spec, BATCH_AXES), param_shardings)
+            specs = (
+                jax.tree_util.tree_map(lambda _: P(), state.params)
+                if param_shardings is None
+                else jax.tree_util.tree_map(lambda s: only_axes(s.spec, BATCH_AXES), param_shardings)
+            )
             in_specs = (specs, P(BATCH_AXES), P(), (specs,) * len(extra), P(), P())
             loss_sum, aux, grads = jax.shard_map(
-                functools.partial(gradients, specs=specs), in_specs=in_specs, out_specs=(P(), P(), specs),
-                axis_names=set(BATCH_AXES), check_vma=False)(*args)
+                functools.partial(gradients, specs=specs),
+                in_specs=in_specs,
+                out_specs=(P(), P(), specs),
+                axis_names=set(BATCH_AXES),
+                check_vma=False,
+            )(*args)
         weight = jnp.maximum(aux["weight"], 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / weight, grads)
         if grad_transform is not None:
@@ -273,17 +330,25 @@ def make_train_step(spec: StepSpec) -> Callable[..., tuple]:
         if update_transform is not None:
             updates = update_transform(updates)
         params = optax.apply_updates(state.params, updates)
-        averages = {name: ema_update(avg, params, spec.ema_decays[name]) if name in spec.ema_decays else avg
-                    for name, avg in state.averages.items()}
+        averages = {
+            name: ema_update(avg, params, spec.ema_decays[name]) if name in spec.ema_decays else avg
+            for name, avg in state.averages.items()
+        }
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, averages=averages)
-        metrics = {"loss": loss_sum / weight, "accuracy": aux["correct"] / weight, "weight": aux["weight"],
-                   "grad_norm": optax.tree.norm(grads)}
+        metrics = {
+            "loss": loss_sum / weight,
+            "accuracy": aux["correct"] / weight,
+            "weight": aux["weight"],
+            "grad_norm": optax.tree.norm(grads),
+        }
         if spec.skip_nonfinite:
             finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
             keep = functools.partial(jax.tree_util.tree_map, lambda new, old: jnp.where(finite, new, old))
-            new_state = new_state.replace(params=keep(new_state.params, state.params),
-                                          opt_state=keep(new_state.opt_state, state.opt_state),
-                                          averages=keep(new_state.averages, state.averages))
+            new_state = new_state.replace(
+                params=keep(new_state.params, state.params),
+                opt_state=keep(new_state.opt_state, state.opt_state),
+                averages=keep(new_state.averages, state.averages),
+            )
             metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         if spec.schedule is not None:
             metrics["learning_rate"] = spec.schedule(state.step)
@@ -294,9 +359,11 @@ def make_train_step(spec: StepSpec) -> Callable[..., tuple]:
 
 def make_eval_step(loss_sums: LossSums) -> Callable[[Any, Batch], dict]:
     """(params, batch) -> summed loss, weight and correct count (divide after summing over batches)."""
+
     def step(params, batch):
         loss_sum, aux = loss_sums(params, batch, jax.random.key(0), True)
         return {"loss_sum": loss_sum, **aux}
+
     return step
 
 
@@ -305,39 +372,44 @@ def _under_mesh(jitted: Callable, mesh: Mesh, rules: Rules) -> Callable:
 
     The jitted function stays reachable as `.__wrapped__` (e.g. for `.lower(...).compile().memory_analysis()`).
     """
+
     @functools.wraps(jitted)
     def call(*args):
         with activation_rules(mesh, rules):
             return jitted(*args)
+
     return call
 
 
-def compile_train_step(step: Callable, state_shardings: Any, mesh: Mesh, rules: Rules, *,
-                       donate: bool = True, fixed: Any = None) -> Callable:
+def compile_train_step(
+    step: Callable, state_shardings: Any, mesh: Mesh, rules: Rules, *, donate: bool = True, fixed: Any = None
+) -> Callable:
     """jit with explicit shardings; the old state's buffers are donated to the new one (one copy of the
     parameters and optimizer state in device memory instead of two; `donate=False` only for comparisons).
     `fixed`: a `Fixed` loss's arrays, passed to every call (sharded as they were placed)."""
     extra = () if fixed is None else (jax.tree_util.tree_map(lambda x: x.sharding, fixed),)
-    jitted = jax.jit(functools.partial(step, param_shardings=state_shardings.params),
-                     in_shardings=(state_shardings, batch_sharding(mesh)) + extra,
-                     out_shardings=(state_shardings, NamedSharding(mesh, P())),
-                     donate_argnums=(0,) if donate else ())
+    jitted = jax.jit(
+        functools.partial(step, param_shardings=state_shardings.params),
+        in_shardings=(state_shardings, batch_sharding(mesh)) + extra,
+        out_shardings=(state_shardings, NamedSharding(mesh, P())),
+        donate_argnums=(0,) if donate else (),
+    )
     call = _under_mesh(jitted, mesh, rules)
     # (`.__wrapped__` stays the jitted function: it takes the arrays as its third argument)
     return call if fixed is None else functools.wraps(jitted)(lambda state, batch: call(state, batch, fixed))
 
 
 def compile_eval_step(step: Callable, param_shardings: Any, mesh: Mesh, rules: Rules) -> Callable:
-    jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)),
-                     out_shardings=NamedSharding(mesh, P()))
+    jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=NamedSharding(mesh, P()))
     return _under_mesh(jitted, mesh, rules)
 
 
 def compile_predict_step(model: nn.Module, param_shardings: Any, mesh: Mesh, rules: Rules) -> Callable:
     """(params, batch) -> (logits, labels, example weights), replicated so every host sees every prediction."""
+
     def step(params, batch):
         logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], deterministic=True)
         return logits, batch["labels"], batch["example_weights"]
-    jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)),
-                     out_shardings=NamedSharding(mesh, P()))
+
+    jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=NamedSharding(mesh, P()))
     return _under_mesh(jitted, mesh, rules)

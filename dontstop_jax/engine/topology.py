@@ -20,6 +20,7 @@ from dontstop_jax.errors import UserError
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """Published per-chip figures: bf16 FLOP/s, HBM bytes, HBM bytes/s, ICI bytes/s (all links together)."""
+
     kind: str
     peak_flops: float
     hbm_bytes: int
@@ -38,9 +39,28 @@ CHIPS = {
 _TOPOLOGY_PREFIX = {"v4": "v4", "v5litepod": "v5e", "v5p": "v5p", "v6e": "v6e"}
 _CORES_PER_CHIP = {"v4": 2, "v5p": 2}
 # chips -> physical shape: 3D tori for v4/v5p (4 chips per host), 2D for v5e/v6e.
-_SHAPES_3D: dict[int, tuple[int, ...]] = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
-              256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16)}
-_SHAPES_2D: dict[int, tuple[int, ...]] = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
+_SHAPES_3D: dict[int, tuple[int, ...]] = {
+    4: (2, 2, 1),
+    8: (2, 2, 2),
+    16: (2, 2, 4),
+    32: (2, 4, 4),
+    64: (4, 4, 4),
+    128: (4, 4, 8),
+    256: (4, 8, 8),
+    512: (8, 8, 8),
+    1024: (8, 8, 16),
+    2048: (8, 16, 16),
+}
+_SHAPES_2D: dict[int, tuple[int, ...]] = {
+    1: (1, 1),
+    4: (2, 2),
+    8: (2, 4),
+    16: (4, 4),
+    32: (4, 8),
+    64: (8, 8),
+    128: (8, 16),
+    256: (16, 16),
+}
 
 
 def supported() -> list[str]:
@@ -74,7 +94,12 @@ def devices(name: str, slices: int = 1) -> tuple[Chip, list[jax.Device]]:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", name)
     from jax.experimental import topologies
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, num_slices=slices,
-                                        chip_config_name="megacore" if chip.kind == "v4" else "default",
-                                        chips_per_host_bounds=per_host)
+
+    desc = topologies.get_topology_desc(
+        platform="tpu",
+        topology_name=topology,
+        num_slices=slices,
+        chip_config_name="megacore" if chip.kind == "v4" else "default",
+        chips_per_host_bounds=per_host,
+    )
     return chip, list(desc.devices)

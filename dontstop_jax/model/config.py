@@ -59,7 +59,8 @@ class ModelConfig:
         if self.hidden_size % self.num_attention_heads:
             raise UserError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                f"{self.num_attention_heads}; pick a head count that divides it")
+                f"{self.num_attention_heads}; pick a head count that divides it"
+            )
         if self.remat not in REMAT_POLICIES:
             raise UserError(f"model.remat={self.remat!r} is unknown; use one of {REMAT_POLICIES}")
         if self.dtype == "auto":
@@ -67,19 +68,25 @@ class ModelConfig:
         if self.dtype not in DTYPES:
             raise UserError(f"model.dtype={self.dtype!r} is unknown; use auto, float32, bfloat16 or float16")
         if self.attention_impl not in (None, "xla", "cudnn", "splash"):
-            raise UserError(f"model.attention_impl={self.attention_impl!r} is unknown; use xla, cudnn (GPUs) or splash "
-                            "(TPUs), or leave it unset")
+            raise UserError(
+                f"model.attention_impl={self.attention_impl!r} is unknown; use xla, cudnn (GPUs) or splash "
+                "(TPUs), or leave it unset"
+            )
         if self.attention_impl == "cudnn" and self.dtype == "float32":
-            raise UserError("model.attention_impl=cudnn has no float32 kernel; set model.dtype=bfloat16 (or float16) "
-                            "or leave attention_impl unset")
+            raise UserError(
+                "model.attention_impl=cudnn has no float32 kernel; set model.dtype=bfloat16 (or float16) "
+                "or leave attention_impl unset"
+            )
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON metadata gives lists
         if self.adapter not in ADAPTERS:
             raise UserError(f"adapter={self.adapter!r} is unknown; use one of {ADAPTERS}")
         if self.adapter != "none" and self.adapter_size < 1:
             raise UserError(f"adapter_size={self.adapter_size} must be >= 1")
         if self.lora_rank < 0 or set(self.lora_targets) - set(LORA_TARGETS):
-            raise UserError(f"lora_rank={self.lora_rank} / lora_targets={self.lora_targets} are invalid; use a "
-                            f"rank >= 0 and targets among {LORA_TARGETS}")
+            raise UserError(
+                f"lora_rank={self.lora_rank} / lora_targets={self.lora_targets} are invalid; use a "
+                f"rank >= 0 and targets among {LORA_TARGETS}"
+            )
         if self.pooling not in POOLINGS:
             raise UserError(f"pooling={self.pooling!r} is unknown; use one of {POOLINGS}")
         if self.vocab_pad_multiple < 1:
@@ -115,15 +122,30 @@ class ModelConfig:
         return cls(**{"vocab_pad_multiple": 1, **fields, **overrides})
 
     # -- Hugging Face config.json ------------------------------------------------------------
-    HF_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                 "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
-                 "pad_token_id", "bos_token_id", "eos_token_id", "hidden_dropout_prob",
-                 "attention_probs_dropout_prob", "classifier_dropout", "initializer_range")
+    HF_FIELDS = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "layer_norm_eps",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "classifier_dropout",
+        "initializer_range",
+    )
 
     @classmethod
     def from_hf_dict(cls, d: dict, **overrides: Any) -> ModelConfig:
         if d.get("model_type", "roberta") not in ("roberta", "xlm-roberta"):
-            raise UserError(f"config.json has model_type={d.get('model_type')!r}; only RoBERTa checkpoints are supported")
+            raise UserError(
+                f"config.json has model_type={d.get('model_type')!r}; only RoBERTa checkpoints are supported"
+            )
         act = d.get("hidden_act", "gelu")
         if act != "gelu":
             raise UserError(f"config.json has hidden_act={act!r}; only RoBERTa's exact 'gelu' is supported")
@@ -139,7 +161,13 @@ class ModelConfig:
 
 def tiny_config(**overrides: Any) -> ModelConfig:
     """A model small enough for unit tests and the offline default on 2 CPU cores."""
-    base: dict[str, Any] = dict(vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=128, max_position_embeddings=130)
+    base: dict[str, Any] = dict(
+        vocab_size=1024,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=130,
+    )
     base.update(overrides)
     return ModelConfig(**base)

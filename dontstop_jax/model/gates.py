@@ -29,6 +29,7 @@ READERS = {"head": "attention_output", "intermediate": "output"}
 class UnitGates:
     """{"head": [layers, heads], "intermediate": [layers, mlp]} float32 factors. Compared and hashed by identity,
     so that it can be a Flax module's attribute."""
+
     head: np.ndarray
     intermediate: np.ndarray
 
@@ -41,17 +42,23 @@ def load(path: str, config: ModelConfig) -> UnitGates | None:
     if not path:
         return None
     if not files.path(path).exists():
-        raise UserError(f"unit_gates={path!r} does not exist; point it to an .npz of gates (e.g. a HAT stage's "
-                        "hat_domain_mask.npz) or set it to \"\"")
-    shapes = {"head": (config.num_hidden_layers, config.num_attention_heads),
-              "intermediate": (config.num_hidden_layers, config.intermediate_size)}
+        raise UserError(
+            f"unit_gates={path!r} does not exist; point it to an .npz of gates (e.g. a HAT stage's "
+            'hat_domain_mask.npz) or set it to ""'
+        )
+    shapes = {
+        "head": (config.num_hidden_layers, config.num_attention_heads),
+        "intermediate": (config.num_hidden_layers, config.intermediate_size),
+    }
     with files.path(path).open("rb") as raw, np.load(raw) as f:
         if missing := [k for k in KINDS if k not in f.files]:
             raise UserError(f"unit_gates {path} lacks {missing}; it needs arrays {shapes}")
         arrays = {k: np.asarray(f[k], np.float32) for k in KINDS}
     if wrong := [k for k in KINDS if arrays[k].shape != shapes[k]]:
-        raise UserError(f"unit_gates {path}: {wrong} have shapes {[arrays[k].shape for k in wrong]} but the model "
-                        f"needs {[shapes[k] for k in wrong]}; were they measured on another model?")
+        raise UserError(
+            f"unit_gates {path}: {wrong} have shapes {[arrays[k].shape for k in wrong]} but the model "
+            f"needs {[shapes[k] for k in wrong]}; were they measured on another model?"
+        )
     return UnitGates(**arrays)
 
 

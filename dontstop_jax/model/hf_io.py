@@ -26,10 +26,15 @@ from dontstop_jax.model.config import ModelConfig
 from dontstop_jax.model.roberta import RobertaForMaskedLM, RobertaForSequenceClassification, RobertaModel, init_params
 
 Params = dict[str, Any]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "added_tokens.json")
-HEADS = {"mlm": "RobertaForMaskedLM", "classification": "RobertaForSequenceClassification",
-         "encoder": "RobertaModel"}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+HEADS = {"mlm": "RobertaForMaskedLM", "classification": "RobertaForSequenceClassification", "encoder": "RobertaModel"}
 
 
 # -- layout conversions: (hf array) <-> (our array) ---------------------------------------------
@@ -104,6 +109,7 @@ def _name_table(cfg: ModelConfig, prefix: str, head: str) -> Iterator[tuple[str,
 def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
     if (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists():
         from safetensors.numpy import load_file
+
         files = [path / "model.safetensors"]
         if not files[0].exists():
             index = json.loads((path / "model.safetensors.index.json").read_text())
@@ -113,15 +119,18 @@ def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
             try:
                 state.update(load_file(str(f)))
             except Exception as err:  # noqa: BLE001 (safetensors raises its own error types for damaged files)
-                raise UserError(f"{f} is not a readable safetensors file ({err}); download or export it again"
-                                ) from None
+                raise UserError(
+                    f"{f} is not a readable safetensors file ({err}); download or export it again"
+                ) from None
         return state
     if (path / "pytorch_model.bin").exists():
         try:
             import torch
         except ImportError:
-            raise UserError(f"{path}/pytorch_model.bin needs torch to read; `pip install torch==2.13.0` "
-                            "or convert the checkpoint to model.safetensors") from None
+            raise UserError(
+                f"{path}/pytorch_model.bin needs torch to read; `pip install torch==2.13.0` "
+                "or convert the checkpoint to model.safetensors"
+            ) from None
         sd = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
         return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
     raise UserError(f"{path} has no model.safetensors or pytorch_model.bin; point to a Hugging Face model directory")
@@ -130,13 +139,15 @@ def _read_state_dict(path: Path) -> dict[str, np.ndarray]:
 def read_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
     path = Path(path)
     if not (path / "config.json").exists():
-        raise UserError(f"{path} has no config.json; point to a Hugging Face model directory "
-                        "(the folder save_pretrained wrote)")
+        raise UserError(
+            f"{path} has no config.json; point to a Hugging Face model directory (the folder save_pretrained wrote)"
+        )
     try:
         hf = json.loads((path / "config.json").read_text())
     except ValueError as err:
-        raise UserError(f"{path / 'config.json'} is not valid JSON ({err}); download or export the model again"
-                        ) from None
+        raise UserError(
+            f"{path / 'config.json'} is not valid JSON ({err}); download or export the model again"
+        ) from None
     return ModelConfig.from_hf_dict(hf, **overrides)
 
 
@@ -174,10 +185,19 @@ def load_pretrained(path: str | os.PathLike, **config_overrides: Any) -> tuple[M
     if "lm_head.decoder.bias" in state and "lm_head.bias" not in state:
         state["lm_head.bias"] = state["lm_head.decoder.bias"]
     prefix = "roberta." if any(k.startswith("roberta.") for k in state) else ""
-    head = "mlm" if "lm_head.dense.weight" in state else "classification" if "classifier.dense.weight" in state else "encoder"
+    head = (
+        "mlm"
+        if "lm_head.dense.weight" in state
+        else "classification"
+        if "classifier.dense.weight" in state
+        else "encoder"
+    )
     num_labels = state["classifier.out_proj.bias"].shape[0] if head == "classification" else 0
-    module = {"mlm": RobertaForMaskedLM(cfg), "classification": RobertaForSequenceClassification(cfg, num_labels),
-              "encoder": RobertaModel(cfg)}[head]
+    module = {
+        "mlm": RobertaForMaskedLM(cfg),
+        "classification": RobertaForSequenceClassification(cfg, num_labels),
+        "encoder": RobertaModel(cfg),
+    }[head]
     shapes = param_shapes(module)
     if head == "encoder":
         shapes = {"roberta": shapes}
@@ -186,14 +206,18 @@ def load_pretrained(path: str | os.PathLike, **config_overrides: Any) -> tuple[M
     stacks: dict[tuple[str, ...], list[np.ndarray]] = {}
     for hf_name, our_path, kind, layer in _name_table(cfg, prefix, head):
         if hf_name not in state:
-            raise UserError(f"{path} has no tensor {hf_name!r} that its config.json implies "
-                            f"(num_hidden_layers={cfg.num_hidden_layers}); the checkpoint is partial or "
-                            "config.json belongs to another model: re-export it with save_pretrained")
+            raise UserError(
+                f"{path} has no tensor {hf_name!r} that its config.json implies "
+                f"(num_hidden_layers={cfg.num_hidden_layers}); the checkpoint is partial or "
+                "config.json belongs to another model: re-export it with save_pretrained"
+            )
         full_shape = _get(shapes, our_path).shape
         expected = _hf_shape(kind, full_shape[1:] if layer is not None else full_shape, cfg)
         if state[hf_name].shape != expected:
-            raise UserError(f"{path}: tensor {hf_name!r} has shape {tuple(state[hf_name].shape)} but config.json "
-                            f"implies {expected}; fix config.json or use the checkpoint it was saved with")
+            raise UserError(
+                f"{path}: tensor {hf_name!r} has shape {tuple(state[hf_name].shape)} but config.json "
+                f"implies {expected}; fix config.json or use the checkpoint it was saved with"
+            )
         value = _to_ours(kind, np.asarray(state[hf_name], np.float32), cfg)
         if layer is None:
             _set(params, our_path, value)
@@ -209,21 +233,33 @@ def check_tokenizer(cfg: ModelConfig, tokenizer_dir: str | os.PathLike) -> None:
     from transformers import AutoTokenizer
 
     from dontstop_jax.model import hub
+
     tokenizer_dir = hub.local(os.fspath(tokenizer_dir), "tokenizer")
     where = files.path(tokenizer_dir)
     if not (where / "tokenizer.json").exists() and not (where / "vocab.json").exists():
-        raise UserError(f"{tokenizer_dir} has no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
-                        "copy the model's tokenizer there or pass the tokenizer directory explicitly")
+        raise UserError(
+            f"{tokenizer_dir} has no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
+            "copy the model's tokenizer there or pass the tokenizer directory explicitly"
+        )
     n = len(AutoTokenizer.from_pretrained(str(files.localize(tokenizer_dir))))
     if n > cfg.vocab_size:
-        raise UserError(f"tokenizer at {tokenizer_dir} has {n} tokens but the model's vocab_size is "
-                        f"{cfg.vocab_size}; use the tokenizer the model was trained with")
+        raise UserError(
+            f"tokenizer at {tokenizer_dir} has {n} tokens but the model's vocab_size is "
+            f"{cfg.vocab_size}; use the tokenizer the model was trained with"
+        )
 
 
 # -- writing ------------------------------------------------------------------------------------
-def save_pretrained(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params, head: str, *,
-                    tokenizer_dir: str | os.PathLike | None = None, label_names: list[str] | None = None,
-                    overwrite: bool = False) -> files.Path:
+def save_pretrained(
+    out_dir: str | os.PathLike,
+    cfg: ModelConfig,
+    params: Params,
+    head: str,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    label_names: list[str] | None = None,
+    overwrite: bool = False,
+) -> files.Path:
     """Write a directory that `transformers.AutoModelFor...from_pretrained` loads with the same outputs.
 
     The directory is assembled beside its final place and renamed into it, so a crash never leaves a
@@ -256,6 +292,7 @@ def save_pretrained(out_dir: str | os.PathLike, cfg: ModelConfig, params: Params
         RobertaConfig(**hf_config).save_pretrained(str(tmp))
         if tokenizer_dir is not None:
             from dontstop_jax.model import hub
+
             tokenizer_dir = files.localize(hub.local(os.fspath(tokenizer_dir), "tokenizer"))
             for name in TOKENIZER_FILES:
                 if (tokenizer_dir / name).exists():

@@ -12,8 +12,14 @@ from pathlib import Path
 
 from dontstop_jax.errors import UserError
 
-TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json"]
+TOKENIZER_FILES = [
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+]
 # Top-level files only ("model*" keeps out onnx/ and other subfolders); pytorch_model.bin only when a repo has
 # no safetensors, so roberta-base's weights are not fetched twice.
 SAFETENSORS = ["config.json", "model*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
@@ -72,19 +78,27 @@ def _fetch(spec: str, patterns: list[str], field: str) -> Path:
         why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         partial = isinstance(err, getattr(errors, "IncompleteSnapshotError", ()))  # huggingface_hub >= 1.x
         state = "only partly in" if partial else "not in"
-        raise UserError(f"{where} Hugging Face Hub model {repo} is {state} the cache {constants.HF_HUB_CACHE} "
-                        f"({why}); run `{command}` on a machine with network and copy its cache (HF_HOME) "
-                        f"here, or point {field} at a local model directory") from None
+        raise UserError(
+            f"{where} Hugging Face Hub model {repo} is {state} the cache {constants.HF_HUB_CACHE} "
+            f"({why}); run `{command}` on a machine with network and copy its cache (HF_HOME) "
+            f"here, or point {field} at a local model directory"
+        ) from None
     except GatedRepoError:
-        raise UserError(f"{where} Hugging Face Hub model {repo} is gated; accept its terms on the Hub and log in "
-                        f"(`hf auth login`), or point {field} at a local model directory") from None
+        raise UserError(
+            f"{where} Hugging Face Hub model {repo} is gated; accept its terms on the Hub and log in "
+            f"(`hf auth login`), or point {field} at a local model directory"
+        ) from None
     except RepositoryNotFoundError:
-        raise UserError(f"{where} the Hugging Face Hub has no model {repo} (or it is private); check the id or "
-                        "the path") from None
+        raise UserError(
+            f"{where} the Hugging Face Hub has no model {repo} (or it is private); check the id or the path"
+        ) from None
     except RevisionNotFoundError:
-        raise UserError(f"{where} Hugging Face Hub model {repo} has no revision {revision!r}; use a branch, tag "
-                        "or commit it has") from None
+        raise UserError(
+            f"{where} Hugging Face Hub model {repo} has no revision {revision!r}; use a branch, tag or commit it has"
+        ) from None
     except (HfHubHTTPError, OSError, ValueError) as err:  # a malformed id (ValueError), a full disk, a Hub error
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{where} fetching Hugging Face Hub model {repo} failed ({reason}); retry, or point "
-                        f"{field} at a local model directory") from None
+        raise UserError(
+            f"{where} fetching Hugging Face Hub model {repo} failed ({reason}); retry, or point "
+            f"{field} at a local model directory"
+        ) from None

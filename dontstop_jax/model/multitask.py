@@ -29,14 +29,24 @@ class RobertaForClassificationAndMLM(nn.Module):
         self.classifier = ClassificationHead(self.config, self.num_labels)
         self.lm_head = LMHead(self.config)
 
-    def __call__(self, input_ids: Array, attention_mask: Array, mlm_positions: Array | None = None, *,
-                 deterministic: bool = True, gates: Gates | None = None,
-                 embedding_noise: Array | None = None) -> Array:
-        h = self.roberta(input_ids, attention_mask, deterministic=deterministic, gates=gates,
-                         embedding_noise=embedding_noise)
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        mlm_positions: Array | None = None,
+        *,
+        deterministic: bool = True,
+        gates: Gates | None = None,
+        embedding_noise: Array | None = None,
+    ) -> Array:
+        h = self.roberta(
+            input_ids, attention_mask, deterministic=deterministic, gates=gates, embedding_noise=embedding_noise
+        )
         if mlm_positions is not None:
-            return self.lm_head(jnp.take_along_axis(h, mlm_positions[..., None], axis=1),
-                                self.roberta.embeddings.word_embeddings.embedding)
+            return self.lm_head(
+                jnp.take_along_axis(h, mlm_positions[..., None], axis=1),
+                self.roberta.embeddings.word_embeddings.embedding,
+            )
         if self.is_initializing():  # create the LM head's parameters too
             self.lm_head(h[:, :1], self.roberta.embeddings.word_embeddings.embedding)
         return self.classifier(h, deterministic, attention_mask)

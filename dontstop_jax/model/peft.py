@@ -34,13 +34,22 @@ class Adapter(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        down = nn.Dense(cfg.adapter_size, dtype=cfg.compute_dtype, name="down",
-                        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
-                                                                 ("embed", "adapter")),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("adapter",)))
-        up = nn.Dense(cfg.hidden_size, dtype=cfg.compute_dtype, name="up",
-                      kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("adapter", "embed")),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+        down = nn.Dense(
+            cfg.adapter_size,
+            dtype=cfg.compute_dtype,
+            name="down",
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(cfg.initializer_range), ("embed", "adapter")
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("adapter",)),
+        )
+        up = nn.Dense(
+            cfg.hidden_size,
+            dtype=cfg.compute_dtype,
+            name="up",
+            kernel_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("adapter", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        )
         return x + up(nn.gelu(down(x), approximate=False))
 
 
@@ -59,26 +68,28 @@ class LoRA(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, n_in = self.config, len(self.in_axes)
         in_shape = x.shape[-n_in:]
-        a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)),
-                                                  out_axis=-1)
-        a = self.param("a", nn.with_logical_partitioning(a_init, (*self.in_axes, "lora")),
-                       (*in_shape, cfg.lora_rank))
-        b = self.param("b", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("lora", *self.out_axes)),
-                       (cfg.lora_rank, *self.out_shape))
+        a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1)
+        a = self.param("a", nn.with_logical_partitioning(a_init, (*self.in_axes, "lora")), (*in_shape, cfg.lora_rank))
+        b = self.param(
+            "b",
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("lora", *self.out_axes)),
+            (cfg.lora_rank, *self.out_shape),
+        )
         dt = cfg.compute_dtype
         low = jnp.tensordot(x.astype(dt), a.astype(dt), axes=n_in)
         return jnp.tensordot(low, b.astype(dt), axes=1) * (cfg.lora_alpha / cfg.lora_rank)
 
 
-def add_lora(cfg: ModelConfig, name: str, y: jax.Array, x: jax.Array, in_axes: tuple[str, ...],
-             out_axes: tuple[str, ...]) -> jax.Array:
+def add_lora(
+    cfg: ModelConfig, name: str, y: jax.Array, x: jax.Array, in_axes: tuple[str, ...], out_axes: tuple[str, ...]
+) -> jax.Array:
     """Projection `name`'s output `y` (of input `x`) plus its LoRA update, when LoRA targets `name`.
 
     Call inside the parent's compact __call__: the LoRA module becomes its child `<name>_lora`.
     """
     if cfg.lora_rank == 0 or name not in cfg.lora_targets:
         return y
-    out_shape = y.shape[len(y.shape) - len(out_axes):]
+    out_shape = y.shape[len(y.shape) - len(out_axes) :]
     return y + LoRA(cfg, in_axes, out_shape, out_axes, name=name + LORA_SUFFIX)(x).astype(y.dtype)
 
 
@@ -138,8 +149,12 @@ def save_delta(path: str | os.PathLike, params: dict, trainable: dict, cfg: Mode
     Written to a temporary sibling and renamed: a crash never leaves a half-written file.
     """
     from safetensors.numpy import save_file
-    keep = {k: np.ascontiguousarray(np.asarray(v, np.float32))
-            for (k, v), t in zip(_flatten(params).items(), _flatten(trainable).values()) if t}
+
+    keep = {
+        k: np.ascontiguousarray(np.asarray(v, np.float32))
+        for (k, v), t in zip(_flatten(params).items(), _flatten(trainable).values())
+        if t
+    }
     with publishing(path) as tmp:
         save_file(keep, str(tmp), metadata={"model_config": json.dumps(dataclasses.asdict(cfg))})
     return path
@@ -148,16 +163,21 @@ def save_delta(path: str | os.PathLike, params: dict, trainable: dict, cfg: Mode
 def load_delta(path: str | os.PathLike, base: dict) -> tuple[ModelConfig, dict]:
     """(config, params): the base parameters with the file's leaves put in (adapters/LoRA added)."""
     from safetensors import safe_open
+
     if not files.path(path).is_file():
-        raise UserError(f"{path} is not a file; pass the adapter file a parameter-efficient run wrote "
-                        "(its workdir's peft.safetensors)")
+        raise UserError(
+            f"{path} is not a file; pass the adapter file a parameter-efficient run wrote "
+            "(its workdir's peft.safetensors)"
+        )
     with safe_open(str(files.localize(path)), "numpy") as f:
         cfg = ModelConfig.recorded(json.loads(f.metadata()["model_config"]))
         flat = {k: f.get_tensor(k) for k in f.keys()}
     merged = _flatten(base)
     for key, value in flat.items():
         if key in merged and np.shape(merged[key]) != value.shape:
-            raise UserError(f"{path}: {key} has shape {value.shape} but the base model's is "
-                            f"{np.shape(merged[key])}; load it onto the base model it was trained from")
+            raise UserError(
+                f"{path}: {key} has shape {value.shape} but the base model's is "
+                f"{np.shape(merged[key])}; load it onto the base model it was trained from"
+            )
         merged[key] = value
     return cfg, _unflatten(merged)

@@ -46,6 +46,7 @@ def _vocab_rows(cfg: ModelConfig):
 
     def init(key, shape, dtype=jnp.float32):
         return jnp.where(jnp.arange(shape[0])[:, None] < cfg.vocab_size, normal(key, shape, dtype), 0).astype(dtype)
+
     return nn.with_logical_partitioning(init, ("vocab", "embed"))
 
 
@@ -59,14 +60,18 @@ def _zeros(*axes: str):
 
 def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(
-        epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, name=name,
+        epsilon=cfg.layer_norm_eps,
+        dtype=cfg.compute_dtype,
+        name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-        bias_init=_zeros("norm"))
+        bias_init=_zeros("norm"),
+    )
 
 
 def _dense(cfg: ModelConfig, features: int, axes: tuple[str, str], name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=cfg.compute_dtype, kernel_init=_init(cfg, *axes),
-                    bias_init=_zeros(axes[1]), name=name)
+    return nn.Dense(
+        features, dtype=cfg.compute_dtype, kernel_init=_init(cfg, *axes), bias_init=_zeros(axes[1]), name=name
+    )
 
 
 def position_ids(input_ids: Array, pad_token_id: int, attention_mask: Array | None = None) -> Array:
@@ -98,24 +103,33 @@ class Embeddings(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.word_embeddings = nn.Embed(cfg.padded_vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
-                                        embedding_init=_vocab_rows(cfg))
-        self.position_embeddings = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size,
-                                            dtype=cfg.compute_dtype, embedding_init=_init(cfg, "position", "embed"))
-        self.token_type_embeddings = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
-                                              embedding_init=_init(cfg, "type", "embed"))
+        self.word_embeddings = nn.Embed(
+            cfg.padded_vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, embedding_init=_vocab_rows(cfg)
+        )
+        self.position_embeddings = nn.Embed(
+            cfg.max_position_embeddings,
+            cfg.hidden_size,
+            dtype=cfg.compute_dtype,
+            embedding_init=_init(cfg, "position", "embed"),
+        )
+        self.token_type_embeddings = nn.Embed(
+            cfg.type_vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, embedding_init=_init(cfg, "type", "embed")
+        )
         self.layer_norm = _layer_norm(cfg, "LayerNorm")
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def __call__(self, input_ids: Array, attention_mask: Array, deterministic: bool,
-                 noise: Array | None = None) -> Array:
+    def __call__(
+        self, input_ids: Array, attention_mask: Array, deterministic: bool, noise: Array | None = None
+    ) -> Array:
         cfg = self.config
         words = self.word_embeddings(input_ids)
         if noise is not None:  # in float32: a 1e-5 perturbation vanishes in bfloat16 embeddings
             words = words.astype(jnp.float32) + nn.with_logical_constraint(noise, ("batch", "length", "act_embed"))
-        h = (words
-             + self.position_embeddings(position_ids(input_ids, cfg.pad_token_id, attention_mask))
-             + self.token_type_embeddings(jnp.zeros_like(input_ids)))
+        h = (
+            words
+            + self.position_embeddings(position_ids(input_ids, cfg.pad_token_id, attention_mask))
+            + self.token_type_embeddings(jnp.zeros_like(input_ids))
+        )
         return self.dropout(self.layer_norm(h), deterministic=deterministic)
 
 
@@ -162,24 +176,34 @@ class Layer(nn.Module):
         cfg, det = self.config, self.deterministic
         gates = gates or {}
 
-        q, k, v = (add_lora(cfg, n, HeadsProjection(cfg, name=n)(h), h, ("embed",), ("heads", "kv"))
-                   for n in ("query", "key", "value"))
+        q, k, v = (
+            add_lora(cfg, n, HeadsProjection(cfg, name=n)(h), h, ("embed",), ("heads", "kv"))
+            for n in ("query", "key", "value")
+        )
         ctx = self._attention(q, k, v, mask, segments)  # [batch, length, heads, kv]
         if "head" in gates:
             ctx = ctx * gates["head"][:, None].astype(ctx.dtype)
-        attn_out = add_lora(cfg, "attention_output", HeadsOutput(cfg, name="attention_output")(ctx), ctx,
-                            ("heads", "kv"), ("embed",))
+        attn_out = add_lora(
+            cfg, "attention_output", HeadsOutput(cfg, name="attention_output")(ctx), ctx, ("heads", "kv"), ("embed",)
+        )
         attn_out = nn.Dropout(cfg.hidden_dropout_prob)(attn_out, deterministic=det)
         attn_out = adapt(cfg, "attention", attn_out)
         h = _layer_norm(cfg, "attention_LayerNorm")(attn_out + h)
 
-        inter = add_lora(cfg, "intermediate", _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "intermediate")(h),
-                         h, ("embed",), ("mlp",))
+        inter = add_lora(
+            cfg,
+            "intermediate",
+            _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "intermediate")(h),
+            h,
+            ("embed",),
+            ("mlp",),
+        )
         inter = nn.gelu(inter, approximate=False)
         if "intermediate" in gates:
             inter = inter * gates["intermediate"].astype(inter.dtype)
-        out = add_lora(cfg, "output", _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(inter), inter,
-                       ("mlp",), ("embed",))
+        out = add_lora(
+            cfg, "output", _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(inter), inter, ("mlp",), ("embed",)
+        )
         out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=det)
         if "output" in gates:
             out = out * gates["output"].astype(out.dtype)
@@ -202,7 +226,9 @@ class Layer(nn.Module):
                 if q.shape[1] % SPLASH_BLOCK == 0:
                     return splash_attention(q, k, v, segments)
                 return jax.nn.dot_product_attention(q, k, v, mask=mask)  # a length the kernel does not tile
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla" if cfg.attention_impl else None)
+            return jax.nn.dot_product_attention(
+                q, k, v, mask=mask, implementation="xla" if cfg.attention_impl else None
+            )
         # Dropout on attention probabilities needs the probabilities, so training with it takes this path.
         return explicit_attention(q, k, v, mask, lambda probs: nn.Dropout(rate)(probs, deterministic=False))
 
@@ -222,21 +248,33 @@ def splash_attention(q: Array, k: Array, v: Array, segments: Array, interpret: b
         heads, length = q.shape[2], q.shape[1]
         block = min(512, length) if length % min(512, length) == 0 else SPLASH_BLOCK
         kernel = splash.make_splash_mha(
-            splash.MultiHeadMask([splash.FullMask((length, length))] * heads), head_shards=1, q_seq_shards=1,
-            block_sizes=splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
-                                          block_kv_dq=block),
-            interpret=interpret)
+            splash.MultiHeadMask([splash.FullMask((length, length))] * heads),
+            head_shards=1,
+            q_seq_shards=1,
+            block_sizes=splash.BlockSizes(
+                block_q=block,
+                block_kv=block,
+                block_kv_compute=block,
+                block_q_dkv=block,
+                block_kv_dkv=block,
+                block_kv_dkv_compute=block,
+                block_q_dq=block,
+                block_kv_dq=block,
+            ),
+            interpret=interpret,
+        )
         heads_first = lambda x: x.transpose(0, 2, 1, 3)
         out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash.SegmentIds(s, s)))(
-            heads_first(q * q.shape[-1] ** -0.5), heads_first(k), heads_first(v), segments)
+            heads_first(q * q.shape[-1] ** -0.5), heads_first(k), heads_first(v), segments
+        )
         return heads_first(out)
 
     if jax.sharding.get_abstract_mesh().empty:
         return per_shard(q, k, v, segments)
     spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
-    return jax.shard_map(per_shard, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(*spec[:2])),
-                         out_specs=spec, check_vma=False)(q, k, v, segments)
+    return jax.shard_map(
+        per_shard, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(*spec[:2])), out_specs=spec, check_vma=False
+    )(q, k, v, segments)
 
 
 def explicit_attention(q: Array, k: Array, v: Array, mask: Array, dropout=lambda probs: probs) -> Array:
@@ -256,8 +294,15 @@ class RobertaModel(nn.Module):
         self.embeddings = Embeddings(self.config)
 
     @nn.compact
-    def __call__(self, input_ids: Array, attention_mask: Array, *, deterministic: bool = True,
-                 gates: Gates | None = None, embedding_noise: Array | None = None) -> Array:
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        *,
+        deterministic: bool = True,
+        gates: Gates | None = None,
+        embedding_noise: Array | None = None,
+    ) -> Array:
         cfg = self.config
         h = self.embeddings(input_ids, attention_mask, deterministic, embedding_noise)
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
@@ -265,9 +310,14 @@ class RobertaModel(nn.Module):
         layer = Layer
         if cfg.remat != "none":
             layer = nn.remat(Layer, policy=_REMAT_POLICY[cfg.remat], prevent_cse=False)
-        stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_hidden_layers,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
+        stack = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0),
+            length=cfg.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
         h, _ = stack(cfg, deterministic, name="layers")(h, mask, attention_mask.astype(jnp.int32), gates)
         return h
 
@@ -304,8 +354,15 @@ class RobertaForMaskedLM(nn.Module):
         self.roberta = RobertaModel(self.config)
         self.lm_head = LMHead(self.config)
 
-    def __call__(self, input_ids: Array, attention_mask: Array, mlm_positions: Array | None = None, *,
-                 deterministic: bool = True, gates: Gates | None = None) -> Array:
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        mlm_positions: Array | None = None,
+        *,
+        deterministic: bool = True,
+        gates: Gates | None = None,
+    ) -> Array:
         """Vocabulary logits [..., padded_vocab_size] at `mlm_positions` [batch, slots] only (all positions when
         None); the columns from vocab_size on are padding (see LMHead).
 
@@ -345,17 +402,26 @@ class ClassificationHead(nn.Module):
 
 class RobertaForSequenceClassification(nn.Module):
     """`unit_gates` (model/gates.py): fixed gates applied whenever the call passes none (a HAT task's units)."""
+
     config: ModelConfig
     num_labels: int
     unit_gates: UnitGates | None = None
 
     @nn.compact
-    def __call__(self, input_ids: Array, attention_mask: Array, *, deterministic: bool = True,
-                 gates: Gates | None = None, embedding_noise: Array | None = None) -> Array:
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        *,
+        deterministic: bool = True,
+        gates: Gates | None = None,
+        embedding_noise: Array | None = None,
+    ) -> Array:
         if gates is None and self.unit_gates is not None:
             gates = {k: jnp.asarray(v) for k, v in self.unit_gates.as_dict().items()}
-        h = RobertaModel(self.config, name="roberta")(input_ids, attention_mask, deterministic=deterministic,
-                                                       gates=gates, embedding_noise=embedding_noise)
+        h = RobertaModel(self.config, name="roberta")(
+            input_ids, attention_mask, deterministic=deterministic, gates=gates, embedding_noise=embedding_noise
+        )
         return ClassificationHead(self.config, self.num_labels, name="classifier")(h, deterministic, attention_mask)
 
 

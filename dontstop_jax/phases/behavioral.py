@@ -45,8 +45,10 @@ def intermediate_source(tasks: ConfigDict, task: str) -> str:
     if source == task or source not in tasks:
         others = sorted(t for t in tasks if t != task)
         fix = f"set it to one of {others}" if others else "the grid has no other task; add one or drop the variant"
-        raise UserError(f"tasks.{task}.intermediate_from={source!r}: the intermediate variants fine-tune on another "
-                        f"task of the grid before {task}; {fix}")
+        raise UserError(
+            f"tasks.{task}.intermediate_from={source!r}: the intermediate variants fine-tune on another "
+            f"task of the grid before {task}; {fix}"
+        )
     return source
 
 
@@ -64,8 +66,10 @@ def start_head(source: ModelSource, num_labels: int, fresh: bool) -> ModelSource
     if fresh and "classifier" in params:
         return dataclasses.replace(source, params={k: v for k, v in params.items() if k != "classifier"})
     if "classifier" in params and (found := np.shape(params["classifier"]["out_proj"]["bias"])[0]) != num_labels:
-        raise UserError(f"init {source.parent} has a classification head for {found} labels and this task has "
-                        f"{num_labels}; set train.fresh_head=True to start a new head (intermediate-task training)")
+        raise UserError(
+            f"init {source.parent} has a classification head for {found} labels and this task has "
+            f"{num_labels}; set train.fresh_head=True to start a new head (intermediate-task training)"
+        )
     return source
 
 
@@ -76,9 +80,11 @@ class Multitask:
     def __init__(self, cfg: ConfigDict, special: dict[str, int], vocab_size: int, epochs: int, steps_per_epoch: int):
         self.cfg, self.seed, self.on = cfg.multitask, cfg.seed, cfg.multitask.method != "none"
         if self.on and not HEADS[cfg.head].classifier:
-            raise UserError(f"multitask.method={cfg.multitask.method!r} trains a classifier head beside the MLM "
-                            f"head and head={cfg.head!r} has none; set head=classifier (a prompt fine-tune already "
-                            "trains through the MLM head)")
+            raise UserError(
+                f"multitask.method={cfg.multitask.method!r} trains a classifier head beside the MLM "
+                f"head and head={cfg.head!r} has none; set head=classifier (a prompt fine-tune already "
+                "trains through the MLM head)"
+            )
         self.special, self.vocab_size, self.steps_per_epoch = special, vocab_size, steps_per_epoch
         self.row_offset = jax.process_index() * (cfg.train.batch_size // jax.process_count())  # this host's rows
         self.gammas = mlm_weights(cfg.multitask, epochs) if self.on else None
@@ -89,12 +95,14 @@ class Multitask:
 
     def objective(self, regularizer: Regularizer | None) -> Objective:
         """The Trainer's objective: (model, params) -> (loss, no hooks); gamma per epoch is placed replicated."""
+
         def build(model, params):
             if not self.on:
                 return classification_loss_sums(model, regularizer), {}
             mesh = jax.tree_util.tree_leaves(params)[0].sharding.mesh
             gammas = jax.device_put(self.gammas, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
             return Fixed(auxiliary_mlm_loss_sums(model, regularizer, self.steps_per_epoch), gammas), {}
+
         return build
 
     def batches(self, batches: Iterator[dict], first_step: int) -> Iterator[dict]:
@@ -106,7 +114,12 @@ class Multitask:
             return
         for step, batch in enumerate(batches, first_step):
             rows = np.arange(self.row_offset, self.row_offset + len(batch["input_ids"]))
-            masked = mask_tokens(batch["input_ids"], row_keys(self.seed, MASK_STREAM, step, rows),
-                                 self.special, self.vocab_size, mask_prob=self.cfg.mask_prob)
+            masked = mask_tokens(
+                batch["input_ids"],
+                row_keys(self.seed, MASK_STREAM, step, rows),
+                self.special,
+                self.vocab_size,
+                mask_prob=self.cfg.mask_prob,
+            )
             masked["mlm_weights"] = masked["mlm_weights"] * batch["example_weights"][:, None]
             yield {**batch, MLM_KEYS[0]: masked["input_ids"], **{k: masked[k] for k in MLM_KEYS[1:]}}

@@ -1,14 +1,14 @@
 """Continual DAP-training: one model adapted to a sequence of domains, every seen end task scored after each.
 
-Methods (`METHODS`): `das` (Ke et al. 2023: soft-masked gradients + contrastive integration) and its
-ablations; the continual-learning baselines `ewc` (Fisher-weighted penalty, das/ewc.py), `derpp` (replay
-of past domains' text with their logits, das/replay.py) and `hat` (hard attention to the task, the
-parameter-isolation reference, das/hat.py); `demix` (DEMix domain experts: an FFN expert per domain); `ncl`
-(plain sequential DAPT, the naive continual learner); `one` and `adapter_one` (an independent full / adapter DAPT per domain from the base: no
-forgetting by construction, one model per domain) and `base` (no adaptation). A method is one `Method`: how a
-stage trains (a `Continual` stage method), where each stage starts, which stage's model a task is fine-tuned
-from and the phase fields it sets; the objectives and the state that carries from stage to stage (importance,
-Fisher, replay buffer, HAT masks) are built here, the training loop is always `pretrain`.
+Methods (`METHODS`): `das` (Ke et al. 2023: soft-masked gradients + contrastive integration) and its ablations; the
+continual-learning baselines `ewc` (Fisher-weighted penalty, das/ewc.py), `derpp` (replay of past domains' text with
+their logits, das/replay.py) and `hat` (hard attention to the task, the parameter-isolation reference, das/hat.py);
+`demix` (DEMix domain experts: an FFN expert per domain); `ncl` (plain sequential DAPT, the naive continual
+learner); `one` and `adapter_one` (an independent full / adapter DAPT per domain from the base: no forgetting by
+construction, one model per domain) and `base` (no adaptation). A method is one `Method`: how a stage trains (a
+`Continual` stage method), where each stage starts, which stage's model a task is fine-tuned from and the phase
+fields it sets; the objectives and the state that carries from stage to stage (importance, Fisher, replay buffer,
+HAT masks) are built here, the training loop is always `pretrain`.
 
 DAS stage t: the accumulated importance of the earlier stages (stage 1: general knowledge, measured on the
 base model with the KL proxy on domain 1's text) soft-masks training on domain t; afterwards the domain's
@@ -74,8 +74,14 @@ DOMAINS = "domain_importance.npz"  # ... max over the domains so far only (what 
 HAT_DOMAIN = "hat_domain_mask.npz"  # in every HAT stage's workdir: the units its domain used (mask at s_max)
 HAT_MASKS = "hat_mask.npz"  # ... max over the domains so far: what the next stage may not change
 # Everything but the FFNs (roberta/layers/intermediate, roberta/layers/output): what a DEMix stage holds fixed
-EXPERT_SHARED = ("roberta/embeddings", "lm_head", *(f"roberta/layers/{m}" for m in (
-    "query", "key", "value", "attention_output", "attention_LayerNorm", "output_LayerNorm")))
+EXPERT_SHARED = (
+    "roberta/embeddings",
+    "lm_head",
+    *(
+        f"roberta/layers/{m}"
+        for m in ("query", "key", "value", "attention_output", "attention_LayerNorm", "output_LayerNorm")
+    ),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +89,7 @@ class Stage:
     """One stage of a method: train on `domain`, the sequence's `index`th, from `parent` (a model); `earlier`:
     the method's models after the stages before (on `earlier_domains`); `sections`: the recipe's `das` and
     `dapt` with the method's fields set."""
+
     parent: str
     domain: str
     index: int
@@ -94,6 +101,7 @@ class Stage:
 @dataclasses.dataclass
 class _Loaded:
     """A masked-LM model of a phase, placed on a mesh for measuring (importance, probe losses)."""
+
     source: sources.ModelSource
     config: ModelConfig
     model: RobertaForMaskedLM
@@ -118,15 +126,19 @@ class Continual:
             raise UserError(f"unknown continual methods {unknown}; choose from {list(METHODS)}")
         for field, names in (("methods", list(cfg.methods)), ("sequence", list(cfg.sequence))):
             if not names or len(set(names)) < len(names):
-                raise UserError(f"{field}={names} must list distinct names, at least one (a method is a row of the "
-                                "table; a domain is visited once)")
+                raise UserError(
+                    f"{field}={names} must list distinct names, at least one (a method is a row of the "
+                    "table; a domain is visited once)"
+                )
         if missing := [d for d in cfg.sequence if d not in cfg.domains]:
             raise UserError(f"sequence names domains {missing} that are not in domains {sorted(cfg.domains)}")
         for name, task in cfg.tasks.items():
             check_metric(task.metric, f"tasks.{name}.metric")
             if task.domain not in cfg.sequence:
-                raise UserError(f"task {name} is in domain {task.domain!r}, which the sequence {list(cfg.sequence)} "
-                                "never visits; add the domain or drop the task")
+                raise UserError(
+                    f"task {name} is in domain {task.domain!r}, which the sequence {list(cfg.sequence)} "
+                    "never visits; add the domain or drop the task"
+                )
 
     def base(self) -> str:
         return base_model(self.cfg, self.root)
@@ -136,13 +148,15 @@ class Continual:
         sections = ConfigDict({"das": copy.deepcopy(self.cfg.das), "dapt": copy.deepcopy(self.cfg.dapt)})
         return config_loader.set_fields(sections, dict(METHODS[method].fields), context=f"method {method}: ")
 
-    def _adapt_phase(self, label: str, parent: str, domain: str, template: ConfigDict | None = None,
-                     **fields) -> ConfigDict:
+    def _adapt_phase(
+        self, label: str, parent: str, domain: str, template: ConfigDict | None = None, **fields
+    ) -> ConfigDict:
         """The dapt phase (or `template`) on `domain` from `parent`. `frozen` (held fixed by the Trainer) and a
         stage's objective and its section (`das=`, `ewc=`, ...) are set on it so that the fingerprint tells them."""
         fields = {"frozen": list(self.cfg.frozen), "data.sources": list(self.cfg.domains[domain]), **fields}
-        return phase_config(template or self.cfg.dapt, self.root / "pretrain", f"{label}-{domain}", init=parent,
-                            **fields)
+        return phase_config(
+            template or self.cfg.dapt, self.root / "pretrain", f"{label}-{domain}", init=parent, **fields
+        )
 
     def dapt_stage(self, stage: Stage) -> str:
         """Plain DAPT on the stage's domain (with the method's `dapt` fields, e.g. adapter_one's adapters)."""
@@ -151,8 +165,9 @@ class Continual:
 
     def expert_stage(self, stage: Stage) -> str:
         """DEMix: DAPT of the FFNs only, everything else (`EXPERT_SHARED`) held fixed."""
-        return self._dapt(stage.parent, stage.domain, stage.sections.dapt, "demix",
-                          frozen=[*self.cfg.frozen, *EXPERT_SHARED])
+        return self._dapt(
+            stage.parent, stage.domain, stage.sections.dapt, "demix", frozen=[*self.cfg.frozen, *EXPERT_SHARED]
+        )
 
     def das_stage(self, stage: Stage) -> str:
         """Train on the domain under the importance accumulated so far; then add this domain's importance.
@@ -162,16 +177,18 @@ class Continual:
         das, parent, index = stage.sections.das, stage.parent, stage.index
         phase = self._adapt_phase("das", parent, stage.domain, objective="das", das=das)
         workdir = files.path(phase.workdir)
-        shuffle = ((lambda imp, k: importance.shuffled(imp, (phase.seed, index, k))) if das.random
-                   else (lambda imp, k: imp))
+        shuffle = (
+            (lambda imp, k: importance.shuffled(imp, (phase.seed, index, k))) if das.random else (lambda imp, k: imp)
+        )
         past: importance.Importance | None
         domains: importance.Importance | None
         if index > 0:
             past, domains = (importance.load(files.path(parent) / name) for name in (ACCUMULATED, DOMAINS))
         else:
             domains = None
-            general = lambda: shuffle(self.importance(parent, phase, importance.kl_loss,
-                                                      dropout=self.cfg.das.importance_dropout), 0)
+            general = lambda: shuffle(
+                self.importance(parent, phase, importance.kl_loss, dropout=self.cfg.das.importance_dropout), 0
+            )
             past = self._importance_file(workdir / GENERAL, general) if das.general else None
         contrast = past if das.contrast == "all" else domains
         pretrain(phase, objective=das_objective(past, contrast, das.contrastive_weight, das.temperature))
@@ -183,10 +200,18 @@ class Continual:
     def _regularised(self, stage: Stage, objective: str) -> tuple[ConfigDict, Callable[[], Iterator]]:
         """The stage's phase under `objective` (with the recipe's section of that name), and (when called) each
         earlier stage's model loaded beside a probe phase on its domain's text."""
-        phase = self._adapt_phase(objective, stage.parent, stage.domain, objective=objective, das=stage.sections.das,
-                                  **{objective: self.cfg[objective]})
-        return phase, lambda: ((self._load(m, phase), self._adapt_phase("probe", m, d))
-                               for m, d in zip(stage.earlier, stage.earlier_domains))
+        phase = self._adapt_phase(
+            objective,
+            stage.parent,
+            stage.domain,
+            objective=objective,
+            das=stage.sections.das,
+            **{objective: self.cfg[objective]},
+        )
+        return phase, lambda: (
+            (self._load(m, phase), self._adapt_phase("probe", m, d))
+            for m, d in zip(stage.earlier, stage.earlier_domains)
+        )
 
     def ewc_stage(self, stage: Stage) -> str:
         """EWC: the penalty's Fisher is measured from the earlier stages' models on their domains' text
@@ -196,9 +221,12 @@ class Continual:
         phase, models = self._regularised(stage, "ewc")
 
         def past(params):
-            fishers = [ewc.fisher(m.model, m.params, self._sample(m, probe, phase.seed), m.mesh, m.rules)
-                       for m, probe in models()]
+            fishers = [
+                ewc.fisher(m.model, m.params, self._sample(m, probe, phase.seed), m.mesh, m.rules)
+                for m, probe in models()
+            ]
             return _like(self._load(stage.parent, phase).params, params), _like(ewc.mean(fishers), params)
+
         pretrain(phase, objective=ewc_objective(past, self.cfg.ewc.lam))
         return phase.workdir
 
@@ -210,13 +238,20 @@ class Continual:
         phase, models = self._regularised(stage, "derpp")
         section = self.cfg.derpp
         if section.batch_size is not None:
-            check_batch_size(section.batch_size, make_mesh(phase.mesh.shape, dcn_shape=phase.mesh.dcn_shape),
-                             "derpp.batch_size")
+            check_batch_size(
+                section.batch_size, make_mesh(phase.mesh.shape, dcn_shape=phase.mesh.dcn_shape), "derpp.batch_size"
+            )
         batches = math.ceil(section.buffer_size / stage.sections.das.importance_batch_size)
 
         def buffer(params):
-            return replay.fill([replay.record(m.model, m.params, self._sample(m, probe, phase.seed, batches), m.mesh,
-                                              m.rules) for m, probe in models()], section.buffer_size)
+            return replay.fill(
+                [
+                    replay.record(m.model, m.params, self._sample(m, probe, phase.seed, batches), m.mesh, m.rules)
+                    for m, probe in models()
+                ],
+                section.buffer_size,
+            )
+
         pretrain(phase, objective=derpp_objective(buffer, section.alpha, section.beta, section.batch_size))
         return phase.workdir
 
@@ -226,11 +261,16 @@ class Continual:
         section, index = self.cfg.hat, stage.index
         phase = self._adapt_phase("hat", stage.parent, stage.domain, objective="hat", hat=section)
         if phase.train.steps is None:
-            raise UserError("hat anneals its gate slope over a stage's steps, so it needs dapt.train.steps (a number "
-                            "of steps rather than epochs); set --config.dapt.train.steps")
+            raise UserError(
+                "hat anneals its gate slope over a stage's steps, so it needs dapt.train.steps (a number "
+                "of steps rather than epochs); set --config.dapt.train.steps"
+            )
         past = importance.load(files.path(stage.parent) / HAT_MASKS) if index > 0 else None
-        pretrain(phase, objective=hat.hat_objective(index, past, section.c, section.s_max, phase.train.steps),
-                 module=functools.partial(hat.HatMaskedLM, domain=index))
+        pretrain(
+            phase,
+            objective=hat.hat_objective(index, past, section.c, section.s_max, phase.train.steps),
+            module=functools.partial(hat.HatMaskedLM, domain=index),
+        )
         workdir = files.path(phase.workdir)
         own = functools.cache(lambda: hat.final_masks(sources.resolve(phase.workdir).params, index, section.s_max))
         self._importance_file(workdir / HAT_DOMAIN, own)
@@ -248,6 +288,7 @@ class Continual:
         def save():
             path.parent.mkdir(parents=True, exist_ok=True)
             importance.save(path, value)
+
         on_first_process(f"importance {path}", save)
         return value
 
@@ -282,18 +323,35 @@ class Continual:
     def _sample(self, loaded: _Loaded, phase: ConfigDict, seed: int, batches: int | None = None):
         """`batches` (default das.importance_batches) MLM batches of `phase`'s corpus."""
         tokenizer = load_tokenizer(loaded.source.tokenizer_dir)
-        loader = MLMLoader(prepare(phase, loaded.source), self.cfg.das.importance_batch_size, seed,
-                           special_ids(tokenizer), vocab_size=len(tokenizer), mask_prob=phase.data.mask_prob,
-                           process_index=jax.process_index(), process_count=jax.process_count(), prefetch=0)
+        loader = MLMLoader(
+            prepare(phase, loaded.source),
+            self.cfg.das.importance_batch_size,
+            seed,
+            special_ids(tokenizer),
+            vocab_size=len(tokenizer),
+            mask_prob=phase.data.mask_prob,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            prefetch=0,
+        )
         return itertools.islice(loader, batches or self.cfg.das.importance_batches)
-    def importance(self, init: str, phase: ConfigDict, proxy: Callable[[nn.Module], Callable],
-                   dropout: float | None = None) -> importance.Importance:
+
+    def importance(
+        self, init: str, phase: ConfigDict, proxy: Callable[[nn.Module], Callable], dropout: float | None = None
+    ) -> importance.Importance:
         """Normalised importance of `init`'s units on `phase`'s corpus by `proxy`: importance.kl_loss (general
         knowledge, with `dropout`) or importance.mlm_loss (the domain's)."""
         loaded = self._load(init, phase, dropout)
         loss = proxy(loaded.model)
-        raw = importance.measure(loss, loaded.config, loaded.params, self._sample(loaded, phase, phase.seed),
-                                 loaded.mesh, loaded.rules, seed=phase.seed)
+        raw = importance.measure(
+            loss,
+            loaded.config,
+            loaded.params,
+            self._sample(loaded, phase, phase.seed),
+            loaded.mesh,
+            loaded.rules,
+            seed=phase.seed,
+        )
         return importance.normalize(raw)
 
     def domain_losses(self, inits: list[str], domains: list[str]) -> np.ndarray:
@@ -303,8 +361,9 @@ class Continual:
         for i, init in enumerate(inits):
             loaded = self._load(init, self.cfg.dapt)
             if step is None:
-                step = compile_eval_step(make_eval_step(mlm_loss_sums(loaded.model)), loaded.param_shardings,
-                                         loaded.mesh, loaded.rules)
+                step = compile_eval_step(
+                    make_eval_step(mlm_loss_sums(loaded.model)), loaded.param_shardings, loaded.mesh, loaded.rules
+                )
             for j, domain in enumerate(domains):
                 batches = self._sample(loaded, self._adapt_phase("probe", init, domain), seed=12345)
                 sums = [jax.device_get(step(loaded.params, to_global(b, loaded.mesh))) for b in batches]
@@ -323,8 +382,13 @@ class Continual:
                 for task, spec in self.cfg.tasks.items():
                     k = seq.index(spec.domain)
                     if stage >= k:
-                        records += self._scores(method, stage, task, models[k if how.own else stage],
-                                                unit_gates=f"{models[k]}/{how.gates}" if how.gates else "")
+                        records += self._scores(
+                            method,
+                            stage,
+                            task,
+                            models[k if how.own else stage],
+                            unit_gates=f"{models[k]}/{how.gates}" if how.gates else "",
+                        )
                     if stage == k - 1:
                         records += self._scores(method, stage, task, before[k], when="before")
         for task in self.cfg.tasks:
@@ -334,22 +398,44 @@ class Continual:
         def write() -> None:
             write_text(self.root / "continual.md", table.to_markdown())
             write_json(self.root / "continual.json", {**table.to_json(), "records": records})
+
         on_first_process("write continual.json", write)
         return table
 
-    def _scores(self, method: str, stage: int, task: str, init: str, when: str = "after",
-                unit_gates: str = "") -> list[dict]:
+    def _scores(
+        self, method: str, stage: int, task: str, init: str, when: str = "after", unit_gates: str = ""
+    ) -> list[dict]:
         """One record per seed: `task` fine-tuned from `init` (under `unit_gates`, a HAT domain's mask) and scored
         on its test split. when: "after" (the stage learned the task's domain or an earlier one), "before" (the
         task's domain is next) or "base"."""
         spec, records = self.cfg.tasks[task], []
         for seed in self.cfg.seeds:
-            result = finetune(phase_config(self.cfg.finetune, self.root / "finetune", f"{task}-s{seed}", init=init,
-                                     seed=seed, unit_gates=unit_gates,
-                                     **{"task.path": spec.path, "train.metric": spec.metric,
-                                        "task.text_field": spec.text_field, "task.label_field": spec.label_field}))
-            records.append({"method": method, "stage": stage, "task": task, "seed": seed, "when": when,
-                            "score": result["test"][spec.metric]})
+            result = finetune(
+                phase_config(
+                    self.cfg.finetune,
+                    self.root / "finetune",
+                    f"{task}-s{seed}",
+                    init=init,
+                    seed=seed,
+                    unit_gates=unit_gates,
+                    **{
+                        "task.path": spec.path,
+                        "train.metric": spec.metric,
+                        "task.text_field": spec.text_field,
+                        "task.label_field": spec.label_field,
+                    },
+                )
+            )
+            records.append(
+                {
+                    "method": method,
+                    "stage": stage,
+                    "task": task,
+                    "seed": seed,
+                    "when": when,
+                    "score": result["test"][spec.metric],
+                }
+            )
         return records
 
 
@@ -360,6 +446,7 @@ class Method:
     from the previous stage's model, else from the base; `own`: a task is fine-tuned from its domain's stage
     whatever came after, else from the latest; `gates`: the file in that stage's workdir a task is fine-tuned
     and scored under (`unit_gates`); `fields`: what it changes in the recipe's `das` and `dapt` sections."""
+
     train: Callable[[Continual, Stage], str] | None
     chained: bool = True
     own: bool = False
@@ -367,36 +454,54 @@ class Method:
     fields: tuple[tuple[str, Any], ...] = ()
 
 
-METHODS: dict[str, Method] = registry(CONTINUAL_METHODS, {
-    "das": Method(Continual.das_stage),
-    "ewc": Method(Continual.ewc_stage),
-    "derpp": Method(Continual.derpp_stage),
-    "das_no_general": Method(Continual.das_stage, fields=(("das.general", False),)),
-    "das_no_contrast": Method(Continual.das_stage, fields=(("das.contrastive_weight", 0.0),)),
-    "das_past_contrast": Method(Continual.das_stage, fields=(("das.contrast", "past"),)),
-    "das_random": Method(Continual.das_stage, fields=(("das.random", True),)),
-    "hat": Method(Continual.hat_stage, gates=HAT_DOMAIN),
-    "demix": Method(Continual.expert_stage, own=True),
-    "ncl": Method(Continual.dapt_stage),
-    "one": Method(Continual.dapt_stage, chained=False, own=True),
-    # Houlsby adapters, as in DAS's Adapter-ONE baseline (an adapter per domain on a frozen base)
-    "adapter_one": Method(Continual.dapt_stage, chained=False, own=True, fields=(("dapt.peft.method", "houlsby"),)),
-    "base": Method(None),
-})
+METHODS: dict[str, Method] = registry(
+    CONTINUAL_METHODS,
+    {
+        "das": Method(Continual.das_stage),
+        "ewc": Method(Continual.ewc_stage),
+        "derpp": Method(Continual.derpp_stage),
+        "das_no_general": Method(Continual.das_stage, fields=(("das.general", False),)),
+        "das_no_contrast": Method(Continual.das_stage, fields=(("das.contrastive_weight", 0.0),)),
+        "das_past_contrast": Method(Continual.das_stage, fields=(("das.contrast", "past"),)),
+        "das_random": Method(Continual.das_stage, fields=(("das.random", True),)),
+        "hat": Method(Continual.hat_stage, gates=HAT_DOMAIN),
+        "demix": Method(Continual.expert_stage, own=True),
+        "ncl": Method(Continual.dapt_stage),
+        "one": Method(Continual.dapt_stage, chained=False, own=True),
+        # Houlsby adapters, as in DAS's Adapter-ONE baseline (an adapter per domain on a frozen base)
+        "adapter_one": Method(Continual.dapt_stage, chained=False, own=True, fields=(("dapt.peft.method", "houlsby"),)),
+        "base": Method(None),
+    },
+)
 
 
 def synthetic_config(scale: str = "default") -> ConfigDict:
     """The synthetic demo's models and schedules (phases/synthetic.py) over three domains, one task each."""
     from dontstop_jax.phases.synthetic import get_config
+
     demo, run, domains = get_config(scale), f"runs/continual-{scale}", ("bio", "cs", "news")
-    cfg = ConfigDict(dict(
-        workdir=run, base="", seeds=demo.seeds[:1] if scale == "tiny" else list(demo.seeds),
-        synthetic=demo.synthetic, domains={}, tasks={}, sequence=list(domains), methods=list(METHODS),
-        base_pretrain=demo.base_pretrain, dapt=demo.dapt, finetune=demo.finetune,
-        # Parameter paths held fixed in every adaptation stage (e.g. ["lm_head", "roberta/embeddings"], which DAS
-        # does not mask), so that forgetting happens where DAS acts.
-        frozen=[],
-        das=das_config(), ewc=ewc_config(), derpp=derpp_config(), hat=hat_config()))
+    cfg = ConfigDict(
+        dict(
+            workdir=run,
+            base="",
+            seeds=demo.seeds[:1] if scale == "tiny" else list(demo.seeds),
+            synthetic=demo.synthetic,
+            domains={},
+            tasks={},
+            sequence=list(domains),
+            methods=list(METHODS),
+            base_pretrain=demo.base_pretrain,
+            dapt=demo.dapt,
+            finetune=demo.finetune,
+            # Parameter paths held fixed in every adaptation stage (e.g. ["lm_head", "roberta/embeddings"], which DAS
+            # does not mask), so that forgetting happens where DAS acts.
+            frozen=[],
+            das=das_config(),
+            ewc=ewc_config(),
+            derpp=derpp_config(),
+            hat=hat_config(),
+        )
+    )
     cfg.synthetic.update(domains=domains, task_domains=domains)  # the benchmark goes to WORKDIR/benchmark
     if scale == "tiny":  # a smoke run: DAS and its three references (every method: --config.methods=...)
         cfg.das.importance_batches = 4

@@ -24,8 +24,10 @@ def _load(workdir: str, step: int | None) -> tuple[dict, ModelConfig, dict]:
     latest) or, if that one is damaged, the newest readable step."""
     directory = phase_checkpoints(files.path(workdir))
     if directory is None:
-        raise UserError(f"--from={workdir!r} is not a phase workdir (it has no checkpoints/); pass the workdir of "
-                        "a finished pretrain or finetune run")
+        raise UserError(
+            f"--from={workdir!r} is not a phase workdir (it has no checkpoints/); pass the workdir of "
+            "a finished pretrain or finetune run"
+        )
     done = require_finished(directory.parent, "--from") if step is None else finished(directory.parent) or {}
     first = done.get("best_step") if step is None else None
     _, meta, params = Checkpointer(directory, read_only=True).read(step, first=first)
@@ -43,14 +45,28 @@ def export(workdir: str, out_dir: str, step: int | None = None) -> files.Path:
     cfg, params = merge_lora(cfg, params)
     params = gates.fold(params, gates.recorded(meta, cfg))  # a gated fine-tune's (HAT) unit gates
     if cfg.adapter != "none" or (cfg.pooling != "cls" and meta.get("head") == "classification"):
-        raise UserError(f"{workdir} has {cfg.adapter} adapters or {cfg.pooling} pooling, which a Hugging Face "
-                        "RoBERTa cannot hold; export the adapter file instead (`dontstop export --peft-only`)")
-    on_first_process("export", lambda: save_pretrained(out_dir, cfg, params, meta.get("head", "mlm"),
-                                                       tokenizer_dir=meta["tokenizer_dir"],
-                                                       label_names=meta.get("label_names")))
+        raise UserError(
+            f"{workdir} has {cfg.adapter} adapters or {cfg.pooling} pooling, which a Hugging Face "
+            "RoBERTa cannot hold; export the adapter file instead (`dontstop export --peft-only`)"
+        )
+    on_first_process(
+        "export",
+        lambda: save_pretrained(
+            out_dir,
+            cfg,
+            params,
+            meta.get("head", "mlm"),
+            tokenizer_dir=meta["tokenizer_dir"],
+            label_names=meta.get("label_names"),
+        ),
+    )
     if "prompt" in meta:  # a prompt-based fine-tune is its MLM plus how to read it (engine/prompt.py)
-        on_first_process("export_prompt", lambda: write_json(files.path(out_dir) / PROMPT_FILE, {
-            **meta["prompt"], "label_names": meta["label_names"]}))
+        on_first_process(
+            "export_prompt",
+            lambda: write_json(
+                files.path(out_dir) / PROMPT_FILE, {**meta["prompt"], "label_names": meta["label_names"]}
+            ),
+        )
     return files.path(out_dir)
 
 
@@ -62,8 +78,10 @@ def export_delta(workdir: str, out_file: str, step: int | None = None) -> files.
     peft = meta["config"].get("peft", default_peft_config().to_dict())
     adaptation = Adaptation.from_config(ConfigDict(peft), cfg)
     if adaptation.method in ("full", "top_k"):
-        raise UserError(f"{workdir} trained with peft.method={adaptation.method}, which changes whole encoder "
-                        "weights; export the full model instead (without --peft-only)")
+        raise UserError(
+            f"{workdir} trained with peft.method={adaptation.method}, which changes whole encoder "
+            "weights; export the full model instead (without --peft-only)"
+        )
     if files.path(out_file).is_dir():
         raise UserError(f"{out_file} is a directory; --peft-only writes one file, e.g. out/peft.safetensors")
     on_first_process("export_delta", lambda: save_delta(out_file, params, adaptation.trainable(params), cfg))

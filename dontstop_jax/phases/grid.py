@@ -113,12 +113,16 @@ class Grid:
         for name, task in cfg.tasks.items():
             check_metric(task.metric, f"tasks.{name}.metric")
             if task.domain not in cfg.domains:
-                raise UserError(f"task {name} names domain {task.domain!r}, which is not in grid.domains "
-                                f"{sorted(cfg.domains)}; add its corpus or fix the name")
+                raise UserError(
+                    f"task {name} names domain {task.domain!r}, which is not in grid.domains "
+                    f"{sorted(cfg.domains)}; add its corpus or fix the name"
+                )
         links = {v.link for v in chosen}
         for name, task in cfg.tasks.items():
-            for link, check in (("transfer_from", self.transfer_source),
-                                ("intermediate_from", lambda t: intermediate_source(cfg.tasks, t))):
+            for link, check in (
+                ("transfer_from", self.transfer_source),
+                ("intermediate_from", lambda t: intermediate_source(cfg.tasks, t)),
+            ):
                 if link in links or task.get(link):
                     check(name)
         self._embeds: dict[str, reference.Embed] = {}
@@ -128,10 +132,13 @@ class Grid:
         spec, source = self.cfg.tasks[task], self.cfg.tasks[task].get("transfer_from") or ""
         if source == task or source not in self.cfg.tasks or self.cfg.tasks[source].domain != spec.domain:
             others = sorted(t for t, s in self.cfg.tasks.items() if s.domain == spec.domain and t != task)
-            raise UserError(f"tasks.{task}.transfer_from={source!r}: transfer_tapt needs another task of {task}'s "
-                            f"domain {spec.domain!r}; set it to one of {others}" if others else
-                            f"tasks.{task}.transfer_from={source!r}: transfer_tapt needs another task of {task}'s "
-                            f"domain {spec.domain!r}, and the grid has none; add one or drop transfer_tapt")
+            raise UserError(
+                f"tasks.{task}.transfer_from={source!r}: transfer_tapt needs another task of {task}'s "
+                f"domain {spec.domain!r}; set it to one of {others}"
+                if others
+                else f"tasks.{task}.transfer_from={source!r}: transfer_tapt needs another task of {task}'s "
+                f"domain {spec.domain!r}, and the grid has none; add one or drop transfer_tapt"
+            )
         return source
 
     def train_sizes(self) -> list[Size]:
@@ -154,20 +161,32 @@ class Grid:
         return base_model(self.cfg, self.root)
 
     def dapt(self, parent: str, domain: str) -> str:
-        phase = phase_config(self.cfg.dapt, self.root / "pretrain", f"dapt-{domain}", init=parent,
-                       **{"data.sources": list(self.cfg.domains[domain])})
+        phase = phase_config(
+            self.cfg.dapt,
+            self.root / "pretrain",
+            f"dapt-{domain}",
+            init=parent,
+            **{"data.sources": list(self.cfg.domains[domain])},
+        )
         pretrain(phase)
         return phase.workdir
 
     def tapt(self, parent: str, task: str, selection: str | None = None) -> str:
         """TAPT on the task's unlabeled text, plus the documents of a selection variant if one is named."""
         spec = self.cfg.tasks[task]
-        sources = [s.path for s in load_task(spec.path, text_field=spec.text_field,
-                                             label_field=spec.label_field).tapt_sources]
+        sources = [
+            s.path for s in load_task(spec.path, text_field=spec.text_field, label_field=spec.label_field).tapt_sources
+        ]
         if selection:
             sources.append(selected_corpus(self.selection(task, selection)))
-        phase = phase_config(self.cfg.tapt, self.root / "pretrain", "-".join(filter(None, ["tapt", task, selection])),
-                       init=parent, **{"data.sources": sources}, **self.task_overrides(task, "tapt"))
+        phase = phase_config(
+            self.cfg.tapt,
+            self.root / "pretrain",
+            "-".join(filter(None, ["tapt", task, selection])),
+            init=parent,
+            **{"data.sources": sources},
+            **self.task_overrides(task, "tapt"),
+        )
         pretrain(phase)
         return phase.workdir
 
@@ -176,10 +195,15 @@ class Grid:
         spec, plan = self.cfg.tasks[task], VARIANTS[variant].selection
         assert plan is not None, f"{variant} is not a selection variant"
         size = {"k": plan["k"]} if "k" in plan else {"n_from": self.selection(task, plan["size_of"])}
-        phase = phase_config(self.cfg.select, self.root / "select", f"select-{task}-{variant}", method=plan["method"],
-                       sources=list(self.cfg.domains[spec.domain]), **size,
-                       **{"task.path": spec.path, "task.text_field": spec.text_field,
-                          "task.label_field": spec.label_field})
+        phase = phase_config(
+            self.cfg.select,
+            self.root / "select",
+            f"select-{task}-{variant}",
+            method=plan["method"],
+            sources=list(self.cfg.domains[spec.domain]),
+            **size,
+            **{"task.path": spec.path, "task.text_field": spec.text_field, "task.label_field": spec.label_field},
+        )
         select(phase)
         return phase.workdir
 
@@ -194,37 +218,72 @@ class Grid:
         """DAPT on the task's irrelevant domain (the paper's control)."""
         other = self.cfg.tasks[task].irrelevant_domain
         if other not in self.cfg.domains or other == self.cfg.tasks[task].domain:
-            raise UserError(f"not_dapt for task {task} needs tasks.{task}.irrelevant_domain to name another "
-                            f"domain of {sorted(self.cfg.domains)}")
+            raise UserError(
+                f"not_dapt for task {task} needs tasks.{task}.irrelevant_domain to name another "
+                f"domain of {sorted(self.cfg.domains)}"
+            )
         return self.dapt(base, other)
 
     def intermediate(self, task: str, start: str, base: str) -> str:
         """The workdir of the intermediate task's fine-tune for target `task` (phases/behavioral.py): fully
         fine-tuned on all its train set from `start`'s start point of the target, with the grid's first seed."""
         source = intermediate_source(self.cfg.tasks, task)
-        phase = self.finetune_phase(source, intermediate_label(start, task), self.start_point(start, task, base),
-                                    self.cfg.seeds[0])
+        phase = self.finetune_phase(
+            source, intermediate_label(start, task), self.start_point(start, task, base), self.cfg.seeds[0]
+        )
         finetune(phase)
         return phase.workdir
 
-    def finetune_phase(self, task: str, variant: str, init: str, seed: int, size: Size = ALL,
-                       method: str = "full", head: str = "classifier", early: list[float] | None = None,
-                       fields: tuple[tuple[str, Any], ...] = ()) -> ConfigDict:
+    def finetune_phase(
+        self,
+        task: str,
+        variant: str,
+        init: str,
+        seed: int,
+        size: Size = ALL,
+        method: str = "full",
+        head: str = "classifier",
+        early: list[float] | None = None,
+        fields: tuple[tuple[str, Any], ...] = (),
+    ) -> ConfigDict:
         """The fine-tuning phase of one grid row (task, variant, train size or shots, method, head) and seed;
         `early`: the early dev scores of the row's seeds run before it (seed discarding); `fields`: the
         variant's own (`Variant.fields`)."""
         spec, shots = self.cfg.tasks[task], bool(self.cfg.get("shots"))
-        per_task = {"task.path": spec.path, "train.metric": spec.metric, "task.text_field": spec.text_field,
-                    "task.label_field": spec.label_field}
+        per_task = {
+            "task.path": spec.path,
+            "train.metric": spec.metric,
+            "task.text_field": spec.text_field,
+            "task.label_field": spec.label_field,
+        }
         if spec.get("epochs"):
             per_task["train.epochs"] = spec.epochs
         draw = {"task.shots": size} if shots and size != ALL else {"task.train_size": 0 if size == ALL else size}
-        name = "-".join([task, _row(variant, method, head).replace("/", "-"),
-                         *([] if size == ALL else [f"{'k' if shots else 'n'}{size}"]), f"s{seed}"])
-        return phase_config(self.cfg.finetune, self.root / "finetune", name, init=init, seed=seed,
-                      **{**per_task, **draw, "head": head, **self.task_overrides(task, "finetune"),
-                         **self.method_overrides(method), "peft.method": self.peft_method(method),
-                         **self.discard(early or []), **dict(fields)})
+        name = "-".join(
+            [
+                task,
+                _row(variant, method, head).replace("/", "-"),
+                *([] if size == ALL else [f"{'k' if shots else 'n'}{size}"]),
+                f"s{seed}",
+            ]
+        )
+        return phase_config(
+            self.cfg.finetune,
+            self.root / "finetune",
+            name,
+            init=init,
+            seed=seed,
+            **{
+                **per_task,
+                **draw,
+                "head": head,
+                **self.task_overrides(task, "finetune"),
+                **self.method_overrides(method),
+                "peft.method": self.peft_method(method),
+                **self.discard(early or []),
+                **dict(fields),
+            },
+        )
 
     def methods(self) -> list[str]:
         """The grid's `methods` dimension; default: finetune.peft's. An entry is a PEFT method (full, lora, ...)
@@ -259,13 +318,16 @@ class Grid:
             fields = {}
             for key, value in part.items():
                 if not isinstance(template, ConfigDict) or key not in template:
-                    raise UserError(f"method_overrides.{method} sets {prefix + key!r}, which is not a fine-tuning "
-                                    "config field (see configs/finetune.py)")
+                    raise UserError(
+                        f"method_overrides.{method} sets {prefix + key!r}, which is not a fine-tuning "
+                        "config field (see configs/finetune.py)"
+                    )
                 if isinstance(value, (dict, ConfigDict)) and isinstance(template[key], ConfigDict):
                     fields.update(flatten(value, template[key], f"{prefix}{key}."))
                 else:
                     fields[prefix + key] = value
             return fields
+
         return flatten(overrides.get(method) or {}, self.cfg.finetune, "")
 
     def task_overrides(self, task: str, phase: str) -> dict[str, Any]:
@@ -281,8 +343,10 @@ class Grid:
         if not rule or not rule.fraction:
             return {}
         best = sorted(early, reverse=True)
-        return {"train.discard_fraction": rule.fraction,
-                "train.discard_below": best[rule.keep - 1] if len(best) >= rule.keep else None}
+        return {
+            "train.discard_fraction": rule.fraction,
+            "train.discard_below": best[rule.keep - 1] if len(best) >= rule.keep else None,
+        }
 
     def static_vectors(self, base: str) -> reference.Embed:
         """The base model's input embeddings averaged over a text's tokens (the static word vectors reference)."""
@@ -300,10 +364,18 @@ class Grid:
         references' settings."""
         spec, shots = self.cfg.tasks[task], bool(self.cfg.get("shots"))
         sized = {} if size == ALL else {"train_size": size, "draw": draw, **({"shots": size} if shots else {})}
-        key = {"path": spec.path, "text_field": spec.text_field, "label_field": spec.label_field,
-               "max_words": reference.MAX_WORDS, "steps": reference.STEPS, "base": base, **sized}
-        where, found = decide(f"look for the references of {task}", lambda: self._references_file(task, key),
-                              timeout=600)  # every host computes them, or none
+        key = {
+            "path": spec.path,
+            "text_field": spec.text_field,
+            "label_field": spec.label_field,
+            "max_words": reference.MAX_WORDS,
+            "steps": reference.STEPS,
+            "base": base,
+            **sized,
+        }
+        where, found = decide(
+            f"look for the references of {task}", lambda: self._references_file(task, key), timeout=600
+        )  # every host computes them, or none
         path = files.path(where)
         if found:
             return read_json(path)["references"]
@@ -312,9 +384,10 @@ class Grid:
         if size != ALL:
             assert isinstance(size, int) and draw is not None  # a numbered size has its draw
             data = (with_shots if shots else with_train_size)(data, size, draw)
-        references = [{"task": task, **sized, "train_examples": len(data.splits["train"][0]), **ref}
-                      for ref in reference.task_references(data.splits, len(data.label_names),
-                                                           self.static_vectors(base))]
+        references = [
+            {"task": task, **sized, "train_examples": len(data.splits["train"][0]), **ref}
+            for ref in reference.task_references(data.splits, len(data.label_names), self.static_vectors(base))
+        ]
         on_first_process(f"write {path}", lambda: write_json(path, {"references": references}))
         return references
 
@@ -336,11 +409,16 @@ class Grid:
         references, sizes, shots = [], self.train_sizes(), bool(self.cfg.get("shots"))
         for task, spec in self.cfg.tasks.items():
             # (size, draw) -> the task's references; the majority class's dev score flags a fine-tune of that draw
-            task_refs = {(size, draw): self.references(task, base, size, draw)
-                         for size in sizes for draw in ([None] if size == ALL else self.cfg.seeds)}
+            task_refs = {
+                (size, draw): self.references(task, base, size, draw)
+                for size in sizes
+                for draw in ([None] if size == ALL else self.cfg.seeds)
+            }
             references += [ref for refs in task_refs.values() for ref in refs]
-            majority_dev = {k: next(r for r in refs if r["reference"] == reference.MAJORITY)["dev"][spec.metric]
-                            for k, refs in task_refs.items()}
+            majority_dev = {
+                k: next(r for r in refs if r["reference"] == reference.MAJORITY)["dev"][spec.metric]
+                for k, refs in task_refs.items()
+            }
             for variant in self.cfg.variants:
                 init = self.start_point(variant, task, base)
                 for size, method, head in ((s, m, h) for s in sizes for m in self.methods() for h in self.heads()):
@@ -348,18 +426,31 @@ class Grid:
                     early: list[float] = []
                     sized = {} if size == ALL else {"train_size": size, **({"shots": size} if shots else {})}
                     for seed in self.cfg.seeds:
-                        result = finetune(self.finetune_phase(task, variant, init, seed, size, method, head, early,
-                                                              VARIANTS[variant].fields))
+                        result = finetune(
+                            self.finetune_phase(
+                                task, variant, init, seed, size, method, head, early, VARIANTS[variant].fields
+                            )
+                        )
                         if result.get("early_dev") is not None:
                             early.append(result["early_dev"])
-                        records.append({"task": task, "variant": label, **sized, "seed": seed,
-                                        "metrics": result["test"], "discarded": result.get("discarded", False),
-                                        "dev_at_majority": reference.at_majority_level(
-                                            result["dev"][spec.metric],
-                                            majority_dev[(size, None if size == ALL else seed)]),
-                                        "extras": {
-                                            k: result[k] for k in ("trainable_params", "seconds_per_epoch")
-                                            if result.get(k) is not None}})
+                        records.append(
+                            {
+                                "task": task,
+                                "variant": label,
+                                **sized,
+                                "seed": seed,
+                                "metrics": result["test"],
+                                "discarded": result.get("discarded", False),
+                                "dev_at_majority": reference.at_majority_level(
+                                    result["dev"][spec.metric], majority_dev[(size, None if size == ALL else seed)]
+                                ),
+                                "extras": {
+                                    k: result[k]
+                                    for k in ("trainable_params", "seconds_per_epoch")
+                                    if result.get(k) is not None
+                                },
+                            }
+                        )
         order = [_row(v, m, h) for v in self.cfg.variants for m in self.methods() for h in self.heads()]
         metric_by_task = {t: s.metric for t, s in self.cfg.tasks.items()}
         tables = by_size(records, references, metric_by_task, order, sizes)
@@ -386,6 +477,7 @@ class Variant:
     variant's `select` phase, its method and k or (rand/dsir) the variant whose size it matches; `link`: the task
     field naming another task it needs (checked for every task when it is chosen); `paper`: one of the paper's
     Table 5 rows, a grid's default."""
+
     start: Callable[[Grid, str, str], str]
     fields: tuple[tuple[str, Any], ...] = ()
     selection: dict[str, Any] | None = None
@@ -400,8 +492,11 @@ def _selection(variant: str, **plan: Any) -> Variant:
 
 def _intermediate(start: str) -> Variant:
     """STILTs from `start`'s start point (phases/behavioral.py): the target fine-tuned with a fresh head."""
-    return Variant(lambda grid, task, base: grid.intermediate(task, start, base), (("train.fresh_head", True),),
-                   link="intermediate_from")
+    return Variant(
+        lambda grid, task, base: grid.intermediate(task, start, base),
+        (("train.fresh_head", True),),
+        link="intermediate_from",
+    )
 
 
 def _multitask(start: str) -> Variant:
@@ -409,24 +504,28 @@ def _multitask(start: str) -> Variant:
     return Variant(lambda grid, task, base: grid.start_point(start, task, base), (("multitask.method", "mlm"),))
 
 
-VARIANTS: dict[str, Variant] = registry(GRID_VARIANTS, {
-    "baseline": Variant(lambda grid, task, base: base, paper=True),
-    "dapt": Variant(lambda grid, task, base: grid.domain_dapt(task, base), paper=True),
-    "tapt": Variant(lambda grid, task, base: grid.tapt(base, task), paper=True),
-    "dapt_tapt": Variant(lambda grid, task, base: grid.tapt(grid.domain_dapt(task, base), task), paper=True),
-    "not_dapt": Variant(Grid.not_dapt, paper=True),
-    # the paper's Transfer-TAPT: needs tasks.<t>.transfer_from, so only on request
-    "transfer_tapt": Variant(lambda grid, task, base: grid.tapt(base, grid.transfer_source(task)),
-                             link="transfer_from"),
-    "knn_tapt_50": _selection("knn_tapt_50", method="knn", k=50),
-    "knn_tapt_150": _selection("knn_tapt_150", method="knn", k=150),
-    "knn_tapt_500": _selection("knn_tapt_500", method="knn", k=500),
-    "rand_tapt": _selection("rand_tapt", method="rand", size_of="knn_tapt_50"),
-    "dsir_tapt": _selection("dsir_tapt", method="dsir", size_of="knn_tapt_50"),
-    "intermediate": _intermediate("baseline"),
-    "dapt_intermediate": _intermediate("dapt"),
-    "tapt_intermediate": _intermediate("tapt"),
-    "multitask": _multitask("baseline"),
-    "dapt_multitask": _multitask("dapt"),
-})
+VARIANTS: dict[str, Variant] = registry(
+    GRID_VARIANTS,
+    {
+        "baseline": Variant(lambda grid, task, base: base, paper=True),
+        "dapt": Variant(lambda grid, task, base: grid.domain_dapt(task, base), paper=True),
+        "tapt": Variant(lambda grid, task, base: grid.tapt(base, task), paper=True),
+        "dapt_tapt": Variant(lambda grid, task, base: grid.tapt(grid.domain_dapt(task, base), task), paper=True),
+        "not_dapt": Variant(Grid.not_dapt, paper=True),
+        # the paper's Transfer-TAPT: needs tasks.<t>.transfer_from, so only on request
+        "transfer_tapt": Variant(
+            lambda grid, task, base: grid.tapt(base, grid.transfer_source(task)), link="transfer_from"
+        ),
+        "knn_tapt_50": _selection("knn_tapt_50", method="knn", k=50),
+        "knn_tapt_150": _selection("knn_tapt_150", method="knn", k=150),
+        "knn_tapt_500": _selection("knn_tapt_500", method="knn", k=500),
+        "rand_tapt": _selection("rand_tapt", method="rand", size_of="knn_tapt_50"),
+        "dsir_tapt": _selection("dsir_tapt", method="dsir", size_of="knn_tapt_50"),
+        "intermediate": _intermediate("baseline"),
+        "dapt_intermediate": _intermediate("dapt"),
+        "tapt_intermediate": _intermediate("tapt"),
+        "multitask": _multitask("baseline"),
+        "dapt_multitask": _multitask("dapt"),
+    },
+)
 PAPER_VARIANTS = tuple(name for name, variant in VARIANTS.items() if variant.paper)  # a grid's default rows

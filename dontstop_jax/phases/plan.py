@@ -39,8 +39,12 @@ class Plan:
 
     @property
     def command(self) -> str:
-        return " ".join(f"--config.{k}='{v}'" if isinstance(v, tuple) else f"--config.{k}={v}"
-                        for k, v in self.flags.items()) or "as configured"
+        return (
+            " ".join(
+                f"--config.{k}='{v}'" if isinstance(v, tuple) else f"--config.{k}={v}" for k, v in self.flags.items()
+            )
+            or "as configured"
+        )
 
 
 def plan(cfg: ConfigDict, name: str, slices: int = 1, tokens: int | None = None) -> tuple[bool, str]:
@@ -58,10 +62,14 @@ def plan(cfg: ConfigDict, name: str, slices: int = 1, tokens: int | None = None)
     text = configured.text if configured.fits else f"{configured.text}\ndoes not fit"
     if not ranked:
         return False, f"{text}, and no lever (accumulation, fsdp, remat, batch) makes it fit"
-    lines = [f"  {i}. {p.tokens_per_s:,.0f} tokens/s, {p.step_ms:.1f} ms{'' if p.compiled else ' (estimated)'}  "
-             f"{p.command}" for i, p in enumerate(ranked[:3], 1)]
-    text += (f"\nfitting plans, fastest first ({len(ranked)} of {len(plans)} fit; "
-             f"{sum(p.compiled for p in plans)} compiled, the others estimated):\n" + "\n".join(lines))
+    lines = [
+        f"  {i}. {p.tokens_per_s:,.0f} tokens/s, {p.step_ms:.1f} ms{'' if p.compiled else ' (estimated)'}  {p.command}"
+        for i, p in enumerate(ranked[:3], 1)
+    ]
+    text += (
+        f"\nfitting plans, fastest first ({len(ranked)} of {len(plans)} fit; "
+        f"{sum(p.compiled for p in plans)} compiled, the others estimated):\n" + "\n".join(lines)
+    )
     best = ranked[0]
     text += f"\nchosen: {best.command}" + (f"\n{best.text}" if best is not configured else "")
     return configured.fits, text
@@ -110,6 +118,7 @@ def _accumulation(cfg: ConfigDict, flags: dict, configured: Plan, one, devices: 
     def compiled(a: int) -> Plan:
         at[a] = one({**flags, "train.accum_steps": a})
         return at[a]
+
     if not at[accum].fits:
         for a in (accum << k for k in range(1, 30)):
             if batch % (a * dp):
@@ -118,8 +127,9 @@ def _accumulation(cfg: ConfigDict, flags: dict, configured: Plan, one, devices: 
             if at[a].fits:
                 return
         return
-    fewer = sorted(accum >> k for k in range(1, accum.bit_length())
-                   if accum % (1 << k) == 0 and batch % ((accum >> k) * dp) == 0)
+    fewer = sorted(
+        accum >> k for k in range(1, accum.bit_length()) if accum % (1 << k) == 0 and batch % ((accum >> k) * dp) == 0
+    )
     fitting = at[accum].cost
     assert fitting is not None  # it fits, so it compiled
     train, hbm = fitting[0], one.keywords["chip"].hbm_bytes
@@ -133,8 +143,9 @@ def _accumulation(cfg: ConfigDict, flags: dict, configured: Plan, one, devices: 
         known = sorted(b for b in at if at[b].cost)
         if len(known) < 2 or any(b > a and at[b].cost is None for b in at):
             continue  # nothing to estimate it from, or fewer micro-batches than one the compiler refused
-        lo, hi = (known[0], known[1]) if a < known[0] else \
-            (max(b for b in known if b < a), min(b for b in known if b > a))
+        lo, hi = (
+            (known[0], known[1]) if a < known[0] else (max(b for b in known if b < a), min(b for b in known if b > a))
+        )
         low, high = at[lo].cost, at[hi].cost
         assert low is not None and high is not None  # both among `known`
         yield one({**flags, "train.accum_steps": a}, estimate=(between((lo, low[0]), (hi, high[0]), a), *high[1:]))
@@ -157,8 +168,15 @@ def _smaller_batches(cfg: ConfigDict, one, devices: list) -> Iterator[Plan]:
             return
 
 
-def _one(cfg: ConfigDict, flags: dict, chip: topology.Chip, devices: list, name: str, tokens: int | None,
-         estimate: tuple | None = None) -> Plan:
+def _one(
+    cfg: ConfigDict,
+    flags: dict,
+    chip: topology.Chip,
+    devices: list,
+    name: str,
+    tokens: int | None,
+    estimate: tuple | None = None,
+) -> Plan:
     """The plan of `cfg` with `flags`: compiled, or from `estimate` (train cost, predict cost, parameters)."""
     cfg = set_fields(copy.deepcopy(cfg), flags)
     arch, _ = peft_plan(cfg, model_config(cfg))
@@ -166,25 +184,34 @@ def _one(cfg: ConfigDict, flags: dict, chip: topology.Chip, devices: list, name:
     batch, accum = cfg.train.batch_size, cfg.train.get("accum_steps", 1)
     mesh = make_mesh(cfg.mesh.shape, devices, dcn_shape=cfg.mesh.dcn_shape)
     hosts = len({d.process_index for d in devices})
-    attention = "explicit" if (arch.attention_probs_dropout_prob or 0) > 0 else f"fused ({arch.attention_impl or 'xla'})"
-    head = (f"{cfg.name} on {name}: {len(devices)} {chip.kind} chips, {hosts} hosts; mesh "
-            f"{' '.join(f'{k}={v}' for k, v in mesh.shape.items())}; batch {batch} x {seq} tokens, accum {accum}, "
-            f"{arch.dtype}, remat {arch.remat}, attention {attention}")
+    attention = (
+        "explicit" if (arch.attention_probs_dropout_prob or 0) > 0 else f"fused ({arch.attention_impl or 'xla'})"
+    )
+    head = (
+        f"{cfg.name} on {name}: {len(devices)} {chip.kind} chips, {hosts} hosts; mesh "
+        f"{' '.join(f'{k}={v}' for k, v in mesh.shape.items())}; batch {batch} x {seq} tokens, accum {accum}, "
+        f"{arch.dtype}, remat {arch.remat}, attention {attention}"
+    )
     try:
         train, predict, params = estimate or compile_phase(cfg, devices)
     except jax.errors.JaxRuntimeError as e:
         # The TPU compiler itself refuses a program whose temporaries exceed HBM: that step does not fit either.
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        return Plan(flags, False, 0.0, 0.0, f"{head}\n  HBM per chip:   does not compile: {str(e).strip().splitlines()[0]}")
+        return Plan(
+            flags, False, 0.0, 0.0, f"{head}\n  HBM per chip:   does not compile: {str(e).strip().splitlines()[0]}"
+        )
     predicted = 0 if "task" in cfg else math.ceil(cfg.data.mask_prob * seq)
     flops = rl.model_flops(arch, params, batch, seq, predicted)
     est = rl.roofline(train, chip)
     rate = batch * seq / est.step_s
     lines = [
-        f"{head}, {params / 1e6:.1f}M parameters" + ("" if estimate is None else
-                                                     "\n  (estimated from two compiles of this layout at other "
-                                                     "accumulation counts, not compiled)"),
+        f"{head}, {params / 1e6:.1f}M parameters"
+        + (
+            ""
+            if estimate is None
+            else "\n  (estimated from two compiles of this layout at other accumulation counts, not compiled)"
+        ),
         f"  HBM per chip:   {rl.memory_line(train, chip)}",
         f"  per chip per step (loops counted): {train.flops:.3g} FLOPs (model {flops / len(devices):.3g}), "
         f"{train.bytes_accessed / rl.GIB:.2f} GiB HBM traffic",
@@ -193,12 +220,20 @@ def _one(cfg: ConfigDict, flags: dict, chip: topology.Chip, devices: list, name:
         f"HBM >= {est.hbm_s * 1e3:.1f} ms, ICI {est.ici_s * 1e3:.1f} ms)",
         f"  throughput:     {rate:,.0f} tokens/s, {rate / len(devices):,.0f} per chip, {rate / hosts:,.0f} per host; "
         f"MFU {rl.mfu(flops, est.step_s, chip, len(devices)):.0%} at this estimate",
-        f"  wall clock:     {_hours(cfg, est.step_s, batch * seq, tokens)}"]
+        f"  wall clock:     {_hours(cfg, est.step_s, batch * seq, tokens)}",
+    ]
     if predict is not None:
         lines.append(f"  predict step:   {rl.memory_line(predict, chip)}")
     worst = max(train.total_bytes, predict.total_bytes if predict else 0)
-    return Plan(flags, worst <= chip.hbm_bytes, rate, est.step_s * 1e3, "\n".join(lines), (train, predict, params),
-                estimate is None)
+    return Plan(
+        flags,
+        worst <= chip.hbm_bytes,
+        rate,
+        est.step_s * 1e3,
+        "\n".join(lines),
+        (train, predict, params),
+        estimate is None,
+    )
 
 
 def _hours(cfg: ConfigDict, step_s: float, tokens_per_step: int, tokens: int | None) -> str:
@@ -206,5 +241,8 @@ def _hours(cfg: ConfigDict, step_s: float, tokens_per_step: int, tokens: int | N
     if steps is None and tokens:
         steps = cfg.train.epochs * math.ceil(tokens / tokens_per_step)
     per_1k = f"{step_s * 1000 / 3600:.2f} h per 1K steps"
-    return f"{steps * step_s / 3600:.2f} h for {steps} steps ({per_1k})" if steps else \
-        f"{per_1k} (train.steps is None: pass --tokens N, the corpus size, for the total)"
+    return (
+        f"{steps * step_s / 3600:.2f} h for {steps} steps ({per_1k})"
+        if steps
+        else f"{per_1k} (train.steps is None: pass --tokens N, the corpus size, for the total)"
+    )

@@ -66,10 +66,13 @@ def _run(cfg: ConfigDict) -> dict:
     if cfg.method not in METHODS:
         raise UserError(f"unknown selection method {cfg.method!r}; choose one of {METHODS}")
     if min(cfg.chunk_size, cfg.checkpoint_every, cfg.fit_docs) < 1:
-        raise UserError(f"select.chunk_size, checkpoint_every and fit_docs must be positive, got {cfg.chunk_size}, "
-                        f"{cfg.checkpoint_every}, {cfg.fit_docs}")
-    task = load_task(cfg.task.path or None, cfg.task.text_field, cfg.task.label_field,
-                     hf_dataset=cfg.task.hf_dataset or None)
+        raise UserError(
+            f"select.chunk_size, checkpoint_every and fit_docs must be positive, got {cfg.chunk_size}, "
+            f"{cfg.checkpoint_every}, {cfg.fit_docs}"
+        )
+    task = load_task(
+        cfg.task.path or None, cfg.task.text_field, cfg.task.label_field, hf_dataset=cfg.task.hf_dataset or None
+    )
     examples = task.splits["train"][0]
     held_out = [t for split in cfg.leakage.splits if split in task.splits for t in task.splits[split][0]]
     if cfg.method == "curated":
@@ -81,8 +84,9 @@ def _run(cfg: ConfigDict) -> dict:
             raise UserError(f"method={cfg.method} needs select.sources: the domain corpus files to select from")
         sources = list(cfg.sources)
         scores, ids = _rank(cfg, workdir, examples, sources)
-    stats = _write(cfg, workdir, sources, scores, ids, examples, LeakageFilter(held_out, cfg.leakage.ngram,
-                                                                               cfg.leakage.threshold))
+    stats = _write(
+        cfg, workdir, sources, scores, ids, examples, LeakageFilter(held_out, cfg.leakage.ngram, cfg.leakage.threshold)
+    )
     write_json(workdir / STATS, stats)
     (workdir / PROGRESS).unlink(missing_ok=True)
     return Workdir(cfg).complete(stats)
@@ -114,8 +118,9 @@ class _Sample:
         self.scores, self.ids = empty_topk(1, n)
 
     def update(self, texts: list[str], offset: int, chunk_index: int) -> None:
-        weights = (np.zeros(len(texts)) if self.log_ratio is None
-                   else dsir.log_importance(texts, self.log_ratio, self.ngrams))
+        weights = (
+            np.zeros(len(texts)) if self.log_ratio is None else dsir.log_importance(texts, self.log_ratio, self.ngrams)
+        )
         keys = dsir.gumbel_keys(weights, self.seed, chunk_index).astype(np.float32)
         ids = np.arange(offset, offset + len(texts), dtype=np.int64)
         self.scores, self.ids = merge_topk(self.scores, self.ids, keys[None], ids[None], self.n)
@@ -131,8 +136,9 @@ class _Knn:
     def __init__(self, cfg: ConfigDict, embed_fn: embed.Embed, examples: Sequence[str]):
         mesh = _mesh(cfg) if cfg.knn.backend == "jax" else None
         self.embed, self.pad_to = embed_fn, cfg.chunk_size
-        self.search = StreamingTopK(embed_fn(list(examples)), cfg.k, mesh, backend=cfg.knn.backend,
-                                    approximate=cfg.knn.approximate)
+        self.search = StreamingTopK(
+            embed_fn(list(examples)), cfg.k, mesh, backend=cfg.knn.backend, approximate=cfg.knn.approximate
+        )
         self.result, self.set_result = self.search.result, self.search.set_result
 
     def update(self, texts: list[str], offset: int, chunk_index: int) -> None:
@@ -153,8 +159,7 @@ def _ranker(cfg: ConfigDict, workdir: files.Path, examples: Sequence[str], sourc
     if cfg.method == "knn":
         path = workdir / EMBEDDER
         if not path.exists():
-            arrays = embed.fit(cfg.embedding, _fit_sample(cfg, sources) if cfg.embedding.kind != "lm" else [],
-                               cfg.seed)
+            arrays = embed.fit(cfg.embedding, _fit_sample(cfg, sources) if cfg.embedding.kind != "lm" else [], cfg.seed)
             with publishing(path) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: a ** dict might name allow_pickle
         with path.open("rb") as raw, np.load(raw) as saved:
@@ -164,8 +169,9 @@ def _ranker(cfg: ConfigDict, workdir: files.Path, examples: Sequence[str], sourc
     log_ratio = None
     if cfg.method == "dsir":
         d = cfg.dsir
-        log_ratio = (dsir.feature_distribution(examples, d.dim, d.ngrams)
-                     - dsir.feature_distribution(_fit_sample(cfg, sources), d.dim, d.ngrams))
+        log_ratio = dsir.feature_distribution(examples, d.dim, d.ngrams) - dsir.feature_distribution(
+            _fit_sample(cfg, sources), d.dim, d.ngrams
+        )
     return _Sample(n, cfg.seed, log_ratio, cfg.dsir.ngrams)
 
 
@@ -174,8 +180,10 @@ def _sample_size(cfg: ConfigDict) -> int:
         return cfg.n
     if cfg.n_from and (done := finished(cfg.n_from)) is not None:
         return done["size"]
-    raise UserError(f"method={cfg.method} needs select.n > 0 or select.n_from = a finished selection's workdir "
-                    f"(got n={cfg.n}, n_from={cfg.n_from!r})")
+    raise UserError(
+        f"method={cfg.method} needs select.n > 0 or select.n_from = a finished selection's workdir "
+        f"(got n={cfg.n}, n_from={cfg.n_from!r})"
+    )
 
 
 def _rank(cfg: ConfigDict, workdir: files.Path, examples: Sequence[str], sources: Sequence) -> tuple[np.ndarray, ...]:
@@ -203,8 +211,15 @@ def save_progress(path: files.Path, scores: np.ndarray, ids: np.ndarray, chunks:
         np.savez(f, scores=scores, ids=ids, chunks=chunks)
 
 
-def _write(cfg: ConfigDict, workdir: files.Path, sources: Sequence, scores: np.ndarray | None, ids: np.ndarray | None,
-           examples: Sequence[str], leakage: LeakageFilter) -> dict:
+def _write(
+    cfg: ConfigDict,
+    workdir: files.Path,
+    sources: Sequence,
+    scores: np.ndarray | None,
+    ids: np.ndarray | None,
+    examples: Sequence[str],
+    leakage: LeakageFilter,
+) -> dict:
     """Second pass: keep the ranked documents that are neither duplicates nor leaks, write them, count."""
     best: dict[int, float] = {}
     if ids is not None:
@@ -230,17 +245,28 @@ def _write(cfg: ConfigDict, workdir: files.Path, sources: Sequence, scores: np.n
             per_source[s] += 1
             out.write(json.dumps({"text": doc, "index": index, "source": names[s], "score": best.get(index)}) + "\n")
         if not kept:  # nothing is published
-            raise UserError(f"selection {cfg.name} kept no documents (removed: {removed}); check select.sources, "
-                            "k/n and the leakage threshold")
-    stats = {"method": cfg.method, "size": len(kept), "candidates": len(best) if ids is not None else None,
-             "removed": removed, "per_source": dict(zip(names, per_source)), "seed": cfg.seed,
-             "corpus": selected_corpus(workdir)}
+            raise UserError(
+                f"selection {cfg.name} kept no documents (removed: {removed}); check select.sources, "
+                "k/n and the leakage threshold"
+            )
+    stats = {
+        "method": cfg.method,
+        "size": len(kept),
+        "candidates": len(best) if ids is not None else None,
+        "removed": removed,
+        "per_source": dict(zip(names, per_source)),
+        "seed": cfg.seed,
+        "corpus": selected_corpus(workdir),
+    }
     if cfg.method == "knn":
         assert ids is not None  # a ranking method
         kept_ids = np.asarray(kept)
-        stats.update(k=cfg.k, embedding=cfg.embedding.kind,
-                     mean_similarity=float(np.mean([best[i] for i in kept])),
-                     task_coverage=float(np.isin(ids, kept_ids).any(1).mean()))
+        stats.update(
+            k=cfg.k,
+            embedding=cfg.embedding.kind,
+            mean_similarity=float(np.mean([best[i] for i in kept])),
+            task_coverage=float(np.isin(ids, kept_ids).any(1).mean()),
+        )
     elif cfg.method in ("rand", "dsir"):
         assert ids is not None
         stats["n"] = int(ids.shape[1])

@@ -32,8 +32,16 @@ SCHEDULES = {"default": (600, 600, 30, 10, (0, 1, 2)), "tiny": (40, 20, 2, 3, (0
 
 
 def tiny_model() -> dict:
-    return dict(vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                max_position_embeddings=SEQ + 2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return dict(
+        vocab_size=4096,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=SEQ + 2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
 
 
 def _adaptive_phase(kind: str, **schedule: int) -> ConfigDict:
@@ -50,20 +58,31 @@ def get_config(scale: str = "default") -> ConfigDict:
     if scale not in SCHEDULES:
         raise ValueError(f"unknown scale {scale!r}; choose from {list(SCHEDULES)}")
     base_steps, dapt_steps, tapt_epochs, ft_epochs, seeds = SCHEDULES[scale]
-    cfg = ConfigDict(dict(
-        workdir=f"runs/synthetic-{scale}", base="", seeds=list(seeds), variants=list(PAPER_VARIANTS),
-        train_sizes=["all"],  # learning curves: e.g. [16, 64, "all"] (see phases/grid.py)
-        # methods: e.g. ["full", "frozen", "bitfit", "houlsby", "pfeiffer", "lora"] (empty: finetune.peft.method);
-        # method_overrides: fine-tuning fields per method, e.g. {"lora": {"optim": {"learning_rate": 1e-3}}};
-        # seed_discard: Dodge et al. early discarding (fraction 0 = off), see phases/grid.py.
-        methods=[], method_overrides={}, seed_discard=dict(fraction=0.0, keep=3),
-        # few-shot: shots (examples per class, e.g. [16, 32, 64]; replaces train_sizes) and the fine-tuning heads
-        # compared (e.g. ["classifier", "prompt"]; empty: finetune.head), see phases/grid.py
-        shots=[], heads=[],
-        # Tasks of `task_domains` are fine-tuned; every domain's corpus is there for the not-DAPT control.
-        synthetic=dict(scale=scale, seed=0, domains=("bio", "cs"), task_domains=("bio",),
-                       directory=placeholder(str)),  # default: WORKDIR/benchmark
-        domains={}, tasks={}))
+    cfg = ConfigDict(
+        dict(
+            workdir=f"runs/synthetic-{scale}",
+            base="",
+            seeds=list(seeds),
+            variants=list(PAPER_VARIANTS),
+            train_sizes=["all"],  # learning curves: e.g. [16, 64, "all"] (see phases/grid.py)
+            # methods: e.g. ["full", "frozen", "bitfit", "houlsby", "pfeiffer", "lora"] (empty: finetune.peft.method);
+            # method_overrides: fine-tuning fields per method, e.g. {"lora": {"optim": {"learning_rate": 1e-3}}};
+            # seed_discard: Dodge et al. early discarding (fraction 0 = off), see phases/grid.py.
+            methods=[],
+            method_overrides={},
+            seed_discard=dict(fraction=0.0, keep=3),
+            # few-shot: shots (examples per class, e.g. [16, 32, 64]; replaces train_sizes) and the fine-tuning heads
+            # compared (e.g. ["classifier", "prompt"]; empty: finetune.head), see phases/grid.py
+            shots=[],
+            heads=[],
+            # Tasks of `task_domains` are fine-tuned; every domain's corpus is there for the not-DAPT control.
+            synthetic=dict(
+                scale=scale, seed=0, domains=("bio", "cs"), task_domains=("bio",), directory=placeholder(str)
+            ),  # default: WORKDIR/benchmark
+            domains={},
+            tasks={},
+        )
+    )
 
     base = pretrain_config("dapt")
     base.init = "scratch"
@@ -94,16 +113,21 @@ def get_config(scale: str = "default") -> ConfigDict:
 def label_words(truth: dict, domain: str) -> dict[str, list[str]]:
     """{label: the LABEL_WORDS most frequent words of its anchor topic} from the benchmark's ground truth."""
     topics = truth["general"]["topics"]
-    return {label: topics[cluster["anchor_topic"]][:LABEL_WORDS]
-            for label, cluster in truth["domains"][domain]["clusters"].items()}
+    return {
+        label: topics[cluster["anchor_topic"]][:LABEL_WORDS]
+        for label, cluster in truth["domains"][domain]["clusters"].items()
+    }
 
 
 def materialize(cfg: ConfigDict) -> ConfigDict:
     """A copy of `cfg` (typed and locked like it) with the grid's domains, tasks and tokenizer pointed at the
     benchmark, which is generated here (or reused)."""
-    bench = generate_benchmark(cfg.synthetic.directory or f"{cfg.workdir}/benchmark", seed=cfg.synthetic.seed,
-                               scale=cfg.synthetic.scale,
-                               domains=tuple(cfg.synthetic.domains))
+    bench = generate_benchmark(
+        cfg.synthetic.directory or f"{cfg.workdir}/benchmark",
+        seed=cfg.synthetic.seed,
+        scale=cfg.synthetic.scale,
+        domains=tuple(cfg.synthetic.domains),
+    )
     cfg = copy.deepcopy(cfg)
     cfg.base_pretrain.tokenizer = str(bench.tokenizer)
     cfg.base_pretrain.data.sources = [str(bench.general_corpus)]
@@ -112,10 +136,17 @@ def materialize(cfg: ConfigDict) -> ConfigDict:
     truth = json.loads(bench.manifest.read_text(encoding="utf-8"))["ground_truth"]
     tasks = [task for task in bench.tasks.values() if task.domain in cfg.synthetic.task_domains]
     # intermediate_from: the next task (the intermediate variants' first fine-tune), none when there is one task
-    cfg.tasks = {task.name: dict(path=str(task.train.parent), domain=task.domain, metric="macro_f1",
-                                 text_field="text", label_field="label",
-                                 overrides={"finetune": {"prompt": {"verbalizer": label_words(truth, task.domain)}}},
-                                 irrelevant_domain=names[(names.index(task.domain) + 1) % len(names)],
-                                 intermediate_from=tasks[(i + 1) % len(tasks)].name if len(tasks) > 1 else "")
-                 for i, task in enumerate(tasks)}
+    cfg.tasks = {
+        task.name: dict(
+            path=str(task.train.parent),
+            domain=task.domain,
+            metric="macro_f1",
+            text_field="text",
+            label_field="label",
+            overrides={"finetune": {"prompt": {"verbalizer": label_words(truth, task.domain)}}},
+            irrelevant_domain=names[(names.index(task.domain) + 1) % len(names)],
+            intermediate_from=tasks[(i + 1) % len(tasks)].name if len(tasks) > 1 else "",
+        )
+        for i, task in enumerate(tasks)
+    }
     return config_loader.lock(cfg)

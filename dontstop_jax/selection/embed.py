@@ -36,8 +36,16 @@ def fit(cfg: ConfigDict, sample: Sequence[str], seed: int) -> dict[str, np.ndarr
         return {"idf": (np.log((1.0 + len(sample)) / (1.0 + df)) + 1.0).astype(np.float32)}
     if cfg.kind == "vampire":
         v = cfg.vampire
-        params, curve = vampire.train(sample, vocab=cfg.dim, hidden=v.hidden, latent=v.latent, steps=v.steps,
-                                      batch_size=v.batch_size, learning_rate=v.learning_rate, seed=seed)
+        params, curve = vampire.train(
+            sample,
+            vocab=cfg.dim,
+            hidden=v.hidden,
+            latent=v.latent,
+            steps=v.steps,
+            batch_size=v.batch_size,
+            learning_rate=v.learning_rate,
+            seed=seed,
+        )
         return {**params, "loss_curve": np.asarray(curve, np.float32)}
     return {}
 
@@ -84,7 +92,7 @@ def _lm_embedder(cfg: ConfigDict) -> Embed:
             for r, t in enumerate(tokens):
                 ids[r, : len(t)] = t
             mask = (ids != pad).astype(np.int32)
-            mask[len(tokens):, 0] = 1  # filler rows: one visible token, no all-masked attention
+            mask[len(tokens) :, 0] = 1  # filler rows: one visible token, no all-masked attention
             out.append(np.asarray(pooled(params, ids, mask))[: len(tokens)])
         return np.concatenate(out).astype(np.float32)
 

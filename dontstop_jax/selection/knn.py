@@ -34,8 +34,9 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS)
 
 
-def merge_topk(scores: np.ndarray, ids: np.ndarray, new_scores: np.ndarray, new_ids: np.ndarray,
-               k: int) -> tuple[np.ndarray, np.ndarray]:
+def merge_topk(
+    scores: np.ndarray, ids: np.ndarray, new_scores: np.ndarray, new_ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the k best of two candidate sets by (score descending, id ascending); empty slots are id -1."""
     s = np.concatenate([scores, new_scores], axis=1)
     i = np.concatenate([ids, new_ids], axis=1)
@@ -67,6 +68,7 @@ def _update(best_s, best_i, queries, chunk, offset, count, *, k: int, approximat
             i = jnp.where(jnp.isfinite(s), i.astype(best_i.dtype) + offset, -1)
             s, pos = jax.lax.top_k(jnp.concatenate([best_s, s], 1), k)
             return s, jnp.take_along_axis(jnp.concatenate([best_i, i], 1), pos, 1)
+
         return run
 
     branch = jnp.searchsorted(jnp.asarray(sizes), need)
@@ -80,8 +82,9 @@ class StreamingTopK:
     backend "faiss": a flat inner-product index per chunk (optional dependency), merged on the host.
     """
 
-    def __init__(self, queries: np.ndarray, k: int, mesh: Mesh | None = None, *, backend: str = "jax",
-                 approximate: bool = False):
+    def __init__(
+        self, queries: np.ndarray, k: int, mesh: Mesh | None = None, *, backend: str = "jax", approximate: bool = False
+    ):
         if k < 1:
             raise UserError(f"k must be a positive number of neighbours per example, got {k}")
         if backend not in BACKENDS:
@@ -94,8 +97,9 @@ class StreamingTopK:
             try:
                 import faiss
             except ImportError:
-                raise UserError("the faiss kNN backend needs faiss; pip install faiss-cpu (or use backend=jax)") \
-                    from None
+                raise UserError(
+                    "the faiss kNN backend needs faiss; pip install faiss-cpu (or use backend=jax)"
+                ) from None
             self._faiss = faiss
             return
         rows = data_parallel_size(mesh) if mesh is not None else 1
@@ -117,8 +121,9 @@ class StreamingTopK:
         if pad_to is not None and pad_to > count:
             chunk = np.concatenate([chunk, np.zeros((pad_to - count, chunk.shape[1]), np.float32)])
         chunk = jax.device_put(chunk, self._rep) if self._rep is not None else jnp.asarray(chunk)
-        self._s, self._i = _update(self._s, self._i, self._q, chunk, np.int32(offset), np.int32(count),
-                                   k=self.k, approximate=self.approximate)
+        self._s, self._i = _update(
+            self._s, self._i, self._q, chunk, np.int32(offset), np.int32(count), k=self.k, approximate=self.approximate
+        )
 
     def _update_faiss(self, chunk: np.ndarray, offset: int) -> None:
         index = self._faiss.IndexFlatIP(chunk.shape[1])
@@ -145,8 +150,9 @@ class StreamingTopK:
             self._s, self._i = put(s), put(i)
 
 
-def topk_cosine(queries: np.ndarray, chunks: Iterable[np.ndarray], k: int, mesh: Mesh | None = None,
-                **kwargs) -> tuple[np.ndarray, np.ndarray]:
+def topk_cosine(
+    queries: np.ndarray, chunks: Iterable[np.ndarray], k: int, mesh: Mesh | None = None, **kwargs
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k over consecutive document chunks (the first fixes the compiled chunk shape)."""
     search = StreamingTopK(queries, k, mesh, **kwargs)
     offset, size = 0, None

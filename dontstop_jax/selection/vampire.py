@@ -24,10 +24,16 @@ Params = dict[str, jax.Array]
 def init_params(rng: jax.Array, vocab: int, hidden: int, latent: int, background: np.ndarray) -> Params:
     k = jax.random.split(rng, 4)
     glorot = jax.nn.initializers.glorot_uniform()
-    return {"w1": glorot(k[0], (vocab, hidden)), "b1": jnp.zeros(hidden),
-            "w_mu": glorot(k[1], (hidden, latent)), "b_mu": jnp.zeros(latent),
-            "w_lv": glorot(k[2], (hidden, latent)), "b_lv": jnp.zeros(latent),
-            "w_dec": glorot(k[3], (latent, vocab)), "background": jnp.asarray(background, jnp.float32)}
+    return {
+        "w1": glorot(k[0], (vocab, hidden)),
+        "b1": jnp.zeros(hidden),
+        "w_mu": glorot(k[1], (hidden, latent)),
+        "b_mu": jnp.zeros(latent),
+        "w_lv": glorot(k[2], (hidden, latent)),
+        "b_lv": jnp.zeros(latent),
+        "w_dec": glorot(k[3], (latent, vocab)),
+        "background": jnp.asarray(background, jnp.float32),
+    }
 
 
 def encode(params: Params, counts: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -46,8 +52,17 @@ def loss(params: Params, counts: jax.Array, rng: jax.Array, kl_weight: jax.Array
     return (recon + kl_weight * kl).mean()
 
 
-def train(texts: Sequence[str], *, vocab: int, hidden: int, latent: int, steps: int, batch_size: int,
-          learning_rate: float, seed: int) -> tuple[dict[str, np.ndarray], list[float]]:
+def train(
+    texts: Sequence[str],
+    *,
+    vocab: int,
+    hidden: int,
+    latent: int,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+) -> tuple[dict[str, np.ndarray], list[float]]:
     """Fit on `texts` (the domain sample); returns host parameters and the loss curve (every 10 steps)."""
     counts = dense_counts(texts, vocab)
     background = np.log(counts.sum(0) + 1.0) - np.log(counts.sum() + vocab)

@@ -213,9 +213,7 @@ def generate_benchmark(
     tok = train_bpe(corpora, spec.tokenizer_vocab_size)
     pieces = np.array(word_pieces(tok, lex.all_words()))
     if pieces.max() > 2:
-        raise UserError(
-            f"synthetic: {int((pieces > 2).sum())} pseudo-words need >2 tokens; raise tokenizer_vocab_size"
-        )
+        raise UserError(f"synthetic: {int((pieces > 2).sum())} pseudo-words need >2 tokens; raise tokenizer_vocab_size")
     save_tokenizer(tok, root / layout["tokenizer"], probe)
 
     manifest = {
@@ -255,7 +253,10 @@ def write_heldout(bench: BenchmarkPaths, n_docs: int) -> dict[str, Path]:
         if path.is_file():
             continue
         rng = _rng(spec, f"heldout/{name}")
-        docs = (corpus.general_corpus(lex, spec, rng) if name == "general"
-                else corpus.domain_corpus(lex, lex.domains[name], spec, rng)[0])
+        docs = (
+            corpus.general_corpus(lex, spec, rng)
+            if name == "general"
+            else corpus.domain_corpus(lex, lex.domains[name], spec, rng)[0]
+        )
         _write_atomic(path, docs)
     return paths

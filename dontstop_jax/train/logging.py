@@ -75,15 +75,13 @@ def _f32(value: float) -> bytes:
         return np.asarray(value, dtype="<f4").tobytes()
 
 
-def _event(wall_time: float, step: int, *, file_version: str = "",
-           scalars: Mapping[str, float] | None = None) -> bytes:
+def _event(wall_time: float, step: int, *, file_version: str = "", scalars: Mapping[str, float] | None = None) -> bytes:
     """tensorflow.Event{wall_time=1, step=2, file_version=3, summary=5{value=1{tag=1, simple_value=2}}}."""
     out = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
     if file_version:
         out += _field(3, file_version.encode())
     if scalars:
-        values = b"".join(_field(1, _field(1, tag.encode()) + b"\x15" + _f32(value))
-                          for tag, value in scalars.items())
+        values = b"".join(_field(1, _field(1, tag.encode()) + b"\x15" + _f32(value)) for tag, value in scalars.items())
         out += _field(5, values)
     return out
 
@@ -106,7 +104,7 @@ def _events_through(data: bytes, step: int) -> bytes:
         end = pos + 16 + struct.unpack_from("<Q", data, pos)[0]
         if end > len(data):
             break
-        if _event_step(data[pos + 12:end - 4]) <= step:
+        if _event_step(data[pos + 12 : end - 4]) <= step:
             kept.append(data[pos:end])
         pos = end
     return b"".join(kept)
@@ -161,8 +159,9 @@ class _EventFile:
 
     def _record(self, data: bytes) -> None:
         header = struct.pack("<Q", len(data))
-        self._file.write(header + struct.pack("<I", _masked_crc32c(header)) + data
-                         + struct.pack("<I", _masked_crc32c(data)))
+        self._file.write(
+            header + struct.pack("<I", _masked_crc32c(header)) + data + struct.pack("<I", _masked_crc32c(data))
+        )
         self._file.flush()
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
@@ -227,8 +226,13 @@ class MetricsWriter:
     replayed steps are not logged twice.
     """
 
-    def __init__(self, workdir: str | os.PathLike[str], enabled: bool = True, resume_step: int | None = None,
-                 sync_every_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        enabled: bool = True,
+        resume_step: int | None = None,
+        sync_every_s: float = 30.0,
+    ) -> None:
         self.enabled = enabled
         if not enabled:
             return
@@ -250,11 +254,18 @@ class MetricsWriter:
     def _sync(self, force: bool = False) -> None:
         """Queue a snapshot of the local mirror's logs (flushed, read here: whole lines and frames only) for
         upload to the bucket workdir (nothing to do for a local workdir)."""
-        if self._remote is None or self._uploads is None or not (
-                force or time.monotonic() - self._synced >= self._sync_every_s):
+        if (
+            self._remote is None
+            or self._uploads is None
+            or not (force or time.monotonic() - self._synced >= self._sync_every_s)
+        ):
             return
-        self._uploads.put({self._remote / local.relative_to(self._local).as_posix(): local.read_bytes()
-                           for local in _log_files(self._local)})
+        self._uploads.put(
+            {
+                self._remote / local.relative_to(self._local).as_posix(): local.read_bytes()
+                for local in _log_files(self._local)
+            }
+        )
         self._synced = time.monotonic()
 
     def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
@@ -311,9 +322,17 @@ class ProgressBar:
     It only formats host floats (see MetricsBuffer), so it never waits for the device.
     """
 
-    def __init__(self, total_steps: int, enabled: bool = True, desc: str = "", *, file: TextIO | None = None,
-                 print_every_s: float = 30.0, window_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        total_steps: int,
+        enabled: bool = True,
+        desc: str = "",
+        *,
+        file: TextIO | None = None,
+        print_every_s: float = 30.0,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.desc = desc
@@ -328,8 +347,13 @@ class ProgressBar:
         self._bar = None
         self._unprinted: int | None = None  # the newest step not printed yet (plain-line mode)
         if enabled and self._file.isatty():
-            self._bar = tqdm(total=total_steps, desc=desc, file=self._file, dynamic_ncols=True,
-                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+            self._bar = tqdm(
+                total=total_steps,
+                desc=desc,
+                file=self._file,
+                dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+            )
 
     def update(self, step: int, metrics: Mapping[str, float] | None = None, tokens: int = 0) -> None:
         """Record that training reached `step` after `tokens` more tokens; `metrics` (host values, may lag a

@@ -89,14 +89,17 @@ class StopSignal:
 def _check_finite(step: int, metrics: dict[str, float]) -> None:
     loss = metrics.get("loss")
     if loss is not None and not math.isfinite(loss) and not metrics.get("skipped"):
-        raise UserError(f"loss became {loss} at step {step}; the last good checkpoint is kept: lower the learning "
-                        "rate, use float32, check the data, or set train.skip_nonfinite=True to skip such steps")
+        raise UserError(
+            f"loss became {loss} at step {step}; the last good checkpoint is kept: lower the learning "
+            "rate, use float32, check the data, or set train.skip_nonfinite=True to skip such steps"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class Report:
     """Where the step loop's metrics go: `writer` (as train/...) every `log_every` steps and the last, `progress`
     every step."""
+
     writer: MetricsWriter
     progress: ProgressBar
     log_every: int = 10
@@ -107,6 +110,7 @@ class Saving:
     """When the step loop saves and stops: `save(state, skipped)` every `every` steps (0: never) and before
     stopping on a request to `signal`, which several processes agree on every `poll_every` steps (StopSignal.poll;
     a stop then comes up to `poll_every` steps after the signal); the `Interrupted` raised names `phase`."""
+
     signal: StopSignal
     phase: str = "training"
     save: Callable[[Any, int], None] | None = None
@@ -114,9 +118,18 @@ class Saving:
     poll_every: int = 10
 
 
-def run_steps(state: Any, step_fn: Callable, batches: Iterator[Any], *, start: int, stop: int,
-              tokens_per_step: int | Callable[[Any], int], report: Report, saving: Saving,
-              skipped: int = 0) -> tuple[Any, int]:
+def run_steps(
+    state: Any,
+    step_fn: Callable,
+    batches: Iterator[Any],
+    *,
+    start: int,
+    stop: int,
+    tokens_per_step: int | Callable[[Any], int],
+    report: Report,
+    saving: Saving,
+    skipped: int = 0,
+) -> tuple[Any, int]:
     """Run steps (start, stop] and return the state and the count of skipped steps. Metrics are fetched one step
     late. When asked to stop (`saving.signal`), the state is saved and `Interrupted(phase, step)` raised.
     Steps a `skipped` metric marks (see StepSpec's skip_nonfinite) are counted on from `skipped` (those of

@@ -25,11 +25,23 @@ from dontstop_jax.model.peft import load_delta, merge_lora
 from dontstop_jax.train.workdir import require_finished
 
 # Fields a phase may change on a loaded model: how it computes and how much dropout it uses.
-RUNTIME_FIELDS = ("dtype", "remat", "attention_impl", "hidden_dropout_prob", "attention_probs_dropout_prob",
-                  "classifier_dropout")
+RUNTIME_FIELDS = (
+    "dtype",
+    "remat",
+    "attention_impl",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout",
+)
 # Fields an adapter file and the model it goes onto must share.
-ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                       "max_position_embeddings")
+ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
 
 
 @dataclasses.dataclass
@@ -59,8 +71,9 @@ def _kind(init: str) -> str:
     return "none" if found is None else "workdir" if found != path else "checkpoints"
 
 
-def resolve(init: str, *, tokenizer: str | None = None, model: ConfigDict | None = None,
-            delta: str | None = None) -> ModelSource:
+def resolve(
+    init: str, *, tokenizer: str | None = None, model: ConfigDict | None = None, delta: str | None = None
+) -> ModelSource:
     """`init`: "scratch" (architecture from `model`), a Hugging Face directory or Hub id (`roberta-base`,
     `org/name@revision`), or a phase's workdir. `tokenizer` (default: init's) is a directory or a Hub id.
     `delta`: an adapter file a parameter-efficient phase wrote (`peft.safetensors`), put onto init's weights."""
@@ -83,10 +96,12 @@ def _check(source: ModelSource) -> None:
         got = np.shape(actual[path]) if path in actual else None
         if got != tuple(shape.shape):
             name = "/".join(str(k.key) for k in path)
-            raise UserError(f"{source.parent}: weight roberta/{name} has shape {got} but its model config "
-                            f"(hidden {source.config.hidden_size}, layers {source.config.num_hidden_layers}, vocab "
-                            f"{source.config.vocab_size}) needs {tuple(shape.shape)}; the checkpoint and its config "
-                            "do not belong together")
+            raise UserError(
+                f"{source.parent}: weight roberta/{name} has shape {got} but its model config "
+                f"(hidden {source.config.hidden_size}, layers {source.config.num_hidden_layers}, vocab "
+                f"{source.config.vocab_size}) needs {tuple(shape.shape)}; the checkpoint and its config "
+                "do not belong together"
+            )
 
 
 def resolve_phase(cfg: ConfigDict) -> ModelSource:
@@ -112,8 +127,10 @@ def _weights(init: str, tokenizer: str | None, model: ConfigDict | None, overrid
         return ModelSource(cfg, params, tokenizer or init, hub.provenance(init, snapshot))
     ckpt_dir = {"workdir": path / "checkpoints", "checkpoints": path}.get(kind)
     if ckpt_dir is None:
-        raise UserError(f"init={init!r} is neither a Hugging Face directory (config.json) nor a phase workdir "
-                        "with checkpoints; pass a model directory, a Hub id, a finished phase's workdir, or 'scratch'")
+        raise UserError(
+            f"init={init!r} is neither a Hugging Face directory (config.json) nor a phase workdir "
+            "with checkpoints; pass a model directory, a Hub id, a finished phase's workdir, or 'scratch'"
+        )
     summary = require_finished(ckpt_dir.parent, "init")
     # The step the phase reported (a fine-tune's best, else the latest), or the newest readable one if damaged.
     step, meta, params = Checkpointer(ckpt_dir, read_only=True).read(first=summary.get("best_step"))
@@ -143,12 +160,16 @@ def _with_delta(source: ModelSource, delta: str, overrides: dict) -> ModelSource
     """The adapter file's leaves (adapters or LoRA, biases, norms, head) over the source's weights; its LoRA is
     folded in, as a parent phase's would be."""
     if source.params is None:
-        raise UserError("init_delta needs pretrained weights to go onto, and init=scratch has none; set init to "
-                        "the model the adapter file was trained from")
+        raise UserError(
+            "init_delta needs pretrained weights to go onto, and init=scratch has none; set init to "
+            "the model the adapter file was trained from"
+        )
     cfg, params = load_delta(delta, source.params)
     if mismatch := [k for k in ARCHITECTURE_FIELDS if getattr(cfg, k) != getattr(source.config, k)]:
-        raise UserError(f"init_delta {delta} was trained on another architecture ({', '.join(mismatch)} differ from "
-                        f"init's); set init to the model it was trained from")
+        raise UserError(
+            f"init_delta {delta} was trained on another architecture ({', '.join(mismatch)} differ from "
+            f"init's); set init to the model it was trained from"
+        )
     cfg, params = merge_lora(cfg.replace(**overrides), params)
     return ModelSource(cfg, params, source.tokenizer_dir, f"{source.parent}+delta:{files.absolute(delta)}")
 
@@ -162,15 +183,21 @@ def prune_top_layers(source: ModelSource, k: int) -> ModelSource:
         return source
     layers = source.config.num_hidden_layers
     if source.params is None:
-        raise UserError("train.prune_top_layers removes layers of pretrained weights, and init=scratch has none; "
-                        "set model.num_hidden_layers for a smaller model from scratch")
+        raise UserError(
+            "train.prune_top_layers removes layers of pretrained weights, and init=scratch has none; "
+            "set model.num_hidden_layers for a smaller model from scratch"
+        )
     if not 0 < k < layers:
-        raise UserError(f"train.prune_top_layers={k} must leave at least one of the model's {layers} layers "
-                        f"(0 to {layers - 1})")
+        raise UserError(
+            f"train.prune_top_layers={k} must leave at least one of the model's {layers} layers (0 to {layers - 1})"
+        )
     roberta = source.params["roberta"]
-    kept = jax.tree_util.tree_map(lambda w: w[:layers - k], roberta["layers"])
-    return dataclasses.replace(source, config=source.config.replace(num_hidden_layers=layers - k),
-                               params={**source.params, "roberta": {**roberta, "layers": kept}})
+    kept = jax.tree_util.tree_map(lambda w: w[: layers - k], roberta["layers"])
+    return dataclasses.replace(
+        source,
+        config=source.config.replace(num_hidden_layers=layers - k),
+        params={**source.params, "roberta": {**roberta, "layers": kept}},
+    )
 
 
 def adapted(source: ModelSource, cfg: ConfigDict) -> tuple[ModelSource, Adaptation]:
@@ -181,21 +208,33 @@ def adapted(source: ModelSource, cfg: ConfigDict) -> tuple[ModelSource, Adaptati
 
 def provenance(phase: str, source: ModelSource, cfg: ConfigDict, **extra: Any) -> dict:
     """The `meta` item of every checkpoint: enough to rebuild the model and trace where it came from."""
-    return {"phase": phase, "parent": source.parent, "tokenizer_dir": (source.tokenizer_dir if hub.looks_like_hub_id(source.tokenizer_dir)
-                                                   else files.absolute(source.tokenizer_dir)),
-            "model_config": dataclasses.asdict(source.config), "config": json.loads(cfg.to_json_best_effort()),
-            **extra}
+    return {
+        "phase": phase,
+        "parent": source.parent,
+        "tokenizer_dir": (
+            source.tokenizer_dir
+            if hub.looks_like_hub_id(source.tokenizer_dir)
+            else files.absolute(source.tokenizer_dir)
+        ),
+        "model_config": dataclasses.asdict(source.config),
+        "config": json.loads(cfg.to_json_best_effort()),
+        **extra,
+    }
 
 
 def place(source: ModelSource, model: nn.Module, mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
     """(params, shardings) of `model` on `mesh` from `source`'s weights, for evaluation (analysis, selection,
     DAS importance): placed shard by shard. A bare encoder (RobertaModel) takes the source's encoder."""
     if source.params is None:
-        raise UserError(f"{source.parent} has no trained weights to evaluate; point to a Hugging Face directory "
-                        "or a finished phase's workdir")
+        raise UserError(
+            f"{source.parent} has no trained weights to evaluate; point to a Hugging Face directory "
+            "or a finished phase's workdir"
+        )
     shardings = tree_shardings(jax.eval_shape(lambda: init_params(model, jax.random.key(0))), mesh, rules)
     params = source.params["roberta"] if "roberta" not in shardings else source.params
     if missing := [k for k in shardings if k not in params]:
-        raise UserError(f"{source.parent} has no {', '.join(missing)} weights (a fine-tuned classifier evaluated "
-                        "as a masked LM?); point to a pretraining phase or a Hugging Face MLM directory")
+        raise UserError(
+            f"{source.parent} has no {', '.join(missing)} weights (a fine-tuned classifier evaluated "
+            "as a masked LM?); point to a pretraining phase or a Hugging Face MLM directory"
+        )
     return put_tree({k: params[k] for k in shardings}, shardings), shardings

@@ -44,8 +44,19 @@ DONE, CONFIG, LOCK = "DONE.json", "phase_config.json", ".lock"
 PREPARED = "prepared"  # the default prepared-data cache of a phase (data.cache_dir unset): not a result
 # Result fields that name a place (a file, a directory, a glob, a model or a phase's workdir): each counts by what
 # is there (`place_identity`), so a workdir or a grid moved or copied elsewhere keeps its phases.
-PLACES = ("init", "init_delta", "tokenizer", "data.sources", "data.span_masking.terms", "task.path", "unit_gates",
-          "sources", "curated_sources", "n_from", "embedding.lm.init")
+PLACES = (
+    "init",
+    "init_delta",
+    "tokenizer",
+    "data.sources",
+    "data.span_masking.terms",
+    "task.path",
+    "unit_gates",
+    "sources",
+    "curated_sources",
+    "n_from",
+    "embedding.lm.init",
+)
 INPUTS = "inputs"  # the record's {place field: identity}; records written before it existed lack it
 RENEW_SECONDS, LEASE_SECONDS = 60, 600
 
@@ -98,7 +109,7 @@ def place_identity(place: Any) -> Any:
     if not isinstance(place, str) or place in ("", "scratch") or place.startswith(("hf:", "tfds:")):
         return place
     pattern = re.search(r"[*?[]", place)
-    root = files.path(place[:pattern.start()].rpartition("/")[0] or "." if pattern else place)
+    root = files.path(place[: pattern.start()].rpartition("/")[0] or "." if pattern else place)
     for home in (root, root.parent):
         if (home / CONFIG).exists():
             inside = _relative(place, os.fspath(home))
@@ -118,21 +129,27 @@ def place_identity(place: Any) -> Any:
 def _relative(place: str, root: str) -> str:
     """`place` relative to the directory `root` (posix; "." for root itself)."""
     if files.is_remote(place):
-        return place.rstrip("/")[len(root.rstrip("/")) + 1:] or "."
+        return place.rstrip("/")[len(root.rstrip("/")) + 1 :] or "."
     return LocalPath(os.path.relpath(place, root)).as_posix()
 
 
 def _recorded_fingerprint(workdir: files.Path) -> str:
     """The fingerprint a phase's record names (of an older record: computed from its config, where it was made)."""
     record = read_json(workdir / CONFIG)
-    return record["fingerprint"] if INPUTS in record else digest(identified(result_fields(record["config"], strict=False)))
+    return (
+        record["fingerprint"] if INPUTS in record else digest(identified(result_fields(record["config"], strict=False)))
+    )
 
 
 def _record(config: ConfigDict) -> dict:
     """What `phase_config.json` holds: the config as given, and what its places held, with their fingerprint."""
     fields = identified(result_fields(config))
-    return {"phase": config.name, "fingerprint": digest(fields), INPUTS: {k: fields[k] for k in PLACES if k in fields},
-            "config": json.loads(config.to_json_best_effort())}
+    return {
+        "phase": config.name,
+        "fingerprint": digest(fields),
+        INPUTS: {k: fields[k] for k in PLACES if k in fields},
+        "config": json.loads(config.to_json_best_effort()),
+    }
 
 
 def phase_directory(config: ConfigDict, root: files.Path, label: str) -> files.Path:
@@ -172,8 +189,10 @@ def require_finished(workdir: PathLike, what: str) -> dict:
     key = files.absolute(workdir)
     summary = _FINISHED.get(key) or decide(f"read {key}/{DONE}", lambda: _summary(files.path(workdir)), timeout=600)
     if summary is None:
-        raise UserError(f"{what}={str(workdir)!r} is a phase that has not finished (no {DONE}); rerun the command "
-                        "that trains it until it completes, then start from it")
+        raise UserError(
+            f"{what}={str(workdir)!r} is a phase that has not finished (no {DONE}); rerun the command "
+            "that trains it until it completes, then start from it"
+        )
     _FINISHED[key] = summary
     return summary
 
@@ -212,8 +231,10 @@ class Workdir:
             record = read_json(recorded)
             self._check_drift(record)
             if INPUTS not in record:
-                log.info("%s: its record (by an older version) now names its inputs by content, so the workdir "
-                         "can be moved", self.path)
+                log.info(
+                    "%s: its record (by an older version) now names its inputs by content, so the workdir can be moved",
+                    self.path,
+                )
                 write_json(recorded, _record(self.config))
         if (summary := _summary(self.path)) is not None:
             return summary
@@ -233,18 +254,23 @@ class Workdir:
             old, new = identified(old), identified(new)
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
         if changed:
-            shown = ", ".join(f"{k}: {_short(old.get(k, '<absent>'))} -> {_short(new.get(k, '<absent>'))}"
-                              for k in changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+            shown = ", ".join(
+                f"{k}: {_short(old.get(k, '<absent>'))} -> {_short(new.get(k, '<absent>'))}" for k in changed[:6]
+            ) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
             state = "finished" if _summary(self.path) is not None else "was started"
-            raise UserError(f"{self.path} {state} with another config ({shown}); use a new workdir "
-                            f"(--config.workdir=...) or rerun with the config recorded in {self.path / CONFIG}")
+            raise UserError(
+                f"{self.path} {state} with another config ({shown}); use a new workdir "
+                f"(--config.workdir=...) or rerun with the config recorded in {self.path / CONFIG}"
+            )
 
     def complete(self, summary: dict) -> dict:
         """Mark the phase finished: process 0 writes the marker (the last file a phase writes) and no process
         returns before it is written; every one keeps the summary for the phase that starts from this one."""
+
         def write() -> dict:
             write_json(self.path / DONE, summary)
             return summary
+
         done = decide(f"write {self.path / DONE}", write, timeout=600)
         _FINISHED[files.absolute(self.config.workdir)] = done
         return done
@@ -302,8 +328,13 @@ def _acquire(path: files.Path) -> dict:
     """Create `path` holding this process's identity, atomically and complete (locally a hard link of a written
     file; in a bucket an object created only if absent); a lock whose owner is dead (same host) is broken, a live
     one is a one-line error naming it."""
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
-          "since": time.strftime("%Y-%m-%d %H:%M:%S"), "beat": time.time()}
+    me = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start": _start_time(os.getpid()),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "beat": time.time(),
+    }
     create = _create_remote if files.is_remote(path) else _create_local
     for _ in range(3):
         if create(path, json.dumps(me)):
@@ -315,12 +346,18 @@ def _acquire(path: files.Path) -> dict:
         if holder == me:
             return me
         if _alive(holder):
-            raise UserError(f"{path.parent} is in use by another run (pid {holder.get('pid')} on "
-                            f"{holder.get('host')}, since {holder.get('since')}); wait for it to end, or if "
-                            f"that run is gone, delete {path} (another host's lock lapses {LEASE_SECONDS} s after "
-                            "its run stops renewing it)") from None
-        log.warning("breaking the stale lock of a dead run in %s (pid %s on %s)", path.parent,
-                    holder.get("pid"), holder.get("host"))
+            raise UserError(
+                f"{path.parent} is in use by another run (pid {holder.get('pid')} on "
+                f"{holder.get('host')}, since {holder.get('since')}); wait for it to end, or if "
+                f"that run is gone, delete {path} (another host's lock lapses {LEASE_SECONDS} s after "
+                "its run stops renewing it)"
+            ) from None
+        log.warning(
+            "breaking the stale lock of a dead run in %s (pid %s on %s)",
+            path.parent,
+            holder.get("pid"),
+            holder.get("host"),
+        )
         path.unlink(missing_ok=True)
     raise UserError(f"could not lock {path.parent}: other runs keep taking it; run one at a time")
 
@@ -343,6 +380,7 @@ def _create_remote(path: files.Path, text: str) -> bool:
     """Whether this call created the object `path` with `text`: a write that GCS refuses when the object
     exists (generation precondition 0), read back in case a store ignores the precondition."""
     import fsspec
+
     if path.exists():
         return False
     try:
