@@ -448,6 +448,52 @@ def test_select_on_two_hosts_equals_one_process(grid_on_two_hosts, grid_on_one_p
     assert ours["size"] > 0 and _without_timings(ours) == _without_timings(theirs)
 
 
+def _untimed(text: str) -> str:
+    """`text` with each duration (the results table's seconds per epoch) left out."""
+    return re.sub(r"[0-9.]+ s/epoch", "s/epoch", text)
+
+
+def _analyze_argv(grid: str, out: str) -> list[str]:
+    return [
+        "analyze",
+        "--config",
+        str(ROOT / "configs/analyze.py:synthetic-tiny"),
+        f"--config.grid_dir={grid}",
+        f"--config.out_dir={out}",
+        "--config.synthetic.directory=benchmark",
+        f"--config.mlm.cache_dir={out}-cache",
+    ]
+
+
+@needs_bucket
+@pytest.mark.slow
+def test_analyze_on_two_hosts_equals_one_process(grid_on_two_hosts, grid_on_one_process):
+    """The analysis of the two-host grid by 2 hosts into the bucket (vocabulary overlap, each pretraining phase's MLM
+    loss on held-out text, curves, results) has the tables and summary of the one-process grid's analysis."""
+    import csv
+    import io
+
+    from dontstop_jax import files
+
+    root, _, rerun = grid_on_two_hosts
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _on_two_hosts(root, "analyze", *_analyze_argv("gs://bkt/grid", "gs://bkt/analysis"))
+    _on_one_process(grid_on_one_process, *_analyze_argv(str(grid_on_one_process), str(root / "analysis-one")))
+    ours, theirs = files.walk("gs://bkt/analysis"), files.walk(root / "analysis-one")
+    assert sorted(ours) == sorted(theirs) and {"summary.md", "mlm_loss.csv", "vocab_overlap.csv"} <= set(ours)
+    for name in ("summary.md", "vocab_overlap.csv"):  # the summary: MLM losses to 3 decimals, the grid's table
+        assert _untimed(ours[name].read_text()) == _untimed(theirs[name].read_text()), name
+    ours, theirs = (
+        [
+            {k: float(v) if k.startswith("mlm_") else v for k, v in row.items()}
+            for row in csv.DictReader(io.StringIO(p["mlm_loss.csv"].read_text()))
+        ]
+        for p in (ours, theirs)
+    )
+    assert len(ours) >= 3 * 2  # each pretraining phase on each held-out corpus
+    _assert_close(ours, theirs, "mlm_loss.csv")
+
+
 @needs_bucket
 @pytest.mark.slow
 def test_continual_on_two_hosts_equals_one_process(bucket, tmp_path):
