@@ -1,4 +1,4 @@
-"""The README's "Planning a TPU run" table: `dontstop plan` for the paper's recipes on three Cloud TPU slices.
+"""The plan table (docs/results/plan-table.md): `dontstop plan` for the paper's recipes on three Cloud TPU slices.
 
 Regenerate the whole table (after merging changes to the step; no dtype flag: plan computes in bfloat16, the
 TPU default). `plan` compiles a few programs per row (the configured step, the fewest accumulation steps the

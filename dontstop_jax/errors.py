@@ -1,5 +1,5 @@
 """The exceptions the CLI turns into one line: bad user input, a run stopped by a signal, and a fault of another
-process. The exit statuses a scheduler reads (README, "Exit status"): 0 done, 1 fault, 2 bad input, 75 stopped."""
+process. The exit statuses a scheduler reads (docs/scale/preemption.md): 0 done, 1 fault, 2 bad input, 75 stopped."""
 
 EXIT_FAULT, EXIT_USER, EXIT_INTERRUPTED = 1, 2, 75  # 75: EX_TEMPFAIL, "try again later" (a rerun continues)
 

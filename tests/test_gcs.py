@@ -1,4 +1,4 @@
-"""Everything in a bucket: the README's real-data flow (HF directory -> DAPT -> TAPT -> fine-tune -> export) with
+"""Everything in a bucket: docs/get-started/first-run.md (HF directory -> DAPT -> TAPT -> fine-tune -> export) with
 every path on gs://, against a local GCS emulator; and the storage layer's contracts one by one."""
 
 from __future__ import annotations

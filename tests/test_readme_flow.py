@@ -1,4 +1,4 @@
-"""The README's "Using it on real data" commands, run through the CLI with the shipped paper configs on a tiny
+"""The commands of docs/get-started/first-run.md, run through the CLI with the shipped paper configs on a tiny
 RoBERTa that `transformers` wrote: HF directory -> DAPT (.jsonl.gz corpus) -> TAPT (the task's text) ->
 fine-tuning (micro-F1, dev-selected checkpoint) -> export -> transformers gives our logits."""
 
