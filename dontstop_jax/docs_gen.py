@@ -112,7 +112,7 @@ def config_page() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> tuple[dict[str, argparse.ArgumentParser], dict[str, str]]:
+def subcommands(parser: argparse.ArgumentParser) -> tuple[dict[str, argparse.ArgumentParser], dict[str, str]]:
     """({name: its parser}, {name: its help line}) of the parser's commands."""
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices), {a.dest: a.help or "" for a in action._choices_actions}
@@ -138,13 +138,17 @@ def _option_row(action: argparse.Action) -> str:
 
 def cli_page() -> str:
     parser = cli.parser()
-    commands, helps = _subcommands(parser)
+    commands, helps = subcommands(parser)
     epilog = cli.EPILOG.splitlines()[1:]  # under "examples:", the indented lines are commands
     lines = [
         HEADER.format(source="the argument parser in dontstop_jax/cli.py"),
         "# Command line",
         "",
-        f"`dontstop COMMAND [options] [--config.FIELD=VALUE ...]`: {cell(cli.__doc__ or '')}",
+        cell(cli.__doc__ or ""),
+        "",
+        "```text",
+        "usage: dontstop COMMAND [options] [--config.FIELD=VALUE ...]",
+        "```",
         "",
         "Every command that takes `--config FILE.py[:ARG]` (and `demo`) also takes any number of "
         "`--config.FIELD=VALUE` overrides of that config's fields ([Config fields](config.md)); a field that does "

@@ -2,7 +2,8 @@
 it: a `dontstop` command must parse with the real argument parser and its config, with every
 `--config.a.b=value`, must load and pass the loader's checks (cheap; nothing is trained), `dontstop config`
 and `--help` really run, `launch/run.sh` runs with `--dry-run`, a bench script or module must exist and know
-the flags given, and a repository file named (configs/..., bench/...) must exist. Data paths (/data/...,
+the flags given, and a repository file named (configs/..., bench/...) must exist. A `dontstop ...` code span in
+the prose must name a real command, its real options and declared `--config.` fields. Data paths (/data/...,
 runs/..., gs://...) are placeholders: only their existence goes unchecked. The generated reference pages must
 be what `python -m dontstop_jax.docs_gen` writes now.
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from dontstop_jax import cli, docs_gen
+from dontstop_jax import cli, docs_gen, fields
 from dontstop_jax.errors import UserError
 
 ROOT = Path(__file__).parents[1]
@@ -47,8 +48,9 @@ class Command:
         return f"{self.where}: {self.kind} {shlex.join(self.argv)}"
 
 
-def shell_lines(text: str) -> Iterator[tuple[int, str]]:
-    """(line number, line) of every shell line of a Markdown page."""
+def page_lines(text: str) -> Iterator[tuple[bool, int, str]]:
+    """(whether it is a shell line, line number, line) of a Markdown page's shell lines and prose lines (code
+    blocks that are neither are left out)."""
     lines = text.splitlines()
     i = 0
     while i < len(lines):
@@ -59,21 +61,41 @@ def shell_lines(text: str) -> Iterator[tuple[int, str]]:
                 i += 1
             body = [(n + 1, line[len(indent) :]) for n, line in enumerate(lines[start + 1 : i], start + 1)]
             if lang in SHELL:
-                yield from body
+                yield from ((True, n, line) for n, line in body)
             elif lang in CONSOLE:  # `$ ` lines and their continuations; the rest is output
                 going = False
                 for n, line in body:
                     if going or line.startswith("$ "):
-                        yield n, line.removeprefix("$ ")
+                        yield True, n, line.removeprefix("$ ")
                         going = line.endswith("\\")
         elif lines[i].startswith("    ") and (i == 0 or not lines[i - 1].strip()):
             start = i
             while i < len(lines) and (lines[i].startswith("    ") or not lines[i].strip()):
                 i += 1
-            if lines[start].strip().startswith(STARTS):
-                yield from ((n + 1, lines[n][4:]) for n in range(start, i))
+            shell = lines[start].strip().startswith(STARTS)
+            yield from ((shell, n + 1, lines[n][4:] if shell else lines[n]) for n in range(start, i))
             continue
+        else:
+            yield False, i + 1, lines[i]
         i += 1
+
+
+def shell_lines(text: str) -> Iterator[tuple[int, str]]:
+    return ((n, line) for shell, n, line in page_lines(text) if shell)
+
+
+def inline_commands(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every `dontstop ...` code span in the prose (spans may wrap within a paragraph)."""
+    prose = [(n, line) for shell, n, line in page_lines(text) if not shell]
+    paragraph: list[tuple[int, str]] = []
+    for n, line in [*prose, (0, "")]:
+        if line.strip():
+            paragraph.append((n, line))
+            continue
+        joined = "\n".join(line for _, line in paragraph)
+        for span in re.finditer(r"`(dontstop [^`]+)`", joined):
+            yield paragraph[joined.count("\n", 0, span.start())][0], " ".join(span[1].split())
+        paragraph = []
 
 
 def logical_lines(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
@@ -192,11 +214,27 @@ def page_commands(text: str, where: str) -> Iterator[Command]:
                 yield resolve(n, *found)
 
 
+def inline_flags(where: str, text: str) -> Command:
+    """A `dontstop CMD ...` code span of the prose: only its flags are checked (it often elides the rest)."""
+    try:
+        words = shlex.split(text)
+    except ValueError:
+        words = text.split()
+    return Command(where, "inline", tuple(words[1:]))
+
+
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-COMMANDS = [c for page in DOCS for c in page_commands(page.read_text(), str(page.relative_to(ROOT)))]
+COMMANDS = [
+    *(c for page in DOCS for c in page_commands(page.read_text(), str(page.relative_to(ROOT)))),
+    *(
+        inline_flags(f"{page.relative_to(ROOT)}:{n}", text)
+        for page in DOCS
+        for n, text in inline_commands(page.read_text())
+    ),
+]
 
 
-def check_files(args: tuple[str, ...] | list[str]) -> None:
+def missing_files(args: list[str]) -> str:
     """Every repository file an argument names (configs/x.py:arg, bench/y.py, inside overrides too) exists."""
     missing = [
         name
@@ -204,68 +242,98 @@ def check_files(args: tuple[str, ...] | list[str]) -> None:
         for name in REPO_FILE.findall(arg)
         if not any(ROOT.glob(name)) and not (ROOT / name).exists()
     ]
-    assert not missing, f"no such file in the repository: {', '.join(missing)}"
+    return f"no such file in the repository: {', '.join(missing)}" if missing else ""
 
 
-def check_dontstop(args: list[str], capsys: pytest.CaptureFixture) -> None:
+def run_main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int | str | None, str]:
+    """(exit code, stdout) of `dontstop ARGS` run in this process."""
+    capsys.readouterr()
+    try:
+        code: int | str | None = cli.main(args)
+    except SystemExit as done:  # --help
+        code = done.code
+    return code, capsys.readouterr().out
+
+
+def dontstop_problem(args: list[str], capsys: pytest.CaptureFixture) -> str:
     """Parsed by the real parser, its config loaded and checked as the command would before any work; `config`
     and `--help` run."""
     if "-h" in args or "--help" in args:
-        with pytest.raises(SystemExit) as done:
-            cli.main(args)
-        assert done.value.code == 0 and "usage:" in capsys.readouterr().out
-        return
+        code, out = run_main(args, capsys)
+        return "" if code == 0 and "usage:" in out else f"--help fails (exit {code})"
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
             parsed, overrides = cli.parser().parse_known_args(args)
     except SystemExit:
-        pytest.fail(f"the parser refuses it: {err.getvalue().strip().splitlines()[-1]}", pytrace=False)
+        return f"the parser refuses it: {err.getvalue().strip().splitlines()[-1]}"
     try:
         cli.checked_config(parsed, overrides)
     except UserError as refused:
-        pytest.fail(f"its config does not load: {refused}", pytrace=False)
-    if parsed.command == "config":
-        capsys.readouterr()
-        assert cli.main(args) == 0 and "changes result" in capsys.readouterr().out
+        return f"its config does not load: {refused}"
+    if parsed.command == "config" and run_main(args, capsys)[0] != 0:
+        return "`dontstop config` fails"
+    return ""
 
 
-def check_launch(args: list[str], capsys: pytest.CaptureFixture) -> None:
+def launch_problem(args: list[str], capsys: pytest.CaptureFixture) -> str:
     """launch/run.sh accepts its mode and options (run with --dry-run: it prints what it would start)."""
     launcher, inner = _launcher_split(args)
     dry = [*launcher[:1], "--dry-run", *launcher[1:]] if launcher and not launcher[0].startswith("-") else launcher
     out = subprocess.run(["bash", "launch/run.sh", *dry, *inner], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, f"launch/run.sh refuses it: {out.stderr.strip()}"
-    if inner:
-        check_dontstop(inner, capsys)
+    if out.returncode != 0:
+        return f"launch/run.sh refuses it: {out.stderr.strip()}"
+    return dontstop_problem(inner, capsys) if inner else ""
 
 
-def check_script(args: list[str]) -> None:
+def script_problem(args: list[str]) -> str:
     """The script or module exists and each --flag given appears in it (or, for a shell wrapper, in the module
     of the same name it passes its arguments to)."""
     script = ROOT / args[0]
-    assert script.is_file(), f"no such script or module: {args[0]}"
+    if not script.is_file():
+        return f"no such script or module: {args[0]}"
     sources = [p.read_text() for p in (script, script.with_suffix(".py")) if p.is_file()]
     unknown = [
         flag
         for flag in (a.split("=")[0] for a in args[1:] if a.startswith("--"))
         if not any(re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", s) for s in sources)
     ]
-    assert not unknown, f"{args[0]} knows no {', '.join(unknown)}"
+    return f"{args[0]} knows no {', '.join(unknown)}" if unknown else ""
+
+
+def inline_problem(args: list[str]) -> str:
+    """The command exists, each of its flags is one of its options, each --config.PATH a declared field."""
+    commands, _ = docs_gen.subcommands(cli.parser())
+    if not args or args[0] not in commands:
+        return f"no command {args[0] if args else ''!r}; commands: {', '.join(commands)}"
+    options = {o for a in commands[args[0]]._actions for o in a.option_strings}
+    flags = [a.split("=")[0] for a in args[1:] if a.startswith("--")]
+    unknown = [f for f in flags if not f.startswith("--config.") and f not in options]
+    undeclared = [f for f in flags if f.startswith("--config.") and fields.declared(f[9:]) is None]
+    return "; ".join(
+        [
+            *([f"dontstop {args[0]} has no option {', '.join(unknown)}"] if unknown else []),
+            *([f"no such config field: {', '.join(undeclared)}"] if undeclared else []),
+        ]
+    )
+
+
+def problem(command: Command, capsys: pytest.CaptureFixture) -> str:
+    args = list(command.argv)
+    if command.error or missing_files(args):
+        return command.error or missing_files(args)
+    if command.kind == "dontstop":
+        return dontstop_problem(args, capsys)
+    if command.kind == "launch":
+        return launch_problem(args, capsys)
+    return inline_problem(args) if command.kind == "inline" else script_problem(args)
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[f"{c.where}:{' '.join(c.argv[:2])}" for c in COMMANDS])
 def test_documented_command(command: Command, capsys):
     """A failure names the page and line of the command and what is wrong with it."""
-    assert not command.error, f"{command}: {command.error}"
-    check_files(command.argv)
-    args = list(command.argv)
-    if command.kind == "dontstop":
-        check_dontstop(args, capsys)
-    elif command.kind == "launch":
-        check_launch(args, capsys)
-    else:
-        check_script(args)
+    found = problem(command, capsys)
+    assert not found, f"{command.where}: {found}\n    in: {command}"
 
 
 def test_the_docs_hold_commands_of_every_kind():
@@ -278,7 +346,8 @@ def test_the_docs_hold_commands_of_every_kind():
 def test_the_extraction_reads_shell_as_the_shell_does():
     text = "\n".join(
         [
-            "Text with `dontstop demo` inline is not a command.",
+            "Prose: `dontstop demo --scale` inline (only its flags are checked) and `dontstop export --from X",
+            "--peft-only`, a span that wraps.",
             "",
             "```bash",
             "# a comment line",
@@ -301,18 +370,19 @@ def test_the_extraction_reads_shell_as_the_shell_does():
         ]
     )
     found = [(c.where, c.kind, list(c.argv)) for c in page_commands(text, "page.md")]
+    assert list(inline_commands(text)) == [(1, "dontstop demo --scale"), (1, "dontstop export --from X --peft-only")]
     biomed = ["--config", "configs/dapt.py:biomed"]
     assert found == [
         (
-            "page.md:6",
+            "page.md:7",
             "dontstop",
             ["pretrain", *biomed, "--config.init=gs://my-bucket/models/x", '--config.data.sources=["/data/*.txt"]'],
         ),
-        ("page.md:8", "dontstop", ["pretrain", *biomed, "--config.seed=1"]),
-        ("page.md:8", "dontstop", ["demo", "--scale", "tiny"]),
-        ("page.md:10", "launch", ["slurm", "pretrain", *biomed]),
-        ("page.md:14", "dontstop", ["config", "--config", "configs/finetune.py:chemprot", "--diff"]),
-        ("page.md:18", "dontstop", ["plan", *biomed, "--topology", "v4-8"]),
+        ("page.md:9", "dontstop", ["pretrain", *biomed, "--config.seed=1"]),
+        ("page.md:9", "dontstop", ["demo", "--scale", "tiny"]),
+        ("page.md:11", "launch", ["slurm", "pretrain", *biomed]),
+        ("page.md:15", "dontstop", ["config", "--config", "configs/finetune.py:chemprot", "--diff"]),
+        ("page.md:19", "dontstop", ["plan", *biomed, "--topology", "v4-8"]),
     ]
 
 
