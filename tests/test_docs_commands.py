@@ -214,22 +214,24 @@ def page_commands(text: str, where: str) -> Iterator[Command]:
                 yield resolve(n, *found)
 
 
-def inline_flags(where: str, text: str) -> Command:
-    """A `dontstop CMD ...` code span of the prose: only its flags are checked (it often elides the rest)."""
+def inline_flags(where: str, text: str) -> Iterator[Command]:
+    """The `dontstop` commands of a code span in the prose: only their flags are checked (a span often elides
+    the rest, or names a placeholder: `dontstop COMMAND --help`)."""
     try:
-        words = shlex.split(text)
-    except ValueError:
-        words = text.split()
-    return Command(where, "inline", tuple(words[1:]))
+        commands = split_commands(text)
+    except ValueError:  # unbalanced quotes
+        commands = [text.split()]
+    yield from (Command(where, "inline", tuple(words[1:])) for words in commands if words[0] == "dontstop")
 
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 COMMANDS = [
     *(c for page in DOCS for c in page_commands(page.read_text(), str(page.relative_to(ROOT)))),
     *(
-        inline_flags(f"{page.relative_to(ROOT)}:{n}", text)
+        command
         for page in DOCS
         for n, text in inline_commands(page.read_text())
+        for command in inline_flags(f"{page.relative_to(ROOT)}:{n}", text)
     ),
 ]
 
@@ -304,9 +306,11 @@ def script_problem(args: list[str]) -> str:
 def inline_problem(args: list[str]) -> str:
     """The command exists, each of its flags is one of its options, each --config.PATH a declared field."""
     commands, _ = docs_gen.subcommands(cli.parser())
-    if not args or args[0] not in commands:
+    placeholder = bool(args) and args[0].isupper()  # dontstop COMMAND --help: any command's options
+    if not args or not (args[0] in commands or placeholder):
         return f"no command {args[0] if args else ''!r}; commands: {', '.join(commands)}"
-    options = {o for a in commands[args[0]]._actions for o in a.option_strings}
+    named = commands.values() if placeholder else [commands[args[0]]]
+    options = {o for sub in named for a in sub._actions for o in a.option_strings}
     flags = [a.split("=")[0] for a in args[1:] if a.startswith("--")]
     unknown = [f for f in flags if not f.startswith("--config.") and f not in options]
     undeclared = [f for f in flags if f.startswith("--config.") and fields.declared(f[9:]) is None]
@@ -337,9 +341,8 @@ def test_documented_command(command: Command, capsys):
 
 
 def test_the_docs_hold_commands_of_every_kind():
-    """The extraction found the README's commands (a broken extractor would otherwise check nothing)."""
-    readme = [c for c in COMMANDS if c.where.startswith("README.md")]
-    assert {c.kind for c in readme} >= {"dontstop", "launch"}
+    """The extraction found the docs' commands (a broken extractor would otherwise check nothing)."""
+    assert {c.kind for c in COMMANDS} >= {"dontstop", "launch", "inline"}
     assert {c.argv[0] for c in COMMANDS if c.kind == "dontstop"} >= {"pretrain", "finetune", "demo", "grid"}
 
 
@@ -371,6 +374,8 @@ def test_the_extraction_reads_shell_as_the_shell_does():
     )
     found = [(c.where, c.kind, list(c.argv)) for c in page_commands(text, "page.md")]
     assert list(inline_commands(text)) == [(1, "dontstop demo --scale"), (1, "dontstop export --from X --peft-only")]
+    spans = inline_flags("p:1", "dontstop demo && dontstop analyze --config X | tee y")
+    assert [c.argv for c in spans] == [("demo",), ("analyze", "--config", "X")]
     biomed = ["--config", "configs/dapt.py:biomed"]
     assert found == [
         (
