@@ -40,7 +40,7 @@ SEPARATORS = {"&&", "||", ";", "|", "&"}
 @dataclasses.dataclass(frozen=True)
 class Command:
     where: str  # file:line
-    kind: str  # dontstop, launch, script
+    kind: str  # dontstop, launch, script (a bench or package module), inline (a code span of the prose)
     argv: tuple[str, ...]  # after the program (a script's: its path first)
     error: str = ""  # why the command could not be read
 
