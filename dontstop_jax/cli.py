@@ -7,9 +7,13 @@ import glob
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from dontstop_jax.errors import EXIT_FAULT, EXIT_INTERRUPTED, EXIT_USER, Fault, Interrupted, UserError
 from dontstop_jax.files import describe_fault
+
+if TYPE_CHECKING:  # loaded with the config, after quiet_platform()
+    from ml_collections import ConfigDict
 
 EPILOG = """examples:
   dontstop demo                                   # the offline synthetic benchmark: grid + table (~15 min)
@@ -29,7 +33,8 @@ EPILOG = """examples:
 Every --config.a.b=value must name an existing field; `dontstop config --config F:ARG` lists them with their meaning."""
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    """The argument parser (also what docs/reference/cli.md is generated from)."""
     p = argparse.ArgumentParser(
         prog="dontstop", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -91,8 +96,9 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         return _command(args, overrides)
 
 
-def _command(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Run one command; its exit code (plan: 1 when the step does not fit)."""
+def checked_config(args: argparse.Namespace, overrides: list[str]) -> ConfigDict | None:
+    """The command's config, loaded, overridden and checked (export: its arguments checked; it has no config):
+    every check a command makes before any work (the docs' commands are checked with it too)."""
     from dontstop_jax import config_loader
 
     if args.command == "export":
@@ -100,16 +106,22 @@ def _command(args: argparse.Namespace, overrides: list[str]) -> int:
             raise UserError(f"export takes no --config overrides, got {overrides}")
         config_loader.check_url(args.source, "--from")
         config_loader.check_url(args.to, "--to")
+        return None
+    if args.command == "demo":
+        from dontstop_jax.phases import synthetic
+
+        return config_loader.finalize(synthetic.get_config(args.scale), overrides)
+    return config_loader.load(args.config, overrides, platform="tpu" if args.command == "plan" else None)
+
+
+def _command(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Run one command; its exit code (plan: 1 when the step does not fit)."""
+    cfg = checked_config(args, overrides)
+    if cfg is None:  # export
         from dontstop_jax.phases.export import export, export_delta
 
         print((export_delta if args.peft_only else export)(args.source, args.to, step=args.step))
         return 0
-    if args.command == "demo":
-        from dontstop_jax.phases import synthetic
-
-        cfg = config_loader.finalize(synthetic.get_config(args.scale), overrides)
-    else:
-        cfg = config_loader.load(args.config, overrides, platform="tpu" if args.command == "plan" else None)
     if args.command in ("demo", "grid"):
         from dontstop_jax.phases.grid import Grid
         from dontstop_jax.phases.synthetic import materialize
@@ -191,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit 0 when done, 75 when interrupted (SIGTERM/SIGINT: the running phase checkpointed; rerunning the
     command continues), 1 on a fault (filesystem, another process) or when `plan` finds the step does not fit,
     2 on bad input. Errors end with one line on stderr, never a traceback."""
-    args, overrides = _parser().parse_known_args(argv)
+    args, overrides = parser().parse_known_args(argv)
     quiet_platform()
     try:
         code = _run(args, overrides)

@@ -63,6 +63,12 @@ def rows(cfg: ConfigDict) -> list[tuple[str, Any, str, Field | None, bool]]:
     return out
 
 
+def short(value: Any) -> str:
+    """A value as JSON, cut to 32 characters."""
+    text = json.dumps(value)
+    return text if len(text) <= 32 else text[:29] + "..."
+
+
 def explain(cfg: ConfigDict, diff: bool = False) -> str:
     """The table `dontstop config` prints (diff: only the fields whose value is not their declared default)."""
     shown = [r for r in rows(cfg) if not (diff and r[4])]
@@ -72,7 +78,5 @@ def explain(cfg: ConfigDict, diff: bool = False) -> str:
         "Each field is declared in dontstop_jax/fields.py."
     ]
     for path, value, counts, field, _ in shown:
-        text = json.dumps(value)
-        text = text if len(text) <= 32 else text[:29] + "..."
-        lines.append(f"{path:<{width}}  {text:<32}  {counts:<{wide}}  {field.doc if field else '(undeclared)'}")
+        lines.append(f"{path:<{width}}  {short(value):<32}  {counts:<{wide}}  {field.doc if field else '(undeclared)'}")
     return "\n".join(lines)

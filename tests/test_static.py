@@ -54,7 +54,7 @@ LAYERS = [
     {"train"},
     {"selection", "das", "analysis"},
     {"phases"},
-    {"runtime", "cli", "__main__"},
+    {"runtime", "cli", "__main__", "docs_gen"},
 ]
 
 
