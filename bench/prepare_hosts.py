@@ -4,18 +4,18 @@ Each process is one "host" of a multi-process JAX run (gloo on this machine) wit
 to cores of its own (sched_setaffinity; --cores-per-host, default 1): the 1-process run gets cores [0, c), the
 2-process run [0, c) and [c, 2c). Each runs in a session of its own, so Linux's autogroup scheduling gives each
 host the share of its cores that one process gets (in one shared group, 2 processes split 1 process's share of a
-busy machine, and 2 hosts looked no faster than 1). Each prepares with prepare's default encoding pool, sized to the cores it may use,
-so the comparison is of hosts that each bring their cores, as the issue means, not of 2 processes sharing the
-cores 1 process already used. Into a bucket (the local GCS emulator, not pinned: it stands for the remote storage)
-or a local directory both share. Reported per corpus: the wall time of `prepare_corpus` (slowest process;
-start-up before it, Python, JAX and the tokenizer's imports, the distributed join and the first touch of the bucket,
-is not in it: a command has done that before it prepares) for 1 and 2 processes, run 1/2/1/2/..., median of the
-repeats, and their ratio; next to it the same for CPU seconds (each process's, its encoding workers included; the
-ratio of the slowest): on a machine that other jobs load, the CPU ratio says what hosts with their own idle cores
-would see; and each host's local disk: the bytes it staged for upload in all, and its peak (the largest file, each
-deleted before the next, plus what is left in its TMPDIR and cache) against its share of the prepared corpus. Unit,
-block and shard sizes are scaled down with the corpus (64 units, 256 compressed blocks, 8 shards, as a 24-48 GB
-corpus has thousands).
+busy machine, and 2 hosts looked no faster than 1). Each prepares with prepare's default encoding pool, sized to
+the cores it may use, so the comparison is of hosts that each bring their cores, as the issue means, not of 2
+processes sharing the cores 1 process already used. Into a bucket (the local GCS emulator, not pinned: it stands
+for the remote storage) or a local directory both share. Reported per corpus: the wall time of `prepare_corpus`
+(slowest process; start-up before it, Python, JAX and the tokenizer's imports, the distributed join and the first
+touch of the bucket, is not in it: a command has done that before it prepares) for 1 and 2 processes, run
+1/2/1/2/..., median of the repeats, and their ratio; next to it the same for CPU seconds (each process's, its
+encoding workers included; the ratio of the slowest): on a machine that other jobs load, the CPU ratio says what
+hosts with their own idle cores would see; and each host's local disk: the bytes it staged for upload in all, and
+its peak (the largest file, each deleted before the next, plus what is left in its TMPDIR and cache) against its
+share of the prepared corpus. Unit, block and shard sizes are scaled down with the corpus (64 units, 256
+compressed blocks, 8 shards, as a 24-48 GB corpus has thousands).
 
     python -m bench.prepare_hosts --out local     # 256 MB of text per corpus, into a local directory both share
     python -m bench.prepare_hosts                 # into the emulated bucket
