@@ -25,6 +25,7 @@ compressed blocks, 8 shards, as a 24-48 GB corpus has thousands).
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import os
@@ -97,7 +98,7 @@ def run_hosts(
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
-                preexec_fn=lambda i=i: os.sched_setaffinity(0, range(i * cores, (i + 1) * cores)),
+                preexec_fn=functools.partial(os.sched_setaffinity, 0, range(i * cores, (i + 1) * cores)),
                 start_new_session=True,  # a scheduling group of its own (autogroup), as a host's own cores
             )
         )
