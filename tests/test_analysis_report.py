@@ -251,3 +251,64 @@ def test_cli_rejects_an_unknown_preset():
         timeout=300,
     )
     assert out.returncode == 2 and "unknown analysis preset 'nope'" in out.stderr
+
+
+_TWO_HOSTS = """
+import sys
+from dontstop_jax import distributed
+distributed.initialize()
+import jax
+from dontstop_jax.analysis import report
+from dontstop_jax.errors import Fault
+from ml_collections import ConfigDict
+
+cfg = ConfigDict(eval(sys.argv[1]))
+published = report.publishing
+def counted(where, **kwargs):  # the report's publications on this process
+    print("publish", where, flush=True)
+    return published(where, **kwargs)
+report.publishing = counted
+report.analyze(cfg)
+cfg.out_dir = sys.argv[2]  # under a file: process 0's write fails
+try:
+    report.analyze(cfg)
+except Fault as err:  # process 1: told, not left waiting
+    print("fault", str(err).split("(")[0], flush=True)
+except OSError:  # process 0: its own error
+    print("failed", flush=True)
+"""
+
+
+def test_on_two_hosts_only_process_0_writes_the_report_and_its_failure_reaches_the_other(tmp_path):
+    """Two real processes analyse the same inputs: process 0 alone publishes the report, which equals one process's;
+    when its write fails, process 1 raises instead of waiting."""
+    from local_processes import run_local_processes
+
+    cfg = _config("custom")
+    cfg.corpora = {
+        "a": [_lines(tmp_path / "a.txt", ["alpha beta gamma", "beta gamma delta"] * 5)],
+        "b": [_lines(tmp_path / "b.txt", ["gamma delta zebra", "zebra lion alpha"] * 5)],
+    }
+    cfg.vocab.top_k = 3
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text(
+        "".join(f'{{"step": {s}, "phase": "train/", "loss": {5 - s / 10}}}\n' for s in range(1, 6))
+    )
+    cfg.curves = {"run": str(tmp_path / "run")}
+    cfg.out_dir = str(tmp_path / "one")
+    one = analyze(cfg)
+    (tmp_path / "file").write_text("not a directory")
+    cfg.out_dir = str(tmp_path / "two")
+    outputs = run_local_processes(_TWO_HOSTS, repr(cfg.to_dict()), str(tmp_path / "file" / "report"), timeout=180)
+    assert [line for line in outputs[0].splitlines() if line.startswith(("publish", "fault", "failed"))] == [
+        f"publish {tmp_path / 'two'}",
+        f"publish {tmp_path / 'file' / 'report'}",
+        "failed",
+    ]
+    assert [line for line in outputs[1].splitlines() if line.startswith(("publish", "fault", "failed"))] == [
+        f"fault process 0 failed in write the analysis {tmp_path / 'file' / 'report'} "
+    ]
+    two = tmp_path / "two"
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    for name in ("summary.md", "vocab_overlap.csv"):
+        assert (two / name).read_text() == (one / name).read_text()

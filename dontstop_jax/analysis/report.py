@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import json
 import re
+from typing import TYPE_CHECKING
 
 from ml_collections import ConfigDict
 
 from dontstop_jax import files
 from dontstop_jax.analysis import plots
 from dontstop_jax.analysis.vocab import vocab_overlap
+from dontstop_jax.distributed import decide, on_first_process
 from dontstop_jax.errors import UserError
 from dontstop_jax.files import publishing
+
+if TYPE_CHECKING:
+    from dontstop_jax.analysis.mlm_eval import MLMLossTable
 
 _PHASE_DIR = re.compile(r"^(?P<label>.+)-[0-9a-f]{10}$")  # phases/grid.py: <label>-<fingerprint>
 
@@ -53,15 +58,31 @@ def _synthetic_corpora(cfg: ConfigDict) -> dict[str, list[str]]:
     return {name: [str(path)] for name, path in write_heldout(bench, cfg.synthetic.heldout_docs).items()}
 
 
-def _write(out: files.Path, cfg: ConfigDict) -> list[str]:
-    """Every configured section into `out`; returns the Markdown summary's lines."""
+def _inputs(cfg: ConfigDict) -> tuple[dict[str, list[str]], dict[str, str], dict[str, files.Path]]:
+    """(corpora, checkpoints, curves) to analyze: the grid's finished phases are read once, on process 0, and
+    handed to the others, so every host scores the same checkpoints."""
     corpora = _synthetic_corpora(cfg) if cfg.get("synthetic") else {k: list(v) for k, v in cfg.corpora.items()}
     checkpoints = dict(cfg.mlm.checkpoints)
     curves = {name: files.path(path) / "metrics.jsonl" for name, path in cfg.curves.items()}
     if cfg.grid_dir:
-        phases = grid_phases(cfg.grid_dir)
-        checkpoints = {**{k: str(v) for k, v in phases.items()}, **checkpoints}
-        curves = {**{k: v / "metrics.jsonl" for k, v in phases.items()}, **curves}
+        phases = decide(
+            f"find the finished phases of {cfg.grid_dir}",
+            lambda: {k: str(v) for k, v in grid_phases(cfg.grid_dir).items()},
+            timeout=600,
+        )
+        checkpoints = {**phases, **checkpoints}
+        curves = {**{k: files.path(v) / "metrics.jsonl" for k, v in phases.items()}, **curves}
+    return corpora, checkpoints, curves
+
+
+def _write(
+    out: files.Path,
+    cfg: ConfigDict,
+    corpora: dict[str, list[str]],
+    table: MLMLossTable | None,
+    curves: dict[str, files.Path],
+) -> list[str]:
+    """Every configured section into `out`; returns the Markdown summary's lines."""
     summary = ["# Domain analysis", ""]
     if corpora and cfg.vocab.top_k:
         overlap = vocab_overlap(corpora, cfg.vocab.top_k, cfg.vocab.max_docs or None)
@@ -84,11 +105,7 @@ def _write(out: files.Path, cfg: ConfigDict) -> list[str]:
             "![vocabulary overlap](vocab_overlap.png)",
             "",
         ]
-    if corpora and checkpoints:
-        from dontstop_jax.analysis.mlm_eval import MaskingSpec, mlm_loss_table  # imports jax: only when needed
-
-        spec = MaskingSpec(**{k: v for k, v in cfg.mlm.items() if k not in ("checkpoints", "mesh_shape")})
-        table = mlm_loss_table(checkpoints, corpora, spec, mesh_shape=cfg.mlm.mesh_shape)
+    if table is not None:
         table.write_csv(out / "mlm_loss.csv")
         plots.heatmap(
             table.loss,
@@ -133,17 +150,30 @@ def _write(out: files.Path, cfg: ConfigDict) -> list[str]:
             "![learning curves](learning_curve.png)",
             "",
         ]
-    if len(summary) == 2:
-        raise UserError("nothing to analyze: configure corpora, mlm.checkpoints, curves or grid_dir")
     return summary
 
 
 def analyze(cfg: ConfigDict) -> files.Path:
-    """Write the analysis of `cfg` (see configs/analyze.py) into cfg.out_dir, replacing an older one whole."""
+    """Write the analysis of `cfg` (see configs/analyze.py) into cfg.out_dir, replacing an older one whole. Every
+    host scores its share of the MLM batches (a collective); process 0 alone then draws and publishes the report,
+    and its failure is every host's."""
     plots.pyplot()  # fail on a missing matplotlib before minutes of evaluation, not after
+    corpora, checkpoints, curves = _inputs(cfg)
+    if not ((corpora and (cfg.vocab.top_k or checkpoints)) or curves):  # a grid_dir brings its phases' curves
+        raise UserError("nothing to analyze: configure corpora, mlm.checkpoints, curves or grid_dir")
+    table = None
+    if corpora and checkpoints:
+        from dontstop_jax.analysis.mlm_eval import MaskingSpec, mlm_loss_table  # imports the model: only when needed
+
+        spec = MaskingSpec(**{k: v for k, v in cfg.mlm.items() if k not in ("checkpoints", "mesh_shape")})
+        table = mlm_loss_table(checkpoints, corpora, spec, mesh_shape=cfg.mlm.mesh_shape)
     out = files.path(cfg.out_dir)
-    with publishing(out) as stage:
-        stage.mkdir()
-        summary = _write(stage, cfg)
-        (stage / "summary.md").write_text("\n".join(summary), encoding="utf-8")
+
+    def publish() -> None:
+        with publishing(out) as stage:
+            stage.mkdir()
+            summary = _write(stage, cfg, corpora, table, curves)
+            (stage / "summary.md").write_text("\n".join(summary), encoding="utf-8")
+
+    on_first_process(f"write the analysis {out}", publish)
     return out
