@@ -70,3 +70,44 @@ def tiny_grid(tmp_path_factory: pytest.TempPathFactory, compilation_cache):
     (root / "xla").symlink_to(compilation_cache)
     stdout = cli("demo", "--scale", "tiny", f"--config.workdir={root / 'grid'}", cwd=root / "cwd")
     return root, stdout
+
+
+# The tiny DAS sequence over two domains (its importance files hand over from stage to stage), one seed, its
+# stages and fine-tunes shortened (10 steps, 1 epoch): the tests compare tables, whatever they hold.
+CONTINUAL_TWO_DOMAINS = [
+    "continual",
+    "--config",
+    "configs/continual.py:tiny",
+    "--config.methods=['das']",
+    "--config.synthetic.domains=('bio','cs')",
+    "--config.synthetic.task_domains=('bio','cs')",
+    "--config.sequence=['bio','cs']",
+    "--config.dapt.train.steps=10",
+    "--config.finetune.train.epochs=1",
+]
+
+
+@pytest.fixture(scope="session")
+def continual_reference(tmp_path_factory, compilation_cache) -> tuple[list[str], dict]:
+    """CONTINUAL_TWO_DOMAINS run once per session, uninterrupted, by one process with 2 devices (the two hosts'
+    mesh of test_multihost: the same sums): (its argv, absolute, without workdir and benchmark directory; its
+    continual.json). The reference of test_interrupt's and test_multihost's continual cases."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, repo = tmp_path_factory.mktemp("continual-reference"), Path(__file__).parents[1]
+    argv = [str(repo / a) if a.startswith("configs/") else a for a in CONTINUAL_TWO_DOMAINS]
+    out = subprocess.run(
+        [sys.executable, "-m", "dontstop_jax", *argv, f"--config.workdir={root / 'run'}"]
+        + [f"--config.synthetic.directory={root / 'benchmark'}"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "DONTSTOP_LOCAL_DEVICES": "2"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return argv, json.loads((root / "run" / "continual.json").read_text())

@@ -124,38 +124,21 @@ def test_tiny_grid_interrupted_everywhere_gives_the_uninterrupted_table(tmp_path
 
 
 @pytest.mark.slow
-def test_continual_interrupted_gives_the_uninterrupted_table(tmp_path):
+def test_continual_interrupted_gives_the_uninterrupted_table(tmp_path, continual_reference, monkeypatch):
+    """The session's tiny DAS sequence (conftest.py), stopped in both stages and in a fine-tune, then rerun: its
+    table is the uninterrupted run's (on the reference's 2 devices)."""
     rng = random.Random(int(time.time()) + 1)
     print("random seed for the kill moments:", rng.getstate()[1][0])
-
-    def continual(name: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "dontstop_jax",
-            "continual",
-            "--config",
-            str(Path(__file__).parents[1] / "configs/continual.py:tiny"),
-            f"--config.workdir={tmp_path / name}",
-            f"--config.synthetic.directory={tmp_path / 'bench'}",
-            "--config.methods=['das','ncl']",
-            "--config.synthetic.domains=('bio','cs')",
-            "--config.synthetic.task_domains=('bio','cs')",
-            "--config.sequence=['bio','cs']",
-        ]
-
-    reference = subprocess.run(continual("reference"), cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    _stop_each(
-        continual("interrupted"),
-        tmp_path,
-        [("das-bio: step", signal.SIGTERM), ("das-cs: step", signal.SIGKILL), ("dapt-cs: step", signal.SIGTERM)],
-        rng,
-    )
-    again = subprocess.run(continual("interrupted"), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    argv, reference = continual_reference
+    monkeypatch.setenv("DONTSTOP_LOCAL_DEVICES", "2")
+    cmd = [sys.executable, "-m", "dontstop_jax", *argv, f"--config.workdir={tmp_path / 'interrupted'}"]
+    cmd.append(f"--config.synthetic.directory={tmp_path / 'bench'}")
+    stops = [("das-bio: step", signal.SIGTERM), ("das-cs: step", signal.SIGKILL), ("cs_topic-s0: step", signal.SIGTERM)]
+    _stop_each(cmd, tmp_path, stops, rng)
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    tables = [json.loads((tmp_path / name / "continual.json").read_text()) for name in ("reference", "interrupted")]
-    assert _without_timings(tables[0]) == _without_timings(tables[1])
+    table = json.loads((tmp_path / "interrupted" / "continual.json").read_text())
+    assert _without_timings(reference) == _without_timings(table)
     _parents_were_finished(tmp_path / "interrupted")
 
 

@@ -6,8 +6,8 @@ process 1's first checkpoint read failing once: one run of two of its rows cover
 pretraining and fine-tuning phases (each phase's summary and logged metrics), the grid and the hand-over. The
 reference is the same rows run by one process holding 2 devices: the hosts' batch split, so the same dropout
 masks (a device's dropout key follows its batch shard, engine/steps.py). The `prepare`, `select` and `export`
-cases start from the two grids (their phases, benchmark and prepared corpora); continual runs its own.
-The session's tiny demo's compilation cache is shared.
+cases start from the two grids (their phases, benchmark and prepared corpora); continual compares with the
+session's one-process continual run (conftest.py). The session's compilation cache is shared.
 
 Also (not slow): a command on a machine without a TPU prints no libtpu start-up lines, with libtpu installed.
 """
@@ -496,38 +496,19 @@ def test_analyze_on_two_hosts_equals_one_process(grid_on_two_hosts, grid_on_one_
 
 @needs_bucket
 @pytest.mark.slow
-def test_continual_on_two_hosts_equals_one_process(bucket, tmp_path):
-    """A tiny DAS sequence over two domains (its importance files hand over from stage to stage) on 2 hosts in
-    the bucket gives the one-process table."""
+def test_continual_on_two_hosts_equals_one_process(bucket, continual_reference, compilation_cache, tmp_path):
+    """The session's tiny DAS sequence over two domains (conftest.py; its importance files hand over from stage
+    to stage) on 2 hosts in the bucket gives the one-process table."""
     from dontstop_jax import files
 
-    fields = [
-        "--config.methods=['das']",
-        "--config.synthetic.domains=('bio','cs')",
-        "--config.synthetic.task_domains=('bio','cs')",
-        "--config.sequence=['bio','cs']",
-        "--config.synthetic.directory=benchmark",
-        "--compilation-cache",
-        str(tmp_path / "xla"),
-    ]
-    config = ["continual", "--config", str(ROOT / "configs/continual.py:tiny")]
-    one = subprocess.run(
-        [sys.executable, "-m", "dontstop_jax", *config, f"--config.workdir={tmp_path / 'one'}", *fields],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env={**os.environ, "DONTSTOP_LOCAL_DEVICES": "2"},
-    )  # the 2 hosts' mesh: same sums
-    assert one.returncode == 0, one.stderr[-3000:]
+    argv, reference = continual_reference
     two = subprocess.run(
-        _launch(tmp_path, "continual", *config, "--config.workdir=gs://bkt/continual", *fields),
+        _launch(tmp_path, "continual", *argv, "--config.workdir=gs://bkt/continual")
+        + ["--config.synthetic.directory=benchmark", "--compilation-cache", str(compilation_cache)],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=1200,
-    )
+    )  # each host generates the benchmark in its home
     assert two.returncode == 0, two.stderr[-3000:]
-    assert _without_timings(files.read_json("gs://bkt/continual/continual.json")) == _without_timings(
-        json.loads((tmp_path / "one" / "continual.json").read_text())
-    )
+    assert _without_timings(files.read_json("gs://bkt/continual/continual.json")) == _without_timings(reference)
