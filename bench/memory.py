@@ -28,7 +28,6 @@ from dontstop_jax.engine import (  # noqa: E402
     default_optim_config,
     make_mesh,
     make_optimizer,
-    make_train_step,
     mlm_loss_sums,
     state_shardings,
 )
@@ -58,7 +57,7 @@ def step_memory(cfg: ModelConfig, mesh_shape, accum: int) -> dict:
     tx, schedule = make_optimizer(default_optim_config(), 1000)
     shardings = state_shardings(model, tx, mesh, DEFAULT_RULES)
     step = compile_train_step(
-        make_train_step(StepSpec(mlm_loss_sums(model), tx, accum_steps=accum, schedule=schedule)),
+        StepSpec(mlm_loss_sums(model), tx, accum_steps=accum, schedule=schedule),
         shardings,
         mesh,
         DEFAULT_RULES,

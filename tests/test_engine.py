@@ -20,7 +20,6 @@ from dontstop_jax.engine import (
     make_eval_step,
     make_mesh,
     make_optimizer,
-    make_train_step,
     mlm_loss_sums,
     to_global,
 )
@@ -61,7 +60,7 @@ def run_mlm(mesh_shape, devices, steps=3, accum=1, cfg=CFG, seed=0):
     tx, schedule = make_optimizer(default_optim_config(), total_steps=10)
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=seed)
     step = compile_train_step(
-        make_train_step(StepSpec(mlm_loss_sums(model), tx, accum_steps=accum, schedule=schedule)),
+        StepSpec(mlm_loss_sums(model), tx, accum_steps=accum, schedule=schedule),
         shardings,
         mesh,
         DEFAULT_RULES,
@@ -134,9 +133,7 @@ def test_classification_step_learns_and_evaluates():
         "labels": labels,
         "example_weights": np.ones(16, np.float32),
     }
-    step = compile_train_step(
-        make_train_step(StepSpec(classification_loss_sums(model), tx)), shardings, mesh, DEFAULT_RULES
-    )
+    step = compile_train_step(StepSpec(classification_loss_sums(model), tx), shardings, mesh, DEFAULT_RULES)
     evaluate = compile_eval_step(make_eval_step(classification_loss_sums(model)), shardings.params, mesh, DEFAULT_RULES)
     before = evaluate(state.params, to_global(batch, mesh))
     for _ in range(40):

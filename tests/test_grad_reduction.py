@@ -23,7 +23,6 @@ from dontstop_jax.engine import (
     default_optim_config,
     make_mesh,
     make_optimizer,
-    make_train_step,
     mlm_loss_sums,
     to_global,
 )
@@ -76,9 +75,7 @@ def compiled(kind, mesh_shape, accum, gather_once=True, reduce_dtype="float32"):
     tx, _ = make_optimizer(default_optim_config(), total_steps=10)
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=0)
     step = compile_train_step(
-        make_train_step(
-            StepSpec(loss, tx, accum_steps=accum, gather_params_once=gather_once, grad_reduce_dtype=reduce_dtype)
-        ),
+        StepSpec(loss, tx, accum_steps=accum, gather_params_once=gather_once, grad_reduce_dtype=reduce_dtype),
         shardings,
         mesh,
         DEFAULT_RULES,
@@ -173,7 +170,7 @@ def test_bfloat16_reduction_halves_the_gradient_bytes():
     operands = {}
     for dtype in ("float32", "bfloat16"):
         step = compile_train_step(
-            make_train_step(StepSpec(mlm_loss_sums(model), tx, accum_steps=8, grad_reduce_dtype=dtype)),
+            StepSpec(mlm_loss_sums(model), tx, accum_steps=8, grad_reduce_dtype=dtype),
             shardings,
             mesh,
             DEFAULT_RULES,
