@@ -203,16 +203,16 @@ def _reduce(g: jax.Array, spec: P, dtype: Any) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
     """What a train step does (make_train_step). `loss`: plain, or `Fixed` (its arrays are among the step's
-    `arguments`). `hooks`: `grad_transform` maps the
-    gradients before clipping and the optimizer (zero frozen slices, DAS soft-masks), `update_transform` scales
-    the optimizer's output (layer-wise learning rates; DAS again, since Adam normalises away a constant gradient
-    scale); several sources of hooks combine with `chain_hooks`.
+    `arguments`). `hooks`: `grad_transform` maps the gradients before clipping and the optimizer (zero frozen
+    slices, DAS soft-masks), `update_transform` scales the optimizer's output (layer-wise learning rates; DAS
+    again, since Adam normalises away a constant gradient scale); several sources of hooks combine with
+    `chain_hooks`.
 
     `accum_steps` micro-batches per step; `grad_reduce_dtype` and `gather_params_once`: how the gradients are
     reduced and the parameters gathered (make_train_step). `skip_nonfinite`: a step whose loss or gradient norm
     is not finite keeps the old parameters and optimizer state (one bad batch need not end a long run) and
-    reports `skipped` = 1; the step counter still advances. `schedule`: the learning rate `tx` follows (make_optimizer
-    returns both), logged as `learning_rate`; its numbers are among the `arguments`.
+    reports `skipped` = 1; the step counter still advances. `schedule`: the learning rate `tx` follows
+    (make_optimizer returns both), logged as `learning_rate`; its numbers are among the `arguments`.
 
     `ema_decays`: {name: decay} of the state's parameter averages updated after every step (an EMA of the
     fine-tuned weights, SMART's mean teacher); the state's other averages are left to the phase (SWA).
