@@ -35,7 +35,6 @@ from dontstop_jax.engine import (
     default_optim_config,
     make_mesh,
     make_optimizer,
-    make_train_step,
     to_global,
 )
 from dontstop_jax.model import ModelConfig, RobertaForSequenceClassification
@@ -62,7 +61,7 @@ class OurClassifierStep:
         self.tx, schedule = make_optimizer(default_optim_config(), TOTAL_STEPS)
         self.state, shardings = create_train_state(model, self.tx, self.mesh, DEFAULT_RULES, seed=0)
         self.step = compile_train_step(
-            make_train_step(StepSpec(classification_loss_sums(model), self.tx, schedule=schedule)),
+            StepSpec(classification_loss_sums(model), self.tx, schedule=schedule),
             shardings,
             self.mesh,
             DEFAULT_RULES,

@@ -28,7 +28,6 @@ from dontstop_jax.engine import (  # noqa: E402
     default_optim_config,
     make_mesh,
     make_optimizer,
-    make_train_step,
     mlm_loss_sums,
     state_shardings,
 )
@@ -57,12 +56,8 @@ def step_memory(cfg: ModelConfig, mesh_shape, accum: int) -> dict:
     model = RobertaForMaskedLM(cfg)
     tx, schedule = make_optimizer(default_optim_config(), 1000)
     shardings = state_shardings(model, tx, mesh, DEFAULT_RULES)
-    step = compile_train_step(
-        make_train_step(StepSpec(mlm_loss_sums(model), tx, accum_steps=accum, schedule=schedule)),
-        shardings,
-        mesh,
-        DEFAULT_RULES,
-    )
+    spec = StepSpec(mlm_loss_sums(model), tx, accum_steps=accum, schedule=schedule)
+    step = compile_train_step(spec, shardings, mesh, DEFAULT_RULES)
     rows = batch_sharding(mesh)
     batch = {
         k: jax.ShapeDtypeStruct((GLOBAL_BATCH, n), dtype, sharding=rows)
@@ -76,7 +71,7 @@ def step_memory(cfg: ModelConfig, mesh_shape, accum: int) -> dict:
     }
     with activation_rules(mesh, DEFAULT_RULES):
         compiled = step.__wrapped__.lower(  # type: ignore[attr-defined]  # set by functools.wraps
-            abstract_state(shardings, model, tx), batch
+            abstract_state(shardings, model, tx), batch, spec.arguments
         ).compile()
     m = compiled.memory_analysis()
     peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes

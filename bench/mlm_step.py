@@ -28,7 +28,6 @@ from dontstop_jax.engine import (
     default_optim_config,
     make_mesh,
     make_optimizer,
-    make_train_step,
     mlm_loss_sums,
     to_global,
 )
@@ -86,7 +85,7 @@ class OurStep:
         tx, schedule = make_optimizer(default_optim_config(), TOTAL_STEPS)
         self.state, shardings = create_train_state(model, tx, self.mesh, DEFAULT_RULES, seed=0)
         self.step = compile_train_step(
-            make_train_step(StepSpec(mlm_loss_sums(model), tx, schedule=schedule)),
+            StepSpec(mlm_loss_sums(model), tx, schedule=schedule),
             shardings,
             self.mesh,
             DEFAULT_RULES,

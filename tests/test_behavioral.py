@@ -147,15 +147,16 @@ def test_gamma_zero_trains_exactly_as_plain_fine_tuning():
     (b,) = task.batches(iter([batch(2)]), first_step=0)
     plain_b = {k: b[k] for k in ("input_ids", "attention_mask", "labels", "example_weights")}
 
-    def one_step(loss, p, data, *fixed):
+    def one_step(loss, p, data):
         state = TrainState(
             step=jnp.int32(0), params=p, opt_state=tx.init(p), rng=jax.random.key_data(jax.random.key(5))
         )
-        return jax.device_get(jax.jit(make_train_step(StepSpec(loss, tx)))(state, data, *fixed))
+        spec = StepSpec(loss, tx)
+        return jax.device_get(jax.jit(make_train_step(spec))(state, data, spec.arguments))
 
     two = task.objective(None)(task.model(CFG, LABELS, None), placed(params()))[0]
     assert isinstance(two, Fixed)
-    (after, metrics) = one_step(two, params(), b, two.arrays)
+    (after, metrics) = one_step(two, params(), b)
     plain_params = {k: params()[k] for k in ("roberta", "classifier")}
     (plain, plain_metrics) = one_step(
         classification_loss_sums(RobertaForSequenceClassification(CFG, LABELS)), plain_params, plain_b

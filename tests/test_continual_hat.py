@@ -18,7 +18,6 @@ from dontstop_jax.engine import (
     compile_train_step,
     create_train_state,
     make_mesh,
-    make_train_step,
     mlm_loss_sums,
     to_global,
 )
@@ -46,11 +45,10 @@ def test_hat_blocks_the_units_past_domains_used():
     past["head"][0, 0] = past["intermediate"][1, 3] = 1.0
     loss, hooks = hat.hat_objective(1, past, C, S_MAX, 10)(model, state.params)
     step = compile_train_step(
-        make_train_step(StepSpec(loss, tx, hooks=hooks)),
+        StepSpec(loss, tx, hooks=hooks),
         shardings,
         MESH,
         DEFAULT_RULES,
-        fixed=loss.arrays,
         donate=False,
     )
     new, _ = step(state, to_global(mlm_batch(0), MESH))

@@ -108,13 +108,13 @@ def test_fixed_arrays_reach_the_step_as_an_argument():
             make.lower(state, batch, *extra).as_text()
             for make, extra in (
                 (jax.jit(make_train_step(StepSpec(loss(arrays, jnp.asarray(0)), tx))), ()),
-                (jax.jit(make_train_step(StepSpec(Fixed(loss, arrays), tx))), (arrays,)),
+                (jax.jit(make_train_step(StepSpec(Fixed(loss, arrays), tx))), ({"fixed": arrays},)),
             )
         ]
     longest = [max(len(line) for line in t.splitlines()) for t in texts]
     assert longest[0] > 2 * 4 * VOCAB * 8 > longest[1]  # closed over, a 128x8 float32 array is 8192 hex digits
     spec = StepSpec(Fixed(loss, arrays), tx)
-    step = compile_train_step(make_train_step(spec), shardings, MESH, DEFAULT_RULES, fixed=spec.fixed)
+    step = compile_train_step(spec, shardings, MESH, DEFAULT_RULES)
     _, metrics = step(state, batch)
     penalty = sum(np.sum(0.5 * (linear_params(0)[k] - linear_params(1)[k]) ** 2) for k in ("emb", "w"))
     expected = float(mean_mlm(model, linear_params(0), mlm_batch(0))) + lam / 2 * penalty

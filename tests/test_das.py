@@ -18,7 +18,6 @@ from dontstop_jax.engine import (
     default_optim_config,
     make_mesh,
     make_optimizer,
-    make_train_step,
     to_global,
 )
 from dontstop_jax.engine.sharding import activation_rules
@@ -133,7 +132,7 @@ def run_das(mesh, past, steps=2):
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=0)
     initial = jax.device_get(state.params)
     loss_sums, hooks = contrastive.das_objective(past, past, weight=0.5, temperature=0.05)(model, state.params)
-    step = compile_train_step(make_train_step(StepSpec(loss_sums, tx, hooks=hooks)), shardings, mesh, DEFAULT_RULES)
+    step = compile_train_step(StepSpec(loss_sums, tx, hooks=hooks), shardings, mesh, DEFAULT_RULES)
     losses = []
     for i in range(steps):
         state, metrics = step(state, to_global(mlm_batch(i), mesh))

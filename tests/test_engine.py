@@ -12,6 +12,8 @@ from ml_collections import ConfigDict
 from dontstop_jax.engine import (
     DEFAULT_RULES,
     StepSpec,
+    abstract_state,
+    batch_sharding,
     classification_loss_sums,
     compile_eval_step,
     compile_train_step,
@@ -20,12 +22,12 @@ from dontstop_jax.engine import (
     make_eval_step,
     make_mesh,
     make_optimizer,
-    make_train_step,
     mlm_loss_sums,
+    state_shardings,
     to_global,
 )
 from dontstop_jax.engine.optim import weight_decay_mask
-from dontstop_jax.engine.sharding import check_batch_size, resolve_mesh_shape
+from dontstop_jax.engine.sharding import activation_rules, check_batch_size, resolve_mesh_shape
 from dontstop_jax.errors import UserError
 from dontstop_jax.model import RobertaForMaskedLM, RobertaForSequenceClassification, init_params, tiny_config
 
@@ -61,7 +63,7 @@ def run_mlm(mesh_shape, devices, steps=3, accum=1, cfg=CFG, seed=0):
     tx, schedule = make_optimizer(default_optim_config(), total_steps=10)
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=seed)
     step = compile_train_step(
-        make_train_step(StepSpec(mlm_loss_sums(model), tx, accum_steps=accum, schedule=schedule)),
+        StepSpec(mlm_loss_sums(model), tx, accum_steps=accum, schedule=schedule),
         shardings,
         mesh,
         DEFAULT_RULES,
@@ -134,9 +136,7 @@ def test_classification_step_learns_and_evaluates():
         "labels": labels,
         "example_weights": np.ones(16, np.float32),
     }
-    step = compile_train_step(
-        make_train_step(StepSpec(classification_loss_sums(model), tx)), shardings, mesh, DEFAULT_RULES
-    )
+    step = compile_train_step(StepSpec(classification_loss_sums(model), tx), shardings, mesh, DEFAULT_RULES)
     evaluate = compile_eval_step(make_eval_step(classification_loss_sums(model)), shardings.params, mesh, DEFAULT_RULES)
     before = evaluate(state.params, to_global(batch, mesh))
     for _ in range(40):
@@ -168,6 +168,32 @@ def test_weight_decay_skips_biases_and_layer_norms():
         "LayerNorm": {"scale": False, "bias": False},
         "word_embeddings": {"embedding": True},
     }
+
+
+def test_schedule_numbers_are_an_argument_and_give_optax_rates():
+    """Two schedules lower to one program (their numbers are the step's argument, so phases that differ only in
+    them share a compiled step), and the rates are optax's warm-up + linear decay bit for bit, as arguments or
+    as constants (a division by a constant compiles to a product with its reciprocal)."""
+    mesh, model = make_mesh((1, 1, 1), jax.devices()[:1]), RobertaForMaskedLM(CFG)
+    rows = batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows) for k, v in mlm_batch(0).items()}
+    texts = []
+    for peak, steps in ((1e-3, 10), (5e-4, 37)):
+        tx, schedule = make_optimizer(ConfigDict(dict(default_optim_config(), learning_rate=peak)), steps)
+        shardings = state_shardings(model, tx, mesh, DEFAULT_RULES)
+        spec = StepSpec(mlm_loss_sums(model), tx, schedule=schedule)
+        step = compile_train_step(spec, shardings, mesh, DEFAULT_RULES)
+        with activation_rules(mesh, DEFAULT_RULES):
+            lowered = step.__wrapped__.lower(abstract_state(shardings, model, tx), batch, spec.arguments)  # type: ignore[attr-defined]
+        texts.append(lowered.as_text())
+        warmup = max(1, round(0.06 * steps))
+        linear = [optax.linear_schedule(0.0, peak, warmup), optax.linear_schedule(peak, 0.0, steps - warmup)]
+        expected = jax.jit(optax.join_schedules(linear, [warmup]))
+        as_argument, as_constant = jax.jit(schedule), jax.jit(functools.partial(schedule, values=None))
+        for count in map(np.int32, range(steps + 2)):
+            rate = expected(count)
+            assert as_argument(count, schedule.values) == rate and as_constant(count) == rate, (peak, count)
+    assert texts[0] == texts[1]
 
 
 def test_frozen_parameters_get_no_optimizer_state_and_do_not_move():

@@ -23,7 +23,6 @@ from dontstop_jax.engine import (
     default_optim_config,
     make_mesh,
     make_optimizer,
-    make_train_step,
     mlm_loss_sums,
     to_global,
 )
@@ -75,18 +74,11 @@ def compiled(kind, mesh_shape, accum, gather_once=True, reduce_dtype="float32"):
     loss = mlm_loss_sums(model) if kind == "mlm" else classification_loss_sums(model)
     tx, _ = make_optimizer(default_optim_config(), total_steps=10)
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=0)
-    step = compile_train_step(
-        make_train_step(
-            StepSpec(loss, tx, accum_steps=accum, gather_params_once=gather_once, grad_reduce_dtype=reduce_dtype)
-        ),
-        shardings,
-        mesh,
-        DEFAULT_RULES,
-        donate=False,
-    )
+    spec = StepSpec(loss, tx, accum_steps=accum, gather_params_once=gather_once, grad_reduce_dtype=reduce_dtype)
+    step = compile_train_step(spec, shardings, mesh, DEFAULT_RULES, donate=False)
     batches = [to_global(batch(kind, seed), mesh) for seed in range(3)]
     with activation_rules(mesh, DEFAULT_RULES):
-        executable = step.__wrapped__.lower(state, batches[0]).compile()  # type: ignore[attr-defined]  # functools.wraps
+        executable = step.__wrapped__.lower(state, batches[0], spec.arguments).compile()  # type: ignore[attr-defined]
     return mesh, executable, state, batches
 
 
@@ -127,7 +119,7 @@ def test_accumulation_matches_one_batch(kind, mesh_shape):
     for accum in (1, 8):
         _, executable, state, batches = compiled(kind, mesh_shape, accum)
         for b in batches:
-            state, metrics = executable(state, b)
+            state, metrics = executable(state, b, {})  # (the step's arguments: none without a schedule)
         runs.append((jax.device_get(state.params), float(metrics["loss"])))
     (one, loss_one), (eight, loss_eight) = runs
     np.testing.assert_allclose(loss_eight, loss_one, rtol=1e-5)
@@ -173,13 +165,13 @@ def test_bfloat16_reduction_halves_the_gradient_bytes():
     operands = {}
     for dtype in ("float32", "bfloat16"):
         step = compile_train_step(
-            make_train_step(StepSpec(mlm_loss_sums(model), tx, accum_steps=8, grad_reduce_dtype=dtype)),
+            StepSpec(mlm_loss_sums(model), tx, accum_steps=8, grad_reduce_dtype=dtype),
             shardings,
             mesh,
             DEFAULT_RULES,
         )
         with activation_rules(mesh, DEFAULT_RULES):
-            traced = step.__wrapped__.trace(state, to_global(batch("mlm", 0), mesh))  # type: ignore[attr-defined]
+            traced = step.__wrapped__.trace(state, to_global(batch("mlm", 0), mesh), {})  # type: ignore[attr-defined]
             operands[dtype] = reduced_operands(traced.jaxpr)
     grads = [(d, shape) for d, shape in operands["bfloat16"] if shape]  # (the loss and weight sums are scalars)
     assert grads and all(d == jnp.bfloat16 for d, _ in grads)

@@ -24,7 +24,6 @@ from dontstop_jax.engine import (
     create_train_state,
     default_optim_config,
     make_mesh,
-    make_train_step,
     to_global,
 )
 from dontstop_jax.engine.checkpoint import Checkpointer
@@ -161,7 +160,7 @@ def train(method, mesh_shape=(1, 1, 1), devices=None, steps=3, lr_decay=1.0):
     state, shardings = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=0, pretrained=base_params())
     start = jax.device_get(state.params)
     spec = StepSpec(classification_loss_sums(model), tx, hooks=adaptation.hooks())
-    step = compile_train_step(make_train_step(spec), shardings, mesh, DEFAULT_RULES)
+    step = compile_train_step(spec, shardings, mesh, DEFAULT_RULES)
     for i in range(steps):
         state, _ = step(state, to_global(batch(i), mesh))
     return adaptation, start, state

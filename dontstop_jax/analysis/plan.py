@@ -22,7 +22,6 @@ from dontstop_jax.engine import (
     compile_predict_step,
     compile_train_step,
     make_mesh,
-    make_train_step,
     mlm_loss_sums,
     state_shardings,
 )
@@ -105,10 +104,10 @@ def compile_phase(cfg: ConfigDict, devices: list, num_labels: int = 2) -> tuple[
     shardings = state_shardings(model, tx, mesh, rules, allow_replicated=cfg.mesh.get("allow_replicated", False))
     loss = classification_loss_sums(model) if finetune else mlm_loss_sums(model)
     spec = StepSpec.for_phase(cfg, loss, tx, schedule, devices[0].platform, adaptation.hooks())
-    step = compile_train_step(make_train_step(spec), shardings, mesh, rules)
+    step = compile_train_step(spec, shardings, mesh, rules)
     state, batch = abstract_state(shardings, model, tx), batch_shapes(cfg, arch, mesh)
     with activation_rules(mesh, rules):
-        train = _cost(step.__wrapped__.lower(state, batch))  # type: ignore[attr-defined]  # set by functools.wraps
+        train = _cost(step.__wrapped__.lower(state, batch, spec.arguments))  # type: ignore[attr-defined]  # set by functools.wraps
         predict = None
         if finetune:
             predict = _cost(

@@ -19,8 +19,17 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dontstop_jax.engine.optim import Schedule
 from dontstop_jax.engine.regularizers import Regularizer
-from dontstop_jax.engine.sharding import BATCH_AXES, Rules, activation_rules, batch_sharding, only_axes, rules_without
+from dontstop_jax.engine.sharding import (
+    BATCH_AXES,
+    Rules,
+    activation_rules,
+    batch_sharding,
+    only_axes,
+    put_tree,
+    rules_without,
+)
 from dontstop_jax.engine.state import TrainState, ema_update
 from dontstop_jax.errors import UserError
 
@@ -193,16 +202,17 @@ def _reduce(g: jax.Array, spec: P, dtype: Any) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """What a train step does (make_train_step). `loss`: plain, or `Fixed` (the step then takes its arrays as a
-    third argument; `compile_train_step(..., fixed=spec.fixed)` binds them). `hooks`: `grad_transform` maps the
-    gradients before clipping and the optimizer (zero frozen slices, DAS soft-masks), `update_transform` scales
-    the optimizer's output (layer-wise learning rates; DAS again, since Adam normalises away a constant gradient
-    scale); several sources of hooks combine with `chain_hooks`.
+    """What a train step does (make_train_step). `loss`: plain, or `Fixed` (its arrays are among the step's
+    `arguments`). `hooks`: `grad_transform` maps the gradients before clipping and the optimizer (zero frozen
+    slices, DAS soft-masks), `update_transform` scales the optimizer's output (layer-wise learning rates; DAS
+    again, since Adam normalises away a constant gradient scale); several sources of hooks combine with
+    `chain_hooks`.
 
     `accum_steps` micro-batches per step; `grad_reduce_dtype` and `gather_params_once`: how the gradients are
     reduced and the parameters gathered (make_train_step). `skip_nonfinite`: a step whose loss or gradient norm
     is not finite keeps the old parameters and optimizer state (one bad batch need not end a long run) and
-    reports `skipped` = 1; the step counter still advances. `schedule`: logged as `learning_rate`.
+    reports `skipped` = 1; the step counter still advances. `schedule`: the learning rate `tx` follows
+    (make_optimizer returns both), logged as `learning_rate`; its numbers are among the `arguments`.
 
     `ema_decays`: {name: decay} of the state's parameter averages updated after every step (an EMA of the
     fine-tuned weights, SMART's mean teacher); the state's other averages are left to the phase (SWA).
@@ -211,7 +221,7 @@ class StepSpec:
     loss: LossSums | Fixed
     tx: optax.GradientTransformation
     accum_steps: int = 1
-    schedule: optax.Schedule | None = None
+    schedule: Schedule | None = None
     hooks: Hooks = dataclasses.field(default_factory=Hooks)
     skip_nonfinite: bool = False
     ema_decays: Mapping[str, float] = dataclasses.field(default_factory=dict)
@@ -225,7 +235,7 @@ class StepSpec:
         cfg: Any,
         loss: LossSums | Fixed,
         tx: optax.GradientTransformation,
-        schedule: optax.Schedule | None,
+        schedule: Schedule | None,
         platform: str,
         *hooks: Hooks,
         **fields: Any,
@@ -248,21 +258,26 @@ class StepSpec:
         )
 
     @property
-    def fixed(self) -> Any:
-        """A `Fixed` loss's arrays (compile_train_step's `fixed`), else None."""
-        return self.loss.arrays if isinstance(self.loss, Fixed) else None
+    def arguments(self) -> dict[str, Any]:
+        """The step's third argument (compile_train_step binds it): data the program must not hold as constants.
+        "schedule": a `Schedule`'s numbers, so phases that differ only in them share one compiled step; "fixed": a
+        `Fixed` loss's arrays."""
+        arguments: dict[str, Any] = {}
+        if self.schedule is not None:
+            arguments["schedule"] = self.schedule.values
+        if isinstance(self.loss, Fixed):
+            arguments["fixed"] = self.loss.arrays
+        return arguments
 
-    def loss_at(self, fixed: tuple, step: jax.Array) -> LossSums:
-        """The loss the step differentiates: a `Fixed` one given its arrays (the step's one `fixed` argument) and
-        the step."""
-        if not isinstance(self.loss, Fixed):
-            return self.loss
-        (arrays,) = fixed
-        return self.loss.loss(arrays, step)
+    def loss_at(self, arguments: Mapping[str, Any], step: jax.Array) -> LossSums:
+        """The loss the step differentiates: a `Fixed` one given its arrays (from the step's `arguments`) and the
+        step."""
+        return self.loss.loss(arguments["fixed"], step) if isinstance(self.loss, Fixed) else self.loss
 
 
 def make_train_step(spec: StepSpec) -> Callable[..., tuple]:
-    """(state, global batch) -> (new state, metrics), as `spec` says.
+    """(state, global batch, spec.arguments) -> (new state, metrics), as `spec` says. Without the arguments a
+    `Schedule`'s numbers are constants of the program (and a `Fixed` loss cannot run).
 
     With several batch shards the gradients are computed in a shard_map over the batch axes (tensor stays
     automatic): each device sums its rows' gradients over the `accum_steps` micro-batches in float32, unreduced,
@@ -278,9 +293,9 @@ def make_train_step(spec: StepSpec) -> Callable[..., tuple]:
     reduce_dtype = jnp.dtype(spec.grad_reduce_dtype)
     grad_transform, update_transform = spec.hooks.get("grad_transform"), spec.hooks.get("update_transform")
 
-    def gradients(params, batch, rng, extra, fixed, step_count, specs=None):
+    def gradients(params, batch, rng, extra, arguments, step_count, specs=None):
         """(loss sum, aux, gradient sum); with `specs` (inside the shard_map) reduced over the batch axes."""
-        loss = spec.loss_at(fixed, step_count)
+        loss = spec.loss_at(arguments, step_count)
         grad_fn = jax.value_and_grad(lambda p, b, r, *t: loss(p, b, r, False, *t), has_aux=True)
         if specs is None:  # outside the shard_map
             return _accumulate(grad_fn, params, batch, rng, extra, spec.accum_steps, lambda p, _: p)
@@ -301,10 +316,11 @@ def make_train_step(spec: StepSpec) -> Callable[..., tuple]:
         grads = jax.tree_util.tree_map(lambda g, s: _reduce(g, s, reduce_dtype), grads, specs)
         return jax.lax.psum((loss_sum, aux), BATCH_AXES) + (grads,)
 
-    def step(state: TrainState, batch: Batch, *fixed: Any, param_shardings: Any = None):
+    def step(state: TrainState, batch: Batch, arguments: Mapping[str, Any] | None = None, *, param_shardings=None):
+        arguments = arguments or {}
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         extra = (state.averages[spec.teacher],) if spec.teacher else ()
-        args = (state.params, batch, rng, extra, fixed, state.step)
+        args = (state.params, batch, rng, extra, arguments, state.step)
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or math.prod(mesh.shape[a] for a in BATCH_AXES) == 1:  # one batch shard: nothing to reduce
             loss_sum, aux, grads = gradients(*args)
@@ -326,7 +342,9 @@ def make_train_step(spec: StepSpec) -> Callable[..., tuple]:
         grads = jax.tree_util.tree_map(lambda g: g / weight, grads)
         if grad_transform is not None:
             grads = grad_transform(grads)
-        updates, opt_state = spec.tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = optax.with_extra_args_support(spec.tx).update(
+            grads, state.opt_state, state.params, schedule_values=arguments.get("schedule")
+        )
         if update_transform is not None:
             updates = update_transform(updates)
         params = optax.apply_updates(state.params, updates)
@@ -351,7 +369,7 @@ def make_train_step(spec: StepSpec) -> Callable[..., tuple]:
             )
             metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         if spec.schedule is not None:
-            metrics["learning_rate"] = spec.schedule(state.step)
+            metrics["learning_rate"] = spec.schedule(state.step, arguments.get("schedule"))
         return new_state, metrics
 
     return step
@@ -382,21 +400,29 @@ def _under_mesh(jitted: Callable, mesh: Mesh, rules: Rules) -> Callable:
 
 
 def compile_train_step(
-    step: Callable, state_shardings: Any, mesh: Mesh, rules: Rules, *, donate: bool = True, fixed: Any = None
-) -> Callable:
-    """jit with explicit shardings; the old state's buffers are donated to the new one (one copy of the
-    parameters and optimizer state in device memory instead of two; `donate=False` only for comparisons).
-    `fixed`: a `Fixed` loss's arrays, passed to every call (sharded as they were placed)."""
-    extra = () if fixed is None else (jax.tree_util.tree_map(lambda x: x.sharding, fixed),)
+    spec: StepSpec, state_shardings: Any, mesh: Mesh, rules: Rules, *, donate: bool = True
+) -> Callable[[TrainState, Batch], tuple]:
+    """`spec`'s step, jitted with explicit shardings: (state, batch) -> (new state, metrics). The old state's
+    buffers are donated to the new one (one copy of the parameters and optimizer state in device memory instead of
+    two; `donate=False` only for comparisons). The spec's `arguments` are placed once and passed to every call
+    (a `Fixed` loss's arrays sharded as they were placed, the schedule's numbers replicated, at the first call);
+    `.__wrapped__` is the jitted function, which takes them as its third argument (the plan lowers it for devices
+    it cannot place arrays on)."""
+    replicated = NamedSharding(mesh, P())
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding if isinstance(x, jax.Array) else replicated, spec.arguments)
+    arguments = functools.cache(
+        lambda: jax.tree_util.tree_map(
+            lambda x, s: x if isinstance(x, jax.Array) else put_tree(x, s), spec.arguments, shardings
+        )
+    )
     jitted = jax.jit(
-        functools.partial(step, param_shardings=state_shardings.params),
-        in_shardings=(state_shardings, batch_sharding(mesh)) + extra,
-        out_shardings=(state_shardings, NamedSharding(mesh, P())),
+        functools.partial(make_train_step(spec), param_shardings=state_shardings.params),
+        in_shardings=(state_shardings, batch_sharding(mesh), shardings),
+        out_shardings=(state_shardings, replicated),
         donate_argnums=(0,) if donate else (),
     )
     call = _under_mesh(jitted, mesh, rules)
-    # (`.__wrapped__` stays the jitted function: it takes the arrays as its third argument)
-    return call if fixed is None else functools.wraps(jitted)(lambda state, batch: call(state, batch, fixed))
+    return functools.wraps(jitted)(lambda state, batch: call(state, batch, arguments()))
 
 
 def compile_eval_step(step: Callable, param_shardings: Any, mesh: Mesh, rules: Rules) -> Callable:

@@ -29,7 +29,6 @@ from dontstop_jax.engine import (
     compile_train_step,
     create_train_state,
     make_mesh,
-    make_train_step,
     to_global,
 )
 from dontstop_jax.engine.checkpoint import Checkpointer
@@ -127,9 +126,7 @@ class Trainer:
             teacher=averaging.teacher,
             ema_decays={name: decay for name, decay in self.averages.items() if decay is not None},
         )
-        self.train_step = compile_train_step(
-            make_train_step(spec), self.shardings, self.mesh, self.rules, fixed=spec.fixed
-        )
+        self.train_step = compile_train_step(spec, self.shardings, self.mesh, self.rules)
         self.stop = StopSignal()
         self.writer = MetricsWriter(self.workdir, enabled=self.lead, resume_step=self.step)
         self.progress = ProgressBar(total_steps, enabled=self.lead, desc=self.name)
