@@ -1,10 +1,16 @@
-"""Test-session setup that must run before JAX initialises: 8 virtual CPU devices for the mesh tests, and the
-CPU backend only. libtpu (in the test extra, for the `dontstop plan` tests) would otherwise look for a TPU in
-every JAX process, the CLI runs the tests start included, and print its failure to their stderr."""
+"""Test-session setup that must run before JAX initialises: 8 virtual CPU devices for the mesh tests, the CPU
+backend only, and the XLA flags of every JAX process of the session. libtpu (in the test extra, for the
+`dontstop plan` tests) would otherwise look for a TPU in every JAX process, the CLI runs the tests start included,
+and print its failure to their stderr."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compile speed (issue #28): the tests' tiny programs spend most of their CPU time in XLA's CPU compiler, and
+# LLVM's optimisation level 0 compiles them faster for the same losses. Set here, replacing the caller's XLA_FLAGS,
+# so every process the tests start (the CLI, `launch/run.sh local`, tests/local_processes.py) inherits the same
+# flags and runs compared across processes compile alike. A test-suite setting only: real runs keep XLA's defaults.
+os.environ["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
 
 import jax  # noqa: E402
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
+from dontstop_jax.fields import PAPER_VARIANTS
 from dontstop_jax.phases.defaults import finetune_config, pretrain_config, select_config
-from dontstop_jax.phases.grid import PAPER_VARIANTS
 
 _spec = importlib.util.spec_from_file_location("finetune_cfg", Path(__file__).with_name("finetune.py"))
 assert _spec is not None and _spec.loader is not None

@@ -67,6 +67,7 @@ GRID_VARIANTS = (
     "multitask",
     "dapt_multitask",
 )
+PAPER_VARIANTS = ("baseline", "dapt", "tapt", "dapt_tapt", "not_dapt")  # the paper's Table 5 rows: a grid's default
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")  # how, never what, the model computes
 PROMPT_TEXT, PROMPT_MASK = "{text}", "<mask>"

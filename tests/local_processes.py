@@ -26,7 +26,6 @@ def run_local_processes(code: str, *args: str, processes: int = 2, timeout: floa
                 "DONTSTOP_NUM_PROCESSES": str(processes),
                 "DONTSTOP_PROCESS_ID": str(i),
                 "DONTSTOP_LOCAL_DEVICES": "1",
-                "XLA_FLAGS": "",
             },
         )
         for i in range(processes)

@@ -324,7 +324,7 @@ def test_loading_a_config_imports_no_model_engine_or_phase():
         "import sys\nfrom dontstop_jax import config_loader\n"
         "print([m for m in sys.modules if m.startswith('dontstop_jax.phases')])\n"
         "for spec in ('dapt.py:biomed', 'tapt.py:chemprot', 'finetune.py:rct', 'select.py:knn',\n"
-        "             'analyze.py:paper'):\n"
+        "             'analyze.py:paper', 'grid.py:paper'):\n"
         "    config_loader.load('configs/' + spec)\n"
         "print([m for m in sys.modules if m.split('.')[0] in ('flax', 'orbax', 'transformers')])\n"
     )

@@ -142,7 +142,6 @@ def _host_env(scratch: Path, bucket: dict) -> dict:
         "TMPDIR": str(scratch / "tmp"),
         CACHE_ENV: str(scratch / "cache"),
         "DONTSTOP_COMPILATION_CACHE": str(scratch / "cache" / "xla"),
-        "XLA_FLAGS": "",
         "DONTSTOP_LOCAL_DEVICES": "1",
     }
 

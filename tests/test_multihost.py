@@ -113,7 +113,7 @@ def _hosts(root: Path, driver: str = "") -> Path:
     script.write_text(f"""#!/bin/sh
 h={shlex.quote(str(root))}/host$DONTSTOP_PROCESS_ID
 mkdir -p "$h/home" "$h/tmp" "$h/cache" && cd "$h/home" || exit 1
-HOME="$h/home" TMPDIR="$h/tmp" DONTSTOP_CACHE="$h/cache" XLA_FLAGS= exec {interpreter} "$@"
+HOME="$h/home" TMPDIR="$h/tmp" DONTSTOP_CACHE="$h/cache" exec {interpreter} "$@"
 """)
     script.chmod(0o755)
     return script

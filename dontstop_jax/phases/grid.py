@@ -475,14 +475,12 @@ class Variant:
     """A grid variant, a kind of row. `start(grid, task, base)`: the model its rows of `task` fine-tune from (its
     phases run if missing); `fields`: the fine-tuning fields it sets on its rows; `selection`: a selection
     variant's `select` phase, its method and k or (rand/dsir) the variant whose size it matches; `link`: the task
-    field naming another task it needs (checked for every task when it is chosen); `paper`: one of the paper's
-    Table 5 rows, a grid's default."""
+    field naming another task it needs (checked for every task when it is chosen)."""
 
     start: Callable[[Grid, str, str], str]
     fields: tuple[tuple[str, Any], ...] = ()
     selection: dict[str, Any] | None = None
     link: str = ""
-    paper: bool = False
 
 
 def _selection(variant: str, **plan: Any) -> Variant:
@@ -507,11 +505,11 @@ def _multitask(start: str) -> Variant:
 VARIANTS: dict[str, Variant] = registry(
     GRID_VARIANTS,
     {
-        "baseline": Variant(lambda grid, task, base: base, paper=True),
-        "dapt": Variant(lambda grid, task, base: grid.domain_dapt(task, base), paper=True),
-        "tapt": Variant(lambda grid, task, base: grid.tapt(base, task), paper=True),
-        "dapt_tapt": Variant(lambda grid, task, base: grid.tapt(grid.domain_dapt(task, base), task), paper=True),
-        "not_dapt": Variant(Grid.not_dapt, paper=True),
+        "baseline": Variant(lambda grid, task, base: base),
+        "dapt": Variant(lambda grid, task, base: grid.domain_dapt(task, base)),
+        "tapt": Variant(lambda grid, task, base: grid.tapt(base, task)),
+        "dapt_tapt": Variant(lambda grid, task, base: grid.tapt(grid.domain_dapt(task, base), task)),
+        "not_dapt": Variant(Grid.not_dapt),
         # the paper's Transfer-TAPT: needs tasks.<t>.transfer_from, so only on request
         "transfer_tapt": Variant(
             lambda grid, task, base: grid.tapt(base, grid.transfer_source(task)), link="transfer_from"
@@ -528,4 +526,3 @@ VARIANTS: dict[str, Variant] = registry(
         "dapt_multitask": _multitask("dapt"),
     },
 )
-PAPER_VARIANTS = tuple(name for name, variant in VARIANTS.items() if variant.paper)  # a grid's default rows

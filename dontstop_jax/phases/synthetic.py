@@ -20,8 +20,8 @@ from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
 from dontstop_jax import config_loader
+from dontstop_jax.fields import PAPER_VARIANTS
 from dontstop_jax.phases.defaults import finetune_config, pretrain_config, select_config
-from dontstop_jax.phases.grid import PAPER_VARIANTS
 from dontstop_jax.synthetic import generate_benchmark
 
 SEQ = 64
