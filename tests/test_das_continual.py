@@ -37,9 +37,9 @@ def test_das_forgets_less_than_ncl(recipe):
     forget = {m: np.mean([L[-1, d] - L[d + 1, d] for d in range(len(seq) - 1)]) for m, L in losses.items()}
     learned = {m: L[-2, -1] - L[-1, -1] for m, L in losses.items()}
     print({m: np.round(L, 3).tolist() for m, L in losses.items()}, forget, learned)
-    # Measured (2026-11-23): NCL forgets 4.58 nats, DAS 3.59; NCL learns news by 4.55, DAS by 4.07. 2026-12-05 with
-    # the suite's XLA -O1 (conftest.py): NCL 4.11, DAS 3.53 (at -O0 DAS 3.84, which fails: the margin is thin
-    # and sensitive to the compiler's rounding).
+    # Measured (2026-11-23): NCL forgets 4.58 nats, DAS 3.59; NCL learns news by 4.55, DAS by 4.07. 2026-12-05 at
+    # XLA -O1: NCL 4.11, DAS 3.53; at -O0 DAS 3.84, which fails: the margin is thin and sensitive to the compiler's
+    # rounding (the suite runs XLA's defaults; conftest.py).
     assert forget["ncl"] > 1.0  # the benchmark really makes a sequential learner forget
     assert forget["das"] < 0.9 * forget["ncl"]
     assert learned["das"] > 0.7 * learned["ncl"] > 0  # protection is soft: DAS still learns the new domain
