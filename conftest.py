@@ -12,6 +12,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # tests (-O0: DAS forgetting; -O1: gamma-0 behavioural fine-tuning, DAPT+TAPT over TAPT; bench/NOTES.md).
 os.environ["XLA_FLAGS"] = ""
 
+# Several test workers (pytest-xdist) and the processes they start may load libtpu at once (the `plan` tests).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 import jax  # noqa: E402
 
+from dontstop_jax.runtime import keep_freed_host_memory  # noqa: E402
+
 jax.config.update("jax_num_cpu_devices", 8)
+keep_freed_host_memory(True)  # as every `dontstop` command on CPU does (runtime.setup), before JAX's threads start

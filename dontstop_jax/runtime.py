@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
@@ -15,7 +16,10 @@ from dontstop_jax import distributed
 def setup(compilation_cache: str | None = None) -> None:
     """Join a multi-process run when launched as one (see `distributed`), a persistent compilation cache
     (identical steps across seeds, phases and restarts compile once) and quieter third-party logs."""
+    keep_freed_host_memory(True)
     distributed.initialize()
+    if jax.default_backend() != "cpu":
+        keep_freed_host_memory(False)  # an accelerator computes: the host's allocations are not in the step
     cache = compilation_cache or os.environ.get(
         "DONTSTOP_COMPILATION_CACHE", os.path.expanduser("~/.cache/dontstop_jax/xla")
     )
@@ -27,6 +31,27 @@ def setup(compilation_cache: str | None = None) -> None:
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Task exception was never retrieved" of that save
     _quiet_closed_loop()
+
+
+# glibc's mallopt parameters (malloc.h): the values for a CPU run, and glibc's defaults.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
+_CPU_RUN = {_M_ARENA_MAX: 1, _M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1, _M_TOP_PAD: 64 << 20}
+_GLIBC_DEFAULTS = {_M_ARENA_MAX: 0, _M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 128 << 10, _M_TOP_PAD: 128 << 10}
+
+
+def keep_freed_host_memory(keep: bool) -> bool:
+    """Make glibc keep the memory a process frees (one arena, no per-allocation mmap, no trimming), or restore
+    its defaults; False where the C library is not glibc (nothing to tune).
+
+    XLA's CPU runtime allocates and frees each step's buffers from its thread pool; by default glibc serves them
+    from per-thread arenas and mmap and hands them back to the OS when freed, so every step page-faults them in
+    again: a third of a CPU run's time went to the kernel (the demo's pretraining; bench/NOTES.md). Kept, the
+    process's memory stays at its peak. Called first, before JAX starts its threads."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in (_CPU_RUN if keep else _GLIBC_DEFAULTS).items())
 
 
 def _closed_loop(err: BaseException | None) -> bool:

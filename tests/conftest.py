@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 TINY_TEXTS = [
@@ -35,12 +37,65 @@ def _bpe_tokenizer(path, vocab_size: int, byte_alphabet: bool) -> str:
     return str(path)
 
 
+# The README's test command runs the suite on every core (pytest-xdist, `-n auto --dist loadgroup`): a worker takes
+# whole files, and files that read one expensive session fixture go to one worker (it is built once per worker).
+SHARED_SESSION_FIXTURES = ("tiny_grid", "continual_reference")
+# The longest files (CI's --durations), handed out first so that no worker is left with a long file at the end.
+LONGEST_FIRST = (
+    "test_multihost.py",  # with test_interrupt, test_pipeline, test_workdir_move: ~1,100 s under 2 workers
+    "test_synthetic_effect.py",
+    "test_grad_reduction.py",
+    "test_das_continual.py",
+    "test_engine.py",
+    "test_gcs.py",
+    "test_peft.py",
+    "test_launch.py",
+    "test_fuzz.py",
+    "test_plan.py",
+    "test_hardening_ckpt.py",
+    "test_peft_pipeline.py",
+)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per core, at most 4 (each holds a JAX runtime and starts multi-process runs)."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group each file's tests (with `--dist loadgroup`: one worker runs them, module fixtures are built once),
+    merging the files that share a SHARED_SESSION_FIXTURES fixture; under xdist, order the groups LONGEST_FIRST."""
+    group = {item.path.name: item.path.name for item in items}
+
+    def root(name: str) -> str:
+        while group[name] != name:
+            name = group[name]
+        return name
+
+    for fixture in SHARED_SESSION_FIXTURES:
+        users = sorted({item.path.name for item in items if fixture in item.fixturenames})
+        for name in users[1:]:
+            group[root(name)] = root(users[0])
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(root(item.path.name)))
+    if hasattr(config, "workerinput"):  # an xdist worker: every worker sorts alike, so their collections agree
+
+        def rank(item: pytest.Item) -> int:
+            members = [name for name in group if root(name) == root(item.path.name)]
+            return min((LONGEST_FIRST.index(n) for n in members if n in LONGEST_FIRST), default=len(LONGEST_FIRST))
+
+        items.sort(key=rank)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory: pytest.TempPathFactory):
     """One persistent XLA cache for every CLI process of the session (DONTSTOP_COMPILATION_CACHE, read by
     runtime.setup): the tiny programs the end-to-end tests share compile once per session, not once per test,
-    and nothing is read from or written to the user's ~/.cache (each session starts as cold as a clean CI)."""
-    path = tmp_path_factory.mktemp("xla")
+    and nothing is read from or written to the user's ~/.cache (each session starts as cold as a clean CI).
+    xdist's workers share one (their base directories sit side by side)."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla-cache"
+    path.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("DONTSTOP_COMPILATION_CACHE", str(path))
         yield path

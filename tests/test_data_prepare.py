@@ -285,7 +285,11 @@ def test_document_formats(tmp_path):
     assert list(iter_documents(str(tmp_path / "[pq].txt")))[-1] == "from the glob"
 
 
-@pytest.mark.parametrize("content", [b'{"text": "not compressed"}\n', gzip.compress(b'{"text": "cut"}\n' * 50)[:30]])
+@pytest.mark.parametrize(
+    "content",
+    [b'{"text": "not compressed"}\n', gzip.compress(b'{"text": "cut"}\n' * 50, mtime=0)[:30]],
+    ids=["not-gzip", "truncated-gzip"],
+)
 def test_a_compressed_corpus_that_is_not_gzip_is_one_line_naming_the_file(tiny_tokenizer_dir, tmp_path, content):
     path = write(tmp_path / "docs.jsonl.gz", content)
     with pytest.raises(UserError, match=r"docs\.jsonl\.gz is not a valid gzip file .*; recompress it") as info:
