@@ -73,7 +73,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return name
 
     for fixture in SHARED_SESSION_FIXTURES:
-        users = sorted({item.path.name for item in items if fixture in item.fixturenames})
+        users = sorted({item.path.name for item in items if fixture in getattr(item, "fixturenames", ())})
         for name in users[1:]:
             group[root(name)] = root(users[0])
     for item in items:
