@@ -16,8 +16,35 @@ os.environ["XLA_FLAGS"] = ""
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
+from jax._src import compiler as jax_compiler  # noqa: E402
 
 from dontstop_jax.runtime import keep_freed_host_memory  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 keep_freed_host_memory(True)  # as every `dontstop` command on CPU does (runtime.setup), before JAX's threads start
+
+# The programs this process compiles itself (not its CLI children, which keep XLA's defaults above) are compiled
+# with LLVM unoptimised: the in-process tests are tiny programs built for one check each, whose CPU time is mostly
+# XLA:CPU's LLVM compiler (tests/test_engine.py + tests/test_grad_reduction.py: 337 s of 385 s was compilation;
+# at level 0 the two files take 208 s). A test marked `xla_defaults` compiles with XLA's defaults: its margins
+# were measured there, or it runs a program long enough that optimised code pays (bench/NOTES.md, "Test-suite
+# XLA flags"). Applied per compilation (part of the compilation-cache key), so both kinds share one process.
+FAST_COMPILE = ("xla_backend_optimization_level", "0")
+_fast_compile = [True]
+
+
+def _compile_or_get_cached(backend, computation, devices, compile_options, *args, **kwargs):
+    if _fast_compile[0] and backend.platform == "cpu":
+        compile_options.env_option_overrides = [*compile_options.env_option_overrides, FAST_COMPILE]
+    return _compile(backend, computation, devices, compile_options, *args, **kwargs)
+
+
+_compile, jax_compiler.compile_or_get_cached = jax_compiler.compile_or_get_cached, _compile_or_get_cached
+
+
+@pytest.fixture(autouse=True)
+def _xla_defaults_where_marked(request: pytest.FixtureRequest):
+    _fast_compile[0] = request.node.get_closest_marker("xla_defaults") is None
+    yield
+    _fast_compile[0] = True

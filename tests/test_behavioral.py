@@ -139,6 +139,7 @@ def test_multitask_loss_is_ce_plus_gamma_times_mlm_computed_directly():
     assert abs(0.2 * mlm) > 0.1  # the MLM term is a real part of the loss
 
 
+@pytest.mark.xla_defaults  # bit for bit: two programs, compiled as real runs compile them
 def test_gamma_zero_trains_exactly_as_plain_fine_tuning():
     """One dropout-on train step of the two-head model with gamma 0 gives the plain classifier's step bit for
     bit (its encoder and head; the LM head only moves by weight decay)."""

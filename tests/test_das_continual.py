@@ -28,6 +28,7 @@ def recipe(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xla_defaults  # the margins below were measured at XLA's defaults
 def test_das_forgets_less_than_ncl(recipe):
     base = recipe.base()
     seq = list(recipe.cfg.sequence)
@@ -39,7 +40,7 @@ def test_das_forgets_less_than_ncl(recipe):
     print({m: np.round(L, 3).tolist() for m, L in losses.items()}, forget, learned)
     # Measured (2026-11-23): NCL forgets 4.58 nats, DAS 3.59; NCL learns news by 4.55, DAS by 4.07. 2026-12-05 at
     # XLA -O1: NCL 4.11, DAS 3.53; at -O0 DAS 3.84, which fails: the margin is thin and sensitive to the compiler's
-    # rounding (the suite runs XLA's defaults; conftest.py).
+    # rounding (this test compiles at XLA's defaults: xla_defaults, conftest.py).
     assert forget["ncl"] > 1.0  # the benchmark really makes a sequential learner forget
     assert forget["das"] < 0.9 * forget["ncl"]
     assert learned["das"] > 0.7 * learned["ncl"] > 0  # protection is soft: DAS still learns the new domain
