@@ -20,17 +20,22 @@ def setup(compilation_cache: str | None = None) -> None:
     distributed.initialize()
     if jax.default_backend() != "cpu":
         keep_freed_host_memory(False)  # an accelerator computes: the host's allocations are not in the step
-    cache = compilation_cache or os.environ.get(
-        "DONTSTOP_COMPILATION_CACHE", os.path.expanduser("~/.cache/dontstop_jax/xla")
+    use_compilation_cache(
+        compilation_cache
+        or os.environ.get("DONTSTOP_COMPILATION_CACHE", os.path.expanduser("~/.cache/dontstop_jax/xla"))
     )
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     # Orbax reports every save at INFO/WARNING, and a failed background save as an ERROR with a traceback before
     # raising the same error in the main thread, where the CLI reports it in one line.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Task exception was never retrieved" of that save
     _quiet_closed_loop()
+
+
+def use_compilation_cache(directory: str, min_compile_secs: float = 0.5) -> None:
+    """Read compiled programs from `directory` and write there each one that took `min_compile_secs` or more."""
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 # glibc's mallopt parameters (malloc.h): the values for a CPU run, and glibc's defaults.

@@ -94,15 +94,13 @@ def compilation_cache(tmp_path_factory: pytest.TempPathFactory):
     (DONTSTOP_COMPILATION_CACHE, read by runtime.setup): the tiny programs the tests share compile once per
     session, not once per test, and nothing is read from or written to the user's ~/.cache (each session starts
     as cold as a clean CI). xdist's workers share one (their base directories sit side by side)."""
-    import jax
+    from dontstop_jax.runtime import use_compilation_cache
 
     base = tmp_path_factory.getbasetemp()
     path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla-cache"
     path.mkdir(exist_ok=True)
     # the tests' own programs too: a program another test (or worker) compiled is read back, not compiled again
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    use_compilation_cache(str(path), min_compile_secs=0)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("DONTSTOP_COMPILATION_CACHE", str(path))
         yield path
