@@ -4,10 +4,12 @@ The standard variables point every client at it: STORAGE_EMULATOR_HOST for gcsfs
 TENSORSTORE_GCS_HTTP_URL for tensorstore (Orbax checkpoints). gcsfs's probe for zonal/hierarchical buckets
 (a gRPC call the emulator does not answer, about a minute of retries) is switched off.
 
-Two things real GCS does that the emulator does not are added when it is served (`serve`): a download carries
+Three things real GCS does that the emulator does not are added when it is served (`serve`): a download carries
 the object's generation (`x-goog-generation`; tensorstore's OCDBT checkpoints fail with "Malformed
-StorageGeneration" without it), and an upload with `ifGenerationMatch=0` onto an existing object is refused
-(412), which the workdir lock relies on. Two things that made it slower than any real server are fixed too
+StorageGeneration" without it); an upload with `ifGenerationMatch=0` onto an existing object is refused
+(412), which the workdir lock relies on; and a request to a resumable upload that has finished is answered with
+the object (a client whose last request's answer was lost, e.g. to an outage, retries it; the emulator forgot the
+session and answered 404). Two things that made it slower than any real server are fixed too
 (bench/storage.py times bucket I/O through it): a listen backlog of 5 and no answer to "Expect: 100-continue",
 each of which cost a 1 s stall per affected request.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import socket
 import socketserver
@@ -26,6 +29,8 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+FINISHED_UPLOADS = ".finished_uploads"  # in the data directory, beside the emulator's own ".meta"
 
 
 def _free_port() -> int:
@@ -132,8 +137,14 @@ def serve(argv: list[str]) -> None:
 
     from gcp_storage_emulator.exceptions import NotFound
     from gcp_storage_emulator.handlers import objects
+    from gcp_storage_emulator.storage import Storage
 
-    download, insert = objects.download, objects.insert
+    download, insert, upload_partial, create_file = (
+        objects.download,
+        objects.insert,
+        objects.upload_partial,
+        Storage.create_file,
+    )
 
     def download_with_generation(request, response, storage, *args, **kwargs):
         try:
@@ -160,7 +171,28 @@ def serve(argv: list[str]) -> None:
                 pass
         return insert(request, response, storage, *args, **kwargs)
 
+    def finished_uploads(storage: Storage) -> dict:
+        try:
+            return json.loads(storage._store.read_bytes(FINISHED_UPLOADS))
+        except FileNotFoundError:
+            return {}
+
+    def create_file_remembering_its_upload(self, bucket_name, file_name, content, file_obj, file_id=None):
+        if file_id:  # recorded before the session is dropped, so a stop in between leaves one of the two
+            record = list({**finished_uploads(self), file_id: file_obj}.items())[-64:]  # the recent ones suffice
+            self._store.write_bytes(FINISHED_UPLOADS, json.dumps(dict(record)).encode())
+        return create_file(self, bucket_name, file_name, content, file_obj, file_id)
+
+    def upload_partial_after_completion(request, response, storage, *args, **kwargs):
+        upload_id = request.query.get("upload_id", [None])[0]
+        if upload_id not in storage.resumable and upload_id in (done := finished_uploads(storage)):
+            response.json(done[upload_id])
+            return None
+        return upload_partial(request, response, storage, *args, **kwargs)
+
     objects.download, objects.insert = download_with_generation, insert_if_absent
+    objects.upload_partial = upload_partial_after_completion
+    Storage.create_file = create_file_remembering_its_upload
     # The server answers one request at a time with a listen backlog of 5: a client opening more connections
     # at once (tensorstore, gcsfs's concurrent calls) has the rest dropped and retried by TCP 1 s later.
     socketserver.TCPServer.request_queue_size = 128

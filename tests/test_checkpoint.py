@@ -220,3 +220,19 @@ def test_one_hosts_failed_read_leaves_every_host_on_the_same_step(tmp_path, fail
     ckpt.close()
     outputs = run_local_processes(_HOSTS_READ, str(tmp_path / "ckpt"), fails, timeout=180)
     assert [out.splitlines()[-2:] for out in outputs] == [[f"read {restored} {restored}", f"restored {restored}"]] * 2
+
+
+def test_a_save_at_a_kept_step_replaces_it(tmp_path):
+    """A fine-tune stopped at an epoch's last step checkpoints that step before its evaluation; the resumed run's
+    save of the same step (now with the epoch's dev score) replaces it."""
+    state, shardings = _state((-1, 1, 1), jax.devices()[:1])
+    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=1, best_metric="dev_f1")
+    ckpt.save(state.replace(step=np.int32(3)), data_state={"epoch": 0}, meta={}, metrics={"dev_f1": 0.7})
+    ckpt.save(state.replace(step=np.int32(5)), data_state={"epoch": 0}, meta={})  # the stop, before evaluating
+    ckpt.close()
+    resumed = Checkpointer(tmp_path / "ckpt", keep_last=1, best_metric="dev_f1")
+    resumed.save(state.replace(step=np.int32(5)), data_state={"epoch": 1}, meta={}, metrics={"dev_f1": 0.8})
+    resumed.wait()
+    assert resumed.all_steps() == [5] and resumed.best_step() == 5
+    assert resumed.restore(abstract_state(shardings, MODEL, TX))[1] == {"epoch": 1}
+    resumed.close()

@@ -161,36 +161,43 @@ def _finetune_in(cfg, workdir: Path):
     return cfg
 
 
-def test_finetune_stopped_mid_epoch_resumes_mid_epoch(finetune_config, monkeypatch):
+@pytest.fixture(scope="module")
+def finetune_reference(finetune_config):
     root, cfg = finetune_config
-    reference = finetune(_finetune_in(cfg, root / "reference"))
+    return finetune(_finetune_in(cfg, root / "reference"))
+
+
+@pytest.mark.parametrize("batch", [2, 4], ids=["mid_epoch", "at_the_epochs_last_step"])
+def test_finetune_stopped_in_an_epoch_resumes_there(finetune_config, finetune_reference, batch, monkeypatch):
+    """Stopped at epoch 1's third step, or at its last one (the checkpoint then precedes the epoch's evaluation,
+    and the resumed run's evaluation replaces it at the same step)."""
+    root, cfg = finetune_config
+    reference, name = finetune_reference, f"interrupted-{batch}"
 
     from dontstop_jax.data.tasks import ClassificationBatches
 
     epoch = ClassificationBatches.epoch
 
     def stop_during_epoch_1(self, e, start=0):
-        for i, batch in enumerate(epoch(self, e, start)):
-            if self.shuffle and e == 1 and start + i == 2:
-                StopSignal.request()  # as SIGTERM would, while the step reading the third batch runs
-            yield batch
+        for i, item in enumerate(epoch(self, e, start)):
+            if self.shuffle and e == 1 and start + i == batch:
+                StopSignal.request()  # as SIGTERM would, while the step reading this batch runs
+            yield item
 
     monkeypatch.setattr(ClassificationBatches, "epoch", stop_during_epoch_1)
     with StopSignal(), pytest.raises(Interrupted) as stopped:
-        finetune(_finetune_in(cfg, root / "interrupted"))
-    assert str(stopped.value) == INTERRUPTED.format(8, "interrupted")  # epoch 1 (steps 6-10), its third step
-    assert not (root / "interrupted" / "DONE.json").exists()
+        finetune(_finetune_in(cfg, root / name))
+    assert str(stopped.value) == INTERRUPTED.format(6 + batch, name)  # epoch 1 is steps 6-10
+    assert not (root / name / "DONE.json").exists()
     monkeypatch.undo()
 
-    resumed = finetune(_finetune_in(cfg, root / "interrupted"))
+    resumed = finetune(_finetune_in(cfg, root / name))
     assert (resumed["test"], resumed["dev"], resumed["best_step"]) == (
         reference["test"],
         reference["dev"],
         reference["best_step"],
     )
-    jax.tree_util.tree_map(
-        np.testing.assert_array_equal, final_params(root / "interrupted"), final_params(root / "reference")
-    )
+    jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(root / name), final_params(root / "reference"))
 
 
 @pytest.fixture(scope="module")

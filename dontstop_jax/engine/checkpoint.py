@@ -66,7 +66,7 @@ def _reason(err: Exception) -> str:
 
 class Checkpointer:
     """Keeps the last `keep_last` steps (so always the latest: a phase's final model) plus the best by
-    `best_metric` (when given; `first_best`).
+    `best_metric` (when given; `first_best`). A save at a step already kept replaces it.
 
     Reads without an explicit step survive a damaged step (a file truncated by a full disk, a lost file): they
     fall back to the newest readable other step with a warning, and the next save of the bad step replaces it.
@@ -122,7 +122,9 @@ class Checkpointer:
     # -- writing --------------------------------------------------------------------------------
     def save(self, state: TrainState, *, data_state: dict | None, meta: dict, metrics: dict | None = None) -> None:
         step = int(jax.device_get(state.step))
-        if step in self._unreadable:  # the corrupt step a fallback restore skipped: replace it
+        # Replace a step already there: the corrupt one a fallback restore skipped, or one saved before what this
+        # save adds (a fine-tune stopped at an epoch's last step checkpoints before that epoch's evaluation).
+        if step in self._unreadable or step in self.all_steps():
             self._manager.delete(step)
             self._unreadable.discard(step)
         train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
