@@ -7,8 +7,10 @@ import logging
 import os
 import sys
 import threading
+from typing import Any
 
 import jax
+import numpy as np
 
 from dontstop_jax import distributed
 
@@ -24,6 +26,8 @@ def setup(compilation_cache: str | None = None) -> None:
         compilation_cache
         or os.environ.get("DONTSTOP_COMPILATION_CACHE", os.path.expanduser("~/.cache/dontstop_jax/xla"))
     )
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        _one_cache_key_on_every_cpu_process()
     # Orbax reports every save at INFO/WARNING, and a failed background save as an ERROR with a traceback before
     # raising the same error in the main thread, where the CLI reports it in one line.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
@@ -36,6 +40,28 @@ def use_compilation_cache(directory: str, min_compile_secs: float = 0.5) -> None
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_secs)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _one_cache_key_on_every_cpu_process() -> None:
+    """JAX keys a compiled program partly by its devices' topology fingerprint, which for CPU devices differs
+    from process to process, and only process 0 writes the cache: the other processes of a multi-process CPU run
+    (`launch/run.sh local`, the tests' 2-host runs) never read it and compiled every program again (process 1
+    of a 2-process tiny continual run: 201 s of compiling, process 0: 13 s). Key CPU programs by their devices'
+    kind and (process, id) layout instead, which every process sees alike."""
+    from jax._src import cache_key
+
+    fingerprint = getattr(cache_key, "_hash_accelerator_config", None)
+    if fingerprint is None or getattr(fingerprint, "same_on_every_process", False):
+        return
+
+    def layout(hash_obj: Any, accelerators: np.ndarray) -> Any:
+        if any(d.platform != "cpu" for d in accelerators.flat):
+            return fingerprint(hash_obj, accelerators)
+        hash_obj.update(repr([(d.device_kind, d.process_index, d.id) for d in accelerators.flat]).encode())
+        return None
+
+    layout.same_on_every_process = True  # type: ignore[attr-defined]
+    cache_key._hash_accelerator_config = layout
 
 
 # glibc's mallopt parameters (malloc.h): the values for a CPU run, and glibc's defaults.

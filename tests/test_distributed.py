@@ -174,3 +174,34 @@ def test_decisions_are_made_on_process_0_and_handed_over_with_their_errors(tmp_p
         {"chosen_by": 0, "step": 7},
     ]
     assert second == first + ["waited 2 s for process 0 to never"]
+
+
+_COMPILE_ONE_PROGRAM = """
+import json, sys
+import numpy as np
+from dontstop_jax import runtime
+runtime.setup(sys.argv[1])
+import jax
+from jax._src import monitoring
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+events = []
+monitoring.register_event_listener(lambda event, **_: events.append(event.rsplit("/", 1)[-1]))
+mesh = Mesh(np.array(jax.devices()), ("all",))
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("all")), np.ones((1, 64), np.float32))
+total = jax.jit(lambda x: (x * 3).sum(0), out_shardings=NamedSharding(mesh, P()))(x)
+print(json.dumps([e for e in events if e in ("cache_hits", "cache_misses")] + [float(total.sum())]))
+"""
+
+
+def test_every_process_reads_the_programs_process_0_cached(tmp_path):
+    """JAX writes the compilation cache from process 0 only; a second run's process 1 reads what the first
+    run's process 0 wrote, so a multi-process CPU run does not compile every program again on each process."""
+    import json
+
+    from local_processes import run_local_processes
+
+    first = [json.loads(out.splitlines()[-1]) for out in run_local_processes(_COMPILE_ONE_PROGRAM, str(tmp_path))]
+    again = [json.loads(out.splitlines()[-1]) for out in run_local_processes(_COMPILE_ONE_PROGRAM, str(tmp_path))]
+    assert first == [["cache_misses", 384.0], [384.0]]  # process 1 compiles too, but only process 0 writes
+    assert again == [["cache_hits", 384.0], ["cache_hits", 384.0]]
