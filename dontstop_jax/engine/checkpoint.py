@@ -124,7 +124,7 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         # Replace a step already there: the corrupt one a fallback restore skipped, or one saved before what this
         # save adds (a fine-tune stopped at an epoch's last step checkpoints before that epoch's evaluation).
-        if step in self._unreadable or step in self.all_steps():
+        if step in self._unreadable or step in self._manager.all_steps():  # every process saved the same steps
             self._manager.delete(step)
             self._unreadable.discard(step)
         train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
