@@ -66,6 +66,35 @@ def test_tokenizer_helpers(tiny_tokenizer_dir, tmp_path):
         load_tokenizer(tmp_path)
 
 
+def test_a_plain_tokenizer_loads_as_autotokenizer_would_without_importing_torch(tiny_tokenizer_dir, tmp_path):
+    """A saved generic fast tokenizer is loaded without AutoTokenizer (whose import pulls in torch, seconds of
+    every command's start-up where torch is installed) and equals AutoTokenizer's; a directory with a model's
+    config.json still goes through AutoTokenizer, which may pick the model's own class."""
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    script = (
+        "import sys\nfrom dontstop_jax.data import load_tokenizer\n"
+        f"load_tokenizer({tiny_tokenizer_dir!r})\nprint('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+    ours, theirs = load_tokenizer(tiny_tokenizer_dir), AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    assert type(ours) is type(theirs) and special_ids(ours) == special_ids(theirs)
+    assert tokenizer_fingerprint(ours) == tokenizer_fingerprint(theirs)
+    text = "hello <mask> world, tiny tokenizer"
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"] and len(ours) == len(theirs)
+    model_dir = shutil.copytree(tiny_tokenizer_dir, tmp_path / "model")
+    (model_dir / "config.json").write_text('{"model_type": "roberta"}')
+    from dontstop_jax.data import tokenizer
+
+    assert tokenizer._plain_backend(tiny_tokenizer_dir) and not tokenizer._plain_backend(model_dir)
+    assert special_ids(load_tokenizer(model_dir)) == special_ids(ours)
+
+
 @pytest.mark.parametrize("doc_batch", [1000, 2])  # 2: the carry between tokenizer batches is exercised
 def test_packing_is_exact(tiny_tokenizer_dir, tmp_path, monkeypatch, doc_batch):
     monkeypatch.setattr(prepare_module, "DOC_BATCH", doc_batch)

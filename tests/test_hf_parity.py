@@ -1,5 +1,6 @@
 """Our Flax RoBERTa is numerically transformers' PyTorch RoBERTa; import/export round-trips exactly."""
 
+import dataclasses
 import json
 from typing import Any
 
@@ -215,6 +216,10 @@ def test_tokenizer_larger_than_the_embedding_table_is_refused(tmp_path, tiny_tok
         check_tokenizer(read_config(path), tiny_tokenizer_dir)
     with pytest.raises(UserError, match="no tokenizer files"):
         check_tokenizer(read_config(path), path)
+    size = len(transformers.AutoTokenizer.from_pretrained(tiny_tokenizer_dir))  # read from tokenizer.json alike
+    check_tokenizer(dataclasses.replace(read_config(path), vocab_size=size), tiny_tokenizer_dir)
+    with pytest.raises(UserError, match=f"has {size} tokens"):
+        check_tokenizer(dataclasses.replace(read_config(path), vocab_size=size - 1), tiny_tokenizer_dir)
 
 
 def test_cudnn_attention_path_gives_the_same_logits(tmp_path, monkeypatch):

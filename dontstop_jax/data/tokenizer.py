@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from dontstop_jax import files
 from dontstop_jax.errors import UserError
@@ -28,7 +28,12 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
         raise UserError(f"tokenizer directory {path} not found; pass a directory save_pretrained wrote, or a Hub id")
     path = files.localize(path)
     try:
-        tok = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+        if _plain_backend(path):
+            tok = PreTrainedTokenizerFast.from_pretrained(os.fspath(path), local_files_only=True)
+        else:
+            from transformers import AutoTokenizer  # (imports torch where installed: seconds per process)
+
+            tok = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0]
         raise UserError(f"cannot load a tokenizer from {path} ({reason}); the directory needs tokenizer.json") from e
@@ -38,6 +43,24 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     tok.backend_tokenizer.no_truncation()
     tok.backend_tokenizer.no_padding()
     return tok
+
+
+def _plain_backend(path: str | os.PathLike) -> bool:
+    """Whether the directory holds the generic fast tokenizer that AutoTokenizer would load as it is: its
+    tokenizer_config.json names the generic backend class, with no custom code and no model config.json that could
+    pick a model's own class. Such a directory is loaded without AutoTokenizer, whose import pulls in torch where it
+    is installed (seconds of start-up for every command)."""
+    directory = files.path(path)
+    config = directory / "tokenizer_config.json"
+    if not (directory / "tokenizer.json").exists() or not config.exists() or (directory / "config.json").exists():
+        return False
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    return settings.get("tokenizer_class") in (PreTrainedTokenizerFast.__name__, "PreTrainedTokenizerFast") and (
+        "auto_map" not in settings
+    )
 
 
 def special_ids(tok: PreTrainedTokenizerFast) -> dict[str, int]:

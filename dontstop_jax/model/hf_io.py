@@ -229,9 +229,9 @@ def load_pretrained(path: str | os.PathLike, **config_overrides: Any) -> tuple[M
 
 
 def check_tokenizer(cfg: ModelConfig, tokenizer_dir: str | os.PathLike) -> None:
-    """The tokenizer must not produce ids past the model's embedding table."""
-    from transformers import AutoTokenizer
-
+    """The tokenizer must not produce ids past the model's embedding table. Its size is read from tokenizer.json
+    where there is one: this runs at every phase's start, and AutoTokenizer's import pulls in torch where it is
+    installed (seconds)."""
     from dontstop_jax.model import hub
 
     tokenizer_dir = hub.local(os.fspath(tokenizer_dir), "tokenizer")
@@ -241,7 +241,14 @@ def check_tokenizer(cfg: ModelConfig, tokenizer_dir: str | os.PathLike) -> None:
             f"{tokenizer_dir} has no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
             "copy the model's tokenizer there or pass the tokenizer directory explicitly"
         )
-    n = len(AutoTokenizer.from_pretrained(str(files.localize(tokenizer_dir))))
+    if (where / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+
+        n = Tokenizer.from_str((where / "tokenizer.json").read_text(encoding="utf-8")).get_vocab_size(True)
+    else:
+        from transformers import AutoTokenizer
+
+        n = len(AutoTokenizer.from_pretrained(str(files.localize(tokenizer_dir))))
     if n > cfg.vocab_size:
         raise UserError(
             f"tokenizer at {tokenizer_dir} has {n} tokens but the model's vocab_size is "
