@@ -63,6 +63,7 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(cores, 4))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist names each item's group from its xdist_group mark
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Group each file's tests (with `--dist loadgroup`: one worker runs them, module fixtures are built once),
     merging the files that share a SHARED_SESSION_FIXTURES fixture; under xdist, order the groups LONGEST_FIRST."""
