@@ -50,3 +50,14 @@ def _xla_defaults_where_marked(request: pytest.FixtureRequest):
     _fast_compile[0] = request.node.get_closest_marker("xla_defaults") is None
     yield
     _fast_compile[0] = True
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiling_commands_where_marked(request: pytest.FixtureRequest):
+    """A test file marked `fast_compile_commands` (pytestmark) starts its CLI processes with LLVM unoptimised too,
+    module fixtures included: they run a few steps of a tiny model, so compiling is most of their CPU time. The
+    file compares them only with runs it starts itself."""
+    with pytest.MonkeyPatch.context() as env:
+        if request.node.get_closest_marker("fast_compile_commands") is not None:
+            env.setenv("XLA_FLAGS", f"--{FAST_COMPILE[0]}={FAST_COMPILE[1]}")
+        yield

@@ -26,6 +26,8 @@ from tiny_pretrain import command, write_corpus
 
 from dontstop_jax import cli
 
+pytestmark = pytest.mark.fast_compile_commands  # tiny runs: compile-bound (conftest.py)
+
 ROOT = Path(__file__).parents[1]
 DAPT, FINETUNE = str(ROOT / "configs/dapt.py:biomed"), str(ROOT / "configs/finetune.py:chemprot")
 MODEL = {

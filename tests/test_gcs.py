@@ -16,10 +16,13 @@ from gcs_emulator import gcs_emulator, upload_tree
 from tiny_hf import WORDS, save_tiny_roberta, write_biomed_data
 
 # Not imported here: gcsfs reads its settings from the environment the emulator fixture sets.
-pytestmark = pytest.mark.skipif(
-    not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec("gcp_storage_emulator")),
-    reason="needs gcsfs and gcp-storage-emulator (the test extra)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (importlib.util.find_spec("gcsfs") and importlib.util.find_spec("gcp_storage_emulator")),
+        reason="needs gcsfs and gcp-storage-emulator (the test extra)",
+    ),
+    pytest.mark.fast_compile_commands,  # tiny runs: compile-bound (conftest.py)
+]
 ROOT = Path(__file__).parents[1]
 SMALL = ["--config.train.batch_size=16", "--config.data.max_seq_length=64"]
 STEPS = 100  # of the two-host run

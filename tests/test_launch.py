@@ -18,6 +18,8 @@ from tiny_pretrain import REPO, command, final_params, run, wait_until, write_co
 
 from dontstop_jax.engine.checkpoint import Checkpointer
 
+pytestmark = pytest.mark.fast_compile_commands  # tiny pretraining runs: compile-bound (conftest.py)
+
 LAUNCH = str(REPO / "launch" / "run.sh")
 ARGS = [
     "pretrain",

@@ -12,7 +12,7 @@ from tiny_pretrain import command, final_params, run, wait_for_checkpoint, write
 
 from dontstop_jax.engine.checkpoint import Checkpointer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fast_compile_commands]  # tiny runs: compile-bound (conftest.py)
 STEPS = 120
 
 
