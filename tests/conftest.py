@@ -42,7 +42,7 @@ def _bpe_tokenizer(path, vocab_size: int, byte_alphabet: bool) -> str:
 SHARED_SESSION_FIXTURES = ("tiny_grid", "continual_reference")
 # The longest files (CI's --durations), handed out first so that no worker is left with a long file at the end.
 LONGEST_FIRST = (
-    "test_multihost.py",  # with test_interrupt, test_pipeline, test_workdir_move: ~1,100 s under 2 workers
+    "test_multihost.py",  # with test_interrupt, test_pipeline, test_workdir_move: ~900 s on one of 2 workers
     "test_synthetic_effect.py",
     "test_grad_reduction.py",
     "test_das_continual.py",

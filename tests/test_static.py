@@ -127,3 +127,25 @@ def test_no_transformers_banner_without_pytorch():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "PyTorch was not found" not in out.stderr and out.stderr.strip() == "", out.stderr
+
+
+def test_files_sharing_a_session_fixture_run_on_one_xdist_worker():
+    """conftest.py groups the files that share an expensive session fixture (and each file, for its module
+    fixtures) into one xdist group. xdist reads the groups in its own collection hook: a grouping hook that ran
+    after it left every test a group of its own, and the shared fixtures were built on every worker (CI paid
+    ~350 s for it). Under `--dist loadgroup` every test's id carries its group."""
+    import re
+    import subprocess
+    import sys
+
+    files = ["tests/test_pipeline.py", "tests/test_workdir_move.py"]  # both read the session's tiny_grid
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "2", "-v", "--setup-plan", "-p", "no:cacheprovider", *files],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    ids = re.findall(r"^(tests/test_\w+\.py::\S+)", out.stdout, re.MULTILINE)
+    assert len(ids) >= 5, out.stdout[-3000:]
+    assert all(i.endswith("@test_pipeline.py") for i in ids), ids
