@@ -11,7 +11,7 @@ import pytest
 from export_check import assert_transformers_logits_match
 from tiny_hf import save_tiny_roberta, write_biomed_data
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fast_compile_commands]  # tiny runs: compile-bound (conftest.py)
 ROOT = Path(__file__).parents[1]
 SMALL = ["--config.train.batch_size=16", "--config.data.max_seq_length=64"]
 
