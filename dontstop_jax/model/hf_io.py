@@ -241,14 +241,15 @@ def check_tokenizer(cfg: ModelConfig, tokenizer_dir: str | os.PathLike) -> None:
             f"{tokenizer_dir} has no tokenizer files (tokenizer.json or vocab.json + merges.txt); "
             "copy the model's tokenizer there or pass the tokenizer directory explicitly"
         )
-    if (where / "tokenizer.json").exists():
+    local = files.localize(tokenizer_dir)  # this host's copy, which loading the tokenizer reads too
+    if (local / "tokenizer.json").exists():
         from tokenizers import Tokenizer
 
-        n = Tokenizer.from_str((where / "tokenizer.json").read_text(encoding="utf-8")).get_vocab_size(True)
+        n = Tokenizer.from_file(str(local / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
     else:
         from transformers import AutoTokenizer
 
-        n = len(AutoTokenizer.from_pretrained(str(files.localize(tokenizer_dir))))
+        n = len(AutoTokenizer.from_pretrained(str(local)))
     if n > cfg.vocab_size:
         raise UserError(
             f"tokenizer at {tokenizer_dir} has {n} tokens but the model's vocab_size is "
