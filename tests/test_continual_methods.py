@@ -163,11 +163,15 @@ def test_das_objective_inputs_and_random_importance():
     plain = value(mlm_loss_sums(model))
     past = {k: np.full(v.shape, 0.5, np.float32) for k, v in zero_importance(CFG).items()}
     for contrast, weight in ((None, 1.0), (past, 0.0)):  # no contrast: plain MLM, still soft-masked
-        loss, hooks = das_objective(past, contrast, weight, 0.05)(model, params)
-        assert value(loss) == pytest.approx(plain)
-        assert set(hooks) == {"grad_transform", "update_transform"}
-    loss, hooks = das_objective(None, past, 1.0, 0.05)(model, params)
-    assert hooks == {} and value(loss) != pytest.approx(plain)
+        fixed, hooks = das_objective(past, contrast, weight, 0.05)(model, params)
+        assert isinstance(fixed, Fixed) and hooks == {} and fixed.hooks is not None
+        assert value(fixed.loss(fixed.arrays, jnp.asarray(0))) == pytest.approx(plain)
+        assert set(fixed.hooks(fixed.arrays)) == {"grad_transform", "update_transform"}
+    fixed, hooks = das_objective(None, past, 1.0, 0.05)(model, params)
+    assert isinstance(fixed, Fixed) and hooks == {} and fixed.hooks is not None and fixed.hooks(fixed.arrays) == {}
+    assert value(fixed.loss(fixed.arrays, jnp.asarray(0))) != pytest.approx(plain)
+    loss, hooks = das_objective(None, None, 1.0, 0.05)(model, params)  # nothing to mask or contrast: plain MLM
+    assert not isinstance(loss, Fixed) and hooks == {} and value(loss) == pytest.approx(plain)
 
     raw = {k: np.asarray(np.random.default_rng(0).uniform(size=v.shape), np.float32) for k, v in past.items()}
     shuffled = importance.shuffled(raw, (0, 1, 0))

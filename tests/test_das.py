@@ -18,6 +18,7 @@ from dontstop_jax.engine import (
     default_optim_config,
     make_mesh,
     make_optimizer,
+    make_train_step,
     to_global,
 )
 from dontstop_jax.engine.sharding import activation_rules
@@ -138,6 +139,25 @@ def run_das(mesh, past, steps=2):
         state, metrics = step(state, to_global(mlm_batch(i), mesh))
         losses.append(float(metrics["loss"]))
     return losses, initial, jax.device_get(state.params), state.params
+
+
+def test_every_stage_of_a_das_sequence_runs_one_program():
+    """The importance (soft-masks and contrast gates) reaches the step as its `Fixed` argument: two stages' steps,
+    under different importance, lower to one program (closed over, each stage compiled its own)."""
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    model = RobertaForMaskedLM(CFG)
+    tx, _ = make_optimizer(default_optim_config(), total_steps=10)
+    state, _ = create_train_state(model, tx, mesh, DEFAULT_RULES, seed=0)
+    batch = to_global(mlm_batch(0), mesh)
+    texts = []
+    for seed in (1, 2):
+        rng = np.random.default_rng(seed)
+        past = {k: rng.uniform(0, 0.9, v.shape).astype(np.float32) for k, v in zero_importance(CFG).items()}
+        loss_sums, hooks = contrastive.das_objective(past, past, weight=0.5, temperature=0.05)(model, state.params)
+        spec = StepSpec(loss_sums, tx, hooks=hooks)
+        with activation_rules(mesh, DEFAULT_RULES):
+            texts.append(jax.jit(make_train_step(spec)).lower(state, batch, spec.arguments).as_text())
+    assert texts[0] == texts[1]
 
 
 @pytest.mark.slow

@@ -14,10 +14,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dontstop_jax.das import softmask
 from dontstop_jax.das.importance import Importance
-from dontstop_jax.engine.steps import LossSums, mlm_loss_sums
+from dontstop_jax.engine.steps import Fixed, Hooks, LossSums, mlm_loss_sums
 
 
 def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -74,19 +75,30 @@ def das_objective(
 
     The mask scales the gradient (as in the paper: it also shrinks the unit's share of global-norm clipping)
     and again the optimizer's update: Adam divides each gradient by its running RMS, so a constant scale on
-    the gradient alone would leave the unit's steps almost unchanged.
+    the gradient alone would leave the unit's steps almost unchanged. Both importances reach the step as its
+    `Fixed` arrays, not constants: every stage of a sequence runs one compiled program.
     """
 
     def build(model: nn.Module, params: Any):
-        loss = (
-            mlm_loss_sums(model)
-            if contrast is None or not weight
-            else das_loss_sums(model, contrast, weight, temperature)
-        )
-        if mask is None:
-            return loss, {}
-        masks = softmask.shard_masks(softmask.unit_masks(mask, params), params)
-        scale = lambda tree: softmask.apply(tree, masks)
-        return loss, {"grad_transform": scale, "update_transform": scale}
+        arrays: dict[str, Any] = {}
+        if mask is not None:
+            arrays["mask"] = softmask.shard_masks(softmask.unit_masks(mask, params), params)
+        if contrast is not None and weight:
+            arrays["contrast"] = {k: np.asarray(v, np.float32) for k, v in contrast.items()}
+        if not arrays:
+            return mlm_loss_sums(model), {}
+
+        def loss(fixed: dict[str, Any], step: jax.Array) -> LossSums:
+            if "contrast" not in fixed:
+                return mlm_loss_sums(model)
+            return das_loss_sums(model, fixed["contrast"], weight, temperature)
+
+        def hooks(fixed: dict[str, Any]) -> Hooks:
+            if "mask" not in fixed:
+                return {}
+            scale = lambda tree: softmask.apply(tree, fixed["mask"])
+            return {"grad_transform": scale, "update_transform": scale}
+
+        return Fixed(loss, arrays, hooks), {}
 
     return build

@@ -32,7 +32,7 @@ import numpy as np
 
 from dontstop_jax.das import softmask
 from dontstop_jax.das.importance import Importance
-from dontstop_jax.engine.steps import Fixed, mlm_loss_sums
+from dontstop_jax.engine.steps import Fixed, Hooks, mlm_loss_sums
 from dontstop_jax.model import RobertaForMaskedLM
 
 KINDS = ("head", "intermediate")  # the gated units; Importance's "output" stays 0 (never gated, never blocked)
@@ -135,8 +135,12 @@ def hat_objective(domain: int, past: Importance | None, c: float, s_max: float, 
 
         if past is None:
             return Fixed(loss, placed), {}
-        blocks = softmask.shard_masks(softmask.unit_masks(past, params, SLICES), params)
-        block = lambda tree: softmask.apply(tree, blocks)
-        return Fixed(loss, placed), {"grad_transform": block, "update_transform": block}
+        arrays = {**placed, "blocks": softmask.shard_masks(softmask.unit_masks(past, params, SLICES), params)}
+
+        def block(fixed: dict[str, Any]) -> Hooks:
+            scale = lambda tree: softmask.apply(tree, fixed["blocks"])
+            return {"grad_transform": scale, "update_transform": scale}
+
+        return Fixed(loss, arrays, block), {}
 
     return build

@@ -51,13 +51,15 @@ LossSums = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 @dataclasses.dataclass(frozen=True)
 class Fixed:
-    """A loss over arrays held fixed for a whole phase (EWC's anchor and Fisher, DER++'s replay buffer, HAT's past
-    masks). They reach the compiled step as an argument, placed once: an array a jitted function closes over is
-    baked into the program as a constant (here a full copy of the parameters in the HLO). The loss also gets the
-    step counter (HAT's annealed gate slope, the multi-task weight's epoch)."""
+    """A loss (and step hooks) over arrays held fixed for a whole phase (EWC's anchor and Fisher, DER++'s replay
+    buffer, HAT's past masks, DAS's importance). They reach the compiled step as an argument, placed once: an array
+    a jitted function closes over is baked into the program as a constant (a full copy of the parameters in the
+    HLO for EWC; for DAS, a new program for every stage of a sequence, since each stage's importance differs). The
+    loss also gets the step counter (HAT's annealed gate slope, the multi-task weight's epoch)."""
 
     loss: Callable[[Any, jax.Array], LossSums]  # (arrays, step) -> the loss that reads them
-    arrays: Any  # a tree of placed jax arrays
+    arrays: Any  # a tree of jax arrays (placed) or numpy arrays (placed replicated by compile_train_step)
+    hooks: Callable[[Any], Hooks] | None = None  # (arrays) -> hooks that read them, applied before StepSpec's
 
 
 def _nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -274,6 +276,12 @@ class StepSpec:
         step."""
         return self.loss.loss(arguments["fixed"], step) if isinstance(self.loss, Fixed) else self.loss
 
+    def hooks_at(self, arguments: Mapping[str, Any]) -> Hooks:
+        """The step's hooks: a `Fixed` loss's (given its arrays), then `hooks`."""
+        if isinstance(self.loss, Fixed) and self.loss.hooks is not None:
+            return chain_hooks(self.loss.hooks(arguments["fixed"]), self.hooks)
+        return self.hooks
+
 
 def make_train_step(spec: StepSpec) -> Callable[..., tuple]:
     """(state, global batch, spec.arguments) -> (new state, metrics), as `spec` says. Without the arguments a
@@ -291,7 +299,6 @@ def make_train_step(spec: StepSpec) -> Callable[..., tuple]:
     mean) are per device and micro-batch.
     """
     reduce_dtype = jnp.dtype(spec.grad_reduce_dtype)
-    grad_transform, update_transform = spec.hooks.get("grad_transform"), spec.hooks.get("update_transform")
 
     def gradients(params, batch, rng, extra, arguments, step_count, specs=None):
         """(loss sum, aux, gradient sum); with `specs` (inside the shard_map) reduced over the batch axes."""
@@ -318,6 +325,8 @@ def make_train_step(spec: StepSpec) -> Callable[..., tuple]:
 
     def step(state: TrainState, batch: Batch, arguments: Mapping[str, Any] | None = None, *, param_shardings=None):
         arguments = arguments or {}
+        hooks = spec.hooks_at(arguments)
+        grad_transform, update_transform = hooks.get("grad_transform"), hooks.get("update_transform")
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         extra = (state.averages[spec.teacher],) if spec.teacher else ()
         args = (state.params, batch, rng, extra, arguments, state.step)
