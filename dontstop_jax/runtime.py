@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import itertools
 import logging
 import os
 import sys
 import threading
+import zlib
 from typing import Any
 
 import jax
@@ -28,6 +31,7 @@ def setup(compilation_cache: str | None = None) -> None:
     )
     if jax.process_count() > 1 and jax.default_backend() == "cpu":
         _one_cache_key_on_every_cpu_process()
+        _compile_once_for_every_cpu_process()
     # Orbax reports every save at INFO/WARNING, and a failed background save as an ERROR with a traceback before
     # raising the same error in the main thread, where the CLI reports it in one line.
     logging.getLogger("absl").setLevel(logging.CRITICAL)
@@ -47,7 +51,8 @@ def _one_cache_key_on_every_cpu_process() -> None:
     from process to process, and only process 0 writes the cache: the other processes of a multi-process CPU run
     (`launch/run.sh local`, the tests' 2-host runs) never read it and compiled every program again (process 1
     of a 2-process tiny continual run: 201 s of compiling, process 0: 13 s). Key CPU programs by their devices'
-    kind and (process, id) layout instead, which every process sees alike."""
+    kind and (process, id) layout instead, which every process sees alike (and hand programs over by that key:
+    `_compile_once_for_every_cpu_process`)."""
     from jax._src import cache_key
 
     fingerprint = getattr(cache_key, "_hash_accelerator_config", None)
@@ -62,6 +67,71 @@ def _one_cache_key_on_every_cpu_process() -> None:
 
     layout.same_on_every_process = True  # type: ignore[attr-defined]
     cache_key._hash_accelerator_config = layout
+
+
+HAND_OVER_SECONDS = 600  # how long a process waits for process 0's program before compiling it itself
+
+
+def _compile_once_for_every_cpu_process() -> None:
+    """In a multi-process CPU run (`launch/run.sh local`, the tests' 2-host runs: all on one machine) every
+    process compiled every program that spans the processes, the same program at the same moment, so N processes
+    took N times the compile CPU (a 2-process tiny continual run: 75 s of compiling on each). Now the process
+    holding the program's first device compiles it (or reads it from its cache) and hands the executable over
+    through the coordination service's key-value store: it announces the n-th such program by its cache key (as
+    above; each host's own cache directory left out), and a process whose n-th program has that key loads the
+    executable. Any other program (another key, host callbacks, nothing announced within HAND_OVER_SECONDS) is
+    compiled where it is, as before."""
+    from jax._src import cache_key, compiler
+    from jax._src import distributed as jax_distributed
+
+    compile_or_get_cached = getattr(compiler, "compile_or_get_cached", None)
+    if compile_or_get_cached is None or getattr(compile_or_get_cached, "hands_over", False):
+        return
+    hits = threading.local()  # this thread's compilation-cache hits (JAX records them where it compiles)
+    jax.monitoring.register_event_listener(
+        lambda event, **_: setattr(hits, "n", getattr(hits, "n", 0) + 1) if event.endswith("/cache_hits") else None
+    )
+    programs, lock = itertools.count(), threading.Lock()  # this process's programs over several processes
+
+    def handed_over(backend, computation, devices, compile_options, host_callbacks, executable_devices, *rest):
+        def here():
+            return compile_or_get_cached(
+                backend, computation, devices, compile_options, host_callbacks, executable_devices, *rest
+            )
+
+        client = jax_distributed.global_state.client
+        processes = {d.process_index for d in devices.flat}
+        if client is None or len(processes) < 2 or host_callbacks or backend.platform != "cpu":
+            return here()
+        options = copy.deepcopy(compile_options)  # JAX names the cache directory in them: each host has its own
+        options.executable_build_options.debug_options.xla_gpu_per_fusion_autotune_cache_dir = ""
+        key = cache_key.get(computation, devices, options, backend)
+        with lock:
+            n = next(programs)
+        announced, handed = f"dontstop/program-key/{n}", f"dontstop/program/{n}"
+        if jax.process_index() == min(devices.flat, key=lambda d: d.id).process_index:
+            client.key_value_set(announced, key, True)
+            before = getattr(hits, "n", 0)
+            executable = here()
+            # A program read from the cache cannot be serialized again (XLA:CPU drops its code): the others read it
+            # from theirs (an empty payload), as before; one compiled here is handed over.
+            payload = b"" if getattr(hits, "n", 0) > before else zlib.compress(executable.serialize(), 1)
+            client.key_value_set_bytes(handed, payload, True)
+            return executable
+        try:
+            if client.blocking_key_value_get(announced, HAND_OVER_SECONDS * 1000) != key:
+                return here()  # process 0's n-th program is another one
+            payload = client.blocking_key_value_get_bytes(handed, HAND_OVER_SECONDS * 1000)
+        except Exception as err:  # the first process failed, or never compiles it: compile here
+            name = key.split("-")[0]
+            print(f"process {jax.process_index()}: {name} not handed over ({err}); compiling it here", file=sys.stderr)
+            return here()
+        if not payload:
+            return here()
+        return backend.deserialize_executable(zlib.decompress(payload), executable_devices, compile_options)
+
+    handed_over.hands_over = True  # type: ignore[attr-defined]
+    compiler.compile_or_get_cached = handed_over
 
 
 # glibc's mallopt parameters (malloc.h): the values for a CPU run, and glibc's defaults.

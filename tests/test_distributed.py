@@ -181,27 +181,32 @@ import json, sys
 import numpy as np
 from dontstop_jax import runtime
 runtime.setup(sys.argv[1])
+runtime.HAND_OVER_SECONDS = 3
 import jax
-from jax._src import monitoring
+from jax._src import compiler
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-events = []
-monitoring.register_event_listener(lambda event, **_: events.append(event.rsplit("/", 1)[-1]))
+compiles, backend_compile = [], compiler.backend_compile_and_load
+compiler.backend_compile_and_load = lambda *args, **kwargs: compiles.append(1) or backend_compile(*args, **kwargs)
 mesh = Mesh(np.array(jax.devices()), ("all",))
 x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("all")), np.ones((1, 64), np.float32))
 total = jax.jit(lambda x: (x * 3).sum(0), out_shardings=NamedSharding(mesh, P()))(x)
-print(json.dumps([e for e in events if e in ("cache_hits", "cache_misses")] + [float(total.sum())]))
+seen = [len(compiles), float(total.sum())]
+if jax.process_index() == 1:  # a program over both processes that process 0 never compiles (no collective)
+    doubled = jax.jit(lambda x: x * 2)(x)
+    seen += [len(compiles), float(doubled.addressable_data(0).sum())]
+print(json.dumps(seen))
 """
 
 
-def test_every_process_reads_the_programs_process_0_cached(tmp_path):
-    """JAX writes the compilation cache from process 0 only; a second run's process 1 reads what the first
-    run's process 0 wrote, so a multi-process CPU run does not compile every program again on each process."""
+def test_process_0_compiles_each_program_and_hands_it_to_the_others(tmp_path):
+    """A program over every process's devices is compiled by process 0 (or read from its cache) and handed to
+    process 1, which compiles nothing; one that process 0 never hands over, process 1 compiles after waiting."""
     import json
 
     from local_processes import run_local_processes
 
-    first = [json.loads(out.splitlines()[-1]) for out in run_local_processes(_COMPILE_ONE_PROGRAM, str(tmp_path))]
-    again = [json.loads(out.splitlines()[-1]) for out in run_local_processes(_COMPILE_ONE_PROGRAM, str(tmp_path))]
-    assert first == [["cache_misses", 384.0], [384.0]]  # process 1 compiles too, but only process 0 writes
-    assert again == [["cache_hits", 384.0], ["cache_hits", 384.0]]
+    runs = [run_local_processes(_COMPILE_ONE_PROGRAM, str(tmp_path)) for _ in range(2)]
+    (first0, first1), (again0, again1) = ([json.loads(out.splitlines()[-1]) for out in run] for run in runs)
+    assert first0 == [1, 384.0] and again0 == [0, 384.0]  # compiled, then read from process 0's cache
+    assert first1 == again1 == [0, 384.0, 1, 128.0]  # handed over; the program only it runs: compiled there
