@@ -112,7 +112,11 @@ def _compile_once_for_every_cpu_process() -> None:
         if jax.process_index() == min(devices.flat, key=lambda d: d.id).process_index:
             client.key_value_set(announced, key, True)
             before = getattr(hits, "n", 0)
-            executable = here()
+            try:
+                executable = here()
+            except BaseException:
+                client.key_value_set_bytes(handed, b"", True)  # the others compile it (and fail alike), not wait
+                raise
             # A program read from the cache cannot be serialized again (XLA:CPU drops its code): the others read it
             # from theirs (an empty payload), as before; one compiled here is handed over.
             payload = b"" if getattr(hits, "n", 0) > before else zlib.compress(executable.serialize(), 1)
