@@ -141,7 +141,8 @@ def table(record: dict) -> str:
         f"corpus, each process pinned to {cores} core{'s' * (cores > 1)} of its own (prepare's default pool: "
         f"{'in-process' if cores == 1 else f'{cores} workers'}), 1/2 processes alternated, median of "
         f"{record['repeats']}; load average before -> after the run {load} on "
-        f"{record.get('machine', machine())['cores']} cores (other jobs shared the machine):\n\n"
+        f"{record.get('machine', machine())['cores']} cores (the 2-process runs alone add 2"
+        f"{', the emulator more' if gs else ''}):\n\n"
         + markdown_table(
             [
                 "corpus",

@@ -156,7 +156,8 @@ def keep_freed_host_memory(keep: bool) -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return all(mallopt(param, value) == 1 for param, value in (_CPU_RUN if keep else _GLIBC_DEFAULTS).items())
+    accepted = [mallopt(param, value) == 1 for param, value in (_CPU_RUN if keep else _GLIBC_DEFAULTS).items()]
+    return all(accepted)  # every setting tried, even after one is refused
 
 
 def _closed_loop(err: BaseException | None) -> bool:
