@@ -79,8 +79,8 @@ def _compile_once_for_every_cpu_process() -> None:
     holding the program's first device compiles it (or reads it from its cache) and hands the executable over
     through the coordination service's key-value store: it announces the n-th such program by its cache key (as
     above; each host's own cache directory left out), and a process whose n-th program has that key loads the
-    executable. Any other program (another key, host callbacks, nothing announced within HAND_OVER_SECONDS) is
-    compiled where it is, as before."""
+    executable; the last of them to read it deletes it. Any other program (another key, host callbacks, nothing
+    announced within HAND_OVER_SECONDS) is compiled where it is, as before."""
     from jax._src import cache_key, compiler
     from jax._src import distributed as jax_distributed
 
@@ -130,6 +130,9 @@ def _compile_once_for_every_cpu_process() -> None:
             name = key.split("-")[0]
             print(f"process {jax.process_index()}: {name} not handed over ({err}); compiling it here", file=sys.stderr)
             return here()
+        # The last of the program's other processes to read it frees it: the service keeps a run's programs else.
+        if client.key_value_increment(f"dontstop/program-read/{n}", 1) == len(processes) - 1:
+            client.key_value_delete(handed)
         if not payload:
             return here()
         return backend.deserialize_executable(zlib.decompress(payload), executable_devices, compile_options)
