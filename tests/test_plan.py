@@ -85,6 +85,39 @@ def test_loops_count_as_often_as_they_run():
     assert counted.bytes_accessed >= 5 * 32 * 32 * 4  # every layer's weights read once
 
 
+def test_a_reduce_scatter_counts_the_array_it_reduces():
+    """A reduce-scatter moves its whole operand over the links (each device keeps a share), and XLA:TPU compiles a
+    large one as an "all-reduce-scatter" fusion around an all-reduce: both count as one reduce-scatter of the
+    whole array, so `plan` neither takes a share for the traffic nor doubles it as an all-reduce's."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from dontstop_jax.analysis import hlo
+
+    def reduced(devices, shape):
+        mesh = Mesh(np.array(devices).reshape(-1, 4), ("data", "fsdp"))
+        once = jax.shard_map(
+            lambda g: jax.lax.psum(jax.lax.psum_scatter(g, "fsdp", scatter_dimension=0, tiled=True), "data"),
+            mesh=mesh,
+            in_specs=P(),
+            out_specs=P("fsdp"),
+            check_vma=False,
+        )
+        array = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, P()))
+        return hlo.collectives(jax.jit(once).lower(array).compile().as_text())
+
+    assert reduced(jax.devices(), (64, 256)) == {"reduce-scatter": (1, 64 * 256 * 4), "all-reduce": (1, 16 * 256 * 4)}
+    pytest.importorskip("libtpu")
+    from dontstop_jax.engine import topology
+
+    on_tpu = reduced(topology.devices("v5litepod-16")[1], (4096, 1024))
+    assert on_tpu["reduce-scatter"] == (1, 4128 * 1024 * 4)  # XLA:TPU pads the rows to 4 x 1032
+    assert on_tpu["all-reduce"] == (1, 1024 * 1024 * 4)  # over data, the fsdp share only
+
+
 def test_step_that_does_not_fit_names_the_lever_and_its_plan(capsys, monkeypatch):
     pytest.importorskip("libtpu")
     # About 10.5 MiB per chip at accumulation 1, 6.2 MiB at 2 (fsdp and full remat already applied).

@@ -157,7 +157,8 @@ def _executions(comps: dict[str, list[Op]]) -> dict[str, tuple[int, bool]]:
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
-    """One collective op of a compiled program: result bytes, executions per step (while-loop trip counts
+    """One collective op of a compiled program: the bytes of the whole array it works on (its result; a
+    reduce-scatter's operand, of which each device keeps a share), executions per step (while-loop trip counts
     multiplied), whether it sits in a while loop's body, and its device groups (indices into the compile's
     device assignment, i.e. the mesh's devices in order; () = all devices)."""
 
@@ -171,16 +172,19 @@ class Collective:
 def collective_ops(hlo: str) -> list[Collective]:
     """Every collective of one execution of an HLO module, with how often it runs (the layer scan, accumulation)."""
     comps = _parse(hlo)
+    types = {op.name: op.type for ops in comps.values() for op in ops}
     found = []
     for name, (times, in_loop) in _executions(comps).items():
         for op in comps[name]:
             kind = op.kind.removesuffix("-start")
-            if kind in COLLECTIVES:  # an async start's tuple also holds its operands: its largest array
-                found.append(
-                    Collective(
-                        kind, shape_bytes(op.type, largest=kind != op.kind), times, in_loop, _replica_groups(op.attrs)
-                    )
-                )
+            if kind not in COLLECTIVES:
+                continue
+            nbytes = shape_bytes(op.type, largest=kind != op.kind)  # an async start's tuple holds its operands too
+            if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
+                kind = "reduce-scatter"  # XLA:TPU's fused all-reduce + slice: one reduce-scatter of the array
+            elif kind == "reduce-scatter":
+                nbytes = max(nbytes, sum(shape_bytes(types.get(operand, "")) for operand in op.operands))
+            found.append(Collective(kind, nbytes, times, in_loop, _replica_groups(op.attrs)))
     return found
 
 
