@@ -11,7 +11,10 @@ row per plan: mesh, HBM per chip, roofline step time and what binds it, hours fo
 MFU, and the plan `plan` chose (the fastest fitting one; the numbers are then its plan's). Roofline estimates from
 the compiled HLO, not measurements. Needs libtpu but no TPU. `--only TEXT ...` redoes the rows whose recipe or
 slice contains TEXT; `--minutes M` starts no row after M minutes (the rows not rerun keep their recorded numbers);
-bench/plan_table.json keeps every row's command and full report.
+bench/plan_table.json keeps every row's command and full report. `--refresh` compiles each recorded row's chosen
+plan again alone (its lever's flags and `plan --as-configured`: the ranking is not redone), for a change to what
+plan counts; the row keeps its lever and records the refresh's command. A row's "fused attention" column is the
+chosen plan again with attention dropout 0 and the splash kernel (plan prints it; a change from the recipe).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -69,6 +73,9 @@ def command(config: str, topology: str, overrides: list[str], tokens: int | None
     return args + (["--tokens", str(tokens)] if tokens else [])
 
 
+FUSED = "\nwith fused attention"  # where plan's report gives the chosen plan's twin without attention dropout
+
+
 def _line(pattern: str, text: str) -> re.Match[str]:
     """The match of `pattern` in a plan report; a report without it (its format changed) is one clear error."""
     match = re.search(pattern, text)
@@ -78,10 +85,27 @@ def _line(pattern: str, text: str) -> re.Match[str]:
 
 
 def parse(report: str) -> dict:
-    """The numbers of the plan `plan` chose (the configured one, or the fastest fitting lever's)."""
+    """The numbers of the plan `plan` chose (the configured one, or the fastest fitting lever's), and under
+    "fused" those of its twin with attention dropout 0 (None where plan printed none)."""
+    report, _, fused = report.partition(FUSED)
     chosen = re.search(r"\nchosen: (.+)", report)
     lever = chosen.group(1) if chosen and chosen.group(1) != "as configured" else None
     text = report[chosen.end() :] if chosen and lever else report.split("\nfitting plans")[0]
+    twin = None
+    if fused:
+        numbers = _numbers(fused)
+        twin = {k: numbers[k] for k in ("step_ms", "bound", "total_gib", "hours", "mfu")}
+        twin["fits"] = "\ndoes not fit" not in fused
+    return {
+        "fits_as_configured": "\ndoes not fit" not in report,
+        "lever": lever or ("none fits" if chosen is None else ""),
+        **_numbers(text),
+        "fused": twin,
+    }
+
+
+def _numbers(text: str) -> dict:
+    """One plan's numbers, from the first plan in `text`."""
     head = _line(
         r"on \S+: (\d+) (\S+) chips.*; mesh data=(\d+) fsdp=(\d+) tensor=(\d+); batch (\d+) x (\d+) "
         r"tokens, accum (\d+), (\w+), remat (\w+)",
@@ -102,8 +126,6 @@ def parse(report: str) -> dict:
     predict = re.search(r"predict step: .* ([\d.]+) GiB total", text)
     rates = _line(r"throughput: +([\d,]+) tokens/s, ([\d,]+) per chip, ([\d,]+) per host; MFU (\d+)%", text)
     return {
-        "fits_as_configured": "\ndoes not fit" not in report,
-        "lever": lever or ("none fits" if chosen is None else ""),
         "tokens_per_s": int(rates.group(1).replace(",", "")),
         "tokens_per_s_chip": int(rates.group(2).replace(",", "")),
         "tokens_per_s_host": int(rates.group(3).replace(",", "")),
@@ -132,46 +154,76 @@ def parse(report: str) -> dict:
     }
 
 
-def run(recipe: str, config: str, topology: str, overrides: list[str], tokens: int | None, note: str) -> dict:
-    args = command(config, topology, overrides, tokens)
+def _plan(what: str, args: list[str]) -> str:
+    """The report of `dontstop ARGS` (a plan), run in its own process."""
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])),
     }
-    t = time.time()
     done = subprocess.run(
         [sys.executable, "-m", "dontstop_jax", *args], cwd=REPO, env=env, capture_output=True, text=True
     )
     if done.returncode not in (0, 1) or "HBM per chip" not in done.stdout:
-        raise SystemExit(f"{recipe} on {topology}: exit {done.returncode}\n{done.stdout}\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{what}: exit {done.returncode}\n{done.stdout}\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def run(recipe: str, config: str, topology: str, overrides: list[str], tokens: int | None, note: str) -> dict:
+    args = command(config, topology, overrides, tokens)
+    t = time.time()
+    report = _plan(f"{recipe} on {topology}", args)
     return {
         "recipe": recipe,
         "topology": topology,
         "command": "dontstop " + " ".join(args),
         "compile_s": round(time.time() - t),
         "note": note,
-        **parse(done.stdout),
-        "report": done.stdout,
+        **parse(report),
+        "report": report,
     }
 
 
-def row(r: dict) -> str:
-    mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1 or k == "data")
-    steps = f"{r['steps'] / 1000:g}K" if r["steps"] >= 1000 else str(r["steps"])
-    seconds = r["step_ms"] * r["steps"] / 1000
-    took = (
+def refresh(r: dict) -> dict:
+    """Row `r` with its recorded chosen plan compiled again alone (`plan --as-configured` with its lever's flags:
+    one or two compiles, no ranking), after a change to what plan counts; its lever and command stay."""
+    args = shlex.split(r["command"])[1:] + shlex.split(r["lever"] if r["lever"].startswith("--") else "")
+    args.append("--as-configured")
+    t = time.time()
+    report = _plan(f"{r['recipe']} on {r['topology']}", args)
+    return {
+        **r,
+        **{k: v for k, v in parse(report).items() if k not in ("fits_as_configured", "lever")},
+        "refreshed": {"command": "dontstop " + shlex.join(args), "compile_s": round(time.time() - t)},
+        "report": report,
+    }
+
+
+def _took(step_ms: float, steps: int) -> str:
+    seconds = step_ms * steps / 1000
+    return (
         f"{seconds / 3600:.2f} h"
         if seconds >= 360
         else f"{seconds / 60:.1f} min"
         if seconds >= 60
         else f"{seconds:.0f} s"
     )
+
+
+def row(r: dict) -> str:
+    mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1 or k == "data")
+    steps = f"{r['steps'] / 1000:g}K" if r["steps"] >= 1000 else str(r["steps"])
     levers = r["lever"].replace("--config.", "") if r["lever"] else r["note"]
     mfu = f"{r['mfu']:.0%}" if "mfu" in r else "not yet rerun"  # a row from before plan estimated MFU
+    twin = r.get("fused", "not yet planned")  # a row from before plan gave the fused-attention twin
+    if isinstance(twin, dict):
+        twin = f"{twin['step_ms']:.1f} ms, {_took(twin['step_ms'], r['steps'])}, {twin['mfu']:.0%}" + (
+            "" if twin["fits"] else " (does not fit)"
+        )
     return (
         f"| {r['recipe']} | {r['topology']} | {mesh} | {r['total_gib']:.2f} of {r['hbm_gib']} | "
-        f"{r['step_ms']:.1f} ms, {r['bound']} | {took} ({steps} steps) | {mfu} | {levers} |"
+        f"{r['step_ms']:.1f} ms, {r['bound']} | {_took(r['step_ms'], r['steps'])} ({steps} steps) | {mfu} | "
+        f"{twin or '-'} | {levers} |"
     )
 
 
@@ -180,6 +232,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=[], help="plan only rows whose recipe or slice contains TEXT")
     parser.add_argument("--topologies", nargs="*", default=list(TOPOLOGIES))
     parser.add_argument("--minutes", type=float, default=None, help="start no row after this many minutes")
+    parser.add_argument(
+        "--refresh", action="store_true", help="compile each recorded row's chosen plan again alone (see refresh)"
+    )
     opts = parser.parse_args()
     started = time.time()
     known = {recipe for recipe, *_ in RECIPES}
@@ -195,14 +250,22 @@ def main() -> None:
             if opts.minutes is not None and time.time() - started > 60 * opts.minutes:
                 print(f"{recipe} on {topology}: not rerun (--minutes {opts.minutes:g})", file=sys.stderr)
                 continue
-            mesh = FINETUNE_MESH[topology] if config.startswith("configs/finetune.py") else "(-1,1,1)"
-            r = run(recipe, config, topology, overrides + [f"--config.mesh.shape={mesh}"], tokens, note)
+            if opts.refresh:
+                if (recipe, topology) not in rows:
+                    continue
+                r = refresh(rows[recipe, topology])
+            else:
+                mesh = FINETUNE_MESH[topology] if config.startswith("configs/finetune.py") else "(-1,1,1)"
+                r = run(recipe, config, topology, overrides + [f"--config.mesh.shape={mesh}"], tokens, note)
             rows[recipe, topology] = r
-            print(f"{row(r)}  ({r['compile_s']} s)", file=sys.stderr, flush=True)
+            print(f"{row(r)}  ({r.get('refreshed', r)['compile_s']} s)", file=sys.stderr, flush=True)
             OUT.write_text(json.dumps({"rows": list(rows.values())}, indent=1) + "\n")
     order = {(recipe, t): i for i, (recipe, t) in enumerate((x[0], t) for x in RECIPES for t in x[4])}
-    print("| recipe | slice | mesh | GiB per chip | step (roofline), bound | run (roofline) | MFU (est.) | levers |")
-    print("|:--|:--|:--|--:|--:|--:|--:|:--|")
+    print(
+        "| recipe | slice | mesh | GiB per chip | step (roofline), bound | run (roofline) | MFU (est.) "
+        "| fused attention: step, run, MFU | levers |"
+    )
+    print("|:--|:--|:--|--:|--:|--:|--:|--:|:--|")
     for r in sorted(rows.values(), key=lambda r: order.get((r["recipe"], r["topology"]), len(order))):
         print(row(r))
     print(f"\n{len(rows)} plans, {sum(r['compile_s'] for r in rows.values())} s of compiling", file=sys.stderr)

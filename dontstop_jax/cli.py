@@ -74,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--topology", required=True, help="Cloud TPU accelerator type, e.g. v4-32, v5litepod-16")
     plan.add_argument("--slices", type=int, default=1, help="number of slices (mesh.dcn_shape spans them)")
     plan.add_argument("--tokens", type=int, default=None, help="corpus tokens, for the hours of an epochs-based run")
+    plan.add_argument(
+        "--as-configured", action="store_true", help="plan the configured step only (no levers tried: fewer compiles)"
+    )
     for sp in sub.choices.values():
         sp.add_argument("--compilation-cache", default=None, help="persistent XLA cache directory")
     return p
@@ -157,7 +160,7 @@ def _command(args: argparse.Namespace, overrides: list[str]) -> int:
     elif args.command == "plan":
         from dontstop_jax.phases.plan import plan
 
-        fits, report = plan(cfg, args.topology, args.slices, args.tokens)
+        fits, report = plan(cfg, args.topology, args.slices, args.tokens, levers=not args.as_configured)
         print(report)
         return 0 if fits else 1
     elif args.command == "select":
