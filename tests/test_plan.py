@@ -77,7 +77,8 @@ def test_tiny_step_fits_and_prints_its_plan(capsys):
 
     chosen = parse(out)
     assert chosen["lever"].startswith("--config.mesh.shape='(1, 8, 1)'") and chosen["mesh"]["fsdp"] == 8
-    assert chosen["fused"]["fits"] and chosen["fused"]["step_ms"] > 0 and 0 < chosen["fused"]["mfu"] < 1
+    twin = chosen["fused"]
+    assert twin["fits"] and twin["bound"] in ("compute", "HBM", "ICI") and 0 <= twin["mfu"] < 1, twin
 
 
 def test_as_configured_plans_the_configured_step_alone(capsys):
@@ -110,6 +111,29 @@ def test_loops_count_as_often_as_they_run():
     assert xla is not None
     assert xla["flops"] < counted.flops / 4  # XLA: the body once
     assert counted.bytes_accessed >= 5 * 32 * 32 * 4  # every layer's weights read once
+
+
+ON_CHIP = """HloModule m
+
+ENTRY %main (p0: f32[1024], p1: f32[1024]) -> f32[1024] {
+  %p0 = f32[1024]{0} parameter(0)
+  %p1 = f32[1024]{0:S(1)} parameter(1)
+  %buffer = f32[4096]{0} custom-call(), custom_call_target="AllocateBuffer"
+  %prefetch = (f32[1024]{0:S(1)}, f32[1024]{0}, u32[]) copy-start(%p0)
+  %fetched = f32[1024]{0:S(1)} copy-done(%prefetch)
+  %part = f32[256]{0:S(1)} slice(%p0), slice={[0:256]}
+  ROOT %sum = f32[1024]{0} add(%fetched, %p1)
+}
+"""
+
+
+def test_hbm_traffic_leaves_out_on_chip_arrays_and_allocations():
+    """What XLA:TPU keeps in on-chip memory (a layout's S(1)) is no HBM traffic, and an allocation moves nothing;
+    a prefetch reads its source from HBM once (its result tuple holds the source too), a slice into on-chip
+    memory reads its part of HBM, and the sum writes its result there."""
+    from dontstop_jax.analysis import hlo
+
+    assert hlo.count(ON_CHIP).bytes_accessed == (1024 * 4 + 4) + 256 * 4 + 1024 * 4  # + the copy's u32 context
 
 
 def test_a_reduce_scatter_counts_the_array_it_reduces():

@@ -52,6 +52,9 @@ _NO_TRAFFIC = {
     "async-update",
 }
 _SLICES = {"dynamic-slice", "slice", "gather"}
+# XLA:TPU custom calls that move no data: a buffer's allocation, a view of adjacent slices as one array, an
+# annotation of gather indices.
+_NO_TRAFFIC_CALLS = {"AllocateBuffer", "ConcatBitcast", "AssumeGatherIndicesInBound"}
 _LINE = re.compile(r"^\s*(ROOT )?%?([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 
 
@@ -245,15 +248,23 @@ def _dot_flops(op: Op, types: dict[str, str]) -> float:
 
 
 def _traffic(op: Op, types: dict[str, str], comps: dict[str, list[Op]]) -> int:
-    """Bytes an op reads and writes. A fusion reading only a slice of an operand (a layer's weights out of the
-    stacked [layers, ...] array in the layer scan) counts that slice; a dynamic-update-slice works in place: it
-    reads nothing of its buffer and writes (and counts) its update only."""
-    operands = [shape_bytes(types.get(name, "")) for name in op.operands]
-    written = shape_bytes(op.type)
-    if op.kind in _SLICES:
-        return 2 * written
+    """HBM bytes an op reads and writes. A fusion reading only a slice of an operand (a layer's weights out of
+    the stacked [layers, ...] array in the layer scan) counts that slice; a dynamic-update-slice works in place:
+    it reads nothing of its buffer and writes (and counts) its update only. Arrays the compiler placed in another
+    memory space (an `S(n)` layout, n >= 1: XLA:TPU's memory-space assignment keeps them in on-chip memory) are
+    not HBM traffic; the copies that prefetch or evict them are. An async start's result tuple holds its operands
+    (a copy-start's: destination, source, context): only the rest is written."""
+    if op.kind == "custom-call" and (target := re.search(r'custom_call_target="([^"]+)"', op.attrs)):
+        if target.group(1) in _NO_TRAFFIC_CALLS:
+            return 0
+    operands = [_hbm_bytes(types.get(name, "")) for name in op.operands]
+    written = _hbm_bytes(op.type)
+    if op.kind in _SLICES:  # reads the slice (where its operand is in HBM) and writes it
+        return (shape_bytes(op.type) if operands and operands[0] else 0) + written
     if op.kind == "slice-start":  # ((operand), slice, context): reads and writes the slice
-        return 2 * _sizes(op.type)[1]
+        return (_sizes(op.type)[1] if operands and operands[0] else 0) + _sizes(op.type, hbm_only=True)[1]
+    if op.kind.endswith("-start"):
+        return sum(operands) + max(written - sum(operands), 0)
     if op.kind == "dynamic-update-slice":
         return 2 * (operands[1] if len(operands) > 1 else written)
     fused = re.search(r"calls=%?([\w.\-]+)", op.attrs) if op.kind == "fusion" else None
@@ -267,7 +278,7 @@ def _traffic(op: Op, types: dict[str, str], comps: dict[str, list[Op]]) -> int:
     outputs = [by_name.get(name) for name in root.operands] if root.kind == "tuple" else [root]
     outputs = [by_name.get(o.operands[0], o) if o is not None and o.kind == "bitcast" else o for o in outputs]
     written = sum(
-        shape_bytes(types.get(o.operands[1], "")) if o.kind == "dynamic-update-slice" else shape_bytes(o.type)
+        _hbm_bytes(types.get(o.operands[1], "")) if o.kind == "dynamic-update-slice" else _hbm_bytes(o.type)
         for o in outputs
         if o is not None
     )
@@ -310,9 +321,17 @@ def shape_bytes(types: str, largest: bool = False) -> int:
     return max(sizes, default=0) if largest else sum(sizes)
 
 
-def _sizes(types: str) -> list[int]:
-    """Bytes of each array in an HLO type, in order."""
+def _hbm_bytes(types: str) -> int:
+    """Bytes of an HLO type's arrays that live in HBM (the default memory space)."""
+    return sum(_sizes(types, hbm_only=True))
+
+
+def _sizes(types: str, hbm_only: bool = False) -> list[int]:
+    """Bytes of each array in an HLO type, in order; with `hbm_only`, 0 for one in another memory space (its
+    layout says S(n), n >= 1)."""
     return [
-        _BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
-        for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", types)
+        0
+        if hbm_only and re.search(r"S\([1-9]\d*\)", layout)
+        else _BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d)
+        for t, dims, layout in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\](\{[^}]*\})?", types)
     ]
