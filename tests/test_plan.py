@@ -122,6 +122,8 @@ ENTRY %main (p0: f32[1024], p1: f32[1024]) -> f32[1024] {
   %prefetch = (f32[1024]{0:S(1)}, f32[1024]{0}, u32[]) copy-start(%p0)
   %fetched = f32[1024]{0:S(1)} copy-done(%prefetch)
   %part = f32[256]{0:S(1)} slice(%p0), slice={[0:256]}
+  %reducing = f32[1024]{0} all-reduce-start(%p0), replica_groups={}
+  %reduced = f32[1024]{0} all-reduce-done(%reducing)
   ROOT %sum = f32[1024]{0} add(%fetched, %p1)
 }
 """
@@ -130,10 +132,11 @@ ENTRY %main (p0: f32[1024], p1: f32[1024]) -> f32[1024] {
 def test_hbm_traffic_leaves_out_on_chip_arrays_and_allocations():
     """What XLA:TPU keeps in on-chip memory (a layout's S(1)) is no HBM traffic, and an allocation moves nothing;
     a prefetch reads its source from HBM once (its result tuple holds the source too), a slice into on-chip
-    memory reads its part of HBM, and the sum writes its result there."""
+    memory reads its part of HBM, an all-reduce reads and writes its array, and the sum writes its result."""
     from dontstop_jax.analysis import hlo
 
-    assert hlo.count(ON_CHIP).bytes_accessed == (1024 * 4 + 4) + 256 * 4 + 1024 * 4  # + the copy's u32 context
+    prefetch, part, reduce, total = 1024 * 4 + 4, 256 * 4, 2 * 1024 * 4, 1024 * 4  # + the copy's u32 context
+    assert hlo.count(ON_CHIP).bytes_accessed == prefetch + part + reduce + total
 
 
 def test_a_reduce_scatter_counts_the_array_it_reduces():

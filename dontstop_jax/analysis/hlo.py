@@ -253,7 +253,7 @@ def _traffic(op: Op, types: dict[str, str], comps: dict[str, list[Op]]) -> int:
     it reads nothing of its buffer and writes (and counts) its update only. Arrays the compiler placed in another
     memory space (an `S(n)` layout, n >= 1: XLA:TPU's memory-space assignment keeps them in on-chip memory) are
     not HBM traffic; the copies that prefetch or evict them are. An async start's result tuple holds its operands
-    (a copy-start's: destination, source, context): only the rest is written."""
+    (a copy-start's: destination, source, context; not an all-reduce-start's): only the rest is written."""
     if op.kind == "custom-call" and (target := re.search(r'custom_call_target="([^"]+)"', op.attrs)):
         if target.group(1) in _NO_TRAFFIC_CALLS:
             return 0
@@ -263,7 +263,7 @@ def _traffic(op: Op, types: dict[str, str], comps: dict[str, list[Op]]) -> int:
         return (shape_bytes(op.type) if operands and operands[0] else 0) + written
     if op.kind == "slice-start":  # ((operand), slice, context): reads and writes the slice
         return (_sizes(op.type)[1] if operands and operands[0] else 0) + _sizes(op.type, hbm_only=True)[1]
-    if op.kind.endswith("-start"):
+    if op.kind.endswith("-start") and op.kind != "all-reduce-start":  # an all-reduce-start's type: its results
         return sum(operands) + max(written - sum(operands), 0)
     if op.kind == "dynamic-update-slice":
         return 2 * (operands[1] if len(operands) > 1 else written)
