@@ -225,6 +225,30 @@ def test_a_step_the_compiler_refuses_does_not_fit_and_gets_a_lever(capsys, monke
     assert "does not fit\n" in out and "chosen: --config.mesh.shape='(1, 8, 1)'" in out and "mesh data=1 fsdp=8" in out
 
 
+def test_compute_takes_the_model_flops_where_the_compiled_count_misses_a_kernel(capsys, monkeypatch):
+    """XLA counts only part of a Pallas kernel's FLOPs (splash attention): a count below the model's would make
+    compute look faster than the model's own FLOPs allow, and MFU exceed 100%. The roofline takes the model's.
+    No libtpu: the CPU devices stand in for the slice, and the compiled count is made to miss nearly everything."""
+    import jax
+
+    from dontstop_jax.phases import plan as plan_phase
+
+    real = plan_phase.compile_phase
+
+    def compile_phase(cfg, devices):
+        train, predict, params = real(cfg, devices)
+        return dataclasses.replace(train, flops=1.0), predict, params
+
+    monkeypatch.setattr(plan_phase, "compile_phase", compile_phase)
+    monkeypatch.setattr(topology, "devices", lambda name, slices=1: (topology.CHIPS["v5litepod"], jax.devices()[:8]))
+    flags = ["--config.train.batch_size=64", "--config.model.attention_probs_dropout_prob=0.0"]
+    assert cli.main(["plan", "--as-configured", "--topology", "v5litepod-8", *TINY, *flags]) == 0
+    out = capsys.readouterr().out
+    assert "1 FLOPs (model " in out and "which the roofline takes: a kernel XLA cannot count" in out
+    mfu = int(out.split("MFU ")[1].split("%")[0])
+    assert 0 < mfu <= 100, out
+
+
 def test_fused_attention_plans_the_splash_kernel_for_a_tpu_slice(monkeypatch):
     """Attention dropout 0 on a TPU (no attention_impl flag): the step compiles with the Pallas splash kernel."""
     pytest.importorskip("libtpu")
