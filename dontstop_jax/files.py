@@ -109,9 +109,16 @@ def publishing(where: PathLike, *, last: str | None = None) -> Iterator[LocalPat
         yield tmp
         if tmp.is_dir():
             old = target.with_name(f".{target.name}.old-{os.getpid()}-{threading.get_ident()}")
-            if target.exists():
-                os.replace(target, old)
-            os.replace(tmp, target)
+            for attempt in range(5):  # another process may publish the same directory between the two moves
+                _remove(old)
+                if target.exists():
+                    os.replace(target, old)
+                try:
+                    os.replace(tmp, target)
+                    break
+                except OSError as err:
+                    if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 4:
+                        raise
             _remove(old)
         else:
             _fsync(tmp)

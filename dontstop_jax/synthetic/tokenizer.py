@@ -6,7 +6,6 @@ that every pseudo-word is one or two tokens, as real words mostly are for RoBERT
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tokenizers import (
     trainers,
 )
 
+from dontstop_jax import files
 from dontstop_jax.errors import UserError
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # ids 0..4, as in RoBERTa
@@ -77,20 +77,16 @@ def save_tokenizer(tok: Tokenizer, out_dir: Path, probe_texts: Iterable[str]) ->
     """
     from transformers import PreTrainedTokenizerFast
 
-    out_dir = Path(out_dir)
-    scratch = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(scratch, ignore_errors=True)
     fast = wrap(tok)
-    fast.save_pretrained(str(scratch))
-    reloaded = PreTrainedTokenizerFast.from_pretrained(str(scratch))
-    for text in probe_texts:
-        a, b = fast(text)["input_ids"], reloaded(text)["input_ids"]
-        if a != b:
-            raise UserError(f"tokenizer: reload encodes {text[:40]!r} differently ({a[:8]} vs {b[:8]})")
-    if reloaded.mask_token_id != SPECIAL_TOKENS.index("<mask>") or reloaded.pad_token_id != 1:
-        raise UserError("tokenizer: reloaded special token ids differ from RoBERTa's 0..4 layout")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    scratch.rename(out_dir)
+    with files.publishing(out_dir) as scratch:  # private to this process: hosts sharing a disk all write it
+        fast.save_pretrained(str(scratch))
+        reloaded = PreTrainedTokenizerFast.from_pretrained(str(scratch))
+        for text in probe_texts:
+            a, b = fast(text)["input_ids"], reloaded(text)["input_ids"]
+            if a != b:
+                raise UserError(f"tokenizer: reload encodes {text[:40]!r} differently ({a[:8]} vs {b[:8]})")
+        if reloaded.mask_token_id != SPECIAL_TOKENS.index("<mask>") or reloaded.pad_token_id != 1:
+            raise UserError("tokenizer: reloaded special token ids differ from RoBERTa's 0..4 layout")
 
 
 def word_pieces(tok: Tokenizer, words: Sequence[str]) -> list[int]:
